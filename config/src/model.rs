@@ -1,0 +1,603 @@
+//! The configuration a user writes, as Rust types. Every field is documented here; the
+//! doc comments become the descriptions in `rampart schema`. Defaults live in this file
+//! only (the `default_*` functions and `Default` impls).
+//!
+//! Deserialising checks the shape and the value types (durations, sizes, host names);
+//! cross-field rules (a route's pool exists, thresholds are sane, ...) are in
+//! [`crate::validate`].
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use ipnet::IpNet;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::units::{Address, ByteSize, Dur, HashKey, HostPattern, Hostname};
+
+/// A whole Rampart configuration file.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Process-wide settings: data directory, threads, shutdown timing, default SNI.
+    #[serde(default)]
+    pub server: Server,
+    /// Where Rampart listens for HTTP, HTTPS and the admin API.
+    #[serde(default)]
+    pub listeners: Listeners,
+    /// Limits that protect the proxy from oversized or slow clients.
+    #[serde(default)]
+    pub limits: Limits,
+    /// Forwarding headers (X-Forwarded-*, Forwarded, X-Request-Id) and which peers are trusted.
+    #[serde(default)]
+    pub forwarding: Forwarding,
+    /// Certificates, each for a list of hosts, from files, the internal CA or ACME.
+    #[serde(default)]
+    pub tls: Vec<TlsEntry>,
+    /// Routes, matched by host, path prefix and headers; the highest priority wins.
+    #[serde(default)]
+    pub routes: Vec<Route>,
+    /// Upstream pools by name: endpoints, balancing, health checks, timeouts, retries.
+    #[serde(default)]
+    pub pools: BTreeMap<String, Pool>,
+}
+
+/// Process-wide settings.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Server {
+    /// Directory for state: the internal CA, issued certificates, ACME accounts.
+    #[serde(default = "default_data_dir")]
+    pub data_dir: PathBuf,
+    /// Worker threads for the proxy (default: the number of CPUs).
+    #[serde(default)]
+    pub threads: Option<usize>,
+    /// After a stop signal, keep accepting for this long before draining (lets load
+    /// balancers notice that the instance is going away).
+    #[serde(default = "default_grace_period")]
+    pub grace_period: Dur,
+    /// After the grace period, how long in-flight requests get to finish.
+    #[serde(default = "default_shutdown_timeout")]
+    pub shutdown_timeout: Dur,
+    /// Host whose certificate is served to clients that send no SNI or an unknown one.
+    /// When unset, such handshakes fail with `unrecognized_name`.
+    #[serde(default)]
+    pub default_sni: Option<Hostname>,
+    /// Unix socket used for graceful binary upgrades (the new process takes the
+    /// listening sockets from the old one over it). Default: `<data_dir>/upgrade.sock`.
+    #[serde(default)]
+    pub upgrade_socket: Option<PathBuf>,
+}
+
+impl Default for Server {
+    fn default() -> Self {
+        Self {
+            data_dir: default_data_dir(),
+            threads: None,
+            grace_period: default_grace_period(),
+            shutdown_timeout: default_shutdown_timeout(),
+            default_sni: None,
+            upgrade_socket: None,
+        }
+    }
+}
+
+fn default_data_dir() -> PathBuf {
+    PathBuf::from("./rampart-data")
+}
+fn default_grace_period() -> Dur {
+    Dur::secs(1)
+}
+fn default_shutdown_timeout() -> Dur {
+    Dur::secs(10)
+}
+
+/// Listening addresses. At least one of `http` and `https` must be set.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Listeners {
+    /// Plain HTTP listener, e.g. "0.0.0.0:80".
+    #[serde(default)]
+    pub http: Option<SocketAddr>,
+    /// HTTPS listener (HTTP/1.1 and HTTP/2 by ALPN), e.g. "0.0.0.0:443".
+    #[serde(default)]
+    pub https: Option<SocketAddr>,
+    /// Admin listener for /metrics, /healthz, /ready and /status. Keep it private.
+    #[serde(default = "default_admin")]
+    pub admin: Option<SocketAddr>,
+}
+
+impl Default for Listeners {
+    fn default() -> Self {
+        Self {
+            http: None,
+            https: None,
+            admin: default_admin(),
+        }
+    }
+}
+
+fn default_admin() -> Option<SocketAddr> {
+    Some(SocketAddr::from(([127, 0, 0, 1], 9900)))
+}
+
+/// Limits on what clients may send. The defaults are safe for most sites.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    /// Maximum size of the request line plus all headers; larger requests get 431.
+    #[serde(default = "default_max_header_bytes")]
+    pub max_header_bytes: ByteSize,
+    /// Maximum number of request headers; more get 431.
+    #[serde(default = "default_max_header_count")]
+    pub max_header_count: usize,
+    /// A client must send a complete request header within this time from its first
+    /// byte (or from connecting), or the connection is closed (slowloris defence).
+    #[serde(default = "default_header_read_timeout")]
+    pub header_read_timeout: Dur,
+    /// How long an idle client keep-alive connection stays open between requests.
+    #[serde(default = "default_keepalive_timeout")]
+    pub keepalive_timeout: Dur,
+    /// Maximum request body size (routes may lower or raise it); larger gets 413.
+    #[serde(default = "default_max_body_bytes")]
+    pub max_body_bytes: ByteSize,
+    /// Maximum simultaneous client connections per listener; further ones are closed at once.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_header_bytes: default_max_header_bytes(),
+            max_header_count: default_max_header_count(),
+            header_read_timeout: default_header_read_timeout(),
+            keepalive_timeout: default_keepalive_timeout(),
+            max_body_bytes: default_max_body_bytes(),
+            max_connections: default_max_connections(),
+        }
+    }
+}
+
+fn default_max_header_bytes() -> ByteSize {
+    ByteSize(32 << 10)
+}
+fn default_max_header_count() -> usize {
+    100
+}
+fn default_header_read_timeout() -> Dur {
+    Dur::secs(10)
+}
+fn default_keepalive_timeout() -> Dur {
+    Dur::secs(60)
+}
+fn default_max_body_bytes() -> ByteSize {
+    ByteSize(10 << 20)
+}
+fn default_max_connections() -> usize {
+    10_000
+}
+
+/// Forwarding headers added to upstream requests.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Forwarding {
+    /// Peers (CIDRs) whose X-Forwarded-For / Forwarded headers are believed. From any
+    /// other peer those headers are replaced, not appended to.
+    #[serde(default)]
+    #[schemars(with = "Vec<String>")]
+    pub trusted_proxies: Vec<IpNet>,
+    /// Header that carries the request id; generated (UUID v4) when the client sent none.
+    #[serde(default = "default_request_id_header")]
+    pub request_id_header: String,
+}
+
+impl Default for Forwarding {
+    fn default() -> Self {
+        Self {
+            trusted_proxies: Vec::new(),
+            request_id_header: default_request_id_header(),
+        }
+    }
+}
+
+fn default_request_id_header() -> String {
+    "x-request-id".to_string()
+}
+
+/// One certificate: the hosts it covers and where it comes from.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TlsEntry {
+    /// Hosts (exact or `*.wildcard`) this certificate is served for, chosen by SNI.
+    pub hosts: Vec<HostPattern>,
+    /// Where the certificate comes from.
+    pub source: TlsSource,
+}
+
+/// Where a certificate comes from.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum TlsSource {
+    /// PEM files on disk: `source = { files = { cert = "...", key = "..." } }`.
+    Files {
+        /// Certificate chain (leaf first), PEM.
+        cert: PathBuf,
+        /// Private key (PKCS#8, PKCS#1 or SEC1), PEM.
+        key: PathBuf,
+    },
+    /// Issued by Rampart's local CA kept in the data directory: `source = "internal"`.
+    /// For development and internal names; clients must trust `<data_dir>/ca/ca.pem`.
+    Internal,
+    /// Obtained and renewed over ACME: `source = { acme = { email = "..." } }`.
+    Acme(AcmeSource),
+}
+
+/// ACME settings of a certificate.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AcmeSource {
+    /// Contact e-mail for the ACME account.
+    pub email: String,
+    /// ACME directory URL (default: Let's Encrypt production).
+    #[serde(default = "default_acme_directory")]
+    pub directory: String,
+    /// Challenge type; wildcards need `dns-01`.
+    #[serde(default)]
+    pub challenge: AcmeChallenge,
+}
+
+fn default_acme_directory() -> String {
+    "https://acme-v02.api.letsencrypt.org/directory".to_string()
+}
+
+/// ACME challenge type.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
+pub enum AcmeChallenge {
+    /// Answered by the proxies on the HTTP listener under /.well-known/acme-challenge/.
+    #[default]
+    #[serde(rename = "http-01")]
+    Http01,
+    /// Answered with a TXT record through the DNS provider.
+    #[serde(rename = "dns-01")]
+    Dns01,
+}
+
+/// A route: which requests it matches and what it does with them.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Route {
+    /// Unique name, used in metrics and /status.
+    pub name: String,
+    /// Hosts matched (exact or `*.wildcard`); empty matches any host.
+    #[serde(default)]
+    pub hosts: Vec<HostPattern>,
+    /// Path prefix matched at segment boundaries ("/api" matches "/api" and "/api/x", not "/apix").
+    #[serde(default = "default_path_prefix")]
+    pub path_prefix: String,
+    /// Headers that must be present with exactly these values (names case-insensitive).
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    /// Higher priorities are tried first; ties go to the more specific route
+    /// (exact host over wildcard over any host, then longer path prefix).
+    #[serde(default)]
+    pub priority: i32,
+    /// Answer plain-HTTP requests for this route with a 308 redirect to HTTPS.
+    #[serde(default)]
+    pub https_redirect: bool,
+    /// Maximum request body for this route (default: `limits.max_body_bytes`).
+    #[serde(default)]
+    pub max_body_bytes: Option<ByteSize>,
+    /// What to do with a matching request.
+    pub action: Action,
+}
+
+fn default_path_prefix() -> String {
+    "/".to_string()
+}
+
+/// What a route does.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum Action {
+    /// Proxy to the named pool: `action = { forward = "web" }`.
+    Forward(String),
+    /// Redirect: `action = { redirect = { location = "https://example.com", status = 301 } }`.
+    Redirect(Redirect),
+    /// Answer directly: `action = { respond = { status = 503, body = "maintenance" } }`.
+    Respond(Respond),
+}
+
+/// A redirect answer.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Redirect {
+    /// Target URL (scheme and host, optionally a path).
+    pub location: String,
+    /// 301, 302, 303, 307 or 308.
+    #[serde(default = "default_redirect_status")]
+    pub status: u16,
+    /// Append the request's path and query to `location`.
+    #[serde(default)]
+    pub keep_path: bool,
+}
+
+fn default_redirect_status() -> u16 {
+    308
+}
+
+/// A static answer (maintenance pages, health endpoints, the quickstart).
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Respond {
+    /// HTTP status code.
+    #[serde(default = "default_respond_status")]
+    pub status: u16,
+    /// Response body.
+    #[serde(default)]
+    pub body: String,
+    /// Content-Type of the body.
+    #[serde(default = "default_content_type")]
+    pub content_type: String,
+}
+
+fn default_respond_status() -> u16 {
+    200
+}
+fn default_content_type() -> String {
+    "text/plain; charset=utf-8".to_string()
+}
+
+/// An upstream pool.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Pool {
+    /// The endpoints requests are balanced across.
+    #[serde(default)]
+    pub endpoints: Vec<Endpoint>,
+    /// Load-balancing policy.
+    #[serde(default)]
+    pub balance: Balance,
+    /// Key hashed by `balance = "consistent_hash"` (default "client_ip").
+    #[serde(default)]
+    pub hash_key: Option<HashKey>,
+    /// Active health checks; endpoints that fail them get no traffic.
+    #[serde(default)]
+    pub health_check: Option<HealthCheck>,
+    /// Passive health: eject an endpoint after consecutive failures of real requests.
+    #[serde(default)]
+    pub passive_health: PassiveHealth,
+    /// Upstream timeouts.
+    #[serde(default)]
+    pub timeouts: Timeouts,
+    /// Retries of failed upstream attempts (only where safe).
+    #[serde(default)]
+    pub retries: Retries,
+}
+
+/// One upstream endpoint.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Endpoint {
+    /// "host:port" of the upstream (plain HTTP/1.1, connections are reused).
+    pub address: Address,
+    /// Relative share of traffic for "weighted" and "consistent_hash" (1-1000).
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+}
+
+fn default_weight() -> u32 {
+    1
+}
+
+/// Load-balancing policy of a pool.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Balance {
+    /// Each healthy endpoint in turn, ignoring weights.
+    #[default]
+    RoundRobin,
+    /// Smooth weighted round robin (as nginx): shares follow `weight`.
+    Weighted,
+    /// The endpoint with the fewest requests in flight (ties in turn).
+    LeastConn,
+    /// Ketama ring on `hash_key`: the same key goes to the same endpoint, and adding an
+    /// endpoint moves only about 1/n of the keys.
+    ConsistentHash,
+    /// Power of two random choices, comparing latency EWMA × (in-flight + 1).
+    P2cEwma,
+}
+
+/// Active health check of every endpoint of a pool.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct HealthCheck {
+    /// What to probe: `probe = "tcp"` or `probe = { http = { path = "/healthz" } }`.
+    #[serde(default)]
+    pub probe: Probe,
+    /// Time between probes of one endpoint.
+    #[serde(default = "default_check_interval")]
+    pub interval: Dur,
+    /// A probe that takes longer fails.
+    #[serde(default = "default_check_timeout")]
+    pub timeout: Dur,
+    /// Consecutive successes that bring an unhealthy endpoint back.
+    #[serde(default = "default_healthy_threshold")]
+    pub healthy_threshold: u32,
+    /// Consecutive failures that take a healthy endpoint out.
+    #[serde(default = "default_unhealthy_threshold")]
+    pub unhealthy_threshold: u32,
+}
+
+fn default_check_interval() -> Dur {
+    Dur::secs(5)
+}
+fn default_check_timeout() -> Dur {
+    Dur::secs(2)
+}
+fn default_healthy_threshold() -> u32 {
+    2
+}
+fn default_unhealthy_threshold() -> u32 {
+    3
+}
+
+/// A health probe.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum Probe {
+    /// A TCP connect succeeds.
+    Tcp,
+    /// An HTTP GET returns the expected status.
+    Http(HttpProbe),
+}
+
+impl Default for Probe {
+    fn default() -> Self {
+        Probe::Http(HttpProbe::default())
+    }
+}
+
+/// An HTTP health probe.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct HttpProbe {
+    /// Path requested.
+    #[serde(default = "default_probe_path")]
+    pub path: String,
+    /// Status that counts as healthy.
+    #[serde(default = "default_probe_status")]
+    pub expect_status: u16,
+    /// Host header sent (default: the endpoint address).
+    #[serde(default)]
+    pub host: Option<Hostname>,
+}
+
+impl Default for HttpProbe {
+    fn default() -> Self {
+        Self {
+            path: default_probe_path(),
+            expect_status: default_probe_status(),
+            host: None,
+        }
+    }
+}
+
+fn default_probe_path() -> String {
+    "/healthz".to_string()
+}
+fn default_probe_status() -> u16 {
+    200
+}
+
+/// Passive health: consecutive failed requests (connect errors, timeouts, 5xx from the
+/// upstream's own failure) eject an endpoint; the ejection doubles on each repeat.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PassiveHealth {
+    /// Consecutive failures that eject an endpoint (0 disables passive health).
+    #[serde(default = "default_consecutive_failures")]
+    pub consecutive_failures: u32,
+    /// First ejection period.
+    #[serde(default = "default_eject_for")]
+    pub eject_for: Dur,
+    /// Longest ejection period after repeated ejections.
+    #[serde(default = "default_max_eject_for")]
+    pub max_eject_for: Dur,
+}
+
+impl Default for PassiveHealth {
+    fn default() -> Self {
+        Self {
+            consecutive_failures: default_consecutive_failures(),
+            eject_for: default_eject_for(),
+            max_eject_for: default_max_eject_for(),
+        }
+    }
+}
+
+fn default_consecutive_failures() -> u32 {
+    5
+}
+fn default_eject_for() -> Dur {
+    Dur::secs(10)
+}
+fn default_max_eject_for() -> Dur {
+    Dur::secs(300)
+}
+
+/// Upstream timeouts.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Timeouts {
+    /// TCP connect.
+    #[serde(default = "default_connect_timeout")]
+    pub connect: Dur,
+    /// From sending the request until the first response byte (also the longest
+    /// pause between two reads of the response).
+    #[serde(default = "default_first_byte_timeout")]
+    pub first_byte: Dur,
+    /// How long an idle upstream keep-alive connection is kept for reuse.
+    #[serde(default = "default_idle_timeout")]
+    pub idle: Dur,
+    /// Whole request, from routing to the last response byte; 504 if it is hit before
+    /// the response started.
+    #[serde(default = "default_total_timeout")]
+    pub total: Dur,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Self {
+            connect: default_connect_timeout(),
+            first_byte: default_first_byte_timeout(),
+            idle: default_idle_timeout(),
+            total: default_total_timeout(),
+        }
+    }
+}
+
+fn default_connect_timeout() -> Dur {
+    Dur::secs(3)
+}
+fn default_first_byte_timeout() -> Dur {
+    Dur::secs(30)
+}
+fn default_idle_timeout() -> Dur {
+    Dur::secs(60)
+}
+fn default_total_timeout() -> Dur {
+    Dur::secs(300)
+}
+
+/// Retries of failed upstream attempts, each on another endpoint where one exists.
+/// Connect failures are always safe to retry. A response status in `on_status` is
+/// retried only for idempotent methods without a request body: a request whose body
+/// was sent is never retried.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Retries {
+    /// Extra attempts after the first (0 disables retries).
+    #[serde(default = "default_retry_attempts")]
+    pub attempts: u32,
+    /// Upstream statuses retried for idempotent, bodiless requests (502 and/or 503).
+    #[serde(default = "default_retry_statuses")]
+    pub on_status: Vec<u16>,
+}
+
+impl Default for Retries {
+    fn default() -> Self {
+        Self {
+            attempts: default_retry_attempts(),
+            on_status: default_retry_statuses(),
+        }
+    }
+}
+
+fn default_retry_attempts() -> u32 {
+    1
+}
+fn default_retry_statuses() -> Vec<u16> {
+    vec![502, 503]
+}

@@ -1,0 +1,421 @@
+//! Cross-field validation of a deserialised [`Config`]: collects every problem, each
+//! with the path of the offending field and a hint on how to fix it.
+//!
+//! Pure: no I/O. Files named by the config (certificates) are checked when the proxy
+//! builds a generation, where a failure keeps the previous one serving.
+
+use std::collections::{BTreeSet, HashMap};
+
+use crate::diagnostics::{FieldPath, Issue};
+use crate::model::{AcmeChallenge, Action, Config, HealthCheck, Pool, Route, TlsEntry, TlsSource};
+use crate::units::{is_token, HostPattern};
+use crate::Balance;
+
+/// Smallest `limits.max_header_bytes` accepted: real browsers send a few KiB.
+const MIN_HEADER_BYTES: u64 = 1 << 10;
+/// Largest `limits.max_header_bytes` accepted: Pingora itself stops reading at 1 MiB.
+const MAX_HEADER_BYTES: u64 = (1 << 20) - 1;
+/// Largest accepted endpoint weight, so that smooth weighted round robin cannot overflow.
+const MAX_WEIGHT: u32 = 1000;
+
+/// Every problem found in `config`; empty when it is valid.
+#[must_use]
+pub fn validate(config: &Config) -> Vec<Issue> {
+    let mut out = Vec::new();
+    listeners(config, &mut out);
+    limits(config, &mut out);
+    forwarding(config, &mut out);
+    let tls_hosts = tls(config, &mut out);
+    if let Some(sni) = &config.server.default_sni {
+        if !tls_hosts.iter().any(|p| p.matches(sni.as_str())) {
+            out.push(Issue::new(
+                FieldPath::root().key("server").key("default_sni"),
+                format!("no [[tls]] entry covers {sni}"),
+                "add the host to the hosts of a [[tls]] entry, or remove default_sni",
+            ));
+        }
+    }
+    let mut names = HashMap::new();
+    for (i, route) in config.routes.iter().enumerate() {
+        let path = FieldPath::root().key("routes").index(i);
+        if let Some(first) = names.insert(route.name.as_str(), i) {
+            out.push(Issue::new(
+                path.key("name"),
+                format!(
+                    "route name {:?} is also used by routes[{first}]",
+                    route.name
+                ),
+                "give every route a unique name",
+            ));
+        }
+        self::route(config, route, &path, &mut out);
+    }
+    for (name, pool) in &config.pools {
+        self::pool(
+            name,
+            pool,
+            &FieldPath::root().key("pools").key(name),
+            &mut out,
+        );
+    }
+    out
+}
+
+fn listeners(config: &Config, out: &mut Vec<Issue>) {
+    let l = &config.listeners;
+    let path = FieldPath::root().key("listeners");
+    if l.http.is_none() && l.https.is_none() {
+        out.push(Issue::new(
+            path.clone(),
+            "neither an http nor an https listener is set",
+            "add http = \"0.0.0.0:80\" and/or https = \"0.0.0.0:443\" under [listeners]",
+        ));
+    }
+    let mut seen: HashMap<std::net::SocketAddr, &str> = HashMap::new();
+    for (name, addr) in [("http", l.http), ("https", l.https), ("admin", l.admin)] {
+        let Some(addr) = addr else { continue };
+        if let Some(other) = seen.insert(addr, name) {
+            out.push(Issue::new(
+                path.key(name),
+                format!("{addr} is already used by listeners.{other}"),
+                "use a different port for each listener",
+            ));
+        }
+    }
+}
+
+fn limits(config: &Config, out: &mut Vec<Issue>) {
+    let l = &config.limits;
+    let path = FieldPath::root().key("limits");
+    if !(MIN_HEADER_BYTES..=MAX_HEADER_BYTES).contains(&l.max_header_bytes.0) {
+        out.push(Issue::new(
+            path.key("max_header_bytes"),
+            format!("{} is outside 1KiB..1MiB", l.max_header_bytes),
+            "use a value such as \"32KiB\"",
+        ));
+    }
+    if l.max_header_count == 0 || l.max_header_count > 256 {
+        out.push(Issue::new(
+            path.key("max_header_count"),
+            format!("{} is outside 1..=256", l.max_header_count),
+            "use a value such as 100",
+        ));
+    }
+    for (name, d) in [
+        ("header_read_timeout", l.header_read_timeout),
+        ("keepalive_timeout", l.keepalive_timeout),
+    ] {
+        if d.0.is_zero() {
+            out.push(Issue::new(
+                path.key(name),
+                "must be longer than zero",
+                "use a value such as \"10s\"",
+            ));
+        }
+    }
+    if l.max_connections == 0 {
+        out.push(Issue::new(
+            path.key("max_connections"),
+            "must be at least 1",
+            "use a value such as 10000",
+        ));
+    }
+}
+
+fn forwarding(config: &Config, out: &mut Vec<Issue>) {
+    let h = &config.forwarding.request_id_header;
+    if !is_token(h) {
+        out.push(Issue::new(
+            FieldPath::root().key("forwarding").key("request_id_header"),
+            format!("{h:?} is not a valid header name"),
+            "use letters, digits and hyphens, e.g. \"x-request-id\"",
+        ));
+    }
+}
+
+/// Validates the `[[tls]]` entries and returns every host pattern they cover.
+fn tls(config: &Config, out: &mut Vec<Issue>) -> Vec<HostPattern> {
+    let mut all: HashMap<&HostPattern, usize> = HashMap::new();
+    for (i, entry) in config.tls.iter().enumerate() {
+        let path = FieldPath::root().key("tls").index(i);
+        if entry.hosts.is_empty() {
+            out.push(Issue::new(
+                path.key("hosts"),
+                "no hosts listed",
+                "list the names this certificate is for, e.g. hosts = [\"example.com\"]",
+            ));
+        }
+        for (j, host) in entry.hosts.iter().enumerate() {
+            if let Some(first) = all.insert(host, i) {
+                out.push(Issue::new(
+                    path.key("hosts").index(j),
+                    format!("{host} is already covered by tls[{first}]"),
+                    "list each host in one [[tls]] entry only",
+                ));
+            }
+        }
+        tls_source(entry, &path, out);
+    }
+    all.into_keys().cloned().collect()
+}
+
+fn tls_source(entry: &TlsEntry, path: &FieldPath, out: &mut Vec<Issue>) {
+    let TlsSource::Acme(acme) = &entry.source else {
+        return;
+    };
+    let path = path.key("source").key("acme");
+    if !acme.email.contains('@') {
+        out.push(Issue::new(
+            path.key("email"),
+            format!("{:?} is not an e-mail address", acme.email),
+            "use an address the CA can write to about expiring certificates",
+        ));
+    }
+    if !acme.directory.starts_with("https://") {
+        out.push(Issue::new(
+            path.key("directory"),
+            format!("{:?} is not an https:// URL", acme.directory),
+            "use the CA's ACME directory URL",
+        ));
+    }
+    let wildcard = entry
+        .hosts
+        .iter()
+        .any(|h| matches!(h, HostPattern::Wildcard(_)));
+    if wildcard && acme.challenge != AcmeChallenge::Dns01 {
+        out.push(Issue::new(
+            path.key("challenge"),
+            "wildcard certificates cannot be validated with http-01",
+            "set challenge = \"dns-01\"",
+        ));
+    }
+}
+
+fn route(config: &Config, route: &Route, path: &FieldPath, out: &mut Vec<Issue>) {
+    if route.name.is_empty()
+        || !route
+            .name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+    {
+        out.push(Issue::new(
+            path.key("name"),
+            format!("{:?} is not a valid route name", route.name),
+            "use letters, digits, '-', '_' or '.'",
+        ));
+    }
+    if !route.path_prefix.starts_with('/') || route.path_prefix.contains(['?', '#', ' ']) {
+        out.push(Issue::new(
+            path.key("path_prefix"),
+            format!("{:?} is not a path prefix", route.path_prefix),
+            "start it with '/' and leave out query and fragment, e.g. \"/api\"",
+        ));
+    }
+    for name in route.headers.keys() {
+        if !is_token(name) {
+            out.push(Issue::new(
+                path.key("headers").key(name),
+                format!("{name:?} is not a valid header name"),
+                "use letters, digits and hyphens",
+            ));
+        }
+    }
+    if route.https_redirect && config.listeners.https.is_none() {
+        out.push(Issue::new(
+            path.key("https_redirect"),
+            "redirects to HTTPS but no https listener is configured",
+            "set listeners.https or remove https_redirect",
+        ));
+    }
+    let action = path.key("action");
+    match &route.action {
+        Action::Forward(pool) if !config.pools.contains_key(pool) => {
+            let known: BTreeSet<_> = config.pools.keys().map(String::as_str).collect();
+            out.push(Issue::new(
+                action.key("forward"),
+                format!("pool {pool:?} is not defined"),
+                if known.is_empty() {
+                    "define it under [pools.<name>]".to_string()
+                } else {
+                    format!("use one of {known:?} or define [pools.{pool}]")
+                },
+            ));
+        }
+        Action::Forward(_) => {}
+        Action::Redirect(r) => {
+            if ![301, 302, 303, 307, 308].contains(&r.status) {
+                out.push(Issue::new(
+                    action.key("redirect").key("status"),
+                    format!("{} is not a redirect status", r.status),
+                    "use 301, 302, 303, 307 or 308",
+                ));
+            }
+            if !(r.location.starts_with("https://")
+                || r.location.starts_with("http://")
+                || r.location.starts_with('/'))
+                || r.location.contains(['\r', '\n'])
+            {
+                out.push(Issue::new(action.key("redirect").key("location"), format!("{:?} is not a URL", r.location), "use an absolute URL such as \"https://example.com\" or a path such as \"/new\""));
+            }
+        }
+        Action::Respond(r) => {
+            if !(100..=599).contains(&r.status) {
+                out.push(Issue::new(
+                    action.key("respond").key("status"),
+                    format!("{} is not an HTTP status", r.status),
+                    "use a status between 100 and 599",
+                ));
+            }
+            if r.content_type.contains(['\r', '\n']) || r.content_type.is_empty() {
+                out.push(Issue::new(
+                    action.key("respond").key("content_type"),
+                    "is not a valid header value",
+                    "use a media type such as \"text/html; charset=utf-8\"",
+                ));
+            }
+        }
+    }
+}
+
+fn pool(name: &str, pool: &Pool, path: &FieldPath, out: &mut Vec<Issue>) {
+    if name.is_empty()
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+    {
+        out.push(Issue::new(
+            path.clone(),
+            format!("{name:?} is not a valid pool name"),
+            "use letters, digits, '-', '_' or '.'",
+        ));
+    }
+    if pool.endpoints.is_empty() {
+        out.push(Issue::new(
+            path.key("endpoints"),
+            "the pool has no endpoints",
+            "add endpoints = [{ address = \"10.0.0.5:8080\" }]",
+        ));
+    }
+    let mut seen = HashMap::new();
+    for (i, ep) in pool.endpoints.iter().enumerate() {
+        let ep_path = path.key("endpoints").index(i);
+        if ep.weight == 0 || ep.weight > MAX_WEIGHT {
+            out.push(Issue::new(
+                ep_path.key("weight"),
+                format!("{} is outside 1..={MAX_WEIGHT}", ep.weight),
+                "use a weight between 1 and 1000, or remove the endpoint to stop its traffic",
+            ));
+        }
+        if let Some(first) = seen.insert(&ep.address, i) {
+            out.push(Issue::new(
+                ep_path.key("address"),
+                format!("{} is already endpoints[{first}]", ep.address),
+                "list each address once; use weight to give it more traffic",
+            ));
+        }
+    }
+    if pool.hash_key.is_some() && pool.balance != Balance::ConsistentHash {
+        out.push(Issue::new(
+            path.key("hash_key"),
+            "hash_key is only used by balance = \"consistent_hash\"",
+            "remove hash_key or set balance = \"consistent_hash\"",
+        ));
+    }
+    if let Some(hc) = &pool.health_check {
+        health_check(hc, &path.key("health_check"), out);
+    }
+    let ph = &pool.passive_health;
+    if ph.consecutive_failures > 0 && (ph.eject_for.0.is_zero() || ph.max_eject_for < ph.eject_for)
+    {
+        out.push(Issue::new(
+            path.key("passive_health").key("max_eject_for"),
+            format!(
+                "eject_for {} must be > 0 and <= max_eject_for {}",
+                ph.eject_for, ph.max_eject_for
+            ),
+            "e.g. eject_for = \"10s\", max_eject_for = \"5m\"",
+        ));
+    }
+    let t = &pool.timeouts;
+    for (field, d) in [
+        ("connect", t.connect),
+        ("first_byte", t.first_byte),
+        ("idle", t.idle),
+        ("total", t.total),
+    ] {
+        if d.0.is_zero() {
+            out.push(Issue::new(
+                path.key("timeouts").key(field),
+                "must be longer than zero",
+                "use a value such as \"5s\"",
+            ));
+        }
+    }
+    for (i, status) in pool.retries.on_status.iter().enumerate() {
+        if ![502, 503].contains(status) {
+            out.push(Issue::new(
+                path.key("retries").key("on_status").index(i),
+                format!("{status} cannot be retried safely"),
+                "only 502 and 503 say that the upstream did not process the request",
+            ));
+        }
+    }
+    if pool.retries.attempts > 10 {
+        out.push(Issue::new(
+            path.key("retries").key("attempts"),
+            format!(
+                "{} retries would multiply load on a failing upstream",
+                pool.retries.attempts
+            ),
+            "use at most 10 (1-2 is typical)",
+        ));
+    }
+}
+
+fn health_check(hc: &HealthCheck, path: &FieldPath, out: &mut Vec<Issue>) {
+    if hc.interval.0.is_zero() {
+        out.push(Issue::new(
+            path.key("interval"),
+            "must be longer than zero",
+            "use a value such as \"5s\"",
+        ));
+    }
+    if hc.timeout.0.is_zero() || hc.timeout > hc.interval {
+        out.push(Issue::new(
+            path.key("timeout"),
+            format!(
+                "{} must be > 0 and not longer than interval {}",
+                hc.timeout, hc.interval
+            ),
+            "e.g. interval = \"5s\", timeout = \"2s\"",
+        ));
+    }
+    for (field, n) in [
+        ("healthy_threshold", hc.healthy_threshold),
+        ("unhealthy_threshold", hc.unhealthy_threshold),
+    ] {
+        if n == 0 {
+            out.push(Issue::new(
+                path.key(field),
+                "must be at least 1",
+                "use a value such as 2",
+            ));
+        }
+    }
+    if let crate::Probe::Http(p) = &hc.probe {
+        if !p.path.starts_with('/') {
+            out.push(Issue::new(
+                path.key("probe").key("http").key("path"),
+                format!("{:?} does not start with '/'", p.path),
+                "e.g. \"/healthz\"",
+            ));
+        }
+        if !(100..=599).contains(&p.expect_status) {
+            out.push(Issue::new(
+                path.key("probe").key("http").key("expect_status"),
+                format!("{} is not an HTTP status", p.expect_status),
+                "e.g. 200",
+            ));
+        }
+    }
+}

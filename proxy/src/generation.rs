@@ -1,0 +1,292 @@
+//! A generation: one validated configuration compiled for serving (route index, pools
+//! with their balancers and endpoint state, certificates by SNI, limits). Immutable once
+//! built; the proxy swaps whole generations atomically.
+//!
+//! Building does the slow, fallible work up front (resolving upstream names, reading
+//! certificate files, issuing internal certificates) so that a bad configuration fails
+//! here, before the swap, and the previous generation keeps serving.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{anyhow, Context};
+use http::HeaderName;
+use rampart_config::{
+    Action, Config, HashKey, HealthCheck, HostPattern, Retries, Route, Timeouts, TlsSource,
+};
+
+use crate::balance::Balancer;
+use crate::headers::ForwardingPolicy;
+use crate::health::{EjectPolicy, EndpointState};
+use crate::limits::HeaderLimits;
+use crate::routing::Router;
+use crate::tls::internal_ca::InternalCa;
+use crate::tls::{files, CertSet, LoadedCert};
+
+/// The compiled, immutable serving state of one configuration version.
+#[derive(Debug)]
+pub struct Generation {
+    /// Monotonic version (1 for the first configuration loaded).
+    pub version: u64,
+    /// The configuration this was built from.
+    pub config: Arc<Config>,
+    /// Route index over `routes`.
+    pub router: Router,
+    /// Routes, in configuration order.
+    pub routes: Vec<RouteRt>,
+    /// Pools by name.
+    pub pools: BTreeMap<String, Arc<PoolRt>>,
+    /// Certificates by SNI.
+    pub certs: CertSet,
+    /// Forwarding headers policy.
+    pub forwarding: ForwardingPolicy,
+    /// Request header limits.
+    pub header_limits: HeaderLimits,
+    /// Port of the HTTPS listener, for redirects.
+    pub https_port: Option<u16>,
+}
+
+/// A route ready for serving.
+#[derive(Debug)]
+pub struct RouteRt {
+    /// Route name (metrics label).
+    pub name: String,
+    /// What the route does.
+    pub action: Action,
+    /// The pool of a forward action.
+    pub pool: Option<Arc<PoolRt>>,
+    /// Redirect plain HTTP to HTTPS.
+    pub https_redirect: bool,
+    /// Body size limit in bytes.
+    pub max_body: u64,
+}
+
+/// A pool ready for serving.
+#[derive(Debug)]
+pub struct PoolRt {
+    /// Pool name (metrics label).
+    pub name: String,
+    /// Endpoints in configuration order.
+    pub endpoints: Vec<EndpointRt>,
+    /// The endpoints' live state, indexed like `endpoints` (what balancers read).
+    pub states: Vec<Arc<EndpointState>>,
+    /// The balancing policy.
+    pub balancer: Balancer,
+    /// What consistent hashing hashes.
+    pub hash_key: HashKey,
+    /// Passive-health ejection.
+    pub eject: EjectPolicy,
+    /// Upstream timeouts.
+    pub timeouts: Timeouts,
+    /// Retry policy.
+    pub retries: Retries,
+    /// Active health check, if configured.
+    pub health_check: Option<HealthCheck>,
+}
+
+/// An endpoint ready for serving.
+#[derive(Debug)]
+pub struct EndpointRt {
+    /// Stable identity: the configured address ("host:port").
+    pub id: String,
+    /// The resolved socket address.
+    pub addr: SocketAddr,
+    /// Configured weight.
+    pub weight: u32,
+    /// Live state, carried over from the previous generation when the endpoint remains.
+    pub state: Arc<EndpointState>,
+}
+
+/// Builds generations; keeps what must outlive one (the internal CA and its leaves).
+#[derive(Debug)]
+pub struct Builder {
+    data_dir: PathBuf,
+    ca: Mutex<Option<Arc<InternalCa>>>,
+}
+
+impl Builder {
+    /// A builder whose internal CA lives under `data_dir`.
+    #[must_use]
+    pub fn new(data_dir: PathBuf) -> Self {
+        Self {
+            data_dir,
+            ca: Mutex::new(None),
+        }
+    }
+
+    /// The internal CA, created on first use.
+    ///
+    /// # Errors
+    /// When the CA cannot be read or created.
+    pub fn internal_ca(&self) -> anyhow::Result<Arc<InternalCa>> {
+        let mut ca = self
+            .ca
+            .lock()
+            .expect("CA lock is never poisoned: no panics while held");
+        if let Some(ca) = ca.as_ref() {
+            return Ok(ca.clone());
+        }
+        let loaded =
+            Arc::new(InternalCa::load_or_create(&self.data_dir).with_context(|| {
+                format!("internal CA in {}", self.data_dir.join("ca").display())
+            })?);
+        *ca = Some(loaded.clone());
+        Ok(loaded)
+    }
+
+    /// Compiles `config` as `version`, reusing endpoint state from `prev`.
+    ///
+    /// # Errors
+    /// When an upstream name does not resolve or a certificate cannot be loaded; the
+    /// message names the field and the file or host.
+    pub fn build(
+        &self,
+        config: Config,
+        version: u64,
+        prev: Option<&Generation>,
+    ) -> anyhow::Result<Generation> {
+        let mut pools = BTreeMap::new();
+        for (name, pool) in &config.pools {
+            pools.insert(name.clone(), Arc::new(build_pool(name, pool, prev)?));
+        }
+        let routes = config
+            .routes
+            .iter()
+            .map(|r| build_route(r, &config, &pools))
+            .collect();
+        let certs = self.build_certs(&config)?;
+        let forwarding = ForwardingPolicy {
+            trusted: config.forwarding.trusted_proxies.clone(),
+            request_id: HeaderName::from_bytes(config.forwarding.request_id_header.as_bytes())
+                .context("forwarding.request_id_header")?,
+        };
+        let header_limits = HeaderLimits {
+            max_bytes: usize::try_from(config.limits.max_header_bytes.0).unwrap_or(usize::MAX),
+            max_count: config.limits.max_header_count,
+        };
+        Ok(Generation {
+            version,
+            router: Router::new(&config.routes),
+            routes,
+            pools,
+            certs,
+            forwarding,
+            header_limits,
+            https_port: config.listeners.https.map(|a| a.port()),
+            config: Arc::new(config),
+        })
+    }
+
+    fn build_certs(&self, config: &Config) -> anyhow::Result<CertSet> {
+        let mut set = CertSet::default();
+        let mut by_host: HashMap<String, LoadedCert> = HashMap::new();
+        for (i, entry) in config.tls.iter().enumerate() {
+            let hosts: Vec<String> = entry.hosts.iter().map(ToString::to_string).collect();
+            let cert = match &entry.source {
+                TlsSource::Files { cert, key } => files::load(cert, key)
+                    .with_context(|| format!("tls[{i}] ({})", hosts.join(", ")))?,
+                TlsSource::Internal => self
+                    .internal_ca()?
+                    .leaf(&hosts)
+                    .with_context(|| format!("tls[{i}]: issuing an internal certificate"))?,
+                // Until the ACME orderer has a certificate for these names, they are
+                // served from the internal CA so that the listener still works.
+                TlsSource::Acme(_) => self.internal_ca()?.leaf(&hosts).with_context(|| {
+                    format!("tls[{i}]: issuing a placeholder until ACME delivers")
+                })?,
+            };
+            for host in &entry.hosts {
+                match host {
+                    HostPattern::Exact(h) => set.insert_exact(h.as_str(), cert.clone()),
+                    HostPattern::Wildcard(s) => set.insert_wildcard(s.as_str(), cert.clone()),
+                }
+                by_host.insert(host.to_string(), cert.clone());
+            }
+        }
+        let default = config
+            .server
+            .default_sni
+            .as_ref()
+            .and_then(|sni| set.lookup(sni.as_str()).cloned());
+        set.set_default(default);
+        Ok(set)
+    }
+}
+
+fn build_pool(
+    name: &str,
+    pool: &rampart_config::Pool,
+    prev: Option<&Generation>,
+) -> anyhow::Result<PoolRt> {
+    let previous = prev.and_then(|g| g.pools.get(name));
+    let mut endpoints = Vec::with_capacity(pool.endpoints.len());
+    for (i, ep) in pool.endpoints.iter().enumerate() {
+        let id = ep.address.to_string();
+        let addr = resolve(ep.address.host(), ep.address.port())
+            .with_context(|| format!("pools.{name}.endpoints[{i}].address"))?;
+        let state = previous
+            .and_then(|p| p.endpoints.iter().find(|e| e.id == id))
+            .map_or_else(|| Arc::new(EndpointState::default()), |e| e.state.clone());
+        endpoints.push(EndpointRt {
+            id,
+            addr,
+            weight: ep.weight,
+            state,
+        });
+    }
+    let weights: Vec<u32> = endpoints.iter().map(|e| e.weight).collect();
+    let ids: Vec<String> = endpoints.iter().map(|e| e.id.clone()).collect();
+    Ok(PoolRt {
+        name: name.to_string(),
+        states: endpoints.iter().map(|e| e.state.clone()).collect(),
+        balancer: Balancer::new(pool.balance, &weights, &ids),
+        endpoints,
+        hash_key: pool.hash_key.clone().unwrap_or(HashKey::ClientIp),
+        eject: EjectPolicy {
+            consecutive_failures: pool.passive_health.consecutive_failures,
+            base: pool.passive_health.eject_for.0,
+            max: pool.passive_health.max_eject_for.0,
+        },
+        timeouts: pool.timeouts.clone(),
+        retries: pool.retries.clone(),
+        health_check: pool.health_check.clone(),
+    })
+}
+
+fn build_route(route: &Route, config: &Config, pools: &BTreeMap<String, Arc<PoolRt>>) -> RouteRt {
+    let pool = match &route.action {
+        Action::Forward(p) => pools.get(p).cloned(),
+        _ => None,
+    };
+    RouteRt {
+        name: route.name.clone(),
+        action: route.action.clone(),
+        pool,
+        https_redirect: route.https_redirect,
+        max_body: route
+            .max_body_bytes
+            .unwrap_or(config.limits.max_body_bytes)
+            .0,
+    }
+}
+
+/// Resolves an upstream host once, at build time (never on the request path).
+fn resolve(host: &str, port: u16) -> anyhow::Result<SocketAddr> {
+    if let Ok(ip) = host.parse::<std::net::IpAddr>() {
+        return Ok(SocketAddr::new(ip, port));
+    }
+    (host, port)
+        .to_socket_addrs()
+        .with_context(|| format!("resolving {host}:{port}"))?
+        .next()
+        .ok_or_else(|| anyhow!("{host}:{port} resolved to no address"))
+}
+
+/// How long until `total` is used up, measured from `started`.
+#[must_use]
+pub fn remaining(started: std::time::Instant, total: Duration) -> Duration {
+    total.saturating_sub(started.elapsed())
+}

@@ -1,0 +1,234 @@
+//! Request and response header rewriting: the client address behind trusted proxies,
+//! X-Forwarded-For/-Proto/-Host and `Forwarded`, request ids, and hop-by-hop headers.
+//!
+//! Client-sent forwarding headers are believed only from peers in
+//! `forwarding.trusted_proxies`; from anyone else they are replaced, so a client cannot
+//! spoof its address to the upstream or to consistent hashing.
+
+use std::net::IpAddr;
+
+use http::header::{HeaderName, CONNECTION, UPGRADE};
+use http::HeaderMap;
+use ipnet::IpNet;
+
+/// Headers that describe one connection and are never forwarded (RFC 9110 §7.6.1).
+/// Transfer-Encoding and Content-Length are left to Pingora, which owns framing.
+const HOP_BY_HOP: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "upgrade",
+];
+
+/// The forwarding settings of a generation, compiled.
+#[derive(Clone, Debug)]
+pub struct ForwardingPolicy {
+    /// Peers whose forwarding headers are believed.
+    pub trusted: Vec<IpNet>,
+    /// Header carrying the request id.
+    pub request_id: HeaderName,
+}
+
+impl ForwardingPolicy {
+    /// Whether `ip` is a trusted proxy.
+    #[must_use]
+    pub fn is_trusted(&self, ip: IpAddr) -> bool {
+        self.trusted.iter().any(|n| n.contains(&ip))
+    }
+
+    /// The client's address: the peer, or, when the peer is a trusted proxy, the
+    /// right-most X-Forwarded-For entry that is not itself a trusted proxy.
+    #[must_use]
+    pub fn client_ip(&self, peer: IpAddr, headers: &HeaderMap) -> IpAddr {
+        if !self.is_trusted(peer) {
+            return peer;
+        }
+        let chain: Vec<IpAddr> = headers
+            .get_all("x-forwarded-for")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|s| s.trim().parse().ok())
+            .collect();
+        chain
+            .into_iter()
+            .rev()
+            .find(|ip| !self.is_trusted(*ip))
+            .unwrap_or(peer)
+    }
+
+    /// The X-Forwarded-For/-Proto/-Host and `Forwarded` values for an upstream
+    /// request with these `headers`, as (name, value) pairs to set.
+    #[must_use]
+    pub fn forwarded_headers(
+        &self,
+        peer: IpAddr,
+        scheme: &str,
+        host: &str,
+        headers: &HeaderMap,
+    ) -> Vec<(&'static str, String)> {
+        let trusted = self.is_trusted(peer);
+        let mut out = Vec::with_capacity(4);
+        let xff = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+            Some(prev) if trusted => format!("{prev}, {peer}"),
+            _ => peer.to_string(),
+        };
+        out.push(("x-forwarded-for", xff));
+        if !(trusted && headers.contains_key("x-forwarded-proto")) {
+            out.push(("x-forwarded-proto", scheme.to_string()));
+        }
+        if !(trusted && headers.contains_key("x-forwarded-host")) {
+            out.push(("x-forwarded-host", host.to_string()));
+        }
+        let node = match peer {
+            IpAddr::V4(v4) => v4.to_string(),
+            IpAddr::V6(v6) => format!("\"[{v6}]\""),
+        };
+        let element = format!("for={node};proto={scheme};host=\"{host}\"");
+        let forwarded = match headers.get("forwarded").and_then(|v| v.to_str().ok()) {
+            Some(prev) if trusted => format!("{prev}, {element}"),
+            _ => element,
+        };
+        out.push(("forwarded", forwarded));
+        out
+    }
+
+    /// Applies [`Self::forwarded_headers`] to a plain header map (used in tests).
+    pub fn apply(&self, peer: IpAddr, scheme: &str, host: &str, headers: &mut HeaderMap) {
+        for (name, value) in self.forwarded_headers(peer, scheme, host, headers) {
+            if let Ok(v) = value.parse() {
+                headers.insert(name, v);
+            }
+        }
+    }
+}
+
+/// Whether a request asks for a protocol upgrade (e.g. WebSocket).
+#[must_use]
+pub fn is_upgrade(headers: &HeaderMap) -> bool {
+    headers.contains_key(UPGRADE)
+        && connection_tokens(headers).any(|t| t.eq_ignore_ascii_case("upgrade"))
+}
+
+fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &str> {
+    headers
+        .get_all(CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+}
+
+/// Names of the hop-by-hop headers in `headers`: the fixed list plus every header
+/// named in `Connection`. For an upgrade, `Connection: upgrade` and `Upgrade` stay.
+#[must_use]
+pub fn hop_by_hop(headers: &HeaderMap, keep_upgrade: bool) -> Vec<HeaderName> {
+    let mut names: Vec<HeaderName> = connection_tokens(headers)
+        .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
+        .chain(HOP_BY_HOP.iter().map(|h| HeaderName::from_static(h)))
+        .filter(|n| headers.contains_key(n))
+        .filter(|n| !(keep_upgrade && (n == CONNECTION || n == UPGRADE)))
+        .filter(|n| n != http::header::TRANSFER_ENCODING && n != http::header::CONTENT_LENGTH)
+        .collect();
+    names.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+    names.dedup();
+    names
+}
+
+/// A usable client-sent request id: 1–200 visible ASCII characters.
+#[must_use]
+pub fn valid_request_id(v: &[u8]) -> bool {
+    (1..=200).contains(&v.len()) && v.iter().all(|b| b.is_ascii_graphic())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy(trusted: &[&str]) -> ForwardingPolicy {
+        ForwardingPolicy {
+            trusted: trusted.iter().map(|s| s.parse().unwrap()).collect(),
+            request_id: HeaderName::from_static("x-request-id"),
+        }
+    }
+
+    fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(*k, v.parse().unwrap());
+        }
+        h
+    }
+
+    #[test]
+    fn untrusted_peer_cannot_spoof_forwarding_headers() {
+        let p = policy(&["10.0.0.0/8"]);
+        let peer: IpAddr = "203.0.113.9".parse().unwrap();
+        let mut h = headers(&[
+            ("x-forwarded-for", "1.2.3.4"),
+            ("x-forwarded-proto", "https"),
+            ("forwarded", "for=1.2.3.4"),
+        ]);
+        assert_eq!(p.client_ip(peer, &h), peer);
+        p.apply(peer, "http", "example.com", &mut h);
+        assert_eq!(h["x-forwarded-for"], "203.0.113.9");
+        assert_eq!(h["x-forwarded-proto"], "http");
+        assert_eq!(h["x-forwarded-host"], "example.com");
+        assert_eq!(
+            h["forwarded"],
+            "for=203.0.113.9;proto=http;host=\"example.com\""
+        );
+    }
+
+    #[test]
+    fn trusted_peer_extends_the_chain() {
+        let p = policy(&["10.0.0.0/8"]);
+        let peer: IpAddr = "10.1.1.1".parse().unwrap();
+        let mut h = headers(&[
+            ("x-forwarded-for", "198.51.100.7, 10.2.2.2"),
+            ("x-forwarded-proto", "https"),
+        ]);
+        assert_eq!(
+            p.client_ip(peer, &h),
+            "198.51.100.7".parse::<IpAddr>().unwrap()
+        );
+        p.apply(peer, "http", "example.com", &mut h);
+        assert_eq!(h["x-forwarded-for"], "198.51.100.7, 10.2.2.2, 10.1.1.1");
+        assert_eq!(h["x-forwarded-proto"], "https");
+    }
+
+    #[test]
+    fn hop_by_hop_includes_connection_listed_headers() {
+        let h = headers(&[
+            ("connection", "keep-alive, X-Secret"),
+            ("x-secret", "1"),
+            ("keep-alive", "timeout=5"),
+            ("te", "trailers"),
+            ("accept", "*/*"),
+        ]);
+        let names: Vec<_> = hop_by_hop(&h, false)
+            .iter()
+            .map(|n| n.as_str().to_string())
+            .collect();
+        assert_eq!(names, vec!["connection", "keep-alive", "te", "x-secret"]);
+    }
+
+    #[test]
+    fn upgrade_keeps_its_headers() {
+        let h = headers(&[("connection", "Upgrade"), ("upgrade", "websocket")]);
+        assert!(is_upgrade(&h));
+        assert!(hop_by_hop(&h, true).is_empty());
+        assert_eq!(hop_by_hop(&h, false).len(), 2);
+    }
+
+    #[test]
+    fn request_ids_are_checked() {
+        assert!(valid_request_id(b"abc-123"));
+        assert!(!valid_request_id(b""));
+        assert!(!valid_request_id(b"a b"));
+        assert!(!valid_request_id(&[b'a'; 201]));
+    }
+}

@@ -1,0 +1,290 @@
+//! Per-endpoint run-time state: health (active and passive), in-flight requests and the
+//! latency EWMA. All atomics, read on the request path without locks.
+//!
+//! A new generation reuses the `EndpointState` of every endpoint that it keeps (same pool,
+//! same address), so a reload neither forgets that an endpoint is down nor resets the
+//! balancers' statistics.
+
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+/// Milliseconds since this process first asked; a cheap monotonic clock for atomics.
+#[must_use]
+pub fn now_ms() -> u64 {
+    static START: OnceLock<Instant> = OnceLock::new();
+    let start = *START.get_or_init(Instant::now);
+    u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX)
+}
+
+/// Decay time constant of the latency EWMA.
+const EWMA_TAU_MS: f64 = 10_000.0;
+/// Latency assumed for an endpoint that has not answered yet (1 ms): new endpoints are
+/// tried rather than starved.
+const EWMA_INITIAL_US: f64 = 1_000.0;
+
+/// The live state of one endpoint.
+#[derive(Debug)]
+pub struct EndpointState {
+    /// Result of active health checks (true until checks say otherwise).
+    active_healthy: AtomicBool,
+    active_ok_streak: AtomicU32,
+    active_fail_streak: AtomicU32,
+    passive_fail_streak: AtomicU32,
+    /// `now_ms()` until which the endpoint is ejected by passive health; 0 when not.
+    ejected_until_ms: AtomicU64,
+    /// Ejections in a row without a success in between (for the doubling back-off).
+    ejections: AtomicU32,
+    inflight: AtomicU64,
+    /// f64 bits of the latency EWMA in microseconds.
+    ewma_us: AtomicU64,
+    ewma_stamp_ms: AtomicU64,
+    requests: AtomicU64,
+    failures: AtomicU64,
+}
+
+impl Default for EndpointState {
+    fn default() -> Self {
+        Self {
+            active_healthy: AtomicBool::new(true),
+            active_ok_streak: AtomicU32::new(0),
+            active_fail_streak: AtomicU32::new(0),
+            passive_fail_streak: AtomicU32::new(0),
+            ejected_until_ms: AtomicU64::new(0),
+            ejections: AtomicU32::new(0),
+            inflight: AtomicU64::new(0),
+            ewma_us: AtomicU64::new(EWMA_INITIAL_US.to_bits()),
+            ewma_stamp_ms: AtomicU64::new(0),
+            requests: AtomicU64::new(0),
+            failures: AtomicU64::new(0),
+        }
+    }
+}
+
+/// Passive-health parameters applied when recording a failure.
+#[derive(Clone, Copy, Debug)]
+pub struct EjectPolicy {
+    /// Consecutive failures that eject (0 = never).
+    pub consecutive_failures: u32,
+    /// First ejection period.
+    pub base: Duration,
+    /// Longest ejection period.
+    pub max: Duration,
+}
+
+impl EndpointState {
+    /// Whether the endpoint may receive new requests now.
+    #[must_use]
+    pub fn is_available(&self, now_ms: u64) -> bool {
+        self.active_healthy.load(Ordering::Relaxed)
+            && self.ejected_until_ms.load(Ordering::Relaxed) <= now_ms
+    }
+
+    /// Whether active checks consider the endpoint healthy.
+    #[must_use]
+    pub fn active_healthy(&self) -> bool {
+        self.active_healthy.load(Ordering::Relaxed)
+    }
+
+    /// Until when (in `now_ms()` time) the endpoint is ejected, if it is.
+    #[must_use]
+    pub fn ejected_until(&self, now_ms: u64) -> Option<u64> {
+        let until = self.ejected_until_ms.load(Ordering::Relaxed);
+        (until > now_ms).then_some(until)
+    }
+
+    /// Records an active probe result; returns `Some(new_health)` when it flipped.
+    pub fn record_probe(
+        &self,
+        ok: bool,
+        healthy_threshold: u32,
+        unhealthy_threshold: u32,
+    ) -> Option<bool> {
+        if ok {
+            self.active_fail_streak.store(0, Ordering::Relaxed);
+            let streak = self
+                .active_ok_streak
+                .fetch_add(1, Ordering::Relaxed)
+                .saturating_add(1);
+            if !self.active_healthy() && streak >= healthy_threshold {
+                self.active_healthy.store(true, Ordering::Relaxed);
+                return Some(true);
+            }
+        } else {
+            self.active_ok_streak.store(0, Ordering::Relaxed);
+            let streak = self
+                .active_fail_streak
+                .fetch_add(1, Ordering::Relaxed)
+                .saturating_add(1);
+            if self.active_healthy() && streak >= unhealthy_threshold {
+                self.active_healthy.store(false, Ordering::Relaxed);
+                return Some(false);
+            }
+        }
+        None
+    }
+
+    /// Records a successful request: resets the passive failure streak.
+    pub fn record_success(&self) {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        self.passive_fail_streak.store(0, Ordering::Relaxed);
+        self.ejections.store(0, Ordering::Relaxed);
+    }
+
+    /// Records a failed request; ejects the endpoint when the streak reaches the policy's
+    /// threshold. Returns the ejection period when it ejected.
+    pub fn record_failure(&self, policy: EjectPolicy, now_ms: u64) -> Option<Duration> {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        self.failures.fetch_add(1, Ordering::Relaxed);
+        if policy.consecutive_failures == 0 {
+            return None;
+        }
+        let streak = self
+            .passive_fail_streak
+            .fetch_add(1, Ordering::Relaxed)
+            .saturating_add(1);
+        if streak < policy.consecutive_failures {
+            return None;
+        }
+        self.passive_fail_streak.store(0, Ordering::Relaxed);
+        let n = self.ejections.fetch_add(1, Ordering::Relaxed).min(16);
+        let period = policy.base.saturating_mul(1 << n).min(policy.max);
+        let until = now_ms.saturating_add(u64::try_from(period.as_millis()).unwrap_or(u64::MAX));
+        self.ejected_until_ms.store(until, Ordering::Relaxed);
+        Some(period)
+    }
+
+    /// Requests currently in flight to this endpoint.
+    #[must_use]
+    pub fn inflight(&self) -> u64 {
+        self.inflight.load(Ordering::Relaxed)
+    }
+
+    /// Marks one more request in flight; the guard marks it finished when dropped.
+    #[must_use]
+    pub fn start_request(self: &std::sync::Arc<Self>) -> InflightGuard {
+        self.inflight.fetch_add(1, Ordering::Relaxed);
+        InflightGuard(self.clone())
+    }
+
+    /// Total requests and failures recorded.
+    #[must_use]
+    pub fn counts(&self) -> (u64, u64) {
+        (
+            self.requests.load(Ordering::Relaxed),
+            self.failures.load(Ordering::Relaxed),
+        )
+    }
+
+    /// The latency EWMA in microseconds.
+    #[must_use]
+    pub fn ewma_us(&self) -> f64 {
+        f64::from_bits(self.ewma_us.load(Ordering::Relaxed))
+    }
+
+    /// Folds a latency sample into the EWMA, weighting by the time since the last sample
+    /// (so a quiet endpoint's old latency fades). Racy updates lose a sample at worst.
+    pub fn observe_latency(&self, latency: Duration, now_ms: u64) {
+        let sample = latency.as_secs_f64() * 1e6;
+        let last = self.ewma_stamp_ms.swap(now_ms, Ordering::Relaxed);
+        #[allow(clippy::cast_precision_loss)] // milliseconds: far below 2^52
+        let dt = now_ms.saturating_sub(last) as f64;
+        let w = (-dt / EWMA_TAU_MS).exp();
+        let new = self.ewma_us() * w + sample * (1.0 - w);
+        self.ewma_us.store(new.to_bits(), Ordering::Relaxed);
+    }
+
+    /// The P2C-EWMA cost: latency EWMA scaled by the requests waiting on this endpoint.
+    #[must_use]
+    pub fn load_cost(&self) -> f64 {
+        #[allow(clippy::cast_precision_loss)]
+        let inflight = self.inflight() as f64;
+        self.ewma_us() * (inflight + 1.0)
+    }
+}
+
+/// Decrements an endpoint's in-flight count when dropped.
+#[derive(Debug)]
+pub struct InflightGuard(std::sync::Arc<EndpointState>);
+
+impl Drop for InflightGuard {
+    fn drop(&mut self) {
+        self.0.inflight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const POLICY: EjectPolicy = EjectPolicy {
+        consecutive_failures: 3,
+        base: Duration::from_secs(10),
+        max: Duration::from_secs(25),
+    };
+
+    #[test]
+    fn consecutive_failures_eject_with_doubling_backoff_capped() {
+        let s = EndpointState::default();
+        assert_eq!(s.record_failure(POLICY, 0), None);
+        assert_eq!(s.record_failure(POLICY, 0), None);
+        assert_eq!(s.record_failure(POLICY, 0), Some(Duration::from_secs(10)));
+        assert!(!s.is_available(5_000));
+        assert!(s.is_available(10_000));
+        for _ in 0..2 {
+            s.record_failure(POLICY, 10_000);
+        }
+        assert_eq!(
+            s.record_failure(POLICY, 10_000),
+            Some(Duration::from_secs(20))
+        );
+        for _ in 0..2 {
+            s.record_failure(POLICY, 30_000);
+        }
+        assert_eq!(
+            s.record_failure(POLICY, 30_000),
+            Some(Duration::from_secs(25))
+        );
+    }
+
+    #[test]
+    fn a_success_resets_the_streak() {
+        let s = EndpointState::default();
+        s.record_failure(POLICY, 0);
+        s.record_failure(POLICY, 0);
+        s.record_success();
+        assert_eq!(s.record_failure(POLICY, 0), None);
+        assert!(s.is_available(0));
+    }
+
+    #[test]
+    fn probes_flip_health_at_thresholds() {
+        let s = EndpointState::default();
+        assert_eq!(s.record_probe(false, 2, 2), None);
+        assert_eq!(s.record_probe(false, 2, 2), Some(false));
+        assert!(!s.is_available(0));
+        assert_eq!(s.record_probe(true, 2, 2), None);
+        assert_eq!(s.record_probe(true, 2, 2), Some(true));
+        assert!(s.is_available(0));
+    }
+
+    #[test]
+    fn inflight_guard_counts() {
+        let s = std::sync::Arc::new(EndpointState::default());
+        let g1 = s.start_request();
+        let g2 = s.start_request();
+        assert_eq!(s.inflight(), 2);
+        drop(g1);
+        drop(g2);
+        assert_eq!(s.inflight(), 0);
+    }
+
+    #[test]
+    fn ewma_moves_toward_samples() {
+        let s = EndpointState::default();
+        s.observe_latency(Duration::from_millis(100), 100_000);
+        assert!(s.ewma_us() > 90_000.0, "{}", s.ewma_us());
+        s.observe_latency(Duration::from_millis(1), 100_001);
+        assert!(s.ewma_us() > 90_000.0, "one quick sample barely moves it");
+    }
+}

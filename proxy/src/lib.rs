@@ -1,0 +1,32 @@
+//! Rampart's data plane: a Pingora-based TLS-terminating reverse proxy that routes by
+//! host, path and headers, balances across pools with health checks, and swaps its
+//! whole configuration atomically without dropping requests.
+//!
+//! Flow of a change: config → [`generation::Builder::build`] → swap in [`live::Live`].
+//! Flow of a request: [`listener`] (connection limit, TLS, header deadline) →
+//! [`edge`] (the `ProxyHttp` phases) → [`limits`], [`routing`], [`balance`],
+//! [`headers`], [`health`].
+
+pub mod admin;
+pub mod balance;
+pub mod edge;
+pub mod generation;
+pub mod headers;
+pub mod health;
+pub mod limits;
+pub mod listener;
+pub mod live;
+pub mod metrics;
+pub mod reload;
+pub mod routing;
+pub mod server;
+pub mod tls;
+
+pub use server::{prepare, run, ProxyOptions};
+
+/// Installs the one rustls crypto provider of the process (aws-lc-rs). Call it first
+/// thing in `main` and in tests: with two providers compiled in, rustls cannot choose.
+pub fn install_crypto_provider() {
+    // Err means a provider is already installed, which is what we want.
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+}

@@ -1,0 +1,213 @@
+//! Request limits: size and count of headers, ambiguous framing (request smuggling),
+//! dot-segments in paths, body size; and [`deadline`], the per-connection header read
+//! deadline (slowloris).
+//!
+//! [`check_request`] is pure: it sees the parsed request header and says which status
+//! to answer with, if any.
+
+pub mod deadline;
+
+use http::{HeaderMap, Method, Uri};
+
+/// Why a request is refused before routing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Rejection {
+    /// 431: request line and headers exceed `limits.max_header_bytes`.
+    HeaderTooLarge,
+    /// 431: more headers than `limits.max_header_count`.
+    TooManyHeaders,
+    /// 400: both Content-Length and Transfer-Encoding (smuggling).
+    ContentLengthWithTransferEncoding,
+    /// 400: several different or unparsable Content-Length values.
+    BadContentLength,
+    /// 400: a path with `..` or `.` segments, which upstreams may resolve differently.
+    DotSegments,
+    /// 400: no host (HTTP/1.1 without Host, HTTP/2 without :authority).
+    MissingHost,
+    /// 413: declared body larger than the route's limit.
+    BodyTooLarge,
+}
+
+impl Rejection {
+    /// The status answered.
+    #[must_use]
+    pub fn status(self) -> u16 {
+        match self {
+            Rejection::HeaderTooLarge | Rejection::TooManyHeaders => 431,
+            Rejection::BodyTooLarge => 413,
+            _ => 400,
+        }
+    }
+
+    /// A short reason, used as the response body and in logs.
+    #[must_use]
+    pub fn reason(self) -> &'static str {
+        match self {
+            Rejection::HeaderTooLarge => "request header fields too large",
+            Rejection::TooManyHeaders => "too many request header fields",
+            Rejection::ContentLengthWithTransferEncoding => {
+                "both Content-Length and Transfer-Encoding are present"
+            }
+            Rejection::BadContentLength => "invalid or conflicting Content-Length",
+            Rejection::DotSegments => "dot-segments are not allowed in the path",
+            Rejection::MissingHost => "missing Host header",
+            Rejection::BodyTooLarge => "request body too large",
+        }
+    }
+}
+
+/// Header limits in force.
+#[derive(Clone, Copy, Debug)]
+pub struct HeaderLimits {
+    /// Maximum request line plus headers, in bytes.
+    pub max_bytes: usize,
+    /// Maximum number of headers.
+    pub max_count: usize,
+}
+
+/// The parts of a request header that [`check_request`] looks at.
+#[derive(Clone, Copy, Debug)]
+pub struct RequestView<'a> {
+    /// Method.
+    pub method: &'a Method,
+    /// Request target.
+    pub uri: &'a Uri,
+    /// Headers.
+    pub headers: &'a HeaderMap,
+}
+
+/// Checks a request header against the limits and framing rules.
+///
+/// # Errors
+/// The [`Rejection`] to answer with.
+pub fn check_request(req: RequestView<'_>, limits: HeaderLimits) -> Result<(), Rejection> {
+    if req.headers.len() > limits.max_count {
+        return Err(Rejection::TooManyHeaders);
+    }
+    let line = req.method.as_str().len() + req.uri.to_string().len() + 12;
+    let size: usize = line
+        + req
+            .headers
+            .iter()
+            .map(|(k, v)| k.as_str().len() + v.len() + 4)
+            .sum::<usize>();
+    if size > limits.max_bytes {
+        return Err(Rejection::HeaderTooLarge);
+    }
+    let has_te = req.headers.contains_key(http::header::TRANSFER_ENCODING);
+    let cls: Vec<_> = req
+        .headers
+        .get_all(http::header::CONTENT_LENGTH)
+        .iter()
+        .collect();
+    if has_te && !cls.is_empty() {
+        return Err(Rejection::ContentLengthWithTransferEncoding);
+    }
+    content_length(req.headers)?;
+    if has_dot_segments(req.uri.path()) {
+        return Err(Rejection::DotSegments);
+    }
+    Ok(())
+}
+
+/// The declared Content-Length: all values (including comma lists) must agree.
+///
+/// # Errors
+/// [`Rejection::BadContentLength`] when a value is not a number or values differ.
+pub fn content_length(headers: &HeaderMap) -> Result<Option<u64>, Rejection> {
+    let mut found: Option<u64> = None;
+    for v in headers.get_all(http::header::CONTENT_LENGTH) {
+        let s = v.to_str().map_err(|_| Rejection::BadContentLength)?;
+        for part in s.split(',') {
+            let part = part.trim();
+            if part.is_empty() || !part.bytes().all(|b| b.is_ascii_digit()) {
+                return Err(Rejection::BadContentLength);
+            }
+            let n: u64 = part.parse().map_err(|_| Rejection::BadContentLength)?;
+            if found.is_some_and(|f| f != n) {
+                return Err(Rejection::BadContentLength);
+            }
+            found = Some(n);
+        }
+    }
+    Ok(found)
+}
+
+/// Whether a path contains `.` or `..` segments, also percent-encoded (`%2e`).
+#[must_use]
+pub fn has_dot_segments(path: &str) -> bool {
+    path.split('/').any(|seg| {
+        let decoded = seg.to_ascii_lowercase().replace("%2e", ".");
+        decoded == "." || decoded == ".."
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIMITS: HeaderLimits = HeaderLimits {
+        max_bytes: 1024,
+        max_count: 10,
+    };
+
+    fn check(pairs: &[(&'static str, &str)], path: &str) -> Result<(), Rejection> {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(*k, v.parse().unwrap());
+        }
+        let uri: Uri = path.parse().unwrap();
+        check_request(
+            RequestView {
+                method: &Method::POST,
+                uri: &uri,
+                headers: &h,
+            },
+            LIMITS,
+        )
+    }
+
+    #[test]
+    fn framing_and_size_rules() {
+        assert_eq!(check(&[("host", "a")], "/"), Ok(()));
+        assert_eq!(
+            check(
+                &[("content-length", "3"), ("transfer-encoding", "chunked")],
+                "/"
+            ),
+            Err(Rejection::ContentLengthWithTransferEncoding)
+        );
+        assert_eq!(
+            check(&[("content-length", "3"), ("content-length", "4")], "/"),
+            Err(Rejection::BadContentLength)
+        );
+        assert_eq!(check(&[("content-length", "3, 3")], "/"), Ok(()));
+        assert_eq!(
+            check(&[("content-length", "3, 4")], "/"),
+            Err(Rejection::BadContentLength)
+        );
+        assert_eq!(
+            check(&[("content-length", "-1")], "/"),
+            Err(Rejection::BadContentLength)
+        );
+        assert_eq!(
+            check(&[("x-big", &"a".repeat(2000))], "/"),
+            Err(Rejection::HeaderTooLarge)
+        );
+        let many: Vec<(&'static str, &str)> =
+            ["a", "b", "c", "d", "e", "f", "g", "h", "i", "j", "k"]
+                .iter()
+                .map(|n| (*n, "1"))
+                .collect();
+        assert_eq!(check(&many, "/"), Err(Rejection::TooManyHeaders));
+    }
+
+    #[test]
+    fn dot_segments_are_refused() {
+        assert!(has_dot_segments("/a/../b"));
+        assert!(has_dot_segments("/a/%2E%2e/b"));
+        assert!(has_dot_segments("/a/."));
+        assert!(!has_dot_segments("/a/..b/c.d"));
+        assert_eq!(check(&[], "/api/../admin"), Err(Rejection::DotSegments));
+    }
+}

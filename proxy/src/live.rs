@@ -1,0 +1,154 @@
+//! The live state of a running proxy: the generation being served (swapped atomically),
+//! its metrics, the outcome of the last reload and readiness. Shared by the listeners,
+//! the admin API, the reloader and the health checker.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+use arc_swap::ArcSwap;
+use rampart_config::Config;
+use tokio::sync::watch;
+
+use crate::generation::{Builder, Generation};
+use crate::metrics::Metrics;
+
+/// What happened to the last reload attempt (shown in /status).
+#[derive(Clone, Debug)]
+pub struct ReloadOutcome {
+    /// When it was attempted.
+    pub at: SystemTime,
+    /// `None` when it succeeded, else why it failed.
+    pub error: Option<String>,
+}
+
+/// The live state of a proxy process.
+pub struct Live {
+    /// The generation being served.
+    pub current: Arc<ArcSwap<Generation>>,
+    /// Metrics of this process.
+    pub metrics: Arc<Metrics>,
+    /// Builds new generations.
+    pub builder: Builder,
+    /// Outcome of the last reload, if any happened.
+    pub last_reload: ArcSwap<Option<ReloadOutcome>>,
+    ready: AtomicBool,
+    changes: watch::Sender<u64>,
+}
+
+impl std::fmt::Debug for Live {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Live")
+            .field("version", &self.current.load().version)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Live {
+    /// Builds the first generation from `config`.
+    ///
+    /// # Errors
+    /// When the configuration cannot be built (see [`Builder::build`]).
+    pub fn start(config: Config) -> anyhow::Result<Arc<Self>> {
+        let builder = Builder::new(config.server.data_dir.clone());
+        let metrics = Arc::new(Metrics::new());
+        let first = builder.build(config, 1, None)?;
+        metrics.config_version.set(1);
+        let (changes, _) = watch::channel(1);
+        Ok(Arc::new(Self {
+            current: Arc::new(ArcSwap::from_pointee(first)),
+            metrics,
+            builder,
+            last_reload: ArcSwap::from_pointee(None),
+            ready: AtomicBool::new(false),
+            changes,
+        }))
+    }
+
+    /// Builds `config` as the next version and swaps it in. On failure the current
+    /// generation keeps serving, and the failure is counted and recorded.
+    ///
+    /// # Errors
+    /// Why the new configuration could not be built.
+    pub fn apply(&self, config: Config) -> anyhow::Result<u64> {
+        let started = Instant::now();
+        let prev = self.current.load_full();
+        let version = prev.version + 1;
+        let result = self.builder.build(config, version, Some(&prev));
+        self.metrics
+            .swap_duration
+            .observe(started.elapsed().as_secs_f64());
+        match result {
+            Ok(generation) => {
+                if generation.config.listeners != prev.config.listeners {
+                    tracing::warn!("listener addresses changed; they take effect at the next restart or upgrade");
+                }
+                self.current.store(Arc::new(generation));
+                self.metrics.config_reloads.inc();
+                self.metrics
+                    .config_version
+                    .set(i64::try_from(version).unwrap_or(i64::MAX));
+                self.changes.send_replace(version);
+                self.last_reload.store(Arc::new(Some(ReloadOutcome {
+                    at: SystemTime::now(),
+                    error: None,
+                })));
+                Ok(version)
+            }
+            Err(e) => Err(self.reload_failed(&e)),
+        }
+    }
+
+    /// Records a reload that failed before a configuration could be applied.
+    pub fn reload_failed(&self, e: &anyhow::Error) -> anyhow::Error {
+        let detail = format!("{e:#}");
+        self.metrics.config_reload_failures.inc();
+        self.last_reload.store(Arc::new(Some(ReloadOutcome {
+            at: SystemTime::now(),
+            error: Some(detail.clone()),
+        })));
+        tracing::error!(
+            "configuration reload failed, still serving version {}: {detail}",
+            self.current.load().version
+        );
+        anyhow::anyhow!(detail)
+    }
+
+    /// Notified with the new version after every swap.
+    #[must_use]
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
+    /// Whether the proxy is ready to serve (listeners up, not shutting down).
+    #[must_use]
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Relaxed)
+    }
+
+    /// Marks readiness.
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.store(ready, Ordering::Relaxed);
+    }
+
+    /// Where the internal CA certificate is, if the configuration uses the internal CA.
+    #[must_use]
+    pub fn internal_ca_cert(&self) -> Option<PathBuf> {
+        let uses_ca = self
+            .current
+            .load()
+            .config
+            .tls
+            .iter()
+            .any(|t| !matches!(t.source, rampart_config::TlsSource::Files { .. }));
+        uses_ca
+            .then(|| {
+                self.builder
+                    .internal_ca()
+                    .ok()
+                    .map(|ca| ca.cert_path().to_path_buf())
+            })
+            .flatten()
+    }
+}

@@ -1,0 +1,133 @@
+//! Prometheus metrics of the data plane, in one registry served by the admin listener.
+//! Gauges that describe the current generation (endpoint health, certificate expiry)
+//! are refreshed at scrape time from the generation itself, so they never go stale.
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+use crate::generation::Generation;
+use crate::health::now_ms;
+
+/// Latency buckets in seconds, from 1 ms to 60 s.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+];
+
+/// Every metric the proxy exports.
+#[allow(missing_docs)] // the help texts below document each metric
+pub struct Metrics {
+    registry: Registry,
+    pub requests: IntCounterVec,
+    pub request_duration: HistogramVec,
+    pub upstream_ttfb: HistogramVec,
+    pub upstream_failures: IntCounterVec,
+    pub active_connections: IntGaugeVec,
+    pub rejected_connections: IntCounterVec,
+    pub tls_handshakes: IntCounter,
+    pub tls_handshake_failures: IntCounterVec,
+    pub endpoint_healthy: IntGaugeVec,
+    pub endpoint_ejections: IntCounterVec,
+    pub config_version: IntGauge,
+    pub config_reloads: IntCounter,
+    pub config_reload_failures: IntCounter,
+    pub certificate_expiry: IntGaugeVec,
+    pub header_timeouts: IntCounter,
+    pub swap_duration: Histogram,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+fn reg<C: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: C) -> C {
+    r.register(Box::new(c.clone()))
+        .expect("metric names are unique and valid");
+    c
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Creates and registers every metric.
+    #[must_use]
+    pub fn new() -> Self {
+        let r = Registry::new();
+        let hist = |name: &str, help: &str| {
+            HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS.to_vec())
+        };
+        Self {
+            requests: reg(&r, IntCounterVec::new(Opts::new("rampart_requests_total", "Requests answered, by route, pool and status class"), &["route", "pool", "class"]).expect("valid")),
+            request_duration: reg(&r, HistogramVec::new(hist("rampart_request_duration_seconds", "Time from request header to the end of the response, by route"), &["route"]).expect("valid")),
+            upstream_ttfb: reg(&r, HistogramVec::new(hist("rampart_upstream_ttfb_seconds", "Time from sending a request upstream to its response header, by pool"), &["pool"]).expect("valid")),
+            upstream_failures: reg(&r, IntCounterVec::new(Opts::new("rampart_upstream_failures_total", "Failed upstream attempts, by pool and kind (connect, timeout, status, error)"), &["pool", "kind"]).expect("valid")),
+            active_connections: reg(&r, IntGaugeVec::new(Opts::new("rampart_active_connections", "Open client connections, by listener"), &["listener"]).expect("valid")),
+            rejected_connections: reg(&r, IntCounterVec::new(Opts::new("rampart_rejected_connections_total", "Client connections closed at once because limits.max_connections was reached"), &["listener"]).expect("valid")),
+            tls_handshakes: reg(&r, IntCounter::new("rampart_tls_handshakes_total", "Completed TLS handshakes").expect("valid")),
+            tls_handshake_failures: reg(&r, IntCounterVec::new(Opts::new("rampart_tls_handshake_failures_total", "Failed TLS handshakes, by reason"), &["reason"]).expect("valid")),
+            endpoint_healthy: reg(&r, IntGaugeVec::new(Opts::new("rampart_endpoint_healthy", "1 when an endpoint may receive traffic (active check passing and not ejected)"), &["pool", "endpoint"]).expect("valid")),
+            endpoint_ejections: reg(&r, IntCounterVec::new(Opts::new("rampart_endpoint_ejections_total", "Passive-health ejections, by pool and endpoint"), &["pool", "endpoint"]).expect("valid")),
+            config_version: reg(&r, IntGauge::new("rampart_config_version", "Version of the configuration generation being served").expect("valid")),
+            config_reloads: reg(&r, IntCounter::new("rampart_config_reloads_total", "Successful configuration reloads").expect("valid")),
+            config_reload_failures: reg(&r, IntCounter::new("rampart_config_reload_failures_total", "Configuration reloads that failed; the previous generation kept serving").expect("valid")),
+            certificate_expiry: reg(&r, IntGaugeVec::new(Opts::new("rampart_certificate_expiry_seconds", "Seconds until the certificate served for a name expires"), &["name"]).expect("valid")),
+            header_timeouts: reg(&r, IntCounter::new("rampart_header_read_timeouts_total", "Client connections closed for not sending a request header in time").expect("valid")),
+            swap_duration: reg(&r, Histogram::with_opts(hist("rampart_config_build_seconds", "Time to build a configuration generation")).expect("valid")),
+            registry: r,
+        }
+    }
+
+    /// Prometheus text exposition of every metric, with generation gauges refreshed.
+    #[must_use]
+    pub fn render(&self, generation: &Generation) -> Vec<u8> {
+        self.refresh(generation);
+        let mut out = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut out)
+            .expect("encoding to a Vec cannot fail");
+        out
+    }
+
+    fn refresh(&self, generation: &Generation) {
+        let now = now_ms();
+        self.endpoint_healthy.reset();
+        for pool in generation.pools.values() {
+            for ep in &pool.endpoints {
+                self.endpoint_healthy
+                    .with_label_values(&[pool.name.as_str(), ep.id.as_str()])
+                    .set(i64::from(ep.state.is_available(now)));
+            }
+        }
+        self.certificate_expiry.reset();
+        let unix_now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+        for (name, cert) in generation.certs.entries() {
+            self.certificate_expiry
+                .with_label_values(&[name.as_str()])
+                .set(cert.not_after - unix_now);
+        }
+        self.config_version
+            .set(i64::try_from(generation.version).unwrap_or(i64::MAX));
+    }
+}
+
+/// "2xx", "4xx", ... for a status code.
+#[must_use]
+pub fn status_class(status: u16) -> &'static str {
+    match status {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        500..=599 => "5xx",
+        _ => "other",
+    }
+}

@@ -1,0 +1,153 @@
+//! Assembles and runs the Pingora server: the HTTP, HTTPS and admin listeners, the
+//! reloader, the health checker and readiness; shutdown timing and graceful upgrade
+//! settings come from the configuration.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+use async_trait::async_trait;
+use pingora::apps::http_app::HttpServer;
+use pingora::listeners::tls::Acceptor;
+use pingora::server::configuration::{Opt, ServerConf};
+use pingora::server::{RunArgs, Server, ShutdownWatch};
+use pingora::services::background::{background_service, BackgroundService};
+use pingora::services::listening::Service;
+use rampart_config::Config;
+
+use crate::admin::AdminApp;
+use crate::edge::{Edge, Scheme};
+use crate::health::checker::HealthChecker;
+use crate::listener::EdgeApp;
+use crate::live::Live;
+use crate::reload::ReloadService;
+use crate::tls::{server_config, SniResolver};
+
+/// How to run a proxy.
+#[derive(Debug)]
+pub struct ProxyOptions {
+    /// The file to reload it from (SIGHUP, changes); `None` for an embedded config.
+    pub config_path: Option<PathBuf>,
+    /// Take the listening sockets over from a running instance (graceful upgrade).
+    pub upgrade: bool,
+}
+
+/// Builds the first generation (so that a bad config fails before anything listens).
+///
+/// # Errors
+/// When the configuration cannot be built.
+pub fn prepare(config: Config) -> anyhow::Result<Arc<Live>> {
+    Live::start(config)
+}
+
+/// Runs the proxy until a stop signal (SIGTERM: graceful, SIGINT: fast, SIGQUIT: hand
+/// the sockets to an upgrading process, then drain).
+///
+/// # Errors
+/// When the state directory cannot be created.
+pub fn run(live: Arc<Live>, options: ProxyOptions) -> anyhow::Result<()> {
+    let config = live.current.load().config.clone();
+    let data_dir = &config.server.data_dir;
+    std::fs::create_dir_all(data_dir)
+        .with_context(|| format!("creating data directory {}", data_dir.display()))?;
+
+    let mut conf = ServerConf::default();
+    conf.grace_period_seconds = Some(config.server.grace_period.0.as_secs_f64().ceil() as u64);
+    conf.graceful_shutdown_timeout_seconds =
+        Some(config.server.shutdown_timeout.0.as_secs_f64().ceil() as u64);
+    conf.threads = config
+        .server
+        .threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, usize::from));
+    conf.upgrade_sock = config
+        .server
+        .upgrade_socket
+        .clone()
+        .unwrap_or_else(|| data_dir.join("upgrade.sock"))
+        .display()
+        .to_string();
+    conf.pid_file = data_dir.join("rampart.pid").display().to_string();
+    // Our own retry policy decides; this is only Pingora's upper bound.
+    conf.max_retries = 11;
+    let opt = Opt {
+        upgrade: options.upgrade,
+        ..Opt::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(opt, conf);
+    server.bootstrap();
+    let server_conf = server.configuration.clone();
+
+    if let Some(addr) = config.listeners.http {
+        let proxy = pingora::proxy::http_proxy(
+            &server_conf,
+            Edge::new(Scheme::Http, live.current.clone(), live.metrics.clone()),
+        );
+        let mut svc = Service::new(
+            "http".to_string(),
+            EdgeApp::new(
+                "http",
+                proxy,
+                None,
+                live.current.clone(),
+                live.metrics.clone(),
+            ),
+        );
+        svc.add_tcp(&addr.to_string());
+        server.add_service(svc);
+    }
+    if let Some(addr) = config.listeners.https {
+        let resolver = Arc::new(SniResolver::new(live.current.clone(), live.metrics.clone()));
+        let acceptor = Acceptor::from_server_config(server_config(resolver)?);
+        let proxy = pingora::proxy::http_proxy(
+            &server_conf,
+            Edge::new(Scheme::Https, live.current.clone(), live.metrics.clone()),
+        );
+        let mut svc = Service::new(
+            "https".to_string(),
+            EdgeApp::new(
+                "https",
+                proxy,
+                Some(acceptor),
+                live.current.clone(),
+                live.metrics.clone(),
+            ),
+        );
+        svc.add_tcp(&addr.to_string());
+        server.add_service(svc);
+    }
+    if let Some(addr) = config.listeners.admin {
+        let mut svc = Service::new(
+            "admin".to_string(),
+            HttpServer::new_app(AdminApp::new(live.clone())),
+        );
+        svc.add_tcp(&addr.to_string());
+        server.add_service(svc);
+    }
+    if let Some(path) = options.config_path {
+        server.add_service(background_service(
+            "reload",
+            ReloadService::new(live.clone(), path),
+        ));
+    }
+    server.add_service(background_service(
+        "health checks",
+        HealthChecker::new(live.clone()),
+    ));
+    server.add_service(background_service("readiness", Readiness(live)));
+    server.run(RunArgs::default());
+    Ok(())
+}
+
+/// Ready once the services run; not ready as soon as shutdown starts, so that load
+/// balancers polling /ready stop sending traffic during the grace period.
+struct Readiness(Arc<Live>);
+
+#[async_trait]
+impl BackgroundService for Readiness {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        self.0.set_ready(true);
+        // An error means the sender is gone, which is also shutdown.
+        let _ = shutdown.changed().await;
+        self.0.set_ready(false);
+    }
+}

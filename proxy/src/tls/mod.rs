@@ -1,0 +1,175 @@
+//! TLS termination: certificates by SNI, loaded into memory at build time and resolved
+//! synchronously during the handshake (rustls' `ResolvesServerCert` must not do I/O).
+//!
+//! The certificate set is part of a generation, so a reload swaps routes and
+//! certificates together; handshakes already under way finish with the set they
+//! started with, new handshakes see the new one.
+//!
+//! - [`files`]: PEM certificate and key files
+//! - [`internal_ca`]: Rampart's local CA (rcgen) for `source = "internal"`
+
+pub mod files;
+pub mod internal_ca;
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+
+use crate::generation::Generation;
+use crate::metrics::Metrics;
+
+/// A loaded certificate with what the admin API and metrics show about it.
+#[derive(Clone)]
+pub struct LoadedCert {
+    /// The chain and signing key used in handshakes.
+    pub key: Arc<CertifiedKey>,
+    /// Not-after of the leaf, in seconds since the Unix epoch.
+    pub not_after: i64,
+    /// Issuer of the leaf, as a distinguished name string.
+    pub issuer: String,
+}
+
+impl fmt::Debug for LoadedCert {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LoadedCert")
+            .field("not_after", &self.not_after)
+            .field("issuer", &self.issuer)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The certificates of a generation by host name.
+#[derive(Clone, Debug, Default)]
+pub struct CertSet {
+    exact: HashMap<String, LoadedCert>,
+    /// Keyed by the suffix after `*.`.
+    wildcard: HashMap<String, LoadedCert>,
+    default: Option<LoadedCert>,
+}
+
+impl CertSet {
+    /// Adds `cert` for an exact host name.
+    pub fn insert_exact(&mut self, host: &str, cert: LoadedCert) {
+        self.exact.insert(host.to_string(), cert);
+    }
+    /// Adds `cert` for `*.suffix`.
+    pub fn insert_wildcard(&mut self, suffix: &str, cert: LoadedCert) {
+        self.wildcard.insert(suffix.to_string(), cert);
+    }
+    /// Sets the certificate for clients without a known SNI.
+    pub fn set_default(&mut self, cert: Option<LoadedCert>) {
+        self.default = cert;
+    }
+
+    /// The certificate for `sni` (exact first, then wildcard), if any.
+    #[must_use]
+    pub fn lookup(&self, sni: &str) -> Option<&LoadedCert> {
+        let sni = sni.trim_end_matches('.').to_ascii_lowercase();
+        self.exact.get(&sni).or_else(|| {
+            sni.split_once('.')
+                .and_then(|(_, parent)| self.wildcard.get(parent))
+        })
+    }
+
+    /// The certificate for a handshake: by SNI, else the default (or none: the
+    /// handshake fails with `unrecognized_name`).
+    #[must_use]
+    pub fn resolve(&self, sni: Option<&str>) -> Option<&LoadedCert> {
+        sni.and_then(|s| self.lookup(s)).or(self.default.as_ref())
+    }
+
+    /// Every (name, certificate) pair, wildcards written as `*.suffix`.
+    pub fn entries(&self) -> impl Iterator<Item = (String, &LoadedCert)> {
+        self.exact
+            .iter()
+            .map(|(h, c)| (h.clone(), c))
+            .chain(self.wildcard.iter().map(|(s, c)| (format!("*.{s}"), c)))
+    }
+}
+
+/// rustls certificate resolver reading the current generation's [`CertSet`].
+pub struct SniResolver {
+    current: Arc<ArcSwap<Generation>>,
+    metrics: Arc<Metrics>,
+}
+
+impl SniResolver {
+    /// A resolver over the live generation.
+    #[must_use]
+    pub fn new(current: Arc<ArcSwap<Generation>>, metrics: Arc<Metrics>) -> Self {
+        Self { current, metrics }
+    }
+}
+
+impl fmt::Debug for SniResolver {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("SniResolver")
+    }
+}
+
+impl ResolvesServerCert for SniResolver {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let generation = self.current.load();
+        let found = generation
+            .certs
+            .resolve(hello.server_name())
+            .map(|c| c.key.clone());
+        if found.is_none() {
+            self.metrics
+                .tls_handshake_failures
+                .with_label_values(&["unknown_sni"])
+                .inc();
+        }
+        found
+    }
+}
+
+/// The rustls server configuration of the HTTPS listener: TLS 1.2 and 1.3 with the
+/// provider's default (forward-secret) suites, ALPN h2 then http/1.1, SNI resolver.
+///
+/// # Errors
+/// When the process-wide crypto provider does not support TLS 1.2/1.3.
+pub fn server_config(resolver: Arc<SniResolver>) -> anyhow::Result<Arc<rustls::ServerConfig>> {
+    let mut config = rustls::ServerConfig::builder_with_protocol_versions(&[
+        &rustls::version::TLS13,
+        &rustls::version::TLS12,
+    ])
+    .with_no_client_auth()
+    .with_cert_resolver(resolver);
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// Builds a rustls signing key from a DER private key with the installed provider.
+///
+/// # Errors
+/// When the key type is not supported.
+pub fn certified_key(
+    chain: Vec<rustls::pki_types::CertificateDer<'static>>,
+    key: &rustls::pki_types::PrivateKeyDer<'static>,
+) -> anyhow::Result<CertifiedKey> {
+    let provider = rustls::crypto::CryptoProvider::get_default()
+        .ok_or_else(|| anyhow::anyhow!("no rustls crypto provider installed (call rampart_proxy::install_crypto_provider first)"))?;
+    let signing = provider.key_provider.load_private_key(key.clone_key())?;
+    let ck = CertifiedKey::new(chain, signing);
+    ck.keys_match()
+        .map_err(|e| anyhow::anyhow!("certificate and private key do not belong together: {e}"))?;
+    Ok(ck)
+}
+
+/// Reads not-after and issuer of a DER leaf certificate.
+///
+/// # Errors
+/// When the certificate cannot be parsed.
+pub fn describe(leaf: &[u8]) -> anyhow::Result<(i64, String)> {
+    let (_, cert) = x509_parser::parse_x509_certificate(leaf)
+        .map_err(|e| anyhow::anyhow!("parsing certificate: {e}"))?;
+    Ok((
+        cert.validity().not_after.timestamp(),
+        cert.issuer().to_string(),
+    ))
+}
