@@ -280,7 +280,8 @@ pub struct Route {
     #[serde(default)]
     pub headers: BTreeMap<String, String>,
     /// Higher priorities are tried first; ties go to the more specific route
-    /// (exact host over wildcard over any host, then longer path prefix).
+    /// (exact host over wildcard over any host, then longer path prefix, then more
+    /// header conditions, then the earlier route in the file).
     #[serde(default)]
     pub priority: i32,
     /// Answer plain-HTTP requests for this route with a 308 redirect to HTTPS.

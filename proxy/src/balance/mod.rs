@@ -80,20 +80,29 @@ impl Balancer {
             return None;
         }
         let ok = |i: usize| allowed(i) && states[i].is_available(input.now_ms);
+        // A retry does not take a turn: it continues from the current position, so a
+        // failing endpoint does not shift every other endpoint's share.
+        let next = || {
+            if input.tried.is_empty() {
+                self.cursor.fetch_add(1, Ordering::Relaxed)
+            } else {
+                self.cursor.load(Ordering::Relaxed)
+            }
+        };
         match &self.policy {
             Compiled::RoundRobin => {
-                let start = self.cursor.fetch_add(1, Ordering::Relaxed);
+                let start = next();
                 (0..n).map(|k| (start + k) % n).find(|&i| ok(i))
             }
             Compiled::Weighted(schedule) => {
                 let len = schedule.len();
-                let start = self.cursor.fetch_add(1, Ordering::Relaxed);
+                let start = next();
                 (0..len)
                     .map(|k| schedule[(start + k) % len] as usize)
                     .find(|&i| ok(i))
             }
             Compiled::LeastConn => {
-                let start = self.cursor.fetch_add(1, Ordering::Relaxed);
+                let start = next();
                 (0..n)
                     .map(|k| (start + k) % n)
                     .filter(|&i| ok(i))

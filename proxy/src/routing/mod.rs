@@ -31,8 +31,15 @@ enum HostRank {
     Exact = 2,
 }
 
-/// Sort key: priority, then host specificity, then prefix length, then file order.
-type Rank = (Reverse<i32>, Reverse<HostRank>, Reverse<usize>, usize);
+/// Sort key: priority, then host specificity, then prefix length, then the number of
+/// header conditions, then file order.
+type Rank = (
+    Reverse<i32>,
+    Reverse<HostRank>,
+    Reverse<usize>,
+    Reverse<usize>,
+    usize,
+);
 
 #[derive(Debug)]
 struct Candidate {
@@ -62,7 +69,15 @@ impl Router {
         let mut r = Router::default();
         for (i, route) in routes.iter().enumerate() {
             let prefix_len = route.path_prefix.trim_end_matches('/').len();
-            let rank = |h| (Reverse(route.priority), Reverse(h), Reverse(prefix_len), i);
+            let rank = |h| {
+                (
+                    Reverse(route.priority),
+                    Reverse(h),
+                    Reverse(prefix_len),
+                    Reverse(route.headers.len()),
+                    i,
+                )
+            };
             if route.hosts.is_empty() {
                 r.any.push(Candidate {
                     rank: rank(HostRank::Any),

@@ -1,0 +1,388 @@
+//! Test harness: real backends (hyper) and real `rampart` processes on loopback ports,
+//! with readiness polled on the admin API (never sleeps as synchronisation).
+#![allow(dead_code, missing_docs, clippy::unwrap_used)]
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU16, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::{Request, Response};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+
+pub const DEADLINE: Duration = Duration::from_secs(20);
+
+pub fn init() {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+}
+
+/// A loopback address with a port the OS just handed out (the proxy binds it next;
+/// [`Proxy::start`] retries with new ports if another process took it meanwhile).
+pub fn free_addr() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+/// Polls `f` until it returns `Some`, or panics with `what` after [`DEADLINE`].
+pub async fn eventually<T, F, Fut>(what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(start.elapsed() < DEADLINE, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A real HTTP/1.1 upstream on 127.0.0.1:0.
+///
+/// - `/healthz` answers `health_status` (200 by default)
+/// - `/status/NNN` answers NNN
+/// - `/slow/MS` answers after MS milliseconds
+/// - `/headers` answers the request headers as JSON
+/// - `/ws` is a WebSocket echo
+/// - anything else answers 200 with the backend's name; `fail_status` != 0 overrides it
+pub struct Backend {
+    pub name: String,
+    pub addr: SocketAddr,
+    pub hits: AtomicUsize,
+    pub health_status: AtomicU16,
+    pub fail_status: AtomicU16,
+    pub methods: Mutex<Vec<String>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Backend {
+    pub async fn start(name: &str) -> Arc<Backend> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = tokio::sync::oneshot::channel::<Arc<Backend>>();
+        let task = tokio::spawn(async move {
+            let backend = rx.await.unwrap();
+            let weak = Arc::downgrade(&backend);
+            drop(backend);
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
+                let Some(b) = weak.upgrade() else { return };
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |req| {
+                        let b = b.clone();
+                        async move { Ok::<_, Infallible>(b.handle(req).await) }
+                    });
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection_with_upgrades(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        let backend = Arc::new(Backend {
+            name: name.to_string(),
+            addr,
+            hits: AtomicUsize::new(0),
+            health_status: AtomicU16::new(200),
+            fail_status: AtomicU16::new(0),
+            methods: Mutex::new(Vec::new()),
+            task,
+        });
+        tx.send(backend.clone()).ok().unwrap();
+        backend
+    }
+
+    pub fn hits(&self) -> usize {
+        self.hits.load(Ordering::SeqCst)
+    }
+
+    async fn handle(&self, mut req: Request<Incoming>) -> Response<Full<Bytes>> {
+        let path = req.uri().path().to_string();
+        if path == "/healthz" {
+            return reply(self.health_status.load(Ordering::SeqCst), "health");
+        }
+        self.hits.fetch_add(1, Ordering::SeqCst);
+        self.methods.lock().unwrap().push(req.method().to_string());
+        if path == "/ws" {
+            return websocket_echo(&mut req);
+        }
+        if path == "/headers" {
+            let map: HashMap<String, String> = req
+                .headers()
+                .iter()
+                .map(|(k, v)| (k.as_str().to_string(), v.to_str().unwrap_or("").to_string()))
+                .collect();
+            return reply(200, &serde_json::to_string(&map).unwrap());
+        }
+        if let Some(code) = path.strip_prefix("/status/") {
+            return reply(code.parse().unwrap(), &self.name);
+        }
+        if let Some(ms) = path.strip_prefix("/slow/") {
+            tokio::time::sleep(Duration::from_millis(ms.parse().unwrap())).await;
+        }
+        let _ = req.into_body().collect().await;
+        match self.fail_status.load(Ordering::SeqCst) {
+            0 => reply(200, &self.name),
+            code => reply(code, &self.name),
+        }
+    }
+}
+
+fn reply(status: u16, body: &str) -> Response<Full<Bytes>> {
+    Response::builder()
+        .status(status)
+        .header("x-backend", body.len().to_string())
+        .body(Full::new(Bytes::from(body.to_string())))
+        .unwrap()
+}
+
+fn websocket_echo(req: &mut Request<Incoming>) -> Response<Full<Bytes>> {
+    use futures_util::{SinkExt, StreamExt};
+    let key = req.headers().get("sec-websocket-key").cloned().unwrap();
+    let upgrade = hyper::upgrade::on(req);
+    tokio::spawn(async move {
+        let upgraded = upgrade.await.unwrap();
+        let mut ws = tokio_tungstenite::WebSocketStream::from_raw_socket(
+            TokioIo::new(upgraded),
+            tokio_tungstenite::tungstenite::protocol::Role::Server,
+            None,
+        )
+        .await;
+        while let Some(Ok(msg)) = ws.next().await {
+            if msg.is_text() || msg.is_binary() {
+                ws.send(msg).await.unwrap();
+            }
+        }
+    });
+    Response::builder()
+        .status(101)
+        .header("connection", "upgrade")
+        .header("upgrade", "websocket")
+        .header(
+            "sec-websocket-accept",
+            tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes()),
+        )
+        .body(Full::new(Bytes::new()))
+        .unwrap()
+}
+
+/// A `rampart proxy` process with its own data directory and loopback ports.
+pub struct Proxy {
+    pub child: Child,
+    pub dir: tempfile::TempDir,
+    pub config_path: PathBuf,
+    pub http: SocketAddr,
+    pub https: SocketAddr,
+    pub admin: SocketAddr,
+    server_extra: String,
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Proxy {
+    /// Starts a proxy with `body` (routes, pools, tls, limits...) and waits until ready.
+    pub async fn start(body: &str) -> Proxy {
+        Self::start_with("", body).await
+    }
+
+    /// Like [`Proxy::start`], with extra lines in `[server]`.
+    pub async fn start_with(server_extra: &str, body: &str) -> Proxy {
+        for _ in 0..3 {
+            let dir = tempfile::tempdir().unwrap();
+            let mut proxy = Proxy {
+                config_path: dir.path().join("rampart.toml"),
+                child: Command::new("true").spawn().unwrap(),
+                dir,
+                http: free_addr(),
+                https: free_addr(),
+                admin: free_addr(),
+                server_extra: server_extra.to_string(),
+            };
+            proxy.write_config(body);
+            let log = std::fs::File::create(proxy.dir.path().join("rampart.log")).unwrap();
+            proxy.child = Command::new(env!("CARGO_BIN_EXE_rampart"))
+                .args(["proxy", "--config"])
+                .arg(&proxy.config_path)
+                .env("RUST_LOG", "info")
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()
+                .unwrap();
+            if proxy.wait_ready().await {
+                return proxy;
+            }
+            eprintln!("proxy did not start (port taken?), log:\n{}", proxy.log());
+        }
+        panic!("the proxy failed to start three times");
+    }
+
+    pub fn config_text(&self, body: &str) -> String {
+        format!(
+            "[server]\ndata_dir = {:?}\ngrace_period = \"0s\"\nshutdown_timeout = \"1s\"\nthreads = 2\n{}\n\n[listeners]\nhttp = \"{}\"\nhttps = \"{}\"\nadmin = \"{}\"\n\n{body}\n",
+            self.dir.path().join("data"),
+            self.server_extra,
+            self.http,
+            self.https,
+            self.admin
+        )
+    }
+
+    /// Writes the config atomically (temp file + rename), as deployment tools do.
+    pub fn write_config(&self, body: &str) {
+        let tmp = self.dir.path().join("rampart.toml.tmp");
+        std::fs::write(&tmp, self.config_text(body)).unwrap();
+        std::fs::rename(&tmp, &self.config_path).unwrap();
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("rampart.log")).unwrap_or_default()
+    }
+
+    async fn wait_ready(&mut self) -> bool {
+        let start = Instant::now();
+        let client = reqwest::Client::new();
+        while start.elapsed() < DEADLINE {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return false;
+            }
+            if let Ok(r) = client
+                .get(format!("http://{}/ready", self.admin))
+                .send()
+                .await
+            {
+                if r.status() == 200 {
+                    return true;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        false
+    }
+
+    pub fn ca_path(&self) -> PathBuf {
+        self.dir.path().join("data/ca/ca.pem")
+    }
+
+    /// An HTTPS client trusting the internal CA, resolving `hosts` to the HTTPS listener.
+    pub fn client(&self, hosts: &[&str]) -> reqwest::Client {
+        let mut b = reqwest::Client::builder()
+            .timeout(Duration::from_secs(10))
+            .redirect(reqwest::redirect::Policy::none());
+        if let Ok(pem) = std::fs::read(self.ca_path()) {
+            b = b.tls_certs_only([reqwest::Certificate::from_pem(&pem).unwrap()]);
+        }
+        for h in hosts {
+            b = b.resolve(h, self.https);
+        }
+        b.build().unwrap()
+    }
+
+    /// A plain-HTTP client (no redirects followed).
+    pub fn http_client() -> reqwest::Client {
+        reqwest::Client::builder()
+            .timeout(Duration::from_secs(10))
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .unwrap()
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.http)
+    }
+
+    pub async fn status(&self) -> serde_json::Value {
+        reqwest::get(format!("http://{}/status", self.admin))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
+    pub async fn metrics(&self) -> String {
+        reqwest::get(format!("http://{}/metrics", self.admin))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
+    /// The value of a metric line that starts with `prefix` (0 when absent).
+    pub async fn metric(&self, prefix: &str) -> f64 {
+        self.metrics()
+            .await
+            .lines()
+            .find(|l| l.starts_with(prefix))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0)
+    }
+
+    pub async fn version(&self) -> u64 {
+        self.status().await["version"].as_u64().unwrap()
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .args([&format!("-{sig}"), &self.child.id().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill -{sig} failed");
+    }
+
+    /// Rewrites the config, sends SIGHUP, waits until the version moved past `before`
+    /// or a reload failure was recorded. Returns the new version.
+    pub async fn reload(&self, body: &str) -> u64 {
+        let before = self.version().await;
+        let failures_before = self.metric("rampart_config_reload_failures_total").await;
+        self.write_config(body);
+        self.signal("HUP");
+        eventually("the reload to be applied or refused", || async {
+            let v = self.version().await;
+            let failures = self.metric("rampart_config_reload_failures_total").await;
+            (v > before || failures > failures_before).then_some(v)
+        })
+        .await
+    }
+}
+
+/// `hosts = [...]`, `action = { forward = ... }` route and a pool of `backends`.
+pub fn pool_toml(name: &str, balance: &str, backends: &[&Arc<Backend>], extra: &str) -> String {
+    let endpoints: Vec<String> = backends
+        .iter()
+        .map(|b| format!("{{ address = \"{}\" }}", b.addr))
+        .collect();
+    format!(
+        "[pools.{name}]\nbalance = \"{balance}\"\nendpoints = [{}]\n{extra}\n",
+        endpoints.join(", ")
+    )
+}
+
+pub fn write_file(path: &Path, contents: &str) {
+    std::fs::write(path, contents).unwrap();
+}
