@@ -7,6 +7,7 @@
 //! Bursts of events are coalesced for [`SETTLE`] before reading.
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,36 +17,61 @@ use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::mpsc;
+use xxhash_rust::xxh3::xxh3_64;
 
 use crate::live::Live;
 
 /// How long file events must be quiet before the file is read (editors write in steps).
 const SETTLE: Duration = Duration::from_millis(150);
 
+/// What asked for a reload.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Trigger {
+    /// SIGHUP (or a caller): always rebuild, since files the config names (certificates)
+    /// may have changed even when the config did not.
+    Signal,
+    /// The config file changed on disk: rebuild only if its content did.
+    FileChange,
+}
+
 /// Reloads the configuration from a file on SIGHUP and on change.
 pub struct ReloadService {
     live: Arc<Live>,
     path: PathBuf,
+    /// Hash of the config text last read, to ignore events that did not change it.
+    last_text: Arc<AtomicU64>,
 }
 
 impl ReloadService {
     /// A reloader of `path` into `live`.
     #[must_use]
     pub fn new(live: Arc<Live>, path: PathBuf) -> Self {
-        Self { live, path }
+        let last_text = std::fs::read(&path).map_or(0, |t| xxh3_64(&t));
+        Self { live, path, last_text: Arc::new(AtomicU64::new(last_text)) }
     }
 
-    /// Reloads once now.
+    /// Reloads once now; `Ok(None)` when a file change left the content as it was.
     ///
     /// # Errors
     /// Why the file could not be loaded or built; the old generation keeps serving.
-    pub async fn reload(&self) -> anyhow::Result<u64> {
+    pub async fn reload(&self, trigger: Trigger) -> anyhow::Result<Option<u64>> {
         let path = self.path.clone();
         let live = self.live.clone();
+        let last_text = self.last_text.clone();
         // Parsing, DNS resolution and certificate loading are blocking work.
-        tokio::task::spawn_blocking(move || match rampart_config::load(&path) {
-            Ok(config) => live.apply(config),
-            Err(e) => Err(live.reload_failed(&anyhow::Error::new(e))),
+        tokio::task::spawn_blocking(move || {
+            let text = match std::fs::read_to_string(&path) {
+                Ok(t) => t,
+                Err(e) => return Err(live.reload_failed(&anyhow::Error::new(e).context(format!("reading {}", path.display())))),
+            };
+            let hash = xxh3_64(text.as_bytes());
+            if last_text.swap(hash, Ordering::Relaxed) == hash && trigger == Trigger::FileChange {
+                return Ok(None);
+            }
+            match rampart_config::parse(&text, &path.display().to_string()) {
+                Ok(config) => live.apply(config).map(Some),
+                Err(e) => Err(live.reload_failed(&anyhow::Error::new(e))),
+            }
         })
         .await?
     }
@@ -99,18 +125,22 @@ impl BackgroundService for ReloadService {
             }
         };
         loop {
-            tokio::select! {
+            let trigger = tokio::select! {
                 _ = shutdown.changed() => break,
-                _ = hup.recv() => tracing::info!("SIGHUP: reloading {}", self.path.display()),
+                _ = hup.recv() => {
+                    tracing::info!("SIGHUP: reloading {}", self.path.display());
+                    Trigger::Signal
+                }
                 Some(()) = changes.recv() => {
                     // Coalesce a burst of events (truncate + write + close, rename).
                     tokio::time::sleep(SETTLE).await;
                     while changes.try_recv().is_ok() {}
-                    tracing::info!("{} changed: reloading", self.path.display());
+                    Trigger::FileChange
                 }
-            }
-            match self.reload().await {
-                Ok(v) => tracing::info!("configuration version {v} is serving"),
+            };
+            match self.reload(trigger).await {
+                Ok(Some(v)) => tracing::info!("configuration version {v} is serving"),
+                Ok(None) => tracing::debug!("{} touched but unchanged", self.path.display()),
                 Err(e) => tracing::debug!("reload failed: {e:#}"),
             }
         }
