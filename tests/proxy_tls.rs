@@ -14,22 +14,33 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 const RESPOND: &str = "[[routes]]\nname = \"hello\"\naction = { respond = { body = \"hello\" } }\n";
 
 /// Opens a TLS connection with `sni` (or none) trusting `roots`; returns the leaf served.
-async fn handshake(addr: SocketAddr, roots: &[CertificateDer<'static>], verify_as: &str, send_sni: bool) -> Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>, std::io::Error> {
+async fn handshake(
+    addr: SocketAddr,
+    roots: &[CertificateDer<'static>],
+    verify_as: &str,
+    send_sni: bool,
+) -> Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>, std::io::Error> {
     let mut store = rustls::RootCertStore::empty();
     for r in roots {
         store.add(r.clone()).unwrap();
     }
-    let mut config = rustls::ClientConfig::builder().with_root_certificates(store).with_no_client_auth();
+    let mut config = rustls::ClientConfig::builder()
+        .with_root_certificates(store)
+        .with_no_client_auth();
     config.enable_sni = send_sni;
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
     let tcp = tokio::net::TcpStream::connect(addr).await?;
-    connector.connect(ServerName::try_from(verify_as.to_string()).unwrap(), tcp).await
+    connector
+        .connect(ServerName::try_from(verify_as.to_string()).unwrap(), tcp)
+        .await
 }
 
 fn pem_certs(path: &Path) -> Vec<CertificateDer<'static>> {
     let pem = std::fs::read(path).unwrap();
-    rustls_pemfile::certs(&mut &pem[..]).collect::<Result<_, _>>().unwrap()
+    rustls_pemfile::certs(&mut &pem[..])
+        .collect::<Result<_, _>>()
+        .unwrap()
 }
 
 #[tokio::test]
@@ -39,28 +50,67 @@ async fn sni_selects_the_certificate_and_unknown_sni_fails() {
     let proxy = Proxy::start(&format!("{tls}{RESPOND}")).await;
     let client = proxy.client(&["a.test", "x.b.test", "other.test"]);
     for host in ["a.test", "x.b.test"] {
-        let r = client.get(format!("https://{host}:{}/", proxy.https.port())).send().await.unwrap();
-        assert_eq!(r.text().await.unwrap(), "hello", "{host} validated against its own certificate");
+        let r = client
+            .get(format!("https://{host}:{}/", proxy.https.port()))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            r.text().await.unwrap(),
+            "hello",
+            "{host} validated against its own certificate"
+        );
     }
-    let err = client.get(format!("https://other.test:{}/", proxy.https.port())).send().await.unwrap_err();
-    assert!(err.is_connect(), "unknown SNI without default_sni fails the handshake: {err:?}");
-    assert!(proxy.metric("rampart_tls_handshake_failures_total{reason=\"unknown_sni\"}").await >= 1.0);
+    let err = client
+        .get(format!("https://other.test:{}/", proxy.https.port()))
+        .send()
+        .await
+        .unwrap_err();
+    assert!(
+        err.is_connect(),
+        "unknown SNI without default_sni fails the handshake: {err:?}"
+    );
+    assert!(
+        proxy
+            .metric("rampart_tls_handshake_failures_total{reason=\"unknown_sni\"}")
+            .await
+            >= 1.0
+    );
     assert!(proxy.metric("rampart_tls_handshakes_total").await >= 2.0);
     let roots = pem_certs(&proxy.ca_path());
-    assert!(handshake(proxy.https, &roots, "a.test", false).await.is_err(), "no SNI, no default: refused");
+    assert!(
+        handshake(proxy.https, &roots, "a.test", false)
+            .await
+            .is_err(),
+        "no SNI, no default: refused"
+    );
 }
 
 #[tokio::test]
 async fn default_sni_serves_clients_without_or_with_unknown_sni() {
     common::init();
     let tls = "[[tls]]\nhosts = [\"a.test\"]\nsource = \"internal\"\n[[tls]]\nhosts = [\"fallback.test\"]\nsource = \"internal\"\n";
-    let proxy = Proxy::start_with("default_sni = \"fallback.test\"", &format!("{tls}{RESPOND}")).await;
+    let proxy = Proxy::start_with(
+        "default_sni = \"fallback.test\"",
+        &format!("{tls}{RESPOND}"),
+    )
+    .await;
     let roots = pem_certs(&proxy.ca_path());
-    handshake(proxy.https, &roots, "fallback.test", false).await.expect("no SNI gets the default certificate");
-    handshake(proxy.https, &roots, "a.test", true).await.expect("a known SNI still gets its own");
+    handshake(proxy.https, &roots, "fallback.test", false)
+        .await
+        .expect("no SNI gets the default certificate");
+    handshake(proxy.https, &roots, "a.test", true)
+        .await
+        .expect("a known SNI still gets its own");
     // Unknown SNI: the default certificate is served (it does not match the name asked).
-    let err = handshake(proxy.https, &roots, "unknown.test", true).await.unwrap_err();
-    assert!(err.to_string().contains("NotValidForName") || err.to_string().contains("not valid for name"), "{err}");
+    let err = handshake(proxy.https, &roots, "unknown.test", true)
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("NotValidForName")
+            || err.to_string().contains("not valid for name"),
+        "{err}"
+    );
 }
 
 #[tokio::test]
@@ -68,12 +118,24 @@ async fn http2_is_negotiated_by_alpn() {
     common::init();
     let b = Backend::start("b").await;
     let tls = "[[tls]]\nhosts = [\"a.test\"]\nsource = \"internal\"\n";
-    let proxy = Proxy::start(&format!("{tls}[[routes]]\nname = \"all\"\naction = {{ forward = \"p\" }}\n{}", common::pool_toml("p", "round_robin", &[&b], ""))).await;
+    let proxy = Proxy::start(&format!(
+        "{tls}[[routes]]\nname = \"all\"\naction = {{ forward = \"p\" }}\n{}",
+        common::pool_toml("p", "round_robin", &[&b], "")
+    ))
+    .await;
     let client = proxy.client(&["a.test"]);
-    let r = client.get(format!("https://a.test:{}/headers", proxy.https.port())).send().await.unwrap();
+    let r = client
+        .get(format!("https://a.test:{}/headers", proxy.https.port()))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.version(), http::Version::HTTP_2);
     let seen: std::collections::HashMap<String, String> = r.json().await.unwrap();
-    assert_eq!(seen["host"], format!("a.test:{}", proxy.https.port()), "the :authority becomes the upstream Host");
+    assert_eq!(
+        seen["host"],
+        format!("a.test:{}", proxy.https.port()),
+        "the :authority becomes the upstream Host"
+    );
     assert_eq!(seen["x-forwarded-proto"], "https");
 }
 
@@ -82,7 +144,9 @@ fn write_leaf(dir: &Path, host: &str, serial: u64) -> CertificateDer<'static> {
     let ca_key = rcgen::KeyPair::generate().unwrap();
     let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
     ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    ca_params.distinguished_name.push(rcgen::DnType::CommonName, format!("test CA {serial}"));
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, format!("test CA {serial}"));
     let ca = ca_params.self_signed(&ca_key).unwrap();
     let issuer = rcgen::Issuer::new(ca_params, ca_key);
     let key = rcgen::KeyPair::generate().unwrap();
@@ -99,21 +163,40 @@ async fn certificates_swap_at_run_time_without_dropping_connections() {
     common::init();
     let certs = tempfile::tempdir().unwrap();
     let ca1 = write_leaf(certs.path(), "swap.test", 1);
-    let tls = format!("[[tls]]\nhosts = [\"swap.test\"]\nsource = {{ files = {{ cert = {:?}, key = {:?} }} }}\n", certs.path().join("cert.pem"), certs.path().join("key.pem"));
+    let tls = format!(
+        "[[tls]]\nhosts = [\"swap.test\"]\nsource = {{ files = {{ cert = {:?}, key = {:?} }} }}\n",
+        certs.path().join("cert.pem"),
+        certs.path().join("key.pem")
+    );
     let body = format!("{tls}{RESPOND}");
     let proxy = Proxy::start(&body).await;
 
-    let mut old_conn = handshake(proxy.https, &[ca1.clone()], "swap.test", true).await.expect("first certificate served");
+    let mut old_conn = handshake(proxy.https, &[ca1.clone()], "swap.test", true)
+        .await
+        .expect("first certificate served");
     let ca2 = write_leaf(certs.path(), "swap.test", 2);
     assert!(proxy.reload(&body).await >= 2);
 
-    handshake(proxy.https, &[ca2], "swap.test", true).await.expect("new handshakes get the new certificate");
-    assert!(handshake(proxy.https, &[ca1], "swap.test", true).await.is_err(), "the old certificate is no longer served");
+    handshake(proxy.https, &[ca2], "swap.test", true)
+        .await
+        .expect("new handshakes get the new certificate");
+    assert!(
+        handshake(proxy.https, &[ca1], "swap.test", true)
+            .await
+            .is_err(),
+        "the old certificate is no longer served"
+    );
     // The connection opened before the swap keeps working.
-    old_conn.write_all(b"GET / HTTP/1.1\r\nHost: swap.test\r\nConnection: close\r\n\r\n").await.unwrap();
+    old_conn
+        .write_all(b"GET / HTTP/1.1\r\nHost: swap.test\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
     let mut response = String::new();
     old_conn.read_to_string(&mut response).await.unwrap();
-    assert!(response.starts_with("HTTP/1.1 200") && response.ends_with("hello"), "{response}");
+    assert!(
+        response.starts_with("HTTP/1.1 200") && response.ends_with("hello"),
+        "{response}"
+    );
 }
 
 #[tokio::test]
@@ -121,14 +204,26 @@ async fn a_broken_certificate_file_keeps_the_old_one_serving() {
     common::init();
     let certs = tempfile::tempdir().unwrap();
     let ca1 = write_leaf(certs.path(), "keep.test", 1);
-    let tls = format!("[[tls]]\nhosts = [\"keep.test\"]\nsource = {{ files = {{ cert = {:?}, key = {:?} }} }}\n", certs.path().join("cert.pem"), certs.path().join("key.pem"));
+    let tls = format!(
+        "[[tls]]\nhosts = [\"keep.test\"]\nsource = {{ files = {{ cert = {:?}, key = {:?} }} }}\n",
+        certs.path().join("cert.pem"),
+        certs.path().join("key.pem")
+    );
     let body = format!("{tls}{RESPOND}");
     let proxy = Proxy::start(&body).await;
     std::fs::write(certs.path().join("key.pem"), "not a key").unwrap();
     assert_eq!(proxy.reload(&body).await, 1, "the reload is refused");
-    handshake(proxy.https, &[ca1], "keep.test", true).await.expect("the previous certificate still serves");
+    handshake(proxy.https, &[ca1], "keep.test", true)
+        .await
+        .expect("the previous certificate still serves");
     let status = proxy.status().await;
     let error = status["last_reload"]["error"].as_str().unwrap();
-    assert!(error.contains("key.pem"), "the error names the file: {error}");
-    assert_eq!(proxy.metric("rampart_config_reload_failures_total").await, 1.0);
+    assert!(
+        error.contains("key.pem"),
+        "the error names the file: {error}"
+    );
+    assert_eq!(
+        proxy.metric("rampart_config_reload_failures_total").await,
+        1.0
+    );
 }

@@ -140,11 +140,16 @@ impl ProxyHttp for Edge {
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
         let generation = ctx.generation.clone();
+        let raw = session
+            .as_downstream()
+            .as_http1()
+            .map(pingora::protocols::http::v1::server::HttpSession::get_headers_raw_bytes);
         let req = session.req_header();
         let view = RequestView {
             method: &req.method,
             uri: &req.uri,
             headers: &req.headers,
+            raw: raw.as_deref(),
         };
         if let Err(rejection) = check_request(view, generation.header_limits) {
             return reject(session, ctx, rejection).await;

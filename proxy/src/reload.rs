@@ -47,7 +47,11 @@ impl ReloadService {
     #[must_use]
     pub fn new(live: Arc<Live>, path: PathBuf) -> Self {
         let last_text = std::fs::read(&path).map_or(0, |t| xxh3_64(&t));
-        Self { live, path, last_text: Arc::new(AtomicU64::new(last_text)) }
+        Self {
+            live,
+            path,
+            last_text: Arc::new(AtomicU64::new(last_text)),
+        }
     }
 
     /// Reloads once now; `Ok(None)` when a file change left the content as it was.
@@ -62,7 +66,11 @@ impl ReloadService {
         tokio::task::spawn_blocking(move || {
             let text = match std::fs::read_to_string(&path) {
                 Ok(t) => t,
-                Err(e) => return Err(live.reload_failed(&anyhow::Error::new(e).context(format!("reading {}", path.display())))),
+                Err(e) => {
+                    return Err(live.reload_failed(
+                        &anyhow::Error::new(e).context(format!("reading {}", path.display())),
+                    ))
+                }
             };
             let hash = xxh3_64(text.as_bytes());
             if last_text.swap(hash, Ordering::Relaxed) == hash && trigger == Trigger::FileChange {

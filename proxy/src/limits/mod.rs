@@ -74,6 +74,9 @@ pub struct RequestView<'a> {
     pub uri: &'a Uri,
     /// Headers.
     pub headers: &'a HeaderMap,
+    /// The raw HTTP/1 request header as received, when there is one. Pingora drops
+    /// Content-Length when Transfer-Encoding is present; the raw bytes still show it.
+    pub raw: Option<&'a [u8]>,
 }
 
 /// Checks a request header against the limits and framing rules.
@@ -84,23 +87,24 @@ pub fn check_request(req: RequestView<'_>, limits: HeaderLimits) -> Result<(), R
     if req.headers.len() > limits.max_count {
         return Err(Rejection::TooManyHeaders);
     }
-    let line = req.method.as_str().len() + req.uri.to_string().len() + 12;
-    let size: usize = line
-        + req
-            .headers
-            .iter()
-            .map(|(k, v)| k.as_str().len() + v.len() + 4)
-            .sum::<usize>();
+    let size = req.raw.map_or_else(
+        || {
+            let line = req.method.as_str().len() + req.uri.to_string().len() + 12;
+            line + req
+                .headers
+                .iter()
+                .map(|(k, v)| k.as_str().len() + v.len() + 4)
+                .sum::<usize>()
+        },
+        <[u8]>::len,
+    );
     if size > limits.max_bytes {
         return Err(Rejection::HeaderTooLarge);
     }
     let has_te = req.headers.contains_key(http::header::TRANSFER_ENCODING);
-    let cls: Vec<_> = req
-        .headers
-        .get_all(http::header::CONTENT_LENGTH)
-        .iter()
-        .collect();
-    if has_te && !cls.is_empty() {
+    let has_cl = req.headers.contains_key(http::header::CONTENT_LENGTH)
+        || req.raw.is_some_and(raw_has_content_length);
+    if has_te && has_cl {
         return Err(Rejection::ContentLengthWithTransferEncoding);
     }
     content_length(req.headers)?;
@@ -133,6 +137,18 @@ pub fn content_length(headers: &HeaderMap) -> Result<Option<u64>, Rejection> {
     Ok(found)
 }
 
+/// Whether a raw HTTP/1 header block has a Content-Length field.
+#[must_use]
+pub fn raw_has_content_length(raw: &[u8]) -> bool {
+    raw.split(|&b| b == b'\n').skip(1).any(|line| {
+        line.iter().position(|&b| b == b':').is_some_and(|colon| {
+            line[..colon]
+                .trim_ascii()
+                .eq_ignore_ascii_case(b"content-length")
+        })
+    })
+}
+
 /// Whether a path contains `.` or `..` segments, also percent-encoded (`%2e`).
 #[must_use]
 pub fn has_dot_segments(path: &str) -> bool {
@@ -162,6 +178,7 @@ mod tests {
                 method: &Method::POST,
                 uri: &uri,
                 headers: &h,
+                raw: None,
             },
             LIMITS,
         )
@@ -200,6 +217,31 @@ mod tests {
                 .map(|n| (*n, "1"))
                 .collect();
         assert_eq!(check(&many, "/"), Err(Rejection::TooManyHeaders));
+    }
+
+    #[test]
+    fn content_length_is_found_in_raw_headers() {
+        assert!(raw_has_content_length(
+            b"POST / HTTP/1.1\r\nHost: a\r\ncontent-LENGTH : 5\r\n\r\n"
+        ));
+        assert!(!raw_has_content_length(
+            b"POST /content-length: HTTP/1.1\r\nHost: a\r\n\r\n"
+        ));
+        let h = HeaderMap::new();
+        let uri: Uri = "/".parse().unwrap();
+        let raw = b"POST / HTTP/1.1\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n";
+        let mut te = h.clone();
+        te.insert("transfer-encoding", "chunked".parse().unwrap());
+        let view = RequestView {
+            method: &Method::POST,
+            uri: &uri,
+            headers: &te,
+            raw: Some(raw),
+        };
+        assert_eq!(
+            check_request(view, LIMITS),
+            Err(Rejection::ContentLengthWithTransferEncoding)
+        );
     }
 
     #[test]

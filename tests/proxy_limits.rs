@@ -1,0 +1,206 @@
+//! End-to-end limits: header size and count, ambiguous framing, bodies, dot-segments,
+//! slow clients; and WebSocket pass-through.
+#![allow(missing_docs, clippy::unwrap_used)]
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{pool_toml, Backend, Proxy};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+async fn proxy_to(b: &Arc<Backend>, limits: &str) -> Proxy {
+    Proxy::start(&format!(
+        "{limits}\n[[routes]]\nname = \"all\"\naction = {{ forward = \"p\" }}\n{}",
+        pool_toml("p", "round_robin", &[b], "")
+    ))
+    .await
+}
+
+/// Sends raw bytes and returns the status line of the answer ("" if the connection
+/// closed without one).
+async fn raw(addr: std::net::SocketAddr, request: &[u8]) -> String {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(request).await.unwrap();
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf)).await;
+    String::from_utf8_lossy(&buf)
+        .lines()
+        .next()
+        .unwrap_or("")
+        .to_string()
+}
+
+#[tokio::test]
+async fn oversized_or_too_many_headers_get_431() {
+    common::init();
+    let b = Backend::start("b").await;
+    let proxy = proxy_to(
+        &b,
+        "[limits]\nmax_header_bytes = \"8KiB\"\nmax_header_count = 20",
+    )
+    .await;
+    let client = Proxy::http_client();
+    let r = client
+        .get(proxy.url("/"))
+        .header("x-big", "a".repeat(9000))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 431);
+    let mut req = client.get(proxy.url("/"));
+    for i in 0..25 {
+        req = req.header(format!("x-h{i}"), "1");
+    }
+    assert_eq!(req.send().await.unwrap().status(), 431);
+    assert_eq!(
+        client
+            .get(proxy.url("/"))
+            .header("x-ok", "a".repeat(4000))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert_eq!(b.hits(), 1, "rejected requests never reach the upstream");
+}
+
+#[tokio::test]
+async fn ambiguous_framing_and_dot_segments_get_400() {
+    common::init();
+    let b = Backend::start("b").await;
+    let proxy = proxy_to(&b, "").await;
+    let cases: [&[u8]; 4] = [
+        b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!",
+        b"GET /static/../admin HTTP/1.1\r\nHost: a\r\n\r\n",
+        b"GET /static/%2e%2e/admin HTTP/1.1\r\nHost: a\r\n\r\n",
+    ];
+    for request in cases {
+        let line = raw(proxy.http, request).await;
+        assert!(
+            line.starts_with("HTTP/1.1 400"),
+            "{:?} -> {line:?}",
+            String::from_utf8_lossy(request)
+        );
+    }
+    assert_eq!(b.hits(), 0, "nothing ambiguous was forwarded");
+    assert!(raw(
+        proxy.http,
+        b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
+    )
+    .await
+    .starts_with("HTTP/1.1 200"));
+}
+
+#[tokio::test]
+async fn bodies_over_the_route_limit_get_413() {
+    common::init();
+    let b = Backend::start("b").await;
+    let proxy = Proxy::start(&format!(
+        "[[routes]]\nname = \"all\"\nmax_body_bytes = \"1KiB\"\naction = {{ forward = \"p\" }}\n{}",
+        pool_toml("p", "round_robin", &[&b], "")
+    ))
+    .await;
+    let client = Proxy::http_client();
+    assert_eq!(
+        client
+            .post(proxy.url("/"))
+            .body(vec![b'x'; 2048])
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        413
+    );
+    assert_eq!(
+        client
+            .post(proxy.url("/"))
+            .body(vec![b'x'; 512])
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    let chunked = raw(proxy.http, format!("POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n800\r\n{}\r\n0\r\n\r\n", "y".repeat(2048)).as_bytes()).await;
+    assert!(
+        chunked.starts_with("HTTP/1.1 413"),
+        "a chunked body is counted as it streams: {chunked:?}"
+    );
+}
+
+#[tokio::test]
+async fn slow_headers_are_cut_at_the_deadline_while_others_are_served() {
+    common::init();
+    let b = Backend::start("b").await;
+    let proxy = proxy_to(&b, "[limits]\nheader_read_timeout = \"1s\"").await;
+    // A slowloris client: a valid start, then one header line every 200 ms, bounded to 50.
+    let addr = proxy.http;
+    let slow = tokio::spawn(async move {
+        let started = Instant::now();
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"GET / HTTP/1.1\r\nHost: a\r\n").await.unwrap();
+        for i in 0..50 {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            if s.write_all(format!("X-Slow-{i}: 1\r\n").as_bytes())
+                .await
+                .is_err()
+            {
+                break;
+            }
+            let mut buf = [0u8; 64];
+            if let Ok(Ok(0)) =
+                tokio::time::timeout(Duration::from_millis(1), s.read(&mut buf)).await
+            {
+                break;
+            }
+        }
+        started.elapsed()
+    });
+    // Meanwhile normal clients are served.
+    let client = Proxy::http_client();
+    for _ in 0..20 {
+        assert_eq!(
+            client.get(proxy.url("/")).send().await.unwrap().status(),
+            200
+        );
+    }
+    let held = slow.await.unwrap();
+    assert!(
+        held < Duration::from_secs(5),
+        "the slow client was cut after {held:?}, not kept for the whole trickle"
+    );
+    assert!(proxy.metric("rampart_header_read_timeouts_total").await >= 1.0);
+    assert_eq!(b.hits(), 20, "the slow request never reached the upstream");
+}
+
+#[tokio::test]
+async fn websocket_upgrades_pass_through() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    common::init();
+    let b = Backend::start("b").await;
+    let proxy = proxy_to(&b, "[limits]\nheader_read_timeout = \"1s\"").await;
+    let (mut ws, resp) = tokio_tungstenite::connect_async(format!("ws://{}/ws", proxy.http))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 101);
+    for i in 0..5 {
+        ws.send(Message::text(format!("hello {i}"))).await.unwrap();
+        assert_eq!(
+            ws.next().await.unwrap().unwrap(),
+            Message::text(format!("hello {i}"))
+        );
+    }
+    // Messages keep flowing after the header deadline: it only guards request headers.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    ws.send(Message::text("still open")).await.unwrap();
+    assert_eq!(
+        ws.next().await.unwrap().unwrap(),
+        Message::text("still open")
+    );
+}
