@@ -237,7 +237,14 @@ fn route(config: &Config, route: &Route, path: &FieldPath, out: &mut Vec<Issue>)
                 if known.is_empty() {
                     "define it under [pools.<name>]".to_string()
                 } else {
-                    format!("use one of {known:?} or define [pools.{pool}]")
+                    format!(
+                        "use one of {} or define [pools.{pool}]",
+                        known
+                            .iter()
+                            .map(|k| format!("{k:?}"))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    )
                 },
             ));
         }
@@ -416,6 +423,122 @@ fn health_check(hc: &HealthCheck, path: &FieldPath, out: &mut Vec<Issue>) {
                 format!("{} is not an HTTP status", p.expect_status),
                 "e.g. 200",
             ));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::{parse, LoadError};
+
+    fn issues(src: &str) -> Vec<String> {
+        match parse(src, "t.toml") {
+            Ok(_) => Vec::new(),
+            Err(LoadError::Invalid { issues, .. }) => issues
+                .iter()
+                .map(|i| format!("{}: {}", i.path, i.message))
+                .collect(),
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    const BASE: &str = "[listeners]\nhttps = \"127.0.0.1:8443\"\n";
+
+    #[test]
+    fn a_complete_config_is_valid() {
+        let src = format!(
+            "{BASE}[server]\ndefault_sni = \"a.test\"\n[[tls]]\nhosts = [\"a.test\", \"*.b.test\"]\nsource = {{ acme = {{ email = \"o@a.test\", challenge = \"dns-01\" }} }}\n\
+             [[routes]]\nname = \"r\"\nhosts = [\"a.test\"]\naction = {{ forward = \"p\" }}\n\
+             [pools.p]\nbalance = \"consistent_hash\"\nhash_key = \"cookie:sid\"\nendpoints = [{{ address = \"127.0.0.1:1\", weight = 5 }}]\n\
+             [pools.p.health_check]\nprobe = \"tcp\"\n"
+        );
+        assert_eq!(issues(&src), Vec::<String>::new());
+    }
+
+    #[test]
+    fn listener_tls_and_acme_rules() {
+        assert_eq!(
+            issues("[listeners]\nadmin = \"127.0.0.1:1\"\n"),
+            vec!["listeners: neither an http nor an https listener is set"]
+        );
+        let src = format!("{BASE}[server]\ndefault_sni = \"c.test\"\n[[tls]]\nhosts = [\"*.a.test\"]\nsource = {{ acme = {{ email = \"nope\" }} }}\n[[tls]]\nhosts = [\"*.a.test\"]\nsource = \"internal\"\n");
+        let got = issues(&src);
+        assert!(
+            got.contains(&"server.default_sni: no [[tls]] entry covers c.test".to_string()),
+            "{got:?}"
+        );
+        assert!(
+            got.contains(
+                &"tls[0].source.acme.email: \"nope\" is not an e-mail address".to_string()
+            ),
+            "{got:?}"
+        );
+        assert!(got.contains(&"tls[0].source.acme.challenge: wildcard certificates cannot be validated with http-01".to_string()), "{got:?}");
+        assert!(
+            got.contains(&"tls[1].hosts[0]: *.a.test is already covered by tls[0]".to_string()),
+            "{got:?}"
+        );
+    }
+
+    #[test]
+    fn https_redirect_needs_an_https_listener() {
+        let got = issues("[listeners]\nhttp = \"127.0.0.1:80\"\n[[routes]]\nname = \"r\"\nhttps_redirect = true\naction = { respond = { status = 700 } }\n");
+        assert_eq!(
+            got,
+            vec![
+                "routes[0].https_redirect: redirects to HTTPS but no https listener is configured",
+                "routes[0].action.respond.status: 700 is not an HTTP status"
+            ]
+        );
+    }
+
+    #[test]
+    fn pool_rules() {
+        let src = format!("{BASE}[pools.p]\nendpoints = [{{ address = \"127.0.0.1:1\" }}, {{ address = \"127.0.0.1:1\" }}]\nretries = {{ attempts = 50, on_status = [500] }}\n[pools.q]\n");
+        let got = issues(&src);
+        assert!(
+            got.contains(
+                &"pools.p.endpoints[1].address: 127.0.0.1:1 is already endpoints[0]".to_string()
+            ),
+            "{got:?}"
+        );
+        assert!(
+            got.contains(&"pools.p.retries.on_status[0]: 500 cannot be retried safely".to_string()),
+            "{got:?}"
+        );
+        assert!(
+            got.iter()
+                .any(|g| g.starts_with("pools.p.retries.attempts")),
+            "{got:?}"
+        );
+        assert!(
+            got.contains(&"pools.q.endpoints: the pool has no endpoints".to_string()),
+            "{got:?}"
+        );
+    }
+
+    #[test]
+    fn issues_point_at_their_lines() {
+        let err = parse(
+            "[listeners]\nhttp = \"127.0.0.1:80\"\n\n[pools.p]\nendpoints = []\n",
+            "t.toml",
+        )
+        .unwrap_err();
+        assert_eq!(err.to_string(), "t.toml:5:1: pools.p.endpoints: the pool has no endpoints (hint: add endpoints = [{ address = \"10.0.0.5:8080\" }])");
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn parsing_arbitrary_text_never_panics(src in "\\PC{0,300}") {
+            let _ = parse(&src, "fuzz.toml");
+        }
+
+        #[test]
+        fn parsing_arbitrary_toml_shapes_never_panics(key in "[a-z_]{1,12}", value in "[ -~]{0,40}") {
+            for section in ["server", "listeners", "limits", "forwarding", "pools.p", "pools.p.health_check"] {
+                let _ = parse(&format!("[{section}]\n{key} = {value}\n"), "fuzz.toml");
+                let _ = parse(&format!("[{section}]\n{key} = \"{}\"\n", value.replace('"', "")), "fuzz.toml");
+            }
         }
     }
 }

@@ -1,0 +1,196 @@
+//! The `rampart` command line: check, schema, and the quickstart path of `up`.
+#![allow(missing_docs, clippy::unwrap_used)]
+
+mod common;
+
+use std::process::Command;
+
+fn rampart(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_rampart"))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8(out.stdout).unwrap(),
+        String::from_utf8(out.stderr).unwrap(),
+    )
+}
+
+#[test]
+fn every_example_passes_check() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/examples");
+    let mut n = 0;
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "toml") {
+            let (code, out, err) = rampart(&["check", path.to_str().unwrap()]);
+            assert_eq!(code, 0, "{}: {out}{err}", path.display());
+            n += 1;
+        }
+    }
+    assert!(
+        n >= 4,
+        "quickstart, multi-site, weighted canary and sticky sessions: found {n}"
+    );
+}
+
+#[test]
+fn check_reports_every_error_with_position_path_and_hint() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("bad.toml");
+    std::fs::write(
+        &file,
+        r#"[listeners]
+http = "127.0.0.1:8080"
+
+[[routes]]
+name = "web"
+hosts = ["example.com", "*.example.com"]
+action = { forward = "wbe" }
+
+[[routes]]
+name = "web"
+path_prefix = "api"
+action = { redirect = { location = "https://example.net", status = 200 } }
+
+[pools.web]
+balance = "weighted"
+hash_key = "cookie:sid"
+endpoints = [{ address = "10.0.0.1:80", weight = 0 }]
+
+[pools.web.health_check]
+interval = "1s"
+timeout = "5s"
+"#,
+    )
+    .unwrap();
+    let (code, out, _) = rampart(&["check", file.to_str().unwrap()]);
+    assert_eq!(code, 1);
+    let f = file.display();
+    let expected = [
+        format!("{f}:7:12: routes[0].action.forward: pool \"wbe\" is not defined (hint: use one of \"web\" or define [pools.wbe])"),
+        format!("{f}:10:1: routes[1].name: route name \"web\" is also used by routes[0] (hint: give every route a unique name)"),
+        format!("{f}:11:1: routes[1].path_prefix: \"api\" is not a path prefix (hint: start it with '/' and leave out query and fragment, e.g. \"/api\")"),
+        format!("{f}:12:59: routes[1].action.redirect.status: 200 is not a redirect status (hint: use 301, 302, 303, 307 or 308)"),
+        format!("{f}:16:1: pools.web.hash_key: hash_key is only used by balance = \"consistent_hash\" (hint: remove hash_key or set balance = \"consistent_hash\")"),
+        format!("{f}:17:41: pools.web.endpoints[0].weight: 0 is outside 1..=1000 (hint: use a weight between 1 and 1000, or remove the endpoint to stop its traffic)"),
+        format!("{f}:21:1: pools.web.health_check.timeout: 5s must be > 0 and not longer than interval 1s (hint: e.g. interval = \"5s\", timeout = \"2s\")"),
+    ];
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(
+        lines,
+        expected.iter().map(String::as_str).collect::<Vec<_>>(),
+        "\n{out}"
+    );
+}
+
+#[test]
+fn check_reports_syntax_and_type_errors_with_position() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("bad.toml");
+    std::fs::write(&file, "[limits]\nheader_read_timeout = \"ten seconds\"\n").unwrap();
+    let (code, out, _) = rampart(&["check", file.to_str().unwrap()]);
+    assert_eq!(code, 1);
+    assert!(
+        out.starts_with(&format!(
+            "{}:2:23: invalid duration \"ten seconds\"",
+            file.display()
+        )),
+        "{out}"
+    );
+    std::fs::write(&file, "[listeners]\nhtp = \"0.0.0.0:80\"\n").unwrap();
+    let (_, out, _) = rampart(&["check", file.to_str().unwrap()]);
+    assert!(
+        out.contains(":2:1: unknown field `htp`") && out.contains("hint:"),
+        "{out}"
+    );
+}
+
+#[test]
+fn schema_describes_the_config() {
+    let (code, out, _) = rampart(&["schema"]);
+    assert_eq!(code, 0);
+    let schema: serde_json::Value = serde_json::from_str(&out).unwrap();
+    for section in [
+        "server",
+        "listeners",
+        "limits",
+        "forwarding",
+        "tls",
+        "routes",
+        "pools",
+    ] {
+        assert!(
+            schema["properties"][section].is_object(),
+            "{section} is in the schema"
+        );
+    }
+    assert!(out.contains("slowloris"), "field docs become descriptions");
+}
+
+#[tokio::test]
+async fn up_serves_the_welcome_page_over_https_with_the_internal_ca() {
+    common::init();
+    let dir = tempfile::tempdir().unwrap();
+    let (http, https, admin) = (
+        common::free_addr(),
+        common::free_addr(),
+        common::free_addr(),
+    );
+    // The quickstart as shipped, with free ports instead of 8080/8443/9900.
+    let quickstart = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/examples/quickstart.toml"
+    ))
+    .unwrap()
+    .replace("0.0.0.0:8080", &http.to_string())
+    .replace("0.0.0.0:8443", &https.to_string())
+    .replace("127.0.0.1:9900", &admin.to_string())
+    .replace("./rampart-data", dir.path().join("data").to_str().unwrap());
+    let file = dir.path().join("quickstart.toml");
+    std::fs::write(&file, quickstart).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_rampart"))
+        .args(["up", "--config", file.to_str().unwrap()])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let ca = dir.path().join("data/ca/ca.pem");
+    let body = common::eventually("the quickstart to answer over HTTPS", || async {
+        let pem = std::fs::read(&ca).ok()?;
+        let client = reqwest::Client::builder()
+            .tls_certs_only([reqwest::Certificate::from_pem(&pem).unwrap()])
+            .resolve("localhost", https)
+            .build()
+            .unwrap();
+        let r = client
+            .get(format!("https://localhost:{}/", https.port()))
+            .send()
+            .await
+            .ok()?;
+        r.text().await.ok()
+    })
+    .await;
+    assert!(body.contains("Rampart is running"), "{body}");
+    let r = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap()
+        .get(format!("http://{http}/x"))
+        .header("host", "localhost")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 308);
+    assert_eq!(
+        r.headers()["location"],
+        format!("https://localhost:{}/x", https.port())
+    );
+    child.kill().unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!("curl --cacert {}", ca.display())),
+        "it says where the CA is: {stderr}"
+    );
+}
