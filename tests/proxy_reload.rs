@@ -200,7 +200,7 @@ async fn reload_under_a_stream_of_requests_loses_none() {
     for w in workers {
         w.await.unwrap();
     }
-    let failed = failed.lock().unwrap();
+    let failed = failed.lock().unwrap().clone();
     assert!(
         failed.is_empty(),
         "{} failed requests, e.g. {:?}",

@@ -171,7 +171,7 @@ async fn certificates_swap_at_run_time_without_dropping_connections() {
     let body = format!("{tls}{RESPOND}");
     let proxy = Proxy::start(&body).await;
 
-    let mut old_conn = handshake(proxy.https, &[ca1.clone()], "swap.test", true)
+    let mut old_conn = handshake(proxy.https, std::slice::from_ref(&ca1), "swap.test", true)
         .await
         .expect("first certificate served");
     let ca2 = write_leaf(certs.path(), "swap.test", 2);

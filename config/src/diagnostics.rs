@@ -55,7 +55,7 @@ impl fmt::Display for FieldPath {
                     if k.bytes()
                         .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-') =>
                 {
-                    write!(f, ".{k}")?
+                    write!(f, ".{k}")?;
                 }
                 Seg::Key(k) => write!(f, ".{k:?}")?,
                 Seg::Index(i) => write!(f, "[{i}]")?,

@@ -51,24 +51,25 @@ pub fn run(live: Arc<Live>, options: ProxyOptions) -> anyhow::Result<()> {
     std::fs::create_dir_all(data_dir)
         .with_context(|| format!("creating data directory {}", data_dir.display()))?;
 
-    let mut conf = ServerConf::default();
-    conf.grace_period_seconds = Some(config.server.grace_period.0.as_secs_f64().ceil() as u64);
-    conf.graceful_shutdown_timeout_seconds =
-        Some(config.server.shutdown_timeout.0.as_secs_f64().ceil() as u64);
-    conf.threads = config
-        .server
-        .threads
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, usize::from));
-    conf.upgrade_sock = config
-        .server
-        .upgrade_socket
-        .clone()
-        .unwrap_or_else(|| data_dir.join("upgrade.sock"))
-        .display()
-        .to_string();
-    conf.pid_file = data_dir.join("rampart.pid").display().to_string();
-    // Our own retry policy decides; this is only Pingora's upper bound.
-    conf.max_retries = 11;
+    let conf = ServerConf {
+        grace_period_seconds: Some(ceil_secs(config.server.grace_period.0)),
+        graceful_shutdown_timeout_seconds: Some(ceil_secs(config.server.shutdown_timeout.0)),
+        threads: config
+            .server
+            .threads
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, usize::from)),
+        upgrade_sock: config
+            .server
+            .upgrade_socket
+            .clone()
+            .unwrap_or_else(|| data_dir.join("upgrade.sock"))
+            .display()
+            .to_string(),
+        pid_file: data_dir.join("rampart.pid").display().to_string(),
+        // Our own retry policy decides; this is only Pingora's upper bound.
+        max_retries: 11,
+        ..ServerConf::default()
+    };
     let opt = Opt {
         upgrade: options.upgrade,
         ..Opt::default()
@@ -136,6 +137,11 @@ pub fn run(live: Arc<Live>, options: ProxyOptions) -> anyhow::Result<()> {
     server.add_service(background_service("readiness", Readiness(live)));
     server.run(RunArgs::default());
     Ok(())
+}
+
+/// Whole seconds, rounded up (Pingora's shutdown settings are in seconds).
+fn ceil_secs(d: std::time::Duration) -> u64 {
+    d.as_secs() + u64::from(d.subsec_nanos() > 0)
 }
 
 /// Ready once the services run; not ready as soon as shutdown starts, so that load
