@@ -217,3 +217,55 @@ async fn reload_under_a_stream_of_requests_loses_none() {
         ok.load(Ordering::Relaxed)
     );
 }
+
+#[tokio::test]
+async fn in_flight_requests_finish_on_the_generation_they_started_on() {
+    common::init();
+    let (old, new) = (Backend::start("old").await, Backend::start("new").await);
+    let proxy = Proxy::start(&format!(
+        "{}{}",
+        forward_all("p"),
+        pool_toml("p", "round_robin", &[&old], "")
+    ))
+    .await;
+    let url = proxy.url("/slow/1500");
+    let slow = tokio::spawn(async move {
+        Proxy::http_client()
+            .get(url)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    });
+    eventually("the slow request to reach the old backend", || async {
+        (old.hits() == 1).then_some(())
+    })
+    .await;
+    // Swap to a configuration where the old backend no longer exists.
+    proxy
+        .reload(&format!(
+            "{}{}",
+            forward_all("q"),
+            pool_toml("q", "round_robin", &[&new], "")
+        ))
+        .await;
+    let client = Proxy::http_client();
+    assert_eq!(
+        client
+            .get(proxy.url("/"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap(),
+        "new"
+    );
+    assert_eq!(
+        slow.await.unwrap(),
+        "old",
+        "the request in flight finished on the old generation"
+    );
+}

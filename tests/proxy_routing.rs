@@ -403,3 +403,23 @@ async fn empty_pool_answers_503_with_retry_after() {
     .await;
     assert_eq!(r.headers()["retry-after"], "1");
 }
+
+#[tokio::test]
+async fn upstream_connections_are_reused() {
+    common::init();
+    let b = Backend::start("b").await;
+    let proxy = Proxy::start(&format!(
+        "[[routes]]\nname = \"all\"\naction = {{ forward = \"p\" }}\n{}",
+        pool_toml("p", "round_robin", &[&b], "")
+    ))
+    .await;
+    let client = Proxy::http_client();
+    for _ in 0..50 {
+        assert_eq!(get_body(&client, &proxy.url("/")).await.0, 200);
+    }
+    let connections = b.connections.load(Ordering::SeqCst);
+    assert!(
+        connections <= 2,
+        "50 sequential requests used {connections} upstream connections"
+    );
+}

@@ -60,6 +60,8 @@ pub struct Backend {
     pub name: String,
     pub addr: SocketAddr,
     pub hits: AtomicUsize,
+    /// TCP connections accepted (to see upstream keep-alive reuse).
+    pub connections: AtomicUsize,
     pub health_status: AtomicU16,
     pub fail_status: AtomicU16,
     pub methods: Mutex<Vec<String>>,
@@ -86,6 +88,7 @@ impl Backend {
                     return;
                 };
                 let Some(b) = weak.upgrade() else { return };
+                b.connections.fetch_add(1, Ordering::SeqCst);
                 tokio::spawn(async move {
                     let svc = hyper::service::service_fn(move |req| {
                         let b = b.clone();
@@ -101,6 +104,7 @@ impl Backend {
             name: name.to_string(),
             addr,
             hits: AtomicUsize::new(0),
+            connections: AtomicUsize::new(0),
             health_status: AtomicU16::new(200),
             fail_status: AtomicU16::new(0),
             methods: Mutex::new(Vec::new()),

@@ -227,10 +227,9 @@ mod tests {
         assert!(!raw_has_content_length(
             b"POST /content-length: HTTP/1.1\r\nHost: a\r\n\r\n"
         ));
-        let h = HeaderMap::new();
         let uri: Uri = "/".parse().unwrap();
         let raw = b"POST / HTTP/1.1\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n";
-        let mut te = h.clone();
+        let mut te = HeaderMap::new();
         te.insert("transfer-encoding", "chunked".parse().unwrap());
         let view = RequestView {
             method: &Method::POST,

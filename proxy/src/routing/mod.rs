@@ -234,7 +234,8 @@ mod tests {
     #[test]
     fn routing_matrix() {
         let r = Router::new(&routes(TABLE));
-        let cases: &[(&str, &str, &[(&str, &str)], Option<usize>)] = &[
+        type Case<'a> = (&'a str, &'a str, &'a [(&'a str, &'a str)], Option<usize>);
+        let cases: &[Case<'_>] = &[
             ("other.org", "/", &[], Some(0)),
             ("example.com", "/", &[], Some(1)),
             ("example.com", "/api", &[], Some(2)),
