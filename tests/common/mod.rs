@@ -245,7 +245,7 @@ impl Proxy {
 
     pub fn config_text(&self, body: &str) -> String {
         format!(
-            "[server]\ndata_dir = {:?}\ngrace_period = \"0s\"\nshutdown_timeout = \"1s\"\nthreads = 2\n{}\n\n[listeners]\nhttp = \"{}\"\nhttps = \"{}\"\nadmin = \"{}\"\n\n{body}\n",
+            "[server]\ndata_dir = {:?}\ngrace_period = \"0s\"\nshutdown_timeout = \"5s\"\nthreads = 2\n{}\n\n[listeners]\nhttp = \"{}\"\nhttps = \"{}\"\nadmin = \"{}\"\n\n{body}\n",
             self.dir.path().join("data"),
             self.server_extra,
             self.http,
@@ -259,6 +259,19 @@ impl Proxy {
         let tmp = self.dir.path().join("rampart.toml.tmp");
         std::fs::write(&tmp, self.config_text(body)).unwrap();
         std::fs::rename(&tmp, &self.config_path).unwrap();
+    }
+
+    /// Starts a second process on the same configuration with `--upgrade`: it takes
+    /// the listening sockets once this one gets SIGQUIT.
+    pub fn spawn_upgrade(&self) -> Child {
+        let log = std::fs::File::create(self.dir.path().join("rampart-upgrade.log")).unwrap();
+        Command::new(env!("CARGO_BIN_EXE_rampart"))
+            .args(["proxy", "--upgrade", "--config"])
+            .arg(&self.config_path)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap()
     }
 
     pub fn log(&self) -> String {
