@@ -8,11 +8,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{eventually, pool_toml, Backend, Proxy};
-
-fn forward_all(pool: &str) -> String {
-    format!("[[routes]]\nname = \"all\"\naction = {{ forward = \"{pool}\" }}\n")
-}
+use common::{eventually, forward_all, pool_toml, single_pool, Backend, Proxy};
 
 #[tokio::test]
 async fn reload_of_a_bad_file_keeps_serving() {
@@ -71,17 +67,8 @@ async fn reload_of_a_bad_file_keeps_serving() {
 async fn a_changed_file_is_reloaded_without_a_signal() {
     common::init();
     let (a, b) = (Backend::start("a").await, Backend::start("b").await);
-    let proxy = Proxy::start(&format!(
-        "{}{}",
-        forward_all("p"),
-        pool_toml("p", "round_robin", &[&a], "")
-    ))
-    .await;
-    proxy.write_config(&format!(
-        "{}{}",
-        forward_all("p"),
-        pool_toml("p", "round_robin", &[&b], "")
-    ));
+    let proxy = Proxy::start(&single_pool("round_robin", &[&a], "")).await;
+    proxy.write_config(&single_pool("round_robin", &[&b], ""));
     let client = Proxy::http_client();
     eventually("the edited file to take effect", || async {
         let body = client
@@ -222,12 +209,7 @@ async fn reload_under_a_stream_of_requests_loses_none() {
 async fn in_flight_requests_finish_on_the_generation_they_started_on() {
     common::init();
     let (old, new) = (Backend::start("old").await, Backend::start("new").await);
-    let proxy = Proxy::start(&format!(
-        "{}{}",
-        forward_all("p"),
-        pool_toml("p", "round_robin", &[&old], "")
-    ))
-    .await;
+    let proxy = Proxy::start(&single_pool("round_robin", &[&old], "")).await;
     let url = proxy.url("/slow/1500");
     let slow = tokio::spawn(async move {
         Proxy::http_client()

@@ -6,7 +6,7 @@ mod common;
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 
-use common::{eventually, pool_toml, Backend, Proxy};
+use common::{eventually, pool_toml, single_pool, Backend, Proxy};
 
 async fn get_body(client: &reqwest::Client, url: &str) -> (u16, String) {
     let r = client.get(url).send().await.unwrap();
@@ -102,11 +102,7 @@ action = {{ redirect = {{ location = "https://new.test", status = 301, keep_path
 async fn forwarding_headers_and_request_id_reach_the_upstream() {
     common::init();
     let b = Backend::start("b").await;
-    let proxy = Proxy::start(&format!(
-        "[[routes]]\nname = \"all\"\naction = {{ forward = \"p\" }}\n{}",
-        pool_toml("p", "round_robin", &[&b], "")
-    ))
-    .await;
+    let proxy = Proxy::start(&single_pool("round_robin", &[&b], "")).await;
     let r = Proxy::http_client()
         .get(proxy.url("/headers"))
         .header("host", "app.test")
@@ -408,11 +404,7 @@ async fn empty_pool_answers_503_with_retry_after() {
 async fn upstream_connections_are_reused() {
     common::init();
     let b = Backend::start("b").await;
-    let proxy = Proxy::start(&format!(
-        "[[routes]]\nname = \"all\"\naction = {{ forward = \"p\" }}\n{}",
-        pool_toml("p", "round_robin", &[&b], "")
-    ))
-    .await;
+    let proxy = Proxy::start(&single_pool("round_robin", &[&b], "")).await;
     let client = Proxy::http_client();
     for _ in 0..50 {
         assert_eq!(get_body(&client, &proxy.url("/")).await.0, 200);

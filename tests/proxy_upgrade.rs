@@ -8,17 +8,13 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{eventually, pool_toml, Backend, Proxy};
+use common::{eventually, single_pool, Backend, Proxy};
 
 #[tokio::test]
 async fn upgrade_hands_the_sockets_over_without_refusing_a_request() {
     common::init();
     let b = Backend::start("b").await;
-    let mut proxy = Proxy::start(&format!(
-        "[[routes]]\nname = \"all\"\naction = {{ forward = \"p\" }}\n{}",
-        pool_toml("p", "round_robin", &[&b], "")
-    ))
-    .await;
+    let mut proxy = Proxy::start(&single_pool("round_robin", &[&b], "")).await;
 
     let stop = Arc::new(AtomicBool::new(false));
     let ok = Arc::new(AtomicUsize::new(0));

@@ -79,42 +79,18 @@ pub fn run(live: Arc<Live>, options: ProxyOptions) -> anyhow::Result<()> {
     let server_conf = server.configuration.clone();
 
     if let Some(addr) = config.listeners.http {
-        let proxy = pingora::proxy::http_proxy(
-            &server_conf,
-            Edge::new(Scheme::Http, live.current.clone(), live.metrics.clone()),
-        );
-        let mut svc = Service::new(
-            "http".to_string(),
-            EdgeApp::new(
-                "http",
-                proxy,
-                None,
-                live.current.clone(),
-                live.metrics.clone(),
-            ),
-        );
-        svc.add_tcp(&addr.to_string());
-        server.add_service(svc);
+        server.add_service(edge_service(&server_conf, &live, Scheme::Http, None, addr));
     }
     if let Some(addr) = config.listeners.https {
         let resolver = Arc::new(SniResolver::new(live.current.clone(), live.metrics.clone()));
         let acceptor = Acceptor::from_server_config(server_config(resolver)?);
-        let proxy = pingora::proxy::http_proxy(
+        server.add_service(edge_service(
             &server_conf,
-            Edge::new(Scheme::Https, live.current.clone(), live.metrics.clone()),
-        );
-        let mut svc = Service::new(
-            "https".to_string(),
-            EdgeApp::new(
-                "https",
-                proxy,
-                Some(acceptor),
-                live.current.clone(),
-                live.metrics.clone(),
-            ),
-        );
-        svc.add_tcp(&addr.to_string());
-        server.add_service(svc);
+            &live,
+            Scheme::Https,
+            Some(acceptor),
+            addr,
+        ));
     }
     if let Some(addr) = config.listeners.admin {
         let mut svc = Service::new(
@@ -137,6 +113,26 @@ pub fn run(live: Arc<Live>, options: ProxyOptions) -> anyhow::Result<()> {
     server.add_service(background_service("readiness", Readiness(live)));
     server.run(RunArgs::default());
     Ok(())
+}
+
+/// A client-facing listener: the connection layer ([`EdgeApp`]) over Pingora's HTTP
+/// proxy running [`Edge`].
+fn edge_service(
+    conf: &Arc<ServerConf>,
+    live: &Live,
+    scheme: Scheme,
+    tls: Option<Acceptor>,
+    addr: std::net::SocketAddr,
+) -> Service<EdgeApp> {
+    let name = scheme.as_str();
+    let proxy = pingora::proxy::http_proxy(
+        conf,
+        Edge::new(scheme, live.current.clone(), live.metrics.clone()),
+    );
+    let app = EdgeApp::new(name, proxy, tls, live.current.clone(), live.metrics.clone());
+    let mut svc = Service::new(name.to_string(), app);
+    svc.add_tcp(&addr.to_string());
+    svc
 }
 
 /// Whole seconds, rounded up (Pingora's shutdown settings are in seconds).

@@ -388,7 +388,21 @@ impl Proxy {
     }
 }
 
-/// `hosts = [...]`, `action = { forward = ... }` route and a pool of `backends`.
+/// A catch-all route forwarding to `pool`.
+pub fn forward_all(pool: &str) -> String {
+    format!("[[routes]]\nname = \"all\"\naction = {{ forward = \"{pool}\" }}\n")
+}
+
+/// A catch-all route to a pool "p" of `backends`.
+pub fn single_pool(balance: &str, backends: &[&Arc<Backend>], extra: &str) -> String {
+    format!(
+        "{}{}",
+        forward_all("p"),
+        pool_toml("p", balance, backends, extra)
+    )
+}
+
+/// A pool `name` of `backends` with `extra` lines in its table.
 pub fn pool_toml(name: &str, balance: &str, backends: &[&Arc<Backend>], extra: &str) -> String {
     let endpoints: Vec<String> = backends
         .iter()

@@ -174,6 +174,14 @@ mod tests {
     use proptest::prelude::*;
     use std::time::Duration;
 
+    const ALL: [Balance; 5] = [
+        Balance::RoundRobin,
+        Balance::Weighted,
+        Balance::LeastConn,
+        Balance::ConsistentHash,
+        Balance::P2cEwma,
+    ];
+
     fn states(n: usize) -> Vec<Arc<EndpointState>> {
         (0..n).map(|_| Arc::new(EndpointState::default())).collect()
     }
@@ -216,13 +224,7 @@ mod tests {
         for st in &s {
             st.record_probe(false, 1, 1);
         }
-        for policy in [
-            Balance::RoundRobin,
-            Balance::Weighted,
-            Balance::LeastConn,
-            Balance::ConsistentHash,
-            Balance::P2cEwma,
-        ] {
+        for policy in ALL {
             let b = Balancer::new(policy, &[1, 1], &ids(2));
             assert_eq!(b.pick(&s, PickInput::default()), None, "{policy:?}");
         }
@@ -231,13 +233,7 @@ mod tests {
     #[test]
     fn retries_avoid_tried_endpoints_while_others_exist() {
         let s = states(3);
-        for policy in [
-            Balance::RoundRobin,
-            Balance::Weighted,
-            Balance::LeastConn,
-            Balance::ConsistentHash,
-            Balance::P2cEwma,
-        ] {
+        for policy in ALL {
             let b = Balancer::new(policy, &[1, 1, 1], &ids(3));
             for _ in 0..50 {
                 let input = PickInput {

@@ -9,7 +9,6 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use async_trait::async_trait;
 use pingora::server::ShutdownWatch;
@@ -156,10 +155,4 @@ pub async fn probe(addr: SocketAddr, probe: &Probe) -> anyhow::Result<()> {
         http.expect_status
     );
     Ok(())
-}
-
-/// How long the checker takes at most to notice a dead endpoint (for docs and tests).
-#[must_use]
-pub fn detection_time(check: &HealthCheck) -> Duration {
-    (check.interval.0 + check.timeout.0) * check.unhealthy_threshold
 }

@@ -136,20 +136,26 @@ impl AsyncRead for GuardedStream {
     }
 }
 
+impl GuardedStream {
+    /// A final response (not "100 Continue" or "101 Switching Protocols") ends the
+    /// message: the next bytes read belong to a new request.
+    fn on_write(&mut self, first_bytes: &[u8]) {
+        let Some(g) = self.guard.as_mut() else { return };
+        let response = first_bytes.starts_with(b"HTTP/1.");
+        let interim = first_bytes.get(9) == Some(&b'1');
+        if g.phase == Phase::Message && response && !interim {
+            g.phase = Phase::Idle;
+        }
+    }
+}
+
 impl AsyncWrite for GuardedStream {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        if let Some(g) = self.guard.as_mut() {
-            // A final response (not "100 Continue" or "101 Switching Protocols") ends the
-            // message; the next bytes read belong to a new request.
-            let interim = buf.len() >= 10 && buf.starts_with(b"HTTP/1.") && buf[9] == b'1';
-            if g.phase == Phase::Message && buf.starts_with(b"HTTP/1.") && !interim {
-                g.phase = Phase::Idle;
-            }
-        }
+        self.on_write(buf);
         Pin::new(&mut self.inner).poll_write(cx, buf)
     }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -164,13 +170,7 @@ impl AsyncWrite for GuardedStream {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         if let Some(first) = bufs.iter().find(|b| !b.is_empty()) {
-            if let Some(g) = self.guard.as_mut() {
-                let interim =
-                    first.len() >= 10 && first.starts_with(b"HTTP/1.") && first[9] == b'1';
-                if g.phase == Phase::Message && first.starts_with(b"HTTP/1.") && !interim {
-                    g.phase = Phase::Idle;
-                }
-            }
+            self.on_write(first);
         }
         Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
     }
