@@ -132,7 +132,16 @@ impl BackgroundService for ReloadService {
                 (None, mpsc::unbounded_channel().1)
             }
         };
+        // A file change is acted on once events have been quiet for SETTLE; a SIGHUP
+        // meanwhile is not held up by it.
+        let mut settle_until: Option<tokio::time::Instant> = None;
         loop {
+            let settled = async {
+                match settle_until {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
             let trigger = tokio::select! {
                 _ = shutdown.changed() => break,
                 _ = hup.recv() => {
@@ -141,8 +150,11 @@ impl BackgroundService for ReloadService {
                 }
                 Some(()) = changes.recv() => {
                     // Coalesce a burst of events (truncate + write + close, rename).
-                    tokio::time::sleep(SETTLE).await;
-                    while changes.try_recv().is_ok() {}
+                    settle_until = Some(tokio::time::Instant::now() + SETTLE);
+                    continue;
+                }
+                () = settled => {
+                    settle_until = None;
                     Trigger::FileChange
                 }
             };

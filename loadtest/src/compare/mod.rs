@@ -1,0 +1,474 @@
+//! `rampart-loadtest compare`: Rampart against nginx, HAProxy and Caddy on the same
+//! machine in the same run. Every target gets the same certificate, routes, keep-alive
+//! upstreams and worker count; the suite runs interleaved in rounds (each round runs
+//! every target once per test) so that machine noise hits all alike, and the report
+//! gives medians, CPU seconds per 100k requests (from /proc) and peak RSS.
+
+pub mod peers;
+mod report;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use serde::Serialize;
+
+use crate::client::{Target, Trust};
+use crate::procstat;
+use crate::run::{run, RunConfig, RunReport};
+use peers::{Cert, Kind, Running, Upstreams, HOST};
+
+/// Arguments of `compare`.
+#[derive(Debug, clap::Args)]
+pub struct CompareArgs {
+    /// Peers to compare with (found on PATH), comma-separated; "" for Rampart alone.
+    #[arg(long, default_value = "nginx,haproxy,caddy", value_delimiter = ',')]
+    pub peers: Vec<String>,
+    /// Rounds; each runs every test on every target once.
+    #[arg(long, default_value_t = 3)]
+    pub rounds: usize,
+    /// Duration of each measurement.
+    #[arg(long, value_parser = crate::parse_duration, default_value = "5s")]
+    pub duration: Duration,
+    /// Connections of the closed-loop tests.
+    #[arg(long, default_value_t = 32)]
+    pub connections: usize,
+    /// Rate of the open-loop tail-latency test (requests/s).
+    #[arg(long, default_value_t = 2000.0)]
+    pub rate: f64,
+    /// Worker processes/threads of every proxy.
+    #[arg(long, default_value_t = 1)]
+    pub workers: usize,
+    /// Idle keep-alive TLS connections held open to measure memory (0 skips).
+    #[arg(long, default_value_t = 10_000)]
+    pub idle_conns: usize,
+    /// The rampart binary (default: next to this one, then PATH).
+    #[arg(long)]
+    pub rampart: Option<PathBuf>,
+    /// Write the results as JSON.
+    #[arg(long)]
+    pub json: PathBuf,
+    /// Write the markdown table (and an SVG of latency curves beside it).
+    #[arg(long)]
+    pub markdown: PathBuf,
+}
+
+/// One test of the suite.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Test {
+    /// Plain HTTP/1.1 keep-alive.
+    Http,
+    /// HTTPS keep-alive.
+    HttpsKeepalive,
+    /// HTTPS, a new connection (full handshake) per request.
+    HttpsNewConn,
+    /// HTTP/2 over TLS.
+    H2,
+    /// 16 KiB response body over HTTP/1.1.
+    Body16k,
+    /// Open loop at a fixed rate over HTTPS keep-alive: tail latency.
+    OpenLoop,
+}
+
+impl Test {
+    const ALL: [Test; 6] = [
+        Test::Http,
+        Test::HttpsKeepalive,
+        Test::HttpsNewConn,
+        Test::H2,
+        Test::Body16k,
+        Test::OpenLoop,
+    ];
+
+    /// Name in reports.
+    #[must_use]
+    pub fn name(self) -> &'static str {
+        match self {
+            Test::Http => "http",
+            Test::HttpsKeepalive => "https-keepalive",
+            Test::HttpsNewConn => "https-new-conn",
+            Test::H2 => "h2",
+            Test::Body16k => "body-16k",
+            Test::OpenLoop => "open-loop",
+        }
+    }
+
+    fn needs_tls(self) -> bool {
+        matches!(
+            self,
+            Test::HttpsKeepalive | Test::HttpsNewConn | Test::H2 | Test::OpenLoop
+        )
+    }
+}
+
+/// One measurement.
+#[derive(Clone, Debug, Serialize)]
+pub struct Sample {
+    /// Round number.
+    pub round: usize,
+    /// Target.
+    pub target: Kind,
+    /// Test.
+    pub test: Test,
+    /// Load generator report.
+    pub report: RunReport,
+    /// CPU seconds the target used during the measurement.
+    pub cpu_s: f64,
+    /// CPU seconds per 100k successful requests.
+    pub cpu_per_100k: f64,
+}
+
+/// Everything `compare` measured.
+#[derive(Debug, Serialize)]
+pub struct Results {
+    /// When (UTC, RFC 3339-ish from the system clock).
+    pub date: String,
+    /// CPUs of the machine.
+    pub cpus: usize,
+    /// The arguments that matter.
+    pub command: String,
+    /// Version string per target.
+    pub versions: BTreeMap<String, String>,
+    /// Every measurement.
+    pub samples: Vec<Sample>,
+    /// Peak RSS (kB) per target over the run.
+    pub peak_rss_kb: BTreeMap<String, u64>,
+    /// RSS (kB) per target while holding the idle connections, and how many were open.
+    pub idle_rss_kb: BTreeMap<String, (u64, usize)>,
+}
+
+/// Runs `compare`.
+///
+/// # Errors
+/// When a target cannot be started or a file cannot be written.
+pub fn main(args: &CompareArgs) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let results = rt.block_on(compare(args))?;
+    std::fs::write(&args.json, serde_json::to_vec_pretty(&results)?)
+        .with_context(|| format!("writing {}", args.json.display()))?;
+    let svg = args.markdown.with_extension("svg");
+    report::latency_svg(&results, &svg)?;
+    let md = report::markdown(
+        &results,
+        svg.file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("latency.svg"),
+    );
+    std::fs::write(&args.markdown, &md)
+        .with_context(|| format!("writing {}", args.markdown.display()))?;
+    println!("{md}");
+    Ok(())
+}
+
+fn rampart_binary(args: &CompareArgs) -> PathBuf {
+    if let Some(p) = &args.rampart {
+        return p.clone();
+    }
+    let sibling = std::env::current_exe()
+        .ok()
+        .map(|p| p.with_file_name("rampart"));
+    sibling
+        .filter(|p| p.exists())
+        .unwrap_or_else(|| PathBuf::from("rampart"))
+}
+
+async fn compare(args: &CompareArgs) -> anyhow::Result<Results> {
+    let dir = tempfile::tempdir()?;
+    let cert = Cert::generate(dir.path())?;
+    let exe = std::env::current_exe()?;
+    let (small, small_backend) = spawn_backend(&exe, 13)?;
+    let (big, big_backend) = spawn_backend(&exe, 16 * 1024)?;
+    let up = Upstreams { small, big };
+    let rampart = rampart_binary(args);
+
+    let mut kinds = vec![Kind::Rampart];
+    for p in args.peers.iter().filter(|p| !p.is_empty()) {
+        kinds.push(Kind::peer(p)?);
+    }
+    let mut targets = Vec::new();
+    for kind in kinds {
+        let t = peers::start(kind, dir.path(), &up, &cert, args.workers, &rampart)?;
+        wait_ready(&t).await.with_context(|| {
+            format!(
+                "{} did not start; see {}",
+                kind.name(),
+                dir.path().join(kind.name()).join("stderr.log").display()
+            )
+        })?;
+        targets.push(t);
+    }
+    let mut versions: BTreeMap<String, String> = targets
+        .iter()
+        .map(|t| (t.kind.name().to_string(), t.version.clone()))
+        .collect();
+    versions.insert("direct".into(), "rampart-loadtest backend (hyper)".into());
+
+    let mut samples = Vec::new();
+    let trust = Trust::CaFile(cert.ca.clone());
+    for round in 0..args.rounds {
+        for test in Test::ALL {
+            // Rotate the order each round so no target always runs first.
+            let mut order: Vec<Option<&Running>> = std::iter::once(None)
+                .chain(targets.iter().map(Some))
+                .collect();
+            let n = order.len();
+            order.rotate_left(round % n);
+            for target in order {
+                let (kind, pid) = match target {
+                    // The direct backend speaks plain HTTP only.
+                    None if test.needs_tls() => continue,
+                    None if test == Test::Body16k => (Kind::Direct, big_backend.0.id()),
+                    None => (Kind::Direct, small_backend.0.id()),
+                    Some(t) => (t.kind, t.child.id()),
+                };
+                let cfg = run_config(args, test, target, &up, &trust)?;
+                let cpu_before = procstat::cpu_seconds(pid);
+                let started = Instant::now();
+                let (stats, elapsed) = run(cfg.clone()).await?;
+                let cpu_s = procstat::cpu_seconds(pid) - cpu_before;
+                let report = RunReport::new(
+                    &cfg,
+                    &format!("{} {}", kind.name(), test.name()),
+                    &stats,
+                    elapsed,
+                );
+                #[allow(clippy::cast_precision_loss)]
+                let cpu_per_100k = if stats.ok > 0 {
+                    cpu_s / stats.ok as f64 * 100_000.0
+                } else {
+                    f64::NAN
+                };
+                eprintln!("round {} {:>16} {:>8}: {:>9.0} req/s  p99 {:>8.3} ms  cpu/100k {:>6.2}s  errors {}  ({:.1}s)", round + 1, test.name(), kind.name(), report.rps, report.latency_ms.p99, cpu_per_100k, report.errors.total(), started.elapsed().as_secs_f64());
+                samples.push(Sample {
+                    round,
+                    target: kind,
+                    test,
+                    report,
+                    cpu_s,
+                    cpu_per_100k,
+                });
+            }
+        }
+    }
+    let mut peak_rss_kb: BTreeMap<String, u64> = targets
+        .iter()
+        .map(|t| {
+            (
+                t.kind.name().to_string(),
+                procstat::peak_rss_kb(t.child.id()),
+            )
+        })
+        .collect();
+    peak_rss_kb.insert("direct".into(), procstat::peak_rss_kb(small_backend.0.id()));
+    let mut idle_rss_kb = BTreeMap::new();
+    if args.idle_conns > 0 {
+        for t in &targets {
+            let (rss, open) = idle_rss(t, args.idle_conns, &cert).await;
+            eprintln!(
+                "{:>8}: {open} idle TLS connections, RSS {:.1} MB",
+                t.kind.name(),
+                rss as f64 / 1024.0
+            );
+            idle_rss_kb.insert(t.kind.name().to_string(), (rss, open));
+        }
+    }
+    Ok(Results {
+        date: now_utc(),
+        cpus: std::thread::available_parallelism().map_or(1, usize::from),
+        command: std::env::args().collect::<Vec<_>>().join(" "),
+        versions,
+        samples,
+        peak_rss_kb,
+        idle_rss_kb,
+    })
+}
+
+/// Kills a child process when dropped.
+struct ChildGuard(std::process::Child);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        // Best effort: it may have exited already.
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts `rampart-loadtest backend` as its own process (so its CPU is measured apart)
+/// and reads the address it bound from its first line of output.
+fn spawn_backend(
+    exe: &std::path::Path,
+    body_bytes: usize,
+) -> anyhow::Result<(SocketAddr, ChildGuard)> {
+    use std::io::BufRead;
+    let mut child = std::process::Command::new(exe)
+        .args([
+            "backend",
+            "--listen",
+            "127.0.0.1:0",
+            "--threads",
+            "1",
+            "--body-bytes",
+            &body_bytes.to_string(),
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
+    let stdout = child.stdout.take().context("backend stdout")?;
+    let guard = ChildGuard(child);
+    let mut line = String::new();
+    std::io::BufReader::new(stdout).read_line(&mut line)?;
+    let addr = line
+        .trim()
+        .strip_prefix("listening on ")
+        .context("the backend did not say where it listens")?
+        .parse()?;
+    Ok((addr, guard))
+}
+
+/// Waits until `t` answers a plain-HTTP request.
+async fn wait_ready(t: &Running) -> anyhow::Result<()> {
+    let target = Target {
+        addr: t.http,
+        host: HOST.into(),
+        authority: HOST.into(),
+        path: "/".into(),
+        tls: false,
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Ok(io) = crate::client::Transport::connect(&target, None).await {
+            let mut h1 = crate::client::H1::new(io);
+            let req = crate::client::h1_request(&target, &[], false);
+            if let Ok(Ok(ex)) =
+                tokio::time::timeout(Duration::from_secs(2), h1.exchange(&req)).await
+            {
+                if ex.status == 200 {
+                    return Ok(());
+                }
+            }
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "no answer on {} within 20 s",
+            t.http
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The load of `test` against `target` (`None`: the direct backend).
+fn run_config(
+    args: &CompareArgs,
+    test: Test,
+    target: Option<&Running>,
+    up: &Upstreams,
+    trust: &Trust,
+) -> anyhow::Result<RunConfig> {
+    let (addr, tls) = match target {
+        None if test == Test::Body16k => (up.big, false),
+        None => (up.small, false),
+        Some(t) if test.needs_tls() => (t.https.context("no HTTPS listener")?, true),
+        Some(t) => (t.http, false),
+    };
+    let path = if test == Test::Body16k && target.is_some() {
+        "/big"
+    } else {
+        "/"
+    };
+    Ok(RunConfig {
+        target: Target {
+            addr,
+            host: HOST.into(),
+            authority: HOST.into(),
+            path: path.into(),
+            tls,
+        },
+        connections: if test == Test::HttpsNewConn {
+            args.connections.min(16)
+        } else {
+            args.connections
+        },
+        rate: (test == Test::OpenLoop).then_some(args.rate),
+        duration: args.duration,
+        h2: test == Test::H2,
+        new_conn: test == Test::HttpsNewConn,
+        trust: trust.clone(),
+        headers: Vec::new(),
+        timeout: Duration::from_secs(10),
+        progress: false,
+        stop: None,
+    })
+}
+
+/// Opens up to `n` idle keep-alive TLS connections (each after one request) to `t` and
+/// reads its RSS while they are open. Returns (RSS kB, connections opened).
+async fn idle_rss(t: &Running, n: usize, cert: &Cert) -> (u64, usize) {
+    let Some(https) = t.https else { return (0, 0) };
+    let Ok(tls) = crate::client::tls_config(&Trust::CaFile(cert.ca.clone()), false, true) else {
+        return (0, 0);
+    };
+    let target = Target {
+        addr: https,
+        host: HOST.into(),
+        authority: HOST.into(),
+        path: "/".into(),
+        tls: true,
+    };
+    let req = crate::client::h1_request(&target, &[], false);
+    let mut open = Vec::with_capacity(n);
+    let mut batch = tokio::task::JoinSet::new();
+    for _ in 0..n {
+        let (target, tls, req) = (target.clone(), tls.clone(), req.clone());
+        batch.spawn(async move {
+            let io = crate::client::Transport::connect(&target, Some(&tls))
+                .await
+                .ok()?;
+            let mut h1 = crate::client::H1::new(io);
+            h1.exchange(&req).await.ok()?;
+            Some(h1)
+        });
+        // Bounded concurrency: at most 256 handshakes in flight.
+        if batch.len() >= 256 {
+            if let Some(Ok(Some(c))) = batch.join_next().await {
+                open.push(c);
+            }
+        }
+    }
+    while let Some(r) = batch.join_next().await {
+        if let Ok(Some(c)) = r {
+            open.push(c);
+        }
+    }
+    let rss = procstat::rss_kb(t.child.id());
+    (rss, open.len())
+}
+
+/// The current UTC time as "YYYY-MM-DD HH:MM:SS UTC".
+fn now_utc() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let days = i64::try_from(secs / 86_400).unwrap_or(0);
+    let rem = secs % 86_400;
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02} UTC",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}

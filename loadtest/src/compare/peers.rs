@@ -1,0 +1,397 @@
+//! The proxies under comparison: how to configure and start each one the same way
+//! (same certificate, same routes, keep-alive upstreams, access logs off, the same
+//! number of workers), and where it listens.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+use anyhow::Context;
+
+/// What every target serves: `/` from the small backend, `/big` from the 16 KiB one.
+#[derive(Clone, Debug)]
+pub struct Upstreams {
+    /// Backend with the small body.
+    pub small: SocketAddr,
+    /// Backend with the 16 KiB body.
+    pub big: SocketAddr,
+}
+
+/// The certificate every TLS listener serves (ECDSA P-256, for `bench.test`).
+#[derive(Clone, Debug)]
+pub struct Cert {
+    /// Leaf certificate PEM file.
+    pub cert: PathBuf,
+    /// Private key PEM file.
+    pub key: PathBuf,
+    /// Certificate followed by key, as HAProxy wants it.
+    pub combined: PathBuf,
+    /// CA (the self-signed leaf itself) for clients.
+    pub ca: PathBuf,
+}
+
+/// The SNI and Host used for TLS tests.
+pub const HOST: &str = "bench.test";
+
+impl Cert {
+    /// Generates a self-signed ECDSA P-256 certificate for [`HOST`] in `dir`.
+    ///
+    /// # Errors
+    /// When the files cannot be written.
+    pub fn generate(dir: &Path) -> anyhow::Result<Self> {
+        let key = rcgen::KeyPair::generate()?;
+        let cert = rcgen::CertificateParams::new(vec![HOST.to_string()])?.self_signed(&key)?;
+        let c = Cert {
+            cert: dir.join("cert.pem"),
+            key: dir.join("key.pem"),
+            combined: dir.join("combined.pem"),
+            ca: dir.join("cert.pem"),
+        };
+        std::fs::write(&c.cert, cert.pem())?;
+        std::fs::write(&c.key, key.serialize_pem())?;
+        std::fs::write(
+            &c.combined,
+            format!("{}{}", cert.pem(), key.serialize_pem()),
+        )?;
+        Ok(c)
+    }
+}
+
+/// A proxy (or the backend itself) under test.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    /// The backend without a proxy: the ceiling.
+    Direct,
+    /// Rampart.
+    Rampart,
+    /// nginx.
+    Nginx,
+    /// HAProxy.
+    Haproxy,
+    /// Caddy.
+    Caddy,
+}
+
+impl Kind {
+    /// Parses a peer name.
+    ///
+    /// # Errors
+    /// For an unknown name.
+    pub fn peer(name: &str) -> anyhow::Result<Self> {
+        match name {
+            "nginx" => Ok(Kind::Nginx),
+            "haproxy" => Ok(Kind::Haproxy),
+            "caddy" => Ok(Kind::Caddy),
+            _ => anyhow::bail!("unknown peer {name:?}: use nginx, haproxy or caddy"),
+        }
+    }
+
+    /// Display name.
+    #[must_use]
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Direct => "direct",
+            Kind::Rampart => "rampart",
+            Kind::Nginx => "nginx",
+            Kind::Haproxy => "haproxy",
+            Kind::Caddy => "caddy",
+        }
+    }
+
+    /// The executable looked up on PATH.
+    #[must_use]
+    pub fn binary(self) -> &'static str {
+        match self {
+            Kind::Haproxy => "haproxy",
+            Kind::Caddy => "caddy",
+            _ => "nginx",
+        }
+    }
+}
+
+/// A running target.
+pub struct Running {
+    /// Which one.
+    pub kind: Kind,
+    /// Plain HTTP address.
+    pub http: SocketAddr,
+    /// HTTPS address (`None` for the direct backend).
+    pub https: Option<SocketAddr>,
+    /// Its process (the one whose tree is measured).
+    pub child: Child,
+    /// Version string for the report.
+    pub version: String,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        // Best effort: the process may already be gone.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A loopback port that was free a moment ago.
+///
+/// # Errors
+/// When no port can be bound.
+pub fn free_port() -> anyhow::Result<SocketAddr> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?)
+}
+
+/// Writes the configuration of `kind` in `dir` and starts it with `workers` workers.
+///
+/// # Errors
+/// When the binary is missing or the process cannot start.
+pub fn start(
+    kind: Kind,
+    dir: &Path,
+    up: &Upstreams,
+    cert: &Cert,
+    workers: usize,
+    rampart: &Path,
+) -> anyhow::Result<Running> {
+    let (http, https) = (free_port()?, free_port()?);
+    let dir = dir.join(kind.name());
+    std::fs::create_dir_all(&dir)?;
+    let (mut cmd, version) = match kind {
+        Kind::Direct => anyhow::bail!("the direct backend is started by the caller"),
+        Kind::Rampart => {
+            let cfg = dir.join("rampart.toml");
+            std::fs::write(&cfg, rampart_config(&dir, http, https, up, cert, workers))?;
+            let mut c = Command::new(rampart);
+            c.args(["proxy", "--config"])
+                .arg(&cfg)
+                .env("RUST_LOG", "error");
+            (c, version_of(Command::new(rampart).arg("--version")))
+        }
+        Kind::Nginx => {
+            let cfg = dir.join("nginx.conf");
+            std::fs::write(&cfg, nginx_config(&dir, http, https, up, cert, workers))?;
+            let mut c = Command::new("nginx");
+            c.arg("-p").arg(&dir).arg("-c").arg(&cfg);
+            (c, version_of(Command::new("nginx").arg("-v")))
+        }
+        Kind::Haproxy => {
+            let cfg = dir.join("haproxy.cfg");
+            std::fs::write(&cfg, haproxy_config(http, https, up, cert, workers))?;
+            let mut c = Command::new("haproxy");
+            c.arg("-db").arg("-f").arg(&cfg);
+            (c, version_of(Command::new("haproxy").arg("-v")))
+        }
+        Kind::Caddy => {
+            let cfg = dir.join("Caddyfile");
+            std::fs::write(&cfg, caddy_config(http, https, up, cert))?;
+            let mut c = Command::new("caddy");
+            c.args(["run", "--adapter", "caddyfile", "--config"])
+                .arg(&cfg);
+            c.env("GOMAXPROCS", workers.to_string())
+                .env("XDG_DATA_HOME", &dir)
+                .env("XDG_CONFIG_HOME", &dir)
+                .env("HOME", &dir);
+            (c, version_of(Command::new("caddy").arg("version")))
+        }
+    };
+    let log = std::fs::File::create(dir.join("stderr.log"))?;
+    let child = cmd
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .with_context(|| format!("starting {} (is it installed?)", kind.binary()))?;
+    Ok(Running {
+        kind,
+        http,
+        https: Some(https),
+        child,
+        version,
+    })
+}
+
+fn version_of(cmd: &mut Command) -> String {
+    cmd.output()
+        .map(|o| {
+            let text = format!(
+                "{}{}",
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            );
+            text.lines().next().unwrap_or("").trim().to_string()
+        })
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+fn rampart_config(
+    dir: &Path,
+    http: SocketAddr,
+    https: SocketAddr,
+    up: &Upstreams,
+    cert: &Cert,
+    workers: usize,
+) -> String {
+    format!(
+        r#"[server]
+data_dir = {data:?}
+threads = {workers}
+grace_period = "0s"
+shutdown_timeout = "1s"
+
+[listeners]
+http = "{http}"
+https = "{https}"
+admin = "{admin}"
+
+[limits]
+max_connections = 100000
+
+[[tls]]
+hosts = ["{HOST}"]
+source = {{ files = {{ cert = {cert:?}, key = {key:?} }} }}
+
+[[routes]]
+name = "big"
+path_prefix = "/big"
+action = {{ forward = "big" }}
+
+[[routes]]
+name = "small"
+action = {{ forward = "small" }}
+
+[pools.small]
+endpoints = [{{ address = "{small}" }}]
+
+[pools.big]
+endpoints = [{{ address = "{big}" }}]
+"#,
+        data = dir.join("data"),
+        admin = free_port().map_or_else(|_| "127.0.0.1:0".to_string(), |a| a.to_string()),
+        cert = cert.cert,
+        key = cert.key,
+        small = up.small,
+        big = up.big,
+    )
+}
+
+fn nginx_config(
+    dir: &Path,
+    http: SocketAddr,
+    https: SocketAddr,
+    up: &Upstreams,
+    cert: &Cert,
+    workers: usize,
+) -> String {
+    let d = dir.display();
+    format!(
+        r"daemon off;
+master_process on;
+worker_processes {workers};
+pid {d}/nginx.pid;
+error_log {d}/error.log crit;
+worker_rlimit_nofile 100000;
+events {{ worker_connections 60000; }}
+http {{
+  access_log off;
+  client_body_temp_path {d}/body;
+  proxy_temp_path {d}/proxy;
+  fastcgi_temp_path {d}/fastcgi;
+  uwsgi_temp_path {d}/uwsgi;
+  scgi_temp_path {d}/scgi;
+  keepalive_requests 1000000;
+  upstream small {{ server {small}; keepalive 128; }}
+  upstream big {{ server {big}; keepalive 128; }}
+  server {{
+    listen {http};
+    listen {https} ssl http2;
+    server_name {HOST};
+    ssl_certificate {cert};
+    ssl_certificate_key {key};
+    ssl_protocols TLSv1.2 TLSv1.3;
+    proxy_http_version 1.1;
+    proxy_set_header Connection '';
+    proxy_buffering on;
+    location / {{ proxy_pass http://small; }}
+    location /big {{ proxy_pass http://big; }}
+  }}
+}}
+",
+        small = up.small,
+        big = up.big,
+        cert = cert.cert.display(),
+        key = cert.key.display(),
+    )
+}
+
+fn haproxy_config(
+    http: SocketAddr,
+    https: SocketAddr,
+    up: &Upstreams,
+    cert: &Cert,
+    workers: usize,
+) -> String {
+    format!(
+        r"global
+  nbthread {workers}
+  maxconn 100000
+  ssl-default-bind-options ssl-min-ver TLSv1.2
+defaults
+  mode http
+  timeout connect 5s
+  timeout client 60s
+  timeout server 60s
+  timeout http-keep-alive 60s
+  option http-keep-alive
+frontend fe
+  bind {http}
+  bind {https} ssl crt {combined} alpn h2,http/1.1
+  acl big path_beg /big
+  use_backend big if big
+  default_backend small
+backend small
+  http-reuse always
+  server s1 {small}
+backend big
+  http-reuse always
+  server s1 {big}
+",
+        combined = cert.combined.display(),
+        small = up.small,
+        big = up.big,
+    )
+}
+
+fn caddy_config(http: SocketAddr, https: SocketAddr, up: &Upstreams, cert: &Cert) -> String {
+    format!(
+        r"{{
+  admin off
+  auto_https off
+}}
+http://:{hport} {{
+  bind {hip}
+  handle /big* {{
+    reverse_proxy {big}
+  }}
+  handle {{
+    reverse_proxy {small}
+  }}
+}}
+https://{HOST}:{sport} {{
+  bind {sip}
+  tls {cert} {key}
+  handle /big* {{
+    reverse_proxy {big}
+  }}
+  handle {{
+    reverse_proxy {small}
+  }}
+}}
+",
+        hport = http.port(),
+        hip = http.ip(),
+        sport = https.port(),
+        sip = https.ip(),
+        cert = cert.cert.display(),
+        key = cert.key.display(),
+        small = up.small,
+        big = up.big,
+    )
+}
