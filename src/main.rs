@@ -7,6 +7,11 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use rampart_config::{Config, LoadError};
 
+/// mimalloc: the proxy allocates many short-lived buffers per request; glibc malloc
+/// showed up at ~7% of proxy CPU in profiles, mimalloc's thread-local pages avoid most of it.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// The quickstart configuration `rampart up` runs when given no file.
 const QUICKSTART: &str = include_str!("../examples/quickstart.toml");
 

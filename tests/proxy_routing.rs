@@ -415,3 +415,54 @@ async fn upstream_connections_are_reused() {
         "50 sequential requests used {connections} upstream connections"
     );
 }
+
+/// A raw upstream that answers the first request on each connection (keep-alive) and
+/// closes the connection on the second without answering: what a backend that crashed
+/// or timed out an idle connection looks like to a pooled upstream connection.
+async fn one_shot_upstream() -> std::net::SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 4096];
+                let mut seen = Vec::new();
+                while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+                    let Ok(n) = s.read(&mut buf).await else {
+                        return;
+                    };
+                    if n == 0 {
+                        return;
+                    }
+                    seen.extend_from_slice(&buf[..n]);
+                }
+                let _ = s
+                    .write_all(
+                        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: keep-alive\r\n\r\nok",
+                    )
+                    .await;
+                // Wait for the next request, then drop the connection without answering.
+                let _ = s.read(&mut buf).await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn a_reused_upstream_connection_that_was_closed_is_retried() {
+    common::init();
+    let upstream = one_shot_upstream().await;
+    let proxy = Proxy::start(&format!("[[routes]]\nname = \"all\"\naction = {{ forward = \"p\" }}\n[pools.p]\nendpoints = [{{ address = \"{upstream}\" }}]\n")).await;
+    let client = Proxy::http_client();
+    for i in 0..10 {
+        let r = client.get(proxy.url("/")).send().await.unwrap();
+        assert_eq!(r.status(), 200, "request {i}");
+        assert_eq!(r.text().await.unwrap(), "ok");
+    }
+    assert!(!proxy.log().contains("panicked"), "{}", proxy.log());
+}

@@ -46,6 +46,10 @@ pub enum ScenarioCommand {
         /// Number of replacements.
         #[arg(long, default_value_t = 10)]
         cycles: usize,
+        /// Time under load before each replacement, so every backend carries traffic
+        /// when it is killed.
+        #[arg(long, value_parser = crate::parse_duration, default_value = "1s")]
+        interval: Duration,
         /// Client connections.
         #[arg(long, default_value_t = 8)]
         connections: usize,
@@ -82,12 +86,14 @@ pub fn main(cmd: ScenarioCommand) -> anyhow::Result<()> {
         ),
         ScenarioCommand::BackendChurn {
             cycles,
+            interval,
             connections,
             rampart,
             json,
         } => (
             serde_json::to_value(rt.block_on(backend_churn(
                 cycles,
+                interval,
                 connections,
                 &rampart_binary(rampart),
             ))?)?,
@@ -200,32 +206,38 @@ impl Proxy {
         Ok(())
     }
 
-    /// GET on the admin listener (blocking, tiny responses).
-    fn admin_get(&self, path: &str) -> anyhow::Result<String> {
-        use std::io::{Read, Write};
-        let mut s = std::net::TcpStream::connect_timeout(&self.admin, Duration::from_secs(2))?;
-        s.set_read_timeout(Some(Duration::from_secs(5)))?;
-        write!(
-            s,
-            "GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n"
-        )?;
-        let mut out = String::new();
-        s.read_to_string(&mut out)?;
+    /// GET on the admin listener (tiny responses, connection closed after each).
+    async fn admin_get(&self, path: &str) -> anyhow::Result<String> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let exchange = async {
+            let mut s = tokio::net::TcpStream::connect(self.admin).await?;
+            s.write_all(
+                format!("GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n")
+                    .as_bytes(),
+            )
+            .await?;
+            let mut out = String::new();
+            s.read_to_string(&mut out).await?;
+            anyhow::Ok(out)
+        };
+        let out = tokio::time::timeout(Duration::from_secs(5), exchange)
+            .await
+            .context("admin API did not answer in 5 s")??;
         Ok(out
             .split_once("\r\n\r\n")
             .map(|(_, b)| b.to_string())
             .unwrap_or_default())
     }
 
-    fn version(&self) -> anyhow::Result<u64> {
-        let status: serde_json::Value = serde_json::from_str(&self.admin_get("/status")?)?;
+    async fn version(&self) -> anyhow::Result<u64> {
+        let status: serde_json::Value = serde_json::from_str(&self.admin_get("/status").await?)?;
         status["version"].as_u64().context("no version in /status")
     }
 
     async fn wait_version_above(&self, v: u64) -> anyhow::Result<u64> {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            if let Ok(now) = self.version() {
+            if let Ok(now) = self.version().await {
                 if now > v {
                     return Ok(now);
                 }
@@ -285,7 +297,7 @@ fn variant(i: usize, backends: &[SocketAddr], certs: &[(PathBuf, PathBuf); 2]) -
             .join(", ")
     };
     let tls = format!("[[tls]]\nhosts = [\"swap.test\"]\nsource = {{ files = {{ cert = {cert:?}, key = {key:?} }} }}\n");
-    if i % 2 == 0 {
+    if i.is_multiple_of(2) {
         format!("{tls}\n[[routes]]\nname = \"main\"\nhosts = [\"swap.test\"]\naction = {{ forward = \"alpha\" }}\n\n[pools.alpha]\nbalance = \"round_robin\"\nendpoints = [{}]\n", ep(&[0, 1]))
     } else {
         format!(
@@ -339,6 +351,7 @@ async fn wait_ready(proxy: &Proxy) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(20);
     while proxy
         .admin_get("/ready")
+        .await
         .map_or(true, |b| !b.starts_with("ready"))
     {
         anyhow::ensure!(Instant::now() < deadline, "rampart did not become ready");
@@ -382,7 +395,7 @@ async fn swap_under_load(
     )));
     let fresh = tokio::spawn(run(load_config(&proxy, Some(&ca), 2, true, &stop)));
     let mut swap_ms = Vec::with_capacity(swaps);
-    let mut version = proxy.version()?;
+    let mut version = proxy.version().await?;
     for i in 1..=swaps {
         proxy.write(dir.path(), &variant(i, &backends, &certs))?;
         let t = Instant::now();
@@ -487,6 +500,7 @@ fn churn_config(backends: &[BackendProcess]) -> String {
 
 async fn backend_churn(
     cycles: usize,
+    interval: Duration,
     connections: usize,
     rampart: &Path,
 ) -> anyhow::Result<ChurnReport> {
@@ -498,15 +512,16 @@ async fn backend_churn(
     wait_ready(&proxy).await?;
     let stop = Arc::new(AtomicBool::new(false));
     let load = tokio::spawn(run(load_config(&proxy, None, connections, false, &stop)));
-    let mut version = proxy.version()?;
+    let mut version = proxy.version().await?;
     let mut to_traffic = Vec::with_capacity(cycles);
     for i in 0..cycles {
-        // The oldest backend dies without warning...
+        tokio::time::sleep(interval).await;
+        // The oldest backend dies without warning (SIGKILL)...
         let mut dead = backends.remove(0);
         dead.child.kill()?;
-        dead.child.wait()?;
+        tokio::task::spawn_blocking(move || dead.child.wait()).await??;
         // ...a replacement starts, and the configuration is updated to name it.
-        backends.push(BackendProcess::start()?);
+        backends.push(tokio::task::spawn_blocking(BackendProcess::start).await??);
         let new_addr = backends[backends.len() - 1].addr.to_string();
         proxy.write(dir.path(), &churn_config(&backends))?;
         let t = Instant::now();
@@ -514,7 +529,8 @@ async fn backend_churn(
         version = proxy.wait_version_above(version).await?;
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            let status: serde_json::Value = serde_json::from_str(&proxy.admin_get("/status")?)?;
+            let status: serde_json::Value =
+                serde_json::from_str(&proxy.admin_get("/status").await?)?;
             let served = status["pools"]["app"]["endpoints"]
                 .as_array()
                 .into_iter()

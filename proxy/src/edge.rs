@@ -16,7 +16,7 @@ use http::header::{HeaderValue, CONTENT_LENGTH, CONTENT_TYPE, HOST, LOCATION};
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::HttpPeer;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
-use pingora::{Error, ErrorSource, ErrorType, Result};
+use pingora::{Error, ErrorSource, ErrorType, Result, RetryType};
 use rampart_config::{Action, HashKey};
 
 use crate::balance::PickInput;
@@ -24,7 +24,7 @@ use crate::generation::{remaining, Generation, PoolRt, RouteRt};
 use crate::headers::{hop_by_hop, is_upgrade, valid_request_id};
 use crate::health::{now_ms, InflightGuard};
 use crate::limits::{check_request, content_length, Rejection, RequestView};
-use crate::metrics::{status_class, Metrics};
+use crate::metrics::Metrics;
 use crate::routing::RouteRequest;
 
 /// Which listener a request came in on.
@@ -273,11 +273,15 @@ impl ProxyHttp for Edge {
                 "timeouts.total exhausted before an upstream answered",
             );
         }
-        let key_hash = hash_key(&pool.hash_key, session.req_header(), ctx.client_ip);
+        // Only consistent hashing reads the key; skip the hashing for other policies.
+        let key_hash = pool
+            .balancer
+            .uses_key()
+            .then(|| hash_key(&pool.hash_key, session.req_header(), ctx.client_ip));
         let Some(idx) = pool.balancer.pick(
             &pool.states,
             PickInput {
-                key_hash: Some(key_hash),
+                key_hash,
                 tried: &ctx.tried,
                 now_ms: now_ms(),
             },
@@ -348,10 +352,7 @@ impl ProxyHttp for Edge {
         let status = resp.status.as_u16();
         if let (Some(idx), Some(started)) = (ctx.endpoint, ctx.upstream_started) {
             let ttfb = started.elapsed();
-            self.metrics
-                .upstream_ttfb
-                .with_label_values(&[pool.name.as_str()])
-                .observe(ttfb.as_secs_f64());
+            pool.ttfb.observe(ttfb.as_secs_f64());
             pool.states[idx].observe_latency(ttfb, now_ms());
         }
         if pool.retries.on_status.contains(&status) && status_retry_allowed(session, ctx, &pool) {
@@ -449,18 +450,20 @@ impl ProxyHttp for Edge {
         } else {
             "error"
         };
-        // A stale pooled connection closed by the upstream is not the endpoint's fault.
-        if !(client_reused && e.retry.retry()) {
+        // A pooled connection that the upstream had already closed is not the endpoint's
+        // fault. (`RetryType::retry()` panics while undecided: match, do not call it.)
+        let stale_pooled = client_reused && matches!(e.retry, RetryType::ReusedOnly);
+        if !stale_pooled {
             self.record_failure(ctx, &pool, kind);
         }
+        // An idempotent request without a body can go to another endpoint after a
+        // reset or timeout, as long as nothing of the response reached the client yet.
         let safe = session.req_header().method.is_idempotent()
             && ctx.body_bytes == 0
-            && !session.as_ref().retry_buffer_truncated();
-        if safe && ctx.attempts <= pool.retries.attempts {
-            e.retry.decide_reuse(client_reused);
-        } else {
-            e.set_retry(false);
-        }
+            && !session.as_ref().retry_buffer_truncated()
+            && session.response_written().is_none()
+            && !is_upgrade(&session.req_header().headers);
+        e.set_retry(safe && ctx.attempts <= pool.retries.attempts);
         e
     }
 
@@ -471,6 +474,9 @@ impl ProxyHttp for Edge {
         ctx: &mut RequestCtx,
     ) -> FailToProxy {
         let code = error_status(e);
+        // The connection is not reused after a failure; say so (Connection: close) so
+        // that keep-alive clients do not send their next request into a closing socket.
+        session.set_keepalive(None);
         if code > 0 && session.response_written().is_none() {
             let reason = http::StatusCode::from_u16(code)
                 .ok()
@@ -494,16 +500,12 @@ impl ProxyHttp for Edge {
             .response_written()
             .map_or_else(|| e.map_or(0, error_status), |r| r.status.as_u16());
         ctx.inflight = None;
-        let (route, pool) = ctx.labels();
-        self.metrics
-            .requests
-            .with_label_values(&[route, pool, status_class(status)])
-            .inc();
-        self.metrics
-            .request_duration
-            .with_label_values(&[route])
-            .observe(ctx.started.elapsed().as_secs_f64());
+        let metrics = ctx
+            .route()
+            .map_or(&ctx.generation.unrouted_metrics, |r| &r.metrics);
+        metrics.observe(status, ctx.started.elapsed().as_secs_f64());
         if let Some(e) = e {
+            let (route, pool) = ctx.labels();
             tracing::debug!(route, pool, status, "request failed: {e}");
         }
     }

@@ -22,6 +22,7 @@ use crate::balance::Balancer;
 use crate::headers::ForwardingPolicy;
 use crate::health::{EjectPolicy, EndpointState};
 use crate::limits::HeaderLimits;
+use crate::metrics::{Metrics, RequestMetrics};
 use crate::routing::Router;
 use crate::tls::internal_ca::InternalCa;
 use crate::tls::{files, CertSet, LoadedCert};
@@ -47,6 +48,8 @@ pub struct Generation {
     pub header_limits: HeaderLimits,
     /// Port of the HTTPS listener, for redirects.
     pub https_port: Option<u16>,
+    /// Metrics of requests that matched no route.
+    pub unrouted_metrics: RequestMetrics,
 }
 
 /// A route ready for serving.
@@ -62,6 +65,8 @@ pub struct RouteRt {
     pub https_redirect: bool,
     /// Body size limit in bytes.
     pub max_body: u64,
+    /// This route's request metrics.
+    pub metrics: RequestMetrics,
 }
 
 /// A pool ready for serving.
@@ -85,6 +90,8 @@ pub struct PoolRt {
     pub retries: Retries,
     /// Active health check, if configured.
     pub health_check: Option<HealthCheck>,
+    /// Upstream time-to-first-byte histogram of this pool.
+    pub ttfb: prometheus::Histogram,
 }
 
 /// An endpoint ready for serving.
@@ -105,15 +112,18 @@ pub struct EndpointRt {
 pub struct Builder {
     data_dir: PathBuf,
     ca: Mutex<Option<Arc<InternalCa>>>,
+    metrics: Arc<Metrics>,
 }
 
 impl Builder {
-    /// A builder whose internal CA lives under `data_dir`.
+    /// A builder whose internal CA lives under `data_dir`, registering generations'
+    /// metric handles in `metrics`.
     #[must_use]
-    pub fn new(data_dir: PathBuf) -> Self {
+    pub fn new(data_dir: PathBuf, metrics: Arc<Metrics>) -> Self {
         Self {
             data_dir,
             ca: Mutex::new(None),
+            metrics,
         }
     }
 
@@ -150,12 +160,15 @@ impl Builder {
     ) -> anyhow::Result<Generation> {
         let mut pools = BTreeMap::new();
         for (name, pool) in &config.pools {
-            pools.insert(name.clone(), Arc::new(build_pool(name, pool, prev)?));
+            pools.insert(
+                name.clone(),
+                Arc::new(build_pool(name, pool, prev, &self.metrics)?),
+            );
         }
         let routes = config
             .routes
             .iter()
-            .map(|r| build_route(r, &config, &pools))
+            .map(|r| build_route(r, &config, &pools, &self.metrics))
             .collect();
         let certs = self.build_certs(&config)?;
         let forwarding = ForwardingPolicy {
@@ -176,6 +189,7 @@ impl Builder {
             forwarding,
             header_limits,
             https_port: config.listeners.https.map(|a| a.port()),
+            unrouted_metrics: RequestMetrics::new(&self.metrics, "", ""),
             config: Arc::new(config),
         })
     }
@@ -220,6 +234,7 @@ fn build_pool(
     name: &str,
     pool: &rampart_config::Pool,
     prev: Option<&Generation>,
+    metrics: &Metrics,
 ) -> anyhow::Result<PoolRt> {
     let previous = prev.and_then(|g| g.pools.get(name));
     let mut endpoints = Vec::with_capacity(pool.endpoints.len());
@@ -253,14 +268,25 @@ fn build_pool(
         timeouts: pool.timeouts.clone(),
         retries: pool.retries.clone(),
         health_check: pool.health_check.clone(),
+        ttfb: metrics.upstream_ttfb.with_label_values(&[name]),
     })
 }
 
-fn build_route(route: &Route, config: &Config, pools: &BTreeMap<String, Arc<PoolRt>>) -> RouteRt {
+fn build_route(
+    route: &Route,
+    config: &Config,
+    pools: &BTreeMap<String, Arc<PoolRt>>,
+    metrics: &Metrics,
+) -> RouteRt {
     let pool = match &route.action {
         Action::Forward(p) => pools.get(p).cloned(),
         _ => None,
     };
+    let metrics = RequestMetrics::new(
+        metrics,
+        &route.name,
+        pool.as_ref().map_or("", |p| p.name.as_str()),
+    );
     RouteRt {
         name: route.name.clone(),
         action: route.action.clone(),
@@ -270,6 +296,7 @@ fn build_route(route: &Route, config: &Config, pools: &BTreeMap<String, Arc<Pool
             .max_body_bytes
             .unwrap_or(config.limits.max_body_bytes)
             .0,
+        metrics,
     }
 }
 

@@ -51,8 +51,8 @@ impl Live {
     /// # Errors
     /// When the configuration cannot be built (see [`Builder::build`]).
     pub fn start(config: Config) -> anyhow::Result<Arc<Self>> {
-        let builder = Builder::new(config.server.data_dir.clone());
         let metrics = Arc::new(Metrics::new());
+        let builder = Builder::new(config.server.data_dir.clone(), metrics.clone());
         let first = builder.build(config, 1, None)?;
         metrics.config_version.set(1);
         let (changes, _) = watch::channel(1);

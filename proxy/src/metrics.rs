@@ -119,6 +119,48 @@ impl Metrics {
     }
 }
 
+/// Status classes, in the order of [`RequestMetrics::by_class`].
+const CLASSES: [&str; 6] = ["1xx", "2xx", "3xx", "4xx", "5xx", "other"];
+
+/// The request metrics of one route, resolved once per generation so that the request
+/// path only increments (no label hashing or registry locks per request).
+#[derive(Clone)]
+pub struct RequestMetrics {
+    by_class: [IntCounter; 6],
+    duration: Histogram,
+}
+
+impl std::fmt::Debug for RequestMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RequestMetrics")
+    }
+}
+
+impl RequestMetrics {
+    /// The handles for `route` and `pool` ("" when none).
+    #[must_use]
+    pub fn new(metrics: &Metrics, route: &str, pool: &str) -> Self {
+        Self {
+            by_class: CLASSES.map(|c| metrics.requests.with_label_values(&[route, pool, c])),
+            duration: metrics.request_duration.with_label_values(&[route]),
+        }
+    }
+
+    /// Counts a finished request.
+    pub fn observe(&self, status: u16, seconds: f64) {
+        let class = match status {
+            100..=199 => 0,
+            200..=299 => 1,
+            300..=399 => 2,
+            400..=499 => 3,
+            500..=599 => 4,
+            _ => 5,
+        };
+        self.by_class[class].inc();
+        self.duration.observe(seconds);
+    }
+}
+
 /// "2xx", "4xx", ... for a status code.
 #[must_use]
 pub fn status_class(status: u16) -> &'static str {

@@ -68,6 +68,7 @@ pub fn run(live: Arc<Live>, options: ProxyOptions) -> anyhow::Result<()> {
         pid_file: data_dir.join("rampart.pid").display().to_string(),
         // Our own retry policy decides; this is only Pingora's upper bound.
         max_retries: 11,
+        work_stealing: config.server.work_stealing,
         ..ServerConf::default()
     };
     let opt = Opt {

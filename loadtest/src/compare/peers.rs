@@ -287,7 +287,7 @@ master_process on;
 worker_processes {workers};
 pid {d}/nginx.pid;
 error_log {d}/error.log crit;
-worker_rlimit_nofile 100000;
+worker_rlimit_nofile 19000;
 events {{ worker_connections 60000; }}
 http {{
   access_log off;
@@ -331,7 +331,8 @@ fn haproxy_config(
     format!(
         r"global
   nbthread {workers}
-  maxconn 100000
+  # 2 descriptors per connection must fit the usual 20k open-files limit.
+  maxconn 9500
   ssl-default-bind-options ssl-min-ver TLSv1.2
 defaults
   mode http

@@ -62,6 +62,12 @@ impl Balancer {
         }
     }
 
+    /// Whether picks depend on the request's key (consistent hashing).
+    #[must_use]
+    pub fn uses_key(&self) -> bool {
+        matches!(self.policy, Compiled::ConsistentHash(_))
+    }
+
     /// Picks an endpoint index, or `None` when no endpoint is available.
     #[must_use]
     pub fn pick(&self, states: &[Arc<EndpointState>], input: PickInput<'_>) -> Option<usize> {
