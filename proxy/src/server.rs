@@ -9,6 +9,8 @@ use anyhow::Context;
 use async_trait::async_trait;
 use pingora::apps::http_app::HttpServer;
 use pingora::listeners::tls::Acceptor;
+use pingora::listeners::ListenerConfig;
+use pingora::protocols::l4::stream::L4BufferSettings;
 use pingora::server::configuration::{Opt, ServerConf};
 use pingora::server::{RunArgs, Server, ShutdownWatch};
 use pingora::services::background::{background_service, BackgroundService};
@@ -132,9 +134,19 @@ fn edge_service(
     );
     let app = EdgeApp::new(name, proxy, tls, live.current.clone(), live.metrics.clone());
     let mut svc = Service::new(name.to_string(), app);
-    svc.add_tcp(&addr.to_string());
+    let buffers = L4BufferSettings::new(CLIENT_READ_BUFFER, CLIENT_WRITE_BUFFER);
+    svc.add_listener(ListenerConfig::tcp(addr.to_string()).l4_buffer(buffers));
     svc
 }
+
+/// Read buffer under each client connection: none. Pingora's default (64 KiB) made an
+/// idle keep-alive connection cost ~110 KB (massif: 60% of the heap with 300 idle
+/// connections). The HTTP/1 parser and rustls read into buffers of their own, so
+/// without it each idle connection costs ~45 KB and plain HTTP got ~10% faster (one
+/// copy less).
+const CLIENT_READ_BUFFER: usize = 0;
+/// Write buffer under each client connection (Pingora's default, one MSS).
+const CLIENT_WRITE_BUFFER: usize = 1460;
 
 /// Whole seconds, rounded up (Pingora's shutdown settings are in seconds).
 fn ceil_secs(d: std::time::Duration) -> u64 {
