@@ -18,6 +18,8 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use serde::Serialize;
 
+mod peer_reload;
+
 use crate::backend::{self, BackendConfig};
 use crate::client::{Target, Trust};
 use crate::compare::peers::free_port;
@@ -34,6 +36,9 @@ pub enum ScenarioCommand {
         /// Keep-alive client connections.
         #[arg(long, default_value_t = 8)]
         connections: usize,
+        /// Also run the same reload loop against these peers (nginx, haproxy), found on PATH.
+        #[arg(long, value_delimiter = ',')]
+        peers: Vec<String>,
         /// The rampart binary (default: next to this one, then PATH).
         #[arg(long)]
         rampart: Option<PathBuf>,
@@ -74,11 +79,13 @@ pub fn main(cmd: ScenarioCommand) -> anyhow::Result<()> {
         ScenarioCommand::SwapUnderLoad {
             swaps,
             connections,
+            peers,
             rampart,
             json,
         } => (
             serde_json::to_value(rt.block_on(swap_under_load(
                 swaps,
+                &peers,
                 connections,
                 &rampart_binary(rampart),
             ))?)?,
@@ -136,6 +143,8 @@ pub struct SwapReport {
     pub new_conn: RunReport,
     /// Time from SIGHUP to the new version serving, ms: p50, p99, max.
     pub swap_ms: (f64, f64, f64),
+    /// The same loop against the peers, for comparison.
+    pub peers: Vec<peer_reload::PeerSwapReport>,
 }
 
 /// A `rampart proxy` child with its admin address.
@@ -362,6 +371,7 @@ async fn wait_ready(proxy: &Proxy) -> anyhow::Result<()> {
 
 async fn swap_under_load(
     swaps: usize,
+    peers: &[String],
     connections: usize,
     rampart: &Path,
 ) -> anyhow::Result<SwapReport> {
@@ -413,6 +423,15 @@ async fn swap_under_load(
     let keepalive = RunReport::new(&cfg, "keep-alive clients", &ka, ka_t);
     let cfg = load_config(&proxy, Some(&ca), 2, true, &stop);
     let new_conn = RunReport::new(&cfg, "new connection per request", &nc, nc_t);
+    drop(proxy);
+    let mut peer_reports = Vec::new();
+    for name in peers.iter().filter(|p| !p.is_empty()) {
+        let kind = crate::compare::peers::Kind::peer(name)?;
+        peer_reports.push(
+            peer_reload::swap_peer(kind, swaps, connections, &backends, &certs, &ca, dir.path())
+                .await?,
+        );
+    }
     drop(tasks);
     Ok(SwapReport {
         swaps,
@@ -420,6 +439,7 @@ async fn swap_under_load(
         keepalive,
         new_conn,
         swap_ms: spread(swap_ms),
+        peers: peer_reports,
     })
 }
 
