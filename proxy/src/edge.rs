@@ -66,6 +66,25 @@ impl Edge {
     }
 }
 
+/// Endpoints a request has tried, without a heap allocation (at most 1 + 10 retries).
+#[derive(Debug, Default)]
+struct Tried {
+    idx: [usize; 11],
+    len: usize,
+}
+
+impl Tried {
+    fn push(&mut self, i: usize) {
+        if self.len < self.idx.len() {
+            self.idx[self.len] = i;
+            self.len += 1;
+        }
+    }
+    fn as_slice(&self) -> &[usize] {
+        &self.idx[..self.len]
+    }
+}
+
 /// Per-request state.
 pub struct RequestCtx {
     generation: Arc<Generation>,
@@ -73,7 +92,7 @@ pub struct RequestCtx {
     route: Option<usize>,
     client_ip: Option<IpAddr>,
     request_id: Option<HeaderValue>,
-    tried: Vec<usize>,
+    tried: Tried,
     attempts: u32,
     endpoint: Option<usize>,
     inflight: Option<InflightGuard>,
@@ -110,7 +129,7 @@ impl ProxyHttp for Edge {
             route: None,
             client_ip: None,
             request_id: None,
-            tried: Vec::new(),
+            tried: Tried::default(),
             attempts: 0,
             endpoint: None,
             inflight: None,
@@ -164,10 +183,9 @@ impl ProxyHttp for Edge {
         let Some(host) = request_host(session.req_header()) else {
             return reject(session, ctx, Rejection::MissingHost).await;
         };
-        let path = session.req_header().uri.path().to_string();
         ctx.route = generation.router.select(&RouteRequest {
             host: &host,
-            path: &path,
+            path: session.req_header().uri.path(),
             headers: &session.req_header().headers,
         });
         let Some(route) = ctx.route() else {
@@ -282,7 +300,7 @@ impl ProxyHttp for Edge {
             &pool.states,
             PickInput {
                 key_hash,
-                tried: &ctx.tried,
+                tried: ctx.tried.as_slice(),
                 now_ms: now_ms(),
             },
         ) else {
@@ -318,21 +336,27 @@ impl ProxyHttp for Edge {
         for name in hop_by_hop(&upstream.headers, upgrade) {
             upstream.remove_header(&name);
         }
-        let host = request_host(session.req_header()).unwrap_or_default();
         if upstream.headers.get(HOST).is_none() {
             if let Some(authority) = session.req_header().uri.authority() {
                 upstream.insert_header(HOST, authority.as_str())?;
             }
         }
-        if let Some(peer) = client_peer(session) {
-            for (name, value) in ctx.generation.forwarding.forwarded_headers(
+        // X-Forwarded-Host and Forwarded carry the Host as the client sent it.
+        let forwarded = client_peer(session).map(|peer| {
+            let host = upstream
+                .headers
+                .get(HOST)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("");
+            ctx.generation.forwarding.forwarded_headers(
                 peer,
                 self.scheme.as_str(),
-                &host,
+                host,
                 &upstream.headers,
-            ) {
-                upstream.insert_header(name, value)?;
-            }
+            )
+        });
+        for (name, value) in forwarded.into_iter().flatten() {
+            upstream.insert_header(name, value)?;
         }
         if let Some(id) = &ctx.request_id {
             upstream.insert_header(ctx.generation.forwarding.request_id.clone(), id.clone())?;
