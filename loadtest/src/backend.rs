@@ -83,3 +83,57 @@ async fn answer(
         .body(Full::new(body.clone()))
         .expect("static status and headers are valid")
 }
+
+/// A `rampart-loadtest backend` running as its own process (so that its CPU is
+/// measured apart from the load generator's, and so that scenarios can kill it).
+pub struct BackendProcess {
+    /// The process.
+    pub child: std::process::Child,
+    /// Where it listens.
+    pub addr: SocketAddr,
+}
+
+impl Drop for BackendProcess {
+    fn drop(&mut self) {
+        // Best effort: it may have been killed already.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl BackendProcess {
+    /// Starts this executable as `backend` with `body_bytes` and one thread, on a free
+    /// loopback port read back from its first line of output.
+    ///
+    /// # Errors
+    /// When the process cannot start or does not say where it listens.
+    pub fn spawn(body_bytes: usize) -> anyhow::Result<Self> {
+        use anyhow::Context;
+        use std::io::BufRead;
+        let mut child = std::process::Command::new(std::env::current_exe()?)
+            .args([
+                "backend",
+                "--listen",
+                "127.0.0.1:0",
+                "--threads",
+                "1",
+                "--body-bytes",
+                &body_bytes.to_string(),
+            ])
+            .stdout(std::process::Stdio::piped())
+            .spawn()?;
+        let stdout = child.stdout.take().context("backend stdout")?;
+        let mut process = BackendProcess {
+            child,
+            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+        };
+        let mut line = String::new();
+        std::io::BufReader::new(stdout).read_line(&mut line)?;
+        process.addr = line
+            .trim()
+            .strip_prefix("listening on ")
+            .context("the backend did not say where it listens")?
+            .parse()?;
+        Ok(process)
+    }
+}

@@ -20,7 +20,7 @@ use serde::Serialize;
 
 mod peer_reload;
 
-use crate::backend::{self, BackendConfig};
+use crate::backend::{self, BackendConfig, BackendProcess};
 use crate::client::{Target, Trust};
 use crate::compare::peers::free_port;
 use crate::run::{run, RunConfig, RunReport};
@@ -474,39 +474,6 @@ pub struct ChurnReport {
     pub time_to_traffic_ms: (f64, f64, f64),
 }
 
-/// A `rampart-loadtest backend` process.
-struct BackendProcess {
-    child: Child,
-    addr: SocketAddr,
-}
-
-impl Drop for BackendProcess {
-    fn drop(&mut self) {
-        // Best effort: it may have been killed already.
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl BackendProcess {
-    fn start() -> anyhow::Result<Self> {
-        use std::io::BufRead;
-        let mut child = Command::new(std::env::current_exe()?)
-            .args(["backend", "--listen", "127.0.0.1:0"])
-            .stdout(Stdio::piped())
-            .spawn()?;
-        let stdout = child.stdout.take().context("backend stdout")?;
-        let mut line = String::new();
-        std::io::BufReader::new(stdout).read_line(&mut line)?;
-        let addr = line
-            .trim()
-            .strip_prefix("listening on ")
-            .context("the backend did not say where it listens")?
-            .parse()?;
-        Ok(Self { child, addr })
-    }
-}
-
 fn churn_config(backends: &[BackendProcess]) -> String {
     let eps = backends
         .iter()
@@ -526,7 +493,7 @@ async fn backend_churn(
 ) -> anyhow::Result<ChurnReport> {
     let dir = tempfile::tempdir()?;
     let mut backends = (0..3)
-        .map(|_| BackendProcess::start())
+        .map(|_| BackendProcess::spawn(13))
         .collect::<anyhow::Result<Vec<_>>>()?;
     let proxy = Proxy::start(rampart, dir.path(), &churn_config(&backends))?;
     wait_ready(&proxy).await?;
@@ -541,7 +508,7 @@ async fn backend_churn(
         dead.child.kill()?;
         tokio::task::spawn_blocking(move || dead.child.wait()).await??;
         // ...a replacement starts, and the configuration is updated to name it.
-        backends.push(tokio::task::spawn_blocking(BackendProcess::start).await??);
+        backends.push(tokio::task::spawn_blocking(|| BackendProcess::spawn(13)).await??);
         let new_addr = backends[backends.len() - 1].addr.to_string();
         proxy.write(dir.path(), &churn_config(&backends))?;
         let t = Instant::now();

@@ -8,13 +8,13 @@ pub mod peers;
 mod report;
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use serde::Serialize;
 
+use crate::backend::BackendProcess;
 use crate::client::{Target, Trust};
 use crate::procstat;
 use crate::run::{run, RunConfig, RunReport};
@@ -180,9 +180,9 @@ fn rampart_binary(args: &CompareArgs) -> PathBuf {
 async fn compare(args: &CompareArgs) -> anyhow::Result<Results> {
     let dir = tempfile::tempdir()?;
     let cert = Cert::generate(dir.path())?;
-    let exe = std::env::current_exe()?;
-    let (small, small_backend) = spawn_backend(&exe, 13)?;
-    let (big, big_backend) = spawn_backend(&exe, 16 * 1024)?;
+    let small_backend = BackendProcess::spawn(13)?;
+    let big_backend = BackendProcess::spawn(16 * 1024)?;
+    let (small, big) = (small_backend.addr, big_backend.addr);
     let up = Upstreams { small, big };
     let rampart = rampart_binary(args);
 
@@ -222,8 +222,8 @@ async fn compare(args: &CompareArgs) -> anyhow::Result<Results> {
                 let (kind, pid) = match target {
                     // The direct backend speaks plain HTTP only.
                     None if test.needs_tls() => continue,
-                    None if test == Test::Body16k => (Kind::Direct, big_backend.0.id()),
-                    None => (Kind::Direct, small_backend.0.id()),
+                    None if test == Test::Body16k => (Kind::Direct, big_backend.child.id()),
+                    None => (Kind::Direct, small_backend.child.id()),
                     Some(t) => (t.kind, t.child.id()),
                 };
                 let cfg = run_config(args, test, target, &up, &trust)?;
@@ -264,7 +264,10 @@ async fn compare(args: &CompareArgs) -> anyhow::Result<Results> {
             )
         })
         .collect();
-    peak_rss_kb.insert("direct".into(), procstat::peak_rss_kb(small_backend.0.id()));
+    peak_rss_kb.insert(
+        "direct".into(),
+        procstat::peak_rss_kb(small_backend.child.id()),
+    );
     let mut idle_rss_kb = BTreeMap::new();
     if args.idle_conns > 0 {
         for t in &targets {
@@ -286,48 +289,6 @@ async fn compare(args: &CompareArgs) -> anyhow::Result<Results> {
         peak_rss_kb,
         idle_rss_kb,
     })
-}
-
-/// Kills a child process when dropped.
-struct ChildGuard(std::process::Child);
-
-impl Drop for ChildGuard {
-    fn drop(&mut self) {
-        // Best effort: it may have exited already.
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Starts `rampart-loadtest backend` as its own process (so its CPU is measured apart)
-/// and reads the address it bound from its first line of output.
-fn spawn_backend(
-    exe: &std::path::Path,
-    body_bytes: usize,
-) -> anyhow::Result<(SocketAddr, ChildGuard)> {
-    use std::io::BufRead;
-    let mut child = std::process::Command::new(exe)
-        .args([
-            "backend",
-            "--listen",
-            "127.0.0.1:0",
-            "--threads",
-            "1",
-            "--body-bytes",
-            &body_bytes.to_string(),
-        ])
-        .stdout(std::process::Stdio::piped())
-        .spawn()?;
-    let stdout = child.stdout.take().context("backend stdout")?;
-    let guard = ChildGuard(child);
-    let mut line = String::new();
-    std::io::BufReader::new(stdout).read_line(&mut line)?;
-    let addr = line
-        .trim()
-        .strip_prefix("listening on ")
-        .context("the backend did not say where it listens")?
-        .parse()?;
-    Ok((addr, guard))
 }
 
 /// Waits until `t` answers a plain-HTTP request.
