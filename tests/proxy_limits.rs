@@ -204,3 +204,70 @@ async fn websocket_upgrades_pass_through() {
         Message::text("still open")
     );
 }
+
+#[tokio::test]
+async fn connections_over_the_limit_are_closed_at_once() {
+    common::init();
+    let b = Backend::start("b").await;
+    let proxy = proxy_to(&b, "[limits]\nmax_connections = 2").await;
+    // Two clients hold their connections open (keep-alive, after one request each).
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut s = TcpStream::connect(proxy.http).await.unwrap();
+        s.write_all(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = [0u8; 512];
+        let n = s.read(&mut buf).await.unwrap();
+        assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+        held.push(s);
+    }
+    // A third is closed without an answer.
+    let mut third = TcpStream::connect(proxy.http).await.unwrap();
+    let _ = third.write_all(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n").await;
+    let mut buf = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), third.read_to_end(&mut buf))
+        .await
+        .expect("closed promptly");
+    assert!(
+        read.is_err() || buf.is_empty(),
+        "no answer over the limit: {:?}",
+        String::from_utf8_lossy(&buf)
+    );
+    assert_eq!(
+        proxy
+            .metric("rampart_rejected_connections_total{listener=\"http\"}")
+            .await,
+        1.0
+    );
+    // When one leaves, new connections are served again.
+    drop(held.pop());
+    common::eventually("a slot to free up", || async {
+        let r = Proxy::http_client().get(proxy.url("/")).send().await.ok()?;
+        (r.status() == 200).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn the_total_timeout_answers_504() {
+    common::init();
+    let b = Backend::start("b").await;
+    let proxy = Proxy::start(&common::single_pool(
+        "round_robin",
+        &[&b],
+        "timeouts = { total = \"300ms\" }\nretries = { attempts = 0 }",
+    ))
+    .await;
+    let started = Instant::now();
+    let r = Proxy::http_client()
+        .get(proxy.url("/slow/3000"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 504);
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "answered at the deadline, not when the upstream finished"
+    );
+}

@@ -153,16 +153,46 @@ fn ceil_secs(d: std::time::Duration) -> u64 {
     d.as_secs() + u64::from(d.subsec_nanos() > 0)
 }
 
-/// Ready once the services run; not ready as soon as shutdown starts, so that load
-/// balancers polling /ready stop sending traffic during the grace period.
+/// Ready once every client listener accepts connections; not ready as soon as shutdown
+/// starts, so that load balancers polling /ready stop sending traffic during the grace
+/// period. (Pingora starts services concurrently: a background service running says
+/// nothing about the listeners being bound yet.)
 struct Readiness(Arc<Live>);
 
 #[async_trait]
 impl BackgroundService for Readiness {
     async fn start(&self, mut shutdown: ShutdownWatch) {
-        self.0.set_ready(true);
+        let listeners = self.0.current.load().config.listeners.clone();
+        let addrs: Vec<std::net::SocketAddr> = [listeners.http, listeners.https]
+            .into_iter()
+            .flatten()
+            .map(reachable)
+            .collect();
+        tokio::select! {
+            () = wait_accepting(&addrs) => self.0.set_ready(true),
+            _ = shutdown.changed() => return,
+        }
         // An error means the sender is gone, which is also shutdown.
         let _ = shutdown.changed().await;
         self.0.set_ready(false);
+    }
+}
+
+/// The address to connect to for a listener bound to `addr` (loopback for a wildcard).
+fn reachable(addr: std::net::SocketAddr) -> std::net::SocketAddr {
+    let ip = match addr.ip() {
+        std::net::IpAddr::V4(v4) if v4.is_unspecified() => std::net::Ipv4Addr::LOCALHOST.into(),
+        std::net::IpAddr::V6(v6) if v6.is_unspecified() => std::net::Ipv6Addr::LOCALHOST.into(),
+        ip => ip,
+    };
+    std::net::SocketAddr::new(ip, addr.port())
+}
+
+/// Returns once a TCP connection to every address succeeds (polling every 10 ms).
+async fn wait_accepting(addrs: &[std::net::SocketAddr]) {
+    for addr in addrs {
+        while tokio::net::TcpStream::connect(addr).await.is_err() {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
     }
 }
