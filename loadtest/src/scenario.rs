@@ -168,42 +168,27 @@ impl Proxy {
     fn start(rampart: &Path, dir: &Path, body: &str) -> anyhow::Result<Self> {
         let (http, https, admin) = (free_port()?, free_port()?, free_port()?);
         let config = dir.join("rampart.toml");
-        let mut p = Proxy {
-            child: Command::new("true").spawn()?,
+        write_config(&config, dir, [http, https, admin], body)?;
+        let log = std::fs::File::create(dir.join("rampart.log"))?;
+        let child = Command::new(rampart)
+            .args(["proxy", "--config"])
+            .arg(&config)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {}", rampart.display()))?;
+        Ok(Proxy {
+            child,
             admin,
             https,
             http,
             config,
-        };
-        p.write(dir, body)?;
-        let log = std::fs::File::create(dir.join("rampart.log"))?;
-        let placeholder = std::mem::replace(
-            &mut p.child,
-            Command::new(rampart)
-                .args(["proxy", "--config"])
-                .arg(&p.config)
-                .env("RUST_LOG", "warn")
-                .stdout(Stdio::null())
-                .stderr(log)
-                .spawn()
-                .with_context(|| format!("starting {}", rampart.display()))?,
-        );
-        drop(Reaped(placeholder));
-        Ok(p)
+        })
     }
 
     fn write(&self, dir: &Path, body: &str) -> anyhow::Result<()> {
-        let text = format!(
-            "[server]\ndata_dir = {:?}\nthreads = 2\ngrace_period = \"0s\"\nshutdown_timeout = \"2s\"\n\n[listeners]\nhttp = \"{}\"\nhttps = \"{}\"\nadmin = \"{}\"\n\n{body}",
-            dir.join("data"),
-            self.http,
-            self.https,
-            self.admin
-        );
-        let tmp = self.config.with_extension("tmp");
-        std::fs::write(&tmp, text)?;
-        std::fs::rename(&tmp, &self.config)?;
-        Ok(())
+        write_config(&self.config, dir, [self.http, self.https, self.admin], body)
     }
 
     fn signal(&self, sig: &str) -> anyhow::Result<()> {
@@ -260,14 +245,22 @@ impl Proxy {
     }
 }
 
-/// Waits for a finished helper process so it does not linger as a zombie.
-struct Reaped(Child);
-
-impl Drop for Reaped {
-    fn drop(&mut self) {
-        // `true` exits at once; waiting only collects its status.
-        let _ = self.0.wait();
-    }
+/// Writes a rampart configuration with the `[http, https, admin]` listeners and `body`,
+/// atomically (temp file, then rename), as deployment tools do.
+fn write_config(
+    path: &Path,
+    dir: &Path,
+    [http, https, admin]: [SocketAddr; 3],
+    body: &str,
+) -> anyhow::Result<()> {
+    let text = format!(
+        "[server]\ndata_dir = {:?}\nthreads = 2\ngrace_period = \"0s\"\nshutdown_timeout = \"2s\"\n\n[listeners]\nhttp = \"{http}\"\nhttps = \"{https}\"\nadmin = \"{admin}\"\n\n{body}",
+        dir.join("data"),
+    );
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text)?;
+    std::fs::rename(&tmp, path)?;
+    Ok(())
 }
 
 /// Two certificates for `swap.test` from two CAs, and a bundle trusting both.
@@ -317,29 +310,26 @@ fn variant(i: usize, backends: &[SocketAddr], certs: &[(PathBuf, PathBuf); 2]) -
     }
 }
 
-/// Load on `proxy` that runs until `stop` is set (bounded at ten minutes).
+/// Load on `addr` that runs until `stop` is set (bounded at ten minutes): HTTPS to
+/// `swap.test` verified with `ca`, or plain HTTP when there is no `ca`.
 fn load_config(
-    proxy: &Proxy,
+    addr: SocketAddr,
     ca: Option<&Path>,
     connections: usize,
     new_conn: bool,
     stop: &Arc<AtomicBool>,
 ) -> RunConfig {
-    let target = match ca {
-        Some(_) => Target {
-            addr: proxy.https,
-            host: "swap.test".into(),
-            authority: "swap.test".into(),
-            path: "/".into(),
-            tls: true,
-        },
-        None => Target {
-            addr: proxy.http,
-            host: "churn.test".into(),
-            authority: "churn.test".into(),
-            path: "/".into(),
-            tls: false,
-        },
+    let host = if ca.is_some() {
+        "swap.test"
+    } else {
+        "churn.test"
+    };
+    let target = Target {
+        addr,
+        host: host.into(),
+        authority: host.into(),
+        path: "/".into(),
+        tls: ca.is_some(),
     };
     RunConfig {
         target,
@@ -397,13 +387,13 @@ async fn swap_under_load(
     wait_ready(&proxy).await?;
     let stop = Arc::new(AtomicBool::new(false));
     let keepalive = tokio::spawn(run(load_config(
-        &proxy,
+        proxy.https,
         Some(&ca),
         connections,
         false,
         &stop,
     )));
-    let fresh = tokio::spawn(run(load_config(&proxy, Some(&ca), 2, true, &stop)));
+    let fresh = tokio::spawn(run(load_config(proxy.https, Some(&ca), 2, true, &stop)));
     let mut swap_ms = Vec::with_capacity(swaps);
     let mut version = proxy.version().await?;
     for i in 1..=swaps {
@@ -419,9 +409,9 @@ async fn swap_under_load(
     stop.store(true, Ordering::Relaxed);
     let (ka, ka_t) = keepalive.await??;
     let (nc, nc_t) = fresh.await??;
-    let cfg = load_config(&proxy, Some(&ca), connections, false, &stop);
+    let cfg = load_config(proxy.https, Some(&ca), connections, false, &stop);
     let keepalive = RunReport::new(&cfg, "keep-alive clients", &ka, ka_t);
-    let cfg = load_config(&proxy, Some(&ca), 2, true, &stop);
+    let cfg = load_config(proxy.https, Some(&ca), 2, true, &stop);
     let new_conn = RunReport::new(&cfg, "new connection per request", &nc, nc_t);
     drop(proxy);
     let mut peer_reports = Vec::new();
@@ -498,7 +488,13 @@ async fn backend_churn(
     let proxy = Proxy::start(rampart, dir.path(), &churn_config(&backends))?;
     wait_ready(&proxy).await?;
     let stop = Arc::new(AtomicBool::new(false));
-    let load = tokio::spawn(run(load_config(&proxy, None, connections, false, &stop)));
+    let load = tokio::spawn(run(load_config(
+        proxy.http,
+        None,
+        connections,
+        false,
+        &stop,
+    )));
     let mut version = proxy.version().await?;
     let mut to_traffic = Vec::with_capacity(cycles);
     for i in 0..cycles {
@@ -543,7 +539,7 @@ async fn backend_churn(
     }
     stop.store(true, Ordering::Relaxed);
     let (stats, elapsed) = load.await??;
-    let cfg = load_config(&proxy, None, connections, false, &stop);
+    let cfg = load_config(proxy.http, None, connections, false, &stop);
     Ok(ChurnReport {
         cycles,
         failed_requests: stats.errors.total(),

@@ -6,7 +6,7 @@
 //! certificate files, issuing internal certificates) so that a bad configuration fails
 //! here, before the swap, and the previous generation keeps serving.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -25,7 +25,7 @@ use crate::limits::HeaderLimits;
 use crate::metrics::{Metrics, RequestMetrics};
 use crate::routing::Router;
 use crate::tls::internal_ca::InternalCa;
-use crate::tls::{files, CertSet, LoadedCert};
+use crate::tls::{files, CertSet};
 
 /// The compiled, immutable serving state of one configuration version.
 #[derive(Debug)]
@@ -196,7 +196,6 @@ impl Builder {
 
     fn build_certs(&self, config: &Config) -> anyhow::Result<CertSet> {
         let mut set = CertSet::default();
-        let mut by_host: HashMap<String, LoadedCert> = HashMap::new();
         for (i, entry) in config.tls.iter().enumerate() {
             let hosts: Vec<String> = entry.hosts.iter().map(ToString::to_string).collect();
             let cert = match &entry.source {
@@ -217,7 +216,6 @@ impl Builder {
                     HostPattern::Exact(h) => set.insert_exact(h.as_str(), cert.clone()),
                     HostPattern::Wildcard(s) => set.insert_wildcard(s.as_str(), cert.clone()),
                 }
-                by_host.insert(host.to_string(), cert.clone());
             }
         }
         let default = config

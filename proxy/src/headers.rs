@@ -94,15 +94,6 @@ impl ForwardingPolicy {
         out.push(("forwarded", forwarded));
         out
     }
-
-    /// Applies [`Self::forwarded_headers`] to a plain header map (used in tests).
-    pub fn apply(&self, peer: IpAddr, scheme: &str, host: &str, headers: &mut HeaderMap) {
-        for (name, value) in self.forwarded_headers(peer, scheme, host, headers) {
-            if let Ok(v) = value.parse() {
-                headers.insert(name, v);
-            }
-        }
-    }
 }
 
 /// Whether a request asks for a protocol upgrade (e.g. WebSocket).
@@ -155,6 +146,19 @@ mod tests {
         }
     }
 
+    /// Sets the forwarded headers on a plain header map, as the proxy does upstream.
+    fn apply(
+        p: &ForwardingPolicy,
+        peer: IpAddr,
+        scheme: &str,
+        host: &str,
+        headers: &mut HeaderMap,
+    ) {
+        for (name, value) in p.forwarded_headers(peer, scheme, host, headers) {
+            headers.insert(name, value.parse().unwrap());
+        }
+    }
+
     fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
         let mut h = HeaderMap::new();
         for (k, v) in pairs {
@@ -173,7 +177,7 @@ mod tests {
             ("forwarded", "for=1.2.3.4"),
         ]);
         assert_eq!(p.client_ip(peer, &h), peer);
-        p.apply(peer, "http", "example.com", &mut h);
+        apply(&p, peer, "http", "example.com", &mut h);
         assert_eq!(h["x-forwarded-for"], "203.0.113.9");
         assert_eq!(h["x-forwarded-proto"], "http");
         assert_eq!(h["x-forwarded-host"], "example.com");
@@ -195,7 +199,7 @@ mod tests {
             p.client_ip(peer, &h),
             "198.51.100.7".parse::<IpAddr>().unwrap()
         );
-        p.apply(peer, "http", "example.com", &mut h);
+        apply(&p, peer, "http", "example.com", &mut h);
         assert_eq!(h["x-forwarded-for"], "198.51.100.7, 10.2.2.2, 10.1.1.1");
         assert_eq!(h["x-forwarded-proto"], "https");
     }

@@ -216,25 +216,22 @@ impl Proxy {
     pub async fn start_with(server_extra: &str, body: &str) -> Proxy {
         for _ in 0..3 {
             let dir = tempfile::tempdir().unwrap();
+            let config_path = dir.path().join("rampart.toml");
+            let (http, https, admin) = (free_addr(), free_addr(), free_addr());
+            write_config(
+                dir.path(),
+                &config_text(dir.path(), server_extra, [http, https, admin], body),
+            );
+            let child = spawn_rampart(&config_path, &dir.path().join("rampart.log"), &[]);
             let mut proxy = Proxy {
-                config_path: dir.path().join("rampart.toml"),
-                child: Command::new("true").spawn().unwrap(),
+                child,
                 dir,
-                http: free_addr(),
-                https: free_addr(),
-                admin: free_addr(),
+                config_path,
+                http,
+                https,
+                admin,
                 server_extra: server_extra.to_string(),
             };
-            proxy.write_config(body);
-            let log = std::fs::File::create(proxy.dir.path().join("rampart.log")).unwrap();
-            proxy.child = Command::new(env!("CARGO_BIN_EXE_rampart"))
-                .args(["proxy", "--config"])
-                .arg(&proxy.config_path)
-                .env("RUST_LOG", "info")
-                .stdout(Stdio::null())
-                .stderr(log)
-                .spawn()
-                .unwrap();
             if proxy.wait_ready().await {
                 return proxy;
             }
@@ -244,34 +241,27 @@ impl Proxy {
     }
 
     pub fn config_text(&self, body: &str) -> String {
-        format!(
-            "[server]\ndata_dir = {:?}\ngrace_period = \"0s\"\nshutdown_timeout = \"5s\"\nthreads = 2\n{}\n\n[listeners]\nhttp = \"{}\"\nhttps = \"{}\"\nadmin = \"{}\"\n\n{body}\n",
-            self.dir.path().join("data"),
-            self.server_extra,
-            self.http,
-            self.https,
-            self.admin
+        config_text(
+            self.dir.path(),
+            &self.server_extra,
+            [self.http, self.https, self.admin],
+            body,
         )
     }
 
     /// Writes the config atomically (temp file + rename), as deployment tools do.
     pub fn write_config(&self, body: &str) {
-        let tmp = self.dir.path().join("rampart.toml.tmp");
-        std::fs::write(&tmp, self.config_text(body)).unwrap();
-        std::fs::rename(&tmp, &self.config_path).unwrap();
+        write_config(self.dir.path(), &self.config_text(body));
     }
 
     /// Starts a second process on the same configuration with `--upgrade`: it takes
     /// the listening sockets once this one gets SIGQUIT.
     pub fn spawn_upgrade(&self) -> Child {
-        let log = std::fs::File::create(self.dir.path().join("rampart-upgrade.log")).unwrap();
-        Command::new(env!("CARGO_BIN_EXE_rampart"))
-            .args(["proxy", "--upgrade", "--config"])
-            .arg(&self.config_path)
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap()
+        spawn_rampart(
+            &self.config_path,
+            &self.dir.path().join("rampart-upgrade.log"),
+            &["--upgrade"],
+        )
     }
 
     pub fn log(&self) -> String {
@@ -386,6 +376,41 @@ impl Proxy {
         })
         .await
     }
+}
+
+/// The configuration text of a test proxy in `dir` with the `[http, https, admin]` listeners.
+fn config_text(
+    dir: &Path,
+    server_extra: &str,
+    [http, https, admin]: [SocketAddr; 3],
+    body: &str,
+) -> String {
+    format!(
+        "[server]\ndata_dir = {:?}\ngrace_period = \"0s\"\nshutdown_timeout = \"5s\"\nthreads = 2\n{server_extra}\n\n[listeners]\nhttp = \"{http}\"\nhttps = \"{https}\"\nadmin = \"{admin}\"\n\n{body}\n",
+        dir.join("data"),
+    )
+}
+
+/// Writes `dir/rampart.toml` atomically (temp file + rename), as deployment tools do.
+fn write_config(dir: &Path, text: &str) {
+    let tmp = dir.join("rampart.toml.tmp");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, dir.join("rampart.toml")).unwrap();
+}
+
+/// Starts `rampart proxy [extra] --config CONFIG` with its stderr in `log`.
+fn spawn_rampart(config: &Path, log: &Path, extra: &[&str]) -> Child {
+    let log = std::fs::File::create(log).unwrap();
+    Command::new(env!("CARGO_BIN_EXE_rampart"))
+        .arg("proxy")
+        .args(extra)
+        .arg("--config")
+        .arg(config)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap()
 }
 
 /// A catch-all route forwarding to `pool`.

@@ -165,18 +165,6 @@ pub fn main(args: &CompareArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn rampart_binary(args: &CompareArgs) -> PathBuf {
-    if let Some(p) = &args.rampart {
-        return p.clone();
-    }
-    let sibling = std::env::current_exe()
-        .ok()
-        .map(|p| p.with_file_name("rampart"));
-    sibling
-        .filter(|p| p.exists())
-        .unwrap_or_else(|| PathBuf::from("rampart"))
-}
-
 async fn compare(args: &CompareArgs) -> anyhow::Result<Results> {
     let dir = tempfile::tempdir()?;
     let cert = Cert::generate(dir.path())?;
@@ -184,7 +172,7 @@ async fn compare(args: &CompareArgs) -> anyhow::Result<Results> {
     let big_backend = BackendProcess::spawn(16 * 1024)?;
     let (small, big) = (small_backend.addr, big_backend.addr);
     let up = Upstreams { small, big };
-    let rampart = rampart_binary(args);
+    let rampart = crate::scenario::rampart_binary(args.rampart.clone());
 
     let mut kinds = vec![Kind::Rampart];
     for p in args.peers.iter().filter(|p| !p.is_empty()) {

@@ -14,9 +14,8 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use serde::Serialize;
 
-use crate::client::{Target, Trust};
 use crate::compare::peers::{free_port, Kind};
-use crate::run::{run, RunConfig};
+use crate::run::run;
 use crate::stats::ErrorCounts;
 
 /// What one peer's reload loop measured.
@@ -38,12 +37,18 @@ pub struct PeerSwapReport {
     pub swap_ms: (f64, f64, f64),
 }
 
-struct Peer {
+/// Where a peer lives: its directory and addresses (known before it starts).
+struct Layout {
     kind: Kind,
-    child: Child,
     dir: PathBuf,
     https: SocketAddr,
     probe: SocketAddr,
+}
+
+/// A running peer.
+struct Peer {
+    layout: Layout,
+    child: Child,
 }
 
 impl Drop for Peer {
@@ -51,9 +56,9 @@ impl Drop for Peer {
         // Best effort; nginx workers exit with their master.
         let _ = self.child.kill();
         let _ = self.child.wait();
-        if self.kind == Kind::Nginx {
+        if self.layout.kind == Kind::Nginx {
             let _ = Command::new("pkill")
-                .args(["-f", &self.dir.display().to_string()])
+                .args(["-f", &self.layout.dir.display().to_string()])
                 .status();
         }
     }
@@ -62,7 +67,7 @@ impl Drop for Peer {
 fn config(
     kind: Kind,
     i: usize,
-    p: &Peer,
+    p: &Layout,
     backends: &[SocketAddr],
     certs: &[(PathBuf, PathBuf); 2],
 ) -> String {
@@ -101,7 +106,7 @@ fn config(
     }
 }
 
-fn config_path(p: &Peer) -> PathBuf {
+fn config_path(p: &Layout) -> PathBuf {
     p.dir.join(if p.kind == Kind::Nginx {
         "nginx.conf"
     } else {
@@ -127,14 +132,12 @@ fn start(
             ),
         )?;
     }
-    let mut p = Peer {
+    let p = Layout {
         kind,
-        child: Command::new("true").spawn()?,
         dir,
         https: free_port()?,
         probe: free_port()?,
     };
-    p.child.wait()?;
     std::fs::write(config_path(&p), config(kind, 0, &p, backends, certs))?;
     let log = std::fs::File::create(p.dir.join("stderr.log"))?;
     let mut cmd = match kind {
@@ -149,12 +152,12 @@ fn start(
             c
         }
     };
-    p.child = cmd
+    let child = cmd
         .stdout(Stdio::null())
         .stderr(log)
         .spawn()
         .with_context(|| format!("starting {}", kind.binary()))?;
-    Ok(p)
+    Ok(Peer { layout: p, child })
 }
 
 async fn variant(probe: SocketAddr) -> Option<String> {
@@ -204,12 +207,12 @@ async fn wait_loaded(dir: &Path, n: usize) -> anyhow::Result<()> {
 }
 
 fn reload(p: &Peer) -> anyhow::Result<()> {
-    let ok = match p.kind {
+    let ok = match p.layout.kind {
         Kind::Nginx => Command::new("nginx")
             .arg("-p")
-            .arg(&p.dir)
+            .arg(&p.layout.dir)
             .arg("-c")
-            .arg(config_path(p))
+            .arg(config_path(&p.layout))
             .args(["-s", "reload"])
             .stderr(Stdio::null())
             .status()?
@@ -219,36 +222,8 @@ fn reload(p: &Peer) -> anyhow::Result<()> {
             .status()?
             .success(),
     };
-    anyhow::ensure!(ok, "reloading {} failed", p.kind.name());
+    anyhow::ensure!(ok, "reloading {} failed", p.layout.kind.name());
     Ok(())
-}
-
-fn load(
-    addr: SocketAddr,
-    ca: &Path,
-    connections: usize,
-    new_conn: bool,
-    stop: &Arc<AtomicBool>,
-) -> RunConfig {
-    RunConfig {
-        target: Target {
-            addr,
-            host: "swap.test".into(),
-            authority: "swap.test".into(),
-            path: "/".into(),
-            tls: true,
-        },
-        connections,
-        rate: None,
-        duration: Duration::from_secs(600),
-        h2: false,
-        new_conn,
-        trust: Trust::CaFile(ca.to_path_buf()),
-        headers: Vec::new(),
-        timeout: Duration::from_secs(10),
-        progress: false,
-        stop: Some(stop.clone()),
-    }
 }
 
 /// Runs the reload loop `swaps` times against `kind` under the same load as Rampart's.
@@ -266,28 +241,43 @@ pub async fn swap_peer(
     dir: &Path,
 ) -> anyhow::Result<PeerSwapReport> {
     let mut p = start(kind, dir, backends, certs)?;
-    wait_variant(p.probe, 0).await.with_context(|| {
+    wait_variant(p.layout.probe, 0).await.with_context(|| {
         format!(
             "{} did not start: {}",
             kind.name(),
-            std::fs::read_to_string(p.dir.join("stderr.log")).unwrap_or_default()
+            std::fs::read_to_string(p.layout.dir.join("stderr.log")).unwrap_or_default()
         )
     })?;
     let stop = Arc::new(AtomicBool::new(false));
-    let keepalive = tokio::spawn(run(load(p.https, ca, connections, false, &stop)));
-    let fresh = tokio::spawn(run(load(p.https, ca, 2, true, &stop)));
+    let keepalive = tokio::spawn(run(super::load_config(
+        p.layout.https,
+        Some(ca),
+        connections,
+        false,
+        &stop,
+    )));
+    let fresh = tokio::spawn(run(super::load_config(
+        p.layout.https,
+        Some(ca),
+        2,
+        true,
+        &stop,
+    )));
     let mut swap_ms = Vec::with_capacity(swaps);
     for i in 1..=swaps {
-        std::fs::write(config_path(&p), config(kind, i, &p, backends, certs))?;
+        std::fs::write(
+            config_path(&p.layout),
+            config(kind, i, &p.layout, backends, certs),
+        )?;
         let t = Instant::now();
         if kind == Kind::Haproxy {
             // The master ignores a reload signal until it has finished loading the
             // previous configuration, which can be after the new worker answers.
-            wait_loaded(&p.dir, i).await?;
+            wait_loaded(&p.layout.dir, i).await?;
         }
         reload(&p)?;
-        if let Err(e) = wait_variant(p.probe, i).await {
-            let log = std::fs::read_to_string(p.dir.join("stderr.log")).unwrap_or_default();
+        if let Err(e) = wait_variant(p.layout.probe, i).await {
+            let log = std::fs::read_to_string(p.layout.dir.join("stderr.log")).unwrap_or_default();
             anyhow::bail!("{}: {e:#}\n{log}", kind.name());
         }
         swap_ms.push(t.elapsed().as_secs_f64() * 1000.0);
