@@ -1,7 +1,9 @@
 //! The `rampart` command: parses the command line and hands over to the crates.
 
-use std::path::PathBuf;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -32,15 +34,27 @@ enum Command {
     },
     /// Print the JSON schema of the configuration file.
     Schema,
-    /// Run a standalone proxy from a configuration file (reloaded on SIGHUP and on change).
+    /// Run a proxy: standalone from a configuration file (reloaded on SIGHUP and on
+    /// change), or in a fleet with --controller (snapshots pushed by the controller).
     Proxy {
-        /// The configuration file.
+        /// The configuration file (standalone), or this proxy's local settings
+        /// ([server], [listeners]) in fleet mode.
         #[arg(long, short)]
-        config: PathBuf,
+        config: Option<PathBuf>,
         /// Take the listening sockets over from the running instance (graceful upgrade):
         /// start the new binary with --upgrade, then send SIGQUIT to the old one.
         #[arg(long, short)]
         upgrade: bool,
+        #[command(flatten)]
+        fleet: FleetArgs,
+    },
+    /// Run the controller, or manage it (tokens, instances, status).
+    Controller {
+        /// The controller's configuration file.
+        #[arg(long, short, global = true)]
+        config: Option<PathBuf>,
+        #[command(subcommand)]
+        action: Option<ControllerAction>,
     },
     /// Quickstart: HTTPS on :8443 for localhost with an internal-CA certificate, HTTP on
     /// :8080 redirecting to it, admin on 127.0.0.1:9900.
@@ -54,6 +68,73 @@ enum Command {
         /// Take the listening sockets over from the running instance (graceful upgrade).
         #[arg(long, short)]
         upgrade: bool,
+    },
+}
+
+/// Fleet-mode options of `rampart proxy`.
+#[derive(Debug, clap::Args)]
+struct FleetArgs {
+    /// The controller's fleet API (https://HOST:PORT); enables fleet mode.
+    #[arg(long)]
+    controller: Option<String>,
+    /// One-time join token from `rampart controller token create` (first start only).
+    #[arg(long, env = "RAMPART_JOIN_TOKEN", hide_env_values = true)]
+    join_token: Option<String>,
+    /// Data directory: identity, cached snapshot, upgrade socket.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// HTTP listener address (fleet mode; overrides the file).
+    #[arg(long)]
+    http: Option<SocketAddr>,
+    /// HTTPS listener address (fleet mode; overrides the file).
+    #[arg(long)]
+    https: Option<SocketAddr>,
+    /// Admin listener address (fleet mode; overrides the file).
+    #[arg(long)]
+    admin: Option<SocketAddr>,
+    /// Public address of this proxy, announced to the controller for DNS (repeatable).
+    #[arg(long = "public-addr")]
+    public_addrs: Vec<IpAddr>,
+    /// Heartbeat interval.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    heartbeat: Duration,
+}
+
+/// `rampart controller ...` subcommands.
+#[derive(Debug, Subcommand)]
+enum ControllerAction {
+    /// Join tokens for new proxies.
+    Token {
+        #[command(subcommand)]
+        action: TokenAction,
+    },
+    /// Enrolled proxy instances.
+    Instance {
+        #[command(subcommand)]
+        action: InstanceAction,
+    },
+    /// List proxy instances with address, version and last heartbeat (from the admin API).
+    Status,
+}
+
+/// `rampart controller token ...`.
+#[derive(Debug, Subcommand)]
+enum TokenAction {
+    /// Print a new one-time join token.
+    Create {
+        /// How long the token stays valid.
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        ttl: Duration,
+    },
+}
+
+/// `rampart controller instance ...`.
+#[derive(Debug, Subcommand)]
+enum InstanceAction {
+    /// Refuse an instance's certificate from now on.
+    Revoke {
+        /// Instance id, as listed by `rampart controller status`.
+        id: String,
     },
 }
 
@@ -86,9 +167,26 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
-        Command::Proxy { config, upgrade } => {
-            let cfg = load_or_report(&config)?;
-            serve(cfg, Some(config), upgrade)
+        Command::Proxy {
+            config,
+            upgrade,
+            fleet,
+        } => match (&fleet.controller, config) {
+            (Some(_), config) => serve_fleet(config.as_deref(), fleet, upgrade),
+            (None, Some(config)) => {
+                let cfg = load_or_report(&config)?;
+                serve(cfg, Some(config), upgrade)
+            }
+            (None, None) => anyhow::bail!(
+                "give --config FILE for a standalone proxy, or --controller URL to join a fleet"
+            ),
+        },
+        Command::Controller { config, action } => {
+            let path = config.context(
+                "--config FILE is required: the controller's configuration (see examples/controller.toml)",
+            )?;
+            let cfg = load_or_report(&path)?;
+            controller(cfg, path, action)
         }
         Command::Up {
             config,
@@ -129,6 +227,115 @@ fn load_or_report(path: &std::path::Path) -> anyhow::Result<Config> {
     })
 }
 
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
+fn controller(
+    config: Config,
+    path: PathBuf,
+    action: Option<ControllerAction>,
+) -> anyhow::Result<ExitCode> {
+    let rt = runtime()?;
+    match action {
+        None => rt.block_on(async {
+            let mut handle = rampart_controller::start(config, Some(path)).await?;
+            if let Some(admin) = handle.admin_addr {
+                eprintln!("Controller admin API: http://{admin}/status  http://{admin}/metrics");
+            }
+            eprintln!("Fleet API: https://{}", handle.fleet_addr);
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+                () = handle.wait() => anyhow::bail!("a controller task stopped unexpectedly"),
+            }
+            handle.shutdown().await;
+            Ok(ExitCode::SUCCESS)
+        }),
+        Some(ControllerAction::Token {
+            action: TokenAction::Create { ttl },
+        }) => {
+            let token = rt.block_on(rampart_controller::create_token(&config, ttl))?;
+            println!("{token}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Some(ControllerAction::Instance {
+            action: InstanceAction::Revoke { id },
+        }) => {
+            rt.block_on(rampart_controller::revoke(&config, &id))?;
+            eprintln!("instance {id} is revoked; its requests are refused from now on");
+            Ok(ExitCode::SUCCESS)
+        }
+        Some(ControllerAction::Status) => {
+            let admin = rampart_controller::settings(&config)
+                .admin
+                .context("controller.admin is disabled; status is read from the admin API")?;
+            let status = rt.block_on(rampart_controller::fetch_status(admin))?;
+            print!("{}", rampart_controller::render_status(&status));
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn serve_fleet(config: Option<&Path>, args: FleetArgs, upgrade: bool) -> anyhow::Result<ExitCode> {
+    let controller = args
+        .controller
+        .context("--controller is required in fleet mode")?;
+    rampart_proxy::fleet::client::check_url(&controller)?;
+    let mut local = match config {
+        Some(path) => {
+            let cfg = load_or_report(path)?;
+            if !cfg.routes.is_empty() || !cfg.pools.is_empty() {
+                tracing::warn!(
+                    "{}: routes and pools are ignored in fleet mode; the controller sends them",
+                    path.display()
+                );
+            }
+            cfg
+        }
+        None => {
+            let mut cfg = Config::default();
+            cfg.listeners.http = Some(SocketAddr::from(([0, 0, 0, 0], 80)));
+            cfg.listeners.https = Some(SocketAddr::from(([0, 0, 0, 0], 443)));
+            cfg
+        }
+    };
+    if let Some(dir) = args.data_dir {
+        local.server.data_dir = dir;
+    }
+    if args.http.is_some() || args.https.is_some() {
+        local.listeners.http = args.http;
+        local.listeners.https = args.https;
+    }
+    if args.admin.is_some() {
+        local.listeners.admin = args.admin;
+    }
+    let data_dir = local.server.data_dir.clone();
+    std::fs::create_dir_all(&data_dir)
+        .with_context(|| format!("creating data directory {}", data_dir.display()))?;
+    let cached = rampart_proxy::fleet::load_cached(&data_dir);
+    let live = rampart_proxy::live::Live::start_fleet(local, cached)?;
+    rampart_proxy::run(
+        live,
+        rampart_proxy::ProxyOptions {
+            config_path: None,
+            upgrade,
+            fleet: Some(rampart_proxy::fleet::FleetOptions {
+                controller,
+                join_token: args.join_token,
+                heartbeat_every: args.heartbeat,
+                public_addrs: args.public_addrs,
+            }),
+        },
+    )?;
+    Ok(ExitCode::SUCCESS)
+}
+
 fn serve(config: Config, path: Option<PathBuf>, upgrade: bool) -> anyhow::Result<ExitCode> {
     let listeners = config.listeners.clone();
     let live = rampart_proxy::prepare(config)?;
@@ -147,6 +354,7 @@ fn serve(config: Config, path: Option<PathBuf>, upgrade: bool) -> anyhow::Result
         rampart_proxy::ProxyOptions {
             config_path: path,
             upgrade,
+            fleet: None,
         },
     )?;
     Ok(ExitCode::SUCCESS)

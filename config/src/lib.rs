@@ -9,9 +9,11 @@
 //! - [`units`]: durations, sizes, host names, addresses, hash keys
 //! - [`validate`]: cross-field rules
 //! - [`diagnostics`]: issues and their positions in the file
+//! - [`snapshot`]: what the controller pushes to proxies, and the fleet protocol messages
 
 pub mod diagnostics;
 pub mod model;
+pub mod snapshot;
 pub mod units;
 pub mod validate;
 

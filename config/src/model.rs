@@ -41,6 +41,129 @@ pub struct Config {
     /// Upstream pools by name: endpoints, balancing, health checks, timeouts, retries.
     #[serde(default)]
     pub pools: BTreeMap<String, Pool>,
+    /// The controller (`rampart controller`): fleet API, admin, store.
+    #[serde(default)]
+    pub controller: Option<ControllerSettings>,
+    /// Where the controller discovers endpoints beyond the static ones in `[pools]`.
+    #[serde(default)]
+    pub discovery: Discovery,
+}
+
+/// Settings of the controller, which pushes snapshots of this configuration to proxies.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ControllerSettings {
+    /// Fleet API address (HTTPS, mutual TLS). Keep it off public networks.
+    #[serde(default = "default_fleet_listen")]
+    pub listen: SocketAddr,
+    /// Admin address of the controller: /metrics, /status, /healthz.
+    #[serde(default = "default_controller_admin")]
+    pub admin: Option<SocketAddr>,
+    /// Names and IP addresses proxies use to reach the fleet API (the SANs of its
+    /// certificate). Default: "localhost" and "127.0.0.1".
+    #[serde(default = "default_fleet_names")]
+    pub names: Vec<String>,
+    /// How long a watch request waits for a new snapshot before answering "no change".
+    #[serde(default = "default_watch_timeout")]
+    pub watch_timeout: Dur,
+    /// A proxy that has not sent a heartbeat for this long is counted as stale.
+    #[serde(default = "default_instance_timeout")]
+    pub instance_timeout: Dur,
+    /// Where certificates, join tokens and fleet state are kept.
+    #[serde(default)]
+    pub store: StoreSettings,
+}
+
+fn default_fleet_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 9443))
+}
+fn default_controller_admin() -> Option<SocketAddr> {
+    Some(SocketAddr::from(([127, 0, 0, 1], 9901)))
+}
+fn default_fleet_names() -> Vec<String> {
+    vec!["localhost".to_string(), "127.0.0.1".to_string()]
+}
+fn default_watch_timeout() -> Dur {
+    Dur::secs(30)
+}
+fn default_instance_timeout() -> Dur {
+    Dur::secs(30)
+}
+
+/// The controller's store.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum StoreSettings {
+    /// Files under `<server.data_dir>/controller` (one controller).
+    #[default]
+    Local,
+    /// etcd: shared state and a leader lease, so that several controllers can run.
+    Etcd(EtcdSettings),
+}
+
+/// etcd store settings.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct EtcdSettings {
+    /// Client URLs, e.g. ["http://10.0.0.2:2379"].
+    pub endpoints: Vec<String>,
+    /// Key prefix under which everything is kept.
+    #[serde(default = "default_etcd_prefix")]
+    pub prefix: String,
+    /// Leader lease time to live: a dead leader is replaced within this time.
+    #[serde(default = "default_lease_ttl")]
+    pub lease_ttl: Dur,
+}
+
+fn default_etcd_prefix() -> String {
+    "/rampart".to_string()
+}
+fn default_lease_ttl() -> Dur {
+    Dur::secs(10)
+}
+
+/// Endpoint discovery providers of the controller.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Discovery {
+    /// Endpoint lists in files: `[[discovery.files]] path = "endpoints.d"`.
+    #[serde(default)]
+    pub files: Vec<FileDiscovery>,
+}
+
+impl Discovery {
+    /// Whether any provider is configured (pools may then start without endpoints).
+    #[must_use]
+    pub fn any(&self) -> bool {
+        !self.files.is_empty()
+    }
+}
+
+/// A watched file, or directory of `*.toml` files, each listing endpoints by pool:
+/// `[pools.web] endpoints = [{ address = "10.0.0.7:8080" }]`.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct FileDiscovery {
+    /// The file or directory.
+    pub path: PathBuf,
+}
+
+/// What a discovery file holds: endpoints by pool name.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct EndpointFile {
+    /// Endpoints to add to each named pool of the configuration.
+    #[serde(default)]
+    pub pools: BTreeMap<String, EndpointList>,
+}
+
+/// The endpoints a discovery file gives one pool.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct EndpointList {
+    /// The endpoints.
+    #[serde(default)]
+    pub endpoints: Vec<Endpoint>,
 }
 
 /// Process-wide settings.

@@ -35,6 +35,7 @@ pub fn validate(config: &Config) -> Vec<Issue> {
             ));
         }
     }
+    controller(config, &mut out);
     let mut names = HashMap::new();
     for (i, route) in config.routes.iter().enumerate() {
         let path = FieldPath::root().key("routes").index(i);
@@ -54,11 +55,54 @@ pub fn validate(config: &Config) -> Vec<Issue> {
         self::pool(
             name,
             pool,
+            config.discovery.any(),
             &FieldPath::root().key("pools").key(name),
             &mut out,
         );
     }
     out
+}
+
+fn controller(config: &Config, out: &mut Vec<Issue>) {
+    let Some(c) = &config.controller else { return };
+    let path = FieldPath::root().key("controller");
+    if c.names.is_empty() {
+        out.push(Issue::new(
+            path.key("names"),
+            "no names for the fleet API certificate",
+            "list the names or IP addresses proxies use to reach the controller, e.g. names = [\"controller.internal\"]",
+        ));
+    }
+    if c.watch_timeout.0.is_zero() || c.instance_timeout.0.is_zero() {
+        out.push(Issue::new(
+            path.key(if c.watch_timeout.0.is_zero() {
+                "watch_timeout"
+            } else {
+                "instance_timeout"
+            }),
+            "must be longer than zero",
+            "use a duration such as \"30s\"",
+        ));
+    }
+    if let crate::StoreSettings::Etcd(etcd) = &c.store {
+        if etcd.endpoints.is_empty() {
+            out.push(Issue::new(
+                path.key("store").key("etcd").key("endpoints"),
+                "no etcd endpoints",
+                "list the etcd client URLs, e.g. endpoints = [\"http://10.0.0.2:2379\"]",
+            ));
+        }
+        if etcd.lease_ttl.0 < std::time::Duration::from_secs(2) {
+            out.push(Issue::new(
+                path.key("store").key("etcd").key("lease_ttl"),
+                format!(
+                    "{} is shorter than etcd's minimum useful lease (2s)",
+                    etcd.lease_ttl
+                ),
+                "use at least \"2s\"; 10s is a good default",
+            ));
+        }
+    }
 }
 
 fn listeners(config: &Config, out: &mut Vec<Issue>) {
@@ -284,7 +328,7 @@ fn route(config: &Config, route: &Route, path: &FieldPath, out: &mut Vec<Issue>)
     }
 }
 
-fn pool(name: &str, pool: &Pool, path: &FieldPath, out: &mut Vec<Issue>) {
+fn pool(name: &str, pool: &Pool, discovered: bool, path: &FieldPath, out: &mut Vec<Issue>) {
     if name.is_empty()
         || !name
             .bytes()
@@ -296,11 +340,11 @@ fn pool(name: &str, pool: &Pool, path: &FieldPath, out: &mut Vec<Issue>) {
             "use letters, digits, '-', '_' or '.'",
         ));
     }
-    if pool.endpoints.is_empty() {
+    if pool.endpoints.is_empty() && !discovered {
         out.push(Issue::new(
             path.key("endpoints"),
             "the pool has no endpoints",
-            "add endpoints = [{ address = \"10.0.0.5:8080\" }]",
+            "add endpoints = [{ address = \"10.0.0.5:8080\" }], or a [[discovery.files]] provider that lists them",
         ));
     }
     let mut seen = HashMap::new();
@@ -524,7 +568,7 @@ mod tests {
             "t.toml",
         )
         .unwrap_err();
-        assert_eq!(err.to_string(), "t.toml:5:1: pools.p.endpoints: the pool has no endpoints (hint: add endpoints = [{ address = \"10.0.0.5:8080\" }])");
+        assert_eq!(err.to_string(), "t.toml:5:1: pools.p.endpoints: the pool has no endpoints (hint: add endpoints = [{ address = \"10.0.0.5:8080\" }], or a [[discovery.files]] provider that lists them)");
     }
 
     proptest::proptest! {

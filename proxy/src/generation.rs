@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use anyhow::{anyhow, Context};
 use http::HeaderName;
+use rampart_config::snapshot::CertificateBundle;
 use rampart_config::{
     Action, Config, HashKey, HealthCheck, HostPattern, Retries, Route, Timeouts, TlsSource,
 };
@@ -158,6 +159,21 @@ impl Builder {
         version: u64,
         prev: Option<&Generation>,
     ) -> anyhow::Result<Generation> {
+        self.build_with(config, &[], version, prev)
+    }
+
+    /// Like [`Builder::build`], also serving the certificates in `bundles` (from a
+    /// snapshot, where certificates travel as PEM rather than as files).
+    ///
+    /// # Errors
+    /// As [`Builder::build`], and when a bundle does not load.
+    pub fn build_with(
+        &self,
+        config: Config,
+        bundles: &[CertificateBundle],
+        version: u64,
+        prev: Option<&Generation>,
+    ) -> anyhow::Result<Generation> {
         let mut pools = BTreeMap::new();
         for (name, pool) in &config.pools {
             pools.insert(
@@ -170,7 +186,7 @@ impl Builder {
             .iter()
             .map(|r| build_route(r, &config, &pools, &self.metrics))
             .collect();
-        let certs = self.build_certs(&config)?;
+        let certs = self.build_certs(&config, bundles)?;
         let forwarding = ForwardingPolicy {
             trusted: config.forwarding.trusted_proxies.clone(),
             request_id: HeaderName::from_bytes(config.forwarding.request_id_header.as_bytes())
@@ -194,8 +210,23 @@ impl Builder {
         })
     }
 
-    fn build_certs(&self, config: &Config) -> anyhow::Result<CertSet> {
+    fn build_certs(
+        &self,
+        config: &Config,
+        bundles: &[CertificateBundle],
+    ) -> anyhow::Result<CertSet> {
         let mut set = CertSet::default();
+        for (i, b) in bundles.iter().enumerate() {
+            let hosts: Vec<String> = b.hosts.iter().map(ToString::to_string).collect();
+            let cert = files::from_pem(b.chain_pem.as_bytes(), b.key_pem.as_bytes())
+                .with_context(|| format!("certificates[{i}] ({})", hosts.join(", ")))?;
+            for host in &b.hosts {
+                match host {
+                    HostPattern::Exact(h) => set.insert_exact(h.as_str(), cert.clone()),
+                    HostPattern::Wildcard(s) => set.insert_wildcard(s.as_str(), cert.clone()),
+                }
+            }
+        }
         for (i, entry) in config.tls.iter().enumerate() {
             let hosts: Vec<String> = entry.hosts.iter().map(ToString::to_string).collect();
             let cert = match &entry.source {

@@ -10,6 +10,7 @@
 pub mod admin;
 pub mod balance;
 pub mod edge;
+pub mod fleet;
 pub mod generation;
 pub mod headers;
 pub mod health;

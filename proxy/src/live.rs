@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
 use arc_swap::ArcSwap;
+use rampart_config::snapshot::{CertificateBundle, Snapshot};
 use rampart_config::Config;
 use tokio::sync::watch;
 
@@ -51,11 +52,35 @@ impl Live {
     /// # Errors
     /// When the configuration cannot be built (see [`Builder::build`]).
     pub fn start(config: Config) -> anyhow::Result<Arc<Self>> {
+        Self::start_at(config, 1)
+    }
+
+    /// Starts in fleet mode: the local configuration (listeners, no routes yet) as
+    /// version 0, then the cached snapshot if there is a good one. Not ready until a
+    /// snapshot serves.
+    ///
+    /// # Errors
+    /// When the local configuration cannot be built.
+    pub fn start_fleet(local: Config, cached: Option<Snapshot>) -> anyhow::Result<Arc<Self>> {
+        let live = Self::start_at(local, 0)?;
+        if let Some(snapshot) = cached {
+            let version = snapshot.version;
+            match live.apply_snapshot(snapshot) {
+                Ok(_) => tracing::info!("serving cached snapshot version {version} until the controller answers"),
+                Err(e) => tracing::warn!("the cached snapshot {version} does not build, waiting for the controller: {e:#}"),
+            }
+        }
+        Ok(live)
+    }
+
+    fn start_at(config: Config, version: u64) -> anyhow::Result<Arc<Self>> {
         let metrics = Arc::new(Metrics::new());
         let builder = Builder::new(config.server.data_dir.clone(), metrics.clone());
-        let first = builder.build(config, 1, None)?;
-        metrics.config_version.set(1);
-        let (changes, _) = watch::channel(1);
+        let first = builder.build(config, version, None)?;
+        metrics
+            .config_version
+            .set(i64::try_from(version).unwrap_or(i64::MAX));
+        let (changes, _) = watch::channel(version);
         Ok(Arc::new(Self {
             current: Arc::new(ArcSwap::from_pointee(first)),
             metrics,
@@ -72,10 +97,41 @@ impl Live {
     /// # Errors
     /// Why the new configuration could not be built.
     pub fn apply(&self, config: Config) -> anyhow::Result<u64> {
+        let version = self.current.load().version + 1;
+        self.swap_in(config, &[], version)
+    }
+
+    /// Applies a snapshot from the controller: this proxy's own `server` and
+    /// `listeners` with everything else from the snapshot, served as its version.
+    /// A snapshot that breaks a rule or does not build leaves the current generation
+    /// serving.
+    ///
+    /// # Errors
+    /// Every rule the snapshot breaks, or why it could not be built.
+    pub fn apply_snapshot(&self, snapshot: Snapshot) -> anyhow::Result<u64> {
+        let version = snapshot.version;
+        let local = self.current.load().config.clone();
+        let (config, bundles) = snapshot.into_config(&local).map_err(|issues| {
+            let text: Vec<String> = issues.iter().map(|i| i.render("snapshot")).collect();
+            self.reload_failed(&anyhow::anyhow!(
+                "snapshot {version} is invalid:\n{}",
+                text.join("\n")
+            ))
+        })?;
+        self.swap_in(config, &bundles, version)
+    }
+
+    fn swap_in(
+        &self,
+        config: Config,
+        bundles: &[CertificateBundle],
+        version: u64,
+    ) -> anyhow::Result<u64> {
         let started = Instant::now();
         let prev = self.current.load_full();
-        let version = prev.version + 1;
-        let result = self.builder.build(config, version, Some(&prev));
+        let result = self
+            .builder
+            .build_with(config, bundles, version, Some(&prev));
         self.metrics
             .swap_duration
             .observe(started.elapsed().as_secs_f64());

@@ -19,6 +19,7 @@ use rampart_config::Config;
 
 use crate::admin::AdminApp;
 use crate::edge::{Edge, Scheme};
+use crate::fleet::{FleetOptions, FleetService};
 use crate::health::checker::HealthChecker;
 use crate::listener::EdgeApp;
 use crate::live::Live;
@@ -32,6 +33,8 @@ pub struct ProxyOptions {
     pub config_path: Option<PathBuf>,
     /// Take the listening sockets over from a running instance (graceful upgrade).
     pub upgrade: bool,
+    /// Take snapshots from a controller (fleet mode) instead of a file.
+    pub fleet: Option<FleetOptions>,
 }
 
 /// Builds the first generation (so that a bad config fails before anything listens).
@@ -109,6 +112,12 @@ pub fn run(live: Arc<Live>, options: ProxyOptions) -> anyhow::Result<()> {
             ReloadService::new(live.clone(), path),
         ));
     }
+    if let Some(fleet) = options.fleet {
+        server.add_service(background_service(
+            "fleet",
+            FleetService::new(live.clone(), fleet, data_dir.clone()),
+        ));
+    }
     server.add_service(background_service(
         "health checks",
         HealthChecker::new(live.clone()),
@@ -153,7 +162,7 @@ fn ceil_secs(d: std::time::Duration) -> u64 {
     d.as_secs() + u64::from(d.subsec_nanos() > 0)
 }
 
-/// Ready once every client listener accepts connections; not ready as soon as shutdown
+/// Ready once every client listener accepts connections and a configuration serves; not ready as soon as shutdown
 /// starts, so that load balancers polling /ready stop sending traffic during the grace
 /// period. (Pingora starts services concurrently: a background service running says
 /// nothing about the listeners being bound yet.)
@@ -168,8 +177,17 @@ impl BackgroundService for Readiness {
             .flatten()
             .map(reachable)
             .collect();
+        // In fleet mode version 0 means "no snapshot yet": nothing to serve.
+        let mut changes = self.0.subscribe();
+        let serving = async {
+            while *changes.borrow_and_update() == 0 {
+                if changes.changed().await.is_err() {
+                    std::future::pending::<()>().await;
+                }
+            }
+        };
         tokio::select! {
-            () = wait_accepting(&addrs) => self.0.set_ready(true),
+            ((), ()) = async { tokio::join!(wait_accepting(&addrs), serving) } => self.0.set_ready(true),
             _ = shutdown.changed() => return,
         }
         // An error means the sender is gone, which is also shutdown.

@@ -1,0 +1,273 @@
+//! The snapshot: everything a proxy of the fleet serves, as one versioned value that the
+//! controller compiles and pushes and every proxy applies whole. Also the other messages
+//! of the fleet protocol (enrolment, ack, heartbeat, status), so that the proxy and the
+//! controller share one wire model without depending on each other.
+//!
+//! A snapshot carries no file paths: certificates travel as PEM, endpoints as addresses
+//! (discovery already merged in). What stays local to a proxy (listeners, threads, data
+//! directory) comes from the proxy's own command line or file; see [`Snapshot::into_config`].
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::diagnostics::{FieldPath, Issue};
+use crate::model::{Config, Forwarding, Limits, Pool, Route};
+use crate::units::{HostPattern, Hostname};
+
+/// Version of the snapshot wire format; a proxy refuses snapshots of another schema.
+pub const SCHEMA: u32 = 1;
+
+/// Everything a proxy serves, at one version.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Snapshot {
+    /// Wire format version ([`SCHEMA`]).
+    pub schema: u32,
+    /// Monotonic version: never reused, even across controller restarts and failovers.
+    pub version: u64,
+    /// Client limits.
+    pub limits: Limits,
+    /// Forwarding headers policy.
+    pub forwarding: Forwarding,
+    /// Routes in priority order of the configuration.
+    pub routes: Vec<Route>,
+    /// Pools with their static and discovered endpoints.
+    pub pools: BTreeMap<String, Pool>,
+    /// Certificates by host.
+    pub certificates: Vec<CertificateBundle>,
+    /// Host whose certificate answers handshakes without a known SNI.
+    pub default_sni: Option<Hostname>,
+}
+
+/// A certificate chain and key for some hosts, as PEM.
+#[derive(Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct CertificateBundle {
+    /// Hosts (exact or wildcard) served with this certificate.
+    pub hosts: Vec<HostPattern>,
+    /// Chain, leaf first.
+    pub chain_pem: String,
+    /// Private key.
+    pub key_pem: String,
+}
+
+impl std::fmt::Debug for CertificateBundle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print private keys.
+        f.debug_struct("CertificateBundle")
+            .field("hosts", &self.hosts)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Snapshot {
+    /// The configuration a proxy serves: its local settings (`server`, `listeners`) with
+    /// everything else from this snapshot, plus the certificates to load. Checks the
+    /// schema and the same cross-field rules as a configuration file.
+    ///
+    /// # Errors
+    /// Every problem found, each with its path inside the snapshot.
+    pub fn into_config(
+        self,
+        local: &Config,
+    ) -> Result<(Config, Vec<CertificateBundle>), Vec<Issue>> {
+        if self.schema != SCHEMA {
+            return Err(vec![Issue::new(
+                FieldPath::root().key("schema"),
+                format!("snapshot schema {} is not {SCHEMA}", self.schema),
+                "run the same Rampart version on the controller and the proxies",
+            )]);
+        }
+        let mut server = local.server.clone();
+        server.default_sni = self.default_sni;
+        let config = Config {
+            server,
+            listeners: local.listeners.clone(),
+            limits: self.limits,
+            forwarding: self.forwarding,
+            tls: Vec::new(),
+            routes: self.routes,
+            pools: self.pools,
+            controller: None,
+            // Pools may be empty in a snapshot (discovery found nothing yet): serve 503.
+            discovery: crate::Discovery {
+                files: vec![crate::FileDiscovery {
+                    path: "<controller>".into(),
+                }],
+            },
+        };
+        let mut issues = crate::validate::validate(&config);
+        // default_sni is checked against [[tls]] entries, which a snapshot carries as
+        // certificate bundles instead.
+        issues.retain(|i| i.path.to_string() != "server.default_sni");
+        if issues.is_empty() {
+            Ok((config, self.certificates))
+        } else {
+            Err(issues)
+        }
+    }
+}
+
+/// `POST /v1/enroll`: a new proxy asks for a client certificate.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct EnrollRequest {
+    /// The one-time join token (`rampart controller token create`).
+    pub token: String,
+    /// Certificate request for the proxy's own key, PEM.
+    pub csr_pem: String,
+    /// The proxy's host name, for humans reading `/status`.
+    pub hostname: String,
+}
+
+/// The answer to an enrolment.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct EnrollResponse {
+    /// The identity the controller gave the proxy.
+    pub instance: String,
+    /// The client certificate, PEM.
+    pub cert_pem: String,
+    /// The fleet CA, PEM: trust it for the controller from now on.
+    pub ca_pem: String,
+}
+
+/// `POST /v1/ack`: what a proxy did with a snapshot.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Ack {
+    /// The snapshot version.
+    pub version: u64,
+    /// Whether it is now serving.
+    pub applied: AckResult,
+    /// Why it was refused (empty when applied).
+    #[serde(default)]
+    pub detail: String,
+}
+
+/// Outcome of applying a snapshot.
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum AckResult {
+    /// Serving it.
+    Ok,
+    /// Refused; the previous version keeps serving.
+    Error,
+}
+
+/// `POST /v1/heartbeat`: a proxy says it is alive.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Heartbeat {
+    /// Public addresses clients reach this proxy on (for DNS).
+    #[serde(default)]
+    pub public_addrs: Vec<IpAddr>,
+    /// Whether its listeners accept and it serves a snapshot.
+    pub ready: bool,
+    /// The snapshot version it serves (0: none yet).
+    pub version: u64,
+}
+
+/// One proxy instance as the controller sees it (`/status`, `rampart controller status`).
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+pub struct InstanceStatus {
+    /// Identity given at enrolment.
+    pub id: String,
+    /// Host name it enrolled with.
+    pub hostname: String,
+    /// Address it connects from.
+    pub peer: Option<String>,
+    /// Public addresses from its heartbeat.
+    pub public_addrs: Vec<IpAddr>,
+    /// Version it reports serving.
+    pub version: u64,
+    /// Whether it reported ready.
+    pub ready: bool,
+    /// Seconds since its last heartbeat (None: never).
+    pub last_heartbeat_secs: Option<f64>,
+    /// The last snapshot it refused, and why.
+    pub last_error: Option<String>,
+    /// `ready`, `not_ready`, `stale` (no heartbeat within the timeout) or `revoked`.
+    pub state: String,
+}
+
+/// The controller's `/status`.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+pub struct ControllerStatus {
+    /// Version of the current snapshot.
+    pub version: u64,
+    /// Whether this controller holds the leader lease (always true with a local store).
+    pub leader: bool,
+    /// Proxy instances.
+    pub instances: Vec<InstanceStatus>,
+    /// Discovery providers and their last errors.
+    pub discovery: Vec<ProviderStatus>,
+}
+
+/// A discovery provider's state.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+pub struct ProviderStatus {
+    /// Provider name, e.g. `file:endpoints.d`.
+    pub name: String,
+    /// Endpoints it currently contributes.
+    pub endpoints: usize,
+    /// Problems in its last read (the last good endpoints stay in use).
+    pub errors: Vec<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn snapshot() -> Snapshot {
+        let cfg = crate::parse(
+            "[listeners]\nhttp = \"127.0.0.1:1\"\n[[routes]]\nname = \"r\"\naction = { forward = \"p\" }\n[pools.p]\nendpoints = [{ address = \"127.0.0.1:2\" }]\n",
+            "t",
+        )
+        .unwrap();
+        Snapshot {
+            schema: SCHEMA,
+            version: 7,
+            limits: cfg.limits,
+            forwarding: cfg.forwarding,
+            routes: cfg.routes,
+            pools: cfg.pools,
+            certificates: vec![],
+            default_sni: None,
+        }
+    }
+
+    #[test]
+    fn a_snapshot_round_trips_and_keeps_local_listeners() {
+        let snap = snapshot();
+        let json = serde_json::to_string(&snap).unwrap();
+        let back: Snapshot = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, snap);
+        let mut local = Config::default();
+        local.listeners.http = Some("127.0.0.1:9".parse().unwrap());
+        let (cfg, certs) = back.into_config(&local).unwrap();
+        assert_eq!(cfg.listeners.http, local.listeners.http);
+        assert_eq!(cfg.routes.len(), 1);
+        assert!(certs.is_empty());
+    }
+
+    #[test]
+    fn a_snapshot_breaking_the_rules_is_refused_with_paths() {
+        let mut snap = snapshot();
+        snap.routes[0].action = crate::Action::Forward("missing".into());
+        let mut local = Config::default();
+        local.listeners.http = Some("127.0.0.1:9".parse().unwrap());
+        let issues = snap.clone().into_config(&local).unwrap_err();
+        assert!(
+            issues
+                .iter()
+                .any(|i| i.path.to_string().starts_with("routes[0]")),
+            "{issues:?}"
+        );
+        snap.schema = 99;
+        let issues = snap.into_config(&local).unwrap_err();
+        assert_eq!(issues[0].path.to_string(), "schema");
+    }
+}

@@ -1,0 +1,74 @@
+//! The controller's admin listener: `/metrics`, `/status` (JSON: snapshot version,
+//! instances, discovery providers) and `/healthz`. Plain HTTP: bind it to a private
+//! address.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::Full;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::State;
+
+/// Serves the admin API on `listener` until `shutdown` turns true.
+pub async fn serve(state: Arc<State>, listener: TcpListener, mut shutdown: watch::Receiver<bool>) {
+    loop {
+        let (tcp, _) = tokio::select! {
+            _ = shutdown.changed() => return,
+            r = listener.accept() => match r {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!("admin accept: {e}");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let state = state.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                let state = state.clone();
+                async move { Ok::<_, std::convert::Infallible>(respond(&state, req.uri().path())) }
+            });
+            let io = hyper_util::rt::TokioIo::new(tcp);
+            // A client that goes away mid-request is not worth a log line.
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(io, service)
+                .await;
+        });
+    }
+}
+
+fn respond(state: &State, path: &str) -> Response<Full<Bytes>> {
+    let (status, ctype, body) = match path {
+        "/healthz" => (StatusCode::OK, "text/plain", "ok\n".to_string()),
+        "/metrics" => {
+            state
+                .fleet
+                .registry
+                .export(&state.fleet.metrics, state.fleet.version());
+            (
+                StatusCode::OK,
+                "text/plain; version=0.0.4",
+                state.fleet.metrics.render(),
+            )
+        }
+        "/status" => (
+            StatusCode::OK,
+            "application/json",
+            serde_json::to_string_pretty(&state.status()).unwrap_or_default(),
+        ),
+        _ => (
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "not found; try /status, /metrics or /healthz\n".to_string(),
+        ),
+    };
+    Response::builder()
+        .status(status)
+        .header(http::header::CONTENT_TYPE, ctype)
+        .body(Full::new(Bytes::from(body)))
+        .expect("static response parts are valid")
+}

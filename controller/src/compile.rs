@@ -1,0 +1,155 @@
+//! The snapshot compiler: configuration + discovered endpoints + certificates → the
+//! next [`Snapshot`]. Pure except for reading certificate files and issuing internal
+//! certificates (cached per host list, so recompiling does not churn them).
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use anyhow::Context;
+use rampart_config::snapshot::{CertificateBundle, Snapshot, SCHEMA};
+use rampart_config::{Config, Endpoint, TlsSource};
+use rampart_pki::Ca;
+
+use crate::discovery::Found;
+
+/// Internal certificates are valid this long; the controller re-issues at start.
+const INTERNAL_LIFETIME: Duration = Duration::from_secs(30 * 24 * 3600);
+
+/// Compiles snapshots; holds the internal CA and the certificates it issued.
+#[derive(Debug)]
+pub struct Compiler {
+    serving_ca: Ca,
+    issued: HashMap<Vec<String>, CertificateBundle>,
+}
+
+impl Compiler {
+    /// A compiler issuing `internal` certificates from `serving_ca`.
+    #[must_use]
+    pub fn new(serving_ca: Ca) -> Self {
+        Self {
+            serving_ca,
+            issued: HashMap::new(),
+        }
+    }
+
+    /// The snapshot of `config` with `found` endpoints merged in, at `version`.
+    ///
+    /// # Errors
+    /// When a certificate file cannot be read or an internal certificate issued.
+    pub fn compile(
+        &mut self,
+        config: &Config,
+        found: &[Found],
+        version: u64,
+    ) -> anyhow::Result<Snapshot> {
+        Ok(Snapshot {
+            schema: SCHEMA,
+            version,
+            limits: config.limits.clone(),
+            forwarding: config.forwarding.clone(),
+            routes: config.routes.clone(),
+            pools: merge_pools(config, found),
+            certificates: self.certificates(config)?,
+            default_sni: config.server.default_sni.clone(),
+        })
+    }
+
+    fn certificates(&mut self, config: &Config) -> anyhow::Result<Vec<CertificateBundle>> {
+        let mut out = Vec::with_capacity(config.tls.len());
+        for (i, entry) in config.tls.iter().enumerate() {
+            let hosts: Vec<String> = entry.hosts.iter().map(ToString::to_string).collect();
+            let bundle = match &entry.source {
+                TlsSource::Files { cert, key } => CertificateBundle {
+                    hosts: entry.hosts.clone(),
+                    chain_pem: std::fs::read_to_string(cert)
+                        .with_context(|| format!("tls[{i}]: reading {}", cert.display()))?,
+                    key_pem: std::fs::read_to_string(key)
+                        .with_context(|| format!("tls[{i}]: reading {}", key.display()))?,
+                },
+                // ACME names are served from the internal CA until the orderer delivers.
+                TlsSource::Internal | TlsSource::Acme(_) => {
+                    if let Some(b) = self.issued.get(&hosts) {
+                        b.clone()
+                    } else {
+                        let issued = self
+                            .serving_ca
+                            .issue_server(&hosts, INTERNAL_LIFETIME)
+                            .with_context(|| {
+                                format!("tls[{i}]: issuing an internal certificate")
+                            })?;
+                        let b = CertificateBundle {
+                            hosts: entry.hosts.clone(),
+                            chain_pem: issued.chain_pem,
+                            key_pem: issued.key_pem,
+                        };
+                        self.issued.insert(hosts, b.clone());
+                        b
+                    }
+                }
+            };
+            out.push(bundle);
+        }
+        Ok(out)
+    }
+}
+
+/// The configured pools with every provider's endpoints appended (each address once;
+/// the static entry wins).
+#[must_use]
+pub fn merge_pools(config: &Config, found: &[Found]) -> BTreeMap<String, rampart_config::Pool> {
+    let mut pools = config.pools.clone();
+    for f in found {
+        for (name, eps) in &f.pools {
+            let Some(pool) = pools.get_mut(name) else {
+                continue;
+            };
+            for ep in eps {
+                if !pool
+                    .endpoints
+                    .iter()
+                    .any(|e: &Endpoint| e.address == ep.address)
+                {
+                    pool.endpoints.push(ep.clone());
+                }
+            }
+        }
+    }
+    pools
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn discovered_endpoints_join_static_ones_once() {
+        let config = rampart_config::parse(
+            "[listeners]\nhttp = \"127.0.0.1:1\"\n[pools.web]\nendpoints = [{ address = \"127.0.0.1:10\" }]\n",
+            "t",
+        )
+        .unwrap();
+        let ep = |a: &str| Endpoint {
+            address: a.parse().unwrap(),
+            weight: 1,
+        };
+        let found = Found {
+            pools: [
+                (
+                    "web".to_string(),
+                    vec![ep("127.0.0.1:10"), ep("127.0.0.1:11")],
+                ),
+                ("gone".to_string(), vec![ep("127.0.0.1:12")]),
+            ]
+            .into(),
+            errors: vec![],
+        };
+        let pools = merge_pools(&config, &[found]);
+        let addrs: Vec<String> = pools["web"]
+            .endpoints
+            .iter()
+            .map(|e| e.address.to_string())
+            .collect();
+        assert_eq!(addrs, ["127.0.0.1:10", "127.0.0.1:11"]);
+        assert!(!pools.contains_key("gone"));
+    }
+}

@@ -1,0 +1,58 @@
+//! The fleet side of the controller: the current snapshot as proxies receive it, the
+//! enrolled instances, and the API proxies talk to ([`api`]) over mutual TLS ([`tls`]).
+
+pub mod api;
+pub mod registry;
+pub mod tls;
+pub mod tokens;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use rampart_pki::Ca;
+use tokio::sync::watch;
+
+use crate::metrics::Metrics;
+use crate::store::Store;
+use registry::Registry;
+
+/// Client certificates of proxies are valid this long.
+pub const CLIENT_CERT_LIFETIME: Duration = Duration::from_secs(365 * 24 * 3600);
+/// Largest request body the fleet API reads (enrolment and acks are small).
+pub const MAX_BODY: usize = 256 * 1024;
+
+/// A snapshot as sent to proxies: its version and its encoded form, shared by every
+/// watcher (encoded once, not once per proxy).
+#[derive(Clone, Debug, Default)]
+pub struct Published {
+    /// Snapshot version (0: nothing compiled yet).
+    pub version: u64,
+    /// The JSON encoding.
+    pub body: Bytes,
+}
+
+/// Everything the fleet API needs.
+#[derive(Debug)]
+pub struct Fleet {
+    /// Certificates, tokens, instance records.
+    pub store: Arc<dyn Store>,
+    /// Signs client certificates.
+    pub ca: Ca,
+    /// Live instance state.
+    pub registry: Registry,
+    /// Controller metrics.
+    pub metrics: Metrics,
+    /// The current snapshot.
+    pub published: watch::Sender<Published>,
+    /// Longest a watch waits before answering "no change".
+    pub watch_timeout: Duration,
+}
+
+impl Fleet {
+    /// The current snapshot version.
+    #[must_use]
+    pub fn version(&self) -> u64 {
+        self.published.borrow().version
+    }
+}

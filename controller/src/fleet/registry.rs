@@ -1,0 +1,154 @@
+//! What the controller knows about each enrolled proxy instance: the stored record
+//! (host name, revoked) and the live state from its heartbeats and acks.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use rampart_config::snapshot::{Ack, AckResult, Heartbeat, InstanceStatus};
+use serde::{Deserialize, Serialize};
+
+use crate::metrics::Metrics;
+
+/// The stored record of an enrolled instance (`instances/<id>`).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct InstanceRecord {
+    /// Host name given at enrolment.
+    pub hostname: String,
+    /// Unix time of enrolment.
+    pub enrolled_at: u64,
+    /// Refused from now on.
+    pub revoked: bool,
+}
+
+#[derive(Debug, Default)]
+struct LiveState {
+    hostname: String,
+    peer: Option<String>,
+    public_addrs: Vec<IpAddr>,
+    version: u64,
+    ready: bool,
+    last_heartbeat: Option<Instant>,
+    last_error: Option<String>,
+    revoked: bool,
+}
+
+/// Live state of every instance seen by this controller.
+#[derive(Debug)]
+pub struct Registry {
+    instances: Mutex<BTreeMap<String, LiveState>>,
+    stale_after: Duration,
+}
+
+impl Registry {
+    /// An empty registry; instances without a heartbeat for `stale_after` are stale.
+    #[must_use]
+    pub fn new(stale_after: Duration) -> Self {
+        Self {
+            instances: Mutex::new(BTreeMap::new()),
+            stale_after,
+        }
+    }
+
+    fn with<T>(&self, f: impl FnOnce(&mut BTreeMap<String, LiveState>) -> T) -> T {
+        let mut guard = self
+            .instances
+            .lock()
+            .expect("registry lock is never poisoned: no panics while held");
+        f(&mut guard)
+    }
+
+    /// Records what the store says about `id`.
+    pub fn known(&self, id: &str, record: &InstanceRecord) {
+        self.with(|m| {
+            let s = m.entry(id.to_string()).or_default();
+            s.hostname.clone_from(&record.hostname);
+            s.revoked = record.revoked;
+        });
+    }
+
+    /// Records a heartbeat from `id` connecting from `peer`.
+    pub fn heartbeat(&self, id: &str, peer: String, hb: &Heartbeat) {
+        self.with(|m| {
+            let s = m.entry(id.to_string()).or_default();
+            s.peer = Some(peer);
+            s.public_addrs.clone_from(&hb.public_addrs);
+            s.version = hb.version;
+            s.ready = hb.ready;
+            s.last_heartbeat = Some(Instant::now());
+        });
+    }
+
+    /// Records an ack from `id`.
+    pub fn ack(&self, id: &str, ack: &Ack) {
+        self.with(|m| {
+            let s = m.entry(id.to_string()).or_default();
+            match ack.applied {
+                AckResult::Ok => {
+                    s.version = ack.version;
+                    s.last_error = None;
+                }
+                AckResult::Error => {
+                    s.last_error = Some(format!("version {}: {}", ack.version, ack.detail));
+                }
+            }
+        });
+    }
+
+    /// Every instance, for `/status`.
+    #[must_use]
+    pub fn status(&self) -> Vec<InstanceStatus> {
+        let now = Instant::now();
+        self.with(|m| {
+            m.iter()
+                .map(|(id, s)| {
+                    let age = s.last_heartbeat.map(|t| now.duration_since(t));
+                    let state = if s.revoked {
+                        "revoked"
+                    } else if age.is_none_or(|a| a > self.stale_after) {
+                        "stale"
+                    } else if s.ready {
+                        "ready"
+                    } else {
+                        "not_ready"
+                    };
+                    InstanceStatus {
+                        id: id.clone(),
+                        hostname: s.hostname.clone(),
+                        peer: s.peer.clone(),
+                        public_addrs: s.public_addrs.clone(),
+                        version: s.version,
+                        ready: s.ready,
+                        last_heartbeat_secs: age.map(|a| a.as_secs_f64()),
+                        last_error: s.last_error.clone(),
+                        state: state.to_string(),
+                    }
+                })
+                .collect()
+        })
+    }
+
+    /// Refreshes the per-instance and per-state gauges against `current` version.
+    pub fn export(&self, metrics: &Metrics, current: u64) {
+        let status = self.status();
+        metrics.instance_version.reset();
+        metrics.instance_lag.reset();
+        metrics.instances.reset();
+        for state in ["ready", "not_ready", "stale", "revoked"] {
+            metrics.instances.with_label_values(&[state]).set(0);
+        }
+        for i in &status {
+            metrics.instances.with_label_values(&[&i.state]).inc();
+            if i.state == "revoked" {
+                continue;
+            }
+            let v = i64::try_from(i.version).unwrap_or(i64::MAX);
+            metrics.instance_version.with_label_values(&[&i.id]).set(v);
+            metrics
+                .instance_lag
+                .with_label_values(&[&i.id])
+                .set(i64::try_from(current.saturating_sub(i.version)).unwrap_or(i64::MAX));
+        }
+    }
+}

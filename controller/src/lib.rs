@@ -1,0 +1,497 @@
+//! Rampart's control plane: owns the desired state (configuration + discovered
+//! endpoints + certificates), compiles it into versioned snapshots and pushes them to
+//! every enrolled proxy over the fleet API.
+//!
+//! - [`store`]: where state is kept (local directory)
+//! - [`authority`]: the fleet CA and the internal serving CA
+//! - [`discovery`]: endpoint providers (files)
+//! - [`compile`]: configuration + discovery → snapshot
+//! - [`fleet`]: enrolment, tokens, watch/ack/heartbeat, instance registry
+//! - [`admin`]: /metrics, /status, /healthz
+
+pub mod admin;
+pub mod authority;
+pub mod compile;
+pub mod discovery;
+pub mod fleet;
+pub mod metrics;
+pub mod store;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use bytes::Bytes;
+use rampart_config::snapshot::{ControllerStatus, ProviderStatus};
+use rampart_config::{Config, ControllerSettings, StoreSettings};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+use crate::authority::Authority;
+use crate::compile::Compiler;
+use crate::discovery::{file::FileProvider, Found, Provider};
+use crate::fleet::registry::{InstanceRecord, Registry};
+use crate::fleet::{Fleet, Published};
+use crate::metrics::Metrics;
+use crate::store::{get_json, put_json, Store};
+
+/// Opens the store `config` names.
+///
+/// # Errors
+/// When the store cannot be opened.
+pub fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
+    let settings = settings(config);
+    match &settings.store {
+        StoreSettings::Local => Ok(Arc::new(store::local::LocalStore::open(
+            &config.server.data_dir.join("controller"),
+        )?)),
+        StoreSettings::Etcd(_) => anyhow::bail!(
+            "controller.store.etcd is not available in this build; use the local store (remove [controller.store])"
+        ),
+    }
+}
+
+/// The controller settings of `config` (defaults when the section is absent).
+#[must_use]
+pub fn settings(config: &Config) -> ControllerSettings {
+    config
+        .controller
+        .clone()
+        .unwrap_or_else(|| toml::from_str("").expect("every controller setting has a default"))
+}
+
+/// Creates a one-time join token valid for `ttl`.
+///
+/// # Errors
+/// When the store fails.
+pub async fn create_token(config: &Config, ttl: Duration) -> anyhow::Result<String> {
+    let store = open_store(config)?;
+    let ca = authority::load(store.as_ref(), Authority::Fleet).await?;
+    fleet::tokens::create(store.as_ref(), ttl, &ca.fingerprint()?).await
+}
+
+/// Revokes an enrolled instance: its certificate is refused from now on.
+///
+/// # Errors
+/// When there is no such instance or the store fails.
+pub async fn revoke(config: &Config, id: &str) -> anyhow::Result<()> {
+    let store = open_store(config)?;
+    let key = format!("instances/{id}");
+    let mut record: InstanceRecord = get_json(store.as_ref(), &key).await?.with_context(|| {
+        format!("no instance {id}; `rampart controller status` lists the enrolled instances")
+    })?;
+    record.revoked = true;
+    put_json(store.as_ref(), &key, &record).await
+}
+
+/// Shared state of a running controller.
+#[derive(Debug)]
+pub struct State {
+    /// The fleet API's state.
+    pub fleet: Arc<Fleet>,
+    providers: Mutex<Vec<(String, Found)>>,
+}
+
+impl State {
+    /// What `/status` shows.
+    #[must_use]
+    pub fn status(&self) -> ControllerStatus {
+        let providers = self
+            .providers
+            .lock()
+            .expect("providers lock is never poisoned: no panics while held");
+        ControllerStatus {
+            version: self.fleet.version(),
+            leader: true,
+            instances: self.fleet.registry.status(),
+            discovery: providers
+                .iter()
+                .map(|(name, f)| ProviderStatus {
+                    name: name.clone(),
+                    endpoints: f.endpoint_count(),
+                    errors: f.errors.clone(),
+                })
+                .collect(),
+        }
+    }
+}
+
+/// A running controller.
+#[derive(Debug)]
+pub struct Handle {
+    /// Where the fleet API listens.
+    pub fleet_addr: SocketAddr,
+    /// Where the admin API listens, if enabled.
+    pub admin_addr: Option<SocketAddr>,
+    /// Shared state (for `rampart up` and tests).
+    pub state: Arc<State>,
+    shutdown: watch::Sender<bool>,
+    tasks: JoinSet<()>,
+}
+
+impl Handle {
+    /// Stops every task and waits for them.
+    pub async fn shutdown(mut self) {
+        self.shutdown.send_replace(true);
+        while self.tasks.join_next().await.is_some() {}
+    }
+
+    /// Waits until a task ends (they run until shutdown, so this means one failed).
+    pub async fn wait(&mut self) {
+        self.tasks.join_next().await;
+    }
+}
+
+/// Starts a controller for `config`, reloading it from `path` on SIGHUP or change.
+///
+/// # Errors
+/// When the store, the CAs or the listeners cannot be set up.
+pub async fn start(config: Config, path: Option<PathBuf>) -> anyhow::Result<Handle> {
+    let settings = settings(&config);
+    let store = open_store(&config)?;
+    let ca = authority::load(store.as_ref(), Authority::Fleet).await?;
+    let serving_ca = authority::load(store.as_ref(), Authority::Serving).await?;
+    let tls = fleet::tls::server_config(&ca, &settings.names)?;
+    let metrics = Metrics::new();
+    let registry = Registry::new(settings.instance_timeout.0);
+    for (key, value) in store.list("instances").await? {
+        if let Ok(record) = serde_json::from_slice::<InstanceRecord>(&value) {
+            registry.known(key.trim_start_matches("instances/"), &record);
+        }
+    }
+    let (published, _) = watch::channel(Published::default());
+    let fleet = Arc::new(Fleet {
+        store: store.clone(),
+        ca,
+        registry,
+        metrics,
+        published,
+        watch_timeout: settings.watch_timeout.0,
+    });
+    let state = Arc::new(State {
+        fleet: fleet.clone(),
+        providers: Mutex::new(Vec::new()),
+    });
+
+    let fleet_listener = TcpListener::bind(settings.listen).await.with_context(|| {
+        format!(
+            "binding the fleet API to {} (controller.listen)",
+            settings.listen
+        )
+    })?;
+    let fleet_addr = fleet_listener.local_addr()?;
+    let admin_listener = match settings.admin {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding the admin API to {addr} (controller.admin)"))?,
+        ),
+        None => None,
+    };
+    let admin_addr = admin_listener
+        .as_ref()
+        .map(TcpListener::local_addr)
+        .transpose()?;
+
+    let (shutdown, shutdown_rx) = watch::channel(false);
+    let mut tasks = JoinSet::new();
+    let found = spawn_providers(&config, &mut tasks, &shutdown_rx);
+    let config_rx = match path {
+        Some(p) => spawn_config_watch(p, config.clone(), &fleet.metrics, &mut tasks, &shutdown_rx),
+        None => watch::channel(config).1,
+    };
+    let compiler = Compiler::new(serving_ca);
+    tasks.spawn(compile_loop(
+        state.clone(),
+        compiler,
+        config_rx,
+        found,
+        shutdown_rx.clone(),
+    ));
+    tasks.spawn(fleet::api::serve(
+        fleet.clone(),
+        fleet_listener,
+        tls,
+        shutdown_rx.clone(),
+    ));
+    if let Some(l) = admin_listener {
+        tasks.spawn(admin::serve(state.clone(), l, shutdown_rx.clone()));
+    }
+    tracing::info!("controller fleet API on https://{fleet_addr}");
+    Ok(Handle {
+        fleet_addr,
+        admin_addr,
+        state,
+        shutdown,
+        tasks,
+    })
+}
+
+type FoundRx = Vec<(String, watch::Receiver<Found>)>;
+
+fn spawn_providers(
+    config: &Config,
+    tasks: &mut JoinSet<()>,
+    shutdown: &watch::Receiver<bool>,
+) -> FoundRx {
+    let pools: std::collections::BTreeSet<String> = config.pools.keys().cloned().collect();
+    let mut out = Vec::new();
+    for f in &config.discovery.files {
+        let provider = FileProvider::new(f.path.clone(), pools.clone());
+        let (tx, rx) = watch::channel(Found::default());
+        out.push((provider.name(), rx));
+        let shutdown = shutdown.clone();
+        tasks.spawn(async move { provider.run(tx, shutdown).await });
+    }
+    out
+}
+
+/// Recompiles on every configuration or discovery change and publishes the result.
+async fn compile_loop(
+    state: Arc<State>,
+    mut compiler: Compiler,
+    mut config: watch::Receiver<Config>,
+    mut found: FoundRx,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    // Give each provider a moment for its first read, so that the first snapshot
+    // already holds the discovered endpoints.
+    for (_, rx) in &mut found {
+        let _ = tokio::time::timeout(Duration::from_secs(2), rx.changed()).await;
+    }
+    loop {
+        let current: Vec<(String, Found)> = found
+            .iter_mut()
+            .map(|(n, rx)| (n.clone(), rx.borrow_and_update().clone()))
+            .collect();
+        let cfg = config.borrow_and_update().clone();
+        publish(&state, &mut compiler, &cfg, &current).await;
+        *state
+            .providers
+            .lock()
+            .expect("providers lock is never poisoned: no panics while held") = current;
+        let any_found = futures_select(&mut found);
+        tokio::select! {
+            _ = shutdown.changed() => return,
+            r = config.changed() => if r.is_err() { return },
+            () = any_found => {}
+        }
+    }
+}
+
+/// Resolves when any provider publishes.
+async fn futures_select(found: &mut FoundRx) {
+    if found.is_empty() {
+        return std::future::pending().await;
+    }
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(1);
+    let mut set = JoinSet::new();
+    for (_, r) in found.iter() {
+        let mut r = r.clone();
+        let tx = tx.clone();
+        set.spawn(async move {
+            if r.changed().await.is_ok() {
+                let _ = tx.send(()).await;
+            }
+        });
+    }
+    drop(tx);
+    // All senders gone without a change means every provider stopped: wait forever.
+    if rx.recv().await.is_none() {
+        std::future::pending::<()>().await;
+    }
+}
+
+async fn publish(
+    state: &State,
+    compiler: &mut Compiler,
+    config: &Config,
+    found: &[(String, Found)],
+) {
+    let fleet = &state.fleet;
+    for (name, f) in found {
+        fleet
+            .metrics
+            .discovery_errors
+            .with_label_values(&[name])
+            .set(i64::try_from(f.errors.len()).unwrap_or(i64::MAX));
+        fleet
+            .metrics
+            .discovery_endpoints
+            .with_label_values(&[name])
+            .set(i64::try_from(f.endpoint_count()).unwrap_or(i64::MAX));
+    }
+    let found: Vec<Found> = found.iter().map(|(_, f)| f.clone()).collect();
+    let version = match fleet.store.next_version().await {
+        Ok(v) => v,
+        Err(e) => {
+            tracing::error!(
+                "cannot allocate a snapshot version, keeping version {}: {e:#}",
+                fleet.version()
+            );
+            return;
+        }
+    };
+    let started = Instant::now();
+    let snapshot = match compiler.compile(config, &found, version) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(
+                "snapshot {version} not built, proxies keep version {}: {e:#}",
+                fleet.version()
+            );
+            return;
+        }
+    };
+    let body = match serde_json::to_vec(&snapshot) {
+        Ok(b) => Bytes::from(b),
+        Err(e) => {
+            tracing::error!("snapshot {version} not encoded: {e}");
+            return;
+        }
+    };
+    fleet
+        .metrics
+        .snapshot_build
+        .observe(started.elapsed().as_secs_f64());
+    fleet
+        .metrics
+        .snapshot_bytes
+        .set(i64::try_from(body.len()).unwrap_or(i64::MAX));
+    fleet
+        .metrics
+        .snapshot_version
+        .set(i64::try_from(version).unwrap_or(i64::MAX));
+    tracing::info!(
+        "snapshot version {version} published ({} bytes)",
+        body.len()
+    );
+    fleet.published.send_replace(Published { version, body });
+}
+
+/// Reloads the configuration on SIGHUP or when its file changes; an invalid file is
+/// reported and the last good configuration stays in use.
+fn spawn_config_watch(
+    path: PathBuf,
+    initial: Config,
+    metrics: &Metrics,
+    tasks: &mut JoinSet<()>,
+    shutdown: &watch::Receiver<bool>,
+) -> watch::Receiver<Config> {
+    let (tx, rx) = watch::channel(initial);
+    let failures = metrics.config_reload_failures.clone();
+    let mut shutdown = shutdown.clone();
+    tasks.spawn(async move {
+        let mut hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                tracing::warn!("cannot listen for SIGHUP: {e}");
+                None
+            }
+        };
+        let mut last = std::fs::read(&path).unwrap_or_default();
+        let mut tick = tokio::time::interval(Duration::from_millis(500));
+        loop {
+            let signalled = async {
+                match hup.as_mut() {
+                    Some(h) => {
+                        h.recv().await;
+                    }
+                    None => std::future::pending().await,
+                }
+            };
+            let forced = tokio::select! {
+                _ = shutdown.changed() => return,
+                () = signalled => true,
+                _ = tick.tick() => false,
+            };
+            let text = std::fs::read(&path).unwrap_or_default();
+            if text == last && !forced {
+                continue;
+            }
+            last.clone_from(&text);
+            match reload(&path) {
+                Ok(cfg) => {
+                    tracing::info!("configuration {} reloaded", path.display());
+                    tx.send_replace(cfg);
+                }
+                Err(e) => {
+                    failures.inc();
+                    tracing::error!("configuration reload failed, keeping the last good one:\n{e}");
+                }
+            }
+        }
+    });
+    rx
+}
+
+fn reload(path: &Path) -> Result<Config, rampart_config::LoadError> {
+    rampart_config::load(path)
+}
+
+/// Reads `/status` from a controller's admin API.
+///
+/// # Errors
+/// When the controller cannot be reached or answers garbage.
+pub async fn fetch_status(admin: SocketAddr) -> anyhow::Result<ControllerStatus> {
+    use http_body_util::BodyExt;
+    let tcp = tokio::net::TcpStream::connect(admin)
+        .await
+        .with_context(|| {
+            format!(
+                "connecting to the controller's admin API at {admin}; is the controller running?"
+            )
+        })?;
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp)).await?;
+    tokio::spawn(conn);
+    let req = http::Request::get("/status")
+        .header(http::header::HOST, admin.to_string())
+        .body(http_body_util::Empty::<Bytes>::new())?;
+    let resp = sender.send_request(req).await?;
+    let body = resp.into_body().collect().await?.to_bytes();
+    serde_json::from_slice(&body).context("the admin API's /status is not a controller status")
+}
+
+/// A table of the instances in `status`, for people.
+#[must_use]
+pub fn render_status(status: &ControllerStatus) -> String {
+    use std::fmt::Write as _;
+    let mut out = format!(
+        "snapshot version {}{}\n\n{:<20} {:<10} {:<16} {:>8} {:>12}  {}\n",
+        status.version,
+        if status.leader { " (leader)" } else { "" },
+        "INSTANCE",
+        "STATE",
+        "ADDRESS",
+        "VERSION",
+        "HEARTBEAT",
+        "HOST"
+    );
+    for i in &status.instances {
+        let _ = writeln!(
+            out,
+            "{:<20} {:<10} {:<16} {:>8} {:>12}  {}{}",
+            i.id,
+            i.state,
+            i.peer.as_deref().unwrap_or("-"),
+            i.version,
+            i.last_heartbeat_secs
+                .map_or_else(|| "never".to_string(), |s| format!("{s:.1}s ago")),
+            i.hostname,
+            i.last_error
+                .as_ref()
+                .map_or_else(String::new, |e| format!("  last error: {e}")),
+        );
+    }
+    for p in &status.discovery {
+        let _ = writeln!(out, "\ndiscovery {}: {} endpoints", p.name, p.endpoints);
+        for e in &p.errors {
+            let _ = writeln!(out, "  error: {e}");
+        }
+    }
+    out
+}

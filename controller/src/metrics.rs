@@ -1,0 +1,154 @@
+//! The controller's Prometheus metrics (served on its admin listener).
+
+use prometheus::{Histogram, HistogramOpts, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
+
+/// Every metric of the controller.
+#[derive(Debug, Clone)]
+pub struct Metrics {
+    /// The registry to render.
+    pub registry: Registry,
+    /// Version of the snapshot being served to proxies.
+    pub snapshot_version: IntGauge,
+    /// Size of the current snapshot in bytes (JSON).
+    pub snapshot_bytes: IntGauge,
+    /// Time to compile and encode a snapshot.
+    pub snapshot_build: Histogram,
+    /// Snapshot version each instance reports serving.
+    pub instance_version: IntGaugeVec,
+    /// Versions an instance is behind the current snapshot.
+    pub instance_lag: IntGaugeVec,
+    /// Instances by state (ready, not_ready, stale, revoked).
+    pub instances: IntGaugeVec,
+    /// Watch requests currently waiting.
+    pub watches_open: IntGauge,
+    /// Enrolment attempts by result.
+    pub enrolments: IntCounterVec,
+    /// Acks by result (ok, error).
+    pub acks: IntCounterVec,
+    /// Problems in each discovery provider's last read.
+    pub discovery_errors: IntGaugeVec,
+    /// Endpoints each discovery provider contributes.
+    pub discovery_endpoints: IntGaugeVec,
+    /// Configuration reloads that failed (the last good configuration stays in use).
+    pub config_reload_failures: prometheus::IntCounter,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Creates and registers every metric.
+    ///
+    /// # Panics
+    /// Never: names are constant and unique.
+    #[must_use]
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let gauge = |name: &str, help: &str| {
+            let g = IntGauge::new(name, help).expect("valid metric");
+            registry
+                .register(Box::new(g.clone()))
+                .expect("unique metric");
+            g
+        };
+        let gauge_vec = |name: &str, help: &str, label: &str| {
+            let g = IntGaugeVec::new(Opts::new(name, help), &[label]).expect("valid metric");
+            registry
+                .register(Box::new(g.clone()))
+                .expect("unique metric");
+            g
+        };
+        let counter_vec = |name: &str, help: &str, label: &str| {
+            let c = IntCounterVec::new(Opts::new(name, help), &[label]).expect("valid metric");
+            registry
+                .register(Box::new(c.clone()))
+                .expect("unique metric");
+            c
+        };
+        let snapshot_build = Histogram::with_opts(
+            HistogramOpts::new(
+                "rampart_controller_snapshot_build_seconds",
+                "Time to compile and encode a snapshot.",
+            )
+            .buckets(vec![
+                0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+            ]),
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(snapshot_build.clone()))
+            .expect("unique metric");
+        let config_reload_failures = prometheus::IntCounter::new(
+            "rampart_config_reload_failures_total",
+            "Configuration reloads that failed; the last good configuration keeps serving.",
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(config_reload_failures.clone()))
+            .expect("unique metric");
+        Self {
+            snapshot_version: gauge(
+                "rampart_controller_snapshot_version",
+                "Version of the snapshot served to proxies.",
+            ),
+            snapshot_bytes: gauge(
+                "rampart_controller_snapshot_bytes",
+                "Encoded size of the current snapshot.",
+            ),
+            snapshot_build,
+            instance_version: gauge_vec(
+                "rampart_controller_instance_version",
+                "Snapshot version each proxy instance serves.",
+                "instance",
+            ),
+            instance_lag: gauge_vec(
+                "rampart_controller_instance_lag_versions",
+                "How many versions each proxy instance is behind.",
+                "instance",
+            ),
+            instances: gauge_vec(
+                "rampart_controller_instances",
+                "Proxy instances by state.",
+                "state",
+            ),
+            watches_open: gauge(
+                "rampart_controller_watches_open",
+                "Watch requests waiting for the next snapshot.",
+            ),
+            enrolments: counter_vec(
+                "rampart_controller_enrolments_total",
+                "Enrolment attempts by result.",
+                "result",
+            ),
+            acks: counter_vec(
+                "rampart_controller_acks_total",
+                "Snapshot acks from proxies by result.",
+                "result",
+            ),
+            discovery_errors: gauge_vec(
+                "rampart_discovery_errors",
+                "Problems in the last read of each discovery provider.",
+                "provider",
+            ),
+            discovery_endpoints: gauge_vec(
+                "rampart_discovery_endpoints",
+                "Endpoints each discovery provider contributes.",
+                "provider",
+            ),
+            config_reload_failures,
+            registry,
+        }
+    }
+
+    /// The Prometheus text exposition of every metric.
+    #[must_use]
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        // Encoding into a String only fails on invalid metric data, which we never build.
+        let _ = prometheus::TextEncoder::new().encode_utf8(&self.registry.gather(), &mut out);
+        out
+    }
+}

@@ -1,0 +1,275 @@
+//! Fleet mode: the proxy takes its snapshots from a controller instead of a file.
+//! Enrol once (join token → client certificate in the data directory), then watch for
+//! snapshots and apply each through the same build → swap pipeline as a file reload,
+//! ack it, and cache it in `<data_dir>/last-snapshot` so that a restart while the
+//! controller is down serves what was served before (static stability). Heartbeats
+//! tell the controller this instance is alive and ready.
+
+pub mod client;
+
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use pingora::server::ShutdownWatch;
+use pingora::services::background::BackgroundService;
+use rampart_config::snapshot::{Ack, AckResult, Heartbeat, Snapshot};
+use rampart_pki::{write_atomic, Mode};
+use rand::Rng;
+
+use crate::live::Live;
+use client::{CallError, FleetClient, Identity, WatchResult};
+
+/// How a proxy joins a fleet.
+#[derive(Debug, Clone)]
+pub struct FleetOptions {
+    /// The controller's fleet API, `https://host:port`.
+    pub controller: String,
+    /// One-time join token, needed only until the proxy has enrolled.
+    pub join_token: Option<String>,
+    /// How often to send a heartbeat.
+    pub heartbeat_every: Duration,
+    /// Public addresses to announce (for DNS).
+    pub public_addrs: Vec<IpAddr>,
+}
+
+/// The file a proxy caches its last applied snapshot in.
+#[must_use]
+pub fn cache_path(data_dir: &Path) -> PathBuf {
+    data_dir.join("last-snapshot")
+}
+
+/// The cached snapshot, if there is a readable one. A corrupt cache is reported and
+/// ignored (the controller will send a fresh snapshot).
+#[must_use]
+pub fn load_cached(data_dir: &Path) -> Option<Snapshot> {
+    let path = cache_path(data_dir);
+    let bytes = std::fs::read(&path).ok()?;
+    match serde_json::from_slice(&bytes) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::warn!("ignoring the cached snapshot {}: {e}", path.display());
+            None
+        }
+    }
+}
+
+/// Decodes and applies a snapshot received from the controller; on success the raw
+/// body becomes the cache. Returns the ack to send.
+pub fn apply_received(live: &Live, data_dir: &Path, version: u64, body: &[u8]) -> Ack {
+    let result = serde_json::from_slice::<Snapshot>(body)
+        .map_err(|e| {
+            live.reload_failed(&anyhow::anyhow!("snapshot {version} does not decode: {e}"))
+        })
+        .and_then(|snap| live.apply_snapshot(snap));
+    match result {
+        Ok(v) => {
+            if let Err(e) = write_atomic(&cache_path(data_dir), body, Mode::Private) {
+                tracing::warn!("snapshot {v} serves but was not cached: {e:#}");
+            }
+            Ack {
+                version: v,
+                applied: AckResult::Ok,
+                detail: String::new(),
+            }
+        }
+        Err(e) => Ack {
+            version,
+            applied: AckResult::Error,
+            detail: format!("{e:#}"),
+        },
+    }
+}
+
+/// Jittered exponential back-off between failed calls.
+#[derive(Debug)]
+struct Backoff {
+    next: Duration,
+}
+
+impl Backoff {
+    const FIRST: Duration = Duration::from_millis(250);
+    const MAX: Duration = Duration::from_secs(30);
+
+    fn new() -> Self {
+        Self { next: Self::FIRST }
+    }
+    fn reset(&mut self) {
+        self.next = Self::FIRST;
+    }
+    /// The next wait: uniformly in [next/2, next], then doubled up to the cap.
+    fn step(&mut self) -> Duration {
+        let cur = self.next;
+        self.next = (self.next * 2).min(Self::MAX);
+        let ms = u64::try_from(cur.as_millis()).unwrap_or(u64::MAX);
+        Duration::from_millis(rand::rng().random_range(ms / 2..=ms))
+    }
+}
+
+/// The fleet background service of a proxy.
+pub struct FleetService {
+    live: Arc<Live>,
+    options: FleetOptions,
+    data_dir: PathBuf,
+}
+
+impl FleetService {
+    /// A fleet service applying snapshots into `live`.
+    #[must_use]
+    pub fn new(live: Arc<Live>, options: FleetOptions, data_dir: PathBuf) -> Self {
+        Self {
+            live,
+            options,
+            data_dir,
+        }
+    }
+
+    /// The stored identity, or a new one from enrolment.
+    async fn identity(&self) -> Result<Identity, String> {
+        match Identity::load(&self.data_dir) {
+            Ok(Some(id)) => return Ok(id),
+            Ok(None) => {}
+            Err(e) => return Err(format!("{e:#}")),
+        }
+        let Some(token) = &self.options.join_token else {
+            return Err(format!(
+                "this proxy is not enrolled ({} has no fleet/identity.json); start it once with --join-token from `rampart controller token create`",
+                self.data_dir.display()
+            ));
+        };
+        let hostname = std::fs::read_to_string("/etc/hostname")
+            .map(|h| h.trim().to_string())
+            .unwrap_or_else(|_| "unknown".into());
+        let id = client::enroll(&self.options.controller, token, &hostname)
+            .await
+            .map_err(|e| format!("enrolment: {e}"))?;
+        id.save(&self.data_dir).map_err(|e| format!("{e:#}"))?;
+        tracing::info!("enrolled with the controller as {}", id.instance);
+        Ok(id)
+    }
+
+    async fn heartbeats(live: Arc<Live>, client: FleetClient, options: FleetOptions) {
+        let mut tick = tokio::time::interval(options.heartbeat_every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut changes = live.subscribe();
+        loop {
+            let hb = Heartbeat {
+                public_addrs: options.public_addrs.clone(),
+                ready: live.is_ready(),
+                version: live.current.load().version,
+            };
+            if let Err(e) = client.heartbeat(&hb).await {
+                tracing::debug!("heartbeat: {e}");
+            }
+            // Also right after a swap, so the controller sees the new version at once.
+            tokio::select! {
+                _ = tick.tick() => {}
+                r = changes.changed() => if r.is_err() { return },
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl BackgroundService for FleetService {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let mut backoff = Backoff::new();
+        let identity = loop {
+            match self.identity().await {
+                Ok(id) => break id,
+                Err(e) => tracing::error!("{e}"),
+            }
+            tokio::select! {
+                _ = shutdown.changed() => return,
+                () = tokio::time::sleep(backoff.step()) => {}
+            }
+        };
+        // The client waits longer than any controller holds a watch.
+        let client =
+            match FleetClient::new(&self.options.controller, identity, Duration::from_secs(60)) {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::error!(
+                        "fleet identity unusable, remove {}/fleet and enrol again: {e:#}",
+                        self.data_dir.display()
+                    );
+                    return;
+                }
+            };
+        let beats = tokio::spawn(Self::heartbeats(
+            self.live.clone(),
+            client.clone(),
+            self.options.clone(),
+        ));
+        // The last version seen, applied or not: a refused snapshot is not fetched again.
+        let mut seen = self.live.current.load().version;
+        backoff.reset();
+        loop {
+            let result = tokio::select! {
+                _ = shutdown.changed() => break,
+                r = client.watch(seen) => r,
+            };
+            match result {
+                Ok(WatchResult::NoChange) => backoff.reset(),
+                Ok(WatchResult::Snapshot { version, body }) => {
+                    backoff.reset();
+                    seen = version;
+                    let live = self.live.clone();
+                    let dir = self.data_dir.clone();
+                    let ack = tokio::task::spawn_blocking(move || {
+                        apply_received(&live, &dir, version, &body)
+                    })
+                    .await
+                    .unwrap_or_else(|e| Ack {
+                        version,
+                        applied: AckResult::Error,
+                        detail: format!("applying panicked: {e}"),
+                    });
+                    if ack.applied == AckResult::Ok {
+                        tracing::info!("snapshot version {version} is serving");
+                    }
+                    if let Err(e) = client.ack(&ack).await {
+                        tracing::warn!("ack of version {version}: {e}");
+                    }
+                }
+                Err(e) => {
+                    let wait = backoff.step();
+                    match &e {
+                        CallError::Refused { .. } => {
+                            tracing::error!("watch: {e}; retrying in {wait:?}")
+                        }
+                        CallError::Unreachable(_) => tracing::warn!(
+                            "watch: {e}; serving version {}, retrying in {wait:?}",
+                            self.live.current.load().version
+                        ),
+                    }
+                    tokio::select! {
+                        _ = shutdown.changed() => break,
+                        () = tokio::time::sleep(wait) => {}
+                    }
+                }
+            }
+        }
+        beats.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_with_jitter_up_to_the_cap() {
+        let mut b = Backoff::new();
+        let first = b.step();
+        assert!(first >= Backoff::FIRST / 2 && first <= Backoff::FIRST);
+        for _ in 0..20 {
+            assert!(b.step() <= Backoff::MAX);
+        }
+        assert!(b.step() >= Backoff::MAX / 2);
+        b.reset();
+        assert!(b.step() <= Backoff::FIRST);
+    }
+}
