@@ -108,7 +108,8 @@ fn controller(config: &Config, out: &mut Vec<Issue>) {
 fn listeners(config: &Config, out: &mut Vec<Issue>) {
     let l = &config.listeners;
     let path = FieldPath::root().key("listeners");
-    if l.http.is_none() && l.https.is_none() {
+    // A controller-only file needs no client listeners.
+    if l.http.is_none() && l.https.is_none() && config.controller.is_none() {
         out.push(Issue::new(
             path.clone(),
             "neither an http nor an https listener is set",

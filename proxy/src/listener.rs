@@ -16,7 +16,10 @@ use pingora::server::ShutdownWatch;
 
 use crate::edge::Edge;
 use crate::generation::Generation;
-use crate::limits::deadline::GuardedStream;
+use crate::limits::deadline::{Arrivals, GuardedStream};
+
+/// Longest wait at shutdown for requests of just-accepted connections to arrive.
+const ARRIVAL_WAIT: Duration = Duration::from_secs(1);
 use crate::metrics::Metrics;
 
 /// A listener's connection handler wrapping the HTTP proxy.
@@ -27,6 +30,7 @@ pub struct EdgeApp {
     current: Arc<ArcSwap<Generation>>,
     metrics: Arc<Metrics>,
     open: AtomicUsize,
+    arrivals: Arc<Arrivals>,
 }
 
 impl EdgeApp {
@@ -46,6 +50,7 @@ impl EdgeApp {
             current,
             metrics,
             open: AtomicUsize::new(0),
+            arrivals: Arc::new(Arrivals::default()),
         }
     }
 }
@@ -106,16 +111,23 @@ impl ServerApp for EdgeApp {
             stream
         } else {
             let metrics = self.metrics.clone();
-            Box::new(GuardedStream::with_deadline(
-                stream,
-                header_timeout,
-                Arc::new(move || metrics.header_timeouts.inc()),
-            ))
+            Box::new(
+                GuardedStream::with_deadline(
+                    stream,
+                    header_timeout,
+                    Arc::new(move || metrics.header_timeouts.inc()),
+                )
+                .counting(self.arrivals.ticket()),
+            )
         };
         self.proxy.process_new(stream, shutdown).await
     }
 
     async fn cleanup(&self) {
+        // The listener is closed by now; let requests of connections accepted just
+        // before it closed arrive before Pingora drops connections awaiting a header.
+        let limit = self.current.load().config.limits.header_read_timeout.0;
+        self.arrivals.settled(limit.min(ARRIVAL_WAIT)).await;
         self.proxy.cleanup().await;
     }
 }

@@ -240,6 +240,61 @@ impl Proxy {
         panic!("the proxy failed to start three times");
     }
 
+    /// Starts a proxy in fleet mode: local settings in its file, everything else from
+    /// the controller at `controller`; enrols with `token` when given. Waits until it
+    /// is ready, which in fleet mode means serving a snapshot.
+    pub async fn start_fleet(controller: &str, token: Option<&str>) -> Proxy {
+        let dir = tempfile::tempdir().unwrap();
+        let config_path = dir.path().join("rampart.toml");
+        let (http, https, admin) = (free_addr(), free_addr(), free_addr());
+        write_config(
+            dir.path(),
+            &config_text(dir.path(), "", [http, https, admin], ""),
+        );
+        let mut proxy = Proxy {
+            child: Command::new("true").spawn().unwrap(),
+            dir,
+            config_path,
+            http,
+            https,
+            admin,
+            server_extra: String::new(),
+        };
+        proxy.spawn_fleet(controller, token);
+        assert!(
+            proxy.wait_ready().await,
+            "fleet proxy did not become ready, log:\n{}",
+            proxy.log()
+        );
+        proxy
+    }
+
+    /// (Re)starts this proxy's process in fleet mode without waiting.
+    pub fn spawn_fleet(&mut self, controller: &str, token: Option<&str>) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let mut args = vec!["--controller", controller, "--heartbeat", "200ms"];
+        if let Some(t) = token {
+            args.extend(["--join-token", t]);
+        }
+        let log = self.dir.path().join("rampart.log");
+        let mut old = std::fs::read_to_string(&log).unwrap_or_default();
+        old.push_str("\n--- restart ---\n");
+        std::fs::write(self.dir.path().join("rampart-previous.log"), old).unwrap();
+        self.child = spawn_rampart(&self.config_path, &log, &args);
+    }
+
+    /// Whether the admin API says ready.
+    pub async fn is_ready(&self) -> bool {
+        reqwest::get(format!("http://{}/ready", self.admin))
+            .await
+            .is_ok_and(|r| r.status() == 200)
+    }
+
+    pub async fn wait_until_ready(&mut self) -> bool {
+        self.wait_ready().await
+    }
+
     pub fn config_text(&self, body: &str) -> String {
         config_text(
             self.dir.path(),

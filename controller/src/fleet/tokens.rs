@@ -124,7 +124,7 @@ pub async fn consume(store: &dyn Store, token: &str) -> anyhow::Result<Result<()
         return Ok(Err(TokenError::Unknown));
     }
     let now = now();
-    if now > record.expires_at {
+    if now >= record.expires_at {
         return Ok(Err(TokenError::Expired(now - record.expires_at)));
     }
     // Mark as used before deleting, so a concurrent loser reports "used", not "unknown".

@@ -53,6 +53,62 @@ struct Guard {
     phase: Phase,
     sleep: Pin<Box<Sleep>>,
     on_timeout: Option<Arc<dyn Fn() + Send + Sync>>,
+    /// Held until the first request header is complete.
+    arrival: Option<ArrivalTicket>,
+}
+
+/// Connections accepted whose first request header has not fully arrived yet.
+///
+/// Why: at shutdown Pingora drops every connection still waiting for a request header,
+/// which is right for idle keep-alive connections but also hits a connection accepted
+/// a moment before the listener closed whose request is still in flight: its client
+/// sees the connection closed without an answer. The listener waits (briefly) for
+/// these arrivals before letting Pingora clean up.
+#[derive(Debug, Default)]
+pub struct Arrivals {
+    pending: std::sync::atomic::AtomicUsize,
+    settled: tokio::sync::Notify,
+}
+
+/// One connection counted in [`Arrivals`] until dropped.
+#[derive(Debug)]
+pub struct ArrivalTicket(Arc<Arrivals>);
+
+impl Arrivals {
+    /// Counts a new connection until the ticket is dropped.
+    #[must_use]
+    pub fn ticket(self: &Arc<Self>) -> ArrivalTicket {
+        self.pending
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        ArrivalTicket(self.clone())
+    }
+
+    /// Returns when no connection awaits its first header, or after `max`.
+    pub async fn settled(&self, max: Duration) {
+        let deadline = Instant::now() + max;
+        loop {
+            let notified = self.settled.notified();
+            if self.pending.load(std::sync::atomic::Ordering::Acquire) == 0 {
+                return;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+impl Drop for ArrivalTicket {
+    fn drop(&mut self) {
+        if self
+            .0
+            .pending
+            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel)
+            == 1
+        {
+            self.0.settled.notify_waiters();
+        }
+    }
 }
 
 impl GuardedStream {
@@ -78,8 +134,18 @@ impl GuardedStream {
                 phase: Phase::Header { line_start: false },
                 sleep,
                 on_timeout: Some(on_timeout),
+                arrival: None,
             }),
         }
+    }
+
+    /// Holds `ticket` until the first request header is complete (or the connection ends).
+    #[must_use]
+    pub fn counting(mut self, ticket: ArrivalTicket) -> Self {
+        if let Some(g) = self.guard.as_mut() {
+            g.arrival = Some(ticket);
+        }
+        self
     }
 }
 
@@ -130,6 +196,9 @@ impl AsyncRead for GuardedStream {
                     g.sleep.as_mut().reset(deadline);
                 }
                 g.scan(new);
+                if g.phase == Phase::Message {
+                    g.arrival = None;
+                }
             }
         }
         res

@@ -1,0 +1,552 @@
+//! The controller and the fleet protocol end to end: enrolment with one-time tokens,
+//! mutual TLS, watch/ack with many proxies, static stability from the cached snapshot,
+//! refused snapshots, and endpoint changes reaching real proxies under load.
+#![allow(missing_docs, clippy::unwrap_used)]
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{eventually, free_addr, Backend, Proxy};
+use rampart_config::snapshot::{Ack, AckResult, Heartbeat, Snapshot};
+use rampart_proxy::fleet::client::{self, CallError, FleetClient, WatchResult};
+
+/// A controller running in this test process, with its own data directory and an
+/// endpoint directory for the file provider.
+struct Controller {
+    handle: Option<rampart_controller::Handle>,
+    dir: tempfile::TempDir,
+    listen: std::net::SocketAddr,
+}
+
+impl Controller {
+    /// `body` holds routes and pools; `[[discovery.files]]` points at `endpoints/`.
+    async fn start(body: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("endpoints")).unwrap();
+        let mut c = Self {
+            handle: None,
+            dir,
+            listen: "127.0.0.1:0".parse().unwrap(),
+        };
+        c.write_config(body);
+        c.restart().await;
+        c
+    }
+
+    fn config_path(&self) -> PathBuf {
+        self.dir.path().join("controller.toml")
+    }
+
+    fn write_config(&self, body: &str) {
+        let text = format!(
+            "[server]\ndata_dir = {:?}\n\n[controller]\nlisten = \"{}\"\nadmin = \"127.0.0.1:0\"\nwatch_timeout = \"2s\"\ninstance_timeout = \"5s\"\n\n[[discovery.files]]\npath = {:?}\n\n{body}\n",
+            self.dir.path().join("data"),
+            self.listen,
+            self.dir.path().join("endpoints"),
+        );
+        let tmp = self.dir.path().join("controller.toml.tmp");
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, self.config_path()).unwrap();
+    }
+
+    fn config(&self) -> rampart_config::Config {
+        rampart_config::load(&self.config_path()).unwrap()
+    }
+
+    /// Starts (again) on the same fleet port, so proxies find it where it was.
+    async fn restart(&mut self) {
+        let handle = rampart_controller::start(self.config(), Some(self.config_path()))
+            .await
+            .unwrap();
+        self.listen = handle.fleet_addr;
+        // Later restarts bind the same port.
+        self.write_config(&self.body());
+        self.handle = Some(handle);
+    }
+
+    fn body(&self) -> String {
+        let text = std::fs::read_to_string(self.config_path()).unwrap();
+        let start = text
+            .find(&format!("path = {:?}\n", self.dir.path().join("endpoints")))
+            .unwrap();
+        text[start..]
+            .split_once('\n')
+            .unwrap()
+            .1
+            .trim_start()
+            .to_string()
+    }
+
+    async fn stop(&mut self) {
+        if let Some(h) = self.handle.take() {
+            h.shutdown().await;
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("https://{}", self.listen)
+    }
+
+    async fn token(&self) -> String {
+        rampart_controller::create_token(&self.config(), Duration::from_secs(600))
+            .await
+            .unwrap()
+    }
+
+    fn state(&self) -> &rampart_controller::State {
+        &self.handle.as_ref().unwrap().state
+    }
+
+    fn version(&self) -> u64 {
+        self.state().fleet.version()
+    }
+
+    /// Writes `endpoints/NAME.toml` atomically.
+    fn endpoints(&self, name: &str, pool: &str, backends: &[&Arc<Backend>]) {
+        let list: Vec<String> = backends
+            .iter()
+            .map(|b| format!("{{ address = \"{}\" }}", b.addr))
+            .collect();
+        write_atomically(
+            &self
+                .dir
+                .path()
+                .join("endpoints")
+                .join(format!("{name}.toml")),
+            &format!("[pools.{pool}]\nendpoints = [{}]\n", list.join(", ")),
+        );
+    }
+}
+
+fn write_atomically(path: &Path, text: &str) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+const WEB: &str = "[[routes]]\nname = \"all\"\naction = { forward = \"web\" }\n\n[pools.web]\n";
+
+async fn enrolled(c: &Controller) -> FleetClient {
+    let id = client::enroll(&c.url(), &c.token().await, "test")
+        .await
+        .unwrap();
+    FleetClient::new(&c.url(), id, Duration::from_secs(5)).unwrap()
+}
+
+async fn next_snapshot(client: &FleetClient, after: u64) -> Snapshot {
+    loop {
+        match client.watch(after).await.unwrap() {
+            WatchResult::Snapshot { body, .. } => return serde_json::from_slice(&body).unwrap(),
+            WatchResult::NoChange => {}
+        }
+    }
+}
+
+fn refused_status(e: &CallError) -> u16 {
+    match e {
+        CallError::Refused { status, .. } => *status,
+        CallError::Unreachable(e) => panic!("expected a refusal, got unreachable: {e:#}"),
+    }
+}
+
+#[tokio::test]
+async fn join_tokens_work_once_and_expired_or_forged_ones_are_refused() {
+    common::init();
+    let mut c = Controller::start(WEB).await;
+    let token = c.token().await;
+    let id = client::enroll(&c.url(), &token, "a").await.unwrap();
+    assert!(id.instance.starts_with("p-"));
+
+    let again = client::enroll(&c.url(), &token, "b").await.unwrap_err();
+    assert_eq!(refused_status(&again), 401);
+    assert!(again.to_string().contains("already used"), "{again}");
+
+    let expired = rampart_controller::create_token(&c.config(), Duration::ZERO)
+        .await
+        .unwrap();
+    let e = client::enroll(&c.url(), &expired, "c").await.unwrap_err();
+    assert!(e.to_string().contains("expired"), "{e}");
+
+    // A token naming another CA: the proxy refuses to talk to this controller at all.
+    let other = format!("{}{}", &token[..token.len() - 64], "0".repeat(64));
+    let e = client::enroll(&c.url(), &other, "d").await.unwrap_err();
+    assert!(matches!(e, CallError::Unreachable(_)), "{e}");
+
+    let status = c.state().status();
+    assert_eq!(status.instances.len(), 1, "{status:?}");
+    c.stop().await;
+}
+
+#[tokio::test]
+async fn fifty_proxies_watch_and_ack_every_version() {
+    common::init();
+    let mut c = Controller::start(WEB).await;
+    let a = Backend::start("a").await;
+    let b = Backend::start("b").await;
+    c.endpoints("web", "web", &[&a]);
+    let v1 = eventually("a snapshot with the discovered endpoint", || async {
+        let v = c.version();
+        (v > 0 && c.state().status().discovery[0].endpoints == 1).then_some(v)
+    })
+    .await;
+
+    let mut clients = Vec::new();
+    for _ in 0..50 {
+        clients.push(enrolled(&c).await);
+    }
+    let round = |after: u64| {
+        let clients = clients.clone();
+        async move {
+            let tasks: Vec<_> = clients
+                .into_iter()
+                .map(|cl| {
+                    tokio::spawn(async move {
+                        let snap = next_snapshot(&cl, after).await;
+                        cl.ack(&Ack {
+                            version: snap.version,
+                            applied: AckResult::Ok,
+                            detail: String::new(),
+                        })
+                        .await
+                        .unwrap();
+                        cl.heartbeat(&Heartbeat {
+                            public_addrs: vec![],
+                            ready: true,
+                            version: snap.version,
+                        })
+                        .await
+                        .unwrap();
+                        snap
+                    })
+                })
+                .collect();
+            let mut out = Vec::new();
+            for t in tasks {
+                out.push(t.await.unwrap());
+            }
+            out
+        }
+    };
+    let first = round(0).await;
+    assert!(first
+        .iter()
+        .all(|s| s.version >= v1 && s.pools["web"].endpoints.len() == 1));
+    let seen = first[0].version;
+
+    // An endpoint change reaches every watcher as the next version.
+    let watching = tokio::spawn(round(seen));
+    c.endpoints("web", "web", &[&a, &b]);
+    let second = watching.await.unwrap();
+    assert!(second
+        .iter()
+        .all(|s| s.version > seen && s.pools["web"].endpoints.len() == 2));
+
+    let status = c.state().status();
+    assert_eq!(status.instances.len(), 50);
+    assert!(
+        status
+            .instances
+            .iter()
+            .all(|i| i.state == "ready" && i.version == second[0].version),
+        "{status:?}"
+    );
+    c.stop().await;
+}
+
+#[tokio::test]
+async fn certificates_of_another_ca_and_revoked_instances_are_refused() {
+    common::init();
+    let mut c = Controller::start(WEB).await;
+    let mut other = Controller::start(WEB).await;
+    let good = enrolled(&c).await;
+    assert!(matches!(
+        good.watch(0).await,
+        Ok(WatchResult::Snapshot { .. })
+    ));
+
+    // A proxy of the other controller presents a certificate of the other CA (while
+    // trusting this controller's CA, to isolate the client-side check).
+    let foreign = client::enroll(&other.url(), &other.token().await, "x")
+        .await
+        .unwrap();
+    let mut forged = foreign.clone();
+    forged.ca_pem = good.identity.ca_pem.clone();
+    let intruder = FleetClient::new(&c.url(), forged, Duration::from_secs(5)).unwrap();
+    match intruder.watch(0).await {
+        Err(CallError::Unreachable(e)) => {
+            let chain = format!("{e:?}");
+            assert!(
+                chain.to_lowercase().contains("certificate") || chain.contains("alert"),
+                "{chain}"
+            );
+        }
+        other => panic!("a foreign certificate was not refused: {other:?}"),
+    }
+
+    rampart_controller::revoke(&c.config(), &good.identity.instance)
+        .await
+        .unwrap();
+    let e = good.watch(0).await.unwrap_err();
+    assert_eq!(refused_status(&e), 403);
+    assert!(e.to_string().contains("revoked"), "{e}");
+    assert!(c
+        .state()
+        .status()
+        .instances
+        .iter()
+        .any(|i| i.state == "revoked"));
+    c.stop().await;
+    other.stop().await;
+}
+
+#[tokio::test]
+async fn a_snapshot_that_does_not_build_is_acked_as_error_and_the_old_one_keeps_serving() {
+    common::init();
+    let mut c = Controller::start(WEB).await;
+    let a = Backend::start("a").await;
+    c.endpoints("web", "web", &[&a]);
+    let proxy = Proxy::start_fleet(&c.url(), Some(&c.token().await)).await;
+    let client = Proxy::http_client();
+    let body = eventually("the proxy to forward to a", || async {
+        let r = client.get(proxy.url("/")).send().await.ok()?;
+        (r.status() == 200).then_some(r.text().await.ok()?)
+    })
+    .await;
+    assert_eq!(body, "a");
+    let good = proxy.version().await;
+
+    // A certificate file that is not PEM: the controller passes it on, the proxy
+    // cannot load it.
+    let bad = c.dir.path().join("bad.pem");
+    std::fs::write(&bad, "not a certificate").unwrap();
+    c.write_config(&format!(
+        "{WEB}\n[[tls]]\nhosts = [\"bad.test\"]\nsource = {{ files = {{ cert = {bad:?}, key = {bad:?} }} }}\n"
+    ));
+    let err = eventually("the proxy to refuse the snapshot", || async {
+        c.state()
+            .status()
+            .instances
+            .into_iter()
+            .find_map(|i| i.last_error)
+    })
+    .await;
+    assert!(
+        err.contains("certificates[0]") && err.contains("bad.test"),
+        "{err}"
+    );
+    assert_eq!(
+        proxy.version().await,
+        good,
+        "the old snapshot keeps serving"
+    );
+    let r = client.get(proxy.url("/")).send().await.unwrap();
+    assert_eq!(r.text().await.unwrap(), "a");
+    assert!(proxy.metric("rampart_config_reload_failures_total").await >= 1.0);
+    c.stop().await;
+}
+
+#[tokio::test]
+async fn a_proxy_restarted_while_the_controller_is_down_serves_its_cached_snapshot() {
+    common::init();
+    let mut c = Controller::start(WEB).await;
+    let a = Backend::start("a").await;
+    let b = Backend::start("b").await;
+    c.endpoints("web", "web", &[&a]);
+    let mut proxy = Proxy::start_fleet(&c.url(), Some(&c.token().await)).await;
+    let client = Proxy::http_client();
+    eventually("traffic to a", || async {
+        let r = client.get(proxy.url("/")).send().await.ok()?;
+        (r.text().await.ok()? == "a").then_some(())
+    })
+    .await;
+
+    c.stop().await;
+    proxy.spawn_fleet(&c.url(), None);
+    assert!(proxy.wait_until_ready().await, "log:\n{}", proxy.log());
+    let r = client.get(proxy.url("/")).send().await.unwrap();
+    assert_eq!(
+        r.text().await.unwrap(),
+        "a",
+        "served from the cached snapshot"
+    );
+    assert!(proxy.log().contains("cached snapshot"), "{}", proxy.log());
+
+    // The controller comes back with another endpoint: the proxy converges.
+    c.endpoints("web", "web", &[&b]);
+    c.restart().await;
+    eventually("the proxy to converge on b", || async {
+        let r = client.get(proxy.url("/")).send().await.ok()?;
+        (r.text().await.ok()? == "b").then_some(())
+    })
+    .await;
+    c.stop().await;
+}
+
+/// `rampart controller` as a process, with tokens and status from the CLI, two
+/// `rampart proxy` processes, and endpoint changes under load: no request fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn endpoint_changes_reach_two_proxies_under_load_without_a_failed_request() {
+    common::init();
+    let dir = tempfile::tempdir().unwrap();
+    let endpoints = dir.path().join("endpoints");
+    std::fs::create_dir_all(&endpoints).unwrap();
+    let backends = [
+        Backend::start("a").await,
+        Backend::start("b").await,
+        Backend::start("c").await,
+    ];
+    let write_endpoints = |which: &[usize]| {
+        let list: Vec<String> = which
+            .iter()
+            .map(|&i| format!("{{ address = \"{}\" }}", backends[i].addr))
+            .collect();
+        write_atomically(
+            &endpoints.join("web.toml"),
+            &format!("[pools.web]\nendpoints = [{}]\n", list.join(", ")),
+        );
+    };
+    write_endpoints(&[0]);
+    let (fleet, admin) = (free_addr(), free_addr());
+    let config = dir.path().join("controller.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\ndata_dir = {:?}\n[controller]\nlisten = \"{fleet}\"\nadmin = \"{admin}\"\nwatch_timeout = \"5s\"\n[[discovery.files]]\npath = {endpoints:?}\n{WEB}",
+            dir.path().join("data")
+        ),
+    )
+    .unwrap();
+    let cli = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_rampart"))
+            .arg("controller")
+            .arg("--config")
+            .arg(&config)
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let log = std::fs::File::create(dir.path().join("controller.log")).unwrap();
+    let mut controller = std::process::Command::new(env!("CARGO_BIN_EXE_rampart"))
+        .args(["controller", "--config"])
+        .arg(&config)
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let url = format!("https://{fleet}");
+    eventually("the controller's admin API", || async {
+        reqwest::get(format!("http://{admin}/healthz"))
+            .await
+            .ok()
+            .map(drop)
+    })
+    .await;
+    let p1 = Proxy::start_fleet(&url, Some(cli(&["token", "create"]).trim())).await;
+    let p2 = Proxy::start_fleet(&url, Some(cli(&["token", "create", "--ttl", "5m"]).trim())).await;
+    eventually("both proxies to report ready", || async {
+        (cli(&["status"]).matches(" ready ").count() == 2).then_some(())
+    })
+    .await;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let failures = Arc::new(AtomicUsize::new(0));
+    let done = Arc::new(AtomicUsize::new(0));
+    let mut load = Vec::new();
+    for proxy_url in [p1.url("/"), p2.url("/")] {
+        for _ in 0..2 {
+            let (stop, failures, done, proxy_url) = (
+                stop.clone(),
+                failures.clone(),
+                done.clone(),
+                proxy_url.clone(),
+            );
+            load.push(tokio::spawn(async move {
+                let client = Proxy::http_client();
+                let started = std::time::Instant::now();
+                // Bounded in time and count.
+                while !stop.load(Ordering::Relaxed)
+                    && started.elapsed() < Duration::from_secs(60)
+                    && done.load(Ordering::Relaxed) < 200_000
+                {
+                    match client.get(&proxy_url).send().await {
+                        Ok(r) if r.status() == 200 => {}
+                        Ok(r) => {
+                            eprintln!("status {}", r.status());
+                            failures.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Err(e) => {
+                            eprintln!("error {e}");
+                            failures.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                    done.fetch_add(1, Ordering::Relaxed);
+                }
+            }));
+        }
+    }
+    // Add b and c, then drop a: each change must reach both proxies.
+    for (step, set) in [vec![0, 1], vec![0, 1, 2], vec![1, 2]]
+        .into_iter()
+        .enumerate()
+    {
+        let before: Vec<usize> = backends.iter().map(|b| b.hits()).collect();
+        write_endpoints(&set);
+        eventually(
+            &format!("step {step}: traffic to exactly {set:?}"),
+            || async {
+                let now: Vec<usize> = backends.iter().map(|b| b.hits()).collect();
+                let moved: Vec<usize> = (0..3).filter(|&i| now[i] > before[i]).collect();
+                (set.iter().all(|i| moved.contains(i))).then_some(())
+            },
+        )
+        .await;
+    }
+    // Once both proxies serve the controller's version without a, a gets nothing more.
+    let current = eventually("the controller to publish the last change", || async {
+        let s: serde_json::Value = reqwest::get(format!("http://{admin}/status"))
+            .await
+            .ok()?
+            .json()
+            .await
+            .ok()?;
+        (s["discovery"][0]["endpoints"] == 2).then(|| s["version"].as_u64().unwrap())
+    })
+    .await;
+    for p in [&p1, &p2] {
+        eventually("the proxy to serve the current version", || async {
+            (p.version().await == current).then_some(())
+        })
+        .await;
+    }
+    let hits_a = backends[0].hits();
+    let before_bc = backends[1].hits() + backends[2].hits();
+    eventually("more traffic to b and c", || async {
+        (backends[1].hits() + backends[2].hits() > before_bc + 100).then_some(())
+    })
+    .await;
+    assert_eq!(
+        backends[0].hits(),
+        hits_a,
+        "a was removed but still gets traffic"
+    );
+    stop.store(true, Ordering::Relaxed);
+    for t in load {
+        t.await.unwrap();
+    }
+    let total = done.load(Ordering::Relaxed);
+    assert!(total > 100, "load ran: {total}");
+    assert_eq!(failures.load(Ordering::Relaxed), 0, "of {total} requests");
+    let status = cli(&["status"]);
+    assert_eq!(status.matches(" ready ").count(), 2, "{status}");
+    controller.kill().unwrap();
+    controller.wait().unwrap();
+}
