@@ -202,7 +202,7 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
                     cfg
                 }
             };
-            serve(cfg, config, upgrade)
+            serve_up(cfg, config, upgrade)
         }
     }
 }
@@ -331,9 +331,69 @@ fn serve_fleet(config: Option<&Path>, args: FleetArgs, upgrade: bool) -> anyhow:
                 heartbeat_every: args.heartbeat,
                 public_addrs: args.public_addrs,
             }),
+            local_feed: None,
         },
     )?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// `rampart up`: the controller and a proxy in one process. Snapshots go from one to
+/// the other through a channel; the fleet API listens only if `[controller]` asks for
+/// it (so that more proxies can join), on an ephemeral loopback port otherwise.
+fn serve_up(config: Config, path: Option<PathBuf>, upgrade: bool) -> anyhow::Result<ExitCode> {
+    let rt = runtime()?;
+    let mut controller_config = config.clone();
+    if controller_config.controller.is_none() {
+        let mut settings = rampart_controller::settings(&controller_config);
+        settings.listen = SocketAddr::from(([127, 0, 0, 1], 0));
+        settings.admin = None;
+        controller_config.controller = Some(settings);
+    }
+    let handle = rt.block_on(rampart_controller::start(controller_config, path))?;
+    let mut published = handle.state.fleet.published.subscribe();
+    let (feed_tx, feed) = tokio::sync::watch::channel((0, Default::default()));
+    rt.spawn(async move {
+        loop {
+            let p = published.borrow_and_update().clone();
+            feed_tx.send_replace((p.version, p.body));
+            if published.changed().await.is_err() {
+                return;
+            }
+        }
+    });
+    let data_dir = config.server.data_dir.clone();
+    std::fs::create_dir_all(&data_dir)
+        .with_context(|| format!("creating data directory {}", data_dir.display()))?;
+    let cached = rampart_proxy::fleet::load_cached(&data_dir);
+    let listeners = config.listeners.clone();
+    let live = rampart_proxy::live::Live::start_fleet(config, cached)?;
+    announce(&listeners, &data_dir.join("ca").join("ca.pem"));
+    rampart_proxy::run(
+        live,
+        rampart_proxy::ProxyOptions {
+            config_path: None,
+            upgrade,
+            fleet: None,
+            local_feed: Some(feed),
+        },
+    )?;
+    rt.block_on(handle.shutdown());
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Tells the user where to point a client.
+fn announce(listeners: &rampart_config::Listeners, ca: &Path) {
+    if let Some(https) = listeners.https {
+        let port = https.port();
+        eprintln!(
+            "Rampart is serving HTTPS on {https}; the internal CA certificate is {}\n  try: curl --cacert {} https://localhost:{port}/",
+            ca.display(),
+            ca.display()
+        );
+    }
+    if let Some(admin) = listeners.admin {
+        eprintln!("Admin API: http://{admin}/status  http://{admin}/metrics");
+    }
 }
 
 fn serve(config: Config, path: Option<PathBuf>, upgrade: bool) -> anyhow::Result<ExitCode> {
@@ -355,6 +415,7 @@ fn serve(config: Config, path: Option<PathBuf>, upgrade: bool) -> anyhow::Result
             config_path: path,
             upgrade,
             fleet: None,
+            local_feed: None,
         },
     )?;
     Ok(ExitCode::SUCCESS)

@@ -7,6 +7,7 @@
 //! - [`discovery`]: endpoint providers (files)
 //! - [`compile`]: configuration + discovery → snapshot
 //! - [`fleet`]: enrolment, tokens, watch/ack/heartbeat, instance registry
+//! - [`leader`]: leader election over etcd (several controllers)
 //! - [`admin`]: /metrics, /status, /healthz
 
 pub mod admin;
@@ -14,6 +15,7 @@ pub mod authority;
 pub mod compile;
 pub mod discovery;
 pub mod fleet;
+pub mod leader;
 pub mod metrics;
 pub mod store;
 
@@ -42,15 +44,15 @@ use crate::store::{get_json, put_json, Store};
 ///
 /// # Errors
 /// When the store cannot be opened.
-pub fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
+pub async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
     let settings = settings(config);
     match &settings.store {
         StoreSettings::Local => Ok(Arc::new(store::local::LocalStore::open(
             &config.server.data_dir.join("controller"),
         )?)),
-        StoreSettings::Etcd(_) => anyhow::bail!(
-            "controller.store.etcd is not available in this build; use the local store (remove [controller.store])"
-        ),
+        StoreSettings::Etcd(etcd) => Ok(Arc::new(
+            store::etcd::EtcdStore::connect(&etcd.endpoints, &etcd.prefix).await?,
+        )),
     }
 }
 
@@ -63,12 +65,27 @@ pub fn settings(config: &Config) -> ControllerSettings {
         .unwrap_or_else(|| toml::from_str("").expect("every controller setting has a default"))
 }
 
+/// The CA behind `internal` certificates. With a local store it is the same one a
+/// standalone proxy uses (`<data_dir>/ca/`), so clients trust one file in every mode.
+async fn serving_ca(config: &Config, store: &dyn Store) -> anyhow::Result<rampart_pki::Ca> {
+    match settings(config).store {
+        StoreSettings::Local => {
+            let dir = config.server.data_dir.join("ca");
+            tokio::task::spawn_blocking(move || {
+                rampart_pki::Ca::load_or_create(&dir, "Rampart internal CA")
+            })
+            .await?
+        }
+        StoreSettings::Etcd(_) => authority::load(store, Authority::Serving).await,
+    }
+}
+
 /// Creates a one-time join token valid for `ttl`.
 ///
 /// # Errors
 /// When the store fails.
 pub async fn create_token(config: &Config, ttl: Duration) -> anyhow::Result<String> {
-    let store = open_store(config)?;
+    let store = open_store(config).await?;
     let ca = authority::load(store.as_ref(), Authority::Fleet).await?;
     fleet::tokens::create(store.as_ref(), ttl, &ca.fingerprint()?).await
 }
@@ -78,7 +95,7 @@ pub async fn create_token(config: &Config, ttl: Duration) -> anyhow::Result<Stri
 /// # Errors
 /// When there is no such instance or the store fails.
 pub async fn revoke(config: &Config, id: &str) -> anyhow::Result<()> {
-    let store = open_store(config)?;
+    let store = open_store(config).await?;
     let key = format!("instances/{id}");
     let mut record: InstanceRecord = get_json(store.as_ref(), &key).await?.with_context(|| {
         format!("no instance {id}; `rampart controller status` lists the enrolled instances")
@@ -92,6 +109,8 @@ pub async fn revoke(config: &Config, id: &str) -> anyhow::Result<()> {
 pub struct State {
     /// The fleet API's state.
     pub fleet: Arc<Fleet>,
+    /// Whether this controller leads (always, with a local store).
+    pub leader: watch::Receiver<bool>,
     providers: Mutex<Vec<(String, Found)>>,
 }
 
@@ -105,7 +124,7 @@ impl State {
             .expect("providers lock is never poisoned: no panics while held");
         ControllerStatus {
             version: self.fleet.version(),
-            leader: true,
+            leader: *self.leader.borrow(),
             instances: self.fleet.registry.status(),
             discovery: providers
                 .iter()
@@ -151,9 +170,9 @@ impl Handle {
 /// When the store, the CAs or the listeners cannot be set up.
 pub async fn start(config: Config, path: Option<PathBuf>) -> anyhow::Result<Handle> {
     let settings = settings(&config);
-    let store = open_store(&config)?;
+    let store = open_store(&config).await?;
     let ca = authority::load(store.as_ref(), Authority::Fleet).await?;
-    let serving_ca = authority::load(store.as_ref(), Authority::Serving).await?;
+    let serving_ca = serving_ca(&config, store.as_ref()).await?;
     let tls = fleet::tls::server_config(&ca, &settings.names)?;
     let metrics = Metrics::new();
     let registry = Registry::new(settings.instance_timeout.0);
@@ -171,8 +190,37 @@ pub async fn start(config: Config, path: Option<PathBuf>) -> anyhow::Result<Hand
         published,
         watch_timeout: settings.watch_timeout.0,
     });
+    let (shutdown, shutdown_rx) = watch::channel(false);
+    let mut tasks = JoinSet::new();
+    let (leader_tx, leader) = watch::channel(false);
+    // A shared store: campaign for leadership, and follow the leader's snapshots.
+    let follow = match &settings.store {
+        StoreSettings::Local => {
+            leader_tx.send_replace(true);
+            None
+        }
+        StoreSettings::Etcd(etcd) => {
+            let etcd_store = store::etcd::EtcdStore::connect(&etcd.endpoints, &etcd.prefix).await?;
+            let id = format!(
+                "{}-{}",
+                std::fs::read_to_string("/etc/hostname")
+                    .map_or_else(|_| "controller".into(), |h| h.trim().to_string()),
+                &uuid::Uuid::new_v4().simple().to_string()[..8]
+            );
+            tasks.spawn(leader::campaign(
+                etcd_store.client(),
+                etcd_store.key("leader"),
+                id,
+                etcd.lease_ttl.0,
+                leader_tx,
+                shutdown_rx.clone(),
+            ));
+            Some(store.subscribe(SNAPSHOT_KEY).await?)
+        }
+    };
     let state = Arc::new(State {
         fleet: fleet.clone(),
+        leader,
         providers: Mutex::new(Vec::new()),
     });
 
@@ -196,8 +244,6 @@ pub async fn start(config: Config, path: Option<PathBuf>) -> anyhow::Result<Hand
         .map(TcpListener::local_addr)
         .transpose()?;
 
-    let (shutdown, shutdown_rx) = watch::channel(false);
-    let mut tasks = JoinSet::new();
     let found = spawn_providers(&config, &mut tasks, &shutdown_rx);
     let config_rx = match path {
         Some(p) => spawn_config_watch(p, config.clone(), &fleet.metrics, &mut tasks, &shutdown_rx),
@@ -207,8 +253,11 @@ pub async fn start(config: Config, path: Option<PathBuf>) -> anyhow::Result<Hand
     tasks.spawn(compile_loop(
         state.clone(),
         compiler,
-        config_rx,
-        found,
+        Inputs {
+            config: config_rx,
+            found,
+            follow,
+        },
         shutdown_rx.clone(),
     ));
     tasks.spawn(fleet::api::serve(
@@ -249,36 +298,96 @@ fn spawn_providers(
     out
 }
 
-/// Recompiles on every configuration or discovery change and publishes the result.
+/// Where the current snapshot is kept in a shared store, for followers.
+const SNAPSHOT_KEY: &str = "snapshot/current";
+
+/// What the compile loop reacts to.
+struct Inputs {
+    config: watch::Receiver<Config>,
+    found: FoundRx,
+    /// The leader's stored snapshot (shared store only).
+    follow: Option<watch::Receiver<Option<Vec<u8>>>>,
+}
+
+/// As leader: recompiles on every configuration or discovery change and publishes the
+/// result (also to the shared store). As follower: publishes what the leader stored.
 async fn compile_loop(
     state: Arc<State>,
     mut compiler: Compiler,
-    mut config: watch::Receiver<Config>,
-    mut found: FoundRx,
+    mut inputs: Inputs,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let mut leader = state.leader.clone();
     // Give each provider a moment for its first read, so that the first snapshot
     // already holds the discovered endpoints.
-    for (_, rx) in &mut found {
+    for (_, rx) in &mut inputs.found {
         let _ = tokio::time::timeout(Duration::from_secs(2), rx.changed()).await;
     }
     loop {
-        let current: Vec<(String, Found)> = found
+        let current: Vec<(String, Found)> = inputs
+            .found
             .iter_mut()
             .map(|(n, rx)| (n.clone(), rx.borrow_and_update().clone()))
             .collect();
-        let cfg = config.borrow_and_update().clone();
-        publish(&state, &mut compiler, &cfg, &current).await;
+        let cfg = inputs.config.borrow_and_update().clone();
+        if *leader.borrow_and_update() {
+            if let Some(body) = publish(&state, &mut compiler, &cfg, &current).await {
+                if inputs.follow.is_some() {
+                    if let Err(e) = state.fleet.store.put(SNAPSHOT_KEY, &body).await {
+                        tracing::error!("storing the snapshot for followers: {e:#}");
+                    }
+                }
+            }
+        } else if let Some(follow) = inputs.follow.as_mut() {
+            let stored = follow.borrow_and_update().clone();
+            if let Some(body) = stored {
+                follow_leader(&state, Bytes::from(body));
+            }
+        }
         *state
             .providers
             .lock()
             .expect("providers lock is never poisoned: no panics while held") = current;
-        let any_found = futures_select(&mut found);
+        let any_found = futures_select(&mut inputs.found);
+        // The leader's own writes come back through the store: only followers listen.
+        let leading = *leader.borrow();
+        let followed = async {
+            match inputs.follow.as_mut() {
+                Some(f) if !leading => f.changed().await.is_ok(),
+                _ => std::future::pending().await,
+            }
+        };
         tokio::select! {
             _ = shutdown.changed() => return,
-            r = config.changed() => if r.is_err() { return },
+            r = inputs.config.changed() => if r.is_err() { return },
+            r = leader.changed() => if r.is_err() { return },
+            true = followed => {}
             () = any_found => {}
         }
+    }
+}
+
+/// Publishes the leader's snapshot to this follower's watchers.
+fn follow_leader(state: &State, body: Bytes) {
+    #[derive(serde::Deserialize)]
+    struct Version {
+        version: u64,
+    }
+    match serde_json::from_slice::<Version>(&body) {
+        Ok(v) if v.version != state.fleet.version() => {
+            tracing::info!("following the leader's snapshot version {}", v.version);
+            state
+                .fleet
+                .metrics
+                .snapshot_version
+                .set(i64::try_from(v.version).unwrap_or(i64::MAX));
+            state.fleet.published.send_replace(Published {
+                version: v.version,
+                body,
+            });
+        }
+        Ok(_) => {}
+        Err(e) => tracing::error!("the stored snapshot is unreadable: {e}"),
     }
 }
 
@@ -305,12 +414,13 @@ async fn futures_select(found: &mut FoundRx) {
     }
 }
 
+/// Compiles and publishes the next version; returns its encoding.
 async fn publish(
     state: &State,
     compiler: &mut Compiler,
     config: &Config,
     found: &[(String, Found)],
-) {
+) -> Option<Bytes> {
     let fleet = &state.fleet;
     for (name, f) in found {
         fleet
@@ -332,7 +442,7 @@ async fn publish(
                 "cannot allocate a snapshot version, keeping version {}: {e:#}",
                 fleet.version()
             );
-            return;
+            return None;
         }
     };
     let started = Instant::now();
@@ -343,14 +453,14 @@ async fn publish(
                 "snapshot {version} not built, proxies keep version {}: {e:#}",
                 fleet.version()
             );
-            return;
+            return None;
         }
     };
     let body = match serde_json::to_vec(&snapshot) {
         Ok(b) => Bytes::from(b),
         Err(e) => {
             tracing::error!("snapshot {version} not encoded: {e}");
-            return;
+            return None;
         }
     };
     fleet
@@ -369,7 +479,11 @@ async fn publish(
         "snapshot version {version} published ({} bytes)",
         body.len()
     );
-    fleet.published.send_replace(Published { version, body });
+    fleet.published.send_replace(Published {
+        version,
+        body: body.clone(),
+    });
+    Some(body)
 }
 
 /// Reloads the configuration on SIGHUP or when its file changes; an invalid file is

@@ -61,7 +61,11 @@ impl Live {
     ///
     /// # Errors
     /// When the local configuration cannot be built.
-    pub fn start_fleet(local: Config, cached: Option<Snapshot>) -> anyhow::Result<Arc<Self>> {
+    pub fn start_fleet(mut local: Config, cached: Option<Snapshot>) -> anyhow::Result<Arc<Self>> {
+        // What to serve comes from snapshots only.
+        local.routes.clear();
+        local.pools.clear();
+        local.tls.clear();
         let live = Self::start_at(local, 0)?;
         if let Some(snapshot) = cached {
             let version = snapshot.version;

@@ -19,7 +19,7 @@ use rampart_config::Config;
 
 use crate::admin::AdminApp;
 use crate::edge::{Edge, Scheme};
-use crate::fleet::{FleetOptions, FleetService};
+use crate::fleet::{FleetOptions, FleetService, LocalFeed, LocalFeedService};
 use crate::health::checker::HealthChecker;
 use crate::listener::EdgeApp;
 use crate::live::Live;
@@ -35,6 +35,8 @@ pub struct ProxyOptions {
     pub upgrade: bool,
     /// Take snapshots from a controller (fleet mode) instead of a file.
     pub fleet: Option<FleetOptions>,
+    /// Take snapshots from a controller in this process (`rampart up`).
+    pub local_feed: Option<LocalFeed>,
 }
 
 /// Builds the first generation (so that a bad config fails before anything listens).
@@ -110,6 +112,12 @@ pub fn run(live: Arc<Live>, options: ProxyOptions) -> anyhow::Result<()> {
         server.add_service(background_service(
             "reload",
             ReloadService::new(live.clone(), path),
+        ));
+    }
+    if let Some(feed) = options.local_feed {
+        server.add_service(background_service(
+            "controller feed",
+            LocalFeedService::new(live.clone(), feed, data_dir.clone()),
         ));
     }
     if let Some(fleet) = options.fleet {

@@ -4,6 +4,7 @@
 //! shared store for several controllers implement the same operations, including the
 //! two that must be atomic: create-if-absent and delete-once.
 
+pub mod etcd;
 pub mod local;
 
 use async_trait::async_trait;
@@ -25,6 +26,12 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// The next snapshot version: strictly greater than every version handed out
     /// before by any controller using this store.
     async fn next_version(&self) -> anyhow::Result<u64>;
+    /// The value of `key`, kept current as other controllers change it. The default
+    /// polls twice a second; shared stores push changes.
+    async fn subscribe(
+        &self,
+        key: &str,
+    ) -> anyhow::Result<tokio::sync::watch::Receiver<Option<Vec<u8>>>>;
 }
 
 /// Reads and decodes a JSON value.

@@ -108,6 +108,58 @@ impl Backoff {
     }
 }
 
+/// Snapshots handed over in process (`rampart up`): version and encoded snapshot.
+pub type LocalFeed = tokio::sync::watch::Receiver<(u64, bytes::Bytes)>;
+
+/// Applies snapshots from a controller running in the same process: no network hop,
+/// same decode → build → swap pipeline and cache as over the fleet API.
+pub struct LocalFeedService {
+    live: Arc<Live>,
+    feed: LocalFeed,
+    data_dir: PathBuf,
+}
+
+impl LocalFeedService {
+    /// A service applying what `feed` publishes into `live`.
+    #[must_use]
+    pub fn new(live: Arc<Live>, feed: LocalFeed, data_dir: PathBuf) -> Self {
+        Self {
+            live,
+            feed,
+            data_dir,
+        }
+    }
+}
+
+#[async_trait]
+impl BackgroundService for LocalFeedService {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let mut feed = self.feed.clone();
+        loop {
+            let (version, body) = feed.borrow_and_update().clone();
+            if version != 0 && version != self.live.current.load().version {
+                let live = self.live.clone();
+                let dir = self.data_dir.clone();
+                let ack = tokio::task::spawn_blocking(move || {
+                    apply_received(&live, &dir, version, &body)
+                })
+                .await;
+                match ack {
+                    Ok(a) if a.applied == AckResult::Ok => {
+                        tracing::info!("configuration version {version} is serving");
+                    }
+                    Ok(a) => tracing::error!("version {version} refused: {}", a.detail),
+                    Err(e) => tracing::error!("applying version {version} panicked: {e}"),
+                }
+            }
+            tokio::select! {
+                _ = shutdown.changed() => return,
+                r = feed.changed() => if r.is_err() { return },
+            }
+        }
+    }
+}
+
 /// The fleet background service of a proxy.
 pub struct FleetService {
     live: Arc<Live>,
