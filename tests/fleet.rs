@@ -20,17 +20,25 @@ struct Controller {
     handle: Option<rampart_controller::Handle>,
     dir: tempfile::TempDir,
     listen: std::net::SocketAddr,
+    /// Whether the controller watches its file (as `rampart controller`) or was
+    /// given the configuration only (as `rampart up` without a file).
+    reloads: bool,
 }
 
 impl Controller {
     /// `body` holds routes and pools; `[[discovery.files]]` points at `endpoints/`.
     async fn start(body: &str) -> Self {
+        Self::start_with(body, true).await
+    }
+
+    async fn start_with(body: &str, reloads: bool) -> Self {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(dir.path().join("endpoints")).unwrap();
         let mut c = Self {
             handle: None,
             dir,
             listen: "127.0.0.1:0".parse().unwrap(),
+            reloads,
         };
         c.write_config(body);
         c.restart().await;
@@ -59,7 +67,8 @@ impl Controller {
 
     /// Starts (again) on the same fleet port, so proxies find it where it was.
     async fn restart(&mut self) {
-        let handle = rampart_controller::start(self.config(), Some(self.config_path()))
+        let path = self.reloads.then(|| self.config_path());
+        let handle = rampart_controller::start(self.config(), path)
             .await
             .unwrap();
         self.listen = handle.fleet_addr;
@@ -138,7 +147,12 @@ async fn enrolled(c: &Controller) -> FleetClient {
 }
 
 async fn next_snapshot(client: &FleetClient, after: u64) -> Snapshot {
+    let started = std::time::Instant::now();
     loop {
+        assert!(
+            started.elapsed() < common::DEADLINE,
+            "no snapshot after version {after}"
+        );
         match client.watch(after).await.unwrap() {
             WatchResult::Snapshot { body, .. } => return serde_json::from_slice(&body).unwrap(),
             WatchResult::NoChange => {}
@@ -184,7 +198,7 @@ async fn join_tokens_work_once_and_expired_or_forged_ones_are_refused() {
 #[tokio::test]
 async fn fifty_proxies_watch_and_ack_every_version() {
     common::init();
-    let mut c = Controller::start(WEB).await;
+    let mut c = Controller::start_with(WEB, false).await;
     let a = Backend::start("a").await;
     let b = Backend::start("b").await;
     c.endpoints("web", "web", &[&a]);

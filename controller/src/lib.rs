@@ -318,6 +318,7 @@ async fn compile_loop(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut leader = state.leader.clone();
+    let (mut config_open, mut leader_open) = (true, true);
     // Give each provider a moment for its first read, so that the first snapshot
     // already holds the discovered endpoints.
     for (_, rx) in &mut inputs.found {
@@ -359,8 +360,10 @@ async fn compile_loop(
         };
         tokio::select! {
             _ = shutdown.changed() => return,
-            r = inputs.config.changed() => if r.is_err() { return },
-            r = leader.changed() => if r.is_err() { return },
+            // Without a file to reload the sender is gone: nothing will change there.
+            r = inputs.config.changed(), if config_open => config_open = r.is_ok(),
+            // With a local store leadership never changes (its sender is gone).
+            r = leader.changed(), if leader_open => leader_open = r.is_ok(),
             true = followed => {}
             () = any_found => {}
         }

@@ -16,7 +16,7 @@ use tokio::sync::{mpsc, watch};
 use super::{Found, Provider};
 
 /// Events are coalesced for this long (editors write in several steps).
-const SETTLE: Duration = Duration::from_millis(100);
+const SETTLE: Duration = Duration::from_millis(25);
 /// Full re-read interval, in case the file system dropped an event.
 const RESYNC: Duration = Duration::from_secs(30);
 
