@@ -100,8 +100,12 @@ impl Snapshot {
         };
         let mut issues = crate::validate::validate(&config);
         // default_sni is checked against [[tls]] entries, which a snapshot carries as
-        // certificate bundles instead.
-        issues.retain(|i| i.path.to_string() != "server.default_sni");
+        // certificate bundles instead. A redirect to HTTPS from a proxy without an https
+        // listener is that proxy's local choice, not a reason to refuse the snapshot.
+        issues.retain(|i| {
+            let path = i.path.to_string();
+            path != "server.default_sni" && !path.ends_with(".https_redirect")
+        });
         if issues.is_empty() {
             Ok((config, self.certificates))
         } else {

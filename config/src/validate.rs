@@ -265,7 +265,9 @@ fn route(config: &Config, route: &Route, path: &FieldPath, out: &mut Vec<Issue>)
             ));
         }
     }
-    if route.https_redirect && config.listeners.https.is_none() {
+    // A controller's file has no listeners: its proxies have their own.
+    let has_listeners = config.listeners.http.is_some() || config.listeners.https.is_some();
+    if route.https_redirect && has_listeners && config.listeners.https.is_none() {
         out.push(Issue::new(
             path.key("https_redirect"),
             "redirects to HTTPS but no https listener is configured",

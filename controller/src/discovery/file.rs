@@ -187,6 +187,14 @@ mod tests {
     }
 
     #[test]
+    fn the_shipped_example_directory_reads_cleanly() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/endpoints.d");
+        let found = provider(&dir).read(&mut HashMap::new());
+        assert!(found.errors.is_empty(), "{:?}", found.errors);
+        assert_eq!(found.pools["web"].len(), 2);
+    }
+
+    #[test]
     fn reads_a_directory_and_keeps_the_last_good_content_of_a_broken_file() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(
