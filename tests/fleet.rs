@@ -272,7 +272,7 @@ async fn fifty_proxies_watch_and_ack_every_version() {
 }
 
 #[tokio::test]
-async fn certificates_of_another_ca_and_revoked_instances_are_refused() {
+async fn certificates_renew_and_those_of_another_ca_or_revoked_instances_are_refused() {
     common::init();
     let mut c = Controller::start(WEB).await;
     let mut other = Controller::start(WEB).await;
@@ -300,6 +300,17 @@ async fn certificates_of_another_ca_and_revoked_instances_are_refused() {
         }
         other => panic!("a foreign certificate was not refused: {other:?}"),
     }
+
+    // Renewal: same identity, new key, and the new certificate works.
+    let renewed = good.renew().await.unwrap();
+    assert_eq!(renewed.instance, good.identity.instance);
+    assert_ne!(renewed.key_pem, good.identity.key_pem);
+    assert!(!renewed.renewal_due());
+    let good = FleetClient::new(&c.url(), renewed, Duration::from_secs(5)).unwrap();
+    assert!(matches!(
+        good.watch(0).await,
+        Ok(WatchResult::Snapshot { .. })
+    ));
 
     rampart_controller::revoke(&c.config(), &good.identity.instance)
         .await

@@ -15,16 +15,8 @@ use crate::State;
 /// Serves the admin API on `listener` until `shutdown` turns true.
 pub async fn serve(state: Arc<State>, listener: TcpListener, mut shutdown: watch::Receiver<bool>) {
     loop {
-        let (tcp, _) = tokio::select! {
-            _ = shutdown.changed() => return,
-            r = listener.accept() => match r {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::warn!("admin accept: {e}");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
+        let Some((tcp, _)) = accept(&listener, &mut shutdown, "admin").await else {
+            return;
         };
         let state = state.clone();
         tokio::spawn(async move {
@@ -38,6 +30,27 @@ pub async fn serve(state: Arc<State>, listener: TcpListener, mut shutdown: watch
                 .serve_connection(io, service)
                 .await;
         });
+    }
+}
+
+/// The next connection on `listener`, or `None` once `shutdown` turns true. Accept
+/// errors (say, out of file descriptors) are logged and retried after a pause.
+pub(crate) async fn accept(
+    listener: &TcpListener,
+    shutdown: &mut watch::Receiver<bool>,
+    what: &str,
+) -> Option<(tokio::net::TcpStream, std::net::SocketAddr)> {
+    loop {
+        tokio::select! {
+            _ = shutdown.changed() => return None,
+            r = listener.accept() => match r {
+                Ok(c) => return Some(c),
+                Err(e) => {
+                    tracing::warn!("{what} accept: {e}");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+            },
+        }
     }
 }
 

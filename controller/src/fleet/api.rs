@@ -2,7 +2,8 @@
 //! - `POST /v1/enroll` (no client certificate): join token + CSR → client certificate;
 //! - `GET /v1/watch?after=V`: the current snapshot as soon as its version is not `V`,
 //!   or `204 No Content` after the watch timeout;
-//! - `POST /v1/ack`, `POST /v1/heartbeat`: what a proxy serves and that it is alive.
+//! - `POST /v1/ack`, `POST /v1/heartbeat`: what a proxy serves and that it is alive;
+//! - `POST /v1/renew`: a new client certificate (same identity) for a new key.
 //!
 //! Every route but enrolment needs a client certificate from the fleet CA whose
 //! instance is enrolled and not revoked. Errors are JSON `{"error": "..."}` that say
@@ -36,16 +37,9 @@ pub async fn serve(
 ) {
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     loop {
-        let (tcp, peer) = tokio::select! {
-            _ = shutdown.changed() => return,
-            r = listener.accept() => match r {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::warn!("fleet API accept: {e}");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
+        let Some((tcp, peer)) = crate::admin::accept(&listener, &mut shutdown, "fleet API").await
+        else {
+            return;
         };
         let fleet = fleet.clone();
         let acceptor = acceptor.clone();
@@ -94,7 +88,7 @@ async fn route(
     let path = req.uri().path().to_string();
     match (req.method(), path.as_str()) {
         (&Method::POST, "/v1/enroll") => enroll(fleet, req).await,
-        (_, "/v1/watch" | "/v1/ack" | "/v1/heartbeat") => {
+        (_, "/v1/watch" | "/v1/ack" | "/v1/heartbeat" | "/v1/renew") => {
             let id = match authorize(fleet, identity.as_deref()).await {
                 Ok(id) => id,
                 Err(resp) => return resp,
@@ -103,6 +97,7 @@ async fn route(
                 (&Method::GET, "/v1/watch") => watch(fleet, &req).await,
                 (&Method::POST, "/v1/ack") => ack(fleet, &id, req).await,
                 (&Method::POST, "/v1/heartbeat") => heartbeat(fleet, &id, peer, req).await,
+                (&Method::POST, "/v1/renew") => renew(fleet, &id, req).await,
                 _ => error(StatusCode::METHOD_NOT_ALLOWED, "wrong method for this path"),
             }
         }
@@ -301,4 +296,33 @@ async fn heartbeat(fleet: &Fleet, id: &str, peer: SocketAddr, req: Request<Incom
         StatusCode::OK,
         &serde_json::json!({ "version": fleet.version() }),
     )
+}
+
+/// A new client certificate for an enrolled instance, same identity, new key.
+async fn renew(fleet: &Fleet, id: &str, req: Request<Incoming>) -> Resp {
+    #[derive(serde::Deserialize)]
+    struct Renew {
+        csr_pem: String,
+    }
+    let body: Renew = match read_json(req).await {
+        Ok(r) => r,
+        Err(resp) => return resp,
+    };
+    match fleet
+        .ca
+        .sign_client(&body.csr_pem, id, CLIENT_CERT_LIFETIME)
+    {
+        Ok(cert_pem) => {
+            tracing::info!("renewed the client certificate of {id}");
+            json(
+                StatusCode::OK,
+                &EnrollResponse {
+                    instance: id.to_string(),
+                    cert_pem,
+                    ca_pem: fleet.ca.cert_pem().to_string(),
+                },
+            )
+        }
+        Err(e) => error(StatusCode::BAD_REQUEST, &format!("{e:#}")),
+    }
 }

@@ -39,6 +39,27 @@ impl std::fmt::Debug for Identity {
 }
 
 impl Identity {
+    /// Whether less than a third of the certificate's lifetime is left (or it does not
+    /// parse): time to renew.
+    #[must_use]
+    pub fn renewal_due(&self) -> bool {
+        let Ok((_, pem)) = x509_parser::pem::parse_x509_pem(self.cert_pem.as_bytes()) else {
+            return true;
+        };
+        let Ok(cert) = pem.parse_x509() else {
+            return true;
+        };
+        let validity = cert.validity();
+        let (start, end) = (
+            validity.not_before.timestamp(),
+            validity.not_after.timestamp(),
+        );
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+        end - now < (end - start) / 3
+    }
+
     /// The identity stored in `data_dir`, if the proxy enrolled before.
     ///
     /// # Errors
@@ -247,6 +268,33 @@ impl FleetClient {
     /// See [`CallError`].
     pub async fn ack(&self, ack: &Ack) -> Result<(), CallError> {
         self.post("/v1/ack", ack).await
+    }
+
+    /// Gets a new certificate for a new key (same identity); returns the new identity.
+    ///
+    /// # Errors
+    /// See [`CallError`].
+    pub async fn renew(&self) -> Result<Identity, CallError> {
+        let (key_pem, csr_pem) =
+            rampart_pki::new_request(&self.identity.instance).map_err(CallError::Unreachable)?;
+        let resp = self
+            .client
+            .post(format!("{}/v1/renew", self.base))
+            .json(&serde_json::json!({ "csr_pem": csr_pem }))
+            .send()
+            .await
+            .map_err(|e| CallError::Unreachable(e.into()))?;
+        let body: EnrollResponse = check(resp)
+            .await?
+            .json()
+            .await
+            .map_err(|e| CallError::Unreachable(e.into()))?;
+        Ok(Identity {
+            instance: body.instance,
+            cert_pem: body.cert_pem,
+            key_pem,
+            ca_pem: body.ca_pem,
+        })
     }
 
     /// Says this proxy is alive.

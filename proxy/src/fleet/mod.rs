@@ -108,6 +108,9 @@ impl Backoff {
     }
 }
 
+/// How often a running proxy checks whether its client certificate needs renewal.
+const RENEWAL_CHECK: Duration = Duration::from_secs(6 * 3600);
+
 /// Snapshots handed over in process (`rampart up`): version and encoded snapshot.
 pub type LocalFeed = tokio::sync::watch::Receiver<(u64, bytes::Bytes)>;
 
@@ -224,6 +227,34 @@ impl FleetService {
     }
 }
 
+impl FleetService {
+    /// Renews the client certificate (a third of its lifetime left); keeps the current
+    /// one when the controller cannot renew it now (checked again at the next start).
+    async fn renewed(&self, client: FleetClient) -> FleetClient {
+        let renewed = match client.renew().await {
+            Ok(id) => id,
+            Err(e) => {
+                tracing::warn!("renewing the fleet client certificate: {e}");
+                return client;
+            }
+        };
+        if let Err(e) = renewed.save(&self.data_dir) {
+            tracing::warn!("storing the renewed certificate: {e:#}");
+            return client;
+        }
+        match FleetClient::new(&self.options.controller, renewed, Duration::from_secs(60)) {
+            Ok(c) => {
+                tracing::info!("fleet client certificate renewed");
+                c
+            }
+            Err(e) => {
+                tracing::warn!("the renewed certificate is unusable: {e:#}");
+                client
+            }
+        }
+    }
+}
+
 #[async_trait]
 impl BackgroundService for FleetService {
     async fn start(&self, mut shutdown: ShutdownWatch) {
@@ -239,7 +270,7 @@ impl BackgroundService for FleetService {
             }
         };
         // The client waits longer than any controller holds a watch.
-        let client =
+        let mut client =
             match FleetClient::new(&self.options.controller, identity, Duration::from_secs(60)) {
                 Ok(c) => c,
                 Err(e) => {
@@ -250,15 +281,32 @@ impl BackgroundService for FleetService {
                     return;
                 }
             };
-        let beats = tokio::spawn(Self::heartbeats(
+        if client.identity.renewal_due() {
+            client = self.renewed(client).await;
+        }
+        let mut beats = tokio::spawn(Self::heartbeats(
             self.live.clone(),
             client.clone(),
             self.options.clone(),
         ));
         // The last version seen, applied or not: a refused snapshot is not fetched again.
         let mut seen = self.live.current.load().version;
+        let mut renewal_checked = tokio::time::Instant::now();
         backoff.reset();
         loop {
+            // Long-running proxies renew too (checked a few times a day; cheap).
+            if renewal_checked.elapsed() > RENEWAL_CHECK {
+                renewal_checked = tokio::time::Instant::now();
+                if client.identity.renewal_due() {
+                    client = self.renewed(client).await;
+                    beats.abort();
+                    beats = tokio::spawn(Self::heartbeats(
+                        self.live.clone(),
+                        client.clone(),
+                        self.options.clone(),
+                    ));
+                }
+            }
             let result = tokio::select! {
                 _ = shutdown.changed() => break,
                 r = client.watch(seen) => r,
