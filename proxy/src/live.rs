@@ -175,7 +175,7 @@ impl Live {
         anyhow::anyhow!(detail)
     }
 
-    /// Notified with the new version after every swap.
+    /// Notified with the new version after every swap, and when readiness changes.
     #[must_use]
     pub fn subscribe(&self) -> watch::Receiver<u64> {
         self.changes.subscribe()
@@ -189,7 +189,11 @@ impl Live {
 
     /// Marks readiness.
     pub fn set_ready(&self, ready: bool) {
-        self.ready.store(ready, Ordering::Relaxed);
+        let was = self.ready.swap(ready, Ordering::Relaxed);
+        if was != ready {
+            // Wake subscribers (the fleet heartbeat reports readiness at once).
+            self.changes.send_modify(|_| {});
+        }
     }
 
     /// Where the internal CA certificate is, if the configuration uses the internal CA.
