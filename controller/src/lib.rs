@@ -349,23 +349,31 @@ async fn compile_loop(
             .providers
             .lock()
             .expect("providers lock is never poisoned: no panics while held") = current;
-        let any_found = futures_select(&mut inputs.found);
-        // The leader's own writes come back through the store: only followers listen.
-        let leading = *leader.borrow();
-        let followed = async {
-            match inputs.follow.as_mut() {
-                Some(f) if !leading => f.changed().await.is_ok(),
-                _ => std::future::pending().await,
+        // Wait for a real change: a channel that closes (no file to reload, or a local
+        // store whose leadership never changes) is not one.
+        loop {
+            let any_found = futures_select(&mut inputs.found);
+            // The leader's own writes come back through the store: only followers listen.
+            let leading = *leader.borrow();
+            let followed = async {
+                match inputs.follow.as_mut() {
+                    Some(f) if !leading => f.changed().await.is_ok(),
+                    _ => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = shutdown.changed() => return,
+                r = inputs.config.changed(), if config_open => match r {
+                    Ok(()) => break,
+                    Err(_) => config_open = false,
+                },
+                r = leader.changed(), if leader_open => match r {
+                    Ok(()) => break,
+                    Err(_) => leader_open = false,
+                },
+                true = followed => break,
+                () = any_found => break,
             }
-        };
-        tokio::select! {
-            _ = shutdown.changed() => return,
-            // Without a file to reload the sender is gone: nothing will change there.
-            r = inputs.config.changed(), if config_open => config_open = r.is_ok(),
-            // With a local store leadership never changes (its sender is gone).
-            r = leader.changed(), if leader_open => leader_open = r.is_ok(),
-            true = followed => {}
-            () = any_found => {}
         }
     }
 }
