@@ -392,6 +392,15 @@ async fn a_proxy_restarted_while_the_controller_is_down_serves_its_cached_snapsh
     c.stop().await;
     proxy.spawn_fleet(&c.url(), None);
     assert!(proxy.wait_until_ready().await, "log:\n{}", proxy.log());
+    let fleet = eventually("/status to say the controller is unreachable", || async {
+        let s = proxy.status().await;
+        (s["fleet"]["connected"] == false).then(|| s["fleet"].clone())
+    })
+    .await;
+    assert!(
+        fleet["instance"].as_str().unwrap().starts_with("p-"),
+        "{fleet}"
+    );
     let r = client.get(proxy.url("/")).send().await.unwrap();
     assert_eq!(
         r.text().await.unwrap(),

@@ -142,6 +142,7 @@ pub fn status(live: &Live, generation: &Generation) -> Value {
         "version": generation.version,
         "ready": live.is_ready(),
         "last_reload": last_reload,
+        "fleet": *live.fleet.load_full(),
         "routes": routes,
         "pools": pools,
         "certificates": certificates,

@@ -24,6 +24,19 @@ pub struct ReloadOutcome {
     pub error: Option<String>,
 }
 
+/// Fleet mode as seen by this proxy (shown in /status).
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct FleetStatus {
+    /// The controller's fleet API.
+    pub controller: String,
+    /// This proxy's identity, once enrolled.
+    pub instance: Option<String>,
+    /// Whether the last call to the controller succeeded.
+    pub connected: bool,
+    /// The last problem talking to the controller.
+    pub last_error: Option<String>,
+}
+
 /// The live state of a proxy process.
 pub struct Live {
     /// The generation being served.
@@ -34,6 +47,8 @@ pub struct Live {
     pub builder: Builder,
     /// Outcome of the last reload, if any happened.
     pub last_reload: ArcSwap<Option<ReloadOutcome>>,
+    /// Fleet mode state, when snapshots come from a controller.
+    pub fleet: ArcSwap<Option<FleetStatus>>,
     ready: AtomicBool,
     changes: watch::Sender<u64>,
 }
@@ -90,6 +105,7 @@ impl Live {
             metrics,
             builder,
             last_reload: ArcSwap::from_pointee(None),
+            fleet: ArcSwap::from_pointee(None),
             ready: AtomicBool::new(false),
             changes,
         }))

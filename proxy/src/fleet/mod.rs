@@ -228,6 +228,18 @@ impl FleetService {
 }
 
 impl FleetService {
+    /// Records the fleet state shown in /status.
+    fn report(&self, instance: Option<&str>, error: Option<String>) {
+        self.live
+            .fleet
+            .store(Arc::new(Some(crate::live::FleetStatus {
+                controller: self.options.controller.clone(),
+                instance: instance.map(str::to_string),
+                connected: error.is_none(),
+                last_error: error,
+            })));
+    }
+
     /// Renews the client certificate (a third of its lifetime left); keeps the current
     /// one when the controller cannot renew it now (checked again at the next start).
     async fn renewed(&self, client: FleetClient) -> FleetClient {
@@ -262,7 +274,10 @@ impl BackgroundService for FleetService {
         let identity = loop {
             match self.identity().await {
                 Ok(id) => break id,
-                Err(e) => tracing::error!("{e}"),
+                Err(e) => {
+                    tracing::error!("{e}");
+                    self.report(None, Some(e));
+                }
             }
             tokio::select! {
                 _ = shutdown.changed() => return,
@@ -311,6 +326,11 @@ impl BackgroundService for FleetService {
                 _ = shutdown.changed() => break,
                 r = client.watch(seen) => r,
             };
+            let instance = client.identity.instance.clone();
+            self.report(
+                Some(&instance),
+                result.as_ref().err().map(ToString::to_string),
+            );
             match result {
                 Ok(WatchResult::NoChange) => backoff.reset(),
                 Ok(WatchResult::Snapshot { version, body }) => {
