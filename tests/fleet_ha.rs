@@ -10,6 +10,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{eventually, free_addr};
+use rampart_config::snapshot::Heartbeat;
 use rampart_proxy::fleet::client::{self, FleetClient, WatchResult};
 
 /// A real etcd server on loopback ports in a temp directory.
@@ -161,6 +162,35 @@ async fn killing_the_leader_makes_a_follower_take_over_with_higher_versions() {
         WatchResult::Snapshot { version, .. } => assert_eq!(version, v_a),
         WatchResult::NoChange => panic!("b has no snapshot"),
     }
+    // A heartbeat received by one controller shows in the other's status.
+    let via_a = FleetClient::new(
+        &format!("https://{}", a.fleet),
+        (*via_b.identity).clone(),
+        Duration::from_secs(5),
+    )
+    .unwrap();
+    via_a
+        .heartbeat(&Heartbeat {
+            public_addrs: vec!["127.0.0.9".parse().unwrap()],
+            ready: true,
+            version: v_a,
+        })
+        .await
+        .unwrap();
+    let instance = via_b.identity.instance.clone();
+    eventually("b to list the instance as ready", || async {
+        let s = b.status().await?;
+        s["instances"]
+            .as_array()?
+            .iter()
+            .any(|i| {
+                i["id"] == instance.as_str()
+                    && i["state"] == "ready"
+                    && i["public_addrs"][0] == "127.0.0.9"
+            })
+            .then_some(())
+    })
+    .await;
 
     // Kill a (no clean hand-over): b must take over once a's lease expires.
     let mut a = a;

@@ -189,6 +189,7 @@ pub async fn start(config: Config, path: Option<PathBuf>) -> anyhow::Result<Hand
         metrics,
         published,
         watch_timeout: settings.watch_timeout.0,
+        shared: matches!(settings.store, StoreSettings::Etcd(_)),
     });
     let (shutdown, shutdown_rx) = watch::channel(false);
     let mut tasks = JoinSet::new();
@@ -266,6 +267,9 @@ pub async fn start(config: Config, path: Option<PathBuf>) -> anyhow::Result<Hand
         tls,
         shutdown_rx.clone(),
     ));
+    if fleet.shared {
+        tasks.spawn(fleet::sync_heartbeats(fleet.clone(), shutdown_rx.clone()));
+    }
     if let Some(l) = admin_listener {
         tasks.spawn(admin::serve(state.clone(), l, shutdown_rx.clone()));
     }

@@ -291,6 +291,16 @@ async fn heartbeat(fleet: &Fleet, id: &str, peer: SocketAddr, req: Request<Incom
         Err(resp) => return resp,
     };
     fleet.registry.heartbeat(id, peer.ip().to_string(), &hb);
+    if fleet.shared {
+        let stored = super::registry::StoredHeartbeat {
+            peer: peer.ip().to_string(),
+            heartbeat: hb,
+            at_unix_ms: super::unix_ms(),
+        };
+        if let Err(e) = put_json(fleet.store.as_ref(), &format!("heartbeats/{id}"), &stored).await {
+            tracing::warn!("sharing the heartbeat of {id}: {e:#}");
+        }
+    }
     fleet.registry.export(&fleet.metrics, fleet.version());
     json(
         StatusCode::OK,

@@ -47,6 +47,44 @@ pub struct Fleet {
     pub published: watch::Sender<Published>,
     /// Longest a watch waits before answering "no change".
     pub watch_timeout: Duration,
+    /// Whether other controllers share the store (heartbeats are then shared too).
+    pub shared: bool,
+}
+
+/// Milliseconds since the Unix epoch.
+#[must_use]
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// Keeps this controller's registry current with heartbeats other controllers received
+/// (shared store only), so that any controller's /status lists the whole fleet.
+pub async fn sync_heartbeats(fleet: std::sync::Arc<Fleet>, mut shutdown: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = shutdown.changed() => return,
+            _ = tick.tick() => {}
+        }
+        let entries = match fleet.store.list("heartbeats").await {
+            Ok(e) => e,
+            Err(e) => {
+                tracing::debug!("reading shared heartbeats: {e:#}");
+                continue;
+            }
+        };
+        let now = unix_ms();
+        for (key, value) in entries {
+            let Ok(beat) = serde_json::from_slice::<registry::StoredHeartbeat>(&value) else {
+                continue;
+            };
+            let id = key.trim_start_matches("heartbeats/");
+            let age = Duration::from_millis(now.saturating_sub(beat.at_unix_ms));
+            fleet.registry.remote_heartbeat(id, &beat, age);
+        }
+    }
 }
 
 impl Fleet {

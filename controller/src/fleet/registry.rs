@@ -22,6 +22,17 @@ pub struct InstanceRecord {
     pub revoked: bool,
 }
 
+/// A heartbeat as shared between controllers (`heartbeats/<id>` in a shared store).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct StoredHeartbeat {
+    /// Address the proxy connected from.
+    pub peer: String,
+    /// What it said.
+    pub heartbeat: Heartbeat,
+    /// Unix time (milliseconds) the controller received it.
+    pub at_unix_ms: u64,
+}
+
 #[derive(Debug, Default)]
 struct LiveState {
     hostname: String,
@@ -77,6 +88,23 @@ impl Registry {
             s.version = hb.version;
             s.ready = hb.ready;
             s.last_heartbeat = Some(Instant::now());
+        });
+    }
+
+    /// Records a heartbeat another controller received `age` ago (shared store), unless
+    /// this controller heard from the instance more recently.
+    pub fn remote_heartbeat(&self, id: &str, beat: &StoredHeartbeat, age: Duration) {
+        let at = Instant::now().checked_sub(age).unwrap_or_else(Instant::now);
+        self.with(|m| {
+            let s = m.entry(id.to_string()).or_default();
+            if s.last_heartbeat.is_some_and(|t| t >= at) {
+                return;
+            }
+            s.peer = Some(beat.peer.clone());
+            s.public_addrs.clone_from(&beat.heartbeat.public_addrs);
+            s.version = beat.heartbeat.version;
+            s.ready = beat.heartbeat.ready;
+            s.last_heartbeat = Some(at);
         });
     }
 
