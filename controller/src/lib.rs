@@ -5,6 +5,7 @@
 //! - [`store`]: where state is kept (local directory)
 //! - [`authority`]: the fleet CA and the internal serving CA
 //! - [`discovery`]: endpoint providers (files)
+//! - [`dns`]: the DNS planner (desired vs actual records → changes)
 //! - [`compile`]: configuration + discovery → snapshot
 //! - [`fleet`]: enrolment, tokens, watch/ack/heartbeat, instance registry
 //! - [`leader`]: leader election over etcd (several controllers)
@@ -14,6 +15,7 @@ pub mod admin;
 pub mod authority;
 pub mod compile;
 pub mod discovery;
+pub mod dns;
 pub mod fleet;
 pub mod leader;
 pub mod metrics;
