@@ -131,7 +131,7 @@ fn scale() {
         build[4].as_secs_f64() * 1e3
     );
     println!(
-        "- proxy decode + validate + build + swap: median {:.1} ms, max {:.1} ms (5 runs, in order: {} ms; the first builds every metric handle)",
+        "- proxy decode + validate + build + swap: median {:.1} ms, max {:.1} ms (5 runs, in order: {} ms; the first also creates each route's metric handles)",
         apply[2].as_secs_f64() * 1e3,
         apply[4].as_secs_f64() * 1e3,
         order.join(", ")

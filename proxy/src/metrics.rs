@@ -2,6 +2,8 @@
 //! Gauges that describe the current generation (endpoint health, certificate expiry)
 //! are refreshed at scrape time from the generation itself, so they never go stale.
 
+use std::sync::Arc;
+
 use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
@@ -123,10 +125,20 @@ impl Metrics {
 const CLASSES: [&str; 6] = ["1xx", "2xx", "3xx", "4xx", "5xx", "other"];
 
 /// The request metrics of one route, resolved once per generation so that the request
-/// path only increments (no label hashing or registry locks per request).
+/// path only increments (no label hashing or registry locks per request). The 2xx
+/// counter and the duration histogram are resolved up front; the other classes on their
+/// first request (once per route), which keeps building a generation of thousands of
+/// routes fast. Clones share the handles, so generations that keep a route share them.
 #[derive(Clone)]
 pub struct RequestMetrics {
-    by_class: [IntCounter; 6],
+    inner: Arc<RouteHandles>,
+}
+
+struct RouteHandles {
+    family: prometheus::IntCounterVec,
+    route: String,
+    pool: String,
+    by_class: [std::sync::OnceLock<IntCounter>; 6],
     duration: Histogram,
 }
 
@@ -140,9 +152,17 @@ impl RequestMetrics {
     /// The handles for `route` and `pool` ("" when none).
     #[must_use]
     pub fn new(metrics: &Metrics, route: &str, pool: &str) -> Self {
-        Self {
-            by_class: CLASSES.map(|c| metrics.requests.with_label_values(&[route, pool, c])),
+        let handles = RouteHandles {
+            family: metrics.requests.clone(),
+            route: route.to_string(),
+            pool: pool.to_string(),
+            by_class: Default::default(),
             duration: metrics.request_duration.with_label_values(&[route]),
+        };
+        // The class nearly every request has: resolved now, so it is exported as 0.
+        handles.class(1);
+        Self {
+            inner: Arc::new(handles),
         }
     }
 
@@ -156,7 +176,16 @@ impl RequestMetrics {
             500..=599 => 4,
             _ => 5,
         };
-        self.by_class[class].inc();
-        self.duration.observe(seconds);
+        self.inner.class(class).inc();
+        self.inner.duration.observe(seconds);
+    }
+}
+
+impl RouteHandles {
+    fn class(&self, i: usize) -> &IntCounter {
+        self.by_class[i].get_or_init(|| {
+            self.family
+                .with_label_values(&[&self.route, &self.pool, CLASSES[i]])
+        })
     }
 }
