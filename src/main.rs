@@ -315,26 +315,39 @@ fn serve_fleet(config: Option<&Path>, args: FleetArgs, upgrade: bool) -> anyhow:
     if args.admin.is_some() {
         local.listeners.admin = args.admin;
     }
-    let data_dir = local.server.data_dir.clone();
-    std::fs::create_dir_all(&data_dir)
-        .with_context(|| format!("creating data directory {}", data_dir.display()))?;
-    let cached = rampart_proxy::fleet::load_cached(&data_dir);
+    serve_snapshots(
+        local,
+        upgrade,
+        Some(rampart_proxy::fleet::FleetOptions {
+            controller,
+            join_token: args.join_token,
+            heartbeat_every: args.heartbeat,
+            public_addrs: args.public_addrs,
+        }),
+        None,
+    )?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Runs a proxy whose configuration comes as snapshots (from a controller over the
+/// network, or in process): it starts from its cached snapshot, if any.
+fn serve_snapshots(
+    local: Config,
+    upgrade: bool,
+    fleet: Option<rampart_proxy::fleet::FleetOptions>,
+    local_feed: Option<rampart_proxy::fleet::LocalFeed>,
+) -> anyhow::Result<()> {
+    let cached = rampart_proxy::fleet::load_cached(&local.server.data_dir);
     let live = rampart_proxy::live::Live::start_fleet(local, cached)?;
     rampart_proxy::run(
         live,
         rampart_proxy::ProxyOptions {
             config_path: None,
             upgrade,
-            fleet: Some(rampart_proxy::fleet::FleetOptions {
-                controller,
-                join_token: args.join_token,
-                heartbeat_every: args.heartbeat,
-                public_addrs: args.public_addrs,
-            }),
-            local_feed: None,
+            fleet,
+            local_feed,
         },
-    )?;
-    Ok(ExitCode::SUCCESS)
+    )
 }
 
 /// `rampart up`: the controller and a proxy in one process. Snapshots go from one to
@@ -361,35 +374,27 @@ fn serve_up(config: Config, path: Option<PathBuf>, upgrade: bool) -> anyhow::Res
             }
         }
     });
-    let data_dir = config.server.data_dir.clone();
-    std::fs::create_dir_all(&data_dir)
-        .with_context(|| format!("creating data directory {}", data_dir.display()))?;
-    let cached = rampart_proxy::fleet::load_cached(&data_dir);
-    let listeners = config.listeners.clone();
-    let live = rampart_proxy::live::Live::start_fleet(config, cached)?;
-    announce(&listeners, &data_dir.join("ca").join("ca.pem"));
-    rampart_proxy::run(
-        live,
-        rampart_proxy::ProxyOptions {
-            config_path: None,
-            upgrade,
-            fleet: None,
-            local_feed: Some(feed),
-        },
-    )?;
+    announce(
+        &config.listeners,
+        Some(&config.server.data_dir.join("ca").join("ca.pem")),
+    );
+    serve_snapshots(config, upgrade, None, Some(feed))?;
     rt.block_on(handle.shutdown());
     Ok(ExitCode::SUCCESS)
 }
 
-/// Tells the user where to point a client.
-fn announce(listeners: &rampart_config::Listeners, ca: &Path) {
+/// Tells the user where to point a client (and which CA to trust, for the internal one).
+fn announce(listeners: &rampart_config::Listeners, ca: Option<&Path>) {
     if let Some(https) = listeners.https {
         let port = https.port();
-        eprintln!(
-            "Rampart is serving HTTPS on {https}; the internal CA certificate is {}\n  try: curl --cacert {} https://localhost:{port}/",
-            ca.display(),
-            ca.display()
-        );
+        match ca {
+            Some(ca) => eprintln!(
+                "Rampart is serving HTTPS on {https}; the internal CA certificate is {}\n  try: curl --cacert {} https://localhost:{port}/",
+                ca.display(),
+                ca.display()
+            ),
+            None => eprintln!("Rampart is serving HTTPS on {https}"),
+        }
     }
     if let Some(admin) = listeners.admin {
         eprintln!("Admin API: http://{admin}/status  http://{admin}/metrics");
@@ -399,16 +404,7 @@ fn announce(listeners: &rampart_config::Listeners, ca: &Path) {
 fn serve(config: Config, path: Option<PathBuf>, upgrade: bool) -> anyhow::Result<ExitCode> {
     let listeners = config.listeners.clone();
     let live = rampart_proxy::prepare(config)?;
-    if let Some(https) = listeners.https {
-        let port = https.port();
-        match live.internal_ca_cert() {
-            Some(ca) => eprintln!("Rampart is serving HTTPS on {https}; the internal CA certificate is {}\n  try: curl --cacert {} https://localhost:{port}/", ca.display(), ca.display()),
-            None => eprintln!("Rampart is serving HTTPS on {https}"),
-        }
-    }
-    if let Some(admin) = listeners.admin {
-        eprintln!("Admin API: http://{admin}/status  http://{admin}/metrics");
-    }
+    announce(&listeners, live.internal_ca_cert().as_deref());
     rampart_proxy::run(
         live,
         rampart_proxy::ProxyOptions {

@@ -91,26 +91,74 @@ impl Snapshot {
             routes: self.routes,
             pools: self.pools,
             controller: None,
-            // Pools may be empty in a snapshot (discovery found nothing yet): serve 503.
-            discovery: crate::Discovery {
-                files: vec![crate::FileDiscovery {
-                    path: "<controller>".into(),
-                }],
-            },
+            discovery: crate::Discovery::default(),
         };
-        let mut issues = crate::validate::validate(&config);
-        // default_sni is checked against [[tls]] entries, which a snapshot carries as
-        // certificate bundles instead. A redirect to HTTPS from a proxy without an https
-        // listener is that proxy's local choice, not a reason to refuse the snapshot.
-        issues.retain(|i| {
-            let path = i.path.to_string();
-            path != "server.default_sni" && !path.ends_with(".https_redirect")
-        });
+        let issues = crate::validate::validate_snapshot(&config);
         if issues.is_empty() {
             Ok((config, self.certificates))
         } else {
             Err(issues)
         }
+    }
+}
+
+/// A one-time join token, `rmp1.<id>.<secret>.<ca>`: the id names the controller's
+/// record, the secret proves the holder, and `<ca>` is the SHA-256 of the fleet CA
+/// certificate that the joining proxy pins to trust the controller.
+#[derive(Clone, PartialEq, Eq)]
+pub struct JoinToken {
+    /// Record id (16 hex digits).
+    pub id: String,
+    /// Secret (32 hex digits).
+    pub secret: String,
+    /// Fleet CA fingerprint (64 lowercase hex digits).
+    pub ca_sha256: String,
+}
+
+impl JoinToken {
+    const PREFIX: &'static str = "rmp1";
+
+    /// The parts of `token`, if it has the form above.
+    #[must_use]
+    pub fn parse(token: &str) -> Option<Self> {
+        let mut parts = token.trim().split('.');
+        let (Some(Self::PREFIX), Some(id), Some(secret), Some(ca), None) = (
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+        ) else {
+            return None;
+        };
+        let hex = |s: &str, len: usize| s.len() == len && s.bytes().all(|b| b.is_ascii_hexdigit());
+        (hex(id, 16) && hex(secret, 32) && hex(ca, 64)).then(|| Self {
+            id: id.to_string(),
+            secret: secret.to_string(),
+            ca_sha256: ca.to_ascii_lowercase(),
+        })
+    }
+}
+
+impl std::fmt::Display for JoinToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}.{}.{}.{}",
+            Self::PREFIX,
+            self.id,
+            self.secret,
+            self.ca_sha256
+        )
+    }
+}
+
+impl std::fmt::Debug for JoinToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print the secret.
+        f.debug_struct("JoinToken")
+            .field("id", &self.id)
+            .finish_non_exhaustive()
     }
 }
 
@@ -136,6 +184,15 @@ pub struct EnrollResponse {
     pub cert_pem: String,
     /// The fleet CA, PEM: trust it for the controller from now on.
     pub ca_pem: String,
+}
+
+/// `POST /v1/renew`: an enrolled proxy asks for a certificate for a new key (answered
+/// with an [`EnrollResponse`] for the same identity).
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RenewRequest {
+    /// Certificate request for the new key, PEM.
+    pub csr_pem: String,
 }
 
 /// `POST /v1/ack`: what a proxy did with a snapshot.

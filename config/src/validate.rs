@@ -18,15 +18,37 @@ const MAX_HEADER_BYTES: u64 = (1 << 20) - 1;
 /// Largest accepted endpoint weight, so that smooth weighted round robin cannot overflow.
 const MAX_WEIGHT: u32 = 1000;
 
+/// Where the configuration being checked comes from: the rules that depend on what a
+/// file declares beside its routes differ for a snapshot.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Origin {
+    /// A configuration file.
+    File,
+    /// A controller's snapshot applied by a proxy: certificates come as bundles (not
+    /// `[[tls]]` entries), pools may be empty until discovery finds endpoints, and the
+    /// listeners are the proxy's own.
+    Snapshot,
+}
+
 /// Every problem found in `config`; empty when it is valid.
 #[must_use]
 pub fn validate(config: &Config) -> Vec<Issue> {
+    validate_from(config, Origin::File)
+}
+
+/// Every problem found in a configuration built from a controller's snapshot.
+#[must_use]
+pub fn validate_snapshot(config: &Config) -> Vec<Issue> {
+    validate_from(config, Origin::Snapshot)
+}
+
+fn validate_from(config: &Config, origin: Origin) -> Vec<Issue> {
     let mut out = Vec::new();
     listeners(config, &mut out);
     limits(config, &mut out);
     forwarding(config, &mut out);
     let tls_hosts = tls(config, &mut out);
-    if let Some(sni) = &config.server.default_sni {
+    if let (Some(sni), Origin::File) = (&config.server.default_sni, origin) {
         if !tls_hosts.iter().any(|p| p.matches(sni.as_str())) {
             out.push(Issue::new(
                 FieldPath::root().key("server").key("default_sni"),
@@ -49,13 +71,13 @@ pub fn validate(config: &Config) -> Vec<Issue> {
                 "give every route a unique name",
             ));
         }
-        self::route(config, route, &path, &mut out);
+        self::route(config, origin, route, &path, &mut out);
     }
     for (name, pool) in &config.pools {
         self::pool(
             name,
             pool,
-            config.discovery.any(),
+            config.discovery.any() || origin == Origin::Snapshot,
             &FieldPath::root().key("pools").key(name),
             &mut out,
         );
@@ -236,7 +258,7 @@ fn tls_source(entry: &TlsEntry, path: &FieldPath, out: &mut Vec<Issue>) {
     }
 }
 
-fn route(config: &Config, route: &Route, path: &FieldPath, out: &mut Vec<Issue>) {
+fn route(config: &Config, origin: Origin, route: &Route, path: &FieldPath, out: &mut Vec<Issue>) {
     if route.name.is_empty()
         || !route
             .name
@@ -265,9 +287,14 @@ fn route(config: &Config, route: &Route, path: &FieldPath, out: &mut Vec<Issue>)
             ));
         }
     }
-    // A controller's file has no listeners: its proxies have their own.
+    // A controller's file has no listeners, and a snapshot meets each proxy's own: a
+    // redirect from a proxy without an https listener is that proxy's local choice.
     let has_listeners = config.listeners.http.is_some() || config.listeners.https.is_some();
-    if route.https_redirect && has_listeners && config.listeners.https.is_none() {
+    if route.https_redirect
+        && has_listeners
+        && origin == Origin::File
+        && config.listeners.https.is_none()
+    {
         out.push(Issue::new(
             path.key("https_redirect"),
             "redirects to HTTPS but no https listener is configured",

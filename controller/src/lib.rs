@@ -22,7 +22,7 @@ pub mod metrics;
 pub mod store;
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -47,14 +47,23 @@ use crate::store::{get_json, put_json, Store};
 /// # Errors
 /// When the store cannot be opened.
 pub async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
-    let settings = settings(config);
-    match &settings.store {
-        StoreSettings::Local => Ok(Arc::new(store::local::LocalStore::open(
-            &config.server.data_dir.join("controller"),
-        )?)),
-        StoreSettings::Etcd(etcd) => Ok(Arc::new(
-            store::etcd::EtcdStore::connect(&etcd.endpoints, &etcd.prefix).await?,
+    Ok(open(config).await?.0)
+}
+
+/// The store, and the etcd connection behind it when it is shared (for the leader
+/// lease and following the leader), so that one connection serves both.
+async fn open(config: &Config) -> anyhow::Result<(Arc<dyn Store>, Option<store::etcd::EtcdStore>)> {
+    match &settings(config).store {
+        StoreSettings::Local => Ok((
+            Arc::new(store::local::LocalStore::open(
+                &config.server.data_dir.join("controller"),
+            )?),
+            None,
         )),
+        StoreSettings::Etcd(etcd) => {
+            let shared = store::etcd::EtcdStore::connect(&etcd.endpoints, &etcd.prefix).await?;
+            Ok((Arc::new(shared.clone()), Some(shared)))
+        }
     }
 }
 
@@ -172,7 +181,7 @@ impl Handle {
 /// When the store, the CAs or the listeners cannot be set up.
 pub async fn start(config: Config, path: Option<PathBuf>) -> anyhow::Result<Handle> {
     let settings = settings(&config);
-    let store = open_store(&config).await?;
+    let (store, etcd) = open(&config).await?;
     let ca = authority::load(store.as_ref(), Authority::Fleet).await?;
     let serving_ca = serving_ca(&config, store.as_ref()).await?;
     let tls = fleet::tls::server_config(&ca, &settings.names)?;
@@ -191,19 +200,14 @@ pub async fn start(config: Config, path: Option<PathBuf>) -> anyhow::Result<Hand
         metrics,
         published,
         watch_timeout: settings.watch_timeout.0,
-        shared: matches!(settings.store, StoreSettings::Etcd(_)),
+        shared: etcd.is_some(),
     });
     let (shutdown, shutdown_rx) = watch::channel(false);
     let mut tasks = JoinSet::new();
     let (leader_tx, leader) = watch::channel(false);
     // A shared store: campaign for leadership, and follow the leader's snapshots.
-    let follow = match &settings.store {
-        StoreSettings::Local => {
-            leader_tx.send_replace(true);
-            None
-        }
-        StoreSettings::Etcd(etcd) => {
-            let etcd_store = store::etcd::EtcdStore::connect(&etcd.endpoints, &etcd.prefix).await?;
+    let follow = match (&settings.store, etcd) {
+        (StoreSettings::Etcd(settings), Some(etcd)) => {
             let id = format!(
                 "{}-{}",
                 std::fs::read_to_string("/etc/hostname")
@@ -211,14 +215,18 @@ pub async fn start(config: Config, path: Option<PathBuf>) -> anyhow::Result<Hand
                 &uuid::Uuid::new_v4().simple().to_string()[..8]
             );
             tasks.spawn(leader::campaign(
-                etcd_store.client(),
-                etcd_store.key("leader"),
+                etcd.client(),
+                etcd.key("leader"),
                 id,
-                etcd.lease_ttl.0,
+                settings.lease_ttl.0,
                 leader_tx,
                 shutdown_rx.clone(),
             ));
-            Some(store.subscribe(SNAPSHOT_KEY).await?)
+            Some(etcd.subscribe(SNAPSHOT_KEY).await?)
+        }
+        _ => {
+            leader_tx.send_replace(true);
+            None
         }
     };
     let state = Arc::new(State {
@@ -358,7 +366,7 @@ async fn compile_loop(
         // Wait for a real change: a channel that closes (no file to reload, or a local
         // store whose leadership never changes) is not one.
         loop {
-            let any_found = futures_select(&mut inputs.found);
+            let any_found = any_found(&mut inputs.found);
             // The leader's own writes come back through the store: only followers listen.
             let leading = *leader.borrow();
             let followed = async {
@@ -408,27 +416,20 @@ fn follow_leader(state: &State, body: Bytes) {
     }
 }
 
-/// Resolves when any provider publishes.
-async fn futures_select(found: &mut FoundRx) {
+/// Resolves when any provider publishes. A provider that stopped (at shutdown)
+/// changes nothing any more.
+async fn any_found(found: &mut FoundRx) {
     if found.is_empty() {
         return std::future::pending().await;
     }
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(1);
-    let mut set = JoinSet::new();
-    for (_, r) in found.iter() {
-        let mut r = r.clone();
-        let tx = tx.clone();
-        set.spawn(async move {
-            if r.changed().await.is_ok() {
-                let _ = tx.send(()).await;
+    let waits = found.iter_mut().map(|(_, rx)| {
+        Box::pin(async move {
+            if rx.changed().await.is_err() {
+                std::future::pending::<()>().await;
             }
-        });
-    }
-    drop(tx);
-    // All senders gone without a change means every provider stopped: wait forever.
-    if rx.recv().await.is_none() {
-        std::future::pending::<()>().await;
-    }
+        })
+    });
+    futures_util::future::select_all(waits).await;
 }
 
 /// Compiles and publishes the next version; returns its encoding.
@@ -544,7 +545,7 @@ fn spawn_config_watch(
                 continue;
             }
             last.clone_from(&text);
-            match reload(&path) {
+            match rampart_config::load(&path) {
                 Ok(cfg) => {
                     tracing::info!("configuration {} reloaded", path.display());
                     tx.send_replace(cfg);
@@ -557,10 +558,6 @@ fn spawn_config_watch(
         }
     });
     rx
-}
-
-fn reload(path: &Path) -> Result<Config, rampart_config::LoadError> {
-    rampart_config::load(path)
 }
 
 /// Reads `/status` from a controller's admin API.

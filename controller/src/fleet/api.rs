@@ -17,7 +17,9 @@ use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
-use rampart_config::snapshot::{Ack, AckResult, EnrollRequest, EnrollResponse, Heartbeat};
+use rampart_config::snapshot::{
+    Ack, AckResult, EnrollRequest, EnrollResponse, Heartbeat, RenewRequest,
+};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -281,7 +283,6 @@ async fn ack(fleet: &Fleet, id: &str, req: Request<Incoming>) -> Resp {
         }
     }
     fleet.registry.ack(id, &ack);
-    fleet.registry.export(&fleet.metrics, fleet.version());
     json(StatusCode::OK, &serde_json::json!({}))
 }
 
@@ -301,7 +302,6 @@ async fn heartbeat(fleet: &Fleet, id: &str, peer: SocketAddr, req: Request<Incom
             tracing::warn!("sharing the heartbeat of {id}: {e:#}");
         }
     }
-    fleet.registry.export(&fleet.metrics, fleet.version());
     json(
         StatusCode::OK,
         &serde_json::json!({ "version": fleet.version() }),
@@ -310,11 +310,7 @@ async fn heartbeat(fleet: &Fleet, id: &str, peer: SocketAddr, req: Request<Incom
 
 /// A new client certificate for an enrolled instance, same identity, new key.
 async fn renew(fleet: &Fleet, id: &str, req: Request<Incoming>) -> Resp {
-    #[derive(serde::Deserialize)]
-    struct Renew {
-        csr_pem: String,
-    }
-    let body: Renew = match read_json(req).await {
+    let body: RenewRequest = match read_json(req).await {
         Ok(r) => r,
         Err(resp) => return resp,
     };

@@ -9,9 +9,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use rand::RngCore;
 use serde::{Deserialize, Serialize};
 
-use crate::store::{get_json, put_json, Store};
+use rampart_config::snapshot::JoinToken;
 
-const PREFIX: &str = "rmp1";
+use crate::store::{get_json, put_json, Store};
 
 /// A stored token record.
 #[derive(Debug, Serialize, Deserialize)]
@@ -37,41 +37,12 @@ pub enum TokenError {
     Expired(u64),
 }
 
-/// The parts of a token as a proxy sees them.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Parsed {
-    /// Record id.
-    pub id: String,
-    /// Secret.
-    pub secret: String,
-    /// Pinned fleet CA fingerprint (hex SHA-256).
-    pub ca_sha256: String,
-}
-
 /// Splits a token into its parts.
 ///
 /// # Errors
 /// [`TokenError::Malformed`].
-pub fn parse(token: &str) -> Result<Parsed, TokenError> {
-    let mut parts = token.trim().split('.');
-    let (Some(PREFIX), Some(id), Some(secret), Some(ca), None) = (
-        parts.next(),
-        parts.next(),
-        parts.next(),
-        parts.next(),
-        parts.next(),
-    ) else {
-        return Err(TokenError::Malformed);
-    };
-    let hex = |s: &str, len: usize| s.len() == len && s.bytes().all(|b| b.is_ascii_hexdigit());
-    if !hex(id, 16) || !hex(secret, 32) || !hex(ca, 64) {
-        return Err(TokenError::Malformed);
-    }
-    Ok(Parsed {
-        id: id.to_string(),
-        secret: secret.to_string(),
-        ca_sha256: ca.to_ascii_lowercase(),
-    })
+pub fn parse(token: &str) -> Result<JoinToken, TokenError> {
+    JoinToken::parse(token).ok_or(TokenError::Malformed)
 }
 
 fn now() -> u64 {
@@ -98,7 +69,12 @@ pub async fn create(store: &dyn Store, ttl: Duration, ca_sha256: &str) -> anyhow
         expires_at: now() + ttl.as_secs(),
     };
     put_json(store, &format!("tokens/{id}"), &record).await?;
-    Ok(format!("{PREFIX}.{id}.{secret}.{ca_sha256}"))
+    Ok(JoinToken {
+        id,
+        secret,
+        ca_sha256: ca_sha256.to_string(),
+    }
+    .to_string())
 }
 
 /// Checks `token` and uses it up. Exactly one of several concurrent enrolments with the

@@ -58,6 +58,45 @@ impl EtcdStore {
         format!("{}/{key}", self.prefix)
     }
 
+    /// The value of `key`, kept current as other controllers change it (etcd watch,
+    /// re-established after errors).
+    ///
+    /// # Errors
+    /// When the first read fails.
+    pub async fn subscribe(&self, key: &str) -> anyhow::Result<watch::Receiver<Option<Vec<u8>>>> {
+        let full = self.key(key);
+        let (tx, rx) = watch::channel(self.get(key).await?);
+        let client = self.client.clone();
+        tokio::spawn(async move {
+            // Re-established after errors; ends when every receiver is gone.
+            while !tx.is_closed() {
+                let mut c = client.clone();
+                match c.watch(full.clone(), None).await {
+                    Ok(mut stream) => {
+                        // Catch up on what changed while not watching.
+                        if let Ok(r) = c.get(full.clone(), None).await {
+                            tx.send_replace(r.kvs().first().map(|kv| kv.value().to_vec()));
+                        }
+                        while let Ok(Some(msg)) = stream.message().await {
+                            for ev in msg.events() {
+                                let value = match ev.event_type() {
+                                    etcd_client::EventType::Put => {
+                                        ev.kv().map(|kv| kv.value().to_vec())
+                                    }
+                                    etcd_client::EventType::Delete => None,
+                                };
+                                tx.send_replace(value);
+                            }
+                        }
+                    }
+                    Err(e) => tracing::warn!("etcd watch {full}: {e}"),
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        });
+        Ok(rx)
+    }
+
     /// A client sharing this store's connection (for leases and elections).
     #[must_use]
     pub fn client(&self) -> Client {
@@ -154,39 +193,5 @@ impl Store for EtcdStore {
             }
         }
         anyhow::bail!("etcd key {k}: too much contention allocating a version")
-    }
-
-    async fn subscribe(&self, key: &str) -> anyhow::Result<watch::Receiver<Option<Vec<u8>>>> {
-        let full = self.key(key);
-        let (tx, rx) = watch::channel(self.get(key).await?);
-        let client = self.client.clone();
-        tokio::spawn(async move {
-            // Re-established after errors; ends when every receiver is gone.
-            while !tx.is_closed() {
-                let mut c = client.clone();
-                match c.watch(full.clone(), None).await {
-                    Ok(mut stream) => {
-                        // Catch up on what changed while not watching.
-                        if let Ok(r) = c.get(full.clone(), None).await {
-                            tx.send_replace(r.kvs().first().map(|kv| kv.value().to_vec()));
-                        }
-                        while let Ok(Some(msg)) = stream.message().await {
-                            for ev in msg.events() {
-                                let value = match ev.event_type() {
-                                    etcd_client::EventType::Put => {
-                                        ev.kv().map(|kv| kv.value().to_vec())
-                                    }
-                                    etcd_client::EventType::Delete => None,
-                                };
-                                tx.send_replace(value);
-                            }
-                        }
-                    }
-                    Err(e) => tracing::warn!("etcd watch {full}: {e}"),
-                }
-                tokio::time::sleep(Duration::from_millis(500)).await;
-            }
-        });
-        Ok(rx)
     }
 }

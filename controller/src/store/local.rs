@@ -164,27 +164,6 @@ impl Store for LocalStore {
         })
         .await
     }
-
-    async fn subscribe(
-        &self,
-        key: &str,
-    ) -> anyhow::Result<tokio::sync::watch::Receiver<Option<Vec<u8>>>> {
-        let (tx, rx) = tokio::sync::watch::channel(self.get(key).await?);
-        let (this, key) = (self.clone(), key.to_string());
-        tokio::spawn(async move {
-            while !tx.is_closed() {
-                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-                if let Ok(v) = this.get(&key).await {
-                    tx.send_if_modified(|cur| {
-                        let changed = *cur != v;
-                        *cur = v;
-                        changed
-                    });
-                }
-            }
-        });
-        Ok(rx)
-    }
 }
 
 #[cfg(test)]

@@ -26,12 +26,6 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// The next snapshot version: strictly greater than every version handed out
     /// before by any controller using this store.
     async fn next_version(&self) -> anyhow::Result<u64>;
-    /// The value of `key`, kept current as other controllers change it. The default
-    /// polls twice a second; shared stores push changes.
-    async fn subscribe(
-        &self,
-        key: &str,
-    ) -> anyhow::Result<tokio::sync::watch::Receiver<Option<Vec<u8>>>>;
 }
 
 /// Reads and decodes a JSON value.

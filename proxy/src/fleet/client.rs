@@ -8,7 +8,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context};
-use rampart_config::snapshot::{Ack, EnrollRequest, EnrollResponse, Heartbeat};
+use rampart_config::snapshot::{
+    Ack, EnrollRequest, EnrollResponse, Heartbeat, JoinToken, RenewRequest,
+};
 use rampart_pki::{write_atomic, Mode};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::WebPkiServerVerifier;
@@ -125,16 +127,12 @@ pub enum WatchResult {
 /// # Errors
 /// [`CallError::Refused`] for a bad, used or expired token; `Unreachable` otherwise.
 pub async fn enroll(controller: &str, token: &str, hostname: &str) -> Result<Identity, CallError> {
-    let pin = token
-        .trim()
-        .rsplit('.')
-        .next()
-        .filter(|p| p.len() == 64 && p.bytes().all(|b| b.is_ascii_hexdigit()))
+    let pin = JoinToken::parse(token)
         .ok_or_else(|| CallError::Refused {
             status: 0,
             message: "the join token is malformed (expected rmp1.<id>.<secret>.<ca-hash> as printed by `rampart controller token create`)".into(),
         })?
-        .to_ascii_lowercase();
+        .ca_sha256;
     let tls = rustls::ClientConfig::builder()
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(PinnedCa { pin }))
@@ -146,13 +144,27 @@ pub async fn enroll(controller: &str, token: &str, hostname: &str) -> Result<Ide
         csr_pem,
         hostname: hostname.to_string(),
     };
+    let url = format!("{}/v1/enroll", controller.trim_end_matches('/'));
+    identity_from(post_json(&client, url, &request).await?, key_pem).await
+}
+
+/// Posts `body` as JSON; a success status or the controller's error.
+async fn post_json<T: Serialize + Sync>(
+    client: &reqwest::Client,
+    url: String,
+    body: &T,
+) -> Result<reqwest::Response, CallError> {
     let resp = client
-        .post(format!("{}/v1/enroll", controller.trim_end_matches('/')))
-        .json(&request)
+        .post(url)
+        .json(body)
         .send()
         .await
         .map_err(|e| CallError::Unreachable(e.into()))?;
-    let resp = check(resp).await?;
+    check(resp).await
+}
+
+/// The identity in an enrolment or renewal answer, with the key the CSR was made for.
+async fn identity_from(resp: reqwest::Response, key_pem: String) -> Result<Identity, CallError> {
     let body: EnrollResponse = resp
         .json()
         .await
@@ -277,24 +289,9 @@ impl FleetClient {
     pub async fn renew(&self) -> Result<Identity, CallError> {
         let (key_pem, csr_pem) =
             rampart_pki::new_request(&self.identity.instance).map_err(CallError::Unreachable)?;
-        let resp = self
-            .client
-            .post(format!("{}/v1/renew", self.base))
-            .json(&serde_json::json!({ "csr_pem": csr_pem }))
-            .send()
-            .await
-            .map_err(|e| CallError::Unreachable(e.into()))?;
-        let body: EnrollResponse = check(resp)
-            .await?
-            .json()
-            .await
-            .map_err(|e| CallError::Unreachable(e.into()))?;
-        Ok(Identity {
-            instance: body.instance,
-            cert_pem: body.cert_pem,
-            key_pem,
-            ca_pem: body.ca_pem,
-        })
+        let url = format!("{}/v1/renew", self.base);
+        let resp = post_json(&self.client, url, &RenewRequest { csr_pem }).await?;
+        identity_from(resp, key_pem).await
     }
 
     /// Says this proxy is alive.
@@ -306,14 +303,9 @@ impl FleetClient {
     }
 
     async fn post<T: Serialize + Sync>(&self, path: &str, body: &T) -> Result<(), CallError> {
-        let resp = self
-            .client
-            .post(format!("{}{path}", self.base))
-            .json(body)
-            .send()
+        post_json(&self.client, format!("{}{path}", self.base), body)
             .await
-            .map_err(|e| CallError::Unreachable(e.into()))?;
-        check(resp).await.map(drop)
+            .map(drop)
     }
 }
 

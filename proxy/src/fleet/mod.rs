@@ -83,6 +83,30 @@ pub fn apply_received(live: &Live, data_dir: &Path, version: u64, body: &[u8]) -
     }
 }
 
+/// [`apply_received`] on a blocking thread (decoding and building are CPU work), for
+/// both sources of snapshots. A refusal is logged where it happens (the reload failure).
+async fn apply_in_background(
+    live: Arc<Live>,
+    data_dir: PathBuf,
+    version: u64,
+    body: bytes::Bytes,
+) -> Ack {
+    let ack = tokio::task::spawn_blocking(move || apply_received(&live, &data_dir, version, &body))
+        .await
+        .unwrap_or_else(|e| {
+            tracing::error!("applying snapshot version {version} panicked: {e}");
+            Ack {
+                version,
+                applied: AckResult::Error,
+                detail: format!("applying panicked: {e}"),
+            }
+        });
+    if ack.applied == AckResult::Ok {
+        tracing::info!("snapshot version {version} is serving");
+    }
+    ack
+}
+
 /// Jittered exponential back-off between failed calls.
 #[derive(Debug)]
 struct Backoff {
@@ -141,19 +165,7 @@ impl BackgroundService for LocalFeedService {
         loop {
             let (version, body) = feed.borrow_and_update().clone();
             if version != 0 && version != self.live.current.load().version {
-                let live = self.live.clone();
-                let dir = self.data_dir.clone();
-                let ack = tokio::task::spawn_blocking(move || {
-                    apply_received(&live, &dir, version, &body)
-                })
-                .await;
-                match ack {
-                    Ok(a) if a.applied == AckResult::Ok => {
-                        tracing::info!("configuration version {version} is serving");
-                    }
-                    Ok(a) => tracing::error!("version {version} refused: {}", a.detail),
-                    Err(e) => tracing::error!("applying version {version} panicked: {e}"),
-                }
+                apply_in_background(self.live.clone(), self.data_dir.clone(), version, body).await;
             }
             tokio::select! {
                 _ = shutdown.changed() => return,
@@ -203,6 +215,14 @@ impl FleetService {
         id.save(&self.data_dir).map_err(|e| format!("{e:#}"))?;
         tracing::info!("enrolled with the controller as {}", id.instance);
         Ok(id)
+    }
+
+    fn spawn_heartbeats(&self, client: &FleetClient) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(Self::heartbeats(
+            self.live.clone(),
+            client.clone(),
+            self.options.clone(),
+        ))
     }
 
     async fn heartbeats(live: Arc<Live>, client: FleetClient, options: FleetOptions) {
@@ -299,11 +319,7 @@ impl BackgroundService for FleetService {
         if client.identity.renewal_due() {
             client = self.renewed(client).await;
         }
-        let mut beats = tokio::spawn(Self::heartbeats(
-            self.live.clone(),
-            client.clone(),
-            self.options.clone(),
-        ));
+        let mut beats = self.spawn_heartbeats(&client);
         // The last version seen, applied or not: a refused snapshot is not fetched again.
         let mut seen = self.live.current.load().version;
         let mut renewal_checked = tokio::time::Instant::now();
@@ -315,11 +331,7 @@ impl BackgroundService for FleetService {
                 if client.identity.renewal_due() {
                     client = self.renewed(client).await;
                     beats.abort();
-                    beats = tokio::spawn(Self::heartbeats(
-                        self.live.clone(),
-                        client.clone(),
-                        self.options.clone(),
-                    ));
+                    beats = self.spawn_heartbeats(&client);
                 }
             }
             let result = tokio::select! {
@@ -336,20 +348,13 @@ impl BackgroundService for FleetService {
                 Ok(WatchResult::Snapshot { version, body }) => {
                     backoff.reset();
                     seen = version;
-                    let live = self.live.clone();
-                    let dir = self.data_dir.clone();
-                    let ack = tokio::task::spawn_blocking(move || {
-                        apply_received(&live, &dir, version, &body)
-                    })
-                    .await
-                    .unwrap_or_else(|e| Ack {
+                    let ack = apply_in_background(
+                        self.live.clone(),
+                        self.data_dir.clone(),
                         version,
-                        applied: AckResult::Error,
-                        detail: format!("applying panicked: {e}"),
-                    });
-                    if ack.applied == AckResult::Ok {
-                        tracing::info!("snapshot version {version} is serving");
-                    }
+                        body,
+                    )
+                    .await;
                     if let Err(e) = client.ack(&ack).await {
                         tracing::warn!("ack of version {version}: {e}");
                     }
