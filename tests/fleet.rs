@@ -231,6 +231,7 @@ async fn fifty_proxies_watch_and_ack_every_version() {
                             public_addrs: vec![],
                             ready: true,
                             version: snap.version,
+                            https_port: None,
                         })
                         .await
                         .unwrap();

@@ -174,6 +174,7 @@ async fn killing_the_leader_makes_a_follower_take_over_with_higher_versions() {
             public_addrs: vec!["127.0.0.9".parse().unwrap()],
             ready: true,
             version: v_a,
+            https_port: None,
         })
         .await
         .unwrap();

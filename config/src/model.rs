@@ -47,6 +47,211 @@ pub struct Config {
     /// Where the controller discovers endpoints beyond the static ones in `[pools]`.
     #[serde(default)]
     pub discovery: Discovery,
+    /// DNS automation (controller): public names follow the ready proxy instances.
+    #[serde(default)]
+    pub dns: Option<DnsSettings>,
+}
+
+/// DNS automation: the controller keeps each public name pointing at the live, ready
+/// proxy instances.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DnsSettings {
+    /// The zone the names live in, e.g. "example.com".
+    pub zone: Hostname,
+    /// Marks the records this installation owns (a TXT `heritage=rampart,owner=<id>` at
+    /// each name). Installations that share a zone need different ids.
+    #[serde(default = "default_dns_owner")]
+    pub owner_id: String,
+    /// Where the records are kept.
+    #[serde(default)]
+    pub provider: DnsProvider,
+    /// The names to manage.
+    #[serde(default)]
+    pub names: Vec<DnsName>,
+    /// Reconcile at least this often; instance changes trigger a pass at once.
+    #[serde(default = "default_dns_interval")]
+    pub interval: Dur,
+    /// At most this many record-set changes per provider call (Route53 allows 1000).
+    #[serde(default = "default_dns_batch")]
+    pub batch_size: usize,
+    /// Active probe of every instance's public HTTPS listener.
+    #[serde(default)]
+    pub probe: DnsProbe,
+}
+
+fn default_dns_owner() -> String {
+    "rampart".to_string()
+}
+fn default_dns_interval() -> Dur {
+    Dur::secs(10)
+}
+fn default_dns_batch() -> usize {
+    100
+}
+
+/// One public name.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DnsName {
+    /// Fully qualified name inside the zone, e.g. "www.example.com".
+    pub name: Hostname,
+    /// How the instances' addresses are published.
+    #[serde(default)]
+    pub policy: DnsPolicy,
+    /// Time to live of the records.
+    #[serde(default = "default_dns_ttl")]
+    pub ttl: Dur,
+    /// Never fewer values than this because instances look dead: when every instance
+    /// looks dead the name keeps its last values and an alert metric is raised.
+    #[serde(default = "default_min_records")]
+    pub min_records: usize,
+}
+
+fn default_dns_ttl() -> Dur {
+    Dur::secs(60)
+}
+fn default_min_records() -> usize {
+    1
+}
+
+/// How a name's values are published.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum DnsPolicy {
+    /// One record set per instance (Route53 multivalue answers); on plain DNS servers,
+    /// one set with every value.
+    #[default]
+    Multivalue,
+    /// One weighted record set per instance, set identifier = instance id (Route53).
+    Weighted,
+    /// Every value in one record set.
+    Simple,
+}
+
+/// The DNS provider.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum DnsProvider {
+    /// An authoritative DNS server inside the controller, for local use and tests.
+    Embedded {
+        /// UDP and TCP address it answers on.
+        #[serde(default = "default_embedded_dns")]
+        listen: SocketAddr,
+    },
+    /// Amazon Route53; credentials and region from the usual AWS chain.
+    Route53 {
+        /// Hosted zone id; looked up by the zone name when absent.
+        #[serde(default)]
+        hosted_zone_id: Option<String>,
+        /// Region (default: the AWS chain's, else us-east-1).
+        #[serde(default)]
+        region: Option<String>,
+        /// Another endpoint (tests, FIPS or VPC endpoints).
+        #[serde(default)]
+        endpoint_url: Option<String>,
+        /// Wait until Route53 reports each change INSYNC.
+        #[serde(default)]
+        wait_for_insync: bool,
+    },
+    /// Dynamic updates (RFC 2136) signed with TSIG, to BIND, Knot, PowerDNS...
+    Rfc2136 {
+        /// The primary server's address, e.g. "10.0.0.53:53".
+        server: SocketAddr,
+        /// TSIG key name, as in the server's `key` statement.
+        tsig_key_name: String,
+        /// TSIG algorithm.
+        #[serde(default)]
+        tsig_algorithm: TsigAlgorithm,
+        /// File holding the base64 TSIG secret (a BIND key file works too).
+        tsig_secret_file: PathBuf,
+    },
+}
+
+impl Default for DnsProvider {
+    fn default() -> Self {
+        Self::Embedded {
+            listen: default_embedded_dns(),
+        }
+    }
+}
+
+fn default_embedded_dns() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 5353))
+}
+
+/// TSIG algorithms.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum TsigAlgorithm {
+    /// HMAC-SHA256 (BIND's `tsig-keygen` default).
+    #[default]
+    HmacSha256,
+    /// HMAC-SHA384.
+    HmacSha384,
+    /// HMAC-SHA512.
+    HmacSha512,
+}
+
+/// The active probe of the instances' public listeners.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DnsProbe {
+    /// Probe at all (without it, heartbeats alone decide).
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// HTTPS port to probe (default: the port the instance reports listening on).
+    #[serde(default)]
+    pub port: Option<u16>,
+    /// Path every proxy answers itself on its public listeners.
+    #[serde(default = "default_dns_probe_path")]
+    pub path: String,
+    /// Time between probes of one instance.
+    #[serde(default = "default_probe_interval")]
+    pub interval: Dur,
+    /// A probe slower than this fails.
+    #[serde(default = "default_probe_timeout")]
+    pub timeout: Dur,
+    /// Consecutive failures before an instance is taken out.
+    #[serde(default = "default_probe_unhealthy")]
+    pub unhealthy_threshold: u32,
+    /// Consecutive successes before it is put back.
+    #[serde(default = "default_probe_healthy")]
+    pub healthy_threshold: u32,
+}
+
+impl Default for DnsProbe {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            port: None,
+            path: default_dns_probe_path(),
+            interval: default_probe_interval(),
+            timeout: default_probe_timeout(),
+            unhealthy_threshold: default_probe_unhealthy(),
+            healthy_threshold: default_probe_healthy(),
+        }
+    }
+}
+
+/// Path the proxies answer on their public listeners for the DNS probe: under
+/// `/.well-known/` so that it never takes a path from the sites behind the proxy.
+pub const PROBE_PATH: &str = "/.well-known/rampart/healthz";
+
+fn default_dns_probe_path() -> String {
+    PROBE_PATH.to_string()
+}
+fn default_probe_interval() -> Dur {
+    Dur::secs(2)
+}
+fn default_probe_timeout() -> Dur {
+    Dur::secs(1)
+}
+fn default_probe_unhealthy() -> u32 {
+    3
+}
+fn default_probe_healthy() -> u32 {
+    1
 }
 
 /// Settings of the controller, which pushes snapshots of this configuration to proxies.
@@ -614,6 +819,9 @@ impl Default for HttpProbe {
     }
 }
 
+fn default_true() -> bool {
+    true
+}
 fn default_probe_path() -> String {
     "/healthz".to_string()
 }

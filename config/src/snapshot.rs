@@ -92,6 +92,7 @@ impl Snapshot {
             pools: self.pools,
             controller: None,
             discovery: crate::Discovery::default(),
+            dns: None,
         };
         let issues = crate::validate::validate_snapshot(&config);
         if issues.is_empty() {
@@ -229,6 +230,9 @@ pub struct Heartbeat {
     pub ready: bool,
     /// The snapshot version it serves (0: none yet).
     pub version: u64,
+    /// Port of its HTTPS listener (the DNS probe's target).
+    #[serde(default)]
+    pub https_port: Option<u16>,
 }
 
 /// One proxy instance as the controller sees it (`/status`, `rampart controller status`).
@@ -265,6 +269,58 @@ pub struct ControllerStatus {
     pub instances: Vec<InstanceStatus>,
     /// Discovery providers and their last errors.
     pub discovery: Vec<ProviderStatus>,
+    /// DNS automation, when configured.
+    #[serde(default)]
+    pub dns: Option<DnsStatus>,
+}
+
+/// DNS automation as the controller sees it (`/status`, `rampart dns plan`).
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+pub struct DnsStatus {
+    /// Provider kind.
+    pub provider: String,
+    /// The zone.
+    pub zone: String,
+    /// Unix time of the last pass that read the provider and applied its plan.
+    pub last_sync_unix: Option<u64>,
+    /// What went wrong in the last pass, if anything.
+    pub last_error: Option<String>,
+    /// Seconds from the last instance change to the provider reflecting it.
+    pub last_convergence_secs: Option<f64>,
+    /// The instances as DNS sees them (heartbeat and probe).
+    pub instances: Vec<DnsInstance>,
+    /// The last plan computed (after it was applied, the changes it made).
+    pub plan: DnsPlan,
+}
+
+/// One proxy instance as the DNS loop sees it.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+pub struct DnsInstance {
+    /// Instance id.
+    pub id: String,
+    /// Public addresses.
+    pub addrs: Vec<IpAddr>,
+    /// Its heartbeat is fresh and says ready.
+    pub heartbeat_ready: bool,
+    /// The probe of its public listener: None while not probed.
+    pub probe_ok: Option<bool>,
+    /// The last probe error.
+    pub probe_error: Option<String>,
+    /// Published in DNS.
+    pub ready: bool,
+}
+
+/// A DNS plan in words: what would be (or was) created, updated, deleted or left alone.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+pub struct DnsPlan {
+    /// Changes, one line each: `upsert www.example.com A [set i-1] 192.0.2.1 (ttl 60)`.
+    pub changes: Vec<String>,
+    /// Names left alone and why (records Rampart does not own).
+    pub skipped: Vec<String>,
+    /// Names held at their floor (every instance looks dead).
+    pub floored: Vec<String>,
+    /// Names whose changes failed, with the provider's reason.
+    pub failed: Vec<String>,
 }
 
 /// A discovery provider's state.

@@ -58,6 +58,7 @@ fn validate_from(config: &Config, origin: Origin) -> Vec<Issue> {
         }
     }
     controller(config, &mut out);
+    dns(config, &mut out);
     let mut names = HashMap::new();
     for (i, route) in config.routes.iter().enumerate() {
         let path = FieldPath::root().key("routes").index(i);
@@ -122,6 +123,119 @@ fn controller(config: &Config, out: &mut Vec<Issue>) {
                     etcd.lease_ttl
                 ),
                 "use at least \"2s\"; 10s is a good default",
+            ));
+        }
+    }
+}
+
+fn dns(config: &Config, out: &mut Vec<Issue>) {
+    let Some(d) = &config.dns else { return };
+    let path = FieldPath::root().key("dns");
+    if config.controller.is_none() {
+        out.push(Issue::new(
+            path.clone(),
+            "DNS automation runs in the controller, and this file has no [controller]",
+            "move [dns] to the controller's file, or add a [controller] section",
+        ));
+    }
+    if d.owner_id.is_empty()
+        || !d
+            .owner_id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+    {
+        out.push(Issue::new(
+            path.key("owner_id"),
+            format!("{:?} is not a valid owner id", d.owner_id),
+            "use letters, digits, '-', '_' or '.', e.g. owner_id = \"rampart-prod\"",
+        ));
+    }
+    if d.batch_size == 0 || d.batch_size > 1000 {
+        out.push(Issue::new(
+            path.key("batch_size"),
+            format!("{} is outside 1..=1000", d.batch_size),
+            "use at most 1000 (Route53's limit per change batch); 100 is the default",
+        ));
+    }
+    if d.interval.0.is_zero() {
+        out.push(Issue::new(
+            path.key("interval"),
+            "must be longer than zero",
+            "use a duration such as \"10s\"",
+        ));
+    }
+    let p = &d.probe;
+    if p.enabled {
+        let probe = path.key("probe");
+        if p.interval.0.is_zero() || p.timeout.0.is_zero() {
+            out.push(Issue::new(
+                probe.key(if p.interval.0.is_zero() {
+                    "interval"
+                } else {
+                    "timeout"
+                }),
+                "must be longer than zero",
+                "use a duration such as \"2s\"",
+            ));
+        }
+        if p.unhealthy_threshold == 0 || p.healthy_threshold == 0 {
+            out.push(Issue::new(
+                probe.key(if p.unhealthy_threshold == 0 {
+                    "unhealthy_threshold"
+                } else {
+                    "healthy_threshold"
+                }),
+                "must be at least 1",
+                "use 3 failures to take an instance out and 1 success to put it back",
+            ));
+        }
+        if !p.path.starts_with('/') {
+            out.push(Issue::new(
+                probe.key("path"),
+                format!("{:?} does not start with '/'", p.path),
+                format!("use {:?}, which every proxy answers", crate::PROBE_PATH),
+            ));
+        }
+    }
+    let route53 = matches!(d.provider, crate::DnsProvider::Route53 { .. });
+    let zone = d.zone.as_str();
+    let mut seen = HashMap::new();
+    for (i, n) in d.names.iter().enumerate() {
+        let at = path.key("names").index(i);
+        let name = n.name.as_str();
+        if let Some(first) = seen.insert(name, i) {
+            out.push(Issue::new(
+                at.key("name"),
+                format!("{name} is also managed by dns.names[{first}]"),
+                "list every name once",
+            ));
+        }
+        if name != zone && !name.ends_with(&format!(".{zone}")) {
+            out.push(Issue::new(
+                at.key("name"),
+                format!("{name} is not inside the zone {zone}"),
+                format!("use a name ending in .{zone}, or change dns.zone"),
+            ));
+        }
+        if name.starts_with("*.") {
+            out.push(Issue::new(
+                at.key("name"),
+                format!("{name} is a wildcard"),
+                "manage the concrete names (wildcard records would also answer for names you do not serve)",
+            ));
+        }
+        if n.policy == crate::DnsPolicy::Weighted && !route53 {
+            out.push(Issue::new(
+                at.key("policy"),
+                "weighted record sets exist only in Route53",
+                "use policy = \"multivalue\" or \"simple\" with this provider",
+            ));
+        }
+        if n.ttl.0.as_secs() == 0 || n.ttl.0.as_secs() > 86_400 {
+            out.push(Issue::new(
+                at.key("ttl"),
+                format!("{} is outside 1s..=1d", n.ttl),
+                "use a short TTL such as \"60s\" so that clients follow the fleet",
             ));
         }
     }

@@ -122,6 +122,8 @@ pub struct State {
     pub fleet: Arc<Fleet>,
     /// Whether this controller leads (always, with a local store).
     pub leader: watch::Receiver<bool>,
+    /// DNS automation, when configured.
+    pub dns: Option<Arc<dns::Dns>>,
     providers: Mutex<Vec<(String, Found)>>,
 }
 
@@ -145,6 +147,7 @@ impl State {
                     errors: f.errors.clone(),
                 })
                 .collect(),
+            dns: self.dns.as_ref().map(|d| d.status()),
         }
     }
 }
@@ -156,6 +159,8 @@ pub struct Handle {
     pub fleet_addr: SocketAddr,
     /// Where the admin API listens, if enabled.
     pub admin_addr: Option<SocketAddr>,
+    /// Where the embedded DNS server answers, if that is the DNS provider.
+    pub dns_addr: Option<SocketAddr>,
     /// Shared state (for `rampart up` and tests).
     pub state: Arc<State>,
     shutdown: watch::Sender<bool>,
@@ -229,9 +234,22 @@ pub async fn start(config: Config, path: Option<PathBuf>) -> anyhow::Result<Hand
             None
         }
     };
+    let dns = match &config.dns {
+        Some(settings) => {
+            let provider = dns::build_provider(settings, shutdown_rx.clone()).await?;
+            let metrics = dns::DnsMetrics::new(&fleet.metrics.registry);
+            Some(Arc::new(dns::Dns::new(
+                provider,
+                settings.zone.as_str(),
+                metrics,
+            )))
+        }
+        None => None,
+    };
     let state = Arc::new(State {
         fleet: fleet.clone(),
         leader,
+        dns: dns.clone(),
         providers: Mutex::new(Vec::new()),
     });
 
@@ -260,6 +278,28 @@ pub async fn start(config: Config, path: Option<PathBuf>) -> anyhow::Result<Hand
         Some(p) => spawn_config_watch(p, config.clone(), &fleet.metrics, &mut tasks, &shutdown_rx),
         None => watch::channel(config).1,
     };
+    let dns_addr = dns.as_ref().and_then(|d| d.provider().addr());
+    if let (Some(dns), Some(settings)) = (dns, &config_rx.borrow().dns) {
+        let (seen_tx, seen_rx) = watch::channel(Vec::new());
+        let sni = settings
+            .names
+            .first()
+            .map_or_else(|| settings.zone.to_string(), |n| n.name.to_string());
+        tasks.spawn(dns::view::run(
+            fleet.clone(),
+            settings.probe.clone(),
+            sni,
+            seen_tx,
+            shutdown_rx.clone(),
+        ));
+        tasks.spawn(dns::run(
+            dns,
+            config_rx.clone(),
+            seen_rx,
+            state.leader.clone(),
+            shutdown_rx.clone(),
+        ));
+    }
     let compiler = Compiler::new(serving_ca);
     tasks.spawn(compile_loop(
         state.clone(),
@@ -287,6 +327,7 @@ pub async fn start(config: Config, path: Option<PathBuf>) -> anyhow::Result<Hand
     Ok(Handle {
         fleet_addr,
         admin_addr,
+        dns_addr,
         state,
         shutdown,
         tasks,

@@ -173,6 +173,25 @@ impl ProxyHttp for Edge {
         if let Err(rejection) = check_request(view, generation.header_limits) {
             return reject(session, ctx, rejection).await;
         }
+        if session.req_header().uri.path() == rampart_config::PROBE_PATH {
+            // The controller's DNS probe: answered here, before any route, so that it
+            // tests this listener and never reaches a site.
+            let (status, body) = if generation.version > 0 {
+                (200, "ok\n")
+            } else {
+                (503, "no configuration yet\n")
+            };
+            respond(
+                session,
+                ctx,
+                status,
+                "text/plain; charset=utf-8",
+                Bytes::from_static(body.as_bytes()),
+                None,
+            )
+            .await?;
+            return Ok(true);
+        }
         let peer = client_peer(session);
         ctx.client_ip = peer.map(|p| {
             generation

@@ -1,6 +1,544 @@
-//! DNS automation (issue 6, in progress): keep each public name pointing at the live,
-//! ready proxy instances. [`plan`] is the pure core: desired state and the records a
-//! provider holds → an ordered list of changes, with ownership and a floor. Provider
-//! adapters (Route53, RFC 2136, embedded) and the loop that runs them come next.
+//! DNS automation: keep each public name pointing at the live, ready proxy instances.
+//!
+//! - [`plan`]: the pure planner (desired vs actual → changes, ownership, floor).
+//! - [`view`]: which instances are ready (heartbeats and an active probe).
+//! - [`provider`]: the trait of the Route53, RFC 2136 and embedded providers.
+//! - [`Dns`]: one pass — read the provider, plan, apply in bounded batches, isolating a
+//!   rejected record so that the rest still lands — and [`run`], the loop that makes a
+//!   pass when the view changes and every `interval`, on the leader only.
 
+pub mod embedded;
 pub mod plan;
+pub mod provider;
+pub mod rfc2136;
+pub mod route53;
+pub mod view;
+mod wire;
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use prometheus::{Histogram, HistogramOpts, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
+use rampart_config::snapshot::{DnsPlan, DnsStatus};
+use rampart_config::{DnsPolicy, DnsProvider, DnsSettings};
+use tokio::sync::watch;
+
+use self::plan::{Change, Instance, NameSpec, Plan, Policy};
+use self::provider::{kind_str, Provider, ProviderError};
+use self::view::Seen;
+
+/// Builds the configured provider (starting the embedded server if that is the one).
+///
+/// # Errors
+/// When the provider cannot be set up (a TSIG key file, a socket).
+pub async fn build_provider(
+    settings: &DnsSettings,
+    shutdown: watch::Receiver<bool>,
+) -> anyhow::Result<Arc<dyn Provider>> {
+    let zone = settings.zone.as_str();
+    Ok(match &settings.provider {
+        DnsProvider::Embedded { listen } => {
+            embedded::Embedded::start(zone, *listen, shutdown).await? as Arc<dyn Provider>
+        }
+        DnsProvider::Route53 {
+            hosted_zone_id,
+            region,
+            endpoint_url,
+            wait_for_insync,
+        } => Arc::new(
+            route53::Route53::new(
+                zone,
+                hosted_zone_id.clone(),
+                region.clone(),
+                endpoint_url.clone(),
+                *wait_for_insync,
+            )
+            .await,
+        ),
+        DnsProvider::Rfc2136 {
+            server,
+            tsig_key_name,
+            tsig_algorithm,
+            tsig_secret_file,
+        } => Arc::new(rfc2136::Rfc2136::new(
+            *server,
+            zone,
+            tsig_key_name,
+            *tsig_algorithm,
+            tsig_secret_file,
+        )?),
+    })
+}
+
+/// The planner's name specs for `settings`; without set identifiers (plain DNS), every
+/// policy publishes one set per name and type.
+#[must_use]
+pub fn specs(settings: &DnsSettings, set_ids: bool) -> Vec<NameSpec> {
+    settings
+        .names
+        .iter()
+        .map(|n| NameSpec {
+            name: n.name.as_str().to_string(),
+            policy: match (n.policy, set_ids) {
+                (_, false) | (DnsPolicy::Simple, _) => Policy::Simple,
+                (DnsPolicy::Multivalue, true) => Policy::Multivalue,
+                (DnsPolicy::Weighted, true) => Policy::Weighted,
+            },
+            ttl: u32::try_from(n.ttl.0.as_secs()).unwrap_or(u32::MAX),
+            min_records: n.min_records,
+        })
+        .collect()
+}
+
+/// The DNS metrics (registered on the controller's registry).
+#[derive(Debug, Clone)]
+pub struct DnsMetrics {
+    records: IntGaugeVec,
+    last_sync: IntGauge,
+    changes: IntCounterVec,
+    drift: IntGauge,
+    floor: IntGaugeVec,
+    errors: IntCounterVec,
+    convergence: Histogram,
+}
+
+impl DnsMetrics {
+    /// Creates the DNS metrics on `registry`.
+    ///
+    /// # Panics
+    /// Never: names are constant and unique.
+    #[must_use]
+    pub fn new(registry: &Registry) -> Self {
+        let reg = |c: Box<dyn prometheus::core::Collector>| {
+            registry.register(c).expect("unique metric");
+        };
+        let records = IntGaugeVec::new(
+            Opts::new("rampart_dns_records", "Values published per managed name."),
+            &["name"],
+        )
+        .expect("valid metric");
+        reg(Box::new(records.clone()));
+        let last_sync = IntGauge::new(
+            "rampart_dns_last_sync_timestamp_seconds",
+            "Unix time of the last DNS pass that completed without error.",
+        )
+        .expect("valid metric");
+        reg(Box::new(last_sync.clone()));
+        let changes = IntCounterVec::new(
+            Opts::new("rampart_dns_changes_total", "Record-set changes by result."),
+            &["result"],
+        )
+        .expect("valid metric");
+        reg(Box::new(changes.clone()));
+        let drift = IntGauge::new(
+            "rampart_dns_drift",
+            "Managed names whose records differ from the desired ones after the last pass (failed or not owned).",
+        )
+        .expect("valid metric");
+        reg(Box::new(drift.clone()));
+        let floor = IntGaugeVec::new(
+            Opts::new(
+                "rampart_dns_floor_held",
+                "1 while a name keeps its last values because every instance looks dead.",
+            ),
+            &["name"],
+        )
+        .expect("valid metric");
+        reg(Box::new(floor.clone()));
+        let errors = IntCounterVec::new(
+            Opts::new(
+                "rampart_dns_sync_errors_total",
+                "DNS passes that failed, by kind (transient, fatal).",
+            ),
+            &["kind"],
+        )
+        .expect("valid metric");
+        reg(Box::new(errors.clone()));
+        let convergence = Histogram::with_opts(
+            HistogramOpts::new(
+                "rampart_dns_convergence_seconds",
+                "From an instance becoming ready or dying to the provider reflecting it.",
+            )
+            .buckets(vec![
+                0.5, 1.0, 2.0, 5.0, 10.0, 15.0, 30.0, 60.0, 120.0, 300.0,
+            ]),
+        )
+        .expect("valid metric");
+        reg(Box::new(convergence.clone()));
+        Self {
+            records,
+            last_sync,
+            changes,
+            drift,
+            floor,
+            errors,
+            convergence,
+        }
+    }
+}
+
+/// What one pass did.
+#[derive(Debug, Default)]
+pub struct Outcome {
+    /// The plan computed from the provider's records.
+    pub plan: Plan,
+    /// Changes applied.
+    pub applied: usize,
+    /// Names whose changes the provider rejected, with its reason.
+    pub failed: Vec<(String, String)>,
+}
+
+/// The DNS reconciler of one zone.
+#[derive(Debug)]
+pub struct Dns {
+    provider: Arc<dyn Provider>,
+    metrics: DnsMetrics,
+    status: Mutex<DnsStatus>,
+    /// Readiness of each instance as last reflected by the provider.
+    converged: Mutex<BTreeMap<String, bool>>,
+}
+
+impl Dns {
+    /// A reconciler writing to `provider`.
+    #[must_use]
+    pub fn new(provider: Arc<dyn Provider>, zone: &str, metrics: DnsMetrics) -> Self {
+        Self {
+            status: Mutex::new(DnsStatus {
+                provider: provider.kind().to_string(),
+                zone: zone.to_string(),
+                ..DnsStatus::default()
+            }),
+            provider,
+            metrics,
+            converged: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    /// The provider.
+    #[must_use]
+    pub fn provider(&self) -> &Arc<dyn Provider> {
+        &self.provider
+    }
+
+    /// For `/status`.
+    #[must_use]
+    pub fn status(&self) -> DnsStatus {
+        lock(&self.status).clone()
+    }
+
+    /// Plans without applying: what a pass would do now.
+    ///
+    /// # Errors
+    /// When the provider's records cannot be read.
+    pub async fn plan(&self, settings: &DnsSettings, seen: &[Seen]) -> Result<Plan, ProviderError> {
+        let actual = self.provider.records().await?;
+        Ok(plan::plan(
+            &settings.owner_id,
+            &specs(settings, self.provider.set_ids()),
+            &instances(seen),
+            &actual,
+        ))
+    }
+
+    /// One pass: read, plan, apply in batches of `settings.batch_size`. A rejected batch
+    /// is split by name so that one bad record never blocks the others.
+    ///
+    /// # Errors
+    /// When the provider cannot be read, or fails in a way a retry of the same pass
+    /// would not fix (the outcome so far is in the status).
+    pub async fn pass(
+        &self,
+        settings: &DnsSettings,
+        seen: &[Seen],
+    ) -> Result<Outcome, ProviderError> {
+        let result = self.pass_inner(settings, seen).await;
+        let mut status = lock(&self.status);
+        status.instances = seen.iter().map(|s| s.detail.clone()).collect();
+        match &result {
+            Ok(outcome) => {
+                status.last_sync_unix = Some(crate::fleet::unix_ms() / 1000);
+                status.last_error = None;
+                status.plan = describe(&outcome.plan, &outcome.failed);
+                self.metrics
+                    .last_sync
+                    .set(i64::try_from(crate::fleet::unix_ms() / 1000).unwrap_or(i64::MAX));
+            }
+            Err(e) => {
+                status.last_error = Some(e.to_string());
+                let kind = match e {
+                    ProviderError::Fatal(_) => "fatal",
+                    _ => "transient",
+                };
+                self.metrics.errors.with_label_values(&[kind]).inc();
+            }
+        }
+        result
+    }
+
+    async fn pass_inner(
+        &self,
+        settings: &DnsSettings,
+        seen: &[Seen],
+    ) -> Result<Outcome, ProviderError> {
+        let plan = self.plan(settings, seen).await?;
+        let mut outcome = Outcome::default();
+        let mut fatal = None;
+        for batch in plan.batches(settings.batch_size) {
+            match self.apply_isolated(&batch, &mut outcome).await {
+                Ok(()) => {}
+                Err(e) => {
+                    fatal = Some(e);
+                    break;
+                }
+            }
+        }
+        self.metrics
+            .changes
+            .with_label_values(&["applied"])
+            .inc_by(outcome.applied as u64);
+        let failed_changes = plan.changes.len() - outcome.applied;
+        self.metrics
+            .changes
+            .with_label_values(&["failed"])
+            .inc_by(failed_changes as u64);
+        self.metrics.floor.reset();
+        for name in &plan.floored {
+            self.metrics.floor.with_label_values(&[name]).set(1);
+        }
+        self.metrics
+            .drift
+            .set(i64::try_from(outcome.failed.len() + plan.skipped.len()).unwrap_or(i64::MAX));
+        outcome.plan = plan;
+        if let Some(e) = fatal {
+            return Err(e);
+        }
+        self.observe_convergence(settings, seen, &outcome);
+        Ok(outcome)
+    }
+
+    /// Applies `changes` as one batch, or name by name if the provider rejects it.
+    ///
+    /// # Errors
+    /// When the provider fails for another reason than a rejected record.
+    pub async fn apply_batch(&self, changes: &[Change]) -> Result<Outcome, ProviderError> {
+        let mut outcome = Outcome::default();
+        self.apply_isolated(changes, &mut outcome).await?;
+        Ok(outcome)
+    }
+
+    /// Applies one batch; on rejection, each name's changes alone.
+    async fn apply_isolated(
+        &self,
+        batch: &[Change],
+        outcome: &mut Outcome,
+    ) -> Result<(), ProviderError> {
+        match self.provider.apply(batch).await {
+            Ok(()) => {
+                outcome.applied += batch.len();
+                return Ok(());
+            }
+            Err(ProviderError::Rejected(e)) if single_name(batch) => {
+                outcome.failed.push((name_of(&batch[0]).to_string(), e));
+                return Ok(());
+            }
+            Err(ProviderError::Rejected(e)) => {
+                tracing::warn!(
+                    "DNS batch of {} changes rejected ({e}); applying name by name",
+                    batch.len()
+                );
+            }
+            Err(e) => return Err(e),
+        }
+        let mut start = 0;
+        while start < batch.len() {
+            let name = name_of(&batch[start]);
+            let end = batch[start..]
+                .iter()
+                .position(|c| name_of(c) != name)
+                .map_or(batch.len(), |n| start + n);
+            match self.provider.apply(&batch[start..end]).await {
+                Ok(()) => outcome.applied += end - start,
+                Err(ProviderError::Rejected(e)) => {
+                    tracing::warn!("DNS changes of {name} rejected: {e}");
+                    outcome.failed.push((name.to_string(), e));
+                }
+                Err(e) => return Err(e),
+            }
+            start = end;
+        }
+        Ok(())
+    }
+
+    /// After a pass, the instances whose readiness the provider now reflects: observe how
+    /// long that took.
+    fn observe_convergence(&self, settings: &DnsSettings, seen: &[Seen], outcome: &Outcome) {
+        // Published per name: values the provider holds now = desired, unless the name
+        // failed, was skipped or is held at its floor.
+        let blocked = !outcome.failed.is_empty() || !outcome.plan.floored.is_empty();
+        let mut converged = lock(&self.converged);
+        let mut pending_since: Option<Instant> = None;
+        for s in seen {
+            let before = converged.get(&s.id).copied().unwrap_or(false);
+            if before != s.ready {
+                pending_since = Some(pending_since.map_or(s.since, |p| p.min(s.since)));
+            }
+        }
+        for (id, was) in converged.iter() {
+            if *was && !seen.iter().any(|s| &s.id == id) {
+                // Gone from the registry altogether (revoked): no time to measure from.
+                pending_since = pending_since.or(Some(Instant::now()));
+            }
+        }
+        if blocked || settings.names.is_empty() {
+            return;
+        }
+        if let Some(since) = pending_since {
+            let secs = since.elapsed().as_secs_f64();
+            self.metrics.convergence.observe(secs);
+            lock(&self.status).last_convergence_secs = Some(secs);
+            tracing::info!("DNS converged {secs:.2}s after the last instance change");
+        }
+        *converged = seen.iter().map(|s| (s.id.clone(), s.ready)).collect();
+    }
+
+    /// Refreshes the per-name record gauges from the provider's answer.
+    fn export_records(&self, settings: &DnsSettings, actual: &[plan::RecordSet]) {
+        self.metrics.records.reset();
+        for n in &settings.names {
+            let count: usize = actual
+                .iter()
+                .filter(|r| r.name == n.name.as_str() && r.kind != plan::Kind::Txt)
+                .map(|r| r.values.len())
+                .sum();
+            self.metrics
+                .records
+                .with_label_values(&[n.name.as_str()])
+                .set(i64::try_from(count).unwrap_or(i64::MAX));
+        }
+    }
+
+    /// Reads the provider again to export how many values each name has.
+    ///
+    /// # Errors
+    /// When the provider cannot be read.
+    pub async fn refresh_records(&self, settings: &DnsSettings) -> Result<(), ProviderError> {
+        let actual = self.provider.records().await?;
+        self.export_records(settings, &actual);
+        Ok(())
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock()
+        .expect("DNS lock is never poisoned: no panics while held")
+}
+
+fn name_of(c: &Change) -> &str {
+    match c {
+        Change::Upsert(r) | Change::Delete(r) => &r.name,
+    }
+}
+
+fn single_name(batch: &[Change]) -> bool {
+    batch.iter().all(|c| name_of(c) == name_of(&batch[0]))
+}
+
+fn instances(seen: &[Seen]) -> Vec<Instance> {
+    seen.iter()
+        .map(|s| Instance {
+            id: s.id.clone(),
+            addrs: s.addrs.clone(),
+            ready: s.ready,
+        })
+        .collect()
+}
+
+/// A plan in words, for `/status` and `rampart dns plan`.
+#[must_use]
+pub fn describe(plan: &Plan, failed: &[(String, String)]) -> DnsPlan {
+    let line = |verb: &str, r: &plan::RecordSet| {
+        let set = r
+            .set_id
+            .as_ref()
+            .map(|s| format!(" [set {s}]"))
+            .unwrap_or_default();
+        let weight = r.weight.map(|w| format!(" weight {w}")).unwrap_or_default();
+        let values: Vec<&str> = r.values.iter().map(String::as_str).collect();
+        format!(
+            "{verb} {} {}{set}{weight} {} (ttl {})",
+            r.name,
+            kind_str(r.kind),
+            values.join(" "),
+            r.ttl
+        )
+    };
+    DnsPlan {
+        changes: plan
+            .changes
+            .iter()
+            .map(|c| match c {
+                Change::Upsert(r) => line("upsert", r),
+                Change::Delete(r) => line("delete", r),
+            })
+            .collect(),
+        skipped: plan
+            .skipped
+            .iter()
+            .map(|(n, why)| format!("{n}: {why}"))
+            .collect(),
+        floored: plan
+            .floored
+            .iter()
+            .map(|n| format!("{n}: every instance looks dead; keeping its last values"))
+            .collect(),
+        failed: failed.iter().map(|(n, e)| format!("{n}: {e}")).collect(),
+    }
+}
+
+/// The loop: a pass whenever the view of the instances changes, and every
+/// `settings.interval`; only while this controller leads. Settings are re-read from
+/// `config` on every pass (names, owner, batch size); the provider is fixed at start.
+pub async fn run(
+    dns: Arc<Dns>,
+    config: watch::Receiver<rampart_config::Config>,
+    mut seen: watch::Receiver<Vec<Seen>>,
+    mut leader: watch::Receiver<bool>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let Some(first) = config.borrow().dns.clone() else {
+        return;
+    };
+    let mut tick = tokio::time::interval(first.interval.0);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            r = seen.changed() => if r.is_err() { return },
+            r = leader.changed() => if r.is_err() { return },
+            _ = shutdown.wait_for(|s| *s) => return,
+        }
+        if !*leader.borrow() {
+            continue;
+        }
+        let Some(settings) = config.borrow().dns.clone() else {
+            continue;
+        };
+        let view = seen.borrow_and_update().clone();
+        match dns.pass(&settings, &view).await {
+            Ok(outcome) => {
+                if !outcome.plan.changes.is_empty() || !outcome.failed.is_empty() {
+                    tracing::info!(
+                        "DNS: {} changes applied, {} names failed",
+                        outcome.applied,
+                        outcome.failed.len()
+                    );
+                }
+                if let Err(e) = dns.refresh_records(&settings).await {
+                    tracing::debug!("DNS: reading records back: {e}");
+                }
+            }
+            Err(e) => tracing::warn!("DNS pass failed: {e}"),
+        }
+    }
+}

@@ -22,6 +22,21 @@ pub struct InstanceRecord {
     pub revoked: bool,
 }
 
+/// A proxy instance DNS may publish, from its heartbeats.
+#[derive(Clone, Debug)]
+pub struct Candidate {
+    /// Instance id.
+    pub id: String,
+    /// Public addresses it reported.
+    pub addrs: Vec<IpAddr>,
+    /// Its HTTPS listener's port.
+    pub https_port: Option<u16>,
+    /// Its last heartbeat is recent and says ready.
+    pub fresh_ready: bool,
+    /// When its last heartbeat arrived.
+    pub last_heartbeat: Option<Instant>,
+}
+
 /// A heartbeat as shared between controllers (`heartbeats/<id>` in a shared store).
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct StoredHeartbeat {
@@ -38,6 +53,7 @@ struct LiveState {
     hostname: String,
     peer: Option<String>,
     public_addrs: Vec<IpAddr>,
+    https_port: Option<u16>,
     version: u64,
     ready: bool,
     last_heartbeat: Option<Instant>,
@@ -85,6 +101,7 @@ impl Registry {
             let s = m.entry(id.to_string()).or_default();
             s.peer = Some(peer);
             s.public_addrs.clone_from(&hb.public_addrs);
+            s.https_port = hb.https_port;
             s.version = hb.version;
             s.ready = hb.ready;
             s.last_heartbeat = Some(Instant::now());
@@ -102,6 +119,7 @@ impl Registry {
             }
             s.peer = Some(beat.peer.clone());
             s.public_addrs.clone_from(&beat.heartbeat.public_addrs);
+            s.https_port = beat.heartbeat.https_port;
             s.version = beat.heartbeat.version;
             s.ready = beat.heartbeat.ready;
             s.last_heartbeat = Some(at);
@@ -122,6 +140,27 @@ impl Registry {
                 }
             }
         });
+    }
+
+    /// The instances DNS may publish: not revoked, with public addresses; `fresh_ready`
+    /// when the last heartbeat is recent and says ready.
+    #[must_use]
+    pub fn candidates(&self) -> Vec<Candidate> {
+        let now = Instant::now();
+        self.with(|m| {
+            m.iter()
+                .filter(|(_, s)| !s.revoked && !s.public_addrs.is_empty())
+                .map(|(id, s)| Candidate {
+                    id: id.clone(),
+                    addrs: s.public_addrs.clone(),
+                    https_port: s.https_port,
+                    fresh_ready: s.ready
+                        && s.last_heartbeat
+                            .is_some_and(|t| now.duration_since(t) <= self.stale_after),
+                    last_heartbeat: s.last_heartbeat,
+                })
+                .collect()
+        })
     }
 
     /// Every instance, for `/status`.

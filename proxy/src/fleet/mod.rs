@@ -230,10 +230,12 @@ impl FleetService {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut changes = live.subscribe();
         loop {
+            let current = live.current.load();
             let hb = Heartbeat {
                 public_addrs: options.public_addrs.clone(),
                 ready: live.is_ready(),
-                version: live.current.load().version,
+                version: current.version,
+                https_port: current.https_port,
             };
             if let Err(e) = client.heartbeat(&hb).await {
                 tracing::debug!("heartbeat: {e}");
