@@ -52,8 +52,20 @@ impl Route53 {
             loader = loader.region(Region::new(r));
         }
         let shared = loader.load().await;
+        Self::from_sdk_config(&shared, zone, hosted_zone_id, endpoint_url, wait_for_insync)
+    }
+
+    /// A provider for `zone` with an explicit AWS configuration (credentials, region).
+    #[must_use]
+    pub fn from_sdk_config(
+        shared: &aws_config::SdkConfig,
+        zone: &str,
+        hosted_zone_id: Option<String>,
+        endpoint_url: Option<String>,
+        wait_for_insync: bool,
+    ) -> Self {
         let mut conf =
-            aws_sdk_route53::config::Builder::from(&shared).retry_config(RetryConfig::disabled());
+            aws_sdk_route53::config::Builder::from(shared).retry_config(RetryConfig::disabled());
         if shared.region().is_none() {
             // Route53 is a global service; any region signs its requests.
             conf = conf.region(Region::new("us-east-1"));
