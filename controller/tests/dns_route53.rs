@@ -47,7 +47,9 @@ impl Moto {
             .unwrap_or_else(|e| panic!("starting {bin}: {e}; scripts/setup installs moto"));
         let url = format!("http://127.0.0.1:{port}");
         eventually(Duration::from_secs(30), "moto to listen", || async move {
-            tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok()
+            tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .is_ok()
         })
         .await;
         Self { child, url }
@@ -87,7 +89,11 @@ async fn create_zone(client: &aws_sdk_route53::Client) -> String {
         .send()
         .await
         .unwrap();
-    out.hosted_zone().unwrap().id().trim_start_matches("/hostedzone/").to_string()
+    out.hosted_zone()
+        .unwrap()
+        .id()
+        .trim_start_matches("/hostedzone/")
+        .to_string()
 }
 
 /// `(name, type, set id) -> values` of the zone's A and TXT sets.
@@ -109,7 +115,10 @@ async fn zone_sets(
                 r.name().trim_end_matches('.').to_string(),
                 r.r#type().as_str().to_string(),
                 r.set_identifier().map(str::to_string),
-                r.resource_records().iter().map(|v| v.value().to_string()).collect(),
+                r.resource_records()
+                    .iter()
+                    .map(|v| v.value().to_string())
+                    .collect(),
             )
         })
         .collect()
@@ -134,7 +143,8 @@ fn ips(range: impl IntoIterator<Item = u8>) -> Vec<String> {
 }
 
 async fn dns_for(url: &str, zone_id: Option<String>) -> Dns {
-    let provider = Route53::from_sdk_config(&sdk_config().await, ZONE, zone_id, Some(url.into()), false);
+    let provider =
+        Route53::from_sdk_config(&sdk_config().await, ZONE, zone_id, Some(url.into()), false);
     Dns::new(
         Arc::new(provider),
         ZONE,
@@ -161,7 +171,10 @@ async fn route53_records_follow_the_fleet_and_leave_foreign_records_alone() {
                                 .r#type(RrType::A)
                                 .ttl(300)
                                 .resource_records(
-                                    ResourceRecord::builder().value("198.51.100.7").build().unwrap(),
+                                    ResourceRecord::builder()
+                                        .value("198.51.100.7")
+                                        .build()
+                                        .unwrap(),
                                 )
                                 .build()
                                 .unwrap(),
@@ -182,7 +195,11 @@ async fn route53_records_follow_the_fleet_and_leave_foreign_records_alone() {
     for n in [1u8, 5, 2] {
         let out = dns.pass(&s, &fleet(n)).await.unwrap();
         assert!(out.failed.is_empty(), "{:?}", out.failed);
-        assert_eq!(a_values(&aws, &zone_id, WWW).await, ips(1..=n), "{n} instances");
+        assert_eq!(
+            a_values(&aws, &zone_id, WWW).await,
+            ips(1..=n),
+            "{n} instances"
+        );
     }
     // Multivalue: one set per instance, the instance id as set identifier.
     let sets = zone_sets(&aws, &zone_id).await;
@@ -191,25 +208,43 @@ async fn route53_records_follow_the_fleet_and_leave_foreign_records_alone() {
         .filter(|(n, t, _, _)| n == WWW && t == "A")
         .map(|(_, _, id, _)| id.clone())
         .collect();
-    assert_eq!(ids, [Some("i-1".to_string()), Some("i-2".to_string())].into());
-    assert!(sets
-        .iter()
-        .any(|(n, t, _, v)| n == WWW && t == "TXT" && v.contains("\"heritage=rampart,owner=test-owner\"")));
+    assert_eq!(
+        ids,
+        [Some("i-1".to_string()), Some("i-2".to_string())].into()
+    );
+    assert!(sets.iter().any(|(n, t, _, v)| n == WWW
+        && t == "TXT"
+        && v.contains("\"heritage=rampart,owner=test-owner\"")));
     // Not ours: untouched, and the plan says so.
-    assert_eq!(a_values(&aws, &zone_id, "legacy.example.test").await, vec!["198.51.100.7"]);
+    assert_eq!(
+        a_values(&aws, &zone_id, "legacy.example.test").await,
+        vec!["198.51.100.7"]
+    );
     let plan = dns.plan(&s, &fleet(2)).await.unwrap();
-    assert!(plan.changes.is_empty(), "re-planning changes nothing: {:?}", plan.changes);
+    assert!(
+        plan.changes.is_empty(),
+        "re-planning changes nothing: {:?}",
+        plan.changes
+    );
     assert_eq!(plan.skipped.len(), 1);
 
     // An instance dies.
-    dns.pass(&s, &[instance(1, true), instance(2, false)]).await.unwrap();
+    dns.pass(&s, &[instance(1, true), instance(2, false)])
+        .await
+        .unwrap();
     assert_eq!(a_values(&aws, &zone_id, WWW).await, ips([1]));
 
     // The name leaves the configuration: its records and TXT go.
     let none = settings(ZONE, &["legacy.example.test"], "multivalue", "");
     dns.pass(&none, &fleet(1)).await.unwrap();
-    assert!(zone_sets(&aws, &zone_id).await.iter().all(|(n, _, _, _)| n != WWW));
-    assert_eq!(a_values(&aws, &zone_id, "legacy.example.test").await, vec!["198.51.100.7"]);
+    assert!(zone_sets(&aws, &zone_id)
+        .await
+        .iter()
+        .all(|(n, _, _, _)| n != WWW));
+    assert_eq!(
+        a_values(&aws, &zone_id, "legacy.example.test").await,
+        vec!["198.51.100.7"]
+    );
 }
 
 #[tokio::test]
@@ -232,7 +267,9 @@ async fn route53_weighted_sets_and_an_invalid_record_isolated() {
         .filter(|r| r.r#type() == &RrType::A)
         .collect();
     assert_eq!(weighted.len(), 3);
-    assert!(weighted.iter().all(|r| r.weight() == Some(1) && r.set_identifier().is_some()));
+    assert!(weighted
+        .iter()
+        .all(|r| r.weight() == Some(1) && r.set_identifier().is_some()));
 
     // One bad change (deleting a set that does not exist) among good ones: the rest land.
     let set = |name: &str| RecordSet {
@@ -252,8 +289,14 @@ async fn route53_weighted_sets_and_an_invalid_record_isolated() {
     assert_eq!(outcome.applied, 2, "{:?}", outcome.failed);
     assert_eq!(outcome.failed.len(), 1);
     assert_eq!(outcome.failed[0].0, "missing.example.test");
-    assert_eq!(a_values(&aws, &zone_id, "a.example.test").await, vec!["192.0.2.50"]);
-    assert_eq!(a_values(&aws, &zone_id, "b.example.test").await, vec!["192.0.2.50"]);
+    assert_eq!(
+        a_values(&aws, &zone_id, "a.example.test").await,
+        vec!["192.0.2.50"]
+    );
+    assert_eq!(
+        a_values(&aws, &zone_id, "b.example.test").await,
+        vec!["192.0.2.50"]
+    );
 }
 
 /// Forwards to moto, but answers the first `throttle` change requests with Throttling
@@ -265,52 +308,57 @@ async fn shim(upstream: SocketAddr, throttle: usize, prior: usize) -> (String, A
     let counter = refused.clone();
     tokio::spawn(async move {
         loop {
-            let Ok((stream, _)) = listener.accept().await else { return };
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
             let counter = counter.clone();
             tokio::spawn(async move {
-                let service = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-                    let counter = counter.clone();
-                    async move {
-                        let change = req.method() == hyper::Method::POST && req.uri().path().ends_with("/rrset");
-                        if change {
-                            let n = counter.load(Ordering::SeqCst);
-                            let code = if n < throttle {
-                                Some("Throttling")
-                            } else if n < throttle + prior {
-                                Some("PriorRequestNotComplete")
-                            } else {
-                                None
-                            };
-                            if let Some(code) = code {
-                                counter.fetch_add(1, Ordering::SeqCst);
-                                let body = format!(
+                let service = hyper::service::service_fn(
+                    move |req: hyper::Request<hyper::body::Incoming>| {
+                        let counter = counter.clone();
+                        async move {
+                            let change = req.method() == hyper::Method::POST
+                                && req.uri().path().ends_with("/rrset");
+                            if change {
+                                let n = counter.load(Ordering::SeqCst);
+                                let code = if n < throttle {
+                                    Some("Throttling")
+                                } else if n < throttle + prior {
+                                    Some("PriorRequestNotComplete")
+                                } else {
+                                    None
+                                };
+                                if let Some(code) = code {
+                                    counter.fetch_add(1, Ordering::SeqCst);
+                                    let body = format!(
                                     "<?xml version=\"1.0\"?>\n<ErrorResponse xmlns=\"https://route53.amazonaws.com/doc/2013-04-01/\"><Error><Type>Sender</Type><Code>{code}</Code><Message>Rate exceeded</Message></Error><RequestId>shim</RequestId></ErrorResponse>"
                                 );
-                                return Ok::<_, hyper::Error>(
-                                    hyper::Response::builder()
-                                        .status(400)
-                                        .header("content-type", "text/xml")
-                                        .body(Full::new(Bytes::from(body)))
-                                        .unwrap(),
-                                );
+                                    return Ok::<_, hyper::Error>(
+                                        hyper::Response::builder()
+                                            .status(400)
+                                            .header("content-type", "text/xml")
+                                            .body(Full::new(Bytes::from(body)))
+                                            .unwrap(),
+                                    );
+                                }
                             }
-                        }
-                        let (parts, body) = req.into_parts();
-                        let body = body.collect().await?.to_bytes();
-                        let tcp = tokio::net::TcpStream::connect(upstream).await.unwrap();
-                        let (mut sender, conn) = hyper::client::conn::http1::handshake(
-                            hyper_util::rt::TokioIo::new(tcp),
-                        )
-                        .await?;
-                        tokio::spawn(conn);
-                        let resp = sender
-                            .send_request(hyper::Request::from_parts(parts, Full::new(body)))
+                            let (parts, body) = req.into_parts();
+                            let body = body.collect().await?.to_bytes();
+                            let tcp = tokio::net::TcpStream::connect(upstream).await.unwrap();
+                            let (mut sender, conn) = hyper::client::conn::http1::handshake(
+                                hyper_util::rt::TokioIo::new(tcp),
+                            )
                             .await?;
-                        let (parts, body) = resp.into_parts();
-                        let body = body.collect().await?.to_bytes();
-                        Ok(hyper::Response::from_parts(parts, Full::new(body)))
-                    }
-                });
+                            tokio::spawn(conn);
+                            let resp = sender
+                                .send_request(hyper::Request::from_parts(parts, Full::new(body)))
+                                .await?;
+                            let (parts, body) = resp.into_parts();
+                            let body = body.collect().await?.to_bytes();
+                            Ok(hyper::Response::from_parts(parts, Full::new(body)))
+                        }
+                    },
+                );
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
                     .await;
@@ -331,7 +379,11 @@ async fn route53_throttling_is_retried_with_back_off() {
     let s = settings(ZONE, &[WWW], "multivalue", "");
     let out = dns.pass(&s, &fleet(2)).await.unwrap();
     assert!(out.failed.is_empty());
-    assert_eq!(refused.load(Ordering::SeqCst), 4, "two Throttling, two PriorRequestNotComplete");
+    assert_eq!(
+        refused.load(Ordering::SeqCst),
+        4,
+        "two Throttling, two PriorRequestNotComplete"
+    );
     assert_eq!(a_values(&aws, &zone_id, WWW).await, ips(1..=2));
 
     // Throttled for longer than the back-off lasts: the pass fails as transient (the

@@ -142,7 +142,12 @@ fn parse_secret(text: &str) -> Option<Vec<u8>> {
         .filter(|k| !k.is_empty())
 }
 
-fn net_error(server: SocketAddr, what: &str, e: impl std::fmt::Display) -> ProviderError {
+fn net_error(
+    server: SocketAddr,
+    key: &str,
+    what: &str,
+    e: impl std::fmt::Display,
+) -> ProviderError {
     let text = e.to_string();
     // A response hickory cannot verify (no TSIG, a bad MAC) is an authentication
     // problem, not a network one.
@@ -152,7 +157,7 @@ fn net_error(server: SocketAddr, what: &str, e: impl std::fmt::Display) -> Provi
         || text.contains("BADSIG")
     {
         ProviderError::Fatal(format!(
-            "{what}: the server {server} did not accept or sign with the TSIG key: {text}; check the key name, algorithm and secret"
+            "{what}: the server {server} did not accept the TSIG key {key:?} (its answer was not signed with it: {text}); check that the key name, algorithm and secret match the server's key statement"
         ))
     } else {
         ProviderError::Transient(format!("{what}: {server}: {text}"))
@@ -174,8 +179,8 @@ impl Provider for Rfc2136 {
         let mut transfer = client.zone_transfer(self.zone.clone(), None);
         let mut records: Vec<Record> = Vec::new();
         while let Some(response) = transfer.next().await {
-            let response =
-                response.map_err(|e| net_error(self.server, "zone transfer (AXFR)", e))?;
+            let response = response
+                .map_err(|e| net_error(self.server, &self.key_name, "zone transfer (AXFR)", e))?;
             self.check("zone transfer (AXFR)", response.metadata.response_code)?;
             records.extend(response.answers.iter().cloned());
         }
@@ -227,7 +232,7 @@ impl Provider for Rfc2136 {
             .ok_or_else(|| {
                 ProviderError::Transient(format!("{}: no answer to the update", self.server))
             })?
-            .map_err(|e| net_error(self.server, "update", e))?;
+            .map_err(|e| net_error(self.server, &self.key_name, "update", e))?;
         self.check("update", response.metadata.response_code)
     }
 }
