@@ -56,6 +56,11 @@ enum Command {
         #[command(subcommand)]
         action: Option<ControllerAction>,
     },
+    /// DNS automation: preview what the controller would change.
+    Dns {
+        #[command(subcommand)]
+        action: DnsAction,
+    },
     /// Quickstart: HTTPS on :8443 for localhost with an internal-CA certificate, HTTP on
     /// :8080 redirecting to it, admin on 127.0.0.1:9900.
     Up {
@@ -115,6 +120,22 @@ enum ControllerAction {
     },
     /// List proxy instances with address, version and last heartbeat (from the admin API).
     Status,
+}
+
+/// `rampart dns ...`.
+#[derive(Debug, Subcommand)]
+enum DnsAction {
+    /// Print the changes the running controller would make for this file's [dns]
+    /// names (creates, updates, deletes, names skipped because Rampart does not own
+    /// them), without applying them.
+    Plan {
+        /// The controller's configuration file.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// The controller's admin address (default: controller.admin from the file).
+        #[arg(long)]
+        admin: Option<SocketAddr>,
+    },
 }
 
 /// `rampart controller token ...`.
@@ -187,6 +208,20 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             )?;
             let cfg = load_or_report(&path)?;
             controller(cfg, path, action)
+        }
+        Command::Dns {
+            action: DnsAction::Plan { config, admin },
+        } => {
+            let cfg = load_or_report(&config)?;
+            let dns = cfg.dns.clone().with_context(|| {
+                format!("{} has no [dns] section: nothing to plan", config.display())
+            })?;
+            let admin = admin.or(rampart_controller::settings(&cfg).admin).context(
+                "controller.admin is disabled; pass --admin ADDR of the running controller",
+            )?;
+            let status = runtime()?.block_on(rampart_controller::fetch_dns_plan(admin, &dns))?;
+            print!("{}", rampart_controller::render_dns_plan(&status));
+            Ok(ExitCode::SUCCESS)
         }
         Command::Up {
             config,

@@ -22,7 +22,12 @@ pub async fn serve(state: Arc<State>, listener: TcpListener, mut shutdown: watch
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
                 let state = state.clone();
-                async move { Ok::<_, std::convert::Infallible>(respond(&state, req.uri().path())) }
+                async move {
+                    if req.uri().path() == "/dns/plan" {
+                        return Ok::<_, std::convert::Infallible>(dns_plan(&state, req).await);
+                    }
+                    Ok(respond(&state, req.uri().path()))
+                }
             });
             let io = hyper_util::rt::TokioIo::new(tcp);
             // A client that goes away mid-request is not worth a log line.
@@ -51,6 +56,62 @@ pub(crate) async fn accept(
                 }
             },
         }
+    }
+}
+
+/// `POST /dns/plan` with DNS settings as JSON (the CLI sends its file's), or `GET` for
+/// the running ones: the plan against the live view, without applying it.
+async fn dns_plan(state: &State, req: Request<hyper::body::Incoming>) -> Response<Full<Bytes>> {
+    use http_body_util::BodyExt as _;
+    let reply = |status: StatusCode, body: String| {
+        Response::builder()
+            .status(status)
+            .header(http::header::CONTENT_TYPE, "application/json")
+            .body(Full::new(Bytes::from(body)))
+            .expect("static response parts are valid")
+    };
+    let Some(dns) = &state.dns else {
+        return reply(
+            StatusCode::NOT_FOUND,
+            "this controller has no [dns] section".into(),
+        );
+    };
+    let settings = if req.method() == http::Method::POST {
+        let body = match req.into_body().collect().await {
+            Ok(b) => b.to_bytes(),
+            Err(e) => return reply(StatusCode::BAD_REQUEST, format!("reading the body: {e}")),
+        };
+        match serde_json::from_slice::<rampart_config::DnsSettings>(&body) {
+            Ok(s) => s,
+            Err(e) => return reply(StatusCode::BAD_REQUEST, format!("not DNS settings: {e}")),
+        }
+    } else if let Some(s) = dns.settings() {
+        s
+    } else {
+        return reply(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the DNS loop has not run yet".into(),
+        );
+    };
+    let zone = dns.status().zone;
+    if settings.zone.as_str() != zone {
+        return reply(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "this controller manages the zone {zone}, not {}",
+                settings.zone
+            ),
+        );
+    }
+    match dns.preview(&settings).await {
+        Ok(status) => reply(
+            StatusCode::OK,
+            serde_json::to_string_pretty(&status).unwrap_or_default(),
+        ),
+        Err(e) => reply(
+            StatusCode::BAD_GATEWAY,
+            format!("reading the DNS provider: {e}"),
+        ),
     }
 }
 

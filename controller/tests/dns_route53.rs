@@ -2,10 +2,11 @@
 //! front of it for what moto does not do: throttling and PriorRequestNotComplete.
 
 mod common;
+#[path = "support/moto.rs"]
+mod moto;
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,49 +20,11 @@ use rampart_controller::dns::plan::{Change, Kind, RecordSet};
 use rampart_controller::dns::route53::Route53;
 use rampart_controller::dns::{Dns, DnsMetrics};
 
-use common::{eventually, fleet, free_port, instance, settings};
+use common::{fleet, instance, settings};
+use moto::Moto;
 
 const ZONE: &str = "example.test";
 const WWW: &str = "www.example.test";
-
-/// A moto_server on a loopback port, stopped on drop.
-struct Moto {
-    child: Child,
-    url: String,
-}
-
-impl Moto {
-    async fn start() -> Self {
-        let bin = std::env::var("RAMPART_MOTO").unwrap_or_else(|_| {
-            let venv = std::env::var("RAMPART_VENV").unwrap_or_else(|_| {
-                format!("{}/.cache/rampart/venv", std::env::var("HOME").unwrap())
-            });
-            format!("{venv}/bin/moto_server")
-        });
-        let port = free_port();
-        let child = Command::new(&bin)
-            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| panic!("starting {bin}: {e}; scripts/setup installs moto"));
-        let url = format!("http://127.0.0.1:{port}");
-        eventually(Duration::from_secs(30), "moto to listen", || async move {
-            tokio::net::TcpStream::connect(("127.0.0.1", port))
-                .await
-                .is_ok()
-        })
-        .await;
-        Self { child, url }
-    }
-}
-
-impl Drop for Moto {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 async fn sdk_config() -> aws_config::SdkConfig {
     aws_config::defaults(aws_config::BehaviorVersion::latest())
@@ -71,29 +34,6 @@ async fn sdk_config() -> aws_config::SdkConfig {
         ))
         .load()
         .await
-}
-
-/// A Route53 client of the test's own, to set up zones and look at them.
-async fn client(url: &str) -> aws_sdk_route53::Client {
-    let conf = aws_sdk_route53::config::Builder::from(&sdk_config().await)
-        .endpoint_url(url)
-        .build();
-    aws_sdk_route53::Client::from_conf(conf)
-}
-
-async fn create_zone(client: &aws_sdk_route53::Client) -> String {
-    let out = client
-        .create_hosted_zone()
-        .name(format!("{ZONE}."))
-        .caller_reference(uuid::Uuid::new_v4().to_string())
-        .send()
-        .await
-        .unwrap();
-    out.hosted_zone()
-        .unwrap()
-        .id()
-        .trim_start_matches("/hostedzone/")
-        .to_string()
 }
 
 /// `(name, type, set id) -> values` of the zone's A and TXT sets.
@@ -155,8 +95,8 @@ async fn dns_for(url: &str, zone_id: Option<String>) -> Dns {
 #[tokio::test]
 async fn route53_records_follow_the_fleet_and_leave_foreign_records_alone() {
     let moto = Moto::start().await;
-    let aws = client(&moto.url).await;
-    let zone_id = create_zone(&aws).await;
+    let aws = moto.client().await;
+    let zone_id = moto.create_zone(ZONE).await;
     // A record somebody else made, at a name Rampart is also asked to manage.
     aws.change_resource_record_sets()
         .hosted_zone_id(&zone_id)
@@ -250,8 +190,8 @@ async fn route53_records_follow_the_fleet_and_leave_foreign_records_alone() {
 #[tokio::test]
 async fn route53_weighted_sets_and_an_invalid_record_isolated() {
     let moto = Moto::start().await;
-    let aws = client(&moto.url).await;
-    let zone_id = create_zone(&aws).await;
+    let aws = moto.client().await;
+    let zone_id = moto.create_zone(ZONE).await;
     let dns = dns_for(&moto.url, Some(zone_id.clone())).await;
     let s = settings(ZONE, &["api.example.test"], "weighted", "");
     dns.pass(&s, &fleet(3)).await.unwrap();
@@ -371,8 +311,8 @@ async fn shim(upstream: SocketAddr, throttle: usize, prior: usize) -> (String, A
 #[tokio::test]
 async fn route53_throttling_is_retried_with_back_off() {
     let moto = Moto::start().await;
-    let aws = client(&moto.url).await;
-    let zone_id = create_zone(&aws).await;
+    let aws = moto.client().await;
+    let zone_id = moto.create_zone(ZONE).await;
     let upstream: SocketAddr = moto.url.trim_start_matches("http://").parse().unwrap();
     let (url, refused) = shim(upstream, 2, 2).await;
     let dns = dns_for(&url, Some(zone_id.clone())).await;

@@ -197,6 +197,8 @@ pub struct Proxy {
     pub https: SocketAddr,
     pub admin: SocketAddr,
     server_extra: String,
+    /// Extra arguments of `rampart proxy` in fleet mode (e.g. --public-addr).
+    fleet_extra: Vec<String>,
 }
 
 impl Drop for Proxy {
@@ -231,6 +233,7 @@ impl Proxy {
                 https,
                 admin,
                 server_extra: server_extra.to_string(),
+                fleet_extra: Vec::new(),
             };
             if proxy.wait_ready().await {
                 return proxy;
@@ -244,6 +247,11 @@ impl Proxy {
     /// the controller at `controller`; enrols with `token` when given. Waits until it
     /// is ready, which in fleet mode means serving a snapshot.
     pub async fn start_fleet(controller: &str, token: Option<&str>) -> Proxy {
+        Self::start_fleet_with(controller, token, &[]).await
+    }
+
+    /// [`Proxy::start_fleet`] with extra arguments.
+    pub async fn start_fleet_with(controller: &str, token: Option<&str>, extra: &[&str]) -> Proxy {
         let dir = tempfile::tempdir().unwrap();
         let config_path = dir.path().join("rampart.toml");
         let (http, https, admin) = (free_addr(), free_addr(), free_addr());
@@ -259,6 +267,7 @@ impl Proxy {
             https,
             admin,
             server_extra: String::new(),
+            fleet_extra: extra.iter().map(ToString::to_string).collect(),
         };
         proxy.spawn_fleet(controller, token);
         assert!(
@@ -277,11 +286,18 @@ impl Proxy {
         if let Some(t) = token {
             args.extend(["--join-token", t]);
         }
+        args.extend(self.fleet_extra.iter().map(String::as_str));
         let log = self.dir.path().join("rampart.log");
         let mut old = std::fs::read_to_string(&log).unwrap_or_default();
         old.push_str("\n--- restart ---\n");
         std::fs::write(self.dir.path().join("rampart-previous.log"), old).unwrap();
         self.child = spawn_rampart(&self.config_path, &log, &args);
+    }
+
+    /// Kills the process at once (no graceful shutdown), as a crash or power loss would.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 
     /// Whether the admin API says ready.

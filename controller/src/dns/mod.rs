@@ -197,6 +197,10 @@ pub struct Dns {
     status: Mutex<DnsStatus>,
     /// Readiness of each instance as last reflected by the provider.
     converged: Mutex<BTreeMap<String, bool>>,
+    /// The latest view of the instances (for plans asked from outside).
+    view: Mutex<Vec<Seen>>,
+    /// The settings of the latest pass.
+    settings: Mutex<Option<DnsSettings>>,
 }
 
 impl Dns {
@@ -212,6 +216,8 @@ impl Dns {
             provider,
             metrics,
             converged: Mutex::new(BTreeMap::new()),
+            view: Mutex::new(Vec::new()),
+            settings: Mutex::new(None),
         }
     }
 
@@ -225,6 +231,25 @@ impl Dns {
     #[must_use]
     pub fn status(&self) -> DnsStatus {
         lock(&self.status).clone()
+    }
+
+    /// The settings in use (once the loop has run).
+    #[must_use]
+    pub fn settings(&self) -> Option<DnsSettings> {
+        lock(&self.settings).clone()
+    }
+
+    /// The plan of `settings` against the latest view, in words (`rampart dns plan`).
+    ///
+    /// # Errors
+    /// When the provider's records cannot be read.
+    pub async fn preview(&self, settings: &DnsSettings) -> Result<DnsStatus, ProviderError> {
+        let view = lock(&self.view).clone();
+        let plan = self.plan(settings, &view).await?;
+        let mut status = self.status();
+        status.instances = view.iter().map(|s| s.detail.clone()).collect();
+        status.plan = describe(&plan, &[]);
+        Ok(status)
     }
 
     /// Plans without applying: what a pass would do now.
@@ -511,20 +536,24 @@ pub async fn run(
     };
     let mut tick = tokio::time::interval(first.interval.0);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // With a local store nobody campaigns: the leader channel is closed and says true.
+    let mut campaigning = true;
     loop {
         tokio::select! {
             _ = tick.tick() => {}
             r = seen.changed() => if r.is_err() { return },
-            r = leader.changed() => if r.is_err() { return },
+            r = leader.changed(), if campaigning => campaigning = r.is_ok(),
             _ = shutdown.wait_for(|s| *s) => return,
-        }
-        if !*leader.borrow() {
-            continue;
         }
         let Some(settings) = config.borrow().dns.clone() else {
             continue;
         };
         let view = seen.borrow_and_update().clone();
+        lock(&dns.view).clone_from(&view);
+        *lock(&dns.settings) = Some(settings.clone());
+        if !*leader.borrow() {
+            continue;
+        }
         match dns.pass(&settings, &view).await {
             Ok(outcome) => {
                 if !outcome.plan.changes.is_empty() || !outcome.failed.is_empty() {

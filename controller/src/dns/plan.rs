@@ -431,5 +431,72 @@ mod tests {
             let values: usize = first.iter().filter(|r| r.kind != Kind::Txt).map(|r| r.values.len()).sum();
             proptest::prop_assert_eq!(values, ready.iter().filter(|r| **r).count());
         }
+
+        /// Over a run of fleet changes, with foreign records in the zone: foreign
+        /// records never change, owned names hold exactly the ready instances' values
+        /// after each apply unless held at their floor, and a published name never
+        /// drops below its floor.
+        #[test]
+        fn fleets_change_foreign_records_stay_and_the_floor_holds(
+            steps in proptest::collection::vec(proptest::collection::vec(proptest::bool::ANY, 4), 1..8),
+            policy in 0..3u8,
+            min_records in 0..3usize,
+        ) {
+            let policy = [Policy::Multivalue, Policy::Weighted, Policy::Simple][usize::from(policy)];
+            let specs = [
+                NameSpec { min_records, ..spec(policy) },
+                NameSpec { name: "theirs.example.com".into(), min_records, ..spec(policy) },
+            ];
+            let foreign = vec![
+                RecordSet {
+                    name: "theirs.example.com".into(),
+                    kind: Kind::A,
+                    set_id: None,
+                    ttl: 300,
+                    weight: None,
+                    values: ["198.51.100.1".to_string()].into(),
+                },
+                RecordSet {
+                    name: "other.example.com".into(),
+                    kind: Kind::Txt,
+                    set_id: None,
+                    ttl: 300,
+                    weight: None,
+                    values: ["\"v=spf1 -all\"".to_string()].into(),
+                },
+            ];
+            let mut actual = foreign.clone();
+            for ready in steps {
+                let instances: Vec<Instance> = ready
+                    .iter()
+                    .enumerate()
+                    .map(|(i, r)| inst(&format!("p-{i}"), &format!("192.0.2.{}", i + 1), *r))
+                    .collect();
+                let before = values_of(&actual, "www.example.com");
+                let p = plan(OWNER, &specs, &instances, &actual);
+                actual = apply(&actual, &p);
+                for f in &foreign {
+                    proptest::prop_assert!(actual.contains(f), "foreign record changed: {:?}", f);
+                }
+                let after = values_of(&actual, "www.example.com");
+                let want = ready.iter().filter(|r| **r).count();
+                if p.floored.is_empty() {
+                    proptest::prop_assert_eq!(after, want);
+                } else {
+                    proptest::prop_assert!(want < min_records);
+                    proptest::prop_assert_eq!(after, before);
+                }
+                if before >= min_records && before > 0 {
+                    proptest::prop_assert!(after >= min_records.min(before));
+                }
+            }
+        }
+    }
+
+    fn values_of(sets: &[RecordSet], name: &str) -> usize {
+        sets.iter()
+            .filter(|r| r.name == name && r.kind != Kind::Txt)
+            .map(|r| r.values.len())
+            .sum()
     }
 }

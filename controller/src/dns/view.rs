@@ -190,6 +190,11 @@ async fn probe_one(
     match tokio::time::timeout(probe.timeout.0, get(tls, addr, sni, &probe.path)).await {
         Ok(Ok(status)) if status.is_success() => Ok(()),
         Ok(Ok(status)) => Err(format!("{addr}: {} answered {status}", probe.path)),
+        Ok(Err(e)) if e.downcast_ref::<std::io::Error>().is_some_and(|e| e.to_string().contains("alert")) => {
+            Err(format!(
+                "{addr}: TLS handshake refused ({e}); the probe sends SNI {sni}: give the proxies a certificate for it"
+            ))
+        }
         Ok(Err(e)) => Err(format!("{addr}: {e:#}")),
         Err(_) => Err(format!(
             "{addr}: no answer within {:?} (dns.probe.timeout)",
