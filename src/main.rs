@@ -409,13 +409,50 @@ fn serve_up(config: Config, path: Option<PathBuf>, upgrade: bool) -> anyhow::Res
             }
         }
     });
+    if config.dns.is_some() {
+        rt.spawn(local_heartbeats(
+            handle.state.clone(),
+            config.listeners.clone(),
+        ));
+    }
     announce(
         &config.listeners,
         Some(&config.server.data_dir.join("ca").join("ca.pem")),
     );
+    if let Some(dns) = handle.dns_addr {
+        eprintln!("DNS: an embedded server answers on {dns} (udp and tcp)");
+    }
     serve_snapshots(config, upgrade, None, Some(feed))?;
     rt.block_on(handle.shutdown());
     Ok(ExitCode::SUCCESS)
+}
+
+/// `rampart up`: the proxy runs in this process, so its heartbeats go straight into the
+/// controller's registry; the DNS probe still checks its real HTTPS listener.
+async fn local_heartbeats(
+    state: std::sync::Arc<rampart_controller::State>,
+    listeners: rampart_config::Listeners,
+) {
+    let addr = listeners
+        .https
+        .map(|a| a.ip())
+        .filter(|ip| !ip.is_unspecified())
+        .unwrap_or(IpAddr::from([127, 0, 0, 1]));
+    let mut tick = tokio::time::interval(Duration::from_secs(2));
+    loop {
+        tick.tick().await;
+        let version = state.fleet.version();
+        state.fleet.registry.heartbeat(
+            "local",
+            "in-process".into(),
+            &rampart_config::snapshot::Heartbeat {
+                public_addrs: vec![addr],
+                ready: version > 0,
+                version,
+                https_port: listeners.https.map(|a| a.port()),
+            },
+        );
+    }
 }
 
 /// Tells the user where to point a client (and which CA to trust, for the internal one).
@@ -437,6 +474,11 @@ fn announce(listeners: &rampart_config::Listeners, ca: Option<&Path>) {
 }
 
 fn serve(config: Config, path: Option<PathBuf>, upgrade: bool) -> anyhow::Result<ExitCode> {
+    if config.dns.is_some() {
+        anyhow::bail!(
+            "[dns] runs in the controller, which a standalone proxy does not start: use `rampart up --config FILE` (controller and proxy in one process) or `rampart controller`"
+        );
+    }
     let listeners = config.listeners.clone();
     let live = rampart_proxy::prepare(config)?;
     announce(&listeners, live.internal_ca_cert().as_deref());

@@ -133,7 +133,8 @@ fn schema_describes_the_config() {
 async fn up_serves_the_welcome_page_over_https_with_the_internal_ca() {
     common::init();
     let dir = tempfile::tempdir().unwrap();
-    let (http, https, admin) = (
+    let (http, https, admin, dns) = (
+        common::free_addr(),
         common::free_addr(),
         common::free_addr(),
         common::free_addr(),
@@ -147,6 +148,7 @@ async fn up_serves_the_welcome_page_over_https_with_the_internal_ca() {
     .replace("0.0.0.0:8080", &http.to_string())
     .replace("0.0.0.0:8443", &https.to_string())
     .replace("127.0.0.1:9900", &admin.to_string())
+    .replace("127.0.0.1:5353", &dns.to_string())
     .replace("./rampart-data", dir.path().join("data").to_str().unwrap());
     let file = dir.path().join("quickstart.toml");
     std::fs::write(&file, quickstart).unwrap();
@@ -186,6 +188,24 @@ async fn up_serves_the_welcome_page_over_https_with_the_internal_ca() {
         r.headers()["location"],
         format!("https://localhost:{}/x", https.port())
     );
+    // The embedded DNS server publishes this proxy once the probe of its HTTPS
+    // listener passes (asked with dig, a real resolver client).
+    common::eventually("www.rampart.localhost in the embedded DNS", || async {
+        let out = Command::new("dig")
+            .args([
+                "+short",
+                "+time=1",
+                "+tries=1",
+                "-p",
+                &dns.port().to_string(),
+                "@127.0.0.1",
+            ])
+            .args(["www.rampart.localhost", "A"])
+            .output()
+            .expect("dig (bind9-dnsutils, installed by scripts/setup)");
+        (String::from_utf8_lossy(&out.stdout).trim() == https.ip().to_string()).then_some(())
+    })
+    .await;
     child.kill().unwrap();
     let out = child.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);

@@ -131,13 +131,6 @@ fn controller(config: &Config, out: &mut Vec<Issue>) {
 fn dns(config: &Config, out: &mut Vec<Issue>) {
     let Some(d) = &config.dns else { return };
     let path = FieldPath::root().key("dns");
-    if config.controller.is_none() {
-        out.push(Issue::new(
-            path.clone(),
-            "DNS automation runs in the controller, and this file has no [controller]",
-            "move [dns] to the controller's file, or add a [controller] section",
-        ));
-    }
     if d.owner_id.is_empty()
         || !d
             .owner_id
@@ -631,6 +624,34 @@ mod tests {
     }
 
     const BASE: &str = "[listeners]\nhttps = \"127.0.0.1:8443\"\n";
+
+    #[test]
+    fn dns_names_must_be_in_the_zone_unique_and_weighted_only_on_route53() {
+        let src = format!(
+            "{BASE}[dns]\nzone = \"example.com\"\nowner_id = \"bad id\"\nbatch_size = 5000\n\
+             [[dns.names]]\nname = \"www.example.org\"\n\
+             [[dns.names]]\nname = \"api.example.com\"\npolicy = \"weighted\"\n\
+             [[dns.names]]\nname = \"api.example.com\"\n"
+        );
+        let got = issues(&src);
+        let want = [
+            "dns.owner_id: \"bad id\" is not a valid owner id",
+            "dns.batch_size: 5000 is outside 1..=1000",
+            "dns.names[0].name: www.example.org is not inside the zone example.com",
+            "dns.names[1].policy: weighted record sets exist only in Route53",
+            "dns.names[2].name: api.example.com is also managed by dns.names[1]",
+        ];
+        for w in want {
+            assert!(got.iter().any(|g| g == w), "missing {w:?} in {got:#?}");
+        }
+        assert_eq!(got.len(), want.len(), "{got:#?}");
+        // Route53 takes weighted sets; the provider's fields are checked by serde.
+        let ok = format!(
+            "{BASE}[dns]\nzone = \"example.com\"\nprovider = {{ kind = \"route53\", hosted_zone_id = \"Z1\" }}\n\
+             [[dns.names]]\nname = \"api.example.com\"\npolicy = \"weighted\"\n"
+        );
+        assert!(issues(&ok).is_empty(), "{:?}", issues(&ok));
+    }
 
     #[test]
     fn a_complete_config_is_valid() {
