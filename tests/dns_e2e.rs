@@ -2,6 +2,7 @@
 //! fleet proxies it probes through their HTTPS listeners, default probe settings. One
 //! proxy is killed; its record set must go within 15 s, and `rampart dns plan` then
 //! shows nothing left to do.
+#![allow(missing_docs, clippy::unwrap_used)]
 
 mod common;
 #[path = "../controller/tests/support/moto.rs"]

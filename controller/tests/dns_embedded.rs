@@ -1,4 +1,5 @@
 //! The DNS loop against the embedded server, asked with a real DNS client over UDP.
+#![allow(missing_docs, clippy::unwrap_used)]
 
 mod common;
 

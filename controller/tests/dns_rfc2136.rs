@@ -1,5 +1,6 @@
 //! The DNS loop against a real BIND 9 (named), with dynamic updates and zone transfers
 //! signed with TSIG.
+#![allow(missing_docs, clippy::unwrap_used)]
 
 mod common;
 

@@ -1,5 +1,6 @@
 //! The DNS loop against a real Route53 API (moto_server), with a small HTTP shim in
 //! front of it for what moto does not do: throttling and PriorRequestNotComplete.
+#![allow(missing_docs, clippy::unwrap_used)]
 
 mod common;
 #[path = "support/moto.rs"]
@@ -9,7 +10,6 @@ use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
 
 use aws_sdk_route53::types::{
     Change as AwsChange, ChangeAction, ChangeBatch, ResourceRecord, ResourceRecordSet, RrType,

@@ -78,7 +78,7 @@ pub async fn run(
                 if !probe.enabled || !c.fresh_ready {
                     return None;
                 }
-                let Some(client) = client else { return None };
+                let client = client?;
                 Some(probe_one(&client, c, probe, sni).await)
             }
         }))

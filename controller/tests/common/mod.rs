@@ -1,5 +1,5 @@
 //! Helpers shared by the DNS tests: instance views, settings, and a real DNS client.
-#![allow(dead_code)]
+#![allow(dead_code, missing_docs, clippy::unwrap_used)]
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};

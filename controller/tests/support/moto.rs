@@ -1,6 +1,7 @@
 //! A real Route53 API for tests: moto_server (PyPI `moto[server]`, installed in a venv
 //! by scripts/setup) on a free loopback port, stopped on drop. Shared by the controller's
 //! DNS tests and the workspace's end-to-end test.
+#![allow(missing_docs, clippy::unwrap_used)]
 
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
