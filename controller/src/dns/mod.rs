@@ -545,9 +545,17 @@ pub async fn run(
             r = leader.changed(), if campaigning => campaigning = r.is_ok(),
             _ = shutdown.wait_for(|s| *s) => return,
         }
-        let Some(settings) = config.borrow().dns.clone() else {
+        let Some(mut settings) = config.borrow().dns.clone() else {
             continue;
         };
+        if settings.provider != first.provider || settings.zone != first.zone {
+            tracing::warn!(
+                "dns.provider or dns.zone changed: restart the controller to switch; until then the [dns] settings it started with stay in use ({} for {})",
+                dns.provider.kind(),
+                first.zone
+            );
+            settings = first.clone();
+        }
         let view = seen.borrow_and_update().clone();
         lock(&dns.view).clone_from(&view);
         *lock(&dns.settings) = Some(settings.clone());
