@@ -11,6 +11,7 @@
 //! - [`leader`]: leader election over etcd (several controllers)
 //! - [`admin`]: /metrics, /status, /healthz
 
+pub mod acme;
 pub mod admin;
 pub mod authority;
 pub mod compile;
