@@ -239,73 +239,97 @@ async fn route53_weighted_sets_and_an_invalid_record_isolated() {
     );
 }
 
-/// Forwards to moto, but answers the first `throttle` change requests with Throttling
-/// and the next `prior` with PriorRequestNotComplete, as Route53 does under load.
-async fn shim(upstream: SocketAddr, throttle: usize, prior: usize) -> (String, Arc<AtomicUsize>) {
+/// What the shim in front of moto does and saw.
+#[derive(Default)]
+struct Faults {
+    /// Answer this many change requests with Throttling...
+    throttle: usize,
+    /// ...then this many with PriorRequestNotComplete.
+    prior: usize,
+    /// Answer this many GetChange calls with PENDING.
+    pending: usize,
+    /// Change requests refused so far.
+    refused: AtomicUsize,
+    /// GetChange calls so far.
+    get_changes: AtomicUsize,
+}
+
+fn error_response(code: &str) -> hyper::Response<Full<Bytes>> {
+    let body = format!(
+        "<?xml version=\"1.0\"?>\n<ErrorResponse xmlns=\"https://route53.amazonaws.com/doc/2013-04-01/\"><Error><Type>Sender</Type><Code>{code}</Code><Message>Rate exceeded</Message></Error><RequestId>shim</RequestId></ErrorResponse>"
+    );
+    hyper::Response::builder()
+        .status(400)
+        .header("content-type", "text/xml")
+        .body(Full::new(Bytes::from(body)))
+        .unwrap()
+}
+
+async fn forward(
+    upstream: SocketAddr,
+    req: hyper::Request<hyper::body::Incoming>,
+) -> Result<(http::response::Parts, Bytes), hyper::Error> {
+    let (parts, body) = req.into_parts();
+    let body = body.collect().await?.to_bytes();
+    let tcp = tokio::net::TcpStream::connect(upstream).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp)).await?;
+    tokio::spawn(conn);
+    let resp = sender
+        .send_request(hyper::Request::from_parts(parts, Full::new(body)))
+        .await?;
+    let (parts, body) = resp.into_parts();
+    Ok((parts, body.collect().await?.to_bytes()))
+}
+
+async fn handle(
+    upstream: SocketAddr,
+    faults: Arc<Faults>,
+    req: hyper::Request<hyper::body::Incoming>,
+) -> Result<hyper::Response<Full<Bytes>>, hyper::Error> {
+    let change = req.method() == hyper::Method::POST && req.uri().path().ends_with("/rrset");
+    if change {
+        let n = faults.refused.load(Ordering::SeqCst);
+        let code = if n < faults.throttle {
+            Some("Throttling")
+        } else if n < faults.throttle + faults.prior {
+            Some("PriorRequestNotComplete")
+        } else {
+            None
+        };
+        if let Some(code) = code {
+            faults.refused.fetch_add(1, Ordering::SeqCst);
+            return Ok(error_response(code));
+        }
+    }
+    let get_change = req.method() == hyper::Method::GET && req.uri().path().contains("/change/");
+    let (mut parts, mut body) = forward(upstream, req).await?;
+    if get_change && faults.get_changes.fetch_add(1, Ordering::SeqCst) < faults.pending {
+        body = Bytes::from(String::from_utf8_lossy(&body).replace("INSYNC", "PENDING"));
+        parts.headers.remove(http::header::CONTENT_LENGTH);
+    }
+    Ok(hyper::Response::from_parts(parts, Full::new(body)))
+}
+
+/// An HTTP shim in front of moto that injects `faults`, as Route53 behaves under load.
+async fn shim(upstream: SocketAddr, faults: Faults) -> (String, Arc<Faults>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let refused = Arc::new(AtomicUsize::new(0));
-    let counter = refused.clone();
+    let faults = Arc::new(faults);
+    let shared = faults.clone();
     tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                return;
-            };
-            let counter = counter.clone();
+        while let Ok((stream, _)) = listener.accept().await {
+            let faults = shared.clone();
             tokio::spawn(async move {
-                let service = hyper::service::service_fn(
-                    move |req: hyper::Request<hyper::body::Incoming>| {
-                        let counter = counter.clone();
-                        async move {
-                            let change = req.method() == hyper::Method::POST
-                                && req.uri().path().ends_with("/rrset");
-                            if change {
-                                let n = counter.load(Ordering::SeqCst);
-                                let code = if n < throttle {
-                                    Some("Throttling")
-                                } else if n < throttle + prior {
-                                    Some("PriorRequestNotComplete")
-                                } else {
-                                    None
-                                };
-                                if let Some(code) = code {
-                                    counter.fetch_add(1, Ordering::SeqCst);
-                                    let body = format!(
-                                    "<?xml version=\"1.0\"?>\n<ErrorResponse xmlns=\"https://route53.amazonaws.com/doc/2013-04-01/\"><Error><Type>Sender</Type><Code>{code}</Code><Message>Rate exceeded</Message></Error><RequestId>shim</RequestId></ErrorResponse>"
-                                );
-                                    return Ok::<_, hyper::Error>(
-                                        hyper::Response::builder()
-                                            .status(400)
-                                            .header("content-type", "text/xml")
-                                            .body(Full::new(Bytes::from(body)))
-                                            .unwrap(),
-                                    );
-                                }
-                            }
-                            let (parts, body) = req.into_parts();
-                            let body = body.collect().await?.to_bytes();
-                            let tcp = tokio::net::TcpStream::connect(upstream).await.unwrap();
-                            let (mut sender, conn) = hyper::client::conn::http1::handshake(
-                                hyper_util::rt::TokioIo::new(tcp),
-                            )
-                            .await?;
-                            tokio::spawn(conn);
-                            let resp = sender
-                                .send_request(hyper::Request::from_parts(parts, Full::new(body)))
-                                .await?;
-                            let (parts, body) = resp.into_parts();
-                            let body = body.collect().await?.to_bytes();
-                            Ok(hyper::Response::from_parts(parts, Full::new(body)))
-                        }
-                    },
-                );
+                let service =
+                    hyper::service::service_fn(move |req| handle(upstream, faults.clone(), req));
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
                     .await;
             });
         }
     });
-    (format!("http://{addr}"), refused)
+    (format!("http://{addr}"), faults)
 }
 
 #[tokio::test]
@@ -314,13 +338,21 @@ async fn route53_throttling_is_retried_with_back_off() {
     let aws = moto.client().await;
     let zone_id = moto.create_zone(ZONE).await;
     let upstream: SocketAddr = moto.url.trim_start_matches("http://").parse().unwrap();
-    let (url, refused) = shim(upstream, 2, 2).await;
+    let (url, faults) = shim(
+        upstream,
+        Faults {
+            throttle: 2,
+            prior: 2,
+            ..Faults::default()
+        },
+    )
+    .await;
     let dns = dns_for(&url, Some(zone_id.clone())).await;
     let s = settings(ZONE, &[WWW], "multivalue", "");
     let out = dns.pass(&s, &fleet(2)).await.unwrap();
     assert!(out.failed.is_empty());
     assert_eq!(
-        refused.load(Ordering::SeqCst),
+        faults.refused.load(Ordering::SeqCst),
         4,
         "two Throttling, two PriorRequestNotComplete"
     );
@@ -328,10 +360,50 @@ async fn route53_throttling_is_retried_with_back_off() {
 
     // Throttled for longer than the back-off lasts: the pass fails as transient (the
     // next pass retries) and nothing is half-applied.
-    let (url, _) = shim(upstream, 100, 0).await;
+    let (url, _) = shim(
+        upstream,
+        Faults {
+            throttle: 100,
+            ..Faults::default()
+        },
+    )
+    .await;
     let dns = dns_for(&url, Some(zone_id.clone())).await;
     let err = dns.pass(&s, &fleet(3)).await.unwrap_err();
     assert!(err.to_string().contains("Throttling"), "{err}");
     assert_eq!(a_values(&aws, &zone_id, WWW).await, ips(1..=2));
     assert!(dns.status().last_error.unwrap().contains("Throttling"));
+}
+
+#[tokio::test]
+async fn route53_waits_for_insync_when_asked() {
+    let moto = Moto::start().await;
+    let aws = moto.client().await;
+    let zone_id = moto.create_zone(ZONE).await;
+    let upstream: SocketAddr = moto.url.trim_start_matches("http://").parse().unwrap();
+    let (url, faults) = shim(
+        upstream,
+        Faults {
+            pending: 1,
+            ..Faults::default()
+        },
+    )
+    .await;
+    let provider = Route53::from_sdk_config(
+        &sdk_config().await,
+        ZONE,
+        Some(zone_id.clone()),
+        Some(url),
+        true,
+    );
+    let dns = Dns::new(
+        Arc::new(provider),
+        ZONE,
+        DnsMetrics::new(&prometheus::Registry::new()),
+    );
+    let s = settings(ZONE, &[WWW], "simple", "");
+    dns.pass(&s, &fleet(1)).await.unwrap();
+    // One PENDING answer, then INSYNC: the pass asked twice before returning.
+    assert_eq!(faults.get_changes.load(Ordering::SeqCst), 2);
+    assert_eq!(a_values(&aws, &zone_id, WWW).await, ips([1]));
 }
