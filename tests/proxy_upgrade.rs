@@ -14,7 +14,13 @@ use common::{eventually, single_pool, Backend, Proxy};
 async fn upgrade_hands_the_sockets_over_without_refusing_a_request() {
     common::init();
     let b = Backend::start("b").await;
-    let mut proxy = Proxy::start(&single_pool("round_robin", &[&b], "")).await;
+    // A grace period lets requests in flight at the hand-over finish in the old process
+    // (without one, Pingora shuts its runtimes down at once and cuts them).
+    let mut proxy = Proxy::start_with(
+        "grace_period = \"1s\"",
+        &single_pool("round_robin", &[&b], ""),
+    )
+    .await;
 
     let stop = Arc::new(AtomicBool::new(false));
     let ok = Arc::new(AtomicUsize::new(0));

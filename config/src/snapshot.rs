@@ -39,6 +39,10 @@ pub struct Snapshot {
     pub certificates: Vec<CertificateBundle>,
     /// Host whose certificate answers handshakes without a known SNI.
     pub default_sni: Option<Hostname>,
+    /// ACME HTTP-01 answers: token → key authorization, served by every proxy under
+    /// `/.well-known/acme-challenge/<token>` while an order is pending.
+    #[serde(default)]
+    pub acme_challenges: BTreeMap<String, String>,
 }
 
 /// A certificate chain and key for some hosts, as PEM.
@@ -353,6 +357,7 @@ mod tests {
             pools: cfg.pools,
             certificates: vec![],
             default_sni: None,
+            acme_challenges: BTreeMap::new(),
         }
     }
 

@@ -51,6 +51,7 @@ impl Compiler {
             pools: merge_pools(config, found),
             certificates: self.certificates(config)?,
             default_sni: config.server.default_sni.clone(),
+            acme_challenges: BTreeMap::new(),
         })
     }
 

@@ -173,6 +173,20 @@ impl ProxyHttp for Edge {
         if let Err(rejection) = check_request(view, generation.header_limits) {
             return reject(session, ctx, rejection).await;
         }
+        if let Some(token) = session
+            .req_header()
+            .uri
+            .path()
+            .strip_prefix("/.well-known/acme-challenge/")
+        {
+            // An ACME HTTP-01 validation for a certificate the controller is ordering:
+            // answered before any route (and before HTTPS redirects), by every proxy.
+            if let Some(key_auth) = generation.acme_challenges.get(token) {
+                let body = Bytes::from(key_auth.clone());
+                respond(session, ctx, 200, "application/octet-stream", body, None).await?;
+                return Ok(true);
+            }
+        }
         if session.req_header().uri.path() == rampart_config::PROBE_PATH {
             // The controller's DNS probe: answered here, before any route, so that it
             // tests this listener and never reaches a site.

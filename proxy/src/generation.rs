@@ -49,6 +49,8 @@ pub struct Generation {
     pub header_limits: HeaderLimits,
     /// Port of the HTTPS listener, for redirects.
     pub https_port: Option<u16>,
+    /// ACME HTTP-01 answers pushed by the controller (token → key authorization).
+    pub acme_challenges: Arc<BTreeMap<String, String>>,
     /// Metrics of requests that matched no route.
     pub unrouted_metrics: RequestMetrics,
 }
@@ -218,6 +220,7 @@ impl Builder {
             forwarding,
             header_limits,
             https_port: config.listeners.https.map(|a| a.port()),
+            acme_challenges: Arc::default(),
             unrouted_metrics: RequestMetrics::new(&self.metrics, "", ""),
             config: Arc::new(config),
         })

@@ -118,7 +118,7 @@ impl Live {
     /// Why the new configuration could not be built.
     pub fn apply(&self, config: Config) -> anyhow::Result<u64> {
         let version = self.current.load().version + 1;
-        self.swap_in(config, &[], version)
+        self.swap_in(config, &[], version, Arc::default())
     }
 
     /// Applies a snapshot from the controller: this proxy's own `server` and
@@ -128,8 +128,9 @@ impl Live {
     ///
     /// # Errors
     /// Every rule the snapshot breaks, or why it could not be built.
-    pub fn apply_snapshot(&self, snapshot: Snapshot) -> anyhow::Result<u64> {
+    pub fn apply_snapshot(&self, mut snapshot: Snapshot) -> anyhow::Result<u64> {
         let version = snapshot.version;
+        let challenges = Arc::new(std::mem::take(&mut snapshot.acme_challenges));
         let local = self.current.load().config.clone();
         let (config, bundles) = snapshot.into_config(&local).map_err(|issues| {
             let text: Vec<String> = issues.iter().map(|i| i.render("snapshot")).collect();
@@ -138,7 +139,7 @@ impl Live {
                 text.join("\n")
             ))
         })?;
-        self.swap_in(config, &bundles, version)
+        self.swap_in(config, &bundles, version, challenges)
     }
 
     fn swap_in(
@@ -146,6 +147,7 @@ impl Live {
         config: Config,
         bundles: &[CertificateBundle],
         version: u64,
+        acme_challenges: Arc<std::collections::BTreeMap<String, String>>,
     ) -> anyhow::Result<u64> {
         let started = Instant::now();
         let prev = self.current.load_full();
@@ -156,7 +158,8 @@ impl Live {
             .swap_duration
             .observe(started.elapsed().as_secs_f64());
         match result {
-            Ok(generation) => {
+            Ok(mut generation) => {
+                generation.acme_challenges = acme_challenges;
                 if generation.config.listeners != prev.config.listeners {
                     tracing::warn!("listener addresses changed; they take effect at the next restart or upgrade");
                 }
