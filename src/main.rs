@@ -343,8 +343,11 @@ fn serve_fleet(config: Option<&Path>, args: FleetArgs, upgrade: bool) -> anyhow:
     if let Some(dir) = args.data_dir {
         local.server.data_dir = dir;
     }
-    if args.http.is_some() || args.https.is_some() {
+    // Each flag overrides its own listener; the others keep the file's.
+    if args.http.is_some() {
         local.listeners.http = args.http;
+    }
+    if args.https.is_some() {
         local.listeners.https = args.https;
     }
     if args.admin.is_some() {
@@ -409,12 +412,11 @@ fn serve_up(config: Config, path: Option<PathBuf>, upgrade: bool) -> anyhow::Res
             }
         }
     });
-    if config.dns.is_some() {
-        rt.spawn(local_heartbeats(
-            handle.state.clone(),
-            config.listeners.clone(),
-        ));
-    }
+    // DNS and ACME HTTP-01 need to know that this proxy is up.
+    rt.spawn(local_heartbeats(
+        handle.state.clone(),
+        config.listeners.clone(),
+    ));
     announce(
         &config.listeners,
         Some(&config.server.data_dir.join("ca").join("ca.pem")),
@@ -428,7 +430,8 @@ fn serve_up(config: Config, path: Option<PathBuf>, upgrade: bool) -> anyhow::Res
 }
 
 /// `rampart up`: the proxy runs in this process, so its heartbeats go straight into the
-/// controller's registry; the DNS probe still checks its real HTTPS listener.
+/// controller's registry (for DNS and ACME); the DNS probe still checks its real HTTPS
+/// listener.
 async fn local_heartbeats(
     state: std::sync::Arc<rampart_controller::State>,
     listeners: rampart_config::Listeners,

@@ -580,6 +580,10 @@ pub struct AcmeSource {
     /// Challenge type; wildcards need `dns-01`.
     #[serde(default)]
     pub challenge: AcmeChallenge,
+    /// Trust this CA certificate (PEM) for the ACME directory's HTTPS, instead of the
+    /// system roots: private ACME CAs, or pebble in tests.
+    #[serde(default)]
+    pub directory_ca: Option<PathBuf>,
 }
 
 fn default_acme_directory() -> String {

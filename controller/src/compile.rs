@@ -20,6 +20,8 @@ const INTERNAL_LIFETIME: Duration = Duration::from_secs(30 * 24 * 3600);
 pub struct Compiler {
     serving_ca: Ca,
     issued: HashMap<Vec<String>, CertificateBundle>,
+    /// Certificates and HTTP-01 answers from the ACME orderer.
+    pub acme: crate::acme::Output,
 }
 
 impl Compiler {
@@ -29,6 +31,7 @@ impl Compiler {
         Self {
             serving_ca,
             issued: HashMap::new(),
+            acme: crate::acme::Output::default(),
         }
     }
 
@@ -51,7 +54,7 @@ impl Compiler {
             pools: merge_pools(config, found),
             certificates: self.certificates(config)?,
             default_sni: config.server.default_sni.clone(),
-            acme_challenges: BTreeMap::new(),
+            acme_challenges: self.acme.challenges.clone(),
         })
     }
 
@@ -67,6 +70,14 @@ impl Compiler {
                     key_pem: std::fs::read_to_string(key)
                         .with_context(|| format!("tls[{i}]: reading {}", key.display()))?,
                 },
+                TlsSource::Acme(_)
+                    if self
+                        .acme
+                        .certificates
+                        .contains_key(&crate::acme::names_of(&entry.hosts)) =>
+                {
+                    self.acme.certificates[&crate::acme::names_of(&entry.hosts)].clone()
+                }
                 // ACME names are served from the internal CA until the orderer delivers.
                 TlsSource::Internal | TlsSource::Acme(_) => {
                     if let Some(b) = self.issued.get(&hosts) {

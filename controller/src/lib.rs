@@ -301,6 +301,13 @@ pub async fn start(config: Config, path: Option<PathBuf>) -> anyhow::Result<Hand
             shutdown_rx.clone(),
         ));
     }
+    let (acme, acme_rx) = acme::Acme::new(store.clone(), fleet.clone());
+    tasks.spawn(acme::run(
+        acme,
+        config_rx.clone(),
+        state.leader.clone(),
+        shutdown_rx.clone(),
+    ));
     let compiler = Compiler::new(serving_ca);
     tasks.spawn(compile_loop(
         state.clone(),
@@ -309,6 +316,7 @@ pub async fn start(config: Config, path: Option<PathBuf>) -> anyhow::Result<Hand
             config: config_rx,
             found,
             follow,
+            acme: acme_rx,
         },
         shutdown_rx.clone(),
     ));
@@ -363,6 +371,8 @@ struct Inputs {
     found: FoundRx,
     /// The leader's stored snapshot (shared store only).
     follow: Option<watch::Receiver<Option<Vec<u8>>>>,
+    /// ACME certificates and challenge answers.
+    acme: watch::Receiver<acme::Output>,
 }
 
 /// As leader: recompiles on every configuration or discovery change and publishes the
@@ -374,7 +384,7 @@ async fn compile_loop(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut leader = state.leader.clone();
-    let (mut config_open, mut leader_open) = (true, true);
+    let (mut config_open, mut leader_open, mut acme_open) = (true, true, true);
     // Give each provider a moment for its first read, so that the first snapshot
     // already holds the discovered endpoints.
     for (_, rx) in &mut inputs.found {
@@ -387,6 +397,7 @@ async fn compile_loop(
             .map(|(n, rx)| (n.clone(), rx.borrow_and_update().clone()))
             .collect();
         let cfg = inputs.config.borrow_and_update().clone();
+        compiler.acme = inputs.acme.borrow_and_update().clone();
         if *leader.borrow_and_update() {
             if let Some(body) = publish(&state, &mut compiler, &cfg, &current).await {
                 if inputs.follow.is_some() {
@@ -428,6 +439,10 @@ async fn compile_loop(
                     Err(_) => leader_open = false,
                 },
                 true = followed => break,
+                r = inputs.acme.changed(), if acme_open => match r {
+                    Ok(()) => break,
+                    Err(_) => acme_open = false,
+                },
                 () = any_found => break,
             }
         }

@@ -221,6 +221,33 @@ fn hex(bytes: &[u8]) -> String {
     })
 }
 
+/// The validity (not before, not after; Unix seconds) of the first certificate in `pem`.
+///
+/// # Errors
+/// When `pem` holds no parsable certificate.
+pub fn validity_pem(pem: &str) -> anyhow::Result<(u64, u64)> {
+    let (_, block) = x509_parser::pem::parse_x509_pem(pem.as_bytes())
+        .map_err(|e| anyhow::anyhow!("not a PEM certificate: {e}"))?;
+    let (_, cert) = x509_parser::parse_x509_certificate(&block.contents)
+        .map_err(|e| anyhow::anyhow!("not an X.509 certificate: {e}"))?;
+    let v = cert.validity();
+    let secs = |t: x509_parser::time::ASN1Time| u64::try_from(t.timestamp()).unwrap_or(0);
+    Ok((secs(v.not_before), secs(v.not_after)))
+}
+
+/// A new private key (PEM) and a CSR (DER) for a server certificate covering `names`,
+/// for an ACME order.
+///
+/// # Errors
+/// When a name is not a valid DNS name.
+pub fn server_request(names: &[String]) -> anyhow::Result<(String, Vec<u8>)> {
+    let key = KeyPair::generate()?;
+    let mut params = CertificateParams::new(names.to_vec())?;
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    let csr = params.serialize_request(&key)?;
+    Ok((key.serialize_pem(), csr.der().to_vec()))
+}
+
 /// The common name of the first certificate in a DER chain (a fleet member's identity).
 #[must_use]
 pub fn common_name(der: &[u8]) -> Option<String> {

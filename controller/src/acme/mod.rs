@@ -1,6 +1,518 @@
-//! ACME certificates for the whole fleet (issue 7, in progress). [`plan`] is the pure
-//! core: for each certificate, keep, order now, or wait (back-off, Retry-After, the
-//! CA's rate limits) — with the time of the next look. The orderer (instant-acme), the
-//! HTTP-01 responder in the proxies and DNS-01 through [`crate::dns`] come next.
+//! ACME certificates for the whole fleet: the controller is the single orderer.
+//!
+//! - [`plan`]: the pure planner (keep, order now, or wait: back-off, Retry-After, the
+//!   CA's rate limits).
+//! - [`Acme`]: the account (created once, kept in the store), orders over instant-acme
+//!   with HTTP-01 answered by every proxy (the key authorisations travel in the
+//!   snapshot), certificates and keys written to the store *before* they are pushed, and
+//!   [`run`], the loop that decides every certificate on the leader only.
 
 pub mod plan;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use instant_acme::{
+    Account, AuthorizationStatus, ChallengeType, Identifier, NewAccount, NewOrder, OrderStatus,
+    RetryPolicy,
+};
+use rampart_config::snapshot::CertificateBundle;
+use rampart_config::{AcmeChallenge, AcmeSource, Config, HostPattern, TlsSource};
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+use self::plan::{Decision, Event, Failures, Held, RateModel};
+use crate::fleet::Fleet;
+use crate::store::Store;
+
+/// How often every certificate is looked at (also after each configuration change);
+/// the planner decides, so looking often costs nothing at the CA.
+const TICK: Duration = Duration::from_secs(5);
+/// How long to wait for every ready proxy to serve a new challenge before telling the CA.
+const FLEET_WAIT: Duration = Duration::from_secs(30);
+
+/// What the ACME side gives the snapshot compiler.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Output {
+    /// Certificates obtained, by their sorted host list.
+    pub certificates: BTreeMap<Vec<String>, CertificateBundle>,
+    /// HTTP-01 answers of pending orders: token → key authorisation.
+    pub challenges: BTreeMap<String, String>,
+}
+
+/// A certificate as kept in the store (`acme/certs/<id>`).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct Stored {
+    names: Vec<String>,
+    chain_pem: String,
+    key_pem: String,
+    not_before: u64,
+    not_after: u64,
+}
+
+/// Per certificate, what the loop remembers between passes (`acme/state/<id>`).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+struct State {
+    failures: u32,
+    last_failure_at: u64,
+    retry_after: Option<u64>,
+    last_error: Option<String>,
+}
+
+/// The ACME orderer of a controller.
+pub struct Acme {
+    store: Arc<dyn Store>,
+    fleet: Arc<Fleet>,
+    out: watch::Sender<Output>,
+    accounts: tokio::sync::Mutex<BTreeMap<String, Account>>,
+    model: Mutex<RateModel>,
+}
+
+impl std::fmt::Debug for Acme {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Acme").finish_non_exhaustive()
+    }
+}
+
+/// The store id of the certificate for `names`.
+fn cert_id(names: &[String]) -> String {
+    rampart_pki::sha256_hex(names.join(",").as_bytes())[..16].to_string()
+}
+
+fn now_unix() -> u64 {
+    crate::fleet::unix_ms() / 1000
+}
+
+/// A stable number in [0, 1) from `names`, to spread renewals and retries.
+fn spread(names: &[String], salt: &str) -> f64 {
+    let h = rampart_pki::sha256_hex(format!("{salt}:{}", names.join(",")).as_bytes());
+    f64::from(u32::from_str_radix(&h[..8], 16).unwrap_or(0)) / f64::from(u32::MAX)
+}
+
+impl Acme {
+    /// An orderer writing to `store`, waiting on `fleet`'s proxies for HTTP-01, and
+    /// the receiver the compiler reads.
+    #[must_use]
+    pub fn new(store: Arc<dyn Store>, fleet: Arc<Fleet>) -> (Arc<Self>, watch::Receiver<Output>) {
+        let (out, rx) = watch::channel(Output::default());
+        (
+            Arc::new(Self {
+                store,
+                fleet,
+                out,
+                accounts: tokio::sync::Mutex::new(BTreeMap::new()),
+                model: Mutex::new(RateModel::default()),
+            }),
+            rx,
+        )
+    }
+
+    /// Loads the certificates already in the store, so that a restart serves them at
+    /// once and never orders them again.
+    ///
+    /// # Errors
+    /// When the store cannot be listed.
+    pub async fn load(&self) -> anyhow::Result<usize> {
+        let mut certs = BTreeMap::new();
+        for (key, value) in self.store.list("acme/certs").await? {
+            match serde_json::from_slice::<Stored>(&value) {
+                Ok(s) => {
+                    certs.insert(s.names.clone(), bundle(&s)?);
+                }
+                Err(e) => tracing::error!("{key}: unreadable stored certificate: {e}"),
+            }
+        }
+        let n = certs.len();
+        self.out.send_modify(|o| o.certificates = certs);
+        Ok(n)
+    }
+
+    async fn account(&self, source: &AcmeSource) -> anyhow::Result<Account> {
+        let key = format!(
+            "acme/accounts/{}",
+            &rampart_pki::sha256_hex(format!("{}|{}", source.directory, source.email).as_bytes())
+                [..16]
+        );
+        let mut accounts = self.accounts.lock().await;
+        if let Some(a) = accounts.get(&key) {
+            return Ok(a.clone());
+        }
+        let builder = match &source.directory_ca {
+            Some(ca) => Account::builder_with_root(ca)
+                .with_context(|| format!("trusting {} for the ACME directory", ca.display()))?,
+            None => Account::builder()?,
+        };
+        let account = match self.store.get(&key).await? {
+            Some(bytes) => {
+                let credentials: instant_acme::AccountCredentials =
+                    serde_json::from_slice(&bytes).context("stored ACME account credentials")?;
+                builder.from_credentials(credentials).await?
+            }
+            None => {
+                let contact = format!("mailto:{}", source.email);
+                let (account, credentials) = builder
+                    .create(
+                        &NewAccount {
+                            contact: &[&contact],
+                            terms_of_service_agreed: true,
+                            only_return_existing: false,
+                        },
+                        source.directory.clone(),
+                        None,
+                    )
+                    .await
+                    .with_context(|| format!("creating an ACME account at {}", source.directory))?;
+                self.store
+                    .put(&key, &serde_json::to_vec(&credentials)?)
+                    .await
+                    .context("storing the ACME account")?;
+                tracing::info!(
+                    "ACME account created at {} for {}",
+                    source.directory,
+                    source.email
+                );
+                account
+            }
+        };
+        accounts.insert(key, account.clone());
+        Ok(account)
+    }
+
+    /// Orders a certificate for `names` now, stores it, and hands it to the compiler.
+    ///
+    /// # Errors
+    /// What the CA or the validation said.
+    pub async fn order(&self, names: &[String], source: &AcmeSource) -> anyhow::Result<()> {
+        if source.challenge == AcmeChallenge::Dns01 {
+            anyhow::bail!(
+                "dns-01 is not available yet: use http-01 for {}",
+                names.join(", ")
+            );
+        }
+        let account = self.account(source).await?;
+        let ids: Vec<Identifier> = names.iter().map(|n| Identifier::Dns(n.clone())).collect();
+        self.model
+            .lock()
+            .expect("model lock")
+            .events
+            .push(Event::Order { at: now_unix() });
+        let mut order = account
+            .new_order(&NewOrder::new(&ids))
+            .await
+            .context("creating the order")?;
+        let mut tokens = Vec::new();
+        let result = self.validate(&mut order, &mut tokens).await;
+        // The answers are not needed any more, whatever happened.
+        self.out.send_modify(|o| {
+            for t in &tokens {
+                o.challenges.remove(t);
+            }
+        });
+        result?;
+        let status = order
+            .poll_ready(&RetryPolicy::default())
+            .await
+            .context("waiting for the order to be ready")?;
+        if status != OrderStatus::Ready {
+            let problems = self.problems(&mut order).await;
+            for n in names {
+                self.model
+                    .lock()
+                    .expect("model lock")
+                    .events
+                    .push(Event::FailedValidation {
+                        at: now_unix(),
+                        name: n.clone(),
+                    });
+            }
+            anyhow::bail!("the order is {status:?}: {problems}");
+        }
+        let (key_pem, csr) = rampart_pki::server_request(names)?;
+        order
+            .finalize_csr(&csr)
+            .await
+            .context("finalizing the order")?;
+        let chain_pem = order
+            .poll_certificate(&RetryPolicy::default())
+            .await
+            .context("downloading the certificate")?;
+        let (not_before, not_after) = rampart_pki::validity_pem(&chain_pem)?;
+        let stored = Stored {
+            names: names.to_vec(),
+            chain_pem,
+            key_pem,
+            not_before,
+            not_after,
+        };
+        // Written before it is pushed: a restart never orders it again.
+        self.store
+            .put(
+                &format!("acme/certs/{}", cert_id(names)),
+                &serde_json::to_vec(&stored)?,
+            )
+            .await
+            .context("storing the certificate")?;
+        self.model
+            .lock()
+            .expect("model lock")
+            .events
+            .push(Event::Issued {
+                at: now_unix(),
+                names: names.iter().cloned().collect(),
+            });
+        let b = bundle(&stored)?;
+        self.out.send_modify(|o| {
+            o.certificates.insert(names.to_vec(), b);
+        });
+        tracing::info!(
+            "ACME certificate for {} valid until {not_after}",
+            names.join(", ")
+        );
+        Ok(())
+    }
+
+    /// Publishes each pending authorisation's HTTP-01 answer, waits until the fleet
+    /// serves it, and tells the CA to validate.
+    async fn validate(
+        &self,
+        order: &mut instant_acme::Order,
+        tokens: &mut Vec<String>,
+    ) -> anyhow::Result<()> {
+        {
+            let mut authorizations = order.authorizations();
+            while let Some(authz) = authorizations.next().await {
+                let mut authz = authz.context("reading an authorization")?;
+                match authz.status {
+                    AuthorizationStatus::Valid => continue,
+                    AuthorizationStatus::Pending => {}
+                    other => {
+                        anyhow::bail!("authorization for {:?} is {other:?}", authz.identifier())
+                    }
+                }
+                let challenge = authz
+                    .challenge(ChallengeType::Http01)
+                    .context("the CA offers no http-01 challenge")?;
+                let token = challenge.token.clone();
+                let key_auth = challenge.key_authorization().as_str().to_string();
+                self.out.send_modify(|o| {
+                    o.challenges.insert(token.clone(), key_auth);
+                });
+                tokens.push(token);
+            }
+        }
+        self.wait_for_fleet().await;
+        let mut authorizations = order.authorizations();
+        while let Some(authz) = authorizations.next().await {
+            let mut authz = authz.context("reading an authorization")?;
+            if authz.status != AuthorizationStatus::Pending {
+                continue;
+            }
+            if let Some(mut challenge) = authz.challenge(ChallengeType::Http01) {
+                challenge
+                    .set_ready()
+                    .await
+                    .context("telling the CA to validate")?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Waits (bounded) until the snapshot with the new answers is published and every
+    /// ready proxy reports serving it.
+    async fn wait_for_fleet(&self) {
+        let mut published = self.fleet.published.subscribe();
+        let before = published.borrow_and_update().version;
+        let deadline = tokio::time::Instant::now() + FLEET_WAIT;
+        let _ = tokio::time::timeout_at(deadline, published.changed()).await;
+        let target = self.fleet.version().max(before);
+        while tokio::time::Instant::now() < deadline {
+            let behind = self
+                .fleet
+                .registry
+                .status()
+                .into_iter()
+                .filter(|i| i.state == "ready")
+                .any(|i| i.version < target);
+            if !behind {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        tracing::warn!(
+            "some proxies did not serve snapshot {target} within {FLEET_WAIT:?}; validating anyway"
+        );
+    }
+
+    async fn problems(&self, order: &mut instant_acme::Order) -> String {
+        let mut out = Vec::new();
+        let mut authorizations = order.authorizations();
+        while let Some(Ok(mut authz)) = authorizations.next().await {
+            if let Some(ch) = authz.challenge(ChallengeType::Http01) {
+                if let Some(p) = &ch.error {
+                    out.push(format!(
+                        "{}: {}",
+                        ch.url,
+                        p.detail.clone().unwrap_or_default()
+                    ));
+                }
+            }
+        }
+        if out.is_empty() {
+            "no details from the CA".into()
+        } else {
+            out.join("; ")
+        }
+    }
+
+    /// One pass over every `acme` certificate of `config`.
+    pub async fn pass(&self, config: &Config) {
+        for entry in &config.tls {
+            let TlsSource::Acme(source) = &entry.source else {
+                continue;
+            };
+            let names = names_of(&entry.hosts);
+            if source.challenge == AcmeChallenge::Http01 && !self.any_proxy_ready() {
+                // Nobody could answer the challenge: do not spend a failed validation.
+                tracing::debug!(
+                    "ACME {}: waiting for a ready proxy to answer http-01",
+                    names.join(",")
+                );
+                continue;
+            }
+            let id = cert_id(&names);
+            let held = self.held(&names);
+            let state_key = format!("acme/state/{id}");
+            let mut state: State = match self.store.get(&state_key).await {
+                Ok(Some(b)) => serde_json::from_slice(&b).unwrap_or_default(),
+                _ => State::default(),
+            };
+            let failures = Failures {
+                count: state.failures,
+                last_at: state.last_failure_at,
+                retry_after: state.retry_after,
+            };
+            let wanted: BTreeSet<String> = names.iter().cloned().collect();
+            let now = now_unix();
+            let decision = {
+                let mut model = self.model.lock().expect("model lock");
+                model.prune(now);
+                plan::decide(
+                    now,
+                    &wanted,
+                    held.as_ref(),
+                    &failures,
+                    &model,
+                    spread(&names, "ari"),
+                    0.5 + spread(&names, "jitter") / 2.0,
+                )
+            };
+            match decision {
+                Decision::Keep { .. } => {}
+                Decision::Wait {
+                    reason,
+                    blocked,
+                    until,
+                } => {
+                    tracing::debug!(
+                        "ACME {}: {reason:?} wanted, waiting ({blocked:?}) until {until}",
+                        names.join(",")
+                    );
+                }
+                Decision::Order(reason) => {
+                    tracing::info!("ACME {}: ordering ({reason:?})", names.join(", "));
+                    match self.order(&names, source).await {
+                        Ok(()) => state = State::default(),
+                        Err(e) => {
+                            tracing::warn!("ACME {}: {e:#}", names.join(", "));
+                            state.failures += 1;
+                            state.last_failure_at = now_unix();
+                            state.last_error = Some(format!("{e:#}"));
+                        }
+                    }
+                    if let Ok(b) = serde_json::to_vec(&state) {
+                        if let Err(e) = self.store.put(&state_key, &b).await {
+                            tracing::error!("storing ACME state: {e:#}");
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn any_proxy_ready(&self) -> bool {
+        self.fleet
+            .registry
+            .status()
+            .iter()
+            .any(|i| i.state == "ready")
+    }
+
+    fn held(&self, names: &[String]) -> Option<Held> {
+        let out = self.out.borrow();
+        let b = out.certificates.get(names)?;
+        let (not_before, not_after) = rampart_pki::validity_pem(&b.chain_pem).ok()?;
+        Some(Held {
+            names: names.iter().cloned().collect(),
+            not_before,
+            not_after,
+            revoked: false,
+            ari: None,
+        })
+    }
+}
+
+/// The sorted host names of a `[[tls]]` entry.
+#[must_use]
+pub fn names_of(hosts: &[HostPattern]) -> Vec<String> {
+    let mut names: Vec<String> = hosts.iter().map(ToString::to_string).collect();
+    names.sort();
+    names.dedup();
+    names
+}
+
+fn bundle(s: &Stored) -> anyhow::Result<CertificateBundle> {
+    let hosts = s
+        .names
+        .iter()
+        .map(|n| {
+            n.parse::<HostPattern>()
+                .map_err(|e| anyhow::anyhow!("{n}: {e}"))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    Ok(CertificateBundle {
+        hosts,
+        chain_pem: s.chain_pem.clone(),
+        key_pem: s.key_pem.clone(),
+    })
+}
+
+/// The loop: a pass at start, after each configuration change and every 5 s, on the
+/// leader only.
+pub async fn run(
+    acme: Arc<Acme>,
+    mut config: watch::Receiver<Config>,
+    mut leader: watch::Receiver<bool>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    if let Err(e) = acme.load().await {
+        tracing::error!("loading stored ACME certificates: {e:#}");
+    }
+    let mut tick = tokio::time::interval(TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let (mut config_open, mut leader_open) = (true, true);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            r = config.changed(), if config_open => config_open = r.is_ok(),
+            r = leader.changed(), if leader_open => leader_open = r.is_ok(),
+            _ = shutdown.wait_for(|s| *s) => return,
+        }
+        if !*leader.borrow() {
+            continue;
+        }
+        let cfg = config.borrow().clone();
+        acme.pass(&cfg).await;
+    }
+}

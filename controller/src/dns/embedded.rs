@@ -82,15 +82,8 @@ impl Embedded {
             LowerName::new(&origin),
             vec![handler.clone() as Arc<dyn ZoneHandler>],
         );
-        // UDP first, then TCP on the same port (an ephemeral UDP port picked by the OS is
-        // usually free for TCP too; if not, say so rather than guess).
-        let udp = UdpSocket::bind(listen).await.with_context(|| {
-            format!("binding the embedded DNS server to udp/{listen} (dns.provider.listen)")
-        })?;
+        let (udp, tcp) = bind_both(listen).await?;
         let addr = udp.local_addr()?;
-        let tcp = TcpListener::bind(addr).await.with_context(|| {
-            format!("binding the embedded DNS server to tcp/{addr} (dns.provider.listen)")
-        })?;
         let mut server = Server::new(catalog);
         server.register_socket(udp);
         server.register_listener(tcp, Duration::from_secs(5), 64 * 1024);
@@ -138,6 +131,27 @@ impl Embedded {
         }
         serial
     }
+}
+
+/// UDP and TCP sockets on the same address. With port 0, the OS picks the UDP port;
+/// if that port is taken for TCP, another one is tried.
+async fn bind_both(listen: SocketAddr) -> anyhow::Result<(UdpSocket, TcpListener)> {
+    let attempts = if listen.port() == 0 { 20 } else { 1 };
+    let mut last = None;
+    for _ in 0..attempts {
+        let udp = UdpSocket::bind(listen).await.with_context(|| {
+            format!("binding the embedded DNS server to udp/{listen} (dns.provider.listen)")
+        })?;
+        let addr = udp.local_addr()?;
+        match TcpListener::bind(addr).await {
+            Ok(tcp) => return Ok((udp, tcp)),
+            Err(e) => last = Some((addr, e)),
+        }
+    }
+    let (addr, e) = last.expect("at least one attempt");
+    Err(anyhow::Error::new(e).context(format!(
+        "binding the embedded DNS server to tcp/{addr} (dns.provider.listen)"
+    )))
 }
 
 #[async_trait]
