@@ -135,15 +135,19 @@ async fn get_trusting(
     r.text().await.ok()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_controller_orders_over_http01_through_the_proxies_and_they_serve_it() {
-    common::init();
-    let dir = tempfile::tempdir().unwrap();
-    let proxy_http = free_addr();
-    let pebble = Pebble::start(dir.path(), proxy_http.port()).await;
+/// A controller ordering for two names from `pebble`, and one fleet proxy whose HTTP
+/// listener is `proxy_http`.
+struct Setup {
+    controller: Option<Killed>,
+    proxy: Proxy,
+    admin: SocketAddr,
+    config: PathBuf,
+    started: Instant,
+}
 
+async fn setup(dir: &Path, pebble: &Pebble, proxy_http: SocketAddr) -> Setup {
     let (admin, fleet) = (free_addr(), free_addr());
-    let config = dir.path().join("controller.toml");
+    let config = dir.join("controller.toml");
     std::fs::write(
         &config,
         format!(
@@ -165,23 +169,13 @@ hosts = ["a.rampart.test", "b.rampart.test"]
 https_redirect = true
 action = {{ respond = {{ body = "hello over acme" }} }}
 "#,
-            dir.path().join("data"),
+            dir.join("data"),
             pebble.directory,
             pebble.api_ca,
         ),
     )
     .unwrap();
-    let start_controller = |log: &str| {
-        Killed(
-            Command::new(env!("CARGO_BIN_EXE_rampart"))
-                .args(["controller", "--config"])
-                .arg(&config)
-                .stderr(std::fs::File::create(dir.path().join(log)).unwrap())
-                .spawn()
-                .unwrap(),
-        )
-    };
-    let controller = start_controller("controller.log");
+    let controller = start_controller(&config, &dir.join("controller.log"));
     eventually("the controller's admin API", || async {
         reqwest::get(format!("http://{admin}/healthz"))
             .await
@@ -197,28 +191,62 @@ action = {{ respond = {{ body = "hello over acme" }} }}
         .unwrap();
     let token = String::from_utf8(token.stdout).unwrap();
     let started = Instant::now();
-    let mut proxy = Proxy::start_fleet_with(
+    let proxy = Proxy::start_fleet_with(
         &format!("https://{fleet}"),
         Some(token.trim()),
         &["--http", &proxy_http.to_string()],
     )
     .await;
+    Setup {
+        controller: Some(controller),
+        proxy,
+        admin,
+        config,
+        started,
+    }
+}
+
+fn start_controller(config: &Path, log: &Path) -> Killed {
+    Killed(
+        Command::new(env!("CARGO_BIN_EXE_rampart"))
+            .args(["controller", "--config"])
+            .arg(config)
+            .stderr(std::fs::File::create(log).unwrap())
+            .spawn()
+            .unwrap(),
+    )
+}
+
+async fn metrics(admin: SocketAddr) -> String {
+    reqwest::get(format!("http://{admin}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_controller_orders_over_http01_through_the_proxies_and_they_serve_it() {
+    common::init();
+    let dir = tempfile::tempdir().unwrap();
+    let proxy_http = free_addr();
+    let pebble = Pebble::start(dir.path(), proxy_http.port()).await;
+    let mut s = setup(dir.path(), &pebble, proxy_http).await;
 
     // Both names end up served with pebble's certificate.
     let root = pebble.root().await;
     let deadline = Instant::now() + Duration::from_secs(60);
     for name in ["a.rampart.test", "b.rampart.test"] {
         loop {
-            if let Some(body) = get_trusting(&root, name, proxy.https).await {
+            if let Some(body) = get_trusting(&root, name, s.proxy.https).await {
                 assert_eq!(body, "hello over acme");
                 break;
             }
             assert!(
                 Instant::now() < deadline,
-                "{name} is not served with a pebble certificate ({:?}; proxy exit {:?}); proxy log:\n{}\ncontroller log:\n{}\npebble log:\n{}",
-                reqwest::Client::builder().tls_certs_only([root.clone()]).resolve(name, proxy.https).build().unwrap().get(format!("https://{name}:{}/", proxy.https.port())).send().await.err(),
-                proxy.child.try_wait(),
-                proxy.log(),
+                "{name} is not served with a pebble certificate; proxy log:\n{}\ncontroller log:\n{}\npebble log:\n{}",
+                s.proxy.log(),
                 std::fs::read_to_string(dir.path().join("controller.log")).unwrap(),
                 std::fs::read_to_string(dir.path().join("pebble.log")).unwrap()
             );
@@ -227,12 +255,25 @@ action = {{ respond = {{ body = "hello over acme" }} }}
     }
     eprintln!(
         "certificate served {:.2}s after the proxy started",
-        started.elapsed().as_secs_f64()
+        s.started.elapsed().as_secs_f64()
+    );
+    let m = metrics(s.admin).await;
+    assert!(
+        m.contains("rampart_acme_orders_total{result=\"ok\"} 1"),
+        "{m}"
+    );
+    assert!(
+        m.contains("rampart_certificate_not_after_seconds{name=\"a.rampart.test,b.rampart.test\"}"),
+        "{m}"
     );
 
     // A restart of the controller orders nothing: the certificate is in the store.
-    drop(controller);
-    let _controller = start_controller("controller-2.log");
+    s.controller = None;
+    s.controller = Some(start_controller(
+        &s.config,
+        &dir.path().join("controller-2.log"),
+    ));
+    let admin = s.admin;
     eventually("the restarted controller", || async {
         reqwest::get(format!("http://{admin}/healthz"))
             .await
@@ -243,7 +284,7 @@ action = {{ respond = {{ body = "hello over acme" }} }}
     // Let it look at its certificates a few times (its loop runs every 5 s).
     let settle = Instant::now() + Duration::from_secs(7);
     while Instant::now() < settle {
-        assert!(get_trusting(&root, "a.rampart.test", proxy.https)
+        assert!(get_trusting(&root, "a.rampart.test", s.proxy.https)
             .await
             .is_some());
         tokio::time::sleep(Duration::from_millis(500)).await;
@@ -253,4 +294,55 @@ action = {{ respond = {{ body = "hello over acme" }} }}
         !log.contains("ordering"),
         "the restarted controller ordered again:\n{log}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_validation_backs_off_instead_of_looping() {
+    common::init();
+    let dir = tempfile::tempdir().unwrap();
+    // pebble validates on a port where nothing answers: every validation fails.
+    let nobody = free_addr();
+    let pebble = Pebble::start(dir.path(), nobody.port()).await;
+    let s = setup(dir.path(), &pebble, free_addr()).await;
+    let admin = s.admin;
+    eventually("the first order to fail", || async {
+        metrics(admin)
+            .await
+            .contains("rampart_acme_orders_total{result=\"error\"} 1")
+            .then_some(())
+    })
+    .await;
+    // The loop looks every 5 s; the back-off after one failure is 30-60 s.
+    let watch_until = Instant::now() + Duration::from_secs(12);
+    while Instant::now() < watch_until {
+        let m = metrics(admin).await;
+        assert!(
+            !m.contains("rampart_acme_orders_total{result=\"error\"} 2"),
+            "ordered again within the back-off:\n{m}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let m = metrics(admin).await;
+    assert!(
+        m.contains("rampart_acme_consecutive_failures{name=\"a.rampart.test,b.rampart.test\"} 1"),
+        "{m}"
+    );
+    let next: u64 = m
+        .lines()
+        .find(|l| l.starts_with("rampart_acme_next_attempt_seconds{"))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    assert!(
+        next > now + 10,
+        "the next attempt is in the future: {next} vs {now}\n{m}"
+    );
+    // The names keep being served (by the internal certificate until ACME delivers).
+    let log = std::fs::read_to_string(dir.path().join("controller.log")).unwrap();
+    assert_eq!(log.matches("ordering").count(), 1, "{log}");
+    assert!(s.proxy.is_ready().await);
 }

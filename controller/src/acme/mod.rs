@@ -61,6 +61,61 @@ struct State {
     last_error: Option<String>,
 }
 
+/// The ACME metrics (on the controller's registry).
+#[derive(Clone, Debug)]
+struct AcmeMetrics {
+    not_after: prometheus::IntGaugeVec,
+    renew_at: prometheus::IntGaugeVec,
+    orders: prometheus::IntCounterVec,
+    failures: prometheus::IntGaugeVec,
+    next_try: prometheus::IntGaugeVec,
+    rate_limited: prometheus::IntGaugeVec,
+}
+
+impl AcmeMetrics {
+    fn new(registry: &prometheus::Registry) -> Self {
+        let gauge = |name: &str, help: &str| {
+            let g = prometheus::IntGaugeVec::new(prometheus::Opts::new(name, help), &["name"])
+                .expect("valid metric");
+            registry
+                .register(Box::new(g.clone()))
+                .expect("unique metric");
+            g
+        };
+        let orders = prometheus::IntCounterVec::new(
+            prometheus::Opts::new("rampart_acme_orders_total", "ACME orders by result."),
+            &["result"],
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(orders.clone()))
+            .expect("unique metric");
+        Self {
+            not_after: gauge(
+                "rampart_certificate_not_after_seconds",
+                "Unix time at which the certificate of each ACME name expires.",
+            ),
+            renew_at: gauge(
+                "rampart_acme_renewal_due_seconds",
+                "Unix time at which renewal of each ACME name becomes due.",
+            ),
+            orders,
+            failures: gauge(
+                "rampart_acme_consecutive_failures",
+                "Consecutive failed orders per name (0 once one succeeds).",
+            ),
+            next_try: gauge(
+                "rampart_acme_next_attempt_seconds",
+                "Unix time before which no order is sent for a name (back-off, Retry-After, rate limit); 0 when none is waiting.",
+            ),
+            rate_limited: gauge(
+                "rampart_acme_rate_limited",
+                "1 while an order for a name is held back by the model of the CA's rate limits.",
+            ),
+        }
+    }
+}
+
 /// The ACME orderer of a controller.
 pub struct Acme {
     store: Arc<dyn Store>,
@@ -68,6 +123,7 @@ pub struct Acme {
     out: watch::Sender<Output>,
     accounts: tokio::sync::Mutex<BTreeMap<String, Account>>,
     model: Mutex<RateModel>,
+    metrics: AcmeMetrics,
 }
 
 impl std::fmt::Debug for Acme {
@@ -79,6 +135,10 @@ impl std::fmt::Debug for Acme {
 /// The store id of the certificate for `names`.
 fn cert_id(names: &[String]) -> String {
     rampart_pki::sha256_hex(names.join(",").as_bytes())[..16].to_string()
+}
+
+fn as_i64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
 }
 
 fn now_unix() -> u64 {
@@ -97,6 +157,7 @@ impl Acme {
     #[must_use]
     pub fn new(store: Arc<dyn Store>, fleet: Arc<Fleet>) -> (Arc<Self>, watch::Receiver<Output>) {
         let (out, rx) = watch::channel(Output::default());
+        let metrics = AcmeMetrics::new(&fleet.metrics.registry);
         (
             Arc::new(Self {
                 store,
@@ -104,6 +165,7 @@ impl Acme {
                 out,
                 accounts: tokio::sync::Mutex::new(BTreeMap::new()),
                 model: Mutex::new(RateModel::default()),
+                metrics,
             }),
             rx,
         )
@@ -408,6 +470,36 @@ impl Acme {
                     0.5 + spread(&names, "jitter") / 2.0,
                 )
             };
+            let label = names.join(",");
+            if let Some(h) = &held {
+                let at = plan::renew_at(h, spread(&names, "ari"));
+                self.metrics
+                    .not_after
+                    .with_label_values(&[&label])
+                    .set(as_i64(h.not_after));
+                self.metrics
+                    .renew_at
+                    .with_label_values(&[&label])
+                    .set(as_i64(at));
+            }
+            self.metrics
+                .failures
+                .with_label_values(&[&label])
+                .set(i64::from(state.failures));
+            let (next, limited) = match &decision {
+                Decision::Wait { blocked, until, .. } => {
+                    (*until, matches!(blocked, plan::Blocked::RateLimit(_)))
+                }
+                _ => (0, false),
+            };
+            self.metrics
+                .next_try
+                .with_label_values(&[&label])
+                .set(as_i64(next));
+            self.metrics
+                .rate_limited
+                .with_label_values(&[&label])
+                .set(i64::from(limited));
             match decision {
                 Decision::Keep { .. } => {}
                 Decision::Wait {
@@ -422,8 +514,24 @@ impl Acme {
                 }
                 Decision::Order(reason) => {
                     tracing::info!("ACME {}: ordering ({reason:?})", names.join(", "));
-                    match self.order(&names, source).await {
-                        Ok(()) => state = State::default(),
+                    let result = self.order(&names, source).await;
+                    self.metrics
+                        .orders
+                        .with_label_values(&[if result.is_ok() { "ok" } else { "error" }])
+                        .inc();
+                    match result {
+                        Ok(()) => {
+                            state = State::default();
+                            if let Some(h) = self.held(&names) {
+                                let at = plan::renew_at(&h, spread(&names, "ari"));
+                                let m = &self.metrics;
+                                m.not_after
+                                    .with_label_values(&[&label])
+                                    .set(as_i64(h.not_after));
+                                m.renew_at.with_label_values(&[&label]).set(as_i64(at));
+                                m.failures.with_label_values(&[&label]).set(0);
+                            }
+                        }
                         Err(e) => {
                             tracing::warn!("ACME {}: {e:#}", names.join(", "));
                             state.failures += 1;
