@@ -24,7 +24,7 @@ impl Drop for Killed {
 
 /// pebble and its DNS, with pebble's HTTP-01 validations sent to `http_port`.
 struct Pebble {
-    _dns: Killed,
+    _dns: Option<Killed>,
     _pebble: Killed,
     directory: String,
     management: SocketAddr,
@@ -34,6 +34,12 @@ struct Pebble {
 
 impl Pebble {
     async fn start(dir: &Path, http_port: u16) -> Self {
+        Self::start_with_dns(dir, http_port, None).await
+    }
+
+    /// Like [`Pebble::start`]; with `resolver`, pebble asks that DNS server (the
+    /// controller's embedded one) instead of pebble-challtestsrv.
+    async fn start_with_dns(dir: &Path, http_port: u16, resolver: Option<SocketAddr>) -> Self {
         let ca =
             rampart_pki::Ca::load_or_create(&dir.join("pebble-ca"), "pebble API test CA").unwrap();
         let issued = ca
@@ -57,23 +63,29 @@ impl Pebble {
             ),
         )
         .unwrap();
-        let dns_proc = Command::new("pebble-challtestsrv")
-            .args(["-defaultIPv4", "127.0.0.1", "-defaultIPv6", ""])
-            .args([
-                "-dns01",
-                &dns.to_string(),
-                "-http01",
-                "",
-                "-https01",
-                "",
-                "-tlsalpn01",
-                "",
-            ])
-            .args(["-management", &free_addr().to_string()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("pebble-challtestsrv (scripts/setup installs pebble)");
+        let dns_proc = match resolver {
+            Some(_) => None,
+            None => Some(Killed(
+                Command::new("pebble-challtestsrv")
+                    .args(["-defaultIPv4", "127.0.0.1", "-defaultIPv6", ""])
+                    .args([
+                        "-dns01",
+                        &dns.to_string(),
+                        "-http01",
+                        "",
+                        "-https01",
+                        "",
+                        "-tlsalpn01",
+                        "",
+                    ])
+                    .args(["-management", &free_addr().to_string()])
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .expect("pebble-challtestsrv (scripts/setup installs pebble)"),
+            )),
+        };
+        let dns = resolver.unwrap_or(dns);
         let pebble = Command::new("pebble")
             .arg("-config")
             .arg(dir.join("pebble.json"))
@@ -89,7 +101,7 @@ impl Pebble {
         })
         .await;
         Self {
-            _dns: Killed(dns_proc),
+            _dns: dns_proc,
             _pebble: Killed(pebble),
             directory: format!("https://{api}/dir"),
             management,
@@ -146,6 +158,29 @@ struct Setup {
 }
 
 async fn setup(dir: &Path, pebble: &Pebble, proxy_http: SocketAddr) -> Setup {
+    let tls = format!(
+        "hosts = [\"a.rampart.test\", \"b.rampart.test\"]\nsource = {{ acme = {{ email = \"ops@rampart.test\", directory = \"{}\", directory_ca = {:?} }} }}\n",
+        pebble.directory, pebble.api_ca
+    );
+    setup_with(
+        dir,
+        proxy_http,
+        &tls,
+        &["a.rampart.test", "b.rampart.test"],
+        "",
+    )
+    .await
+}
+
+/// A controller with one `[[tls]]` entry `tls`, a route for `hosts`, and `extra`
+/// configuration; one fleet proxy.
+async fn setup_with(
+    dir: &Path,
+    proxy_http: SocketAddr,
+    tls: &str,
+    hosts: &[&str],
+    extra: &str,
+) -> Setup {
     let (admin, fleet) = (free_addr(), free_addr());
     let config = dir.join("controller.toml");
     std::fs::write(
@@ -160,18 +195,16 @@ admin = "{admin}"
 watch_timeout = "2s"
 
 [[tls]]
-hosts = ["a.rampart.test", "b.rampart.test"]
-source = {{ acme = {{ email = "ops@rampart.test", directory = "{}", directory_ca = {:?} }} }}
+{tls}
+{extra}
 
 [[routes]]
 name = "hello"
-hosts = ["a.rampart.test", "b.rampart.test"]
+hosts = {hosts:?}
 https_redirect = true
 action = {{ respond = {{ body = "hello over acme" }} }}
 "#,
             dir.join("data"),
-            pebble.directory,
-            pebble.api_ca,
         ),
     )
     .unwrap();
@@ -345,4 +378,51 @@ async fn a_failing_validation_backs_off_instead_of_looping() {
     let log = std::fs::read_to_string(dir.path().join("controller.log")).unwrap();
     assert_eq!(log.matches("ordering").count(), 1, "{log}");
     assert!(s.proxy.is_ready().await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wildcard_is_validated_over_dns01_through_the_embedded_dns_server() {
+    common::init();
+    let dir = tempfile::tempdir().unwrap();
+    let dns = free_addr();
+    let pebble = Pebble::start_with_dns(dir.path(), free_addr().port(), Some(dns)).await;
+    let tls = format!(
+        "hosts = [\"w.rampart.test\", \"*.w.rampart.test\"]\nsource = {{ acme = {{ email = \"ops@rampart.test\", directory = \"{}\", directory_ca = {:?}, challenge = \"dns-01\" }} }}\n",
+        pebble.directory, pebble.api_ca
+    );
+    let extra = format!(
+        "[dns]\nzone = \"rampart.test\"\nprovider = {{ kind = \"embedded\", listen = \"{dns}\" }}\n"
+    );
+    let s = setup_with(
+        dir.path(),
+        free_addr(),
+        &tls,
+        &["w.rampart.test", "*.w.rampart.test"],
+        &extra,
+    )
+    .await;
+    let root = pebble.root().await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    for name in ["w.rampart.test", "any.w.rampart.test"] {
+        while get_trusting(&root, name, s.proxy.https).await.is_none() {
+            assert!(
+                Instant::now() < deadline,
+                "{name} is not served with a pebble certificate; controller log:\n{}\npebble log:\n{}",
+                std::fs::read_to_string(dir.path().join("controller.log")).unwrap(),
+                std::fs::read_to_string(dir.path().join("pebble.log")).unwrap()
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    eprintln!(
+        "wildcard served {:.2}s after the proxy started",
+        s.started.elapsed().as_secs_f64()
+    );
+    // The challenge records are gone once the order is done.
+    let out = Command::new("dig")
+        .args(["+short", "-p", &dns.port().to_string(), "@127.0.0.1"])
+        .args(["_acme-challenge.w.rampart.test", "TXT"])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "");
 }

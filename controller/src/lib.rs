@@ -301,7 +301,7 @@ pub async fn start(config: Config, path: Option<PathBuf>) -> anyhow::Result<Hand
             shutdown_rx.clone(),
         ));
     }
-    let (acme, acme_rx) = acme::Acme::new(store.clone(), fleet.clone());
+    let (acme, acme_rx) = acme::Acme::new(store.clone(), fleet.clone(), state.dns.clone());
     tasks.spawn(acme::run(
         acme,
         config_rx.clone(),

@@ -24,6 +24,8 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use self::plan::{Decision, Event, Failures, Held, RateModel};
+use crate::dns::plan::{Change, Kind, RecordSet};
+use crate::dns::provider::quote_txt;
 use crate::fleet::Fleet;
 use crate::store::Store;
 
@@ -124,6 +126,8 @@ pub struct Acme {
     accounts: tokio::sync::Mutex<BTreeMap<String, Account>>,
     model: Mutex<RateModel>,
     metrics: AcmeMetrics,
+    /// The DNS automation, whose provider takes the DNS-01 TXT records.
+    dns: Option<Arc<crate::dns::Dns>>,
 }
 
 impl std::fmt::Debug for Acme {
@@ -152,10 +156,14 @@ fn spread(names: &[String], salt: &str) -> f64 {
 }
 
 impl Acme {
-    /// An orderer writing to `store`, waiting on `fleet`'s proxies for HTTP-01, and
-    /// the receiver the compiler reads.
+    /// An orderer writing to `store`, waiting on `fleet`'s proxies for HTTP-01, writing
+    /// DNS-01 records through `dns`; and the receiver the compiler reads.
     #[must_use]
-    pub fn new(store: Arc<dyn Store>, fleet: Arc<Fleet>) -> (Arc<Self>, watch::Receiver<Output>) {
+    pub fn new(
+        store: Arc<dyn Store>,
+        fleet: Arc<Fleet>,
+        dns: Option<Arc<crate::dns::Dns>>,
+    ) -> (Arc<Self>, watch::Receiver<Output>) {
         let (out, rx) = watch::channel(Output::default());
         let metrics = AcmeMetrics::new(&fleet.metrics.registry);
         (
@@ -166,6 +174,7 @@ impl Acme {
                 accounts: tokio::sync::Mutex::new(BTreeMap::new()),
                 model: Mutex::new(RateModel::default()),
                 metrics,
+                dns,
             }),
             rx,
         )
@@ -247,9 +256,9 @@ impl Acme {
     /// # Errors
     /// What the CA or the validation said.
     pub async fn order(&self, names: &[String], source: &AcmeSource) -> anyhow::Result<()> {
-        if source.challenge == AcmeChallenge::Dns01 {
+        if source.challenge == AcmeChallenge::Dns01 && self.dns.is_none() {
             anyhow::bail!(
-                "dns-01 is not available yet: use http-01 for {}",
+                "dns-01 for {} needs DNS automation: add a [dns] section whose zone holds these names",
                 names.join(", ")
             );
         }
@@ -265,18 +274,25 @@ impl Acme {
             .await
             .context("creating the order")?;
         let mut tokens = Vec::new();
-        let result = self.validate(&mut order, &mut tokens).await;
+        let mut txt = Vec::new();
+        let result = self
+            .validate(&mut order, source.challenge, &mut tokens, &mut txt)
+            .await;
+        let result = match result {
+            Ok(()) => order
+                .poll_ready(&RetryPolicy::default())
+                .await
+                .context("waiting for the order to be ready"),
+            Err(e) => Err(e),
+        };
         // The answers are not needed any more, whatever happened.
         self.out.send_modify(|o| {
             for t in &tokens {
                 o.challenges.remove(t);
             }
         });
-        result?;
-        let status = order
-            .poll_ready(&RetryPolicy::default())
-            .await
-            .context("waiting for the order to be ready")?;
+        self.remove_txt(txt).await;
+        let status = result?;
         if status != OrderStatus::Ready {
             let problems = self.problems(&mut order).await;
             for n in names {
@@ -335,13 +351,21 @@ impl Acme {
         Ok(())
     }
 
-    /// Publishes each pending authorisation's HTTP-01 answer, waits until the fleet
-    /// serves it, and tells the CA to validate.
+    /// Publishes each pending authorisation's answer — HTTP-01 in the snapshot for every
+    /// proxy, or DNS-01 as TXT records through the DNS provider — waits until it is
+    /// served, and tells the CA to validate. `tokens` and `txt` collect what to remove.
     async fn validate(
         &self,
         order: &mut instant_acme::Order,
+        kind: AcmeChallenge,
         tokens: &mut Vec<String>,
+        txt: &mut Vec<RecordSet>,
     ) -> anyhow::Result<()> {
+        let ctype = match kind {
+            AcmeChallenge::Http01 => ChallengeType::Http01,
+            AcmeChallenge::Dns01 => ChallengeType::Dns01,
+        };
+        let mut records: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
         {
             let mut authorizations = order.authorizations();
             while let Some(authz) = authorizations.next().await {
@@ -354,24 +378,60 @@ impl Acme {
                     }
                 }
                 let challenge = authz
-                    .challenge(ChallengeType::Http01)
-                    .context("the CA offers no http-01 challenge")?;
-                let token = challenge.token.clone();
-                let key_auth = challenge.key_authorization().as_str().to_string();
-                self.out.send_modify(|o| {
-                    o.challenges.insert(token.clone(), key_auth);
-                });
-                tokens.push(token);
+                    .challenge(ctype.clone())
+                    .with_context(|| format!("the CA offers no {ctype:?} challenge"))?;
+                let key_auth = challenge.key_authorization();
+                match kind {
+                    AcmeChallenge::Http01 => {
+                        let token = challenge.token.clone();
+                        let value = key_auth.as_str().to_string();
+                        self.out.send_modify(|o| {
+                            o.challenges.insert(token.clone(), value);
+                        });
+                        tokens.push(token);
+                    }
+                    AcmeChallenge::Dns01 => {
+                        let Identifier::Dns(base) = challenge.identifier().identifier else {
+                            anyhow::bail!("dns-01 only validates DNS names");
+                        };
+                        records
+                            .entry(format!("_acme-challenge.{base}"))
+                            .or_default()
+                            .insert(quote_txt(&[key_auth.dns_value()]));
+                    }
+                }
             }
         }
-        self.wait_for_fleet().await;
+        match kind {
+            AcmeChallenge::Http01 => self.wait_for_fleet().await,
+            AcmeChallenge::Dns01 => {
+                let dns = self.dns.as_ref().context("dns-01 needs a [dns] section")?;
+                let sets: Vec<RecordSet> = records
+                    .into_iter()
+                    .map(|(name, values)| RecordSet {
+                        name,
+                        kind: Kind::Txt,
+                        set_id: None,
+                        ttl: 60,
+                        weight: None,
+                        values,
+                    })
+                    .collect();
+                let changes: Vec<Change> = sets.iter().cloned().map(Change::Upsert).collect();
+                txt.extend(sets);
+                dns.provider()
+                    .apply(&changes)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("writing the dns-01 TXT records: {e}"))?;
+            }
+        }
         let mut authorizations = order.authorizations();
         while let Some(authz) = authorizations.next().await {
             let mut authz = authz.context("reading an authorization")?;
             if authz.status != AuthorizationStatus::Pending {
                 continue;
             }
-            if let Some(mut challenge) = authz.challenge(ChallengeType::Http01) {
+            if let Some(mut challenge) = authz.challenge(ctype.clone()) {
                 challenge
                     .set_ready()
                     .await
@@ -379,6 +439,17 @@ impl Acme {
             }
         }
         Ok(())
+    }
+
+    /// Deletes the DNS-01 records of a finished order.
+    async fn remove_txt(&self, sets: Vec<RecordSet>) {
+        let (Some(dns), false) = (&self.dns, sets.is_empty()) else {
+            return;
+        };
+        let changes: Vec<Change> = sets.into_iter().map(Change::Delete).collect();
+        if let Err(e) = dns.provider().apply(&changes).await {
+            tracing::warn!("removing dns-01 TXT records: {e}");
+        }
     }
 
     /// Waits (bounded) until the snapshot with the new answers is published and every

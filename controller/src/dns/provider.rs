@@ -41,9 +41,9 @@ pub enum ProviderError {
     Fatal(String),
 }
 
-/// The ownership TXT and other TXT values are kept quoted in [`RecordSet`]s, as
-/// Route53 presents them; plain DNS providers hold the character strings themselves.
-pub(crate) fn unquote_txt(value: &str) -> Vec<String> {
+/// The character strings of a TXT value. TXT values are kept quoted in
+/// [`RecordSet`]s, as Route53 presents them; plain DNS providers hold the strings.
+pub fn unquote_txt(value: &str) -> Vec<String> {
     let mut out = Vec::new();
     let mut cur = String::new();
     let mut inside = false;
@@ -71,7 +71,8 @@ pub(crate) fn unquote_txt(value: &str) -> Vec<String> {
 }
 
 /// The quoted presentation of TXT character strings.
-pub(crate) fn quote_txt<S: AsRef<str>>(strings: &[S]) -> String {
+#[must_use]
+pub fn quote_txt<S: AsRef<str>>(strings: &[S]) -> String {
     strings
         .iter()
         .map(|s| {
