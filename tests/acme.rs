@@ -37,9 +37,23 @@ impl Pebble {
         Self::start_with_dns(dir, http_port, None).await
     }
 
+    /// Like [`Pebble::start`], rejecting `percent` of good nonces.
+    async fn start_rejecting_nonces(dir: &Path, http_port: u16, percent: u8) -> Self {
+        Self::start_full(dir, http_port, None, percent).await
+    }
+
     /// Like [`Pebble::start`]; with `resolver`, pebble asks that DNS server (the
     /// controller's embedded one) instead of pebble-challtestsrv.
     async fn start_with_dns(dir: &Path, http_port: u16, resolver: Option<SocketAddr>) -> Self {
+        Self::start_full(dir, http_port, resolver, 0).await
+    }
+
+    async fn start_full(
+        dir: &Path,
+        http_port: u16,
+        resolver: Option<SocketAddr>,
+        nonce_reject: u8,
+    ) -> Self {
         let ca =
             rampart_pki::Ca::load_or_create(&dir.join("pebble-ca"), "pebble API test CA").unwrap();
         let issued = ca
@@ -91,7 +105,7 @@ impl Pebble {
             .arg(dir.join("pebble.json"))
             .args(["-dnsserver", &dns.to_string()])
             .env("PEBBLE_VA_NOSLEEP", "1")
-            .env("PEBBLE_WFE_NONCEREJECT", "0")
+            .env("PEBBLE_WFE_NONCEREJECT", nonce_reject.to_string())
             .stdout(std::fs::File::create(dir.join("pebble.log")).unwrap())
             .stderr(Stdio::null())
             .spawn()
@@ -425,4 +439,37 @@ async fn a_wildcard_is_validated_over_dns01_through_the_embedded_dns_server() {
         .output()
         .unwrap();
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rejected_nonces_do_not_lose_the_order() {
+    common::init();
+    let dir = tempfile::tempdir().unwrap();
+    let proxy_http = free_addr();
+    // One good nonce in five refused: instant-acme retries each request, Rampart the
+    // whole order; none of it counts as a failure.
+    let pebble = Pebble::start_rejecting_nonces(dir.path(), proxy_http.port(), 20).await;
+    let s = setup(dir.path(), &pebble, proxy_http).await;
+    let root = pebble.root().await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while get_trusting(&root, "a.rampart.test", s.proxy.https)
+        .await
+        .is_none()
+    {
+        assert!(
+            Instant::now() < deadline,
+            "not served; controller log:\n{}",
+            std::fs::read_to_string(dir.path().join("controller.log")).unwrap()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let m = metrics(s.admin).await;
+    assert!(
+        m.contains("rampart_acme_orders_total{result=\"ok\"} 1"),
+        "{m}"
+    );
+    assert!(
+        !m.contains("rampart_acme_orders_total{result=\"error\"}"),
+        "{m}"
+    );
 }

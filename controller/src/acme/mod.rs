@@ -32,6 +32,8 @@ use crate::store::Store;
 /// How often every certificate is looked at (also after each configuration change);
 /// the planner decides, so looking often costs nothing at the CA.
 const TICK: Duration = Duration::from_secs(5);
+/// Orders retried at once after a `badNonce`, before one counts as failed.
+const NONCE_RETRIES: u32 = 6;
 /// How long to wait for every ready proxy to serve a new challenge before telling the CA.
 const FLEET_WAIT: Duration = Duration::from_secs(30);
 
@@ -351,6 +353,29 @@ impl Acme {
         Ok(())
     }
 
+    /// [`Acme::order`], again at once when the CA rejected a nonce (`badNonce`: a
+    /// transient protocol hiccup that instant-acme already retries per request; a whole
+    /// order is retried up to [`NONCE_RETRIES`] times before it counts as a failure).
+    async fn order_retrying_nonces(
+        &self,
+        names: &[String],
+        source: &AcmeSource,
+    ) -> anyhow::Result<()> {
+        let mut attempt = 1;
+        loop {
+            match self.order(names, source).await {
+                Err(e) if attempt < NONCE_RETRIES && format!("{e:#}").contains("badNonce") => {
+                    tracing::info!(
+                        "ACME {}: the CA rejected a nonce; ordering again",
+                        names.join(", ")
+                    );
+                    attempt += 1;
+                }
+                other => return other,
+            }
+        }
+    }
+
     /// Publishes each pending authorisation's answer — HTTP-01 in the snapshot for every
     /// proxy, or DNS-01 as TXT records through the DNS provider — waits until it is
     /// served, and tells the CA to validate. `tokens` and `txt` collect what to remove.
@@ -585,7 +610,7 @@ impl Acme {
                 }
                 Decision::Order(reason) => {
                     tracing::info!("ACME {}: ordering ({reason:?})", names.join(", "));
-                    let result = self.order(&names, source).await;
+                    let result = self.order_retrying_nonces(&names, source).await;
                     self.metrics
                         .orders
                         .with_label_values(&[if result.is_ok() { "ok" } else { "error" }])
