@@ -39,13 +39,18 @@ impl Pebble {
 
     /// Like [`Pebble::start`], rejecting `percent` of good nonces.
     async fn start_rejecting_nonces(dir: &Path, http_port: u16, percent: u8) -> Self {
-        Self::start_full(dir, http_port, None, percent).await
+        Self::start_full(dir, http_port, None, percent, None).await
+    }
+
+    /// Like [`Pebble::start`], issuing certificates valid for `secs` seconds.
+    async fn start_short_lived(dir: &Path, http_port: u16, secs: u64) -> Self {
+        Self::start_full(dir, http_port, None, 0, Some(secs)).await
     }
 
     /// Like [`Pebble::start`]; with `resolver`, pebble asks that DNS server (the
     /// controller's embedded one) instead of pebble-challtestsrv.
     async fn start_with_dns(dir: &Path, http_port: u16, resolver: Option<SocketAddr>) -> Self {
-        Self::start_full(dir, http_port, resolver, 0).await
+        Self::start_full(dir, http_port, resolver, 0, None).await
     }
 
     async fn start_full(
@@ -53,6 +58,7 @@ impl Pebble {
         http_port: u16,
         resolver: Option<SocketAddr>,
         nonce_reject: u8,
+        validity: Option<u64>,
     ) -> Self {
         let ca =
             rampart_pki::Ca::load_or_create(&dir.join("pebble-ca"), "pebble API test CA").unwrap();
@@ -70,10 +76,11 @@ impl Pebble {
             format!(
                 r#"{{"pebble": {{"listenAddress": "{api}", "managementListenAddress": "{management}",
  "certificate": "{}", "privateKey": "{}", "httpPort": {http_port}, "tlsPort": {},
- "ocspResponderURL": "", "externalAccountBindingRequired": false}}}}"#,
+ "ocspResponderURL": "", "externalAccountBindingRequired": false{}}}}}"#,
                 dir.join("pebble-cert.pem").display(),
                 dir.join("pebble-key.pem").display(),
-                free_addr().port()
+                free_addr().port(),
+                validity.map_or(String::new(), |v| format!(", \"certificateValidityPeriod\": {v}"))
             ),
         )
         .unwrap();
@@ -472,4 +479,54 @@ async fn rejected_nonces_do_not_lose_the_order() {
         !m.contains("rampart_acme_orders_total{result=\"error\"}"),
         "{m}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certificate_is_renewed_when_a_third_of_its_lifetime_is_left() {
+    common::init();
+    let dir = tempfile::tempdir().unwrap();
+    let proxy_http = free_addr();
+    // 30-second certificates: renewal is due 20 s after issuance.
+    let pebble = Pebble::start_short_lived(dir.path(), proxy_http.port(), 30).await;
+    let s = setup(dir.path(), &pebble, proxy_http).await;
+    let admin = s.admin;
+    let not_after = |m: &str| -> u64 {
+        m.lines()
+            .find(|l| l.starts_with("rampart_certificate_not_after_seconds{"))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    let first = eventually("the first certificate", || async {
+        let n = not_after(&metrics(admin).await);
+        (n > 0).then_some(n)
+    })
+    .await;
+    let issued = Instant::now();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let root = pebble.root().await;
+    let second = loop {
+        let m = metrics(admin).await;
+        let n = not_after(&m);
+        if n > first {
+            break n;
+        }
+        // The old certificate keeps serving meanwhile.
+        assert!(get_trusting(&root, "a.rampart.test", s.proxy.https)
+            .await
+            .is_some());
+        assert!(Instant::now() < deadline, "no renewal within 60 s:\n{m}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    let after = issued.elapsed().as_secs_f64();
+    eprintln!("renewed {after:.1}s after the first issuance (not after {first} -> {second})");
+    assert!(after >= 10.0, "renewed too early: {after:.1}s");
+    let m = metrics(admin).await;
+    assert!(
+        m.contains("rampart_acme_orders_total{result=\"ok\"} 2"),
+        "{m}"
+    );
+    assert!(get_trusting(&root, "a.rampart.test", s.proxy.https)
+        .await
+        .is_some());
 }
