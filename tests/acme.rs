@@ -505,6 +505,14 @@ async fn a_certificate_is_renewed_when_a_third_of_its_lifetime_is_left() {
     let issued = Instant::now();
     let deadline = Instant::now() + Duration::from_secs(60);
     let root = pebble.root().await;
+    // Served once the proxies have the snapshot with it.
+    let proxy_https = s.proxy.https;
+    eventually("the first certificate to be served", || async {
+        get_trusting(&root, "a.rampart.test", proxy_https)
+            .await
+            .map(drop)
+    })
+    .await;
     let second = loop {
         let m = metrics(admin).await;
         let n = not_after(&m);
@@ -512,9 +520,18 @@ async fn a_certificate_is_renewed_when_a_third_of_its_lifetime_is_left() {
             break n;
         }
         // The old certificate keeps serving meanwhile.
-        assert!(get_trusting(&root, "a.rampart.test", s.proxy.https)
-            .await
-            .is_some());
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        assert!(
+            get_trusting(&root, "a.rampart.test", s.proxy.https)
+                .await
+                .is_some(),
+            "not served at {now}, {:.1}s after issuance:\n{m}\ncontroller log:\n{}",
+            issued.elapsed().as_secs_f64(),
+            std::fs::read_to_string(dir.path().join("controller.log")).unwrap()
+        );
         assert!(Instant::now() < deadline, "no renewal within 60 s:\n{m}");
         tokio::time::sleep(Duration::from_millis(250)).await;
     };
@@ -529,4 +546,65 @@ async fn a_certificate_is_renewed_when_a_third_of_its_lifetime_is_left() {
     assert!(get_trusting(&root, "a.rampart.test", s.proxy.https)
         .await
         .is_some());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rampart_up_with_an_acme_name_serves_its_certificate() {
+    common::init();
+    let dir = tempfile::tempdir().unwrap();
+    let (http, https, admin) = (free_addr(), free_addr(), free_addr());
+    let pebble = Pebble::start(dir.path(), http.port()).await;
+    let config = dir.path().join("up.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"[server]
+data_dir = {:?}
+
+[listeners]
+http = "{http}"
+https = "{https}"
+admin = "{admin}"
+
+[[tls]]
+hosts = ["up.rampart.test"]
+source = {{ acme = {{ email = "ops@rampart.test", directory = "{}", directory_ca = {:?} }} }}
+
+[[routes]]
+name = "hello"
+action = {{ respond = {{ body = "hello from up" }} }}
+"#,
+            dir.path().join("data"),
+            pebble.directory,
+            pebble.api_ca
+        ),
+    )
+    .unwrap();
+    let started = Instant::now();
+    let _up = Killed(
+        Command::new(env!("CARGO_BIN_EXE_rampart"))
+            .args(["up", "--config"])
+            .arg(&config)
+            .stderr(std::fs::File::create(dir.path().join("up.log")).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let root = pebble.root().await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while get_trusting(&root, "up.rampart.test", https)
+        .await
+        .as_deref()
+        != Some("hello from up")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "rampart up does not serve a pebble certificate; log:\n{}",
+            std::fs::read_to_string(dir.path().join("up.log")).unwrap()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    eprintln!(
+        "rampart up served its ACME certificate {:.2}s after start",
+        started.elapsed().as_secs_f64()
+    );
 }

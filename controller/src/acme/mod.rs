@@ -32,6 +32,8 @@ use crate::store::Store;
 /// How often every certificate is looked at (also after each configuration change);
 /// the planner decides, so looking often costs nothing at the CA.
 const TICK: Duration = Duration::from_secs(5);
+/// Where the rate-limit history is kept, so that a restart or a failover remembers it.
+const EVENTS_KEY: &str = "acme/events";
 /// Orders retried at once after a `badNonce`, before one counts as failed.
 const NONCE_RETRIES: u32 = 6;
 /// How long to wait for every ready proxy to serve a new challenge before telling the CA.
@@ -199,6 +201,12 @@ impl Acme {
         }
         let n = certs.len();
         self.out.send_modify(|o| o.certificates = certs);
+        if let Some(bytes) = self.store.get(EVENTS_KEY).await? {
+            match serde_json::from_slice::<Vec<Event>>(&bytes) {
+                Ok(events) => self.model.lock().expect("model lock").events = events,
+                Err(e) => tracing::error!("{EVENTS_KEY}: unreadable rate-limit history: {e}"),
+            }
+        }
         Ok(n)
     }
 
@@ -391,6 +399,8 @@ impl Acme {
             AcmeChallenge::Dns01 => ChallengeType::Dns01,
         };
         let mut records: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+        // The snapshot version before the answers: the one that serves them comes after.
+        let published_before = self.fleet.published.borrow().version;
         {
             let mut authorizations = order.authorizations();
             while let Some(authz) = authorizations.next().await {
@@ -428,7 +438,9 @@ impl Acme {
             }
         }
         match kind {
-            AcmeChallenge::Http01 => self.wait_for_fleet().await,
+            // Nothing new to serve when every authorization was still valid.
+            AcmeChallenge::Http01 if tokens.is_empty() => {}
+            AcmeChallenge::Http01 => self.wait_for_fleet(published_before).await,
             AcmeChallenge::Dns01 => {
                 let dns = self.dns.as_ref().context("dns-01 needs a [dns] section")?;
                 let sets: Vec<RecordSet> = records
@@ -479,12 +491,22 @@ impl Acme {
 
     /// Waits (bounded) until the snapshot with the new answers is published and every
     /// ready proxy reports serving it.
-    async fn wait_for_fleet(&self) {
+    async fn wait_for_fleet(&self, before: u64) {
         let mut published = self.fleet.published.subscribe();
-        let before = published.borrow_and_update().version;
         let deadline = tokio::time::Instant::now() + FLEET_WAIT;
-        let _ = tokio::time::timeout_at(deadline, published.changed()).await;
-        let target = self.fleet.version().max(before);
+        let target = loop {
+            let v = published.borrow_and_update().version;
+            if v > before {
+                break v;
+            }
+            match tokio::time::timeout_at(deadline, published.changed()).await {
+                Ok(Ok(())) => {}
+                _ => {
+                    tracing::warn!("no snapshot with the ACME answers within {FLEET_WAIT:?}; validating anyway");
+                    return;
+                }
+            }
+        };
         while tokio::time::Instant::now() < deadline {
             let behind = self
                 .fleet
@@ -524,8 +546,10 @@ impl Acme {
         }
     }
 
-    /// One pass over every `acme` certificate of `config`.
-    pub async fn pass(&self, config: &Config) {
+    /// One pass over every `acme` certificate of `config`. Returns whether an order
+    /// waits for a proxy to become ready (the loop then looks again soon).
+    pub async fn pass(&self, config: &Config) -> bool {
+        let mut waiting = false;
         for entry in &config.tls {
             let TlsSource::Acme(source) = &entry.source else {
                 continue;
@@ -533,6 +557,7 @@ impl Acme {
             let names = names_of(&entry.hosts);
             if source.challenge == AcmeChallenge::Http01 && !self.any_proxy_ready() {
                 // Nobody could answer the challenge: do not spend a failed validation.
+                waiting = true;
                 tracing::debug!(
                     "ACME {}: waiting for a ready proxy to answer http-01",
                     names.join(",")
@@ -635,6 +660,16 @@ impl Acme {
                             state.last_error = Some(format!("{e:#}"));
                         }
                     }
+                    let events = {
+                        let mut model = self.model.lock().expect("model lock");
+                        model.prune(now_unix());
+                        serde_json::to_vec(&model.events)
+                    };
+                    if let Ok(b) = events {
+                        if let Err(e) = self.store.put(EVENTS_KEY, &b).await {
+                            tracing::error!("storing the ACME rate-limit history: {e:#}");
+                        }
+                    }
                     if let Ok(b) = serde_json::to_vec(&state) {
                         if let Err(e) = self.store.put(&state_key, &b).await {
                             tracing::error!("storing ACME state: {e:#}");
@@ -643,6 +678,7 @@ impl Acme {
                 }
             }
         }
+        waiting
     }
 
     fn any_proxy_ready(&self) -> bool {
@@ -706,17 +742,30 @@ pub async fn run(
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let (mut config_open, mut leader_open) = (true, true);
+    let mut was_leader = *leader.borrow();
+    let mut soon = false;
     loop {
         tokio::select! {
             _ = tick.tick() => {}
+            () = tokio::time::sleep(Duration::from_millis(500)), if soon => {}
             r = config.changed(), if config_open => config_open = r.is_ok(),
             r = leader.changed(), if leader_open => leader_open = r.is_ok(),
             _ = shutdown.wait_for(|s| *s) => return,
         }
-        if !*leader.borrow() {
+        let leading = *leader.borrow();
+        if !leading {
+            was_leader = false;
             continue;
         }
+        if !was_leader {
+            // Taking over: what the previous leader ordered is in the store.
+            if let Err(e) = acme.load().await {
+                tracing::error!("loading stored ACME certificates: {e:#}");
+                continue;
+            }
+            was_leader = true;
+        }
         let cfg = config.borrow().clone();
-        acme.pass(&cfg).await;
+        soon = acme.pass(&cfg).await;
     }
 }

@@ -209,7 +209,7 @@ impl Default for Limits {
 }
 
 /// What happened at the CA, as far as its limits count it.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Event {
     /// An order was created.
     Order {
