@@ -7,147 +7,11 @@ mod common;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
+use common::pebble::{Killed, Pebble};
 use common::{eventually, free_addr, Proxy};
-
-/// A child process killed on drop.
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// pebble and its DNS, with pebble's HTTP-01 validations sent to `http_port`.
-struct Pebble {
-    _dns: Option<Killed>,
-    _pebble: Killed,
-    directory: String,
-    management: SocketAddr,
-    /// The CA of pebble's own API certificate.
-    api_ca: PathBuf,
-}
-
-impl Pebble {
-    async fn start(dir: &Path, http_port: u16) -> Self {
-        Self::start_with_dns(dir, http_port, None).await
-    }
-
-    /// Like [`Pebble::start`], rejecting `percent` of good nonces.
-    async fn start_rejecting_nonces(dir: &Path, http_port: u16, percent: u8) -> Self {
-        Self::start_full(dir, http_port, None, percent, None).await
-    }
-
-    /// Like [`Pebble::start`], issuing certificates valid for `secs` seconds.
-    async fn start_short_lived(dir: &Path, http_port: u16, secs: u64) -> Self {
-        Self::start_full(dir, http_port, None, 0, Some(secs)).await
-    }
-
-    /// Like [`Pebble::start`]; with `resolver`, pebble asks that DNS server (the
-    /// controller's embedded one) instead of pebble-challtestsrv.
-    async fn start_with_dns(dir: &Path, http_port: u16, resolver: Option<SocketAddr>) -> Self {
-        Self::start_full(dir, http_port, resolver, 0, None).await
-    }
-
-    async fn start_full(
-        dir: &Path,
-        http_port: u16,
-        resolver: Option<SocketAddr>,
-        nonce_reject: u8,
-        validity: Option<u64>,
-    ) -> Self {
-        let ca =
-            rampart_pki::Ca::load_or_create(&dir.join("pebble-ca"), "pebble API test CA").unwrap();
-        let issued = ca
-            .issue_server(
-                &["localhost".into(), "127.0.0.1".into()],
-                Duration::from_secs(3600),
-            )
-            .unwrap();
-        std::fs::write(dir.join("pebble-cert.pem"), &issued.chain_pem).unwrap();
-        std::fs::write(dir.join("pebble-key.pem"), &issued.key_pem).unwrap();
-        let (api, management, dns) = (free_addr(), free_addr(), free_addr());
-        std::fs::write(
-            dir.join("pebble.json"),
-            format!(
-                r#"{{"pebble": {{"listenAddress": "{api}", "managementListenAddress": "{management}",
- "certificate": "{}", "privateKey": "{}", "httpPort": {http_port}, "tlsPort": {},
- "ocspResponderURL": "", "externalAccountBindingRequired": false{}}}}}"#,
-                dir.join("pebble-cert.pem").display(),
-                dir.join("pebble-key.pem").display(),
-                free_addr().port(),
-                validity.map_or(String::new(), |v| format!(", \"certificateValidityPeriod\": {v}"))
-            ),
-        )
-        .unwrap();
-        let dns_proc = match resolver {
-            Some(_) => None,
-            None => Some(Killed(
-                Command::new("pebble-challtestsrv")
-                    .args(["-defaultIPv4", "127.0.0.1", "-defaultIPv6", ""])
-                    .args([
-                        "-dns01",
-                        &dns.to_string(),
-                        "-http01",
-                        "",
-                        "-https01",
-                        "",
-                        "-tlsalpn01",
-                        "",
-                    ])
-                    .args(["-management", &free_addr().to_string()])
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::null())
-                    .spawn()
-                    .expect("pebble-challtestsrv (scripts/setup installs pebble)"),
-            )),
-        };
-        let dns = resolver.unwrap_or(dns);
-        let pebble = Command::new("pebble")
-            .arg("-config")
-            .arg(dir.join("pebble.json"))
-            .args(["-dnsserver", &dns.to_string()])
-            .env("PEBBLE_VA_NOSLEEP", "1")
-            .env("PEBBLE_WFE_NONCEREJECT", nonce_reject.to_string())
-            .stdout(std::fs::File::create(dir.join("pebble.log")).unwrap())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("pebble (scripts/setup installs it)");
-        eventually("pebble to listen", || async {
-            tokio::net::TcpStream::connect(api).await.ok().map(drop)
-        })
-        .await;
-        Self {
-            _dns: dns_proc,
-            _pebble: Killed(pebble),
-            directory: format!("https://{api}/dir"),
-            management,
-            api_ca: ca.cert_path().to_path_buf(),
-        }
-    }
-
-    /// The root pebble issues certificates under (a new one at every start).
-    async fn root(&self) -> reqwest::Certificate {
-        let pem = std::fs::read(&self.api_ca).unwrap();
-        let client = reqwest::Client::builder()
-            .tls_certs_only([reqwest::Certificate::from_pem(&pem).unwrap()])
-            .build()
-            .unwrap();
-        let body = client
-            .get(format!("https://{}/roots/0", self.management))
-            .send()
-            .await
-            .unwrap()
-            .bytes()
-            .await
-            .unwrap();
-        reqwest::Certificate::from_pem(&body).unwrap()
-    }
-}
 
 /// GET https://<name>/ at the proxy, trusting only `root`.
 async fn get_trusting(
@@ -607,4 +471,104 @@ action = {{ respond = {{ body = "hello from up" }} }}
         "rampart up served its ACME certificate {:.2}s after start",
         started.elapsed().as_secs_f64()
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_controllers_sharing_etcd_send_one_order() {
+    common::init();
+    let etcd = common::etcd::Etcd::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let proxy_http = free_addr();
+    let pebble = Pebble::start(dir.path(), proxy_http.port()).await;
+    let controller = |name: &str| {
+        let (admin, fleet) = (free_addr(), free_addr());
+        let config = dir.path().join(format!("{name}.toml"));
+        std::fs::write(
+            &config,
+            format!(
+                r#"[server]
+data_dir = {:?}
+
+[controller]
+listen = "{fleet}"
+admin = "{admin}"
+watch_timeout = "2s"
+store = {{ etcd = {{ endpoints = ["{}"], prefix = "/rampart-acme", lease_ttl = "2s" }} }}
+
+[[tls]]
+hosts = ["ha.rampart.test"]
+source = {{ acme = {{ email = "ops@rampart.test", directory = "{}", directory_ca = {:?} }} }}
+
+[[routes]]
+name = "hello"
+action = {{ respond = {{ body = "hello from the fleet" }} }}
+"#,
+                dir.path().join(name),
+                etcd.url,
+                pebble.directory,
+                pebble.api_ca
+            ),
+        )
+        .unwrap();
+        let proc = start_controller(&config, &dir.path().join(format!("{name}.log")));
+        (proc, admin, fleet, config)
+    };
+    let (_a, admin_a, fleet_a, config_a) = controller("a");
+    let (_b, admin_b, _, _) = controller("b");
+    for admin in [admin_a, admin_b] {
+        eventually("both controllers", || async {
+            reqwest::get(format!("http://{admin}/healthz"))
+                .await
+                .ok()
+                .map(drop)
+        })
+        .await;
+    }
+    let token = Command::new(env!("CARGO_BIN_EXE_rampart"))
+        .args(["controller", "--config"])
+        .arg(&config_a)
+        .args(["token", "create"])
+        .output()
+        .unwrap();
+    let proxy = Proxy::start_fleet_with(
+        &format!("https://{fleet_a}"),
+        Some(String::from_utf8(token.stdout).unwrap().trim()),
+        &["--http", &proxy_http.to_string()],
+    )
+    .await;
+    let root = pebble.root().await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while get_trusting(&root, "ha.rampart.test", proxy.https)
+        .await
+        .is_none()
+    {
+        assert!(
+            Instant::now() < deadline,
+            "not served; a:\n{}\nb:\n{}",
+            std::fs::read_to_string(dir.path().join("a.log")).unwrap(),
+            std::fs::read_to_string(dir.path().join("b.log")).unwrap()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Both keep deciding (every 5 s) for a while: still one order on the CA's side.
+    let watch_until = Instant::now() + Duration::from_secs(6);
+    loop {
+        let log = std::fs::read_to_string(&pebble.log).unwrap();
+        let orders = log.lines().filter(|l| l.contains("/order-plz")).count();
+        assert_eq!(orders, 1, "pebble saw {orders} orders:\n{log}");
+        if Instant::now() >= watch_until {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let ordering = ["a.log", "b.log"]
+        .iter()
+        .map(|f| {
+            std::fs::read_to_string(dir.path().join(f))
+                .unwrap()
+                .matches("ordering")
+                .count()
+        })
+        .sum::<usize>();
+    assert_eq!(ordering, 1);
 }

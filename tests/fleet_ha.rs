@@ -6,61 +6,13 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
+use common::etcd::Etcd;
 use common::{eventually, free_addr};
 use rampart_config::snapshot::Heartbeat;
 use rampart_proxy::fleet::client::{self, FleetClient, WatchResult};
-
-/// A real etcd server on loopback ports in a temp directory.
-struct Etcd {
-    child: Child,
-    url: String,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for Etcd {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Etcd {
-    async fn start() -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let (client, peer) = (free_addr(), free_addr());
-        let url = format!("http://{client}");
-        let child = Command::new("etcd")
-            .arg("--data-dir")
-            .arg(dir.path().join("etcd"))
-            .args(["--name", "test"])
-            .args([
-                "--listen-client-urls",
-                &url,
-                "--advertise-client-urls",
-                &url,
-            ])
-            .args(["--listen-peer-urls", &format!("http://{peer}")])
-            .args(["--initial-advertise-peer-urls", &format!("http://{peer}")])
-            .args(["--initial-cluster", &format!("test=http://{peer}")])
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(dir.path().join("etcd.log")).unwrap())
-            .spawn()
-            .expect("etcd is installed (scripts/setup installs etcd-server)");
-        eventually("etcd to answer", || async {
-            let r = reqwest::get(format!("{url}/health")).await.ok()?;
-            (r.status() == 200).then_some(())
-        })
-        .await;
-        Self {
-            child,
-            url,
-            _dir: dir,
-        }
-    }
-}
 
 /// A `rampart controller` process on the shared etcd.
 struct ControllerProc {

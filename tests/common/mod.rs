@@ -2,6 +2,9 @@
 //! with readiness polled on the admin API (never sleeps as synchronisation).
 #![allow(dead_code, missing_docs, clippy::unwrap_used)]
 
+pub mod etcd;
+pub mod pebble;
+
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
