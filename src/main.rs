@@ -441,7 +441,7 @@ async fn local_heartbeats(
         .map(|a| a.ip())
         .filter(|ip| !ip.is_unspecified())
         .unwrap_or(IpAddr::from([127, 0, 0, 1]));
-    let mut tick = tokio::time::interval(Duration::from_secs(2));
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
     loop {
         tick.tick().await;
         let version = state.fleet.version();

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::pebble::{Killed, Pebble};
+use common::pebble::{Killed, Options, Pebble};
 use common::{eventually, free_addr, Proxy};
 
 /// GET https://<name>/ at the proxy, trusting only `root`.
@@ -571,4 +571,85 @@ action = {{ respond = {{ body = "hello from the fleet" }} }}
         })
         .sum::<usize>();
     assert_eq!(ordering, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_validations_still_issue() {
+    common::init();
+    let dir = tempfile::tempdir().unwrap();
+    let proxy_http = free_addr();
+    let opts = Options {
+        va_sleep: Some(3),
+        ..Options::default()
+    };
+    let pebble = Pebble::start_with(dir.path(), proxy_http.port(), opts).await;
+    let s = setup(dir.path(), &pebble, proxy_http).await;
+    let root = pebble.root().await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while get_trusting(&root, "a.rampart.test", s.proxy.https)
+        .await
+        .is_none()
+    {
+        assert!(
+            Instant::now() < deadline,
+            "not served; controller log:\n{}",
+            std::fs::read_to_string(dir.path().join("controller.log")).unwrap()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(metrics(s.admin)
+        .await
+        .contains("rampart_acme_orders_total{result=\"ok\"} 1"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ca_that_is_down_backs_off_and_the_names_keep_being_served() {
+    common::init();
+    let dir = tempfile::tempdir().unwrap();
+    // Nothing listens at this directory.
+    let tls = format!(
+        "hosts = [\"down.rampart.test\"]\nsource = {{ acme = {{ email = \"ops@rampart.test\", directory = \"https://{}/dir\" }} }}\n",
+        free_addr()
+    );
+    let s = setup_with(dir.path(), free_addr(), &tls, &["down.rampart.test"], "").await;
+    let admin = s.admin;
+    eventually("the first order to fail", || async {
+        metrics(admin)
+            .await
+            .contains("rampart_acme_orders_total{result=\"error\"} 1")
+            .then_some(())
+    })
+    .await;
+    let watch_until = Instant::now() + Duration::from_secs(8);
+    while Instant::now() < watch_until {
+        let m = metrics(admin).await;
+        assert!(
+            !m.contains("rampart_acme_orders_total{result=\"error\"} 2"),
+            "{m}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let log = std::fs::read_to_string(dir.path().join("controller.log")).unwrap();
+    assert!(
+        log.contains("creating an ACME account"),
+        "the error says what failed:\n{log}"
+    );
+    // The name is served meanwhile (internal certificate), the listener works.
+    let client = reqwest::Client::builder()
+        .danger_accept_invalid_certs(true)
+        .resolve("down.rampart.test", s.proxy.https)
+        .build()
+        .unwrap();
+    let body = client
+        .get(format!(
+            "https://down.rampart.test:{}/",
+            s.proxy.https.port()
+        ))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(body, "hello over acme");
 }

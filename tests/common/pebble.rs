@@ -9,6 +9,19 @@ use std::time::Duration;
 
 use super::{eventually, free_addr};
 
+/// How pebble misbehaves.
+#[derive(Default)]
+pub struct Options {
+    /// A DNS server to resolve through instead of pebble-challtestsrv.
+    pub resolver: Option<SocketAddr>,
+    /// Percent of good nonces rejected (PEBBLE_WFE_NONCEREJECT).
+    pub nonce_reject: u8,
+    /// Certificate validity in seconds (certificateValidityPeriod).
+    pub validity: Option<u64>,
+    /// Validations sleep up to this many seconds (PEBBLE_VA_SLEEPTIME).
+    pub va_sleep: Option<u64>,
+}
+
 /// A child process killed on drop.
 pub struct Killed(pub Child);
 
@@ -34,32 +47,45 @@ pub struct Pebble {
 
 impl Pebble {
     pub async fn start(dir: &Path, http_port: u16) -> Self {
-        Self::start_with_dns(dir, http_port, None).await
+        Self::start_with(dir, http_port, Options::default()).await
     }
 
     /// Like [`Pebble::start`], rejecting `percent` of good nonces.
     pub async fn start_rejecting_nonces(dir: &Path, http_port: u16, percent: u8) -> Self {
-        Self::start_full(dir, http_port, None, percent, None).await
+        let opts = Options {
+            nonce_reject: percent,
+            ..Options::default()
+        };
+        Self::start_with(dir, http_port, opts).await
     }
 
     /// Like [`Pebble::start`], issuing certificates valid for `secs` seconds.
     pub async fn start_short_lived(dir: &Path, http_port: u16, secs: u64) -> Self {
-        Self::start_full(dir, http_port, None, 0, Some(secs)).await
+        let opts = Options {
+            validity: Some(secs),
+            ..Options::default()
+        };
+        Self::start_with(dir, http_port, opts).await
     }
 
     /// Like [`Pebble::start`]; with `resolver`, pebble asks that DNS server (the
     /// controller's embedded one) instead of pebble-challtestsrv.
     pub async fn start_with_dns(dir: &Path, http_port: u16, resolver: Option<SocketAddr>) -> Self {
-        Self::start_full(dir, http_port, resolver, 0, None).await
+        let opts = Options {
+            resolver,
+            ..Options::default()
+        };
+        Self::start_with(dir, http_port, opts).await
     }
 
-    async fn start_full(
-        dir: &Path,
-        http_port: u16,
-        resolver: Option<SocketAddr>,
-        nonce_reject: u8,
-        validity: Option<u64>,
-    ) -> Self {
+    /// pebble with `opts`.
+    pub async fn start_with(dir: &Path, http_port: u16, opts: Options) -> Self {
+        let Options {
+            resolver,
+            nonce_reject,
+            validity,
+            va_sleep,
+        } = opts;
         let ca =
             rampart_pki::Ca::load_or_create(&dir.join("pebble-ca"), "pebble API test CA").unwrap();
         let issued = ca
@@ -111,7 +137,10 @@ impl Pebble {
             .arg("-config")
             .arg(dir.join("pebble.json"))
             .args(["-dnsserver", &dns.to_string()])
-            .env("PEBBLE_VA_NOSLEEP", "1")
+            .envs(match va_sleep {
+                Some(secs) => vec![("PEBBLE_VA_SLEEPTIME", secs.to_string())],
+                None => vec![("PEBBLE_VA_NOSLEEP", "1".to_string())],
+            })
             .env("PEBBLE_WFE_NONCEREJECT", nonce_reject.to_string())
             .stdout(std::fs::File::create(dir.join("pebble.log")).unwrap())
             .stderr(Stdio::null())
