@@ -32,6 +32,60 @@ async fn get_trusting(
     r.text().await.ok()
 }
 
+/// Waits (60 s at most) until `name` at `https` answers `body` over a certificate that
+/// chains to `root`; on timeout, fails with the logs in `dir`.
+async fn wait_served(
+    root: &reqwest::Certificate,
+    name: &str,
+    https: SocketAddr,
+    body: &str,
+    dir: &Path,
+) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while get_trusting(root, name, https).await.as_deref() != Some(body) {
+        if Instant::now() >= deadline {
+            let logs: Vec<String> = std::fs::read_dir(dir)
+                .unwrap()
+                .filter_map(Result::ok)
+                .filter(|e| e.path().extension().is_some_and(|x| x == "log"))
+                .map(|e| {
+                    format!(
+                        "--- {}\n{}",
+                        e.path().display(),
+                        std::fs::read_to_string(e.path()).unwrap_or_default()
+                    )
+                })
+                .collect();
+            panic!(
+                "{name} is not served with a pebble certificate:\n{}",
+                logs.join("\n")
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Waits for the first failed order, then checks for `window` that no second one is
+/// sent (the back-off after one failure is 30-60 s; the loop looks every 5 s).
+async fn one_failed_order_then_backoff(admin: SocketAddr, window: Duration) {
+    eventually("the first order to fail", || async {
+        metrics(admin)
+            .await
+            .contains("rampart_acme_orders_total{result=\"error\"} 1")
+            .then_some(())
+    })
+    .await;
+    let watch_until = Instant::now() + window;
+    while Instant::now() < watch_until {
+        let m = metrics(admin).await;
+        assert!(
+            !m.contains("rampart_acme_orders_total{result=\"error\"} 2"),
+            "ordered again within the back-off:\n{m}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
 /// A controller ordering for two names from `pebble`, and one fleet proxy whose HTTP
 /// listener is `proxy_http`.
 struct Setup {
@@ -154,22 +208,8 @@ async fn the_controller_orders_over_http01_through_the_proxies_and_they_serve_it
 
     // Both names end up served with pebble's certificate.
     let root = pebble.root().await;
-    let deadline = Instant::now() + Duration::from_secs(60);
     for name in ["a.rampart.test", "b.rampart.test"] {
-        loop {
-            if let Some(body) = get_trusting(&root, name, s.proxy.https).await {
-                assert_eq!(body, "hello over acme");
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{name} is not served with a pebble certificate; proxy log:\n{}\ncontroller log:\n{}\npebble log:\n{}",
-                s.proxy.log(),
-                std::fs::read_to_string(dir.path().join("controller.log")).unwrap(),
-                std::fs::read_to_string(dir.path().join("pebble.log")).unwrap()
-            );
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+        wait_served(&root, name, s.proxy.https, "hello over acme", dir.path()).await;
     }
     eprintln!(
         "certificate served {:.2}s after the proxy started",
@@ -223,23 +263,7 @@ async fn a_failing_validation_backs_off_instead_of_looping() {
     let pebble = Pebble::start(dir.path(), nobody.port()).await;
     let s = setup(dir.path(), &pebble, free_addr()).await;
     let admin = s.admin;
-    eventually("the first order to fail", || async {
-        metrics(admin)
-            .await
-            .contains("rampart_acme_orders_total{result=\"error\"} 1")
-            .then_some(())
-    })
-    .await;
-    // The loop looks every 5 s; the back-off after one failure is 30-60 s.
-    let watch_until = Instant::now() + Duration::from_secs(12);
-    while Instant::now() < watch_until {
-        let m = metrics(admin).await;
-        assert!(
-            !m.contains("rampart_acme_orders_total{result=\"error\"} 2"),
-            "ordered again within the back-off:\n{m}"
-        );
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    one_failed_order_then_backoff(admin, Duration::from_secs(12)).await;
     let m = metrics(admin).await;
     assert!(
         m.contains("rampart_acme_consecutive_failures{name=\"a.rampart.test,b.rampart.test\"} 1"),
@@ -287,17 +311,8 @@ async fn a_wildcard_is_validated_over_dns01_through_the_embedded_dns_server() {
     )
     .await;
     let root = pebble.root().await;
-    let deadline = Instant::now() + Duration::from_secs(60);
     for name in ["w.rampart.test", "any.w.rampart.test"] {
-        while get_trusting(&root, name, s.proxy.https).await.is_none() {
-            assert!(
-                Instant::now() < deadline,
-                "{name} is not served with a pebble certificate; controller log:\n{}\npebble log:\n{}",
-                std::fs::read_to_string(dir.path().join("controller.log")).unwrap(),
-                std::fs::read_to_string(dir.path().join("pebble.log")).unwrap()
-            );
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+        wait_served(&root, name, s.proxy.https, "hello over acme", dir.path()).await;
     }
     eprintln!(
         "wildcard served {:.2}s after the proxy started",
@@ -322,18 +337,14 @@ async fn rejected_nonces_do_not_lose_the_order() {
     let pebble = Pebble::start_rejecting_nonces(dir.path(), proxy_http.port(), 20).await;
     let s = setup(dir.path(), &pebble, proxy_http).await;
     let root = pebble.root().await;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while get_trusting(&root, "a.rampart.test", s.proxy.https)
-        .await
-        .is_none()
-    {
-        assert!(
-            Instant::now() < deadline,
-            "not served; controller log:\n{}",
-            std::fs::read_to_string(dir.path().join("controller.log")).unwrap()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    wait_served(
+        &root,
+        "a.rampart.test",
+        s.proxy.https,
+        "hello over acme",
+        dir.path(),
+    )
+    .await;
     let m = metrics(s.admin).await;
     assert!(
         m.contains("rampart_acme_orders_total{result=\"ok\"} 1"),
@@ -454,19 +465,7 @@ action = {{ respond = {{ body = "hello from up" }} }}
             .unwrap(),
     );
     let root = pebble.root().await;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while get_trusting(&root, "up.rampart.test", https)
-        .await
-        .as_deref()
-        != Some("hello from up")
-    {
-        assert!(
-            Instant::now() < deadline,
-            "rampart up does not serve a pebble certificate; log:\n{}",
-            std::fs::read_to_string(dir.path().join("up.log")).unwrap()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    wait_served(&root, "up.rampart.test", https, "hello from up", dir.path()).await;
     eprintln!(
         "rampart up served its ACME certificate {:.2}s after start",
         started.elapsed().as_secs_f64()
@@ -537,19 +536,14 @@ action = {{ respond = {{ body = "hello from the fleet" }} }}
     )
     .await;
     let root = pebble.root().await;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while get_trusting(&root, "ha.rampart.test", proxy.https)
-        .await
-        .is_none()
-    {
-        assert!(
-            Instant::now() < deadline,
-            "not served; a:\n{}\nb:\n{}",
-            std::fs::read_to_string(dir.path().join("a.log")).unwrap(),
-            std::fs::read_to_string(dir.path().join("b.log")).unwrap()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    wait_served(
+        &root,
+        "ha.rampart.test",
+        proxy.https,
+        "hello from the fleet",
+        dir.path(),
+    )
+    .await;
     // Both keep deciding (every 5 s) for a while: still one order on the CA's side.
     let watch_until = Instant::now() + Duration::from_secs(6);
     loop {
@@ -585,18 +579,14 @@ async fn slow_validations_still_issue() {
     let pebble = Pebble::start_with(dir.path(), proxy_http.port(), opts).await;
     let s = setup(dir.path(), &pebble, proxy_http).await;
     let root = pebble.root().await;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while get_trusting(&root, "a.rampart.test", s.proxy.https)
-        .await
-        .is_none()
-    {
-        assert!(
-            Instant::now() < deadline,
-            "not served; controller log:\n{}",
-            std::fs::read_to_string(dir.path().join("controller.log")).unwrap()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    wait_served(
+        &root,
+        "a.rampart.test",
+        s.proxy.https,
+        "hello over acme",
+        dir.path(),
+    )
+    .await;
     assert!(metrics(s.admin)
         .await
         .contains("rampart_acme_orders_total{result=\"ok\"} 1"));
@@ -613,22 +603,7 @@ async fn a_ca_that_is_down_backs_off_and_the_names_keep_being_served() {
     );
     let s = setup_with(dir.path(), free_addr(), &tls, &["down.rampart.test"], "").await;
     let admin = s.admin;
-    eventually("the first order to fail", || async {
-        metrics(admin)
-            .await
-            .contains("rampart_acme_orders_total{result=\"error\"} 1")
-            .then_some(())
-    })
-    .await;
-    let watch_until = Instant::now() + Duration::from_secs(8);
-    while Instant::now() < watch_until {
-        let m = metrics(admin).await;
-        assert!(
-            !m.contains("rampart_acme_orders_total{result=\"error\"} 2"),
-            "{m}"
-        );
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    one_failed_order_then_backoff(admin, Duration::from_secs(8)).await;
     let log = std::fs::read_to_string(dir.path().join("controller.log")).unwrap();
     assert!(
         log.contains("creating an ACME account"),
