@@ -628,3 +628,34 @@ async fn a_ca_that_is_down_backs_off_and_the_names_keep_being_served() {
         .unwrap();
     assert_eq!(body, "hello over acme");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fallback_ca_issues_when_the_first_one_is_down() {
+    common::init();
+    let dir = tempfile::tempdir().unwrap();
+    let proxy_http = free_addr();
+    let pebble = Pebble::start(dir.path(), proxy_http.port()).await;
+    let tls = format!(
+        "hosts = [\"fb.rampart.test\"]\nsource = {{ acme = {{ email = \"ops@rampart.test\", directory = \"https://{}/dir\", fallback = [{{ directory = \"{}\", directory_ca = {:?} }}] }} }}\n",
+        free_addr(),
+        pebble.directory,
+        pebble.api_ca
+    );
+    let s = setup_with(dir.path(), proxy_http, &tls, &["fb.rampart.test"], "").await;
+    let root = pebble.root().await;
+    wait_served(
+        &root,
+        "fb.rampart.test",
+        s.proxy.https,
+        "hello over acme",
+        dir.path(),
+    )
+    .await;
+    let m = metrics(s.admin).await;
+    assert!(
+        m.contains("rampart_acme_orders_total{result=\"ok\"} 1"),
+        "{m}"
+    );
+    let log = std::fs::read_to_string(dir.path().join("controller.log")).unwrap();
+    assert!(log.contains("issued by the fallback CA"), "{log}");
+}

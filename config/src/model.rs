@@ -584,6 +584,21 @@ pub struct AcmeSource {
     /// system roots: private ACME CAs, or pebble in tests.
     #[serde(default)]
     pub directory_ca: Option<PathBuf>,
+    /// Other ACME CAs tried in order when an order at `directory` fails (e.g. ZeroSSL or
+    /// Google Trust Services behind Let's Encrypt); same e-mail and challenge.
+    #[serde(default)]
+    pub fallback: Vec<AcmeFallback>,
+}
+
+/// Another ACME CA for the same certificate.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AcmeFallback {
+    /// Directory URL.
+    pub directory: String,
+    /// A CA certificate (PEM) to trust for this directory's HTTPS.
+    #[serde(default)]
+    pub directory_ca: Option<PathBuf>,
 }
 
 fn default_acme_directory() -> String {

@@ -352,6 +352,15 @@ fn tls_source(entry: &TlsEntry, path: &FieldPath, out: &mut Vec<Issue>) {
             "use the CA's ACME directory URL",
         ));
     }
+    for (i, f) in acme.fallback.iter().enumerate() {
+        if !f.directory.starts_with("https://") {
+            out.push(Issue::new(
+                path.key("fallback").index(i).key("directory"),
+                format!("{:?} is not an https:// URL", f.directory),
+                "use the CA's ACME directory URL",
+            ));
+        }
+    }
     let wildcard = entry
         .hosts
         .iter()

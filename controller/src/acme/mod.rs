@@ -361,6 +361,45 @@ impl Acme {
         Ok(())
     }
 
+    /// Orders at `source.directory`, then at each fallback CA in turn while they fail.
+    async fn order_with_fallbacks(
+        &self,
+        names: &[String],
+        source: &AcmeSource,
+    ) -> anyhow::Result<()> {
+        let first = match self.order_retrying_nonces(names, source).await {
+            Ok(()) => return Ok(()),
+            Err(e) => e,
+        };
+        let mut errors = vec![format!("{}: {first:#}", source.directory)];
+        for f in &source.fallback {
+            tracing::warn!(
+                "ACME {}: {} failed ({first:#}); trying {}",
+                names.join(", "),
+                source.directory,
+                f.directory
+            );
+            let other = AcmeSource {
+                directory: f.directory.clone(),
+                directory_ca: f.directory_ca.clone(),
+                fallback: Vec::new(),
+                ..source.clone()
+            };
+            match self.order_retrying_nonces(names, &other).await {
+                Ok(()) => {
+                    tracing::info!(
+                        "ACME {}: issued by the fallback CA {}",
+                        names.join(", "),
+                        f.directory
+                    );
+                    return Ok(());
+                }
+                Err(e) => errors.push(format!("{}: {e:#}", f.directory)),
+            }
+        }
+        Err(anyhow::anyhow!("{}", errors.join("; ")))
+    }
+
     /// [`Acme::order`], again at once when the CA rejected a nonce (`badNonce`: a
     /// transient protocol hiccup that instant-acme already retries per request; a whole
     /// order is retried up to [`NONCE_RETRIES`] times before it counts as a failure).
@@ -635,7 +674,7 @@ impl Acme {
                 }
                 Decision::Order(reason) => {
                     tracing::info!("ACME {}: ordering ({reason:?})", names.join(", "));
-                    let result = self.order_retrying_nonces(&names, source).await;
+                    let result = self.order_with_fallbacks(&names, source).await;
                     self.metrics
                         .orders
                         .with_label_values(&[if result.is_ok() { "ok" } else { "error" }])
