@@ -224,6 +224,10 @@ async fn the_controller_orders_over_http01_through_the_proxies_and_they_serve_it
         m.contains("rampart_certificate_not_after_seconds{name=\"a.rampart.test,b.rampart.test\"}"),
         "{m}"
     );
+    assert!(
+        m.contains("rampart_acme_rate_limit_headroom{name=\"a.rampart.test,b.rampart.test\"}"),
+        "{m}"
+    );
 
     // A restart of the controller orders nothing: the certificate is in the store.
     s.controller = None;

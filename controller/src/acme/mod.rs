@@ -76,6 +76,7 @@ struct AcmeMetrics {
     failures: prometheus::IntGaugeVec,
     next_try: prometheus::IntGaugeVec,
     rate_limited: prometheus::IntGaugeVec,
+    headroom: prometheus::IntGaugeVec,
 }
 
 impl AcmeMetrics {
@@ -117,6 +118,10 @@ impl AcmeMetrics {
             rate_limited: gauge(
                 "rampart_acme_rate_limited",
                 "1 while an order for a name is held back by the model of the CA's rate limits.",
+            ),
+            headroom: gauge(
+                "rampart_acme_rate_limit_headroom",
+                "Orders for a name that the tightest of the CA's rate limits still allows now.",
             ),
         }
     }
@@ -620,6 +625,10 @@ impl Acme {
             let decision = {
                 let mut model = self.model.lock().expect("model lock");
                 model.prune(now);
+                self.metrics
+                    .headroom
+                    .with_label_values(&[&names.join(",")])
+                    .set(i64::try_from(model.headroom(now, &wanted)).unwrap_or(i64::MAX));
                 plan::decide(
                     now,
                     &wanted,

@@ -267,6 +267,71 @@ impl RateModel {
         });
     }
 
+    /// Every limit an order for `names` counts against, with the times of the events
+    /// inside its window.
+    fn usage(&self, now: u64, names: &BTreeSet<String>) -> Vec<Usage> {
+        let mut out = Vec::new();
+        let mut add = |limit: &'static str, window: u64, max: usize, mut times: Vec<u64>| {
+            times.retain(|t| t + window > now);
+            times.sort_unstable();
+            out.push(Usage {
+                limit,
+                window,
+                max,
+                times,
+            });
+        };
+        let times = |f: &dyn Fn(&Event) -> Option<u64>| -> Vec<u64> {
+            self.events.iter().filter_map(f).collect()
+        };
+        add(
+            "orders per account per 3 hours",
+            3 * HOUR,
+            self.limits.orders_per_3h,
+            times(&|e| match e {
+                Event::Order { at } => Some(*at),
+                _ => None,
+            }),
+        );
+        let domains: BTreeSet<String> = names.iter().map(|n| registered_domain(n)).collect();
+        for domain in &domains {
+            add(
+                "certificates per registered domain per week",
+                WEEK,
+                self.limits.certs_per_domain_per_week,
+                times(&|e| match e {
+                    Event::Issued { at, names }
+                        if names.iter().any(|n| &registered_domain(n) == domain) =>
+                    {
+                        Some(*at)
+                    }
+                    _ => None,
+                }),
+            );
+        }
+        add(
+            "duplicate certificates per week",
+            WEEK,
+            self.limits.duplicates_per_week,
+            times(&|e| match e {
+                Event::Issued { at, names: n } if n == names => Some(*at),
+                _ => None,
+            }),
+        );
+        for name in names {
+            add(
+                "failed validations per name per hour",
+                HOUR,
+                self.limits.failed_validations_per_hour,
+                times(&|e| match e {
+                    Event::FailedValidation { at, name: n } if n == name => Some(*at),
+                    _ => None,
+                }),
+            );
+        }
+        out
+    }
+
     /// Whether an order for `names` may be sent at `now`; if not, the limit it would
     /// hit and when it could be sent.
     ///
@@ -274,87 +339,38 @@ impl RateModel {
     /// The limit's name and the Unix time at which the order would fit again.
     pub fn admits(&self, now: u64, names: &BTreeSet<String>) -> Result<(), (&'static str, u64)> {
         let mut worst: Option<(&'static str, u64)> = None;
-        let mut check = |limit: &'static str, window: u64, max: usize, mut times: Vec<u64>| {
-            times.retain(|t| t + window > now);
-            if times.len() >= max {
-                times.sort_unstable();
+        for u in self.usage(now, names) {
+            if u.times.len() >= u.max {
                 // The order fits once the oldest counted event leaves the window.
-                let until = times[times.len() - max] + window;
-                if worst.is_none_or(|(_, u)| until > u) {
-                    worst = Some((limit, until));
+                let until = u.times[u.times.len() - u.max] + u.window;
+                if worst.is_none_or(|(_, w)| until > w) {
+                    worst = Some((u.limit, until));
                 }
             }
-        };
-        let orders = self
-            .events
-            .iter()
-            .filter_map(|e| match e {
-                Event::Order { at } => Some(*at),
-                _ => None,
-            })
-            .collect();
-        check(
-            "orders per account per 3 hours",
-            3 * HOUR,
-            self.limits.orders_per_3h,
-            orders,
-        );
-        let domains: BTreeSet<String> = names.iter().map(|n| registered_domain(n)).collect();
-        for domain in &domains {
-            let issued = self
-                .events
-                .iter()
-                .filter_map(|e| match e {
-                    Event::Issued { at, names }
-                        if names.iter().any(|n| &registered_domain(n) == domain) =>
-                    {
-                        Some(*at)
-                    }
-                    _ => None,
-                })
-                .collect();
-            check(
-                "certificates per registered domain per week",
-                WEEK,
-                self.limits.certs_per_domain_per_week,
-                issued,
-            );
-        }
-        let duplicates = self
-            .events
-            .iter()
-            .filter_map(|e| match e {
-                Event::Issued { at, names: n } if n == names => Some(*at),
-                _ => None,
-            })
-            .collect();
-        check(
-            "duplicate certificates per week",
-            WEEK,
-            self.limits.duplicates_per_week,
-            duplicates,
-        );
-        for name in names {
-            let failed = self
-                .events
-                .iter()
-                .filter_map(|e| match e {
-                    Event::FailedValidation { at, name: n } if n == name => Some(*at),
-                    _ => None,
-                })
-                .collect();
-            check(
-                "failed validations per name per hour",
-                HOUR,
-                self.limits.failed_validations_per_hour,
-                failed,
-            );
         }
         match worst {
             Some(w) => Err(w),
             None => Ok(()),
         }
     }
+
+    /// How many more orders for `names` the tightest limit allows now.
+    #[must_use]
+    pub fn headroom(&self, now: u64, names: &BTreeSet<String>) -> usize {
+        self.usage(now, names)
+            .iter()
+            .map(|u| u.max.saturating_sub(u.times.len()))
+            .min()
+            .unwrap_or(usize::MAX)
+    }
+}
+
+/// One limit's use.
+struct Usage {
+    limit: &'static str,
+    window: u64,
+    max: usize,
+    times: Vec<u64>,
 }
 
 #[cfg(test)]
@@ -511,6 +527,9 @@ mod tests {
             m.admits(20 * HOUR + 10, &names(&["api.example.com"])),
             Err(("failed validations per name per hour", 21 * HOUR))
         );
+        assert_eq!(m.headroom(10 * HOUR, &n), 0);
+        assert_eq!(m.headroom(10 * HOUR, &names(&["api.example.com"])), 5 - 5);
+        assert_eq!(m.headroom(22 * HOUR, &names(&["other.example.org"])), 5);
         assert_eq!(registered_domain("a.b.example.com"), "example.com");
         assert_eq!(registered_domain("*.example.com"), "example.com");
         m.prune(WEEK + 30 * HOUR);
