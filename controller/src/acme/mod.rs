@@ -65,7 +65,18 @@ struct State {
     last_failure_at: u64,
     retry_after: Option<u64>,
     last_error: Option<String>,
+    /// The CA's suggested renewal window (ARI) for the held certificate.
+    #[serde(default)]
+    ari: Option<(u64, u64)>,
+    /// When to ask for renewal information again (the CA's Retry-After).
+    #[serde(default)]
+    ari_next: u64,
 }
+
+/// Asking again for renewal information: at least this long after a failure, at most
+/// this long even when the CA says later.
+const ARI_RETRY: Duration = Duration::from_secs(3600);
+const ARI_MAX: Duration = Duration::from_secs(24 * 3600);
 
 /// The ACME metrics (on the controller's registry).
 #[derive(Clone, Debug)]
@@ -615,6 +626,11 @@ impl Acme {
                 Ok(Some(b)) => serde_json::from_slice(&b).unwrap_or_default(),
                 _ => State::default(),
             };
+            let mut held = held;
+            if let Some(h) = held.as_mut() {
+                self.refresh_ari(&names, source, &mut state).await;
+                h.ari = state.ari;
+            }
             let failures = Failures {
                 count: state.failures,
                 last_at: state.last_failure_at,
@@ -690,6 +706,7 @@ impl Acme {
                         .inc();
                     match result {
                         Ok(()) => {
+                            // A new certificate: its renewal window is asked for anew.
                             state = State::default();
                             if let Some(h) = self.held(&names) {
                                 let at = plan::renew_at(&h, spread(&names, "ari"));
@@ -727,6 +744,65 @@ impl Acme {
             }
         }
         waiting
+    }
+
+    /// Asks the CA for the held certificate's renewal window (ARI, RFC 9773) when the
+    /// last answer's Retry-After has passed, and keeps it in `state` (and the store).
+    /// CAs without ARI are asked again a day later; renewal then follows the lifetime.
+    async fn refresh_ari(&self, names: &[String], source: &AcmeSource, state: &mut State) {
+        let now = now_unix();
+        if now < state.ari_next {
+            return;
+        }
+        let chain = {
+            let out = self.out.borrow();
+            match out.certificates.get(names) {
+                Some(b) => b.chain_pem.clone(),
+                None => return,
+            }
+        };
+        let next = match self.renewal_info(&chain, source).await {
+            Ok((window, retry)) => {
+                state.ari = Some(window);
+                retry.clamp(Duration::from_secs(60), ARI_MAX)
+            }
+            Err(e) if e.to_string().contains("Unsupported") || e.to_string().contains("not supported") => {
+                tracing::debug!("ACME {}: no renewal information: {e:#}", names.join(","));
+                ARI_MAX
+            }
+            Err(e) => {
+                tracing::info!("ACME {}: renewal information: {e:#}", names.join(","));
+                ARI_RETRY
+            }
+        };
+        state.ari_next = now + next.as_secs();
+        if let Ok(b) = serde_json::to_vec(&state) {
+            let key = format!("acme/state/{}", cert_id(names));
+            if let Err(e) = self.store.put(&key, &b).await {
+                tracing::error!("storing ACME state: {e:#}");
+            }
+        }
+    }
+
+    async fn renewal_info(
+        &self,
+        chain_pem: &str,
+        source: &AcmeSource,
+    ) -> anyhow::Result<((u64, u64), Duration)> {
+        let account = self.account(source).await?;
+        let (_, block) = x509_parser::pem::parse_x509_pem(chain_pem.as_bytes())
+            .map_err(|e| anyhow::anyhow!("the stored certificate is not PEM: {e}"))?;
+        let der = rustls::pki_types::CertificateDer::from(block.contents);
+        let id = instant_acme::CertificateIdentifier::try_from(&der).map_err(anyhow::Error::msg)?;
+        let (info, retry) = account.renewal_info(&id).await.map_err(|e| match e {
+            instant_acme::Error::Unsupported(what) => anyhow::anyhow!("Unsupported: {what}"),
+            other => anyhow::Error::new(other),
+        })?;
+        let secs = |t: time::OffsetDateTime| u64::try_from(t.unix_timestamp()).unwrap_or(0);
+        Ok((
+            (secs(info.suggested_window.start), secs(info.suggested_window.end)),
+            retry,
+        ))
     }
 
     fn any_proxy_ready(&self) -> bool {
