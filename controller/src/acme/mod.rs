@@ -766,7 +766,10 @@ impl Acme {
                 state.ari = Some(window);
                 retry.clamp(Duration::from_secs(60), ARI_MAX)
             }
-            Err(e) if e.to_string().contains("Unsupported") || e.to_string().contains("not supported") => {
+            Err(e)
+                if e.to_string().contains("Unsupported")
+                    || e.to_string().contains("not supported") =>
+            {
                 tracing::debug!("ACME {}: no renewal information: {e:#}", names.join(","));
                 ARI_MAX
             }
@@ -800,7 +803,10 @@ impl Acme {
         })?;
         let secs = |t: time::OffsetDateTime| u64::try_from(t.unix_timestamp()).unwrap_or(0);
         Ok((
-            (secs(info.suggested_window.start), secs(info.suggested_window.end)),
+            (
+                secs(info.suggested_window.start),
+                secs(info.suggested_window.end),
+            ),
             retry,
         ))
     }

@@ -6,6 +6,7 @@
 //! the provider keeps publishing the last good endpoints from it.
 
 pub mod file;
+pub mod labels;
 
 use std::collections::BTreeMap;
 

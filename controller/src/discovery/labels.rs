@@ -1,0 +1,315 @@
+//! Container labels → routes and endpoints (the Docker and Swarm providers' pure core,
+//! issue 8). Traefik users will recognise the shape:
+//!
+//! ```text
+//! rampart.enable=true
+//! rampart.pool.web.port=8080            # required for each pool
+//! rampart.pool.web.weight=2             # optional, 1..=1000
+//! rampart.route.site.host=www.example.com,example.com
+//! rampart.route.site.path=/             # optional path prefix
+//! rampart.route.site.pool=web           # optional when the container has one pool
+//! rampart.route.site.priority=10        # optional
+//! rampart.route.site.https_redirect=true
+//! ```
+//!
+//! A bad label is reported with the container and the fix, and only that container is
+//! left out: it never breaks other routes.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+
+use rampart_config::{Action, Endpoint, HostPattern, Route};
+
+/// Label prefix.
+const PREFIX: &str = "rampart.";
+
+/// What one container's labels ask for.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Labelled {
+    /// Routes, forwarding to this container's pools.
+    pub routes: Vec<Route>,
+    /// This container as an endpoint of each pool it joins.
+    pub endpoints: BTreeMap<String, Endpoint>,
+}
+
+/// Reads `labels` of the container `source` reachable at `ip`. `Ok(None)`: not enabled.
+///
+/// # Errors
+/// Every problem, each naming the container, the label and the fix.
+pub fn parse(
+    source: &str,
+    labels: &BTreeMap<String, String>,
+    ip: IpAddr,
+) -> Result<Option<Labelled>, Vec<String>> {
+    match labels.get("rampart.enable").map(String::as_str) {
+        Some("true") => {}
+        Some("false") | None => return Ok(None),
+        Some(other) => {
+            return Err(vec![format!(
+                "{source}: label rampart.enable={other:?}: use \"true\" or \"false\""
+            )])
+        }
+    }
+    let mut errors = Vec::new();
+    let err = |errors: &mut Vec<String>, key: &str, value: &str, fix: &str| {
+        errors.push(format!("{source}: label {key}={value:?}: {fix}"));
+    };
+    // pool name -> (port, weight)
+    let mut pools: BTreeMap<String, (Option<u16>, u32)> = BTreeMap::new();
+    // route name -> fields
+    let mut routes: BTreeMap<String, BTreeMap<String, (String, String)>> = BTreeMap::new();
+    for (key, value) in labels {
+        let Some(rest) = key.strip_prefix(PREFIX) else {
+            continue;
+        };
+        if rest == "enable" || rest == "role" {
+            continue;
+        }
+        let parts: Vec<&str> = rest.splitn(3, '.').collect();
+        match parts.as_slice() {
+            ["pool", name, field] if valid_name(name) => {
+                let entry = pools.entry((*name).to_string()).or_insert((None, 1));
+                match *field {
+                    "port" => match value.parse::<u16>() {
+                        Ok(p) if p > 0 => entry.0 = Some(p),
+                        _ => err(&mut errors, key, value, "use the port the container listens on, e.g. 8080"),
+                    },
+                    "weight" => match value.parse::<u32>() {
+                        Ok(w) if (1..=1000).contains(&w) => entry.1 = w,
+                        _ => err(&mut errors, key, value, "use a weight from 1 to 1000"),
+                    },
+                    _ => err(&mut errors, key, value, "known pool labels: port, weight"),
+                }
+            }
+            ["route", name, field] if valid_name(name) => {
+                if matches!(*field, "host" | "path" | "pool" | "priority" | "https_redirect") {
+                    routes
+                        .entry((*name).to_string())
+                        .or_default()
+                        .insert((*field).to_string(), (key.clone(), value.clone()));
+                } else {
+                    err(
+                        &mut errors,
+                        key,
+                        value,
+                        "known route labels: host, path, pool, priority, https_redirect",
+                    );
+                }
+            }
+            ["pool" | "route", name, _] => err(
+                &mut errors,
+                key,
+                value,
+                &format!("{name:?} is not a valid name: use letters, digits, '-' and '_'"),
+            ),
+            _ => err(
+                &mut errors,
+                key,
+                value,
+                "unknown label; rampart.enable, rampart.role, rampart.pool.<name>.<field> and rampart.route.<name>.<field> are known",
+            ),
+        }
+    }
+    let mut out = Labelled::default();
+    for (name, (port, weight)) in &pools {
+        match port {
+            Some(port) => {
+                out.endpoints.insert(
+                    name.clone(),
+                    Endpoint {
+                        address: SocketAddr::new(ip, *port)
+                            .to_string()
+                            .parse()
+                            .expect("a socket address is a valid endpoint address"),
+                        weight: *weight,
+                    },
+                );
+            }
+            None => errors.push(format!(
+                "{source}: pool {name} has no port: add the label rampart.pool.{name}.port=<port the container listens on>"
+            )),
+        }
+    }
+    for (name, fields) in routes {
+        match route(source, &name, &fields, &pools) {
+            Ok(r) => out.routes.push(r),
+            Err(e) => errors.push(e),
+        }
+    }
+    if pools.is_empty() && errors.is_empty() {
+        errors.push(format!(
+            "{source}: rampart.enable=true but no pool: add rampart.pool.<name>.port=<port>"
+        ));
+    }
+    if errors.is_empty() {
+        Ok(Some(out))
+    } else {
+        Err(errors)
+    }
+}
+
+fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+fn route(
+    source: &str,
+    name: &str,
+    fields: &BTreeMap<String, (String, String)>,
+    pools: &BTreeMap<String, (Option<u16>, u32)>,
+) -> Result<Route, String> {
+    let bad = |(key, value): &(String, String), fix: &str| {
+        format!("{source}: label {key}={value:?}: {fix}")
+    };
+    let hosts = match fields.get("host") {
+        Some(kv) => {
+            kv.1.split(',')
+                .map(|h| h.trim().parse::<HostPattern>())
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| bad(kv, &format!("{e}; list host names separated by commas")))?
+        }
+        None => {
+            return Err(format!(
+                "{source}: route {name} has no host: add rampart.route.{name}.host=www.example.com"
+            ))
+        }
+    };
+    let path_prefix = match fields.get("path") {
+        Some(kv) if kv.1.starts_with('/') => kv.1.clone(),
+        Some(kv) => return Err(bad(kv, "a path prefix starts with '/'")),
+        None => "/".to_string(),
+    };
+    let pool = match fields.get("pool") {
+        Some(kv) if pools.contains_key(&kv.1) => kv.1.clone(),
+        Some(kv) => {
+            return Err(bad(
+                kv,
+                "name a pool this container joins with rampart.pool.<name>.port",
+            ))
+        }
+        None if pools.len() == 1 => pools.keys().next().cloned().unwrap_or_default(),
+        None => {
+            return Err(format!(
+                "{source}: route {name} does not say which pool: add rampart.route.{name}.pool=<one of {}>",
+                pools.keys().cloned().collect::<Vec<_>>().join(", ")
+            ))
+        }
+    };
+    let priority = match fields.get("priority") {
+        Some(kv) => kv.1.parse().map_err(|_| bad(kv, "use an integer"))?,
+        None => 0,
+    };
+    let https_redirect = match fields.get("https_redirect") {
+        Some(kv) => kv.1.parse().map_err(|_| bad(kv, "use true or false"))?,
+        None => false,
+    };
+    Ok(Route {
+        name: name.to_string(),
+        hosts,
+        path_prefix,
+        headers: BTreeMap::new(),
+        priority,
+        https_redirect,
+        max_body_bytes: None,
+        action: Action::Forward(pool),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_string(), (*v).to_string()))
+            .collect()
+    }
+
+    const IP: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(172, 18, 0, 5));
+
+    #[test]
+    fn a_labelled_container_gives_a_route_and_an_endpoint() {
+        let l = labels(&[
+            ("rampart.enable", "true"),
+            ("rampart.pool.web.port", "8080"),
+            ("rampart.pool.web.weight", "3"),
+            ("rampart.route.site.host", "www.example.com, example.com"),
+            ("rampart.route.site.path", "/app"),
+            ("rampart.route.site.https_redirect", "true"),
+            ("com.docker.compose.service", "web"),
+        ]);
+        let got = parse("web-1", &l, IP).unwrap().unwrap();
+        assert_eq!(got.endpoints["web"].address.to_string(), "172.18.0.5:8080");
+        assert_eq!(got.endpoints["web"].weight, 3);
+        let r = &got.routes[0];
+        assert_eq!(r.name, "site");
+        assert_eq!(r.hosts.len(), 2);
+        assert_eq!(r.path_prefix, "/app");
+        assert!(r.https_redirect);
+        assert_eq!(r.action, Action::Forward("web".into()));
+    }
+
+    #[test]
+    fn not_enabled_is_ignored() {
+        assert_eq!(
+            parse("c", &labels(&[("rampart.pool.web.port", "80")]), IP),
+            Ok(None)
+        );
+        assert_eq!(
+            parse("c", &labels(&[("rampart.enable", "false")]), IP),
+            Ok(None)
+        );
+    }
+
+    #[test]
+    fn bad_labels_name_the_container_the_label_and_the_fix() {
+        let l = labels(&[
+            ("rampart.enable", "true"),
+            ("rampart.pool.web.port", "eighty"),
+            ("rampart.pool.api.port", "9000"),
+            ("rampart.route.site.host", "www.example.com"),
+            ("rampart.route.x.hots", "a.example.com"),
+            ("rampart.tls", "yes"),
+        ]);
+        let errors = parse("shop-7", &l, IP).unwrap_err();
+        let text = errors.join("\n");
+        assert!(errors.iter().all(|e| e.starts_with("shop-7: ")), "{text}");
+        assert!(
+            text.contains("rampart.pool.web.port=\"eighty\": use the port"),
+            "{text}"
+        );
+        assert!(text.contains("known route labels"), "{text}");
+        assert!(
+            text.contains("rampart.tls=\"yes\": unknown label"),
+            "{text}"
+        );
+        assert!(
+            text.contains("route site does not say which pool"),
+            "{text}"
+        );
+        assert_eq!(errors.len(), 5, "{text}");
+    }
+
+    #[test]
+    fn enabled_without_a_pool_or_a_host_is_explained() {
+        let e = parse("c", &labels(&[("rampart.enable", "true")]), IP).unwrap_err();
+        assert!(e[0].contains("add rampart.pool.<name>.port"), "{e:?}");
+        let e = parse(
+            "c",
+            &labels(&[
+                ("rampart.enable", "true"),
+                ("rampart.pool.web.port", "80"),
+                ("rampart.route.r.path", "/"),
+            ]),
+            IP,
+        )
+        .unwrap_err();
+        assert!(e[0].contains("route r has no host"), "{e:?}");
+        let e = parse("c", &labels(&[("rampart.enable", "yes")]), IP).unwrap_err();
+        assert!(e[0].contains("use \"true\" or \"false\""), "{e:?}");
+    }
+}
