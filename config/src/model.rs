@@ -334,14 +334,34 @@ pub struct Discovery {
     /// Endpoint lists in files: `[[discovery.files]] path = "endpoints.d"`.
     #[serde(default)]
     pub files: Vec<FileDiscovery>,
+    /// Routes and endpoints from labelled containers of a Docker engine.
+    #[serde(default)]
+    pub docker: Vec<DockerDiscovery>,
 }
 
 impl Discovery {
     /// Whether any provider is configured (pools may then start without endpoints).
     #[must_use]
     pub fn any(&self) -> bool {
-        !self.files.is_empty()
+        !self.files.is_empty() || !self.docker.is_empty()
     }
+}
+
+/// A Docker engine whose running containers with `rampart.enable=true` become routes
+/// and endpoints (labels: see the README).
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DockerDiscovery {
+    /// The engine's API socket.
+    #[serde(default = "default_docker_socket")]
+    pub socket: String,
+    /// The network whose container addresses are used (default: the container's first).
+    #[serde(default)]
+    pub network: Option<String>,
+}
+
+fn default_docker_socket() -> String {
+    "unix:///var/run/docker.sock".to_string()
 }
 
 /// A watched file, or directory of `*.toml` files, each listing endpoints by pool:

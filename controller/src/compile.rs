@@ -50,7 +50,7 @@ impl Compiler {
             version,
             limits: config.limits.clone(),
             forwarding: config.forwarding.clone(),
-            routes: config.routes.clone(),
+            routes: merge_routes(config, found),
             pools: merge_pools(config, found),
             certificates: self.certificates(config)?,
             default_sni: config.server.default_sni.clone(),
@@ -105,13 +105,38 @@ impl Compiler {
     }
 }
 
+/// The configured routes, then the providers' (a provider's route whose name the file
+/// already uses is left out: the file wins).
+#[must_use]
+pub fn merge_routes(config: &Config, found: &[Found]) -> Vec<rampart_config::Route> {
+    let mut routes = config.routes.clone();
+    for f in found {
+        for r in &f.routes {
+            if !routes.iter().any(|x| x.name == r.name) {
+                routes.push(r.clone());
+            }
+        }
+    }
+    routes
+}
+
 /// The configured pools with every provider's endpoints appended (each address once;
-/// the static entry wins).
+/// the static entry wins). A pool only a provider's routes name is created with the
+/// defaults (round robin, passive health checks).
 #[must_use]
 pub fn merge_pools(config: &Config, found: &[Found]) -> BTreeMap<String, rampart_config::Pool> {
     let mut pools = config.pools.clone();
     for f in found {
         for (name, eps) in &f.pools {
+            if !pools.contains_key(name)
+                && f.routes
+                    .iter()
+                    .any(|r| r.action == rampart_config::Action::Forward(name.clone()))
+            {
+                if let Ok(pool) = toml::from_str::<rampart_config::Pool>("") {
+                    pools.insert(name.clone(), pool);
+                }
+            }
             let Some(pool) = pools.get_mut(name) else {
                 continue;
             };
@@ -153,6 +178,7 @@ mod tests {
                 ("gone".to_string(), vec![ep("127.0.0.1:12")]),
             ]
             .into(),
+            routes: vec![],
             errors: vec![],
         };
         let pools = merge_pools(&config, &[found]);

@@ -359,6 +359,13 @@ fn spawn_providers(
         let shutdown = shutdown.clone();
         tasks.spawn(async move { provider.run(tx, shutdown).await });
     }
+    for d in &config.discovery.docker {
+        let provider = discovery::docker::DockerProvider::new(d.clone());
+        let (tx, rx) = watch::channel(Found::default());
+        out.push((provider.name(), rx));
+        let shutdown = shutdown.clone();
+        tasks.spawn(async move { provider.run(tx, shutdown).await });
+    }
     out
 }
 

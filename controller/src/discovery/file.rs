@@ -82,7 +82,11 @@ impl FileProvider {
                 }
             }
         }
-        Found { pools, errors }
+        Found {
+            pools,
+            routes: Vec::new(),
+            errors,
+        }
     }
 }
 

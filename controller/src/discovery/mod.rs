@@ -5,6 +5,7 @@
 //! A provider never fails as a whole: a bad source is reported in [`Found::errors`] and
 //! the provider keeps publishing the last good endpoints from it.
 
+pub mod docker;
 pub mod file;
 pub mod labels;
 
@@ -19,6 +20,8 @@ use tokio::sync::watch;
 pub struct Found {
     /// Endpoints by pool name.
     pub pools: BTreeMap<String, Vec<Endpoint>>,
+    /// Routes the provider defines (container labels), forwarding to its pools.
+    pub routes: Vec<rampart_config::Route>,
     /// Problems of the last read, each naming its source and the fix.
     pub errors: Vec<String>,
 }

@@ -1,0 +1,220 @@
+//! The Docker provider (bollard): running containers with `rampart.enable=true` become
+//! routes and endpoints ([`super::labels`]). A full list at start and after every
+//! container event (start, die, stop, kill, pause, unpause, health_status), and again
+//! when the event stream breaks (engine restarted, socket gone), with back-off. Between
+//! reads the last good state stays published.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bollard::query_parameters::ListContainersOptionsBuilder;
+use bollard::Docker;
+use futures_util::StreamExt as _;
+use rampart_config::{DockerDiscovery, Route};
+use tokio::sync::watch;
+
+use super::labels;
+use super::{Found, Provider};
+
+/// Events that change what the provider publishes.
+const EVENTS: &[&str] = &[
+    "start",
+    "die",
+    "stop",
+    "kill",
+    "pause",
+    "unpause",
+    "health_status",
+    "destroy",
+];
+/// Longest pause between reconnection attempts.
+const MAX_BACKOFF: Duration = Duration::from_secs(10);
+/// Events arriving together are read once.
+const SETTLE: Duration = Duration::from_millis(50);
+
+/// A Docker engine as a source of routes and endpoints.
+#[derive(Debug)]
+pub struct DockerProvider {
+    settings: DockerDiscovery,
+}
+
+impl DockerProvider {
+    /// A provider for the engine in `settings`.
+    #[must_use]
+    pub fn new(settings: DockerDiscovery) -> Self {
+        Self { settings }
+    }
+
+    async fn connect(&self) -> Result<Docker, String> {
+        let docker = if self.settings.socket.starts_with("unix://")
+            || self.settings.socket.starts_with('/')
+        {
+            Docker::connect_with_unix(&self.settings.socket, 30, bollard::API_DEFAULT_VERSION)
+        } else {
+            Docker::connect_with_http(&self.settings.socket, 30, bollard::API_DEFAULT_VERSION)
+        }
+        .map_err(|e| format!("docker {}: {e}", self.settings.socket))?;
+        docker
+            .negotiate_version()
+            .await
+            .map_err(|e| format!("docker {}: {e}", self.settings.socket))
+    }
+
+    /// Reads every enabled, running, not unhealthy container.
+    async fn read(&self, docker: &Docker) -> Result<Found, String> {
+        let mut filters = HashMap::new();
+        filters.insert("label".to_string(), vec!["rampart.enable=true".to_string()]);
+        filters.insert("status".to_string(), vec!["running".to_string()]);
+        let options = ListContainersOptionsBuilder::default()
+            .filters(&filters)
+            .build();
+        let containers = docker
+            .list_containers(Some(options))
+            .await
+            .map_err(|e| format!("docker {}: listing containers: {e}", self.settings.socket))?;
+        let mut found = Found::default();
+        let mut routes: BTreeMap<String, (String, Route)> = BTreeMap::new();
+        for c in containers {
+            let name = c.names.as_ref().and_then(|n| n.first()).map_or_else(
+                || c.id.clone().unwrap_or_default(),
+                |n| n.trim_start_matches('/').to_string(),
+            );
+            let status = c.status.clone().unwrap_or_default();
+            // Docker's own HEALTHCHECK: only healthy (or unchecked) containers serve.
+            if status.contains("(unhealthy)") || status.contains("(health: starting)") {
+                continue;
+            }
+            let networks = c
+                .network_settings
+                .as_ref()
+                .and_then(|n| n.networks.clone())
+                .unwrap_or_default();
+            let ip = match &self.settings.network {
+                Some(net) => networks.get(net),
+                None => networks.values().next(),
+            }
+            .and_then(|e| e.ip_address.as_deref())
+            .filter(|ip| !ip.is_empty())
+            .and_then(|ip| ip.parse::<IpAddr>().ok());
+            let Some(ip) = ip else {
+                found.errors.push(format!(
+                    "{name}: no address on {}; attach it to that network",
+                    self.settings.network.as_deref().unwrap_or("any network")
+                ));
+                continue;
+            };
+            let labels: BTreeMap<String, String> =
+                c.labels.clone().unwrap_or_default().into_iter().collect();
+            match labels::parse(&name, &labels, ip) {
+                Ok(Some(l)) => {
+                    for (pool, ep) in l.endpoints {
+                        found.pools.entry(pool).or_default().push(ep);
+                    }
+                    for r in l.routes {
+                        match routes.get(&r.name) {
+                            Some((first, existing)) if existing != &r => found.errors.push(format!(
+                                "{name}: route {} differs from the one on {first}; give every container of a service the same route labels",
+                                r.name
+                            )),
+                            Some(_) => {}
+                            None => {
+                                routes.insert(r.name.clone(), (name.clone(), r));
+                            }
+                        }
+                    }
+                }
+                Ok(None) => {}
+                Err(errors) => found.errors.extend(errors),
+            }
+        }
+        found.routes = routes.into_values().map(|(_, r)| r).collect();
+        for eps in found.pools.values_mut() {
+            eps.sort_by_key(|e| e.address.to_string());
+        }
+        Ok(found)
+    }
+}
+
+/// A container event that can change what is published.
+fn relevant(ev: &bollard::models::EventMessage) -> bool {
+    let container = ev
+        .typ
+        .as_ref()
+        .is_some_and(|t| *t == bollard::models::EventMessageTypeEnum::CONTAINER);
+    let action = ev.action.as_deref().unwrap_or_default();
+    // health_status events read "health_status: healthy".
+    container
+        && EVENTS
+            .iter()
+            .any(|e| action == *e || action.starts_with(&format!("{e}:")))
+}
+
+#[async_trait]
+impl Provider for DockerProvider {
+    fn name(&self) -> String {
+        format!("docker:{}", self.settings.socket)
+    }
+
+    async fn run(&self, out: watch::Sender<Found>, mut shutdown: watch::Receiver<bool>) {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let session = async {
+                let docker = self.connect().await?;
+                // Unfiltered: engines before API 1.42 ignore list-style event filters.
+                // Subscribe first, then list: nothing happens unseen in between.
+                let mut events = docker.events(None::<bollard::query_parameters::EventsOptions>);
+                let found = self.read(&docker).await?;
+                out.send_replace(found);
+                loop {
+                    match events.next().await {
+                        Some(Ok(ev)) if !relevant(&ev) => {}
+                        Some(Ok(_)) => {
+                            // Take the other events of the same moment, then read once.
+                            while let Ok(Some(_)) =
+                                tokio::time::timeout(SETTLE, events.next()).await
+                            {
+                            }
+                            match self.read(&docker).await {
+                                Ok(found) => {
+                                    out.send_if_modified(|old| {
+                                        let changed = *old != found;
+                                        *old = found;
+                                        changed
+                                    });
+                                }
+                                Err(e) => return Err::<(), String>(e),
+                            }
+                        }
+                        Some(Err(e)) => {
+                            return Err(format!("docker {}: events: {e}", self.settings.socket))
+                        }
+                        None => {
+                            return Err(format!(
+                                "docker {}: the event stream ended",
+                                self.settings.socket
+                            ))
+                        }
+                    }
+                }
+            };
+            let result = tokio::select! {
+                r = session => r,
+                _ = shutdown.wait_for(|s| *s) => return,
+            };
+            if let Err(e) = result {
+                tracing::warn!("{e}; keeping the last good containers, retrying in {backoff:?}");
+                out.send_modify(|f| {
+                    f.errors.retain(|x| !x.starts_with("docker "));
+                    f.errors.push(e);
+                });
+            }
+            tokio::select! {
+                () = tokio::time::sleep(backoff) => {}
+                _ = shutdown.wait_for(|s| *s) => return,
+            }
+            backoff = (backoff * 2).min(MAX_BACKOFF);
+        }
+    }
+}

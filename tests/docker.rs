@@ -1,0 +1,260 @@
+//! Docker discovery against the real engine: a backend image built FROM scratch with our
+//! own binary (no registry), labelled containers on a network the test creates, a real
+//! controller and a real fleet proxy routing to them as they come and go.
+#![allow(missing_docs, clippy::unwrap_used)]
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use common::{eventually, Proxy};
+
+/// Runs `docker args`, returning stdout; panics with stderr on failure.
+fn docker(args: &[&str]) -> String {
+    let out = Command::new("docker")
+        .args(args)
+        .output()
+        .expect("docker (the engine runs on every development and CI machine)");
+    assert!(
+        out.status.success(),
+        "docker {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+/// The test backend image: `rampart-loadtest backend` and the shared libraries it needs,
+/// FROM scratch, tagged by the binary's hash so that reruns reuse it.
+fn backend_image() -> String {
+    let bin: PathBuf = Path::new(env!("CARGO_BIN_EXE_rampart")).with_file_name("rampart-loadtest");
+    assert!(
+        bin.exists(),
+        "{} is missing: `cargo test --workspace` builds it",
+        bin.display()
+    );
+    let bytes = std::fs::read(&bin).unwrap();
+    let tag = format!(
+        "rampart-test-backend:{}",
+        &rampart_pki::sha256_hex(&bytes)[..16]
+    );
+    let exists = Command::new("docker")
+        .args(["image", "inspect", &tag])
+        .output()
+        .unwrap()
+        .status
+        .success();
+    if exists {
+        return tag;
+    }
+    let ctx = tempfile::tempdir().unwrap();
+    std::fs::copy(&bin, ctx.path().join("rampart-loadtest")).unwrap();
+    // The dynamic libraries ldd lists, at the same paths inside the image.
+    let ldd = Command::new("ldd").arg(&bin).output().unwrap();
+    let mut copies = String::new();
+    for line in String::from_utf8_lossy(&ldd.stdout).lines() {
+        let path = line
+            .split_whitespace()
+            .find(|w| w.starts_with('/'))
+            .map(str::to_string);
+        if let Some(path) = path {
+            let name = Path::new(&path)
+                .file_name()
+                .unwrap()
+                .to_string_lossy()
+                .to_string();
+            std::fs::copy(&path, ctx.path().join(&name)).unwrap();
+            let dir = Path::new(&path).parent().unwrap().display().to_string();
+            copies.push_str(&format!("COPY {name} {dir}/{name}\n"));
+        }
+    }
+    std::fs::write(
+        ctx.path().join("Dockerfile"),
+        format!(
+            "FROM scratch\n{copies}COPY rampart-loadtest /rampart-loadtest\nUSER 65534\nENTRYPOINT [\"/rampart-loadtest\", \"backend\", \"--listen\", \"0.0.0.0:8080\"]\n"
+        ),
+    )
+    .unwrap();
+    docker(&["build", "-q", "-t", &tag, ctx.path().to_str().unwrap()]);
+    tag
+}
+
+/// A network and the containers on it, removed on drop (even when the test fails).
+struct Scene {
+    network: String,
+    label: String,
+}
+
+impl Scene {
+    fn new() -> Self {
+        let id = &uuid_like()[..10];
+        let network = format!("rampart-test-{id}");
+        docker(&["network", "create", &network]);
+        Self {
+            network,
+            label: format!("rampart-test.scene={id}"),
+        }
+    }
+
+    /// Starts a container of `image` with `labels`; returns its id.
+    fn run(&self, name: &str, image: &str, labels: &[&str]) -> String {
+        let mut args = vec![
+            "run".to_string(),
+            "-d".into(),
+            "--network".into(),
+            self.network.clone(),
+            "--name".into(),
+            format!("{}-{name}", self.network),
+            "--label".into(),
+            self.label.clone(),
+        ];
+        for l in labels {
+            args.push("--label".into());
+            args.push((*l).to_string());
+        }
+        args.push(image.to_string());
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        docker(&args)
+    }
+}
+
+impl Drop for Scene {
+    fn drop(&mut self) {
+        let ids = Command::new("docker")
+            .args(["ps", "-aq", "--filter", &format!("label={}", self.label)])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).to_string())
+            .unwrap_or_default();
+        for id in ids.split_whitespace() {
+            let _ = Command::new("docker").args(["rm", "-f", id]).output();
+        }
+        let _ = Command::new("docker")
+            .args(["network", "rm", &self.network])
+            .output();
+    }
+}
+
+fn uuid_like() -> String {
+    let bytes: [u8; 8] = rand_bytes();
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn rand_bytes() -> [u8; 8] {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    let h = rampart_pki::sha256_hex(format!("{nanos}-{}", std::process::id()).as_bytes());
+    let mut out = [0u8; 8];
+    for (i, b) in out.iter_mut().enumerate() {
+        *b = u8::from_str_radix(&h[2 * i..2 * i + 2], 16).unwrap();
+    }
+    out
+}
+
+const WEB: &[&str] = &[
+    "rampart.enable=true",
+    "rampart.pool.web.port=8080",
+    "rampart.route.site.host=web.rampart.test",
+];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn labelled_containers_become_routes_and_follow_the_engine() {
+    common::init();
+    let image = backend_image();
+    let scene = Scene::new();
+    scene.run("web-1", &image, WEB);
+    scene.run("web-2", &image, WEB);
+    // A container with a bad label: reported, and it breaks nothing else.
+    scene.run(
+        "bad",
+        &image,
+        &["rampart.enable=true", "rampart.pool.api.port=eighty"],
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let text = format!(
+        "[server]\ndata_dir = {:?}\n[controller]\nlisten = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\nwatch_timeout = \"2s\"\n\n[[discovery.docker]]\nnetwork = \"{}\"\n",
+        dir.path().join("data"),
+        scene.network
+    );
+    let config = rampart_config::parse(&text, "docker-test.toml").unwrap();
+    let handle = rampart_controller::start(config.clone(), None)
+        .await
+        .unwrap();
+    let state = handle.state.clone();
+    let endpoints = |state: &rampart_controller::State| {
+        state
+            .status()
+            .discovery
+            .iter()
+            .map(|p| p.endpoints)
+            .sum::<usize>()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while endpoints(&state) != 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not discovered: {:?}\n{}",
+            state.status().discovery,
+            docker(&["ps", "-a", "--filter", &format!("label={}", scene.label)])
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let errors: Vec<String> = state
+        .status()
+        .discovery
+        .iter()
+        .flat_map(|p| p.errors.clone())
+        .collect();
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.contains("-bad") && e.contains("rampart.pool.api.port")),
+        "{errors:?}"
+    );
+
+    let token = rampart_controller::create_token(&config, Duration::from_secs(600))
+        .await
+        .unwrap();
+    let proxy = Proxy::start_fleet(&format!("https://{}", handle.fleet_addr), Some(&token)).await;
+    let client = reqwest::Client::new();
+    let get = || async {
+        client
+            .get(format!("http://{}/", proxy.http))
+            .header("host", "web.rampart.test")
+            .send()
+            .await
+            .ok()
+            .map(|r| r.status().as_u16())
+    };
+    eventually("the proxy to route to the containers", || async {
+        (get().await == Some(200)).then_some(())
+    })
+    .await;
+
+    // One container goes: the route keeps answering from the other.
+    docker(&["kill", &format!("{}-web-1", scene.network)]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while endpoints(&state) != 1 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the killed container is still in the pool: {:?}",
+            state.status().discovery
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for _ in 0..20 {
+        assert_eq!(get().await, Some(200));
+    }
+    // A new one joins.
+    scene.run("web-3", &image, WEB);
+    eventually("the new container to join", || async {
+        (endpoints(&state) == 2).then_some(())
+    })
+    .await;
+    drop(proxy);
+    handle.shutdown().await;
+}
