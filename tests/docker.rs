@@ -258,3 +258,107 @@ async fn labelled_containers_become_routes_and_follow_the_engine() {
     drop(proxy);
     handle.shutdown().await;
 }
+
+/// A Unix socket forwarding to the real engine's, which the test can cut and restore
+/// (the engine "goes away" without stopping the machine's Docker).
+struct EngineLink {
+    path: PathBuf,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl EngineLink {
+    fn new(path: PathBuf) -> Self {
+        let mut link = Self { path, task: None };
+        link.up();
+        link
+    }
+
+    fn up(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+        let listener = tokio::net::UnixListener::bind(&self.path).unwrap();
+        self.task = Some(tokio::spawn(async move {
+            let mut conns = tokio::task::JoinSet::new();
+            while let Ok((mut client, _)) = listener.accept().await {
+                conns.spawn(async move {
+                    if let Ok(mut engine) =
+                        tokio::net::UnixStream::connect("/var/run/docker.sock").await
+                    {
+                        let _ = tokio::io::copy_bidirectional(&mut client, &mut engine).await;
+                    }
+                });
+            }
+        }));
+    }
+
+    /// Closes the socket and every connection through it.
+    fn down(&mut self) {
+        if let Some(t) = self.task.take() {
+            t.abort();
+        }
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+impl Drop for EngineLink {
+    fn drop(&mut self) {
+        self.down();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_engine_that_goes_away_keeps_the_last_good_state_and_resyncs() {
+    common::init();
+    let image = backend_image();
+    let scene = Scene::new();
+    scene.run("web-1", &image, WEB);
+    scene.run("web-2", &image, WEB);
+    let dir = tempfile::tempdir().unwrap();
+    let mut link = EngineLink::new(dir.path().join("engine.sock"));
+    let text = format!(
+        "[server]\ndata_dir = {:?}\n[controller]\nlisten = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n\n[[discovery.docker]]\nsocket = \"unix://{}\"\nnetwork = \"{}\"\n",
+        dir.path().join("data"),
+        dir.path().join("engine.sock").display(),
+        scene.network
+    );
+    let config = rampart_config::parse(&text, "docker-test.toml").unwrap();
+    let handle = rampart_controller::start(config, None).await.unwrap();
+    let state = handle.state.clone();
+    let discovered = |state: &rampart_controller::State| {
+        state
+            .status()
+            .discovery
+            .first()
+            .map(|p| (p.endpoints, p.errors.clone()))
+            .unwrap_or_default()
+    };
+    eventually("both containers discovered", || async {
+        (discovered(&state).0 == 2).then_some(())
+    })
+    .await;
+
+    // The engine goes away: the last good containers stay, and the error says why.
+    link.down();
+    eventually("the provider to notice", || async {
+        let (n, errors) = discovered(&state);
+        (n == 2 && errors.iter().any(|e| e.starts_with("docker "))).then_some(())
+    })
+    .await;
+    // Meanwhile a container dies, unseen.
+    docker(&["kill", &format!("{}-web-1", scene.network)]);
+
+    // It comes back: a resync sees the change and clears the error.
+    link.up();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let (n, errors) = discovered(&state);
+        if n == 1 && errors.is_empty() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no resync: {n} endpoints, errors {errors:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    handle.shutdown().await;
+}

@@ -33,6 +33,8 @@ const EVENTS: &[&str] = &[
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
 /// Events arriving together are read once.
 const SETTLE: Duration = Duration::from_millis(50);
+/// A second read this long after the last event.
+const CONFIRM: Duration = Duration::from_millis(500);
 
 /// A Docker engine as a source of routes and endpoints.
 #[derive(Debug)]
@@ -99,6 +101,11 @@ impl DockerProvider {
             .filter(|ip| !ip.is_empty())
             .and_then(|ip| ip.parse::<IpAddr>().ok());
             let Some(ip) = ip else {
+                if let Some(net) = &self.settings.network {
+                    // Not on our network: another project's (or another Rampart's).
+                    tracing::debug!("{name}: not attached to {net}; ignored");
+                    continue;
+                }
                 found.errors.push(format!(
                     "{name}: no address on {}; attach it to that network",
                     self.settings.network.as_deref().unwrap_or("any network")
@@ -160,42 +167,67 @@ impl Provider for DockerProvider {
     async fn run(&self, out: watch::Sender<Found>, mut shutdown: watch::Receiver<bool>) {
         let mut backoff = Duration::from_millis(100);
         loop {
+            let synced = std::sync::atomic::AtomicBool::new(false);
             let session = async {
                 let docker = self.connect().await?;
-                // Unfiltered: engines before API 1.42 ignore list-style event filters.
-                // Subscribe first, then list: nothing happens unseen in between.
-                let mut events = docker.events(None::<bollard::query_parameters::EventsOptions>);
+                // The event stream only connects when first polled, after the list: ask
+                // it to replay from a second before the list, so that nothing happens
+                // unseen in between (a replayed event costs one more read).
+                let since = (crate::fleet::unix_ms() / 1000)
+                    .saturating_sub(1)
+                    .to_string();
                 let found = self.read(&docker).await?;
+                // Unfiltered: engines before API 1.42 ignore list-style event filters.
+                let mut events = docker.events(Some(
+                    bollard::query_parameters::EventsOptionsBuilder::new()
+                        .since(&since)
+                        .build(),
+                ));
                 out.send_replace(found);
+                synced.store(true, std::sync::atomic::Ordering::Relaxed);
+                // After an event, read again a moment later: the engine may list a
+                // container's new state (say, exited after "die") a little after the event.
+                let mut confirm: Option<tokio::time::Instant> = None;
                 loop {
-                    match events.next().await {
-                        Some(Ok(ev)) if !relevant(&ev) => {}
-                        Some(Ok(_)) => {
+                    let next = match confirm {
+                        Some(at) => tokio::time::timeout_at(at, events.next()).await.ok(),
+                        None => Some(events.next().await),
+                    };
+                    let refresh = match next {
+                        None => {
+                            confirm = None;
+                            true
+                        }
+                        Some(Some(Ok(ev))) if !relevant(&ev) => false,
+                        Some(Some(Ok(_))) => {
                             // Take the other events of the same moment, then read once.
                             while let Ok(Some(_)) =
                                 tokio::time::timeout(SETTLE, events.next()).await
                             {
                             }
-                            match self.read(&docker).await {
-                                Ok(found) => {
-                                    out.send_if_modified(|old| {
-                                        let changed = *old != found;
-                                        *old = found;
-                                        changed
-                                    });
-                                }
-                                Err(e) => return Err::<(), String>(e),
-                            }
+                            confirm = Some(tokio::time::Instant::now() + CONFIRM);
+                            true
                         }
-                        Some(Err(e)) => {
-                            return Err(format!("docker {}: events: {e}", self.settings.socket))
+                        Some(Some(Err(e))) => {
+                            return Err::<(), String>(format!(
+                                "docker {}: events: {e}",
+                                self.settings.socket
+                            ))
                         }
-                        None => {
+                        Some(None) => {
                             return Err(format!(
                                 "docker {}: the event stream ended",
                                 self.settings.socket
                             ))
                         }
+                    };
+                    if refresh {
+                        let found = self.read(&docker).await?;
+                        out.send_if_modified(|old| {
+                            let changed = *old != found;
+                            *old = found;
+                            changed
+                        });
                     }
                 }
             };
@@ -203,6 +235,10 @@ impl Provider for DockerProvider {
                 r = session => r,
                 _ = shutdown.wait_for(|s| *s) => return,
             };
+            if synced.load(std::sync::atomic::Ordering::Relaxed) {
+                // It worked until now: reconnect quickly.
+                backoff = Duration::from_millis(100);
+            }
             if let Err(e) = result {
                 tracing::warn!("{e}; keeping the last good containers, retrying in {backoff:?}");
                 out.send_modify(|f| {
