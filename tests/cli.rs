@@ -148,7 +148,7 @@ async fn up_serves_the_welcome_page_over_https_with_the_internal_ca() {
     .replace("0.0.0.0:8080", &http.to_string())
     .replace("0.0.0.0:8443", &https.to_string())
     .replace("127.0.0.1:9900", &admin.to_string())
-    .replace("127.0.0.1:5353", &dns.to_string())
+    .replace("127.0.0.1:8053", &dns.to_string())
     .replace("./rampart-data", dir.path().join("data").to_str().unwrap());
     let file = dir.path().join("quickstart.toml");
     std::fs::write(&file, quickstart).unwrap();

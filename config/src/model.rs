@@ -177,7 +177,7 @@ impl Default for DnsProvider {
 }
 
 fn default_embedded_dns() -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], 5353))
+    SocketAddr::from(([127, 0, 0, 1], 8053))
 }
 
 /// TSIG algorithms.
