@@ -255,6 +255,25 @@ async fn labelled_containers_become_routes_and_follow_the_engine() {
         (endpoints(&state) == 2).then_some(())
     })
     .await;
+    // Every container of the service goes (a redeploy): the route stays for a while
+    // with an empty pool, and clients are told to come back.
+    docker(&["kill", &format!("{}-web-2", scene.network)]);
+    docker(&["kill", &format!("{}-web-3", scene.network)]);
+    eventually("the pool to empty", || async {
+        (endpoints(&state) == 0).then_some(())
+    })
+    .await;
+    let r = eventually("a 503 for the emptied pool", || async {
+        let r = client
+            .get(format!("http://{}/", proxy.http))
+            .header("host", "web.rampart.test")
+            .send()
+            .await
+            .ok()?;
+        (r.status() == 503).then_some(r)
+    })
+    .await;
+    assert!(r.headers().contains_key("retry-after"), "{:?}", r.headers());
     drop(proxy);
     handle.shutdown().await;
 }

@@ -29,6 +29,8 @@ const EVENTS: &[&str] = &[
     "health_status",
     "destroy",
 ];
+/// How long a route outlives its last container.
+const ROUTE_GRACE: Duration = Duration::from_secs(300);
 /// Longest pause between reconnection attempts.
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
 /// Events arriving together are read once.
@@ -40,13 +42,19 @@ const CONFIRM: Duration = Duration::from_millis(500);
 #[derive(Debug)]
 pub struct DockerProvider {
     settings: DockerDiscovery,
+    /// Routes seen lately, kept for [`ROUTE_GRACE`] after their last container went,
+    /// so that a redeploy answers 503 + Retry-After rather than 404.
+    remembered: std::sync::Mutex<BTreeMap<String, (Route, std::time::Instant)>>,
 }
 
 impl DockerProvider {
     /// A provider for the engine in `settings`.
     #[must_use]
     pub fn new(settings: DockerDiscovery) -> Self {
-        Self { settings }
+        Self {
+            settings,
+            remembered: std::sync::Mutex::new(BTreeMap::new()),
+        }
     }
 
     async fn connect(&self) -> Result<Docker, String> {
@@ -137,6 +145,26 @@ impl DockerProvider {
             }
         }
         found.routes = routes.into_values().map(|(_, r)| r).collect();
+        // A service whose containers are all gone (a redeploy, a crash loop) keeps its
+        // route for a while, with an empty pool: clients get 503 and Retry-After.
+        let now = std::time::Instant::now();
+        let mut remembered = self
+            .remembered
+            .lock()
+            .expect("remembered routes lock is never poisoned: no panics while held");
+        for r in &found.routes {
+            remembered.insert(r.name.clone(), (r.clone(), now));
+        }
+        remembered.retain(|_, (_, seen)| now.duration_since(*seen) < ROUTE_GRACE);
+        for (name, (route, _)) in remembered.iter() {
+            if found.routes.iter().any(|r| &r.name == name) {
+                continue;
+            }
+            if let rampart_config::Action::Forward(pool) = &route.action {
+                found.pools.entry(pool.clone()).or_default();
+            }
+            found.routes.push(route.clone());
+        }
         for eps in found.pools.values_mut() {
             eps.sort_by_key(|e| e.address.to_string());
         }
