@@ -258,12 +258,21 @@ impl Dns {
     /// When the provider's records cannot be read.
     pub async fn plan(&self, settings: &DnsSettings, seen: &[Seen]) -> Result<Plan, ProviderError> {
         let actual = self.provider.records().await?;
-        Ok(plan::plan(
+        Ok(self.plan_against(settings, seen, &actual))
+    }
+
+    fn plan_against(
+        &self,
+        settings: &DnsSettings,
+        seen: &[Seen],
+        actual: &[plan::RecordSet],
+    ) -> Plan {
+        plan::plan(
             &settings.owner_id,
             &specs(settings, self.provider.set_ids()),
             &instances(seen),
-            &actual,
-        ))
+            actual,
+        )
     }
 
     /// One pass: read, plan, apply in batches of `settings.batch_size`. A rejected batch
@@ -306,7 +315,8 @@ impl Dns {
         settings: &DnsSettings,
         seen: &[Seen],
     ) -> Result<Outcome, ProviderError> {
-        let plan = self.plan(settings, seen).await?;
+        let actual = self.provider.records().await?;
+        let plan = self.plan_against(settings, seen, &actual);
         let mut outcome = Outcome::default();
         let mut fatal = None;
         for batch in plan.batches(settings.batch_size) {
@@ -338,6 +348,10 @@ impl Dns {
         if let Some(e) = fatal {
             return Err(e);
         }
+        // What the provider holds now, without reading it again: the records read
+        // before, with the changes of every name that did not fail.
+        let after = records_after(&actual, &outcome);
+        self.export_records(settings, &after);
         self.observe_convergence(settings, seen, &outcome);
         Ok(outcome)
     }
@@ -442,16 +456,27 @@ impl Dns {
                 .set(i64::try_from(count).unwrap_or(i64::MAX));
         }
     }
+}
 
-    /// Reads the provider again to export how many values each name has.
-    ///
-    /// # Errors
-    /// When the provider cannot be read.
-    pub async fn refresh_records(&self, settings: &DnsSettings) -> Result<(), ProviderError> {
-        let actual = self.provider.records().await?;
-        self.export_records(settings, &actual);
-        Ok(())
+/// `actual` with the changes of `outcome`'s plan applied, except those of failed names.
+fn records_after(actual: &[plan::RecordSet], outcome: &Outcome) -> Vec<plan::RecordSet> {
+    let same = |a: &plan::RecordSet, b: &plan::RecordSet| {
+        a.name == b.name && a.kind == b.kind && a.set_id == b.set_id
+    };
+    let mut after = actual.to_vec();
+    for change in &outcome.plan.changes {
+        if outcome.failed.iter().any(|(n, _)| n == name_of(change)) {
+            continue;
+        }
+        match change {
+            Change::Upsert(r) => {
+                after.retain(|x| !same(x, r));
+                after.push(r.clone());
+            }
+            Change::Delete(r) => after.retain(|x| !same(x, r)),
+        }
     }
+    after
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -570,9 +595,6 @@ pub async fn run(
                         outcome.applied,
                         outcome.failed.len()
                     );
-                }
-                if let Err(e) = dns.refresh_records(&settings).await {
-                    tracing::debug!("DNS: reading records back: {e}");
                 }
             }
             Err(e) => tracing::warn!("DNS pass failed: {e}"),
