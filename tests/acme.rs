@@ -148,24 +148,12 @@ action = {{ respond = {{ body = "hello over acme" }} }}
     )
     .unwrap();
     let controller = start_controller(&config, &dir.join("controller.log"));
-    eventually("the controller's admin API", || async {
-        reqwest::get(format!("http://{admin}/healthz"))
-            .await
-            .ok()
-            .map(drop)
-    })
-    .await;
-    let token = Command::new(env!("CARGO_BIN_EXE_rampart"))
-        .args(["controller", "--config"])
-        .arg(&config)
-        .args(["token", "create"])
-        .output()
-        .unwrap();
-    let token = String::from_utf8(token.stdout).unwrap();
+    common::wait_controller(admin).await;
+    let token = common::join_token(&config);
     let started = Instant::now();
     let proxy = Proxy::start_fleet_with(
         &format!("https://{fleet}"),
-        Some(token.trim()),
+        Some(&token),
         &["--http", &proxy_http.to_string()],
     )
     .await;
@@ -236,13 +224,7 @@ async fn the_controller_orders_over_http01_through_the_proxies_and_they_serve_it
         &dir.path().join("controller-2.log"),
     ));
     let admin = s.admin;
-    eventually("the restarted controller", || async {
-        reqwest::get(format!("http://{admin}/healthz"))
-            .await
-            .ok()
-            .map(drop)
-    })
-    .await;
+    common::wait_controller(admin).await;
     // Let it look at its certificates a few times (its loop runs every 5 s).
     let settle = Instant::now() + Duration::from_secs(7);
     while Instant::now() < settle {
@@ -519,23 +501,12 @@ action = {{ respond = {{ body = "hello from the fleet" }} }}
     let (_a, admin_a, fleet_a, config_a) = controller("a");
     let (_b, admin_b, _, _) = controller("b");
     for admin in [admin_a, admin_b] {
-        eventually("both controllers", || async {
-            reqwest::get(format!("http://{admin}/healthz"))
-                .await
-                .ok()
-                .map(drop)
-        })
-        .await;
+        common::wait_controller(admin).await;
     }
-    let token = Command::new(env!("CARGO_BIN_EXE_rampart"))
-        .args(["controller", "--config"])
-        .arg(&config_a)
-        .args(["token", "create"])
-        .output()
-        .unwrap();
+    let token = common::join_token(&config_a);
     let proxy = Proxy::start_fleet_with(
         &format!("https://{fleet_a}"),
-        Some(String::from_utf8(token.stdout).unwrap().trim()),
+        Some(&token),
         &["--http", &proxy_http.to_string()],
     )
     .await;

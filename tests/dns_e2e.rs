@@ -10,7 +10,7 @@ mod moto;
 
 use std::time::{Duration, Instant};
 
-use common::{eventually, free_addr, Proxy};
+use common::{free_addr, Proxy};
 
 const ZONE: &str = "example.test";
 const WWW: &str = "www.example.test";
@@ -87,15 +87,7 @@ action = {{ respond = {{ body = "hi" }} }}
             .output()
             .unwrap()
     };
-    let token = || {
-        let out = rampart(&["controller", "token", "create"]);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap().trim().to_string()
-    };
+    let token = || common::join_token(&config);
     let log = std::fs::File::create(dir.path().join("controller.log")).unwrap();
     let mut controller = std::process::Command::new(env!("CARGO_BIN_EXE_rampart"))
         .args(["controller", "--config"])
@@ -104,13 +96,7 @@ action = {{ respond = {{ body = "hi" }} }}
         .stderr(log)
         .spawn()
         .unwrap();
-    eventually("the controller's admin API", || async {
-        reqwest::get(format!("http://{admin}/healthz"))
-            .await
-            .ok()
-            .map(drop)
-    })
-    .await;
+    common::wait_controller(admin).await;
     let url = format!("https://{fleet}");
     let public = ["--public-addr", "127.0.0.1"];
     let p1 = Proxy::start_fleet_with(&url, Some(&token()), &public).await;

@@ -478,13 +478,7 @@ async fn endpoint_changes_reach_two_proxies_under_load_without_a_failed_request(
         .spawn()
         .unwrap();
     let url = format!("https://{fleet}");
-    eventually("the controller's admin API", || async {
-        reqwest::get(format!("http://{admin}/healthz"))
-            .await
-            .ok()
-            .map(drop)
-    })
-    .await;
+    common::wait_controller(admin).await;
     let p1 = Proxy::start_fleet(&url, Some(cli(&["token", "create"]).trim())).await;
     let p2 = Proxy::start_fleet(&url, Some(cli(&["token", "create", "--ttl", "5m"]).trim())).await;
     eventually("both proxies to report ready", || async {

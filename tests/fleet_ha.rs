@@ -91,17 +91,8 @@ async fn killing_the_leader_makes_a_follower_take_over_with_higher_versions() {
     .await;
 
     // A proxy enrolled through a is known to b too (CA, tokens, instances in etcd).
-    let token = String::from_utf8(
-        Command::new(env!("CARGO_BIN_EXE_rampart"))
-            .args(["controller", "--config"])
-            .arg(&a.config)
-            .args(["token", "create"])
-            .output()
-            .unwrap()
-            .stdout,
-    )
-    .unwrap();
-    let identity = client::enroll(&format!("https://{}", a.fleet), token.trim(), "p")
+    let token = common::join_token(&a.config);
+    let identity = client::enroll(&format!("https://{}", a.fleet), &token, "p")
         .await
         .unwrap();
     let via_b = FleetClient::new(

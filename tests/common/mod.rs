@@ -35,6 +35,33 @@ pub fn free_addr() -> SocketAddr {
         .unwrap()
 }
 
+/// Waits until the controller admin API at `admin` answers `/healthz`.
+pub async fn wait_controller(admin: SocketAddr) {
+    eventually("the controller's admin API", || async {
+        reqwest::get(format!("http://{admin}/healthz"))
+            .await
+            .ok()
+            .map(drop)
+    })
+    .await;
+}
+
+/// A one-time join token from `rampart controller --config <config> token create`.
+pub fn join_token(config: &Path) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_rampart"))
+        .args(["controller", "--config"])
+        .arg(config)
+        .args(["token", "create"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "token create: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
 /// Polls `f` until it returns `Some`, or panics with `what` after [`DEADLINE`].
 pub async fn eventually<T, F, Fut>(what: &str, mut f: F) -> T
 where
