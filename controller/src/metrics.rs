@@ -1,6 +1,48 @@
 //! The controller's Prometheus metrics (served on its admin listener).
 
-use prometheus::{Histogram, HistogramOpts, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
+use prometheus::{
+    Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+};
+
+/// Creates metrics and registers them on one registry. Names and help texts are
+/// constants, so a failure here is a bug: it panics.
+#[derive(Clone, Copy)]
+pub(crate) struct Registrar<'a>(pub &'a Registry);
+
+impl Registrar<'_> {
+    fn add<C: prometheus::core::Collector + Clone + 'static>(self, c: C) -> C {
+        self.0.register(Box::new(c.clone())).expect("unique metric");
+        c
+    }
+
+    /// A gauge.
+    pub(crate) fn gauge(self, name: &str, help: &str) -> IntGauge {
+        self.add(IntGauge::new(name, help).expect("valid metric"))
+    }
+
+    /// A gauge with one label.
+    pub(crate) fn gauge_vec(self, name: &str, help: &str, label: &str) -> IntGaugeVec {
+        self.add(IntGaugeVec::new(Opts::new(name, help), &[label]).expect("valid metric"))
+    }
+
+    /// A counter.
+    pub(crate) fn counter(self, name: &str, help: &str) -> IntCounter {
+        self.add(IntCounter::new(name, help).expect("valid metric"))
+    }
+
+    /// A counter with one label.
+    pub(crate) fn counter_vec(self, name: &str, help: &str, label: &str) -> IntCounterVec {
+        self.add(IntCounterVec::new(Opts::new(name, help), &[label]).expect("valid metric"))
+    }
+
+    /// A histogram with `buckets`.
+    pub(crate) fn histogram(self, name: &str, help: &str, buckets: Vec<f64>) -> Histogram {
+        self.add(
+            Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets))
+                .expect("valid metric"),
+        )
+    }
+}
 
 /// Every metric of the controller.
 #[derive(Debug, Clone)]
@@ -47,93 +89,61 @@ impl Metrics {
     #[must_use]
     pub fn new() -> Self {
         let registry = Registry::new();
-        let gauge = |name: &str, help: &str| {
-            let g = IntGauge::new(name, help).expect("valid metric");
-            registry
-                .register(Box::new(g.clone()))
-                .expect("unique metric");
-            g
-        };
-        let gauge_vec = |name: &str, help: &str, label: &str| {
-            let g = IntGaugeVec::new(Opts::new(name, help), &[label]).expect("valid metric");
-            registry
-                .register(Box::new(g.clone()))
-                .expect("unique metric");
-            g
-        };
-        let counter_vec = |name: &str, help: &str, label: &str| {
-            let c = IntCounterVec::new(Opts::new(name, help), &[label]).expect("valid metric");
-            registry
-                .register(Box::new(c.clone()))
-                .expect("unique metric");
-            c
-        };
-        let snapshot_build = Histogram::with_opts(
-            HistogramOpts::new(
-                "rampart_controller_snapshot_build_seconds",
-                "Time to compile and encode a snapshot.",
-            )
-            .buckets(vec![
-                0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
-            ]),
-        )
-        .expect("valid metric");
-        registry
-            .register(Box::new(snapshot_build.clone()))
-            .expect("unique metric");
-        let config_reload_failures = prometheus::IntCounter::new(
+        let r = Registrar(&registry);
+        let snapshot_build = r.histogram(
+            "rampart_controller_snapshot_build_seconds",
+            "Time to compile and encode a snapshot.",
+            vec![0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5],
+        );
+        let config_reload_failures = r.counter(
             "rampart_config_reload_failures_total",
             "Configuration reloads that failed; the last good configuration keeps serving.",
-        )
-        .expect("valid metric");
-        registry
-            .register(Box::new(config_reload_failures.clone()))
-            .expect("unique metric");
+        );
         Self {
-            snapshot_version: gauge(
+            snapshot_version: r.gauge(
                 "rampart_controller_snapshot_version",
                 "Version of the snapshot served to proxies.",
             ),
-            snapshot_bytes: gauge(
+            snapshot_bytes: r.gauge(
                 "rampart_controller_snapshot_bytes",
                 "Encoded size of the current snapshot.",
             ),
             snapshot_build,
-            instance_version: gauge_vec(
+            instance_version: r.gauge_vec(
                 "rampart_controller_instance_version",
                 "Snapshot version each proxy instance serves.",
                 "instance",
             ),
-            instance_lag: gauge_vec(
+            instance_lag: r.gauge_vec(
                 "rampart_controller_instance_lag_versions",
                 "How many versions each proxy instance is behind.",
                 "instance",
             ),
-            instances: gauge_vec(
+            instances: r.gauge_vec(
                 "rampart_controller_instances",
                 "Proxy instances by state.",
                 "state",
             ),
-            watches_open: gauge(
+            watches_open: r.gauge(
                 "rampart_controller_watches_open",
                 "Watch requests waiting for the next snapshot.",
             ),
-            enrolments: counter_vec(
+            enrolments: r.counter_vec(
                 "rampart_controller_enrolments_total",
                 "Enrolment attempts by result.",
                 "result",
             ),
-            acks: counter_vec(
+            acks: r.counter_vec(
                 "rampart_controller_acks_total",
                 "Snapshot acks from proxies by result.",
                 "result",
             ),
-            discovery_errors: gauge_vec(
+            discovery_errors: r.gauge_vec(
                 "rampart_discovery_errors",
                 "Problems in the last read of each discovery provider.",
                 "provider",
             ),
-            discovery_endpoints: gauge_vec(
+            discovery_endpoints: r.gauge_vec(
                 "rampart_discovery_endpoints",
                 "Endpoints each discovery provider contributes.",
                 "provider",

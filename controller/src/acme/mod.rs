@@ -92,22 +92,13 @@ struct AcmeMetrics {
 
 impl AcmeMetrics {
     fn new(registry: &prometheus::Registry) -> Self {
-        let gauge = |name: &str, help: &str| {
-            let g = prometheus::IntGaugeVec::new(prometheus::Opts::new(name, help), &["name"])
-                .expect("valid metric");
-            registry
-                .register(Box::new(g.clone()))
-                .expect("unique metric");
-            g
-        };
-        let orders = prometheus::IntCounterVec::new(
-            prometheus::Opts::new("rampart_acme_orders_total", "ACME orders by result."),
-            &["result"],
-        )
-        .expect("valid metric");
-        registry
-            .register(Box::new(orders.clone()))
-            .expect("unique metric");
+        let r = crate::metrics::Registrar(registry);
+        let gauge = |name: &str, help: &str| r.gauge_vec(name, help, "name");
+        let orders = r.counter_vec(
+            "rampart_acme_orders_total",
+            "ACME orders by result.",
+            "result",
+        );
         Self {
             not_after: gauge(
                 "rampart_certificate_not_after_seconds",

@@ -19,7 +19,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use prometheus::{Histogram, HistogramOpts, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
+use prometheus::{Histogram, IntCounterVec, IntGauge, IntGaugeVec, Registry};
 use rampart_config::snapshot::{DnsPlan, DnsStatus};
 use rampart_config::{DnsPolicy, DnsProvider, DnsSettings};
 use tokio::sync::watch;
@@ -110,62 +110,40 @@ impl DnsMetrics {
     /// Never: names are constant and unique.
     #[must_use]
     pub fn new(registry: &Registry) -> Self {
-        let reg = |c: Box<dyn prometheus::core::Collector>| {
-            registry.register(c).expect("unique metric");
-        };
-        let records = IntGaugeVec::new(
-            Opts::new("rampart_dns_records", "Values published per managed name."),
-            &["name"],
-        )
-        .expect("valid metric");
-        reg(Box::new(records.clone()));
-        let last_sync = IntGauge::new(
+        let r = crate::metrics::Registrar(registry);
+        let records = r.gauge_vec(
+            "rampart_dns_records",
+            "Values published per managed name.",
+            "name",
+        );
+        let last_sync = r.gauge(
             "rampart_dns_last_sync_timestamp_seconds",
             "Unix time of the last DNS pass that completed without error.",
-        )
-        .expect("valid metric");
-        reg(Box::new(last_sync.clone()));
-        let changes = IntCounterVec::new(
-            Opts::new("rampart_dns_changes_total", "Record-set changes by result."),
-            &["result"],
-        )
-        .expect("valid metric");
-        reg(Box::new(changes.clone()));
-        let drift = IntGauge::new(
+        );
+        let changes = r.counter_vec(
+            "rampart_dns_changes_total",
+            "Record-set changes by result.",
+            "result",
+        );
+        let drift = r.gauge(
             "rampart_dns_drift",
             "Managed names whose records differ from the desired ones after the last pass (failed or not owned).",
-        )
-        .expect("valid metric");
-        reg(Box::new(drift.clone()));
-        let floor = IntGaugeVec::new(
-            Opts::new(
-                "rampart_dns_floor_held",
-                "1 while a name keeps its last values because every instance looks dead.",
-            ),
-            &["name"],
-        )
-        .expect("valid metric");
-        reg(Box::new(floor.clone()));
-        let errors = IntCounterVec::new(
-            Opts::new(
-                "rampart_dns_sync_errors_total",
-                "DNS passes that failed, by kind (transient, fatal).",
-            ),
-            &["kind"],
-        )
-        .expect("valid metric");
-        reg(Box::new(errors.clone()));
-        let convergence = Histogram::with_opts(
-            HistogramOpts::new(
-                "rampart_dns_convergence_seconds",
-                "From an instance becoming ready or dying to the provider reflecting it.",
-            )
-            .buckets(vec![
-                0.5, 1.0, 2.0, 5.0, 10.0, 15.0, 30.0, 60.0, 120.0, 300.0,
-            ]),
-        )
-        .expect("valid metric");
-        reg(Box::new(convergence.clone()));
+        );
+        let floor = r.gauge_vec(
+            "rampart_dns_floor_held",
+            "1 while a name keeps its last values because every instance looks dead.",
+            "name",
+        );
+        let errors = r.counter_vec(
+            "rampart_dns_sync_errors_total",
+            "DNS passes that failed, by kind (transient, fatal).",
+            "kind",
+        );
+        let convergence = r.histogram(
+            "rampart_dns_convergence_seconds",
+            "From an instance becoming ready or dying to the provider reflecting it.",
+            vec![0.5, 1.0, 2.0, 5.0, 10.0, 15.0, 30.0, 60.0, 120.0, 300.0],
+        );
         Self {
             records,
             last_sync,
