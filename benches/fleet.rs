@@ -187,7 +187,7 @@ async fn push() {
     let epoch = Instant::now();
     let mut tasks = Vec::new();
     for i in 0..WATCHERS {
-        let token = rampart_controller::create_token(&config, Duration::from_secs(600))
+        let token = rampart_controller::create_token(&config, Duration::from_secs(600), false)
             .await
             .unwrap();
         let id = client::enroll(&url, &token, "bench").await.unwrap();

@@ -85,6 +85,10 @@ struct FleetArgs {
     /// One-time join token from `rampart controller token create` (first start only).
     #[arg(long, env = "RAMPART_JOIN_TOKEN", hide_env_values = true)]
     join_token: Option<String>,
+    /// Read the join token from this file instead (a volume the controller writes with
+    /// controller.join_token_file); waits for it to appear.
+    #[arg(long, env = "RAMPART_JOIN_TOKEN_FILE", conflicts_with = "join_token")]
+    join_token_file: Option<PathBuf>,
     /// Data directory: identity, cached snapshot, upgrade socket.
     #[arg(long)]
     data_dir: Option<PathBuf>,
@@ -146,6 +150,10 @@ enum TokenAction {
         /// How long the token stays valid.
         #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
         ttl: Duration,
+        /// Usable by any number of proxies until it expires (for a scaled service whose
+        /// replicas share one environment), instead of once.
+        #[arg(long)]
+        reusable: bool,
     },
 }
 
@@ -293,9 +301,9 @@ fn controller(
             Ok(ExitCode::SUCCESS)
         }),
         Some(ControllerAction::Token {
-            action: TokenAction::Create { ttl },
+            action: TokenAction::Create { ttl, reusable },
         }) => {
-            let token = rt.block_on(rampart_controller::create_token(&config, ttl))?;
+            let token = rt.block_on(rampart_controller::create_token(&config, ttl, reusable))?;
             println!("{token}");
             Ok(ExitCode::SUCCESS)
         }
@@ -359,6 +367,7 @@ fn serve_fleet(config: Option<&Path>, args: FleetArgs, upgrade: bool) -> anyhow:
         Some(rampart_proxy::fleet::FleetOptions {
             controller,
             join_token: args.join_token,
+            join_token_file: args.join_token_file,
             heartbeat_every: args.heartbeat,
             public_addrs: args.public_addrs,
         }),

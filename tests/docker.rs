@@ -216,7 +216,7 @@ async fn labelled_containers_become_routes_and_follow_the_engine() {
         "{errors:?}"
     );
 
-    let token = rampart_controller::create_token(&config, Duration::from_secs(600))
+    let token = rampart_controller::create_token(&config, Duration::from_secs(600), false)
         .await
         .unwrap();
     let proxy = Proxy::start_fleet(&format!("https://{}", handle.fleet_addr), Some(&token)).await;

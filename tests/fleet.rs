@@ -101,7 +101,7 @@ impl Controller {
     }
 
     async fn token(&self) -> String {
-        rampart_controller::create_token(&self.config(), Duration::from_secs(600))
+        rampart_controller::create_token(&self.config(), Duration::from_secs(600), false)
             .await
             .unwrap()
     }
@@ -179,7 +179,7 @@ async fn join_tokens_work_once_and_expired_or_forged_ones_are_refused() {
     assert_eq!(refused_status(&again), 401);
     assert!(again.to_string().contains("already used"), "{again}");
 
-    let expired = rampart_controller::create_token(&c.config(), Duration::ZERO)
+    let expired = rampart_controller::create_token(&c.config(), Duration::ZERO, false)
         .await
         .unwrap();
     let e = client::enroll(&c.url(), &expired, "c").await.unwrap_err();

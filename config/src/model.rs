@@ -277,6 +277,12 @@ pub struct ControllerSettings {
     /// Where certificates, join tokens and fleet state are kept.
     #[serde(default)]
     pub store: StoreSettings,
+    /// Write a reusable join token (valid 24 h, replaced every 12 h) to this file, for
+    /// proxies started with `--join-token-file` on a shared volume (a Compose or Swarm
+    /// service scaled to any number of replicas). Anyone who can read the file can
+    /// enrol a proxy: keep it on a volume only the fleet mounts.
+    #[serde(default)]
+    pub join_token_file: Option<PathBuf>,
 }
 
 fn default_fleet_listen() -> SocketAddr {

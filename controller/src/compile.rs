@@ -178,8 +178,7 @@ mod tests {
                 ("gone".to_string(), vec![ep("127.0.0.1:12")]),
             ]
             .into(),
-            routes: vec![],
-            errors: vec![],
+            ..Found::default()
         };
         let pools = merge_pools(&config, &[found]);
         let addrs: Vec<String> = pools["web"]

@@ -23,7 +23,7 @@ pub mod metrics;
 pub mod store;
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -92,14 +92,18 @@ async fn serving_ca(config: &Config, store: &dyn Store) -> anyhow::Result<rampar
     }
 }
 
-/// Creates a one-time join token valid for `ttl`.
+/// Creates a join token valid for `ttl`: one-time, or usable until it expires.
 ///
 /// # Errors
 /// When the store fails.
-pub async fn create_token(config: &Config, ttl: Duration) -> anyhow::Result<String> {
+pub async fn create_token(
+    config: &Config,
+    ttl: Duration,
+    reusable: bool,
+) -> anyhow::Result<String> {
     let store = open_store(config).await?;
     let ca = authority::load(store.as_ref(), Authority::Fleet).await?;
-    fleet::tokens::create(store.as_ref(), ttl, &ca.fingerprint()?).await
+    fleet::tokens::create(store.as_ref(), ttl, &ca.fingerprint()?, reusable).await
 }
 
 /// Revokes an enrolled instance: its certificate is refused from now on.
@@ -189,6 +193,7 @@ pub async fn start(config: Config, path: Option<PathBuf>) -> anyhow::Result<Hand
     let settings = settings(&config);
     let (store, etcd) = open(&config).await?;
     let ca = authority::load(store.as_ref(), Authority::Fleet).await?;
+    let ca_fingerprint = ca.fingerprint()?;
     let serving_ca = serving_ca(&config, store.as_ref()).await?;
     let tls = fleet::tls::server_config(&ca, &settings.names)?;
     let metrics = Metrics::new();
@@ -280,7 +285,12 @@ pub async fn start(config: Config, path: Option<PathBuf>) -> anyhow::Result<Hand
         None => watch::channel(config).1,
     };
     let dns_addr = dns.as_ref().and_then(|d| d.provider().addr());
+    let instance_timeout = settings.instance_timeout.0;
     if let (Some(dns), Some(settings)) = (dns, &config_rx.borrow().dns) {
+        // Removals wait until every live proxy had time to send a heartbeat and pass
+        // its probes.
+        let warmup =
+            instance_timeout + settings.probe.interval.0 * settings.probe.healthy_threshold;
         let (seen_tx, seen_rx) = watch::channel(Vec::new());
         let sni = settings
             .names
@@ -298,6 +308,7 @@ pub async fn start(config: Config, path: Option<PathBuf>) -> anyhow::Result<Hand
             config_rx.clone(),
             seen_rx,
             state.leader.clone(),
+            (warmup, fleet.clone()),
             shutdown_rx.clone(),
         ));
     }
@@ -332,6 +343,24 @@ pub async fn start(config: Config, path: Option<PathBuf>) -> anyhow::Result<Hand
     if let Some(l) = admin_listener {
         tasks.spawn(admin::serve(state.clone(), l, shutdown_rx.clone()));
     }
+    if let Some(file) = settings.join_token_file.clone() {
+        // Written before start returns, so that proxies started next find it.
+        let fingerprint = ca_fingerprint;
+        write_join_token(store.as_ref(), &fingerprint, &file).await?;
+        let store = store.clone();
+        let mut shutdown = shutdown_rx.clone();
+        tasks.spawn(async move {
+            loop {
+                tokio::select! {
+                    () = tokio::time::sleep(JOIN_TOKEN_TTL / 2) => {}
+                    _ = shutdown.wait_for(|s| *s) => return,
+                }
+                if let Err(e) = write_join_token(store.as_ref(), &fingerprint, &file).await {
+                    tracing::error!("{e:#}; the previous token stays valid until it expires");
+                }
+            }
+        });
+    }
     tracing::info!("controller fleet API on https://{fleet_addr}");
     Ok(Handle {
         fleet_addr,
@@ -340,6 +369,37 @@ pub async fn start(config: Config, path: Option<PathBuf>) -> anyhow::Result<Hand
         state,
         shutdown,
         tasks,
+    })
+}
+
+/// Lifetime of the join token kept in `controller.join_token_file`; replaced at half.
+const JOIN_TOKEN_TTL: Duration = Duration::from_secs(24 * 3600);
+
+/// Creates a reusable join token and writes it to `file` (atomically, owner-only).
+async fn write_join_token(store: &dyn Store, ca_sha256: &str, file: &Path) -> anyhow::Result<()> {
+    let token = fleet::tokens::create(store, JOIN_TOKEN_TTL, ca_sha256, true).await?;
+    let tmp = file.with_extension("tmp");
+    let write = || -> std::io::Result<()> {
+        use std::io::Write as _;
+        use std::os::unix::fs::OpenOptionsExt as _;
+        if let Some(dir) = file.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        f.write_all(token.as_bytes())?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, file)
+    };
+    write().with_context(|| {
+        format!(
+            "writing the join token to {} (controller.join_token_file)",
+            file.display()
+        )
     })
 }
 
@@ -419,6 +479,12 @@ async fn compile_loop(
                 follow_leader(&state, Bytes::from(body));
             }
         }
+        state.fleet.registry.discovered(
+            current
+                .iter()
+                .flat_map(|(_, f)| f.proxies.iter().cloned())
+                .collect(),
+        );
         *state
             .providers
             .lock()

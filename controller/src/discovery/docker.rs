@@ -74,8 +74,9 @@ impl DockerProvider {
 
     /// Reads every enabled, running, not unhealthy container.
     async fn read(&self, docker: &Docker) -> Result<Found, String> {
+        // Backends (rampart.enable) and proxies (rampart.role): label filters are ANDed,
+        // so list the running containers and sort them here.
         let mut filters = HashMap::new();
-        filters.insert("label".to_string(), vec!["rampart.enable=true".to_string()]);
         filters.insert("status".to_string(), vec!["running".to_string()]);
         let options = ListContainersOptionsBuilder::default()
             .filters(&filters)
@@ -91,6 +92,12 @@ impl DockerProvider {
                 || c.id.clone().unwrap_or_default(),
                 |n| n.trim_start_matches('/').to_string(),
             );
+            let wanted = c.labels.as_ref().is_some_and(|l| {
+                l.contains_key("rampart.enable") || l.contains_key("rampart.role")
+            });
+            if !wanted {
+                continue;
+            }
             let status = c.status.clone().unwrap_or_default();
             // Docker's own HEALTHCHECK: only healthy (or unchecked) containers serve.
             if status.contains("(unhealthy)") || status.contains("(health: starting)") {
@@ -122,6 +129,13 @@ impl DockerProvider {
             };
             let labels: BTreeMap<String, String> =
                 c.labels.clone().unwrap_or_default().into_iter().collect();
+            if labels.get("rampart.role").map(String::as_str) == Some("proxy") {
+                found.proxies.push(super::ProxyContainer {
+                    name: name.clone(),
+                    id: c.id.clone().unwrap_or_default(),
+                    addrs: vec![ip],
+                });
+            }
             match labels::parse(&name, &labels, ip) {
                 Ok(Some(l)) => {
                     for (pool, ep) in l.endpoints {
@@ -165,6 +179,7 @@ impl DockerProvider {
             }
             found.routes.push(route.clone());
         }
+        found.proxies.sort_by(|a, b| a.name.cmp(&b.name));
         for eps in found.pools.values_mut() {
             eps.sort_by_key(|e| e.address.to_string());
         }

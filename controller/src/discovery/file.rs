@@ -84,8 +84,8 @@ impl FileProvider {
         }
         Found {
             pools,
-            routes: Vec::new(),
             errors,
+            ..Found::default()
         }
     }
 }

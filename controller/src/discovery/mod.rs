@@ -24,6 +24,31 @@ pub struct Found {
     pub routes: Vec<rampart_config::Route>,
     /// Problems of the last read, each naming its source and the fix.
     pub errors: Vec<String>,
+    /// Proxy instances running as containers (`rampart.role=proxy`), for DNS.
+    pub proxies: Vec<ProxyContainer>,
+}
+
+/// A proxy instance the cluster runs (a container labelled `rampart.role=proxy`). The
+/// controller matches it to an enrolled instance by host name: its addresses stand in
+/// when the instance announces none, and an instance whose container is gone leaves
+/// DNS at once, without waiting for its heartbeat to go stale.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProxyContainer {
+    /// Container name.
+    pub name: String,
+    /// Container id (a container's default host name is its first 12 characters).
+    pub id: String,
+    /// Addresses on the watched network.
+    pub addrs: Vec<std::net::IpAddr>,
+}
+
+impl ProxyContainer {
+    /// Whether an instance that enrolled as `hostname` runs in this container.
+    #[must_use]
+    pub fn is_host(&self, hostname: &str) -> bool {
+        !hostname.is_empty()
+            && (self.name == hostname || (hostname.len() >= 12 && self.id.starts_with(hostname)))
+    }
 }
 
 impl Found {

@@ -17,7 +17,7 @@ mod wire;
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use prometheus::{Histogram, IntCounterVec, IntGauge, IntGaugeVec, Registry};
 use rampart_config::snapshot::{DnsPlan, DnsStatus};
@@ -179,6 +179,8 @@ pub struct Dns {
     view: Mutex<Vec<Seen>>,
     /// The settings of the latest pass.
     settings: Mutex<Option<DnsSettings>>,
+    /// Until then, passes add but never remove values ([`Plan::hold_removals`]).
+    warm_until: Mutex<Option<Instant>>,
 }
 
 impl Dns {
@@ -196,6 +198,7 @@ impl Dns {
             converged: Mutex::new(BTreeMap::new()),
             view: Mutex::new(Vec::new()),
             settings: Mutex::new(None),
+            warm_until: Mutex::new(None),
         }
     }
 
@@ -294,7 +297,15 @@ impl Dns {
         seen: &[Seen],
     ) -> Result<Outcome, ProviderError> {
         let actual = self.provider.records().await?;
-        let plan = self.plan_against(settings, seen, &actual);
+        let mut plan = self.plan_against(settings, seen, &actual);
+        let warming = lock(&self.warm_until).is_some_and(|t| Instant::now() < t);
+        if warming {
+            let (kept, held) = plan.hold_removals(&actual);
+            if held > 0 {
+                tracing::info!("DNS: {held} removals held while the view warms up (every proxy gets one instance_timeout to be heard after a start or a change of leader)");
+            }
+            plan = kept;
+        }
         let mut outcome = Outcome::default();
         let mut fatal = None;
         for batch in plan.batches(settings.batch_size) {
@@ -532,11 +543,15 @@ pub async fn run(
     config: watch::Receiver<rampart_config::Config>,
     mut seen: watch::Receiver<Vec<Seen>>,
     mut leader: watch::Receiver<bool>,
+    (warmup, fleet): (Duration, Arc<crate::fleet::Fleet>),
     mut shutdown: watch::Receiver<bool>,
 ) {
     let Some(first) = config.borrow().dns.clone() else {
         return;
     };
+    // The view starts empty: removals wait until every live proxy had time to be heard.
+    *lock(&dns.warm_until) = Some(Instant::now() + warmup);
+    let mut was_leader = *leader.borrow();
     let mut tick = tokio::time::interval(first.interval.0);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // With a local store nobody campaigns: the leader channel is closed and says true.
@@ -562,7 +577,21 @@ pub async fn run(
         let view = seen.borrow_and_update().clone();
         lock(&dns.view).clone_from(&view);
         *lock(&dns.settings) = Some(settings.clone());
-        if !*leader.borrow() {
+        let leading = *leader.borrow();
+        if leading && !was_leader {
+            *lock(&dns.warm_until) = Some(Instant::now() + warmup);
+        }
+        // Warm-up ends early once every enrolled proxy has been heard from and each
+        // ready one has its first probe verdict.
+        let settled = fleet.registry.all_heard()
+            && view.iter().all(|s| {
+                !settings.probe.enabled || !s.detail.heartbeat_ready || s.detail.probe_ok.is_some()
+            });
+        if settled {
+            *lock(&dns.warm_until) = None;
+        }
+        was_leader = leading;
+        if !leading {
             continue;
         }
         match dns.pass(&settings, &view).await {

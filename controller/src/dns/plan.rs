@@ -107,6 +107,38 @@ pub struct Plan {
 }
 
 impl Plan {
+    /// The plan without its removals: deletes dropped, and an upsert that would drop
+    /// values from a set keeps them too. Used while the view is still warming up (a
+    /// controller that just started or just became leader has not heard every proxy
+    /// yet, and must not take the unheard ones out of DNS). Returns how many changes
+    /// were held back.
+    #[must_use]
+    pub fn hold_removals(self, actual: &[RecordSet]) -> (Plan, usize) {
+        let mut held = 0;
+        let mut changes = Vec::with_capacity(self.changes.len());
+        for change in self.changes {
+            match change {
+                Change::Delete(_) => held += 1,
+                Change::Upsert(mut set) => {
+                    let old = actual.iter().find(|a| {
+                        a.name == set.name && a.kind == set.kind && a.set_id == set.set_id
+                    });
+                    if let Some(old) =
+                        old.filter(|o| set.kind != Kind::Txt && !o.values.is_subset(&set.values))
+                    {
+                        held += 1;
+                        set.values.extend(old.values.iter().cloned());
+                        if &set == old {
+                            continue;
+                        }
+                    }
+                    changes.push(Change::Upsert(set));
+                }
+            }
+        }
+        (Plan { changes, ..self }, held)
+    }
+
     /// The changes in batches of at most `max` (Route53 allows 1000), never splitting
     /// one name's changes unless that name alone exceeds `max`.
     #[must_use]
@@ -384,6 +416,35 @@ mod tests {
         assert_eq!(p.changes.len(), 3);
         assert!(matches!(p.changes.last(), Some(Change::Delete(r)) if r.kind == Kind::Txt));
         assert!(apply(&after, &p).is_empty());
+    }
+
+    #[test]
+    fn while_warming_up_values_are_added_but_never_removed() {
+        for policy in [Policy::Multivalue, Policy::Simple] {
+            let before = [
+                inst("p-1", "192.0.2.1", true),
+                inst("p-2", "192.0.2.2", true),
+            ];
+            let after = apply(&[], &plan(OWNER, &[spec(policy)], &before, &[]));
+            // Just restarted: p-1 not heard yet, a new p-3 already.
+            let heard = [
+                inst("p-2", "192.0.2.2", true),
+                inst("p-3", "192.0.2.3", true),
+            ];
+            let full = plan(OWNER, &[spec(policy)], &heard, &after);
+            let (held, n) = full.hold_removals(&after);
+            assert_eq!(n, 1, "{policy:?}: {held:?}");
+            let values: BTreeSet<String> = apply(&after, &held)
+                .into_iter()
+                .filter(|r| r.kind == Kind::A)
+                .flat_map(|r| r.values)
+                .collect();
+            assert_eq!(
+                values.len(),
+                3,
+                "{policy:?}: p-1 kept, p-3 added: {values:?}"
+            );
+        }
     }
 
     #[test]

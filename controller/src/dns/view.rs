@@ -66,6 +66,7 @@ pub async fn run(
     loop {
         tokio::select! {
             _ = tick.tick() => {}
+            () = fleet.registry.containers_changed.notified() => {}
             _ = shutdown.wait_for(|s| *s) => return,
         }
         let candidates = fleet.registry.candidates();

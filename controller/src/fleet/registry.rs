@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use rampart_config::snapshot::{Ack, AckResult, Heartbeat, InstanceStatus};
 use serde::{Deserialize, Serialize};
 
+use crate::discovery::ProxyContainer;
 use crate::metrics::Metrics;
 
 /// The stored record of an enrolled instance (`instances/<id>`).
@@ -59,6 +60,8 @@ struct LiveState {
     last_heartbeat: Option<Instant>,
     last_error: Option<String>,
     revoked: bool,
+    /// Matched to a proxy container once: from then on, no container means gone.
+    in_container: bool,
 }
 
 /// Live state of every instance seen by this controller.
@@ -66,6 +69,10 @@ struct LiveState {
 pub struct Registry {
     instances: Mutex<BTreeMap<String, LiveState>>,
     stale_after: Duration,
+    /// Proxy containers discovery sees (all providers).
+    containers: Mutex<Vec<ProxyContainer>>,
+    /// Woken when `containers` changes (the DNS view re-reads at once).
+    pub containers_changed: tokio::sync::Notify,
 }
 
 impl Registry {
@@ -75,6 +82,27 @@ impl Registry {
         Self {
             instances: Mutex::new(BTreeMap::new()),
             stale_after,
+            containers: Mutex::new(Vec::new()),
+            containers_changed: tokio::sync::Notify::new(),
+        }
+    }
+
+    /// Whether every enrolled, unrevoked instance has been heard from since this
+    /// controller started.
+    #[must_use]
+    pub fn all_heard(&self) -> bool {
+        self.with(|m| m.values().all(|s| s.revoked || s.last_heartbeat.is_some()))
+    }
+
+    /// Records the proxy containers discovery sees now.
+    pub fn discovered(&self, proxies: Vec<ProxyContainer>) {
+        let mut current = self
+            .containers
+            .lock()
+            .expect("containers lock is never poisoned: no panics while held");
+        if *current != proxies {
+            *current = proxies;
+            self.containers_changed.notify_one();
         }
     }
 
@@ -147,17 +175,35 @@ impl Registry {
     #[must_use]
     pub fn candidates(&self) -> Vec<Candidate> {
         let now = Instant::now();
+        let containers = self
+            .containers
+            .lock()
+            .expect("containers lock is never poisoned: no panics while held")
+            .clone();
         self.with(|m| {
-            m.iter()
-                .filter(|(_, s)| !s.revoked && !s.public_addrs.is_empty())
-                .map(|(id, s)| Candidate {
-                    id: id.clone(),
-                    addrs: s.public_addrs.clone(),
-                    https_port: s.https_port,
-                    fresh_ready: s.ready
-                        && s.last_heartbeat
-                            .is_some_and(|t| now.duration_since(t) <= self.stale_after),
-                    last_heartbeat: s.last_heartbeat,
+            m.iter_mut()
+                .filter(|(_, s)| !s.revoked)
+                .filter_map(|(id, s)| {
+                    let container = containers.iter().find(|c| c.is_host(&s.hostname));
+                    s.in_container |= container.is_some();
+                    // An instance whose container is gone is not running, whatever its
+                    // last heartbeat said.
+                    let running = container.is_some() || !s.in_container;
+                    let addrs = if s.public_addrs.is_empty() {
+                        container.map(|c| c.addrs.clone()).unwrap_or_default()
+                    } else {
+                        s.public_addrs.clone()
+                    };
+                    (!addrs.is_empty()).then(|| Candidate {
+                        id: id.clone(),
+                        addrs,
+                        https_port: s.https_port,
+                        fresh_ready: running
+                            && s.ready
+                            && s.last_heartbeat
+                                .is_some_and(|t| now.duration_since(t) <= self.stale_after),
+                        last_heartbeat: s.last_heartbeat,
+                    })
                 })
                 .collect()
         })

@@ -18,6 +18,9 @@ use crate::store::{get_json, put_json, Store};
 struct Record {
     secret_sha256: String,
     expires_at: u64,
+    /// Usable until it expires rather than once.
+    #[serde(default)]
+    reusable: bool,
 }
 
 /// Why a token was refused.
@@ -57,16 +60,23 @@ fn random_hex(bytes: usize) -> String {
     buf.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// Creates a token valid for `ttl`, pinned to the fleet CA with fingerprint `ca_sha256`.
+/// Creates a token valid for `ttl`, pinned to the fleet CA with fingerprint `ca_sha256`;
+/// a `reusable` one enrols any number of proxies until it expires.
 ///
 /// # Errors
 /// When the store fails.
-pub async fn create(store: &dyn Store, ttl: Duration, ca_sha256: &str) -> anyhow::Result<String> {
+pub async fn create(
+    store: &dyn Store,
+    ttl: Duration,
+    ca_sha256: &str,
+    reusable: bool,
+) -> anyhow::Result<String> {
     let id = random_hex(8);
     let secret = random_hex(16);
     let record = Record {
         secret_sha256: rampart_pki::sha256_hex(secret.as_bytes()),
         expires_at: now() + ttl.as_secs(),
+        reusable,
     };
     put_json(store, &format!("tokens/{id}"), &record).await?;
     Ok(JoinToken {
@@ -103,6 +113,9 @@ pub async fn consume(store: &dyn Store, token: &str) -> anyhow::Result<Result<()
     if now >= record.expires_at {
         return Ok(Err(TokenError::Expired(now - record.expires_at)));
     }
+    if record.reusable {
+        return Ok(Ok(()));
+    }
     // Mark as used before deleting, so a concurrent loser reports "used", not "unknown".
     store.put(&used_key, b"").await?;
     if !store.delete(&key).await? {
@@ -122,7 +135,9 @@ mod tests {
     async fn a_token_works_once() {
         let dir = tempfile::tempdir().unwrap();
         let store = LocalStore::open(dir.path()).unwrap();
-        let token = create(&store, Duration::from_secs(60), CA).await.unwrap();
+        let token = create(&store, Duration::from_secs(60), CA, false)
+            .await
+            .unwrap();
         assert_eq!(parse(&token).unwrap().ca_sha256, CA);
         assert_eq!(consume(&store, &token).await.unwrap(), Ok(()));
         assert_eq!(
@@ -132,10 +147,22 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_reusable_token_enrols_many_until_it_expires() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::open(dir.path()).unwrap();
+        let token = create(&store, Duration::from_secs(60), CA, true)
+            .await
+            .unwrap();
+        for _ in 0..5 {
+            assert_eq!(consume(&store, &token).await.unwrap(), Ok(()));
+        }
+    }
+
+    #[tokio::test]
     async fn expired_wrong_and_malformed_tokens_are_refused() {
         let dir = tempfile::tempdir().unwrap();
         let store = LocalStore::open(dir.path()).unwrap();
-        let token = create(&store, Duration::ZERO, CA).await.unwrap();
+        let token = create(&store, Duration::ZERO, CA, true).await.unwrap();
         // Expiry has one-second resolution: back-date the record instead of waiting.
         let id = parse(&token).unwrap().id;
         put_json(
@@ -144,6 +171,7 @@ mod tests {
             &Record {
                 secret_sha256: rampart_pki::sha256_hex(parse(&token).unwrap().secret.as_bytes()),
                 expires_at: now() - 5,
+                reusable: true,
             },
         )
         .await

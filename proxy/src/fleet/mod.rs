@@ -29,6 +29,9 @@ pub struct FleetOptions {
     pub controller: String,
     /// One-time join token, needed only until the proxy has enrolled.
     pub join_token: Option<String>,
+    /// A file to read the join token from (written by the controller's
+    /// `join_token_file`), re-read until enrolment succeeds.
+    pub join_token_file: Option<PathBuf>,
     /// How often to send a heartbeat.
     pub heartbeat_every: Duration,
     /// Public addresses to announce (for DNS).
@@ -200,16 +203,27 @@ impl FleetService {
             Ok(None) => {}
             Err(e) => return Err(format!("{e:#}")),
         }
-        let Some(token) = &self.options.join_token else {
-            return Err(format!(
-                "this proxy is not enrolled ({} has no fleet/identity.json); start it once with --join-token from `rampart controller token create`",
-                self.data_dir.display()
-            ));
+        let token = match (&self.options.join_token, &self.options.join_token_file) {
+            (Some(token), _) => token.clone(),
+            (None, Some(file)) => std::fs::read_to_string(file)
+                .map(|t| t.trim().to_string())
+                .map_err(|e| {
+                    format!(
+                        "waiting for the join token in {} ({e}); the controller writes it there when its controller.join_token_file names that file",
+                        file.display()
+                    )
+                })?,
+            (None, None) => {
+                return Err(format!(
+                    "this proxy is not enrolled ({} has no fleet/identity.json); start it once with --join-token from `rampart controller token create`",
+                    self.data_dir.display()
+                ))
+            }
         };
         let hostname = std::fs::read_to_string("/etc/hostname")
             .map(|h| h.trim().to_string())
             .unwrap_or_else(|_| "unknown".into());
-        let id = client::enroll(&self.options.controller, token, &hostname)
+        let id = client::enroll(&self.options.controller, &token, &hostname)
             .await
             .map_err(|e| format!("enrolment: {e}"))?;
         id.save(&self.data_dir).map_err(|e| format!("{e:#}"))?;

@@ -1,0 +1,9 @@
+# Rampart (proxy and controller) FROM scratch: the stripped binary, the libraries it
+# links, /etc/passwd with an unprivileged user. Built by deploy/docker/build-images.
+FROM scratch
+COPY rootfs/ /
+USER 65532:65532
+WORKDIR /var/lib/rampart
+EXPOSE 8080 8443 9900
+ENTRYPOINT ["/usr/local/bin/rampart"]
+CMD ["up", "--data-dir", "/var/lib/rampart"]
