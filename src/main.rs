@@ -46,7 +46,7 @@ enum Command {
         #[arg(long, short)]
         upgrade: bool,
         #[command(flatten)]
-        fleet: FleetArgs,
+        fleet: Box<FleetArgs>,
     },
     /// Run the controller, or manage it (tokens, instances, status).
     Controller {
@@ -201,7 +201,7 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             upgrade,
             fleet,
         } => match (&fleet.controller, config) {
-            (Some(_), config) => serve_fleet(config.as_deref(), fleet, upgrade),
+            (Some(_), config) => serve_fleet(config.as_deref(), *fleet, upgrade),
             (None, Some(config)) => {
                 let cfg = load_or_report(&config)?;
                 serve(cfg, Some(config), upgrade)
