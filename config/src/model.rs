@@ -361,7 +361,9 @@ pub struct DockerDiscovery {
     /// The engine's API socket.
     #[serde(default = "default_docker_socket")]
     pub socket: String,
-    /// The network whose container addresses are used (default: the container's first).
+    /// The network whose container addresses are used. Default: when the controller
+    /// itself runs in a container, the networks it is attached to (containers it
+    /// cannot reach are left out); otherwise each container's first network.
     #[serde(default)]
     pub network: Option<String>,
 }

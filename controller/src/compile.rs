@@ -22,6 +22,9 @@ pub struct Compiler {
     issued: HashMap<Vec<String>, CertificateBundle>,
     /// Certificates and HTTP-01 answers from the ACME orderer.
     pub acme: crate::acme::Output,
+    /// The last snapshot this compiler published: an identical one is not published
+    /// again (a discovery error repeating, a provider re-reading the same containers).
+    pub last: Option<rampart_config::snapshot::Snapshot>,
 }
 
 impl Compiler {
@@ -32,6 +35,7 @@ impl Compiler {
             serving_ca,
             issued: HashMap::new(),
             acme: crate::acme::Output::default(),
+            last: None,
         }
     }
 

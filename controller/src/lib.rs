@@ -583,6 +583,23 @@ async fn publish(
             .set(i64::try_from(f.endpoint_count()).unwrap_or(i64::MAX));
     }
     let found: Vec<Found> = found.iter().map(|(_, f)| f.clone()).collect();
+    let started = Instant::now();
+    // Compiled first at the current version: if that is what proxies serve already
+    // (issued certificates are cached, so equal inputs compile equal), nothing is
+    // published and no version is spent.
+    let mut snapshot = match compiler.compile(config, &found, fleet.version()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(
+                "next snapshot not built, proxies keep version {}: {e:#}",
+                fleet.version()
+            );
+            return None;
+        }
+    };
+    if compiler.last.as_ref() == Some(&snapshot) {
+        return None;
+    }
     let version = match fleet.store.next_version().await {
         Ok(v) => v,
         Err(e) => {
@@ -593,17 +610,7 @@ async fn publish(
             return None;
         }
     };
-    let started = Instant::now();
-    let snapshot = match compiler.compile(config, &found, version) {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::error!(
-                "snapshot {version} not built, proxies keep version {}: {e:#}",
-                fleet.version()
-            );
-            return None;
-        }
-    };
+    snapshot.version = version;
     let body = match serde_json::to_vec(&snapshot) {
         Ok(b) => Bytes::from(b),
         Err(e) => {
@@ -631,6 +638,7 @@ async fn publish(
         version,
         body: body.clone(),
     });
+    compiler.last = Some(snapshot);
     Some(body)
 }
 

@@ -2,6 +2,8 @@
 # and the moto venv copied from this machine (scripts/setup makes it).
 FROM scratch
 COPY rootfs/ /
+COPY --chown=65532:65532 owned/data /var/lib/rampart
+COPY --chown=65532:65532 owned/run /run/rampart
 ENV PYTHONHOME=/usr/local PYTHONDONTWRITEBYTECODE=1
 USER 65532:65532
 EXPOSE 5000

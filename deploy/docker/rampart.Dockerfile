@@ -2,6 +2,8 @@
 # links, /etc/passwd with an unprivileged user. Built by deploy/docker/build-images.
 FROM scratch
 COPY rootfs/ /
+COPY --chown=65532:65532 owned/data /var/lib/rampart
+COPY --chown=65532:65532 owned/run /run/rampart
 USER 65532:65532
 WORKDIR /var/lib/rampart
 EXPOSE 8080 8443 9900

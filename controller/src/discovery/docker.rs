@@ -58,9 +58,23 @@ impl DockerProvider {
     }
 
     async fn connect(&self) -> Result<Docker, String> {
-        let docker = if self.settings.socket.starts_with("unix://")
-            || self.settings.socket.starts_with('/')
-        {
+        let unix = self.settings.socket.starts_with("unix://") || self.settings.socket.starts_with('/');
+        if unix {
+            // The HTTP client's connect error hides the cause: ask the socket itself.
+            let path = self.settings.socket.trim_start_matches("unix://").to_string();
+            let probe = tokio::net::UnixStream::connect(&path).await;
+            if let Err(e) = probe {
+                let hint = match e.kind() {
+                    std::io::ErrorKind::PermissionDenied => format!(
+                        "run the controller in the socket's group (`stat -c %g {path}`; Compose: group_add)"
+                    ),
+                    std::io::ErrorKind::NotFound => "is the engine running, and the socket mounted into the controller's container?".to_string(),
+                    _ => "is the engine running?".to_string(),
+                };
+                return Err(format!("docker {}: {e}; {hint}", self.settings.socket));
+            }
+        }
+        let docker = if unix {
             Docker::connect_with_unix(&self.settings.socket, 30, bollard::API_DEFAULT_VERSION)
         } else {
             Docker::connect_with_http(&self.settings.socket, 30, bollard::API_DEFAULT_VERSION)
@@ -72,8 +86,33 @@ impl DockerProvider {
             .map_err(|e| format!("docker {}: {e}", self.settings.socket))
     }
 
+    /// The networks to take addresses from: the configured one, or those of the
+    /// controller's own container (found by its host name); `None`: any.
+    async fn networks(&self, docker: &Docker) -> Option<Vec<String>> {
+        if let Some(net) = &self.settings.network {
+            return Some(vec![net.clone()]);
+        }
+        let hostname = std::fs::read_to_string("/etc/hostname").ok()?;
+        let own = docker
+            .inspect_container(hostname.trim(), None)
+            .await
+            .ok()?;
+        let mut nets: Vec<String> = own
+            .network_settings?
+            .networks?
+            .into_keys()
+            .filter(|n| n != "host" && n != "none")
+            .collect();
+        nets.sort();
+        tracing::info!(
+            "docker: the controller runs in container {}; using addresses on its networks {nets:?}",
+            hostname.trim()
+        );
+        Some(nets)
+    }
+
     /// Reads every enabled, running, not unhealthy container.
-    async fn read(&self, docker: &Docker) -> Result<Found, String> {
+    async fn read(&self, docker: &Docker, networks: Option<&[String]>) -> Result<Found, String> {
         // Backends (rampart.enable) and proxies (rampart.role): label filters are ANDed,
         // so list the running containers and sort them here.
         let mut filters = HashMap::new();
@@ -103,27 +142,27 @@ impl DockerProvider {
             if status.contains("(unhealthy)") || status.contains("(health: starting)") {
                 continue;
             }
-            let networks = c
+            let attached = c
                 .network_settings
                 .as_ref()
                 .and_then(|n| n.networks.clone())
                 .unwrap_or_default();
-            let ip = match &self.settings.network {
-                Some(net) => networks.get(net),
-                None => networks.values().next(),
-            }
-            .and_then(|e| e.ip_address.as_deref())
-            .filter(|ip| !ip.is_empty())
-            .and_then(|ip| ip.parse::<IpAddr>().ok());
+            let endpoint = match networks {
+                Some(wanted) => wanted.iter().find_map(|n| attached.get(n)),
+                None => attached.values().next(),
+            };
+            let ip = endpoint
+                .and_then(|e| e.ip_address.as_deref())
+                .filter(|ip| !ip.is_empty())
+                .and_then(|ip| ip.parse::<IpAddr>().ok());
             let Some(ip) = ip else {
-                if let Some(net) = &self.settings.network {
+                if let Some(wanted) = networks {
                     // Not on our network: another project's (or another Rampart's).
-                    tracing::debug!("{name}: not attached to {net}; ignored");
+                    tracing::debug!("{name}: not attached to {wanted:?}; ignored");
                     continue;
                 }
                 found.errors.push(format!(
-                    "{name}: no address on {}; attach it to that network",
-                    self.settings.network.as_deref().unwrap_or("any network")
+                    "{name}: no IP address on any network; attach it to a network the controller reaches"
                 ));
                 continue;
             };
@@ -219,7 +258,9 @@ impl Provider for DockerProvider {
                 let since = (crate::fleet::unix_ms() / 1000)
                     .saturating_sub(1)
                     .to_string();
-                let found = self.read(&docker).await?;
+                let networks = self.networks(&docker).await;
+                let networks = networks.as_deref();
+                let found = self.read(&docker, networks).await?;
                 // Unfiltered: engines before API 1.42 ignore list-style event filters.
                 let mut events = docker.events(Some(
                     bollard::query_parameters::EventsOptionsBuilder::new()
@@ -265,7 +306,7 @@ impl Provider for DockerProvider {
                         }
                     };
                     if refresh {
-                        let found = self.read(&docker).await?;
+                        let found = self.read(&docker, networks).await?;
                         out.send_if_modified(|old| {
                             let changed = *old != found;
                             *old = found;

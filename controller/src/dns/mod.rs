@@ -54,7 +54,7 @@ pub async fn build_provider(
                 endpoint_url.clone(),
                 *wait_for_insync,
             )
-            .await,
+            .await?,
         ),
         DnsProvider::Rfc2136 {
             server,

@@ -46,13 +46,26 @@ impl Route53 {
         region: Option<String>,
         endpoint_url: Option<String>,
         wait_for_insync: bool,
-    ) -> Self {
+    ) -> anyhow::Result<Self> {
+        // The SDK's HTTPS client panics when the system has no root certificates (a
+        // FROM-scratch image without a CA bundle): say so instead.
+        if rustls_native_certs::load_native_certs().certs.is_empty() {
+            anyhow::bail!(
+                "no trusted root certificates on this system, and the AWS SDK needs them to reach Route53: install the ca-certificates package, or point SSL_CERT_FILE at a PEM bundle (deploy/docker images carry one at /etc/ssl/certs/ca-certificates.crt)"
+            );
+        }
         let mut loader = aws_config::defaults(BehaviorVersion::latest());
         if let Some(r) = region {
             loader = loader.region(Region::new(r));
         }
         let shared = loader.load().await;
-        Self::from_sdk_config(&shared, zone, hosted_zone_id, endpoint_url, wait_for_insync)
+        Ok(Self::from_sdk_config(
+            &shared,
+            zone,
+            hosted_zone_id,
+            endpoint_url,
+            wait_for_insync,
+        ))
     }
 
     /// A provider for `zone` with an explicit AWS configuration (credentials, region).
