@@ -5,81 +5,12 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
+use common::engine::{docker, images, unique_id};
 use common::{eventually, Proxy};
-
-/// Runs `docker args`, returning stdout; panics with stderr on failure.
-fn docker(args: &[&str]) -> String {
-    let out = Command::new("docker")
-        .args(args)
-        .output()
-        .expect("docker (the engine runs on every development and CI machine)");
-    assert!(
-        out.status.success(),
-        "docker {}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap().trim().to_string()
-}
-
-/// The test backend image: `rampart-loadtest backend` and the shared libraries it needs,
-/// FROM scratch, tagged by the binary's hash so that reruns reuse it.
-fn backend_image() -> String {
-    let bin: PathBuf = Path::new(env!("CARGO_BIN_EXE_rampart")).with_file_name("rampart-loadtest");
-    assert!(
-        bin.exists(),
-        "{} is missing: `cargo test --workspace` builds it",
-        bin.display()
-    );
-    let bytes = std::fs::read(&bin).unwrap();
-    let tag = format!(
-        "rampart-test-backend:{}",
-        &rampart_pki::sha256_hex(&bytes)[..16]
-    );
-    let exists = Command::new("docker")
-        .args(["image", "inspect", &tag])
-        .output()
-        .unwrap()
-        .status
-        .success();
-    if exists {
-        return tag;
-    }
-    let ctx = tempfile::tempdir().unwrap();
-    std::fs::copy(&bin, ctx.path().join("rampart-loadtest")).unwrap();
-    // The dynamic libraries ldd lists, at the same paths inside the image.
-    let ldd = Command::new("ldd").arg(&bin).output().unwrap();
-    let mut copies = String::new();
-    for line in String::from_utf8_lossy(&ldd.stdout).lines() {
-        let path = line
-            .split_whitespace()
-            .find(|w| w.starts_with('/'))
-            .map(str::to_string);
-        if let Some(path) = path {
-            let name = Path::new(&path)
-                .file_name()
-                .unwrap()
-                .to_string_lossy()
-                .to_string();
-            std::fs::copy(&path, ctx.path().join(&name)).unwrap();
-            let dir = Path::new(&path).parent().unwrap().display().to_string();
-            copies.push_str(&format!("COPY {name} {dir}/{name}\n"));
-        }
-    }
-    std::fs::write(
-        ctx.path().join("Dockerfile"),
-        format!(
-            "FROM scratch\n{copies}COPY rampart-loadtest /rampart-loadtest\nUSER 65534\nENTRYPOINT [\"/rampart-loadtest\", \"backend\", \"--listen\", \"0.0.0.0:8080\"]\n"
-        ),
-    )
-    .unwrap();
-    docker(&["build", "-q", "-t", &tag, ctx.path().to_str().unwrap()]);
-    tag
-}
 
 /// A network and the containers on it, removed on drop (even when the test fails).
 struct Scene {
@@ -89,7 +20,7 @@ struct Scene {
 
 impl Scene {
     fn new() -> Self {
-        let id = &uuid_like()[..10];
+        let id = &unique_id();
         let network = format!("rampart-test-{id}");
         docker(&["network", "create", &network]);
         Self {
@@ -136,24 +67,6 @@ impl Drop for Scene {
     }
 }
 
-fn uuid_like() -> String {
-    let bytes: [u8; 8] = rand_bytes();
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn rand_bytes() -> [u8; 8] {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos();
-    let h = rampart_pki::sha256_hex(format!("{nanos}-{}", std::process::id()).as_bytes());
-    let mut out = [0u8; 8];
-    for (i, b) in out.iter_mut().enumerate() {
-        *b = u8::from_str_radix(&h[2 * i..2 * i + 2], 16).unwrap();
-    }
-    out
-}
-
 const WEB: &[&str] = &[
     "rampart.enable=true",
     "rampart.pool.web.port=8080",
@@ -163,7 +76,7 @@ const WEB: &[&str] = &[
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn labelled_containers_become_routes_and_follow_the_engine() {
     common::init();
-    let image = backend_image();
+    let image = images().backend;
     let scene = Scene::new();
     scene.run("web-1", &image, WEB);
     scene.run("web-2", &image, WEB);
@@ -327,7 +240,7 @@ impl Drop for EngineLink {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_engine_that_goes_away_keeps_the_last_good_state_and_resyncs() {
     common::init();
-    let image = backend_image();
+    let image = images().backend;
     let scene = Scene::new();
     scene.run("web-1", &image, WEB);
     scene.run("web-2", &image, WEB);

@@ -37,11 +37,13 @@ pub struct Target {
 }
 
 impl Target {
-    /// Parses `http://` or `https://` URLs and resolves the host once.
+    /// Parses `http://` or `https://` URLs and resolves the host once, unless
+    /// `connect_to` says where to connect (the URL's host still names the site: SNI and
+    /// the Host header).
     ///
     /// # Errors
     /// When the URL is not http(s) or the host does not resolve.
-    pub fn parse(url: &str) -> anyhow::Result<Self> {
+    pub fn parse(url: &str, connect_to: Option<std::net::SocketAddr>) -> anyhow::Result<Self> {
         let uri: http::Uri = url
             .parse()
             .with_context(|| format!("invalid URL {url:?}"))?;
@@ -58,10 +60,13 @@ impl Target {
             .trim_end_matches(']')
             .to_string();
         let port = uri.port_u16().unwrap_or(if tls { 443 } else { 80 });
-        let addr = std::net::ToSocketAddrs::to_socket_addrs(&(host.as_str(), port))
-            .with_context(|| format!("resolving {host}"))?
-            .next()
-            .with_context(|| format!("{host} resolved to no address"))?;
+        let addr = match connect_to {
+            Some(addr) => addr,
+            None => std::net::ToSocketAddrs::to_socket_addrs(&(host.as_str(), port))
+                .with_context(|| format!("resolving {host}"))?
+                .next()
+                .with_context(|| format!("{host} resolved to no address"))?,
+        };
         let path = uri.path_and_query().map_or("/", |p| p.as_str()).to_string();
         Ok(Self {
             addr,
@@ -467,12 +472,12 @@ mod tests {
 
     #[test]
     fn targets_parse_and_requests_serialise() {
-        let t = Target::parse("http://127.0.0.1:8080/a?b=c").unwrap();
+        let t = Target::parse("http://127.0.0.1:8080/a?b=c", None).unwrap();
         assert!(!t.tls);
         assert_eq!(t.addr.port(), 8080);
         assert_eq!(t.path, "/a?b=c");
         let req = h1_request(&t, &[("X-K".into(), "v".into())], true);
         assert_eq!(&req[..], &b"GET /a?b=c HTTP/1.1\r\nHost: 127.0.0.1:8080\r\nUser-Agent: rampart-loadtest\r\nX-K: v\r\nConnection: close\r\n\r\n"[..]);
-        assert!(Target::parse("ftp://x/").is_err());
+        assert!(Target::parse("ftp://x/", None).is_err());
     }
 }

@@ -95,6 +95,10 @@ pub struct RunArgs {
     /// Worker threads of the load generator (default: CPUs).
     #[arg(long)]
     threads: Option<usize>,
+    /// Connect to this address instead of resolving the URL's host, which still gives
+    /// the TLS server name and Host header (as curl's --connect-to).
+    #[arg(long)]
+    connect_to: Option<std::net::SocketAddr>,
 }
 
 /// Parses "10s", "500ms", "2m", "1h" or plain seconds.
@@ -130,7 +134,7 @@ impl RunArgs {
             .collect::<anyhow::Result<_>>()?;
         anyhow::ensure!(self.connections > 0, "--connections must be at least 1");
         anyhow::ensure!(self.rate.is_none_or(|r| r > 0.0), "--rate must be positive");
-        let target = client::Target::parse(&self.url)?;
+        let target = client::Target::parse(&self.url, self.connect_to)?;
         let trust = match &self.cacert {
             Some(path) => client::Trust::CaFile(path.clone()),
             None if self.insecure || !target.tls => client::Trust::Insecure,
@@ -169,8 +173,18 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Run(args) => {
-            let cfg = args.config()?;
-            let (stats, elapsed) = runtime(args.threads)?.block_on(run::run(cfg.clone()))?;
+            let mut cfg = args.config()?;
+            // Ctrl-C (SIGINT) ends the run early with a report of what was sent.
+            let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+            cfg.stop = Some(stop.clone());
+            let (stats, elapsed) = runtime(args.threads)?.block_on(async {
+                tokio::spawn(async move {
+                    if tokio::signal::ctrl_c().await.is_ok() {
+                        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+                    }
+                });
+                run::run(cfg.clone()).await
+            })?;
             let report = run::RunReport::new(&cfg, &args.url, &stats, elapsed);
             println!("{}", report.summary());
             if let Some(path) = &args.json {

@@ -58,10 +58,15 @@ impl DockerProvider {
     }
 
     async fn connect(&self) -> Result<Docker, String> {
-        let unix = self.settings.socket.starts_with("unix://") || self.settings.socket.starts_with('/');
+        let unix =
+            self.settings.socket.starts_with("unix://") || self.settings.socket.starts_with('/');
         if unix {
             // The HTTP client's connect error hides the cause: ask the socket itself.
-            let path = self.settings.socket.trim_start_matches("unix://").to_string();
+            let path = self
+                .settings
+                .socket
+                .trim_start_matches("unix://")
+                .to_string();
             let probe = tokio::net::UnixStream::connect(&path).await;
             if let Err(e) = probe {
                 let hint = match e.kind() {
@@ -93,10 +98,7 @@ impl DockerProvider {
             return Some(vec![net.clone()]);
         }
         let hostname = std::fs::read_to_string("/etc/hostname").ok()?;
-        let own = docker
-            .inspect_container(hostname.trim(), None)
-            .await
-            .ok()?;
+        let own = docker.inspect_container(hostname.trim(), None).await.ok()?;
         let mut nets: Vec<String> = own
             .network_settings?
             .networks?
