@@ -5,7 +5,7 @@
 
 mod common;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
@@ -292,5 +292,237 @@ async fn an_engine_that_goes_away_keeps_the_last_good_state_and_resyncs() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    handle.shutdown().await;
+}
+
+/// Starts a controller watching `scene`'s network and a fleet proxy it feeds.
+async fn controller_and_proxy(scene: &Scene, dir: &Path) -> (rampart_controller::Handle, Proxy) {
+    let text = format!(
+        "[server]\ndata_dir = {:?}\n[controller]\nlisten = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\nwatch_timeout = \"2s\"\n\n[[discovery.docker]]\nnetwork = \"{}\"\n",
+        dir.join("data"),
+        scene.network
+    );
+    let config = rampart_config::parse(&text, "docker-test.toml").unwrap();
+    let handle = rampart_controller::start(config.clone(), None)
+        .await
+        .unwrap();
+    let token = rampart_controller::create_token(&config, Duration::from_secs(600), false)
+        .await
+        .unwrap();
+    let proxy = Proxy::start_fleet(&format!("https://{}", handle.fleet_addr), Some(&token)).await;
+    (handle, proxy)
+}
+
+/// `rampart-loadtest run` through the proxy at `rate` requests/s until stopped.
+struct Load {
+    child: std::process::Child,
+    report: tempfile::NamedTempFile,
+}
+
+impl Load {
+    fn start(proxy: std::net::SocketAddr, connections: usize, rate: u32) -> Self {
+        let report = tempfile::NamedTempFile::new().unwrap();
+        let bin = Path::new(env!("CARGO_BIN_EXE_rampart")).with_file_name("rampart-loadtest");
+        let child = Command::new(bin)
+            .args(["run", "--url", "http://web.rampart.test/"])
+            .args(["--connect-to", &proxy.to_string()])
+            .args(["--connections", &connections.to_string()])
+            .args(["--rate", &rate.to_string(), "--duration", "120s"])
+            .arg("--json")
+            .arg(report.path())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        Self { child, report }
+    }
+
+    /// Stops the load; returns (requests, failed, the errors by class).
+    fn stop(mut self) -> (u64, u64, serde_json::Value) {
+        let _ = Command::new("kill")
+            .args(["-INT", &self.child.id().to_string()])
+            .status();
+        assert!(self.child.wait().unwrap().success());
+        let r: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(self.report.path()).unwrap()).unwrap();
+        let requests = r["requests"].as_u64().unwrap();
+        (
+            requests,
+            requests - r["ok"].as_u64().unwrap(),
+            r["errors"].clone(),
+        )
+    }
+}
+
+/// When the engine started `container` (Unix seconds).
+fn started_unix(container: &str) -> f64 {
+    let at = docker(&["inspect", "-f", "{{.State.StartedAt}}", container]);
+    let out = Command::new("date")
+        .args(["-d", &at, "+%s.%N"])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
+}
+
+fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_service_scales_1_4_1_under_load_without_a_failed_request() {
+    common::init();
+    let image = images().backend;
+    let scene = Scene::new();
+    let first = scene.run("web-1", &image, WEB);
+    let dir = tempfile::tempdir().unwrap();
+    let (handle, proxy) = controller_and_proxy(&scene, dir.path()).await;
+    let client = reqwest::Client::new();
+    // Who answers: the backend names itself (its container's host name = id prefix).
+    let who = |client: reqwest::Client| async move {
+        let r = client
+            .get(format!("http://{}/", proxy.http))
+            .header("host", "web.rampart.test")
+            .send()
+            .await
+            .ok()?;
+        (r.status() == 200)
+            .then(|| {
+                r.headers()
+                    .get("x-backend")?
+                    .to_str()
+                    .ok()
+                    .map(str::to_string)
+            })
+            .flatten()
+    };
+    eventually("the first backend to serve", || async {
+        who(client.clone()).await.filter(|n| first.starts_with(n))
+    })
+    .await;
+
+    let load = Load::start(proxy.http, 8, 200);
+    // 1 -> 4: each new container's first answer, from the time the engine started it.
+    // A watcher asks "who answers?" all along and notes each name's first answer.
+    let first_answer = std::sync::Arc::new(std::sync::Mutex::new(std::collections::HashMap::<
+        String,
+        f64,
+    >::new()));
+    let watcher = tokio::spawn({
+        let first_answer = first_answer.clone();
+        let client = client.clone();
+        let url = format!("http://{}/", proxy.http);
+        async move {
+            loop {
+                let r = client
+                    .get(&url)
+                    .header("host", "web.rampart.test")
+                    .send()
+                    .await;
+                let name = r
+                    .ok()
+                    .and_then(|r| Some(r.headers().get("x-backend")?.to_str().ok()?.to_string()));
+                if let Some(name) = name {
+                    first_answer
+                        .lock()
+                        .unwrap()
+                        .entry(name)
+                        .or_insert_with(unix_now);
+                }
+            }
+        }
+    });
+    let added: Vec<String> = (2..=4)
+        .map(|i| scene.run(&format!("web-{i}"), &image, WEB))
+        .collect();
+    let seen = |id: &str| {
+        first_answer
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|(name, _)| id.starts_with(name.as_str()))
+            .map(|(_, at)| *at)
+    };
+    eventually("every new container to get traffic", || async {
+        added.iter().all(|id| seen(id).is_some()).then_some(())
+    })
+    .await;
+    watcher.abort();
+    let mut delays: Vec<f64> = added
+        .iter()
+        .map(|id| seen(id).unwrap() - started_unix(id))
+        .collect();
+    delays.sort_by(f64::total_cmp);
+    eprintln!(
+        "container started -> first request through the proxy: p50 {:.3}s, max {:.3}s ({} containers)",
+        delays[delays.len() / 2],
+        delays[delays.len() - 1],
+        delays.len()
+    );
+    assert!(delays[delays.len() - 1] < 5.0, "{delays:?}");
+
+    // 4 -> 1, as a scale-down does it: stop (SIGTERM, then SIGKILL after 2 s). The
+    // stopping containers get no new requests from the moment the engine signals them.
+    let mut args = vec!["stop", "-t", "2"];
+    args.extend(added.iter().map(String::as_str));
+    docker(&args);
+    eventually("the pool to shrink to one", || async {
+        let n: usize = handle
+            .state
+            .status()
+            .discovery
+            .iter()
+            .map(|p| p.endpoints)
+            .sum();
+        (n == 1).then_some(())
+    })
+    .await;
+    let (requests, failed, errors) = load.stop();
+    eprintln!("scale 1 -> 4 -> 1 under load: {requests} requests, {failed} failed ({errors})");
+    assert!(requests > 400, "{requests}");
+    assert_eq!(failed, 0, "{errors}; proxy log:\n{}", proxy.log());
+
+    // SIGKILL one of two under load: only what was in flight on it may fail.
+    let victim = scene.run("web-5", &image, WEB);
+    eventually("the second backend to serve", || async {
+        who(client.clone())
+            .await
+            .filter(|n| victim.starts_with(n))
+            .map(|_| ())
+    })
+    .await;
+    let connections = 8;
+    let load = Load::start(proxy.http, connections, 400);
+    eventually("load to flow", || async {
+        who(client.clone()).await.map(|_| ())
+    })
+    .await;
+    docker(&["kill", &victim]);
+    eventually("the pool to shrink to one", || async {
+        let n: usize = handle
+            .state
+            .status()
+            .discovery
+            .iter()
+            .map(|p| p.endpoints)
+            .sum();
+        (n == 1).then_some(())
+    })
+    .await;
+    // A few more requests after the pool shrank, then stop.
+    for _ in 0..20 {
+        assert!(who(client.clone()).await.is_some());
+    }
+    let (requests, failed, errors) = load.stop();
+    eprintln!(
+        "SIGKILL of 1 of 2 backends under load: {failed} of {requests} requests failed ({errors})"
+    );
+    assert!(
+        failed <= connections as u64,
+        "more failures than requests in flight: {failed} > {connections}: {errors}"
+    );
+    drop(proxy);
     handle.shutdown().await;
 }

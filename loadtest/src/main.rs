@@ -47,6 +47,10 @@ enum Command {
         /// Worker threads.
         #[arg(long, default_value_t = 1)]
         threads: usize,
+        /// Sent back in the x-backend header of every response (default: the host
+        /// name, which in a container is its id), so that a client can tell who answered.
+        #[arg(long)]
+        name: Option<String>,
     },
     /// Scenarios that start Rampart (and peers) themselves.
     #[command(subcommand)]
@@ -199,12 +203,20 @@ fn main() -> anyhow::Result<()> {
             delay,
             fail_rate,
             threads,
+            name,
         } => runtime(Some(threads))?.block_on(async {
+            let name = name.unwrap_or_else(|| {
+                std::fs::read_to_string("/etc/hostname")
+                    .map(|h| h.trim().to_string())
+                    .ok()
+                    .filter(|h| !h.is_empty())
+                    .unwrap_or_else(|| "backend".into())
+            });
             let config = backend::BackendConfig {
                 body_bytes,
                 delay: Duration::from_millis(delay),
                 fail_rate,
-                name: "backend".into(),
+                name,
             };
             let (addr, task) = backend::spawn(listen, config).await?;
             println!("listening on {addr}");

@@ -45,6 +45,44 @@ pub struct DockerProvider {
     /// Routes seen lately, kept for [`ROUTE_GRACE`] after their last container went,
     /// so that a redeploy answers 503 + Retry-After rather than 404.
     remembered: std::sync::Mutex<BTreeMap<String, (Route, std::time::Instant)>>,
+    /// Containers sent a stopping signal (`docker stop`, a scale-down: still running,
+    /// finishing what they have, but given no new requests) or just dead.
+    stopping: std::sync::Mutex<std::collections::HashSet<String>>,
+}
+
+/// Signals that mean "stop" in a `kill` event (SIGHUP and others mean reload or less).
+const STOP_SIGNALS: &[&str] = &[
+    "2", "3", "9", "15", "SIGINT", "SIGQUIT", "SIGKILL", "SIGTERM",
+];
+
+/// Updates the set of stopping containers from one event.
+fn track_stopping(
+    stopping: &mut std::collections::HashSet<String>,
+    ev: &bollard::models::EventMessage,
+) {
+    let Some(actor) = &ev.actor else { return };
+    let Some(id) = &actor.id else { return };
+    match ev.action.as_deref().unwrap_or_default() {
+        "kill" => {
+            let signal = actor
+                .attributes
+                .as_ref()
+                .and_then(|a| a.get("signal"))
+                .map_or("", String::as_str);
+            if STOP_SIGNALS.contains(&signal) {
+                stopping.insert(id.clone());
+            }
+        }
+        // The engine may still list a container as running for a moment after "die":
+        // it stays out until it is listed no more, or starts again.
+        "die" => {
+            stopping.insert(id.clone());
+        }
+        "start" | "restart" => {
+            stopping.remove(id);
+        }
+        _ => {}
+    }
 }
 
 impl DockerProvider {
@@ -54,6 +92,7 @@ impl DockerProvider {
         Self {
             settings,
             remembered: std::sync::Mutex::new(BTreeMap::new()),
+            stopping: std::sync::Mutex::new(std::collections::HashSet::new()),
         }
     }
 
@@ -113,6 +152,17 @@ impl DockerProvider {
         Some(nets)
     }
 
+    /// Takes note of a container being stopped (or started again).
+    fn note(&self, ev: &bollard::models::EventMessage) {
+        track_stopping(
+            &mut self
+                .stopping
+                .lock()
+                .expect("stopping lock is never poisoned: no panics while held"),
+            ev,
+        );
+    }
+
     /// Reads every enabled, running, not unhealthy container.
     async fn read(&self, docker: &Docker, networks: Option<&[String]>) -> Result<Found, String> {
         // Backends (rampart.enable) and proxies (rampart.role): label filters are ANDed,
@@ -126,6 +176,11 @@ impl DockerProvider {
             .list_containers(Some(options))
             .await
             .map_err(|e| format!("docker {}: listing containers: {e}", self.settings.socket))?;
+        // Stopping containers that are gone need no more tracking.
+        self.stopping
+            .lock()
+            .expect("stopping lock is never poisoned: no panics while held")
+            .retain(|id| containers.iter().any(|c| c.id.as_ref() == Some(id)));
         let mut found = Found::default();
         let mut routes: BTreeMap<String, (String, Route)> = BTreeMap::new();
         for c in containers {
@@ -136,7 +191,13 @@ impl DockerProvider {
             let wanted = c.labels.as_ref().is_some_and(|l| {
                 l.contains_key("rampart.enable") || l.contains_key("rampart.role")
             });
-            if !wanted {
+            let stopping = c.id.as_ref().is_some_and(|id| {
+                self.stopping
+                    .lock()
+                    .expect("stopping lock is never poisoned: no panics while held")
+                    .contains(id)
+            });
+            if !wanted || stopping {
                 continue;
             }
             let status = c.status.clone().unwrap_or_default();
@@ -285,11 +346,15 @@ impl Provider for DockerProvider {
                             true
                         }
                         Some(Some(Ok(ev))) if !relevant(&ev) => false,
-                        Some(Some(Ok(_))) => {
+                        Some(Some(Ok(ev))) => {
+                            self.note(&ev);
                             // Take the other events of the same moment, then read once.
-                            while let Ok(Some(_)) =
+                            while let Ok(Some(more)) =
                                 tokio::time::timeout(SETTLE, events.next()).await
                             {
+                                if let Ok(ev) = more {
+                                    self.note(&ev);
+                                }
                             }
                             confirm = Some(tokio::time::Instant::now() + CONFIRM);
                             true
