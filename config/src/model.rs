@@ -343,13 +343,39 @@ pub struct Discovery {
     /// Routes and endpoints from labelled containers of a Docker engine.
     #[serde(default)]
     pub docker: Vec<DockerDiscovery>,
+    /// Endpoints of a pool from DNS SRV records (Consul, Kubernetes headless services),
+    /// re-resolved when their TTL runs out.
+    #[serde(default)]
+    pub dns_srv: Vec<SrvDiscovery>,
+}
+
+/// A pool's endpoints from the SRV records of a name: `[[discovery.dns_srv]]
+/// name = "_web._tcp.service.consul" pool = "web" server = "127.0.0.1:8600"`.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SrvDiscovery {
+    /// The SRV name, e.g. `_web._tcp.service.consul`.
+    pub name: String,
+    /// The pool whose endpoints these are (defined under `[pools.<name>]`).
+    pub pool: String,
+    /// The DNS server to ask (UDP). Default: the first nameserver of /etc/resolv.conf.
+    #[serde(default)]
+    pub server: Option<SocketAddr>,
+    /// Re-resolve at least this often, and at most as often as the records' TTL says
+    /// (bounded below by 1 s).
+    #[serde(default = "default_srv_interval")]
+    pub interval: Dur,
+}
+
+fn default_srv_interval() -> Dur {
+    Dur::secs(30)
 }
 
 impl Discovery {
     /// Whether any provider is configured (pools may then start without endpoints).
     #[must_use]
     pub fn any(&self) -> bool {
-        !self.files.is_empty() || !self.docker.is_empty()
+        !self.files.is_empty() || !self.docker.is_empty() || !self.dns_srv.is_empty()
     }
 }
 

@@ -59,6 +59,7 @@ fn validate_from(config: &Config, origin: Origin) -> Vec<Issue> {
     }
     controller(config, &mut out);
     dns(config, &mut out);
+    srv_discovery(config, &mut out);
     let mut names = HashMap::new();
     for (i, route) in config.routes.iter().enumerate() {
         let path = FieldPath::root().key("routes").index(i);
@@ -84,6 +85,36 @@ fn validate_from(config: &Config, origin: Origin) -> Vec<Issue> {
         );
     }
     out
+}
+
+fn srv_discovery(config: &Config, out: &mut Vec<Issue>) {
+    for (i, srv) in config.discovery.dns_srv.iter().enumerate() {
+        let path = FieldPath::root().key("discovery").key("dns_srv").index(i);
+        if !config.pools.contains_key(&srv.pool) {
+            out.push(Issue::new(
+                path.key("pool"),
+                format!("pool {:?} is not defined", srv.pool),
+                format!(
+                    "define [pools.{}] (its endpoints come from the SRV records)",
+                    srv.pool
+                ),
+            ));
+        }
+        if !srv.name.starts_with('_') || !srv.name.contains('.') {
+            out.push(Issue::new(
+                path.key("name"),
+                format!("{:?} is not an SRV name", srv.name),
+                "use the _service._proto.domain form, e.g. \"_web._tcp.service.consul\"",
+            ));
+        }
+        if srv.interval.0 < std::time::Duration::from_secs(1) {
+            out.push(Issue::new(
+                path.key("interval"),
+                "shorter than 1s",
+                "use at least \"1s\"",
+            ));
+        }
+    }
 }
 
 fn controller(config: &Config, out: &mut Vec<Issue>) {

@@ -419,8 +419,14 @@ fn spawn_providers(
         let shutdown = shutdown.clone();
         tasks.spawn(async move { provider.run(tx, shutdown).await });
     }
+    let mut providers: Vec<Box<dyn Provider>> = Vec::new();
     for d in &config.discovery.docker {
-        let provider = discovery::docker::DockerProvider::new(d.clone());
+        providers.push(Box::new(discovery::docker::DockerProvider::new(d.clone())));
+    }
+    for s in &config.discovery.dns_srv {
+        providers.push(Box::new(discovery::srv::SrvProvider::new(s.clone())));
+    }
+    for provider in providers {
         let (tx, rx) = watch::channel(Found::default());
         out.push((provider.name(), rx));
         let shutdown = shutdown.clone();

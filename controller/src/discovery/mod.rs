@@ -1,5 +1,5 @@
-//! Endpoint discovery: providers watch some source (files here; Docker, Swarm and DNS
-//! SRV later, behind the same trait) and publish the endpoints they see by pool. The
+//! Endpoint discovery: providers watch some source (files, a Docker engine, DNS SRV
+//! records; all behind one trait, as a Kubernetes one would be) and publish the endpoints they see by pool. The
 //! compiler merges every provider's latest [`Found`] into the next snapshot.
 //!
 //! A provider never fails as a whole: a bad source is reported in [`Found::errors`] and
@@ -8,6 +8,7 @@
 pub mod docker;
 pub mod file;
 pub mod labels;
+pub mod srv;
 
 use std::collections::BTreeMap;
 
