@@ -34,6 +34,8 @@ enum Command {
     },
     /// Print the JSON schema of the configuration file.
     Schema,
+    /// Print the version, git commit, compiler and target of this binary.
+    Version,
     /// Run a proxy: standalone from a configuration file (reloaded on SIGHUP and on
     /// change), or in a fleet with --controller (snapshots pushed by the controller).
     Proxy {
@@ -168,6 +170,13 @@ enum InstanceAction {
 }
 
 fn main() -> ExitCode {
+    rampart_config::build::set(rampart_config::build::BuildInfo {
+        version: env!("CARGO_PKG_VERSION"),
+        git: env!("RAMPART_GIT"),
+        rustc: env!("RAMPART_RUSTC"),
+        target: env!("RAMPART_TARGET"),
+        profile: env!("RAMPART_PROFILE"),
+    });
     rampart_proxy::install_crypto_provider();
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -189,6 +198,10 @@ fn main() -> ExitCode {
 fn run(command: Command) -> anyhow::Result<ExitCode> {
     match command {
         Command::Check { file } => Ok(check(&file)),
+        Command::Version => {
+            println!("{}", rampart_config::build::get());
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Schema => {
             println!(
                 "{}",

@@ -206,6 +206,26 @@ async fn up_serves_the_welcome_page_over_https_with_the_internal_ca() {
         (String::from_utf8_lossy(&out.stdout).trim() == https.ip().to_string()).then_some(())
     })
     .await;
+    // The metrics say which binary this is, as `rampart version` does.
+    let metrics = reqwest::get(format!("http://{admin}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let (code, version, _) = rampart(&["version"]);
+    assert_eq!(code, 0);
+    let git = version
+        .split("git ")
+        .nth(1)
+        .and_then(|s| s.split(',').next())
+        .unwrap();
+    assert!(
+        metrics.lines().any(|l| l.starts_with("rampart_build_info{")
+            && l.contains(&format!("git=\"{git}\""))
+            && l.ends_with(" 1")),
+        "{version}\n{metrics}"
+    );
     child.kill().unwrap();
     let out = child.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);

@@ -5,12 +5,14 @@
 //! Pure: no I/O beyond reading the file, no async. The proxy and (later) the controller
 //! build their run-time state from a validated [`Config`].
 //!
+//! - [`build`]: version and build facts of the running binary
 //! - [`model`]: the types and their defaults
 //! - [`units`]: durations, sizes, host names, addresses, hash keys
 //! - [`validate`]: cross-field rules
 //! - [`diagnostics`]: issues and their positions in the file
 //! - [`snapshot`]: what the controller pushes to proxies, and the fleet protocol messages
 
+pub mod build;
 pub mod diagnostics;
 pub mod model;
 pub mod snapshot;

@@ -90,6 +90,19 @@ impl Metrics {
     pub fn new() -> Self {
         let registry = Registry::new();
         let r = Registrar(&registry);
+        let build = rampart_config::build::get();
+        let mut opts = prometheus::Opts::new(
+            "rampart_build_info",
+            "Version, git commit, compiler, target and profile of the running binary (always 1)",
+        );
+        for (k, v) in build.labels() {
+            opts = opts.const_label(k, v);
+        }
+        let info = prometheus::IntGauge::with_opts(opts).expect("a valid constant metric");
+        info.set(1);
+        registry
+            .register(Box::new(info))
+            .expect("rampart_build_info is registered once per registry");
         let snapshot_build = r.histogram(
             "rampart_controller_snapshot_build_seconds",
             "Time to compile and encode a snapshot.",

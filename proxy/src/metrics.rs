@@ -62,6 +62,7 @@ impl Metrics {
     #[must_use]
     pub fn new() -> Self {
         let r = Registry::new();
+        build_info(&r);
         let hist = |name: &str, help: &str| {
             HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS.to_vec())
         };
@@ -188,4 +189,19 @@ impl RouteHandles {
                 .with_label_values(&[&self.route, &self.pool, CLASSES[i]])
         })
     }
+}
+
+/// Registers `rampart_build_info` (always 1; the labels say which binary this is).
+fn build_info(r: &Registry) {
+    let info = rampart_config::build::get();
+    let mut opts = Opts::new(
+        "rampart_build_info",
+        "Version, git commit, compiler, target and profile of the running binary (always 1)",
+    );
+    for (k, v) in info.labels() {
+        opts = opts.const_label(k, v);
+    }
+    let g = IntGauge::with_opts(opts).expect("valid");
+    g.set(1);
+    reg(r, g);
 }
