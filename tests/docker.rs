@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use common::engine::{docker, images, unique_id};
+use common::engine::{docker, images, started_unix, unique_id, unix_now, Load};
 use common::{eventually, Proxy};
 
 /// A network and the containers on it, removed on drop (even when the test fails).
@@ -313,64 +313,6 @@ async fn controller_and_proxy(scene: &Scene, dir: &Path) -> (rampart_controller:
     (handle, proxy)
 }
 
-/// `rampart-loadtest run` through the proxy at `rate` requests/s until stopped.
-struct Load {
-    child: std::process::Child,
-    report: tempfile::NamedTempFile,
-}
-
-impl Load {
-    fn start(proxy: std::net::SocketAddr, connections: usize, rate: u32) -> Self {
-        let report = tempfile::NamedTempFile::new().unwrap();
-        let bin = Path::new(env!("CARGO_BIN_EXE_rampart")).with_file_name("rampart-loadtest");
-        let child = Command::new(bin)
-            .args(["run", "--url", "http://web.rampart.test/"])
-            .args(["--connect-to", &proxy.to_string()])
-            .args(["--connections", &connections.to_string()])
-            .args(["--rate", &rate.to_string(), "--duration", "120s"])
-            .arg("--json")
-            .arg(report.path())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        Self { child, report }
-    }
-
-    /// Stops the load; returns (requests, failed, the errors by class).
-    fn stop(mut self) -> (u64, u64, serde_json::Value) {
-        let _ = Command::new("kill")
-            .args(["-INT", &self.child.id().to_string()])
-            .status();
-        assert!(self.child.wait().unwrap().success());
-        let r: serde_json::Value =
-            serde_json::from_slice(&std::fs::read(self.report.path()).unwrap()).unwrap();
-        let requests = r["requests"].as_u64().unwrap();
-        (
-            requests,
-            requests - r["ok"].as_u64().unwrap(),
-            r["errors"].clone(),
-        )
-    }
-}
-
-/// When the engine started `container` (Unix seconds).
-fn started_unix(container: &str) -> f64 {
-    let at = docker(&["inspect", "-f", "{{.State.StartedAt}}", container]);
-    let out = Command::new("date")
-        .args(["-d", &at, "+%s.%N"])
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
-}
-
-fn unix_now() -> f64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs_f64()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backend_service_scales_1_4_1_under_load_without_a_failed_request() {
     common::init();
@@ -403,7 +345,7 @@ async fn a_backend_service_scales_1_4_1_under_load_without_a_failed_request() {
     })
     .await;
 
-    let load = Load::start(proxy.http, 8, 200);
+    let load = Load::start("http://web.rampart.test/", proxy.http, 8, 200);
     // 1 -> 4: each new container's first answer, from the time the engine started it.
     // A watcher asks "who answers?" all along and notes each name's first answer.
     let first_answer = std::sync::Arc::new(std::sync::Mutex::new(std::collections::HashMap::<
@@ -494,7 +436,7 @@ async fn a_backend_service_scales_1_4_1_under_load_without_a_failed_request() {
     })
     .await;
     let connections = 8;
-    let load = Load::start(proxy.http, connections, 400);
+    let load = Load::start("http://web.rampart.test/", proxy.http, connections, 400);
     eventually("load to flow", || async {
         who(client.clone()).await.map(|_| ())
     })

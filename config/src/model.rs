@@ -347,6 +347,42 @@ pub struct Discovery {
     /// re-resolved when their TTL runs out.
     #[serde(default)]
     pub dns_srv: Vec<SrvDiscovery>,
+    /// Routes and endpoints from labelled services of a Docker Swarm (a manager's API).
+    #[serde(default)]
+    pub swarm: Vec<SwarmDiscovery>,
+}
+
+/// A Docker Swarm whose services with `rampart.enable=true` (service labels, `deploy:
+/// labels:` in a stack file) become routes and endpoints.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SwarmDiscovery {
+    /// A manager's API socket.
+    #[serde(default = "default_docker_socket")]
+    pub socket: String,
+    /// The overlay network whose task addresses are used (`tasks` mode). Default: the
+    /// networks of the controller's own container, when it runs in one.
+    #[serde(default)]
+    pub network: Option<String>,
+    /// `tasks`: one endpoint per running task, at its address on the overlay (the
+    /// proxies must be attached to it). `mesh`: one endpoint per service, at
+    /// `mesh_address` and the port the routing mesh publishes.
+    #[serde(default)]
+    pub mode: SwarmMode,
+    /// Where proxies reach the routing mesh (a node's address), for `mode = "mesh"`.
+    #[serde(default)]
+    pub mesh_address: Option<std::net::IpAddr>,
+}
+
+/// How Swarm services are reached.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum SwarmMode {
+    /// Each task at its overlay address.
+    #[default]
+    Tasks,
+    /// Each service through the routing mesh.
+    Mesh,
 }
 
 /// A pool's endpoints from the SRV records of a name: `[[discovery.dns_srv]]
@@ -375,7 +411,10 @@ impl Discovery {
     /// Whether any provider is configured (pools may then start without endpoints).
     #[must_use]
     pub fn any(&self) -> bool {
-        !self.files.is_empty() || !self.docker.is_empty() || !self.dns_srv.is_empty()
+        !self.files.is_empty()
+            || !self.docker.is_empty()
+            || !self.dns_srv.is_empty()
+            || !self.swarm.is_empty()
     }
 }
 

@@ -88,6 +88,19 @@ fn validate_from(config: &Config, origin: Origin) -> Vec<Issue> {
 }
 
 fn srv_discovery(config: &Config, out: &mut Vec<Issue>) {
+    for (i, swarm) in config.discovery.swarm.iter().enumerate() {
+        if swarm.mode == crate::SwarmMode::Mesh && swarm.mesh_address.is_none() {
+            out.push(Issue::new(
+                FieldPath::root()
+                    .key("discovery")
+                    .key("swarm")
+                    .index(i)
+                    .key("mesh_address"),
+                "mode = \"mesh\" needs the address proxies reach the routing mesh on",
+                "set mesh_address = \"<a node's IP>\", or use mode = \"tasks\"",
+            ));
+        }
+    }
     for (i, srv) in config.discovery.dns_srv.iter().enumerate() {
         let path = FieldPath::root().key("discovery").key("dns_srv").index(i);
         if !config.pools.contains_key(&srv.pool) {

@@ -423,6 +423,11 @@ fn spawn_providers(
     for d in &config.discovery.docker {
         providers.push(Box::new(discovery::docker::DockerProvider::new(d.clone())));
     }
+    for s in &config.discovery.swarm {
+        providers.push(Box::new(discovery::docker::DockerProvider::swarm(
+            s.clone(),
+        )));
+    }
     for s in &config.discovery.dns_srv {
         providers.push(Box::new(discovery::srv::SrvProvider::new(s.clone())));
     }

@@ -111,3 +111,67 @@ pub fn container_ip(container: &str) -> std::net::IpAddr {
     .parse()
     .unwrap()
 }
+
+/// `rampart-loadtest run` of `url` through `connect_to` at `rate` requests/s until
+/// stopped (`--insecure` for https).
+pub struct Load {
+    child: std::process::Child,
+    report: tempfile::NamedTempFile,
+}
+
+impl Load {
+    pub fn start(
+        url: &str,
+        connect_to: std::net::SocketAddr,
+        connections: usize,
+        rate: u32,
+    ) -> Self {
+        let report = tempfile::NamedTempFile::new().unwrap();
+        let bin = Path::new(env!("CARGO_BIN_EXE_rampart")).with_file_name("rampart-loadtest");
+        let child = Command::new(bin)
+            .args(["run", "--insecure", "--url", url])
+            .args(["--connect-to", &connect_to.to_string()])
+            .args(["--connections", &connections.to_string()])
+            .args(["--rate", &rate.to_string(), "--duration", "300s"])
+            .arg("--json")
+            .arg(report.path())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        Self { child, report }
+    }
+
+    /// Stops the load; returns (requests, failed, the errors by class).
+    pub fn stop(mut self) -> (u64, u64, serde_json::Value) {
+        let _ = Command::new("kill")
+            .args(["-INT", &self.child.id().to_string()])
+            .status();
+        assert!(self.child.wait().unwrap().success());
+        let r: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(self.report.path()).unwrap()).unwrap();
+        let requests = r["requests"].as_u64().unwrap();
+        (
+            requests,
+            requests - r["ok"].as_u64().unwrap(),
+            r["errors"].clone(),
+        )
+    }
+}
+
+/// When the engine started `container` (Unix seconds).
+pub fn started_unix(container: &str) -> f64 {
+    let at = docker(&["inspect", "-f", "{{.State.StartedAt}}", container]);
+    let out = Command::new("date")
+        .args(["-d", &at, "+%s.%N"])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
+}
+
+pub fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
+}

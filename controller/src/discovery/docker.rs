@@ -12,7 +12,7 @@ use async_trait::async_trait;
 use bollard::query_parameters::ListContainersOptionsBuilder;
 use bollard::Docker;
 use futures_util::StreamExt as _;
-use rampart_config::{DockerDiscovery, Route};
+use rampart_config::{DockerDiscovery, Route, SwarmDiscovery, SwarmMode};
 use tokio::sync::watch;
 
 use super::labels;
@@ -38,10 +38,32 @@ const SETTLE: Duration = Duration::from_millis(50);
 /// A second read this long after the last event.
 const CONFIRM: Duration = Duration::from_millis(500);
 
-/// A Docker engine as a source of routes and endpoints.
+/// A Swarm is re-read this often besides its events (tasks on other nodes send none).
+const SWARM_RESYNC: Duration = Duration::from_secs(5);
+
+/// One thing that may serve: a container, a Swarm task, or (mesh mode) a service.
+#[derive(Debug, Clone, PartialEq)]
+struct Unit {
+    /// For messages: container name, `service.slot`, or service name.
+    name: String,
+    /// Container id (matched against proxies' host names).
+    id: String,
+    labels: BTreeMap<String, String>,
+    ip: IpAddr,
+}
+
+/// Whether labels ask Rampart for anything.
+fn wanted(labels: &BTreeMap<String, String>) -> bool {
+    labels.contains_key("rampart.enable") || labels.contains_key("rampart.role")
+}
+
+/// A Docker engine (containers) or a Swarm (services) as a source of routes and
+/// endpoints.
 #[derive(Debug)]
 pub struct DockerProvider {
     settings: DockerDiscovery,
+    /// Set when this provider reads a Swarm's services rather than containers.
+    swarm: Option<SwarmDiscovery>,
     /// Routes seen lately, kept for [`ROUTE_GRACE`] after their last container went,
     /// so that a redeploy answers 503 + Retry-After rather than 404.
     remembered: std::sync::Mutex<BTreeMap<String, (Route, std::time::Instant)>>,
@@ -91,9 +113,21 @@ impl DockerProvider {
     pub fn new(settings: DockerDiscovery) -> Self {
         Self {
             settings,
+            swarm: None,
             remembered: std::sync::Mutex::new(BTreeMap::new()),
             stopping: std::sync::Mutex::new(std::collections::HashSet::new()),
         }
+    }
+
+    /// A provider for the Swarm whose manager's API is in `settings`.
+    #[must_use]
+    pub fn swarm(settings: SwarmDiscovery) -> Self {
+        let mut provider = Self::new(DockerDiscovery {
+            socket: settings.socket.clone(),
+            network: settings.network.clone(),
+        });
+        provider.swarm = Some(settings);
+        provider
     }
 
     async fn connect(&self) -> Result<Docker, String> {
@@ -163,8 +197,23 @@ impl DockerProvider {
         );
     }
 
-    /// Reads every enabled, running, not unhealthy container.
+    /// Reads what serves now: containers, or Swarm services and their tasks.
     async fn read(&self, docker: &Docker, networks: Option<&[String]>) -> Result<Found, String> {
+        let mut found = Found::default();
+        let units = match &self.swarm {
+            None => self.containers(docker, networks, &mut found).await?,
+            Some(swarm) => self.tasks(docker, swarm, networks, &mut found).await?,
+        };
+        self.assemble(units, found)
+    }
+
+    /// Every enabled, running, not unhealthy, not stopping container.
+    async fn containers(
+        &self,
+        docker: &Docker,
+        networks: Option<&[String]>,
+        found: &mut Found,
+    ) -> Result<Vec<Unit>, String> {
         // Backends (rampart.enable) and proxies (rampart.role): label filters are ANDed,
         // so list the running containers and sort them here.
         let mut filters = HashMap::new();
@@ -181,23 +230,21 @@ impl DockerProvider {
             .lock()
             .expect("stopping lock is never poisoned: no panics while held")
             .retain(|id| containers.iter().any(|c| c.id.as_ref() == Some(id)));
-        let mut found = Found::default();
-        let mut routes: BTreeMap<String, (String, Route)> = BTreeMap::new();
+        let mut units = Vec::new();
         for c in containers {
             let name = c.names.as_ref().and_then(|n| n.first()).map_or_else(
                 || c.id.clone().unwrap_or_default(),
                 |n| n.trim_start_matches('/').to_string(),
             );
-            let wanted = c.labels.as_ref().is_some_and(|l| {
-                l.contains_key("rampart.enable") || l.contains_key("rampart.role")
-            });
+            let labels: BTreeMap<String, String> =
+                c.labels.clone().unwrap_or_default().into_iter().collect();
             let stopping = c.id.as_ref().is_some_and(|id| {
                 self.stopping
                     .lock()
                     .expect("stopping lock is never poisoned: no panics while held")
                     .contains(id)
             });
-            if !wanted || stopping {
+            if !wanted(&labels) || stopping {
                 continue;
             }
             let status = c.status.clone().unwrap_or_default();
@@ -229,12 +276,56 @@ impl DockerProvider {
                 ));
                 continue;
             };
-            let labels: BTreeMap<String, String> =
-                c.labels.clone().unwrap_or_default().into_iter().collect();
+            units.push(Unit {
+                name,
+                id: c.id.clone().unwrap_or_default(),
+                labels,
+                ip,
+            });
+        }
+        Ok(units)
+    }
+
+    /// The running tasks of every enabled Swarm service (or, in mesh mode, each service
+    /// once at the mesh address). Read as raw JSON: the API's task model carries the
+    /// overlay addresses (`NetworksAttachments`) that bollard's does not.
+    async fn tasks(
+        &self,
+        docker: &Docker,
+        swarm: &SwarmDiscovery,
+        networks: Option<&[String]>,
+        found: &mut Found,
+    ) -> Result<Vec<Unit>, String> {
+        let version = docker.client_version();
+        let prefix = format!("/v{}.{}", version.major_version, version.minor_version);
+        let services = raw_get(&self.settings.socket, &format!("{prefix}/services")).await?;
+        let tasks = match swarm.mode {
+            SwarmMode::Tasks => raw_get(&self.settings.socket, &format!("{prefix}/tasks")).await?,
+            SwarmMode::Mesh => serde_json::Value::Array(Vec::new()),
+        };
+        Ok(swarm_units(
+            &services,
+            &tasks,
+            swarm,
+            networks,
+            &mut found.errors,
+        ))
+    }
+
+    /// Routes, endpoints and proxies from `units`.
+    fn assemble(&self, units: Vec<Unit>, mut found: Found) -> Result<Found, String> {
+        let mut routes: BTreeMap<String, (String, Route)> = BTreeMap::new();
+        for Unit {
+            name,
+            id,
+            labels,
+            ip,
+        } in units
+        {
             if labels.get("rampart.role").map(String::as_str) == Some("proxy") {
                 found.proxies.push(super::ProxyContainer {
                     name: name.clone(),
-                    id: c.id.clone().unwrap_or_default(),
+                    id,
                     addrs: vec![ip],
                 });
             }
@@ -289,8 +380,16 @@ impl DockerProvider {
     }
 }
 
-/// A container event that can change what is published.
+/// A container event (or a service one: create, update, remove) that can change what
+/// is published.
 fn relevant(ev: &bollard::models::EventMessage) -> bool {
+    if ev
+        .typ
+        .as_ref()
+        .is_some_and(|t| *t == bollard::models::EventMessageTypeEnum::SERVICE)
+    {
+        return true;
+    }
     let container = ev
         .typ
         .as_ref()
@@ -306,7 +405,10 @@ fn relevant(ev: &bollard::models::EventMessage) -> bool {
 #[async_trait]
 impl Provider for DockerProvider {
     fn name(&self) -> String {
-        format!("docker:{}", self.settings.socket)
+        match self.swarm {
+            None => format!("docker:{}", self.settings.socket),
+            Some(_) => format!("swarm:{}", self.settings.socket),
+        }
     }
 
     async fn run(&self, out: watch::Sender<Found>, mut shutdown: watch::Receiver<bool>) {
@@ -336,7 +438,16 @@ impl Provider for DockerProvider {
                 // container's new state (say, exited after "die") a little after the event.
                 let mut confirm: Option<tokio::time::Instant> = None;
                 loop {
-                    let next = match confirm {
+                    // A Swarm is also re-read every SWARM_RESYNC (other nodes' tasks).
+                    let resync = self
+                        .swarm
+                        .as_ref()
+                        .map(|_| tokio::time::Instant::now() + SWARM_RESYNC);
+                    let wake = match (confirm, resync) {
+                        (Some(a), Some(b)) => Some(a.min(b)),
+                        (a, b) => a.or(b),
+                    };
+                    let next = match wake {
                         Some(at) => tokio::time::timeout_at(at, events.next()).await.ok(),
                         None => Some(events.next().await),
                     };
@@ -403,5 +514,278 @@ impl Provider for DockerProvider {
             }
             backoff = (backoff * 2).min(MAX_BACKOFF);
         }
+    }
+}
+
+/// Units of the Swarm's enabled services, from the API's `/services` and `/tasks`
+/// answers: running tasks that should run (a task told to shut down leaves at once,
+/// before its container stops), at their address on one of `networks`; or, in mesh
+/// mode, each service at `mesh_address` with its pool ports mapped to the published ones.
+fn swarm_units(
+    services: &serde_json::Value,
+    tasks: &serde_json::Value,
+    swarm: &SwarmDiscovery,
+    networks: Option<&[String]>,
+    errors: &mut Vec<String>,
+) -> Vec<Unit> {
+    let empty = Vec::new();
+    let mut units = Vec::new();
+    for service in services.as_array().unwrap_or(&empty) {
+        let id = service["ID"].as_str().unwrap_or_default();
+        let name = service["Spec"]["Name"].as_str().unwrap_or(id).to_string();
+        let labels: BTreeMap<String, String> = service["Spec"]["Labels"]
+            .as_object()
+            .map(|m| {
+                m.iter()
+                    .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string())))
+                    .collect()
+            })
+            .unwrap_or_default();
+        if !wanted(&labels) {
+            continue;
+        }
+        if swarm.mode == SwarmMode::Mesh {
+            let Some(ip) = swarm.mesh_address else {
+                continue;
+            };
+            let published: BTreeMap<String, String> = service["Endpoint"]["Ports"]
+                .as_array()
+                .unwrap_or(&empty)
+                .iter()
+                .filter_map(|p| {
+                    Some((
+                        p["TargetPort"].as_u64()?.to_string(),
+                        p["PublishedPort"].as_u64()?.to_string(),
+                    ))
+                })
+                .collect();
+            let mut mapped = labels.clone();
+            for (key, value) in &labels {
+                if key.starts_with("rampart.pool.") && key.ends_with(".port") {
+                    match published.get(value) {
+                        Some(p) => {
+                            mapped.insert(key.clone(), p.clone());
+                        }
+                        None => {
+                            errors.push(format!(
+                                "{name}: label {key}={value:?}: the service does not publish port {value}; publish it (--publish target={value}) or use mode = \"tasks\""
+                            ));
+                            mapped.remove(key);
+                        }
+                    }
+                }
+            }
+            units.push(Unit {
+                name,
+                id: id.to_string(),
+                labels: mapped,
+                ip,
+            });
+            continue;
+        }
+        for task in tasks.as_array().unwrap_or(&empty) {
+            if task["ServiceID"].as_str() != Some(id)
+                || task["DesiredState"].as_str() != Some("running")
+                || task["Status"]["State"].as_str() != Some("running")
+            {
+                continue;
+            }
+            let slot = task["Slot"].as_u64().map_or_else(
+                || task["ID"].as_str().unwrap_or_default().to_string(),
+                |s| s.to_string(),
+            );
+            let task_name = format!("{name}.{slot}");
+            let ip = task["NetworksAttachments"]
+                .as_array()
+                .unwrap_or(&empty)
+                .iter()
+                .filter(|a| {
+                    let net = a["Network"]["Spec"]["Name"].as_str().unwrap_or_default();
+                    networks.is_none_or(|wanted| wanted.iter().any(|w| w == net))
+                        && net != "ingress"
+                })
+                .find_map(|a| {
+                    a["Addresses"]
+                        .as_array()?
+                        .iter()
+                        .find_map(|cidr| cidr.as_str()?.split('/').next()?.parse::<IpAddr>().ok())
+                });
+            let Some(ip) = ip else {
+                errors.push(format!(
+                    "{task_name}: no address on {}; attach the service to that overlay network",
+                    networks.map_or_else(|| "an overlay network".to_string(), |n| n.join(" or "))
+                ));
+                continue;
+            };
+            units.push(Unit {
+                name: task_name,
+                id: task["Status"]["ContainerStatus"]["ContainerID"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string(),
+                labels: labels.clone(),
+                ip,
+            });
+        }
+    }
+    units
+}
+
+/// `GET path` on the engine's API, as JSON (unix sockets and plain http).
+async fn raw_get(socket: &str, path: &str) -> Result<serde_json::Value, String> {
+    use http_body_util::BodyExt as _;
+    let what = format!("docker {socket}: GET {path}");
+    let request = hyper::Request::get(path)
+        .header("host", "docker")
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .map_err(|e| format!("{what}: {e}"))?;
+    let response = if let Some(addr) = socket
+        .strip_prefix("tcp://")
+        .or_else(|| socket.strip_prefix("http://"))
+    {
+        let stream = tokio::net::TcpStream::connect(addr)
+            .await
+            .map_err(|e| format!("{what}: {e}"))?;
+        send(hyper_util::rt::TokioIo::new(stream), request).await
+    } else {
+        let stream = tokio::net::UnixStream::connect(socket.trim_start_matches("unix://"))
+            .await
+            .map_err(|e| format!("{what}: {e}"))?;
+        send(hyper_util::rt::TokioIo::new(stream), request).await
+    }
+    .map_err(|e| format!("{what}: {e}"))?;
+    let status = response.status();
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| format!("{what}: {e}"))?
+        .to_bytes();
+    if !status.is_success() {
+        return Err(format!(
+            "{what}: {status}: {}; is this engine a Swarm manager (docker swarm init)?",
+            String::from_utf8_lossy(&body).trim()
+        ));
+    }
+    serde_json::from_slice(&body).map_err(|e| format!("{what}: {e}"))
+}
+
+/// Sends one request on a fresh HTTP/1 connection.
+async fn send<T>(
+    io: T,
+    request: hyper::Request<http_body_util::Empty<bytes::Bytes>>,
+) -> hyper::Result<hyper::Response<hyper::body::Incoming>>
+where
+    T: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(io).await?;
+    tokio::spawn(conn);
+    sender.send_request(request).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn swarm(mode: SwarmMode) -> SwarmDiscovery {
+        SwarmDiscovery {
+            socket: "unix:///var/run/docker.sock".into(),
+            network: None,
+            mode,
+            mesh_address: Some("192.0.2.10".parse().unwrap()),
+        }
+    }
+
+    fn fixtures() -> (serde_json::Value, serde_json::Value) {
+        let services = serde_json::json!([
+            {"ID": "s1", "Spec": {"Name": "web", "Labels": {
+                "rampart.enable": "true", "rampart.pool.web.port": "8080",
+                "rampart.route.web.host": "web.example.com"}},
+             "Endpoint": {"Ports": [{"TargetPort": 8080, "PublishedPort": 30001}]}},
+            {"ID": "s2", "Spec": {"Name": "other", "Labels": {}}}
+        ]);
+        let task = |id: &str, slot: u64, desired: &str, state: &str, ip: &str| {
+            serde_json::json!({"ID": id, "ServiceID": "s1", "Slot": slot,
+                "DesiredState": desired, "Status": {"State": state,
+                    "ContainerStatus": {"ContainerID": format!("c-{id}")}},
+                "NetworksAttachments": [
+                    {"Network": {"Spec": {"Name": "ingress"}}, "Addresses": ["10.0.0.9/24"]},
+                    {"Network": {"Spec": {"Name": "edge"}}, "Addresses": [format!("{ip}/24")]}]})
+        };
+        let tasks = serde_json::json!([
+            task("t1", 1, "running", "running", "10.0.1.5"),
+            task("t2", 2, "running", "starting", "10.0.1.6"),
+            task("t3", 3, "shutdown", "running", "10.0.1.7"),
+            task("t4", 4, "running", "running", "10.0.1.8"),
+        ]);
+        (services, tasks)
+    }
+
+    #[test]
+    fn running_tasks_serve_at_their_overlay_address_and_shutdown_ones_leave_first() {
+        let (services, tasks) = fixtures();
+        let mut errors = Vec::new();
+        let nets = vec!["edge".to_string()];
+        let units = swarm_units(
+            &services,
+            &tasks,
+            &swarm(SwarmMode::Tasks),
+            Some(&nets),
+            &mut errors,
+        );
+        let got: Vec<(String, String, String)> = units
+            .iter()
+            .map(|u| (u.name.clone(), u.id.clone(), u.ip.to_string()))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                ("web.1".into(), "c-t1".into(), "10.0.1.5".into()),
+                ("web.4".into(), "c-t4".into(), "10.0.1.8".into())
+            ]
+        );
+        assert!(errors.is_empty(), "{errors:?}");
+        // Not attached to the wanted network: reported, not used.
+        let other = vec!["backend".to_string()];
+        let units = swarm_units(
+            &services,
+            &tasks,
+            &swarm(SwarmMode::Tasks),
+            Some(&other),
+            &mut errors,
+        );
+        assert!(units.is_empty());
+        assert!(
+            errors[0].contains("web.1") && errors[0].contains("backend"),
+            "{errors:?}"
+        );
+    }
+
+    #[test]
+    fn mesh_mode_reaches_each_service_on_its_published_port() {
+        let (services, tasks) = fixtures();
+        let mut errors = Vec::new();
+        let units = swarm_units(
+            &services,
+            &tasks,
+            &swarm(SwarmMode::Mesh),
+            None,
+            &mut errors,
+        );
+        assert_eq!(units.len(), 1);
+        assert_eq!(units[0].ip.to_string(), "192.0.2.10");
+        assert_eq!(units[0].labels["rampart.pool.web.port"], "30001");
+        // A pool port the service does not publish is an error naming the fix.
+        let mut unpublished = services.clone();
+        unpublished[0]["Endpoint"]["Ports"] = serde_json::json!([]);
+        let units = swarm_units(
+            &unpublished,
+            &tasks,
+            &swarm(SwarmMode::Mesh),
+            None,
+            &mut errors,
+        );
+        assert!(!units[0].labels.contains_key("rampart.pool.web.port"));
+        assert!(errors[0].contains("--publish target=8080"), "{errors:?}");
     }
 }
