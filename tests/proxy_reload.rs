@@ -251,3 +251,93 @@ async fn in_flight_requests_finish_on_the_generation_they_started_on() {
         "the request in flight finished on the old generation"
     );
 }
+
+/// An upstream that answers every request with a chunked body, one chunk every 50 ms
+/// for 20 s (a download, a server-sent event stream).
+async fn streaming_backend() -> std::net::SocketAddr {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match conn.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let _ = conn
+                    .write_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+                    .await;
+                for _ in 0..400 {
+                    if conn.write_all(b"5\r\ntick\n\r\n").await.is_err() {
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                let _ = conn.write_all(b"0\r\n\r\n").await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn a_removed_endpoint_drains_then_its_streams_are_cut() {
+    common::init();
+    let streaming = streaming_backend().await;
+    let other = Backend::start("other").await;
+    let pool = |endpoint: &str| {
+        format!(
+            "{}[pools.p]\ndrain_timeout = \"1s\"\nendpoints = [{{ address = \"{endpoint}\" }}]\n",
+            forward_all("p")
+        )
+    };
+    let proxy = Proxy::start(&pool(&streaming.to_string())).await;
+    let mut stream = Proxy::http_client()
+        .get(proxy.url("/download"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stream.status(), 200);
+    assert!(stream.chunk().await.unwrap().is_some());
+
+    // The streaming endpoint leaves the pool: new requests go to the other one, the
+    // stream in flight goes on for the drain timeout, then it is cut.
+    proxy.reload(&pool(&other.addr.to_string())).await;
+    let removed = Instant::now();
+    assert_eq!(
+        Proxy::http_client()
+            .get(proxy.url("/"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap(),
+        "other"
+    );
+    let mut chunks_after = 0;
+    let cut = loop {
+        match stream.chunk().await {
+            Ok(Some(_)) => chunks_after += 1,
+            Ok(None) => panic!("the stream ended normally; it should have been cut"),
+            Err(_) => break removed.elapsed(),
+        }
+        assert!(
+            removed.elapsed() < Duration::from_secs(10),
+            "still streaming 10s after the endpoint left the pool"
+        );
+    };
+    eprintln!(
+        "stream on the removed endpoint: {chunks_after} chunks after removal, cut {:.2}s after (drain_timeout 1s)",
+        cut.as_secs_f64()
+    );
+    assert!(
+        chunks_after >= 5,
+        "the stream should go on while draining: {chunks_after} chunks"
+    );
+}

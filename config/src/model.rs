@@ -821,6 +821,15 @@ pub struct Pool {
     /// Retries of failed upstream attempts (only where safe).
     #[serde(default)]
     pub retries: Retries,
+    /// How long requests still in flight on an endpoint that left the pool (a
+    /// reload, a container stopped) may go on: responses still streaming after this
+    /// are cut. New requests never go to it.
+    #[serde(default = "default_drain_timeout")]
+    pub drain_timeout: Dur,
+}
+
+fn default_drain_timeout() -> Dur {
+    Dur::secs(30)
 }
 
 /// One upstream endpoint.

@@ -449,6 +449,17 @@ impl ProxyHttp for Edge {
                     "timeouts.total exceeded while streaming the response",
                 );
             }
+            // The endpoint left the pool and its drain time is over.
+            let drained = ctx
+                .endpoint
+                .and_then(|i| pool.endpoints.get(i))
+                .is_some_and(|e| e.state.drained(pool.drain_timeout));
+            if drained {
+                return Error::e_explain(
+                    ErrorType::ReadTimedout,
+                    "the endpoint left the pool and drain_timeout passed while streaming the response",
+                );
+            }
         }
         Ok(None)
     }

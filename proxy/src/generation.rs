@@ -93,6 +93,8 @@ pub struct PoolRt {
     pub retries: Retries,
     /// Active health check, if configured.
     pub health_check: Option<HealthCheck>,
+    /// How long in-flight requests on a removed endpoint may go on.
+    pub drain_timeout: Duration,
     /// Upstream time-to-first-byte histogram of this pool.
     pub ttfb: prometheus::Histogram,
 }
@@ -313,6 +315,7 @@ fn build_pool(
         balancer: Balancer::new(pool.balance, &weights, &ids),
         endpoints,
         hash_key: pool.hash_key.clone().unwrap_or(HashKey::ClientIp),
+        drain_timeout: pool.drain_timeout.0,
         eject: EjectPolicy {
             consecutive_failures: pool.passive_health.consecutive_failures,
             base: pool.passive_health.eject_for.0,
@@ -372,4 +375,22 @@ fn resolve(host: &str, port: u16) -> anyhow::Result<SocketAddr> {
 #[must_use]
 pub fn remaining(started: std::time::Instant, total: Duration) -> Duration {
     total.saturating_sub(started.elapsed())
+}
+
+/// After a swap from `old` to `new`: endpoints that left their pool start draining,
+/// and those back in one (or kept) serve again.
+pub fn mark_removed(old: &Generation, new: &Generation) {
+    for (name, pool) in &old.pools {
+        let kept = new.pools.get(name);
+        for ep in &pool.endpoints {
+            let still =
+                kept.is_some_and(|p| p.endpoints.iter().any(|e| Arc::ptr_eq(&e.state, &ep.state)));
+            ep.state.set_removed(!still);
+        }
+    }
+    for pool in new.pools.values() {
+        for ep in &pool.endpoints {
+            ep.state.set_removed(false);
+        }
+    }
 }

@@ -163,7 +163,9 @@ impl Live {
                 if generation.config.listeners != prev.config.listeners {
                     tracing::warn!("listener addresses changed; they take effect at the next restart or upgrade");
                 }
-                self.current.store(Arc::new(generation));
+                let generation = Arc::new(generation);
+                self.current.store(generation.clone());
+                crate::generation::mark_removed(&prev, &generation);
                 self.metrics.config_reloads.inc();
                 self.metrics
                     .config_version

@@ -41,6 +41,9 @@ pub struct EndpointState {
     ewma_stamp_ms: AtomicU64,
     requests: AtomicU64,
     failures: AtomicU64,
+    /// `now_ms()` when the endpoint left its pool (0: it serves). Requests still in
+    /// flight on it are cut once the pool's drain timeout has passed since.
+    removed_at_ms: AtomicU64,
 }
 
 impl Default for EndpointState {
@@ -57,6 +60,7 @@ impl Default for EndpointState {
             ewma_stamp_ms: AtomicU64::new(0),
             requests: AtomicU64::new(0),
             failures: AtomicU64::new(0),
+            removed_at_ms: AtomicU64::new(0),
         }
     }
 }
@@ -152,6 +156,29 @@ impl EndpointState {
         let until = now_ms.saturating_add(u64::try_from(period.as_millis()).unwrap_or(u64::MAX));
         self.ejected_until_ms.store(until, Ordering::Relaxed);
         Some(period)
+    }
+
+    /// Marks the endpoint as having left its pool now (or back in it).
+    pub fn set_removed(&self, removed: bool) {
+        if removed {
+            // Keeps the first removal time if already removed.
+            let _ = self.removed_at_ms.compare_exchange(
+                0,
+                now_ms().max(1),
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            );
+        } else {
+            self.removed_at_ms.store(0, Ordering::Relaxed);
+        }
+    }
+
+    /// Whether the endpoint left its pool more than `drain` ago.
+    #[must_use]
+    pub fn drained(&self, drain: Duration) -> bool {
+        let at = self.removed_at_ms.load(Ordering::Relaxed);
+        at != 0
+            && now_ms().saturating_sub(at) >= u64::try_from(drain.as_millis()).unwrap_or(u64::MAX)
     }
 
     /// Requests currently in flight to this endpoint.
