@@ -207,12 +207,7 @@ async fn up_serves_the_welcome_page_over_https_with_the_internal_ca() {
     })
     .await;
     // The metrics say which binary this is, as `rampart version` does.
-    let metrics = reqwest::get(format!("http://{admin}/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = common::fetch(&format!("http://{admin}/metrics")).await;
     let (code, version, _) = rampart(&["version"]);
     assert_eq!(code, 0);
     let git = version

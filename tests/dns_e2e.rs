@@ -156,12 +156,7 @@ action = {{ respond = {{ body = "hi" }} }}
         "{text}"
     );
     // The metrics carry the convergence time.
-    let metrics = reqwest::get(format!("http://{admin}/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = common::fetch(&format!("http://{admin}/metrics")).await;
     assert!(
         metrics.contains("rampart_dns_convergence_seconds_count"),
         "{metrics}"

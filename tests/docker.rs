@@ -67,6 +67,11 @@ impl Drop for Scene {
     }
 }
 
+/// Endpoints discovery sees now, over every provider.
+fn endpoint_count(state: &rampart_controller::State) -> usize {
+    state.status().discovery.iter().map(|p| p.endpoints).sum()
+}
+
 const WEB: &[&str] = &[
     "rampart.enable=true",
     "rampart.pool.web.port=8080",
@@ -98,14 +103,7 @@ async fn labelled_containers_become_routes_and_follow_the_engine() {
         .await
         .unwrap();
     let state = handle.state.clone();
-    let endpoints = |state: &rampart_controller::State| {
-        state
-            .status()
-            .discovery
-            .iter()
-            .map(|p| p.endpoints)
-            .sum::<usize>()
-    };
+    let endpoints = endpoint_count;
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     while endpoints(&state) != 2 {
         assert!(
@@ -116,12 +114,7 @@ async fn labelled_containers_become_routes_and_follow_the_engine() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let errors: Vec<String> = state
-        .status()
-        .discovery
-        .iter()
-        .flat_map(|p| p.errors.clone())
-        .collect();
+    let errors = state.discovery_errors();
     assert!(
         errors
             .iter()
@@ -411,14 +404,7 @@ async fn a_backend_service_scales_1_4_1_under_load_without_a_failed_request() {
     args.extend(added.iter().map(String::as_str));
     docker(&args);
     eventually("the pool to shrink to one", || async {
-        let n: usize = handle
-            .state
-            .status()
-            .discovery
-            .iter()
-            .map(|p| p.endpoints)
-            .sum();
-        (n == 1).then_some(())
+        (endpoint_count(&handle.state) == 1).then_some(())
     })
     .await;
     let (requests, failed, errors) = load.stop();
@@ -443,14 +429,7 @@ async fn a_backend_service_scales_1_4_1_under_load_without_a_failed_request() {
     .await;
     docker(&["kill", &victim]);
     eventually("the pool to shrink to one", || async {
-        let n: usize = handle
-            .state
-            .status()
-            .discovery
-            .iter()
-            .map(|p| p.endpoints)
-            .sum();
-        (n == 1).then_some(())
+        (endpoint_count(&handle.state) == 1).then_some(())
     })
     .await;
     // A few more requests after the pool shrank, then stop.

@@ -233,18 +233,7 @@ async fn in_flight_requests_finish_on_the_generation_they_started_on() {
             pool_toml("q", "round_robin", &[&new], "")
         ))
         .await;
-    let client = Proxy::http_client();
-    assert_eq!(
-        client
-            .get(proxy.url("/"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap(),
-        "new"
-    );
+    assert_eq!(proxy.text("/").await, "new");
     assert_eq!(
         slow.await.unwrap(),
         "old",
@@ -309,17 +298,7 @@ async fn a_removed_endpoint_drains_then_its_streams_are_cut() {
     // stream in flight goes on for the drain timeout, then it is cut.
     proxy.reload(&pool(&other.addr.to_string())).await;
     let removed = Instant::now();
-    assert_eq!(
-        Proxy::http_client()
-            .get(proxy.url("/"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap(),
-        "other"
-    );
+    assert_eq!(proxy.text("/").await, "other");
     let mut chunks_after = 0;
     let cut = loop {
         match stream.chunk().await {

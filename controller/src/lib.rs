@@ -133,6 +133,17 @@ pub struct State {
 }
 
 impl State {
+    /// Every discovery provider's current problems.
+    #[must_use]
+    pub fn discovery_errors(&self) -> Vec<String> {
+        self.providers
+            .lock()
+            .expect("providers lock is never poisoned: no panics while held")
+            .iter()
+            .flat_map(|(_, f)| f.errors.iter().cloned())
+            .collect()
+    }
+
     /// What `/status` shows.
     #[must_use]
     pub fn status(&self) -> ControllerStatus {

@@ -184,12 +184,7 @@ server = "{server}"
     *records.lock().unwrap() = None;
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
-        let errors: Vec<String> = state
-            .status()
-            .discovery
-            .iter()
-            .flat_map(|p| p.errors.clone())
-            .collect();
+        let errors = state.discovery_errors();
         if errors.iter().any(|e| e.contains("_web._tcp.service.test")) {
             break;
         }

@@ -79,6 +79,11 @@ where
     }
 }
 
+/// The body of `GET url` (an admin API: /metrics, /status).
+pub async fn fetch(url: &str) -> String {
+    reqwest::get(url).await.unwrap().text().await.unwrap()
+}
+
 /// A real HTTP/1.1 upstream on 127.0.0.1:0.
 ///
 /// - `/healthz` answers `health_status` (200 by default)
@@ -420,6 +425,18 @@ impl Proxy {
 
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.http)
+    }
+
+    /// The body of `GET path` on the HTTP listener.
+    pub async fn text(&self, path: &str) -> String {
+        Self::http_client()
+            .get(self.url(path))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
     }
 
     pub async fn status(&self) -> serde_json::Value {
