@@ -124,13 +124,13 @@ impl Metrics {
             snapshot_build,
             instance_version: r.gauge_vec(
                 "rampart_controller_instance_version",
-                "Snapshot version each proxy instance serves.",
-                "instance",
+                "Snapshot version each proxy instance serves (label proxy: its instance id; not `instance`, which Prometheus gives every target).",
+                "proxy",
             ),
             instance_lag: r.gauge_vec(
                 "rampart_controller_instance_lag_versions",
-                "How many versions each proxy instance is behind.",
-                "instance",
+                "How many versions each proxy instance is behind (label proxy: its instance id).",
+                "proxy",
             ),
             instances: r.gauge_vec(
                 "rampart_controller_instances",
