@@ -80,3 +80,76 @@ fn prometheus_configuration_and_rules_check_and_their_tests_pass() {
     let out = run(&dir, "promtool", &["test", "rules", "rules_test.yml"]);
     assert!(out.contains("SUCCESS"), "{out}");
 }
+
+/// Every metric name the code registers (string literals `"rampart_..."`).
+fn exported_metrics() -> std::collections::BTreeSet<String> {
+    let mut names = std::collections::BTreeSet::new();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut stack = vec![root.join("proxy/src"), root.join("controller/src")];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                stack.push(path);
+            } else if path.extension().is_some_and(|e| e == "rs") {
+                let text = std::fs::read_to_string(&path).unwrap();
+                for part in text.split("\"rampart_").skip(1) {
+                    let name: String = part
+                        .chars()
+                        .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                        .collect();
+                    if part[name.len()..].starts_with('"') {
+                        names.insert(format!("rampart_{name}"));
+                    }
+                }
+            }
+        }
+    }
+    names
+}
+
+/// The metric names `text` refers to (histogram series reduced to their metric).
+fn referenced_metrics(text: &str) -> std::collections::BTreeSet<String> {
+    let mut out = std::collections::BTreeSet::new();
+    for (i, _) in text.match_indices("rampart_") {
+        // Not a recording rule (rampart:...) nor part of a longer word.
+        if i > 0 && text.as_bytes()[i - 1].is_ascii_alphanumeric() {
+            continue;
+        }
+        let name: String = text[i..]
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+            .collect();
+        let base = ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|s| name.strip_suffix(s))
+            .unwrap_or(&name);
+        out.insert(base.to_string());
+    }
+    out
+}
+
+#[test]
+fn the_alerts_and_the_dashboard_use_only_metrics_rampart_exports() {
+    let exported = exported_metrics();
+    assert!(exported.contains("rampart_requests_total"), "{exported:?}");
+    let dashboard = std::fs::read_to_string(deploy("grafana").join("rampart.json")).unwrap();
+    let json: serde_json::Value = serde_json::from_str(&dashboard).unwrap();
+    assert!(json["panels"].as_array().unwrap().len() > 10);
+    for (file, text) in [
+        ("deploy/grafana/rampart.json", dashboard.clone()),
+        (
+            "deploy/prometheus/rules.yml",
+            std::fs::read_to_string(deploy("prometheus").join("rules.yml")).unwrap(),
+        ),
+    ] {
+        let missing: Vec<String> = referenced_metrics(&text)
+            .into_iter()
+            .filter(|m| !exported.contains(m))
+            .collect();
+        assert!(
+            missing.is_empty(),
+            "{file} uses metrics Rampart does not export: {missing:?}"
+        );
+    }
+}
