@@ -36,6 +36,16 @@ enum Command {
     Schema,
     /// Print the version, git commit, compiler and target of this binary.
     Version,
+    /// Exit 0 when an admin endpoint answers 200 (a container HEALTHCHECK with no
+    /// shell or curl in the image), 1 otherwise, saying why.
+    Healthcheck {
+        /// The admin address, e.g. 127.0.0.1:9900 (proxy) or 127.0.0.1:9901 (controller).
+        #[arg(default_value = "127.0.0.1:9900")]
+        addr: SocketAddr,
+        /// The path to ask: /healthz (the process answers) or /ready (the proxy serves).
+        #[arg(long, default_value = "/healthz")]
+        path: String,
+    },
     /// Run a proxy: standalone from a configuration file (reloaded on SIGHUP and on
     /// change), or in a fleet with --controller (snapshots pushed by the controller).
     Proxy {
@@ -198,6 +208,7 @@ fn main() -> ExitCode {
 fn run(command: Command) -> anyhow::Result<ExitCode> {
     match command {
         Command::Check { file } => Ok(check(&file)),
+        Command::Healthcheck { addr, path } => Ok(healthcheck(addr, &path)),
         Command::Version => {
             println!("{}", rampart_config::build::get());
             Ok(ExitCode::SUCCESS)
@@ -517,4 +528,41 @@ fn serve(config: Config, path: Option<PathBuf>, upgrade: bool) -> anyhow::Result
         },
     )?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// `GET path` on `addr` with a short deadline; success on a 200.
+fn healthcheck(addr: SocketAddr, path: &str) -> ExitCode {
+    use std::io::{Read as _, Write as _};
+    let timeout = Duration::from_secs(2);
+    let result = (|| -> std::io::Result<String> {
+        let mut conn = std::net::TcpStream::connect_timeout(&addr, timeout)?;
+        conn.set_read_timeout(Some(timeout))?;
+        conn.set_write_timeout(Some(timeout))?;
+        write!(
+            conn,
+            "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+        )?;
+        // The status line is all that matters: read until it is complete.
+        let mut head = Vec::new();
+        let mut buf = [0u8; 512];
+        while !head.windows(2).any(|w| w == b"\r\n") && head.len() < 4096 {
+            match conn.read(&mut buf)? {
+                0 => break,
+                n => head.extend_from_slice(&buf[..n]),
+            }
+        }
+        let head = String::from_utf8_lossy(&head);
+        Ok(head.lines().next().unwrap_or_default().to_string())
+    })();
+    match result {
+        Ok(status) if status.split_whitespace().nth(1) == Some("200") => ExitCode::SUCCESS,
+        Ok(status) => {
+            eprintln!("http://{addr}{path} answered {status:?}");
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("http://{addr}{path}: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }

@@ -152,11 +152,21 @@ async fn up_serves_the_welcome_page_over_https_with_the_internal_ca() {
     .replace("./rampart-data", dir.path().join("data").to_str().unwrap());
     let file = dir.path().join("quickstart.toml");
     std::fs::write(&file, quickstart).unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_rampart"))
+    let log = dir.path().join("up.log");
+    let child = Command::new(env!("CARGO_BIN_EXE_rampart"))
         .args(["up", "--config", file.to_str().unwrap()])
-        .stderr(std::process::Stdio::piped())
+        .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
         .unwrap();
+    // Killed when the test ends, also when an assertion fails first.
+    struct Up(std::process::Child);
+    impl Drop for Up {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let up = Up(child);
     let ca = dir.path().join("data/ca/ca.pem");
     let body = common::eventually("the quickstart to answer over HTTPS", || async {
         let pem = std::fs::read(&ca).ok()?;
@@ -208,6 +218,11 @@ async fn up_serves_the_welcome_page_over_https_with_the_internal_ca() {
     .await;
     // The metrics say which binary this is, as `rampart version` does.
     let metrics = common::fetch(&format!("http://{admin}/metrics")).await;
+    // The container HEALTHCHECK's command, against this admin listener and a dead one.
+    assert_eq!(rampart(&["healthcheck", &admin.to_string()]).0, 0);
+    let (code, _, err) = rampart(&["healthcheck", &common::free_addr().to_string()]);
+    assert_eq!(code, 1);
+    assert!(err.contains("refused"), "{err}");
     let (code, version, _) = rampart(&["version"]);
     assert_eq!(code, 0);
     let git = version
@@ -221,9 +236,8 @@ async fn up_serves_the_welcome_page_over_https_with_the_internal_ca() {
             && l.ends_with(" 1")),
         "{version}\n{metrics}"
     );
-    child.kill().unwrap();
-    let out = child.wait_with_output().unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    drop(up);
+    let stderr = std::fs::read_to_string(&log).unwrap();
     assert!(
         stderr.contains(&format!("curl --cacert {}", ca.display())),
         "it says where the CA is: {stderr}"
