@@ -137,7 +137,7 @@ fn the_alerts_and_the_dashboard_use_only_metrics_rampart_exports() {
     let json: serde_json::Value = serde_json::from_str(&dashboard).unwrap();
     assert!(json["panels"].as_array().unwrap().len() > 10);
     for (file, text) in [
-        ("deploy/grafana/rampart.json", dashboard.clone()),
+        ("deploy/grafana/rampart.json", dashboard),
         (
             "deploy/prometheus/rules.yml",
             std::fs::read_to_string(deploy("prometheus").join("rules.yml")).unwrap(),
