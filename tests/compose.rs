@@ -43,6 +43,7 @@ impl Stack {
             .env("RAMPART_IMAGE", &self.images.rampart)
             .env("RAMPART_BACKEND_IMAGE", &self.images.backend)
             .env("RAMPART_MOTO_IMAGE", &self.images.moto)
+            .env("RAMPART_PROMETHEUS_IMAGE", &self.images.prometheus)
             .env("DOCKER_GID", socket_gid());
         c
     }
@@ -196,8 +197,65 @@ async fn the_public_name_follows_the_proxy_fleet_as_it_scales() {
         t.as_secs_f64()
     );
 
-    // Steady load through proxy #1 for the rest of the test.
+    // Both backends serve through the proxies, by path, over HTTPS.
     let port = stack.port("proxy", 1, 8443);
+    let https = reqwest::Client::builder()
+        .danger_accept_invalid_certs(true)
+        .resolve(NAME, ([127, 0, 0, 1], port).into())
+        .build()
+        .unwrap();
+    let api = stack.ids("api");
+    let answered_by = |path: &'static str| {
+        let https = https.clone();
+        async move {
+            let r = https
+                .get(format!("https://{NAME}:{port}{path}"))
+                .send()
+                .await
+                .ok()?;
+            (r.status() == 200)
+                .then(|| Some(r.headers().get("x-backend")?.to_str().ok()?.to_string()))
+                .flatten()
+        }
+    };
+    let by = common::eventually("/api to reach the api service", || async {
+        answered_by("/api/x")
+            .await
+            .filter(|n| api.iter().any(|id| id.starts_with(n.as_str())))
+    })
+    .await;
+    let web = answered_by("/").await.unwrap();
+    assert!(
+        !api.iter().any(|id| id.starts_with(&web)),
+        "/ went to api {by}"
+    );
+
+    // Prometheus scrapes every proxy and the controller.
+    let prometheus = stack.port("prometheus", 1, 9090);
+    let targets = common::eventually("every Rampart target up in Prometheus", || async {
+        let body: serde_json::Value =
+            reqwest::get(format!("http://127.0.0.1:{prometheus}/api/v1/targets"))
+                .await
+                .ok()?
+                .json()
+                .await
+                .ok()?;
+        let active = body["data"]["activeTargets"].as_array()?.clone();
+        let up = active.iter().filter(|t| t["health"] == "up").count();
+        (active.len() == 3 && up == 3).then_some(active)
+    })
+    .await;
+    eprintln!(
+        "Prometheus: {} targets up ({})",
+        targets.len(),
+        targets
+            .iter()
+            .map(|t| t["labels"]["job"].as_str().unwrap_or_default())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+
+    // Steady load through proxy #1 for the rest of the test.
     let load = Load::start(
         &format!("https://{NAME}/"),
         ([127, 0, 0, 1], port).into(),

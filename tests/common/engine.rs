@@ -46,6 +46,8 @@ pub struct Images {
     pub backend: String,
     /// moto's Route53.
     pub moto: String,
+    /// Prometheus (Debian's binary).
+    pub prometheus: String,
 }
 
 /// Builds (or finds) the images for this build's binaries.
@@ -80,6 +82,7 @@ pub fn images() -> Images {
                 rampart: tag("rampart"),
                 backend: tag("backend"),
                 moto: tag("moto"),
+                prometheus: tag("prometheus"),
             }
         })
         .clone()
