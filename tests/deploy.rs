@@ -153,3 +153,46 @@ fn the_alerts_and_the_dashboard_use_only_metrics_rampart_exports() {
         );
     }
 }
+
+#[test]
+fn kubernetes_manifests_validate_against_the_api_schema_and_carry_a_valid_config() {
+    let dir = deploy("kubernetes");
+    let venv = std::env::var("RAMPART_VENV")
+        .unwrap_or_else(|_| format!("{}/.cache/rampart/venv", std::env::var("HOME").unwrap()));
+    let tool = format!("{venv}/bin/kubernetes-validate");
+    let mut files: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .filter(|f| f.ends_with(".yaml"))
+        .collect();
+    files.sort();
+    assert!(files.len() >= 3, "{files:?}");
+    let mut args = vec!["--strict"];
+    args.extend(files.iter().map(String::as_str));
+    let out = run(&dir, &tool, &args);
+    assert!(!out.contains("ERROR"), "{out}");
+    // The controller configuration in the ConfigMap passes `rampart check`.
+    let manifest = std::fs::read_to_string(dir.join("controller.yaml")).unwrap();
+    let block = manifest
+        .split("controller.toml: |\n")
+        .nth(1)
+        .and_then(|rest| rest.split("\n---").next())
+        .unwrap();
+    let toml: String = block
+        .lines()
+        .map(|l| l.strip_prefix("    ").unwrap_or(l))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(file.path(), toml).unwrap();
+    let check = Command::new(env!("CARGO_BIN_EXE_rampart"))
+        .arg("check")
+        .arg(file.path())
+        .output()
+        .unwrap();
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+}
