@@ -296,12 +296,7 @@ pub async fn start(config: Config, path: Option<PathBuf>) -> anyhow::Result<Hand
         None => watch::channel(config).1,
     };
     let dns_addr = dns.as_ref().and_then(|d| d.provider().addr());
-    let instance_timeout = settings.instance_timeout.0;
     if let (Some(dns), Some(settings)) = (dns, &config_rx.borrow().dns) {
-        // Removals wait until every live proxy had time to send a heartbeat and pass
-        // its probes.
-        let warmup =
-            instance_timeout + settings.probe.interval.0 * settings.probe.healthy_threshold;
         let (seen_tx, seen_rx) = watch::channel(Vec::new());
         let sni = settings
             .names
@@ -319,7 +314,7 @@ pub async fn start(config: Config, path: Option<PathBuf>) -> anyhow::Result<Hand
             config_rx.clone(),
             seen_rx,
             state.leader.clone(),
-            (warmup, fleet.clone()),
+            fleet.clone(),
             shutdown_rx.clone(),
         ));
     }
@@ -622,6 +617,8 @@ async fn publish(
     if compiler.last.as_ref() == Some(&snapshot) {
         return None;
     }
+    // The build time excludes allocating the version (a store round trip with etcd).
+    let compiled_in = started.elapsed();
     let version = match fleet.store.next_version().await {
         Ok(v) => v,
         Err(e) => {
@@ -633,6 +630,7 @@ async fn publish(
         }
     };
     snapshot.version = version;
+    let encoding = Instant::now();
     let body = match serde_json::to_vec(&snapshot) {
         Ok(b) => Bytes::from(b),
         Err(e) => {
@@ -643,7 +641,7 @@ async fn publish(
     fleet
         .metrics
         .snapshot_build
-        .observe(started.elapsed().as_secs_f64());
+        .observe((compiled_in + encoding.elapsed()).as_secs_f64());
     fleet
         .metrics
         .snapshot_bytes

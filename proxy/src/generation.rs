@@ -380,17 +380,18 @@ pub fn remaining(started: std::time::Instant, total: Duration) -> Duration {
 /// After a swap from `old` to `new`: endpoints that left their pool start draining,
 /// and those back in one (or kept) serve again.
 pub fn mark_removed(old: &Generation, new: &Generation) {
-    for (name, pool) in &old.pools {
-        let kept = new.pools.get(name);
-        for ep in &pool.endpoints {
-            let still =
-                kept.is_some_and(|p| p.endpoints.iter().any(|e| Arc::ptr_eq(&e.state, &ep.state)));
-            ep.state.set_removed(!still);
+    // A kept endpoint shares its state with the old generation (see `build_pool`).
+    let serving: std::collections::HashSet<*const EndpointState> = new
+        .pools
+        .values()
+        .flat_map(|p| p.states.iter().map(Arc::as_ptr))
+        .collect();
+    for state in old.pools.values().flat_map(|p| p.states.iter()) {
+        if !serving.contains(&Arc::as_ptr(state)) {
+            state.set_removed(true);
         }
     }
-    for pool in new.pools.values() {
-        for ep in &pool.endpoints {
-            ep.state.set_removed(false);
-        }
+    for state in new.pools.values().flat_map(|p| p.states.iter()) {
+        state.set_removed(false);
     }
 }

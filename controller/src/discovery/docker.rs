@@ -204,7 +204,7 @@ impl DockerProvider {
             None => self.containers(docker, networks, &mut found).await?,
             Some(swarm) => self.tasks(docker, swarm, networks, &mut found).await?,
         };
-        self.assemble(units, found)
+        Ok(self.assemble(units, found))
     }
 
     /// Every enabled, running, not unhealthy, not stopping container.
@@ -313,7 +313,7 @@ impl DockerProvider {
     }
 
     /// Routes, endpoints and proxies from `units`.
-    fn assemble(&self, units: Vec<Unit>, mut found: Found) -> Result<Found, String> {
+    fn assemble(&self, units: Vec<Unit>, mut found: Found) -> Found {
         let mut routes: BTreeMap<String, (String, Route)> = BTreeMap::new();
         for Unit {
             name,
@@ -376,7 +376,7 @@ impl DockerProvider {
         for eps in found.pools.values_mut() {
             eps.sort_by_key(|e| e.address.to_string());
         }
-        Ok(found)
+        found
     }
 }
 
@@ -437,13 +437,12 @@ impl Provider for DockerProvider {
                 // After an event, read again a moment later: the engine may list a
                 // container's new state (say, exited after "die") a little after the event.
                 let mut confirm: Option<tokio::time::Instant> = None;
+                // A Swarm is also re-read SWARM_RESYNC after its last read (other nodes'
+                // tasks send no events); a deadline that events in between do not move.
+                let resync_every = self.swarm.as_ref().map(|_| SWARM_RESYNC);
+                let mut resync_at = resync_every.map(|d| tokio::time::Instant::now() + d);
                 loop {
-                    // A Swarm is also re-read every SWARM_RESYNC (other nodes' tasks).
-                    let resync = self
-                        .swarm
-                        .as_ref()
-                        .map(|_| tokio::time::Instant::now() + SWARM_RESYNC);
-                    let wake = match (confirm, resync) {
+                    let wake = match (confirm, resync_at) {
                         (Some(a), Some(b)) => Some(a.min(b)),
                         (a, b) => a.or(b),
                     };
@@ -484,6 +483,7 @@ impl Provider for DockerProvider {
                         }
                     };
                     if refresh {
+                        resync_at = resync_every.map(|d| tokio::time::Instant::now() + d);
                         let found = self.read(&docker, networks).await?;
                         out.send_if_modified(|old| {
                             let changed = *old != found;

@@ -82,9 +82,8 @@ impl SrvProvider {
         let (mut client, bg) = Client::<TokioRuntimeProvider>::from_sender(stream);
         let bg = tokio::spawn(bg);
         let result = async {
-            let name = Name::from_ascii(self.settings.name.trim_end_matches('.'))
+            let mut name = Name::from_ascii(self.settings.name.trim_end_matches('.'))
                 .map_err(|e| format!("{what}: invalid name: {e}"))?;
-            let mut name = name;
             name.set_fqdn(true);
             let response = client
                 .query(name, DNSClass::IN, RecordType::SRV)

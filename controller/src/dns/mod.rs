@@ -17,7 +17,7 @@ mod wire;
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use prometheus::{Histogram, IntCounterVec, IntGauge, IntGaugeVec, Registry};
 use rampart_config::snapshot::{DnsPlan, DnsStatus};
@@ -543,13 +543,16 @@ pub async fn run(
     config: watch::Receiver<rampart_config::Config>,
     mut seen: watch::Receiver<Vec<Seen>>,
     mut leader: watch::Receiver<bool>,
-    (warmup, fleet): (Duration, Arc<crate::fleet::Fleet>),
+    fleet: Arc<crate::fleet::Fleet>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let Some(first) = config.borrow().dns.clone() else {
         return;
     };
-    // The view starts empty: removals wait until every live proxy had time to be heard.
+    // The view starts empty: removals wait until every live proxy had time to send a
+    // heartbeat and pass its probes.
+    let warmup =
+        fleet.registry.stale_after() + first.probe.interval.0 * first.probe.healthy_threshold;
     *lock(&dns.warm_until) = Some(Instant::now() + warmup);
     let mut was_leader = *leader.borrow();
     let mut tick = tokio::time::interval(first.interval.0);

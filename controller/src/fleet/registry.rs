@@ -87,6 +87,12 @@ impl Registry {
         }
     }
 
+    /// How long after its last heartbeat an instance counts as stale.
+    #[must_use]
+    pub fn stale_after(&self) -> Duration {
+        self.stale_after
+    }
+
     /// Whether every enrolled, unrevoked instance has been heard from since this
     /// controller started.
     #[must_use]
