@@ -13,7 +13,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::engine::{
-    compose, container_ip, docker, images, started_unix, unique_id, unix_now, Images, Load,
+    answered_by, compose, container_ip, docker, images, started_unix, unique_id, unix_now, Images,
+    Load,
 };
 
 const NAME: &str = "www.rampart.test";
@@ -205,26 +206,15 @@ async fn the_public_name_follows_the_proxy_fleet_as_it_scales() {
         .build()
         .unwrap();
     let api = stack.ids("api");
-    let answered_by = |path: &'static str| {
-        let https = https.clone();
-        async move {
-            let r = https
-                .get(format!("https://{NAME}:{port}{path}"))
-                .send()
-                .await
-                .ok()?;
-            (r.status() == 200)
-                .then(|| Some(r.headers().get("x-backend")?.to_str().ok()?.to_string()))
-                .flatten()
-        }
-    };
+    let via_proxy =
+        |path: &'static str| answered_by(https.get(format!("https://{NAME}:{port}{path}")));
     let by = common::eventually("/api to reach the api service", || async {
-        answered_by("/api/x")
+        via_proxy("/api/x")
             .await
             .filter(|n| api.iter().any(|id| id.starts_with(n.as_str())))
     })
     .await;
-    let web = answered_by("/").await.unwrap();
+    let web = via_proxy("/").await.unwrap();
     assert!(
         !api.iter().any(|id| id.starts_with(&web)),
         "/ went to api {by}"

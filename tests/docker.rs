@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use common::engine::{docker, images, started_unix, unique_id, unix_now, Load};
+use common::engine::{answered_by, docker, images, started_unix, unique_id, unix_now, Load};
 use common::{eventually, Proxy};
 
 /// A network and the containers on it, removed on drop (even when the test fails).
@@ -93,15 +93,7 @@ async fn labelled_containers_become_routes_and_follow_the_engine() {
     );
 
     let dir = tempfile::tempdir().unwrap();
-    let text = format!(
-        "[server]\ndata_dir = {:?}\n[controller]\nlisten = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\nwatch_timeout = \"2s\"\n\n[[discovery.docker]]\nnetwork = \"{}\"\n",
-        dir.path().join("data"),
-        scene.network
-    );
-    let config = rampart_config::parse(&text, "docker-test.toml").unwrap();
-    let handle = rampart_controller::start(config.clone(), None)
-        .await
-        .unwrap();
+    let (handle, proxy) = controller_and_proxy(&scene, dir.path()).await;
     let state = handle.state.clone();
     let endpoints = endpoint_count;
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
@@ -122,10 +114,6 @@ async fn labelled_containers_become_routes_and_follow_the_engine() {
         "{errors:?}"
     );
 
-    let token = rampart_controller::create_token(&config, Duration::from_secs(600), false)
-        .await
-        .unwrap();
-    let proxy = Proxy::start_fleet(&format!("https://{}", handle.fleet_addr), Some(&token)).await;
     let client = reqwest::Client::new();
     let get = || async {
         client
@@ -316,22 +304,12 @@ async fn a_backend_service_scales_1_4_1_under_load_without_a_failed_request() {
     let (handle, proxy) = controller_and_proxy(&scene, dir.path()).await;
     let client = reqwest::Client::new();
     // Who answers: the backend names itself (its container's host name = id prefix).
-    let who = |client: reqwest::Client| async move {
-        let r = client
-            .get(format!("http://{}/", proxy.http))
-            .header("host", "web.rampart.test")
-            .send()
-            .await
-            .ok()?;
-        (r.status() == 200)
-            .then(|| {
-                r.headers()
-                    .get("x-backend")?
-                    .to_str()
-                    .ok()
-                    .map(str::to_string)
-            })
-            .flatten()
+    let who = |client: reqwest::Client| {
+        answered_by(
+            client
+                .get(format!("http://{}/", proxy.http))
+                .header("host", "web.rampart.test"),
+        )
     };
     eventually("the first backend to serve", || async {
         who(client.clone()).await.filter(|n| first.starts_with(n))
@@ -351,14 +329,7 @@ async fn a_backend_service_scales_1_4_1_under_load_without_a_failed_request() {
         let url = format!("http://{}/", proxy.http);
         async move {
             loop {
-                let r = client
-                    .get(&url)
-                    .header("host", "web.rampart.test")
-                    .send()
-                    .await;
-                let name = r
-                    .ok()
-                    .and_then(|r| Some(r.headers().get("x-backend")?.to_str().ok()?.to_string()));
+                let name = answered_by(client.get(&url).header("host", "web.rampart.test")).await;
                 if let Some(name) = name {
                     first_answer
                         .lock()

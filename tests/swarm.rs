@@ -11,7 +11,7 @@ use std::os::unix::fs::PermissionsExt as _;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::engine::{docker, images, unique_id, Load};
+use common::engine::{answered_by, docker, images, unique_id, Load};
 
 const HOST: &str = "swarm.rampart.test";
 
@@ -179,16 +179,12 @@ async fn a_swarm_service_is_discovered_by_its_tasks_and_scales_under_load() {
 
     // Who answers through the proxy: each task names itself (its container's host name).
     let client = reqwest::Client::new();
-    let who = || async {
-        let r = client
-            .get(format!("http://127.0.0.1:{proxy_port}/"))
-            .header("host", HOST)
-            .send()
-            .await
-            .ok()?;
-        (r.status() == 200)
-            .then(|| Some(r.headers().get("x-backend")?.to_str().ok()?.to_string()))
-            .flatten()
+    let who = || {
+        answered_by(
+            client
+                .get(format!("http://127.0.0.1:{proxy_port}/"))
+                .header("host", HOST),
+        )
     };
     let answering = |want: usize, what: &'static str| {
         let who = &who;

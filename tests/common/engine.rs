@@ -88,6 +88,16 @@ pub fn images() -> Images {
         .clone()
 }
 
+/// Who answered `request` with a 200: the `x-backend` name the test backend sends (its
+/// container's host name, i.e. the first 12 characters of its id).
+pub async fn answered_by(request: reqwest::RequestBuilder) -> Option<String> {
+    let r = request.send().await.ok()?;
+    if r.status() != 200 {
+        return None;
+    }
+    Some(r.headers().get("x-backend")?.to_str().ok()?.to_string())
+}
+
 /// A short random id for names of networks, projects and containers.
 pub fn unique_id() -> String {
     static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
