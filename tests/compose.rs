@@ -1,7 +1,8 @@
 //! The whole product on a real Docker engine, from `deploy/compose/compose.yaml` as an
-//! operator runs it: a controller, a proxy service scaled 2 → 5 → 2, labelled backends
-//! and moto's Route53. The public name's records follow the proxy containers; a killed
-//! proxy leaves DNS; a restarted controller changes nothing; the proxies serve all along.
+//! operator runs it: a controller, a proxy service scaled 2 → 5 → 2, labelled backends,
+//! pebble as the ACME CA and moto's Route53. The proxies serve HTTPS with the certificate
+//! pebble issued; the public name's records follow the proxy containers; a killed proxy
+//! leaves DNS; a restarted controller changes nothing; the proxies serve all along.
 #![allow(missing_docs, clippy::unwrap_used)]
 
 mod common;
@@ -45,6 +46,7 @@ impl Stack {
             .env("RAMPART_BACKEND_IMAGE", &self.images.backend)
             .env("RAMPART_MOTO_IMAGE", &self.images.moto)
             .env("RAMPART_PROMETHEUS_IMAGE", &self.images.prometheus)
+            .env("RAMPART_PEBBLE_IMAGE", &self.images.pebble)
             .env("DOCKER_GID", socket_gid());
         c
     }
@@ -126,6 +128,28 @@ fn socket_gid() -> String {
         .unwrap_or_else(|_| "0".into())
 }
 
+/// The root pebble issues under, from its management API (whose certificate is signed by
+/// the CA build-images made).
+async fn pebble_root(stack: &Stack) -> reqwest::Certificate {
+    let ca = std::fs::read(&stack.images.pebble_api_ca).unwrap();
+    let client = reqwest::Client::builder()
+        .tls_certs_only([reqwest::Certificate::from_pem(&ca).unwrap()])
+        .build()
+        .unwrap();
+    let management = stack.port("pebble", 1, 15000);
+    let pem = common::eventually("pebble's management API", || async {
+        let r = client
+            .get(format!("https://localhost:{management}/roots/0"))
+            .send()
+            .await
+            .ok()?;
+        r.status().is_success().then_some(())?;
+        r.bytes().await.ok()
+    })
+    .await;
+    reqwest::Certificate::from_pem(&pem).unwrap()
+}
+
 /// The A values of the public name in moto.
 async fn published(route53: &aws_sdk_route53::Client) -> Option<BTreeSet<IpAddr>> {
     let zones = route53
@@ -198,10 +222,12 @@ async fn the_public_name_follows_the_proxy_fleet_as_it_scales() {
         t.as_secs_f64()
     );
 
-    // Both backends serve through the proxies, by path, over HTTPS.
+    // Both backends serve through the proxies, by path, over HTTPS with the certificate
+    // pebble issued over HTTP-01 (the only root this client trusts).
+    let root = pebble_root(&stack).await;
     let port = stack.port("proxy", 1, 8443);
     let https = reqwest::Client::builder()
-        .danger_accept_invalid_certs(true)
+        .tls_certs_only([root])
         .resolve(NAME, ([127, 0, 0, 1], port).into())
         .build()
         .unwrap();

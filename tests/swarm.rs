@@ -11,14 +11,15 @@ use std::os::unix::fs::PermissionsExt as _;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::engine::{answered_by, docker, images, unique_id, Load};
+use common::engine::{answered_by, docker, images, remove_network, unique_id, Load, SwarmMember};
 
 const HOST: &str = "swarm.rampart.test";
 
 /// Everything the test made on the engine, removed on drop (also when it fails).
 struct Scene {
     id: String,
-    left_swarm: bool,
+    /// Dropped after the scene's own clean-up.
+    _swarm: SwarmMember,
 }
 
 impl Scene {
@@ -35,20 +36,7 @@ impl Drop for Scene {
         run(&["service", "rm", &self.name("web")]);
         run(&["rm", "-f", &self.name("controller"), &self.name("proxy")]);
         run(&["volume", "rm", &self.name("join")]);
-        // Task containers go away asynchronously: retry the network for a while.
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while Command::new("docker")
-            .args(["network", "rm", &self.name("net")])
-            .output()
-            .is_ok_and(|o| !o.status.success())
-            && Instant::now() < deadline
-        {
-            std::thread::sleep(Duration::from_millis(200));
-        }
-        if self.left_swarm {
-            run(&["swarm", "leave", "--force"]);
-            run(&["network", "rm", "docker_gwbridge"]);
-        }
+        remove_network(&self.name("net"));
     }
 }
 
@@ -56,14 +44,9 @@ impl Drop for Scene {
 async fn a_swarm_service_is_discovered_by_its_tasks_and_scales_under_load() {
     common::init();
     let images = images();
-    let state = docker(&["info", "-f", "{{.Swarm.LocalNodeState}}"]);
-    let init = state == "inactive";
-    if init {
-        docker(&["swarm", "init", "--advertise-addr", "127.0.0.1"]);
-    }
     let scene = Scene {
         id: unique_id(),
-        left_swarm: init,
+        _swarm: SwarmMember::join(),
     };
     let net = scene.name("net");
     docker(&["network", "create", "-d", "overlay", "--attachable", &net]);

@@ -48,6 +48,10 @@ pub struct Images {
     pub moto: String,
     /// Prometheus (Debian's binary).
     pub prometheus: String,
+    /// pebble (Debian's binary, the Compose stack's ACME CA).
+    pub pebble: String,
+    /// The CA of pebble's API certificate in that image.
+    pub pebble_api_ca: std::path::PathBuf,
 }
 
 /// Builds (or finds) the images for this build's binaries.
@@ -83,6 +87,8 @@ pub fn images() -> Images {
                 backend: tag("backend"),
                 moto: tag("moto"),
                 prometheus: tag("prometheus"),
+                pebble: tag("pebble"),
+                pebble_api_ca: target.join("rampart-images/pebble-tls/ca.pem"),
             }
         })
         .clone()
@@ -187,4 +193,49 @@ pub fn unix_now() -> f64 {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_secs_f64()
+}
+
+/// This engine as a swarm manager for a test: `docker swarm init` when it is in no swarm,
+/// and `swarm leave` again on drop (nothing is left when the engine was already in one).
+pub struct SwarmMember {
+    left: bool,
+}
+
+impl SwarmMember {
+    /// Joins (initialises) a swarm on loopback unless the engine is in one already.
+    pub fn join() -> Self {
+        let state = docker(&["info", "-f", "{{.Swarm.LocalNodeState}}"]);
+        let left = state == "inactive";
+        if left {
+            docker(&["swarm", "init", "--advertise-addr", "127.0.0.1"]);
+        }
+        Self { left }
+    }
+}
+
+impl Drop for SwarmMember {
+    fn drop(&mut self) {
+        if self.left {
+            for args in [
+                &["swarm", "leave", "--force"][..],
+                &["network", "rm", "docker_gwbridge"],
+            ] {
+                let _ = Command::new("docker").args(args).output();
+            }
+        }
+    }
+}
+
+/// Removes a network, retrying while the engine still detaches containers from it
+/// (task containers go away asynchronously).
+pub fn remove_network(name: &str) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while Command::new("docker")
+        .args(["network", "rm", name])
+        .output()
+        .is_ok_and(|o| !o.status.success())
+        && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
 }
