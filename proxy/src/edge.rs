@@ -369,6 +369,14 @@ impl ProxyHttp for Edge {
         for name in hop_by_hop(&upstream.headers, upgrade) {
             upstream.remove_header(&name);
         }
+        // Repeated identical Content-Length values (accepted by check_request, as a list
+        // or as several fields) go on as one: a strict upstream would refuse them.
+        let lengths = upstream.headers.get_all(CONTENT_LENGTH);
+        if lengths.iter().count() > 1 || lengths.iter().any(|v| v.as_bytes().contains(&b',')) {
+            if let Ok(Some(n)) = crate::limits::content_length(&upstream.headers) {
+                upstream.insert_header(CONTENT_LENGTH, n.to_string())?;
+            }
+        }
         if upstream.headers.get(HOST).is_none() {
             if let Some(authority) = session.req_header().uri.authority() {
                 upstream.insert_header(HOST, authority.as_str())?;
