@@ -370,3 +370,125 @@ async fn smuggling_and_parsing_probes_are_refused_or_forwarded_as_one_clean_requ
         failures.join("\n")
     );
 }
+
+/// A route's rate limit answers 429 with Retry-After per client address; other clients
+/// and other routes are not affected; a reload with the same limit keeps the buckets.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_limits_answer_429_per_client_and_survive_reloads() {
+    common::init();
+    let backend = common::Backend::start("b").await;
+    let body = format!(
+        "[[routes]]\nname = \"api\"\npath_prefix = \"/api\"\nrate_limit = {{ requests = 5, per = \"1m\" }}\naction = {{ forward = \"p\" }}\n\n[[routes]]\nname = \"free\"\naction = {{ forward = \"p\" }}\n\n{}",
+        common::pool_toml("p", "round_robin", &[&backend], "")
+    );
+    let proxy = Proxy::start(&body).await;
+    let from = |ip: [u8; 4]| {
+        reqwest::Client::builder()
+            .local_address(std::net::IpAddr::from(ip))
+            .build()
+            .unwrap()
+    };
+    let (one, two) = (from([127, 0, 0, 1]), from([127, 0, 0, 2]));
+    let mut statuses = Vec::new();
+    let mut retry_after = None;
+    for _ in 0..8 {
+        let r = one.get(proxy.url("/api/x")).send().await.unwrap();
+        statuses.push(r.status().as_u16());
+        if r.status() == 429 {
+            retry_after = r
+                .headers()
+                .get("retry-after")
+                .map(|v| v.to_str().unwrap().to_string());
+        }
+    }
+    assert_eq!(statuses, [200, 200, 200, 200, 200, 429, 429, 429]);
+    // One token per 12 s.
+    let retry: u64 = retry_after.unwrap().parse().unwrap();
+    assert!((1..=12).contains(&retry), "{retry}");
+    assert_eq!(
+        two.get(proxy.url("/api/x")).send().await.unwrap().status(),
+        200
+    );
+    assert_eq!(
+        one.get(proxy.url("/other")).send().await.unwrap().status(),
+        200
+    );
+    assert_eq!(
+        proxy
+            .metric("rampart_rate_limited_requests_total{route=\"api\"}")
+            .await,
+        3.0
+    );
+    // The same limit after a reload: the bucket is still empty.
+    proxy.reload(&format!("{body}\n# reloaded\n")).await;
+    assert_eq!(
+        one.get(proxy.url("/api/x")).send().await.unwrap().status(),
+        429
+    );
+    // A new limit starts new buckets.
+    proxy
+        .reload(&body.replace("requests = 5,", "requests = 6,"))
+        .await;
+    assert_eq!(
+        one.get(proxy.url("/api/x")).send().await.unwrap().status(),
+        200
+    );
+}
+
+/// `limits.max_connections_per_ip`: one address's extra connections are closed at once
+/// while other addresses are served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_over_the_per_client_limit_are_closed_while_others_are_served() {
+    common::init();
+    let backend = common::Backend::start("b").await;
+    let proxy = Proxy::start(&format!(
+        "[limits]\nmax_connections_per_ip = 3\n\n[[routes]]\nname = \"all\"\naction = {{ forward = \"p\" }}\n{}",
+        common::pool_toml("p", "round_robin", &[&backend], "")
+    ))
+    .await;
+    let connect_from = |ip: [u8; 4]| async move {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind(SocketAddr::from((ip, 0))).unwrap();
+        socket.connect(proxy.http).await.unwrap()
+    };
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(connect_from([127, 0, 0, 1]).await);
+    }
+    // The 4th from the same address is closed without an answer.
+    let mut fourth = connect_from([127, 0, 0, 1]).await;
+    let _ = fourth.write_all(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n").await;
+    let mut buf = [0u8; 64];
+    let n = tokio::time::timeout(Duration::from_secs(5), fourth.read(&mut buf))
+        .await
+        .expect("closed at once, not left waiting")
+        .unwrap_or(0);
+    assert_eq!(n, 0, "{:?}", String::from_utf8_lossy(&buf[..n]));
+    // Another address is served meanwhile.
+    let mut other = connect_from([127, 0, 0, 2]).await;
+    other
+        .write_all(b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = String::new();
+    other.read_to_string(&mut answer).await.unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert_eq!(
+        proxy
+            .metric("rampart_rejected_client_connections_total{listener=\"http\"}")
+            .await,
+        1.0
+    );
+    // One closed: the address may open another.
+    drop(held.pop());
+    common::eventually("a freed slot to admit the address again", || async {
+        let mut s = connect_from([127, 0, 0, 1]).await;
+        s.write_all(b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+            .await
+            .ok()?;
+        let mut answer = String::new();
+        s.read_to_string(&mut answer).await.ok()?;
+        answer.starts_with("HTTP/1.1 200").then_some(())
+    })
+    .await;
+}

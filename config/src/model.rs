@@ -572,6 +572,10 @@ pub struct Limits {
     /// Maximum simultaneous client connections per listener; further ones are closed at once.
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
+    /// Maximum simultaneous connections from one client IP address per listener; further
+    /// ones are closed at once (raise it for clients behind large NATs).
+    #[serde(default = "default_max_connections_per_ip")]
+    pub max_connections_per_ip: usize,
 }
 
 impl Default for Limits {
@@ -583,6 +587,7 @@ impl Default for Limits {
             keepalive_timeout: default_keepalive_timeout(),
             max_body_bytes: default_max_body_bytes(),
             max_connections: default_max_connections(),
+            max_connections_per_ip: default_max_connections_per_ip(),
         }
     }
 }
@@ -604,6 +609,9 @@ fn default_max_body_bytes() -> ByteSize {
 }
 fn default_max_connections() -> usize {
     10_000
+}
+fn default_max_connections_per_ip() -> usize {
+    1_000
 }
 
 /// Forwarding headers added to upstream requests.
@@ -736,8 +744,39 @@ pub struct Route {
     /// Maximum request body for this route (default: `limits.max_body_bytes`).
     #[serde(default)]
     pub max_body_bytes: Option<ByteSize>,
+    /// Requests over this rate per client (token bucket) get 429 with Retry-After:
+    /// `rate_limit = { requests = 100, per = "1s", burst = 200 }`.
+    #[serde(default)]
+    pub rate_limit: Option<RateLimit>,
     /// What to do with a matching request.
     pub action: Action,
+}
+
+/// A route's request rate limit: a token bucket per key that refills `requests` tokens
+/// every `per` and holds at most `burst`.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimit {
+    /// Requests allowed per `per`, sustained.
+    pub requests: u32,
+    /// The period of `requests` (default 1s).
+    #[serde(default = "default_rate_period")]
+    pub per: Dur,
+    /// Requests allowed at once after a quiet spell (default: `requests`).
+    #[serde(default)]
+    pub burst: Option<u32>,
+    /// Whose bucket a request takes from: "client_ip" (default, after trusted-proxy
+    /// resolution), "header:<name>" or "cookie:<name>" (falling back to the client IP
+    /// when absent).
+    #[serde(default = "default_rate_key")]
+    pub key: HashKey,
+}
+
+fn default_rate_period() -> Dur {
+    Dur::secs(1)
+}
+fn default_rate_key() -> HashKey {
+    HashKey::ClientIp
 }
 
 fn default_path_prefix() -> String {

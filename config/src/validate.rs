@@ -338,6 +338,13 @@ fn limits(config: &Config, out: &mut Vec<Issue>) {
             "use a value such as 10000",
         ));
     }
+    if l.max_connections_per_ip == 0 {
+        out.push(Issue::new(
+            path.key("max_connections_per_ip"),
+            "must be at least 1",
+            "use a value such as 1000 (set it to max_connections for no per-client limit)",
+        ));
+    }
 }
 
 fn forwarding(config: &Config, out: &mut Vec<Issue>) {
@@ -460,6 +467,30 @@ fn route(config: &Config, origin: Origin, route: &Route, path: &FieldPath, out: 
             "redirects to HTTPS but no https listener is configured",
             "set listeners.https or remove https_redirect",
         ));
+    }
+    if let Some(limit) = &route.rate_limit {
+        let at = path.key("rate_limit");
+        if limit.requests == 0 {
+            out.push(Issue::new(
+                at.key("requests"),
+                "a rate of 0 requests refuses every request",
+                "allow at least 1, or use action = { respond = { status = 503 } } to close the route",
+            ));
+        }
+        if limit.per.0.is_zero() {
+            out.push(Issue::new(
+                at.key("per"),
+                "the period must be longer than 0",
+                "use e.g. per = \"1s\" or \"1m\"",
+            ));
+        }
+        if limit.burst == Some(0) {
+            out.push(Issue::new(
+                at.key("burst"),
+                "a burst of 0 refuses every request",
+                "allow at least 1, or leave it out to use `requests`",
+            ));
+        }
     }
     let action = path.key("action");
     match &route.action {

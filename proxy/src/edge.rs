@@ -241,10 +241,30 @@ impl ProxyHttp for Edge {
                 308,
                 "text/plain; charset=utf-8",
                 Bytes::new(),
-                Some(location),
+                Some((LOCATION, location)),
             )
             .await?;
             return Ok(true);
+        }
+        if let Some(limiter) = &route.limiter {
+            let key = hash_key(&limiter.config.key, session.req_header(), ctx.client_ip);
+            if let Err(wait) = limiter.check(key) {
+                self.metrics
+                    .rate_limited
+                    .with_label_values(&[&route.name])
+                    .inc();
+                let retry_after = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+                respond(
+                    session,
+                    ctx,
+                    429,
+                    "text/plain; charset=utf-8",
+                    Bytes::from_static(b"too many requests; retry after the time in Retry-After\n"),
+                    Some((http::header::RETRY_AFTER, retry_after.max(1).to_string())),
+                )
+                .await?;
+                return Ok(true);
+            }
         }
         match &route.action {
             Action::Respond(r) => {
@@ -272,7 +292,7 @@ impl ProxyHttp for Edge {
                     r.status,
                     "text/plain; charset=utf-8",
                     Bytes::new(),
-                    Some(location),
+                    Some((LOCATION, location)),
                 )
                 .await?;
                 Ok(true)
@@ -671,13 +691,13 @@ async fn respond(
     status: u16,
     content_type: &str,
     body: Bytes,
-    location: Option<String>,
+    header: Option<(http::HeaderName, String)>,
 ) -> Result<()> {
     let mut resp = ResponseHeader::build(status, Some(5))?;
     resp.insert_header(CONTENT_TYPE, content_type)?;
     resp.insert_header(CONTENT_LENGTH, body.len().to_string())?;
-    if let Some(location) = location {
-        resp.insert_header(LOCATION, location)?;
+    if let Some((name, value)) = header {
+        resp.insert_header(name, value)?;
     }
     if status == 503 {
         resp.insert_header(http::header::RETRY_AFTER, "1")?;

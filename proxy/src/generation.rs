@@ -70,6 +70,8 @@ pub struct RouteRt {
     pub max_body: u64,
     /// This route's request metrics.
     pub metrics: RequestMetrics,
+    /// Its rate limit, whose buckets outlive reloads that keep the same settings.
+    pub limiter: Option<Arc<crate::limits::rate::RouteLimiter>>,
 }
 
 /// A pool ready for serving.
@@ -346,6 +348,11 @@ fn build_route(
         }
         _ => RequestMetrics::new(metrics, &route.name, pool_name),
     };
+    let limiter = route.rate_limit.as_ref().map(|limit| {
+        prev.and_then(|r| r.limiter.clone())
+            .filter(|l| l.config == *limit)
+            .unwrap_or_else(|| Arc::new(crate::limits::rate::RouteLimiter::new(limit)))
+    });
     RouteRt {
         name: route.name.clone(),
         action: route.action.clone(),
@@ -356,6 +363,7 @@ fn build_route(
             .unwrap_or(config.limits.max_body_bytes)
             .0,
         metrics,
+        limiter,
     }
 }
 

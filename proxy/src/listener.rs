@@ -17,6 +17,7 @@ use pingora::server::ShutdownWatch;
 use crate::edge::Edge;
 use crate::generation::Generation;
 use crate::limits::deadline::{Arrivals, GuardedStream};
+use crate::limits::rate::PerClient;
 
 /// Longest wait at shutdown for requests of just-accepted connections to arrive.
 const ARRIVAL_WAIT: Duration = Duration::from_secs(1);
@@ -30,6 +31,7 @@ pub struct EdgeApp {
     current: Arc<ArcSwap<Generation>>,
     metrics: Arc<Metrics>,
     open: AtomicUsize,
+    per_client: PerClient,
     arrivals: Arc<Arrivals>,
 }
 
@@ -50,16 +52,20 @@ impl EdgeApp {
             current,
             metrics,
             open: AtomicUsize::new(0),
+            per_client: PerClient::default(),
             arrivals: Arc::new(Arrivals::default()),
         }
     }
 }
 
-/// Decrements the open-connection count and gauge when a connection ends.
-struct OpenGuard<'a>(&'a EdgeApp);
+/// Decrements the open-connection counts and gauge when a connection ends.
+struct OpenGuard<'a>(&'a EdgeApp, Option<std::net::IpAddr>);
 
 impl Drop for OpenGuard<'_> {
     fn drop(&mut self) {
+        if let Some(ip) = self.1 {
+            self.0.per_client.release(ip);
+        }
         self.0.open.fetch_sub(1, Ordering::Relaxed);
         self.0
             .metrics
@@ -86,11 +92,24 @@ impl ServerApp for EdgeApp {
                 .inc();
             return None;
         }
+        let client = stream
+            .get_socket_digest()
+            .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).map(|a| a.ip()));
+        if let Some(ip) = client {
+            if !self.per_client.admit(ip, limits.max_connections_per_ip) {
+                self.open.fetch_sub(1, Ordering::Relaxed);
+                self.metrics
+                    .rejected_client_connections
+                    .with_label_values(&[self.name])
+                    .inc();
+                return None;
+            }
+        }
         self.metrics
             .active_connections
             .with_label_values(&[self.name])
             .inc();
-        let _open = OpenGuard(self);
+        let _open = OpenGuard(self, client);
         let header_timeout = limits.header_read_timeout.0;
         drop(generation);
 

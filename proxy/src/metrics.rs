@@ -27,6 +27,11 @@ pub struct Metrics {
     pub upstream_failures: IntCounterVec,
     pub active_connections: IntGaugeVec,
     pub rejected_connections: IntCounterVec,
+    /// Connections closed at once because their client address had
+    /// `limits.max_connections_per_ip` open.
+    pub rejected_client_connections: IntCounterVec,
+    /// Requests answered 429 by a route's rate limit.
+    pub rate_limited: IntCounterVec,
     pub tls_handshakes: IntCounter,
     pub tls_handshake_failures: IntCounterVec,
     pub endpoint_healthy: IntGaugeVec,
@@ -73,6 +78,8 @@ impl Metrics {
             upstream_failures: reg(&r, IntCounterVec::new(Opts::new("rampart_upstream_failures_total", "Failed upstream attempts, by pool and kind (connect, timeout, status, error)"), &["pool", "kind"]).expect("valid")),
             active_connections: reg(&r, IntGaugeVec::new(Opts::new("rampart_active_connections", "Open client connections, by listener"), &["listener"]).expect("valid")),
             rejected_connections: reg(&r, IntCounterVec::new(Opts::new("rampart_rejected_connections_total", "Client connections closed at once because limits.max_connections was reached"), &["listener"]).expect("valid")),
+            rejected_client_connections: reg(&r, IntCounterVec::new(Opts::new("rampart_rejected_client_connections_total", "Client connections closed at once because their address had limits.max_connections_per_ip open"), &["listener"]).expect("valid")),
+            rate_limited: reg(&r, IntCounterVec::new(Opts::new("rampart_rate_limited_requests_total", "Requests answered 429 by the route's rate limit"), &["route"]).expect("valid")),
             tls_handshakes: reg(&r, IntCounter::new("rampart_tls_handshakes_total", "Completed TLS handshakes").expect("valid")),
             tls_handshake_failures: reg(&r, IntCounterVec::new(Opts::new("rampart_tls_handshake_failures_total", "Failed TLS handshakes, by reason"), &["reason"]).expect("valid")),
             endpoint_healthy: reg(&r, IntGaugeVec::new(Opts::new("rampart_endpoint_healthy", "1 when an endpoint may receive traffic (active check passing and not ejected)"), &["pool", "endpoint"]).expect("valid")),

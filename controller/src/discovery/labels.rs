@@ -82,7 +82,10 @@ pub fn parse(
                 }
             }
             ["route", name, field] if valid_name(name) => {
-                if matches!(*field, "host" | "path" | "pool" | "priority" | "https_redirect") {
+                if matches!(
+                    *field,
+                    "host" | "path" | "pool" | "priority" | "https_redirect" | "rate_limit"
+                ) {
                     routes
                         .entry((*name).to_string())
                         .or_default()
@@ -92,7 +95,7 @@ pub fn parse(
                         &mut errors,
                         key,
                         value,
-                        "known route labels: host, path, pool, priority, https_redirect",
+                        "known route labels: host, path, pool, priority, https_redirect, rate_limit",
                     );
                 }
             }
@@ -206,6 +209,13 @@ fn route(
         Some(kv) => kv.1.parse().map_err(|_| bad(kv, "use true or false"))?,
         None => false,
     };
+    // `rate_limit=100/1s` or `100/1s burst 200`: requests per period per client IP.
+    let rate_limit = match fields.get("rate_limit") {
+        Some(kv) => Some(parse_rate(&kv.1).ok_or_else(|| {
+            bad(kv, "use <requests>/<period>, optionally with a burst: \"100/1s\" or \"100/1m burst 20\"")
+        })?),
+        None => None,
+    };
     Ok(Route {
         name: name.to_string(),
         hosts,
@@ -214,13 +224,52 @@ fn route(
         priority,
         https_redirect,
         max_body_bytes: None,
+        rate_limit,
         action: Action::Forward(pool),
+    })
+}
+
+/// `"100/1s"` or `"100/1m burst 20"` as a client-IP rate limit.
+fn parse_rate(s: &str) -> Option<rampart_config::RateLimit> {
+    let mut words = s.split_whitespace();
+    let (requests, per) = words.next()?.split_once('/')?;
+    let burst = match (words.next(), words.next(), words.next()) {
+        (None, _, _) => None,
+        (Some("burst"), Some(n), None) => Some(n.parse().ok().filter(|&n| n > 0)?),
+        _ => return None,
+    };
+    let requests: u32 = requests.parse().ok().filter(|&n| n > 0)?;
+    let per: rampart_config::Dur = per.parse().ok()?;
+    (!per.0.is_zero()).then_some(rampart_config::RateLimit {
+        requests,
+        per,
+        burst,
+        key: rampart_config::HashKey::ClientIp,
     })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rate_limit_labels_parse_or_say_what_is_wrong() {
+        let r = parse_rate("100/1s").unwrap();
+        assert_eq!((r.requests, r.per.0.as_secs(), r.burst), (100, 1, None));
+        let r = parse_rate("20/1m burst 5").unwrap();
+        assert_eq!((r.requests, r.per.0.as_secs(), r.burst), (20, 60, Some(5)));
+        for bad in [
+            "100",
+            "0/1s",
+            "10/0s",
+            "10/1s burst",
+            "10/1s burst 0",
+            "10/1s x 2",
+            "a/1s",
+        ] {
+            assert!(parse_rate(bad).is_none(), "{bad}");
+        }
+    }
 
     fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
         pairs

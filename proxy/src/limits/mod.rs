@@ -6,6 +6,7 @@
 //! to answer with, if any.
 
 pub mod deadline;
+pub mod rate;
 
 use http::{HeaderMap, Method, Uri};
 
