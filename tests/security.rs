@@ -669,3 +669,141 @@ async fn upstream_faults_give_502_or_504_in_time_and_leak_nothing() {
     );
     assert!(proxy.is_ready().await, "the proxy is still serving");
 }
+
+/// The proxy's `rampart_active_connections` on the http listener.
+async fn active(proxy: &Proxy) -> f64 {
+    proxy
+        .metric("rampart_active_connections{listener=\"http\"}")
+        .await
+}
+
+/// Slow clients, driven by slowhttptest (Debian): slowloris (headers trickled), slow
+/// body (R-U-Dead-Yet) and slow read (a tiny receive window). Each attack's connections
+/// are cut at the deadlines (2 s here) while it goes on, and a normal client keeps being
+/// served throughout with no error; its p99 before and during is printed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_clients_are_cut_at_the_deadlines_while_others_are_served() {
+    common::init();
+    let backend = common::Backend::start("b").await;
+    let proxy = Proxy::start(&format!(
+        "[limits]\nheader_read_timeout = \"2s\"\nbody_read_timeout = \"2s\"\nsend_timeout = \"2s\"\n\n\
+         [[routes]]\nname = \"all\"\naction = {{ forward = \"p\" }}\n{}",
+        common::pool_toml("p", "round_robin", &[&backend], "")
+    ))
+    .await;
+    let client = reqwest::Client::new();
+    // A normal client's latencies over `n` requests: (p99, errors).
+    let normal = |n: usize| {
+        let client = client.clone();
+        let url = proxy.url("/");
+        async move {
+            let mut took = Vec::with_capacity(n);
+            let mut errors = 0;
+            for _ in 0..n {
+                let start = std::time::Instant::now();
+                let ok = match client.get(&url).send().await {
+                    Ok(r) => {
+                        let status = r.status();
+                        let body = r.bytes().await;
+                        if status != 200 || body.is_err() {
+                            eprintln!(
+                                "normal client: {status} {:?}",
+                                body.as_ref().map(bytes::Bytes::len)
+                            );
+                        }
+                        status == 200 && body.is_ok()
+                    }
+                    Err(e) => {
+                        eprintln!("normal client: {e:?}");
+                        false
+                    }
+                };
+                if ok {
+                    took.push(start.elapsed());
+                } else {
+                    errors += 1;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            took.sort();
+            let p99 = took.get(took.len() * 99 / 100).copied().unwrap_or_default();
+            (p99, errors)
+        }
+    };
+    let (p99_before, errors) = normal(200).await;
+    assert_eq!(errors, 0);
+
+    let big = proxy.url("/bytes/16777216");
+    let attacks: [(&str, Vec<&str>, &str); 3] = [
+        ("slowloris (-H)", vec!["-H", "-i", "1"], "/"),
+        ("slow body (-B)", vec!["-B", "-i", "1", "-s", "100000"], "/"),
+        (
+            "slow read (-X)",
+            vec!["-X", "-w", "10", "-y", "20", "-n", "2", "-z", "32"],
+            &big,
+        ),
+    ];
+    let mut report = String::from(
+        "| attack (slowhttptest, 200 connections) | open after 1 s | open after the 2 s deadline | normal client p99 before → during | normal client errors |\n|---|---|---|---|---|\n",
+    );
+    for (name, args, target) in attacks {
+        let url = if target.starts_with("http") {
+            target.to_string()
+        } else {
+            proxy.url(target)
+        };
+        let mut attack = std::process::Command::new("slowhttptest")
+            .args(["-c", "200", "-r", "200", "-l", "8", "-p", "3"])
+            .args(&args)
+            .args(["-u", &url])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("slowhttptest (scripts/setup installs it)");
+        let during = tokio::spawn(normal(400));
+        // The attack's connections open...
+        let start = std::time::Instant::now();
+        let mut peak = 0.0f64;
+        while start.elapsed() < Duration::from_secs(1) {
+            peak = peak.max(active(&proxy).await);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // ...and are cut at the deadline, while the attack still runs.
+        let mut now = active(&proxy).await;
+        while now > 10.0 && start.elapsed() < Duration::from_secs(7) {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            now = active(&proxy).await;
+        }
+        let cut_after = start.elapsed();
+        let (p99_during, errors) = during.await.unwrap();
+        let _ = attack.kill();
+        let _ = attack.wait();
+        eprintln!(
+            "{name}: {peak} open at the peak, {now} left {:.1}s in; normal p99 {p99_before:?} -> {p99_during:?}, {errors} errors",
+            cut_after.as_secs_f64()
+        );
+        assert!(
+            peak >= 100.0,
+            "{name}: the attack never got going ({peak} open)"
+        );
+        assert!(
+            now <= 10.0,
+            "{name}: {now} connections still open past the deadline"
+        );
+        assert_eq!(errors, 0, "{name}: the normal client failed");
+        report.push_str(&format!(
+            "| {name} | {peak} | {now} after {:.1} s | {:.1} ms → {:.1} ms | {errors} |\n",
+            cut_after.as_secs_f64(),
+            p99_before.as_secs_f64() * 1000.0,
+            p99_during.as_secs_f64() * 1000.0
+        ));
+        // The next attack starts from a quiet proxy.
+        common::eventually("the attack's connections to close", || async {
+            (active(&proxy).await <= 2.0).then_some(())
+        })
+        .await;
+    }
+    let out = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/security-slow.md");
+    let _ = std::fs::write(&out, &report);
+    eprintln!("{report}");
+}

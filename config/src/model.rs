@@ -566,6 +566,19 @@ pub struct Limits {
     /// How long an idle client keep-alive connection stays open between requests.
     #[serde(default = "default_keepalive_timeout")]
     pub keepalive_timeout: Dur,
+    /// The longest pause between two reads of a request body before the request is
+    /// given up (slow-body defence; HTTP/1).
+    #[serde(default = "default_body_read_timeout")]
+    pub body_read_timeout: Dur,
+    /// After `body_read_timeout`, a request body arriving slower than this many bytes
+    /// per second on average is given up with 408 (a trickle of a byte a second evades
+    /// any idle timeout); "0B" turns the check off.
+    #[serde(default = "default_min_body_rate")]
+    pub min_body_rate: ByteSize,
+    /// The longest a write of the response to the client may wait for the client to
+    /// read (slow-read defence).
+    #[serde(default = "default_send_timeout")]
+    pub send_timeout: Dur,
     /// Maximum request body size (routes may lower or raise it); larger gets 413.
     #[serde(default = "default_max_body_bytes")]
     pub max_body_bytes: ByteSize,
@@ -585,6 +598,9 @@ impl Default for Limits {
             max_header_count: default_max_header_count(),
             header_read_timeout: default_header_read_timeout(),
             keepalive_timeout: default_keepalive_timeout(),
+            body_read_timeout: default_body_read_timeout(),
+            min_body_rate: default_min_body_rate(),
+            send_timeout: default_send_timeout(),
             max_body_bytes: default_max_body_bytes(),
             max_connections: default_max_connections(),
             max_connections_per_ip: default_max_connections_per_ip(),
@@ -603,6 +619,15 @@ fn default_header_read_timeout() -> Dur {
 }
 fn default_keepalive_timeout() -> Dur {
     Dur::secs(60)
+}
+fn default_body_read_timeout() -> Dur {
+    Dur::secs(30)
+}
+fn default_min_body_rate() -> ByteSize {
+    ByteSize(256)
+}
+fn default_send_timeout() -> Dur {
+    Dur::secs(30)
 }
 fn default_max_body_bytes() -> ByteSize {
     ByteSize(10 << 20)

@@ -322,6 +322,8 @@ fn limits(config: &Config, out: &mut Vec<Issue>) {
     for (name, d) in [
         ("header_read_timeout", l.header_read_timeout),
         ("keepalive_timeout", l.keepalive_timeout),
+        ("body_read_timeout", l.body_read_timeout),
+        ("send_timeout", l.send_timeout),
     ] {
         if d.0.is_zero() {
             out.push(Issue::new(

@@ -145,15 +145,12 @@ impl ProxyHttp for Edge {
         session: &mut Session,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
-        let keepalive = ctx
-            .generation
-            .config
-            .limits
-            .keepalive_timeout
-            .0
-            .as_secs()
-            .max(1);
+        let limits = &ctx.generation.config.limits;
+        let keepalive = limits.keepalive_timeout.0.as_secs().max(1);
         session.set_keepalive(Some(keepalive));
+        let downstream = session.as_downstream_mut();
+        downstream.set_read_timeout(Some(limits.body_read_timeout.0));
+        downstream.set_write_timeout(Some(limits.send_timeout.0));
         Ok(())
     }
 
@@ -323,6 +320,18 @@ impl ProxyHttp for Edge {
                 return Error::e_explain(
                     ErrorType::HTTPStatus(413),
                     "request body exceeds the route's max_body_bytes",
+                );
+            }
+            let limits = &ctx.generation.config.limits;
+            if body_too_slow(
+                ctx.body_bytes,
+                ctx.started.elapsed(),
+                limits.body_read_timeout.0,
+                limits.min_body_rate.0,
+            ) {
+                return Error::e_explain(
+                    ErrorType::HTTPStatus(408),
+                    "request body arrives slower than limits.min_body_rate",
                 );
             }
         }
@@ -547,9 +556,12 @@ impl ProxyHttp for Edge {
             "error"
         };
         // A pooled connection that the upstream had already closed is not the endpoint's
-        // fault. (`RetryType::retry()` panics while undecided: match, do not call it.)
+        // fault, and neither is the client's (a slow or vanished client, a body over the
+        // limit): only upstream errors count against it, or slow clients would get
+        // healthy endpoints ejected. (`RetryType::retry()` panics while undecided: match,
+        // do not call it.)
         let stale_pooled = client_reused && matches!(e.retry, RetryType::ReusedOnly);
-        if !stale_pooled {
+        if !stale_pooled && e.esource() == &ErrorSource::Upstream {
             self.record_failure(ctx, &pool, kind);
         }
         // An idempotent request without a body can go to another endpoint after a
@@ -779,6 +791,12 @@ fn https_location(host: &str, https_port: Option<u16>, req: &RequestHeader) -> S
     }
 }
 
+/// Whether a body of `bytes` after `elapsed` is below `min_rate` bytes per second on
+/// average, once the `grace` period is over (0 disables the check).
+fn body_too_slow(bytes: u64, elapsed: Duration, grace: Duration, min_rate: u64) -> bool {
+    min_rate > 0 && elapsed > grace && (bytes as f64) < min_rate as f64 * elapsed.as_secs_f64()
+}
+
 /// The consistent-hash key of a request; a missing header or cookie falls back to the
 /// client address so such requests still stick to one endpoint.
 fn hash_key(key: &HashKey, req: &RequestHeader, client: Option<IpAddr>) -> u64 {
@@ -799,5 +817,22 @@ fn hash_key(key: &HashKey, req: &RequestHeader, client: Option<IpAddr>) -> u64 {
             .filter_map(|c| c.trim().split_once('='))
             .find(|(k, _)| k == name)
             .map_or_else(by_ip, |(_, v)| xxh3_64(v.as_bytes())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_body_is_too_slow_only_below_the_rate_after_the_grace_period() {
+        let s = Duration::from_secs;
+        // Within the grace period anything goes.
+        assert!(!body_too_slow(0, s(5), s(10), 256));
+        // After it, the average counts: 20 s at 256 B/s needs 5120 bytes.
+        assert!(body_too_slow(5000, s(20), s(10), 256));
+        assert!(!body_too_slow(6000, s(20), s(10), 256));
+        // 0 turns it off.
+        assert!(!body_too_slow(0, s(100), s(10), 0));
     }
 }

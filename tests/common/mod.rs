@@ -88,6 +88,7 @@ pub async fn fetch(url: &str) -> String {
 ///
 /// - `/healthz` answers `health_status` (200 by default)
 /// - `/status/NNN` answers NNN
+/// - `/bytes/N` answers N bytes (N ≤ 16 MiB)
 /// - `/slow/MS` answers after MS milliseconds
 /// - `/headers` answers the request headers as JSON
 /// - `/ws` is a WebSocket echo
@@ -171,6 +172,15 @@ impl Backend {
                 .map(|(k, v)| (k.as_str().to_string(), v.to_str().unwrap_or("").to_string()))
                 .collect();
             return reply(200, &serde_json::to_string(&map).unwrap());
+        }
+        if let Some(n) = path.strip_prefix("/bytes/") {
+            // One shared buffer, sliced: many slow readers hold no copies.
+            static BIG: std::sync::OnceLock<Bytes> = std::sync::OnceLock::new();
+            let big = BIG.get_or_init(|| Bytes::from(vec![b'x'; 16 << 20]));
+            return Response::builder()
+                .status(200)
+                .body(Full::new(big.slice(..n.parse::<usize>().unwrap())))
+                .unwrap();
         }
         if let Some(code) = path.strip_prefix("/status/") {
             return reply(code.parse().unwrap(), &self.name);
