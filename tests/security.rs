@@ -807,3 +807,277 @@ async fn slow_clients_are_cut_at_the_deadlines_while_others_are_served() {
     let _ = std::fs::write(&out, &report);
     eprintln!("{report}");
 }
+
+/// An HTTP/2 connection spoken frame by frame (TLS, ALPN h2), to send what no
+/// well-behaved client library would.
+struct RawH2 {
+    tls: tokio_rustls::client::TlsStream<TcpStream>,
+}
+
+const DATA: u8 = 0;
+const HEADERS: u8 = 1;
+const RST_STREAM: u8 = 3;
+const SETTINGS: u8 = 4;
+const PING: u8 = 6;
+const GOAWAY: u8 = 7;
+const CONTINUATION: u8 = 9;
+const END_STREAM: u8 = 1;
+const END_HEADERS: u8 = 4;
+
+fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let len = u32::try_from(payload.len()).unwrap();
+    let mut f = Vec::with_capacity(9 + payload.len());
+    f.extend_from_slice(&len.to_be_bytes()[1..]);
+    f.push(kind);
+    f.push(flags);
+    f.extend_from_slice(&stream.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+/// An HPACK block for `GET https://a.test/` (static-table indices and one literal).
+fn get_block() -> Vec<u8> {
+    let mut b = vec![0x82, 0x87, 0x84, 0x01, 6];
+    b.extend_from_slice(b"a.test");
+    b
+}
+
+impl RawH2 {
+    async fn connect(proxy: &Proxy) -> Self {
+        let pem = std::fs::read(proxy.ca_path()).unwrap();
+        let mut store = rustls::RootCertStore::empty();
+        for cert in rustls_pemfile::certs(&mut &pem[..]) {
+            store.add(cert.unwrap()).unwrap();
+        }
+        let mut config = rustls::ClientConfig::builder()
+            .with_root_certificates(store)
+            .with_no_client_auth();
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+        let tcp = TcpStream::connect(proxy.https).await.unwrap();
+        let mut tls = connector
+            .connect("a.test".try_into().unwrap(), tcp)
+            .await
+            .unwrap();
+        assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+        tls.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+            .await
+            .unwrap();
+        tls.write_all(&frame(SETTINGS, 0, 0, &[])).await.unwrap();
+        Self { tls }
+    }
+
+    /// Writes `frames`; `false` once the proxy closed the connection.
+    async fn send(&mut self, frames: &[u8]) -> bool {
+        self.tls.write_all(frames).await.is_ok() && self.tls.flush().await.is_ok()
+    }
+
+    /// Reads frames until the connection closes or goes quiet for `quiet`: the types
+    /// seen, and the GOAWAY error code if one came.
+    async fn drain(&mut self, quiet: Duration) -> (BTreeMap<u8, usize>, Option<u32>) {
+        let mut kinds = BTreeMap::new();
+        let mut goaway = None;
+        let mut buf = Vec::new();
+        let mut chunk = vec![0u8; 65536];
+        loop {
+            while buf.len() >= 9 {
+                let len =
+                    usize::from(buf[0]) << 16 | usize::from(buf[1]) << 8 | usize::from(buf[2]);
+                if buf.len() < 9 + len {
+                    break;
+                }
+                let kind = buf[3];
+                *kinds.entry(kind).or_default() += 1;
+                if kind == GOAWAY && len >= 8 {
+                    goaway = Some(u32::from_be_bytes(buf[13..17].try_into().unwrap()));
+                }
+                buf.drain(..9 + len);
+            }
+            match tokio::time::timeout(quiet, self.tls.read(&mut chunk)).await {
+                Ok(Ok(n)) if n > 0 => buf.extend_from_slice(&chunk[..n]),
+                _ => return (kinds, goaway),
+            }
+        }
+    }
+}
+
+/// HTTP/2 attacks on one connection each — rapid reset (CVE-2023-44487), a
+/// CONTINUATION flood, an oversized header list, more concurrent streams than allowed,
+/// SETTINGS and PING floods — while h2load measures a normal HTTP/2 client: the proxy
+/// stays up, its memory stays bounded, the attack connection is refused or closed, and
+/// the normal client is served throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_floods_are_contained_while_others_are_served() {
+    common::init();
+    let backend = common::Backend::start("b").await;
+    let proxy = Proxy::start(&format!(
+        "[[tls]]\nhosts = [\"a.test\"]\nsource = \"internal\"\n\n[[routes]]\nname = \"all\"\naction = {{ forward = \"p\" }}\n{}",
+        common::pool_toml("p", "round_robin", &[&backend], "")
+    ))
+    .await;
+    let pid = proxy.child.id();
+    let h2load = |n: u32| {
+        let port = proxy.https.port();
+        async move {
+            // h2load does not verify certificates; it sends SNI a.test.
+            let out = tokio::process::Command::new("h2load")
+                .args(["-n", &n.to_string(), "-c", "2", "-m", "8"])
+                .arg(format!("--connect-to=127.0.0.1:{port}"))
+                .arg(format!("https://a.test:{port}/"))
+                .output()
+                .await
+                .expect("h2load (scripts/setup installs nghttp2-client)");
+            let text = String::from_utf8_lossy(&out.stdout).to_string();
+            // "requests: 2000 total, 2000 started, 2000 done, 2000 succeeded, 0 failed, ..."
+            let field = |name: &str| -> u64 {
+                text.lines()
+                    .find(|l| l.starts_with("requests:"))
+                    .and_then(|l| {
+                        l.split(',')
+                            .find(|p| p.trim().ends_with(name))
+                            .and_then(|p| p.split_whitespace().next().and_then(|n| n.parse().ok()))
+                    })
+                    .unwrap_or(0)
+            };
+            let rate = text
+                .lines()
+                .find(|l| l.starts_with("finished in"))
+                .and_then(|l| l.split(", ").nth(1))
+                .and_then(|r| r.split_whitespace().next())
+                .and_then(|r| r.parse::<f64>().ok())
+                .unwrap_or(0.0);
+            (field("succeeded"), rate, text)
+        }
+    };
+    let (ok, baseline, text) = h2load(2000).await;
+    assert_eq!(ok, 2000, "h2load baseline: {text}");
+    let rss_before = rss_kib(pid);
+
+    let block = get_block();
+    let attacks: Vec<(&str, Vec<u8>)> = vec![
+        ("rapid reset: 20000 streams opened and cancelled", {
+            let mut f = Vec::new();
+            for i in 0..20_000u32 {
+                let id = 2 * i + 1;
+                f.extend(frame(HEADERS, END_HEADERS | END_STREAM, id, &block));
+                f.extend(frame(RST_STREAM, 0, id, &8u32.to_be_bytes()));
+            }
+            f
+        }),
+        (
+            "CONTINUATION flood: 1 HEADERS + 20000 CONTINUATION frames of 1 KiB",
+            {
+                let mut f = frame(HEADERS, 0, 1, &block);
+                // Literal header without indexing, new name: 0x00, name, value, repeated.
+                let mut junk = Vec::new();
+                while junk.len() < 1000 {
+                    junk.extend_from_slice(&[0x00, 3, b'x', b'-', b'a', 20]);
+                    junk.extend_from_slice(&[b'v'; 20]);
+                }
+                for _ in 0..20_000 {
+                    f.extend(frame(CONTINUATION, 0, 1, &junk));
+                }
+                f
+            },
+        ),
+        ("oversized header list: one 1 MiB header", {
+            let mut value = vec![0x00, 5];
+            value.extend_from_slice(b"x-big");
+            value.extend_from_slice(&[0x7f, 0x81, 0xff, 0x3f]); // length 1048576 (7-bit prefix + varint)
+            value.extend(std::iter::repeat_n(b'v', 1 << 20));
+            let mut hb = block.clone();
+            hb.extend(value);
+            let mut f = Vec::new();
+            let chunks: Vec<&[u8]> = hb.chunks(16384).collect();
+            for (i, c) in chunks.iter().enumerate() {
+                let (kind, flags) = match (i, i + 1 == chunks.len()) {
+                    (0, last) => (
+                        HEADERS,
+                        if last {
+                            END_HEADERS | END_STREAM
+                        } else {
+                            END_STREAM
+                        },
+                    ),
+                    (_, true) => (CONTINUATION, END_HEADERS),
+                    _ => (CONTINUATION, 0),
+                };
+                f.extend(frame(kind, flags, 1, c));
+            }
+            f
+        }),
+        ("1000 concurrent streams (the limit is 100)", {
+            let mut f = Vec::new();
+            for i in 0..1000u32 {
+                // Open with no END_STREAM: each waits for a body that never comes.
+                f.extend(frame(HEADERS, END_HEADERS, 2 * i + 1, &block));
+            }
+            f
+        }),
+        ("SETTINGS flood: 100000 frames", {
+            let one = frame(SETTINGS, 0, 0, &[0, 3, 0, 0, 0, 100]);
+            one.repeat(100_000)
+        }),
+        ("PING flood: 100000 frames", {
+            frame(PING, 0, 0, &[1, 2, 3, 4, 5, 6, 7, 8]).repeat(100_000)
+        }),
+    ];
+    let mut table = String::from(
+        "| HTTP/2 attack (one connection) | proxy's answer | upstream requests | normal h2load client |\n|---|---|---|---|\n",
+    );
+    for (name, frames) in attacks {
+        let hits_before = backend.hits();
+        let normal = tokio::spawn(h2load(1000));
+        let mut conn = RawH2::connect(&proxy).await;
+        let accepted = conn.send(&frames).await;
+        let (kinds, goaway) = conn.drain(Duration::from_secs(2)).await;
+        let (ok, rate, text) = normal.await.unwrap();
+        let upstream = backend.hits() - hits_before - usize::try_from(ok).unwrap();
+        let answer = match goaway {
+            Some(code) => format!("GOAWAY (error {code:#x})"),
+            None if !accepted => "connection closed".to_string(),
+            None => [
+                (RST_STREAM, "RST_STREAM"),
+                (HEADERS, "HEADERS"),
+                (DATA, "DATA"),
+                (SETTINGS, "SETTINGS"),
+                (PING, "PING"),
+            ]
+            .iter()
+            .filter_map(|(k, n)| kinds.get(k).map(|c| format!("{c} {n}")))
+            .collect::<Vec<_>>()
+            .join(", "),
+        };
+        // Let what the attack left in flight settle before the next one is counted.
+        drop(conn);
+        let mut last = backend.hits();
+        loop {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let now = backend.hits();
+            if now == last {
+                break;
+            }
+            last = now;
+        }
+        eprintln!(
+            "{name}: {answer}; {upstream} upstream; normal client {ok}/1000 at {rate:.0} req/s"
+        );
+        assert_eq!(ok, 1000, "{name}: the normal client failed: {text}");
+        table.push_str(&format!(
+            "| {name} | {answer} | {upstream} | {ok}/1000 ok, {rate:.0} req/s (alone: {baseline:.0}) |\n"
+        ));
+    }
+    let rss_after = rss_kib(pid);
+    eprintln!(
+        "{table}\nproxy RSS {} -> {} MiB",
+        rss_before / 1024,
+        rss_after / 1024
+    );
+    assert!(proxy.is_ready().await, "the proxy is still serving");
+    assert!(
+        rss_after < rss_before + 200 * 1024,
+        "memory grew from {rss_before} to {rss_after} KiB"
+    );
+    let out = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/security-h2.md");
+    let _ = std::fs::write(&out, &table);
+}
