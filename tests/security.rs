@@ -1081,3 +1081,125 @@ async fn http2_floods_are_contained_while_others_are_served() {
     let out = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/security-h2.md");
     let _ = std::fs::write(&out, &table);
 }
+
+/// testssl.sh (Debian) against the HTTPS listener, trusting the internal CA: only TLS 1.2
+/// and 1.3, forward-secret suites, the server's cipher order, session resumption, and
+/// no finding of severity HIGH or CRITICAL but the one a private CA always has (no
+/// CRL or OCSP URL: its certificates are revoked by rotating the CA). Unknown SNI gets
+/// the configured default certificate (tests/proxy_tls.rs covers the handshake-failure
+/// choice).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn testssl_finds_no_high_or_critical_issue() {
+    common::init();
+    let proxy = Proxy::start(
+        "[[tls]]\nhosts = [\"a.test\"]\nsource = \"internal\"\n\n[[routes]]\nname = \"all\"\naction = { respond = { status = 200, body = \"ok\" } }\n",
+    )
+    .await;
+    // The leaf is issued on first use; make sure it exists before the scan.
+    assert_eq!(
+        proxy
+            .client(&["a.test"])
+            .get(format!("https://a.test:{}/", proxy.https.port()))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    let json = proxy.dir.path().join("testssl.json");
+    let out = tokio::process::Command::new("testssl")
+        .args([
+            "--quiet",
+            "--color",
+            "0",
+            "--warnings",
+            "off",
+            "--ip",
+            "127.0.0.1",
+        ])
+        .arg("--add-ca")
+        .arg(proxy.ca_path())
+        .arg("--jsonfile")
+        .arg(&json)
+        .arg(format!("https://a.test:{}/", proxy.https.port()))
+        .output()
+        .await
+        .expect("testssl (scripts/setup installs testssl.sh)");
+    let findings: Vec<serde_json::Value> =
+        serde_json::from_slice(&std::fs::read(&json).unwrap_or_else(|e| {
+            panic!(
+                "testssl wrote no JSON ({e}): {}",
+                String::from_utf8_lossy(&out.stdout)
+            )
+        }))
+        .unwrap();
+    let get = |id: &str| {
+        findings
+            .iter()
+            .find(|f| f["id"] == id)
+            .map(|f| f["finding"].as_str().unwrap_or_default().to_string())
+            .unwrap_or_default()
+    };
+    let mut table = String::from("| testssl.sh check | finding |\n|---|---|\n");
+    for id in [
+        "SSLv2",
+        "SSLv3",
+        "TLS1",
+        "TLS1_1",
+        "TLS1_2",
+        "TLS1_3",
+        "PFS",
+        "PFS_ciphers",
+        "cipher_order",
+        "sessionresumption_ticket",
+        "sessionresumption_ID",
+        "cert_chain_of_trust",
+        "cert_expirationStatus",
+        "heartbleed",
+        "CCS",
+        "ticketbleed",
+        "ROBOT",
+        "secure_renego",
+        "secure_client_renego",
+        "CRIME_TLS",
+        "POODLE_SSL",
+        "fallback_SCSV",
+        "SWEET32",
+        "FREAK",
+        "DROWN",
+        "LOGJAM",
+        "BEAST",
+        "LUCKY13",
+        "RC4",
+    ] {
+        table.push_str(&format!("| {id} | {} |\n", get(id).replace('|', "/")));
+    }
+    let serious: Vec<String> = findings
+        .iter()
+        .filter(|f| matches!(f["severity"].as_str(), Some("HIGH" | "CRITICAL")))
+        .filter(|f| f["id"] != "cert_revocation")
+        .map(|f| format!("{} {}: {}", f["id"], f["severity"], f["finding"]))
+        .collect();
+    let counts = findings
+        .iter()
+        .fold(BTreeMap::<String, usize>::new(), |mut m, f| {
+            *m.entry(f["severity"].as_str().unwrap_or("?").to_string())
+                .or_default() += 1;
+            m
+        });
+    eprintln!("{table}\nseverities: {counts:?}");
+    let report = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/security-tls.md");
+    let _ = std::fs::write(&report, &table);
+    assert!(serious.is_empty(), "testssl: {serious:#?}");
+    assert!(get("SSLv3").starts_with("not offered"));
+    assert!(get("TLS1").starts_with("not offered"));
+    assert!(get("TLS1_1").starts_with("not offered"));
+    assert!(get("TLS1_3").starts_with("offered"));
+    assert_eq!(get("PFS"), "offered");
+    assert_eq!(get("cipher_order"), "server");
+    assert!(
+        get("sessionresumption_ID").contains("supported"),
+        "{}",
+        get("sessionresumption_ID")
+    );
+}

@@ -13,7 +13,7 @@ use rampart_pki::Ca;
 use crate::discovery::Found;
 
 /// Internal certificates are valid this long; the controller re-issues at start.
-const INTERNAL_LIFETIME: Duration = Duration::from_secs(30 * 24 * 3600);
+const INTERNAL_LIFETIME: Duration = Duration::from_secs(90 * 24 * 3600);
 
 /// Compiles snapshots; holds the internal CA and the certificates it issued.
 #[derive(Debug)]

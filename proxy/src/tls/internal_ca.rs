@@ -16,7 +16,7 @@ use rampart_pki::Ca;
 use super::{files, LoadedCert};
 
 /// Leaf certificates are valid this long.
-const LEAF_LIFETIME: Duration = Duration::from_secs(30 * 24 * 3600);
+const LEAF_LIFETIME: Duration = Duration::from_secs(90 * 24 * 3600);
 
 /// A loaded internal CA with its cache of issued leaves.
 #[derive(Debug)]

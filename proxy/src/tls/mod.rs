@@ -129,7 +129,8 @@ impl ResolvesServerCert for SniResolver {
 }
 
 /// The rustls server configuration of the HTTPS listener: TLS 1.2 and 1.3 with the
-/// provider's default (forward-secret) suites, ALPN h2 then http/1.1, SNI resolver.
+/// provider's default (forward-secret) suites in the server's order, ALPN h2 then
+/// http/1.1, SNI resolver.
 ///
 /// # Errors
 /// When the process-wide crypto provider does not support TLS 1.2/1.3.
@@ -141,6 +142,9 @@ pub fn server_config(resolver: Arc<SniResolver>) -> anyhow::Result<Arc<rustls::S
     .with_no_client_auth()
     .with_cert_resolver(resolver);
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    // The server's suite order (the provider's: AES-GCM, then ChaCha20-Poly1305) wins
+    // over the client's, so no client can talk it down to its weakest offer.
+    config.ignore_client_order = true;
     Ok(Arc::new(config))
 }
 
