@@ -14,6 +14,19 @@ use crate::discovery::Found;
 
 /// Internal certificates are valid this long; the controller re-issues at start.
 const INTERNAL_LIFETIME: Duration = Duration::from_secs(90 * 24 * 3600);
+/// An internal certificate with less than this left is issued anew.
+const INTERNAL_RENEW_BEFORE: Duration = Duration::from_secs(30 * 24 * 3600);
+
+/// Whether an issued certificate has less than [`INTERNAL_RENEW_BEFORE`] left (or
+/// cannot be read).
+fn renewal_due(bundle: &CertificateBundle) -> bool {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    rampart_pki::validity_pem(&bundle.chain_pem).map_or(true, |(_, not_after)| {
+        not_after < now + INTERNAL_RENEW_BEFORE.as_secs()
+    })
+}
 
 /// Compiles snapshots; holds the internal CA and the certificates it issued.
 #[derive(Debug)]
@@ -28,6 +41,12 @@ pub struct Compiler {
 }
 
 impl Compiler {
+    /// Whether an internal certificate it issued is due for renewal.
+    #[must_use]
+    pub fn internal_renewal_due(&self) -> bool {
+        self.issued.values().any(renewal_due)
+    }
+
     /// A compiler issuing `internal` certificates from `serving_ca`.
     #[must_use]
     pub fn new(serving_ca: Ca) -> Self {
@@ -84,7 +103,7 @@ impl Compiler {
                 }
                 // ACME names are served from the internal CA until the orderer delivers.
                 TlsSource::Internal | TlsSource::Acme(_) => {
-                    if let Some(b) = self.issued.get(&hosts) {
+                    if let Some(b) = self.issued.get(&hosts).filter(|b| !renewal_due(b)) {
                         b.clone()
                     } else {
                         let issued = self
@@ -192,5 +211,25 @@ mod tests {
             .collect();
         assert_eq!(addrs, ["127.0.0.1:10", "127.0.0.1:11"]);
         assert!(!pools.contains_key("gone"));
+    }
+
+    #[test]
+    fn internal_certificates_are_renewed_in_their_last_third() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = Ca::load_or_create(dir.path(), "test CA").unwrap();
+        let bundle = |lifetime: Duration| {
+            let issued = ca.issue_server(&["a.test".into()], lifetime).unwrap();
+            CertificateBundle {
+                hosts: vec!["a.test".parse().unwrap()],
+                chain_pem: issued.chain_pem,
+                key_pem: issued.key_pem,
+            }
+        };
+        assert!(!renewal_due(&bundle(INTERNAL_LIFETIME)));
+        assert!(renewal_due(&bundle(Duration::from_secs(10 * 24 * 3600))));
+        let aging = bundle(Duration::from_secs(24 * 3600));
+        let mut compiler = Compiler::new(ca);
+        compiler.issued.insert(vec!["a.test".into()], aging);
+        assert!(compiler.internal_renewal_due());
     }
 }

@@ -534,10 +534,20 @@ async fn compile_loop(
                     Err(_) => acme_open = false,
                 },
                 () = any_found => break,
+                // A long quiet spell must not let internal certificates expire.
+                () = tokio::time::sleep(INTERNAL_RENEWAL_CHECK) => {
+                    if compiler.internal_renewal_due() {
+                        tracing::info!("renewing internal-CA certificates");
+                        break;
+                    }
+                }
             }
         }
     }
 }
+
+/// How often the compile loop checks internal-CA certificates for renewal.
+const INTERNAL_RENEWAL_CHECK: Duration = Duration::from_secs(3600);
 
 /// Publishes the leader's snapshot to this follower's watchers.
 fn follow_leader(state: &State, body: Bytes) {

@@ -134,6 +134,16 @@ impl Builder {
         }
     }
 
+    /// Whether an internal-CA certificate in use is due for renewal.
+    #[must_use]
+    pub fn internal_renewal_due(&self) -> bool {
+        self.ca
+            .lock()
+            .expect("CA lock is never poisoned: no panics while held")
+            .as_ref()
+            .is_some_and(|ca| ca.renewal_due())
+    }
+
     /// The internal CA, created on first use.
     ///
     /// # Errors

@@ -32,7 +32,13 @@ pub enum Trigger {
     Signal,
     /// The config file changed on disk: rebuild only if its content did.
     FileChange,
+    /// The periodic check: rebuild only if an internal-CA certificate is due for
+    /// renewal (a long-running proxy would otherwise serve it past its expiry).
+    Renewal,
 }
+
+/// How often internal certificates are checked for renewal.
+const RENEWAL_CHECK: Duration = Duration::from_secs(3600);
 
 /// Reloads the configuration from a file on SIGHUP and on change.
 pub struct ReloadService {
@@ -74,6 +80,9 @@ impl ReloadService {
             };
             let hash = xxh3_64(text.as_bytes());
             if last_text.swap(hash, Ordering::Relaxed) == hash && trigger == Trigger::FileChange {
+                return Ok(None);
+            }
+            if trigger == Trigger::Renewal && !live.builder.internal_renewal_due() {
                 return Ok(None);
             }
             match rampart_config::parse(&text, &path.display().to_string()) {
@@ -135,6 +144,8 @@ impl BackgroundService for ReloadService {
         // A file change is acted on once events have been quiet for SETTLE; a SIGHUP
         // meanwhile is not held up by it.
         let mut settle_until: Option<tokio::time::Instant> = None;
+        let mut renewal =
+            tokio::time::interval_at(tokio::time::Instant::now() + RENEWAL_CHECK, RENEWAL_CHECK);
         loop {
             let settled = async {
                 match settle_until {
@@ -157,6 +168,7 @@ impl BackgroundService for ReloadService {
                     settle_until = None;
                     Trigger::FileChange
                 }
+                _ = renewal.tick() => Trigger::Renewal,
             };
             match self.reload(trigger).await {
                 Ok(Some(v)) => tracing::info!("configuration version {v} is serving"),

@@ -17,6 +17,8 @@ use super::{files, LoadedCert};
 
 /// Leaf certificates are valid this long.
 const LEAF_LIFETIME: Duration = Duration::from_secs(90 * 24 * 3600);
+/// A leaf with less than this left is issued anew (a third of its life, as ACME does).
+const RENEW_BEFORE: Duration = Duration::from_secs(30 * 24 * 3600);
 
 /// A loaded internal CA with its cache of issued leaves.
 #[derive(Debug)]
@@ -43,7 +45,8 @@ impl InternalCa {
         self.ca.cert_path()
     }
 
-    /// A certificate for `hosts` (names or `*.suffix`), issued once per process.
+    /// A certificate for `hosts` (names or `*.suffix`), issued once and again when it
+    /// has less than [`RENEW_BEFORE`] left.
     ///
     /// # Errors
     /// When issuing fails (invalid names).
@@ -52,7 +55,7 @@ impl InternalCa {
             .leaves
             .lock()
             .expect("leaf cache lock is never poisoned: no panics while held");
-        if let Some(c) = leaves.get(hosts) {
+        if let Some(c) = leaves.get(hosts).filter(|c| !due(c, now_unix())) {
             return Ok(c.clone());
         }
         let issued = self.ca.issue_server(hosts, LEAF_LIFETIME)?;
@@ -60,5 +63,57 @@ impl InternalCa {
             .context("loading the issued certificate")?;
         leaves.insert(hosts.to_vec(), cert.clone());
         Ok(cert)
+    }
+
+    /// Whether a leaf in use is due for renewal (a rebuild of the generation renews it).
+    #[must_use]
+    pub fn renewal_due(&self) -> bool {
+        let now = now_unix();
+        self.leaves
+            .lock()
+            .expect("leaf cache lock is never poisoned: no panics while held")
+            .values()
+            .any(|c| due(c, now))
+    }
+}
+
+fn due(cert: &LoadedCert, now: i64) -> bool {
+    cert.not_after - now < i64::try_from(RENEW_BEFORE.as_secs()).unwrap_or(i64::MAX)
+}
+
+fn now_unix() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_leaf_near_its_expiry_is_issued_anew() {
+        crate::install_crypto_provider();
+        let dir = tempfile::tempdir().unwrap();
+        let ca = InternalCa::load_or_create(dir.path()).unwrap();
+        let hosts = vec!["a.test".to_string()];
+        let first = ca.leaf(&hosts).unwrap();
+        assert!(!ca.renewal_due());
+        assert_eq!(
+            ca.leaf(&hosts).unwrap().not_after,
+            first.not_after,
+            "cached"
+        );
+        // Ten days left: due, and the next build gets a fresh one.
+        let mut aging = first.clone();
+        aging.not_after = now_unix() + 10 * 24 * 3600;
+        ca.leaves
+            .lock()
+            .unwrap()
+            .insert(hosts.clone(), aging.clone());
+        assert!(ca.renewal_due());
+        let renewed = ca.leaf(&hosts).unwrap();
+        assert!(renewed.not_after > aging.not_after + 60 * 24 * 3600);
+        assert!(!ca.renewal_due());
     }
 }
