@@ -105,7 +105,7 @@ mod tests {
             "cached"
         );
         // Ten days left: due, and the next build gets a fresh one.
-        let mut aging = first.clone();
+        let mut aging = first;
         aging.not_after = now_unix() + 10 * 24 * 3600;
         ca.leaves
             .lock()
