@@ -455,6 +455,11 @@ async fn connections_over_the_per_client_limit_are_closed_while_others_are_serve
     for _ in 0..3 {
         held.push(connect_from([127, 0, 0, 1]).await);
     }
+    // Accepted by the kernel is not yet counted by the proxy: wait until it has them.
+    common::eventually("the proxy to count the 3 connections", || async {
+        (active(&proxy).await >= 3.0).then_some(())
+    })
+    .await;
     // The 4th from the same address is closed without an answer.
     let mut fourth = connect_from([127, 0, 0, 1]).await;
     let _ = fourth.write_all(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n").await;
@@ -510,13 +515,26 @@ enum Fault {
     SlowBody,
 }
 
+/// Held for the test: a port bound but never listened on refuses connections, and no
+/// other test can take it meanwhile (a closed listener's port could be).
+static REFUSING: std::sync::OnceLock<std::sync::Mutex<Vec<tokio::net::TcpSocket>>> =
+    std::sync::OnceLock::new();
+
 /// Starts an upstream with `fault`; returns its address.
 async fn faulty(fault: Fault) -> SocketAddr {
+    if matches!(fault, Fault::Refuse) {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind(SocketAddr::from(([127, 0, 0, 1], 0))).unwrap();
+        let addr = socket.local_addr().unwrap();
+        REFUSING
+            .get_or_init(Default::default)
+            .lock()
+            .unwrap()
+            .push(socket);
+        return addr;
+    }
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    if matches!(fault, Fault::Refuse) {
-        return addr; // dropped: nothing listens there any more
-    }
     tokio::spawn(async move {
         while let Ok((mut conn, _)) = listener.accept().await {
             tokio::spawn(async move {
