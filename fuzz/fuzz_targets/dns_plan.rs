@@ -1,6 +1,6 @@
 //! The DNS planner on arbitrary names, instances and provider records: it never panics,
-//! never touches a name it does not manage, and converges — applying its plan and
-//! planning again changes nothing more.
+//! never touches a name it neither manages nor owns nor one with another owner's
+//! records, and converges — applying its plan and planning again changes nothing more.
 #![no_main]
 
 use std::collections::BTreeSet;
@@ -19,13 +19,19 @@ struct Input {
     records: Vec<(u8, u8, Option<u8>, Vec<u8>, bool)>,
 }
 
-const NAMES: [&str; 4] = ["a.example.com", "b.example.com", "c.example.com", "d.example.com"];
+const NAMES: [&str; 4] = [
+    "a.example.com",
+    "b.example.com",
+    "c.example.com",
+    "d.example.com",
+];
 
 fn apply(actual: &mut Vec<RecordSet>, changes: &[Change]) {
     for change in changes {
         match change {
-            Change::Upsert(r) | Change::Delete(r) => actual
-                .retain(|x| (&x.name, x.kind, &x.set_id) != (&r.name, r.kind, &r.set_id)),
+            Change::Upsert(r) | Change::Delete(r) => {
+                actual.retain(|x| (&x.name, x.kind, &x.set_id) != (&r.name, r.kind, &r.set_id))
+            }
         }
         if let Change::Upsert(r) = change {
             actual.push(r.clone());
@@ -50,7 +56,10 @@ fuzz_target!(|input: Input| {
         })
         .collect();
     let mut seen = BTreeSet::new();
-    let specs: Vec<NameSpec> = specs.into_iter().filter(|s| seen.insert(s.name.clone())).collect();
+    let specs: Vec<NameSpec> = specs
+        .into_iter()
+        .filter(|s| seen.insert(s.name.clone()))
+        .collect();
     let instances: Vec<Instance> = input
         .instances
         .iter()
@@ -60,6 +69,12 @@ fuzz_target!(|input: Input| {
             addrs: addrs.iter().take(3).copied().collect(),
             ready: *ready,
         })
+        .collect();
+    // Instance ids are unique (the registry is keyed by them).
+    let mut ids = BTreeSet::new();
+    let instances: Vec<Instance> = instances
+        .into_iter()
+        .filter(|i| ids.insert(i.id.clone()))
         .collect();
     let mut actual: Vec<RecordSet> = input
         .records
@@ -87,12 +102,27 @@ fuzz_target!(|input: Input| {
             }
         })
         .collect();
+    let marker = owner_value("me");
+    let owned = |name: &str| {
+        actual
+            .iter()
+            .any(|r| r.name == name && r.kind == Kind::Txt && r.values.contains(&marker))
+    };
+    let foreign =
+        |name: &str| !owned(name) && actual.iter().any(|r| r.name == name && r.kind != Kind::Txt);
     let first = plan("me", &specs, &instances, &actual);
     for change in &first.changes {
         let (Change::Upsert(r) | Change::Delete(r)) = change;
+        // It manages the names in its specs, and cleans up names it owns that left
+        // them; anything else is someone else's.
         assert!(
-            specs.iter().any(|s| s.name == r.name),
-            "touched {:?}, which it does not manage",
+            specs.iter().any(|s| s.name == r.name) || owned(&r.name),
+            "touched {:?}, which it neither manages nor owns",
+            r.name
+        );
+        assert!(
+            !foreign(&r.name),
+            "touched {:?}, whose records are not its own",
             r.name
         );
     }

@@ -11,7 +11,11 @@ fuzz_target!(|pairs: Vec<(String, String)>| {
     let labels: BTreeMap<String, String> = pairs
         .into_iter()
         .map(|(k, v)| {
-            let k = if k.starts_with('!') { k } else { format!("rampart.{k}") };
+            let k = if k.starts_with('!') {
+                k
+            } else {
+                format!("rampart.{k}")
+            };
             (k, v)
         })
         .chain([("rampart.enable".to_string(), "true".to_string())])

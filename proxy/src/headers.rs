@@ -235,4 +235,90 @@ mod tests {
         assert!(!valid_request_id(b"a b"));
         assert!(!valid_request_id(&[b'a'; 201]));
     }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn ip() -> impl Strategy<Value = IpAddr> {
+            prop_oneof![
+                any::<[u8; 4]>().prop_map(IpAddr::from),
+                any::<[u16; 8]>().prop_map(IpAddr::from),
+            ]
+        }
+
+        /// Header values a client might send: addresses, junk, separators.
+        fn value() -> impl Strategy<Value = String> {
+            prop_oneof![
+                proptest::collection::vec(ip(), 0..4).prop_map(|ips| ips
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")),
+                "[ -~]{0,40}",
+            ]
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(256))]
+
+            /// An untrusted peer cannot choose the client address, whatever it sends.
+            #[test]
+            fn untrusted_peers_cannot_spoof_their_address(
+                peer in ip(), xff in value(), fwd in value(), proto in value(),
+            ) {
+                let p = policy(&["10.0.0.0/8"]);
+                prop_assume!(!p.is_trusted(peer));
+                let mut h = HeaderMap::new();
+                for (name, v) in [("x-forwarded-for", &xff), ("forwarded", &fwd), ("x-forwarded-proto", &proto)] {
+                    if let Ok(v) = http::HeaderValue::from_str(v) {
+                        h.insert(name, v);
+                    }
+                }
+                prop_assert_eq!(p.client_ip(peer, &h), peer);
+                let out = p.forwarded_headers(peer, "https", "a.test", &h);
+                let get = |n: &str| out.iter().find(|(k, _)| *k == n).map(|(_, v)| v.clone());
+                prop_assert_eq!(get("x-forwarded-for"), Some(peer.to_string()));
+                prop_assert_eq!(get("x-forwarded-proto"), Some("https".to_string()));
+                let forwarded = get("forwarded").unwrap();
+                prop_assert!(!forwarded.contains(','), "client's Forwarded kept: {}", forwarded);
+            }
+
+            /// Behind a trusted proxy, the client is an address from the chain that is
+            /// not itself trusted, or the peer.
+            #[test]
+            fn trusted_chains_yield_an_untrusted_hop(peer_octet in 0u8..=255, chain in proptest::collection::vec(ip(), 0..6)) {
+                let p = policy(&["10.0.0.0/8"]);
+                let peer = IpAddr::from([10, 0, 0, peer_octet]);
+                let mut h = HeaderMap::new();
+                let joined = chain.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ");
+                h.insert("x-forwarded-for", http::HeaderValue::from_str(&joined).unwrap());
+                let client = p.client_ip(peer, &h);
+                prop_assert!(client == peer || (chain.contains(&client) && !p.is_trusted(client)));
+                // It is the right-most untrusted one.
+                if let Some(last) = chain.iter().rev().find(|ip| !p.is_trusted(**ip)) {
+                    prop_assert_eq!(client, *last);
+                }
+            }
+
+            /// Everything named in Connection is dropped (framing headers excepted), and
+            /// only headers that are present are named.
+            #[test]
+            fn connection_named_headers_are_hop_by_hop(names in proptest::collection::vec("[a-z][a-z0-9-]{0,12}", 0..6)) {
+                let mut h = HeaderMap::new();
+                h.insert(CONNECTION, http::HeaderValue::from_str(&names.join(", ")).unwrap());
+                for n in &names {
+                    h.insert(HeaderName::from_bytes(n.as_bytes()).unwrap(), http::HeaderValue::from_static("1"));
+                }
+                h.insert("content-length", http::HeaderValue::from_static("0"));
+                let dropped = hop_by_hop(&h, false);
+                for n in &names {
+                    let keep = n == "content-length" || n == "transfer-encoding";
+                    prop_assert_eq!(dropped.iter().any(|d| d == n.as_str()), !keep, "{}", n);
+                }
+                prop_assert!(dropped.iter().all(|d| h.contains_key(d)));
+                prop_assert!(!dropped.iter().any(|d| d == "content-length"));
+            }
+        }
+    }
 }
