@@ -530,9 +530,15 @@ pub struct Listeners {
     /// HTTPS listener (HTTP/1.1 and HTTP/2 by ALPN), e.g. "0.0.0.0:443".
     #[serde(default)]
     pub https: Option<SocketAddr>,
-    /// Admin listener for /metrics, /healthz, /ready and /status. Keep it private.
+    /// Admin listener for /metrics, /healthz, /ready, /status, the dashboard (/) and
+    /// its JSON (/api/v1/...). Keep it private.
     #[serde(default = "default_admin")]
     pub admin: Option<SocketAddr>,
+    /// A file holding the token the dashboard, /status and /api/v1 then require (as
+    /// `Authorization: Bearer <token>`, or as the password of Basic auth with any user
+    /// name); /healthz, /ready and /metrics stay open for probes and scrapers.
+    #[serde(default)]
+    pub admin_token_file: Option<PathBuf>,
 }
 
 impl Default for Listeners {
@@ -541,6 +547,7 @@ impl Default for Listeners {
             http: None,
             https: None,
             admin: default_admin(),
+            admin_token_file: None,
         }
     }
 }

@@ -611,7 +611,9 @@ impl ProxyHttp for Edge {
         let metrics = ctx
             .route()
             .map_or(&ctx.generation.unrouted_metrics, |r| &r.metrics);
-        metrics.observe(status, ctx.started.elapsed().as_secs_f64());
+        let seconds = ctx.started.elapsed().as_secs_f64();
+        metrics.observe(status, seconds);
+        self.metrics.rolling.record(status, seconds);
         if let Some(e) = e {
             let (route, pool) = ctx.labels();
             tracing::debug!(route, pool, status, "request failed: {e}");

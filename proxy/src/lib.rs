@@ -9,6 +9,7 @@
 
 pub mod admin;
 pub mod balance;
+pub mod dashboard;
 pub mod edge;
 pub mod fleet;
 pub mod generation;
@@ -19,6 +20,7 @@ pub mod listener;
 pub mod live;
 pub mod metrics;
 pub mod reload;
+pub mod rolling;
 pub mod routing;
 pub mod server;
 pub mod tls;

@@ -32,6 +32,8 @@ pub struct Metrics {
     pub rejected_client_connections: IntCounterVec,
     /// Requests answered 429 by a route's rate limit.
     pub rate_limited: IntCounterVec,
+    /// The last minutes of traffic, for the dashboard.
+    pub rolling: crate::rolling::Rolling,
     pub tls_handshakes: IntCounter,
     pub tls_handshake_failures: IntCounterVec,
     pub endpoint_healthy: IntGaugeVec,
@@ -90,6 +92,7 @@ impl Metrics {
             certificate_expiry: reg(&r, IntGaugeVec::new(Opts::new("rampart_certificate_expiry_seconds", "Seconds until the certificate served for a name expires"), &["name"]).expect("valid")),
             header_timeouts: reg(&r, IntCounter::new("rampart_header_read_timeouts_total", "Client connections closed for not sending a request header in time").expect("valid")),
             swap_duration: reg(&r, Histogram::with_opts(hist("rampart_config_build_seconds", "Time to build a configuration generation")).expect("valid")),
+            rolling: crate::rolling::Rolling::default(),
             registry: r,
         }
     }

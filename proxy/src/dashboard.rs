@@ -1,0 +1,400 @@
+//! The proxy's dashboard on the admin listener: one server-rendered page (maud) with the
+//! traffic of the last minutes, routes → pools → endpoints with their health, and the
+//! certificates served; a few lines of JavaScript refresh its body every few seconds.
+//! The same data is JSON under `/api/v1/`. Nothing is fetched from elsewhere.
+
+use maud::{html, Markup, PreEscaped, DOCTYPE};
+use serde::Serialize;
+
+use crate::generation::Generation;
+use crate::health::now_ms;
+use crate::live::Live;
+use crate::rolling::{Point, Summary};
+
+/// Certificates closer than this to their expiry are marked.
+pub const WARN_DAYS: i64 = 14;
+
+/// What the overview shows.
+#[derive(Clone, Debug, Serialize)]
+pub struct Overview {
+    /// Configuration version being served.
+    pub version: u64,
+    /// Serving a configuration and not shutting down.
+    pub ready: bool,
+    /// The last minute.
+    pub last_minute: Summary,
+    /// The last five minutes.
+    pub last_5_minutes: Summary,
+    /// Requests and 5xx per second, oldest first.
+    pub series: Vec<Point>,
+}
+
+/// One endpoint as the dashboard shows it.
+#[derive(Clone, Debug, Serialize)]
+pub struct EndpointView {
+    /// Address as configured.
+    pub address: String,
+    /// Weight.
+    pub weight: u32,
+    /// Gets traffic now.
+    pub available: bool,
+    /// The active health check's verdict.
+    pub active_healthy: bool,
+    /// Ejected by passive health for this much longer.
+    pub ejected_for_ms: Option<u64>,
+    /// Requests in flight.
+    pub inflight: u64,
+}
+
+/// A pool and its endpoints.
+#[derive(Clone, Debug, Serialize)]
+pub struct PoolView {
+    /// Pool name.
+    pub name: String,
+    /// Balancing policy.
+    pub balance: String,
+    /// Its endpoints.
+    pub endpoints: Vec<EndpointView>,
+}
+
+/// A route and where it sends requests.
+#[derive(Clone, Debug, Serialize)]
+pub struct RouteView {
+    /// Route name.
+    pub name: String,
+    /// Hosts (empty: any).
+    pub hosts: Vec<String>,
+    /// Path prefix.
+    pub path_prefix: String,
+    /// What it does: `forward → pool`, `redirect → URL`, `respond 503`.
+    pub action: String,
+    /// The pool of a forward route.
+    pub pool: Option<PoolView>,
+}
+
+/// A certificate being served.
+#[derive(Clone, Debug, Serialize)]
+pub struct CertificateView {
+    /// Name it is served for.
+    pub name: String,
+    /// Issuer.
+    pub issuer: String,
+    /// Not-after, Unix seconds.
+    pub not_after_unix: i64,
+    /// Whole days left (negative: expired).
+    pub days_left: i64,
+    /// Fewer than [`WARN_DAYS`] left.
+    pub expiring: bool,
+}
+
+/// Everything on the page.
+#[derive(Clone, Debug, Serialize)]
+pub struct View {
+    /// Traffic and version.
+    pub overview: Overview,
+    /// Routes with their pools.
+    pub routes: Vec<RouteView>,
+    /// Certificates.
+    pub certificates: Vec<CertificateView>,
+}
+
+/// The view of the live state.
+#[must_use]
+pub fn view(live: &Live, generation: &Generation) -> View {
+    let now = now_ms();
+    let rolling = &live.metrics.rolling;
+    let overview = Overview {
+        version: generation.version,
+        ready: live.is_ready(),
+        last_minute: rolling.summary(60),
+        last_5_minutes: rolling.summary(crate::rolling::WINDOW),
+        series: rolling.series(120),
+    };
+    let pool_view = |name: &str| {
+        let p = generation.pools.get(name)?;
+        let balance = generation
+            .config
+            .pools
+            .get(name)
+            .map(|c| format!("{:?}", c.balance))
+            .unwrap_or_default();
+        Some(PoolView {
+            name: p.name.clone(),
+            balance,
+            endpoints: p
+                .endpoints
+                .iter()
+                .map(|e| EndpointView {
+                    address: e.id.clone(),
+                    weight: e.weight,
+                    available: e.state.is_available(now),
+                    active_healthy: e.state.active_healthy(),
+                    ejected_for_ms: e.state.ejected_until(now).map(|u| u - now),
+                    inflight: e.state.inflight(),
+                })
+                .collect(),
+        })
+    };
+    let routes = generation
+        .config
+        .routes
+        .iter()
+        .map(|r| {
+            let (action, pool) = match &r.action {
+                rampart_config::Action::Forward(p) => (format!("forward → {p}"), pool_view(p)),
+                rampart_config::Action::Redirect(x) => {
+                    (format!("redirect {} → {}", x.status, x.location), None)
+                }
+                rampart_config::Action::Respond(x) => (format!("respond {}", x.status), None),
+            };
+            RouteView {
+                name: r.name.clone(),
+                hosts: r.hosts.iter().map(ToString::to_string).collect(),
+                path_prefix: r.path_prefix.clone(),
+                action,
+                pool,
+            }
+        })
+        .collect();
+    let unix_now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+    let mut certificates: Vec<CertificateView> = generation
+        .certs
+        .entries()
+        .map(|(name, c)| certificate_view(&name, &c.issuer, c.not_after, unix_now))
+        .collect();
+    certificates.sort_by(|a, b| a.name.cmp(&b.name));
+    View {
+        overview,
+        routes,
+        certificates,
+    }
+}
+
+fn certificate_view(name: &str, issuer: &str, not_after: i64, now: i64) -> CertificateView {
+    let days_left = (not_after - now).div_euclid(86_400);
+    CertificateView {
+        name: name.to_string(),
+        issuer: issuer.to_string(),
+        not_after_unix: not_after,
+        days_left,
+        expiring: days_left < WARN_DAYS,
+    }
+}
+
+/// A small line chart of requests (and 5xx, in red) per second.
+fn chart(series: &[Point]) -> Markup {
+    let (w, h) = (360.0, 60.0);
+    let max = series.iter().map(|p| p.requests).max().unwrap_or(0).max(1) as f64;
+    let step = if series.len() > 1 {
+        w / (series.len() - 1) as f64
+    } else {
+        w
+    };
+    let line = |f: fn(&Point) -> u64| {
+        series
+            .iter()
+            .enumerate()
+            .map(|(i, p)| format!("{:.1},{:.1}", i as f64 * step, h - f(p) as f64 / max * h))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    html! {
+        svg class="chart" viewBox=(format!("0 0 {w} {h}")) width="360" height="60" role="img" aria-label="requests per second" {
+            polyline points=(line(|p| p.requests)) fill="none" stroke="#2563eb" stroke-width="1.5" {}
+            polyline points=(line(|p| p.errors)) fill="none" stroke="#dc2626" stroke-width="1.5" {}
+        }
+    }
+}
+
+/// The page body (also served alone at `/?body` for the refresh).
+#[must_use]
+pub fn body(v: &View) -> Markup {
+    let o = &v.overview;
+    html! {
+        section id="overview" {
+            h2 { "Overview" }
+            p {
+                "Configuration version " strong { (o.version) } " — "
+                @if o.ready { span class="ok" { "ready" } } @else { span class="bad" { "not ready" } }
+            }
+            table {
+                tr { th { "" } th { "requests/s" } th { "5xx ratio" } th { "p50" } th { "p99" } }
+                @for (label, s) in [("last minute", &o.last_minute), ("last 5 minutes", &o.last_5_minutes)] {
+                    tr {
+                        td { (label) }
+                        td { (format!("{:.1}", s.rate)) }
+                        td class=@if s.error_ratio > 0.01 { "bad" } { (format!("{:.2}%", s.error_ratio * 100.0)) }
+                        td { (format!("{:.1} ms", s.p50_ms)) }
+                        td { (format!("{:.1} ms", s.p99_ms)) }
+                    }
+                }
+            }
+            (chart(&o.series))
+            p class="note" { "Requests per second over the last two minutes; 5xx in red." }
+        }
+        section id="routes" {
+            h2 { "Routes, pools and endpoints" }
+            table {
+                tr { th { "route" } th { "hosts" } th { "path" } th { "action" } th { "endpoints" } }
+                @for r in &v.routes {
+                    tr {
+                        td { (r.name) }
+                        td { @if r.hosts.is_empty() { "any" } @else { (r.hosts.join(", ")) } }
+                        td { code { (r.path_prefix) } }
+                        td { (r.action) @if let Some(p) = &r.pool { " (" (p.balance) ")" } }
+                        td {
+                            @if let Some(p) = &r.pool {
+                                @if p.endpoints.is_empty() { span class="bad" { "no endpoints" } }
+                                ul {
+                                    @for e in &p.endpoints {
+                                        li class=(endpoint_class(e)) data-endpoint=(e.address) {
+                                            (e.address) " "
+                                            span class="state" { (endpoint_state(e)) }
+                                            " · weight " (e.weight) " · in flight " (e.inflight)
+                                        }
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        section id="certificates" {
+            h2 { "Certificates" }
+            table {
+                tr { th { "name" } th { "issuer" } th { "days left" } }
+                @for c in &v.certificates {
+                    tr class=@if c.expiring { "bad" } data-certificate=(c.name) {
+                        td { (c.name) }
+                        td { (c.issuer) }
+                        td class="days-left" { (c.days_left) }
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn endpoint_state(e: &EndpointView) -> String {
+    if let Some(ms) = e.ejected_for_ms {
+        format!("ejected for {:.0} s", ms as f64 / 1000.0)
+    } else if !e.active_healthy {
+        "unhealthy".into()
+    } else if e.available {
+        "healthy".into()
+    } else {
+        "unavailable".into()
+    }
+}
+
+fn endpoint_class(e: &EndpointView) -> &'static str {
+    if e.available {
+        "ok"
+    } else {
+        "bad"
+    }
+}
+
+/// The whole page.
+#[must_use]
+pub fn page(v: &View) -> Markup {
+    html! {
+        (DOCTYPE)
+        html lang="en" {
+            head {
+                meta charset="utf-8";
+                title { "Rampart" }
+                style { (PreEscaped(STYLE)) }
+            }
+            body {
+                header { h1 { "Rampart" } span class="note" { "proxy dashboard · refreshes every 3 s" } }
+                main id="body" { (body(v)) }
+                script { (PreEscaped(SCRIPT)) }
+            }
+        }
+    }
+}
+
+const STYLE: &str = "body{font:14px system-ui,sans-serif;margin:0 2em;color:#111}\
+header{display:flex;gap:1em;align-items:baseline}table{border-collapse:collapse;margin:.5em 0}\
+td,th{padding:.25em .75em;border-bottom:1px solid #ddd;text-align:left;vertical-align:top}\
+ul{margin:0;padding-left:1em}.ok{color:#15803d}.bad{color:#b91c1c}.note{color:#666}\
+code{background:#f3f4f6;padding:0 .25em}";
+
+/// Replaces the body with a fresh rendering every 3 s (same origin, same credentials).
+const SCRIPT: &str =
+    "setInterval(async()=>{try{const r=await fetch('/?body',{credentials:'same-origin'});\
+if(r.ok){document.getElementById('body').innerHTML=await r.text();}}catch(e){}},3000);";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn certificates_count_whole_days_and_warn_under_two_weeks() {
+        let now = 1_000_000_000;
+        let c = certificate_view("a.test", "CA", now + 20 * 86_400 + 5, now);
+        assert_eq!((c.days_left, c.expiring), (20, false));
+        let c = certificate_view("a.test", "CA", now + 13 * 86_400 + 86_399, now);
+        assert_eq!((c.days_left, c.expiring), (13, true));
+        let c = certificate_view("a.test", "CA", now - 1, now);
+        assert_eq!((c.days_left, c.expiring), (-1, true));
+    }
+
+    #[test]
+    fn endpoint_states_read_as_words() {
+        let e = EndpointView {
+            address: "10.0.0.1:80".into(),
+            weight: 1,
+            available: false,
+            active_healthy: false,
+            ejected_for_ms: None,
+            inflight: 0,
+        };
+        assert_eq!(endpoint_state(&e), "unhealthy");
+        assert_eq!(endpoint_class(&e), "bad");
+        let e = EndpointView {
+            ejected_for_ms: Some(2500),
+            ..e
+        };
+        assert_eq!(endpoint_state(&e), "ejected for 2 s");
+        let e = EndpointView {
+            ejected_for_ms: None,
+            active_healthy: true,
+            available: true,
+            ..e
+        };
+        assert_eq!(
+            (endpoint_state(&e).as_str(), endpoint_class(&e)),
+            ("healthy", "ok")
+        );
+    }
+
+    #[test]
+    fn the_page_escapes_what_it_shows() {
+        let v = View {
+            overview: Overview {
+                version: 3,
+                ready: true,
+                last_minute: Summary::default(),
+                last_5_minutes: Summary::default(),
+                series: vec![Point::default(); 3],
+            },
+            routes: vec![RouteView {
+                name: "<script>".into(),
+                hosts: vec![],
+                path_prefix: "/".into(),
+                action: "respond 200".into(),
+                pool: None,
+            }],
+            certificates: vec![],
+        };
+        let html = page(&v).into_string();
+        assert!(html.contains("&lt;script&gt;"));
+        assert!(html.contains("Configuration version <strong>3</strong>"));
+        assert!(html.contains("<svg"));
+    }
+}
