@@ -505,6 +505,7 @@ fn announce(listeners: &rampart_config::Listeners, ca: Option<&Path>) {
         }
     }
     if let Some(admin) = listeners.admin {
+        eprintln!("Dashboard: http://{admin}/   (JSON: http://{admin}/api/v1/dashboard)");
         eprintln!("Admin API: http://{admin}/status  http://{admin}/metrics");
     }
 }

@@ -188,3 +188,150 @@ async fn the_dashboard_shows_pools_health_certificates_and_traffic_behind_the_to
         200
     );
 }
+
+/// A real browser (headless Chromium, Debian's package) opens the dashboard of a running
+/// `rampart up` with two pools, one endpoint failing its health check and an
+/// internal-CA certificate; the rendered DOM shows the unhealthy endpoint and the
+/// certificate's days left, and a screenshot is saved to `target/dashboard.png`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_browser_renders_the_dashboard_of_rampart_up() {
+    common::init();
+    let (web1, web2, api) = (
+        Backend::start("web1").await,
+        Backend::start("web2").await,
+        Backend::start("api").await,
+    );
+    web2.health_status
+        .store(503, std::sync::atomic::Ordering::SeqCst);
+    let dir = tempfile::tempdir().unwrap();
+    let (https, admin) = (common::free_addr(), common::free_addr());
+    let check =
+        "health_check = { interval = \"100ms\", timeout = \"100ms\", unhealthy_threshold = 1 }";
+    let config = dir.path().join("rampart.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\ndata_dir = {:?}\n\n[listeners]\nhttps = \"{https}\"\nadmin = \"{admin}\"\n\n\
+             [[tls]]\nhosts = [\"shop.test\"]\nsource = \"internal\"\n\n\
+             [[routes]]\nname = \"api\"\nhosts = [\"shop.test\"]\npath_prefix = \"/api\"\naction = {{ forward = \"api\" }}\n\n\
+             [[routes]]\nname = \"web\"\nhosts = [\"shop.test\"]\naction = {{ forward = \"web\" }}\n\n{}\n{}",
+            dir.path().join("data"),
+            common::pool_toml("web", "least_conn", &[&web1, &web2], check),
+            common::pool_toml("api", "round_robin", &[&api], "")
+        ),
+    )
+    .unwrap();
+    let log = std::fs::File::create(dir.path().join("up.log")).unwrap();
+    let mut up = std::process::Command::new(env!("CARGO_BIN_EXE_rampart"))
+        .args(["up", "--config"])
+        .arg(&config)
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    struct Kill<'a>(&'a mut std::process::Child);
+    impl Drop for Kill<'_> {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _up = Kill(&mut up);
+    let client = reqwest::Client::new();
+    // Serving, and web2 already out.
+    common::eventually("rampart up to serve with web2 unhealthy", || async {
+        let v: serde_json::Value = client
+            .get(format!("http://{admin}/api/v1/dashboard"))
+            .send()
+            .await
+            .ok()?
+            .json()
+            .await
+            .ok()?;
+        let web = v["routes"]
+            .as_array()?
+            .iter()
+            .find(|r| r["name"] == "web")?;
+        let down = web["pool"]["endpoints"]
+            .as_array()?
+            .iter()
+            .any(|e| e["address"] == web2.addr.to_string() && e["available"] == false);
+        (down && !v["certificates"].as_array()?.is_empty()).then_some(())
+    })
+    .await;
+
+    // Three seconds of traffic (a tenth of it answered 503 by the upstream) for the chart.
+    let ca = std::fs::read(dir.path().join("data/ca/ca.pem")).unwrap();
+    let shop = reqwest::Client::builder()
+        .tls_certs_only([reqwest::Certificate::from_pem(&ca).unwrap()])
+        .resolve("shop.test", https)
+        .build()
+        .unwrap();
+    let start = std::time::Instant::now();
+    let mut sent = 0u32;
+    while start.elapsed() < std::time::Duration::from_secs(3) && sent < 3000 {
+        let path = match sent % 10 {
+            0 => "/status/503",
+            1..=3 => "/api/items",
+            _ => "/",
+        };
+        let _ = shop
+            .get(format!("https://shop.test:{}{path}", https.port()))
+            .send()
+            .await;
+        sent += 1;
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+
+    let chromium = |args: &[String]| {
+        let profile = dir.path().join("chromium-profile");
+        std::process::Command::new("chromium")
+            .args([
+                "--headless=new",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--no-first-run",
+            ])
+            .arg(format!("--user-data-dir={}", profile.display()))
+            .args(args)
+            .arg(format!("http://{admin}/"))
+            .output()
+            .expect("chromium (scripts/setup installs it)")
+    };
+    let dom = chromium(&["--dump-dom".into(), "--virtual-time-budget=2000".into()]);
+    let dom = String::from_utf8_lossy(&dom.stdout).to_string();
+    // The unhealthy endpoint, as the browser rendered it.
+    let web2_item = dom
+        .split("<li ")
+        .find(|li| li.contains(&format!("data-endpoint=\"{}\"", web2.addr)))
+        .unwrap_or_else(|| panic!("web2 is not on the page:\n{dom}"));
+    assert!(web2_item.contains("class=\"bad\""), "{web2_item}");
+    assert!(web2_item.contains("unhealthy"), "{web2_item}");
+    // The certificate and its days left.
+    let cert_row = dom
+        .split("<tr ")
+        .find(|tr| tr.contains("data-certificate=\"shop.test\""))
+        .unwrap_or_else(|| panic!("the certificate is not on the page:\n{dom}"));
+    let days: i64 = cert_row
+        .split("class=\"days-left\">")
+        .nth(1)
+        .and_then(|s| s.split('<').next())
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no days left in {cert_row}"));
+    assert!((88..=90).contains(&days), "{days}");
+
+    let shot = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/dashboard.png");
+    let _ = std::fs::remove_file(&shot);
+    let out = chromium(&[
+        format!("--screenshot={}", shot.display()),
+        "--window-size=1100,720".into(),
+        "--hide-scrollbars".into(),
+        "--virtual-time-budget=2000".into(),
+    ]);
+    assert!(
+        shot.exists(),
+        "no screenshot: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eprintln!("dashboard screenshot: {}", shot.display());
+}

@@ -116,7 +116,8 @@ pub fn view(live: &Live, generation: &Generation) -> View {
             .config
             .pools
             .get(name)
-            .map(|c| format!("{:?}", c.balance))
+            .and_then(|c| serde_json::to_value(c.balance).ok())
+            .and_then(|v| v.as_str().map(str::to_string))
             .unwrap_or_default();
         Some(PoolView {
             name: p.name.clone(),
