@@ -335,3 +335,120 @@ async fn a_browser_renders_the_dashboard_of_rampart_up() {
     );
     eprintln!("dashboard screenshot: {}", shot.display());
 }
+
+/// The controller's dashboard from a real `rampart controller` with an enrolled proxy,
+/// a discovery provider reporting a bad file and an internal certificate: the fleet
+/// (current version), the provider's error, the certificate's days left, and the token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_controller_dashboard_shows_the_fleet_discovery_and_certificates() {
+    common::init();
+    let backend = Backend::start("web").await;
+    let dir = tempfile::tempdir().unwrap();
+    let endpoints = dir.path().join("endpoints");
+    std::fs::create_dir_all(&endpoints).unwrap();
+    std::fs::write(
+        endpoints.join("web.toml"),
+        format!(
+            "[pools.web]\nendpoints = [{{ address = \"{}\" }}]\n",
+            backend.addr
+        ),
+    )
+    .unwrap();
+    std::fs::write(endpoints.join("broken.toml"), "[pools.web\n").unwrap();
+    let token_file = dir.path().join("admin-token");
+    std::fs::write(&token_file, "c0ntr0l\n").unwrap();
+    let (fleet, admin) = (common::free_addr(), common::free_addr());
+    let config = dir.path().join("controller.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\ndata_dir = {:?}\n[controller]\nlisten = \"{fleet}\"\nadmin = \"{admin}\"\nadmin_token_file = {token_file:?}\n\
+             [[discovery.files]]\npath = {endpoints:?}\n\
+             [[tls]]\nhosts = [\"a.test\"]\nsource = \"internal\"\n\
+             [[routes]]\nname = \"web\"\naction = {{ forward = \"web\" }}\n[pools.web]\nendpoints = []\n",
+            dir.path().join("data")
+        ),
+    )
+    .unwrap();
+    let log = std::fs::File::create(dir.path().join("controller.log")).unwrap();
+    let mut controller = std::process::Command::new(env!("CARGO_BIN_EXE_rampart"))
+        .args(["controller", "--config"])
+        .arg(&config)
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    struct Kill<'a>(&'a mut std::process::Child);
+    impl Drop for Kill<'_> {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _controller = Kill(&mut controller);
+    common::wait_controller(admin).await;
+    let token = common::join_token(&config);
+    let _proxy = Proxy::start_fleet(&format!("https://{fleet}"), Some(&token)).await;
+
+    let client = reqwest::Client::new();
+    let url = |path: &str| format!("http://{admin}{path}");
+    assert_eq!(client.get(url("/")).send().await.unwrap().status(), 401);
+    assert_eq!(
+        client
+            .get(url("/api/v1/dashboard"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        401
+    );
+    assert_eq!(
+        client.get(url("/healthz")).send().await.unwrap().status(),
+        200
+    );
+    assert_eq!(
+        client.get(url("/metrics")).send().await.unwrap().status(),
+        200
+    );
+
+    let view: serde_json::Value =
+        common::eventually("the proxy to serve the current version", || async {
+            let v: serde_json::Value = client
+                .get(url("/api/v1/dashboard"))
+                .bearer_auth("c0ntr0l")
+                .send()
+                .await
+                .ok()?
+                .json()
+                .await
+                .ok()?;
+            (v["proxies"] == 1 && v["proxies_current"] == 1).then_some(v)
+        })
+        .await;
+    let errors = view["status"]["discovery"][0]["errors"].as_array().unwrap();
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.as_str().unwrap().contains("broken.toml")),
+        "{errors:?}"
+    );
+    let cert = &view["certificates"][0];
+    assert_eq!(cert["names"][0], "a.test");
+    assert!(
+        (88..=90).contains(&cert["days_left"].as_i64().unwrap()),
+        "{cert}"
+    );
+
+    let html = client
+        .get(url("/"))
+        .basic_auth("ops", Some("c0ntr0l"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(html.contains("1 of 1 proxies serve it"), "{html}");
+    assert!(html.contains("broken.toml"));
+    assert!(html.contains("data-certificate=\"a.test\""));
+    assert!(html.contains("DNS is not managed"));
+}

@@ -283,6 +283,12 @@ pub struct ControllerSettings {
     /// enrol a proxy: keep it on a volume only the fleet mounts.
     #[serde(default)]
     pub join_token_file: Option<PathBuf>,
+    /// A file holding the token that the dashboard (`/` on `admin`), `/status` and
+    /// `/api/v1` then require (Bearer, or Basic with the token as password);
+    /// `/healthz` and `/metrics` stay open. Its path is read at start, its content at
+    /// each request.
+    #[serde(default)]
+    pub admin_token_file: Option<PathBuf>,
 }
 
 fn default_fleet_listen() -> SocketAddr {

@@ -1,6 +1,7 @@
 //! The controller's admin listener: `/metrics`, `/status` (JSON: snapshot version,
-//! instances, discovery providers) and `/healthz`. Plain HTTP: bind it to a private
-//! address.
+//! instances, discovery providers, DNS), `/healthz`, the dashboard (`/`) and its JSON
+//! (`/api/v1/dashboard`, `/api/v1/status`). Plain HTTP: bind it to a private address;
+//! with `controller.admin_token_file`, all but `/healthz` and `/metrics` need the token.
 
 use std::sync::Arc;
 
@@ -12,17 +13,34 @@ use tokio::sync::watch;
 
 use crate::State;
 
-/// Serves the admin API on `listener` until `shutdown` turns true.
-pub async fn serve(state: Arc<State>, listener: TcpListener, mut shutdown: watch::Receiver<bool>) {
+/// Serves the admin API on `listener` until `shutdown` turns true; `token_file` holds
+/// the token required for everything but `/healthz` and `/metrics`.
+pub async fn serve(
+    state: Arc<State>,
+    listener: TcpListener,
+    token_file: Option<std::path::PathBuf>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let token_file = Arc::new(token_file);
     loop {
         let Some((tcp, _)) = accept(&listener, &mut shutdown, "admin").await else {
             return;
         };
         let state = state.clone();
+        let token_file = token_file.clone();
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
                 let state = state.clone();
+                let token_file = token_file.clone();
                 async move {
+                    if !matches!(req.uri().path(), "/healthz" | "/metrics") {
+                        if let Some(refused) = refusal(token_file.as_deref(), &req) {
+                            return Ok(refused);
+                        }
+                    }
+                    if req.uri().path() == "/" || req.uri().path() == "/api/v1/dashboard" {
+                        return Ok(dashboard(&state, &req));
+                    }
                     if req.uri().path() == "/dns/plan" {
                         return Ok::<_, std::convert::Infallible>(dns_plan(&state, req).await);
                     }
@@ -115,6 +133,70 @@ async fn dns_plan(state: &State, req: Request<hyper::body::Incoming>) -> Respons
     }
 }
 
+/// The response refusing `req` when the admin token is required and missing or wrong.
+fn refusal(
+    token_file: Option<&std::path::Path>,
+    req: &Request<hyper::body::Incoming>,
+) -> Option<Response<Full<Bytes>>> {
+    use rampart_pki::admin_auth::{check, AdminAuth, CHALLENGE};
+    let given = req
+        .headers()
+        .get(http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    let (status, body) = match check(token_file, given) {
+        AdminAuth::Open | AdminAuth::Allowed => return None,
+        AdminAuth::Unreadable(why) => {
+            tracing::error!("admin token file: {why}; refusing every admin request");
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the admin token file is unreadable or empty; see the controller's log\n",
+            )
+        }
+        AdminAuth::Refused => (
+            StatusCode::UNAUTHORIZED,
+            "send the admin token: Authorization: Bearer <token> (or Basic, token as password)\n",
+        ),
+    };
+    Some(
+        Response::builder()
+            .status(status)
+            .header(http::header::CONTENT_TYPE, "text/plain")
+            .header(http::header::WWW_AUTHENTICATE, CHALLENGE)
+            .body(Full::new(Bytes::from_static(body.as_bytes())))
+            .expect("static response parts are valid"),
+    )
+}
+
+/// The dashboard page (`/`), its body alone (`/?body`) or its JSON.
+fn dashboard(state: &State, req: &Request<hyper::body::Incoming>) -> Response<Full<Bytes>> {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let snapshot = state.fleet.published.borrow().body.clone();
+    let view = crate::dashboard::view(state.status(), &snapshot, now);
+    let (ctype, body) = if req.uri().path() == "/api/v1/dashboard" {
+        (
+            "application/json",
+            serde_json::to_string_pretty(&view).unwrap_or_default(),
+        )
+    } else if req.uri().query() == Some("body") {
+        (
+            "text/html; charset=utf-8",
+            crate::dashboard::body(&view).into_string(),
+        )
+    } else {
+        (
+            "text/html; charset=utf-8",
+            crate::dashboard::page(&view).into_string(),
+        )
+    };
+    Response::builder()
+        .header(http::header::CONTENT_TYPE, ctype)
+        .header(http::header::CACHE_CONTROL, "no-store")
+        .body(Full::new(Bytes::from(body)))
+        .expect("static response parts are valid")
+}
+
 fn respond(state: &State, path: &str) -> Response<Full<Bytes>> {
     let (status, ctype, body) = match path {
         "/healthz" => (StatusCode::OK, "text/plain", "ok\n".to_string()),
@@ -129,7 +211,7 @@ fn respond(state: &State, path: &str) -> Response<Full<Bytes>> {
                 state.fleet.metrics.render(),
             )
         }
-        "/status" => (
+        "/status" | "/api/v1/status" => (
             StatusCode::OK,
             "application/json",
             serde_json::to_string_pretty(&state.status()).unwrap_or_default(),
@@ -137,7 +219,7 @@ fn respond(state: &State, path: &str) -> Response<Full<Bytes>> {
         _ => (
             StatusCode::NOT_FOUND,
             "text/plain",
-            "not found; try /status, /metrics or /healthz\n".to_string(),
+            "not found; try /, /api/v1/dashboard, /status, /metrics or /healthz\n".to_string(),
         ),
     };
     Response::builder()

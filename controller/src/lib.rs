@@ -15,6 +15,7 @@ pub mod acme;
 pub mod admin;
 pub mod authority;
 pub mod compile;
+pub mod dashboard;
 pub mod discovery;
 pub mod dns;
 pub mod fleet;
@@ -347,7 +348,12 @@ pub async fn start(config: Config, path: Option<PathBuf>) -> anyhow::Result<Hand
         tasks.spawn(fleet::sync_heartbeats(fleet.clone(), shutdown_rx.clone()));
     }
     if let Some(l) = admin_listener {
-        tasks.spawn(admin::serve(state.clone(), l, shutdown_rx.clone()));
+        tasks.spawn(admin::serve(
+            state.clone(),
+            l,
+            settings.admin_token_file.clone(),
+            shutdown_rx.clone(),
+        ));
     }
     if let Some(file) = settings.join_token_file.clone() {
         // Written before start returns, so that proxies started next find it.

@@ -6,6 +6,8 @@
 //! Also the one place that writes files atomically ([`write_atomic`]): temp file, fsync,
 //! rename, so that a crash never leaves half a key or half a snapshot behind.
 
+pub mod admin_auth;
+
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};

@@ -1,0 +1,253 @@
+//! The controller's dashboard on its admin listener: the fleet (each proxy's address,
+//! configuration version and whether it is current, last heartbeat), discovery
+//! providers with their errors (bad labels name the container and the fix), DNS (the
+//! instances as DNS sees them, the last sync, convergence and pending changes) and the
+//! certificates the fleet serves. Server-rendered (maud), refreshed every few seconds;
+//! the same data as JSON at `/api/v1/dashboard`.
+
+use maud::{html, Markup, PreEscaped, DOCTYPE};
+use rampart_config::snapshot::{ControllerStatus, Snapshot};
+use serde::Serialize;
+
+/// Certificates closer than this to their expiry are marked.
+pub const WARN_DAYS: i64 = 14;
+
+/// A certificate the fleet serves.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct CertificateView {
+    /// Host names it covers.
+    pub names: Vec<String>,
+    /// Not-after, Unix seconds.
+    pub not_after_unix: u64,
+    /// Whole days left (negative: expired).
+    pub days_left: i64,
+    /// Fewer than [`WARN_DAYS`] left.
+    pub expiring: bool,
+}
+
+/// Everything on the page.
+#[derive(Clone, Debug, Serialize)]
+pub struct View {
+    /// Version of the current snapshot.
+    pub version: u64,
+    /// Whether this controller leads.
+    pub leader: bool,
+    /// Proxies serving the current version, of all that are not stale.
+    pub proxies_current: usize,
+    /// Proxies that are not stale.
+    pub proxies: usize,
+    /// The status document (fleet, discovery, DNS).
+    pub status: ControllerStatus,
+    /// Certificates in the current snapshot.
+    pub certificates: Vec<CertificateView>,
+}
+
+/// The view of `status` and the current snapshot `body` (JSON) at `now` (Unix seconds).
+#[must_use]
+pub fn view(status: ControllerStatus, snapshot: &[u8], now: u64) -> View {
+    let mut certificates: Vec<CertificateView> = serde_json::from_slice::<Snapshot>(snapshot)
+        .map(|s| s.certificates)
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|c| {
+            let (_, not_after) = rampart_pki::validity_pem(&c.chain_pem).ok()?;
+            let days_left = (i64::try_from(not_after).unwrap_or(i64::MAX)
+                - i64::try_from(now).unwrap_or(0))
+            .div_euclid(86_400);
+            Some(CertificateView {
+                names: c.hosts.iter().map(ToString::to_string).collect(),
+                not_after_unix: not_after,
+                days_left,
+                expiring: days_left < WARN_DAYS,
+            })
+        })
+        .collect();
+    certificates.sort_by(|a, b| a.names.cmp(&b.names));
+    let live: Vec<_> = status
+        .instances
+        .iter()
+        .filter(|i| i.state != "stale")
+        .collect();
+    View {
+        version: status.version,
+        leader: status.leader,
+        proxies_current: live.iter().filter(|i| i.version == status.version).count(),
+        proxies: live.len(),
+        certificates,
+        status,
+    }
+}
+
+/// The page body (also served alone at `/?body` for the refresh).
+#[must_use]
+pub fn body(v: &View) -> Markup {
+    let s = &v.status;
+    html! {
+        section id="overview" {
+            h2 { "Overview" }
+            p {
+                "Snapshot version " strong { (v.version) } " · "
+                @if v.leader { "leader" } @else { "follower" } " · "
+                span class=@if v.proxies_current == v.proxies { "ok" } @else { "bad" } {
+                    (v.proxies_current) " of " (v.proxies) " proxies serve it"
+                }
+            }
+        }
+        section id="fleet" {
+            h2 { "Fleet" }
+            table {
+                tr { th { "proxy" } th { "host" } th { "public addresses" } th { "version" } th { "last heartbeat" } th { "state" } }
+                @for i in &s.instances {
+                    tr data-instance=(i.id) class=@if i.state == "ready" { "ok" } @else { "bad" } {
+                        td { (i.id) }
+                        td { (i.hostname) }
+                        td { (i.public_addrs.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")) }
+                        td { (i.version) @if i.version != v.version { " (behind)" } }
+                        td { @if let Some(secs) = i.last_heartbeat_secs { (format!("{secs:.1} s ago")) } @else { "never" } }
+                        td { (i.state) @if let Some(e) = &i.last_error { " — " (e) } }
+                    }
+                }
+            }
+            @if s.instances.is_empty() { p class="note" { "No proxy has enrolled yet." } }
+        }
+        section id="discovery" {
+            h2 { "Discovery" }
+            table {
+                tr { th { "provider" } th { "endpoints" } th { "problems" } }
+                @for p in &s.discovery {
+                    tr data-provider=(p.name) {
+                        td { (p.name) }
+                        td { (p.endpoints) }
+                        td class=@if p.errors.is_empty() { "ok" } @else { "bad" } {
+                            @if p.errors.is_empty() { "none" }
+                            ul { @for e in &p.errors { li { (e) } } }
+                        }
+                    }
+                }
+            }
+        }
+        section id="dns" {
+            h2 { "DNS" }
+            @if let Some(d) = &s.dns {
+                p {
+                    (d.provider) ", zone " strong { (d.zone) } " · last sync "
+                    @if let Some(at) = d.last_sync_unix { (format!("{at} (Unix)")) } @else { "not yet" }
+                    @if let Some(c) = d.last_convergence_secs { " · last convergence " (format!("{c:.1} s")) }
+                    @if let Some(e) = &d.last_error { " · " span class="bad" { (e) } }
+                }
+                table {
+                    tr { th { "instance" } th { "addresses" } th { "heartbeat" } th { "probe" } }
+                    @for i in &d.instances {
+                        tr {
+                            td { (i.id) }
+                            td { (i.addrs.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")) }
+                            td { @if i.heartbeat_ready { "ready" } @else { "not ready" } }
+                            td { @match i.probe_ok { Some(true) => "ok", Some(false) => "failing", None => "not probed" } }
+                        }
+                    }
+                }
+                @let pending = d.plan.changes.len() + d.plan.skipped.len() + d.plan.floored.len() + d.plan.failed.len();
+                @if pending == 0 { p class="ok" { "DNS matches the fleet." } } @else {
+                    h3 { "Last plan" }
+                    ul class="plan" {
+                        @for c in &d.plan.changes { li { "change: " (c) } }
+                        @for c in &d.plan.skipped { li class="bad" { "skipped: " (c) } }
+                        @for c in &d.plan.floored { li class="bad" { "held at its floor: " (c) } }
+                        @for c in &d.plan.failed { li class="bad" { "failed: " (c) } }
+                    }
+                }
+            } @else {
+                p class="note" { "No [dns] section: DNS is not managed." }
+            }
+        }
+        section id="certificates" {
+            h2 { "Certificates" }
+            table {
+                tr { th { "names" } th { "days left" } }
+                @for c in &v.certificates {
+                    tr class=@if c.expiring { "bad" } data-certificate=(c.names.join(",")) {
+                        td { (c.names.join(", ")) }
+                        td class="days-left" { (c.days_left) }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The whole page.
+#[must_use]
+pub fn page(v: &View) -> Markup {
+    html! {
+        (DOCTYPE)
+        html lang="en" {
+            head {
+                meta charset="utf-8";
+                title { "Rampart controller" }
+                style { (PreEscaped(STYLE)) }
+            }
+            body {
+                header { h1 { "Rampart controller" } span class="note" { "refreshes every 3 s" } }
+                main id="body" { (body(v)) }
+                script { (PreEscaped(SCRIPT)) }
+            }
+        }
+    }
+}
+
+const STYLE: &str = "body{font:14px system-ui,sans-serif;margin:0 2em;color:#111}\
+header{display:flex;gap:1em;align-items:baseline}table{border-collapse:collapse;margin:.5em 0}\
+td,th{padding:.25em .75em;border-bottom:1px solid #ddd;text-align:left;vertical-align:top}\
+ul{margin:0;padding-left:1em}.ok{color:#15803d}.bad{color:#b91c1c}.note{color:#666}";
+
+/// Replaces the body with a fresh rendering every 3 s.
+const SCRIPT: &str =
+    "setInterval(async()=>{try{const r=await fetch('/?body',{credentials:'same-origin'});\
+if(r.ok){document.getElementById('body').innerHTML=await r.text();}}catch(e){}},3000);";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rampart_config::snapshot::{InstanceStatus, ProviderStatus};
+
+    fn instance(id: &str, version: u64, state: &str) -> InstanceStatus {
+        InstanceStatus {
+            id: id.into(),
+            hostname: "h".into(),
+            peer: None,
+            public_addrs: vec![],
+            version,
+            ready: state == "ready",
+            last_heartbeat_secs: Some(1.0),
+            last_error: None,
+            state: state.into(),
+        }
+    }
+
+    #[test]
+    fn the_overview_counts_current_proxies_and_the_page_lists_problems() {
+        let status = ControllerStatus {
+            version: 7,
+            leader: true,
+            instances: vec![
+                instance("p-1", 7, "ready"),
+                instance("p-2", 6, "ready"),
+                instance("p-3", 1, "stale"),
+            ],
+            discovery: vec![ProviderStatus {
+                name: "docker".into(),
+                endpoints: 2,
+                errors: vec!["web-1: label rampart.pool.web.port=\"x\": use a port".into()],
+            }],
+            dns: None,
+        };
+        let v = view(status, b"not a snapshot", 0);
+        assert_eq!((v.proxies_current, v.proxies), (1, 2));
+        assert!(v.certificates.is_empty());
+        let html = page(&v).into_string();
+        assert!(html.contains("1 of 2 proxies serve it"));
+        assert!(html.contains("6 (behind)"));
+        assert!(html.contains("rampart.pool.web.port=&quot;x&quot;"));
+        assert!(html.contains("DNS is not managed"));
+    }
+}
