@@ -177,6 +177,24 @@ fn start_controller(config: &Path, log: &Path) -> Killed {
     )
 }
 
+/// The ACME report of the certificate for a.rampart.test and b.rampart.test on the
+/// controller's dashboard (JSON).
+async fn dashboard_acme(admin: SocketAddr) -> serde_json::Value {
+    let view: serde_json::Value = reqwest::get(format!("http://{admin}/api/v1/dashboard"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    view["certificates"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["names"] == serde_json::json!(["a.rampart.test", "b.rampart.test"]))
+        .unwrap_or_else(|| panic!("no such certificate: {view}"))["acme"]
+        .clone()
+}
+
 async fn metrics(admin: SocketAddr) -> String {
     reqwest::get(format!("http://{admin}/metrics"))
         .await
@@ -216,6 +234,10 @@ async fn the_controller_orders_over_http01_through_the_proxies_and_they_serve_it
         m.contains("rampart_acme_rate_limit_headroom{name=\"a.rampart.test,b.rampart.test\"}"),
         "{m}"
     );
+    // The dashboard says where the certificate came from and when it renews.
+    let acme = dashboard_acme(s.admin).await;
+    assert_eq!(acme["last_result"], "ok", "{acme}");
+    assert!(acme["renew_at"].as_u64().unwrap() > acme["not_after"].as_u64().unwrap() / 2);
 
     // A restart of the controller orders nothing: the certificate is in the store.
     s.controller = None;
@@ -269,6 +291,14 @@ async fn a_failing_validation_backs_off_instead_of_looping() {
         next > now + 10,
         "the next attempt is in the future: {next} vs {now}\n{m}"
     );
+    let acme = dashboard_acme(admin).await;
+    assert_eq!(
+        (acme["last_result"].as_str(), acme["failures"].as_u64()),
+        (Some("error"), Some(1)),
+        "{acme}"
+    );
+    assert!(acme["waiting_until"].as_u64().unwrap() > now + 10, "{acme}");
+    assert!(acme["last_error"].as_str().is_some_and(|e| !e.is_empty()));
     // The names keep being served (by the internal certificate until ACME delivers).
     let log = std::fs::read_to_string(dir.path().join("controller.log")).unwrap();
     assert_eq!(log.matches("ordering").count(), 1, "{log}");

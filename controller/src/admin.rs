@@ -173,7 +173,8 @@ fn dashboard(state: &State, req: &Request<hyper::body::Incoming>) -> Response<Fu
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
     let snapshot = state.fleet.published.borrow().body.clone();
-    let view = crate::dashboard::view(state.status(), &snapshot, now);
+    let reports = state.acme.lock().expect("reports lock").clone();
+    let view = crate::dashboard::view(state.status(), &snapshot, &reports, now);
     let (ctype, body) = if req.uri().path() == "/api/v1/dashboard" {
         (
             "application/json",

@@ -5,9 +5,13 @@
 //! certificates the fleet serves. Server-rendered (maud), refreshed every few seconds;
 //! the same data as JSON at `/api/v1/dashboard`.
 
+use std::collections::BTreeMap;
+
 use maud::{html, Markup, PreEscaped, DOCTYPE};
 use rampart_config::snapshot::{ControllerStatus, Snapshot};
 use serde::Serialize;
+
+use crate::acme::AcmeReport;
 
 /// Certificates closer than this to their expiry are marked.
 pub const WARN_DAYS: i64 = 14;
@@ -17,12 +21,16 @@ pub const WARN_DAYS: i64 = 14;
 pub struct CertificateView {
     /// Host names it covers.
     pub names: Vec<String>,
+    /// Issuer.
+    pub issuer: String,
     /// Not-after, Unix seconds.
     pub not_after_unix: u64,
     /// Whole days left (negative: expired).
     pub days_left: i64,
     /// Fewer than [`WARN_DAYS`] left.
     pub expiring: bool,
+    /// Its ACME state, for certificates from an ACME CA.
+    pub acme: Option<AcmeReport>,
 }
 
 /// Everything on the page.
@@ -40,11 +48,19 @@ pub struct View {
     pub status: ControllerStatus,
     /// Certificates in the current snapshot.
     pub certificates: Vec<CertificateView>,
+    /// When the view was made (Unix seconds).
+    pub now: u64,
 }
 
-/// The view of `status` and the current snapshot `body` (JSON) at `now` (Unix seconds).
+/// The view of `status`, the current snapshot `body` (JSON) and the ACME `reports` at
+/// `now` (Unix seconds).
 #[must_use]
-pub fn view(status: ControllerStatus, snapshot: &[u8], now: u64) -> View {
+pub fn view(
+    status: ControllerStatus,
+    snapshot: &[u8],
+    reports: &BTreeMap<String, AcmeReport>,
+    now: u64,
+) -> View {
     let mut certificates: Vec<CertificateView> = serde_json::from_slice::<Snapshot>(snapshot)
         .map(|s| s.certificates)
         .unwrap_or_default()
@@ -54,8 +70,12 @@ pub fn view(status: ControllerStatus, snapshot: &[u8], now: u64) -> View {
             let days_left = (i64::try_from(not_after).unwrap_or(i64::MAX)
                 - i64::try_from(now).unwrap_or(0))
             .div_euclid(86_400);
+            let mut names: Vec<String> = c.hosts.iter().map(ToString::to_string).collect();
+            names.sort();
             Some(CertificateView {
-                names: c.hosts.iter().map(ToString::to_string).collect(),
+                acme: reports.get(&names.join(",")).cloned(),
+                issuer: rampart_pki::issuer_pem(&c.chain_pem).unwrap_or_default(),
+                names,
                 not_after_unix: not_after,
                 days_left,
                 expiring: days_left < WARN_DAYS,
@@ -75,6 +95,27 @@ pub fn view(status: ControllerStatus, snapshot: &[u8], now: u64) -> View {
         proxies: live.len(),
         certificates,
         status,
+        now,
+    }
+}
+
+/// What the ACME column says: last order, next renewal, back-off and the last error.
+fn acme_cell(report: Option<&AcmeReport>, now: u64) -> Markup {
+    let days = |at: u64| format!("{:.1} days", (at as f64 - now as f64) / 86_400.0);
+    html! {
+        @if let Some(r) = report {
+            @if let Some(result) = &r.last_result { "last order: " (result) ". " }
+            @if let Some(at) = r.renew_at { "renews in " (days(at)) ". " }
+            @if let Some(until) = r.waiting_until {
+                span class="bad" {
+                    @if r.rate_limited { "rate-limited" } @else { "backing off" }
+                    " for " (days(until)) " after " (r.failures) " failures. "
+                }
+            }
+            @if let Some(e) = &r.last_error { span class="bad" { (e) } }
+        } @else {
+            span class="note" { "not from ACME" }
+        }
     }
 }
 
@@ -163,11 +204,13 @@ pub fn body(v: &View) -> Markup {
         section id="certificates" {
             h2 { "Certificates" }
             table {
-                tr { th { "names" } th { "days left" } }
+                tr { th { "names" } th { "issuer" } th { "days left" } th { "ACME" } }
                 @for c in &v.certificates {
                     tr class=@if c.expiring { "bad" } data-certificate=(c.names.join(",")) {
                         td { (c.names.join(", ")) }
+                        td { (c.issuer) }
                         td class="days-left" { (c.days_left) }
+                        td { (acme_cell(c.acme.as_ref(), v.now)) }
                     }
                 }
             }
@@ -241,7 +284,7 @@ mod tests {
             }],
             dns: None,
         };
-        let v = view(status, b"not a snapshot", 0);
+        let v = view(status, b"not a snapshot", &BTreeMap::new(), 0);
         assert_eq!((v.proxies_current, v.proxies), (1, 2));
         assert!(v.certificates.is_empty());
         let html = page(&v).into_string();
@@ -249,5 +292,35 @@ mod tests {
         assert!(html.contains("6 (behind)"));
         assert!(html.contains("rampart.pool.web.port=&quot;x&quot;"));
         assert!(html.contains("DNS is not managed"));
+    }
+
+    #[test]
+    fn the_acme_column_says_how_renewal_goes() {
+        let day = 86_400;
+        let ok = AcmeReport {
+            not_after: Some(90 * day),
+            renew_at: Some(60 * day),
+            last_result: Some("ok".into()),
+            ..AcmeReport::default()
+        };
+        let text = acme_cell(Some(&ok), 0).into_string();
+        assert!(
+            text.contains("last order: ok") && text.contains("renews in 60.0 days"),
+            "{text}"
+        );
+        let failing = AcmeReport {
+            failures: 3,
+            last_error: Some("CA said no".into()),
+            waiting_until: Some(day / 2),
+            rate_limited: false,
+            ..AcmeReport::default()
+        };
+        let text = acme_cell(Some(&failing), 0).into_string();
+        assert!(
+            text.contains("backing off for 0.5 days after 3 failures"),
+            "{text}"
+        );
+        assert!(text.contains("CA said no"));
+        assert!(acme_cell(None, 0).into_string().contains("not from ACME"));
     }
 }

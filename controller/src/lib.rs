@@ -130,6 +130,8 @@ pub struct State {
     pub leader: watch::Receiver<bool>,
     /// DNS automation, when configured.
     pub dns: Option<Arc<dns::Dns>>,
+    /// ACME state of each certificate, for the dashboard.
+    pub acme: acme::Reports,
     providers: Mutex<Vec<(String, Found)>>,
 }
 
@@ -268,6 +270,7 @@ pub async fn start(config: Config, path: Option<PathBuf>) -> anyhow::Result<Hand
         fleet: fleet.clone(),
         leader,
         dns: dns.clone(),
+        acme: acme::Reports::default(),
         providers: Mutex::new(Vec::new()),
     });
 
@@ -319,7 +322,12 @@ pub async fn start(config: Config, path: Option<PathBuf>) -> anyhow::Result<Hand
             shutdown_rx.clone(),
         ));
     }
-    let (acme, acme_rx) = acme::Acme::new(store.clone(), fleet.clone(), state.dns.clone());
+    let (acme, acme_rx) = acme::Acme::new(
+        store.clone(),
+        fleet.clone(),
+        state.dns.clone(),
+        state.acme.clone(),
+    );
     tasks.spawn(acme::run(
         acme,
         config_rx.clone(),

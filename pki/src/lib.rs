@@ -237,6 +237,18 @@ pub fn validity_pem(pem: &str) -> anyhow::Result<(u64, u64)> {
     Ok((secs(v.not_before), secs(v.not_after)))
 }
 
+/// The issuer (distinguished name) of the first certificate in `pem`.
+///
+/// # Errors
+/// When `pem` holds no parsable certificate.
+pub fn issuer_pem(pem: &str) -> anyhow::Result<String> {
+    let (_, block) = x509_parser::pem::parse_x509_pem(pem.as_bytes())
+        .map_err(|e| anyhow::anyhow!("not a PEM certificate: {e}"))?;
+    let (_, cert) = x509_parser::parse_x509_certificate(&block.contents)
+        .map_err(|e| anyhow::anyhow!("not an X.509 certificate: {e}"))?;
+    Ok(cert.issuer().to_string())
+}
+
 /// A new private key (PEM) and a CSR (DER) for a server certificate covering `names`,
 /// for an ACME order.
 ///

@@ -139,6 +139,8 @@ pub struct Acme {
     metrics: AcmeMetrics,
     /// The DNS automation, whose provider takes the DNS-01 TXT records.
     dns: Option<Arc<crate::dns::Dns>>,
+    /// What the dashboard shows of each certificate.
+    reports: Reports,
 }
 
 impl std::fmt::Debug for Acme {
@@ -146,6 +148,30 @@ impl std::fmt::Debug for Acme {
         f.debug_struct("Acme").finish_non_exhaustive()
     }
 }
+
+/// The ACME side of one certificate, for the dashboard: what it holds, when it renews,
+/// how the last order went and any back-off.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct AcmeReport {
+    /// Not-after of the certificate held (Unix seconds).
+    pub not_after: Option<u64>,
+    /// When it is due for renewal (Unix seconds).
+    pub renew_at: Option<u64>,
+    /// "ok" or "error" for the last order this controller placed, if any.
+    pub last_result: Option<String>,
+    /// Failed orders in a row.
+    pub failures: u32,
+    /// The last failure.
+    pub last_error: Option<String>,
+    /// Backing off (failures or the CA's rate limits) until then (Unix seconds).
+    pub waiting_until: Option<u64>,
+    /// The wait is the CA's rate limit.
+    pub rate_limited: bool,
+}
+
+/// Reports by certificate (its sorted names joined by commas), shared with the admin
+/// listener.
+pub type Reports = Arc<Mutex<BTreeMap<String, AcmeReport>>>;
 
 /// The store id of the certificate for `names`.
 fn cert_id(names: &[String]) -> String {
@@ -168,12 +194,14 @@ fn spread(names: &[String], salt: &str) -> f64 {
 
 impl Acme {
     /// An orderer writing to `store`, waiting on `fleet`'s proxies for HTTP-01, writing
-    /// DNS-01 records through `dns`; and the receiver the compiler reads.
+    /// DNS-01 records through `dns` and its reports to `reports`; and the receiver the
+    /// compiler reads.
     #[must_use]
     pub fn new(
         store: Arc<dyn Store>,
         fleet: Arc<Fleet>,
         dns: Option<Arc<crate::dns::Dns>>,
+        reports: Reports,
     ) -> (Arc<Self>, watch::Receiver<Output>) {
         let (out, rx) = watch::channel(Output::default());
         let metrics = AcmeMetrics::new(&fleet.metrics.registry);
@@ -186,6 +214,7 @@ impl Acme {
                 model: Mutex::new(RateModel::default()),
                 metrics,
                 dns,
+                reports,
             }),
             rx,
         )
@@ -676,6 +705,18 @@ impl Acme {
                 .rate_limited
                 .with_label_values(&[&label])
                 .set(i64::from(limited));
+            {
+                let mut reports = self.reports.lock().expect("reports lock");
+                let r = reports.entry(label.clone()).or_default();
+                r.not_after = held.as_ref().map(|h| h.not_after);
+                r.renew_at = held
+                    .as_ref()
+                    .map(|h| plan::renew_at(h, spread(&names, "ari")));
+                r.failures = state.failures;
+                r.last_error.clone_from(&state.last_error);
+                r.waiting_until = (next > 0).then_some(next);
+                r.rate_limited = limited;
+            }
             match decision {
                 Decision::Keep { .. } => {}
                 Decision::Wait {
@@ -691,10 +732,8 @@ impl Acme {
                 Decision::Order(reason) => {
                     tracing::info!("ACME {}: ordering ({reason:?})", names.join(", "));
                     let result = self.order_with_fallbacks(&names, source).await;
-                    self.metrics
-                        .orders
-                        .with_label_values(&[if result.is_ok() { "ok" } else { "error" }])
-                        .inc();
+                    let outcome = if result.is_ok() { "ok" } else { "error" };
+                    self.metrics.orders.with_label_values(&[outcome]).inc();
                     match result {
                         Ok(()) => {
                             // A new certificate: its renewal window is asked for anew.
@@ -714,6 +753,18 @@ impl Acme {
                             state.failures += 1;
                             state.last_failure_at = now_unix();
                             state.last_error = Some(format!("{e:#}"));
+                        }
+                    }
+                    {
+                        let held = self.held(&names);
+                        let mut reports = self.reports.lock().expect("reports lock");
+                        let r = reports.entry(label.clone()).or_default();
+                        r.last_result = Some(outcome.to_string());
+                        r.failures = state.failures;
+                        r.last_error.clone_from(&state.last_error);
+                        if let Some(h) = held {
+                            r.not_after = Some(h.not_after);
+                            r.renew_at = Some(plan::renew_at(&h, spread(&names, "ari")));
                         }
                     }
                     let events = {
