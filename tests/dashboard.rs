@@ -452,3 +452,54 @@ async fn the_controller_dashboard_shows_the_fleet_discovery_and_certificates() {
     assert!(html.contains("data-certificate=\"a.test\""));
     assert!(html.contains("DNS is not managed"));
 }
+
+/// An endpoint removed by a reload while a request to it is still streaming shows as
+/// draining, in its pool, until the request finishes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endpoint_removed_under_a_request_shows_as_draining() {
+    common::init();
+    let (old, new) = (Backend::start("old").await, Backend::start("new").await);
+    let config = |b: &std::sync::Arc<Backend>| {
+        format!(
+            "[[routes]]\nname = \"all\"\naction = {{ forward = \"p\" }}\n{}",
+            common::pool_toml("p", "round_robin", &[b], "")
+        )
+    };
+    let proxy = Proxy::start(&config(&old)).await;
+    let slow = tokio::spawn(reqwest::Client::new().get(proxy.url("/slow/3000")).send());
+    common::eventually("the slow request to be in flight", || async {
+        (old.hits() == 1).then_some(())
+    })
+    .await;
+    proxy.reload(&config(&new)).await;
+    let endpoints = |v: serde_json::Value| v["routes"][0]["pool"]["endpoints"].clone();
+    let view: serde_json::Value = reqwest::get(format!("http://{}/api/v1/dashboard", proxy.admin))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let eps = endpoints(view);
+    let draining: Vec<_> = eps
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["draining"] == true)
+        .collect();
+    assert_eq!(draining.len(), 1, "{eps}");
+    assert_eq!(draining[0]["address"], old.addr.to_string());
+    assert_eq!(draining[0]["inflight"], 1);
+    // The request completes (the old endpoint drains), then it is gone from the view.
+    assert_eq!(slow.await.unwrap().unwrap().status(), 200);
+    common::eventually("the drained endpoint to leave the view", || async {
+        let v: serde_json::Value = reqwest::get(format!("http://{}/api/v1/dashboard", proxy.admin))
+            .await
+            .ok()?
+            .json()
+            .await
+            .ok()?;
+        let eps = endpoints(v);
+        (eps.as_array()?.len() == 1 && eps[0]["address"] == new.addr.to_string()).then_some(())
+    })
+    .await;
+}

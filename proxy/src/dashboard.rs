@@ -42,6 +42,8 @@ pub struct EndpointView {
     pub active_healthy: bool,
     /// Ejected by passive health for this much longer.
     pub ejected_for_ms: Option<u64>,
+    /// Left the pool at a reload; its requests in flight may still finish.
+    pub draining: bool,
     /// Requests in flight.
     pub inflight: u64,
 }
@@ -131,8 +133,10 @@ pub fn view(live: &Live, generation: &Generation) -> View {
                     available: e.state.is_available(now),
                     active_healthy: e.state.active_healthy(),
                     ejected_for_ms: e.state.ejected_until(now).map(|u| u - now),
+                    draining: false,
                     inflight: e.state.inflight(),
                 })
+                .chain(draining(live, name))
                 .collect(),
         })
     };
@@ -171,6 +175,42 @@ pub fn view(live: &Live, generation: &Generation) -> View {
         routes,
         certificates,
     }
+}
+
+/// Endpoints that left pool `pool` at a reload and still have requests in flight
+/// (within the pool's drain timeout).
+fn draining(live: &Live, pool: &str) -> Vec<EndpointView> {
+    let replaced: Vec<_> = live
+        .replaced
+        .lock()
+        .expect("never poisoned: no panics while held")
+        .iter()
+        .filter_map(std::sync::Weak::upgrade)
+        .collect();
+    let mut out: Vec<EndpointView> = Vec::new();
+    for generation in replaced {
+        let Some(p) = generation.pools.get(pool) else {
+            continue;
+        };
+        for e in &p.endpoints {
+            if e.state.is_removed()
+                && !e.state.drained(p.drain_timeout)
+                && e.state.inflight() > 0
+                && !out.iter().any(|o| o.address == e.id)
+            {
+                out.push(EndpointView {
+                    address: e.id.clone(),
+                    weight: e.weight,
+                    available: false,
+                    active_healthy: e.state.active_healthy(),
+                    ejected_for_ms: None,
+                    draining: true,
+                    inflight: e.state.inflight(),
+                });
+            }
+        }
+    }
+    out
 }
 
 fn certificate_view(name: &str, issuer: &str, not_after: i64, now: i64) -> CertificateView {
@@ -280,7 +320,9 @@ pub fn body(v: &View) -> Markup {
 }
 
 fn endpoint_state(e: &EndpointView) -> String {
-    if let Some(ms) = e.ejected_for_ms {
+    if e.draining {
+        "draining".into()
+    } else if let Some(ms) = e.ejected_for_ms {
         format!("ejected for {:.0} s", ms as f64 / 1000.0)
     } else if !e.active_healthy {
         "unhealthy".into()
@@ -292,7 +334,9 @@ fn endpoint_state(e: &EndpointView) -> String {
 }
 
 fn endpoint_class(e: &EndpointView) -> &'static str {
-    if e.available {
+    if e.draining {
+        "draining"
+    } else if e.available {
         "ok"
     } else {
         "bad"
@@ -323,6 +367,7 @@ const STYLE: &str = "body{font:14px system-ui,sans-serif;margin:0 2em;color:#111
 header{display:flex;gap:1em;align-items:baseline}table{border-collapse:collapse;margin:.5em 0}\
 td,th{padding:.25em .75em;border-bottom:1px solid #ddd;text-align:left;vertical-align:top}\
 ul{margin:0;padding-left:1em}.ok{color:#15803d}.bad{color:#b91c1c}.note{color:#666}\
+.draining{color:#b45309}\
 code{background:#f3f4f6;padding:0 .25em}";
 
 /// Replaces the body with a fresh rendering every 3 s (same origin, same credentials).
@@ -353,6 +398,7 @@ mod tests {
             available: false,
             active_healthy: false,
             ejected_for_ms: None,
+            draining: false,
             inflight: 0,
         };
         assert_eq!(endpoint_state(&e), "unhealthy");
@@ -371,6 +417,14 @@ mod tests {
         assert_eq!(
             (endpoint_state(&e).as_str(), endpoint_class(&e)),
             ("healthy", "ok")
+        );
+        let e = EndpointView {
+            draining: true,
+            ..e
+        };
+        assert_eq!(
+            (endpoint_state(&e).as_str(), endpoint_class(&e)),
+            ("draining", "draining")
         );
     }
 

@@ -49,6 +49,9 @@ pub struct Live {
     pub last_reload: ArcSwap<Option<ReloadOutcome>>,
     /// Fleet mode state, when snapshots come from a controller.
     pub fleet: ArcSwap<Option<FleetStatus>>,
+    /// Replaced generations that requests may still be using (their removed endpoints
+    /// are draining), for the dashboard.
+    pub replaced: std::sync::Mutex<Vec<std::sync::Weak<Generation>>>,
     ready: AtomicBool,
     changes: watch::Sender<u64>,
 }
@@ -106,6 +109,7 @@ impl Live {
             builder,
             last_reload: ArcSwap::from_pointee(None),
             fleet: ArcSwap::from_pointee(None),
+            replaced: std::sync::Mutex::new(Vec::new()),
             ready: AtomicBool::new(false),
             changes,
         }))
@@ -166,6 +170,16 @@ impl Live {
                 let generation = Arc::new(generation);
                 self.current.store(generation.clone());
                 crate::generation::mark_removed(&prev, &generation);
+                {
+                    let mut replaced = self
+                        .replaced
+                        .lock()
+                        .expect("never poisoned: no panics while held");
+                    replaced.retain(|g| g.strong_count() > 0);
+                    replaced.push(Arc::downgrade(&prev));
+                    let excess = replaced.len().saturating_sub(8);
+                    replaced.drain(..excess);
+                }
                 self.metrics.config_reloads.inc();
                 self.metrics
                     .config_version

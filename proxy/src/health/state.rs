@@ -173,6 +173,12 @@ impl EndpointState {
         }
     }
 
+    /// Whether the endpoint left its pool (in the generation this state belongs to).
+    #[must_use]
+    pub fn is_removed(&self) -> bool {
+        self.removed_at_ms.load(Ordering::Relaxed) != 0
+    }
+
     /// Whether the endpoint left its pool more than `drain` ago.
     #[must_use]
     pub fn drained(&self, drain: Duration) -> bool {
