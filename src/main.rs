@@ -486,6 +486,7 @@ async fn local_heartbeats(
                 ready: version > 0,
                 version,
                 https_port: listeners.https.map(|a| a.port()),
+                traffic: None,
             },
         );
     }

@@ -387,7 +387,11 @@ async fn the_controller_dashboard_shows_the_fleet_discovery_and_certificates() {
     let _controller = Kill(&mut controller);
     common::wait_controller(admin).await;
     let token = common::join_token(&config);
-    let _proxy = Proxy::start_fleet(&format!("https://{fleet}"), Some(&token)).await;
+    let proxy = Proxy::start_fleet(&format!("https://{fleet}"), Some(&token)).await;
+    // Traffic through the proxy, which its heartbeats carry to the controller.
+    for _ in 0..30 {
+        assert_eq!(reqwest::get(proxy.url("/")).await.unwrap().status(), 200);
+    }
 
     let client = reqwest::Client::new();
     let url = |path: &str| format!("http://{admin}{path}");
@@ -421,9 +425,17 @@ async fn the_controller_dashboard_shows_the_fleet_discovery_and_certificates() {
                 .json()
                 .await
                 .ok()?;
-            (v["proxies"] == 1 && v["proxies_current"] == 1).then_some(v)
+            let rate = v["traffic"]["rate"].as_f64()?;
+            (v["proxies"] == 1 && v["proxies_current"] == 1 && rate >= 0.5).then_some(v)
         })
         .await;
+    assert!(
+        view["status"]["instances"][0]["traffic"]["rate"]
+            .as_f64()
+            .unwrap()
+            >= 0.5,
+        "{view}"
+    );
     let errors = view["status"]["discovery"][0]["errors"].as_array().unwrap();
     assert!(
         errors
@@ -448,6 +460,7 @@ async fn the_controller_dashboard_shows_the_fleet_discovery_and_certificates() {
         .await
         .unwrap();
     assert!(html.contains("1 of 1 proxies serve it"), "{html}");
+    assert!(html.contains("requests/s"));
     assert!(html.contains("broken.toml"));
     assert!(html.contains("data-certificate=\"a.test\""));
     assert!(html.contains("DNS is not managed"));

@@ -232,6 +232,7 @@ async fn fifty_proxies_watch_and_ack_every_version() {
                             ready: true,
                             version: snap.version,
                             https_port: None,
+                            traffic: None,
                         })
                         .await
                         .unwrap();

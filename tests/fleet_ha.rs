@@ -118,6 +118,11 @@ async fn killing_the_leader_makes_a_follower_take_over_with_higher_versions() {
             ready: true,
             version: v_a,
             https_port: None,
+            traffic: Some(rampart_config::snapshot::TrafficSummary {
+                seconds: 60,
+                rate: 12.5,
+                ..Default::default()
+            }),
         })
         .await
         .unwrap();
@@ -131,6 +136,7 @@ async fn killing_the_leader_makes_a_follower_take_over_with_higher_versions() {
                 i["id"] == instance.as_str()
                     && i["state"] == "ready"
                     && i["public_addrs"][0] == "127.0.0.9"
+                    && i["traffic"]["rate"] == 12.5
             })
             .then_some(())
     })

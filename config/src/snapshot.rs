@@ -223,9 +223,24 @@ pub enum AckResult {
     Error,
 }
 
-/// `POST /v1/heartbeat`: a proxy says it is alive.
+/// A proxy's traffic over a recent window (its in-process rolling windows).
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq)]
+pub struct TrafficSummary {
+    /// Window length in seconds.
+    pub seconds: u64,
+    /// Requests per second, on average.
+    pub rate: f64,
+    /// Share of requests answered 5xx.
+    pub error_ratio: f64,
+    /// Median latency in milliseconds (upper bound of its bucket).
+    pub p50_ms: f64,
+    /// 99th percentile latency in milliseconds (upper bound of its bucket).
+    pub p99_ms: f64,
+}
+
+/// `POST /v1/heartbeat`: a proxy says it is alive. Unknown fields are ignored, so that
+/// newer proxies can add some (upgrade controllers first all the same).
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
-#[serde(deny_unknown_fields)]
 pub struct Heartbeat {
     /// Public addresses clients reach this proxy on (for DNS).
     #[serde(default)]
@@ -237,6 +252,9 @@ pub struct Heartbeat {
     /// Port of its HTTPS listener (the DNS probe's target).
     #[serde(default)]
     pub https_port: Option<u16>,
+    /// Its traffic over the last minute.
+    #[serde(default)]
+    pub traffic: Option<TrafficSummary>,
 }
 
 /// One proxy instance as the controller sees it (`/status`, `rampart controller status`).
@@ -260,6 +278,9 @@ pub struct InstanceStatus {
     pub last_error: Option<String>,
     /// `ready`, `not_ready`, `stale` (no heartbeat within the timeout) or `revoked`.
     pub state: String,
+    /// Its traffic over the last minute, as its last heartbeat said.
+    #[serde(default)]
+    pub traffic: Option<TrafficSummary>,
 }
 
 /// The controller's `/status`.

@@ -44,6 +44,9 @@ pub struct View {
     pub proxies_current: usize,
     /// Proxies that are not stale.
     pub proxies: usize,
+    /// The fleet's traffic over the last minute, from the proxies' heartbeats: rates
+    /// summed, the 5xx ratio weighted by rate, the worst proxy's p50 and p99.
+    pub traffic: rampart_config::snapshot::TrafficSummary,
     /// The status document (fleet, discovery, DNS).
     pub status: ControllerStatus,
     /// Certificates in the current snapshot.
@@ -88,7 +91,9 @@ pub fn view(
         .iter()
         .filter(|i| i.state != "stale")
         .collect();
+    let traffic = fleet_traffic(live.iter().filter_map(|i| i.traffic));
     View {
+        traffic,
         version: status.version,
         leader: status.leader,
         proxies_current: live.iter().filter(|i| i.version == status.version).count(),
@@ -97,6 +102,25 @@ pub fn view(
         status,
         now,
     }
+}
+
+/// The fleet's traffic from each proxy's.
+fn fleet_traffic(
+    each: impl Iterator<Item = rampart_config::snapshot::TrafficSummary>,
+) -> rampart_config::snapshot::TrafficSummary {
+    each.fold(Default::default(), |mut sum, t| {
+        let rate = sum.rate + t.rate;
+        sum.error_ratio = if rate > 0.0 {
+            (sum.error_ratio * sum.rate + t.error_ratio * t.rate) / rate
+        } else {
+            0.0
+        };
+        sum.rate = rate;
+        sum.seconds = sum.seconds.max(t.seconds);
+        sum.p50_ms = sum.p50_ms.max(t.p50_ms);
+        sum.p99_ms = sum.p99_ms.max(t.p99_ms);
+        sum
+    })
 }
 
 /// What the ACME column says: last order, next renewal, back-off and the last error.
@@ -133,11 +157,17 @@ pub fn body(v: &View) -> Markup {
                     (v.proxies_current) " of " (v.proxies) " proxies serve it"
                 }
             }
+            p {
+                "Fleet, last minute: " strong { (format!("{:.1}", v.traffic.rate)) } " requests/s, "
+                span class=@if v.traffic.error_ratio > 0.01 { "bad" } { (format!("{:.2}%", v.traffic.error_ratio * 100.0)) " 5xx" }
+                ", p50 " (format!("{:.1} ms", v.traffic.p50_ms)) ", p99 " (format!("{:.1} ms", v.traffic.p99_ms))
+                " (slowest proxy)"
+            }
         }
         section id="fleet" {
             h2 { "Fleet" }
             table {
-                tr { th { "proxy" } th { "host" } th { "public addresses" } th { "version" } th { "last heartbeat" } th { "state" } }
+                tr { th { "proxy" } th { "host" } th { "public addresses" } th { "version" } th { "last heartbeat" } th { "requests/s" } th { "5xx" } th { "p99" } th { "state" } }
                 @for i in &s.instances {
                     tr data-instance=(i.id) class=@if i.state == "ready" { "ok" } @else { "bad" } {
                         td { (i.id) }
@@ -145,6 +175,13 @@ pub fn body(v: &View) -> Markup {
                         td { (i.public_addrs.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")) }
                         td { (i.version) @if i.version != v.version { " (behind)" } }
                         td { @if let Some(secs) = i.last_heartbeat_secs { (format!("{secs:.1} s ago")) } @else { "never" } }
+                        @if let Some(t) = i.traffic {
+                            td { (format!("{:.1}", t.rate)) }
+                            td { (format!("{:.2}%", t.error_ratio * 100.0)) }
+                            td { (format!("{:.1} ms", t.p99_ms)) }
+                        } @else {
+                            td { "–" } td { "–" } td { "–" }
+                        }
                         td { (i.state) @if let Some(e) = &i.last_error { " — " (e) } }
                     }
                 }
@@ -264,6 +301,13 @@ mod tests {
             last_heartbeat_secs: Some(1.0),
             last_error: None,
             state: state.into(),
+            traffic: Some(rampart_config::snapshot::TrafficSummary {
+                seconds: 60,
+                rate: 10.0,
+                error_ratio: if id == "p-2" { 0.1 } else { 0.0 },
+                p50_ms: 1.0,
+                p99_ms: if id == "p-2" { 8.0 } else { 4.0 },
+            }),
         }
     }
 
@@ -286,6 +330,10 @@ mod tests {
         };
         let v = view(status, b"not a snapshot", &BTreeMap::new(), 0);
         assert_eq!((v.proxies_current, v.proxies), (1, 2));
+        // The stale p-3 does not count; p-2's errors weigh by its rate.
+        assert_eq!(v.traffic.rate, 20.0);
+        assert!((v.traffic.error_ratio - 0.05).abs() < 1e-9);
+        assert_eq!(v.traffic.p99_ms, 8.0);
         assert!(v.certificates.is_empty());
         let html = page(&v).into_string();
         assert!(html.contains("1 of 2 proxies serve it"));

@@ -61,20 +61,8 @@ pub struct Point {
     pub errors: u64,
 }
 
-/// A summary of the last `seconds`.
-#[derive(Clone, Copy, Debug, Default, PartialEq, serde::Serialize)]
-pub struct Summary {
-    /// Window length in seconds.
-    pub seconds: u64,
-    /// Requests per second, on average.
-    pub rate: f64,
-    /// Share of requests answered 5xx.
-    pub error_ratio: f64,
-    /// Median latency in milliseconds (upper bound of its bucket).
-    pub p50_ms: f64,
-    /// 99th percentile latency in milliseconds (upper bound of its bucket).
-    pub p99_ms: f64,
-}
+/// A summary of the last seconds (also what heartbeats carry to the controller).
+pub type Summary = rampart_config::snapshot::TrafficSummary;
 
 fn unix_now() -> u64 {
     SystemTime::now()

@@ -57,6 +57,7 @@ struct LiveState {
     https_port: Option<u16>,
     version: u64,
     ready: bool,
+    traffic: Option<rampart_config::snapshot::TrafficSummary>,
     last_heartbeat: Option<Instant>,
     last_error: Option<String>,
     revoked: bool,
@@ -138,6 +139,7 @@ impl Registry {
             s.https_port = hb.https_port;
             s.version = hb.version;
             s.ready = hb.ready;
+            s.traffic = hb.traffic;
             s.last_heartbeat = Some(Instant::now());
         });
     }
@@ -156,6 +158,7 @@ impl Registry {
             s.https_port = beat.heartbeat.https_port;
             s.version = beat.heartbeat.version;
             s.ready = beat.heartbeat.ready;
+            s.traffic = beat.heartbeat.traffic;
             s.last_heartbeat = Some(at);
         });
     }
@@ -242,6 +245,7 @@ impl Registry {
                         last_heartbeat_secs: age.map(|a| a.as_secs_f64()),
                         last_error: s.last_error.clone(),
                         state: state.to_string(),
+                        traffic: s.traffic,
                     }
                 })
                 .collect()

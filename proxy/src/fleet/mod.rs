@@ -250,6 +250,7 @@ impl FleetService {
                 ready: live.is_ready(),
                 version: current.version,
                 https_port: current.https_port,
+                traffic: Some(live.metrics.rolling.summary(60)),
             };
             if let Err(e) = client.heartbeat(&hb).await {
                 tracing::debug!("heartbeat: {e}");
