@@ -121,6 +121,21 @@ action = {{ respond = {{ body = "hi" }} }}
         "2 proxies published {:.2}s after the second was ready",
         up.elapsed().as_secs_f64()
     );
+    // The controller's dashboard shows the name owned, in sync, with the proxies' address.
+    common::eventually("the dashboard to show the name in sync", || async {
+        let v: serde_json::Value = reqwest::get(format!("http://{admin}/api/v1/dashboard"))
+            .await
+            .ok()?
+            .json()
+            .await
+            .ok()?;
+        let name = v["status"]["dns"]["names"].as_array()?.first()?.clone();
+        (name["drift"] == false
+            && name["actual"] == serde_json::json!(["127.0.0.1"])
+            && name["owners"].as_array().is_some_and(|o| o.len() == 1))
+        .then_some(())
+    })
+    .await;
 
     // Kill one proxy: no more heartbeats, no more answers to the probe.
     let killed = Instant::now();

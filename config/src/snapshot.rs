@@ -316,6 +316,25 @@ pub struct DnsStatus {
     pub instances: Vec<DnsInstance>,
     /// The last plan computed (after it was applied, the changes it made).
     pub plan: DnsPlan,
+    /// Each managed name: its owner and values before the last pass, and the values
+    /// the pass wanted.
+    #[serde(default)]
+    pub names: Vec<DnsNameStatus>,
+}
+
+/// One managed name as the last DNS pass found and left it.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+pub struct DnsNameStatus {
+    /// The name.
+    pub name: String,
+    /// The ownership TXT values found at it (`heritage=rampart,owner=...`).
+    pub owners: Vec<String>,
+    /// A/AAAA values the provider held.
+    pub actual: Vec<String>,
+    /// A/AAAA values the plan wanted.
+    pub desired: Vec<String>,
+    /// Whether they differed (drift that the pass set out to fix, or could not).
+    pub drift: bool,
 }
 
 /// One proxy instance as the DNS loop sees it.

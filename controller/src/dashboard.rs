@@ -214,6 +214,18 @@ pub fn body(v: &View) -> Markup {
                     @if let Some(e) = &d.last_error { " · " span class="bad" { (e) } }
                 }
                 table {
+                    tr { th { "name" } th { "owner" } th { "in DNS" } th { "wanted" } th { "" } }
+                    @for n in &d.names {
+                        tr data-name=(n.name) class=@if n.drift { "bad" } {
+                            td { (n.name) }
+                            td { (n.owners.join(" ")) }
+                            td { (n.actual.join(", ")) }
+                            td { (n.desired.join(", ")) }
+                            td { @if n.drift { "drift" } @else { "in sync" } }
+                        }
+                    }
+                }
+                table {
                     tr { th { "instance" } th { "addresses" } th { "heartbeat" } th { "probe" } }
                     @for i in &d.instances {
                         tr {

@@ -165,6 +165,54 @@ pub struct Outcome {
     pub applied: usize,
     /// Names whose changes the provider rejected, with its reason.
     pub failed: Vec<(String, String)>,
+    /// Each managed name before and after the plan.
+    pub names: Vec<rampart_config::snapshot::DnsNameStatus>,
+}
+
+/// The managed `names` as `actual` holds them and as `plan` would leave them (drift:
+/// they differ).
+fn name_status(
+    names: &[String],
+    actual: &[plan::RecordSet],
+    plan: &Plan,
+) -> Vec<rampart_config::snapshot::DnsNameStatus> {
+    use plan::{Change, Kind};
+    let values = |sets: &[&plan::RecordSet], txt: bool| -> Vec<String> {
+        let mut v: Vec<String> = sets
+            .iter()
+            .filter(|r| (r.kind == Kind::Txt) == txt)
+            .flat_map(|r| r.values.iter().cloned())
+            .collect();
+        v.sort();
+        v.dedup();
+        v
+    };
+    names
+        .iter()
+        .map(|name| {
+            let before: Vec<&plan::RecordSet> = actual.iter().filter(|r| &r.name == name).collect();
+            let mut after: Vec<plan::RecordSet> = before.iter().map(|r| (*r).clone()).collect();
+            for change in &plan.changes {
+                let (Change::Upsert(r) | Change::Delete(r)) = change;
+                if &r.name != name {
+                    continue;
+                }
+                after.retain(|x| (x.kind, &x.set_id) != (r.kind, &r.set_id));
+                if let Change::Upsert(r) = change {
+                    after.push(r.clone());
+                }
+            }
+            let after: Vec<&plan::RecordSet> = after.iter().collect();
+            let (actual, desired) = (values(&before, false), values(&after, false));
+            rampart_config::snapshot::DnsNameStatus {
+                name: name.clone(),
+                owners: values(&before, true),
+                drift: actual != desired,
+                actual,
+                desired,
+            }
+        })
+        .collect()
 }
 
 /// The DNS reconciler of one zone.
@@ -275,6 +323,7 @@ impl Dns {
                 status.last_sync_unix = Some(crate::fleet::unix_ms() / 1000);
                 status.last_error = None;
                 status.plan = describe(&outcome.plan, &outcome.failed);
+                status.names.clone_from(&outcome.names);
                 self.metrics
                     .last_sync
                     .set(i64::try_from(crate::fleet::unix_ms() / 1000).unwrap_or(i64::MAX));
@@ -333,6 +382,8 @@ impl Dns {
         self.metrics
             .drift
             .set(i64::try_from(outcome.failed.len() + plan.skipped.len()).unwrap_or(i64::MAX));
+        let names: Vec<String> = settings.names.iter().map(|n| n.name.to_string()).collect();
+        outcome.names = name_status(&names, &actual, &plan);
         outcome.plan = plan;
         if let Some(e) = fatal {
             return Err(e);
@@ -609,5 +660,48 @@ pub async fn run(
             }
             Err(e) => tracing::warn!("DNS pass failed: {e}"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use plan::{owner_value, Change, Kind, RecordSet};
+
+    fn set(name: &str, kind: Kind, values: &[&str]) -> RecordSet {
+        RecordSet {
+            name: name.into(),
+            kind,
+            set_id: None,
+            ttl: 60,
+            weight: None,
+            values: values.iter().map(|v| (*v).to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn names_show_owner_values_and_drift() {
+        let actual = vec![
+            set("www.example.com", Kind::Txt, &[&owner_value("me")]),
+            set("www.example.com", Kind::A, &["192.0.2.1"]),
+            set("api.example.com", Kind::A, &["192.0.2.9"]),
+        ];
+        let plan = Plan {
+            changes: vec![Change::Upsert(set(
+                "www.example.com",
+                Kind::A,
+                &["192.0.2.1", "192.0.2.2"],
+            ))],
+            ..Plan::default()
+        };
+        let names = ["www.example.com".to_string(), "api.example.com".to_string()];
+        let status = name_status(&names, &actual, &plan);
+        assert_eq!(status[0].owners, [owner_value("me")]);
+        assert_eq!(status[0].actual, ["192.0.2.1"]);
+        assert_eq!(status[0].desired, ["192.0.2.1", "192.0.2.2"]);
+        assert!(status[0].drift);
+        assert!(status[1].owners.is_empty());
+        assert_eq!(status[1].actual, status[1].desired);
+        assert!(!status[1].drift);
     }
 }
