@@ -7,7 +7,7 @@
 
 use std::collections::BTreeMap;
 
-use maud::{html, Markup, PreEscaped, DOCTYPE};
+use maud::{html, Markup};
 use rampart_config::snapshot::{ControllerStatus, Snapshot};
 use serde::Serialize;
 
@@ -270,32 +270,12 @@ pub fn body(v: &View) -> Markup {
 /// The whole page.
 #[must_use]
 pub fn page(v: &View) -> Markup {
-    html! {
-        (DOCTYPE)
-        html lang="en" {
-            head {
-                meta charset="utf-8";
-                title { "Rampart controller" }
-                style { (PreEscaped(STYLE)) }
-            }
-            body {
-                header { h1 { "Rampart controller" } span class="note" { "refreshes every 3 s" } }
-                main id="body" { (body(v)) }
-                script { (PreEscaped(SCRIPT)) }
-            }
-        }
-    }
+    rampart_pki::admin_page::page(
+        "Rampart controller",
+        "fleet, DNS and certificates",
+        &body(v),
+    )
 }
-
-const STYLE: &str = "body{font:14px system-ui,sans-serif;margin:0 2em;color:#111}\
-header{display:flex;gap:1em;align-items:baseline}table{border-collapse:collapse;margin:.5em 0}\
-td,th{padding:.25em .75em;border-bottom:1px solid #ddd;text-align:left;vertical-align:top}\
-ul{margin:0;padding-left:1em}.ok{color:#15803d}.bad{color:#b91c1c}.note{color:#666}";
-
-/// Replaces the body with a fresh rendering every 3 s.
-const SCRIPT: &str =
-    "setInterval(async()=>{try{const r=await fetch('/?body',{credentials:'same-origin'});\
-if(r.ok){document.getElementById('body').innerHTML=await r.text();}}catch(e){}},3000);";
 
 #[cfg(test)]
 mod tests {

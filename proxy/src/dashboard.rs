@@ -3,7 +3,7 @@
 //! certificates served; a few lines of JavaScript refresh its body every few seconds.
 //! The same data is JSON under `/api/v1/`. Nothing is fetched from elsewhere.
 
-use maud::{html, Markup, PreEscaped, DOCTYPE};
+use maud::{html, Markup};
 use serde::Serialize;
 
 use crate::generation::Generation;
@@ -346,34 +346,8 @@ fn endpoint_class(e: &EndpointView) -> &'static str {
 /// The whole page.
 #[must_use]
 pub fn page(v: &View) -> Markup {
-    html! {
-        (DOCTYPE)
-        html lang="en" {
-            head {
-                meta charset="utf-8";
-                title { "Rampart" }
-                style { (PreEscaped(STYLE)) }
-            }
-            body {
-                header { h1 { "Rampart" } span class="note" { "proxy dashboard · refreshes every 3 s" } }
-                main id="body" { (body(v)) }
-                script { (PreEscaped(SCRIPT)) }
-            }
-        }
-    }
+    rampart_pki::admin_page::page("Rampart", "proxy dashboard", &body(v))
 }
-
-const STYLE: &str = "body{font:14px system-ui,sans-serif;margin:0 2em;color:#111}\
-header{display:flex;gap:1em;align-items:baseline}table{border-collapse:collapse;margin:.5em 0}\
-td,th{padding:.25em .75em;border-bottom:1px solid #ddd;text-align:left;vertical-align:top}\
-ul{margin:0;padding-left:1em}.ok{color:#15803d}.bad{color:#b91c1c}.note{color:#666}\
-.draining{color:#b45309}\
-code{background:#f3f4f6;padding:0 .25em}";
-
-/// Replaces the body with a fresh rendering every 3 s (same origin, same credentials).
-const SCRIPT: &str =
-    "setInterval(async()=>{try{const r=await fetch('/?body',{credentials:'same-origin'});\
-if(r.ok){document.getElementById('body').innerHTML=await r.text();}}catch(e){}},3000);";
 
 #[cfg(test)]
 mod tests {
