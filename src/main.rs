@@ -396,6 +396,7 @@ fn serve_fleet(config: Option<&Path>, args: FleetArgs, upgrade: bool) -> anyhow:
             public_addrs: args.public_addrs,
         }),
         None,
+        None,
     )?;
     Ok(ExitCode::SUCCESS)
 }
@@ -407,6 +408,7 @@ fn serve_snapshots(
     upgrade: bool,
     fleet: Option<rampart_proxy::fleet::FleetOptions>,
     local_feed: Option<rampart_proxy::fleet::LocalFeed>,
+    admin_extra: Option<rampart_proxy::admin::AdminExtra>,
 ) -> anyhow::Result<()> {
     let cached = rampart_proxy::fleet::load_cached(&local.server.data_dir);
     let live = rampart_proxy::live::Live::start_fleet(local, cached)?;
@@ -417,6 +419,7 @@ fn serve_snapshots(
             upgrade,
             fleet,
             local_feed,
+            admin_extra,
         },
     )
 }
@@ -457,7 +460,24 @@ fn serve_up(config: Config, path: Option<PathBuf>, upgrade: bool) -> anyhow::Res
     if let Some(dns) = handle.dns_addr {
         eprintln!("DNS: an embedded server answers on {dns} (udp and tcp)");
     }
-    serve_snapshots(config, upgrade, None, Some(feed))?;
+    // The controller's dashboard beside the proxy's, on the same admin listener.
+    let state = handle.state.clone();
+    let controller_pages = rampart_proxy::admin::AdminExtra(std::sync::Arc::new(
+        move |path: &str, query: Option<&str>| {
+            let page = match path {
+                "/controller" if query == Some("body") => rampart_controller::admin::Page::Body,
+                "/controller" => rampart_controller::admin::Page::Html,
+                "/controller/api/v1/dashboard" => rampart_controller::admin::Page::Json,
+                _ => return None,
+            };
+            let (ctype, body) = rampart_controller::admin::render_dashboard(&state, page);
+            Some((ctype, body.into_bytes()))
+        },
+    ));
+    if let Some(admin) = config.listeners.admin {
+        eprintln!("Controller dashboard (DNS, ACME, fleet): http://{admin}/controller");
+    }
+    serve_snapshots(config, upgrade, None, Some(feed), Some(controller_pages))?;
     rt.block_on(handle.shutdown());
     Ok(ExitCode::SUCCESS)
 }
@@ -527,6 +547,7 @@ fn serve(config: Config, path: Option<PathBuf>, upgrade: bool) -> anyhow::Result
             upgrade,
             fleet: None,
             local_feed: None,
+            admin_extra: None,
         },
     )?;
     Ok(ExitCode::SUCCESS)

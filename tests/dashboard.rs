@@ -320,6 +320,32 @@ async fn a_browser_renders_the_dashboard_of_rampart_up() {
         .unwrap_or_else(|| panic!("no days left in {cert_row}"));
     assert!((88..=90).contains(&days), "{days}");
 
+    // `rampart up` also serves its controller's dashboard: the fleet (this proxy),
+    // and the certificate with its issuer.
+    let controller: serde_json::Value = client
+        .get(format!("http://{admin}/controller/api/v1/dashboard"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(controller["proxies"], 1, "{controller}");
+    assert_eq!(controller["certificates"][0]["names"][0], "shop.test");
+    let controller_html = client
+        .get(format!("http://{admin}/controller"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        controller_html.contains("<h2>Fleet</h2>"),
+        "{controller_html}"
+    );
+    assert!(controller_html.contains("Rampart internal CA"));
+
     let shot = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/dashboard.png");
     let _ = std::fs::remove_file(&shot);
     let out = chromium(&[

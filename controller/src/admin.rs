@@ -167,30 +167,53 @@ fn refusal(
     )
 }
 
-/// The dashboard page (`/`), its body alone (`/?body`) or its JSON.
-fn dashboard(state: &State, req: &Request<hyper::body::Incoming>) -> Response<Full<Bytes>> {
+/// Which rendering of the dashboard.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Page {
+    /// The whole HTML page.
+    Html,
+    /// The page's body alone (its refresh).
+    Body,
+    /// The data as JSON.
+    Json,
+}
+
+/// The dashboard of `state` as `page`: content type and body. Also served by
+/// `rampart up` on its proxy's admin listener.
+#[must_use]
+pub fn render_dashboard(state: &State, page: Page) -> (&'static str, String) {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
     let snapshot = state.fleet.published.borrow().body.clone();
     let reports = state.acme.lock().expect("reports lock").clone();
     let view = crate::dashboard::view(state.status(), &snapshot, &reports, now);
-    let (ctype, body) = if req.uri().path() == "/api/v1/dashboard" {
-        (
+    match page {
+        Page::Json => (
             "application/json",
             serde_json::to_string_pretty(&view).unwrap_or_default(),
-        )
-    } else if req.uri().query() == Some("body") {
-        (
+        ),
+        Page::Body => (
             "text/html; charset=utf-8",
             crate::dashboard::body(&view).into_string(),
-        )
-    } else {
-        (
+        ),
+        Page::Html => (
             "text/html; charset=utf-8",
             crate::dashboard::page(&view).into_string(),
-        )
+        ),
+    }
+}
+
+/// The dashboard page (`/`), its body alone (`/?body`) or its JSON.
+fn dashboard(state: &State, req: &Request<hyper::body::Incoming>) -> Response<Full<Bytes>> {
+    let page = if req.uri().path() == "/api/v1/dashboard" {
+        Page::Json
+    } else if req.uri().query() == Some("body") {
+        Page::Body
+    } else {
+        Page::Html
     };
+    let (ctype, body) = render_dashboard(state, page);
     Response::builder()
         .header(http::header::CONTENT_TYPE, ctype)
         .header(http::header::CACHE_CONTROL, "no-store")

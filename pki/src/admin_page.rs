@@ -1,6 +1,6 @@
 //! The page around both admin dashboards (proxy and controller): one look, no assets
 //! fetched from anywhere, and a few lines of JavaScript that replace the body with a
-//! fresh rendering (`/?body`) every 3 s.
+//! fresh rendering (the same path with `?body`) every 3 s.
 
 use maud::{html, Markup, PreEscaped, DOCTYPE};
 
@@ -11,7 +11,7 @@ ul{margin:0;padding-left:1em}.ok{color:#15803d}.bad{color:#b91c1c}.note{color:#6
 .draining{color:#b45309}code{background:#f3f4f6;padding:0 .25em}";
 
 const SCRIPT: &str =
-    "setInterval(async()=>{try{const r=await fetch('/?body',{credentials:'same-origin'});\
+    "setInterval(async()=>{try{const r=await fetch(location.pathname+'?body',{credentials:'same-origin'});\
 if(r.ok){document.getElementById('body').innerHTML=await r.text();}}catch(e){}},3000);";
 
 /// A whole dashboard page titled `title` around `body`.

@@ -19,16 +19,38 @@ use crate::generation::Generation;
 use crate::health::now_ms;
 use crate::live::Live;
 
+/// Pages another part of the process serves on this admin listener: given the path
+/// and query, the content type and body, or `None` when the path is not one of them.
+/// They need the admin token like the dashboard.
+#[derive(Clone)]
+#[allow(clippy::type_complexity)]
+pub struct AdminExtra(
+    pub Arc<dyn Fn(&str, Option<&str>) -> Option<(&'static str, Vec<u8>)> + Send + Sync>,
+);
+
+impl std::fmt::Debug for AdminExtra {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AdminExtra")
+    }
+}
+
 /// The admin HTTP application.
 pub struct AdminApp {
     live: Arc<Live>,
+    extra: Option<AdminExtra>,
 }
 
 impl AdminApp {
     /// Admin API over the live state.
     #[must_use]
     pub fn new(live: Arc<Live>) -> Self {
-        Self { live }
+        Self { live, extra: None }
+    }
+
+    /// Admin API over the live state, with `extra` pages.
+    #[must_use]
+    pub fn with_extra(live: Arc<Live>, extra: Option<AdminExtra>) -> Self {
+        Self { live, extra }
     }
 }
 
@@ -47,6 +69,11 @@ impl ServeHttp for AdminApp {
                     .get(http::header::AUTHORIZATION),
             ) {
                 return refusal;
+            }
+        }
+        if let Some(extra) = &self.extra {
+            if let Some((ctype, body)) = (extra.0)(&path, session.req_header().uri.query()) {
+                return reply(200, ctype, body);
             }
         }
         match path.as_str() {

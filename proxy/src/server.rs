@@ -37,6 +37,8 @@ pub struct ProxyOptions {
     pub fleet: Option<FleetOptions>,
     /// Take snapshots from a controller in this process (`rampart up`).
     pub local_feed: Option<LocalFeed>,
+    /// More pages on the admin listener (`rampart up`: the controller's dashboard).
+    pub admin_extra: Option<crate::admin::AdminExtra>,
 }
 
 /// Builds the first generation (so that a bad config fails before anything listens).
@@ -103,7 +105,10 @@ pub fn run(live: Arc<Live>, options: ProxyOptions) -> anyhow::Result<()> {
     if let Some(addr) = config.listeners.admin {
         let mut svc = Service::new(
             "admin".to_string(),
-            HttpServer::new_app(AdminApp::new(live.clone())),
+            HttpServer::new_app(AdminApp::with_extra(
+                live.clone(),
+                options.admin_extra.clone(),
+            )),
         );
         svc.add_tcp(&addr.to_string());
         server.add_service(svc);
