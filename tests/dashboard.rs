@@ -222,21 +222,14 @@ async fn a_browser_renders_the_dashboard_of_rampart_up() {
     )
     .unwrap();
     let log = std::fs::File::create(dir.path().join("up.log")).unwrap();
-    let mut up = std::process::Command::new(env!("CARGO_BIN_EXE_rampart"))
+    let up = std::process::Command::new(env!("CARGO_BIN_EXE_rampart"))
         .args(["up", "--config"])
         .arg(&config)
         .stdout(std::process::Stdio::null())
         .stderr(log)
         .spawn()
         .unwrap();
-    struct Kill<'a>(&'a mut std::process::Child);
-    impl Drop for Kill<'_> {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let _up = Kill(&mut up);
+    let _up = common::pebble::Killed(up);
     let client = reqwest::Client::new();
     // Serving, and web2 already out.
     common::eventually("rampart up to serve with web2 unhealthy", || async {
@@ -397,20 +390,13 @@ async fn the_controller_dashboard_shows_the_fleet_discovery_and_certificates() {
     )
     .unwrap();
     let log = std::fs::File::create(dir.path().join("controller.log")).unwrap();
-    let mut controller = std::process::Command::new(env!("CARGO_BIN_EXE_rampart"))
+    let controller = std::process::Command::new(env!("CARGO_BIN_EXE_rampart"))
         .args(["controller", "--config"])
         .arg(&config)
         .stderr(log)
         .spawn()
         .unwrap();
-    struct Kill<'a>(&'a mut std::process::Child);
-    impl Drop for Kill<'_> {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let _controller = Kill(&mut controller);
+    let _controller = common::pebble::Killed(controller);
     common::wait_controller(admin).await;
     let token = common::join_token(&config);
     let proxy = Proxy::start_fleet(&format!("https://{fleet}"), Some(&token)).await;

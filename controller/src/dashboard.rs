@@ -13,9 +13,6 @@ use serde::Serialize;
 
 use crate::acme::AcmeReport;
 
-/// Certificates closer than this to their expiry are marked.
-pub const WARN_DAYS: i64 = 14;
-
 /// A certificate the fleet serves.
 #[derive(Clone, Debug, Serialize, PartialEq)]
 pub struct CertificateView {
@@ -27,7 +24,7 @@ pub struct CertificateView {
     pub not_after_unix: u64,
     /// Whole days left (negative: expired).
     pub days_left: i64,
-    /// Fewer than [`WARN_DAYS`] left.
+    /// Fewer than [`rampart_pki::admin_page::WARN_DAYS`] left.
     pub expiring: bool,
     /// Its ACME state, for certificates from an ACME CA.
     pub acme: Option<AcmeReport>,
@@ -70,9 +67,10 @@ pub fn view(
         .iter()
         .filter_map(|c| {
             let (_, not_after) = rampart_pki::validity_pem(&c.chain_pem).ok()?;
-            let days_left = (i64::try_from(not_after).unwrap_or(i64::MAX)
-                - i64::try_from(now).unwrap_or(0))
-            .div_euclid(86_400);
+            let (days_left, expiring) = rampart_pki::admin_page::days_left(
+                i64::try_from(not_after).unwrap_or(i64::MAX),
+                i64::try_from(now).unwrap_or(0),
+            );
             let mut names: Vec<String> = c.hosts.iter().map(ToString::to_string).collect();
             names.sort();
             Some(CertificateView {
@@ -81,7 +79,7 @@ pub fn view(
                 names,
                 not_after_unix: not_after,
                 days_left,
-                expiring: days_left < WARN_DAYS,
+                expiring,
             })
         })
         .collect();

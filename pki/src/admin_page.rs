@@ -14,6 +14,17 @@ const SCRIPT: &str =
     "setInterval(async()=>{try{const r=await fetch(location.pathname+'?body',{credentials:'same-origin'});\
 if(r.ok){document.getElementById('body').innerHTML=await r.text();}}catch(e){}},3000);";
 
+/// Certificates closer than this many days to their expiry are marked on both dashboards.
+pub const WARN_DAYS: i64 = 14;
+
+/// Whole days from `now` to `not_after` (Unix seconds; negative once expired), and
+/// whether that is under [`WARN_DAYS`].
+#[must_use]
+pub fn days_left(not_after: i64, now: i64) -> (i64, bool) {
+    let days = (not_after - now).div_euclid(86_400);
+    (days, days < WARN_DAYS)
+}
+
 /// A whole dashboard page titled `title` around `body`.
 #[must_use]
 pub fn page(title: &str, subtitle: &str, body: &Markup) -> Markup {

@@ -11,9 +11,6 @@ use crate::health::now_ms;
 use crate::live::Live;
 use crate::rolling::{Point, Summary};
 
-/// Certificates closer than this to their expiry are marked.
-pub const WARN_DAYS: i64 = 14;
-
 /// What the overview shows.
 #[derive(Clone, Debug, Serialize)]
 pub struct Overview {
@@ -85,7 +82,7 @@ pub struct CertificateView {
     pub not_after_unix: i64,
     /// Whole days left (negative: expired).
     pub days_left: i64,
-    /// Fewer than [`WARN_DAYS`] left.
+    /// Fewer than [`rampart_pki::admin_page::WARN_DAYS`] left.
     pub expiring: bool,
 }
 
@@ -214,13 +211,13 @@ fn draining(live: &Live, pool: &str) -> Vec<EndpointView> {
 }
 
 fn certificate_view(name: &str, issuer: &str, not_after: i64, now: i64) -> CertificateView {
-    let days_left = (not_after - now).div_euclid(86_400);
+    let (days_left, expiring) = rampart_pki::admin_page::days_left(not_after, now);
     CertificateView {
         name: name.to_string(),
         issuer: issuer.to_string(),
         not_after_unix: not_after,
         days_left,
-        expiring: days_left < WARN_DAYS,
+        expiring,
     }
 }
 
