@@ -11,7 +11,9 @@ use std::os::unix::fs::PermissionsExt as _;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::engine::{answered_by, docker, images, remove_network, unique_id, Load, SwarmMember};
+use common::engine::{
+    answered_by, container_logs, docker, images, remove_network, unique_id, Load, SwarmMember,
+};
 
 const HOST: &str = "swarm.rampart.test";
 
@@ -148,17 +150,7 @@ async fn a_swarm_service_is_discovered_by_its_tasks_and_scales_under_load() {
     };
     let proxy_port = port(&scene.name("proxy"), "8080");
     let admin = port(&scene.name("controller"), "9901");
-    let logs = || {
-        let out = Command::new("docker")
-            .args(["logs", "--tail", "30", &scene.name("controller")])
-            .output()
-            .unwrap();
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        )
-    };
+    let logs = || container_logs(&scene.name("controller"));
 
     // Who answers through the proxy: each task names itself (its container's host name).
     let client = reqwest::Client::new();

@@ -12,7 +12,9 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::engine::{answered_by, docker, images, remove_network, unique_id, Load, SwarmMember};
+use common::engine::{
+    answered_by, container_logs, docker, images, remove_network, unique_id, Load, SwarmMember,
+};
 
 const NAME: &str = "www.rampart.test";
 
@@ -39,15 +41,7 @@ impl Stack {
     }
 
     fn controller_logs(&self) -> String {
-        let out = Command::new("docker")
-            .args(["logs", "--tail", "30", &self.container("controller")])
-            .output()
-            .unwrap();
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        )
+        container_logs(&self.container("controller"))
     }
 
     /// Waits until no container of the stack is left.

@@ -239,3 +239,16 @@ pub fn remove_network(name: &str) {
         std::thread::sleep(std::time::Duration::from_millis(200));
     }
 }
+
+/// The last 30 lines `container` logged (stdout and stderr), for failure messages.
+pub fn container_logs(container: &str) -> String {
+    let out = Command::new("docker")
+        .args(["logs", "--tail", "30", container])
+        .output()
+        .unwrap();
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
