@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 
-use common::{Backend, Proxy};
+use common::{eventually, Backend, Proxy};
 use rustls::pki_types::{CertificateDer, ServerName};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -226,4 +226,110 @@ async fn a_broken_certificate_file_keeps_the_old_one_serving() {
         proxy.metric("rampart_config_reload_failures_total").await,
         1.0
     );
+}
+
+/// The admin listener of a standalone proxy: liveness, readiness, the `/status` document
+/// and every metric family the proxy documents, each with the labels dashboards and
+/// alerts select by, after real traffic over both listeners.
+#[tokio::test]
+async fn the_admin_listener_reports_health_status_and_every_metric_family() {
+    common::init();
+    let backend = Backend::start("b").await;
+    let config = format!(
+        "[[tls]]\nhosts = [\"a.test\"]\nsource = \"internal\"\n[[routes]]\nname = \"web\"\nhosts = [\"a.test\"]\naction = {{ forward = \"p\" }}\n[pools.p]\nendpoints = [{{ address = \"{}\" }}]\n",
+        backend.addr
+    );
+    let proxy = Proxy::start(&config).await;
+    let admin = |path: &str| format!("http://{}{path}", proxy.admin);
+    for path in ["/healthz", "/ready"] {
+        assert_eq!(
+            reqwest::get(admin(path)).await.unwrap().status(),
+            200,
+            "{path}"
+        );
+    }
+
+    let https = proxy.client(&["a.test"]);
+    let url = format!("https://a.test:{}/", proxy.https.port());
+    assert_eq!(
+        https.get(&url).send().await.unwrap().text().await.unwrap(),
+        "b"
+    );
+    let plain = Proxy::http_client()
+        .get(proxy.url("/"))
+        .header("host", "a.test")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(plain.text().await.unwrap(), "b");
+    let roots = pem_certs(&proxy.ca_path());
+    assert!(handshake(proxy.https, &roots, "unknown.test", true)
+        .await
+        .is_err());
+    let failures = proxy.metric("rampart_config_reload_failures_total").await;
+    proxy.reload("[[routes]\n").await;
+    eventually("the failed reload to be counted", || async {
+        (proxy.metric("rampart_config_reload_failures_total").await > failures).then_some(())
+    })
+    .await;
+
+    let status = proxy.status().await;
+    assert_eq!(status["version"], 1, "{status}");
+    assert_eq!(status["ready"], true);
+    assert_eq!(status["routes"][0]["name"], "web");
+    assert_eq!(status["routes"][0]["action"]["forward"], "p");
+    let endpoint = &status["pools"]["p"]["endpoints"][0];
+    assert_eq!(endpoint["address"], backend.addr.to_string());
+    assert_eq!(endpoint["available"], true);
+    assert_eq!(endpoint["requests"], 2);
+    assert_eq!(status["certificates"][0]["name"], "a.test");
+    assert!(
+        status["certificates"][0]["expires_in_seconds"]
+            .as_i64()
+            .unwrap()
+            > 80 * 86_400
+    );
+
+    let metrics = proxy.metrics().await;
+    let value = |prefix: &str| -> f64 {
+        metrics
+            .lines()
+            .find(|l| l.starts_with(prefix))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {prefix} in\n{metrics}"))
+    };
+    let endpoint = format!("endpoint=\"{}\",pool=\"p\"", backend.addr);
+    for (series, expected) in [
+        (
+            "rampart_requests_total{class=\"2xx\",pool=\"p\",route=\"web\"}",
+            2.0,
+        ),
+        ("rampart_request_duration_seconds_count{route=\"web\"}", 2.0),
+        ("rampart_upstream_ttfb_seconds_count{pool=\"p\"}", 2.0),
+        (&format!("rampart_endpoint_healthy{{{endpoint}}}"), 1.0),
+        (
+            "rampart_tls_handshake_failures_total{reason=\"unknown_sni\"}",
+            1.0,
+        ),
+        ("rampart_config_version", 1.0),
+    ] {
+        assert_eq!(value(series), expected, "{series}");
+    }
+    assert!(value("rampart_tls_handshakes_total") >= 1.0);
+    assert!(value("rampart_config_reload_failures_total") >= 1.0);
+    assert!(value("rampart_certificate_expiry_seconds{name=\"a.test\"}") > 80.0 * 86_400.0);
+    // Connection gauges exist per listener; the HTTP client's keep-alive connection
+    // may or may not still be open, so only their presence is checked.
+    for listener in ["http", "https"] {
+        value(&format!(
+            "rampart_active_connections{{listener=\"{listener}\"}}"
+        ));
+    }
+    for histogram in [
+        "rampart_request_duration_seconds_bucket{route=\"web\",le=\"0.005\"}",
+        "rampart_upstream_ttfb_seconds_bucket{pool=\"p\",le=\"+Inf\"}",
+    ] {
+        value(histogram);
+    }
 }
