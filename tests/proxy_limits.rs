@@ -271,3 +271,89 @@ async fn the_total_timeout_answers_504() {
         "answered at the deadline, not when the upstream finished"
     );
 }
+
+/// Reads one HTTP/1.1 response with a Content-Length body from `s`; returns the status
+/// line and the body.
+async fn read_response(s: &mut TcpStream) -> (String, String) {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let header_end = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut chunk))
+            .await
+            .expect("a response within 5 s")
+            .unwrap();
+        assert!(
+            n > 0,
+            "closed before a response: {:?}",
+            String::from_utf8_lossy(&buf)
+        );
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    let head = String::from_utf8_lossy(&buf[..header_end]).to_string();
+    let length: usize = head
+        .lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case("content-length")
+                .then(|| v.trim().parse().unwrap())
+        })
+        .expect("a Content-Length");
+    while buf.len() < header_end + length {
+        let n = s.read(&mut chunk).await.unwrap();
+        assert!(n > 0, "closed inside the body");
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    let body = String::from_utf8_lossy(&buf[header_end..header_end + length]).to_string();
+    (head.lines().next().unwrap_or("").to_string(), body)
+}
+
+/// A kept-alive connection waits between requests outside Pingora's request reader
+/// (see `EdgeApp::next_request`): requests that arrive whole, split across writes
+/// after a pause, or larger than the first read still parse, and the idle connection
+/// is closed at the keep-alive timeout.
+#[tokio::test]
+async fn kept_alive_connections_serve_every_request_then_close_when_idle() {
+    common::init();
+    let b = Backend::start("b").await;
+    let proxy = proxy_to(&b, "[limits]\nkeepalive_timeout = \"1s\"").await;
+    let mut s = TcpStream::connect(proxy.http).await.unwrap();
+    for i in 0..3 {
+        s.write_all(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+            .await
+            .unwrap();
+        assert_eq!(
+            read_response(&mut s).await,
+            ("HTTP/1.1 200 OK".into(), "b".into()),
+            "request {i}"
+        );
+        // The client thinks for a while, under the keep-alive timeout.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    // The first bytes wake the connection; the rest arrive later.
+    s.write_all(b"GET / HT").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    s.write_all(b"TP/1.1\r\nHost: a\r\n\r\n").await.unwrap();
+    assert_eq!(
+        read_response(&mut s).await.1,
+        "b",
+        "a request split across writes"
+    );
+    // A header larger than the first read after waking up.
+    let big = format!(
+        "GET / HTTP/1.1\r\nHost: a\r\nX-Big: {}\r\n\r\n",
+        "x".repeat(6000)
+    );
+    s.write_all(big.as_bytes()).await.unwrap();
+    assert_eq!(read_response(&mut s).await.1, "b", "a 6 KB request header");
+    assert_eq!(b.hits(), 5);
+    // Idle now: closed at the keep-alive timeout (bounded wait for the end of stream).
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut rest)).await;
+    assert!(
+        matches!(closed, Ok(Ok(0))),
+        "idle connection closed: {closed:?} {rest:?}"
+    );
+}

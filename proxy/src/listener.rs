@@ -1,27 +1,42 @@
 //! The client side of a listener, before HTTP: the connection limit, the TLS handshake
 //! (with its own deadline and failure metrics), and the header read deadline. Then the
-//! connection is handed to Pingora's HTTP proxy.
+//! connection is handed to Pingora's HTTP proxy, one HTTP/1 request at a time: between
+//! requests a kept-alive connection waits here, holding none of Pingora's per-request
+//! state (see [`EdgeApp::next_request`]).
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::future::poll_fn;
+use std::mem::MaybeUninit;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
-use pingora::apps::ServerApp;
+use bytes::BytesMut;
+use pingora::apps::{HttpPersistentSettings, HttpServerApp, ServerApp};
 use pingora::listeners::tls::Acceptor;
+use pingora::protocols::http::ServerSession;
 use pingora::protocols::Stream;
 use pingora::proxy::HttpProxy;
 use pingora::server::ShutdownWatch;
+use tokio::io::ReadBuf;
 
 use crate::edge::Edge;
 use crate::generation::Generation;
 use crate::limits::deadline::{Arrivals, GuardedStream};
 use crate::limits::rate::PerClient;
+use crate::metrics::Metrics;
 
 /// Longest wait at shutdown for requests of just-accepted connections to arrive.
 const ARRIVAL_WAIT: Duration = Duration::from_secs(1);
-use crate::metrics::Metrics;
+/// The most read at once when a kept-alive connection wakes up; the rest of a larger
+/// request header is read by Pingora's parser.
+const WAKE_READ: usize = 4096;
+/// Capacity of the header buffer handed to Pingora (its own initial size, so that the
+/// parser reads the rest of a larger header without reallocating at once).
+const HEADER_BUFFER: usize = 4096;
 
 /// A listener's connection handler wrapping the HTTP proxy.
 pub struct EdgeApp {
@@ -33,6 +48,10 @@ pub struct EdgeApp {
     open: AtomicUsize,
     per_client: PerClient,
     arrivals: Arc<Arrivals>,
+    /// Set at shutdown, when kept-alive connections waiting for a request are closed.
+    closing: AtomicBool,
+    /// Wakes the connections waiting in [`EdgeApp::next_request`] at shutdown.
+    closed: tokio::sync::Notify,
 }
 
 impl EdgeApp {
@@ -54,6 +73,8 @@ impl EdgeApp {
             open: AtomicUsize::new(0),
             per_client: PerClient::default(),
             arrivals: Arc::new(Arrivals::default()),
+            closing: AtomicBool::new(false),
+            closed: tokio::sync::Notify::new(),
         }
     }
 }
@@ -82,6 +103,31 @@ impl ServerApp for EdgeApp {
         stream: Stream,
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
+        // Pingora calls this from a task whose future also holds the state of Pingora's
+        // own TLS handshake (unused: Rampart does TLS here), ~9 KB that would live as
+        // long as the connection. The connection gets a task of its own instead, sized
+        // for what it needs, and Pingora's task ends now.
+        let app = self.clone();
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move { app.serve_connection(stream, &shutdown).await });
+        None
+    }
+
+    async fn cleanup(&self) {
+        // The listener is closed by now; let requests of connections accepted just
+        // before it closed arrive before Pingora drops connections awaiting a header.
+        let limit = self.current.load().config.limits.header_read_timeout.0;
+        self.arrivals.settled(limit.min(ARRIVAL_WAIT)).await;
+        self.closing.store(true, Ordering::Release);
+        self.closed.notify_waiters();
+        self.proxy.cleanup().await;
+    }
+}
+
+impl EdgeApp {
+    /// One client connection: the connection limits, TLS, then HTTP/2 through Pingora
+    /// or HTTP/1 request by request (see [`EdgeApp::serve_http1`]).
+    async fn serve_connection(self: &Arc<Self>, stream: Stream, shutdown: &ShutdownWatch) {
         let generation = self.current.load_full();
         let limits = &generation.config.limits;
         if self.open.fetch_add(1, Ordering::Relaxed) >= limits.max_connections {
@@ -90,7 +136,7 @@ impl ServerApp for EdgeApp {
                 .rejected_connections
                 .with_label_values(&[self.name])
                 .inc();
-            return None;
+            return;
         }
         let client = stream
             .get_socket_digest()
@@ -102,7 +148,7 @@ impl ServerApp for EdgeApp {
                     .rejected_client_connections
                     .with_label_values(&[self.name])
                     .inc();
-                return None;
+                return;
             }
         }
         self.metrics
@@ -115,10 +161,14 @@ impl ServerApp for EdgeApp {
 
         let stream: Stream = match &self.tls {
             None => stream,
-            Some(acceptor) => match self.handshake(acceptor, stream, header_timeout).await {
-                Some(s) => s,
-                None => return None,
-            },
+            // Boxed: the handshake's state is large and needed only until it completes,
+            // while this future lives as long as the connection.
+            Some(acceptor) => {
+                match Box::pin(self.handshake(acceptor, stream, header_timeout)).await {
+                    Some(s) => s,
+                    None => return,
+                }
+            }
         };
         // HTTP/2 multiplexes many requests on one connection: the HTTP/1 header deadline
         // does not apply (its own limits are a later hardening item).
@@ -126,28 +176,113 @@ impl ServerApp for EdgeApp {
             pingora::protocols::Ssl::selected_alpn_proto(&*stream),
             Some(pingora::protocols::ALPN::H2)
         );
-        let stream: Stream = if is_h2 {
-            stream
-        } else {
-            let metrics = self.metrics.clone();
-            Box::new(
-                GuardedStream::with_deadline(
-                    stream,
-                    header_timeout,
-                    Arc::new(move || metrics.header_timeouts.inc()),
-                )
-                .counting(self.arrivals.ticket()),
+        if is_h2 {
+            // Pingora's HTTP/2 server; it never hands a connection back.
+            self.proxy.process_new(stream, shutdown).await;
+            return;
+        }
+        let metrics = self.metrics.clone();
+        let stream = Box::new(
+            GuardedStream::with_deadline(
+                stream,
+                header_timeout,
+                Arc::new(move || metrics.header_timeouts.inc()),
             )
-        };
-        self.proxy.process_new(stream, shutdown).await
+            .counting(self.arrivals.ticket()),
+        );
+        self.serve_http1(stream, shutdown).await;
     }
 
-    async fn cleanup(&self) {
-        // The listener is closed by now; let requests of connections accepted just
-        // before it closed arrive before Pingora drops connections awaiting a header.
-        let limit = self.current.load().config.limits.header_read_timeout.0;
-        self.arrivals.settled(limit.min(ARRIVAL_WAIT)).await;
-        self.proxy.cleanup().await;
+    /// Pingora's HTTP/1 keep-alive loop (as in its `ServerApp` for HTTP apps), except
+    /// that between requests the connection waits in [`EdgeApp::next_request`] instead
+    /// of inside Pingora's request reader. Pingora's per-request future and header
+    /// buffer (~22 KB) exist only while a request is being served, so an idle
+    /// keep-alive connection costs little more than its socket and TLS state.
+    async fn serve_http1(self: &Arc<Self>, mut stream: Stream, shutdown: &ShutdownWatch) {
+        let mut settings: Option<HttpPersistentSettings> = None;
+        let mut first_bytes: Option<BytesMut> = None;
+        loop {
+            // The session is built and moved into Pingora's (boxed) future in a
+            // statement of its own, so that this future, which lives as long as the
+            // connection, keeps no room for it.
+            let request = self.proxy.process_new_http(
+                self.http1_session(stream, settings.take(), first_bytes.take(), shutdown),
+                shutdown,
+            );
+            let Some(reused) = request.await else {
+                return;
+            };
+            let (next, persistent) = reused.consume();
+            stream = next;
+            settings = persistent;
+            match self.next_request(&mut stream).await {
+                Some(bytes) => first_bytes = Some(bytes),
+                None => return,
+            }
+        }
+    }
+
+    /// A Pingora HTTP/1 session for the next request on `stream`: the previous
+    /// request's keep-alive settings, or Pingora's defaults on a new connection (the
+    /// route's limits set the keep-alive timeout once the request is read), starting
+    /// from the bytes [`EdgeApp::next_request`] already read.
+    fn http1_session(
+        &self,
+        stream: Stream,
+        settings: Option<HttpPersistentSettings>,
+        first_bytes: Option<BytesMut>,
+        shutdown: &ShutdownWatch,
+    ) -> ServerSession {
+        let mut session = ServerSession::new_http1(stream);
+        match settings {
+            Some(s) => s.apply_to_session(&mut session),
+            None => {
+                session.set_keepalive((!*shutdown.borrow()).then_some(60));
+                session.set_keepalive_reuses_remaining(
+                    self.proxy
+                        .server_options()
+                        .and_then(|o| o.keepalive_request_limit),
+                );
+            }
+        }
+        // Pingora sets a pipelined prefix of its own only with pipelining enabled,
+        // which Rampart never enables, so this cannot overwrite one.
+        if let Some(bytes) = first_bytes {
+            session.set_pipelined_prefix(bytes);
+        }
+        session
+    }
+
+    /// Waits on a kept-alive connection for the first bytes of its next request, and
+    /// returns them to be parsed by Pingora as the start of that request. The wait
+    /// holds no buffer: bytes are read into the stack when the socket is readable and
+    /// copied into a header buffer only then. `None` when the client closes the
+    /// connection, the keep-alive timeout passes or the listener shuts down.
+    async fn next_request(&self, stream: &mut Stream) -> Option<BytesMut> {
+        let closed = self.closed.notified();
+        if self.closing.load(Ordering::Acquire) {
+            return None;
+        }
+        let keepalive = self.current.load().config.limits.keepalive_timeout.0;
+        let wake = poll_fn(|cx| {
+            let mut chunk = [MaybeUninit::<u8>::uninit(); WAKE_READ];
+            let mut buf = ReadBuf::uninit(&mut chunk);
+            match Pin::new(&mut **stream).poll_read(cx, &mut buf) {
+                Poll::Pending => Poll::Pending,
+                Poll::Ready(Ok(())) if !buf.filled().is_empty() => {
+                    let mut bytes = BytesMut::with_capacity(HEADER_BUFFER);
+                    bytes.extend_from_slice(buf.filled());
+                    Poll::Ready(Some(bytes))
+                }
+                // End of stream (the client closed the idle connection) or an error.
+                Poll::Ready(_) => Poll::Ready(None),
+            }
+        });
+        tokio::select! {
+            biased;
+            bytes = tokio::time::timeout(keepalive, wake) => bytes.ok().flatten(),
+            () = closed => None,
+        }
     }
 }
 
