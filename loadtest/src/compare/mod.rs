@@ -41,6 +41,9 @@ pub struct CompareArgs {
     /// Worker processes/threads of every proxy.
     #[arg(long, default_value_t = 1)]
     pub workers: usize,
+    /// Tests to run (default: all of them), comma-separated.
+    #[arg(long, value_delimiter = ',', default_values_t = Test::ALL)]
+    pub tests: Vec<Test>,
     /// Idle keep-alive TLS connections held open to measure memory (0 skips).
     #[arg(long, default_value_t = 10_000)]
     pub idle_conns: usize,
@@ -56,7 +59,7 @@ pub struct CompareArgs {
 }
 
 /// One test of the suite.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum Test {
     /// Plain HTTP/1.1 keep-alive.
@@ -68,13 +71,15 @@ pub enum Test {
     /// HTTP/2 over TLS.
     H2,
     /// 16 KiB response body over HTTP/1.1.
+    #[value(name = "body-16k")]
     Body16k,
     /// Open loop at a fixed rate over HTTPS keep-alive: tail latency.
     OpenLoop,
 }
 
 impl Test {
-    const ALL: [Test; 6] = [
+    /// Every test, in the order a round runs them.
+    pub const ALL: [Test; 6] = [
         Test::Http,
         Test::HttpsKeepalive,
         Test::HttpsNewConn,
@@ -101,6 +106,12 @@ impl Test {
             self,
             Test::HttpsKeepalive | Test::HttpsNewConn | Test::H2 | Test::OpenLoop
         )
+    }
+}
+
+impl std::fmt::Display for Test {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
     }
 }
 
@@ -199,7 +210,7 @@ async fn compare(args: &CompareArgs) -> anyhow::Result<Results> {
     let mut samples = Vec::new();
     let trust = Trust::CaFile(cert.ca.clone());
     for round in 0..args.rounds {
-        for test in Test::ALL {
+        for &test in &args.tests {
             // Rotate the order each round so no target always runs first.
             let mut order: Vec<Option<&Running>> = std::iter::once(None)
                 .chain(targets.iter().map(Some))
@@ -420,4 +431,17 @@ fn now_utc() -> String {
         rem % 3600 / 60,
         rem % 60
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Test;
+    use clap::ValueEnum;
+
+    #[test]
+    fn every_test_is_selected_by_its_report_name() {
+        for test in Test::ALL {
+            assert_eq!(Test::from_str(test.name(), false), Ok(test));
+        }
+    }
 }

@@ -241,8 +241,10 @@ http = "{http}"
 https = "{https}"
 admin = "{admin}"
 
+# Every client of the benchmark is 127.0.0.1, and the peers have no per-address cap.
 [limits]
 max_connections = 100000
+max_connections_per_ip = 100000
 
 [[tls]]
 hosts = ["{HOST}"]
