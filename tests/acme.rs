@@ -277,12 +277,8 @@ async fn a_failing_validation_backs_off_instead_of_looping() {
         m.contains("rampart_acme_consecutive_failures{name=\"a.rampart.test,b.rampart.test\"} 1"),
         "{m}"
     );
-    let next: u64 = m
-        .lines()
-        .find(|l| l.starts_with("rampart_acme_next_attempt_seconds{"))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
+    // Unix seconds: exact in an f64.
+    let next = common::metric_value(&m, "rampart_acme_next_attempt_seconds{").unwrap_or(0.0) as u64;
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
@@ -382,11 +378,7 @@ async fn a_certificate_is_renewed_when_a_third_of_its_lifetime_is_left() {
     let s = setup(dir.path(), &pebble, proxy_http).await;
     let admin = s.admin;
     let not_after = |m: &str| -> u64 {
-        m.lines()
-            .find(|l| l.starts_with("rampart_certificate_not_after_seconds{"))
-            .and_then(|l| l.rsplit(' ').next())
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0)
+        common::metric_value(m, "rampart_certificate_not_after_seconds{").unwrap_or(0.0) as u64
     };
     let first = eventually("the first certificate", || async {
         let n = not_after(&metrics(admin).await);

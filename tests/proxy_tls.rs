@@ -292,11 +292,7 @@ async fn the_admin_listener_reports_health_status_and_every_metric_family() {
 
     let metrics = proxy.metrics().await;
     let value = |prefix: &str| -> f64 {
-        metrics
-            .lines()
-            .find(|l| l.starts_with(prefix))
-            .and_then(|l| l.rsplit(' ').next())
-            .and_then(|v| v.parse().ok())
+        common::metric_value(&metrics, prefix)
             .unwrap_or_else(|| panic!("no {prefix} in\n{metrics}"))
     };
     let endpoint = format!("endpoint=\"{}\",pool=\"p\"", backend.addr);

@@ -688,13 +688,13 @@ async fn upstream_faults_give_502_or_504_in_time_and_leak_nothing() {
     assert!(proxy.is_ready().await, "the proxy is still serving");
 }
 
-/// The proxy's `rampart_active_connections` on the http listener.
 /// Held by the tests that load the machine (slow-client attacks, HTTP/2 floods, the TLS
 /// scan) or whose assertions need it unloaded, so that they run one at a time: on two
 /// cores, a scan running beside the slow-client attacks slowed them enough to fail
 /// the "attack got going" check.
 static HEAVY: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
+/// The proxy's `rampart_active_connections` on the http listener.
 async fn active(proxy: &Proxy) -> f64 {
     proxy
         .metric("rampart_active_connections{listener=\"http\"}")

@@ -63,6 +63,15 @@ pub fn join_token(config: &Path) -> String {
     String::from_utf8(out.stdout).unwrap().trim().to_string()
 }
 
+/// The value of the first line of Prometheus text `metrics` that starts with `prefix`.
+pub fn metric_value(metrics: &str, prefix: &str) -> Option<f64> {
+    metrics
+        .lines()
+        .find(|l| l.starts_with(prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
 /// Polls `f` until it returns `Some`, or panics with `what` after [`DEADLINE`].
 pub async fn eventually<T, F, Fut>(what: &str, mut f: F) -> T
 where
@@ -469,13 +478,7 @@ impl Proxy {
 
     /// The value of a metric line that starts with `prefix` (0 when absent).
     pub async fn metric(&self, prefix: &str) -> f64 {
-        self.metrics()
-            .await
-            .lines()
-            .find(|l| l.starts_with(prefix))
-            .and_then(|l| l.rsplit(' ').next())
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0.0)
+        metric_value(&self.metrics().await, prefix).unwrap_or(0.0)
     }
 
     pub async fn version(&self) -> u64 {
