@@ -85,6 +85,11 @@ pub enum Trust {
     CaFile(std::path::PathBuf),
     /// Accept any certificate (benchmarks against self-signed peers).
     Insecure,
+    /// Check nothing: any certificate, and not the server's handshake signature either.
+    /// Only for measuring servers' handshakes: verifying a P-256 signature costs the
+    /// client more than making it costs the server, so a verifying client, not the
+    /// server, would be the bottleneck of a handshakes-per-second run.
+    Unverified,
 }
 
 /// Builds the rustls client configuration. Session resumption is off when every
@@ -111,6 +116,10 @@ pub fn tls_config(
             .dangerous()
             .with_custom_certificate_verifier(Arc::new(rampart_pki::AcceptAnyServerCert::new()))
             .with_no_client_auth(),
+        Trust::Unverified => builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(Unverified::default()))
+            .with_no_client_auth(),
     };
     config.alpn_protocols = if h2 {
         vec![b"h2".to_vec()]
@@ -121,6 +130,52 @@ pub fn tls_config(
         config.resumption = rustls::client::Resumption::disabled();
     }
     Ok(Arc::new(config))
+}
+
+/// The verifier of [`Trust::Unverified`]: accepts every certificate and signature.
+#[derive(Debug)]
+struct Unverified(Vec<rustls::SignatureScheme>);
+
+impl Default for Unverified {
+    fn default() -> Self {
+        Self(
+            rustls::crypto::aws_lc_rs::default_provider()
+                .signature_verification_algorithms
+                .supported_schemes(),
+        )
+    }
+}
+
+impl rustls::client::danger::ServerCertVerifier for Unverified {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &rustls::pki_types::CertificateDer<'_>,
+        _intermediates: &[rustls::pki_types::CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        _now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &rustls::pki_types::CertificateDer<'_>,
+        _dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+    }
+    fn verify_tls13_signature(
+        &self,
+        _message: &[u8],
+        _cert: &rustls::pki_types::CertificateDer<'_>,
+        _dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+    }
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.clone()
+    }
 }
 
 /// TCP or TLS-over-TCP.

@@ -87,6 +87,11 @@ pub struct RunArgs {
     /// Accept any server certificate.
     #[arg(long, short = 'k')]
     insecure: bool,
+    /// Check nothing of the server, not even its handshake signature: for measuring a
+    /// server's handshakes per second without the client's verification as the
+    /// bottleneck (benchmarks only).
+    #[arg(long, conflicts_with_all = ["cacert", "insecure"])]
+    no_verify: bool,
     /// Extra request header, "Name: value" (repeatable).
     #[arg(long = "header", short = 'H')]
     headers: Vec<String>,
@@ -141,9 +146,10 @@ impl RunArgs {
         let target = client::Target::parse(&self.url, self.connect_to)?;
         let trust = match &self.cacert {
             Some(path) => client::Trust::CaFile(path.clone()),
+            None if self.no_verify && target.tls => client::Trust::Unverified,
             None if self.insecure || !target.tls => client::Trust::Insecure,
             None => anyhow::bail!(
-                "{} is https: pass --cacert FILE to verify the server, or --insecure",
+                "{} is https: pass --cacert FILE to verify the server, or --insecure (or --no-verify)",
                 self.url
             ),
         };
