@@ -132,30 +132,25 @@ pub fn tls_config(
     Ok(Arc::new(config))
 }
 
-/// The verifier of [`Trust::Unverified`]: accepts every certificate and signature.
-#[derive(Debug)]
-struct Unverified(Vec<rustls::SignatureScheme>);
-
-impl Default for Unverified {
-    fn default() -> Self {
-        Self(
-            rustls::crypto::aws_lc_rs::default_provider()
-                .signature_verification_algorithms
-                .supported_schemes(),
-        )
-    }
-}
+/// The verifier of [`Trust::Unverified`]: rampart-pki's [`AcceptAnyServerCert`] (any
+/// certificate, same provider and schemes) minus its handshake-signature checks. Kept
+/// here so that no crate that ships has a verifier that skips signatures.
+///
+/// [`AcceptAnyServerCert`]: rampart_pki::AcceptAnyServerCert
+#[derive(Debug, Default)]
+struct Unverified(rampart_pki::AcceptAnyServerCert);
 
 impl rustls::client::danger::ServerCertVerifier for Unverified {
     fn verify_server_cert(
         &self,
-        _end_entity: &rustls::pki_types::CertificateDer<'_>,
-        _intermediates: &[rustls::pki_types::CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp: &[u8],
-        _now: rustls::pki_types::UnixTime,
+        end_entity: &rustls::pki_types::CertificateDer<'_>,
+        intermediates: &[rustls::pki_types::CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp: &[u8],
+        now: rustls::pki_types::UnixTime,
     ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
-        Ok(rustls::client::danger::ServerCertVerified::assertion())
+        self.0
+            .verify_server_cert(end_entity, intermediates, server_name, ocsp, now)
     }
     fn verify_tls12_signature(
         &self,
@@ -174,7 +169,7 @@ impl rustls::client::danger::ServerCertVerifier for Unverified {
         Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
     }
     fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.0.clone()
+        self.0.supported_verify_schemes()
     }
 }
 
