@@ -68,19 +68,19 @@ impl Edge {
 
 /// Endpoints a request has tried, without a heap allocation (at most 1 + 10 retries).
 #[derive(Debug, Default)]
-struct Tried {
+pub(crate) struct Tried {
     idx: [usize; 11],
     len: usize,
 }
 
 impl Tried {
-    fn push(&mut self, i: usize) {
+    pub(crate) fn push(&mut self, i: usize) {
         if self.len < self.idx.len() {
             self.idx[self.len] = i;
             self.len += 1;
         }
     }
-    fn as_slice(&self) -> &[usize] {
+    pub(crate) fn as_slice(&self) -> &[usize] {
         &self.idx[..self.len]
     }
 }
@@ -623,22 +623,13 @@ impl ProxyHttp for Edge {
 
 impl Edge {
     fn record_failure(&self, ctx: &mut RequestCtx, pool: &PoolRt, kind: &str) {
-        self.metrics
-            .upstream_failures
-            .with_label_values(&[pool.name.as_str(), kind])
-            .inc();
-        let Some(idx) = ctx.endpoint else { return };
-        if std::mem::replace(&mut ctx.outcome_recorded, true) {
-            return;
-        }
-        let ep = &pool.endpoints[idx];
-        if let Some(period) = ep.state.record_failure(pool.eject, now_ms()) {
-            self.metrics
-                .endpoint_ejections
-                .with_label_values(&[pool.name.as_str(), ep.id.as_str()])
-                .inc();
-            tracing::warn!(pool = %pool.name, endpoint = %ep.id, "ejected for {period:?} after {} consecutive failures", pool.eject.consecutive_failures);
-        }
+        record_endpoint_failure(
+            &self.metrics,
+            pool,
+            ctx.endpoint,
+            kind,
+            &mut ctx.outcome_recorded,
+        );
     }
 
     fn record_success(&self, ctx: &mut RequestCtx, pool: &PoolRt) {
@@ -646,6 +637,34 @@ impl Edge {
         if !std::mem::replace(&mut ctx.outcome_recorded, true) {
             pool.states[idx].record_success();
         }
+    }
+}
+
+/// Counts an upstream failure of `kind` for the pool and, unless this attempt's outcome
+/// was `recorded` already, against endpoint `idx`'s passive health (ejecting it after
+/// enough in a row).
+pub(crate) fn record_endpoint_failure(
+    metrics: &Metrics,
+    pool: &PoolRt,
+    idx: Option<usize>,
+    kind: &str,
+    recorded: &mut bool,
+) {
+    metrics
+        .upstream_failures
+        .with_label_values(&[pool.name.as_str(), kind])
+        .inc();
+    let Some(idx) = idx else { return };
+    if std::mem::replace(recorded, true) {
+        return;
+    }
+    let ep = &pool.endpoints[idx];
+    if let Some(period) = ep.state.record_failure(pool.eject, now_ms()) {
+        metrics
+            .endpoint_ejections
+            .with_label_values(&[pool.name.as_str(), ep.id.as_str()])
+            .inc();
+        tracing::warn!(pool = %pool.name, endpoint = %ep.id, "ejected for {period:?} after {} consecutive failures", pool.eject.consecutive_failures);
     }
 }
 
@@ -737,7 +756,7 @@ fn client_peer(session: &Session) -> Option<IpAddr> {
 }
 
 /// The request id: the client's when valid, else a new UUID.
-fn request_id(req: &RequestHeader, generation: &Generation) -> HeaderValue {
+pub(crate) fn request_id(req: &http::request::Parts, generation: &Generation) -> HeaderValue {
     req.headers
         .get(&generation.forwarding.request_id)
         .filter(|v| valid_request_id(v.as_bytes()))
@@ -750,7 +769,7 @@ fn request_id(req: &RequestHeader, generation: &Generation) -> HeaderValue {
 
 /// The request's host: the URI authority (HTTP/2, absolute-form) or the Host header,
 /// lowercase, without port or trailing dot. HTTP/1.0 without Host gets "".
-fn request_host(req: &RequestHeader) -> Option<String> {
+pub(crate) fn request_host(req: &http::request::Parts) -> Option<String> {
     let raw = match req.uri.authority() {
         Some(a) => a.host().to_string(),
         None => match req.headers.get(HOST) {
@@ -801,7 +820,7 @@ fn body_too_slow(bytes: u64, elapsed: Duration, grace: Duration, min_rate: u64) 
 
 /// The consistent-hash key of a request; a missing header or cookie falls back to the
 /// client address so such requests still stick to one endpoint.
-fn hash_key(key: &HashKey, req: &RequestHeader, client: Option<IpAddr>) -> u64 {
+pub(crate) fn hash_key(key: &HashKey, req: &http::request::Parts, client: Option<IpAddr>) -> u64 {
     use xxhash_rust::xxh3::xxh3_64;
     let by_ip = || client.map_or(0, |ip| xxh3_64(ip.to_string().as_bytes()));
     match key {

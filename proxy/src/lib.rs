@@ -13,6 +13,7 @@ pub mod dashboard;
 pub mod edge;
 pub mod fleet;
 pub mod generation;
+pub mod h1;
 pub mod headers;
 pub mod health;
 pub mod limits;

@@ -1,11 +1,12 @@
 //! The client side of a listener, before HTTP: the connection limit, the TLS handshake
 //! (with its own deadline and failure metrics), and the header read deadline. Then the
-//! connection is handed to Pingora's HTTP proxy, one HTTP/1 request at a time: between
-//! requests a kept-alive connection waits here, holding none of Pingora's per-request
-//! state (see [`EdgeApp::next_request`]).
+//! connection's HTTP/1 requests are served one at a time by the fast path ([`h1`]) or,
+//! when it declines one, by Pingora's HTTP proxy: between requests a kept-alive
+//! connection waits here, holding no per-request state (see [`EdgeApp::next_request`]).
 
 use std::future::poll_fn;
 use std::mem::MaybeUninit;
+use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -21,10 +22,11 @@ use pingora::protocols::http::ServerSession;
 use pingora::protocols::Stream;
 use pingora::proxy::HttpProxy;
 use pingora::server::ShutdownWatch;
-use tokio::io::ReadBuf;
+use tokio::io::{AsyncWriteExt, ReadBuf};
 
-use crate::edge::Edge;
+use crate::edge::{Edge, Scheme};
 use crate::generation::Generation;
+use crate::h1::{self, ConnInfo, Served};
 use crate::limits::deadline::{Arrivals, GuardedStream};
 use crate::limits::rate::PerClient;
 use crate::metrics::Metrics;
@@ -41,6 +43,7 @@ const HEADER_BUFFER: usize = 4096;
 /// A listener's connection handler wrapping the HTTP proxy.
 pub struct EdgeApp {
     name: &'static str,
+    scheme: Scheme,
     proxy: Arc<HttpProxy<Edge>>,
     tls: Option<Acceptor>,
     current: Arc<ArcSwap<Generation>>,
@@ -66,6 +69,11 @@ impl EdgeApp {
     ) -> Self {
         Self {
             name,
+            scheme: if tls.is_some() {
+                Scheme::Https
+            } else {
+                Scheme::Http
+            },
             proxy: Arc::new(proxy),
             tls,
             current,
@@ -190,7 +198,7 @@ impl EdgeApp {
             )
             .counting(self.arrivals.ticket()),
         );
-        self.serve_http1(stream, shutdown).await;
+        self.serve_http1(stream, client, shutdown).await;
     }
 
     /// Pingora's HTTP/1 keep-alive loop (as in its `ServerApp` for HTTP apps), except
@@ -198,15 +206,46 @@ impl EdgeApp {
     /// of inside Pingora's request reader. Pingora's per-request future and header
     /// buffer (~22 KB) exist only while a request is being served, so an idle
     /// keep-alive connection costs little more than its socket and TLS state.
-    async fn serve_http1(self: &Arc<Self>, mut stream: Stream, shutdown: &ShutdownWatch) {
+    ///
+    /// Each request is first offered to the fast path ([`h1::serve`]), which serves the
+    /// common case itself and hands anything else to Pingora with the bytes read.
+    async fn serve_http1(
+        self: &Arc<Self>,
+        mut stream: Stream,
+        client: Option<IpAddr>,
+        shutdown: &ShutdownWatch,
+    ) {
         let mut settings: Option<HttpPersistentSettings> = None;
-        let mut first_bytes: Option<BytesMut> = None;
         loop {
+            let Some(mut bytes) = self.next_request(&mut stream).await else {
+                return;
+            };
+            let generation = self.current.load_full();
+            if generation.config.server.http1_fast_path {
+                let conn = ConnInfo {
+                    scheme: self.scheme,
+                    peer: client,
+                    metrics: &self.metrics,
+                    closing: *shutdown.borrow() || self.closing.load(Ordering::Acquire),
+                };
+                // Boxed: the request's state exists only while it is served.
+                match Box::pin(h1::serve(&mut stream, bytes, generation, conn)).await {
+                    Served::KeepAlive => continue,
+                    Served::Close => {
+                        let limit = self.current.load().config.limits.send_timeout.0;
+                        let _ = tokio::time::timeout(limit, stream.shutdown()).await;
+                        return;
+                    }
+                    Served::Pingora(back) => bytes = back,
+                }
+            } else {
+                drop(generation);
+            }
             // The session is built and moved into Pingora's (boxed) future in a
             // statement of its own, so that this future, which lives as long as the
             // connection, keeps no room for it.
             let request = self.proxy.process_new_http(
-                self.http1_session(stream, settings.take(), first_bytes.take(), shutdown),
+                self.http1_session(stream, settings.take(), Some(bytes), shutdown),
                 shutdown,
             );
             let Some(reused) = request.await else {
@@ -215,10 +254,6 @@ impl EdgeApp {
             let (next, persistent) = reused.consume();
             stream = next;
             settings = persistent;
-            match self.next_request(&mut stream).await {
-                Some(bytes) => first_bytes = Some(bytes),
-                None => return,
-            }
         }
     }
 
@@ -253,8 +288,9 @@ impl EdgeApp {
         session
     }
 
-    /// Waits on a kept-alive connection for the first bytes of its next request, and
-    /// returns them to be parsed by Pingora as the start of that request. The wait
+    /// Waits on a connection for the first bytes of its next request, and returns them
+    /// to be parsed as the start of that request (on a new connection the header
+    /// deadline of [`GuardedStream`] bounds the wait). The wait
     /// holds no buffer: bytes are read into the stack when the socket is readable and
     /// copied into a header buffer only then. `None` when the client closes the
     /// connection, the keep-alive timeout passes or the listener shuts down.

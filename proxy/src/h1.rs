@@ -1,0 +1,1106 @@
+//! The HTTP/1 fast path: the common request — HTTP/1.1, no body, no upgrade, its head
+//! complete in the first read, a forward route — proxied by Rampart itself rather than
+//! by Pingora, with the same policy: limits, routing, rate limits, balancing,
+//! forwarding headers, passive health, retries, timeouts and metrics are the functions
+//! `edge` uses. Anything else goes to Pingora with the bytes read so far
+//! ([`Served::Pingora`]), decided before anything has a side effect, so every feature
+//! keeps working and Pingora stays the complete implementation (HTTP/2, bodies,
+//! upgrades, HTTP/1.0, static answers, rejections).
+//!
+//! Why: Pingora's HTTP/1 request cycle cost ~3× the CPU of a minimal forwarder per
+//! request (loadtest/README.md, "the data-path question"). Here a request is parsed
+//! once (httparse), its upstream head written in one buffer, and the response head
+//! rewritten and sent together with the first body bytes; bodies are passed through
+//! as they come (Content-Length, or chunked with [`ChunkScanner`] finding the end).
+//! Upstream connections are kept per worker thread ([`IdlePool`]): workers are
+//! single-threaded runtimes, so no lock is taken.
+//!
+//! `server.http1_fast_path = false` sends every request to Pingora.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::io::Write as _;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use http::header::{HeaderName, HeaderValue, HOST};
+use http::{HeaderMap, Method, Uri};
+use pingora::protocols::Stream;
+use rampart_config::Action;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::balance::PickInput;
+use crate::edge::{hash_key, record_endpoint_failure, request_host, request_id, Scheme, Tried};
+use crate::generation::{remaining, Generation, PoolRt};
+use crate::health::now_ms;
+use crate::limits::{check_request, RequestView};
+use crate::metrics::Metrics;
+use crate::routing::RouteRequest;
+
+/// Most headers parsed in a request or response head; more go to Pingora (requests)
+/// or count as a bad upstream response.
+const MAX_HEADERS: usize = 100;
+/// Largest upstream response head accepted (Pingora's limit too).
+const MAX_RESPONSE_HEAD: usize = 64 * 1024;
+/// Read buffer for an upstream response.
+const UPSTREAM_BUFFER: usize = 16 * 1024;
+/// Idle upstream connections kept per endpoint and worker thread.
+const IDLE_PER_ENDPOINT: usize = 64;
+/// Headers that describe one connection and are never forwarded (as `headers`).
+const HOP_BY_HOP: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "upgrade",
+];
+
+/// What the fast path did with a request.
+#[derive(Debug)]
+pub enum Served {
+    /// Answered; the connection can carry the next request.
+    KeepAlive,
+    /// Answered or failed; the connection closes.
+    Close,
+    /// Not for this path: Pingora serves it, starting from these bytes.
+    Pingora(BytesMut),
+}
+
+/// What a request needs to know about its connection.
+#[derive(Clone, Copy, Debug)]
+pub struct ConnInfo<'a> {
+    /// The listener's scheme.
+    pub scheme: Scheme,
+    /// The client's address.
+    pub peer: Option<IpAddr>,
+    /// Process metrics.
+    pub metrics: &'a Metrics,
+    /// The listener is shutting down: answer with `Connection: close`.
+    pub closing: bool,
+}
+
+/// Serves the request whose first bytes are `bytes`, or hands them back for Pingora.
+pub async fn serve(
+    stream: &mut Stream,
+    bytes: BytesMut,
+    generation: Arc<Generation>,
+    conn: ConnInfo<'_>,
+) -> Served {
+    let started = Instant::now();
+    let Some(request) = prepare(&bytes, &generation, conn) else {
+        return Served::Pingora(bytes);
+    };
+    drop(bytes);
+    let route = &generation.routes[request.route];
+    let close = request.client_close || conn.closing;
+    let (status, keep_alive) = match request.limited {
+        Some(wait) => {
+            conn.metrics
+                .rate_limited
+                .with_label_values(&[&route.name])
+                .inc();
+            let retry_after = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+            let head = local_response(
+                429,
+                "too many requests; retry after the time in Retry-After\n",
+                &request,
+                &generation,
+                Some(("retry-after", retry_after.max(1))),
+                close,
+            );
+            let sent = write_client(stream, &head, &generation).await;
+            (429, sent && !close)
+        }
+        None => forward(stream, &request, &generation, conn, started).await,
+    };
+    let seconds = started.elapsed().as_secs_f64();
+    conn.metrics.fast_path_requests.inc();
+    route.metrics.observe(status, seconds);
+    conn.metrics.rolling.record(status, seconds);
+    if keep_alive {
+        Served::KeepAlive
+    } else {
+        Served::Close
+    }
+}
+
+/// A request the fast path serves, with everything it needs after parsing.
+struct Prepared {
+    route: usize,
+    request_id: HeaderValue,
+    /// The upstream request head, ready to write.
+    upstream_head: Vec<u8>,
+    head_request: bool,
+    idempotent: bool,
+    /// The client asked to close the connection after this request.
+    client_close: bool,
+    key_hash: Option<u64>,
+    /// Set when the route's rate limit refused the request: the wait until it may retry.
+    limited: Option<Duration>,
+}
+
+/// Parses the request head in `bytes` and decides whether this path serves it: `None`
+/// sends it to Pingora. Nothing here has a side effect until that is decided (the rate
+/// limit's token is taken last).
+fn prepare(bytes: &[u8], generation: &Generation, conn: ConnInfo<'_>) -> Option<Prepared> {
+    let mut raw_headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut raw_headers);
+    // A head not complete in the first read, pipelined bytes after it, or a head that
+    // does not parse: Pingora reads on, or answers the error.
+    let head_len = match req.parse(bytes) {
+        Ok(httparse::Status::Complete(n)) if n == bytes.len() => n,
+        _ => return None,
+    };
+    if req.version != Some(1) {
+        return None;
+    }
+    let path = req.path?;
+    if !path.starts_with('/') {
+        return None;
+    }
+    let mut client_close = false;
+    let mut hosts = 0;
+    for h in req.headers.iter() {
+        let name = h.name.as_bytes();
+        if name.eq_ignore_ascii_case(b"transfer-encoding")
+            || name.eq_ignore_ascii_case(b"upgrade")
+            || name.eq_ignore_ascii_case(b"expect")
+            || (name.eq_ignore_ascii_case(b"content-length") && h.value.trim_ascii() != b"0")
+        {
+            return None;
+        }
+        if name.eq_ignore_ascii_case(b"host") {
+            hosts += 1;
+        }
+        if name.eq_ignore_ascii_case(b"connection") {
+            client_close |= tokens(h.value).any(|t| t.eq_ignore_ascii_case(b"close"));
+        }
+    }
+    if hosts != 1 {
+        return None;
+    }
+    let mut headers = HeaderMap::with_capacity(req.headers.len());
+    for h in req.headers.iter() {
+        let name = HeaderName::from_bytes(h.name.as_bytes()).ok()?;
+        headers.append(name, HeaderValue::from_bytes(h.value).ok()?);
+    }
+    let (mut parts, ()) = http::Request::new(()).into_parts();
+    parts.method = Method::from_bytes(req.method?.as_bytes()).ok()?;
+    parts.uri = Uri::try_from(path).ok()?;
+    parts.headers = headers;
+    let view = RequestView {
+        method: &parts.method,
+        uri: &parts.uri,
+        headers: &parts.headers,
+        raw: Some(&bytes[..head_len]),
+    };
+    check_request(view, generation.header_limits).ok()?;
+    let url_path = parts.uri.path();
+    if url_path.starts_with("/.well-known/acme-challenge/")
+        || url_path == rampart_config::PROBE_PATH
+    {
+        return None;
+    }
+    let host = request_host(&parts)?;
+    let route_idx = generation.router.select(&RouteRequest {
+        host: &host,
+        path: url_path,
+        headers: &parts.headers,
+    })?;
+    let route = &generation.routes[route_idx];
+    if (route.https_redirect && conn.scheme == Scheme::Http)
+        || !matches!(route.action, Action::Forward(_))
+    {
+        return None;
+    }
+    let pool = route.pool.as_ref()?;
+
+    // From here on the request is ours.
+    let client_ip = conn
+        .peer
+        .map(|p| generation.forwarding.client_ip(p, &parts.headers));
+    let request_id = request_id(&parts, generation);
+    let key_hash = pool
+        .balancer
+        .uses_key()
+        .then(|| hash_key(&pool.hash_key, &parts, client_ip));
+    let upstream_head = upstream_head(&req, &parts.headers, generation, conn, &request_id);
+    let limited = route.limiter.as_ref().and_then(|limiter| {
+        limiter
+            .check(hash_key(&limiter.config.key, &parts, client_ip))
+            .err()
+    });
+    Some(Prepared {
+        route: route_idx,
+        request_id,
+        upstream_head,
+        head_request: parts.method == Method::HEAD,
+        idempotent: parts.method.is_idempotent(),
+        client_close,
+        key_hash,
+        limited,
+    })
+}
+
+/// The comma-separated tokens of a header value.
+fn tokens(value: &[u8]) -> impl Iterator<Item = &[u8]> {
+    value
+        .split(|&b| b == b',')
+        .map(<[u8]>::trim_ascii)
+        .filter(|t| !t.is_empty())
+}
+
+/// Whether `name` is hop-by-hop: in the fixed list or named by a `Connection` header
+/// (Content-Length and Transfer-Encoding stay: they frame the message).
+fn is_hop_by_hop(name: &str, connection: &[&[u8]]) -> bool {
+    HOP_BY_HOP.iter().any(|h| name.eq_ignore_ascii_case(h))
+        || (connection
+            .iter()
+            .any(|t| t.eq_ignore_ascii_case(name.as_bytes()))
+            && !name.eq_ignore_ascii_case("content-length")
+            && !name.eq_ignore_ascii_case("transfer-encoding"))
+}
+
+/// The request head sent upstream: the client's request line and headers in their
+/// order and case, without hop-by-hop headers, with the forwarding headers and the
+/// request id set as `edge` sets them.
+fn upstream_head(
+    req: &httparse::Request<'_, '_>,
+    headers: &HeaderMap,
+    generation: &Generation,
+    conn: ConnInfo<'_>,
+    request_id: &HeaderValue,
+) -> Vec<u8> {
+    let host = headers
+        .get(HOST)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let forwarded = conn.peer.map(|peer| {
+        generation
+            .forwarding
+            .forwarded_headers(peer, conn.scheme.as_str(), host, headers)
+    });
+    let forwarded = forwarded.unwrap_or_default();
+    let id_name = &generation.forwarding.request_id;
+    let connection: Vec<&[u8]> = req
+        .headers
+        .iter()
+        .filter(|h| h.name.eq_ignore_ascii_case("connection"))
+        .flat_map(|h| tokens(h.value))
+        .collect();
+    let mut out = Vec::with_capacity(512);
+    out.extend_from_slice(req.method.unwrap_or("GET").as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(req.path.unwrap_or("/").as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    for h in req.headers.iter() {
+        if is_hop_by_hop(h.name, &connection)
+            || id_name.as_str().eq_ignore_ascii_case(h.name)
+            || forwarded
+                .iter()
+                .any(|(n, _)| n.eq_ignore_ascii_case(h.name))
+        {
+            continue;
+        }
+        push_header(&mut out, h.name.as_bytes(), h.value);
+    }
+    for (name, value) in &forwarded {
+        push_header(&mut out, name.as_bytes(), value.as_bytes());
+    }
+    push_header(&mut out, id_name.as_str().as_bytes(), request_id.as_bytes());
+    out.extend_from_slice(b"\r\n");
+    out
+}
+
+fn push_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    out.extend_from_slice(name);
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// A complete response from the proxy itself (errors, rate limits), as `edge` writes it.
+fn local_response(
+    status: u16,
+    body: &str,
+    request: &Prepared,
+    generation: &Generation,
+    extra: Option<(&str, u64)>,
+    close: bool,
+) -> Vec<u8> {
+    let reason = http::StatusCode::from_u16(status)
+        .ok()
+        .and_then(|s| s.canonical_reason())
+        .unwrap_or("");
+    let mut out = Vec::with_capacity(256 + body.len());
+    let _ = write!(
+        out,
+        "HTTP/1.1 {status} {reason}\r\ncontent-type: text/plain; charset=utf-8\r\n\
+         content-length: {}\r\n",
+        body.len()
+    );
+    if let Some((name, value)) = extra {
+        let _ = write!(out, "{name}: {value}\r\n");
+    }
+    if status == 503 {
+        out.extend_from_slice(b"retry-after: 1\r\n");
+    }
+    push_header(
+        &mut out,
+        generation.forwarding.request_id.as_str().as_bytes(),
+        request.request_id.as_bytes(),
+    );
+    if close {
+        out.extend_from_slice(b"connection: close\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    if !request.head_request {
+        out.extend_from_slice(body.as_bytes());
+    }
+    out
+}
+
+/// Writes to the client within `limits.send_timeout`; false when it failed.
+async fn write_client(stream: &mut Stream, bytes: &[u8], generation: &Generation) -> bool {
+    let limit = generation.config.limits.send_timeout.0;
+    let write = async {
+        stream.write_all(bytes).await?;
+        stream.flush().await
+    };
+    matches!(tokio::time::timeout(limit, write).await, Ok(Ok(())))
+}
+
+/// How one attempt on one endpoint ended.
+enum Attempt {
+    /// The response (or part of it) went to the client.
+    Done { status: u16, keep_alive: bool },
+    /// Nothing reached the client: `status` is answered unless another attempt is made.
+    Failed {
+        kind: &'static str,
+        status: u16,
+        retry: bool,
+    },
+}
+
+/// Proxies a prepared request, trying endpoints as the pool's retry policy allows.
+/// Returns the status logged and whether the client connection goes on.
+async fn forward(
+    stream: &mut Stream,
+    request: &Prepared,
+    generation: &Generation,
+    conn: ConnInfo<'_>,
+    started: Instant,
+) -> (u16, bool) {
+    let route = &generation.routes[request.route];
+    let Some(pool) = route.pool.as_deref() else {
+        return (500, false);
+    };
+    let mut tried = Tried::default();
+    let mut attempts = 0u32;
+    let status = loop {
+        if remaining(started, pool.timeouts.total.0).is_zero() {
+            break 504;
+        }
+        let Some(idx) = pool.balancer.pick(
+            &pool.states,
+            PickInput {
+                key_hash: request.key_hash,
+                tried: tried.as_slice(),
+                now_ms: now_ms(),
+            },
+        ) else {
+            break 503;
+        };
+        tried.push(idx);
+        attempts += 1;
+        let may_retry = attempts <= pool.retries.attempts;
+        let inflight = pool.endpoints[idx].state.start_request();
+        let outcome = attempt(
+            stream, request, generation, pool, idx, started, may_retry, conn,
+        )
+        .await;
+        drop(inflight);
+        match outcome {
+            Attempt::Done { status, keep_alive } => return (status, keep_alive),
+            Attempt::Failed {
+                kind,
+                status,
+                retry,
+            } => {
+                let mut recorded = false;
+                record_endpoint_failure(conn.metrics, pool, Some(idx), kind, &mut recorded);
+                if !(retry && may_retry) {
+                    break status;
+                }
+            }
+        }
+    };
+    // As Pingora's path after a failure: an error answer, and the connection closes.
+    let reason = http::StatusCode::from_u16(status)
+        .ok()
+        .and_then(|s| s.canonical_reason())
+        .unwrap_or("error");
+    let body = format!("{status} {reason}\n");
+    let head = local_response(status, &body, request, generation, None, true);
+    write_client(stream, &head, generation).await;
+    (status, false)
+}
+
+/// One try on endpoint `idx`: a pooled connection (or, when it turns out stale, one
+/// fresh connection), the request, the response head, then the body streamed through.
+#[allow(clippy::too_many_arguments)]
+async fn attempt(
+    stream: &mut Stream,
+    request: &Prepared,
+    generation: &Generation,
+    pool: &PoolRt,
+    idx: usize,
+    started: Instant,
+    may_retry: bool,
+    conn: ConnInfo<'_>,
+) -> Attempt {
+    let endpoint = &pool.endpoints[idx];
+    let t = &pool.timeouts;
+    let failed = |kind, status, retry| Attempt::Failed {
+        kind,
+        status,
+        retry,
+    };
+    let mut buf: Vec<u8> = Vec::with_capacity(UPSTREAM_BUFFER);
+    let mut stale_seen = false;
+    let (mut upstream, head, upstream_started) = 'connect: loop {
+        let left = remaining(started, t.total.0);
+        if left.is_zero() {
+            return failed("timeout", 504, false);
+        }
+        let pooled = if stale_seen {
+            None
+        } else {
+            IdlePool::take(endpoint.addr)
+        };
+        let reused = pooled.is_some();
+        let mut upstream = match pooled {
+            Some(s) => s,
+            None => {
+                match tokio::time::timeout(t.connect.0.min(left), TcpStream::connect(endpoint.addr))
+                    .await
+                {
+                    Ok(Ok(s)) => {
+                        let _ = s.set_nodelay(true);
+                        s
+                    }
+                    Ok(Err(_)) => return failed("connect", 502, true),
+                    Err(_) => return failed("connect", 504, true),
+                }
+            }
+        };
+        let upstream_started = Instant::now();
+        let io_limit = t.first_byte.0.min(left);
+        match tokio::time::timeout(io_limit, upstream.write_all(&request.upstream_head)).await {
+            Ok(Ok(())) => {}
+            // A pooled connection the upstream had closed: not the endpoint's fault.
+            Ok(Err(_)) if reused => {
+                stale_seen = true;
+                continue 'connect;
+            }
+            Ok(Err(_)) => return failed("error", 502, request.idempotent),
+            Err(_) => return failed("timeout", 504, request.idempotent),
+        }
+        buf.clear();
+        loop {
+            let left = remaining(started, t.total.0);
+            if left.is_zero() {
+                return failed("timeout", 504, false);
+            }
+            if buf.len() == buf.capacity() {
+                if buf.len() >= MAX_RESPONSE_HEAD {
+                    return failed("error", 502, false);
+                }
+                buf.reserve(UPSTREAM_BUFFER);
+            }
+            let read = tokio::time::timeout(t.first_byte.0.min(left), upstream.read_buf(&mut buf));
+            match read.await {
+                Ok(Ok(0)) | Ok(Err(_)) if reused && buf.is_empty() => {
+                    stale_seen = true;
+                    continue 'connect;
+                }
+                Ok(Ok(0)) | Ok(Err(_)) => return failed("error", 502, request.idempotent),
+                Ok(Ok(_)) => {}
+                Err(_) => return failed("timeout", 504, request.idempotent),
+            }
+            loop {
+                match parse_response(&buf, request.head_request) {
+                    Ok(Some(ResponseHead::Interim(len))) => {
+                        buf.drain(..len);
+                    }
+                    Ok(Some(ResponseHead::Final(head))) => {
+                        break 'connect (upstream, head, upstream_started)
+                    }
+                    Ok(None) => break,
+                    Err(()) => return failed("error", 502, false),
+                }
+            }
+        }
+    };
+
+    let status = head.status;
+    let ttfb = upstream_started.elapsed();
+    pool.ttfb.observe(ttfb.as_secs_f64());
+    pool.states[idx].observe_latency(ttfb, now_ms());
+    if pool.retries.on_status.contains(&status) && request.idempotent && may_retry {
+        return failed("status", status, true);
+    }
+    if matches!(status, 502..=504) {
+        let mut recorded = false;
+        record_endpoint_failure(conn.metrics, pool, Some(idx), "status", &mut recorded);
+    } else {
+        pool.states[idx].record_success();
+    }
+
+    let close = request.client_close || conn.closing || head.body == Body::UntilClose;
+    let mut out = downstream_head(&buf[..head.len], &head, request, generation, close);
+    let mut framing = Framing::new(head.body);
+    let first = &buf[head.len..];
+    let used = framing.feed(first);
+    let mut clean = used == first.len();
+    out.extend_from_slice(&first[..used]);
+    let mut client_ok = write_client(stream, &out, generation).await;
+    drop(out);
+    while client_ok && clean && !framing.done() {
+        if remaining(started, t.total.0).is_zero() || endpoint.state.drained(pool.drain_timeout) {
+            clean = false;
+            break;
+        }
+        buf.clear();
+        let read = tokio::time::timeout(t.first_byte.0, upstream.read_buf(&mut buf)).await;
+        match read {
+            Ok(Ok(0)) if framing.body == Body::UntilClose => {
+                framing.finished = true;
+                break;
+            }
+            Ok(Ok(n)) if n > 0 => {
+                let used = framing.feed(&buf);
+                clean = used == buf.len() && framing.valid;
+                client_ok = write_client(stream, &buf[..used], generation).await;
+            }
+            _ => clean = false,
+        }
+    }
+    let complete = framing.done() && clean;
+    if complete && head.upstream_reusable {
+        IdlePool::put(endpoint.addr, upstream, t.idle.0);
+    }
+    Attempt::Done {
+        status,
+        keep_alive: client_ok && complete && !close,
+    }
+}
+
+/// How a response body is delimited.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Body {
+    /// No body (HEAD, 204, 304).
+    Empty,
+    /// Content-Length.
+    Length(u64),
+    /// Transfer-Encoding ending in chunked.
+    Chunked,
+    /// Read until the upstream closes (the client connection closes too).
+    UntilClose,
+}
+
+/// A parsed upstream response head.
+#[derive(Debug)]
+struct FinalHead {
+    status: u16,
+    /// Bytes of the head in the buffer.
+    len: usize,
+    body: Body,
+    /// The upstream connection can carry another request once the body is read.
+    upstream_reusable: bool,
+}
+
+enum ResponseHead {
+    /// A 1xx response (not 101) of this many bytes, which the client never asked for.
+    Interim(usize),
+    Final(FinalHead),
+}
+
+/// Parses an upstream response head: `Ok(None)` while incomplete, `Err` when it is
+/// malformed or ambiguous (an upgrade that was not asked for, Content-Length with
+/// Transfer-Encoding, conflicting lengths).
+fn parse_response(buf: &[u8], head_request: bool) -> Result<Option<ResponseHead>, ()> {
+    let mut raw_headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut resp = httparse::Response::new(&mut raw_headers);
+    let len = match resp.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(_) => return Err(()),
+    };
+    let status = resp.code.ok_or(())?;
+    if status == 101 {
+        return Err(());
+    }
+    if (100..200).contains(&status) {
+        return Ok(Some(ResponseHead::Interim(len)));
+    }
+    let mut length: Option<u64> = None;
+    let mut chunked: Option<bool> = None;
+    let mut keep_alive = resp.version == Some(1);
+    for h in resp.headers.iter() {
+        if h.name.eq_ignore_ascii_case("content-length") {
+            for part in tokens(h.value) {
+                if !part.iter().all(u8::is_ascii_digit) {
+                    return Err(());
+                }
+                let n: u64 = std::str::from_utf8(part)
+                    .map_err(|_| ())?
+                    .parse()
+                    .map_err(|_| ())?;
+                if length.is_some_and(|l| l != n) {
+                    return Err(());
+                }
+                length = Some(n);
+            }
+        } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
+            // The last coding decides (several fields form one list).
+            if let Some(last) = tokens(h.value).last() {
+                chunked = Some(last.eq_ignore_ascii_case(b"chunked"));
+            }
+        } else if h.name.eq_ignore_ascii_case("connection")
+            && tokens(h.value).any(|t| t.eq_ignore_ascii_case(b"close"))
+        {
+            keep_alive = false;
+        }
+    }
+    let body = if head_request || status == 204 || status == 304 {
+        Body::Empty
+    } else {
+        match (chunked, length) {
+            (Some(_), Some(_)) => return Err(()),
+            (Some(true), None) => Body::Chunked,
+            (Some(false), None) | (None, None) => Body::UntilClose,
+            (None, Some(n)) => Body::Length(n),
+        }
+    };
+    Ok(Some(ResponseHead::Final(FinalHead {
+        status,
+        len,
+        body,
+        upstream_reusable: keep_alive && body != Body::UntilClose,
+    })))
+}
+
+/// The response head for the client: the upstream's status and headers without
+/// hop-by-hop ones, with the request id, and `Connection: close` when the connection
+/// ends after this response.
+fn downstream_head(
+    raw: &[u8],
+    head: &FinalHead,
+    request: &Prepared,
+    generation: &Generation,
+    close: bool,
+) -> Vec<u8> {
+    let mut raw_headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut resp = httparse::Response::new(&mut raw_headers);
+    // Parsed before: cannot fail.
+    let _ = resp.parse(raw);
+    let id_name = &generation.forwarding.request_id;
+    let connection: Vec<&[u8]> = resp
+        .headers
+        .iter()
+        .filter(|h| h.name.eq_ignore_ascii_case("connection"))
+        .flat_map(|h| tokens(h.value))
+        .collect();
+    let mut out = Vec::with_capacity(raw.len() + 128);
+    let _ = write!(
+        out,
+        "HTTP/1.1 {} {}\r\n",
+        head.status,
+        resp.reason.unwrap_or("")
+    );
+    for h in resp.headers.iter() {
+        if is_hop_by_hop(h.name, &connection) || id_name.as_str().eq_ignore_ascii_case(h.name) {
+            continue;
+        }
+        push_header(&mut out, h.name.as_bytes(), h.value);
+    }
+    push_header(
+        &mut out,
+        id_name.as_str().as_bytes(),
+        request.request_id.as_bytes(),
+    );
+    if close {
+        out.extend_from_slice(b"connection: close\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    out
+}
+
+/// Tracks where a response body ends as its bytes pass through.
+#[derive(Debug)]
+struct Framing {
+    body: Body,
+    left: u64,
+    chunks: ChunkScanner,
+    finished: bool,
+    /// False once the chunked encoding was malformed.
+    valid: bool,
+}
+
+impl Framing {
+    fn new(body: Body) -> Self {
+        Self {
+            body,
+            left: if let Body::Length(n) = body { n } else { 0 },
+            chunks: ChunkScanner::default(),
+            finished: matches!(body, Body::Empty | Body::Length(0)),
+            valid: true,
+        }
+    }
+
+    /// Takes the body bytes at the start of `bytes`; returns how many belong to it.
+    fn feed(&mut self, bytes: &[u8]) -> usize {
+        match self.body {
+            Body::Empty => 0,
+            Body::Length(_) => {
+                let n = usize::try_from(self.left)
+                    .unwrap_or(usize::MAX)
+                    .min(bytes.len());
+                self.left -= n as u64;
+                self.finished = self.left == 0;
+                n
+            }
+            Body::Chunked => match self.chunks.feed(bytes) {
+                Ok(n) => {
+                    self.finished = self.chunks.is_done();
+                    n
+                }
+                Err(MalformedChunk) => {
+                    self.valid = false;
+                    0
+                }
+            },
+            Body::UntilClose => bytes.len(),
+        }
+    }
+
+    fn done(&self) -> bool {
+        self.finished
+    }
+}
+
+/// Finds the end of a chunked body (RFC 9112 §7.1) in bytes passed through unchanged:
+/// chunk sizes, extensions, data, and the trailer section.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ChunkScanner {
+    state: ChunkState,
+    size: u64,
+    digits: u8,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+enum ChunkState {
+    #[default]
+    Size,
+    Extension,
+    SizeLf,
+    Data,
+    DataCr,
+    DataLf,
+    TrailerStart,
+    TrailerLine,
+    TrailerLf,
+    LastLf,
+    Done,
+}
+
+impl ChunkScanner {
+    /// Whether the whole body (last chunk and trailers) has been seen.
+    #[must_use]
+    pub fn is_done(&self) -> bool {
+        self.state == ChunkState::Done
+    }
+
+    /// Scans `bytes`; returns how many belong to the body (fewer than all only when the
+    /// body ended).
+    ///
+    /// # Errors
+    /// When the encoding is malformed: the body's end cannot be known.
+    pub fn feed(&mut self, bytes: &[u8]) -> Result<usize, MalformedChunk> {
+        use ChunkState as S;
+        let mut i = 0;
+        while i < bytes.len() {
+            if self.state == S::Done {
+                return Ok(i);
+            }
+            if self.state == S::Data {
+                let take = usize::try_from(self.size)
+                    .unwrap_or(usize::MAX)
+                    .min(bytes.len() - i);
+                self.size -= take as u64;
+                i += take;
+                if self.size == 0 {
+                    self.state = S::DataCr;
+                }
+                continue;
+            }
+            let b = bytes[i];
+            i += 1;
+            self.state = match (self.state, b) {
+                (S::Size, b) if b.is_ascii_hexdigit() => {
+                    if self.digits == 15 {
+                        return Err(MalformedChunk);
+                    }
+                    self.digits += 1;
+                    let d = (b as char).to_digit(16).unwrap_or(0);
+                    self.size = self.size * 16 + u64::from(d);
+                    S::Size
+                }
+                (S::Size, b';' | b' ' | b'\t') if self.digits > 0 => S::Extension,
+                (S::Size, b'\r') if self.digits > 0 => S::SizeLf,
+                (S::Extension, b'\r') => S::SizeLf,
+                (S::Extension, b) if b != b'\n' => S::Extension,
+                (S::SizeLf, b'\n') => {
+                    self.digits = 0;
+                    if self.size == 0 {
+                        S::TrailerStart
+                    } else {
+                        S::Data
+                    }
+                }
+                (S::DataCr, b'\r') => S::DataLf,
+                (S::DataLf, b'\n') => S::Size,
+                (S::TrailerStart, b'\r') => S::LastLf,
+                (S::TrailerStart | S::TrailerLine, b) if b != b'\n' && b != b'\r' => S::TrailerLine,
+                (S::TrailerLine, b'\r') => S::TrailerLf,
+                (S::TrailerLf, b'\n') => S::TrailerStart,
+                (S::LastLf, b'\n') => S::Done,
+                _ => return Err(MalformedChunk),
+            };
+        }
+        Ok(i)
+    }
+}
+
+/// A chunked body that does not follow the grammar.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("malformed chunked encoding")]
+pub struct MalformedChunk;
+
+/// Idle upstream connections of this worker thread, by endpoint address: taken
+/// last-in first-out (the warmest), dropped after the pool's idle timeout or when the
+/// upstream closed them.
+#[derive(Default)]
+pub struct IdlePool {
+    by_addr: HashMap<SocketAddr, Vec<Idle>>,
+    last_sweep: Option<Instant>,
+}
+
+struct Idle {
+    stream: TcpStream,
+    expires: Instant,
+}
+
+thread_local! {
+    static IDLE: RefCell<IdlePool> = RefCell::new(IdlePool::default());
+}
+
+impl IdlePool {
+    /// A live idle connection to `addr`, if this thread has one.
+    fn take(addr: SocketAddr) -> Option<TcpStream> {
+        IDLE.with(|pool| {
+            let mut pool = pool.borrow_mut();
+            let list = pool.by_addr.get_mut(&addr)?;
+            let now = Instant::now();
+            while let Some(idle) = list.pop() {
+                if idle.expires > now && is_open(&idle.stream) {
+                    return Some(idle.stream);
+                }
+            }
+            None
+        })
+    }
+
+    /// Keeps `stream` for reuse for up to `idle`.
+    fn put(addr: SocketAddr, stream: TcpStream, idle: Duration) {
+        IDLE.with(|pool| {
+            let mut pool = pool.borrow_mut();
+            let now = Instant::now();
+            // Now and then, drop what expired everywhere (endpoints that left the
+            // configuration are never taken from again).
+            if pool
+                .last_sweep
+                .is_none_or(|t| now.duration_since(t) > Duration::from_secs(5))
+            {
+                pool.last_sweep = Some(now);
+                pool.by_addr.retain(|_, list| {
+                    list.retain(|i| i.expires > now);
+                    !list.is_empty()
+                });
+            }
+            let list = pool.by_addr.entry(addr).or_default();
+            if list.len() >= IDLE_PER_ENDPOINT {
+                list.remove(0);
+            }
+            list.push(Idle {
+                stream,
+                expires: now + idle,
+            });
+        });
+    }
+}
+
+/// Whether an idle upstream connection is still open and quiet: a read would block.
+/// (Closed, or bytes the upstream sent unasked: not reusable.)
+fn is_open(stream: &TcpStream) -> bool {
+    let mut probe = [0u8; 1];
+    matches!(stream.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scan_all(input: &[u8]) -> Result<(usize, bool), MalformedChunk> {
+        let mut s = ChunkScanner::default();
+        let n = s.feed(input)?;
+        Ok((n, s.is_done()))
+    }
+
+    #[test]
+    fn a_chunked_body_ends_after_the_last_chunk_and_trailers() {
+        let body = b"5\r\nhello\r\n6;ext=1\r\n world\r\n0\r\n\r\n";
+        assert_eq!(scan_all(body), Ok((body.len(), true)));
+        let trailers = b"3\r\nabc\r\n0\r\nx-sum: 1\r\ny: 2\r\n\r\n";
+        assert_eq!(scan_all(trailers), Ok((trailers.len(), true)));
+        // Bytes after the end are not the body's.
+        let mut more = body.to_vec();
+        more.extend_from_slice(b"HTTP/1.1 200 OK\r\n");
+        assert_eq!(scan_all(&more), Ok((body.len(), true)));
+    }
+
+    #[test]
+    fn a_chunked_body_is_found_whatever_the_read_boundaries() {
+        let body = b"a\r\n0123456789\r\n1A\r\nabcdefghijklmnopqrstuvwxyz\r\n0\r\nt: v\r\n\r\n";
+        for split in 0..body.len() {
+            for step in 1..4 {
+                let mut s = ChunkScanner::default();
+                let mut seen = s.feed(&body[..split]).unwrap();
+                for piece in body[split..].chunks(step) {
+                    seen += s.feed(piece).unwrap();
+                }
+                assert_eq!(seen, body.len(), "split {split} step {step}");
+                assert!(s.is_done());
+            }
+        }
+    }
+
+    #[test]
+    fn a_malformed_chunked_body_is_an_error() {
+        for bad in [
+            &b"x\r\n"[..],
+            b"5\nhello",
+            b"5\r\nhelloX\r\n",
+            b"\r\n",
+            b"0000000000000001\r\n",
+            b"0\r\n\n",
+        ] {
+            assert_eq!(
+                scan_all(bad),
+                Err(MalformedChunk),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+        // Incomplete is not an error.
+        assert_eq!(scan_all(b"5\r\nhel"), Ok((6, false)));
+    }
+
+    fn final_head(raw: &[u8], head_request: bool) -> FinalHead {
+        match parse_response(raw, head_request) {
+            Ok(Some(ResponseHead::Final(h))) => h,
+            _ => panic!("not a final head"),
+        }
+    }
+
+    #[test]
+    fn response_framing_follows_rfc_9112() {
+        let h = final_head(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n", false);
+        assert_eq!((h.body, h.upstream_reusable), (Body::Length(5), true));
+        let h = final_head(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n", true);
+        assert_eq!(h.body, Body::Empty);
+        let h = final_head(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+            false,
+        );
+        assert_eq!(h.body, Body::Chunked);
+        let h = final_head(b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip\r\n\r\n", false);
+        assert_eq!((h.body, h.upstream_reusable), (Body::UntilClose, false));
+        let h = final_head(b"HTTP/1.1 200 OK\r\n\r\n", false);
+        assert_eq!(h.body, Body::UntilClose);
+        let h = final_head(b"HTTP/1.1 204 No Content\r\n\r\n", false);
+        assert_eq!(h.body, Body::Empty);
+        let h = final_head(
+            b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\n",
+            false,
+        );
+        assert!(!h.upstream_reusable);
+        let h = final_head(b"HTTP/1.0 200 OK\r\ncontent-length: 2\r\n\r\n", false);
+        assert!(!h.upstream_reusable);
+        let h = final_head(b"HTTP/1.1 200 OK\r\ncontent-length: 7, 7\r\n\r\n", false);
+        assert_eq!(h.body, Body::Length(7));
+        assert!(matches!(
+            parse_response(
+                b"HTTP/1.1 103 Early Hints\r\nlink: </a>\r\n\r\nHTTP/1.1",
+                false
+            ),
+            Ok(Some(ResponseHead::Interim(40)))
+        ));
+        assert!(matches!(
+            parse_response(b"HTTP/1.1 200 OK\r\ncontent-le", false),
+            Ok(None)
+        ));
+        for bad in [
+            &b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\ntransfer-encoding: chunked\r\n\r\n"[..],
+            b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\ncontent-length: 6\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\ncontent-length: -1\r\n\r\n",
+            b"HTTP/1.1 101 Switching Protocols\r\n\r\n",
+            b"HTTP/1.1 abc\r\n\r\n",
+        ] {
+            assert!(
+                parse_response(bad, false).is_err(),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+    }
+
+    #[test]
+    fn framing_takes_only_the_bodys_bytes() {
+        let mut f = Framing::new(Body::Length(4));
+        assert_eq!(f.feed(b"ab"), 2);
+        assert!(!f.done());
+        assert_eq!(f.feed(b"cdEXTRA"), 2);
+        assert!(f.done());
+        let mut f = Framing::new(Body::Chunked);
+        assert_eq!(f.feed(b"1\r\na\r\n0\r\n\r\nX"), 11);
+        assert!(f.done() && f.valid);
+        let mut f = Framing::new(Body::Chunked);
+        assert_eq!(f.feed(b"zz"), 0);
+        assert!(!f.valid);
+    }
+
+    #[test]
+    fn hop_by_hop_includes_headers_named_by_connection_but_not_framing() {
+        let conn: Vec<&[u8]> = vec![b"x-secret", b"content-length", b"close"];
+        assert!(is_hop_by_hop("Keep-Alive", &conn));
+        assert!(is_hop_by_hop("X-Secret", &conn));
+        assert!(!is_hop_by_hop("Content-Length", &conn));
+        assert!(!is_hop_by_hop("x-other", &conn));
+    }
+}

@@ -1,0 +1,390 @@
+//! The HTTP/1 fast path (`rampart_proxy::h1`) through a real `rampart proxy`: it answers
+//! what the full Pingora path answers, frames chunked, close-delimited and interim
+//! responses right, keeps client and upstream connections alive, and recovers from
+//! pooled upstream connections that the upstream closed.
+#![allow(missing_docs, clippy::unwrap_used)]
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{free_addr, pool_toml, Backend, Proxy};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// An upstream that writes exact bytes, for framing the hyper backend never produces.
+struct RawUpstream {
+    addr: SocketAddr,
+    connections: Arc<AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for RawUpstream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl RawUpstream {
+    async fn start() -> RawUpstream {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let connections = Arc::new(AtomicUsize::new(0));
+        let count = connections.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                count.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(serve_raw(stream));
+            }
+        });
+        RawUpstream {
+            addr,
+            connections,
+            task,
+        }
+    }
+}
+
+/// Answers each request by its path; `close` paths end the connection after answering.
+async fn serve_raw(mut stream: TcpStream) {
+    let mut buf = Vec::new();
+    loop {
+        let head_end = loop {
+            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break i + 4;
+            }
+            let mut chunk = [0u8; 4096];
+            match stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        };
+        let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
+        buf.drain(..head_end);
+        let path = head.split(' ').nth(1).unwrap_or("/").to_string();
+        let (response, close): (&[u8], bool) = match path.as_str() {
+            "/chunked" => (
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nX-Kind: chunked\r\n\r\n\
+                  5\r\nhello\r\n6;ext=1\r\n world\r\n0\r\nx-t: 1\r\n\r\n",
+                false,
+            ),
+            "/close" => (
+                b"HTTP/1.1 200 OK\r\nX-Kind: close\r\n\r\nuntil the upstream closes",
+                true,
+            ),
+            "/early" => (
+                b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>\r\n\r\n\
+                  HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nafter",
+                false,
+            ),
+            "/hop" => (
+                b"HTTP/1.1 200 OK\r\nConnection: x-internal\r\nX-Internal: secret\r\n\
+                  Keep-Alive: timeout=5\r\nX-Kept: yes\r\nContent-Length: 2\r\n\r\nok",
+                false,
+            ),
+            // Closes after answering without saying so, as an upstream whose idle
+            // timeout fires right after a response does.
+            "/oneshot" => (b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\none", true),
+            _ => (b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nraw", false),
+        };
+        if stream.write_all(response).await.is_err() || close {
+            return;
+        }
+    }
+}
+
+fn config(backend: &Arc<Backend>, raw: &RawUpstream) -> String {
+    format!(
+        r#"
+[[routes]]
+name = "hyper"
+hosts = ["a.test"]
+action = {{ forward = "hyper" }}
+
+[[routes]]
+name = "raw"
+hosts = ["raw.test"]
+action = {{ forward = "raw" }}
+
+[[routes]]
+name = "dead"
+hosts = ["dead.test"]
+action = {{ forward = "dead" }}
+
+{}
+
+[pools.raw]
+endpoints = [{{ address = "{}" }}]
+
+[pools.dead]
+endpoints = [{{ address = "{}" }}]
+"#,
+        pool_toml("hyper", "round_robin", &[backend], ""),
+        raw.addr,
+        free_addr()
+    )
+}
+
+fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .http1_only()
+        .no_proxy()
+        .redirect(reqwest::redirect::Policy::none())
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap()
+}
+
+/// Extra request headers.
+type Headers<'a> = &'a [(&'a str, &'a str)];
+
+/// Status, the headers that framing and time do not change, and the body.
+async fn answer(
+    proxy: &Proxy,
+    method: &str,
+    host: &str,
+    path: &str,
+    headers: Headers<'_>,
+) -> (u16, BTreeMap<String, String>, String) {
+    let mut req = client()
+        .request(method.parse().unwrap(), proxy.url(path))
+        .header("host", host);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let resp = req.send().await.unwrap();
+    let status = resp.status().as_u16();
+    let mut kept = BTreeMap::new();
+    for (name, value) in resp.headers() {
+        let name = name.as_str();
+        assert_ne!(
+            name, "x-internal",
+            "a header named by Connection was forwarded"
+        );
+        if matches!(
+            name,
+            "date" | "content-length" | "transfer-encoding" | "connection" | "x-request-id"
+        ) {
+            continue;
+        }
+        kept.insert(name.to_string(), value.to_str().unwrap().to_string());
+    }
+    assert!(resp.headers().contains_key("x-request-id"));
+    let mut body = resp.text().await.unwrap();
+    // /headers answers a JSON object in no particular order.
+    if let Ok(map) = serde_json::from_str::<BTreeMap<String, String>>(&body) {
+        body = format!("{map:?}");
+    }
+    (status, kept, body)
+}
+
+#[tokio::test]
+async fn the_fast_path_answers_what_the_full_path_answers() {
+    common::init();
+    let backend = Backend::start("hyper").await;
+    let raw = RawUpstream::start().await;
+    let fast = Proxy::start(&config(&backend, &raw)).await;
+    let full = Proxy::start_with("http1_fast_path = false", &config(&backend, &raw)).await;
+    let spoofing: Headers = &[
+        ("x-forwarded-for", "203.0.113.9"),
+        ("forwarded", "for=203.0.113.9"),
+        ("connection", "x-secret"),
+        ("x-secret", "do not forward"),
+        ("keep-alive", "timeout=1"),
+        ("x-custom", "kept"),
+        ("x-request-id", "abc-123"),
+    ];
+    let cases: &[(&str, &str, &str, Headers)] = &[
+        ("GET", "a.test", "/", &[]),
+        ("HEAD", "a.test", "/", &[]),
+        ("GET", "a.test", "/headers", spoofing),
+        ("GET", "a.test", "/status/503", &[]),
+        ("GET", "a.test", "/status/404", &[]),
+        ("GET", "a.test", "/bytes/200000", &[]),
+        ("DELETE", "a.test", "/", &[]),
+        ("GET", "a.test", "/", &[("connection", "close")]),
+        ("GET", "raw.test", "/chunked", &[]),
+        ("GET", "raw.test", "/close", &[]),
+        ("GET", "raw.test", "/early", &[]),
+        ("GET", "raw.test", "/hop", &[]),
+        ("GET", "dead.test", "/", &[]),
+        ("GET", "nowhere.test", "/", &[]),
+        ("GET", "a.test", "/a/../b", &[]),
+    ];
+    for (method, host, path, headers) in cases {
+        let a = answer(&fast, method, host, path, headers).await;
+        let b = answer(&full, method, host, path, headers).await;
+        assert_eq!(a, b, "{method} {host}{path}: fast path (left) vs full path");
+    }
+    // The upstream saw the forwarding headers set, not the client's, and no hop-by-hop.
+    let (_, _, seen) = answer(&fast, "GET", "a.test", "/headers", spoofing).await;
+    for expected in [
+        r#""x-forwarded-for": "127.0.0.1""#,
+        r#""x-forwarded-proto": "http""#,
+        r#""x-request-id": "abc-123""#,
+        r#""x-custom": "kept""#,
+    ] {
+        assert!(seen.contains(expected), "{expected} not in {seen}");
+    }
+    for gone in ["x-secret", "keep-alive", "connection"] {
+        assert!(
+            !seen.contains(&format!("\"{gone}\"")),
+            "{gone} reached the upstream: {seen}"
+        );
+    }
+    // Which path served what: the fast path took the forwarded requests, the full
+    // path everything on the proxy that has it turned off.
+    assert!(fast.metric("rampart_http1_fast_path_requests_total").await >= 14.0);
+    assert_eq!(
+        full.metric("rampart_http1_fast_path_requests_total").await,
+        0.0
+    );
+}
+
+/// Sends `request` on `stream` and reads one response whose end is `end` (or EOF).
+async fn exchange(stream: &mut TcpStream, request: &str, end: &[u8]) -> String {
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut got = Vec::new();
+    let read = async {
+        let mut chunk = [0u8; 4096];
+        while !got.ends_with(end) {
+            match stream.read(&mut chunk).await.unwrap() {
+                0 => break,
+                n => got.extend_from_slice(&chunk[..n]),
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), read)
+        .await
+        .expect("a response within 10 s");
+    String::from_utf8(got).unwrap()
+}
+
+#[tokio::test]
+async fn responses_are_framed_as_the_upstream_framed_them() {
+    common::init();
+    let backend = Backend::start("hyper").await;
+    let raw = RawUpstream::start().await;
+    let proxy = Proxy::start(&config(&backend, &raw)).await;
+    let mut conn = TcpStream::connect(proxy.http).await.unwrap();
+
+    // Chunked with an extension and a trailer: passed through as sent, and the
+    // connection carries the next request.
+    let chunked = exchange(
+        &mut conn,
+        "GET /chunked HTTP/1.1\r\nHost: raw.test\r\n\r\n",
+        b"x-t: 1\r\n\r\n",
+    )
+    .await;
+    assert!(chunked.starts_with("HTTP/1.1 200 OK\r\n"), "{chunked}");
+    assert!(
+        chunked.ends_with("\r\n\r\n5\r\nhello\r\n6;ext=1\r\n world\r\n0\r\nx-t: 1\r\n\r\n"),
+        "{chunked}"
+    );
+    // The 103 is not forwarded (the client did not ask for hints); the 200 is.
+    let early = exchange(
+        &mut conn,
+        "GET /early HTTP/1.1\r\nHost: raw.test\r\n\r\n",
+        b"after",
+    )
+    .await;
+    assert!(early.starts_with("HTTP/1.1 200 OK\r\n"), "{early}");
+    let hop = exchange(
+        &mut conn,
+        "GET /hop HTTP/1.1\r\nHost: raw.test\r\n\r\n",
+        b"ok",
+    )
+    .await;
+    let lower = hop.to_ascii_lowercase();
+    assert!(
+        lower.contains("x-kept: yes") && !lower.contains("x-internal"),
+        "{hop}"
+    );
+    assert!(!lower.contains("keep-alive"), "{hop}");
+
+    // Delimited by the upstream closing: the client is told, and its connection ends.
+    let close = exchange(
+        &mut conn,
+        "GET /close HTTP/1.1\r\nHost: raw.test\r\n\r\n",
+        b"\0",
+    )
+    .await;
+    assert!(
+        close.to_ascii_lowercase().contains("connection: close\r\n"),
+        "{close}"
+    );
+    assert!(
+        close.ends_with("\r\n\r\nuntil the upstream closes"),
+        "{close}"
+    );
+    let mut rest = [0u8; 16];
+    assert_eq!(
+        conn.read(&mut rest).await.unwrap(),
+        0,
+        "the connection stays open"
+    );
+
+    // A client's Connection: close is honoured.
+    let mut conn = TcpStream::connect(proxy.http).await.unwrap();
+    let bye = exchange(
+        &mut conn,
+        "GET / HTTP/1.1\r\nHost: raw.test\r\nConnection: close\r\n\r\n",
+        b"raw",
+    )
+    .await;
+    assert!(
+        bye.to_ascii_lowercase().contains("connection: close\r\n"),
+        "{bye}"
+    );
+    assert_eq!(conn.read(&mut rest).await.unwrap(), 0);
+    assert!(proxy.metric("rampart_http1_fast_path_requests_total").await >= 5.0);
+}
+
+#[tokio::test]
+async fn upstream_connections_are_reused_and_stale_ones_replaced() {
+    common::init();
+    let backend = Backend::start("hyper").await;
+    let raw = RawUpstream::start().await;
+    let proxy = Proxy::start(&config(&backend, &raw)).await;
+    let c = client();
+    for _ in 0..50 {
+        let r = c
+            .get(proxy.url("/"))
+            .header("host", "a.test")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.text().await.unwrap(), "hyper");
+    }
+    // One client connection lives on one worker, whose pool keeps one upstream
+    // connection warm.
+    let upstream = backend.connections.load(Ordering::SeqCst);
+    assert!(
+        upstream <= 2,
+        "{upstream} upstream connections for 50 requests"
+    );
+
+    // The upstream closes each connection after answering: every pooled connection is
+    // stale by the next request, which must still succeed and not count as a failure.
+    for i in 0..30 {
+        let r = c
+            .get(proxy.url("/oneshot"))
+            .header("host", "raw.test")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "request {i}");
+        assert_eq!(r.text().await.unwrap(), "one");
+    }
+    assert_eq!(raw.connections.load(Ordering::SeqCst), 30);
+    let metrics = proxy.metrics().await;
+    assert!(
+        !metrics.contains("rampart_upstream_failures_total{"),
+        "stale pooled connections counted as upstream failures:\n{metrics}"
+    );
+}
