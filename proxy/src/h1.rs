@@ -1095,6 +1095,76 @@ mod tests {
         assert!(!f.valid);
     }
 
+    /// A chunked body of these chunk sizes (with an extension on odd ones) and
+    /// trailers, followed by bytes that are not the body's.
+    fn chunked_body(sizes: &[usize], trailers: usize) -> Vec<u8> {
+        let mut body = Vec::new();
+        for (i, &n) in sizes.iter().enumerate() {
+            body.extend_from_slice(format!("{n:X}").as_bytes());
+            if i % 2 == 1 {
+                body.extend_from_slice(b";name=\"v\"");
+            }
+            body.extend_from_slice(b"\r\n");
+            body.extend(std::iter::repeat_n(b'0' + (i % 10) as u8, n));
+            body.extend_from_slice(b"\r\n");
+        }
+        body.extend_from_slice(b"0\r\n");
+        for t in 0..trailers {
+            body.extend_from_slice(format!("x-t{t}: {t}\r\n").as_bytes());
+        }
+        body.extend_from_slice(b"\r\n");
+        body
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn the_end_of_any_chunked_body_is_found_across_any_reads(
+            sizes in proptest::collection::vec(1usize..3000, 0..8),
+            trailers in 0usize..3,
+            cuts in proptest::collection::vec(0usize..20_000, 0..6),
+        ) {
+            let body = chunked_body(&sizes, trailers);
+            let mut stream = body.clone();
+            stream.extend_from_slice(b"HTTP/1.1 200 OK\r\n");
+            let mut cuts: Vec<usize> = cuts.into_iter().map(|c| c % stream.len()).collect();
+            cuts.push(stream.len());
+            cuts.sort_unstable();
+            let mut s = ChunkScanner::default();
+            let (mut from, mut seen) = (0, 0);
+            for cut in cuts {
+                let used = s.feed(&stream[from..cut]).unwrap();
+                seen += used;
+                if s.is_done() {
+                    break;
+                }
+                proptest::prop_assert_eq!(used, cut - from);
+                from = cut;
+            }
+            proptest::prop_assert!(s.is_done());
+            proptest::prop_assert_eq!(seen, body.len());
+        }
+
+        #[test]
+        fn arbitrary_bytes_never_panic_and_reads_do_not_change_the_outcome(
+            bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..200),
+            cut in 0usize..200,
+        ) {
+            let cut = cut.min(bytes.len());
+            let mut whole = ChunkScanner::default();
+            let at_once = whole.feed(&bytes);
+            let mut split = ChunkScanner::default();
+            let in_two = split
+                .feed(&bytes[..cut])
+                .and_then(|a| if split.is_done() { Ok(a) } else { split.feed(&bytes[cut..]).map(|b| a + b) });
+            proptest::prop_assert_eq!(at_once.is_ok(), in_two.is_ok());
+            if let (Ok(a), Ok(b)) = (at_once, in_two) {
+                proptest::prop_assert_eq!(a, b);
+                proptest::prop_assert_eq!(whole.is_done(), split.is_done());
+            }
+            let _ = parse_response(&bytes, false);
+        }
+    }
+
     #[test]
     fn hop_by_hop_includes_headers_named_by_connection_but_not_framing() {
         let conn: Vec<&[u8]> = vec![b"x-secret", b"content-length", b"close"];

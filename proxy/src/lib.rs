@@ -4,8 +4,9 @@
 //!
 //! Flow of a change: config → [`generation::Builder::build`] → swap in [`live::Live`].
 //! Flow of a request: [`listener`] (connection limit, TLS, header deadline) →
-//! [`edge`] (the `ProxyHttp` phases) → [`limits`], [`routing`], [`balance`],
-//! [`headers`], [`health`].
+//! [`h1`] (the HTTP/1 fast path, for the common request) or [`edge`] (the `ProxyHttp`
+//! phases, for everything) → [`limits`], [`routing`], [`balance`], [`headers`],
+//! [`health`].
 
 pub mod admin;
 pub mod balance;

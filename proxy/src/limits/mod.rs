@@ -153,9 +153,22 @@ pub fn raw_has_content_length(raw: &[u8]) -> bool {
 /// Whether a path contains `.` or `..` segments, also percent-encoded (`%2e`).
 #[must_use]
 pub fn has_dot_segments(path: &str) -> bool {
+    // On every request: no allocation. A segment is a dot-segment when it is one or two
+    // dots, each written "." or "%2e" (any case).
     path.split('/').any(|seg| {
-        let decoded = seg.to_ascii_lowercase().replace("%2e", ".");
-        decoded == "." || decoded == ".."
+        let mut rest = seg.as_bytes();
+        let mut dots = 0;
+        while !rest.is_empty() && dots < 3 {
+            if rest[0] == b'.' {
+                rest = &rest[1..];
+            } else if rest.len() >= 3 && rest[..3].eq_ignore_ascii_case(b"%2e") {
+                rest = &rest[3..];
+            } else {
+                return false;
+            }
+            dots += 1;
+        }
+        rest.is_empty() && (dots == 1 || dots == 2)
     })
 }
 
@@ -250,6 +263,13 @@ mod tests {
         assert!(has_dot_segments("/a/%2E%2e/b"));
         assert!(has_dot_segments("/a/."));
         assert!(!has_dot_segments("/a/..b/c.d"));
+        assert!(has_dot_segments("/a/.%2E/b"));
+        assert!(has_dot_segments("%2e"));
+        assert!(!has_dot_segments("/a/.../b"));
+        assert!(!has_dot_segments("/a/%2e%2e%2e/b"));
+        assert!(!has_dot_segments("/a/%2/b"));
+        assert!(!has_dot_segments("/a//b/"));
+        assert!(!has_dot_segments("/a/%2ex/b"));
         assert_eq!(check(&[], "/api/../admin"), Err(Rejection::DotSegments));
     }
 }
