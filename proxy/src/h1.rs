@@ -35,6 +35,7 @@ use tokio::net::TcpStream;
 use crate::balance::PickInput;
 use crate::edge::{hash_key, record_endpoint_failure, request_host, request_id, Scheme, Tried};
 use crate::generation::{remaining, Generation, PoolRt};
+use crate::headers::HOP_BY_HOP;
 use crate::health::now_ms;
 use crate::limits::{check_request, RequestView};
 use crate::metrics::Metrics;
@@ -49,15 +50,6 @@ const MAX_RESPONSE_HEAD: usize = 64 * 1024;
 const UPSTREAM_BUFFER: usize = 16 * 1024;
 /// Idle upstream connections kept per endpoint and worker thread.
 const IDLE_PER_ENDPOINT: usize = 64;
-/// Headers that describe one connection and are never forwarded (as `headers`).
-const HOP_BY_HOP: &[&str] = &[
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "te",
-    "trailer",
-    "upgrade",
-];
 
 /// What the fast path did with a request.
 #[derive(Debug)]
@@ -254,15 +246,32 @@ fn tokens(value: &[u8]) -> impl Iterator<Item = &[u8]> {
         .filter(|t| !t.is_empty())
 }
 
-/// Whether `name` is hop-by-hop: in the fixed list or named by a `Connection` header
-/// (Content-Length and Transfer-Encoding stay: they frame the message).
-fn is_hop_by_hop(name: &str, connection: &[&[u8]]) -> bool {
-    HOP_BY_HOP.iter().any(|h| name.eq_ignore_ascii_case(h))
-        || (connection
+/// The hop-by-hop headers of one message: the fixed list of `headers` plus every
+/// header its `Connection` fields name (Content-Length and Transfer-Encoding stay:
+/// they frame the message).
+struct HopByHop<'a> {
+    named: Vec<&'a [u8]>,
+}
+
+impl<'a> HopByHop<'a> {
+    fn of(headers: &[httparse::Header<'a>]) -> Self {
+        let named = headers
             .iter()
-            .any(|t| t.eq_ignore_ascii_case(name.as_bytes()))
-            && !name.eq_ignore_ascii_case("content-length")
-            && !name.eq_ignore_ascii_case("transfer-encoding"))
+            .filter(|h| h.name.eq_ignore_ascii_case("connection"))
+            .flat_map(|h| tokens(h.value))
+            .collect();
+        Self { named }
+    }
+
+    fn contains(&self, name: &str) -> bool {
+        HOP_BY_HOP.iter().any(|h| name.eq_ignore_ascii_case(h))
+            || (self
+                .named
+                .iter()
+                .any(|t| t.eq_ignore_ascii_case(name.as_bytes()))
+                && !name.eq_ignore_ascii_case("content-length")
+                && !name.eq_ignore_ascii_case("transfer-encoding"))
+    }
 }
 
 /// The request head sent upstream: the client's request line and headers in their
@@ -286,19 +295,14 @@ fn upstream_head(
     });
     let forwarded = forwarded.unwrap_or_default();
     let id_name = &generation.forwarding.request_id;
-    let connection: Vec<&[u8]> = req
-        .headers
-        .iter()
-        .filter(|h| h.name.eq_ignore_ascii_case("connection"))
-        .flat_map(|h| tokens(h.value))
-        .collect();
+    let hop_by_hop = HopByHop::of(req.headers);
     let mut out = Vec::with_capacity(512);
     out.extend_from_slice(req.method.unwrap_or("GET").as_bytes());
     out.push(b' ');
     out.extend_from_slice(req.path.unwrap_or("/").as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
     for h in req.headers.iter() {
-        if is_hop_by_hop(h.name, &connection)
+        if hop_by_hop.contains(h.name)
             || id_name.as_str().eq_ignore_ascii_case(h.name)
             || forwarded
                 .iter()
@@ -710,12 +714,7 @@ fn downstream_head(
     // Parsed before: cannot fail.
     let _ = resp.parse(raw);
     let id_name = &generation.forwarding.request_id;
-    let connection: Vec<&[u8]> = resp
-        .headers
-        .iter()
-        .filter(|h| h.name.eq_ignore_ascii_case("connection"))
-        .flat_map(|h| tokens(h.value))
-        .collect();
+    let hop_by_hop = HopByHop::of(resp.headers);
     let mut out = Vec::with_capacity(raw.len() + 128);
     let _ = write!(
         out,
@@ -724,7 +723,7 @@ fn downstream_head(
         resp.reason.unwrap_or("")
     );
     for h in resp.headers.iter() {
-        if is_hop_by_hop(h.name, &connection) || id_name.as_str().eq_ignore_ascii_case(h.name) {
+        if hop_by_hop.contains(h.name) || id_name.as_str().eq_ignore_ascii_case(h.name) {
             continue;
         }
         push_header(&mut out, h.name.as_bytes(), h.value);
@@ -1167,10 +1166,21 @@ mod tests {
 
     #[test]
     fn hop_by_hop_includes_headers_named_by_connection_but_not_framing() {
-        let conn: Vec<&[u8]> = vec![b"x-secret", b"content-length", b"close"];
-        assert!(is_hop_by_hop("Keep-Alive", &conn));
-        assert!(is_hop_by_hop("X-Secret", &conn));
-        assert!(!is_hop_by_hop("Content-Length", &conn));
-        assert!(!is_hop_by_hop("x-other", &conn));
+        let headers = [
+            httparse::Header {
+                name: "Connection",
+                value: b"x-secret, content-length",
+            },
+            httparse::Header {
+                name: "connection",
+                value: b"close",
+            },
+        ];
+        let hop = HopByHop::of(&headers);
+        assert!(hop.contains("Keep-Alive"));
+        assert!(hop.contains("X-Secret"));
+        assert!(hop.contains("connection"));
+        assert!(!hop.contains("Content-Length"));
+        assert!(!hop.contains("x-other"));
     }
 }

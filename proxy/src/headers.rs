@@ -13,7 +13,7 @@ use ipnet::IpNet;
 
 /// Headers that describe one connection and are never forwarded (RFC 9110 §7.6.1).
 /// Transfer-Encoding and Content-Length are left to Pingora, which owns framing.
-const HOP_BY_HOP: &[&str] = &[
+pub(crate) const HOP_BY_HOP: &[&str] = &[
     "connection",
     "keep-alive",
     "proxy-connection",
