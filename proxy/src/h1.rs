@@ -1164,6 +1164,121 @@ mod tests {
         }
     }
 
+    /// A generation forwarding every request to a pool, for `prepare`.
+    fn forwarding_generation() -> (Generation, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let text = format!(
+            "[server]\ndata_dir = {:?}\n\n[listeners]\nhttp = \"127.0.0.1:0\"\n\n[[routes]]\nname = \"all\"\naction = {{ forward = \"app\" }}\n\n\
+             [pools.app]\nendpoints = [{{ address = \"127.0.0.1:9\" }}]\n",
+            dir.path()
+        );
+        let config = rampart_config::parse(&text, "test.toml").unwrap();
+        let builder =
+            crate::generation::Builder::new(dir.path().to_path_buf(), Arc::new(Metrics::new()));
+        (builder.build(config, 1, None).unwrap(), dir)
+    }
+
+    fn parsed_upstream_head(head: &[u8]) -> (String, String, Vec<(String, String)>) {
+        let mut raw = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut req = httparse::Request::new(&mut raw);
+        let n = req.parse(head).expect("the upstream head parses");
+        assert_eq!(n, httparse::Status::Complete(head.len()), "one whole head");
+        assert_eq!(req.version, Some(1));
+        let headers = req
+            .headers
+            .iter()
+            .map(|h| {
+                let value = String::from_utf8_lossy(h.value).into_owned();
+                (h.name.to_ascii_lowercase(), value)
+            })
+            .collect();
+        (
+            req.method.unwrap().to_string(),
+            req.path.unwrap().to_string(),
+            headers,
+        )
+    }
+
+    proptest::proptest! {
+        // Most random heads are declined (to Pingora): enough cases that hundreds are taken.
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(4096))]
+
+        /// Whatever a client sends, a request the fast path takes goes upstream as one
+        /// unambiguous HTTP/1.1 head: same method and target, one Host, no framing but
+        /// `Content-Length: 0`, no hop-by-hop header, forwarding headers of our own.
+        #[test]
+        fn the_upstream_head_is_one_unambiguous_request(
+            method in proptest::sample::select(vec!["GET", "HEAD", "DELETE", "POST", "OPTIONS", "G T"]),
+            path in proptest::sample::select(vec!["/", "/a?b=c", "/a/../b", "//x", "*", "http://h/x", "/%2e%2e/", "/a b"]),
+            headers in proptest::collection::vec(
+                (
+                    proptest::sample::select(vec![
+                        "host", "Connection", "Keep-Alive", "TE", "Transfer-Encoding",
+                        "Content-Length", "Upgrade", "Expect", "X-Forwarded-For", "Forwarded",
+                        "X-Request-Id", "X-A", "Trailer", "Proxy-Connection", "Bad Name",
+                    ]),
+                    proptest::sample::select(vec![
+                        "a.test", "close", "keep-alive, x-a", "chunked", "0", "5", "0, 0",
+                        "websocket", "100-continue", "1.2.3.4", "x\tY", "\u{e9}", "", "a\rb",
+                    ]),
+                ),
+                0..6,
+            ),
+            bare_lf in proptest::prelude::any::<bool>(),
+            hosts in proptest::sample::select(vec![0usize, 1, 1, 1, 1, 2]),
+        ) {
+            static GENERATION: std::sync::LazyLock<(Generation, tempfile::TempDir)> =
+                std::sync::LazyLock::new(forwarding_generation);
+            let generation = &GENERATION.0;
+            let eol = if bare_lf { "\n" } else { "\r\n" };
+            let mut text = format!("{method} {path} HTTP/1.1{eol}");
+            for _ in 0..hosts {
+                text.push_str(&format!("Host: a.test{eol}"));
+            }
+            for (name, value) in &headers {
+                text.push_str(&format!("{name}: {value}{eol}"));
+            }
+            text.push_str(eol);
+            let metrics = Metrics::new();
+            let conn = ConnInfo {
+                scheme: Scheme::Http,
+                peer: Some("127.0.0.1".parse().unwrap()),
+                metrics: &metrics,
+                closing: false,
+            };
+            let Some(prepared) = prepare(text.as_bytes(), generation, conn) else {
+                return Ok(());
+            };
+            let (m, p, up) = parsed_upstream_head(&prepared.upstream_head);
+            proptest::prop_assert_eq!(m, method);
+            proptest::prop_assert_eq!(p, path);
+            let count = |n: &str| up.iter().filter(|(k, _)| k == n).count();
+            proptest::prop_assert_eq!(count("host"), 1);
+            proptest::prop_assert_eq!(count("x-forwarded-for"), 1);
+            proptest::prop_assert_eq!(count("x-request-id"), 1);
+            proptest::prop_assert_eq!(count("transfer-encoding"), 0);
+            for (k, v) in &up {
+                proptest::prop_assert!(!HOP_BY_HOP.contains(&k.as_str()), "{} went upstream", k);
+                if k == "content-length" {
+                    proptest::prop_assert_eq!(v.trim(), "0");
+                }
+                if k == "x-forwarded-for" {
+                    proptest::prop_assert_eq!(v, "127.0.0.1");
+                }
+            }
+            // Headers the client's Connection named stay behind.
+            let named: Vec<String> = headers
+                .iter()
+                .filter(|(n, _)| n.eq_ignore_ascii_case("connection"))
+                .flat_map(|(_, v)| v.split(',').map(|t| t.trim().to_ascii_lowercase()))
+                .filter(|t| !t.is_empty() && t != "content-length")
+                .collect();
+            for n in named {
+                proptest::prop_assert_eq!(count(&n), 0, "{} was named by Connection", n);
+            }
+        }
+    }
+
     #[test]
     fn hop_by_hop_includes_headers_named_by_connection_but_not_framing() {
         let headers = [
