@@ -15,6 +15,8 @@
 //! A bad label is reported with the container and the fix, and only that container is
 //! left out: it never breaks other routes.
 
+// Self-contained (std and rampart-config only): fuzz/fuzz_targets/labels.rs compiles
+// this file as is.
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 

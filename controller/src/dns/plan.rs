@@ -11,6 +11,7 @@
 //! - Changes are upserts and deletes of whole record sets, so applying a plan twice is
 //!   harmless; [`Plan::batches`] keeps a name's changes in one batch.
 
+// Self-contained (std only): fuzz/fuzz_targets/dns_plan.rs compiles this file as is.
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
