@@ -126,10 +126,31 @@ pub struct Running {
 
 impl Drop for Running {
     fn drop(&mut self) {
-        // Best effort: the process may already be gone.
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        terminate(&mut self.child);
     }
+}
+
+/// Stops a target and everything it started: SIGTERM first, so that a master process
+/// (nginx, HAProxy in master-worker mode) takes its workers down with it — after a
+/// SIGKILL of the master, nginx's workers live on, orphaned — then SIGKILL if it has
+/// not exited within five seconds. Best effort: the process may already be gone.
+pub fn terminate(child: &mut Child) {
+    if matches!(child.try_wait(), Ok(Some(_))) {
+        return;
+    }
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .stderr(Stdio::null())
+        .status();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while std::time::Instant::now() < deadline {
+        if !matches!(child.try_wait(), Ok(None)) {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
 }
 
 /// A loopback port that was free a moment ago.

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use serde::Serialize;
 
-use crate::compare::peers::{free_port, Kind};
+use crate::compare::peers::{free_port, terminate, Kind};
 use crate::run::run;
 use crate::stats::ErrorCounts;
 
@@ -53,14 +53,8 @@ struct Peer {
 
 impl Drop for Peer {
     fn drop(&mut self) {
-        // Best effort; nginx workers exit with their master.
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if self.layout.kind == Kind::Nginx {
-            let _ = Command::new("pkill")
-                .args(["-f", &self.layout.dir.display().to_string()])
-                .status();
-        }
+        // Through the master, which takes its workers (old and new generations) along.
+        terminate(&mut self.child);
     }
 }
 
@@ -288,8 +282,8 @@ pub async fn swap_peer(
     stop.store(true, Ordering::Relaxed);
     let (ka, _) = keepalive.await??;
     let (nc, _) = fresh.await??;
-    // Reap the master now; Drop also cleans up workers.
-    let _ = p.child.kill();
+    // Stop the master and its workers now, before the next peer runs.
+    terminate(&mut p.child);
     Ok(PeerSwapReport {
         target: kind.name(),
         swaps,
