@@ -388,3 +388,140 @@ async fn upstream_connections_are_reused_and_stale_ones_replaced() {
         "stale pooled connections counted as upstream failures:\n{metrics}"
     );
 }
+
+/// The routes of [`config`] served over HTTPS with certificates of the internal CA.
+fn tls_config(backend: &Arc<Backend>, raw: &RawUpstream) -> String {
+    format!(
+        "[[tls]]\nhosts = [{}]\nsource = \"internal\"\n{}",
+        H2_HOSTS.map(|h| format!("{h:?}")).join(", "),
+        config(backend, raw)
+    )
+}
+
+const H2_HOSTS: [&str; 4] = ["a.test", "raw.test", "dead.test", "nowhere.test"];
+
+/// Like [`answer`], over HTTP/2 (checked) to the HTTPS listener.
+async fn answer_h2(
+    proxy: &Proxy,
+    client: &reqwest::Client,
+    method: &str,
+    host: &str,
+    path: &str,
+    headers: Headers<'_>,
+) -> (u16, BTreeMap<String, String>, String) {
+    let url = format!("https://{host}:{}{path}", proxy.https.port());
+    let mut req = client.request(method.parse().unwrap(), url);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let resp = req.send().await.unwrap();
+    assert_eq!(resp.version(), reqwest::Version::HTTP_2, "{host}{path}");
+    let status = resp.status().as_u16();
+    let mut kept = BTreeMap::new();
+    for (name, value) in resp.headers() {
+        let name = name.as_str();
+        assert_ne!(
+            name, "x-internal",
+            "a header named by Connection was forwarded"
+        );
+        if matches!(name, "date" | "x-request-id") {
+            continue;
+        }
+        kept.insert(name.to_string(), value.to_str().unwrap().to_string());
+    }
+    assert!(resp.headers().contains_key("x-request-id"));
+    let mut body = resp.text().await.unwrap();
+    if let Ok(map) = serde_json::from_str::<BTreeMap<String, String>>(&body) {
+        // The two proxies listen on different ports, which the Host carries.
+        body = format!("{map:?}").replace(&proxy.https.port().to_string(), "PORT");
+    }
+    (status, kept, body)
+}
+
+#[tokio::test]
+async fn the_http2_fast_path_answers_what_the_full_path_answers() {
+    common::init();
+    let backend = Backend::start("hyper").await;
+    let raw = RawUpstream::start().await;
+    let fast = Proxy::start(&tls_config(&backend, &raw)).await;
+    let full = Proxy::start_with("http2_fast_path = false", &tls_config(&backend, &raw)).await;
+    let (fast_client, full_client) = (fast.client(&H2_HOSTS), full.client(&H2_HOSTS));
+    let forwarded: Headers = &[
+        ("x-forwarded-for", "203.0.113.9"),
+        ("forwarded", "for=203.0.113.9"),
+        ("x-custom", "kept"),
+        ("x-request-id", "abc-123"),
+        ("cookie", "a=1"),
+        ("cookie", "b=2"),
+    ];
+    let cases: &[(&str, &str, &str, Headers)] = &[
+        ("GET", "a.test", "/", &[]),
+        ("HEAD", "a.test", "/", &[]),
+        ("GET", "a.test", "/headers", forwarded),
+        ("GET", "a.test", "/status/503", &[]),
+        ("GET", "a.test", "/status/404", &[]),
+        ("GET", "a.test", "/bytes/200000", &[]),
+        ("DELETE", "a.test", "/", &[]),
+        ("GET", "raw.test", "/chunked", &[]),
+        ("GET", "raw.test", "/close", &[]),
+        ("GET", "raw.test", "/early", &[]),
+        ("GET", "raw.test", "/hop", &[]),
+        ("GET", "dead.test", "/", &[]),
+        ("GET", "nowhere.test", "/", &[]),
+        ("GET", "a.test", "/a/../b", &[]),
+    ];
+    for (method, host, path, headers) in cases {
+        let a = answer_h2(&fast, &fast_client, method, host, path, headers).await;
+        let b = answer_h2(&full, &full_client, method, host, path, headers).await;
+        assert_eq!(a, b, "{method} {host}{path}: fast path (left) vs full path");
+    }
+    // What the upstream saw: the forwarding headers set by the proxy, the :authority
+    // as Host, and the cookies as one field.
+    let (_, _, seen) = answer_h2(&fast, &fast_client, "GET", "a.test", "/headers", forwarded).await;
+    for expected in [
+        r#""x-forwarded-for": "127.0.0.1""#,
+        r#""x-forwarded-proto": "https""#,
+        r#""x-request-id": "abc-123""#,
+        r#""x-custom": "kept""#,
+        r#""cookie": "a=1; b=2""#,
+        r#""host": "a.test:PORT""#,
+    ] {
+        assert!(seen.contains(expected), "{expected} not in {seen}");
+    }
+    // A chunked upstream body reaches an HTTP/2 client as its data alone.
+    let (_, _, chunked) = answer_h2(&fast, &fast_client, "GET", "raw.test", "/chunked", &[]).await;
+    assert_eq!(chunked, "hello world");
+    // A request with a body goes through the full path.
+    let posted = fast_client
+        .post(format!("https://a.test:{}/", fast.https.port()))
+        .body("payload")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(posted.status(), 200);
+    assert!(fast.metric("rampart_http2_fast_path_requests_total").await >= 12.0);
+    assert_eq!(
+        full.metric("rampart_http2_fast_path_requests_total").await,
+        0.0
+    );
+
+    // Many streams at once on one connection, large bodies among them: each gets its
+    // own complete answer.
+    let requests = (0..40).map(|i| {
+        let client = fast_client.clone();
+        let url = if i % 4 == 0 {
+            format!("https://a.test:{}/bytes/100000", fast.https.port())
+        } else {
+            format!("https://a.test:{}/status/200", fast.https.port())
+        };
+        async move {
+            let resp = client.get(url).send().await.unwrap();
+            (resp.status().as_u16(), resp.bytes().await.unwrap().len())
+        }
+    });
+    let answers = futures_util::future::join_all(requests).await;
+    for (i, (status, len)) in answers.into_iter().enumerate() {
+        assert_eq!(status, 200, "stream {i}");
+        assert_eq!(len, if i % 4 == 0 { 100_000 } else { 5 }, "stream {i}");
+    }
+}

@@ -490,6 +490,11 @@ pub struct Server {
     /// else). Off sends every request through the full path.
     #[serde(default = "default_true")]
     pub http1_fast_path: bool,
+    /// Serve HTTP/2 requests without a body that go to a `forward` route on Rampart's
+    /// own forwarding path (HTTP/2 framing stays Pingora's); off sends every HTTP/2
+    /// request through the full path.
+    #[serde(default = "default_true")]
+    pub http2_fast_path: bool,
     /// After a stop signal, keep accepting for this long before draining (lets load
     /// balancers notice that the instance is going away).
     #[serde(default = "default_grace_period")]
@@ -514,6 +519,7 @@ impl Default for Server {
             threads: None,
             work_stealing: false,
             http1_fast_path: true,
+            http2_fast_path: true,
             grace_period: default_grace_period(),
             shutdown_timeout: default_shutdown_timeout(),
             default_sni: None,

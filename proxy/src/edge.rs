@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use bytes::Bytes;
-use http::header::{HeaderValue, CONTENT_LENGTH, CONTENT_TYPE, HOST, LOCATION};
+use http::header::{HeaderValue, CONTENT_LENGTH, CONTENT_TYPE, COOKIE, HOST, LOCATION};
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::HttpPeer;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
@@ -404,6 +404,20 @@ impl ProxyHttp for Edge {
         if lengths.iter().count() > 1 || lengths.iter().any(|v| v.as_bytes().contains(&b',')) {
             if let Ok(Some(n)) = crate::limits::content_length(&upstream.headers) {
                 upstream.insert_header(CONTENT_LENGTH, n.to_string())?;
+            }
+        }
+        // HTTP/2 clients may split Cookie into several fields; an HTTP/1.1 upstream gets
+        // them as one (RFC 9113 §8.2.3).
+        if session.as_downstream().is_http2() {
+            let cookies: Vec<&[u8]> = upstream
+                .headers
+                .get_all(COOKIE)
+                .iter()
+                .map(HeaderValue::as_bytes)
+                .collect();
+            let joined = (cookies.len() > 1).then(|| cookies.join(&b"; "[..]));
+            if let Some(joined) = joined {
+                upstream.insert_header(COOKIE, joined)?;
             }
         }
         if upstream.headers.get(HOST).is_none() {

@@ -28,6 +28,7 @@ use bytes::BytesMut;
 use http::header::{HeaderName, HeaderValue, HOST};
 use http::{HeaderMap, Method, Uri};
 use pingora::protocols::Stream;
+use prometheus::IntCounter;
 use rampart_config::Action;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -43,7 +44,7 @@ use crate::routing::RouteRequest;
 
 /// Most headers parsed in a request or response head; more go to Pingora (requests)
 /// or count as a bad upstream response.
-const MAX_HEADERS: usize = 100;
+pub(crate) const MAX_HEADERS: usize = 100;
 /// Largest upstream response head accepted (Pingora's limit too).
 const MAX_RESPONSE_HEAD: usize = 64 * 1024;
 /// Read buffer for an upstream response.
@@ -87,6 +88,121 @@ pub async fn serve(
         return Served::Pingora(bytes);
     };
     drop(bytes);
+    let mut client = Http1Client {
+        stream,
+        send_timeout: generation.config.limits.send_timeout.0,
+    };
+    if proxy_request(&mut client, &request, &generation, conn, started).await {
+        Served::KeepAlive
+    } else {
+        Served::Close
+    }
+}
+
+/// Where the fast path sends a response: an HTTP/1 connection (the upstream's bytes as
+/// framed) or an HTTP/2 stream (head and data frames, see [`crate::h2`]).
+pub(crate) trait Downstream {
+    /// Body bytes are passed decoded (the payload, without chunked framing) rather than
+    /// as the upstream framed them.
+    const PAYLOAD: bool;
+
+    /// The counter of requests this kind of downstream served on the fast path.
+    fn counter(metrics: &Metrics) -> &IntCounter;
+
+    /// Sends the response head `raw` (parsed as `head`) with the first body bytes;
+    /// `end` when they complete the body. False when the client cannot be written to.
+    #[allow(clippy::too_many_arguments)]
+    async fn head(
+        &mut self,
+        raw: &[u8],
+        head: &FinalHead,
+        request: &Prepared,
+        generation: &Generation,
+        close: bool,
+        body: &[u8],
+        end: bool,
+    ) -> bool;
+
+    /// Sends more body bytes; `end` when they complete it.
+    async fn body(&mut self, bytes: &[u8], end: bool) -> bool;
+
+    /// Sends a complete response of the proxy's own (errors, rate limits).
+    async fn local(
+        &mut self,
+        status: u16,
+        body: &str,
+        request: &Prepared,
+        generation: &Generation,
+        extra: Option<(&str, u64)>,
+        close: bool,
+    ) -> bool;
+}
+
+/// An HTTP/1 client connection.
+struct Http1Client<'a> {
+    stream: &'a mut Stream,
+    send_timeout: Duration,
+}
+
+impl Downstream for Http1Client<'_> {
+    const PAYLOAD: bool = false;
+
+    fn counter(metrics: &Metrics) -> &IntCounter {
+        &metrics.fast_path_requests
+    }
+
+    async fn head(
+        &mut self,
+        raw: &[u8],
+        head: &FinalHead,
+        request: &Prepared,
+        generation: &Generation,
+        close: bool,
+        body: &[u8],
+        _end: bool,
+    ) -> bool {
+        let mut out = downstream_head(raw, head, request, generation, close);
+        out.extend_from_slice(body);
+        self.body(&out, false).await
+    }
+
+    async fn body(&mut self, bytes: &[u8], _end: bool) -> bool {
+        if bytes.is_empty() {
+            return true;
+        }
+        let write = async {
+            self.stream.write_all(bytes).await?;
+            self.stream.flush().await
+        };
+        matches!(
+            tokio::time::timeout(self.send_timeout, write).await,
+            Ok(Ok(()))
+        )
+    }
+
+    async fn local(
+        &mut self,
+        status: u16,
+        body: &str,
+        request: &Prepared,
+        generation: &Generation,
+        extra: Option<(&str, u64)>,
+        close: bool,
+    ) -> bool {
+        let head = local_response(status, body, request, generation, extra, close);
+        self.body(&head, true).await
+    }
+}
+
+/// Answers a prepared request on `client`: the rate limit's answer or the upstream's.
+/// Returns whether the client connection can carry another request.
+pub(crate) async fn proxy_request<D: Downstream>(
+    client: &mut D,
+    request: &Prepared,
+    generation: &Generation,
+    conn: ConnInfo<'_>,
+    started: Instant,
+) -> bool {
     let route = &generation.routes[request.route];
     let close = request.client_close || conn.closing;
     let (status, keep_alive) = match request.limited {
@@ -96,43 +212,40 @@ pub async fn serve(
                 .with_label_values(&[&route.name])
                 .inc();
             let retry_after = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
-            let head = local_response(
-                429,
-                "too many requests; retry after the time in Retry-After\n",
-                &request,
-                &generation,
-                Some(("retry-after", retry_after.max(1))),
-                close,
-            );
-            let sent = write_client(stream, &head, &generation).await;
+            let sent = client
+                .local(
+                    429,
+                    "too many requests; retry after the time in Retry-After\n",
+                    request,
+                    generation,
+                    Some(("retry-after", retry_after.max(1))),
+                    close,
+                )
+                .await;
             (429, sent && !close)
         }
-        None => forward(stream, &request, &generation, conn, started).await,
+        None => forward(client, request, generation, conn, started).await,
     };
     let seconds = started.elapsed().as_secs_f64();
-    conn.metrics.fast_path_requests.inc();
+    D::counter(conn.metrics).inc();
     route.metrics.observe(status, seconds);
     conn.metrics.rolling.record(status, seconds);
-    if keep_alive {
-        Served::KeepAlive
-    } else {
-        Served::Close
-    }
+    keep_alive
 }
 
 /// A request the fast path serves, with everything it needs after parsing.
-struct Prepared {
-    route: usize,
-    request_id: HeaderValue,
+pub(crate) struct Prepared {
+    pub(crate) route: usize,
+    pub(crate) request_id: HeaderValue,
     /// The upstream request head, ready to write.
-    upstream_head: Vec<u8>,
-    head_request: bool,
-    idempotent: bool,
+    pub(crate) upstream_head: Vec<u8>,
+    pub(crate) head_request: bool,
+    pub(crate) idempotent: bool,
     /// The client asked to close the connection after this request.
-    client_close: bool,
-    key_hash: Option<u64>,
+    pub(crate) client_close: bool,
+    pub(crate) key_hash: Option<u64>,
     /// Set when the route's rate limit refused the request: the wait until it may retry.
-    limited: Option<Duration>,
+    pub(crate) limited: Option<Duration>,
 }
 
 /// Parses the request head in `bytes` and decides whether this path serves it: `None`
@@ -184,11 +297,26 @@ fn prepare(bytes: &[u8], generation: &Generation, conn: ConnInfo<'_>) -> Option<
     parts.method = Method::from_bytes(req.method?.as_bytes()).ok()?;
     parts.uri = Uri::try_from(path).ok()?;
     parts.headers = headers;
+    let route = route_for(&parts, Some(&bytes[..head_len]), generation, conn)?;
+    Some(admit(&parts, route, generation, conn, client_close, |id| {
+        upstream_head(&req, &parts.headers, generation, conn, id)
+    }))
+}
+
+/// The route of a request the fast path can serve: one that passes the request checks,
+/// is not for the ACME or probe paths, and matches a `forward` route (not to be
+/// redirected to HTTPS). `None` leaves the request to Pingora. No side effect.
+pub(crate) fn route_for(
+    parts: &http::request::Parts,
+    raw: Option<&[u8]>,
+    generation: &Generation,
+    conn: ConnInfo<'_>,
+) -> Option<usize> {
     let view = RequestView {
         method: &parts.method,
         uri: &parts.uri,
         headers: &parts.headers,
-        raw: Some(&bytes[..head_len]),
+        raw,
     };
     check_request(view, generation.header_limits).ok()?;
     let url_path = parts.uri.path();
@@ -197,7 +325,7 @@ fn prepare(bytes: &[u8], generation: &Generation, conn: ConnInfo<'_>) -> Option<
     {
         return None;
     }
-    let host = request_host(&parts)?;
+    let host = request_host(parts)?;
     let route_idx = generation.router.select(&RouteRequest {
         host: &host,
         path: url_path,
@@ -209,25 +337,39 @@ fn prepare(bytes: &[u8], generation: &Generation, conn: ConnInfo<'_>) -> Option<
     {
         return None;
     }
-    let pool = route.pool.as_ref()?;
+    route.pool.as_ref()?;
+    Some(route_idx)
+}
 
-    // From here on the request is ours.
+/// Takes a request [`route_for`] chose `route` for: its request id, balancing key, upstream
+/// head (written by `head` with the request id) and the route's rate-limit verdict,
+/// which takes a token.
+pub(crate) fn admit(
+    parts: &http::request::Parts,
+    route: usize,
+    generation: &Generation,
+    conn: ConnInfo<'_>,
+    client_close: bool,
+    head: impl FnOnce(&HeaderValue) -> Vec<u8>,
+) -> Prepared {
+    let route_rt = &generation.routes[route];
     let client_ip = conn
         .peer
         .map(|p| generation.forwarding.client_ip(p, &parts.headers));
-    let request_id = request_id(&parts, generation);
-    let key_hash = pool
-        .balancer
-        .uses_key()
-        .then(|| hash_key(&pool.hash_key, &parts, client_ip));
-    let upstream_head = upstream_head(&req, &parts.headers, generation, conn, &request_id);
-    let limited = route.limiter.as_ref().and_then(|limiter| {
+    let request_id = request_id(parts, generation);
+    let key_hash = route_rt.pool.as_ref().and_then(|pool| {
+        pool.balancer
+            .uses_key()
+            .then(|| hash_key(&pool.hash_key, parts, client_ip))
+    });
+    let upstream_head = head(&request_id);
+    let limited = route_rt.limiter.as_ref().and_then(|limiter| {
         limiter
-            .check(hash_key(&limiter.config.key, &parts, client_ip))
+            .check(hash_key(&limiter.config.key, parts, client_ip))
             .err()
     });
-    Some(Prepared {
-        route: route_idx,
+    Prepared {
+        route,
         request_id,
         upstream_head,
         head_request: parts.method == Method::HEAD,
@@ -235,11 +377,11 @@ fn prepare(bytes: &[u8], generation: &Generation, conn: ConnInfo<'_>) -> Option<
         client_close,
         key_hash,
         limited,
-    })
+    }
 }
 
 /// The comma-separated tokens of a header value.
-fn tokens(value: &[u8]) -> impl Iterator<Item = &[u8]> {
+pub(crate) fn tokens(value: &[u8]) -> impl Iterator<Item = &[u8]> {
     value
         .split(|&b| b == b',')
         .map(<[u8]>::trim_ascii)
@@ -249,12 +391,12 @@ fn tokens(value: &[u8]) -> impl Iterator<Item = &[u8]> {
 /// The hop-by-hop headers of one message: the fixed list of `headers` plus every
 /// header its `Connection` fields name (Content-Length and Transfer-Encoding stay:
 /// they frame the message).
-struct HopByHop<'a> {
+pub(crate) struct HopByHop<'a> {
     named: Vec<&'a [u8]>,
 }
 
 impl<'a> HopByHop<'a> {
-    fn of(headers: &[httparse::Header<'a>]) -> Self {
+    pub(crate) fn of(headers: &[httparse::Header<'a>]) -> Self {
         let named = headers
             .iter()
             .filter(|h| h.name.eq_ignore_ascii_case("connection"))
@@ -263,7 +405,7 @@ impl<'a> HopByHop<'a> {
         Self { named }
     }
 
-    fn contains(&self, name: &str) -> bool {
+    pub(crate) fn contains(&self, name: &str) -> bool {
         HOP_BY_HOP.iter().any(|h| name.eq_ignore_ascii_case(h))
             || (self
                 .named
@@ -320,7 +462,7 @@ fn upstream_head(
     out
 }
 
-fn push_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+pub(crate) fn push_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
     out.extend_from_slice(name);
     out.extend_from_slice(b": ");
     out.extend_from_slice(value);
@@ -368,16 +510,6 @@ fn local_response(
     out
 }
 
-/// Writes to the client within `limits.send_timeout`; false when it failed.
-async fn write_client(stream: &mut Stream, bytes: &[u8], generation: &Generation) -> bool {
-    let limit = generation.config.limits.send_timeout.0;
-    let write = async {
-        stream.write_all(bytes).await?;
-        stream.flush().await
-    };
-    matches!(tokio::time::timeout(limit, write).await, Ok(Ok(())))
-}
-
 /// How one attempt on one endpoint ended.
 enum Attempt {
     /// The response (or part of it) went to the client.
@@ -392,8 +524,8 @@ enum Attempt {
 
 /// Proxies a prepared request, trying endpoints as the pool's retry policy allows.
 /// Returns the status logged and whether the client connection goes on.
-async fn forward(
-    stream: &mut Stream,
+async fn forward<D: Downstream>(
+    client: &mut D,
     request: &Prepared,
     generation: &Generation,
     conn: ConnInfo<'_>,
@@ -424,7 +556,7 @@ async fn forward(
         let may_retry = attempts <= pool.retries.attempts;
         let inflight = pool.endpoints[idx].state.start_request();
         let outcome = attempt(
-            stream, request, generation, pool, idx, started, may_retry, conn,
+            client, request, generation, pool, idx, started, may_retry, conn,
         )
         .await;
         drop(inflight);
@@ -449,16 +581,17 @@ async fn forward(
         .and_then(|s| s.canonical_reason())
         .unwrap_or("error");
     let body = format!("{status} {reason}\n");
-    let head = local_response(status, &body, request, generation, None, true);
-    write_client(stream, &head, generation).await;
+    client
+        .local(status, &body, request, generation, None, true)
+        .await;
     (status, false)
 }
 
 /// One try on endpoint `idx`: a pooled connection (or, when it turns out stale, one
 /// fresh connection), the request, the response head, then the body streamed through.
 #[allow(clippy::too_many_arguments)]
-async fn attempt(
-    stream: &mut Stream,
+async fn attempt<D: Downstream>(
+    client: &mut D,
     request: &Prepared,
     generation: &Generation,
     pool: &PoolRt,
@@ -566,14 +699,23 @@ async fn attempt(
     }
 
     let close = request.client_close || conn.closing || head.body == Body::UntilClose;
-    let mut out = downstream_head(&buf[..head.len], &head, request, generation, close);
     let mut framing = Framing::new(head.body);
+    let mut payload = Vec::new();
     let first = &buf[head.len..];
-    let used = framing.feed(first);
-    let mut clean = used == first.len();
-    out.extend_from_slice(&first[..used]);
-    let mut client_ok = write_client(stream, &out, generation).await;
-    drop(out);
+    let (used, body) = framing.pass(first, &mut payload, D::PAYLOAD);
+    let mut clean = used == first.len() && framing.valid;
+    let raw_head = &buf[..head.len];
+    let mut client_ok = client
+        .head(
+            raw_head,
+            &head,
+            request,
+            generation,
+            close,
+            body,
+            framing.done(),
+        )
+        .await;
     while client_ok && clean && !framing.done() {
         if remaining(started, t.total.0).is_zero() || endpoint.state.drained(pool.drain_timeout) {
             clean = false;
@@ -584,12 +726,13 @@ async fn attempt(
         match read {
             Ok(Ok(0)) if framing.body == Body::UntilClose => {
                 framing.finished = true;
+                client_ok = client.body(&[], true).await;
                 break;
             }
             Ok(Ok(n)) if n > 0 => {
-                let used = framing.feed(&buf);
+                let (used, body) = framing.pass(&buf, &mut payload, D::PAYLOAD);
                 clean = used == buf.len() && framing.valid;
-                client_ok = write_client(stream, &buf[..used], generation).await;
+                client_ok = client.body(body, framing.done()).await;
             }
             _ => clean = false,
         }
@@ -619,8 +762,8 @@ enum Body {
 
 /// A parsed upstream response head.
 #[derive(Debug)]
-struct FinalHead {
-    status: u16,
+pub(crate) struct FinalHead {
+    pub(crate) status: u16,
     /// Bytes of the head in the buffer.
     len: usize,
     body: Body,
@@ -791,6 +934,35 @@ impl Framing {
     fn done(&self) -> bool {
         self.finished
     }
+
+    /// Takes the body bytes at the start of `bytes` as [`Framing::feed`] does, and
+    /// returns how many it took and what to send on: those bytes as framed, or with
+    /// `payload` only the message's data (the chunk data of a chunked body).
+    fn pass<'a>(
+        &mut self,
+        bytes: &'a [u8],
+        payload: &'a mut Vec<u8>,
+        decode: bool,
+    ) -> (usize, &'a [u8]) {
+        if !decode || self.body != Body::Chunked {
+            let used = self.feed(bytes);
+            return (used, &bytes[..used]);
+        }
+        payload.clear();
+        match self
+            .chunks
+            .feed_with(bytes, |data| payload.extend_from_slice(data))
+        {
+            Ok(n) => {
+                self.finished = self.chunks.is_done();
+                (n, payload.as_slice())
+            }
+            Err(MalformedChunk) => {
+                self.valid = false;
+                (0, &[])
+            }
+        }
+    }
 }
 
 /// Finds the end of a chunked body (RFC 9112 §7.1) in bytes passed through unchanged:
@@ -831,6 +1003,18 @@ impl ChunkScanner {
     /// # Errors
     /// When the encoding is malformed: the body's end cannot be known.
     pub fn feed(&mut self, bytes: &[u8]) -> Result<usize, MalformedChunk> {
+        self.feed_with(bytes, |_| {})
+    }
+
+    /// Like [`ChunkScanner::feed`], and gives each piece of chunk data to `data`.
+    ///
+    /// # Errors
+    /// When the encoding is malformed.
+    pub fn feed_with(
+        &mut self,
+        bytes: &[u8],
+        mut data: impl FnMut(&[u8]),
+    ) -> Result<usize, MalformedChunk> {
         use ChunkState as S;
         let mut i = 0;
         while i < bytes.len() {
@@ -842,6 +1026,7 @@ impl ChunkScanner {
                     .unwrap_or(usize::MAX)
                     .min(bytes.len() - i);
                 self.size -= take as u64;
+                data(&bytes[i..i + take]);
                 i += take;
                 if self.size == 0 {
                     self.state = S::DataCr;
@@ -1130,8 +1315,11 @@ mod tests {
             cuts.sort_unstable();
             let mut s = ChunkScanner::default();
             let (mut from, mut seen) = (0, 0);
+            let mut data = Vec::new();
             for cut in cuts {
-                let used = s.feed(&stream[from..cut]).unwrap();
+                let used = s
+                    .feed_with(&stream[from..cut], |d| data.extend_from_slice(d))
+                    .unwrap();
                 seen += used;
                 if s.is_done() {
                     break;
@@ -1141,6 +1329,13 @@ mod tests {
             }
             proptest::prop_assert!(s.is_done());
             proptest::prop_assert_eq!(seen, body.len());
+            // The data given out is the chunks' data, in order (what HTTP/2 clients get).
+            let expected: Vec<u8> = sizes
+                .iter()
+                .enumerate()
+                .flat_map(|(i, &n)| std::iter::repeat_n(b'0' + (i % 10) as u8, n))
+                .collect();
+            proptest::prop_assert_eq!(data, expected);
         }
 
         #[test]

@@ -4,7 +4,7 @@
 //!
 //! Flow of a change: config → [`generation::Builder::build`] → swap in [`live::Live`].
 //! Flow of a request: [`listener`] (connection limit, TLS, header deadline) →
-//! [`h1`] (the HTTP/1 fast path, for the common request) or [`edge`] (the `ProxyHttp`
+//! [`h1`] / [`h2`] (the fast paths, for the common request) or [`edge`] (the `ProxyHttp`
 //! phases, for everything) → [`limits`], [`routing`], [`balance`], [`headers`],
 //! [`health`].
 
@@ -15,6 +15,7 @@ pub mod edge;
 pub mod fleet;
 pub mod generation;
 pub mod h1;
+pub mod h2;
 pub mod headers;
 pub mod health;
 pub mod limits;

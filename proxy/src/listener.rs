@@ -1,7 +1,7 @@
 //! The client side of a listener, before HTTP: the connection limit, the TLS handshake
 //! (with its own deadline and failure metrics), and the header read deadline. Then the
 //! connection's HTTP/1 requests are served one at a time by the fast path ([`h1`]) or,
-//! when it declines one, by Pingora's HTTP proxy: between requests a kept-alive
+//! when it declines one, by Pingora's HTTP proxy; HTTP/2 streams likewise ([`h2`]): between requests a kept-alive
 //! connection waits here, holding no per-request state (see [`EdgeApp::next_request`]).
 
 use std::future::poll_fn;
@@ -18,8 +18,12 @@ use async_trait::async_trait;
 use bytes::BytesMut;
 use pingora::apps::{HttpPersistentSettings, HttpServerApp, ServerApp};
 use pingora::listeners::tls::Acceptor;
+use pingora::protocols::http::v2::{
+    self,
+    server::{H2Accept, HttpSession},
+};
 use pingora::protocols::http::ServerSession;
-use pingora::protocols::Stream;
+use pingora::protocols::{Digest, Stream};
 use pingora::proxy::HttpProxy;
 use pingora::server::ShutdownWatch;
 use tokio::io::{AsyncWriteExt, ReadBuf};
@@ -27,6 +31,7 @@ use tokio::io::{AsyncWriteExt, ReadBuf};
 use crate::edge::{Edge, Scheme};
 use crate::generation::Generation;
 use crate::h1::{self, ConnInfo, Served};
+use crate::h2;
 use crate::limits::deadline::{Arrivals, GuardedStream};
 use crate::limits::rate::PerClient;
 use crate::metrics::Metrics;
@@ -36,6 +41,9 @@ const ARRIVAL_WAIT: Duration = Duration::from_secs(1);
 /// The most read at once when a kept-alive connection wakes up; the rest of a larger
 /// request header is read by Pingora's parser.
 const WAKE_READ: usize = 4096;
+/// Streams of one HTTP/2 connection that Pingora's acceptance checks may reject
+/// (reset or answered) before the connection is closed: Pingora's own bound.
+const MAX_MALFORMED_STREAMS: usize = 32;
 /// Capacity of the header buffer handed to Pingora (its own initial size, so that the
 /// parser reads the rest of a larger header without reallocating at once).
 const HEADER_BUFFER: usize = 4096;
@@ -185,8 +193,7 @@ impl EdgeApp {
             Some(pingora::protocols::ALPN::H2)
         );
         if is_h2 {
-            // Pingora's HTTP/2 server; it never hands a connection back.
-            self.proxy.process_new(stream, shutdown).await;
+            self.serve_http2(stream, client, shutdown).await;
             return;
         }
         let metrics = self.metrics.clone();
@@ -254,6 +261,79 @@ impl EdgeApp {
             let (next, persistent) = reused.consume();
             stream = next;
             settings = persistent;
+        }
+    }
+
+    /// HTTP/2 as Pingora's HTTP server serves it (its codec, stream acceptance and
+    /// checks, graceful shutdown with GOAWAY), except that each stream's request is first
+    /// offered to the fast path ([`h2::serve`]); what it declines goes to Pingora's proxy.
+    async fn serve_http2(
+        self: &Arc<Self>,
+        stream: Stream,
+        client: Option<IpAddr>,
+        shutdown: &ShutdownWatch,
+    ) {
+        let digest = Arc::new(Digest {
+            ssl_digest: stream.get_ssl_digest(),
+            timing_digest: stream.get_timing_digest(),
+            proxy_digest: stream.get_proxy_digest(),
+            socket_digest: stream.get_socket_digest(),
+        });
+        let Ok(mut conn) = v2::server::handshake(stream, self.proxy.h2_options()).await else {
+            return;
+        };
+        let mut shutdown = shutdown.clone();
+        let mut draining = false;
+        let mut malformed = 0;
+        loop {
+            let next = if draining {
+                HttpSession::from_h2_conn(&mut conn, digest.clone()).await
+            } else {
+                tokio::select! {
+                    biased;
+                    _ = shutdown.changed() => {
+                        // GOAWAY; streams already opened are still served.
+                        conn.graceful_shutdown();
+                        draining = true;
+                        continue;
+                    }
+                    next = HttpSession::from_h2_conn(&mut conn, digest.clone()) => next,
+                }
+            };
+            let session = match next {
+                Ok(Some(H2Accept::Session(session))) => session,
+                // Answered or reset by Pingora's checks; bounded per connection as
+                // Pingora's own accept loop bounds it.
+                Ok(Some(H2Accept::Rejected)) => {
+                    malformed += 1;
+                    if malformed >= MAX_MALFORMED_STREAMS {
+                        return;
+                    }
+                    continue;
+                }
+                // Closed by the client, or a connection error.
+                Ok(None) | Err(_) => return,
+            };
+            let app = self.clone();
+            let shutdown = shutdown.clone();
+            tokio::spawn(async move {
+                let generation = app.current.load_full();
+                let session = if generation.config.server.http2_fast_path {
+                    let conn = ConnInfo {
+                        scheme: app.scheme,
+                        peer: client,
+                        metrics: &app.metrics,
+                        closing: false,
+                    };
+                    h2::serve(session, generation, conn).await
+                } else {
+                    Some(session)
+                };
+                if let Some(session) = session {
+                    let request = ServerSession::new_http2(session);
+                    app.proxy.process_new_http(request, &shutdown).await;
+                }
+            });
         }
     }
 

@@ -45,6 +45,8 @@ pub struct Metrics {
     pub header_timeouts: IntCounter,
     /// Requests served by the HTTP/1 fast path (`h1`); the rest went through Pingora.
     pub fast_path_requests: IntCounter,
+    /// Requests served by the HTTP/2 fast path (`h2`); the rest went through Pingora.
+    pub http2_fast_path_requests: IntCounter,
     pub swap_duration: Histogram,
 }
 
@@ -94,6 +96,7 @@ impl Metrics {
             certificate_expiry: reg(&r, IntGaugeVec::new(Opts::new("rampart_certificate_expiry_seconds", "Seconds until the certificate served for a name expires"), &["name"]).expect("valid")),
             header_timeouts: reg(&r, IntCounter::new("rampart_header_read_timeouts_total", "Client connections closed for not sending a request header in time").expect("valid")),
             fast_path_requests: reg(&r, IntCounter::new("rampart_http1_fast_path_requests_total", "HTTP/1 requests served by the fast path; the others went through the full (Pingora) path").expect("valid")),
+            http2_fast_path_requests: reg(&r, IntCounter::new("rampart_http2_fast_path_requests_total", "HTTP/2 requests served by the fast path; the others went through the full (Pingora) path").expect("valid")),
             swap_duration: reg(&r, Histogram::with_opts(hist("rampart_config_build_seconds", "Time to build a configuration generation")).expect("valid")),
             rolling: crate::rolling::Rolling::default(),
             registry: r,
