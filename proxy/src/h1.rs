@@ -49,6 +49,9 @@ pub(crate) const MAX_HEADERS: usize = 100;
 const MAX_RESPONSE_HEAD: usize = 64 * 1024;
 /// Read buffer for an upstream response.
 const UPSTREAM_BUFFER: usize = 16 * 1024;
+/// Largest response (head and body) read whole before the first write to the client
+/// when its bytes have already arrived.
+const COALESCE_LIMIT: usize = 64 * 1024;
 /// Idle upstream connections kept per endpoint and worker thread.
 const IDLE_PER_ENDPOINT: usize = 64;
 
@@ -699,6 +702,7 @@ async fn attempt<D: Downstream>(
     }
 
     let close = request.client_close || conn.closing || head.body == Body::UntilClose;
+    take_ready_body(&mut upstream, &mut buf, &head);
     let mut framing = Framing::new(head.body);
     let mut payload = Vec::new();
     let first = &buf[head.len..];
@@ -744,6 +748,29 @@ async fn attempt<D: Downstream>(
     Attempt::Done {
         status,
         keep_alive: client_ok && complete && !close,
+    }
+}
+
+/// Reads what has already arrived of a response body that fits in [`COALESCE_LIMIT`],
+/// without waiting, so that the client gets the head and the body in one write (one
+/// system call and one packet instead of one per upstream read).
+fn take_ready_body(upstream: &mut TcpStream, buf: &mut Vec<u8>, head: &FinalHead) {
+    let Body::Length(n) = head.body else { return };
+    let total = (head.len as u64).saturating_add(n);
+    if total > COALESCE_LIMIT as u64 {
+        return;
+    }
+    // `total` fits in usize: it is at most COALESCE_LIMIT.
+    let total = total as usize;
+    if buf.len() < total {
+        buf.reserve(total - buf.len());
+    }
+    while buf.len() < total {
+        match upstream.try_read_buf(buf) {
+            Ok(n) if n > 0 => {}
+            // Nothing more yet, the end of the stream or an error: the body loop sees it.
+            _ => break,
+        }
     }
 }
 
