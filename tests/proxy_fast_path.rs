@@ -66,6 +66,33 @@ async fn serve_raw(mut stream: TcpStream) {
         let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
         buf.drain(..head_end);
         let path = head.split(' ').nth(1).unwrap_or("/").to_string();
+        // A Content-Length body is read whole; /echo answers it back.
+        let length: usize = head
+            .lines()
+            .filter_map(|l| l.split_once(':'))
+            .find(|(n, _)| n.eq_ignore_ascii_case("content-length"))
+            .map_or(0, |(_, v)| v.trim().parse().unwrap());
+        while buf.len() < length {
+            let mut chunk = [0u8; 4096];
+            match stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+        let body: Vec<u8> = buf.drain(..length).collect();
+        if path == "/echo" {
+            let mut response = format!(
+                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nX-Method: {}\r\n\r\n",
+                body.len(),
+                head.split(' ').next().unwrap_or("")
+            )
+            .into_bytes();
+            response.extend_from_slice(&body);
+            if stream.write_all(&response).await.is_err() {
+                return;
+            }
+            continue;
+        }
         let (response, close): (&[u8], bool) = match path.as_str() {
             "/chunked" => (
                 b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nX-Kind: chunked\r\n\r\n\
@@ -526,4 +553,103 @@ async fn the_http2_fast_path_answers_what_the_full_path_answers() {
         assert_eq!(status, 200, "stream {i}");
         assert_eq!(len, if i % 4 == 0 { 100_000 } else { 5 }, "stream {i}");
     }
+}
+
+#[tokio::test]
+async fn request_bodies_reach_the_upstream_whole_on_either_path() {
+    common::init();
+    let backend = Backend::start("hyper").await;
+    let raw = RawUpstream::start().await;
+    let slow_body = format!(
+        "{}\n[limits]\nbody_read_timeout = \"1s\"\n",
+        config(&backend, &raw)
+    );
+    let fast = Proxy::start(&slow_body).await;
+    let full = Proxy::start_with("http1_fast_path = false", &slow_body).await;
+    // Up to 64 KiB the fast path reads the body itself; the largest goes to Pingora.
+    let sizes = [1usize, 1000, 20_000, 65_536, 200_000];
+    for method in ["POST", "PUT"] {
+        for &size in &sizes {
+            let body: Vec<u8> = (0..size).map(|i| b'a' + (i % 26) as u8).collect();
+            let mut answers = Vec::new();
+            for proxy in [&fast, &full] {
+                let resp = client()
+                    .request(method.parse().unwrap(), proxy.url("/echo"))
+                    .header("host", "raw.test")
+                    .body(body.clone())
+                    .send()
+                    .await
+                    .unwrap();
+                let status = resp.status().as_u16();
+                let seen_method = resp.headers()["x-method"].to_str().unwrap().to_string();
+                answers.push((status, seen_method, resp.bytes().await.unwrap()));
+            }
+            assert_eq!(
+                answers[0], answers[1],
+                "{method} {size} bytes: fast vs full"
+            );
+            assert_eq!(answers[0].0, 200);
+            assert_eq!(answers[0].1, method);
+            assert!(
+                answers[0].2 == body,
+                "{method} {size} bytes: the body changed"
+            );
+        }
+    }
+    let served = fast.metric("rampart_http1_fast_path_requests_total").await;
+    assert_eq!(
+        served, 8.0,
+        "the bodies up to 64 KiB went through the fast path"
+    );
+
+    // A body that arrives after its head, in pieces, on a kept-alive connection; then
+    // a bodiless request on the same connection.
+    let mut conn = TcpStream::connect(fast.http).await.unwrap();
+    conn.write_all(b"POST /echo HTTP/1.1\r\nHost: raw.test\r\nContent-Length: 11\r\n\r\n")
+        .await
+        .unwrap();
+    conn.flush().await.unwrap();
+    tokio::task::yield_now().await;
+    conn.write_all(b"hello").await.unwrap();
+    conn.flush().await.unwrap();
+    let echoed = exchange(&mut conn, " world", b"hello world").await;
+    assert!(echoed.starts_with("HTTP/1.1 200 OK\r\n"), "{echoed}");
+    let next = exchange(
+        &mut conn,
+        "GET / HTTP/1.1\r\nHost: raw.test\r\n\r\n",
+        b"raw",
+    )
+    .await;
+    assert!(next.starts_with("HTTP/1.1 200 OK\r\n"), "{next}");
+
+    // A body that stops coming: both paths answer 400 at limits.body_read_timeout and
+    // close the connection.
+    let mut answers = Vec::new();
+    for proxy in [&fast, &full] {
+        let mut conn = TcpStream::connect(proxy.http).await.unwrap();
+        let got = exchange(
+            &mut conn,
+            "POST /echo HTTP/1.1\r\nHost: raw.test\r\nContent-Length: 10\r\n\r\nab",
+            b"\0",
+        )
+        .await;
+        answers.push(got.lines().next().unwrap_or("").to_string());
+    }
+    assert_eq!(answers[0], answers[1], "a stalled body: fast vs full");
+    assert!(answers[0].starts_with("HTTP/1.1 400"), "{answers:?}");
+
+    // Over the route's max_body_bytes: the full path's 413, from either path.
+    let limited = format!(
+        "{}\n[limits]\nmax_body_bytes = \"1KiB\"\n",
+        config(&backend, &raw)
+    );
+    let small = Proxy::start(&limited).await;
+    let resp = client()
+        .post(small.url("/echo"))
+        .header("host", "raw.test")
+        .body(vec![b'x'; 2000])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 413);
 }

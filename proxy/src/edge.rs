@@ -828,7 +828,7 @@ fn https_location(host: &str, https_port: Option<u16>, req: &RequestHeader) -> S
 
 /// Whether a body of `bytes` after `elapsed` is below `min_rate` bytes per second on
 /// average, once the `grace` period is over (0 disables the check).
-fn body_too_slow(bytes: u64, elapsed: Duration, grace: Duration, min_rate: u64) -> bool {
+pub(crate) fn body_too_slow(bytes: u64, elapsed: Duration, grace: Duration, min_rate: u64) -> bool {
     min_rate > 0 && elapsed > grace && (bytes as f64) < min_rate as f64 * elapsed.as_secs_f64()
 }
 

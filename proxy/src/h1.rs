@@ -1,11 +1,12 @@
-//! The HTTP/1 fast path: the common request — HTTP/1.1, no body, no upgrade, its head
-//! complete in the first read, a forward route — proxied by Rampart itself rather than
-//! by Pingora, with the same policy: limits, routing, rate limits, balancing,
-//! forwarding headers, passive health, retries, timeouts and metrics are the functions
-//! `edge` uses. Anything else goes to Pingora with the bytes read so far
-//! ([`Served::Pingora`]), decided before anything has a side effect, so every feature
-//! keeps working and Pingora stays the complete implementation (HTTP/2, bodies,
-//! upgrades, HTTP/1.0, static answers, rejections).
+//! The HTTP/1 fast path: the common request — HTTP/1.1, no body or a Content-Length
+//! body of up to 64 KiB, no upgrade, its head complete in the first read, a forward
+//! route — proxied by Rampart itself rather than by Pingora, with the same policy:
+//! limits, routing, rate limits, balancing, forwarding headers, passive health,
+//! retries, timeouts, body read limits and metrics are the functions `edge` uses.
+//! Anything else goes to Pingora with the bytes read so far ([`Served::Pingora`]),
+//! decided before anything has a side effect, so every feature keeps working and
+//! Pingora stays the complete implementation (HTTP/2 framing, chunked and large
+//! bodies, `Expect`, upgrades, HTTP/1.0, static answers, rejections).
 //!
 //! Why: Pingora's HTTP/1 request cycle cost ~3× the CPU of a minimal forwarder per
 //! request (loadtest/README.md, "the data-path question"). Here a request is parsed
@@ -24,7 +25,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::BytesMut;
+use bytes::{BufMut, BytesMut};
 use http::header::{HeaderName, HeaderValue, HOST};
 use http::{HeaderMap, Method, Uri};
 use pingora::protocols::Stream;
@@ -34,7 +35,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::balance::PickInput;
-use crate::edge::{hash_key, record_endpoint_failure, request_host, request_id, Scheme, Tried};
+use crate::edge::{
+    body_too_slow, hash_key, record_endpoint_failure, request_host, request_id, Scheme, Tried,
+};
 use crate::generation::{remaining, Generation, PoolRt};
 use crate::headers::HOP_BY_HOP;
 use crate::health::now_ms;
@@ -49,6 +52,9 @@ pub(crate) const MAX_HEADERS: usize = 100;
 const MAX_RESPONSE_HEAD: usize = 64 * 1024;
 /// Read buffer for an upstream response.
 const UPSTREAM_BUFFER: usize = 16 * 1024;
+/// Largest request body the fast path takes (read whole before the upstream request is
+/// sent, so that a retry can send it again); larger ones go to Pingora, which streams.
+const MAX_BODY: u64 = 64 * 1024;
 /// Largest response (head and body) read whole before the first write to the client
 /// when its bytes have already arrived.
 const COALESCE_LIMIT: usize = 64 * 1024;
@@ -87,10 +93,32 @@ pub async fn serve(
     conn: ConnInfo<'_>,
 ) -> Served {
     let started = Instant::now();
-    let Some(request) = prepare(&bytes, &generation, conn) else {
+    let Some(mut request) = prepare(&bytes, &generation, conn) else {
         return Served::Pingora(bytes);
     };
     drop(bytes);
+    if request.body_missing > 0 {
+        if request.limited.is_some() {
+            // Refused without reading the body: the connection cannot go on.
+            request.client_close = true;
+        } else if let Err(status) = read_body(stream, &mut request, &generation, started).await {
+            if status > 0 {
+                let mut client = Http1Client {
+                    stream,
+                    send_timeout: generation.config.limits.send_timeout.0,
+                };
+                let body = error_text(status);
+                client
+                    .local(status, &body, &request, &generation, None, true)
+                    .await;
+                let route = &generation.routes[request.route];
+                let seconds = started.elapsed().as_secs_f64();
+                route.metrics.observe(status, seconds);
+                conn.metrics.rolling.record(status, seconds);
+            }
+            return Served::Close;
+        }
+    }
     let mut client = Http1Client {
         stream,
         send_timeout: generation.config.limits.send_timeout.0,
@@ -100,6 +128,49 @@ pub async fn serve(
     } else {
         Served::Close
     }
+}
+
+/// Reads the rest of the request body from the client into the upstream request, as
+/// the full path reads it: each read within `limits.body_read_timeout` (else 400), and
+/// after that long no slower than `limits.min_body_rate` (else 408). `Err(0)` when the
+/// client went away.
+async fn read_body(
+    stream: &mut Stream,
+    request: &mut Prepared,
+    generation: &Generation,
+    started: Instant,
+) -> Result<(), u16> {
+    let limits = &generation.config.limits;
+    let out = &mut request.upstream_head;
+    out.reserve(request.body_missing);
+    while request.body_missing > 0 {
+        let mut room = (&mut *out).limit(request.body_missing);
+        let read = tokio::time::timeout(limits.body_read_timeout.0, stream.read_buf(&mut room));
+        match read.await {
+            Ok(Ok(n)) if n > 0 => request.body_missing -= n,
+            Ok(_) => return Err(0),
+            Err(_) => return Err(400),
+        }
+        let received = request.body_len - request.body_missing as u64;
+        if body_too_slow(
+            received,
+            started.elapsed(),
+            limits.body_read_timeout.0,
+            limits.min_body_rate.0,
+        ) {
+            return Err(408);
+        }
+    }
+    Ok(())
+}
+
+/// The body of an error answered by the proxy, as the full path writes it.
+fn error_text(status: u16) -> String {
+    let reason = http::StatusCode::from_u16(status)
+        .ok()
+        .and_then(|s| s.canonical_reason())
+        .unwrap_or("error");
+    format!("{status} {reason}\n")
 }
 
 /// Where the fast path sends a response: an HTTP/1 connection (the upstream's bytes as
@@ -249,6 +320,11 @@ pub(crate) struct Prepared {
     pub(crate) key_hash: Option<u64>,
     /// Set when the route's rate limit refused the request: the wait until it may retry.
     pub(crate) limited: Option<Duration>,
+    /// The request body's length (Content-Length).
+    pub(crate) body_len: u64,
+    /// Bytes of the body still to be read from the client (the rest follows the head in
+    /// `upstream_head`).
+    pub(crate) body_missing: usize,
 }
 
 /// Parses the request head in `bytes` and decides whether this path serves it: `None`
@@ -257,11 +333,10 @@ pub(crate) struct Prepared {
 fn prepare(bytes: &[u8], generation: &Generation, conn: ConnInfo<'_>) -> Option<Prepared> {
     let mut raw_headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut raw_headers);
-    // A head not complete in the first read, pipelined bytes after it, or a head that
-    // does not parse: Pingora reads on, or answers the error.
-    let head_len = match req.parse(bytes) {
-        Ok(httparse::Status::Complete(n)) if n == bytes.len() => n,
-        _ => return None,
+    // A head not complete in the first read or a head that does not parse: Pingora
+    // reads on, or answers the error.
+    let Ok(httparse::Status::Complete(head_len)) = req.parse(bytes) else {
+        return None;
     };
     if req.version != Some(1) {
         return None;
@@ -272,14 +347,22 @@ fn prepare(bytes: &[u8], generation: &Generation, conn: ConnInfo<'_>) -> Option<
     }
     let mut client_close = false;
     let mut hosts = 0;
+    let mut length: Option<u64> = None;
     for h in req.headers.iter() {
         let name = h.name.as_bytes();
         if name.eq_ignore_ascii_case(b"transfer-encoding")
             || name.eq_ignore_ascii_case(b"upgrade")
             || name.eq_ignore_ascii_case(b"expect")
-            || (name.eq_ignore_ascii_case(b"content-length") && h.value.trim_ascii() != b"0")
         {
             return None;
+        }
+        if name.eq_ignore_ascii_case(b"content-length") {
+            // Several fields (even equal ones) and lists are Pingora's to reconcile or
+            // refuse.
+            if length.is_some() {
+                return None;
+            }
+            length = Some(parse_length(h.value)?);
         }
         if name.eq_ignore_ascii_case(b"host") {
             hosts += 1;
@@ -287,6 +370,12 @@ fn prepare(bytes: &[u8], generation: &Generation, conn: ConnInfo<'_>) -> Option<
         if name.eq_ignore_ascii_case(b"connection") {
             client_close |= tokens(h.value).any(|t| t.eq_ignore_ascii_case(b"close"));
         }
+    }
+    let body_len = length.unwrap_or(0);
+    let early = &bytes[head_len..];
+    // Bytes pipelined after the body, or a body larger than this path buffers.
+    if early.len() as u64 > body_len || body_len > MAX_BODY {
+        return None;
     }
     if hosts != 1 {
         return None;
@@ -301,9 +390,27 @@ fn prepare(bytes: &[u8], generation: &Generation, conn: ConnInfo<'_>) -> Option<
     parts.uri = Uri::try_from(path).ok()?;
     parts.headers = headers;
     let route = route_for(&parts, Some(&bytes[..head_len]), generation, conn)?;
-    Some(admit(&parts, route, generation, conn, client_close, |id| {
+    // Over the route's limit: the full path answers 413.
+    if body_len > generation.routes[route].max_body {
+        return None;
+    }
+    let mut prepared = admit(&parts, route, generation, conn, client_close, |id| {
         upstream_head(&req, &parts.headers, generation, conn, id)
-    }))
+    });
+    prepared.upstream_head.extend_from_slice(early);
+    prepared.body_len = body_len;
+    // At most MAX_BODY: fits in usize.
+    prepared.body_missing = (body_len - early.len() as u64) as usize;
+    Some(prepared)
+}
+
+/// A Content-Length value: digits only, at most 18 of them.
+fn parse_length(value: &[u8]) -> Option<u64> {
+    let value = value.trim_ascii();
+    if value.is_empty() || value.len() > 18 || !value.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    std::str::from_utf8(value).ok()?.parse().ok()
 }
 
 /// The route of a request the fast path can serve: one that passes the request checks,
@@ -380,6 +487,8 @@ pub(crate) fn admit(
         client_close,
         key_hash,
         limited,
+        body_len: 0,
+        body_missing: 0,
     }
 }
 
@@ -579,11 +688,7 @@ async fn forward<D: Downstream>(
         }
     };
     // As Pingora's path after a failure: an error answer, and the connection closes.
-    let reason = http::StatusCode::from_u16(status)
-        .ok()
-        .and_then(|s| s.canonical_reason())
-        .unwrap_or("error");
-    let body = format!("{status} {reason}\n");
+    let body = error_text(status);
     client
         .local(status, &body, request, generation, None, true)
         .await;

@@ -193,7 +193,9 @@ impl EdgeApp {
             Some(pingora::protocols::ALPN::H2)
         );
         if is_h2 {
-            self.serve_http2(stream, client, shutdown).await;
+            // Boxed: the HTTP/2 state would otherwise make every connection's future,
+            // HTTP/1 ones included, as large as itself.
+            Box::pin(self.serve_http2(stream, client, shutdown)).await;
             return;
         }
         let metrics = self.metrics.clone();
