@@ -54,7 +54,7 @@ const MAX_RESPONSE_HEAD: usize = 64 * 1024;
 const UPSTREAM_BUFFER: usize = 16 * 1024;
 /// Largest request body the fast path takes (read whole before the upstream request is
 /// sent, so that a retry can send it again); larger ones go to Pingora, which streams.
-const MAX_BODY: u64 = 64 * 1024;
+pub(crate) const MAX_BODY: u64 = 64 * 1024;
 /// Largest response (head and body) read whole before the first write to the client
 /// when its bytes have already arrived.
 const COALESCE_LIMIT: usize = 64 * 1024;
@@ -102,20 +102,11 @@ pub async fn serve(
             // Refused without reading the body: the connection cannot go on.
             request.client_close = true;
         } else if let Err(status) = read_body(stream, &mut request, &generation, started).await {
-            if status > 0 {
-                let mut client = Http1Client {
-                    stream,
-                    send_timeout: generation.config.limits.send_timeout.0,
-                };
-                let body = error_text(status);
-                client
-                    .local(status, &body, &request, &generation, None, true)
-                    .await;
-                let route = &generation.routes[request.route];
-                let seconds = started.elapsed().as_secs_f64();
-                route.metrics.observe(status, seconds);
-                conn.metrics.rolling.record(status, seconds);
-            }
+            let mut client = Http1Client {
+                stream,
+                send_timeout: generation.config.limits.send_timeout.0,
+            };
+            body_failed(&mut client, status, &request, &generation, conn, started).await;
             return Served::Close;
         }
     }
@@ -162,6 +153,30 @@ async fn read_body(
         }
     }
     Ok(())
+}
+
+/// Answers a request whose body could not be read (`status` 0: the client went away,
+/// nothing to answer) and counts it as the full path counts it.
+pub(crate) async fn body_failed<D: Downstream>(
+    client: &mut D,
+    status: u16,
+    request: &Prepared,
+    generation: &Generation,
+    conn: ConnInfo<'_>,
+    started: Instant,
+) {
+    if status == 0 {
+        return;
+    }
+    let body = error_text(status);
+    client
+        .local(status, &body, request, generation, None, true)
+        .await;
+    let seconds = started.elapsed().as_secs_f64();
+    generation.routes[request.route]
+        .metrics
+        .observe(status, seconds);
+    conn.metrics.rolling.record(status, seconds);
 }
 
 /// The body of an error answered by the proxy, as the full path writes it.
@@ -405,7 +420,7 @@ fn prepare(bytes: &[u8], generation: &Generation, conn: ConnInfo<'_>) -> Option<
 }
 
 /// A Content-Length value: digits only, at most 18 of them.
-fn parse_length(value: &[u8]) -> Option<u64> {
+pub(crate) fn parse_length(value: &[u8]) -> Option<u64> {
     let value = value.trim_ascii();
     if value.is_empty() || value.len() > 18 || !value.iter().all(u8::is_ascii_digit) {
         return None;

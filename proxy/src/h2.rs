@@ -1,10 +1,12 @@
-//! The HTTP/2 fast path: a request without a body that goes to a `forward` route is
+//! The HTTP/2 fast path: a request without a body, or with a declared length of up to
+//! 64 KiB (read whole first), that goes to a `forward` route is
 //! proxied by the same code as the HTTP/1 fast path ([`h1`](crate::h1)): the same
 //! policy functions, the per-worker upstream pool, one upstream head written at once.
 //! HTTP/2 framing (the codec, flow control, stream acceptance and its checks) stays
 //! Pingora's and the `h2` crate's; only what Pingora's proxy would do between the
-//! request head and the response is replaced. Anything else (bodies, `CONNECT`, static
-//! answers, rejections) goes to Pingora's proxy with the stream untouched.
+//! request head and the response is replaced. Anything else (`CONNECT`, static
+//! answers, rejections, bodies of unknown length or over 64 KiB) goes to Pingora's
+//! proxy with the stream untouched.
 //!
 //! Why: with HTTP/2 clients, Pingora's request cycle spent 2.5× nginx's user-space CPU
 //! per request (loadtest/README.md). `server.http2_fast_path = false` turns this off.
@@ -19,10 +21,11 @@ use pingora::http::ResponseHeader;
 use pingora::protocols::http::v2::server::HttpSession;
 use prometheus::IntCounter;
 
+use crate::edge::body_too_slow;
 use crate::generation::Generation;
 use crate::h1::{
-    admit, proxy_request, push_header, route_for, ConnInfo, Downstream, FinalHead, HopByHop,
-    Prepared, MAX_HEADERS,
+    admit, body_failed, parse_length, proxy_request, push_header, route_for, ConnInfo, Downstream,
+    FinalHead, HopByHop, Prepared, MAX_BODY, MAX_HEADERS,
 };
 use crate::headers::hop_by_hop;
 use crate::metrics::Metrics;
@@ -34,10 +37,21 @@ pub async fn serve(
     conn: ConnInfo<'_>,
 ) -> Option<HttpSession> {
     let started = Instant::now();
-    let Some(request) = prepare(&session, &generation, conn) else {
+    let Some(mut request) = prepare(&session, &generation, conn) else {
         return Some(session);
     };
     session.set_write_timeout(Some(generation.config.limits.send_timeout.0));
+    // A rate-limited request is answered without its body (dropping the stream resets
+    // what the client still sends).
+    if request.body_missing > 0 && request.limited.is_none() {
+        if let Err(status) = read_body(&mut session, &mut request, &generation, started).await {
+            let mut client = Http2Client {
+                session: &mut session,
+            };
+            body_failed(&mut client, status, &request, &generation, conn, started).await;
+            return None;
+        }
+    }
     let mut client = Http2Client {
         session: &mut session,
     };
@@ -50,17 +64,70 @@ pub async fn serve(
 /// Decides whether this path serves the stream's request and prepares it; `None` sends
 /// it to Pingora.
 fn prepare(session: &HttpSession, generation: &Generation, conn: ConnInfo<'_>) -> Option<Prepared> {
-    if !session.is_body_empty() {
-        return None;
-    }
     let req = session.req_header();
     if req.method == Method::CONNECT {
         return None;
     }
+    // A body is taken when its length is declared and this path buffers it; one of
+    // unknown length, or a larger one, Pingora streams.
+    let body_len = if session.is_body_empty() {
+        0
+    } else {
+        let mut lengths = req.headers.get_all(CONTENT_LENGTH).iter();
+        let (Some(length), None) = (lengths.next(), lengths.next()) else {
+            return None;
+        };
+        parse_length(length.as_bytes()).filter(|&n| n <= MAX_BODY)?
+    };
     let route = route_for(req, None, generation, conn)?;
-    Some(admit(req, route, generation, conn, false, |id| {
+    // Over the route's limit: the full path answers 413.
+    if body_len > generation.routes[route].max_body {
+        return None;
+    }
+    let mut prepared = admit(req, route, generation, conn, false, |id| {
         upstream_head(req, session.req_header().raw_path(), generation, conn, id)
-    }))
+    });
+    prepared.body_len = body_len;
+    // At most MAX_BODY: fits in usize.
+    prepared.body_missing = body_len as usize;
+    Some(prepared)
+}
+
+/// Reads the request body from the stream into the upstream request, under the full
+/// path's rules (see `h1`'s): 400 when a read takes longer than
+/// `limits.body_read_timeout` or the body is not as long as declared, 408 when it comes
+/// slower than `limits.min_body_rate`; `Err(0)` when the client reset the stream.
+async fn read_body(
+    session: &mut HttpSession,
+    request: &mut Prepared,
+    generation: &Generation,
+    started: Instant,
+) -> Result<(), u16> {
+    let limits = &generation.config.limits;
+    loop {
+        let read = tokio::time::timeout(limits.body_read_timeout.0, session.read_body_bytes());
+        match read.await {
+            Ok(Ok(Some(data))) => {
+                if data.len() > request.body_missing {
+                    return Err(400);
+                }
+                request.body_missing -= data.len();
+                request.upstream_head.extend_from_slice(&data);
+            }
+            Ok(Ok(None)) if request.body_missing == 0 => return Ok(()),
+            Ok(Ok(None)) | Err(_) => return Err(400),
+            Ok(Err(_)) => return Err(0),
+        }
+        let received = request.body_len - request.body_missing as u64;
+        if body_too_slow(
+            received,
+            started.elapsed(),
+            limits.body_read_timeout.0,
+            limits.min_body_rate.0,
+        ) {
+            return Err(408);
+        }
+    }
 }
 
 /// The HTTP/1.1 request head sent upstream for an HTTP/2 request: its method and path,
