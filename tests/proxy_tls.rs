@@ -329,3 +329,53 @@ async fn the_admin_listener_reports_health_status_and_every_metric_family() {
         value(histogram);
     }
 }
+
+#[tokio::test]
+async fn idle_http2_connections_are_closed_at_the_keepalive_timeout() {
+    common::init();
+    let b = Backend::start("b").await;
+    let proxy = Proxy::start(&format!(
+        "[limits]\nkeepalive_timeout = \"1s\"\n\n[[tls]]\nhosts = [\"a.test\"]\nsource = \"internal\"\n\n\
+         [[routes]]\nname = \"all\"\naction = {{ forward = \"p\" }}\n{}",
+        common::pool_toml("p", "round_robin", &[&b], "")
+    ))
+    .await;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in pem_certs(&proxy.ca_path()) {
+        roots.add(cert).unwrap();
+    }
+    let mut config = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(proxy.https).await.unwrap();
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(ServerName::try_from("a.test").unwrap(), tcp)
+        .await
+        .unwrap();
+    let (mut send, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tls),
+    )
+    .await
+    .unwrap();
+    let driver = tokio::spawn(conn);
+    // Two requests keep the connection busy; then it is idle.
+    for _ in 0..2 {
+        let req = http::Request::get(format!("https://a.test:{}/", proxy.https.port()))
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .unwrap();
+        let resp = send.send_request(req).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        http_body_util::BodyExt::collect(resp.into_body())
+            .await
+            .unwrap();
+    }
+    // The proxy ends the idle connection (GOAWAY, then close) after keepalive_timeout;
+    // without that it would stay open as long as the client keeps it.
+    let closed = tokio::time::timeout(std::time::Duration::from_secs(10), driver).await;
+    assert!(
+        matches!(closed, Ok(Ok(Ok(())))),
+        "the idle HTTP/2 connection was not closed cleanly: {closed:?}"
+    );
+}

@@ -95,6 +95,42 @@ impl EdgeApp {
     }
 }
 
+/// The streams of one HTTP/2 connection being served, so that the connection can tell
+/// when it has been idle.
+#[derive(Default)]
+struct ActiveStreams {
+    count: AtomicUsize,
+    idle: tokio::sync::Notify,
+}
+
+/// One stream being served; ends it when dropped.
+struct StreamGuard(Arc<ActiveStreams>);
+
+impl ActiveStreams {
+    fn start(self: &Arc<Self>) -> StreamGuard {
+        self.count.fetch_add(1, Ordering::Relaxed);
+        StreamGuard(self.clone())
+    }
+
+    /// Completes once no stream has been served for `limit`; a stream that starts is
+    /// seen by the caller, which calls again.
+    async fn idle_for(&self, limit: Duration) {
+        while self.count.load(Ordering::Relaxed) != 0 {
+            self.idle.notified().await;
+        }
+        tokio::time::sleep(limit).await;
+    }
+}
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        if self.0.count.fetch_sub(1, Ordering::Relaxed) == 1 {
+            // A stored permit if nobody waits yet: the next wait sees it.
+            self.0.idle.notify_one();
+        }
+    }
+}
+
 /// Decrements the open-connection counts and gauge when a connection ends.
 struct OpenGuard<'a>(&'a EdgeApp, Option<std::net::IpAddr>);
 
@@ -287,10 +323,12 @@ impl EdgeApp {
         let mut shutdown = shutdown.clone();
         let mut draining = false;
         let mut malformed = 0;
+        let active = Arc::new(ActiveStreams::default());
         loop {
             let next = if draining {
                 HttpSession::from_h2_conn(&mut conn, digest.clone()).await
             } else {
+                let keepalive = self.current.load().config.limits.keepalive_timeout.0;
                 tokio::select! {
                     biased;
                     _ = shutdown.changed() => {
@@ -300,6 +338,13 @@ impl EdgeApp {
                         continue;
                     }
                     next = HttpSession::from_h2_conn(&mut conn, digest.clone()) => next,
+                    // No stream for the keep-alive timeout: GOAWAY, as for an idle
+                    // HTTP/1 connection (a new stream restarts the wait).
+                    () = active.idle_for(keepalive) => {
+                        conn.graceful_shutdown();
+                        draining = true;
+                        continue;
+                    }
                 }
             };
             let session = match next {
@@ -318,7 +363,9 @@ impl EdgeApp {
             };
             let app = self.clone();
             let shutdown = shutdown.clone();
+            let guard = active.start();
             tokio::spawn(async move {
+                let _guard = guard;
                 let generation = app.current.load_full();
                 let session = if generation.config.server.http2_fast_path {
                     let conn = ConnInfo {
