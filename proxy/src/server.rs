@@ -188,7 +188,6 @@ impl BackgroundService for Readiness {
         let addrs: Vec<std::net::SocketAddr> = [listeners.http, listeners.https]
             .into_iter()
             .flatten()
-            .map(reachable)
             .collect();
         // In fleet mode version 0 means "no snapshot yet": nothing to serve.
         let mut changes = self.0.subscribe();
@@ -219,11 +218,129 @@ fn reachable(addr: std::net::SocketAddr) -> std::net::SocketAddr {
     std::net::SocketAddr::new(ip, addr.port())
 }
 
-/// Returns once a TCP connection to every address succeeds (polling every 10 ms).
+/// Returns once this process listens on every address (polling every 10 ms). A
+/// connection that succeeds does not say that much: another process may hold the
+/// address while Pingora retries binding it, so where `/proc` tells (Linux), the
+/// listening socket must be one of ours; elsewhere a successful connection counts.
 async fn wait_accepting(addrs: &[std::net::SocketAddr]) {
-    for addr in addrs {
-        while tokio::net::TcpStream::connect(addr).await.is_err() {
+    for &addr in addrs {
+        loop {
+            let ours = match listening_here(addr) {
+                Some(ours) => ours,
+                None => tokio::net::TcpStream::connect(reachable(addr))
+                    .await
+                    .is_ok(),
+            };
+            if ours {
+                break;
+            }
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         }
+    }
+}
+
+/// Whether a socket of this process listens on `addr`, from the kernel's TCP table and
+/// this process's descriptors; `None` where `/proc` cannot tell.
+fn listening_here(addr: std::net::SocketAddr) -> Option<bool> {
+    let table = if addr.is_ipv4() { "tcp" } else { "tcp6" };
+    let table = std::fs::read_to_string(format!("/proc/self/net/{table}")).ok()?;
+    let ours: std::collections::HashSet<String> = std::fs::read_dir("/proc/self/fd")
+        .ok()?
+        .filter_map(|fd| std::fs::read_link(fd.ok()?.path()).ok())
+        .filter_map(|target| {
+            let target = target.to_str()?;
+            Some(
+                target
+                    .strip_prefix("socket:[")?
+                    .strip_suffix(']')?
+                    .to_string(),
+            )
+        })
+        .collect();
+    Some(table.lines().skip(1).any(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        // sl local_address rem_address st tx:rx tr:when retrnsmt uid timeout inode
+        fields.len() > 9
+            && fields[3] == "0A"
+            && parse_proc_addr(fields[1]) == Some(addr)
+            && ours.contains(fields[9])
+    }))
+}
+
+/// An address as `/proc/net/tcp{,6}` prints it: the IP as 32-bit words in host byte
+/// order, then the port, in hex.
+fn parse_proc_addr(text: &str) -> Option<std::net::SocketAddr> {
+    let (ip, port) = text.split_once(':')?;
+    let port = u16::from_str_radix(port, 16).ok()?;
+    let words: Option<Vec<[u8; 4]>> = (0..ip.len() / 8)
+        .map(|i| {
+            let word = u32::from_str_radix(ip.get(i * 8..i * 8 + 8)?, 16).ok()?;
+            Some(word.to_ne_bytes())
+        })
+        .collect();
+    let bytes: Vec<u8> = words?.concat();
+    let ip = match bytes.len() {
+        4 => std::net::IpAddr::from(<[u8; 4]>::try_from(bytes).ok()?),
+        16 => std::net::IpAddr::from(<[u8; 16]>::try_from(bytes).ok()?),
+        _ => return None,
+    };
+    Some(std::net::SocketAddr::new(ip, port))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::BufRead;
+    use std::net::SocketAddr;
+
+    #[test]
+    #[cfg(target_endian = "little")]
+    fn addresses_parse_as_proc_net_tcp_prints_them() {
+        let v4: SocketAddr = "127.0.0.1:8080".parse().unwrap();
+        assert_eq!(parse_proc_addr("0100007F:1F90"), Some(v4));
+        let v6: SocketAddr = "[::1]:443".parse().unwrap();
+        assert_eq!(
+            parse_proc_addr("00000000000000000000000001000000:01BB"),
+            Some(v6)
+        );
+        assert_eq!(parse_proc_addr("0100007F"), None);
+        assert_eq!(parse_proc_addr("01007F:1F90"), None);
+    }
+
+    /// Readiness must not take another process's listener for ours (Pingora retries a
+    /// bind that failed, and /ready said ready because a connection succeeded).
+    #[test]
+    fn only_listening_sockets_of_this_process_count() {
+        let own = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let own_addr = own.local_addr().unwrap();
+        assert_eq!(listening_here(own_addr), Some(true));
+
+        let mut other = std::process::Command::new("python3")
+            .args([
+                "-c",
+                "import socket,time\ns=socket.socket()\ns.bind(('127.0.0.1',0))\ns.listen()\n\
+                 print(s.getsockname()[1],flush=True)\ntime.sleep(60)",
+            ])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("python3");
+        let mut line = String::new();
+        std::io::BufReader::new(other.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let theirs: SocketAddr = format!("127.0.0.1:{}", line.trim()).parse().unwrap();
+        let reachable = std::net::TcpStream::connect(theirs).is_ok();
+        let seen = listening_here(theirs);
+        let _ = other.kill();
+        let _ = other.wait();
+        assert!(reachable, "the other process listens");
+        assert_eq!(
+            seen,
+            Some(false),
+            "another process's listener counted as ours"
+        );
+
+        drop(own);
+        assert_eq!(listening_here(own_addr), Some(false));
     }
 }
