@@ -21,7 +21,7 @@ use rampart_config::{Action, HashKey};
 
 use crate::balance::PickInput;
 use crate::generation::{remaining, Generation, PoolRt, RouteRt};
-use crate::headers::{hop_by_hop, is_upgrade, valid_request_id};
+use crate::headers::{hop_by_hop, is_upgrade, joined_cookies, valid_request_id};
 use crate::health::{now_ms, InflightGuard};
 use crate::limits::{check_request, content_length, Rejection, RequestView};
 use crate::metrics::Metrics;
@@ -408,15 +408,10 @@ impl ProxyHttp for Edge {
         }
         // HTTP/2 clients may split Cookie into several fields; an HTTP/1.1 upstream gets
         // them as one (RFC 9113 §8.2.3).
-        if session.as_downstream().is_http2() {
-            let cookies: Vec<&[u8]> = upstream
-                .headers
-                .get_all(COOKIE)
-                .iter()
-                .map(HeaderValue::as_bytes)
-                .collect();
-            let joined = (cookies.len() > 1).then(|| cookies.join(&b"; "[..]));
-            if let Some(joined) = joined {
+        if session.as_downstream().is_http2()
+            && upstream.headers.get_all(COOKIE).iter().nth(1).is_some()
+        {
+            if let Some(joined) = joined_cookies(&upstream.headers) {
                 upstream.insert_header(COOKIE, joined)?;
             }
         }

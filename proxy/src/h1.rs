@@ -30,7 +30,7 @@ use http::header::{HeaderName, HeaderValue, HOST};
 use http::{HeaderMap, Method, Uri};
 use pingora::protocols::Stream;
 use prometheus::IntCounter;
-use rampart_config::Action;
+use rampart_config::{Action, Limits};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -132,23 +132,16 @@ async fn read_body(
     started: Instant,
 ) -> Result<(), u16> {
     let limits = &generation.config.limits;
-    let out = &mut request.upstream_head;
-    out.reserve(request.body_missing);
+    request.upstream_head.reserve(request.body_missing);
     while request.body_missing > 0 {
-        let mut room = (&mut *out).limit(request.body_missing);
+        let mut room = (&mut request.upstream_head).limit(request.body_missing);
         let read = tokio::time::timeout(limits.body_read_timeout.0, stream.read_buf(&mut room));
         match read.await {
             Ok(Ok(n)) if n > 0 => request.body_missing -= n,
             Ok(_) => return Err(0),
             Err(_) => return Err(400),
         }
-        let received = request.body_len - request.body_missing as u64;
-        if body_too_slow(
-            received,
-            started.elapsed(),
-            limits.body_read_timeout.0,
-            limits.min_body_rate.0,
-        ) {
+        if request.body_too_slow(limits, started) {
             return Err(408);
         }
     }
@@ -404,19 +397,11 @@ fn prepare(bytes: &[u8], generation: &Generation, conn: ConnInfo<'_>) -> Option<
     parts.method = Method::from_bytes(req.method?.as_bytes()).ok()?;
     parts.uri = Uri::try_from(path).ok()?;
     parts.headers = headers;
-    let route = route_for(&parts, Some(&bytes[..head_len]), generation, conn)?;
-    // Over the route's limit: the full path answers 413.
-    if body_len > generation.routes[route].max_body {
-        return None;
-    }
-    let mut prepared = admit(&parts, route, generation, conn, client_close, |id| {
+    let route = route_for(&parts, Some(&bytes[..head_len]), body_len, generation, conn)?;
+    let prepared = admit(&parts, route, generation, conn, client_close, |id| {
         upstream_head(&req, &parts.headers, generation, conn, id)
     });
-    prepared.upstream_head.extend_from_slice(early);
-    prepared.body_len = body_len;
-    // At most MAX_BODY: fits in usize.
-    prepared.body_missing = (body_len - early.len() as u64) as usize;
-    Some(prepared)
+    Some(prepared.with_body(body_len, early))
 }
 
 /// A Content-Length value: digits only, at most 18 of them.
@@ -430,10 +415,12 @@ pub(crate) fn parse_length(value: &[u8]) -> Option<u64> {
 
 /// The route of a request the fast path can serve: one that passes the request checks,
 /// is not for the ACME or probe paths, and matches a `forward` route (not to be
-/// redirected to HTTPS). `None` leaves the request to Pingora. No side effect.
+/// redirected to HTTPS) whose `max_body_bytes` its `body_len` fits. `None` leaves the
+/// request to Pingora. No side effect.
 pub(crate) fn route_for(
     parts: &http::request::Parts,
     raw: Option<&[u8]>,
+    body_len: u64,
     generation: &Generation,
     conn: ConnInfo<'_>,
 ) -> Option<usize> {
@@ -463,7 +450,33 @@ pub(crate) fn route_for(
         return None;
     }
     route.pool.as_ref()?;
+    // Over the route's limit: the full path answers 413.
+    if body_len > route.max_body {
+        return None;
+    }
     Some(route_idx)
+}
+
+impl Prepared {
+    /// The request has a body of `len` bytes, of which `early` came with the head.
+    pub(crate) fn with_body(mut self, len: u64, early: &[u8]) -> Self {
+        self.upstream_head.extend_from_slice(early);
+        self.body_len = len;
+        // At most MAX_BODY: fits in usize.
+        self.body_missing = (len - early.len() as u64) as usize;
+        self
+    }
+
+    /// The body read so far arrives slower than `limits.min_body_rate` allows.
+    pub(crate) fn body_too_slow(&self, limits: &Limits, started: Instant) -> bool {
+        let received = self.body_len - self.body_missing as u64;
+        body_too_slow(
+            received,
+            started.elapsed(),
+            limits.body_read_timeout.0,
+            limits.min_body_rate.0,
+        )
+    }
 }
 
 /// Takes a request [`route_for`] chose `route` for: its request id, balancing key, upstream

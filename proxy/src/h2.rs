@@ -21,13 +21,12 @@ use pingora::http::ResponseHeader;
 use pingora::protocols::http::v2::server::HttpSession;
 use prometheus::IntCounter;
 
-use crate::edge::body_too_slow;
 use crate::generation::Generation;
 use crate::h1::{
     admit, body_failed, parse_length, proxy_request, push_header, route_for, ConnInfo, Downstream,
     FinalHead, HopByHop, Prepared, MAX_BODY, MAX_HEADERS,
 };
-use crate::headers::hop_by_hop;
+use crate::headers::{hop_by_hop, joined_cookies};
 use crate::metrics::Metrics;
 
 /// Serves the request of an HTTP/2 stream, or hands the stream back for Pingora.
@@ -79,18 +78,11 @@ fn prepare(session: &HttpSession, generation: &Generation, conn: ConnInfo<'_>) -
         };
         parse_length(length.as_bytes()).filter(|&n| n <= MAX_BODY)?
     };
-    let route = route_for(req, None, generation, conn)?;
-    // Over the route's limit: the full path answers 413.
-    if body_len > generation.routes[route].max_body {
-        return None;
-    }
-    let mut prepared = admit(req, route, generation, conn, false, |id| {
-        upstream_head(req, session.req_header().raw_path(), generation, conn, id)
+    let route = route_for(req, None, body_len, generation, conn)?;
+    let prepared = admit(req, route, generation, conn, false, |id| {
+        upstream_head(req, req.raw_path(), generation, conn, id)
     });
-    prepared.body_len = body_len;
-    // At most MAX_BODY: fits in usize.
-    prepared.body_missing = body_len as usize;
-    Some(prepared)
+    Some(prepared.with_body(body_len, &[]))
 }
 
 /// Reads the request body from the stream into the upstream request, under the full
@@ -118,13 +110,7 @@ async fn read_body(
             Ok(Ok(None)) | Err(_) => return Err(400),
             Ok(Err(_)) => return Err(0),
         }
-        let received = request.body_len - request.body_missing as u64;
-        if body_too_slow(
-            received,
-            started.elapsed(),
-            limits.body_read_timeout.0,
-            limits.min_body_rate.0,
-        ) {
+        if request.body_too_slow(limits, started) {
             return Err(408);
         }
     }
@@ -166,28 +152,18 @@ fn upstream_head(
     out.extend_from_slice(raw_path);
     out.extend_from_slice(b" HTTP/1.1\r\n");
     push_header(&mut out, b"host", host);
-    let mut cookies: Option<Vec<u8>> = None;
     for (name, value) in headers {
         if name == HOST
+            || name == COOKIE
             || hop.contains(name)
             || name == id_name
             || forwarded.iter().any(|(n, _)| name.as_str() == *n)
         {
             continue;
         }
-        if name == COOKIE {
-            match &mut cookies {
-                Some(joined) => {
-                    joined.extend_from_slice(b"; ");
-                    joined.extend_from_slice(value.as_bytes());
-                }
-                None => cookies = Some(value.as_bytes().to_vec()),
-            }
-            continue;
-        }
         push_header(&mut out, name.as_str().as_bytes(), value.as_bytes());
     }
-    if let Some(cookies) = cookies {
+    if let Some(cookies) = joined_cookies(headers) {
         push_header(&mut out, b"cookie", &cookies);
     }
     for (name, value) in &forwarded {

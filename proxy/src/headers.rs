@@ -129,6 +129,18 @@ pub fn hop_by_hop(headers: &HeaderMap, keep_upgrade: bool) -> Vec<HeaderName> {
     names
 }
 
+/// The request's `Cookie` fields as the one field an HTTP/1.1 upstream gets (RFC 9113
+/// §8.2.3: HTTP/2 clients may split cookies into several); `None` without cookies.
+#[must_use]
+pub fn joined_cookies(headers: &HeaderMap) -> Option<Vec<u8>> {
+    let cookies: Vec<&[u8]> = headers
+        .get_all(http::header::COOKIE)
+        .iter()
+        .map(http::HeaderValue::as_bytes)
+        .collect();
+    (!cookies.is_empty()).then(|| cookies.join(&b"; "[..]))
+}
+
 /// A usable client-sent request id: 1–200 visible ASCII characters.
 #[must_use]
 pub fn valid_request_id(v: &[u8]) -> bool {

@@ -1,8 +1,10 @@
 //! The client side of a listener, before HTTP: the connection limit, the TLS handshake
 //! (with its own deadline and failure metrics), and the header read deadline. Then the
 //! connection's HTTP/1 requests are served one at a time by the fast path ([`h1`]) or,
-//! when it declines one, by Pingora's HTTP proxy; HTTP/2 streams likewise ([`h2`]): between requests a kept-alive
+//! when it declines one, by Pingora's HTTP proxy: between requests a kept-alive
 //! connection waits here, holding no per-request state (see [`EdgeApp::next_request`]).
+//! An HTTP/2 connection's streams are offered to [`h2`] the same way, each in a task of
+//! its own (see [`EdgeApp::serve_http2`]).
 
 use std::future::poll_fn;
 use std::mem::MaybeUninit;
