@@ -620,9 +620,10 @@ impl ProxyHttp for Edge {
         let metrics = ctx
             .route()
             .map_or(&ctx.generation.unrouted_metrics, |r| &r.metrics);
-        let seconds = ctx.started.elapsed().as_secs_f64();
+        let finished = Instant::now();
+        let seconds = finished.duration_since(ctx.started).as_secs_f64();
         metrics.observe(status, seconds);
-        self.metrics.rolling.record(status, seconds);
+        self.metrics.rolling.record(finished, status, seconds);
         if let Some(e) = e {
             let (route, pool) = ctx.labels();
             tracing::debug!(route, pool, status, "request failed: {e}");
@@ -771,8 +772,10 @@ pub(crate) fn request_id(req: &http::request::Parts, generation: &Generation) ->
         .filter(|v| valid_request_id(v.as_bytes()))
         .cloned()
         .unwrap_or_else(|| {
-            HeaderValue::from_str(&uuid::Uuid::new_v4().to_string())
-                .expect("a UUID is a valid header value")
+            // Encoded into the stack: `to_string` would go through the formatter.
+            let mut text = [0u8; uuid::fmt::Hyphenated::LENGTH];
+            let id = uuid::Uuid::new_v4().hyphenated().encode_lower(&mut text);
+            HeaderValue::from_str(id).expect("a UUID is a valid header value")
         })
 }
 

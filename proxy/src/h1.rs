@@ -35,12 +35,13 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::balance::PickInput;
+use crate::clock::{self, within};
 use crate::edge::{
     body_too_slow, hash_key, record_endpoint_failure, request_host, request_id, Scheme, Tried,
 };
-use crate::generation::{remaining, Generation, PoolRt};
+use crate::generation::{Generation, PoolRt};
 use crate::headers::HOP_BY_HOP;
-use crate::health::now_ms;
+use crate::health::ms_at;
 use crate::limits::{check_request, RequestView};
 use crate::metrics::Metrics;
 use crate::routing::RouteRequest;
@@ -165,11 +166,12 @@ pub(crate) async fn body_failed<D: Downstream>(
     client
         .local(status, &body, request, generation, None, true)
         .await;
-    let seconds = started.elapsed().as_secs_f64();
+    let finished = Instant::now();
+    let seconds = finished.duration_since(started).as_secs_f64();
     generation.routes[request.route]
         .metrics
         .observe(status, seconds);
-    conn.metrics.rolling.record(status, seconds);
+    conn.metrics.rolling.record(finished, status, seconds);
 }
 
 /// The body of an error answered by the proxy, as the full path writes it.
@@ -256,10 +258,7 @@ impl Downstream for Http1Client<'_> {
             self.stream.write_all(bytes).await?;
             self.stream.flush().await
         };
-        matches!(
-            tokio::time::timeout(self.send_timeout, write).await,
-            Ok(Ok(()))
-        )
+        matches!(within(self.send_timeout, write).await, Ok(Ok(())))
     }
 
     async fn local(
@@ -308,10 +307,11 @@ pub(crate) async fn proxy_request<D: Downstream>(
         }
         None => forward(client, request, generation, conn, started).await,
     };
-    let seconds = started.elapsed().as_secs_f64();
+    let finished = Instant::now();
+    let seconds = finished.duration_since(started).as_secs_f64();
     D::counter(conn.metrics).inc();
     route.metrics.observe(status, seconds);
-    conn.metrics.rolling.record(status, seconds);
+    conn.metrics.rolling.record(finished, status, seconds);
     keep_alive
 }
 
@@ -677,8 +677,15 @@ async fn forward<D: Downstream>(
     };
     let mut tried = Tried::default();
     let mut attempts = 0u32;
+    let deadline = clock::after(started, pool.timeouts.total.0);
     let status = loop {
-        if remaining(started, pool.timeouts.total.0).is_zero() {
+        // The first try starts right after `started` was read.
+        let now = if attempts == 0 {
+            started
+        } else {
+            Instant::now()
+        };
+        if now >= deadline {
             break 504;
         }
         let Some(idx) = pool.balancer.pick(
@@ -686,7 +693,7 @@ async fn forward<D: Downstream>(
             PickInput {
                 key_hash: request.key_hash,
                 tried: tried.as_slice(),
-                now_ms: now_ms(),
+                now_ms: ms_at(now),
             },
         ) else {
             break 503;
@@ -696,7 +703,7 @@ async fn forward<D: Downstream>(
         let may_retry = attempts <= pool.retries.attempts;
         let inflight = pool.endpoints[idx].state.start_request();
         let outcome = attempt(
-            client, request, generation, pool, idx, started, may_retry, conn,
+            client, request, generation, pool, idx, now, deadline, may_retry, conn,
         )
         .await;
         drop(inflight);
@@ -723,8 +730,9 @@ async fn forward<D: Downstream>(
     (status, false)
 }
 
-/// One try on endpoint `idx`: a pooled connection (or, when it turns out stale, one
-/// fresh connection), the request, the response head, then the body streamed through.
+/// One try on endpoint `idx`, starting `now`, to be over by `deadline` (the route's
+/// total timeout): a pooled connection (or, when it turns out stale, one fresh
+/// connection), the request, the response head, then the body streamed through.
 #[allow(clippy::too_many_arguments)]
 async fn attempt<D: Downstream>(
     client: &mut D,
@@ -732,7 +740,8 @@ async fn attempt<D: Downstream>(
     generation: &Generation,
     pool: &PoolRt,
     idx: usize,
-    started: Instant,
+    mut now: Instant,
+    deadline: Instant,
     may_retry: bool,
     conn: ConnInfo<'_>,
 ) -> Attempt {
@@ -746,21 +755,20 @@ async fn attempt<D: Downstream>(
     let mut buf: Vec<u8> = Vec::with_capacity(UPSTREAM_BUFFER);
     let mut stale_seen = false;
     let (mut upstream, head, upstream_started) = 'connect: loop {
-        let left = remaining(started, t.total.0);
-        if left.is_zero() {
+        if now >= deadline {
             return failed("timeout", 504, false);
         }
         let pooled = if stale_seen {
             None
         } else {
-            IdlePool::take(endpoint.addr)
+            IdlePool::take(endpoint.addr, now)
         };
         let reused = pooled.is_some();
         let mut upstream = match pooled {
             Some(s) => s,
             None => {
-                match tokio::time::timeout(t.connect.0.min(left), TcpStream::connect(endpoint.addr))
-                    .await
+                let limit = clock::after(now, t.connect.0).min(deadline);
+                match tokio::time::timeout_at(limit.into(), TcpStream::connect(endpoint.addr)).await
                 {
                     Ok(Ok(s)) => {
                         let _ = s.set_nodelay(true);
@@ -772,12 +780,19 @@ async fn attempt<D: Downstream>(
             }
         };
         let upstream_started = Instant::now();
-        let io_limit = t.first_byte.0.min(left);
-        match tokio::time::timeout(io_limit, upstream.write_all(&request.upstream_head)).await {
+        // The first read's limit counts from the write, every later one from its start.
+        let mut read_limit = clock::after(upstream_started, t.first_byte.0).min(deadline);
+        match tokio::time::timeout_at(
+            read_limit.into(),
+            upstream.write_all(&request.upstream_head),
+        )
+        .await
+        {
             Ok(Ok(())) => {}
             // A pooled connection the upstream had closed: not the endpoint's fault.
             Ok(Err(_)) if reused => {
                 stale_seen = true;
+                now = Instant::now();
                 continue 'connect;
             }
             Ok(Err(_)) => return failed("error", 502, request.idempotent),
@@ -785,20 +800,17 @@ async fn attempt<D: Downstream>(
         }
         buf.clear();
         loop {
-            let left = remaining(started, t.total.0);
-            if left.is_zero() {
-                return failed("timeout", 504, false);
-            }
             if buf.len() == buf.capacity() {
                 if buf.len() >= MAX_RESPONSE_HEAD {
                     return failed("error", 502, false);
                 }
                 buf.reserve(UPSTREAM_BUFFER);
             }
-            let read = tokio::time::timeout(t.first_byte.0.min(left), upstream.read_buf(&mut buf));
+            let read = tokio::time::timeout_at(read_limit.into(), upstream.read_buf(&mut buf));
             match read.await {
                 Ok(Ok(0)) | Ok(Err(_)) if reused && buf.is_empty() => {
                     stale_seen = true;
+                    now = Instant::now();
                     continue 'connect;
                 }
                 Ok(Ok(0)) | Ok(Err(_)) => return failed("error", 502, request.idempotent),
@@ -817,13 +829,16 @@ async fn attempt<D: Downstream>(
                     Err(()) => return failed("error", 502, false),
                 }
             }
+            // Only part of the head: the next read gets a pause of its own.
+            read_limit = clock::after(Instant::now(), t.first_byte.0).min(deadline);
         }
     };
 
     let status = head.status;
-    let ttfb = upstream_started.elapsed();
+    let head_at = Instant::now();
+    let ttfb = head_at.duration_since(upstream_started);
     pool.ttfb.observe(ttfb.as_secs_f64());
-    pool.states[idx].observe_latency(ttfb, now_ms());
+    pool.states[idx].observe_latency(ttfb, ms_at(head_at));
     if pool.retries.on_status.contains(&status) && request.idempotent && may_retry {
         return failed("status", status, true);
     }
@@ -853,8 +868,9 @@ async fn attempt<D: Downstream>(
             framing.done(),
         )
         .await;
+    let streamed = !framing.done();
     while client_ok && clean && !framing.done() {
-        if remaining(started, t.total.0).is_zero() || endpoint.state.drained(pool.drain_timeout) {
+        if Instant::now() >= deadline || endpoint.state.drained(pool.drain_timeout) {
             clean = false;
             break;
         }
@@ -876,7 +892,8 @@ async fn attempt<D: Downstream>(
     }
     let complete = framing.done() && clean;
     if complete && head.upstream_reusable {
-        IdlePool::put(endpoint.addr, upstream, t.idle.0);
+        let idle_since = if streamed { Instant::now() } else { head_at };
+        IdlePool::put(endpoint.addr, upstream, t.idle.0, idle_since);
     }
     Attempt::Done {
         status,
@@ -1255,12 +1272,12 @@ thread_local! {
 }
 
 impl IdlePool {
-    /// A live idle connection to `addr`, if this thread has one.
-    fn take(addr: SocketAddr) -> Option<TcpStream> {
+    /// A live idle connection to `addr`, if this thread has one that has not expired
+    /// by `now`.
+    fn take(addr: SocketAddr, now: Instant) -> Option<TcpStream> {
         IDLE.with(|pool| {
             let mut pool = pool.borrow_mut();
             let list = pool.by_addr.get_mut(&addr)?;
-            let now = Instant::now();
             while let Some(idle) = list.pop() {
                 if idle.expires > now && is_open(&idle.stream) {
                     return Some(idle.stream);
@@ -1270,11 +1287,10 @@ impl IdlePool {
         })
     }
 
-    /// Keeps `stream` for reuse for up to `idle`.
-    fn put(addr: SocketAddr, stream: TcpStream, idle: Duration) {
+    /// Keeps `stream`, idle since `now`, for reuse for up to `idle`.
+    fn put(addr: SocketAddr, stream: TcpStream, idle: Duration, now: Instant) {
         IDLE.with(|pool| {
             let mut pool = pool.borrow_mut();
-            let now = Instant::now();
             // Now and then, drop what expired everywhere (endpoints that left the
             // configuration are never taken from again).
             if pool
@@ -1293,7 +1309,7 @@ impl IdlePool {
             }
             list.push(Idle {
                 stream,
-                expires: now + idle,
+                expires: clock::after(now, idle),
             });
         });
     }

@@ -10,6 +10,7 @@
 
 pub mod admin;
 pub mod balance;
+pub mod clock;
 pub mod dashboard;
 pub mod edge;
 pub mod fleet;

@@ -447,7 +447,7 @@ impl EdgeApp {
         });
         tokio::select! {
             biased;
-            bytes = tokio::time::timeout(keepalive, wake) => bytes.ok().flatten(),
+            bytes = crate::clock::within(keepalive, wake) => bytes.ok().flatten(),
             () = closed => None,
         }
     }

@@ -3,7 +3,9 @@
 //! server. Lock-free: one ring of per-second buckets of atomic counters.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::Instant;
+
+use crate::clock::unix_secs_at;
 
 /// Seconds kept.
 pub const WINDOW: usize = 300;
@@ -65,15 +67,13 @@ pub struct Point {
 pub type Summary = rampart_config::snapshot::TrafficSummary;
 
 fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
+    unix_secs_at(Instant::now())
 }
 
 impl Rolling {
-    /// Counts a finished request now.
-    pub fn record(&self, status: u16, seconds: f64) {
-        self.record_at(unix_now(), status, seconds);
+    /// Counts a request that finished at `at` (an instant the caller read anyway).
+    pub fn record(&self, at: Instant, status: u16, seconds: f64) {
+        self.record_at(unix_secs_at(at), status, seconds);
     }
 
     fn record_at(&self, now: u64, status: u16, seconds: f64) {

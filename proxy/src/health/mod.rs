@@ -4,4 +4,4 @@
 pub mod checker;
 mod state;
 
-pub use state::{now_ms, EjectPolicy, EndpointState, InflightGuard};
+pub use state::{ms_at, now_ms, EjectPolicy, EndpointState, InflightGuard};

@@ -12,9 +12,15 @@ use std::time::{Duration, Instant};
 /// Milliseconds since this process first asked; a cheap monotonic clock for atomics.
 #[must_use]
 pub fn now_ms() -> u64 {
+    ms_at(Instant::now())
+}
+
+/// [`now_ms`] at `at`, an instant the caller has already read (0 before the first ask).
+#[must_use]
+pub fn ms_at(at: Instant) -> u64 {
     static START: OnceLock<Instant> = OnceLock::new();
     let start = *START.get_or_init(Instant::now);
-    u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX)
+    u64::try_from(at.saturating_duration_since(start).as_millis()).unwrap_or(u64::MAX)
 }
 
 /// Decay time constant of the latency EWMA.
