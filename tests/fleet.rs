@@ -23,6 +23,9 @@ struct Controller {
     /// Whether the controller watches its file (as `rampart controller`) or was
     /// given the configuration only (as `rampart up` without a file).
     reloads: bool,
+    /// Lines of the `[controller]` section besides `listen`, `admin` and
+    /// `watch_timeout`.
+    settings: String,
 }
 
 impl Controller {
@@ -32,6 +35,10 @@ impl Controller {
     }
 
     async fn start_with(body: &str, reloads: bool) -> Self {
+        Self::start_with_settings(body, reloads, "instance_timeout = \"5s\"\n").await
+    }
+
+    async fn start_with_settings(body: &str, reloads: bool, settings: &str) -> Self {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(dir.path().join("endpoints")).unwrap();
         let mut c = Self {
@@ -39,6 +46,7 @@ impl Controller {
             dir,
             listen: "127.0.0.1:0".parse().unwrap(),
             reloads,
+            settings: settings.to_string(),
         };
         c.write_config(body);
         c.restart().await;
@@ -51,9 +59,10 @@ impl Controller {
 
     fn write_config(&self, body: &str) {
         let text = format!(
-            "[server]\ndata_dir = {:?}\n\n[controller]\nlisten = \"{}\"\nadmin = \"127.0.0.1:0\"\nwatch_timeout = \"2s\"\ninstance_timeout = \"5s\"\n\n[[discovery.files]]\npath = {:?}\n\n{body}\n",
+            "[server]\ndata_dir = {:?}\n\n[controller]\nlisten = \"{}\"\nadmin = \"127.0.0.1:0\"\nwatch_timeout = \"2s\"\n{}\n[[discovery.files]]\npath = {:?}\n\n{body}\n",
             self.dir.path().join("data"),
             self.listen,
+            self.settings,
             self.dir.path().join("endpoints"),
         );
         let tmp = self.dir.path().join("controller.toml.tmp");
@@ -589,4 +598,113 @@ async fn endpoint_changes_reach_two_proxies_under_load_without_a_failed_request(
     assert_eq!(status.matches(" ready ").count(), 2, "{status}");
     controller.kill().unwrap();
     controller.wait().unwrap();
+}
+
+/// A proxy silent for longer than `controller.forget_after` leaves the registry, the
+/// store and the metrics, while live and revoked instances stay; when it comes back
+/// with a join token it enrols again by itself and serves the current snapshot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_proxy_is_forgotten_and_enrols_again_when_it_comes_back() {
+    common::init();
+    let c = Controller::start_with_settings(
+        WEB,
+        true,
+        "instance_timeout = \"1s\"\nforget_after = \"2s\"\n",
+    )
+    .await;
+    let a = Backend::start("a").await;
+    c.endpoints("web", "web", &[&a]);
+    let token = rampart_controller::create_token(&c.config(), Duration::from_secs(600), true)
+        .await
+        .unwrap();
+    let mut proxy = Proxy::start_fleet(&c.url(), Some(&token)).await;
+    let first = proxy.status().await["fleet"]["instance"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    // A live instance (heartbeats every 200 ms) and a revoked one, for contrast.
+    let live = enrolled(&c).await;
+    let live_id = live.identity.instance.clone();
+    let beating = tokio::spawn(async move {
+        let hb = Heartbeat {
+            public_addrs: vec![],
+            ready: true,
+            version: 0,
+            https_port: None,
+            traffic: None,
+        };
+        loop {
+            let _ = live.heartbeat(&hb).await;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    });
+    let revoked = enrolled(&c).await.identity.instance.clone();
+    rampart_controller::revoke(&c.config(), &revoked)
+        .await
+        .unwrap();
+    let known = |id: &str| c.state().fleet.registry.status().iter().any(|i| i.id == id);
+    eventually("the controller to know the proxy", || async {
+        known(&first).then_some(())
+    })
+    .await;
+
+    // The proxy goes away for longer than forget_after.
+    proxy.kill();
+    eventually("the silent proxy to be forgotten", || async {
+        (!known(&first)).then_some(())
+    })
+    .await;
+    let store = c.dir.path().join("data");
+    let stored = |id: &str| {
+        walkdir(&store)
+            .iter()
+            .any(|p| p.ends_with(format!("instances/{id}")))
+    };
+    assert!(!stored(&first), "the record of {first} left the store");
+    assert!(known(&live_id), "an instance that sends heartbeats is kept");
+    assert!(stored(&live_id), "and so is its record");
+    assert!(known(&revoked), "revoked instances are kept");
+    assert_eq!(c.state().fleet.metrics.instances_forgotten.get(), 1);
+
+    // It comes back with its old identity, is told it is not enrolled, and enrols
+    // again with the (reusable) token it was started with.
+    proxy.spawn_fleet(&c.url(), Some(&token));
+    assert!(proxy.wait_until_ready().await, "log:\n{}", proxy.log());
+    let second = eventually("the proxy to enrol again", || async {
+        let s = proxy.status().await;
+        let id = s["fleet"]["instance"].as_str()?.to_string();
+        (id != first && s["fleet"]["connected"] == true).then_some(id)
+    })
+    .await;
+    eventually("the controller to hear from it", || async {
+        known(&second).then_some(())
+    })
+    .await;
+    assert!(
+        proxy.log().contains("enrolling again with the join token"),
+        "{}",
+        proxy.log()
+    );
+    let client = Proxy::http_client();
+    let r = client.get(proxy.url("/")).send().await.unwrap();
+    assert_eq!(r.text().await.unwrap(), "a");
+    beating.abort();
+}
+
+/// Every file under `dir`, recursively.
+fn walkdir(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out
 }

@@ -274,6 +274,12 @@ pub struct ControllerSettings {
     /// A proxy that has not sent a heartbeat for this long is counted as stale.
     #[serde(default = "default_instance_timeout")]
     pub instance_timeout: Dur,
+    /// A proxy silent this long (no heartbeat) is forgotten: its record leaves the
+    /// store, `/status` and the metrics, and it must enrol again to come back. Keeps a
+    /// fleet whose replicas come and go (each new replica enrols anew) from piling up
+    /// dead instances. Revoked instances are kept.
+    #[serde(default = "default_forget_after")]
+    pub forget_after: Dur,
     /// Where certificates, join tokens and fleet state are kept.
     #[serde(default)]
     pub store: StoreSettings,
@@ -305,6 +311,9 @@ fn default_watch_timeout() -> Dur {
 }
 fn default_instance_timeout() -> Dur {
     Dur::secs(30)
+}
+fn default_forget_after() -> Dur {
+    Dur::secs(24 * 3600)
 }
 
 /// The controller's store.

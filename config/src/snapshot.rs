@@ -19,6 +19,11 @@ use crate::units::{HostPattern, Hostname};
 /// Version of the snapshot wire format; a proxy refuses snapshots of another schema.
 pub const SCHEMA: u32 = 1;
 
+/// The `code` of a fleet API refusal for an instance the controller does not know
+/// (never enrolled there, or forgotten after `controller.forget_after`): a proxy that
+/// holds a join token enrols again.
+pub const NOT_ENROLLED: &str = "not_enrolled";
+
 /// Everything a proxy serves, at one version.
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]

@@ -151,6 +151,16 @@ fn controller(config: &Config, out: &mut Vec<Issue>) {
             "use a duration such as \"30s\"",
         ));
     }
+    if c.forget_after.0 <= c.instance_timeout.0 {
+        out.push(Issue::new(
+            path.key("forget_after"),
+            format!(
+                "{} is not longer than instance_timeout ({}): an instance would be forgotten before it is even stale",
+                c.forget_after, c.instance_timeout
+            ),
+            "use a duration well above instance_timeout, e.g. forget_after = \"24h\" (the default)",
+        ));
+    }
     if let crate::StoreSettings::Etcd(etcd) = &c.store {
         if etcd.endpoints.is_empty() {
             out.push(Issue::new(
@@ -772,6 +782,19 @@ mod tests {
         assert!(
             got.contains(&"tls[1].hosts[0]: *.a.test is already covered by tls[0]".to_string()),
             "{got:?}"
+        );
+    }
+
+    #[test]
+    fn instances_are_forgotten_only_after_they_went_stale() {
+        let src = "[controller]\ninstance_timeout = \"1m\"\nforget_after = \"30s\"\n";
+        assert_eq!(
+            issues(src),
+            vec!["controller.forget_after: 30s is not longer than instance_timeout (1m): an instance would be forgotten before it is even stale"]
+        );
+        assert_eq!(
+            issues("[controller]\ninstance_timeout = \"1m\"\nforget_after = \"2m\"\n"),
+            Vec::<String>::new()
         );
     }
 

@@ -355,6 +355,12 @@ pub async fn start(config: Config, path: Option<PathBuf>) -> anyhow::Result<Hand
     if fleet.shared {
         tasks.spawn(fleet::sync_heartbeats(fleet.clone(), shutdown_rx.clone()));
     }
+    tasks.spawn(fleet::forget_silent(
+        fleet.clone(),
+        settings.forget_after.0,
+        state.leader.clone(),
+        shutdown_rx.clone(),
+    ));
     if let Some(l) = admin_listener {
         tasks.spawn(admin::serve(
             state.clone(),

@@ -65,6 +65,8 @@ pub struct Metrics {
     pub watches_open: IntGauge,
     /// Enrolment attempts by result.
     pub enrolments: IntCounterVec,
+    /// Instances forgotten after `controller.forget_after` without a heartbeat.
+    pub instances_forgotten: prometheus::IntCounter,
     /// Acks by result (ok, error).
     pub acks: IntCounterVec,
     /// Problems in each discovery provider's last read.
@@ -145,6 +147,10 @@ impl Metrics {
                 "rampart_controller_enrolments_total",
                 "Enrolment attempts by result.",
                 "result",
+            ),
+            instances_forgotten: r.counter(
+                "rampart_controller_instances_forgotten_total",
+                "Proxy instances forgotten after controller.forget_after without a heartbeat.",
             ),
             acks: r.counter_vec(
                 "rampart_controller_acks_total",

@@ -155,9 +155,12 @@ async fn authorize(fleet: &Fleet, identity: Option<&str>) -> Result<String, Resp
                 &format!("instance {id} is revoked; enrol again with a new join token"),
             ))
         }
-        Ok(None) => Err(error(
+        Ok(None) => Err(json(
             StatusCode::FORBIDDEN,
-            &format!("instance {id} is not enrolled with this controller"),
+            &serde_json::json!({
+                "error": format!("instance {id} is not enrolled with this controller (or was forgotten after controller.forget_after without a heartbeat); enrol again with a join token"),
+                "code": rampart_config::snapshot::NOT_ENROLLED,
+            }),
         )),
         Err(e) => Err(error(
             StatusCode::SERVICE_UNAVAILABLE,

@@ -14,8 +14,8 @@ use rampart_pki::Ca;
 use tokio::sync::watch;
 
 use crate::metrics::Metrics;
-use crate::store::Store;
-use registry::Registry;
+use crate::store::{get_json, put_json, Store};
+use registry::{InstanceRecord, Registry};
 
 /// Client certificates of proxies are valid this long.
 pub const CLIENT_CERT_LIFETIME: Duration = Duration::from_secs(365 * 24 * 3600);
@@ -85,6 +85,69 @@ pub async fn sync_heartbeats(fleet: std::sync::Arc<Fleet>, mut shutdown: watch::
             fleet.registry.remote_heartbeat(id, &beat, age);
         }
     }
+}
+
+/// Forgets proxy instances silent for longer than `forget_after`, so that a fleet
+/// whose replicas come and go (each enrolling anew) does not keep every replica it
+/// ever had in the store, `/status` and the per-instance metrics. The leader deletes
+/// the stored records; a follower only drops its own view (it learns of the fleet from
+/// the same store).
+pub async fn forget_silent(
+    fleet: Arc<Fleet>,
+    forget_after: Duration,
+    leader: watch::Receiver<bool>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let period = (forget_after / 4).clamp(Duration::from_millis(100), Duration::from_secs(60));
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.changed() => return,
+            _ = tick.tick() => {}
+        }
+        for (id, hostname) in fleet.registry.silent(forget_after) {
+            if !*leader.borrow() {
+                fleet.registry.forget_if_silent(&id, forget_after);
+                continue;
+            }
+            match forget_stored(&fleet, &id, forget_after).await {
+                Ok(true) => {
+                    fleet.metrics.instances_forgotten.inc();
+                    tracing::info!(
+                        "forgot proxy instance {id} ({hostname}): no heartbeat for over {} (controller.forget_after); it must enrol again to rejoin",
+                        rampart_config::Dur(forget_after)
+                    );
+                }
+                Ok(false) => {}
+                Err(e) => tracing::warn!("forgetting proxy instance {id}: {e:#}; retrying later"),
+            }
+        }
+    }
+}
+
+/// Deletes the stored record (and shared heartbeat) of the silent instance `id`, then
+/// drops it from the registry. When a heartbeat came in meanwhile, the record is put
+/// back and nothing is forgotten (false). A record revoked since the registry last
+/// read it (`rampart controller instance revoke` writes only the store) is kept.
+async fn forget_stored(fleet: &Fleet, id: &str, forget_after: Duration) -> anyhow::Result<bool> {
+    let key = format!("instances/{id}");
+    let record: Option<InstanceRecord> = get_json(fleet.store.as_ref(), &key).await?;
+    if let Some(r) = record.as_ref().filter(|r| r.revoked) {
+        fleet.registry.known(id, r);
+        return Ok(false);
+    }
+    fleet.store.delete(&key).await?;
+    if fleet.registry.forget_if_silent(id, forget_after) {
+        if fleet.shared {
+            fleet.store.delete(&format!("heartbeats/{id}")).await?;
+        }
+        return Ok(true);
+    }
+    if let Some(record) = record {
+        put_json(fleet.store.as_ref(), &key, &record).await?;
+    }
+    Ok(false)
 }
 
 impl Fleet {

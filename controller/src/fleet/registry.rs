@@ -63,6 +63,27 @@ struct LiveState {
     revoked: bool,
     /// Matched to a proxy container once: from then on, no container means gone.
     in_container: bool,
+    /// When this controller first learnt of the instance (its age when never heard).
+    known_since: Option<Instant>,
+}
+
+impl LiveState {
+    /// Unrevoked, and no heartbeat (or, never heard, no news) for longer than `limit`.
+    fn silent(&self, now: Instant, limit: Duration) -> bool {
+        !self.revoked
+            && self
+                .last_heartbeat
+                .or(self.known_since)
+                .is_some_and(|t| now.saturating_duration_since(t) > limit)
+    }
+}
+
+/// The state of `id`, created (known from now) if new.
+fn entry<'a>(m: &'a mut BTreeMap<String, LiveState>, id: &str) -> &'a mut LiveState {
+    m.entry(id.to_string()).or_insert_with(|| LiveState {
+        known_since: Some(Instant::now()),
+        ..LiveState::default()
+    })
 }
 
 /// Live state of every instance seen by this controller.
@@ -124,7 +145,7 @@ impl Registry {
     /// Records what the store says about `id`.
     pub fn known(&self, id: &str, record: &InstanceRecord) {
         self.with(|m| {
-            let s = m.entry(id.to_string()).or_default();
+            let s = entry(m, id);
             s.hostname.clone_from(&record.hostname);
             s.revoked = record.revoked;
         });
@@ -133,7 +154,7 @@ impl Registry {
     /// Records a heartbeat from `id` connecting from `peer`.
     pub fn heartbeat(&self, id: &str, peer: String, hb: &Heartbeat) {
         self.with(|m| {
-            let s = m.entry(id.to_string()).or_default();
+            let s = entry(m, id);
             s.peer = Some(peer);
             s.public_addrs.clone_from(&hb.public_addrs);
             s.https_port = hb.https_port;
@@ -149,7 +170,7 @@ impl Registry {
     pub fn remote_heartbeat(&self, id: &str, beat: &StoredHeartbeat, age: Duration) {
         let at = Instant::now().checked_sub(age).unwrap_or_else(Instant::now);
         self.with(|m| {
-            let s = m.entry(id.to_string()).or_default();
+            let s = entry(m, id);
             if s.last_heartbeat.is_some_and(|t| t >= at) {
                 return;
             }
@@ -166,7 +187,7 @@ impl Registry {
     /// Records an ack from `id`.
     pub fn ack(&self, id: &str, ack: &Ack) {
         self.with(|m| {
-            let s = m.entry(id.to_string()).or_default();
+            let s = entry(m, id);
             match ack.applied {
                 AckResult::Ok => {
                     s.version = ack.version;
@@ -215,6 +236,34 @@ impl Registry {
                     })
                 })
                 .collect()
+        })
+    }
+
+    /// The unrevoked instances (id, host name) silent for longer than `forget_after`:
+    /// no heartbeat for that long, or none at all since this controller learnt of them
+    /// that long ago.
+    #[must_use]
+    pub fn silent(&self, forget_after: Duration) -> Vec<(String, String)> {
+        let now = Instant::now();
+        self.with(|m| {
+            m.iter()
+                .filter(|(_, s)| s.silent(now, forget_after))
+                .map(|(id, s)| (id.clone(), s.hostname.clone()))
+                .collect()
+        })
+    }
+
+    /// Drops `id` from the live state if it is still silent (a heartbeat may have come
+    /// since [`Registry::silent`]); true when it did. Its stored record is the caller's
+    /// to delete.
+    pub fn forget_if_silent(&self, id: &str, forget_after: Duration) -> bool {
+        let now = Instant::now();
+        self.with(|m| {
+            let silent = m.get(id).is_some_and(|s| s.silent(now, forget_after));
+            if silent {
+                m.remove(id);
+            }
+            silent
         })
     }
 
@@ -273,5 +322,63 @@ impl Registry {
                 .with_label_values(&[&i.id])
                 .set(i64::try_from(current.saturating_sub(i.version)).unwrap_or(i64::MAX));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn beat() -> StoredHeartbeat {
+        StoredHeartbeat {
+            peer: "10.0.0.1:5000".into(),
+            heartbeat: Heartbeat {
+                public_addrs: vec![],
+                ready: true,
+                version: 1,
+                https_port: None,
+                traffic: None,
+            },
+            at_unix_ms: 0,
+        }
+    }
+
+    fn record(revoked: bool) -> InstanceRecord {
+        InstanceRecord {
+            hostname: "h".into(),
+            enrolled_at: 0,
+            revoked,
+        }
+    }
+
+    #[test]
+    fn only_unrevoked_instances_silent_past_the_limit_are_forgotten() {
+        let hour = Duration::from_secs(3600);
+        let r = Registry::new(Duration::from_secs(30));
+        // Last heard two hours ago (through another controller).
+        r.known("old", &record(false));
+        r.remote_heartbeat("old", &beat(), 2 * hour);
+        // Heard two hours ago, but revoked: kept, it is what refuses the certificate.
+        r.known("revoked", &record(true));
+        r.remote_heartbeat("revoked", &beat(), 2 * hour);
+        // Heard just now; and one never heard, learnt of just now.
+        r.known("fresh", &record(false));
+        r.heartbeat("fresh", "10.0.0.2:5000".into(), &beat().heartbeat);
+        r.known("new", &record(false));
+
+        let silent = r.silent(hour);
+        assert_eq!(silent, vec![("old".to_string(), "h".to_string())]);
+        assert!(r.forget_if_silent("old", hour));
+        assert!(!r.forget_if_silent("fresh", hour), "heard from: kept");
+        assert!(!r.forget_if_silent("gone", hour), "unknown: nothing to do");
+        let ids: Vec<String> = r.status().into_iter().map(|s| s.id).collect();
+        assert_eq!(ids, ["fresh", "new", "revoked"]);
+
+        // A heartbeat between `silent` and `forget_if_silent` saves the instance.
+        r.remote_heartbeat("late", &beat(), 2 * hour);
+        assert_eq!(r.silent(hour).len(), 1);
+        r.heartbeat("late", "10.0.0.3:5000".into(), &beat().heartbeat);
+        assert!(!r.forget_if_silent("late", hour));
+        assert!(r.silent(hour).is_empty());
     }
 }

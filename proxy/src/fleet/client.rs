@@ -77,6 +77,21 @@ impl Identity {
         }
     }
 
+    /// Removes the identity stored in `data_dir` (the controller forgot it), so that
+    /// the proxy enrols again.
+    ///
+    /// # Errors
+    /// When the file exists and cannot be removed.
+    pub fn remove(data_dir: &Path) -> anyhow::Result<()> {
+        let path = data_dir.join("fleet").join("identity.json");
+        match std::fs::remove_file(&path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                Err(anyhow::Error::new(e).context(format!("removing {}", path.display())))
+            }
+            _ => Ok(()),
+        }
+    }
+
     /// Stores this identity in `data_dir`.
     ///
     /// # Errors
@@ -102,6 +117,9 @@ pub enum CallError {
         status: u16,
         /// The controller's explanation.
         message: String,
+        /// The controller's machine-readable reason, when it gave one
+        /// (`not_enrolled`: this identity is unknown there; enrol again).
+        code: Option<String>,
     },
     /// The controller could not be reached or answered garbage: retry later.
     #[error("controller unreachable: {0:#}")]
@@ -131,6 +149,7 @@ pub async fn enroll(controller: &str, token: &str, hostname: &str) -> Result<Ide
         .ok_or_else(|| CallError::Refused {
             status: 0,
             message: "the join token is malformed (expected rmp1.<id>.<secret>.<ca-hash> as printed by `rampart controller token create`)".into(),
+            code: None,
         })?
         .ca_sha256;
     let tls = rustls::ClientConfig::builder()
@@ -183,16 +202,23 @@ async fn check(resp: reqwest::Response) -> Result<reqwest::Response, CallError> 
         return Ok(resp);
     }
     let text = resp.text().await.unwrap_or_default();
-    let message = serde_json::from_str::<serde_json::Value>(&text)
-        .ok()
-        .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_string))
-        .unwrap_or(text);
+    let parsed = serde_json::from_str::<serde_json::Value>(&text).ok();
+    let field = |name: &str| {
+        parsed
+            .as_ref()
+            .and_then(|v| v.get(name))
+            .and_then(|e| e.as_str())
+            .map(str::to_string)
+    };
+    let code = field("code");
+    let message = field("error").unwrap_or(text);
     if status.is_server_error() {
         return Err(CallError::Unreachable(anyhow!("{status}: {message}")));
     }
     Err(CallError::Refused {
         status: status.as_u16(),
         message,
+        code,
     })
 }
 

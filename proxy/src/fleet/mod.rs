@@ -15,7 +15,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
-use rampart_config::snapshot::{Ack, AckResult, Heartbeat, Snapshot};
+use rampart_config::snapshot::{Ack, AckResult, Heartbeat, Snapshot, NOT_ENROLLED};
 use rampart_pki::{write_atomic, Mode};
 use rand::Rng;
 
@@ -308,6 +308,16 @@ impl FleetService {
 impl BackgroundService for FleetService {
     async fn start(&self, mut shutdown: ShutdownWatch) {
         let mut backoff = Backoff::new();
+        // Again after the controller forgot this instance, when a token can enrol it.
+        while self.run_enrolled(&mut shutdown, &mut backoff).await {}
+    }
+}
+
+impl FleetService {
+    /// Enrols if needed, then follows the controller until shutdown (false), or until
+    /// the controller no longer knows this instance and a join token can enrol it
+    /// again (true: the stored identity is gone).
+    async fn run_enrolled(&self, shutdown: &mut ShutdownWatch, backoff: &mut Backoff) -> bool {
         let identity = loop {
             match self.identity().await {
                 Ok(id) => break id,
@@ -317,7 +327,7 @@ impl BackgroundService for FleetService {
                 }
             }
             tokio::select! {
-                _ = shutdown.changed() => return,
+                _ = shutdown.changed() => return false,
                 () = tokio::time::sleep(backoff.step()) => {}
             }
         };
@@ -330,7 +340,7 @@ impl BackgroundService for FleetService {
                         "fleet identity unusable, remove {}/fleet and enrol again: {e:#}",
                         self.data_dir.display()
                     );
-                    return;
+                    return false;
                 }
             };
         if client.identity.renewal_due() {
@@ -376,6 +386,22 @@ impl BackgroundService for FleetService {
                         tracing::warn!("ack of version {version}: {e}");
                     }
                 }
+                Err(CallError::Refused {
+                    code: Some(code),
+                    message,
+                    ..
+                }) if code == NOT_ENROLLED && self.has_token() => {
+                    tracing::warn!(
+                        "the controller no longer knows instance {instance} ({message}); enrolling again with the join token"
+                    );
+                    match Identity::remove(&self.data_dir) {
+                        Ok(()) => {
+                            beats.abort();
+                            return true;
+                        }
+                        Err(e) => tracing::error!("{e:#}"),
+                    }
+                }
                 Err(e) => {
                     let wait = backoff.step();
                     match &e {
@@ -395,6 +421,12 @@ impl BackgroundService for FleetService {
             }
         }
         beats.abort();
+        false
+    }
+
+    /// Whether a join token (given, or in a file) is at hand to enrol with.
+    fn has_token(&self) -> bool {
+        self.options.join_token.is_some() || self.options.join_token_file.is_some()
     }
 }
 
