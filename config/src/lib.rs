@@ -23,7 +23,9 @@ use std::path::Path;
 
 pub use diagnostics::{FieldPath, Issue, Position};
 pub use model::*;
-pub use units::{Address, ByteSize, Dur, HashKey, HostPattern, Hostname};
+pub use units::{
+    unix_now, unix_now_signed, Address, ByteSize, Dur, HashKey, HostPattern, Hostname,
+};
 
 /// Why a configuration could not be loaded.
 #[derive(Debug, thiserror::Error)]

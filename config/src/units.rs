@@ -364,6 +364,20 @@ pub fn is_token(s: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
 }
 
+/// Seconds since the Unix epoch (0 if the clock is set before it).
+#[must_use]
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// [`unix_now`] as the signed seconds that certificate validity times use.
+#[must_use]
+pub fn unix_now_signed() -> i64 {
+    i64::try_from(unix_now()).unwrap_or(i64::MAX)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

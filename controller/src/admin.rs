@@ -182,9 +182,7 @@ pub enum Page {
 /// `rampart up` on its proxy's admin listener.
 #[must_use]
 pub fn render_dashboard(state: &State, page: Page) -> (&'static str, String) {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
+    let now = rampart_config::unix_now();
     let snapshot = state.fleet.published.borrow().body.clone();
     let reports = state.acme.lock().expect("reports lock").clone();
     let view = crate::dashboard::view(state.status(), &snapshot, &reports, now);

@@ -20,9 +20,7 @@ const INTERNAL_RENEW_BEFORE: Duration = Duration::from_secs(30 * 24 * 3600);
 /// Whether an issued certificate has less than [`INTERNAL_RENEW_BEFORE`] left (or
 /// cannot be read).
 fn renewal_due(bundle: &CertificateBundle) -> bool {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
+    let now = rampart_config::unix_now();
     rampart_pki::validity_pem(&bundle.chain_pem).map_or(true, |(_, not_after)| {
         not_after < now + INTERNAL_RENEW_BEFORE.as_secs()
     })

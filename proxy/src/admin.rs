@@ -222,9 +222,7 @@ pub fn status(live: &Live, generation: &Generation) -> Value {
             )
         })
         .collect();
-    let unix_now = std::time::SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+    let unix_now = rampart_config::unix_now_signed();
     let mut certificates: Vec<Value> = generation
         .certs
         .entries()

@@ -158,9 +158,7 @@ pub fn view(live: &Live, generation: &Generation) -> View {
             }
         })
         .collect();
-    let unix_now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+    let unix_now = rampart_config::unix_now_signed();
     let mut certificates: Vec<CertificateView> = generation
         .certs
         .entries()

@@ -125,9 +125,7 @@ impl Metrics {
             }
         }
         self.certificate_expiry.reset();
-        let unix_now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+        let unix_now = rampart_config::unix_now_signed();
         for (name, cert) in generation.certs.entries() {
             self.certificate_expiry
                 .with_label_values(&[name.as_str()])

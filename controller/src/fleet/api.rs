@@ -11,7 +11,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
@@ -206,9 +206,7 @@ async fn enroll(fleet: &Fleet, req: Request<Incoming>) -> Resp {
     };
     let record = InstanceRecord {
         hostname: request.hostname.chars().take(253).collect(),
-        enrolled_at: SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs()),
+        enrolled_at: rampart_config::unix_now(),
         revoked: false,
     };
     if let Err(e) = put_json(fleet.store.as_ref(), &format!("instances/{id}"), &record).await {

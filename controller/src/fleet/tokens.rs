@@ -4,7 +4,7 @@
 //! trust the controller before it has any certificate of its own (as kubeadm's
 //! discovery hash does).
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use rand::RngCore;
 use serde::{Deserialize, Serialize};
@@ -49,9 +49,7 @@ pub fn parse(token: &str) -> Result<JoinToken, TokenError> {
 }
 
 fn now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
+    rampart_config::unix_now()
 }
 
 fn random_hex(bytes: usize) -> String {

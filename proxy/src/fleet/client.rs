@@ -56,9 +56,7 @@ impl Identity {
             validity.not_before.timestamp(),
             validity.not_after.timestamp(),
         );
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+        let now = rampart_config::unix_now_signed();
         end - now < (end - start) / 3
     }
 

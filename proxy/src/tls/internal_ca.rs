@@ -82,9 +82,7 @@ fn due(cert: &LoadedCert, now: i64) -> bool {
 }
 
 fn now_unix() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+    rampart_config::unix_now_signed()
 }
 
 #[cfg(test)]
