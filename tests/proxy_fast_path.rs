@@ -142,6 +142,13 @@ name = "dead"
 hosts = ["dead.test"]
 action = {{ forward = "dead" }}
 
+[[routes]]
+name = "strip"
+hosts = ["strip.test"]
+path_prefix = "/api"
+strip_prefix = true
+action = {{ forward = "hyper" }}
+
 {}
 
 [pools.raw]
@@ -242,6 +249,14 @@ async fn the_fast_path_answers_what_the_full_path_answers() {
         ("GET", "dead.test", "/", &[]),
         ("GET", "nowhere.test", "/", &[]),
         ("GET", "a.test", "/a/../b", &[]),
+        (
+            "GET",
+            "strip.test",
+            "/api/headers?x=1",
+            &[("x-request-id", "s-1")],
+        ),
+        ("GET", "strip.test", "/api", &[]),
+        ("GET", "strip.test", "/apix/headers", &[]),
     ];
     for (method, host, path, headers) in cases {
         let a = answer(&fast, method, host, path, headers).await;
@@ -263,6 +278,15 @@ async fn the_fast_path_answers_what_the_full_path_answers() {
             !seen.contains(&format!("\"{gone}\"")),
             "{gone} reached the upstream: {seen}"
         );
+    }
+    // strip_prefix: the upstream got the path without the prefix, and the prefix in
+    // X-Forwarded-Prefix (a client's own value replaced), on either path.
+    for proxy in [&fast, &full] {
+        let spoof: Headers = &[("x-forwarded-prefix", "/evil")];
+        let (status, _, seen) = answer(proxy, "GET", "strip.test", "/api/headers?x=1", spoof).await;
+        assert_eq!(status, 200);
+        assert!(seen.contains(r#"":path": "/headers?x=1""#), "{seen}");
+        assert!(seen.contains(r#""x-forwarded-prefix": "/api""#), "{seen}");
     }
     // Which path served what: the fast path took the forwarded requests, the full
     // path everything on the proxy that has it turned off.
@@ -426,7 +450,13 @@ fn tls_config(backend: &Arc<Backend>, raw: &RawUpstream) -> String {
     )
 }
 
-const H2_HOSTS: [&str; 4] = ["a.test", "raw.test", "dead.test", "nowhere.test"];
+const H2_HOSTS: [&str; 5] = [
+    "a.test",
+    "raw.test",
+    "dead.test",
+    "nowhere.test",
+    "strip.test",
+];
 
 /// Like [`answer`], over HTTP/2 (checked) to the HTTPS listener.
 async fn answer_h2(
@@ -498,6 +528,13 @@ async fn the_http2_fast_path_answers_what_the_full_path_answers() {
         ("GET", "dead.test", "/", &[]),
         ("GET", "nowhere.test", "/", &[]),
         ("GET", "a.test", "/a/../b", &[]),
+        (
+            "GET",
+            "strip.test",
+            "/api/headers?x=1",
+            &[("x-forwarded-prefix", "/evil"), ("x-request-id", "s-1")],
+        ),
+        ("GET", "strip.test", "/api", &[]),
     ];
     for (method, host, path, headers) in cases {
         let a = answer_h2(&fast, &fast_client, method, host, path, headers).await;
@@ -517,6 +554,17 @@ async fn the_http2_fast_path_answers_what_the_full_path_answers() {
     ] {
         assert!(seen.contains(expected), "{expected} not in {seen}");
     }
+    let (_, _, seen) = answer_h2(
+        &fast,
+        &fast_client,
+        "GET",
+        "strip.test",
+        "/api/headers",
+        &[],
+    )
+    .await;
+    assert!(seen.contains(r#"":path": "/headers""#), "{seen}");
+    assert!(seen.contains(r#""x-forwarded-prefix": "/api""#), "{seen}");
     // A chunked upstream body reaches an HTTP/2 client as its data alone.
     let (_, _, chunked) = answer_h2(&fast, &fast_client, "GET", "raw.test", "/chunked", &[]).await;
     assert_eq!(chunked, "hello world");

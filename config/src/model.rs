@@ -800,6 +800,13 @@ pub struct Route {
     /// Answer plain-HTTP requests for this route with a 308 redirect to HTTPS.
     #[serde(default)]
     pub https_redirect: bool,
+    /// Forward without `path_prefix`: `/api/users?x=1` reaches the pool as
+    /// `/users?x=1` (and `/api` as `/`), with `X-Forwarded-Prefix: /api` so that the
+    /// application can build its links.
+    // Left out of snapshots when false: a proxy older than this field then still
+    // applies every snapshot that does not use it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub strip_prefix: bool,
     /// Maximum request body for this route (default: `limits.max_body_bytes`).
     #[serde(default)]
     pub max_body_bytes: Option<ByteSize>,

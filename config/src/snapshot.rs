@@ -407,6 +407,19 @@ mod tests {
     }
 
     #[test]
+    fn a_route_without_strip_prefix_is_sent_as_before_the_field_existed() {
+        // Proxies older than `strip_prefix` refuse unknown route fields.
+        let mut snap = snapshot();
+        let json = serde_json::to_string(&snap).unwrap();
+        assert!(!json.contains("strip_prefix"), "{json}");
+        snap.routes[0].strip_prefix = true;
+        let json = serde_json::to_string(&snap).unwrap();
+        assert!(json.contains("\"strip_prefix\":true"), "{json}");
+        let back: Snapshot = serde_json::from_str(&json).unwrap();
+        assert!(back.routes[0].strip_prefix);
+    }
+
+    #[test]
     fn a_snapshot_round_trips_and_keeps_local_listeners() {
         let snap = snapshot();
         let json = serde_json::to_string(&snap).unwrap();

@@ -480,6 +480,21 @@ fn route(config: &Config, origin: Origin, route: &Route, path: &FieldPath, out: 
             "set listeners.https or remove https_redirect",
         ));
     }
+    if route.strip_prefix {
+        if !matches!(route.action, crate::Action::Forward(_)) {
+            out.push(Issue::new(
+                path.key("strip_prefix"),
+                "only a forward action sends a path upstream",
+                "remove strip_prefix, or make the action { forward = \"<pool>\" }",
+            ));
+        } else if route.path_prefix.trim_end_matches('/').is_empty() {
+            out.push(Issue::new(
+                path.key("strip_prefix"),
+                "path_prefix is \"/\": there is no prefix to strip",
+                "set path_prefix, e.g. path_prefix = \"/api\", or remove strip_prefix",
+            ));
+        }
+    }
     if let Some(limit) = &route.rate_limit {
         let at = path.key("rate_limit");
         if limit.requests == 0 {
@@ -795,6 +810,23 @@ mod tests {
         assert_eq!(
             issues("[controller]\ninstance_timeout = \"1m\"\nforget_after = \"2m\"\n"),
             Vec::<String>::new()
+        );
+    }
+
+    #[test]
+    fn strip_prefix_needs_a_prefix_and_a_forward_action() {
+        let src = format!(
+            "{BASE}[[routes]]\nname = \"a\"\nstrip_prefix = true\naction = {{ forward = \"p\" }}\n\
+             [[routes]]\nname = \"b\"\npath_prefix = \"/b\"\nstrip_prefix = true\naction = {{ respond = {{ status = 204 }} }}\n\
+             [[routes]]\nname = \"c\"\npath_prefix = \"/c/\"\nstrip_prefix = true\naction = {{ forward = \"p\" }}\n\
+             [pools.p]\nendpoints = [{{ address = \"127.0.0.1:1\" }}]\n"
+        );
+        assert_eq!(
+            issues(&src),
+            vec![
+                "routes[0].strip_prefix: path_prefix is \"/\": there is no prefix to strip",
+                "routes[1].strip_prefix: only a forward action sends a path upstream",
+            ]
         );
     }
 

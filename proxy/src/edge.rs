@@ -25,7 +25,7 @@ use crate::headers::{hop_by_hop, is_upgrade, joined_cookies, valid_request_id};
 use crate::health::{now_ms, InflightGuard};
 use crate::limits::{check_request, content_length, Rejection, RequestView};
 use crate::metrics::Metrics;
-use crate::routing::RouteRequest;
+use crate::routing::{stripped_target, RouteRequest};
 
 /// Which listener a request came in on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -432,8 +432,20 @@ impl ProxyHttp for Edge {
                 self.scheme.as_str(),
                 host,
                 &upstream.headers,
+                ctx.route().and_then(|r| r.strip_prefix.as_deref()),
             )
         });
+        if let Some(prefix) = ctx.route().and_then(|r| r.strip_prefix.as_deref()) {
+            let target = stripped_target(prefix, &session.req_header().uri);
+            let uri = target.parse::<http::Uri>().map_err(|e| {
+                Error::because(
+                    ErrorType::InvalidHTTPHeader,
+                    format!("the path without {prefix} is not a valid target"),
+                    e,
+                )
+            })?;
+            upstream.set_uri(uri);
+        }
         for (name, value) in forwarded.into_iter().flatten() {
             upstream.insert_header(name, value)?;
         }

@@ -66,6 +66,9 @@ pub struct RouteRt {
     pub pool: Option<Arc<PoolRt>>,
     /// Redirect plain HTTP to HTTPS.
     pub https_redirect: bool,
+    /// The path prefix removed before forwarding (`strip_prefix`), without a trailing
+    /// slash; `None` when the path goes upstream as it came.
+    pub strip_prefix: Option<String>,
     /// Body size limit in bytes.
     pub max_body: u64,
     /// This route's request metrics.
@@ -368,6 +371,9 @@ fn build_route(
         action: route.action.clone(),
         pool,
         https_redirect: route.https_redirect,
+        strip_prefix: (route.strip_prefix && matches!(route.action, Action::Forward(_)))
+            .then(|| route.path_prefix.trim_end_matches('/').to_string())
+            .filter(|p| !p.is_empty()),
         max_body: route
             .max_body_bytes
             .unwrap_or(config.limits.max_body_bytes)

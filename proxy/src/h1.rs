@@ -39,12 +39,12 @@ use crate::clock::{self, within};
 use crate::edge::{
     body_too_slow, hash_key, record_endpoint_failure, request_host, request_id, Scheme, Tried,
 };
-use crate::generation::{Generation, PoolRt};
+use crate::generation::{Generation, PoolRt, RouteRt};
 use crate::headers::HOP_BY_HOP;
 use crate::health::ms_at;
 use crate::limits::{check_request, RequestView};
 use crate::metrics::Metrics;
-use crate::routing::RouteRequest;
+use crate::routing::{stripped_target, RouteRequest};
 
 /// Most headers parsed in a request or response head; more go to Pingora (requests)
 /// or count as a bad upstream response.
@@ -399,7 +399,14 @@ fn prepare(bytes: &[u8], generation: &Generation, conn: ConnInfo<'_>) -> Option<
     parts.headers = headers;
     let route = route_for(&parts, Some(&bytes[..head_len]), body_len, generation, conn)?;
     let prepared = admit(&parts, route, generation, conn, client_close, |id| {
-        upstream_head(&req, &parts.headers, generation, conn, id)
+        upstream_head(
+            &req,
+            &parts,
+            generation,
+            conn,
+            id,
+            &generation.routes[route],
+        )
     });
     Some(prepared.with_body(body_len, early))
 }
@@ -556,24 +563,27 @@ impl<'a> HopByHop<'a> {
     }
 }
 
-/// The request head sent upstream: the client's request line and headers in their
-/// order and case, without hop-by-hop headers, with the forwarding headers and the
-/// request id set as `edge` sets them.
+/// The request head sent upstream: the client's request line (its target without the
+/// route's stripped prefix) and headers in their order and case, without hop-by-hop
+/// headers, with the forwarding headers and the request id set as `edge` sets them.
 fn upstream_head(
     req: &httparse::Request<'_, '_>,
-    headers: &HeaderMap,
+    parts: &http::request::Parts,
     generation: &Generation,
     conn: ConnInfo<'_>,
     request_id: &HeaderValue,
+    route: &RouteRt,
 ) -> Vec<u8> {
+    let headers = &parts.headers;
     let host = headers
         .get(HOST)
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
+    let stripped = route.strip_prefix.as_deref();
     let forwarded = conn.peer.map(|peer| {
         generation
             .forwarding
-            .forwarded_headers(peer, conn.scheme.as_str(), host, headers)
+            .forwarded_headers(peer, conn.scheme.as_str(), host, headers, stripped)
     });
     let forwarded = forwarded.unwrap_or_default();
     let id_name = &generation.forwarding.request_id;
@@ -581,7 +591,10 @@ fn upstream_head(
     let mut out = Vec::with_capacity(512);
     out.extend_from_slice(req.method.unwrap_or("GET").as_bytes());
     out.push(b' ');
-    out.extend_from_slice(req.path.unwrap_or("/").as_bytes());
+    match stripped {
+        Some(prefix) => out.extend_from_slice(stripped_target(prefix, &parts.uri).as_bytes()),
+        None => out.extend_from_slice(req.path.unwrap_or("/").as_bytes()),
+    }
     out.extend_from_slice(b" HTTP/1.1\r\n");
     for h in req.headers.iter() {
         if hop_by_hop.contains(h.name)

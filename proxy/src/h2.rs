@@ -21,13 +21,14 @@ use pingora::http::ResponseHeader;
 use pingora::protocols::http::v2::server::HttpSession;
 use prometheus::IntCounter;
 
-use crate::generation::Generation;
+use crate::generation::{Generation, RouteRt};
 use crate::h1::{
     admit, body_failed, parse_length, proxy_request, push_header, route_for, ConnInfo, Downstream,
     FinalHead, HopByHop, Prepared, MAX_BODY, MAX_HEADERS,
 };
 use crate::headers::{hop_by_hop, joined_cookies};
 use crate::metrics::Metrics;
+use crate::routing::stripped_target;
 
 /// Serves the request of an HTTP/2 stream, or hands the stream back for Pingora.
 pub async fn serve(
@@ -80,7 +81,14 @@ fn prepare(session: &HttpSession, generation: &Generation, conn: ConnInfo<'_>) -
     };
     let route = route_for(req, None, body_len, generation, conn)?;
     let prepared = admit(req, route, generation, conn, false, |id| {
-        upstream_head(req, req.raw_path(), generation, conn, id)
+        upstream_head(
+            req,
+            req.raw_path(),
+            generation,
+            conn,
+            id,
+            &generation.routes[route],
+        )
     });
     Some(prepared.with_body(body_len, &[]))
 }
@@ -126,6 +134,7 @@ fn upstream_head(
     generation: &Generation,
     conn: ConnInfo<'_>,
     request_id: &HeaderValue,
+    route: &RouteRt,
 ) -> Vec<u8> {
     let headers = &req.headers;
     let host = match headers.get(HOST) {
@@ -135,12 +144,14 @@ fn upstream_head(
             .authority()
             .map_or(&b""[..], |a| a.as_str().as_bytes()),
     };
+    let stripped = route.strip_prefix.as_deref();
     let forwarded = conn.peer.map(|peer| {
         generation.forwarding.forwarded_headers(
             peer,
             conn.scheme.as_str(),
             std::str::from_utf8(host).unwrap_or(""),
             headers,
+            stripped,
         )
     });
     let forwarded = forwarded.unwrap_or_default();
@@ -149,7 +160,10 @@ fn upstream_head(
     let mut out = Vec::with_capacity(512);
     out.extend_from_slice(req.method.as_str().as_bytes());
     out.push(b' ');
-    out.extend_from_slice(raw_path);
+    match stripped {
+        Some(prefix) => out.extend_from_slice(stripped_target(prefix, &req.uri).as_bytes()),
+        None => out.extend_from_slice(raw_path),
+    }
     out.extend_from_slice(b" HTTP/1.1\r\n");
     push_header(&mut out, b"host", host);
     for (name, value) in headers {

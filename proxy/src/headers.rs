@@ -60,7 +60,9 @@ impl ForwardingPolicy {
     }
 
     /// The X-Forwarded-For/-Proto/-Host and `Forwarded` values for an upstream
-    /// request with these `headers`, as (name, value) pairs to set.
+    /// request with these `headers`, as (name, value) pairs to set; and
+    /// X-Forwarded-Prefix when the route strips `stripped` from the path (after the
+    /// prefix a trusted proxy before us stripped).
     #[must_use]
     pub fn forwarded_headers(
         &self,
@@ -68,9 +70,20 @@ impl ForwardingPolicy {
         scheme: &str,
         host: &str,
         headers: &HeaderMap,
+        stripped: Option<&str>,
     ) -> Vec<(&'static str, String)> {
         let trusted = self.is_trusted(peer);
-        let mut out = Vec::with_capacity(4);
+        let mut out = Vec::with_capacity(5);
+        if let Some(prefix) = stripped {
+            let value = match headers
+                .get("x-forwarded-prefix")
+                .and_then(|v| v.to_str().ok())
+            {
+                Some(prev) if trusted => format!("{}{prefix}", prev.trim_end_matches('/')),
+                _ => prefix.to_string(),
+            };
+            out.push(("x-forwarded-prefix", value));
+        }
         let xff = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
             Some(prev) if trusted => format!("{prev}, {peer}"),
             _ => peer.to_string(),
@@ -166,7 +179,7 @@ mod tests {
         host: &str,
         headers: &mut HeaderMap,
     ) {
-        for (name, value) in p.forwarded_headers(peer, scheme, host, headers) {
+        for (name, value) in p.forwarded_headers(peer, scheme, host, headers, None) {
             headers.insert(name, value.parse().unwrap());
         }
     }
@@ -288,7 +301,7 @@ mod tests {
                     }
                 }
                 prop_assert_eq!(p.client_ip(peer, &h), peer);
-                let out = p.forwarded_headers(peer, "https", "a.test", &h);
+                let out = p.forwarded_headers(peer, "https", "a.test", &h, None);
                 let get = |n: &str| out.iter().find(|(k, _)| *k == n).map(|(_, v)| v.clone());
                 prop_assert_eq!(get("x-forwarded-for"), Some(peer.to_string()));
                 prop_assert_eq!(get("x-forwarded-proto"), Some("https".to_string()));

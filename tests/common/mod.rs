@@ -99,7 +99,8 @@ pub async fn fetch(url: &str) -> String {
 /// - `/status/NNN` answers NNN
 /// - `/bytes/N` answers N bytes (N ≤ 16 MiB)
 /// - `/slow/MS` answers after MS milliseconds
-/// - `/headers` answers the request headers as JSON
+/// - `/headers` answers the request headers as JSON, and under `:path` the request
+///   target it was sent
 /// - `/ws` is a WebSocket echo
 /// - anything else answers 200 with the backend's name; `fail_status` != 0 overrides it
 pub struct Backend {
@@ -175,11 +176,13 @@ impl Backend {
             return websocket_echo(&mut req);
         }
         if path == "/headers" {
-            let map: HashMap<String, String> = req
+            let mut map: HashMap<String, String> = req
                 .headers()
                 .iter()
                 .map(|(k, v)| (k.as_str().to_string(), v.to_str().unwrap_or("").to_string()))
                 .collect();
+            let target = req.uri().path_and_query().map_or("", |p| p.as_str());
+            map.insert(":path".into(), target.to_string());
             return reply(200, &serde_json::to_string(&map).unwrap());
         }
         if let Some(n) = path.strip_prefix("/bytes/") {

@@ -10,6 +10,7 @@
 //! rampart.route.site.pool=web           # optional when the container has one pool
 //! rampart.route.site.priority=10        # optional
 //! rampart.route.site.https_redirect=true
+//! rampart.route.site.strip_prefix=true  # forward /app/x as /x (needs a path)
 //! ```
 //!
 //! A bad label is reported with the container and the fix, and only that container is
@@ -86,7 +87,13 @@ pub fn parse(
             ["route", name, field] if valid_name(name) => {
                 if matches!(
                     *field,
-                    "host" | "path" | "pool" | "priority" | "https_redirect" | "rate_limit"
+                    "host"
+                        | "path"
+                        | "pool"
+                        | "priority"
+                        | "https_redirect"
+                        | "strip_prefix"
+                        | "rate_limit"
                 ) {
                     routes
                         .entry((*name).to_string())
@@ -97,7 +104,7 @@ pub fn parse(
                         &mut errors,
                         key,
                         value,
-                        "known route labels: host, path, pool, priority, https_redirect, rate_limit",
+                        "known route labels: host, path, pool, priority, https_redirect, strip_prefix, rate_limit",
                     );
                 }
             }
@@ -211,6 +218,19 @@ fn route(
         Some(kv) => kv.1.parse().map_err(|_| bad(kv, "use true or false"))?,
         None => false,
     };
+    let strip_prefix = match fields.get("strip_prefix") {
+        Some(kv) => {
+            let strip: bool = kv.1.parse().map_err(|_| bad(kv, "use true or false"))?;
+            if strip && path_prefix.trim_end_matches('/').is_empty() {
+                return Err(bad(
+                    kv,
+                    &format!("there is no prefix to strip: add rampart.route.{name}.path=/app"),
+                ));
+            }
+            strip
+        }
+        None => false,
+    };
     // `rate_limit=100/1s` or `100/1s burst 200`: requests per period per client IP.
     let rate_limit = match fields.get("rate_limit") {
         Some(kv) => Some(parse_rate(&kv.1).ok_or_else(|| {
@@ -225,6 +245,7 @@ fn route(
         headers: BTreeMap::new(),
         priority,
         https_redirect,
+        strip_prefix,
         max_body_bytes: None,
         rate_limit,
         action: Action::Forward(pool),
@@ -291,6 +312,7 @@ mod tests {
             ("rampart.route.site.host", "www.example.com, example.com"),
             ("rampart.route.site.path", "/app"),
             ("rampart.route.site.https_redirect", "true"),
+            ("rampart.route.site.strip_prefix", "true"),
             ("com.docker.compose.service", "web"),
         ]);
         let got = parse("web-1", &l, IP).unwrap().unwrap();
@@ -301,6 +323,7 @@ mod tests {
         assert_eq!(r.hosts.len(), 2);
         assert_eq!(r.path_prefix, "/app");
         assert!(r.https_redirect);
+        assert!(r.strip_prefix);
         assert_eq!(r.action, Action::Forward("web".into()));
     }
 
@@ -360,6 +383,21 @@ mod tests {
         )
         .unwrap_err();
         assert!(e[0].contains("route r has no host"), "{e:?}");
+        let e = parse(
+            "c",
+            &labels(&[
+                ("rampart.enable", "true"),
+                ("rampart.pool.web.port", "80"),
+                ("rampart.route.r.host", "a.example.com"),
+                ("rampart.route.r.strip_prefix", "true"),
+            ]),
+            IP,
+        )
+        .unwrap_err();
+        assert!(
+            e[0].contains("no prefix to strip: add rampart.route.r.path=/app"),
+            "{e:?}"
+        );
         let e = parse("c", &labels(&[("rampart.enable", "yes")]), IP).unwrap_err();
         assert!(e[0].contains("use \"true\" or \"false\""), "{e:?}");
     }

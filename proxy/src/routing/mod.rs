@@ -158,6 +158,27 @@ impl Router {
     }
 }
 
+/// The request target a route that strips `prefix` (no trailing slash) sends
+/// upstream for `uri`: its path without the prefix, at least `/`, and its query as it
+/// came (`/api/users?x=1` → `/users?x=1`, `/api` → `/`). Always origin-form, also for
+/// an absolute-form request.
+#[must_use]
+pub fn stripped_target(prefix: &str, uri: &http::Uri) -> String {
+    let path = uri.path();
+    let rest = path.strip_prefix(prefix).unwrap_or(path);
+    let query = uri.query();
+    let mut out = String::with_capacity(rest.len() + query.map_or(0, |q| q.len() + 1) + 1);
+    if !rest.starts_with('/') {
+        out.push('/');
+    }
+    out.push_str(rest);
+    if let Some(q) = query {
+        out.push('?');
+        out.push_str(q);
+    }
+    out
+}
+
 /// Whether `prefix` matches `path` at a segment boundary: "/api" matches "/api" and
 /// "/api/x" but not "/apix"; "/" and "/api/" match anything that starts with them.
 #[must_use]
@@ -172,6 +193,24 @@ pub fn path_matches(prefix: &str, path: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_stripped_prefix_leaves_the_rest_of_the_path_and_the_query() {
+        let strip = |prefix: &str, target: &str| {
+            stripped_target(
+                prefix,
+                &target.parse::<http::Uri>().expect("a valid target"),
+            )
+        };
+        assert_eq!(strip("/api", "/api/users?x=1"), "/users?x=1");
+        assert_eq!(strip("/api", "/api"), "/");
+        assert_eq!(strip("/api", "/api?x=1"), "/?x=1");
+        assert_eq!(strip("/api", "/api/"), "/");
+        assert_eq!(strip("/api/v1", "/api/v1/a/b/"), "/a/b/");
+        assert_eq!(strip("/api", "http://a.test/api/x?q"), "/x?q");
+        // Percent-encoded bytes are passed on as they came.
+        assert_eq!(strip("/api", "/api/a%2Fb"), "/a%2Fb");
+    }
 
     fn routes(src: &str) -> Vec<Route> {
         #[derive(serde::Deserialize)]
