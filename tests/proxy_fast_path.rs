@@ -149,6 +149,13 @@ path_prefix = "/api"
 strip_prefix = true
 action = {{ forward = "hyper" }}
 
+[[routes]]
+name = "edit"
+hosts = ["edit.test"]
+action = {{ forward = "hyper" }}
+request_headers = {{ set = {{ "X-Env" = "prod", "Host" = "up.internal" }}, remove = ["X-Debug", "X-Forwarded-Host"] }}
+response_headers = {{ set = {{ "Strict-Transport-Security" = "max-age=60" }}, remove = ["X-Backend"] }}
+
 {}
 
 [pools.raw]
@@ -257,6 +264,8 @@ async fn the_fast_path_answers_what_the_full_path_answers() {
         ),
         ("GET", "strip.test", "/api", &[]),
         ("GET", "strip.test", "/apix/headers", &[]),
+        ("GET", "edit.test", "/headers", EDITED),
+        ("GET", "edit.test", "/status/404", &[]),
     ];
     for (method, host, path, headers) in cases {
         let a = answer(&fast, method, host, path, headers).await;
@@ -278,6 +287,11 @@ async fn the_fast_path_answers_what_the_full_path_answers() {
             !seen.contains(&format!("\"{gone}\"")),
             "{gone} reached the upstream: {seen}"
         );
+    }
+    // Header rules: the upstream and the client got the edited headers, on either path.
+    for proxy in [&fast, &full] {
+        let (_, kept, seen) = answer(proxy, "GET", "edit.test", "/headers", EDITED).await;
+        assert_edited(&kept, &seen);
     }
     // strip_prefix: the upstream got the path without the prefix, and the prefix in
     // X-Forwarded-Prefix (a client's own value replaced), on either path.
@@ -442,6 +456,31 @@ async fn upstream_connections_are_reused_and_stale_ones_replaced() {
 }
 
 /// The routes of [`config`] served over HTTPS with certificates of the internal CA.
+/// Request headers that `edit.test`'s rules change.
+const EDITED: Headers = &[("x-debug", "1"), ("x-keep", "yes"), ("x-request-id", "e-1")];
+
+/// What `edit.test`'s rules make of a `/headers` exchange: `kept` the response
+/// headers, `seen` the request headers the upstream reports.
+fn assert_edited(kept: &BTreeMap<String, String>, seen: &str) {
+    assert_eq!(
+        kept.get("strict-transport-security").map(String::as_str),
+        Some("max-age=60"),
+        "{kept:?}"
+    );
+    assert!(!kept.contains_key("x-backend"), "removed: {kept:?}");
+    for expected in [
+        r#""x-env": "prod""#,
+        r#""host": "up.internal""#,
+        r#""x-keep": "yes""#,
+        r#""x-forwarded-for": "127.0.0.1""#,
+    ] {
+        assert!(seen.contains(expected), "{expected} not in {seen}");
+    }
+    for gone in ["x-debug", "x-forwarded-host"] {
+        assert!(!seen.contains(&format!("\"{gone}\"")), "{gone} in {seen}");
+    }
+}
+
 fn tls_config(backend: &Arc<Backend>, raw: &RawUpstream) -> String {
     format!(
         "[[tls]]\nhosts = [{}]\nsource = \"internal\"\n{}",
@@ -450,12 +489,13 @@ fn tls_config(backend: &Arc<Backend>, raw: &RawUpstream) -> String {
     )
 }
 
-const H2_HOSTS: [&str; 5] = [
+const H2_HOSTS: [&str; 6] = [
     "a.test",
     "raw.test",
     "dead.test",
     "nowhere.test",
     "strip.test",
+    "edit.test",
 ];
 
 /// Like [`answer`], over HTTP/2 (checked) to the HTTPS listener.
@@ -535,6 +575,8 @@ async fn the_http2_fast_path_answers_what_the_full_path_answers() {
             &[("x-forwarded-prefix", "/evil"), ("x-request-id", "s-1")],
         ),
         ("GET", "strip.test", "/api", &[]),
+        ("GET", "edit.test", "/headers", EDITED),
+        ("GET", "edit.test", "/status/404", &[]),
     ];
     for (method, host, path, headers) in cases {
         let a = answer_h2(&fast, &fast_client, method, host, path, headers).await;
@@ -565,6 +607,11 @@ async fn the_http2_fast_path_answers_what_the_full_path_answers() {
     .await;
     assert!(seen.contains(r#"":path": "/headers""#), "{seen}");
     assert!(seen.contains(r#""x-forwarded-prefix": "/api""#), "{seen}");
+    for (proxy, client) in [(&fast, &fast_client), (&full, &full_client)] {
+        let (_, kept, seen) =
+            answer_h2(proxy, client, "GET", "edit.test", "/headers", EDITED).await;
+        assert_edited(&kept, &seen);
+    }
     // A chunked upstream body reaches an HTTP/2 client as its data alone.
     let (_, _, chunked) = answer_h2(&fast, &fast_client, "GET", "raw.test", "/chunked", &[]).await;
     assert_eq!(chunked, "hello world");

@@ -807,6 +807,14 @@ pub struct Route {
     // applies every snapshot that does not use it.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub strip_prefix: bool,
+    /// Headers set on or removed from the request sent upstream, after the forwarding
+    /// headers: `{ set = { "X-Env" = "prod" }, remove = ["X-Debug"] }`.
+    #[serde(default, skip_serializing_if = "HeaderRules::is_empty")]
+    pub request_headers: HeaderRules,
+    /// Headers set on or removed from the upstream's response before the client gets
+    /// it: `{ set = { "Strict-Transport-Security" = "max-age=31536000" }, remove = ["Server"] }`.
+    #[serde(default, skip_serializing_if = "HeaderRules::is_empty")]
+    pub response_headers: HeaderRules,
     /// Maximum request body for this route (default: `limits.max_body_bytes`).
     #[serde(default)]
     pub max_body_bytes: Option<ByteSize>,
@@ -816,6 +824,26 @@ pub struct Route {
     pub rate_limit: Option<RateLimit>,
     /// What to do with a matching request.
     pub action: Action,
+}
+
+/// Headers a route sets on, or removes from, the messages it passes on.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct HeaderRules {
+    /// Set, replacing the message's own values of that name: `{ "X-Env" = "prod" }`.
+    #[serde(default)]
+    pub set: BTreeMap<String, String>,
+    /// Removed, in any case: `["X-Debug"]`.
+    #[serde(default)]
+    pub remove: Vec<String>,
+}
+
+impl HeaderRules {
+    /// Whether the rules change nothing.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.set.is_empty() && self.remove.is_empty()
+    }
 }
 
 /// A route's request rate limit: a token bucket per key that refills `requests` tokens

@@ -130,6 +130,107 @@ fn srv_discovery(config: &Config, out: &mut Vec<Issue>) {
     }
 }
 
+/// Headers that frame a message or describe one connection: the proxy owns them.
+const FRAMING_HEADERS: &[&str] = &[
+    "connection",
+    "content-length",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+/// A header name as RFC 9110 allows it (a token).
+fn valid_header_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+}
+
+/// A header value without control characters (CR and LF above all).
+fn valid_header_value(value: &str) -> bool {
+    value
+        .bytes()
+        .all(|b| b == b'\t' || (b >= 0x20 && b != 0x7f))
+}
+
+fn header_rules(
+    path: &FieldPath,
+    rules: &crate::HeaderRules,
+    request: bool,
+    action: &crate::Action,
+    request_id: &str,
+    out: &mut Vec<Issue>,
+) {
+    if rules.is_empty() {
+        return;
+    }
+    if !matches!(action, crate::Action::Forward(_)) {
+        out.push(Issue::new(
+            path.clone(),
+            "only a forward action passes messages on",
+            "remove these header rules, or make the action { forward = \"<pool>\" }",
+        ));
+        return;
+    }
+    let names = rules
+        .set
+        .iter()
+        .map(|(name, value)| (path.key("set").key(name), name, Some(value)))
+        .chain(
+            rules
+                .remove
+                .iter()
+                .enumerate()
+                .map(|(i, name)| (path.key("remove").index(i), name, None)),
+        );
+    for (at, name, value) in names {
+        let lower = name.to_ascii_lowercase();
+        if !valid_header_name(name) {
+            out.push(Issue::new(
+                at,
+                format!("{name:?} is not a header name"),
+                "use letters, digits and -, e.g. \"X-Env\"",
+            ));
+        } else if lower.eq_ignore_ascii_case(request_id) {
+            out.push(Issue::new(
+                at,
+                format!("{name} carries the request id (forwarding.request_id_header): the proxy sets it"),
+                "remove it from the rules",
+            ));
+        } else if FRAMING_HEADERS.contains(&lower.as_str()) {
+            out.push(Issue::new(
+                at,
+                format!(
+                    "{name} frames the message or belongs to one connection: the proxy sets it"
+                ),
+                "remove it from the rules",
+            ));
+        } else if lower == "host" && (!request || value.is_none()) {
+            out.push(Issue::new(
+                at,
+                "Host can only be set, on requests",
+                "move it to request_headers.set, or remove it",
+            ));
+        } else if value.is_some() && rules.remove.iter().any(|r| r.eq_ignore_ascii_case(name)) {
+            out.push(Issue::new(
+                at,
+                format!("{name} is both set and removed"),
+                "keep it in one of set and remove",
+            ));
+        } else if let Some(v) = value.filter(|v| !valid_header_value(v)) {
+            out.push(Issue::new(
+                at,
+                format!("{v:?} has control characters, which a header value cannot hold"),
+                "remove line breaks and other control characters",
+            ));
+        }
+    }
+}
+
 fn controller(config: &Config, out: &mut Vec<Issue>) {
     let Some(c) = &config.controller else { return };
     let path = FieldPath::root().key("controller");
@@ -480,6 +581,13 @@ fn route(config: &Config, origin: Origin, route: &Route, path: &FieldPath, out: 
             "set listeners.https or remove https_redirect",
         ));
     }
+    for (key, rules, request) in [
+        ("request_headers", &route.request_headers, true),
+        ("response_headers", &route.response_headers, false),
+    ] {
+        let id = config.forwarding.request_id_header.as_str();
+        header_rules(&path.key(key), rules, request, &route.action, id, out);
+    }
     if route.strip_prefix {
         if !matches!(route.action, crate::Action::Forward(_)) {
             out.push(Issue::new(
@@ -810,6 +918,32 @@ mod tests {
         assert_eq!(
             issues("[controller]\ninstance_timeout = \"1m\"\nforget_after = \"2m\"\n"),
             Vec::<String>::new()
+        );
+    }
+
+    #[test]
+    fn header_rules_name_real_headers_the_proxy_does_not_own() {
+        let src = format!(
+            "{BASE}[[routes]]\nname = \"a\"\naction = {{ forward = \"p\" }}\n\
+             request_headers = {{ set = {{ \"X-Env\" = \"prod\", \"Host\" = \"up.internal\", \"Bad Name\" = \"x\", \"X-Nl\" = \"a\\r\\nb\" }}, remove = [\"X-Env\", \"Content-Length\", \"x-request-id\", \"host\"] }}\n\
+             response_headers = {{ set = {{ \"Strict-Transport-Security\" = \"max-age=60\", \"Host\" = \"h\" }}, remove = [\"Server\", \"Transfer-Encoding\"] }}\n\
+             [[routes]]\nname = \"b\"\naction = {{ respond = {{ status = 204 }} }}\nresponse_headers = {{ remove = [\"Server\"] }}\n\
+             [pools.p]\nendpoints = [{{ address = \"127.0.0.1:1\" }}]\n"
+        );
+        assert_eq!(
+            issues(&src),
+            vec![
+                "routes[0].request_headers.set.X-Env: X-Env is both set and removed",
+                "routes[0].request_headers.set.Host: Host is both set and removed",
+                "routes[0].request_headers.set.\"Bad Name\": \"Bad Name\" is not a header name",
+                "routes[0].request_headers.set.X-Nl: \"a\\r\\nb\" has control characters, which a header value cannot hold",
+                "routes[0].request_headers.remove[1]: Content-Length frames the message or belongs to one connection: the proxy sets it",
+                "routes[0].request_headers.remove[2]: x-request-id carries the request id (forwarding.request_id_header): the proxy sets it",
+                "routes[0].request_headers.remove[3]: Host can only be set, on requests",
+                "routes[0].response_headers.set.Host: Host can only be set, on requests",
+                "routes[0].response_headers.remove[1]: Transfer-Encoding frames the message or belongs to one connection: the proxy sets it",
+                "routes[1].response_headers: only a forward action passes messages on",
+            ]
         );
     }
 

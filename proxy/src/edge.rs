@@ -449,6 +449,14 @@ impl ProxyHttp for Edge {
         for (name, value) in forwarded.into_iter().flatten() {
             upstream.insert_header(name, value)?;
         }
+        if let Some(route) = ctx.route() {
+            for name in &route.request_headers.remove {
+                upstream.remove_header(name);
+            }
+            for (name, value) in &route.request_headers.set {
+                upstream.insert_header(name.clone(), value.clone())?;
+            }
+        }
         if let Some(id) = &ctx.request_id {
             upstream.insert_header(ctx.generation.forwarding.request_id.clone(), id.clone())?;
         }
@@ -488,6 +496,14 @@ impl ProxyHttp for Edge {
         if status != 101 {
             for name in hop_by_hop(&resp.headers, false) {
                 resp.remove_header(&name);
+            }
+        }
+        if let Some(route) = ctx.route() {
+            for name in &route.response_headers.remove {
+                resp.remove_header(name);
+            }
+            for (name, value) in &route.response_headers.set {
+                resp.insert_header(name.clone(), value.clone())?;
             }
         }
         Ok(())

@@ -69,6 +69,10 @@ pub struct RouteRt {
     /// The path prefix removed before forwarding (`strip_prefix`), without a trailing
     /// slash; `None` when the path goes upstream as it came.
     pub strip_prefix: Option<String>,
+    /// Headers set on or removed from the upstream request.
+    pub request_headers: crate::headers::HeaderEdits,
+    /// Headers set on or removed from the upstream's response.
+    pub response_headers: crate::headers::HeaderEdits,
     /// Body size limit in bytes.
     pub max_body: u64,
     /// This route's request metrics.
@@ -374,6 +378,8 @@ fn build_route(
         strip_prefix: (route.strip_prefix && matches!(route.action, Action::Forward(_)))
             .then(|| route.path_prefix.trim_end_matches('/').to_string())
             .filter(|p| !p.is_empty()),
+        request_headers: crate::headers::HeaderEdits::new(&route.request_headers),
+        response_headers: crate::headers::HeaderEdits::new(&route.response_headers),
         max_body: route
             .max_body_bytes
             .unwrap_or(config.limits.max_body_bytes)

@@ -596,19 +596,26 @@ fn upstream_head(
         None => out.extend_from_slice(req.path.unwrap_or("/").as_bytes()),
     }
     out.extend_from_slice(b" HTTP/1.1\r\n");
+    let edits = &route.request_headers;
     for h in req.headers.iter() {
         if hop_by_hop.contains(h.name)
             || id_name.as_str().eq_ignore_ascii_case(h.name)
             || forwarded
                 .iter()
                 .any(|(n, _)| n.eq_ignore_ascii_case(h.name))
+            || edits.drops(h.name)
         {
             continue;
         }
         push_header(&mut out, h.name.as_bytes(), h.value);
     }
     for (name, value) in &forwarded {
-        push_header(&mut out, name.as_bytes(), value.as_bytes());
+        if !edits.drops(name) {
+            push_header(&mut out, name.as_bytes(), value.as_bytes());
+        }
+    }
+    for (name, value) in &edits.set {
+        push_header(&mut out, name.as_str().as_bytes(), value.as_bytes());
     }
     push_header(&mut out, id_name.as_str().as_bytes(), request_id.as_bytes());
     out.extend_from_slice(b"\r\n");
@@ -1055,11 +1062,18 @@ fn downstream_head(
         head.status,
         resp.reason.unwrap_or("")
     );
+    let edits = &generation.routes[request.route].response_headers;
     for h in resp.headers.iter() {
-        if hop_by_hop.contains(h.name) || id_name.as_str().eq_ignore_ascii_case(h.name) {
+        if hop_by_hop.contains(h.name)
+            || id_name.as_str().eq_ignore_ascii_case(h.name)
+            || edits.drops(h.name)
+        {
             continue;
         }
         push_header(&mut out, h.name.as_bytes(), h.value);
+    }
+    for (name, value) in &edits.set {
+        push_header(&mut out, name.as_str().as_bytes(), value.as_bytes());
     }
     push_header(
         &mut out,

@@ -165,23 +165,32 @@ fn upstream_head(
         None => out.extend_from_slice(raw_path),
     }
     out.extend_from_slice(b" HTTP/1.1\r\n");
-    push_header(&mut out, b"host", host);
+    let edits = &route.request_headers;
+    if !edits.drops("host") {
+        push_header(&mut out, b"host", host);
+    }
     for (name, value) in headers {
         if name == HOST
             || name == COOKIE
             || hop.contains(name)
             || name == id_name
             || forwarded.iter().any(|(n, _)| name.as_str() == *n)
+            || edits.drops(name.as_str())
         {
             continue;
         }
         push_header(&mut out, name.as_str().as_bytes(), value.as_bytes());
     }
-    if let Some(cookies) = joined_cookies(headers) {
+    if let Some(cookies) = joined_cookies(headers).filter(|_| !edits.drops("cookie")) {
         push_header(&mut out, b"cookie", &cookies);
     }
     for (name, value) in &forwarded {
-        push_header(&mut out, name.as_bytes(), value.as_bytes());
+        if !edits.drops(name) {
+            push_header(&mut out, name.as_bytes(), value.as_bytes());
+        }
+    }
+    for (name, value) in &edits.set {
+        push_header(&mut out, name.as_str().as_bytes(), value.as_bytes());
     }
     push_header(&mut out, id_name.as_str().as_bytes(), request_id.as_bytes());
     out.extend_from_slice(b"\r\n");
@@ -289,14 +298,22 @@ fn response_header(
     let _ = resp.parse(raw);
     let id_name = &generation.forwarding.request_id;
     let hop = HopByHop::of(resp.headers);
-    let mut header = ResponseHeader::build(status, Some(resp.headers.len() + 2)).ok()?;
+    let edits = &generation.routes[request.route].response_headers;
+    let mut header =
+        ResponseHeader::build(status, Some(resp.headers.len() + edits.set.len() + 2)).ok()?;
     for h in resp.headers.iter() {
-        if hop.contains(h.name) || id_name.as_str().eq_ignore_ascii_case(h.name) {
+        if hop.contains(h.name)
+            || id_name.as_str().eq_ignore_ascii_case(h.name)
+            || edits.drops(h.name)
+        {
             continue;
         }
         let name = HeaderName::from_bytes(h.name.as_bytes()).ok()?;
         let value = HeaderValue::from_bytes(h.value).ok()?;
         header.append_header(name, value).ok()?;
+    }
+    for (name, value) in &edits.set {
+        header.append_header(name.clone(), value.clone()).ok()?;
     }
     header
         .insert_header(id_name.clone(), request.request_id.clone())

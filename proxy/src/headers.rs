@@ -22,6 +22,59 @@ pub(crate) const HOP_BY_HOP: &[&str] = &[
     "upgrade",
 ];
 
+/// A route's `request_headers` or `response_headers`, parsed once per generation.
+#[derive(Clone, Debug, Default)]
+pub struct HeaderEdits {
+    /// Set, replacing the message's own values.
+    pub set: Vec<(HeaderName, http::HeaderValue)>,
+    /// Removed.
+    pub remove: Vec<HeaderName>,
+}
+
+impl HeaderEdits {
+    /// The edits of `rules` (validation refused names and values that do not parse).
+    #[must_use]
+    pub fn new(rules: &rampart_config::HeaderRules) -> Self {
+        Self {
+            set: rules
+                .set
+                .iter()
+                .filter_map(|(name, value)| {
+                    Some((
+                        HeaderName::from_bytes(name.as_bytes()).ok()?,
+                        http::HeaderValue::from_str(value).ok()?,
+                    ))
+                })
+                .collect(),
+            remove: rules
+                .remove
+                .iter()
+                .filter_map(|name| HeaderName::from_bytes(name.as_bytes()).ok())
+                .collect(),
+        }
+    }
+
+    /// Whether there is nothing to do.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.set.is_empty() && self.remove.is_empty()
+    }
+
+    /// Whether the message's own `name` fields go (removed, or replaced by a set).
+    #[must_use]
+    pub fn drops(&self, name: &str) -> bool {
+        !self.is_empty()
+            && (self
+                .remove
+                .iter()
+                .any(|n| n.as_str().eq_ignore_ascii_case(name))
+                || self
+                    .set
+                    .iter()
+                    .any(|(n, _)| n.as_str().eq_ignore_ascii_case(name)))
+    }
+}
+
 /// The forwarding settings of a generation, compiled.
 #[derive(Clone, Debug)]
 pub struct ForwardingPolicy {

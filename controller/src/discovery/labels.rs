@@ -246,6 +246,8 @@ fn route(
         priority,
         https_redirect,
         strip_prefix,
+        request_headers: rampart_config::HeaderRules::default(),
+        response_headers: rampart_config::HeaderRules::default(),
         max_body_bytes: None,
         rate_limit,
         action: Action::Forward(pool),
