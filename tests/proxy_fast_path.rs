@@ -150,6 +150,12 @@ strip_prefix = true
 action = {{ forward = "hyper" }}
 
 [[routes]]
+name = "private"
+hosts = ["private.test"]
+allow_from = ["10.0.0.0/8", "192.0.2.7"]
+action = {{ forward = "hyper" }}
+
+[[routes]]
 name = "edit"
 hosts = ["edit.test"]
 action = {{ forward = "hyper" }}
@@ -266,6 +272,12 @@ async fn the_fast_path_answers_what_the_full_path_answers() {
         ("GET", "strip.test", "/apix/headers", &[]),
         ("GET", "edit.test", "/headers", EDITED),
         ("GET", "edit.test", "/status/404", &[]),
+        (
+            "GET",
+            "private.test",
+            "/",
+            &[("x-forwarded-for", "10.0.0.1")],
+        ),
     ];
     for (method, host, path, headers) in cases {
         let a = answer(&fast, method, host, path, headers).await;
@@ -292,6 +304,11 @@ async fn the_fast_path_answers_what_the_full_path_answers() {
     for proxy in [&fast, &full] {
         let (_, kept, seen) = answer(proxy, "GET", "edit.test", "/headers", EDITED).await;
         assert_edited(&kept, &seen);
+        // allow_from: 127.0.0.1 is not in the list, and an untrusted client's
+        // X-Forwarded-For does not change who it is.
+        let spoof: Headers = &[("x-forwarded-for", "10.0.0.1")];
+        let (status, _, _) = answer(proxy, "GET", "private.test", "/", spoof).await;
+        assert_eq!(status, 403);
     }
     // strip_prefix: the upstream got the path without the prefix, and the prefix in
     // X-Forwarded-Prefix (a client's own value replaced), on either path.
@@ -489,13 +506,14 @@ fn tls_config(backend: &Arc<Backend>, raw: &RawUpstream) -> String {
     )
 }
 
-const H2_HOSTS: [&str; 6] = [
+const H2_HOSTS: [&str; 7] = [
     "a.test",
     "raw.test",
     "dead.test",
     "nowhere.test",
     "strip.test",
     "edit.test",
+    "private.test",
 ];
 
 /// Like [`answer`], over HTTP/2 (checked) to the HTTPS listener.
@@ -577,6 +595,7 @@ async fn the_http2_fast_path_answers_what_the_full_path_answers() {
         ("GET", "strip.test", "/api", &[]),
         ("GET", "edit.test", "/headers", EDITED),
         ("GET", "edit.test", "/status/404", &[]),
+        ("GET", "private.test", "/", &[]),
     ];
     for (method, host, path, headers) in cases {
         let a = answer_h2(&fast, &fast_client, method, host, path, headers).await;

@@ -469,3 +469,49 @@ async fn a_reused_upstream_connection_that_was_closed_is_retried() {
     }
     assert!(!proxy.log().contains("panicked"), "{}", proxy.log());
 }
+
+#[tokio::test]
+async fn allow_from_serves_only_listed_client_addresses_behind_trusted_proxies() {
+    common::init();
+    let b = Backend::start("b").await;
+    let config = format!(
+        "[forwarding]\ntrusted_proxies = [\"127.0.0.1/32\"]\n\n\
+         [[routes]]\nname = \"office\"\nhosts = [\"office.test\"]\nallow_from = [\"10.0.0.0/8\", \"192.0.2.7\"]\naction = {{ forward = \"p\" }}\n\n\
+         [[routes]]\nname = \"status\"\nhosts = [\"status.test\"]\nallow_from = [\"10.0.0.0/8\"]\naction = {{ respond = {{ status = 200, body = \"up\" }} }}\n\n\
+         {}",
+        pool_toml("p", "round_robin", &[&b], "")
+    );
+    let proxy = Proxy::start(&config).await;
+    let client = Proxy::http_client();
+    let get = |host: &'static str, xff: Option<&'static str>| {
+        let mut req = client.get(proxy.url("/")).header("host", host);
+        if let Some(xff) = xff {
+            req = req.header("x-forwarded-for", xff);
+        }
+        async move {
+            let r = req.send().await.unwrap();
+            (r.status().as_u16(), r.text().await.unwrap())
+        }
+    };
+    // The proxy before us (127.0.0.1, trusted) says who the client is.
+    assert_eq!(
+        get("office.test", Some("10.1.2.3")).await,
+        (200, "b".into())
+    );
+    assert_eq!(
+        get("office.test", Some("192.0.2.7")).await,
+        (200, "b".into())
+    );
+    let (status, body) = get("office.test", Some("192.0.2.8")).await;
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("does not serve your address"), "{body}");
+    // Without the header the client is the peer, 127.0.0.1: not in the list.
+    assert_eq!(get("office.test", None).await.0, 403);
+    // Routes of any action are guarded.
+    assert_eq!(
+        get("status.test", Some("10.9.9.9")).await,
+        (200, "up".into())
+    );
+    assert_eq!(get("status.test", None).await.0, 403);
+    assert_eq!(b.hits(), 2, "refused requests never reach the upstream");
+}

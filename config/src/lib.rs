@@ -24,7 +24,7 @@ use std::path::Path;
 pub use diagnostics::{FieldPath, Issue, Position};
 pub use model::*;
 pub use units::{
-    unix_now, unix_now_signed, Address, ByteSize, Dur, HashKey, HostPattern, Hostname,
+    unix_now, unix_now_signed, Address, ByteSize, Dur, HashKey, HostPattern, Hostname, IpRange,
 };
 
 /// Why a configuration could not be loaded.

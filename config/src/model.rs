@@ -14,7 +14,7 @@ use ipnet::IpNet;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use crate::units::{Address, ByteSize, Dur, HashKey, HostPattern, Hostname};
+use crate::units::{Address, ByteSize, Dur, HashKey, HostPattern, Hostname, IpRange};
 
 /// A whole Rampart configuration file.
 #[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
@@ -797,6 +797,10 @@ pub struct Route {
     /// header conditions, then the earlier route in the file).
     #[serde(default)]
     pub priority: i32,
+    /// Only clients from these addresses (after `forwarding.trusted_proxies`) are
+    /// served; others get 403. Empty: everyone.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allow_from: Vec<IpRange>,
     /// Answer plain-HTTP requests for this route with a 308 redirect to HTTPS.
     #[serde(default)]
     pub https_redirect: bool,

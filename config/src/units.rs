@@ -39,6 +39,48 @@ macro_rules! string_value {
     };
 }
 
+/// Client addresses written as a CIDR (`"10.0.0.0/8"`, `"2001:db8::/32"`) or one
+/// address (`"192.0.2.7"`, the same as `/32`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct IpRange(pub ipnet::IpNet);
+
+impl IpRange {
+    /// Whether `ip` is in the range.
+    #[must_use]
+    pub fn contains(&self, ip: &std::net::IpAddr) -> bool {
+        self.0.contains(ip)
+    }
+}
+
+impl FromStr for IpRange {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let s = s.trim();
+        if let Ok(net) = s.parse::<ipnet::IpNet>() {
+            return Ok(Self(net.trunc()));
+        }
+        s.parse::<std::net::IpAddr>()
+            .map(|ip| Self(ipnet::IpNet::from(ip)))
+            .map_err(|_| {
+                format!("{s:?} is not an IP address or CIDR; write it like \"10.0.0.0/8\", \"192.0.2.7\" or \"2001:db8::/32\"")
+            })
+    }
+}
+
+impl fmt::Display for IpRange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.0.prefix_len() == self.0.max_prefix_len() {
+            write!(f, "{}", self.0.addr())
+        } else {
+            write!(f, "{}", self.0)
+        }
+    }
+}
+string_value!(
+    IpRange,
+    "An IP address (\"192.0.2.7\") or CIDR (\"10.0.0.0/8\")"
+);
+
 /// A duration written as `"250ms"`, `"5s"`, `"1m 30s"`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Dur(pub Duration);
@@ -381,6 +423,22 @@ pub fn unix_now_signed() -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ip_ranges_are_cidrs_or_single_addresses() {
+        let r: IpRange = "10.1.2.3/8".parse().unwrap();
+        assert_eq!(r.to_string(), "10.0.0.0/8", "host bits are dropped");
+        assert!(r.contains(&"10.200.0.1".parse().unwrap()));
+        assert!(!r.contains(&"11.0.0.1".parse().unwrap()));
+        let one: IpRange = " 192.0.2.7 ".parse().unwrap();
+        assert_eq!(one.to_string(), "192.0.2.7");
+        assert!(one.contains(&"192.0.2.7".parse().unwrap()));
+        assert!(!one.contains(&"192.0.2.8".parse().unwrap()));
+        let v6: IpRange = "2001:db8::/32".parse().unwrap();
+        assert!(v6.contains(&"2001:db8::1".parse().unwrap()));
+        let e = "10.0.0/8".parse::<IpRange>().unwrap_err();
+        assert!(e.contains("is not an IP address or CIDR"), "{e}");
+    }
     use proptest::prelude::*;
 
     #[test]

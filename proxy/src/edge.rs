@@ -230,6 +230,18 @@ impl ProxyHttp for Edge {
             .await?;
             return Ok(true);
         };
+        if !route.admits(ctx.client_ip) {
+            respond(
+                session,
+                ctx,
+                403,
+                "text/plain; charset=utf-8",
+                Bytes::from_static(b"forbidden: this route does not serve your address\n"),
+                None,
+            )
+            .await?;
+            return Ok(true);
+        }
         if route.https_redirect && self.scheme == Scheme::Http {
             let location = https_location(&host, generation.https_port, session.req_header());
             respond(

@@ -69,6 +69,8 @@ pub struct RouteRt {
     /// The path prefix removed before forwarding (`strip_prefix`), without a trailing
     /// slash; `None` when the path goes upstream as it came.
     pub strip_prefix: Option<String>,
+    /// The client addresses served (`allow_from`); empty: everyone.
+    pub allow_from: Vec<rampart_config::IpRange>,
     /// Headers set on or removed from the upstream request.
     pub request_headers: crate::headers::HeaderEdits,
     /// Headers set on or removed from the upstream's response.
@@ -79,6 +81,16 @@ pub struct RouteRt {
     pub metrics: RequestMetrics,
     /// Its rate limit, whose buckets outlive reloads that keep the same settings.
     pub limiter: Option<Arc<crate::limits::rate::RouteLimiter>>,
+}
+
+impl RouteRt {
+    /// Whether `allow_from` lets the client at `ip` (after trusted proxies) in; a
+    /// request without a client address is refused by a route that has a list.
+    #[must_use]
+    pub fn admits(&self, ip: Option<std::net::IpAddr>) -> bool {
+        self.allow_from.is_empty()
+            || ip.is_some_and(|ip| self.allow_from.iter().any(|r| r.contains(&ip)))
+    }
 }
 
 /// A pool ready for serving.
@@ -378,6 +390,7 @@ fn build_route(
         strip_prefix: (route.strip_prefix && matches!(route.action, Action::Forward(_)))
             .then(|| route.path_prefix.trim_end_matches('/').to_string())
             .filter(|p| !p.is_empty()),
+        allow_from: route.allow_from.clone(),
         request_headers: crate::headers::HeaderEdits::new(&route.request_headers),
         response_headers: crate::headers::HeaderEdits::new(&route.response_headers),
         max_body: route

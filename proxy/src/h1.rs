@@ -456,6 +456,15 @@ pub(crate) fn route_for(
     {
         return None;
     }
+    // Refused by allow_from: the full path answers 403.
+    if !route.allow_from.is_empty() {
+        let client = conn
+            .peer
+            .map(|p| generation.forwarding.client_ip(p, &parts.headers));
+        if !route.admits(client) {
+            return None;
+        }
+    }
     route.pool.as_ref()?;
     // Over the route's limit: the full path answers 413.
     if body_len > route.max_body {

@@ -11,6 +11,7 @@
 //! rampart.route.site.priority=10        # optional
 //! rampart.route.site.https_redirect=true
 //! rampart.route.site.strip_prefix=true  # forward /app/x as /x (needs a path)
+//! rampart.route.site.allow_from=10.0.0.0/8,192.0.2.7  # others get 403
 //! ```
 //!
 //! A bad label is reported with the container and the fix, and only that container is
@@ -93,6 +94,7 @@ pub fn parse(
                         | "priority"
                         | "https_redirect"
                         | "strip_prefix"
+                        | "allow_from"
                         | "rate_limit"
                 ) {
                     routes
@@ -104,7 +106,7 @@ pub fn parse(
                         &mut errors,
                         key,
                         value,
-                        "known route labels: host, path, pool, priority, https_redirect, strip_prefix, rate_limit",
+                        "known route labels: host, path, pool, priority, https_redirect, strip_prefix, allow_from, rate_limit",
                     );
                 }
             }
@@ -218,6 +220,15 @@ fn route(
         Some(kv) => kv.1.parse().map_err(|_| bad(kv, "use true or false"))?,
         None => false,
     };
+    let allow_from = match fields.get("allow_from") {
+        Some(kv) => {
+            kv.1.split(',')
+                .map(str::parse::<rampart_config::IpRange>)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| bad(kv, &format!("{e}; list them separated by commas")))?
+        }
+        None => Vec::new(),
+    };
     let strip_prefix = match fields.get("strip_prefix") {
         Some(kv) => {
             let strip: bool = kv.1.parse().map_err(|_| bad(kv, "use true or false"))?;
@@ -246,6 +257,7 @@ fn route(
         priority,
         https_redirect,
         strip_prefix,
+        allow_from,
         request_headers: rampart_config::HeaderRules::default(),
         response_headers: rampart_config::HeaderRules::default(),
         max_body_bytes: None,
@@ -315,6 +327,7 @@ mod tests {
             ("rampart.route.site.path", "/app"),
             ("rampart.route.site.https_redirect", "true"),
             ("rampart.route.site.strip_prefix", "true"),
+            ("rampart.route.site.allow_from", "10.0.0.0/8, 192.0.2.7"),
             ("com.docker.compose.service", "web"),
         ]);
         let got = parse("web-1", &l, IP).unwrap().unwrap();
@@ -326,6 +339,8 @@ mod tests {
         assert_eq!(r.path_prefix, "/app");
         assert!(r.https_redirect);
         assert!(r.strip_prefix);
+        assert_eq!(r.allow_from.len(), 2);
+        assert_eq!(r.allow_from[1].to_string(), "192.0.2.7");
         assert_eq!(r.action, Action::Forward("web".into()));
     }
 
