@@ -514,4 +514,9 @@ async fn allow_from_serves_only_listed_client_addresses_behind_trusted_proxies()
     );
     assert_eq!(get("status.test", None).await.0, 403);
     assert_eq!(b.hits(), 2, "refused requests never reach the upstream");
+    let status = proxy.status().await;
+    assert_eq!(
+        status["routes"][0]["allow_from"],
+        serde_json::json!(["10.0.0.0/8", "192.0.2.7"])
+    );
 }

@@ -183,10 +183,18 @@ pub fn status(live: &Live, generation: &Generation) -> Value {
                 Action::Redirect(x) => json!({ "redirect": x.location, "status": x.status }),
                 Action::Respond(x) => json!({ "respond": x.status }),
             };
+            // Header names only: a value set for the upstream may be a credential.
+            let rules = |h: &rampart_config::HeaderRules| {
+                json!({ "set": h.set.keys().collect::<Vec<_>>(), "remove": h.remove })
+            };
             json!({
                 "name": r.name,
                 "hosts": r.hosts.iter().map(ToString::to_string).collect::<Vec<_>>(),
                 "path_prefix": r.path_prefix,
+                "strip_prefix": r.strip_prefix,
+                "allow_from": r.allow_from.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                "request_headers": rules(&r.request_headers),
+                "response_headers": rules(&r.response_headers),
                 "priority": r.priority,
                 "action": action,
             })
