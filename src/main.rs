@@ -36,6 +36,13 @@ enum Command {
     Schema,
     /// Print the version, git commit, compiler and target of this binary.
     Version,
+    /// Read a password from standard input (its first line) and print its bcrypt hash,
+    /// for a route's basic_auth users.
+    HashPassword {
+        /// bcrypt cost (4-31): each step doubles the work of a check.
+        #[arg(long, default_value_t = 12)]
+        cost: u32,
+    },
     /// Exit 0 when an admin endpoint answers 200 (a container HEALTHCHECK with no
     /// shell or curl in the image), 1 otherwise, saying why.
     Healthcheck {
@@ -211,6 +218,19 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Healthcheck { addr, path } => Ok(healthcheck(addr, &path)),
         Command::Version => {
             println!("{}", rampart_config::build::get());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::HashPassword { cost } => {
+            let mut line = String::new();
+            std::io::stdin()
+                .read_line(&mut line)
+                .context("reading the password from standard input")?;
+            let password = line.trim_end_matches(['\r', '\n']);
+            anyhow::ensure!(
+                !password.is_empty(),
+                "no password on standard input: echo it in, e.g. `printf %s 'pass' | rampart hash-password`"
+            );
+            println!("{}", rampart_proxy::auth::hash_password(password, cost)?);
             Ok(ExitCode::SUCCESS)
         }
         Command::Schema => {

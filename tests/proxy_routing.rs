@@ -520,3 +520,65 @@ async fn allow_from_serves_only_listed_client_addresses_behind_trusted_proxies()
         serde_json::json!(["10.0.0.0/8", "192.0.2.7"])
     );
 }
+
+/// A bcrypt hash of `password` made by `rampart hash-password` (cost 4: tests are
+/// debug builds).
+fn hashed(password: &str) -> String {
+    use std::io::Write as _;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_rampart"))
+        .args(["hash-password", "--cost", "4"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    writeln!(child.stdin.take().unwrap(), "{password}").unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let hash = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    assert!(hash.starts_with("$2b$04$") && hash.len() == 60, "{hash}");
+    hash
+}
+
+#[tokio::test]
+async fn basic_auth_admits_only_users_with_their_password() {
+    common::init();
+    let b = Backend::start("b").await;
+    let config = format!(
+        "[[routes]]\nname = \"admin\"\nhosts = [\"admin.test\"]\n\
+         basic_auth = {{ realm = \"Back office\", users = {{ alice = \"{}\" }} }}\n\
+         action = {{ forward = \"p\" }}\n\n{}",
+        hashed("s3cret: with colon"),
+        pool_toml("p", "round_robin", &[&b], "")
+    );
+    let proxy = Proxy::start(&config).await;
+    let client = Proxy::http_client();
+    let get = |auth: Option<(&'static str, &'static str)>| {
+        let mut req = client.get(proxy.url("/")).header("host", "admin.test");
+        if let Some((user, password)) = auth {
+            req = req.basic_auth(user, Some(password));
+        }
+        async move {
+            let r = req.send().await.unwrap();
+            let challenge = r
+                .headers()
+                .get("www-authenticate")
+                .map(|v| v.to_str().unwrap().to_string());
+            (r.status().as_u16(), challenge, r.text().await.unwrap())
+        }
+    };
+    let (status, challenge, _) = get(None).await;
+    assert_eq!(status, 401);
+    assert_eq!(
+        challenge.as_deref(),
+        Some("Basic realm=\"Back office\", charset=\"UTF-8\"")
+    );
+    assert_eq!(get(Some(("alice", "wrong"))).await.0, 401);
+    assert_eq!(get(Some(("mallory", "s3cret: with colon"))).await.0, 401);
+    assert_eq!(b.hits(), 0, "refused requests never reach the upstream");
+    // The right password, twice (the second is remembered, not checked again).
+    for _ in 0..2 {
+        let (status, challenge, body) = get(Some(("alice", "s3cret: with colon"))).await;
+        assert_eq!((status, challenge, body.as_str()), (200, None, "b"));
+    }
+    assert_eq!(b.hits(), 2);
+}

@@ -801,6 +801,9 @@ pub struct Route {
     /// served; others get 403. Empty: everyone.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub allow_from: Vec<IpRange>,
+    /// HTTP Basic authentication in front of the route: others get 401.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub basic_auth: Option<BasicAuth>,
     /// Answer plain-HTTP requests for this route with a 308 redirect to HTTPS.
     #[serde(default)]
     pub https_redirect: bool,
@@ -828,6 +831,21 @@ pub struct Route {
     pub rate_limit: Option<RateLimit>,
     /// What to do with a matching request.
     pub action: Action,
+}
+
+/// HTTP Basic authentication of a route.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct BasicAuth {
+    /// Shown by browsers in their login prompt.
+    #[serde(default = "default_realm")]
+    pub realm: String,
+    /// User name → bcrypt hash of the password (`rampart hash-password` makes one).
+    pub users: BTreeMap<String, String>,
+}
+
+fn default_realm() -> String {
+    "restricted".to_string()
 }
 
 /// Headers a route sets on, or removes from, the messages it passes on.

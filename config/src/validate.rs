@@ -130,6 +130,62 @@ fn srv_discovery(config: &Config, out: &mut Vec<Issue>) {
     }
 }
 
+/// A bcrypt hash as `rampart hash-password` and htpasswd write it:
+/// `$2b$12$` and 53 characters of bcrypt's base64.
+fn bcrypt_hash(hash: &str) -> bool {
+    let b = hash.as_bytes();
+    b.len() == 60
+        && b[0] == b'$'
+        && b[1] == b'2'
+        && matches!(b[2], b'a' | b'b' | b'x' | b'y')
+        && b[3] == b'$'
+        && hash[4..6]
+            .parse::<u32>()
+            .is_ok_and(|c| (4..=31).contains(&c))
+        && b[6] == b'$'
+        && b[7..]
+            .iter()
+            .all(|c| c.is_ascii_alphanumeric() || *c == b'.' || *c == b'/')
+}
+
+fn basic_auth(path: &FieldPath, auth: &crate::BasicAuth, out: &mut Vec<Issue>) {
+    if auth.users.is_empty() {
+        out.push(Issue::new(
+            path.key("users"),
+            "no users: nobody could sign in",
+            "add users = { alice = \"<hash>\" } with a hash from `rampart hash-password`",
+        ));
+    }
+    if auth.realm.is_empty()
+        || auth
+            .realm
+            .bytes()
+            .any(|b| b == b'"' || b == b'\\' || b < 0x20)
+    {
+        out.push(Issue::new(
+            path.key("realm"),
+            format!("{:?} cannot be a realm", auth.realm),
+            "use a short text without quotes or backslashes, e.g. realm = \"Back office\"",
+        ));
+    }
+    for (user, hash) in &auth.users {
+        let at = path.key("users").key(user);
+        if user.is_empty() || user.contains(':') || user.bytes().any(|b| b < 0x20) {
+            out.push(Issue::new(
+                at,
+                format!("{user:?} cannot be a user name"),
+                "use a name without ':' or control characters",
+            ));
+        } else if !bcrypt_hash(hash) {
+            out.push(Issue::new(
+                at,
+                "is not a bcrypt hash (passwords are never written in clear)",
+                "make one with `rampart hash-password` and paste what it prints",
+            ));
+        }
+    }
+}
+
 /// Headers that frame a message or describe one connection: the proxy owns them.
 const FRAMING_HEADERS: &[&str] = &[
     "connection",
@@ -588,6 +644,9 @@ fn route(config: &Config, origin: Origin, route: &Route, path: &FieldPath, out: 
         let id = config.forwarding.request_id_header.as_str();
         header_rules(&path.key(key), rules, request, &route.action, id, out);
     }
+    if let Some(auth) = &route.basic_auth {
+        basic_auth(&path.key("basic_auth"), auth, out);
+    }
     if route.strip_prefix {
         if !matches!(route.action, crate::Action::Forward(_)) {
             out.push(Issue::new(
@@ -943,6 +1002,26 @@ mod tests {
                 "routes[0].response_headers.set.Host: Host can only be set, on requests",
                 "routes[0].response_headers.remove[1]: Transfer-Encoding frames the message or belongs to one connection: the proxy sets it",
                 "routes[1].response_headers: only a forward action passes messages on",
+            ]
+        );
+    }
+
+    #[test]
+    fn basic_auth_takes_bcrypt_hashes_of_named_users() {
+        let good = "$2b$04$Zo7L.HsWHw4aCtz.ZmFlVevF997bt5k/T5kg58mrTEJsfxyA8lR2m";
+        let src = format!(
+            "{BASE}[[routes]]\nname = \"a\"\naction = {{ respond = {{ status = 204 }} }}\n\
+             basic_auth = {{ realm = \"say \\\"hi\\\"\", users = {{ alice = \"{good}\", bob = \"hunter2\", \"c:d\" = \"{good}\" }} }}\n\
+             [[routes]]\nname = \"b\"\naction = {{ respond = {{ status = 204 }} }}\nbasic_auth = {{ users = {{}} }}\n\
+             [[routes]]\nname = \"c\"\naction = {{ respond = {{ status = 204 }} }}\nbasic_auth = {{ users = {{ alice = \"{good}\" }} }}\n"
+        );
+        assert_eq!(
+            issues(&src),
+            vec![
+                "routes[0].basic_auth.realm: \"say \\\"hi\\\"\" cannot be a realm",
+                "routes[0].basic_auth.users.bob: is not a bcrypt hash (passwords are never written in clear)",
+                "routes[0].basic_auth.users.\"c:d\": \"c:d\" cannot be a user name",
+                "routes[1].basic_auth.users: no users: nobody could sign in",
             ]
         );
     }

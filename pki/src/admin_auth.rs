@@ -44,21 +44,27 @@ pub const CHALLENGE: &str = "Basic realm=\"rampart\", charset=\"UTF-8\"";
 
 /// The token in an Authorization value: Bearer, or the password of Basic.
 fn presented(value: &str) -> Option<String> {
-    use base64::Engine as _;
     let (scheme, rest) = value.trim().split_once(' ')?;
     if scheme.eq_ignore_ascii_case("bearer") {
         return Some(rest.trim().to_string());
     }
-    if scheme.eq_ignore_ascii_case("basic") {
-        let decoded = base64::engine::general_purpose::STANDARD
-            .decode(rest.trim())
-            .ok()?;
-        let text = String::from_utf8(decoded).ok()?;
-        return text
-            .split_once(':')
-            .map(|(_, password)| password.to_string());
+    basic_credentials(value).map(|(_, password)| password)
+}
+
+/// The user and password of a Basic `Authorization` value (RFC 7617), if it is one.
+#[must_use]
+pub fn basic_credentials(value: &str) -> Option<(String, String)> {
+    use base64::Engine as _;
+    let (scheme, rest) = value.trim().split_once(' ')?;
+    if !scheme.eq_ignore_ascii_case("basic") {
+        return None;
     }
-    None
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(rest.trim())
+        .ok()?;
+    let text = String::from_utf8(decoded).ok()?;
+    let (user, password) = text.split_once(':')?;
+    Some((user.to_string(), password.to_string()))
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {

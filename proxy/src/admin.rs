@@ -193,6 +193,7 @@ pub fn status(live: &Live, generation: &Generation) -> Value {
                 "path_prefix": r.path_prefix,
                 "strip_prefix": r.strip_prefix,
                 "allow_from": r.allow_from.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                "basic_auth": r.basic_auth.as_ref().map(|a| json!({ "realm": a.realm, "users": a.users.keys().collect::<Vec<_>>() })),
                 "request_headers": rules(&r.request_headers),
                 "response_headers": rules(&r.response_headers),
                 "priority": r.priority,

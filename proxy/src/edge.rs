@@ -275,6 +275,31 @@ impl ProxyHttp for Edge {
                 return Ok(true);
             }
         }
+        // After the HTTPS redirect (no password over plain HTTP) and the rate limit
+        // (which bounds the bcrypt work a guesser can cause).
+        if let Some(auth) = route.basic_auth.clone() {
+            let authorization = session
+                .req_header()
+                .headers
+                .get(http::header::AUTHORIZATION)
+                .map(|v| v.as_bytes().to_vec());
+            if !auth.admits(authorization.as_deref()).await {
+                respond(
+                    session,
+                    ctx,
+                    401,
+                    "text/plain; charset=utf-8",
+                    Bytes::from_static(b"authentication required\n"),
+                    Some((http::header::WWW_AUTHENTICATE, auth.challenge.clone())),
+                )
+                .await?;
+                return Ok(true);
+            }
+        }
+        // Borrowed again: answering above needed the context mutably.
+        let Some(route) = ctx.route() else {
+            return Ok(false);
+        };
         match &route.action {
             Action::Respond(r) => {
                 let (status, content_type, body) = (

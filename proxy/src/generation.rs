@@ -71,6 +71,8 @@ pub struct RouteRt {
     pub strip_prefix: Option<String>,
     /// The client addresses served (`allow_from`); empty: everyone.
     pub allow_from: Vec<rampart_config::IpRange>,
+    /// HTTP Basic authentication in front of the route.
+    pub basic_auth: Option<Arc<crate::auth::BasicAuthRt>>,
     /// Headers set on or removed from the upstream request.
     pub request_headers: crate::headers::HeaderEdits,
     /// Headers set on or removed from the upstream's response.
@@ -391,6 +393,10 @@ fn build_route(
             .then(|| route.path_prefix.trim_end_matches('/').to_string())
             .filter(|p| !p.is_empty()),
         allow_from: route.allow_from.clone(),
+        basic_auth: route
+            .basic_auth
+            .as_ref()
+            .map(|a| Arc::new(crate::auth::BasicAuthRt::new(a))),
         request_headers: crate::headers::HeaderEdits::new(&route.request_headers),
         response_headers: crate::headers::HeaderEdits::new(&route.response_headers),
         max_body: route

@@ -456,6 +456,10 @@ pub(crate) fn route_for(
     {
         return None;
     }
+    // Behind a login: the full path checks it.
+    if route.basic_auth.is_some() {
+        return None;
+    }
     // Refused by allow_from: the full path answers 403.
     if !route.allow_from.is_empty() {
         let client = conn

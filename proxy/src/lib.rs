@@ -9,6 +9,7 @@
 //! [`health`].
 
 pub mod admin;
+pub mod auth;
 pub mod balance;
 pub mod clock;
 pub mod dashboard;

@@ -258,6 +258,7 @@ fn route(
         https_redirect,
         strip_prefix,
         allow_from,
+        basic_auth: None,
         request_headers: rampart_config::HeaderRules::default(),
         response_headers: rampart_config::HeaderRules::default(),
         max_body_bytes: None,
