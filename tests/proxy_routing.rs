@@ -519,6 +519,17 @@ async fn allow_from_serves_only_listed_client_addresses_behind_trusted_proxies()
         status["routes"][0]["allow_from"],
         serde_json::json!(["10.0.0.0/8", "192.0.2.7"])
     );
+    let dashboard: serde_json::Value =
+        reqwest::get(format!("http://{}/api/v1/dashboard", proxy.admin))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+    assert_eq!(
+        dashboard["routes"][0]["rules"],
+        serde_json::json!(["only from 10.0.0.0/8, 192.0.2.7"])
+    );
 }
 
 /// A bcrypt hash of `password` made by `rampart hash-password` (cost 4: tests are

@@ -7,7 +7,7 @@ use maud::{html, Markup, PreEscaped, DOCTYPE};
 const STYLE: &str = "body{font:14px system-ui,sans-serif;margin:0 2em;color:#111}\
 header{display:flex;gap:1em;align-items:baseline}table{border-collapse:collapse;margin:.5em 0}\
 td,th{padding:.25em .75em;border-bottom:1px solid #ddd;text-align:left;vertical-align:top}\
-ul{margin:0;padding-left:1em}.ok{color:#15803d}.bad{color:#b91c1c}.note{color:#666}\
+ul{margin:0;padding-left:1em}.ok{color:#15803d}.bad{color:#b91c1c}.note,.rule{color:#666}.rule{font-size:.9em}\
 .draining{color:#b45309}code{background:#f3f4f6;padding:0 .25em}";
 
 const SCRIPT: &str =

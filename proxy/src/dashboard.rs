@@ -67,8 +67,39 @@ pub struct RouteView {
     pub path_prefix: String,
     /// What it does: `forward → pool`, `redirect → URL`, `respond 503`.
     pub action: String,
+    /// Its other rules, one phrase each: `strips /api`, `only from 10.0.0.0/8`,
+    /// `login: 2 users`, `request: sets X-Env`, `response: removes Server`.
+    pub rules: Vec<String>,
     /// The pool of a forward route.
     pub pool: Option<PoolView>,
+}
+
+/// The phrases of [`RouteView::rules`] for `r`.
+fn route_rules(r: &rampart_config::Route) -> Vec<String> {
+    let mut rules = Vec::new();
+    if r.strip_prefix {
+        rules.push(format!("strips {}", r.path_prefix.trim_end_matches('/')));
+    }
+    if !r.allow_from.is_empty() {
+        let list: Vec<String> = r.allow_from.iter().map(ToString::to_string).collect();
+        rules.push(format!("only from {}", list.join(", ")));
+    }
+    if let Some(auth) = &r.basic_auth {
+        rules.push(format!("login: {} users", auth.users.len()));
+    }
+    for (side, h) in [
+        ("request", &r.request_headers),
+        ("response", &r.response_headers),
+    ] {
+        if !h.set.is_empty() {
+            let names: Vec<&str> = h.set.keys().map(String::as_str).collect();
+            rules.push(format!("{side}: sets {}", names.join(", ")));
+        }
+        if !h.remove.is_empty() {
+            rules.push(format!("{side}: removes {}", h.remove.join(", ")));
+        }
+    }
+    rules
 }
 
 /// A certificate being served.
@@ -154,6 +185,7 @@ pub fn view(live: &Live, generation: &Generation) -> View {
                 hosts: r.hosts.iter().map(ToString::to_string).collect(),
                 path_prefix: r.path_prefix.clone(),
                 action,
+                rules: route_rules(r),
                 pool,
             }
         })
@@ -278,7 +310,10 @@ pub fn body(v: &View) -> Markup {
                     tr {
                         td { (r.name) }
                         td { @if r.hosts.is_empty() { "any" } @else { (r.hosts.join(", ")) } }
-                        td { code { (r.path_prefix) } }
+                        td {
+                            code { (r.path_prefix) }
+                            @for rule in &r.rules { br; span class="rule" { (rule) } }
+                        }
                         td { (r.action) @if let Some(p) = &r.pool { " (" (p.balance) ")" } }
                         td {
                             @if let Some(p) = &r.pool {
@@ -412,12 +447,14 @@ mod tests {
                 hosts: vec![],
                 path_prefix: "/".into(),
                 action: "respond 200".into(),
+                rules: vec!["only from <10.0.0.0/8>".into()],
                 pool: None,
             }],
             certificates: vec![],
         };
         let html = page(&v).into_string();
         assert!(html.contains("&lt;script&gt;"));
+        assert!(html.contains("<span class=\"rule\">only from &lt;10.0.0.0/8&gt;</span>"));
         assert!(html.contains("Configuration version <strong>3</strong>"));
         assert!(html.contains("<svg"));
     }
