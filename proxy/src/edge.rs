@@ -457,6 +457,7 @@ impl ProxyHttp for Edge {
                 upstream.insert_header(HOST, authority.as_str())?;
             }
         }
+        let stripped = ctx.route().and_then(|r| r.strip_prefix.as_deref());
         // X-Forwarded-Host and Forwarded carry the Host as the client sent it.
         let forwarded = client_peer(session).map(|peer| {
             let host = upstream
@@ -469,10 +470,10 @@ impl ProxyHttp for Edge {
                 self.scheme.as_str(),
                 host,
                 &upstream.headers,
-                ctx.route().and_then(|r| r.strip_prefix.as_deref()),
+                stripped,
             )
         });
-        if let Some(prefix) = ctx.route().and_then(|r| r.strip_prefix.as_deref()) {
+        if let Some(prefix) = stripped {
             let target = stripped_target(prefix, &session.req_header().uri);
             let uri = target.parse::<http::Uri>().map_err(|e| {
                 Error::because(

@@ -40,7 +40,7 @@ use crate::edge::{
     body_too_slow, hash_key, record_endpoint_failure, request_host, request_id, Scheme, Tried,
 };
 use crate::generation::{Generation, PoolRt, RouteRt};
-use crate::headers::HOP_BY_HOP;
+use crate::headers::{HeaderEdits, HOP_BY_HOP};
 use crate::health::ms_at;
 use crate::limits::{check_request, RequestView};
 use crate::metrics::Metrics;
@@ -398,16 +398,14 @@ fn prepare(bytes: &[u8], generation: &Generation, conn: ConnInfo<'_>) -> Option<
     parts.uri = Uri::try_from(path).ok()?;
     parts.headers = headers;
     let route = route_for(&parts, Some(&bytes[..head_len]), body_len, generation, conn)?;
-    let prepared = admit(&parts, route, generation, conn, client_close, |id| {
-        upstream_head(
-            &req,
-            &parts,
-            generation,
-            conn,
-            id,
-            &generation.routes[route],
-        )
-    });
+    let prepared = admit(
+        &parts,
+        route,
+        generation,
+        conn,
+        client_close,
+        |id, route| upstream_head(&req, &parts, generation, conn, id, route),
+    );
     Some(prepared.with_body(body_len, early))
 }
 
@@ -508,7 +506,7 @@ pub(crate) fn admit(
     generation: &Generation,
     conn: ConnInfo<'_>,
     client_close: bool,
-    head: impl FnOnce(&HeaderValue) -> Vec<u8>,
+    head: impl FnOnce(&HeaderValue, &RouteRt) -> Vec<u8>,
 ) -> Prepared {
     let route_rt = &generation.routes[route];
     let client_ip = conn
@@ -520,7 +518,7 @@ pub(crate) fn admit(
             .uses_key()
             .then(|| hash_key(&pool.hash_key, parts, client_ip))
     });
-    let upstream_head = head(&request_id);
+    let upstream_head = head(&request_id, route_rt);
     let limited = route_rt.limiter.as_ref().and_then(|limiter| {
         limiter
             .check(hash_key(&limiter.config.key, parts, client_ip))
@@ -601,14 +599,12 @@ fn upstream_head(
     let forwarded = forwarded.unwrap_or_default();
     let id_name = &generation.forwarding.request_id;
     let hop_by_hop = HopByHop::of(req.headers);
-    let mut out = Vec::with_capacity(512);
-    out.extend_from_slice(req.method.unwrap_or("GET").as_bytes());
-    out.push(b' ');
-    match stripped {
-        Some(prefix) => out.extend_from_slice(stripped_target(prefix, &parts.uri).as_bytes()),
-        None => out.extend_from_slice(req.path.unwrap_or("/").as_bytes()),
-    }
-    out.extend_from_slice(b" HTTP/1.1\r\n");
+    let mut out = request_line(
+        req.method.unwrap_or("GET"),
+        req.path.unwrap_or("/").as_bytes(),
+        &parts.uri,
+        stripped,
+    );
     let edits = &route.request_headers;
     for h in req.headers.iter() {
         if hop_by_hop.contains(h.name)
@@ -622,17 +618,43 @@ fn upstream_head(
         }
         push_header(&mut out, h.name.as_bytes(), h.value);
     }
-    for (name, value) in &forwarded {
+    finish_upstream_head(&mut out, &forwarded, edits, id_name, request_id);
+    out
+}
+
+/// The start of an upstream request head: `METHOD target HTTP/1.1`, the target being
+/// the client's `raw` one, or, when the route strips `stripped`, the rest of `uri`.
+pub(crate) fn request_line(method: &str, raw: &[u8], uri: &Uri, stripped: Option<&str>) -> Vec<u8> {
+    let mut out = Vec::with_capacity(512);
+    out.extend_from_slice(method.as_bytes());
+    out.push(b' ');
+    match stripped {
+        Some(prefix) => out.extend_from_slice(stripped_target(prefix, uri).as_bytes()),
+        None => out.extend_from_slice(raw),
+    }
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    out
+}
+
+/// The end of an upstream request head, after the client's own headers: the
+/// forwarding headers the route's rules keep, the rules' own headers, the request id.
+pub(crate) fn finish_upstream_head(
+    out: &mut Vec<u8>,
+    forwarded: &[(&'static str, String)],
+    edits: &HeaderEdits,
+    id_name: &HeaderName,
+    request_id: &HeaderValue,
+) {
+    for (name, value) in forwarded {
         if !edits.drops(name) {
-            push_header(&mut out, name.as_bytes(), value.as_bytes());
+            push_header(out, name.as_bytes(), value.as_bytes());
         }
     }
     for (name, value) in &edits.set {
-        push_header(&mut out, name.as_str().as_bytes(), value.as_bytes());
+        push_header(out, name.as_str().as_bytes(), value.as_bytes());
     }
-    push_header(&mut out, id_name.as_str().as_bytes(), request_id.as_bytes());
+    push_header(out, id_name.as_str().as_bytes(), request_id.as_bytes());
     out.extend_from_slice(b"\r\n");
-    out
 }
 
 pub(crate) fn push_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {

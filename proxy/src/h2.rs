@@ -23,12 +23,12 @@ use prometheus::IntCounter;
 
 use crate::generation::{Generation, RouteRt};
 use crate::h1::{
-    admit, body_failed, parse_length, proxy_request, push_header, route_for, ConnInfo, Downstream,
-    FinalHead, HopByHop, Prepared, MAX_BODY, MAX_HEADERS,
+    admit, body_failed, finish_upstream_head, parse_length, proxy_request, push_header,
+    request_line, route_for, ConnInfo, Downstream, FinalHead, HopByHop, Prepared, MAX_BODY,
+    MAX_HEADERS,
 };
 use crate::headers::{hop_by_hop, joined_cookies};
 use crate::metrics::Metrics;
-use crate::routing::stripped_target;
 
 /// Serves the request of an HTTP/2 stream, or hands the stream back for Pingora.
 pub async fn serve(
@@ -80,15 +80,8 @@ fn prepare(session: &HttpSession, generation: &Generation, conn: ConnInfo<'_>) -
         parse_length(length.as_bytes()).filter(|&n| n <= MAX_BODY)?
     };
     let route = route_for(req, None, body_len, generation, conn)?;
-    let prepared = admit(req, route, generation, conn, false, |id| {
-        upstream_head(
-            req,
-            req.raw_path(),
-            generation,
-            conn,
-            id,
-            &generation.routes[route],
-        )
+    let prepared = admit(req, route, generation, conn, false, |id, route| {
+        upstream_head(req, req.raw_path(), generation, conn, id, route)
     });
     Some(prepared.with_body(body_len, &[]))
 }
@@ -157,14 +150,7 @@ fn upstream_head(
     let forwarded = forwarded.unwrap_or_default();
     let id_name = &generation.forwarding.request_id;
     let hop = hop_by_hop(headers, false);
-    let mut out = Vec::with_capacity(512);
-    out.extend_from_slice(req.method.as_str().as_bytes());
-    out.push(b' ');
-    match stripped {
-        Some(prefix) => out.extend_from_slice(stripped_target(prefix, &req.uri).as_bytes()),
-        None => out.extend_from_slice(raw_path),
-    }
-    out.extend_from_slice(b" HTTP/1.1\r\n");
+    let mut out = request_line(req.method.as_str(), raw_path, &req.uri, stripped);
     let edits = &route.request_headers;
     if !edits.drops("host") {
         push_header(&mut out, b"host", host);
@@ -184,16 +170,7 @@ fn upstream_head(
     if let Some(cookies) = joined_cookies(headers).filter(|_| !edits.drops("cookie")) {
         push_header(&mut out, b"cookie", &cookies);
     }
-    for (name, value) in &forwarded {
-        if !edits.drops(name) {
-            push_header(&mut out, name.as_bytes(), value.as_bytes());
-        }
-    }
-    for (name, value) in &edits.set {
-        push_header(&mut out, name.as_str().as_bytes(), value.as_bytes());
-    }
-    push_header(&mut out, id_name.as_str().as_bytes(), request_id.as_bytes());
-    out.extend_from_slice(b"\r\n");
+    finish_upstream_head(&mut out, &forwarded, edits, id_name, request_id);
     out
 }
 
