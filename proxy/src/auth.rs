@@ -2,8 +2,8 @@
 //! event loop, with credentials that passed remembered so that a signed-in browser
 //! does not cost a bcrypt per request.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
 
 use sha2::{Digest, Sha256};
 
@@ -18,10 +18,10 @@ pub struct BasicAuthRt {
     /// User name → bcrypt hash.
     users: HashMap<String, Arc<str>>,
     /// Digests of (user, password, hash) that verified.
-    passed: Mutex<std::collections::HashSet<[u8; 32]>>,
-    /// A hash of the users' cost checked for unknown users, so that a refusal takes
-    /// as long whether or not the user exists.
-    decoy: OnceLock<Arc<str>>,
+    passed: Mutex<HashSet<[u8; 32]>>,
+    /// The users' bcrypt cost: an unknown user's password is hashed at it, so that a
+    /// refusal takes as long whether or not the user exists.
+    cost: u32,
 }
 
 impl BasicAuthRt {
@@ -35,8 +35,13 @@ impl BasicAuthRt {
                 .iter()
                 .map(|(u, h)| (u.clone(), Arc::from(h.as_str())))
                 .collect(),
-            passed: Mutex::new(std::collections::HashSet::new()),
-            decoy: OnceLock::new(),
+            passed: Mutex::new(HashSet::new()),
+            cost: auth
+                .users
+                .values()
+                .next()
+                .and_then(|h| h.get(4..6)?.parse().ok())
+                .unwrap_or(bcrypt::DEFAULT_COST),
         }
     }
 
@@ -49,10 +54,11 @@ impl BasicAuthRt {
         else {
             return false;
         };
-        let known = self.users.get(&user).cloned();
-        let hash = match &known {
-            Some(h) => h.clone(),
-            None => self.decoy(),
+        let Some(hash) = self.users.get(&user).cloned() else {
+            // As much bcrypt work as a wrong password, on the blocking pool too.
+            let cost = self.cost;
+            let _ = tokio::task::spawn_blocking(move || bcrypt::hash(password, cost)).await;
+            return false;
         };
         let key: [u8; 32] = Sha256::new()
             .chain_update(user.as_bytes())
@@ -67,16 +73,14 @@ impl BasicAuthRt {
             .lock()
             .expect("never poisoned: no panics while held")
             .contains(&key);
-        if known.is_some() && remembered {
+        if remembered {
             return true;
         }
-        let checked = hash.clone();
-        let ok = tokio::task::spawn_blocking(move || {
-            bcrypt::verify(password, &checked).unwrap_or(false)
-        })
-        .await
-        .unwrap_or(false);
-        if !(ok && known.is_some()) {
+        let ok =
+            tokio::task::spawn_blocking(move || bcrypt::verify(password, &hash).unwrap_or(false))
+                .await
+                .unwrap_or(false);
+        if !ok {
             return false;
         }
         let mut passed = self
@@ -88,26 +92,6 @@ impl BasicAuthRt {
         }
         passed.insert(key);
         true
-    }
-
-    /// A hash of the same cost as the users' (computed once, on first use).
-    fn decoy(&self) -> Arc<str> {
-        self.decoy
-            .get_or_init(|| {
-                let cost = self
-                    .users
-                    .values()
-                    .next()
-                    .and_then(|h| h.get(4..6)?.parse().ok())
-                    .unwrap_or(bcrypt::DEFAULT_COST);
-                // Computed once per route; only an unknown user's first try waits for it.
-                Arc::from(
-                    bcrypt::hash("rampart decoy password", cost)
-                        .unwrap_or_default()
-                        .as_str(),
-                )
-            })
-            .clone()
     }
 }
 
