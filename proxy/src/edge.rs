@@ -12,20 +12,19 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use bytes::Bytes;
-use http::header::{HeaderValue, CONTENT_LENGTH, CONTENT_TYPE, COOKIE, HOST, LOCATION};
+use http::header::{HeaderValue, CONTENT_LENGTH, COOKIE, HOST};
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::HttpPeer;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::{Error, ErrorSource, ErrorType, Result, RetryType};
-use rampart_config::{Action, HashKey};
 
 use crate::balance::PickInput;
 use crate::generation::{remaining, Generation, PoolRt, RouteRt};
-use crate::headers::{hop_by_hop, is_upgrade, joined_cookies, valid_request_id};
+use crate::headers::{hop_by_hop, is_upgrade, joined_cookies};
 use crate::health::{now_ms, InflightGuard};
-use crate::limits::{check_request, content_length, Rejection, RequestView};
+use crate::limits::{body_too_slow, content_length};
 use crate::metrics::Metrics;
-use crate::routing::{stripped_target, RouteRequest};
+use crate::policy::{self, Answer, Client, Forward, Verdict};
 
 /// Which listener a request came in on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -90,7 +89,8 @@ pub struct RequestCtx {
     generation: Arc<Generation>,
     started: Instant,
     route: Option<usize>,
-    client_ip: Option<IpAddr>,
+    /// The policy's plan when the request is forwarded.
+    plan: Option<Forward>,
     request_id: Option<HeaderValue>,
     tried: Tried,
     attempts: u32,
@@ -127,7 +127,7 @@ impl ProxyHttp for Edge {
             generation: self.current.load_full(),
             started: Instant::now(),
             route: None,
-            client_ip: None,
+            plan: None,
             request_id: None,
             tried: Tried::default(),
             attempts: 0,
@@ -160,186 +160,35 @@ impl ProxyHttp for Edge {
             .as_downstream()
             .as_http1()
             .map(pingora::protocols::http::v1::server::HttpSession::get_headers_raw_bytes);
+        let client = Client {
+            scheme: self.scheme,
+            peer: client_peer(session),
+        };
+        let body_ended = session.as_downstream().is_http2() && session.is_body_empty();
         let req = session.req_header();
-        let view = RequestView {
-            method: &req.method,
-            uri: &req.uri,
-            headers: &req.headers,
-            raw: raw.as_deref(),
+        let view = policy::Request {
+            parts: req,
+            raw_head: raw.as_deref(),
+            // Pingora keeps the target's fragment only in the raw head.
+            raw_target: raw
+                .as_deref()
+                .and_then(policy::raw_target)
+                .unwrap_or_else(|| req.raw_path()),
+            body_ended,
         };
-        if let Err(rejection) = check_request(view, generation.header_limits) {
-            return reject(session, ctx, rejection).await;
-        }
-        if let Some(token) = session
-            .req_header()
-            .uri
-            .path()
-            .strip_prefix("/.well-known/acme-challenge/")
-        {
-            // An ACME HTTP-01 validation for a certificate the controller is ordering:
-            // answered before any route (and before HTTPS redirects), by every proxy.
-            if let Some(key_auth) = generation.acme_challenges.get(token) {
-                let body = Bytes::from(key_auth.clone());
-                respond(session, ctx, 200, "application/octet-stream", body, None).await?;
-                return Ok(true);
-            }
-        }
-        if session.req_header().uri.path() == rampart_config::PROBE_PATH {
-            // The controller's DNS probe: answered here, before any route, so that it
-            // tests this listener and never reaches a site.
-            let (status, body) = if generation.version > 0 {
-                (200, "ok\n")
-            } else {
-                (503, "no configuration yet\n")
-            };
-            respond(
-                session,
-                ctx,
-                status,
-                "text/plain; charset=utf-8",
-                Bytes::from_static(body.as_bytes()),
-                None,
-            )
-            .await?;
-            return Ok(true);
-        }
-        let peer = client_peer(session);
-        ctx.client_ip = peer.map(|p| {
-            generation
-                .forwarding
-                .client_ip(p, &session.req_header().headers)
-        });
-        ctx.request_id = Some(request_id(session.req_header(), &generation));
-        let Some(host) = request_host(session.req_header()) else {
-            return reject(session, ctx, Rejection::MissingHost).await;
-        };
-        ctx.route = generation.router.select(&RouteRequest {
-            host: &host,
-            path: session.req_header().uri.path(),
-            headers: &session.req_header().headers,
-        });
-        let Some(route) = ctx.route() else {
-            respond(
-                session,
-                ctx,
-                404,
-                "text/plain; charset=utf-8",
-                Bytes::from_static(b"no route matches this request\n"),
-                None,
-            )
-            .await?;
-            return Ok(true);
-        };
-        if !route.admits(ctx.client_ip) {
-            respond(
-                session,
-                ctx,
-                403,
-                "text/plain; charset=utf-8",
-                Bytes::from_static(b"forbidden: this route does not serve your address\n"),
-                None,
-            )
-            .await?;
-            return Ok(true);
-        }
-        if route.https_redirect && self.scheme == Scheme::Http {
-            let location = https_location(&host, generation.https_port, session.req_header());
-            respond(
-                session,
-                ctx,
-                308,
-                "text/plain; charset=utf-8",
-                Bytes::new(),
-                Some((LOCATION, location)),
-            )
-            .await?;
-            return Ok(true);
-        }
-        if let Some(limiter) = &route.limiter {
-            let key = hash_key(&limiter.config.key, session.req_header(), ctx.client_ip);
-            if let Err(wait) = limiter.check(key) {
-                self.metrics
-                    .rate_limited
-                    .with_label_values(&[&route.name])
-                    .inc();
-                let retry_after = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
-                respond(
-                    session,
-                    ctx,
-                    429,
-                    "text/plain; charset=utf-8",
-                    Bytes::from_static(b"too many requests; retry after the time in Retry-After\n"),
-                    Some((http::header::RETRY_AFTER, retry_after.max(1).to_string())),
-                )
-                .await?;
-                return Ok(true);
-            }
-        }
-        // After the HTTPS redirect (no password over plain HTTP) and the rate limit
-        // (which bounds the bcrypt work a guesser can cause).
-        if let Some(auth) = route.basic_auth.clone() {
-            let authorization = session
-                .req_header()
-                .headers
-                .get(http::header::AUTHORIZATION)
-                .map(|v| v.as_bytes().to_vec());
-            if !auth.admits(authorization.as_deref()).await {
-                respond(
-                    session,
-                    ctx,
-                    401,
-                    "text/plain; charset=utf-8",
-                    Bytes::from_static(b"authentication required\n"),
-                    Some((http::header::WWW_AUTHENTICATE, auth.challenge.clone())),
-                )
-                .await?;
-                return Ok(true);
-            }
-        }
-        // Borrowed again: answering above needed the context mutably.
-        let Some(route) = ctx.route() else {
-            return Ok(false);
-        };
-        match &route.action {
-            Action::Respond(r) => {
-                let (status, content_type, body) = (
-                    r.status,
-                    r.content_type.clone(),
-                    Bytes::from(r.body.clone()),
-                );
-                respond(session, ctx, status, &content_type, body, None).await?;
-                Ok(true)
-            }
-            Action::Redirect(r) => {
-                let mut location = r.location.clone();
-                if r.keep_path {
-                    let pq = session
-                        .req_header()
-                        .uri
-                        .path_and_query()
-                        .map_or("/", |pq| pq.as_str());
-                    location = format!("{}{pq}", location.trim_end_matches('/'));
-                }
-                respond(
-                    session,
-                    ctx,
-                    r.status,
-                    "text/plain; charset=utf-8",
-                    Bytes::new(),
-                    Some((LOCATION, location)),
-                )
-                .await?;
-                Ok(true)
-            }
-            Action::Forward(_) => {
-                let declared = content_length(&session.req_header().headers)
-                    .ok()
-                    .flatten()
-                    .unwrap_or(0);
-                if declared > route.max_body {
-                    return reject(session, ctx, Rejection::BodyTooLarge).await;
-                }
+        let decision = policy::decide(&generation, view, client).await;
+        ctx.request_id = Some(decision.request_id);
+        ctx.route = decision.route;
+        match decision.verdict {
+            Verdict::Forward(plan) => {
+                ctx.plan = Some(plan);
                 Ok(false)
+            }
+            Verdict::Answer(answer) => {
+                let route = ctx.route().map(|r| r.name.as_str());
+                self.metrics.count_answer(&answer, route);
+                send_answer(session, ctx, &answer).await?;
+                Ok(true)
             }
         }
     }
@@ -377,7 +226,7 @@ impl ProxyHttp for Edge {
 
     async fn upstream_peer(
         &self,
-        session: &mut Session,
+        _session: &mut Session,
         ctx: &mut RequestCtx,
     ) -> Result<Box<HttpPeer>> {
         let pool = ctx.pool().cloned().ok_or_else(|| {
@@ -391,10 +240,7 @@ impl ProxyHttp for Edge {
             );
         }
         // Only consistent hashing reads the key; skip the hashing for other policies.
-        let key_hash = pool
-            .balancer
-            .uses_key()
-            .then(|| hash_key(&pool.hash_key, session.req_header(), ctx.client_ip));
+        let key_hash = ctx.plan.as_ref().and_then(|p| p.key_hash);
         let Some(idx) = pool.balancer.pick(
             &pool.states,
             PickInput {
@@ -431,6 +277,9 @@ impl ProxyHttp for Edge {
         upstream: &mut RequestHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
+        let Some(plan) = ctx.plan.as_ref() else {
+            return Error::e_explain(ErrorType::InternalError, "forwarding without a plan");
+        };
         let upgrade = is_upgrade(&upstream.headers);
         for name in hop_by_hop(&upstream.headers, upgrade) {
             upstream.remove_header(&name);
@@ -439,7 +288,7 @@ impl ProxyHttp for Edge {
         // or as several fields) go on as one: a strict upstream would refuse them.
         let lengths = upstream.headers.get_all(CONTENT_LENGTH);
         if lengths.iter().count() > 1 || lengths.iter().any(|v| v.as_bytes().contains(&b',')) {
-            if let Ok(Some(n)) = crate::limits::content_length(&upstream.headers) {
+            if let Ok(Some(n)) = content_length(&upstream.headers) {
                 upstream.insert_header(CONTENT_LENGTH, n.to_string())?;
             }
         }
@@ -452,51 +301,34 @@ impl ProxyHttp for Edge {
                 upstream.insert_header(COOKIE, joined)?;
             }
         }
-        if upstream.headers.get(HOST).is_none() {
-            if let Some(authority) = session.req_header().uri.authority() {
-                upstream.insert_header(HOST, authority.as_str())?;
-            }
-        }
-        let stripped = ctx.route().and_then(|r| r.strip_prefix.as_deref());
-        // X-Forwarded-Host and Forwarded carry the Host as the client sent it.
-        let forwarded = client_peer(session).map(|peer| {
-            let host = upstream
-                .headers
-                .get(HOST)
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or("");
-            ctx.generation.forwarding.forwarded_headers(
-                peer,
-                self.scheme.as_str(),
-                host,
-                &upstream.headers,
-                stripped,
-            )
-        });
-        if let Some(prefix) = stripped {
-            let target = stripped_target(prefix, &session.req_header().uri);
+        // The authority the request was routed on, in place of the client's Host.
+        upstream.insert_header(HOST, plan.host.clone())?;
+        if let Some(target) = &plan.target {
             let uri = target.parse::<http::Uri>().map_err(|e| {
-                Error::because(
-                    ErrorType::InvalidHTTPHeader,
-                    format!("the path without {prefix} is not a valid target"),
-                    e,
-                )
+                Error::because(ErrorType::InvalidHTTPHeader, "the upstream target", e)
             })?;
             upstream.set_uri(uri);
         }
-        for (name, value) in forwarded.into_iter().flatten() {
-            upstream.insert_header(name, value)?;
+        let route = &ctx.generation.routes[plan.route];
+        let edits = &route.request_headers;
+        // Removed and appended (not replaced in place), as the fast paths write them.
+        for (name, value) in &plan.forwarded {
+            upstream.remove_header(*name);
+            if !edits.drops(name) {
+                upstream.append_header(*name, value.as_str())?;
+            }
         }
-        if let Some(route) = ctx.route() {
-            for name in &route.request_headers.remove {
-                upstream.remove_header(name);
-            }
-            for (name, value) in &route.request_headers.set {
-                upstream.insert_header(name.clone(), value.clone())?;
-            }
+        for name in &edits.remove {
+            upstream.remove_header(name);
+        }
+        for (name, value) in &edits.set {
+            upstream.remove_header(name);
+            upstream.append_header(name.clone(), value.clone())?;
         }
         if let Some(id) = &ctx.request_id {
-            upstream.insert_header(ctx.generation.forwarding.request_id.clone(), id.clone())?;
+            let name = ctx.generation.forwarding.request_id.clone();
+            upstream.remove_header(&name);
+            upstream.append_header(name, id.clone())?;
         }
         Ok(())
     }
@@ -661,14 +493,7 @@ impl ProxyHttp for Edge {
         // that keep-alive clients do not send their next request into a closing socket.
         session.set_keepalive(None);
         if code > 0 && session.response_written().is_none() {
-            let reason = http::StatusCode::from_u16(code)
-                .ok()
-                .and_then(|s| s.canonical_reason())
-                .unwrap_or("error");
-            let body = Bytes::from(format!("{code} {reason}\n"));
-            if let Err(err) =
-                respond(session, ctx, code, "text/plain; charset=utf-8", body, None).await
-            {
+            if let Err(err) = send_answer(session, ctx, &Answer::Failed(code)).await {
                 tracing::debug!("could not send the error response: {err}");
             }
         }
@@ -777,46 +602,19 @@ fn error_status(e: &Error) -> u16 {
     }
 }
 
-async fn reject(session: &mut Session, ctx: &RequestCtx, rejection: Rejection) -> Result<bool> {
-    tracing::debug!("rejecting request: {}", rejection.reason());
-    session.set_keepalive(None);
-    let body = Bytes::from(format!("{}\n", rejection.reason()));
-    respond(
-        session,
-        ctx,
-        rejection.status(),
-        "text/plain; charset=utf-8",
-        body,
-        None,
-    )
-    .await?;
-    Ok(true)
-}
-
-/// Writes a complete response from the proxy itself (static answers, redirects, errors).
-async fn respond(
-    session: &mut Session,
-    ctx: &RequestCtx,
-    status: u16,
-    content_type: &str,
-    body: Bytes,
-    header: Option<(http::HeaderName, String)>,
-) -> Result<()> {
-    let mut resp = ResponseHeader::build(status, Some(5))?;
-    resp.insert_header(CONTENT_TYPE, content_type)?;
-    resp.insert_header(CONTENT_LENGTH, body.len().to_string())?;
-    if let Some((name, value)) = header {
-        resp.insert_header(name, value)?;
+/// Writes the policy's answer (or a failure's) on Pingora's session.
+async fn send_answer(session: &mut Session, ctx: &RequestCtx, answer: &Answer) -> Result<()> {
+    if answer.closes() {
+        session.set_keepalive(None);
     }
-    if status == 503 {
-        resp.insert_header(http::header::RETRY_AFTER, "1")?;
-    }
-    if let Some(id) = &ctx.request_id {
-        resp.insert_header(ctx.generation.forwarding.request_id.clone(), id.clone())?;
-    }
+    let id = ctx
+        .request_id
+        .as_ref()
+        .map(|v| (&ctx.generation.forwarding.request_id, v));
+    let (head, body) = answer.response_header(id)?;
     let head_only = session.req_header().method == http::Method::HEAD;
     session
-        .write_response_header(Box::new(resp), head_only || body.is_empty())
+        .write_response_header(Box::new(head), head_only || body.is_empty())
         .await?;
     if !head_only && !body.is_empty() {
         session.write_response_body(Some(body), true).await?;
@@ -829,109 +627,4 @@ fn client_peer(session: &Session) -> Option<IpAddr> {
         .client_addr()
         .and_then(|a| a.as_inet())
         .map(std::net::SocketAddr::ip)
-}
-
-/// The request id: the client's when valid, else a new UUID.
-pub(crate) fn request_id(req: &http::request::Parts, generation: &Generation) -> HeaderValue {
-    req.headers
-        .get(&generation.forwarding.request_id)
-        .filter(|v| valid_request_id(v.as_bytes()))
-        .cloned()
-        .unwrap_or_else(|| {
-            // Encoded into the stack: `to_string` would go through the formatter.
-            let mut text = [0u8; uuid::fmt::Hyphenated::LENGTH];
-            let id = uuid::Uuid::new_v4().hyphenated().encode_lower(&mut text);
-            HeaderValue::from_str(id).expect("a UUID is a valid header value")
-        })
-}
-
-/// The request's host: the URI authority (HTTP/2, absolute-form) or the Host header,
-/// lowercase, without port or trailing dot. HTTP/1.0 without Host gets "".
-pub(crate) fn request_host(req: &http::request::Parts) -> Option<String> {
-    let raw = match req.uri.authority() {
-        Some(a) => a.host().to_string(),
-        None => match req.headers.get(HOST) {
-            Some(h) => {
-                let h = h.to_str().ok()?;
-                let host = if let Some(v6) = h.strip_prefix('[') {
-                    v6.split(']').next()?
-                } else {
-                    h.rsplit_once(':').map_or(h, |(host, port)| {
-                        if port.bytes().all(|b| b.is_ascii_digit()) {
-                            host
-                        } else {
-                            h
-                        }
-                    })
-                };
-                host.to_string()
-            }
-            None if req.version == http::Version::HTTP_10 => String::new(),
-            None => return None,
-        },
-    };
-    let host = raw.trim_end_matches('.').to_ascii_lowercase();
-    host.bytes()
-        .all(|b| b.is_ascii_alphanumeric() || b"-.:_".contains(&b))
-        .then_some(host)
-}
-
-/// `https://host[:port]/path?query` for an HTTP→HTTPS redirect.
-fn https_location(host: &str, https_port: Option<u16>, req: &RequestHeader) -> String {
-    let pq = req.uri.path_and_query().map_or("/", |pq| pq.as_str());
-    let host = if host.contains(':') {
-        format!("[{host}]")
-    } else {
-        host.to_string()
-    };
-    match https_port {
-        Some(443) | None => format!("https://{host}{pq}"),
-        Some(port) => format!("https://{host}:{port}{pq}"),
-    }
-}
-
-/// Whether a body of `bytes` after `elapsed` is below `min_rate` bytes per second on
-/// average, once the `grace` period is over (0 disables the check).
-pub(crate) fn body_too_slow(bytes: u64, elapsed: Duration, grace: Duration, min_rate: u64) -> bool {
-    min_rate > 0 && elapsed > grace && (bytes as f64) < min_rate as f64 * elapsed.as_secs_f64()
-}
-
-/// The consistent-hash key of a request; a missing header or cookie falls back to the
-/// client address so such requests still stick to one endpoint.
-pub(crate) fn hash_key(key: &HashKey, req: &http::request::Parts, client: Option<IpAddr>) -> u64 {
-    use xxhash_rust::xxh3::xxh3_64;
-    let by_ip = || client.map_or(0, |ip| xxh3_64(ip.to_string().as_bytes()));
-    match key {
-        HashKey::ClientIp => by_ip(),
-        HashKey::Header(name) => req
-            .headers
-            .get(name.as_str())
-            .map_or_else(by_ip, |v| xxh3_64(v.as_bytes())),
-        HashKey::Cookie(name) => req
-            .headers
-            .get_all(http::header::COOKIE)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(';'))
-            .filter_map(|c| c.trim().split_once('='))
-            .find(|(k, _)| k == name)
-            .map_or_else(by_ip, |(_, v)| xxh3_64(v.as_bytes())),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_body_is_too_slow_only_below_the_rate_after_the_grace_period() {
-        let s = Duration::from_secs;
-        // Within the grace period anything goes.
-        assert!(!body_too_slow(0, s(5), s(10), 256));
-        // After it, the average counts: 20 s at 256 B/s needs 5120 bytes.
-        assert!(body_too_slow(5000, s(20), s(10), 256));
-        assert!(!body_too_slow(6000, s(20), s(10), 256));
-        // 0 turns it off.
-        assert!(!body_too_slow(0, s(100), s(10), 0));
-    }
 }

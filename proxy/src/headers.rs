@@ -22,6 +22,10 @@ pub(crate) const HOP_BY_HOP: &[&str] = &[
     "upgrade",
 ];
 
+/// Fields a `Connection` header cannot make hop-by-hop: the proxy routes on Host and
+/// frames messages by Content-Length and Transfer-Encoding.
+pub(crate) const PROTECTED: &[&str] = &["host", "content-length", "transfer-encoding"];
+
 /// A route's `request_headers` or `response_headers`, parsed once per generation.
 #[derive(Clone, Debug, Default)]
 pub struct HeaderEdits {
@@ -188,7 +192,7 @@ pub fn hop_by_hop(headers: &HeaderMap, keep_upgrade: bool) -> Vec<HeaderName> {
         .chain(HOP_BY_HOP.iter().map(|h| HeaderName::from_static(h)))
         .filter(|n| headers.contains_key(n))
         .filter(|n| !(keep_upgrade && (n == CONNECTION || n == UPGRADE)))
-        .filter(|n| n != http::header::TRANSFER_ENCODING && n != http::header::CONTENT_LENGTH)
+        .filter(|n| !PROTECTED.contains(&n.as_str()))
         .collect();
     names.sort_by(|a, b| a.as_str().cmp(b.as_str()));
     names.dedup();

@@ -3,10 +3,11 @@
 //! whole configuration atomically without dropping requests.
 //!
 //! Flow of a change: config → [`generation::Builder::build`] → swap in [`live::Live`].
-//! Flow of a request: [`listener`] (connection limit, TLS, header deadline) →
-//! [`h1`] / [`h2`] (the fast paths, for the common request) or [`edge`] (the `ProxyHttp`
-//! phases, for everything) → [`limits`], [`routing`], [`balance`], [`headers`],
-//! [`health`].
+//! Flow of a request: [`listener`] (connection limit, TLS, header deadline) → a
+//! transport: [`h1`] / [`h2`] (the fast paths, for the common request) or [`edge`]
+//! (Pingora's `ProxyHttp` phases, for everything) → [`policy::decide`] (one decision
+//! for every transport: [`limits`], [`routing`], [`headers`]; an [`policy::Answer`] or a
+//! forward plan) → the upstream attempt ([`balance`], [`health`]).
 
 pub mod admin;
 pub mod auth;
@@ -24,6 +25,7 @@ pub mod limits;
 pub mod listener;
 pub mod live;
 pub mod metrics;
+pub mod policy;
 pub mod reload;
 pub mod rolling;
 pub mod routing;

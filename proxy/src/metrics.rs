@@ -103,6 +103,14 @@ impl Metrics {
         }
     }
 
+    /// Counts what an answer of the policy says about the request (rate limits), the
+    /// same for every transport.
+    pub fn count_answer(&self, answer: &crate::policy::Answer, route: Option<&str>) {
+        if let (crate::policy::Answer::RateLimited { .. }, Some(route)) = (answer, route) {
+            self.rate_limited.with_label_values(&[route]).inc();
+        }
+    }
+
     /// Prometheus text exposition of every metric, with generation gauges refreshed.
     #[must_use]
     pub fn render(&self, generation: &Generation) -> Vec<u8> {

@@ -27,6 +27,17 @@ pub enum Rejection {
     MissingHost,
     /// 413: declared body larger than the route's limit.
     BodyTooLarge,
+    /// 400: a Host (or authority) that is not `host[:port]`.
+    BadHost,
+    /// 400: the target's authority (absolute-form, `:authority`) and Host differ, or
+    /// several Host fields.
+    AuthorityMismatch,
+    /// 400: a request target with a fragment (`#…`), which is never sent on the wire.
+    Fragment,
+    /// 405: CONNECT; no route tunnels.
+    Connect,
+    /// 400: an HTTP/2 request whose DATA frames do not match its Content-Length.
+    BodyLengthMismatch,
 }
 
 impl Rejection {
@@ -36,6 +47,7 @@ impl Rejection {
         match self {
             Rejection::HeaderTooLarge | Rejection::TooManyHeaders => 431,
             Rejection::BodyTooLarge => 413,
+            Rejection::Connect => 405,
             _ => 400,
         }
     }
@@ -53,6 +65,13 @@ impl Rejection {
             Rejection::DotSegments => "dot-segments are not allowed in the path",
             Rejection::MissingHost => "missing Host header",
             Rejection::BodyTooLarge => "request body too large",
+            Rejection::BadHost => "invalid Host: expected host[:port]",
+            Rejection::AuthorityMismatch => {
+                "the request target's authority and the Host header differ"
+            }
+            Rejection::Fragment => "a fragment (#) is not allowed in the request target",
+            Rejection::Connect => "CONNECT is not supported",
+            Rejection::BodyLengthMismatch => "the request body does not match its Content-Length",
         }
     }
 }
@@ -136,6 +155,13 @@ pub fn content_length(headers: &HeaderMap) -> Result<Option<u64>, Rejection> {
         }
     }
     Ok(found)
+}
+
+/// Whether a body of `bytes` after `elapsed` is below `min_rate` bytes per second on
+/// average, once the `grace` period is over (0 disables the check).
+#[must_use]
+pub fn body_too_slow(bytes: u64, elapsed: std::time::Duration, grace: std::time::Duration, min_rate: u64) -> bool {
+    min_rate > 0 && elapsed > grace && (bytes as f64) < min_rate as f64 * elapsed.as_secs_f64()
 }
 
 /// Whether a raw HTTP/1 header block has a Content-Length field.

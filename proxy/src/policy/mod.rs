@@ -1,0 +1,352 @@
+//! The request policy: what Rampart does with a request, decided once, the same way
+//! for every transport. [`decide`] sees a parsed request head and the client and
+//! returns a [`Decision`]: an [`Answer`] the proxy gives itself (rendered by
+//! [`answer`]) or a [`Forward`] plan (route, balancing key, the upstream's `Host`,
+//! target and forwarding headers). The HTTP/1 and HTTP/2 fast paths (`h1`, `h2`) and
+//! Pingora's `ProxyHttp` phases (`edge`) call it and carry out what it says; a
+//! transport may decline a request it cannot carry before calling it, never after.
+//!
+//! Neighbours: [`crate::limits`] (the checks of a head), [`crate::routing`] (route
+//! matching), [`crate::headers`] (forwarding headers), [`crate::balance`] (the pick,
+//! in the upstream attempt).
+
+pub mod answer;
+pub mod authority;
+
+use std::net::IpAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{HeaderName, HeaderValue};
+use rampart_config::{Action, HashKey};
+
+pub use answer::Answer;
+pub use authority::Authority;
+
+use crate::edge::Scheme;
+use crate::generation::{Generation, RouteRt};
+use crate::headers::valid_request_id;
+use crate::limits::{check_request, content_length, Rejection, RequestView};
+use crate::routing::{stripped_target, RouteRequest};
+
+/// A request head as the policy sees it.
+#[derive(Clone, Copy, Debug)]
+pub struct Request<'a> {
+    /// Method, target, version and headers.
+    pub parts: &'a http::request::Parts,
+    /// The HTTP/1 head as received, when there is one (for the size and framing
+    /// checks).
+    pub raw_head: Option<&'a [u8]>,
+    /// The request target as received (a fragment survives only here).
+    pub raw_target: &'a [u8],
+    /// The request ended with its head (HTTP/2 END_STREAM on HEADERS): a declared
+    /// Content-Length other than 0 is then a lie (RFC 9113 §8.1.1).
+    pub body_ended: bool,
+}
+
+/// Where the request came from.
+#[derive(Clone, Copy, Debug)]
+pub struct Client {
+    /// The listener's scheme.
+    pub scheme: Scheme,
+    /// The peer's address.
+    pub peer: Option<IpAddr>,
+}
+
+/// What the policy decided for one request.
+#[derive(Debug)]
+pub struct Decision {
+    /// The request id sent upstream and in the response.
+    pub request_id: HeaderValue,
+    /// The route that matched, when one did (for metrics).
+    pub route: Option<usize>,
+    /// Answer or forward.
+    pub verdict: Verdict,
+}
+
+/// Answer the client, or forward upstream.
+#[derive(Debug)]
+pub enum Verdict {
+    /// The proxy answers itself.
+    Answer(Answer),
+    /// The request goes to the route's pool.
+    Forward(Forward),
+}
+
+/// How a request is forwarded.
+#[derive(Debug)]
+pub struct Forward {
+    /// The route (index into `Generation::routes`); its action is `forward`.
+    pub route: usize,
+    /// The client's address (after trusted proxies).
+    pub client_ip: Option<IpAddr>,
+    /// Consistent-hash key when the pool's balancer uses one.
+    pub key_hash: Option<u64>,
+    /// The `Host` sent upstream: the authority the request was routed on.
+    pub host: HeaderValue,
+    /// The target sent upstream when it is not the client's own (a stripped prefix,
+    /// an absolute-form target made origin-form).
+    pub target: Option<String>,
+    /// Forwarding headers to set (X-Forwarded-*, Forwarded), replacing the client's.
+    pub forwarded: Vec<(&'static str, String)>,
+}
+
+/// Decides what to do with `req` from `client` under `generation`. Side effects: the
+/// route's rate limit takes a token when the request reaches it, and a password check
+/// may run bcrypt on the blocking pool.
+pub async fn decide(generation: &Generation, req: Request<'_>, client: Client) -> Decision {
+    let request_id = request_id(req.parts, generation);
+    let (route, verdict) = match route_and_verdict(generation, req, client).await {
+        Ok((route, forward)) => (Some(route), Verdict::Forward(forward)),
+        Err((route, answer)) => (route, Verdict::Answer(answer)),
+    };
+    Decision {
+        request_id,
+        route,
+        verdict,
+    }
+}
+
+type Outcome = Result<(usize, Forward), (Option<usize>, Answer)>;
+
+async fn route_and_verdict(generation: &Generation, req: Request<'_>, client: Client) -> Outcome {
+    let refuse = |r: Rejection| Err((None, Answer::Refused(r)));
+    let parts = req.parts;
+    let view = RequestView {
+        method: &parts.method,
+        uri: &parts.uri,
+        headers: &parts.headers,
+        raw: req.raw_head,
+    };
+    if let Err(r) = check_request(view, generation.header_limits) {
+        return refuse(r);
+    }
+    if parts.method == http::Method::CONNECT {
+        return refuse(Rejection::Connect);
+    }
+    if req.raw_target.contains(&b'#') {
+        return refuse(Rejection::Fragment);
+    }
+    if let Some(answer) = well_known(generation, parts.uri.path()) {
+        return Err((None, answer));
+    }
+    let authority = match authority::of_request(parts) {
+        Ok(a) => a,
+        Err(r) => return refuse(r),
+    };
+    let client_ip = client
+        .peer
+        .map(|p| generation.forwarding.client_ip(p, &parts.headers));
+    let Some(idx) = generation.router.select(&RouteRequest {
+        host: &authority.host,
+        path: parts.uri.path(),
+        headers: &parts.headers,
+    }) else {
+        return Err((None, Answer::NotFound));
+    };
+    let route = &generation.routes[idx];
+    if let Some(answer) = route_answer(generation, route, req, client, client_ip, &authority).await
+    {
+        return Err((Some(idx), answer));
+    }
+    let declared = content_length(&parts.headers).ok().flatten().unwrap_or(0);
+    if req.body_ended && declared > 0 {
+        return Err((Some(idx), Answer::Refused(Rejection::BodyLengthMismatch)));
+    }
+    if declared > route.max_body {
+        return Err((Some(idx), Answer::Refused(Rejection::BodyTooLarge)));
+    }
+    Ok((idx, forward_plan(generation, idx, req, client, client_ip, authority)))
+}
+
+/// The answers of the well-known paths, before any route: an ACME HTTP-01 validation
+/// (before HTTPS redirects, by every proxy) and the controller's probe of this
+/// listener.
+fn well_known(generation: &Generation, path: &str) -> Option<Answer> {
+    if let Some(token) = path.strip_prefix("/.well-known/acme-challenge/") {
+        let key_auth = generation.acme_challenges.get(token)?;
+        return Some(Answer::AcmeChallenge(Bytes::from(key_auth.clone())));
+    }
+    (path == rampart_config::PROBE_PATH).then_some(Answer::Probe {
+        ready: generation.version > 0,
+    })
+}
+
+/// What a matched route answers itself, in order: not from a listed address, plain
+/// HTTP to HTTPS, over the rate limit, no valid password (after the redirect, so no
+/// password crosses plain HTTP, and after the rate limit, which bounds the bcrypt work
+/// a guesser causes), a static answer or redirect. `None`: forward.
+async fn route_answer(
+    generation: &Generation,
+    route: &RouteRt,
+    req: Request<'_>,
+    client: Client,
+    client_ip: Option<IpAddr>,
+    authority: &Authority,
+) -> Option<Answer> {
+    let parts = req.parts;
+    if !route.admits(client_ip) {
+        return Some(Answer::Forbidden);
+    }
+    if route.https_redirect && client.scheme == Scheme::Http {
+        let location = https_location(&authority.host, generation.https_port, &parts.uri);
+        return Some(Answer::Redirect {
+            status: 308,
+            location,
+        });
+    }
+    if let Some(limiter) = &route.limiter {
+        if let Err(wait) = limiter.check(hash_key(&limiter.config.key, parts, client_ip)) {
+            return Some(Answer::RateLimited {
+                retry_after: whole_seconds(wait),
+            });
+        }
+    }
+    if let Some(auth) = &route.basic_auth {
+        let authorization = parts.headers.get(http::header::AUTHORIZATION);
+        if !auth.admits(authorization.map(HeaderValue::as_bytes)).await {
+            return Some(Answer::Unauthorized {
+                challenge: auth.challenge.clone(),
+            });
+        }
+    }
+    match &route.action {
+        Action::Forward(_) => None,
+        Action::Respond(r) => Some(Answer::Respond {
+            status: r.status,
+            content_type: r.content_type.clone(),
+            body: Bytes::from(r.body.clone()),
+        }),
+        Action::Redirect(r) => {
+            let mut location = r.location.clone();
+            if r.keep_path {
+                let pq = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
+                location = format!("{}{pq}", location.trim_end_matches('/'));
+            }
+            Some(Answer::Redirect {
+                status: r.status,
+                location,
+            })
+        }
+    }
+}
+
+/// The plan of a request to forward on route `idx`.
+fn forward_plan(
+    generation: &Generation,
+    idx: usize,
+    req: Request<'_>,
+    client: Client,
+    client_ip: Option<IpAddr>,
+    authority: Authority,
+) -> Forward {
+    let parts = req.parts;
+    let route = &generation.routes[idx];
+    let stripped = route.strip_prefix.as_deref();
+    let key_hash = route.pool.as_ref().and_then(|pool| {
+        pool.balancer
+            .uses_key()
+            .then(|| hash_key(&pool.hash_key, parts, client_ip))
+    });
+    let target = match stripped {
+        Some(prefix) => Some(stripped_target(prefix, &parts.uri)),
+        // Absolute-form (HTTP/1) goes upstream in origin-form; HTTP/2's target has no
+        // authority in `raw_target`.
+        None if req.raw_target.first() != Some(&b'/') && parts.uri.authority().is_some() => {
+            Some(parts.uri.path_and_query().map_or("/", |pq| pq.as_str()).to_string())
+        }
+        None => None,
+    };
+    let host = authority.value.to_str().unwrap_or("");
+    let forwarded = client.peer.map_or_else(Vec::new, |peer| {
+        generation.forwarding.forwarded_headers(
+            peer,
+            client.scheme.as_str(),
+            host,
+            &parts.headers,
+            stripped,
+        )
+    });
+    Forward {
+        route: idx,
+        client_ip,
+        key_hash,
+        host: authority.value,
+        target,
+        forwarded,
+    }
+}
+
+/// Whole seconds of `wait`, rounded up, at least 1 (for Retry-After).
+fn whole_seconds(wait: Duration) -> u64 {
+    (wait.as_secs() + u64::from(wait.subsec_nanos() > 0)).max(1)
+}
+
+/// The request id: the client's when valid, else a new UUID.
+pub(crate) fn request_id(req: &http::request::Parts, generation: &Generation) -> HeaderValue {
+    req.headers
+        .get(&generation.forwarding.request_id)
+        .filter(|v| valid_request_id(v.as_bytes()))
+        .cloned()
+        .unwrap_or_else(|| {
+            // Encoded into the stack: `to_string` would go through the formatter.
+            let mut text = [0u8; uuid::fmt::Hyphenated::LENGTH];
+            let id = uuid::Uuid::new_v4().hyphenated().encode_lower(&mut text);
+            HeaderValue::from_str(id).expect("a UUID is a valid header value")
+        })
+}
+
+/// `https://host[:port]/path?query` for an HTTP→HTTPS redirect.
+fn https_location(host: &str, https_port: Option<u16>, uri: &http::Uri) -> String {
+    let pq = uri.path_and_query().map_or("/", |pq| pq.as_str());
+    let host = if host.contains(':') {
+        format!("[{host}]")
+    } else {
+        host.to_string()
+    };
+    match https_port {
+        Some(443) | None => format!("https://{host}{pq}"),
+        Some(port) => format!("https://{host}:{port}{pq}"),
+    }
+}
+
+/// The consistent-hash key of a request; a missing header or cookie falls back to the
+/// client address so such requests still stick to one endpoint.
+pub(crate) fn hash_key(key: &HashKey, req: &http::request::Parts, client: Option<IpAddr>) -> u64 {
+    use xxhash_rust::xxh3::xxh3_64;
+    let by_ip = || client.map_or(0, |ip| xxh3_64(ip.to_string().as_bytes()));
+    match key {
+        HashKey::ClientIp => by_ip(),
+        HashKey::Header(name) => req
+            .headers
+            .get(name.as_str())
+            .map_or_else(by_ip, |v| xxh3_64(v.as_bytes())),
+        HashKey::Cookie(name) => req
+            .headers
+            .get_all(http::header::COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(';'))
+            .filter_map(|c| c.trim().split_once('='))
+            .find(|(k, _)| k == name)
+            .map_or_else(by_ip, |(_, v)| xxh3_64(v.as_bytes())),
+    }
+}
+
+/// The request id header of `generation` with `value`, as answers carry it.
+#[must_use]
+pub fn id_header<'a>(
+    generation: &'a Generation,
+    value: &'a HeaderValue,
+) -> (&'a HeaderName, &'a HeaderValue) {
+    (&generation.forwarding.request_id, value)
+}
+
+/// The request target in the request line of a raw HTTP/1 head (`GET <target> …`).
+#[must_use]
+pub fn raw_target(head: &[u8]) -> Option<&[u8]> {
+    let line = head.split(|&b| b == b'\n').next()?;
+    let mut parts = line.split(|&b| b == b' ').filter(|p| !p.is_empty());
+    parts.next()?;
+    parts.next()
+}
