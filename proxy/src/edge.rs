@@ -301,8 +301,11 @@ impl ProxyHttp for Edge {
                 upstream.insert_header(COOKIE, joined)?;
             }
         }
-        // The authority the request was routed on, in place of the client's Host.
-        upstream.insert_header(HOST, plan.host.clone())?;
+        // The authority the request was routed on, in place of the client's Host (left
+        // as it is, in its case and place, when it is that already).
+        if upstream.headers.get(HOST) != Some(&plan.host) {
+            upstream.insert_header(HOST, plan.host.clone())?;
+        }
         if let Some(target) = &plan.target {
             let uri = target.parse::<http::Uri>().map_err(|e| {
                 Error::because(ErrorType::InvalidHTTPHeader, "the upstream target", e)

@@ -609,7 +609,8 @@ fn upstream_head(
         push_header(&mut out, h.name.as_bytes(), h.value);
     }
     if !host_sent && !edits.drops("host") {
-        push_header(&mut out, b"host", plan.host.as_bytes());
+        // Spelt as Pingora spells a Host it adds.
+        push_header(&mut out, b"Host", plan.host.as_bytes());
     }
     finish_upstream_head(&mut out, plan, edits, id_name, request_id);
     out

@@ -37,7 +37,9 @@ pub async fn serve(
     conn: ConnInfo<'_>,
 ) -> Option<HttpSession> {
     let started = Instant::now();
-    let body_len = carried_body(&session)?;
+    let Some(body_len) = carried_body(&session) else {
+        return Some(session);
+    };
     session.set_write_timeout(Some(generation.config.limits.send_timeout.0));
     let req = session.req_header();
     let view = policy::Request {

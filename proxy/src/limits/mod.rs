@@ -38,6 +38,10 @@ pub enum Rejection {
     Connect,
     /// 400: an HTTP/2 request whose DATA frames do not match its Content-Length.
     BodyLengthMismatch,
+    /// 400: `Connection` names a field the proxy routes on, frames by or sets (Host,
+    /// Content-Length, Transfer-Encoding, X-Forwarded-*), a pseudo-header, something
+    /// that is not a token, or too many.
+    BadConnection,
 }
 
 impl Rejection {
@@ -72,6 +76,9 @@ impl Rejection {
             Rejection::Fragment => "a fragment (#) is not allowed in the request target",
             Rejection::Connect => "CONNECT is not supported",
             Rejection::BodyLengthMismatch => "the request body does not match its Content-Length",
+            Rejection::BadConnection => {
+                "Connection may not name Host, the framing fields, X-Forwarded-* or more than 9 tokens"
+            }
         }
     }
 }
@@ -128,8 +135,43 @@ pub fn check_request(req: RequestView<'_>, limits: HeaderLimits) -> Result<(), R
         return Err(Rejection::ContentLengthWithTransferEncoding);
     }
     content_length(req.headers)?;
+    check_connection(req.headers)?;
     if has_dot_segments(req.uri.path()) {
         return Err(Rejection::DotSegments);
+    }
+    Ok(())
+}
+
+/// Most tokens a request's `Connection` fields may hold (as Pingora, after Envoy).
+const MAX_CONNECTION_TOKENS: usize = 9;
+
+/// Refuses a `Connection` that would remove what the proxy relies on: a field it
+/// routes on or sets, a pseudo-header, a token that is not one, or too many tokens
+/// (Pingora's path refuses the same, so both paths agree).
+fn check_connection(headers: &HeaderMap) -> Result<(), Rejection> {
+    let mut count = 0;
+    for token in headers
+        .get_all(http::header::CONNECTION)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .map(<[u8]>::trim_ascii)
+        .filter(|t| !t.is_empty())
+    {
+        count += 1;
+        let tchar = |b: &u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(b);
+        let protected = [
+            &b"host"[..],
+            b"content-length",
+            b"transfer-encoding",
+            b"x-forwarded-for",
+            b"x-forwarded-host",
+            b"x-forwarded-proto",
+        ]
+        .iter()
+        .any(|p| token.eq_ignore_ascii_case(p));
+        if count > MAX_CONNECTION_TOKENS || !token.iter().all(tchar) || protected {
+            return Err(Rejection::BadConnection);
+        }
     }
     Ok(())
 }
@@ -257,6 +299,11 @@ mod tests {
                 .map(|n| (*n, "1"))
                 .collect();
         assert_eq!(check(&many, "/"), Err(Rejection::TooManyHeaders));
+        for bad in ["host", "close, X-Forwarded-For", ":authority", "\"x-a\"", "a,b,c,d,e,f,g,h,i,j"] {
+            assert_eq!(check(&[("connection", bad)], "/"), Err(Rejection::BadConnection), "{bad}");
+        }
+        assert_eq!(check(&[("connection", "close, x-a, keep-alive")], "/"), Ok(()));
+        assert_eq!(check(&[("connection", "Content-Length")], "/"), Err(Rejection::BadConnection));
     }
 
     #[test]

@@ -142,14 +142,15 @@ impl Answer {
             ),
             Answer::Probe { ready: true } => (text, None, fixed("ok\n")),
             Answer::Probe { ready: false } => (text, None, fixed("no configuration yet\n")),
-            Answer::Failed(status) => {
-                let retry = (*status == 503)
-                    .then(|| (http::header::RETRY_AFTER, HeaderValue::from_static("1")));
-                (text, retry, Bytes::from(error_text(*status)))
-            }
+            Answer::Failed(status) => (text, None, Bytes::from(error_text(*status))),
         };
+        let status = self.status();
+        // Every 503 says when to come back (a static one too).
+        let header = header.or_else(|| {
+            (status == 503).then(|| (http::header::RETRY_AFTER, HeaderValue::from_static("1")))
+        });
         Rendered {
-            status: self.status(),
+            status,
             content_type,
             header,
             body,

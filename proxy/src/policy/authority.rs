@@ -25,16 +25,21 @@ pub struct Authority {
 /// [`Rejection::MissingHost`] without any (HTTP/1.1), [`Rejection::BadHost`] for a
 /// value that is not `host[:port]`, [`Rejection::AuthorityMismatch`] when the target's
 /// authority and `Host` name different hosts, or several `Host` fields.
-pub fn of_request(req: &http::request::Parts) -> Result<Authority, Rejection> {
+pub fn of_request(req: &http::request::Parts, raw_target: &[u8]) -> Result<Authority, Rejection> {
     let mut hosts = req.headers.get_all(http::header::HOST).iter();
     let host_field = hosts.next();
     if hosts.next().is_some() {
         return Err(Rejection::AuthorityMismatch);
     }
-    let target = req.uri.authority().map(http::uri::Authority::as_str);
+    // Pingora keeps only the path of an absolute-form target in its URI: the raw
+    // target is the one source for HTTP/1, `:authority` (in the URI) for HTTP/2.
+    let target = match absolute_form_authority(raw_target) {
+        Some(a) => Some(a),
+        None => req.uri.authority().map(|a| a.as_str().as_bytes()),
+    };
     match (target, host_field) {
         (Some(target), Some(field)) => {
-            let from_target = parse(target.as_bytes())?;
+            let from_target = parse(target)?;
             let from_field = parse(field.as_bytes())?;
             // Same host and port, whatever the case (RFC 9113 §8.3.1 wants them equal).
             if !from_target
@@ -46,7 +51,7 @@ pub fn of_request(req: &http::request::Parts) -> Result<Authority, Rejection> {
             }
             Ok(from_target)
         }
-        (Some(target), None) => parse(target.as_bytes()),
+        (Some(target), None) => parse(target),
         (None, Some(field)) => parse(field.as_bytes()),
         (None, None) if req.version == http::Version::HTTP_10 => Ok(Authority {
             host: String::new(),
@@ -54,6 +59,20 @@ pub fn of_request(req: &http::request::Parts) -> Result<Authority, Rejection> {
         }),
         (None, None) => Err(Rejection::MissingHost),
     }
+}
+
+/// The authority of an absolute-form target (`http://a.test:8080/x` → `a.test:8080`).
+#[must_use]
+pub fn absolute_form_authority(target: &[u8]) -> Option<&[u8]> {
+    let scheme_len = target.iter().position(|&b| b == b':')?;
+    let scheme = &target[..scheme_len];
+    let is_http = scheme.eq_ignore_ascii_case(b"http") || scheme.eq_ignore_ascii_case(b"https");
+    let rest = target[scheme_len..].strip_prefix(b"://").filter(|_| is_http)?;
+    let end = rest
+        .iter()
+        .position(|&b| b == b'/' || b == b'?')
+        .unwrap_or(rest.len());
+    Some(&rest[..end])
 }
 
 /// Parses `host[:port]` where host is a reg-name of letters, digits, `-`, `.` and `_`,
@@ -145,6 +164,10 @@ mod tests {
         }
     }
 
+    fn of(target: &str, hosts: &[&str], version: http::Version) -> Result<Authority, Rejection> {
+        of_request(&parts(target, hosts, version), target.as_bytes())
+    }
+
     fn parts(target: &str, hosts: &[&str], version: http::Version) -> http::request::Parts {
         let mut builder = http::Request::builder().uri(target).version(version);
         for h in hosts {
@@ -156,32 +179,32 @@ mod tests {
     #[test]
     fn target_and_host_must_agree() {
         let v11 = http::Version::HTTP_11;
-        let a = of_request(&parts("http://a.test/x", &["A.test"], v11)).unwrap();
+        let a = of("http://a.test/x", &["A.test"], v11).unwrap();
         assert_eq!(a.host, "a.test");
         assert_eq!(a.value, "a.test");
         assert_eq!(
-            of_request(&parts("http://a.test/x", &["b.test"], v11)),
+            of("http://a.test/x", &["b.test"], v11),
             Err(Rejection::AuthorityMismatch)
         );
         assert_eq!(
-            of_request(&parts("http://a.test:81/x", &["a.test"], v11)),
+            of("http://a.test:81/x", &["a.test"], v11),
             Err(Rejection::AuthorityMismatch)
         );
         assert_eq!(
-            of_request(&parts("/x", &["a.test", "b.test"], v11)),
+            of("/x", &["a.test", "b.test"], v11),
             Err(Rejection::AuthorityMismatch)
         );
         assert_eq!(
-            of_request(&parts("/x", &[], v11)),
+            of("/x", &[], v11),
             Err(Rejection::MissingHost)
         );
         assert_eq!(
-            of_request(&parts("/x", &[], http::Version::HTTP_10))
+            of("/x", &[], http::Version::HTTP_10)
                 .unwrap()
                 .host,
             ""
         );
-        let b = of_request(&parts("http://b.test/x", &[], v11)).unwrap();
+        let b = of("http://b.test/x", &[], v11).unwrap();
         assert_eq!(b.value, "b.test");
     }
 }

@@ -130,7 +130,7 @@ async fn route_and_verdict(generation: &Generation, req: Request<'_>, client: Cl
     if let Some(answer) = well_known(generation, parts.uri.path()) {
         return Err((None, answer));
     }
-    let authority = match authority::of_request(parts) {
+    let authority = match authority::of_request(parts, req.raw_target) {
         Ok(a) => a,
         Err(r) => return refuse(r),
     };
@@ -250,9 +250,8 @@ fn forward_plan(
     });
     let target = match stripped {
         Some(prefix) => Some(stripped_target(prefix, &parts.uri)),
-        // Absolute-form (HTTP/1) goes upstream in origin-form; HTTP/2's target has no
-        // authority in `raw_target`.
-        None if req.raw_target.first() != Some(&b'/') && parts.uri.authority().is_some() => {
+        // Absolute-form (HTTP/1) goes upstream in origin-form.
+        None if authority::absolute_form_authority(req.raw_target).is_some() => {
             Some(parts.uri.path_and_query().map_or("/", |pq| pq.as_str()).to_string())
         }
         None => None,
