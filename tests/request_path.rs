@@ -158,17 +158,25 @@ async fn read_response(stream: &mut TcpStream) -> (u16, String) {
     (status, body)
 }
 
-/// A recorded head with its fields in a canonical order: the request line, then the
-/// fields stably sorted by name. The order of fields of different names carries no
-/// meaning (RFC 9110 §5.3) and Pingora's header map does not keep it; the order of
-/// fields of one name does, and is kept. Names keep their case, values their bytes.
+/// A recorded head in a canonical form: the request line, then the fields stably
+/// sorted by name, names in lower case. Neither the order of fields of different names
+/// (RFC 9110 §5.3) nor the case of a name (§5.1) carries meaning, and Pingora's header
+/// map keeps neither when it adds a field; the order of fields of one name does carry
+/// meaning, and is kept, as are the request line and every value byte for byte.
 fn canonical(recorded: &str) -> String {
     if recorded.starts_with("BODY ") {
         return recorded.to_string();
     }
-    let mut lines: Vec<&str> = recorded.split("\r\n").filter(|l| !l.is_empty()).collect();
-    let fields = &mut lines[1..];
-    fields.sort_by_key(|l| l.split(':').next().unwrap_or("").to_ascii_lowercase());
+    let mut lines: Vec<String> = recorded
+        .split("\r\n")
+        .filter(|l| !l.is_empty())
+        .enumerate()
+        .map(|(i, l)| match l.split_once(':') {
+            Some((name, value)) if i > 0 => format!("{}:{value}", name.to_ascii_lowercase()),
+            _ => l.to_string(),
+        })
+        .collect();
+    lines[1..].sort_by(|a, b| a.split(':').next().cmp(&b.split(':').next()));
     lines.join("\r\n")
 }
 
@@ -245,16 +253,270 @@ async fn every_transport_answers_and_forwards_the_same_bytes() {
         match must_see {
             None => assert!(a.2.is_empty(), "{name}: forwarded {:?}", a.2),
             Some(text) => {
-                assert!(a.2.iter().any(|s| s.contains(text)), "{name}: {text:?} not in {:?}", a.2);
+                assert!(
+                    a.2.iter().any(|s| s.contains(text)),
+                    "{name}: {text:?} not in {:?}",
+                    a.2
+                );
                 assert_eq!(heads(&a.2), 1, "{name}: one request upstream");
             }
         }
         for seen in &a.2 {
-            assert!(!seen.contains("6.6.6.6"), "{name}: spoofed element forwarded: {seen}");
+            assert!(
+                !seen.contains("6.6.6.6"),
+                "{name}: spoofed element forwarded: {seen}"
+            );
             assert!(!seen.contains('#'), "{name}: fragment forwarded: {seen}");
         }
         let want = if served == Served::Fast { 1.0 } else { 0.0 };
         assert_eq!(carried, want, "{name}: served by {served:?}?");
     }
-    assert_eq!(full.metric("rampart_http1_fast_path_requests_total").await, 0.0);
+    assert_eq!(
+        full.metric("rampart_http1_fast_path_requests_total").await,
+        0.0
+    );
+}
+
+/// A raw HTTP/2 connection over TLS to a proxy's HTTPS listener, for requests no
+/// client library sends (a `host` that differs from `:authority`, a Content-Length
+/// the DATA frames do not match).
+struct RawH2 {
+    tls: tokio_rustls::client::TlsStream<TcpStream>,
+}
+
+const DATA: u8 = 0;
+const HEADERS: u8 = 1;
+const RST_STREAM: u8 = 3;
+const SETTINGS: u8 = 4;
+const GOAWAY: u8 = 7;
+const END_STREAM: u8 = 1;
+const END_HEADERS: u8 = 4;
+
+fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let len = u32::try_from(payload.len()).unwrap();
+    let mut f = len.to_be_bytes()[1..].to_vec();
+    f.extend_from_slice(&[kind, flags]);
+    f.extend_from_slice(&stream.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+/// An HPACK literal field without indexing (new name, no Huffman coding).
+fn literal(name: &str, value: &str) -> Vec<u8> {
+    let mut b = vec![0, u8::try_from(name.len()).unwrap()];
+    b.extend_from_slice(name.as_bytes());
+    b.push(u8::try_from(value.len()).unwrap());
+    b.extend_from_slice(value.as_bytes());
+    b
+}
+
+/// A header block: `:method` (GET 0x82 / POST 0x83), `:scheme https`, `:path /`,
+/// `:authority` and the other fields.
+fn block(post: bool, authority: &str, fields: &[(&str, &str)]) -> Vec<u8> {
+    let mut b = vec![if post { 0x83 } else { 0x82 }, 0x87, 0x84, 0x01];
+    b.push(u8::try_from(authority.len()).unwrap());
+    b.extend_from_slice(authority.as_bytes());
+    for (n, v) in fields {
+        b.extend_from_slice(&literal(n, v));
+    }
+    b
+}
+
+/// What came back on stream 1: the response's first header byte (0x88 is `:status
+/// 200`, 0x8c 400) or a reset.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum StreamEnd {
+    Answered(u8),
+    Reset,
+    ConnectionClosed,
+}
+
+impl RawH2 {
+    async fn connect(proxy: &Proxy) -> Self {
+        let pem = std::fs::read(proxy.ca_path()).unwrap();
+        let mut store = rustls::RootCertStore::empty();
+        for cert in rustls_pemfile::certs(&mut &pem[..]) {
+            store.add(cert.unwrap()).unwrap();
+        }
+        let mut config = rustls::ClientConfig::builder()
+            .with_root_certificates(store)
+            .with_no_client_auth();
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+        let tcp = TcpStream::connect(proxy.https).await.unwrap();
+        let mut tls = connector
+            .connect("a.test".try_into().unwrap(), tcp)
+            .await
+            .unwrap();
+        tls.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+            .await
+            .unwrap();
+        tls.write_all(&frame(SETTINGS, 0, 0, &[])).await.unwrap();
+        Self { tls }
+    }
+
+    /// Sends `frames` (stream 1) and reads until stream 1 is answered or reset. When the
+    /// client resets stream 1 itself (`resets`), the proxy sends nothing for it: then a
+    /// plain GET follows on stream 3, and its answer shows that the proxy has read
+    /// stream 1's frames (`None`: nothing came for stream 1).
+    async fn exchange(mut self, name: &str, frames: &[u8], resets: bool) -> Option<StreamEnd> {
+        let follow = if resets {
+            frame(
+                HEADERS,
+                END_HEADERS | END_STREAM,
+                3,
+                &block(false, "a.test", &[("x-request-id", "t-3")]),
+            )
+        } else {
+            Vec::new()
+        };
+        if self
+            .tls
+            .write_all(&[frames, &follow[..]].concat())
+            .await
+            .is_err()
+        {
+            return Some(StreamEnd::ConnectionClosed);
+        }
+        let mut buf = Vec::new();
+        let mut chunk = vec![0u8; 65536];
+        let mut first = None;
+        let read = async {
+            loop {
+                while buf.len() >= 9 {
+                    let len =
+                        usize::from(buf[0]) << 16 | usize::from(buf[1]) << 8 | usize::from(buf[2]);
+                    if buf.len() < 9 + len {
+                        break;
+                    }
+                    let (kind, stream) =
+                        (buf[3], u32::from_be_bytes(buf[5..9].try_into().unwrap()));
+                    match (kind, stream) {
+                        (HEADERS, 1) if !resets => return Some(StreamEnd::Answered(buf[9])),
+                        (RST_STREAM, 1) if !resets => return Some(StreamEnd::Reset),
+                        (HEADERS, 1) => first = first.or(Some(StreamEnd::Answered(buf[9]))),
+                        (RST_STREAM, 1) => first = first.or(Some(StreamEnd::Reset)),
+                        (HEADERS, 3) => return first,
+                        (GOAWAY, _) => return first.or(Some(StreamEnd::ConnectionClosed)),
+                        _ => {}
+                    }
+                    buf.drain(..9 + len);
+                }
+                match self.tls.read(&mut chunk).await {
+                    Ok(n) if n > 0 => buf.extend_from_slice(&chunk[..n]),
+                    _ => return first.or(Some(StreamEnd::ConnectionClosed)),
+                }
+            }
+        };
+        tokio::time::timeout(DEADLINE, read)
+            .await
+            .unwrap_or_else(|_| panic!("{name}: no answer in time"))
+    }
+}
+
+/// The HTTP/2 corpus: (case, frames of stream 1, must the upstream see a request).
+fn http2_corpus() -> Vec<(&'static str, Vec<u8>, bool)> {
+    let id = [("x-request-id", "t-2")];
+    let headers = |post: bool, authority: &str, fields: &[(&str, &str)], end: bool| {
+        let mut all = id.to_vec();
+        all.extend_from_slice(fields);
+        let flags = END_HEADERS | if end { END_STREAM } else { 0 };
+        frame(HEADERS, flags, 1, &block(post, authority, &all))
+    };
+    vec![
+        ("plain GET", headers(false, "a.test", &[], true), true),
+        // Defect 5: :authority and host must agree.
+        (
+            "host differs from :authority",
+            headers(false, "a.test", &[("host", "b.test")], true),
+            false,
+        ),
+        (
+            "crafted :authority",
+            headers(false, "a.test\", for=6.6.6.6", &[], true),
+            false,
+        ),
+        // Defect 6: a Content-Length the DATA frames do not match.
+        (
+            "length declared, stream ended with the head",
+            headers(true, "a.test", &[("content-length", "23")], true),
+            false,
+        ),
+        (
+            "length declared, empty DATA ends the stream",
+            [
+                headers(true, "a.test", &[("content-length", "23")], false),
+                frame(DATA, END_STREAM, 1, b""),
+            ]
+            .concat(),
+            false,
+        ),
+        (
+            "length declared, stream reset",
+            [
+                headers(true, "a.test", &[("content-length", "23")], false),
+                frame(DATA, 0, 1, b"short"),
+                frame(RST_STREAM, 0, 1, &8u32.to_be_bytes()),
+            ]
+            .concat(),
+            false,
+        ),
+        (
+            "body as declared",
+            [
+                headers(true, "a.test", &[("content-length", "5")], false),
+                frame(DATA, END_STREAM, 1, b"hello"),
+            ]
+            .concat(),
+            true,
+        ),
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_requests_are_refused_or_forwarded_alike_on_both_paths() {
+    common::init();
+    let upstream = Recorder::start().await;
+    let fast = Proxy::start(&config(upstream.addr)).await;
+    let full = Proxy::start_with(
+        "http1_fast_path = false\nhttp2_fast_path = false",
+        &config(upstream.addr),
+    )
+    .await;
+    for (name, frames, forwarded) in http2_corpus() {
+        let mut ends = Vec::new();
+        let mut seen = Vec::new();
+        for proxy in [&fast, &full] {
+            let end = RawH2::connect(proxy)
+                .await
+                .exchange(name, &frames, name.contains("reset"))
+                .await;
+            // What reached the upstream, once the proxy is done with the stream (a
+            // forwarded request is answered only after the upstream saw it).
+            ends.push(end);
+            let mut got = upstream.take();
+            got.retain(|s| !s.contains("t-3"));
+            seen.push(got);
+        }
+        if forwarded {
+            assert_eq!(ends, [Some(StreamEnd::Answered(0x88)); 2], "{name}");
+            assert_eq!(
+                seen[0].iter().map(|s| canonical(s)).collect::<Vec<_>>(),
+                seen[1].iter().map(|s| canonical(s)).collect::<Vec<_>>(),
+                "{name}: upstream bytes, fast (left) vs Pingora's"
+            );
+        } else {
+            for (end, seen) in ends.iter().zip(&seen) {
+                // Refused (400), reset, or (a stream the client reset) left alone.
+                assert!(
+                    matches!(
+                        end,
+                        None | Some(StreamEnd::Reset | StreamEnd::Answered(0x8c))
+                    ),
+                    "{name}: {end:?}"
+                );
+                assert!(seen.is_empty(), "{name}: the upstream got {seen:?}");
+            }
+        }
+    }
 }

@@ -182,6 +182,12 @@ impl ProxyHttp for Edge {
         match decision.verdict {
             Verdict::Forward(plan) => {
                 ctx.plan = Some(plan);
+                if let Err(e) = buffer_http2_body(session, ctx).await {
+                    if let Some(answer) = e.answer() {
+                        send_answer(session, ctx, &answer).await?;
+                    }
+                    return Ok(true);
+                }
                 Ok(false)
             }
             Verdict::Answer(answer) => {
@@ -603,6 +609,32 @@ fn error_status(e: &Error) -> u16 {
             ErrorSource::Internal | ErrorSource::Unset => 500,
         },
     }
+}
+
+/// Reads an HTTP/2 request body of a declared length of up to 64 KiB whole before
+/// anything is forwarded, as the HTTP/2 fast path does, into Pingora's retry buffer
+/// (which Pingora sends upstream first): a body that does not match its length is
+/// refused and nothing reaches the upstream. Larger bodies stream.
+async fn buffer_http2_body(
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+) -> std::result::Result<(), crate::h1::BodyError> {
+    if !session.as_downstream().is_http2() || session.is_body_empty() {
+        return Ok(());
+    }
+    let declared = content_length(&session.req_header().headers).ok().flatten();
+    let Some(declared) = declared.filter(|&n| n <= crate::h1::MAX_BODY) else {
+        return Ok(());
+    };
+    session.as_mut().enable_retry_buffering();
+    let limits = &ctx.generation.config.limits;
+    let mut read = 0u64;
+    let result = crate::h2::read_declared_body(declared, limits, ctx.started, session, |data| {
+        read += data.len() as u64;
+    })
+    .await;
+    ctx.body_bytes = read;
+    result
 }
 
 /// Writes the policy's answer (or a failure's) on Pingora's session.

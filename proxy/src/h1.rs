@@ -105,15 +105,20 @@ pub(crate) enum BodyError {
     Stalled,
     /// The body came slower than `limits.min_body_rate`: 408.
     TooSlow,
+    /// An HTTP/2 body longer or shorter than its Content-Length (RFC 9113 §8.1.1): 400.
+    LengthMismatch,
 }
 
 impl BodyError {
     /// The answer to the client, if it is still there.
-    fn answer(self) -> Option<Answer> {
+    pub(crate) fn answer(self) -> Option<Answer> {
         match self {
             BodyError::ClientGone => None,
             BodyError::Stalled => Some(Answer::Failed(400)),
             BodyError::TooSlow => Some(Answer::Failed(408)),
+            BodyError::LengthMismatch => Some(Answer::Refused(
+                crate::limits::Rejection::BodyLengthMismatch,
+            )),
         }
     }
 }
@@ -142,9 +147,13 @@ pub async fn serve(
             // An unread body cannot be skipped safely: the connection ends.
             let close = head.client_close || conn.closing || head.body_len > 0;
             let request = Prepared::answering(&head.parts, decision.route, request_id, close);
-            let keep = answer_request(&mut client, &answer, &request, &generation, conn, started)
-                .await;
-            return if keep { Served::KeepAlive } else { Served::Close };
+            let keep =
+                answer_request(&mut client, &answer, &request, &generation, conn, started).await;
+            return if keep {
+                Served::KeepAlive
+            } else {
+                Served::Close
+            };
         }
     };
     let mut request = head.prepare(&plan, request_id, &generation, &bytes);
@@ -189,8 +198,7 @@ impl<'h, 'b> Head<'h, 'b> {
         }
         let path = req.path?;
         // Origin-form and absolute-form; `*` and authority-form are Pingora's.
-        if !(path.starts_with('/') || path.starts_with("http://") || path.starts_with("https://"))
-        {
+        if !(path.starts_with('/') || path.starts_with("http://") || path.starts_with("https://")) {
             return None;
         }
         let mut client_close = false;
@@ -318,8 +326,10 @@ pub(crate) async fn answer_request<D: Downstream>(
 ) -> bool {
     let close = request.client_close || answer.closes();
     let sent = client.answer(answer, request, generation, close).await;
-    conn.metrics
-        .count_answer(answer, request.route.map(|r| generation.routes[r].name.as_str()));
+    conn.metrics.count_answer(
+        answer,
+        request.route.map(|r| generation.routes[r].name.as_str()),
+    );
     D::counter(conn.metrics).inc();
     count(conn, generation, request.route, answer.status(), started);
     sent && !close
@@ -336,7 +346,9 @@ fn count(
 ) {
     let finished = Instant::now();
     let seconds = finished.duration_since(started).as_secs_f64();
-    let metrics = route.map_or(&generation.unrouted_metrics, |r| &generation.routes[r].metrics);
+    let metrics = route.map_or(&generation.unrouted_metrics, |r| {
+        &generation.routes[r].metrics
+    });
     metrics.observe(status, seconds);
     conn.metrics.rolling.record(finished, status, seconds);
 }
@@ -601,7 +613,10 @@ fn upstream_head(
         }
         if hop_by_hop.contains(h.name)
             || id_name.as_str().eq_ignore_ascii_case(h.name)
-            || plan.forwarded.iter().any(|(n, _)| n.eq_ignore_ascii_case(h.name))
+            || plan
+                .forwarded
+                .iter()
+                .any(|(n, _)| n.eq_ignore_ascii_case(h.name))
             || edits.drops(h.name)
         {
             continue;
@@ -1618,83 +1633,142 @@ mod tests {
             std::sync::LazyLock::new(forwarding_generation);
         const CASES: u32 = 4096;
         let strategy = (
-            proptest::sample::select(vec!["GET", "GET", "HEAD", "DELETE", "POST", "OPTIONS", "CONNECT", "G T"]),
-            proptest::sample::select(vec!["/", "/", "/a?b=c", "/a/../b", "//x", "*", "http://h/x", "http://a.test/y", "/%2e%2e/", "/a b", "/p#/../x"]),
+            proptest::sample::select(vec![
+                "GET", "GET", "HEAD", "DELETE", "POST", "OPTIONS", "CONNECT", "G T",
+            ]),
+            proptest::sample::select(vec![
+                "/",
+                "/",
+                "/a?b=c",
+                "/a/../b",
+                "//x",
+                "*",
+                "http://h/x",
+                "http://a.test/y",
+                "/%2e%2e/",
+                "/a b",
+                "/p#/../x",
+            ]),
             proptest::collection::vec(
                 (
                     proptest::sample::select(vec![
-                        "Connection", "Keep-Alive", "TE", "Transfer-Encoding",
-                        "Content-Length", "Upgrade", "Expect", "X-Forwarded-For", "Forwarded",
-                        "X-Request-Id", "X-A", "X-A", "X-B", "Trailer", "Proxy-Connection", "Bad Name",
+                        "Connection",
+                        "Keep-Alive",
+                        "TE",
+                        "Transfer-Encoding",
+                        "Content-Length",
+                        "Upgrade",
+                        "Expect",
+                        "X-Forwarded-For",
+                        "Forwarded",
+                        "X-Request-Id",
+                        "X-A",
+                        "X-A",
+                        "X-B",
+                        "Trailer",
+                        "Proxy-Connection",
+                        "Bad Name",
                     ]),
                     proptest::sample::select(vec![
-                        "a.test", "close", "keep-alive, x-a", "host", "chunked", "0", "0", "5", "0, 0",
-                        "websocket", "100-continue", "1.2.3.4", "x\tY", "\u{e9}", "", "a\rb",
+                        "a.test",
+                        "close",
+                        "keep-alive, x-a",
+                        "host",
+                        "chunked",
+                        "0",
+                        "0",
+                        "5",
+                        "0, 0",
+                        "websocket",
+                        "100-continue",
+                        "1.2.3.4",
+                        "x\tY",
+                        "\u{e9}",
+                        "",
+                        "a\rb",
                     ]),
                 ),
                 0..4,
             ),
             any::<bool>(),
             proptest::sample::select(vec![0usize, 1, 1, 1, 1, 1, 1, 2]),
-            proptest::sample::select(vec!["a.test", "a.test", "A.Test:80", "[::1]", "a.test\", for=1"]),
+            proptest::sample::select(vec![
+                "a.test",
+                "a.test",
+                "A.Test:80",
+                "[::1]",
+                "a.test\", for=1",
+            ]),
         );
         let forwarded = AtomicUsize::new(0);
         let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig::with_cases(CASES));
         runner
-            .run(&strategy, |(method, path, headers, bare_lf, hosts, host)| {
-                let generation = &GENERATION.0;
-                let eol = if bare_lf { "\n" } else { "\r\n" };
-                let mut text = format!("{method} {path} HTTP/1.1{eol}");
-                for _ in 0..hosts {
-                    text.push_str(&format!("Host: {host}{eol}"));
-                }
-                for (name, value) in &headers {
-                    text.push_str(&format!("{name}: {value}{eol}"));
-                }
-                text.push_str(eol);
-                let Some(prepared) = forwarded_head(&text, generation) else {
-                    return Ok(());
-                };
-                forwarded.fetch_add(1, Ordering::Relaxed);
-                let (m, p, up) = parsed_upstream_head(&prepared.upstream_head);
-                prop_assert_eq!(m, method);
-                let routed = path.strip_prefix("http://h").or_else(|| path.strip_prefix("http://a.test")).unwrap_or(path);
-                prop_assert_eq!(p, routed);
-                prop_assert!(!path.contains('#') && method != "CONNECT");
-                let count = |n: &str| up.iter().filter(|(k, _)| k == n).count();
-                prop_assert_eq!(count("host"), 1);
-                let sent_host = &up.iter().find(|(k, _)| k == "host").unwrap().1;
-                prop_assert!(!sent_host.contains('"') && !sent_host.contains(','), "host {}", sent_host);
-                prop_assert_eq!(count("x-forwarded-for"), 1);
-                prop_assert_eq!(count("x-request-id"), 1);
-                prop_assert_eq!(count("transfer-encoding"), 0);
-                prop_assert!(count("content-length") <= 1);
-                if count("content-length") == 0 {
-                    prop_assert_eq!(prepared.body_len, 0);
-                }
-                for (k, v) in &up {
-                    prop_assert!(!HOP_BY_HOP.contains(&k.as_str()), "{} went upstream", k);
-                    if k == "content-length" {
-                        prop_assert_eq!(v.trim().parse::<u64>().ok(), Some(prepared.body_len));
-                        prop_assert_eq!(prepared.body_missing as u64, prepared.body_len);
+            .run(
+                &strategy,
+                |(method, path, headers, bare_lf, hosts, host)| {
+                    let generation = &GENERATION.0;
+                    let eol = if bare_lf { "\n" } else { "\r\n" };
+                    let mut text = format!("{method} {path} HTTP/1.1{eol}");
+                    for _ in 0..hosts {
+                        text.push_str(&format!("Host: {host}{eol}"));
                     }
-                    if k == "x-forwarded-for" {
-                        prop_assert_eq!(v, "127.0.0.1");
+                    for (name, value) in &headers {
+                        text.push_str(&format!("{name}: {value}{eol}"));
                     }
-                }
-                // Headers the client's Connection named stay behind, except those the
-                // proxy relies on.
-                let named: Vec<String> = headers
-                    .iter()
-                    .filter(|(n, _)| n.eq_ignore_ascii_case("connection"))
-                    .flat_map(|(_, v)| v.split(',').map(|t| t.trim().to_ascii_lowercase()))
-                    .filter(|t| !t.is_empty() && !crate::headers::PROTECTED.contains(&t.as_str()))
-                    .collect();
-                for n in named {
-                    prop_assert_eq!(count(&n), 0, "{} was named by Connection", n);
-                }
-                Ok(())
-            })
+                    text.push_str(eol);
+                    let Some(prepared) = forwarded_head(&text, generation) else {
+                        return Ok(());
+                    };
+                    forwarded.fetch_add(1, Ordering::Relaxed);
+                    let (m, p, up) = parsed_upstream_head(&prepared.upstream_head);
+                    prop_assert_eq!(m, method);
+                    let routed = path
+                        .strip_prefix("http://h")
+                        .or_else(|| path.strip_prefix("http://a.test"))
+                        .unwrap_or(path);
+                    prop_assert_eq!(p, routed);
+                    prop_assert!(!path.contains('#') && method != "CONNECT");
+                    let count = |n: &str| up.iter().filter(|(k, _)| k == n).count();
+                    prop_assert_eq!(count("host"), 1);
+                    let sent_host = &up.iter().find(|(k, _)| k == "host").unwrap().1;
+                    prop_assert!(
+                        !sent_host.contains('"') && !sent_host.contains(','),
+                        "host {}",
+                        sent_host
+                    );
+                    prop_assert_eq!(count("x-forwarded-for"), 1);
+                    prop_assert_eq!(count("x-request-id"), 1);
+                    prop_assert_eq!(count("transfer-encoding"), 0);
+                    prop_assert!(count("content-length") <= 1);
+                    if count("content-length") == 0 {
+                        prop_assert_eq!(prepared.body_len, 0);
+                    }
+                    for (k, v) in &up {
+                        prop_assert!(!HOP_BY_HOP.contains(&k.as_str()), "{} went upstream", k);
+                        if k == "content-length" {
+                            prop_assert_eq!(v.trim().parse::<u64>().ok(), Some(prepared.body_len));
+                            prop_assert_eq!(prepared.body_missing as u64, prepared.body_len);
+                        }
+                        if k == "x-forwarded-for" {
+                            prop_assert_eq!(v, "127.0.0.1");
+                        }
+                    }
+                    // Headers the client's Connection named stay behind, except those the
+                    // proxy relies on.
+                    let named: Vec<String> = headers
+                        .iter()
+                        .filter(|(n, _)| n.eq_ignore_ascii_case("connection"))
+                        .flat_map(|(_, v)| v.split(',').map(|t| t.trim().to_ascii_lowercase()))
+                        .filter(|t| {
+                            !t.is_empty() && !crate::headers::PROTECTED.contains(&t.as_str())
+                        })
+                        .collect();
+                    for n in named {
+                        prop_assert_eq!(count(&n), 0, "{} was named by Connection", n);
+                    }
+                    Ok(())
+                },
+            )
             .unwrap();
         let forwarded = forwarded.into_inner();
         assert!(

@@ -22,9 +22,9 @@ use prometheus::IntCounter;
 
 use crate::generation::Generation;
 use crate::h1::{
-    answer_request, body_failed, finish_upstream_head, forward_request, parse_length,
-    push_header, request_line, BodyError, ConnInfo, Downstream, FinalHead, HopByHop, Prepared,
-    MAX_BODY, MAX_HEADERS,
+    answer_request, body_failed, finish_upstream_head, forward_request, parse_length, push_header,
+    request_line, BodyError, ConnInfo, Downstream, FinalHead, HopByHop, Prepared, MAX_BODY,
+    MAX_HEADERS,
 };
 use crate::headers::{hop_by_hop, joined_cookies};
 use crate::metrics::Metrics;
@@ -64,8 +64,8 @@ pub async fn serve(
         }
     };
     let head = upstream_head(session.req_header(), &plan, &generation, &request_id);
-    let mut request = Prepared::new(session.req_header(), &plan, request_id, head)
-        .with_body(body_len, &[]);
+    let mut request =
+        Prepared::new(session.req_header(), &plan, request_id, head).with_body(body_len, &[]);
     if request.body_missing > 0 {
         if let Err(e) = read_body(&mut session, &mut request, &generation, started).await {
             let mut client = Http2Client {
@@ -102,10 +102,8 @@ fn carried_body(session: &HttpSession) -> Option<u64> {
     declared.filter(|&n| n <= MAX_BODY)
 }
 
-/// Reads the request body from the stream into the upstream request, under the full
-/// path's rules (see `h1`'s): a read slower than `limits.body_read_timeout` or a body
-/// not as long as declared is [`BodyError::Stalled`] (RFC 9113 §8.1.1: a malformed
-/// request), one slower than `limits.min_body_rate` is [`BodyError::TooSlow`].
+/// Reads the request body from the stream into the upstream request, under
+/// [`read_declared_body`]'s rules.
 async fn read_body(
     session: &mut HttpSession,
     request: &mut Prepared,
@@ -113,21 +111,67 @@ async fn read_body(
     started: Instant,
 ) -> Result<(), BodyError> {
     let limits = &generation.config.limits;
+    let declared = request.body_len;
+    read_declared_body(declared, limits, started, session, |data| {
+        request.upstream_head.extend_from_slice(data);
+    })
+    .await
+}
+
+/// Where a request body is read from: an HTTP/2 stream of the fast path, or Pingora's
+/// session.
+pub(crate) trait BodySource {
+    /// The next piece of the body; `None` at its end.
+    async fn next_body(&mut self) -> pingora::Result<Option<Bytes>>;
+}
+
+impl BodySource for HttpSession {
+    async fn next_body(&mut self) -> pingora::Result<Option<Bytes>> {
+        self.read_body_bytes().await
+    }
+}
+
+impl BodySource for pingora::proxy::Session {
+    async fn next_body(&mut self) -> pingora::Result<Option<Bytes>> {
+        self.as_mut().read_request_body().await
+    }
+}
+
+/// Reads an HTTP/2 request body of `declared` bytes whole, before anything is
+/// forwarded (both the fast path and Pingora's path do, up to 64 KiB): each read
+/// within `limits.body_read_timeout` ([`BodyError::Stalled`]), no slower than
+/// `limits.min_body_rate` after that ([`BodyError::TooSlow`]), and exactly as long as
+/// declared ([`BodyError::LengthMismatch`], RFC 9113 §8.1.1). A reset stream is
+/// [`BodyError::ClientGone`].
+pub(crate) async fn read_declared_body(
+    declared: u64,
+    limits: &rampart_config::Limits,
+    started: Instant,
+    source: &mut impl BodySource,
+    mut keep: impl FnMut(&[u8]),
+) -> Result<(), BodyError> {
+    let mut received = 0u64;
     loop {
-        let read = tokio::time::timeout(limits.body_read_timeout.0, session.read_body_bytes());
-        match read.await {
+        match tokio::time::timeout(limits.body_read_timeout.0, source.next_body()).await {
             Ok(Ok(Some(data))) => {
-                if data.len() > request.body_missing {
-                    return Err(BodyError::Stalled);
+                received += data.len() as u64;
+                if received > declared {
+                    return Err(BodyError::LengthMismatch);
                 }
-                request.body_missing -= data.len();
-                request.upstream_head.extend_from_slice(&data);
+                keep(&data);
             }
-            Ok(Ok(None)) if request.body_missing == 0 => return Ok(()),
-            Ok(Ok(None)) | Err(_) => return Err(BodyError::Stalled),
+            Ok(Ok(None)) if received == declared => return Ok(()),
+            Ok(Ok(None)) => return Err(BodyError::LengthMismatch),
             Ok(Err(_)) => return Err(BodyError::ClientGone),
+            Err(_) => return Err(BodyError::Stalled),
         }
-        if request.body_too_slow(limits, started) {
+        let slow = crate::limits::body_too_slow(
+            received,
+            started.elapsed(),
+            limits.body_read_timeout.0,
+            limits.min_body_rate.0,
+        );
+        if slow {
             return Err(BodyError::TooSlow);
         }
     }
@@ -149,7 +193,8 @@ fn upstream_head(
     let mut out = request_line(req.method.as_str(), req.raw_path(), plan);
     let edits = &generation.routes[plan.route].request_headers;
     if !edits.drops("host") {
-        push_header(&mut out, b"host", plan.host.as_bytes());
+        // Spelt as Pingora's path spells it.
+        push_header(&mut out, b"Host", plan.host.as_bytes());
     }
     for (name, value) in headers {
         if name == HOST
@@ -234,7 +279,11 @@ impl Downstream for Http2Client<'_> {
         let Ok((header, body)) = answer.response_header(Some(id)) else {
             return false;
         };
-        let body = if request.head_request { Bytes::new() } else { body };
+        let body = if request.head_request {
+            Bytes::new()
+        } else {
+            body
+        };
         self.send(header, &body, true).await
     }
 }

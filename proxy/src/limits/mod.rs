@@ -202,7 +202,12 @@ pub fn content_length(headers: &HeaderMap) -> Result<Option<u64>, Rejection> {
 /// Whether a body of `bytes` after `elapsed` is below `min_rate` bytes per second on
 /// average, once the `grace` period is over (0 disables the check).
 #[must_use]
-pub fn body_too_slow(bytes: u64, elapsed: std::time::Duration, grace: std::time::Duration, min_rate: u64) -> bool {
+pub fn body_too_slow(
+    bytes: u64,
+    elapsed: std::time::Duration,
+    grace: std::time::Duration,
+    min_rate: u64,
+) -> bool {
     min_rate > 0 && elapsed > grace && (bytes as f64) < min_rate as f64 * elapsed.as_secs_f64()
 }
 
@@ -299,11 +304,27 @@ mod tests {
                 .map(|n| (*n, "1"))
                 .collect();
         assert_eq!(check(&many, "/"), Err(Rejection::TooManyHeaders));
-        for bad in ["host", "close, X-Forwarded-For", ":authority", "\"x-a\"", "a,b,c,d,e,f,g,h,i,j"] {
-            assert_eq!(check(&[("connection", bad)], "/"), Err(Rejection::BadConnection), "{bad}");
+        for bad in [
+            "host",
+            "close, X-Forwarded-For",
+            ":authority",
+            "\"x-a\"",
+            "a,b,c,d,e,f,g,h,i,j",
+        ] {
+            assert_eq!(
+                check(&[("connection", bad)], "/"),
+                Err(Rejection::BadConnection),
+                "{bad}"
+            );
         }
-        assert_eq!(check(&[("connection", "close, x-a, keep-alive")], "/"), Ok(()));
-        assert_eq!(check(&[("connection", "Content-Length")], "/"), Err(Rejection::BadConnection));
+        assert_eq!(
+            check(&[("connection", "close, x-a, keep-alive")], "/"),
+            Ok(())
+        );
+        assert_eq!(
+            check(&[("connection", "Content-Length")], "/"),
+            Err(Rejection::BadConnection)
+        );
     }
 
     #[test]

@@ -238,10 +238,16 @@ mod tests {
 
     #[test]
     fn every_answer_renders_its_status_headers_and_body() {
-        let id = (HeaderName::from_static("x-request-id"), HeaderValue::from_static("r1"));
+        let id = (
+            HeaderName::from_static("x-request-id"),
+            HeaderValue::from_static("r1"),
+        );
         let bytes = Answer::RateLimited { retry_after: 3 }.h1_bytes((&id.0, &id.1), false, true);
         let text = String::from_utf8(bytes).unwrap();
-        assert!(text.starts_with("HTTP/1.1 429 Too Many Requests\r\n"), "{text}");
+        assert!(
+            text.starts_with("HTTP/1.1 429 Too Many Requests\r\n"),
+            "{text}"
+        );
         assert!(text.contains("retry-after: 3\r\n"));
         assert!(text.contains("x-request-id: r1\r\n"));
         assert!(text.contains("connection: close\r\n"));

@@ -67,7 +67,9 @@ pub fn absolute_form_authority(target: &[u8]) -> Option<&[u8]> {
     let scheme_len = target.iter().position(|&b| b == b':')?;
     let scheme = &target[..scheme_len];
     let is_http = scheme.eq_ignore_ascii_case(b"http") || scheme.eq_ignore_ascii_case(b"https");
-    let rest = target[scheme_len..].strip_prefix(b"://").filter(|_| is_http)?;
+    let rest = target[scheme_len..]
+        .strip_prefix(b"://")
+        .filter(|_| is_http)?;
     let end = rest
         .iter()
         .position(|&b| b == b'/' || b == b'?')
@@ -194,16 +196,8 @@ mod tests {
             of("/x", &["a.test", "b.test"], v11),
             Err(Rejection::AuthorityMismatch)
         );
-        assert_eq!(
-            of("/x", &[], v11),
-            Err(Rejection::MissingHost)
-        );
-        assert_eq!(
-            of("/x", &[], http::Version::HTTP_10)
-                .unwrap()
-                .host,
-            ""
-        );
+        assert_eq!(of("/x", &[], v11), Err(Rejection::MissingHost));
+        assert_eq!(of("/x", &[], http::Version::HTTP_10).unwrap().host, "");
         let b = of("http://b.test/x", &[], v11).unwrap();
         assert_eq!(b.value, "b.test");
     }

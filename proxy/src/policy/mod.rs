@@ -156,7 +156,10 @@ async fn route_and_verdict(generation: &Generation, req: Request<'_>, client: Cl
     if declared > route.max_body {
         return Err((Some(idx), Answer::Refused(Rejection::BodyTooLarge)));
     }
-    Ok((idx, forward_plan(generation, idx, req, client, client_ip, authority)))
+    Ok((
+        idx,
+        forward_plan(generation, idx, req, client, client_ip, authority),
+    ))
 }
 
 /// The answers of the well-known paths, before any route: an ACME HTTP-01 validation
@@ -251,9 +254,13 @@ fn forward_plan(
     let target = match stripped {
         Some(prefix) => Some(stripped_target(prefix, &parts.uri)),
         // Absolute-form (HTTP/1) goes upstream in origin-form.
-        None if authority::absolute_form_authority(req.raw_target).is_some() => {
-            Some(parts.uri.path_and_query().map_or("/", |pq| pq.as_str()).to_string())
-        }
+        None if authority::absolute_form_authority(req.raw_target).is_some() => Some(
+            parts
+                .uri
+                .path_and_query()
+                .map_or("/", |pq| pq.as_str())
+                .to_string(),
+        ),
         None => None,
     };
     let host = authority.value.to_str().unwrap_or("");
