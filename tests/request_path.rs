@@ -520,3 +520,111 @@ async fn http2_requests_are_refused_or_forwarded_alike_on_both_paths() {
         }
     }
 }
+
+/// Defect 7 of the black-box battery: requests that time out on one path of a
+/// single-endpoint pool must not take the pool offline for every other path, a
+/// timed-out GET is not retried on the endpoint that timed out, and a pool whose only
+/// endpoint was down serves again with the first request after it is back. Both paths.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn timeouts_on_one_path_never_take_the_pool_offline() {
+    common::init();
+    let backend = common::Backend::start("b").await;
+    // Default passive health and retries; only the first-byte timeout is short, so
+    // that the hanging requests end in a second rather than thirty.
+    let body = format!(
+        "[[routes]]\nname = \"all\"\naction = {{ forward = \"p\" }}\n\n[pools.p]\nendpoints = [{{ address = \"{}\" }}]\ntimeouts = {{ first_byte = \"1s\" }}\n",
+        backend.addr
+    );
+    let fast = Proxy::start(&body).await;
+    let full = Proxy::start_with("http1_fast_path = false", &body).await;
+    for proxy in [&fast, &full] {
+        let hits = backend.hits();
+        let client = Proxy::http_client();
+        let hanging: Vec<_> = (0..10)
+            .map(|_| {
+                let c = client.clone();
+                let url = proxy.url("/slow/60000");
+                tokio::spawn(async move { c.get(url).send().await.map(|r| r.status().as_u16()) })
+            })
+            .collect();
+        // 60 ordinary GETs while the hanging ones time out (and after).
+        let mut ordinary = Vec::new();
+        for _ in 0..60 {
+            let r = client.get(proxy.url("/")).send().await.unwrap();
+            ordinary.push(r.status().as_u16());
+        }
+        let mut timed_out = Vec::new();
+        for h in hanging {
+            timed_out.push(h.await.unwrap().unwrap());
+        }
+        // After all ten timed out (and the endpoint was ejected), the pool still serves.
+        for _ in 0..20 {
+            let r = client.get(proxy.url("/")).send().await.unwrap();
+            ordinary.push(r.status().as_u16());
+        }
+        assert!(
+            ordinary.iter().all(|&s| s == 200),
+            "ordinary GETs: {ordinary:?}"
+        );
+        assert_eq!(timed_out, vec![504; 10]);
+        // Each request reached the one endpoint once: no retry went back to it.
+        assert_eq!(backend.hits() - hits, 10 + 80, "requests the backend saw");
+        let status = proxy.status().await;
+        let endpoint = &status["pools"]["p"]["endpoints"][0];
+        assert!(
+            endpoint["ejected_for_ms"].is_u64(),
+            "ejected after ten timeouts: {endpoint}"
+        );
+        assert_eq!(status["pools"]["p"]["panic"], true, "{status}");
+        assert!(proxy.metric("rampart_pool_panic{pool=\"p\"}").await >= 1.0);
+    }
+}
+
+/// A pool whose only endpoint refused connections (and was ejected for it) answers
+/// 200 again with the first request after the endpoint is back, not when the ejection
+/// ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_recovers_with_the_first_request_after_its_endpoint_returns() {
+    common::init();
+    let addr = common::free_addr();
+    let body = format!(
+        "[[routes]]\nname = \"all\"\naction = {{ forward = \"p\" }}\n\n[pools.p]\nendpoints = [{{ address = \"{addr}\" }}]\n"
+    );
+    let fast = Proxy::start(&body).await;
+    let full = Proxy::start_with("http1_fast_path = false", &body).await;
+    let client = Proxy::http_client();
+    for proxy in [&fast, &full] {
+        for _ in 0..20 {
+            let r = client.get(proxy.url("/")).send().await.unwrap();
+            assert_eq!(r.status().as_u16(), 502, "nothing listens yet");
+        }
+        assert!(proxy.status().await["pools"]["p"]["endpoints"][0]["ejected_for_ms"].is_u64());
+    }
+    // The endpoint comes back on its address.
+    let listener = TcpListener::bind(addr).await.unwrap();
+    let server = tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = s.read(&mut buf).await {
+                    if n == 0
+                        || s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nback")
+                            .await
+                            .is_err()
+                    {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    for proxy in [&fast, &full] {
+        let r = client.get(proxy.url("/")).send().await.unwrap();
+        assert_eq!(
+            r.status().as_u16(),
+            200,
+            "the first request after the return"
+        );
+    }
+    server.abort();
+}

@@ -1119,6 +1119,17 @@ pub struct PassiveHealth {
     /// Longest ejection period after repeated ejections.
     #[serde(default = "default_max_eject_for")]
     pub max_eject_for: Dur,
+    /// Panic threshold, in percent: while fewer than this share of the pool's
+    /// (actively healthy) endpoints are free of ejection, ejections are ignored and
+    /// requests are balanced over all of them, so that failures on one path (a hanging
+    /// URL, a burst of timeouts) never take a whole pool offline and a pool recovers with
+    /// the first request that succeeds (Envoy's healthy panic threshold). 0 disables.
+    #[serde(default = "default_panic_threshold")]
+    pub panic_threshold: u8,
+    /// At most this share of a pool's endpoints, in percent, is ejected at once (at
+    /// least one endpoint can always be).
+    #[serde(default = "default_max_ejected_percent")]
+    pub max_ejected_percent: u8,
 }
 
 impl Default for PassiveHealth {
@@ -1127,8 +1138,17 @@ impl Default for PassiveHealth {
             consecutive_failures: default_consecutive_failures(),
             eject_for: default_eject_for(),
             max_eject_for: default_max_eject_for(),
+            panic_threshold: default_panic_threshold(),
+            max_ejected_percent: default_max_ejected_percent(),
         }
     }
+}
+
+fn default_panic_threshold() -> u8 {
+    50
+}
+fn default_max_ejected_percent() -> u8 {
+    50
 }
 
 fn default_consecutive_failures() -> u32 {

@@ -802,6 +802,18 @@ fn pool(name: &str, pool: &Pool, discovered: bool, path: &FieldPath, out: &mut V
             "e.g. eject_for = \"10s\", max_eject_for = \"5m\"",
         ));
     }
+    for (key, value) in [
+        ("panic_threshold", ph.panic_threshold),
+        ("max_ejected_percent", ph.max_ejected_percent),
+    ] {
+        if value > 100 {
+            out.push(Issue::new(
+                path.key("passive_health").key(key),
+                format!("{key} is a percentage, got {value}"),
+                "use a value from 0 to 100 (default 50)",
+            ));
+        }
+    }
     let t = &pool.timeouts;
     for (field, d) in [
         ("connect", t.connect),

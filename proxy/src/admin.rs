@@ -227,7 +227,12 @@ pub fn status(live: &Live, generation: &Generation) -> Value {
             let balance = generation.config.pools.get(&p.name).map(|c| c.balance);
             (
                 p.name.clone(),
-                json!({ "balance": balance, "endpoints": endpoints }),
+                json!({
+                    "balance": balance,
+                    "endpoints": endpoints,
+                    // Below the panic threshold: ejections are ignored.
+                    "panic": crate::balance::in_panic(&p.states, now, p.eject.panic_threshold),
+                }),
             )
         })
         .collect();

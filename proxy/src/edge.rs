@@ -18,7 +18,6 @@ use pingora::prelude::HttpPeer;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::{Error, ErrorSource, ErrorType, Result, RetryType};
 
-use crate::balance::PickInput;
 use crate::generation::{remaining, Generation, PoolRt, RouteRt};
 use crate::headers::{hop_by_hop, is_upgrade, joined_cookies};
 use crate::health::{now_ms, InflightGuard};
@@ -111,6 +110,14 @@ impl RequestCtx {
     fn pool(&self) -> Option<&Arc<PoolRt>> {
         self.route().and_then(|r| r.pool.as_ref())
     }
+    /// Whether the pool's retry budget allows another attempt and an endpoint this
+    /// request has not tried can take it.
+    fn retry_left(&self, pool: &PoolRt) -> bool {
+        let key = self.plan.as_ref().and_then(|p| p.key_hash);
+        self.attempts <= pool.retries.attempts
+            && pool.can_retry(key, self.tried.as_slice(), now_ms())
+    }
+
     fn labels(&self) -> (&str, &str) {
         let route = self.route().map_or("", |r| r.name.as_str());
         let pool = self.pool().map_or("", |p| p.name.as_str());
@@ -247,14 +254,7 @@ impl ProxyHttp for Edge {
         }
         // Only consistent hashing reads the key; skip the hashing for other policies.
         let key_hash = ctx.plan.as_ref().and_then(|p| p.key_hash);
-        let Some(idx) = pool.balancer.pick(
-            &pool.states,
-            PickInput {
-                key_hash,
-                tried: ctx.tried.as_slice(),
-                now_ms: now_ms(),
-            },
-        ) else {
+        let Some(idx) = pool.pick(key_hash, ctx.tried.as_slice(), now_ms()) else {
             return Error::e_explain(
                 ErrorType::HTTPStatus(503),
                 format!("pool {} has no available endpoint", pool.name),
@@ -443,7 +443,7 @@ impl ProxyHttp for Edge {
         // Nothing reached the upstream: a retry is safe for any method, but a body that
         // was already read from the client cannot be replayed.
         let body_pending = session.as_ref().retry_buffer_truncated();
-        e.set_retry(ctx.attempts <= pool.retries.attempts && !body_pending);
+        e.set_retry(ctx.retry_left(&pool) && !body_pending);
         e
     }
 
@@ -460,7 +460,7 @@ impl ProxyHttp for Edge {
             return e;
         };
         if ctx.status_retry {
-            e.set_retry(ctx.attempts <= pool.retries.attempts);
+            e.set_retry(ctx.retry_left(&pool));
             return e;
         }
         let kind = if matches!(
@@ -487,7 +487,7 @@ impl ProxyHttp for Edge {
             && !session.as_ref().retry_buffer_truncated()
             && session.response_written().is_none()
             && !is_upgrade(&session.req_header().headers);
-        e.set_retry(safe && ctx.attempts <= pool.retries.attempts);
+        e.set_retry(safe && ctx.retry_left(&pool));
         e
     }
 
@@ -569,7 +569,11 @@ pub(crate) fn record_endpoint_failure(
         return;
     }
     let ep = &pool.endpoints[idx];
-    if let Some(period) = ep.state.record_failure(pool.eject, now_ms()) {
+    let now = now_ms();
+    if let Some(period) = ep
+        .state
+        .record_failure(pool.eject, now, pool.may_eject(now))
+    {
         metrics
             .endpoint_ejections
             .with_label_values(&[pool.name.as_str(), ep.id.as_str()])
@@ -585,10 +589,7 @@ fn status_retry_allowed(session: &Session, ctx: &RequestCtx, pool: &PoolRt) -> b
     let bodiless = ctx.body_bytes == 0
         && !req.headers.contains_key(http::header::TRANSFER_ENCODING)
         && content_length(&req.headers).ok().flatten().unwrap_or(0) == 0;
-    req.method.is_idempotent()
-        && bodiless
-        && !is_upgrade(&req.headers)
-        && ctx.attempts <= pool.retries.attempts
+    req.method.is_idempotent() && bodiless && !is_upgrade(&req.headers) && ctx.retry_left(pool)
 }
 
 /// The status answered for a proxying error.

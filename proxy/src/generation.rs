@@ -95,6 +95,42 @@ impl RouteRt {
     }
 }
 
+impl PoolRt {
+    /// Picks an endpoint for a request with this consistent-hash key that has not
+    /// tried it yet (see [`crate::balance::Balancer::pick`]).
+    #[must_use]
+    pub fn pick(&self, key_hash: Option<u64>, tried: &[usize], now_ms: u64) -> Option<usize> {
+        self.balancer.pick(
+            &self.states,
+            crate::balance::PickInput {
+                key_hash,
+                tried,
+                now_ms,
+                panic_threshold: self.eject.panic_threshold,
+            },
+        )
+    }
+
+    /// Whether a retry has an endpoint to go to: one this request has not tried.
+    #[must_use]
+    pub fn can_retry(&self, key_hash: Option<u64>, tried: &[usize], now_ms: u64) -> bool {
+        self.pick(key_hash, tried, now_ms).is_some()
+    }
+
+    /// Whether one more endpoint may be ejected now without passing the pool's cap
+    /// (`passive_health.max_ejected_percent`; at least one endpoint always may be).
+    #[must_use]
+    pub fn may_eject(&self, now_ms: u64) -> bool {
+        let ejected = self
+            .states
+            .iter()
+            .filter(|s| s.ejected_until(now_ms).is_some())
+            .count();
+        let cap = (self.states.len() * usize::from(self.eject.max_ejected_percent) / 100).max(1);
+        ejected < cap
+    }
+}
+
 /// A pool ready for serving.
 #[derive(Debug)]
 pub struct PoolRt {
@@ -353,6 +389,8 @@ fn build_pool(
             consecutive_failures: pool.passive_health.consecutive_failures,
             base: pool.passive_health.eject_for.0,
             max: pool.passive_health.max_eject_for.0,
+            panic_threshold: pool.passive_health.panic_threshold,
+            max_ejected_percent: pool.passive_health.max_ejected_percent,
         },
         timeouts: pool.timeouts.clone(),
         retries: pool.retries.clone(),

@@ -35,7 +35,6 @@ use rampart_config::Limits;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::balance::PickInput;
 use crate::clock::{self, within};
 use crate::edge::{record_endpoint_failure, Scheme, Tried};
 use crate::generation::{Generation, PoolRt};
@@ -702,6 +701,8 @@ async fn forward<D: Downstream>(
     let mut tried = Tried::default();
     let mut attempts = 0u32;
     let deadline = clock::after(started, pool.timeouts.total.0);
+    // What the last failed attempt would answer.
+    let mut failed = 503;
     let status = loop {
         // The first try starts right after `started` was read.
         let now = if attempts == 0 {
@@ -712,22 +713,19 @@ async fn forward<D: Downstream>(
         if now >= deadline {
             break 504;
         }
-        let Some(idx) = pool.balancer.pick(
-            &pool.states,
-            PickInput {
-                key_hash: plan.key_hash,
-                tried: tried.as_slice(),
-                now_ms: ms_at(now),
-            },
-        ) else {
-            break 503;
+        // No endpoint at all (503), or none left to retry on (the last failure's).
+        let Some(idx) = pool.pick(plan.key_hash, tried.as_slice(), ms_at(now)) else {
+            break failed;
         };
         tried.push(idx);
         attempts += 1;
-        let may_retry = attempts <= pool.retries.attempts;
+        let within_budget = attempts <= pool.retries.attempts;
+        // Whether a retry has somewhere to go; asked only when an attempt fails.
+        let may_retry =
+            || within_budget && pool.can_retry(plan.key_hash, tried.as_slice(), ms_at(now));
         let inflight = pool.endpoints[idx].state.start_request();
         let outcome = attempt(
-            client, request, generation, pool, idx, now, deadline, may_retry, conn,
+            client, request, generation, pool, idx, now, deadline, &may_retry, conn,
         )
         .await;
         drop(inflight);
@@ -740,7 +738,8 @@ async fn forward<D: Downstream>(
             } => {
                 let mut recorded = false;
                 record_endpoint_failure(conn.metrics, pool, Some(idx), kind, &mut recorded);
-                if !(retry && may_retry) {
+                failed = status;
+                if !(retry && within_budget) {
                     break status;
                 }
             }
@@ -765,7 +764,7 @@ async fn attempt<D: Downstream>(
     idx: usize,
     mut now: Instant,
     deadline: Instant,
-    may_retry: bool,
+    may_retry: &(dyn Fn() -> bool + Sync),
     conn: ConnInfo<'_>,
 ) -> Attempt {
     let endpoint = &pool.endpoints[idx];
@@ -862,7 +861,7 @@ async fn attempt<D: Downstream>(
     let ttfb = head_at.duration_since(upstream_started);
     pool.ttfb.observe(ttfb.as_secs_f64());
     pool.states[idx].observe_latency(ttfb, ms_at(head_at));
-    if pool.retries.on_status.contains(&status) && request.idempotent && may_retry {
+    if pool.retries.on_status.contains(&status) && request.idempotent && may_retry() {
         return failed("status", status, true);
     }
     if matches!(status, 502..=504) {

@@ -32,6 +32,8 @@ pub struct Metrics {
     pub rejected_client_connections: IntCounterVec,
     /// Requests answered 429 by a route's rate limit.
     pub rate_limited: IntCounterVec,
+    /// 1 while a pool is below its panic threshold (ejections ignored).
+    pub pool_panic: IntGaugeVec,
     /// The last minutes of traffic, for the dashboard.
     pub rolling: crate::rolling::Rolling,
     pub tls_handshakes: IntCounter,
@@ -86,6 +88,7 @@ impl Metrics {
             rejected_connections: reg(&r, IntCounterVec::new(Opts::new("rampart_rejected_connections_total", "Client connections closed at once because limits.max_connections was reached"), &["listener"]).expect("valid")),
             rejected_client_connections: reg(&r, IntCounterVec::new(Opts::new("rampart_rejected_client_connections_total", "Client connections closed at once because their address had limits.max_connections_per_ip open"), &["listener"]).expect("valid")),
             rate_limited: reg(&r, IntCounterVec::new(Opts::new("rampart_rate_limited_requests_total", "Requests answered 429 by the route's rate limit"), &["route"]).expect("valid")),
+            pool_panic: reg(&r, IntGaugeVec::new(Opts::new("rampart_pool_panic", "1 while fewer than passive_health.panic_threshold percent of a pool's endpoints are free of ejection: ejections are then ignored"), &["pool"]).expect("valid")),
             tls_handshakes: reg(&r, IntCounter::new("rampart_tls_handshakes_total", "Completed TLS handshakes").expect("valid")),
             tls_handshake_failures: reg(&r, IntCounterVec::new(Opts::new("rampart_tls_handshake_failures_total", "Failed TLS handshakes, by reason"), &["reason"]).expect("valid")),
             endpoint_healthy: reg(&r, IntGaugeVec::new(Opts::new("rampart_endpoint_healthy", "1 when an endpoint may receive traffic (active check passing and not ejected)"), &["pool", "endpoint"]).expect("valid")),
@@ -125,7 +128,12 @@ impl Metrics {
     fn refresh(&self, generation: &Generation) {
         let now = now_ms();
         self.endpoint_healthy.reset();
+        self.pool_panic.reset();
         for pool in generation.pools.values() {
+            let panic = crate::balance::in_panic(&pool.states, now, pool.eject.panic_threshold);
+            self.pool_panic
+                .with_label_values(&[pool.name.as_str()])
+                .set(i64::from(panic));
             for ep in &pool.endpoints {
                 self.endpoint_healthy
                     .with_label_values(&[pool.name.as_str(), ep.id.as_str()])

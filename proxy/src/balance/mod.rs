@@ -42,6 +42,8 @@ pub struct PickInput<'a> {
     pub tried: &'a [usize],
     /// The current time in `now_ms()` units.
     pub now_ms: u64,
+    /// The pool's panic threshold in percent (`passive_health.panic_threshold`).
+    pub panic_threshold: u8,
 }
 
 impl Balancer {
@@ -68,24 +70,36 @@ impl Balancer {
         matches!(self.policy, Compiled::ConsistentHash(_))
     }
 
-    /// Picks an endpoint index, or `None` when no endpoint is available.
+    /// Picks an endpoint index that this request has not tried yet (a retry never goes
+    /// back to an endpoint that failed it: after a timeout that would only double the
+    /// wait), or `None` when there is none. Endpoints must pass active checks and be
+    /// free of passive ejection — unless the pool is in panic (fewer than
+    /// `panic_threshold` percent are free of ejection), when ejections are ignored.
     #[must_use]
     pub fn pick(&self, states: &[Arc<EndpointState>], input: PickInput<'_>) -> Option<usize> {
-        self.pick_filtered(states, input, |i| !input.tried.contains(&i))
-            .or_else(|| self.pick_filtered(states, input, |_| true))
+        let panic = in_panic(states, input.now_ms, input.panic_threshold);
+        let now = input.now_ms;
+        let usable = |i: usize| {
+            !input.tried.contains(&i)
+                && if panic {
+                    states[i].is_serving()
+                } else {
+                    states[i].is_available(now)
+                }
+        };
+        self.pick_filtered(states, input, usable)
     }
 
     fn pick_filtered(
         &self,
         states: &[Arc<EndpointState>],
         input: PickInput<'_>,
-        allowed: impl Fn(usize) -> bool,
+        ok: impl Fn(usize) -> bool,
     ) -> Option<usize> {
         let n = states.len();
         if n == 0 {
             return None;
         }
-        let ok = |i: usize| allowed(i) && states[i].is_available(input.now_ms);
         // A retry does not take a turn: it continues from the current position, so a
         // failing endpoint does not shift every other endpoint's share.
         let next = || {
@@ -121,6 +135,27 @@ impl Balancer {
             Compiled::P2cEwma => p2c(states, ok),
         }
     }
+}
+
+/// Whether fewer than `threshold` percent of `states` are free of ejection (and pass
+/// active checks). Stops counting as soon as enough are: a healthy pool costs a few
+/// loads.
+#[must_use]
+pub fn in_panic(states: &[Arc<EndpointState>], now_ms: u64, threshold: u8) -> bool {
+    if threshold == 0 || states.is_empty() {
+        return false;
+    }
+    let needed = (states.len() * usize::from(threshold)).div_ceil(100);
+    let mut available = 0;
+    for s in states {
+        if s.is_available(now_ms) {
+            available += 1;
+            if available >= needed {
+                return false;
+            }
+        }
+    }
+    true
 }
 
 /// Power of two choices: two distinct random available endpoints, the cheaper wins.
@@ -177,6 +212,7 @@ fn gcd(a: u32, b: u32) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::health::EjectPolicy;
     use proptest::prelude::*;
     use std::time::Duration;
 
@@ -237,7 +273,7 @@ mod tests {
     }
 
     #[test]
-    fn retries_avoid_tried_endpoints_while_others_exist() {
+    fn retries_go_only_to_endpoints_not_tried() {
         let s = states(3);
         for policy in ALL {
             let b = Balancer::new(policy, &[1, 1, 1], &ids(3));
@@ -245,20 +281,62 @@ mod tests {
                 let input = PickInput {
                     key_hash: Some(42),
                     tried: &[0, 1],
-                    now_ms: 0,
+                    ..PickInput::default()
                 };
                 assert_eq!(b.pick(&s, input), Some(2), "{policy:?}");
             }
+            // A timed-out request is not sent to the endpoint that timed out again.
             let input = PickInput {
                 key_hash: Some(42),
                 tried: &[0, 1, 2],
-                now_ms: 0,
+                ..PickInput::default()
             };
-            assert!(
-                b.pick(&s, input).is_some(),
-                "{policy:?} falls back to a tried endpoint"
+            assert_eq!(
+                b.pick(&s, input),
+                None,
+                "{policy:?} went back to a tried endpoint"
             );
         }
+    }
+
+    #[test]
+    fn below_the_panic_threshold_ejected_endpoints_take_traffic_again() {
+        let policy = EjectPolicy {
+            consecutive_failures: 1,
+            base: std::time::Duration::from_secs(60),
+            max: std::time::Duration::from_secs(60),
+            panic_threshold: 50,
+            max_ejected_percent: 100,
+        };
+        let s = states(4);
+        // One of four ejected: 75% free, no panic; the ejected one gets nothing.
+        s[0].record_failure(policy, 0, true);
+        let b = Balancer::new(Balance::RoundRobin, &[1; 4], &ids(4));
+        let input = PickInput {
+            panic_threshold: 50,
+            ..PickInput::default()
+        };
+        assert!(!in_panic(&s, 0, 50));
+        assert!((0..100).all(|_| b.pick(&s, input) != Some(0)));
+        // Three of four ejected: panic, all four share the traffic again.
+        s[1].record_failure(policy, 0, true);
+        s[2].record_failure(policy, 0, true);
+        assert!(in_panic(&s, 0, 50));
+        let picked: std::collections::BTreeSet<_> =
+            (0..100).filter_map(|_| b.pick(&s, input)).collect();
+        assert_eq!(picked.len(), 4);
+        // A single ejected endpoint still takes requests: the pool recovers with the
+        // first that succeeds.
+        let one = states(1);
+        one[0].record_failure(policy, 0, true);
+        assert!(!one[0].is_available(0));
+        let b = Balancer::new(Balance::RoundRobin, &[1], &ids(1));
+        assert_eq!(b.pick(&one, input), Some(0));
+        // 0 turns panic off; active health is never overridden.
+        assert_eq!(b.pick(&one, PickInput::default()), None);
+        let down = states(1);
+        down[0].record_probe(false, 1, 1);
+        assert_eq!(b.pick(&down, input), None);
     }
 
     #[test]

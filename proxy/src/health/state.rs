@@ -80,6 +80,10 @@ pub struct EjectPolicy {
     pub base: Duration,
     /// Longest ejection period.
     pub max: Duration,
+    /// Below this share (percent) of endpoints free of ejection, ejections are ignored.
+    pub panic_threshold: u8,
+    /// At most this share (percent) of endpoints is ejected at once (at least one).
+    pub max_ejected_percent: u8,
 }
 
 impl EndpointState {
@@ -88,6 +92,13 @@ impl EndpointState {
     pub fn is_available(&self, now_ms: u64) -> bool {
         self.active_healthy.load(Ordering::Relaxed)
             && self.ejected_until_ms.load(Ordering::Relaxed) <= now_ms
+    }
+
+    /// Whether the endpoint may receive requests when the pool is in panic: active
+    /// checks pass (passive ejection is ignored).
+    #[must_use]
+    pub fn is_serving(&self) -> bool {
+        self.active_healthy.load(Ordering::Relaxed)
     }
 
     /// Whether active checks consider the endpoint healthy.
@@ -143,10 +154,21 @@ impl EndpointState {
 
     /// Records a failed request; ejects the endpoint when the streak reaches the policy's
     /// threshold. Returns the ejection period when it ejected.
-    pub fn record_failure(&self, policy: EjectPolicy, now_ms: u64) -> Option<Duration> {
+    /// `may_eject` is false when the pool's cap of ejected endpoints is reached.
+    pub fn record_failure(
+        &self,
+        policy: EjectPolicy,
+        now_ms: u64,
+        may_eject: bool,
+    ) -> Option<Duration> {
         self.requests.fetch_add(1, Ordering::Relaxed);
         self.failures.fetch_add(1, Ordering::Relaxed);
-        if policy.consecutive_failures == 0 {
+        if policy.consecutive_failures == 0 || !may_eject {
+            return None;
+        }
+        // An endpoint already ejected (a request it took in panic, or one in flight)
+        // does not extend its ejection.
+        if self.ejected_until(now_ms).is_some() {
             return None;
         }
         let streak = self
@@ -260,39 +282,63 @@ mod tests {
         consecutive_failures: 3,
         base: Duration::from_secs(10),
         max: Duration::from_secs(25),
+        panic_threshold: 50,
+        max_ejected_percent: 50,
     };
 
     #[test]
     fn consecutive_failures_eject_with_doubling_backoff_capped() {
         let s = EndpointState::default();
-        assert_eq!(s.record_failure(POLICY, 0), None);
-        assert_eq!(s.record_failure(POLICY, 0), None);
-        assert_eq!(s.record_failure(POLICY, 0), Some(Duration::from_secs(10)));
+        assert_eq!(s.record_failure(POLICY, 0, true), None);
+        assert_eq!(s.record_failure(POLICY, 0, true), None);
+        assert_eq!(
+            s.record_failure(POLICY, 0, true),
+            Some(Duration::from_secs(10))
+        );
         assert!(!s.is_available(5_000));
         assert!(s.is_available(10_000));
         for _ in 0..2 {
-            s.record_failure(POLICY, 10_000);
+            s.record_failure(POLICY, 10_000, true);
         }
         assert_eq!(
-            s.record_failure(POLICY, 10_000),
+            s.record_failure(POLICY, 10_000, true),
             Some(Duration::from_secs(20))
         );
         for _ in 0..2 {
-            s.record_failure(POLICY, 30_000);
+            s.record_failure(POLICY, 30_000, true);
         }
         assert_eq!(
-            s.record_failure(POLICY, 30_000),
+            s.record_failure(POLICY, 30_000, true),
             Some(Duration::from_secs(25))
         );
     }
 
     #[test]
+    fn an_ejected_endpoint_is_not_ejected_again_and_the_cap_holds() {
+        let s = EndpointState::default();
+        for _ in 0..3 {
+            s.record_failure(POLICY, 0, true);
+        }
+        assert!(!s.is_available(1));
+        // Failures while ejected (requests it took in panic) do not extend it.
+        for _ in 0..10 {
+            assert_eq!(s.record_failure(POLICY, 1_000, true), None);
+        }
+        assert!(s.is_available(10_000));
+        let capped = EndpointState::default();
+        for _ in 0..10 {
+            assert_eq!(capped.record_failure(POLICY, 0, false), None);
+        }
+        assert!(capped.is_available(1));
+    }
+
+    #[test]
     fn a_success_resets_the_streak() {
         let s = EndpointState::default();
-        s.record_failure(POLICY, 0);
-        s.record_failure(POLICY, 0);
+        s.record_failure(POLICY, 0, true);
+        s.record_failure(POLICY, 0, true);
         s.record_success();
-        assert_eq!(s.record_failure(POLICY, 0), None);
+        assert_eq!(s.record_failure(POLICY, 0, true), None);
         assert!(s.is_available(0));
     }
 
