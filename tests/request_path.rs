@@ -9,6 +9,7 @@ mod common;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use common::{Proxy, DEADLINE};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -627,4 +628,135 @@ async fn a_pool_recovers_with_the_first_request_after_its_endpoint_returns() {
         );
     }
     server.abort();
+}
+
+/// Sends a body of `len` declared bytes one byte every 2 s; how long until the proxy
+/// cut the request (answered or closed), or `None` if it had not after 20 s.
+async fn trickle(proxy: &Proxy) -> Option<Duration> {
+    let started = Instant::now();
+    let mut s = TcpStream::connect(proxy.http).await.unwrap();
+    let head = "POST /up HTTP/1.1\r\nHost: up.test\r\nContent-Length: 1000\r\n\r\n";
+    s.write_all(head.as_bytes()).await.unwrap();
+    let mut buf = [0u8; 1024];
+    while started.elapsed() < Duration::from_secs(20) {
+        if s.write_all(b"x").await.is_err() {
+            return Some(started.elapsed());
+        }
+        // Waiting for the proxy's answer is the pacing of the trickle.
+        if let Ok(r) = tokio::time::timeout(Duration::from_secs(2), s.read(&mut buf)).await {
+            let _ = r;
+            return Some(started.elapsed());
+        }
+    }
+    None
+}
+
+/// Asks for 16 MiB (with a small receive buffer, so that the kernel cannot hold it
+/// all) and reads nothing for 15 s: the bytes it gets after that.
+async fn stalled_reader(proxy: &Proxy) -> usize {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(64 * 1024).unwrap();
+    let mut s = socket.connect(proxy.http).await.unwrap();
+    s.write_all(b"GET /bytes/16777216 HTTP/1.1\r\nHost: a.test\r\n\r\n")
+        .await
+        .unwrap();
+    // The stall is the stimulus, not a synchronisation.
+    tokio::time::sleep(Duration::from_secs(15)).await;
+    let mut got = 0;
+    let mut buf = vec![0u8; 1 << 16];
+    let read_all = async {
+        while let Ok(n) = s.read(&mut buf).await {
+            if n == 0 {
+                break;
+            }
+            got += n;
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(20), read_all).await;
+    got
+}
+
+/// Uploads 200 KiB at about 50 KB/s; the status.
+async fn slow_upload(proxy: &Proxy) -> u16 {
+    let mut s = TcpStream::connect(proxy.http).await.unwrap();
+    let len = 200 * 1024;
+    let head = format!("POST /up HTTP/1.1\r\nHost: up.test\r\nContent-Length: {len}\r\n\r\n");
+    s.write_all(head.as_bytes()).await.unwrap();
+    let mut ticker = tokio::time::interval(Duration::from_millis(100));
+    for _ in 0..len / 5120 {
+        ticker.tick().await;
+        s.write_all(&[b'u'; 5120]).await.unwrap();
+    }
+    read_response(&mut s).await.0
+}
+
+/// Reads a 1 MiB response at about 64 KB/s; the bytes received.
+async fn slow_reader(proxy: &Proxy) -> usize {
+    let mut s = TcpStream::connect(proxy.http).await.unwrap();
+    s.write_all(b"GET /bytes/1048576 HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut got = 0;
+    let mut buf = vec![0u8; 8192];
+    let mut ticker = tokio::time::interval(Duration::from_millis(125));
+    let read_all = async {
+        loop {
+            ticker.tick().await;
+            match s.read(&mut buf).await {
+                Ok(n) if n > 0 => got += n,
+                _ => break,
+            }
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(40), read_all).await;
+    got
+}
+
+/// Two trickled bodies, a stalled reader, a slow upload and a slow reader, at once.
+async fn slow_clients(proxy: &Proxy) -> (Vec<Option<Duration>>, usize, u16, usize) {
+    let (t1, t2, stalled, upload, read) = tokio::join!(
+        trickle(proxy),
+        trickle(proxy),
+        stalled_reader(proxy),
+        slow_upload(proxy),
+        slow_reader(proxy)
+    );
+    (vec![t1, t2], stalled, upload, read)
+}
+
+/// Defect 8: under the default limits a trickled request body and a reader that
+/// stopped reading are cut within 20 s, while a 50 KB/s upload and a reader on a
+/// 64 KB/s link complete. Both paths, at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn default_limits_cut_slow_attacks_and_serve_slow_clients() {
+    common::init();
+    let backend = common::Backend::start("b").await;
+    let upstream = Recorder::start().await;
+    let body = format!(
+        "[[routes]]\nname = \"up\"\nhosts = [\"up.test\"]\naction = {{ forward = \"up\" }}\n\n\
+         [[routes]]\nname = \"all\"\naction = {{ forward = \"p\" }}\n\n\
+         [pools.up]\nendpoints = [{{ address = \"{}\" }}]\n\n\
+         [pools.p]\nendpoints = [{{ address = \"{}\" }}]\n",
+        upstream.addr, backend.addr
+    );
+    let fast = Proxy::start(&body).await;
+    let full = Proxy::start_with("http1_fast_path = false", &body).await;
+    let (a, b) = tokio::join!(slow_clients(&fast), slow_clients(&full));
+    for (name, (trickles, stalled, upload, read)) in [("fast", a), ("full", b)] {
+        for t in trickles {
+            assert!(
+                t.is_some_and(|t| t < Duration::from_secs(20)),
+                "{name}: a trickled body lasted {t:?}"
+            );
+        }
+        assert!(
+            stalled < 16 << 20,
+            "{name}: a reader stalled for 15 s still got all 16 MiB"
+        );
+        assert_eq!(upload, 200, "{name}: the 50 KB/s upload");
+        assert!(
+            read >= 1 << 20,
+            "{name}: the 64 KB/s reader got {read} bytes"
+        );
+    }
 }

@@ -654,14 +654,19 @@ fn default_header_read_timeout() -> Dur {
 fn default_keepalive_timeout() -> Dur {
     Dur::secs(60)
 }
+/// 10 s, as the pause a real client never reaches: with `min_body_rate` after it, a
+/// trickled body is cut within about 12 s (HAProxy cuts within its 30 s `timeout
+/// client`), while a 50 KB/s upload passes.
 fn default_body_read_timeout() -> Dur {
-    Dur::secs(30)
+    Dur::secs(10)
 }
 fn default_min_body_rate() -> ByteSize {
     ByteSize(256)
 }
+/// 10 s: a reader that takes nothing for that long is gone or attacking; one on a
+/// 64 KB/s link frees room in the socket buffer many times a second.
 fn default_send_timeout() -> Dur {
-    Dur::secs(30)
+    Dur::secs(10)
 }
 fn default_max_body_bytes() -> ByteSize {
     ByteSize(10 << 20)
