@@ -619,21 +619,22 @@ fn error_status(e: &Error) -> u16 {
 async fn buffer_http2_body(
     session: &mut Session,
     ctx: &mut RequestCtx,
-) -> std::result::Result<(), crate::h1::BodyError> {
+) -> std::result::Result<(), crate::fast::BodyError> {
     if !session.as_downstream().is_http2() || session.is_body_empty() {
         return Ok(());
     }
     let declared = content_length(&session.req_header().headers).ok().flatten();
-    let Some(declared) = declared.filter(|&n| n <= crate::h1::MAX_BODY) else {
+    let Some(declared) = declared.filter(|&n| n <= crate::fast::MAX_BODY) else {
         return Ok(());
     };
     session.as_mut().enable_retry_buffering();
     let limits = &ctx.generation.config.limits;
     let mut read = 0u64;
-    let result = crate::h2::read_declared_body(declared, limits, ctx.started, session, |data| {
-        read += data.len() as u64;
-    })
-    .await;
+    let result =
+        crate::fast::h2::read_declared_body(declared, limits, ctx.started, session, |data| {
+            read += data.len() as u64;
+        })
+        .await;
     ctx.body_bytes = read;
     result
 }

@@ -4,7 +4,7 @@
 //!
 //! Flow of a change: config → [`generation::Builder::build`] → swap in [`live::Live`].
 //! Flow of a request: [`listener`] (connection limit, TLS, header deadline) → a
-//! transport: [`h1`] / [`h2`] (the fast paths, for the common request) or [`edge`]
+//! transport: [`fast`] (the HTTP/1 and HTTP/2 fast paths, for the common request) or [`edge`]
 //! (Pingora's `ProxyHttp` phases, for everything) → [`policy::decide`] (one decision
 //! for every transport: [`limits`], [`routing`], [`headers`]; an [`policy::Answer`] or a
 //! forward plan) → the upstream attempt ([`balance`], [`health`]).
@@ -15,10 +15,9 @@ pub mod balance;
 pub mod clock;
 pub mod dashboard;
 pub mod edge;
+pub mod fast;
 pub mod fleet;
 pub mod generation;
-pub mod h1;
-pub mod h2;
 pub mod headers;
 pub mod health;
 pub mod limits;

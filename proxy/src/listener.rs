@@ -31,9 +31,8 @@ use pingora::server::ShutdownWatch;
 use tokio::io::{AsyncWriteExt, ReadBuf};
 
 use crate::edge::{Edge, Scheme};
+use crate::fast::{h1, h2, ConnInfo, Served};
 use crate::generation::Generation;
-use crate::h1::{self, ConnInfo, Served};
-use crate::h2;
 use crate::limits::deadline::{Arrivals, GuardedStream};
 use crate::limits::rate::PerClient;
 use crate::metrics::Metrics;

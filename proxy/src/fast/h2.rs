@@ -20,12 +20,12 @@ use pingora::http::ResponseHeader;
 use pingora::protocols::http::v2::server::HttpSession;
 use prometheus::IntCounter;
 
-use crate::generation::Generation;
-use crate::h1::{
+use super::{
     answer_request, body_failed, finish_upstream_head, forward_request, parse_length, push_header,
     request_line, BodyError, ConnInfo, Downstream, FinalHead, HopByHop, Prepared, MAX_BODY,
     MAX_HEADERS,
 };
+use crate::generation::Generation;
 use crate::headers::{hop_by_hop, joined_cookies};
 use crate::metrics::Metrics;
 use crate::policy::{self, Answer, Forward, Verdict};

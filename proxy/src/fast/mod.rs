@@ -1,0 +1,388 @@
+//! The fast paths: the common request carried by Rampart itself rather than by
+//! Pingora's proxy session, for less CPU per request (loadtest/README.md, "the
+//! data-path question"). What happens to a request is decided by the one request
+//! policy ([`crate::policy::decide`]) that Pingora's path calls too; the fast paths only
+//! move bytes. A request a fast path cannot carry (chunked or large bodies, `Expect`,
+//! upgrades, HTTP/1.0, an incomplete first read) is declined before the policy runs
+//! and goes to Pingora, so no decision is ever made twice.
+//!
+//! - [`h1`]: the HTTP/1 transport (parsing a head, the upstream head, the client).
+//! - [`h2`]: the HTTP/2 transport over Pingora's HTTP/2 session.
+//! - [`upstream`]: the upstream attempt shared by both: balancer pick, pooled
+//!   connection, send, response head, body streamed through, retries, passive health.
+//! - [`chunked`]: where a chunked body ends. [`pool`]: idle upstream connections.
+//!
+//! This module: what the transports share — the request once decided ([`Prepared`]),
+//! where a response goes ([`Downstream`]), answering and counting.
+
+pub mod chunked;
+pub mod h1;
+pub mod h2;
+pub mod pool;
+pub mod upstream;
+
+use std::net::IpAddr;
+use std::time::Instant;
+
+use bytes::BytesMut;
+use http::header::{HeaderName, HeaderValue};
+use http::Method;
+use prometheus::IntCounter;
+use rampart_config::Limits;
+
+use self::upstream::{forward, FinalHead};
+use crate::edge::Scheme;
+use crate::generation::Generation;
+use crate::headers::{HeaderEdits, HOP_BY_HOP};
+use crate::limits::body_too_slow;
+use crate::metrics::Metrics;
+use crate::policy::{Answer, Client, Forward};
+
+/// Most headers parsed in a request or response head; more go to Pingora (requests)
+/// or count as a bad upstream response.
+pub(crate) const MAX_HEADERS: usize = 100;
+
+/// Largest request body the fast path takes (read whole before the upstream request is
+/// sent, so that a retry can send it again); larger ones go to Pingora, which streams.
+pub(crate) const MAX_BODY: u64 = 64 * 1024;
+
+/// What the fast path did with a request.
+#[derive(Debug)]
+pub enum Served {
+    /// Answered; the connection can carry the next request.
+    KeepAlive,
+    /// Answered or failed; the connection closes.
+    Close,
+    /// Not for this path: Pingora serves it, starting from these bytes.
+    Pingora(BytesMut),
+}
+
+/// What a request needs to know about its connection.
+#[derive(Clone, Copy, Debug)]
+pub struct ConnInfo<'a> {
+    /// The listener's scheme.
+    pub scheme: Scheme,
+    /// The client's address.
+    pub peer: Option<IpAddr>,
+    /// Process metrics.
+    pub metrics: &'a Metrics,
+    /// The listener is shutting down: answer with `Connection: close`.
+    pub closing: bool,
+}
+
+impl ConnInfo<'_> {
+    /// The client as the policy sees it.
+    pub(crate) fn client(&self) -> Client {
+        Client {
+            scheme: self.scheme,
+            peer: self.peer,
+        }
+    }
+}
+
+/// Why a request's body could not be read from the client.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum BodyError {
+    /// The client closed the connection or reset the stream: nothing to answer.
+    ClientGone,
+    /// A read took longer than `limits.body_read_timeout`, or the body did not match
+    /// its declared length: 400.
+    Stalled,
+    /// The body came slower than `limits.min_body_rate`: 408.
+    TooSlow,
+    /// An HTTP/2 body longer or shorter than its Content-Length (RFC 9113 §8.1.1): 400.
+    LengthMismatch,
+}
+
+impl BodyError {
+    /// The answer to the client, if it is still there.
+    pub(crate) fn answer(self) -> Option<Answer> {
+        match self {
+            BodyError::ClientGone => None,
+            BodyError::Stalled => Some(Answer::Failed(400)),
+            BodyError::TooSlow => Some(Answer::Failed(408)),
+            BodyError::LengthMismatch => Some(Answer::Refused(
+                crate::limits::Rejection::BodyLengthMismatch,
+            )),
+        }
+    }
+}
+
+/// Answers a request whose body could not be read (nothing when the client went
+/// away) and counts it as the full path counts it.
+pub(crate) async fn body_failed<D: Downstream>(
+    client: &mut D,
+    error: BodyError,
+    request: &Prepared,
+    generation: &Generation,
+    conn: ConnInfo<'_>,
+    started: Instant,
+) {
+    let Some(answer) = error.answer() else { return };
+    client.answer(&answer, request, generation, true).await;
+    count(conn, generation, request.route, answer.status(), started);
+}
+
+/// Writes the policy's answer to `request` and counts it. Returns whether the client
+/// connection can carry another request.
+pub(crate) async fn answer_request<D: Downstream>(
+    client: &mut D,
+    answer: &Answer,
+    request: &Prepared,
+    generation: &Generation,
+    conn: ConnInfo<'_>,
+    started: Instant,
+) -> bool {
+    let close = request.client_close || answer.closes();
+    let sent = client.answer(answer, request, generation, close).await;
+    conn.metrics.count_answer(
+        answer,
+        request.route.map(|r| generation.routes[r].name.as_str()),
+    );
+    D::counter(conn.metrics).inc();
+    count(conn, generation, request.route, answer.status(), started);
+    sent && !close
+}
+
+/// Records a finished request in its route's (or the unrouted) metrics and the
+/// dashboard's rolling window.
+fn count(
+    conn: ConnInfo<'_>,
+    generation: &Generation,
+    route: Option<usize>,
+    status: u16,
+    started: Instant,
+) {
+    let finished = Instant::now();
+    let seconds = finished.duration_since(started).as_secs_f64();
+    let metrics = route.map_or(&generation.unrouted_metrics, |r| {
+        &generation.routes[r].metrics
+    });
+    metrics.observe(status, seconds);
+    conn.metrics.rolling.record(finished, status, seconds);
+}
+
+/// Where the fast path sends a response: an HTTP/1 connection (the upstream's bytes as
+/// framed) or an HTTP/2 stream (head and data frames, see [`crate::h2`]).
+pub(crate) trait Downstream {
+    /// Body bytes are passed decoded (the payload, without chunked framing) rather than
+    /// as the upstream framed them.
+    const PAYLOAD: bool;
+
+    /// The counter of requests this kind of downstream served on the fast path.
+    fn counter(metrics: &Metrics) -> &IntCounter;
+
+    /// Sends the response head `raw` (parsed as `head`) with the first body bytes;
+    /// `end` when they complete the body. False when the client cannot be written to.
+    #[allow(clippy::too_many_arguments)]
+    async fn head(
+        &mut self,
+        raw: &[u8],
+        head: &FinalHead,
+        request: &Prepared,
+        generation: &Generation,
+        close: bool,
+        body: &[u8],
+        end: bool,
+    ) -> bool;
+
+    /// Sends more body bytes; `end` when they complete it.
+    async fn body(&mut self, bytes: &[u8], end: bool) -> bool;
+
+    /// Sends an answer of the proxy's own, rendered by [`Answer`].
+    async fn answer(
+        &mut self,
+        answer: &Answer,
+        request: &Prepared,
+        generation: &Generation,
+        close: bool,
+    ) -> bool;
+}
+
+/// Forwards a prepared request on `client` under `plan` and counts it. Returns whether
+/// the client connection can carry another request.
+pub(crate) async fn forward_request<D: Downstream>(
+    client: &mut D,
+    request: &Prepared,
+    plan: &Forward,
+    generation: &Generation,
+    conn: ConnInfo<'_>,
+    started: Instant,
+) -> bool {
+    let (status, keep_alive) = forward(client, request, plan, generation, conn, started).await;
+    D::counter(conn.metrics).inc();
+    count(conn, generation, request.route, status, started);
+    keep_alive
+}
+
+/// A request the fast path serves, with everything it needs after the policy decided.
+pub(crate) struct Prepared {
+    /// The route that matched, if one did.
+    pub(crate) route: Option<usize>,
+    pub(crate) request_id: HeaderValue,
+    /// The upstream request head, ready to write (empty for an answered request).
+    pub(crate) upstream_head: Vec<u8>,
+    pub(crate) head_request: bool,
+    pub(crate) idempotent: bool,
+    /// The connection closes after this request (the client asked, or the answer
+    /// leaves a body unread).
+    pub(crate) client_close: bool,
+    /// The request body's length (Content-Length).
+    pub(crate) body_len: u64,
+    /// Bytes of the body still to be read from the client (the rest follows the head in
+    /// `upstream_head`).
+    pub(crate) body_missing: usize,
+}
+
+impl Prepared {
+    /// A request forwarded under `plan`, with its upstream head.
+    pub(crate) fn new(
+        parts: &http::request::Parts,
+        plan: &Forward,
+        request_id: HeaderValue,
+        upstream_head: Vec<u8>,
+    ) -> Self {
+        Self {
+            route: Some(plan.route),
+            request_id,
+            upstream_head,
+            head_request: parts.method == Method::HEAD,
+            idempotent: parts.method.is_idempotent(),
+            client_close: false,
+            body_len: 0,
+            body_missing: 0,
+        }
+    }
+
+    /// A request the policy answers.
+    pub(crate) fn answering(
+        parts: &http::request::Parts,
+        route: Option<usize>,
+        request_id: HeaderValue,
+        close: bool,
+    ) -> Self {
+        Self {
+            route,
+            request_id,
+            upstream_head: Vec::new(),
+            head_request: parts.method == Method::HEAD,
+            idempotent: parts.method.is_idempotent(),
+            client_close: close,
+            body_len: 0,
+            body_missing: 0,
+        }
+    }
+
+    /// The request has a body of `len` bytes, of which `early` came with the head.
+    pub(crate) fn with_body(mut self, len: u64, early: &[u8]) -> Self {
+        self.upstream_head.extend_from_slice(early);
+        self.body_len = len;
+        // At most MAX_BODY: fits in usize.
+        self.body_missing = (len - early.len() as u64) as usize;
+        self
+    }
+
+    /// The body read so far arrives slower than `limits.min_body_rate` allows.
+    pub(crate) fn body_too_slow(&self, limits: &Limits, started: Instant) -> bool {
+        let received = self.body_len - self.body_missing as u64;
+        body_too_slow(
+            received,
+            started.elapsed(),
+            limits.body_read_timeout.0,
+            limits.min_body_rate.0,
+        )
+    }
+
+    /// The route's response header rules.
+    pub(crate) fn response_edits<'g>(&self, generation: &'g Generation) -> Option<&'g HeaderEdits> {
+        self.route.map(|r| &generation.routes[r].response_headers)
+    }
+}
+
+/// A Content-Length value: digits only, at most 18 of them.
+pub(crate) fn parse_length(value: &[u8]) -> Option<u64> {
+    let value = value.trim_ascii();
+    if value.is_empty() || value.len() > 18 || !value.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    std::str::from_utf8(value).ok()?.parse().ok()
+}
+
+/// The comma-separated tokens of a header value.
+pub(crate) fn tokens(value: &[u8]) -> impl Iterator<Item = &[u8]> {
+    value
+        .split(|&b| b == b',')
+        .map(<[u8]>::trim_ascii)
+        .filter(|t| !t.is_empty())
+}
+
+/// The hop-by-hop headers of one message: the fixed list of `headers` plus every
+/// header its `Connection` fields name — except the fields the proxy relies on
+/// (Host, Content-Length, Transfer-Encoding), which `Connection` cannot remove.
+pub(crate) struct HopByHop<'a> {
+    named: Vec<&'a [u8]>,
+}
+
+impl<'a> HopByHop<'a> {
+    pub(crate) fn of(headers: &[httparse::Header<'a>]) -> Self {
+        let named = headers
+            .iter()
+            .filter(|h| h.name.eq_ignore_ascii_case("connection"))
+            .flat_map(|h| tokens(h.value))
+            .collect();
+        Self { named }
+    }
+
+    pub(crate) fn contains(&self, name: &str) -> bool {
+        HOP_BY_HOP.iter().any(|h| name.eq_ignore_ascii_case(h))
+            || (self
+                .named
+                .iter()
+                .any(|t| t.eq_ignore_ascii_case(name.as_bytes()))
+                && !crate::headers::PROTECTED
+                    .iter()
+                    .any(|p| name.eq_ignore_ascii_case(p)))
+    }
+}
+
+/// The start of an upstream request head: `METHOD target HTTP/1.1`, the target being
+/// the plan's when it has one, else the client's `raw` one.
+pub(crate) fn request_line(method: &str, raw: &[u8], plan: &Forward) -> Vec<u8> {
+    let mut out = Vec::with_capacity(512);
+    out.extend_from_slice(method.as_bytes());
+    out.push(b' ');
+    match &plan.target {
+        Some(target) => out.extend_from_slice(target.as_bytes()),
+        None => out.extend_from_slice(raw),
+    }
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    out
+}
+
+/// The end of an upstream request head, after the client's own headers: the
+/// forwarding headers the route's rules keep, the rules' own headers, the request id.
+pub(crate) fn finish_upstream_head(
+    out: &mut Vec<u8>,
+    plan: &Forward,
+    edits: &HeaderEdits,
+    id_name: &HeaderName,
+    request_id: &HeaderValue,
+) {
+    for (name, value) in &plan.forwarded {
+        if !edits.drops(name) {
+            push_header(out, name.as_bytes(), value.as_bytes());
+        }
+    }
+    for (name, value) in &edits.set {
+        push_header(out, name.as_str().as_bytes(), value.as_bytes());
+    }
+    push_header(out, id_name.as_str().as_bytes(), request_id.as_bytes());
+    out.extend_from_slice(b"\r\n");
+}
+
+pub(crate) fn push_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    out.extend_from_slice(name);
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}

@@ -1,0 +1,82 @@
+//! Idle upstream connections of the fast paths, per worker thread.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use tokio::net::TcpStream;
+
+use crate::clock::{self};
+
+/// Idle upstream connections kept per endpoint and worker thread.
+const IDLE_PER_ENDPOINT: usize = 64;
+
+/// Idle upstream connections of this worker thread, by endpoint address: taken
+/// last-in first-out (the warmest), dropped after the pool's idle timeout or when the
+/// upstream closed them.
+#[derive(Default)]
+pub struct IdlePool {
+    by_addr: HashMap<SocketAddr, Vec<Idle>>,
+    last_sweep: Option<Instant>,
+}
+
+struct Idle {
+    stream: TcpStream,
+    expires: Instant,
+}
+
+thread_local! {
+    static IDLE: RefCell<IdlePool> = RefCell::new(IdlePool::default());
+}
+
+impl IdlePool {
+    /// A live idle connection to `addr`, if this thread has one that has not expired
+    /// by `now`.
+    pub(crate) fn take(addr: SocketAddr, now: Instant) -> Option<TcpStream> {
+        IDLE.with(|pool| {
+            let mut pool = pool.borrow_mut();
+            let list = pool.by_addr.get_mut(&addr)?;
+            while let Some(idle) = list.pop() {
+                if idle.expires > now && is_open(&idle.stream) {
+                    return Some(idle.stream);
+                }
+            }
+            None
+        })
+    }
+
+    /// Keeps `stream`, idle since `now`, for reuse for up to `idle`.
+    pub(crate) fn put(addr: SocketAddr, stream: TcpStream, idle: Duration, now: Instant) {
+        IDLE.with(|pool| {
+            let mut pool = pool.borrow_mut();
+            // Now and then, drop what expired everywhere (endpoints that left the
+            // configuration are never taken from again).
+            if pool
+                .last_sweep
+                .is_none_or(|t| now.duration_since(t) > Duration::from_secs(5))
+            {
+                pool.last_sweep = Some(now);
+                pool.by_addr.retain(|_, list| {
+                    list.retain(|i| i.expires > now);
+                    !list.is_empty()
+                });
+            }
+            let list = pool.by_addr.entry(addr).or_default();
+            if list.len() >= IDLE_PER_ENDPOINT {
+                list.remove(0);
+            }
+            list.push(Idle {
+                stream,
+                expires: clock::after(now, idle),
+            });
+        });
+    }
+}
+
+/// Whether an idle upstream connection is still open and quiet: a read would block.
+/// (Closed, or bytes the upstream sent unasked: not reusable.)
+fn is_open(stream: &TcpStream) -> bool {
+    let mut probe = [0u8; 1];
+    matches!(stream.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+}

@@ -1,0 +1,710 @@
+//! The upstream attempt of the fast paths: pick an endpoint the request has not tried,
+//! take a pooled connection or connect, send the upstream head, read the response head
+//! (skipping interim 1xx), stream the body through as it is framed, and retry as the
+//! pool's policy allows; passive health and latency are recorded as on Pingora's path.
+
+use std::time::Instant;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use super::chunked::{ChunkScanner, MalformedChunk};
+use super::pool::IdlePool;
+use super::{tokens, ConnInfo, Downstream, Prepared, MAX_HEADERS};
+use crate::clock::{self};
+use crate::edge::{record_endpoint_failure, Tried};
+use crate::generation::{Generation, PoolRt};
+use crate::health::ms_at;
+use crate::policy::{Answer, Forward};
+
+/// Largest upstream response head accepted (Pingora's limit too).
+const MAX_RESPONSE_HEAD: usize = 64 * 1024;
+/// Read buffer for an upstream response.
+const UPSTREAM_BUFFER: usize = 16 * 1024;
+
+/// Largest response (head and body) read whole before the first write to the client
+/// when its bytes have already arrived.
+const COALESCE_LIMIT: usize = 64 * 1024;
+
+/// Why an attempt on an endpoint failed before anything reached the client.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum FailureKind {
+    /// The TCP connect failed or timed out.
+    Connect,
+    /// No (complete) response head within the first-byte timeout or the total.
+    Timeout,
+    /// The connection failed, or the response head was malformed.
+    Error,
+    /// The upstream answered a status the pool retries on.
+    Status,
+}
+
+impl FailureKind {
+    /// The `kind` label of `rampart_upstream_failures_total`, as Pingora's path counts.
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            FailureKind::Connect => "connect",
+            FailureKind::Timeout => "timeout",
+            FailureKind::Error => "error",
+            FailureKind::Status => "status",
+        }
+    }
+}
+
+/// An attempt that failed before the client got anything: `status` is answered
+/// unless another attempt is made (`retry`: safe to make).
+#[derive(Clone, Copy, Debug)]
+struct Failed {
+    kind: FailureKind,
+    status: u16,
+    retry: bool,
+}
+
+impl Failed {
+    fn new(kind: FailureKind, status: u16, retry: bool) -> Self {
+        Self {
+            kind,
+            status,
+            retry,
+        }
+    }
+}
+
+/// How one attempt on one endpoint ended.
+enum Attempt {
+    /// The response (or part of it) went to the client.
+    Done { status: u16, keep_alive: bool },
+    /// Nothing reached the client.
+    Failed(Failed),
+}
+
+/// Proxies a prepared request, trying endpoints as the pool's retry policy allows.
+/// Returns the status logged and whether the client connection goes on.
+pub(crate) async fn forward<D: Downstream>(
+    client: &mut D,
+    request: &Prepared,
+    plan: &Forward,
+    generation: &Generation,
+    conn: ConnInfo<'_>,
+    started: Instant,
+) -> (u16, bool) {
+    let route = &generation.routes[plan.route];
+    let Some(pool) = route.pool.as_deref() else {
+        return (500, false);
+    };
+    let mut tried = Tried::default();
+    let mut attempts = 0u32;
+    let deadline = clock::after(started, pool.timeouts.total.0);
+    // What the last failed attempt would answer.
+    let mut failed = 503;
+    let status = loop {
+        // The first try starts right after `started` was read.
+        let now = if attempts == 0 {
+            started
+        } else {
+            Instant::now()
+        };
+        if now >= deadline {
+            break 504;
+        }
+        // No endpoint at all (503), or none left to retry on (the last failure's).
+        let Some(idx) = pool.pick(plan.key_hash, tried.as_slice(), ms_at(now)) else {
+            break failed;
+        };
+        tried.push(idx);
+        attempts += 1;
+        let within_budget = attempts <= pool.retries.attempts;
+        // Whether a retry has somewhere to go; asked only when an attempt fails.
+        let may_retry =
+            || within_budget && pool.can_retry(plan.key_hash, tried.as_slice(), ms_at(now));
+        let inflight = pool.endpoints[idx].state.start_request();
+        let outcome = attempt(
+            client, request, generation, pool, idx, now, deadline, &may_retry, conn,
+        )
+        .await;
+        drop(inflight);
+        match outcome {
+            Attempt::Done { status, keep_alive } => return (status, keep_alive),
+            Attempt::Failed(f) => {
+                let mut recorded = false;
+                record_endpoint_failure(
+                    conn.metrics,
+                    pool,
+                    Some(idx),
+                    f.kind.as_str(),
+                    &mut recorded,
+                );
+                failed = f.status;
+                if !(f.retry && within_budget) {
+                    break f.status;
+                }
+            }
+        }
+    };
+    // As Pingora's path after a failure: an error answer, and the connection closes.
+    client
+        .answer(&Answer::Failed(status), request, generation, true)
+        .await;
+    (status, false)
+}
+
+/// An upstream connection whose response head has arrived.
+struct Exchanged {
+    upstream: TcpStream,
+    head: FinalHead,
+    /// When the request was written (for the time to first byte).
+    sent_at: Instant,
+}
+
+/// One try on endpoint `idx`, starting `now`, to be over by `deadline` (the route's
+/// total timeout): the exchange of heads, then the body streamed through.
+#[allow(clippy::too_many_arguments)]
+async fn attempt<D: Downstream>(
+    client: &mut D,
+    request: &Prepared,
+    generation: &Generation,
+    pool: &PoolRt,
+    idx: usize,
+    now: Instant,
+    deadline: Instant,
+    may_retry: &(dyn Fn() -> bool + Sync),
+    conn: ConnInfo<'_>,
+) -> Attempt {
+    let mut buf: Vec<u8> = Vec::with_capacity(UPSTREAM_BUFFER);
+    let exchanged = match exchange_heads(request, pool, idx, now, deadline, &mut buf).await {
+        Ok(e) => e,
+        Err(f) => return Attempt::Failed(f),
+    };
+    let status = exchanged.head.status;
+    let head_at = Instant::now();
+    let ttfb = head_at.duration_since(exchanged.sent_at);
+    pool.ttfb.observe(ttfb.as_secs_f64());
+    pool.states[idx].observe_latency(ttfb, ms_at(head_at));
+    if pool.retries.on_status.contains(&status) && request.idempotent && may_retry() {
+        return Attempt::Failed(Failed::new(FailureKind::Status, status, true));
+    }
+    if matches!(status, 502..=504) {
+        let mut recorded = false;
+        let kind = FailureKind::Status.as_str();
+        record_endpoint_failure(conn.metrics, pool, Some(idx), kind, &mut recorded);
+    } else {
+        pool.states[idx].record_success();
+    }
+    let relay = Relay {
+        request,
+        generation,
+        pool,
+        idx,
+        deadline,
+        head_at,
+        close: request.client_close || conn.closing,
+    };
+    relay.run(client, exchanged, buf).await
+}
+
+/// A pooled connection (or, when it turns out stale, one fresh connection), the
+/// request written, and the response head read into `buf` (interim 1xx skipped).
+async fn exchange_heads(
+    request: &Prepared,
+    pool: &PoolRt,
+    idx: usize,
+    mut now: Instant,
+    deadline: Instant,
+    buf: &mut Vec<u8>,
+) -> Result<Exchanged, Failed> {
+    let endpoint = &pool.endpoints[idx];
+    let t = &pool.timeouts;
+    let retry = request.idempotent;
+    let mut stale_seen = false;
+    loop {
+        if now >= deadline {
+            return Err(Failed::new(FailureKind::Timeout, 504, false));
+        }
+        let pooled = if stale_seen {
+            None
+        } else {
+            IdlePool::take(endpoint.addr, now)
+        };
+        let reused = pooled.is_some();
+        let mut upstream = match pooled {
+            Some(s) => s,
+            None => connect(endpoint.addr, clock::after(now, t.connect.0).min(deadline)).await?,
+        };
+        let sent_at = Instant::now();
+        // The first read's limit counts from the write, every later one from its start.
+        let read_limit = clock::after(sent_at, t.first_byte.0).min(deadline);
+        let write = upstream.write_all(&request.upstream_head);
+        match tokio::time::timeout_at(read_limit.into(), write).await {
+            Ok(Ok(())) => {}
+            // A pooled connection the upstream had closed: not the endpoint's fault.
+            Ok(Err(_)) if reused => {
+                stale_seen = true;
+                now = Instant::now();
+                continue;
+            }
+            Ok(Err(_)) => return Err(Failed::new(FailureKind::Error, 502, retry)),
+            Err(_) => return Err(Failed::new(FailureKind::Timeout, 504, retry)),
+        }
+        buf.clear();
+        match read_head(
+            &mut upstream,
+            request,
+            t.first_byte.0,
+            read_limit,
+            deadline,
+            buf,
+        )
+        .await
+        {
+            Ok(head) => {
+                return Ok(Exchanged {
+                    upstream,
+                    head,
+                    sent_at,
+                })
+            }
+            Err(HeadError::Closed) if reused => {
+                stale_seen = true;
+                now = Instant::now();
+            }
+            Err(HeadError::Closed) => return Err(Failed::new(FailureKind::Error, 502, retry)),
+            Err(HeadError::Timeout) => return Err(Failed::new(FailureKind::Timeout, 504, retry)),
+            Err(HeadError::Malformed) => return Err(Failed::new(FailureKind::Error, 502, false)),
+        }
+    }
+}
+
+/// Connects to `addr` by `limit`.
+async fn connect(addr: std::net::SocketAddr, limit: Instant) -> Result<TcpStream, Failed> {
+    match tokio::time::timeout_at(limit.into(), TcpStream::connect(addr)).await {
+        Ok(Ok(s)) => {
+            // Best effort: a socket without it still works, only slower.
+            let _ = s.set_nodelay(true);
+            Ok(s)
+        }
+        Ok(Err(_)) => Err(Failed::new(FailureKind::Connect, 502, true)),
+        Err(_) => Err(Failed::new(FailureKind::Connect, 504, true)),
+    }
+}
+
+/// Why no response head was read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum HeadError {
+    /// The upstream closed (or reset) before sending a byte of it.
+    Closed,
+    /// It did not arrive in time.
+    Timeout,
+    /// It was malformed, ambiguous or too large (or closed half-way).
+    Malformed,
+}
+
+/// Reads a final response head into `buf`: the first read by `first_limit`, each
+/// later one within `pause` (and all by `deadline`).
+async fn read_head(
+    upstream: &mut TcpStream,
+    request: &Prepared,
+    pause: std::time::Duration,
+    first_limit: Instant,
+    deadline: Instant,
+    buf: &mut Vec<u8>,
+) -> Result<FinalHead, HeadError> {
+    let mut limit = first_limit;
+    loop {
+        if buf.len() == buf.capacity() {
+            if buf.len() >= MAX_RESPONSE_HEAD {
+                return Err(HeadError::Malformed);
+            }
+            buf.reserve(UPSTREAM_BUFFER);
+        }
+        match tokio::time::timeout_at(limit.into(), upstream.read_buf(buf)).await {
+            Ok(Ok(0) | Err(_)) if buf.is_empty() => return Err(HeadError::Closed),
+            Ok(Ok(0) | Err(_)) => return Err(HeadError::Malformed),
+            Ok(Ok(_)) => {}
+            Err(_) => return Err(HeadError::Timeout),
+        }
+        loop {
+            match parse_response(buf, request.head_request) {
+                Ok(Some(ResponseHead::Interim(len))) => {
+                    buf.drain(..len);
+                }
+                Ok(Some(ResponseHead::Final(head))) => return Ok(head),
+                Ok(None) => break,
+                Err(MalformedResponse) => return Err(HeadError::Malformed),
+            }
+        }
+        // Only part of the head: the next read gets a pause of its own.
+        limit = clock::after(Instant::now(), pause).min(deadline);
+    }
+}
+
+/// The response body's way from the upstream to the client.
+struct Relay<'a> {
+    request: &'a Prepared,
+    generation: &'a Generation,
+    pool: &'a PoolRt,
+    idx: usize,
+    deadline: Instant,
+    head_at: Instant,
+    /// The client connection closes after this response.
+    close: bool,
+}
+
+impl Relay<'_> {
+    /// Sends the head with what has arrived of the body, then streams the rest as it
+    /// is framed; returns the upstream connection to the idle pool when the body ended
+    /// cleanly.
+    async fn run<D: Downstream>(self, client: &mut D, ex: Exchanged, mut buf: Vec<u8>) -> Attempt {
+        let Exchanged {
+            mut upstream, head, ..
+        } = ex;
+        let endpoint = &self.pool.endpoints[self.idx];
+        let close = self.close || head.body == Body::UntilClose;
+        take_ready_body(&mut upstream, &mut buf, &head);
+        let mut framing = Framing::new(head.body);
+        let mut payload = Vec::new();
+        let first = &buf[head.len..];
+        let (used, body) = framing.pass(first, &mut payload, D::PAYLOAD);
+        let mut clean = used == first.len() && framing.valid;
+        let raw_head = &buf[..head.len];
+        let done = framing.done();
+        let mut client_ok = client
+            .head(
+                raw_head,
+                &head,
+                self.request,
+                self.generation,
+                close,
+                body,
+                done,
+            )
+            .await;
+        let streamed = !framing.done();
+        while client_ok && clean && !framing.done() {
+            if Instant::now() >= self.deadline || endpoint.state.drained(self.pool.drain_timeout) {
+                clean = false;
+                break;
+            }
+            buf.clear();
+            let pause = self.pool.timeouts.first_byte.0;
+            match tokio::time::timeout(pause, upstream.read_buf(&mut buf)).await {
+                Ok(Ok(0)) if framing.body == Body::UntilClose => {
+                    framing.finished = true;
+                    client_ok = client.body(&[], true).await;
+                    break;
+                }
+                Ok(Ok(n)) if n > 0 => {
+                    let (used, body) = framing.pass(&buf, &mut payload, D::PAYLOAD);
+                    clean = used == buf.len() && framing.valid;
+                    client_ok = client.body(body, framing.done()).await;
+                }
+                _ => clean = false,
+            }
+        }
+        let complete = framing.done() && clean;
+        if complete && head.upstream_reusable {
+            let idle_since = if streamed {
+                Instant::now()
+            } else {
+                self.head_at
+            };
+            IdlePool::put(
+                endpoint.addr,
+                upstream,
+                self.pool.timeouts.idle.0,
+                idle_since,
+            );
+        }
+        Attempt::Done {
+            status: head.status,
+            keep_alive: client_ok && complete && !close,
+        }
+    }
+}
+
+/// Reads what has already arrived of a response body that fits in [`COALESCE_LIMIT`],
+/// without waiting, so that the client gets the head and the body in one write (one
+/// system call and one packet instead of one per upstream read).
+fn take_ready_body(upstream: &mut TcpStream, buf: &mut Vec<u8>, head: &FinalHead) {
+    let Body::Length(n) = head.body else { return };
+    let total = (head.len as u64).saturating_add(n);
+    if total > COALESCE_LIMIT as u64 {
+        return;
+    }
+    // `total` fits in usize: it is at most COALESCE_LIMIT.
+    let total = total as usize;
+    if buf.len() < total {
+        buf.reserve(total - buf.len());
+    }
+    while buf.len() < total {
+        match upstream.try_read_buf(buf) {
+            Ok(n) if n > 0 => {}
+            // Nothing more yet, the end of the stream or an error: the body loop sees it.
+            _ => break,
+        }
+    }
+}
+
+/// How a response body is delimited.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Body {
+    /// No body (HEAD, 204, 304).
+    Empty,
+    /// Content-Length.
+    Length(u64),
+    /// Transfer-Encoding ending in chunked.
+    Chunked,
+    /// Read until the upstream closes (the client connection closes too).
+    UntilClose,
+}
+
+/// A parsed upstream response head.
+#[derive(Debug)]
+pub(crate) struct FinalHead {
+    pub(crate) status: u16,
+    /// Bytes of the head in the buffer.
+    len: usize,
+    body: Body,
+    /// The upstream connection can carry another request once the body is read.
+    upstream_reusable: bool,
+}
+
+/// A response head that is malformed or ambiguous (an upgrade not asked for,
+/// Content-Length with Transfer-Encoding, conflicting lengths).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("malformed or ambiguous upstream response head")]
+pub(crate) struct MalformedResponse;
+
+pub(crate) enum ResponseHead {
+    /// A 1xx response (not 101) of this many bytes, which the client never asked for.
+    Interim(usize),
+    Final(FinalHead),
+}
+
+/// Parses an upstream response head: `Ok(None)` while incomplete, `Err` when it is
+/// malformed or ambiguous (an upgrade that was not asked for, Content-Length with
+/// Transfer-Encoding, conflicting lengths).
+pub(crate) fn parse_response(
+    buf: &[u8],
+    head_request: bool,
+) -> Result<Option<ResponseHead>, MalformedResponse> {
+    let mut raw_headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut resp = httparse::Response::new(&mut raw_headers);
+    let len = match resp.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(_) => return Err(MalformedResponse),
+    };
+    let status = resp.code.ok_or(MalformedResponse)?;
+    if status == 101 {
+        return Err(MalformedResponse);
+    }
+    if (100..200).contains(&status) {
+        return Ok(Some(ResponseHead::Interim(len)));
+    }
+    let mut length: Option<u64> = None;
+    let mut chunked: Option<bool> = None;
+    let mut keep_alive = resp.version == Some(1);
+    for h in resp.headers.iter() {
+        if h.name.eq_ignore_ascii_case("content-length") {
+            for part in tokens(h.value) {
+                if !part.iter().all(u8::is_ascii_digit) {
+                    return Err(MalformedResponse);
+                }
+                let n: u64 = std::str::from_utf8(part)
+                    .map_err(|_| MalformedResponse)?
+                    .parse()
+                    .map_err(|_| MalformedResponse)?;
+                if length.is_some_and(|l| l != n) {
+                    return Err(MalformedResponse);
+                }
+                length = Some(n);
+            }
+        } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
+            // The last coding decides (several fields form one list).
+            if let Some(last) = tokens(h.value).last() {
+                chunked = Some(last.eq_ignore_ascii_case(b"chunked"));
+            }
+        } else if h.name.eq_ignore_ascii_case("connection")
+            && tokens(h.value).any(|t| t.eq_ignore_ascii_case(b"close"))
+        {
+            keep_alive = false;
+        }
+    }
+    let body = if head_request || status == 204 || status == 304 {
+        Body::Empty
+    } else {
+        match (chunked, length) {
+            (Some(_), Some(_)) => return Err(MalformedResponse),
+            (Some(true), None) => Body::Chunked,
+            (Some(false), None) | (None, None) => Body::UntilClose,
+            (None, Some(n)) => Body::Length(n),
+        }
+    };
+    Ok(Some(ResponseHead::Final(FinalHead {
+        status,
+        len,
+        body,
+        upstream_reusable: keep_alive && body != Body::UntilClose,
+    })))
+}
+
+/// Tracks where a response body ends as its bytes pass through.
+#[derive(Debug)]
+struct Framing {
+    body: Body,
+    left: u64,
+    chunks: ChunkScanner,
+    finished: bool,
+    /// False once the chunked encoding was malformed.
+    valid: bool,
+}
+
+impl Framing {
+    fn new(body: Body) -> Self {
+        Self {
+            body,
+            left: if let Body::Length(n) = body { n } else { 0 },
+            chunks: ChunkScanner::default(),
+            finished: matches!(body, Body::Empty | Body::Length(0)),
+            valid: true,
+        }
+    }
+
+    /// Takes the body bytes at the start of `bytes`; returns how many belong to it.
+    fn feed(&mut self, bytes: &[u8]) -> usize {
+        match self.body {
+            Body::Empty => 0,
+            Body::Length(_) => {
+                let n = usize::try_from(self.left)
+                    .unwrap_or(usize::MAX)
+                    .min(bytes.len());
+                self.left -= n as u64;
+                self.finished = self.left == 0;
+                n
+            }
+            Body::Chunked => match self.chunks.feed(bytes) {
+                Ok(n) => {
+                    self.finished = self.chunks.is_done();
+                    n
+                }
+                Err(MalformedChunk) => {
+                    self.valid = false;
+                    0
+                }
+            },
+            Body::UntilClose => bytes.len(),
+        }
+    }
+
+    fn done(&self) -> bool {
+        self.finished
+    }
+
+    /// Takes the body bytes at the start of `bytes` as [`Framing::feed`] does, and
+    /// returns how many it took and what to send on: those bytes as framed, or with
+    /// `payload` only the message's data (the chunk data of a chunked body).
+    fn pass<'a>(
+        &mut self,
+        bytes: &'a [u8],
+        payload: &'a mut Vec<u8>,
+        decode: bool,
+    ) -> (usize, &'a [u8]) {
+        if !decode || self.body != Body::Chunked {
+            let used = self.feed(bytes);
+            return (used, &bytes[..used]);
+        }
+        payload.clear();
+        match self
+            .chunks
+            .feed_with(bytes, |data| payload.extend_from_slice(data))
+        {
+            Ok(n) => {
+                self.finished = self.chunks.is_done();
+                (n, payload.as_slice())
+            }
+            Err(MalformedChunk) => {
+                self.valid = false;
+                (0, &[])
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn final_head(raw: &[u8], head_request: bool) -> FinalHead {
+        match parse_response(raw, head_request) {
+            Ok(Some(ResponseHead::Final(h))) => h,
+            _ => panic!("not a final head"),
+        }
+    }
+
+    #[test]
+    fn response_framing_follows_rfc_9112() {
+        let h = final_head(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n", false);
+        assert_eq!((h.body, h.upstream_reusable), (Body::Length(5), true));
+        let h = final_head(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n", true);
+        assert_eq!(h.body, Body::Empty);
+        let h = final_head(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+            false,
+        );
+        assert_eq!(h.body, Body::Chunked);
+        let h = final_head(b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip\r\n\r\n", false);
+        assert_eq!((h.body, h.upstream_reusable), (Body::UntilClose, false));
+        let h = final_head(b"HTTP/1.1 200 OK\r\n\r\n", false);
+        assert_eq!(h.body, Body::UntilClose);
+        let h = final_head(b"HTTP/1.1 204 No Content\r\n\r\n", false);
+        assert_eq!(h.body, Body::Empty);
+        let h = final_head(
+            b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\n",
+            false,
+        );
+        assert!(!h.upstream_reusable);
+        let h = final_head(b"HTTP/1.0 200 OK\r\ncontent-length: 2\r\n\r\n", false);
+        assert!(!h.upstream_reusable);
+        let h = final_head(b"HTTP/1.1 200 OK\r\ncontent-length: 7, 7\r\n\r\n", false);
+        assert_eq!(h.body, Body::Length(7));
+        assert!(matches!(
+            parse_response(
+                b"HTTP/1.1 103 Early Hints\r\nlink: </a>\r\n\r\nHTTP/1.1",
+                false
+            ),
+            Ok(Some(ResponseHead::Interim(40)))
+        ));
+        assert!(matches!(
+            parse_response(b"HTTP/1.1 200 OK\r\ncontent-le", false),
+            Ok(None)
+        ));
+        for bad in [
+            &b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\ntransfer-encoding: chunked\r\n\r\n"[..],
+            b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\ncontent-length: 6\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\ncontent-length: -1\r\n\r\n",
+            b"HTTP/1.1 101 Switching Protocols\r\n\r\n",
+            b"HTTP/1.1 abc\r\n\r\n",
+        ] {
+            assert!(
+                parse_response(bad, false).is_err(),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+    }
+
+    #[test]
+    fn framing_takes_only_the_bodys_bytes() {
+        let mut f = Framing::new(Body::Length(4));
+        assert_eq!(f.feed(b"ab"), 2);
+        assert!(!f.done());
+        assert_eq!(f.feed(b"cdEXTRA"), 2);
+        assert!(f.done());
+        let mut f = Framing::new(Body::Chunked);
+        assert_eq!(f.feed(b"1\r\na\r\n0\r\n\r\nX"), 11);
+        assert!(f.done() && f.valid);
+        let mut f = Framing::new(Body::Chunked);
+        assert_eq!(f.feed(b"zz"), 0);
+        assert!(!f.valid);
+    }
+}
