@@ -138,7 +138,7 @@ fn refusal(
     token_file: Option<&std::path::Path>,
     req: &Request<hyper::body::Incoming>,
 ) -> Option<Response<Full<Bytes>>> {
-    use rampart_pki::admin_auth::{check, AdminAuth, CHALLENGE};
+    use rampart_admin::auth::{check, AdminAuth, CHALLENGE};
     let given = req
         .headers()
         .get(http::header::AUTHORIZATION)

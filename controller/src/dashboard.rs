@@ -24,7 +24,7 @@ pub struct CertificateView {
     pub not_after_unix: u64,
     /// Whole days left (negative: expired).
     pub days_left: i64,
-    /// Fewer than [`rampart_pki::admin_page::WARN_DAYS`] left.
+    /// Fewer than [`rampart_admin::page::WARN_DAYS`] left.
     pub expiring: bool,
     /// Its ACME state, for certificates from an ACME CA.
     pub acme: Option<AcmeReport>,
@@ -67,7 +67,7 @@ pub fn view(
         .iter()
         .filter_map(|c| {
             let (_, not_after) = rampart_pki::validity_pem(&c.chain_pem).ok()?;
-            let (days_left, expiring) = rampart_pki::admin_page::days_left(
+            let (days_left, expiring) = rampart_admin::page::days_left(
                 i64::try_from(not_after).unwrap_or(i64::MAX),
                 i64::try_from(now).unwrap_or(0),
             );
@@ -268,7 +268,7 @@ pub fn body(v: &View) -> Markup {
 /// The whole page.
 #[must_use]
 pub fn page(v: &View) -> Markup {
-    rampart_pki::admin_page::page(
+    rampart_admin::page::page(
         "Rampart controller",
         "fleet, DNS and certificates",
         &body(v),

@@ -6,8 +6,6 @@
 //! Also the one place that writes files atomically ([`write_atomic`]): temp file, fsync,
 //! rename, so that a crash never leaves half a key or half a snapshot behind.
 
-pub mod admin_auth;
-pub mod admin_page;
 
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;

@@ -119,12 +119,12 @@ impl ServeHttp for AdminApp {
 }
 
 /// The response refusing an admin request, if the token in `token_file` is required
-/// and missing or wrong (see [`rampart_pki::admin_auth`]).
+/// and missing or wrong (see [`rampart_admin::auth`]).
 fn refusal(
     token_file: Option<&std::path::Path>,
     given: Option<&http::HeaderValue>,
 ) -> Option<Response<Vec<u8>>> {
-    use rampart_pki::admin_auth::{check, AdminAuth, CHALLENGE};
+    use rampart_admin::auth::{check, AdminAuth, CHALLENGE};
     match check(token_file, given.and_then(|v| v.to_str().ok())) {
         AdminAuth::Open | AdminAuth::Allowed => None,
         AdminAuth::Unreadable(why) => {

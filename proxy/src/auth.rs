@@ -50,7 +50,7 @@ impl BasicAuthRt {
     pub async fn admits(&self, authorization: Option<&[u8]>) -> bool {
         let Some((user, password)) = authorization
             .and_then(|v| std::str::from_utf8(v).ok())
-            .and_then(rampart_pki::admin_auth::basic_credentials)
+            .and_then(rampart_admin::auth::basic_credentials)
         else {
             return false;
         };

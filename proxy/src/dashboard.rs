@@ -113,7 +113,7 @@ pub struct CertificateView {
     pub not_after_unix: i64,
     /// Whole days left (negative: expired).
     pub days_left: i64,
-    /// Fewer than [`rampart_pki::admin_page::WARN_DAYS`] left.
+    /// Fewer than [`rampart_admin::page::WARN_DAYS`] left.
     pub expiring: bool,
 }
 
@@ -241,7 +241,7 @@ fn draining(live: &Live, pool: &str) -> Vec<EndpointView> {
 }
 
 fn certificate_view(name: &str, issuer: &str, not_after: i64, now: i64) -> CertificateView {
-    let (days_left, expiring) = rampart_pki::admin_page::days_left(not_after, now);
+    let (days_left, expiring) = rampart_admin::page::days_left(not_after, now);
     CertificateView {
         name: name.to_string(),
         issuer: issuer.to_string(),
@@ -376,7 +376,7 @@ fn endpoint_class(e: &EndpointView) -> &'static str {
 /// The whole page.
 #[must_use]
 pub fn page(v: &View) -> Markup {
-    rampart_pki::admin_page::page("Rampart", "proxy dashboard", &body(v))
+    rampart_admin::page::page("Rampart", "proxy dashboard", &body(v))
 }
 
 #[cfg(test)]
