@@ -1,5 +1,5 @@
-//! Reloading the controller's configuration file on change or SIGHUP; a file that
-//! does not load keeps the last good configuration.
+//! Reloading the controller's configuration file on change ([`rampart_watch`]) or
+//! SIGHUP; a file that does not load keeps the last good configuration.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -31,7 +31,8 @@ pub(crate) fn spawn_config_watch(
             }
         };
         let mut last = std::fs::read(&path).unwrap_or_default();
-        let mut tick = tokio::time::interval(Duration::from_millis(500));
+        // Events, and a re-check every 5 s where the file system drops them.
+        let mut changes = rampart_watch::FileWatch::new(&path, Some(Duration::from_secs(5)));
         loop {
             let signalled = async {
                 match hup.as_mut() {
@@ -44,7 +45,7 @@ pub(crate) fn spawn_config_watch(
             let forced = tokio::select! {
                 _ = shutdown.changed() => return,
                 () = signalled => true,
-                _ = tick.tick() => false,
+                _ = changes.changed() => false,
             };
             let text = std::fs::read(&path).unwrap_or_default();
             if text == last && !forced {

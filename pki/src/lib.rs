@@ -6,7 +6,6 @@
 //! Also the one place that writes files atomically ([`write_atomic`]): temp file, fsync,
 //! rename, so that a crash never leaves half a key or half a snapshot behind.
 
-
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};

@@ -2,9 +2,9 @@
 //! read → parse → validate → build → swap. A failure at any step keeps the current
 //! generation serving and is logged, counted and shown in /status.
 //!
-//! The directory of the file is watched (not the file), so that editors and
-//! deployment tools that replace the file by renaming a new one over it are seen.
-//! Bursts of events are coalesced for [`SETTLE`] before reading.
+//! The file is watched with [`rampart_watch::FileWatch`] (its directory, so that a
+//! file renamed over it is seen; bursts of events coalesced), as the controller's
+//! configuration and file discovery are.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -12,17 +12,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use notify::{RecursiveMode, Watcher};
 use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
 use tokio::signal::unix::{signal, SignalKind};
-use tokio::sync::mpsc;
 use xxhash_rust::xxh3::xxh3_64;
 
 use crate::live::Live;
-
-/// How long file events must be quiet before the file is read (editors write in steps).
-const SETTLE: Duration = Duration::from_millis(150);
 
 /// What asked for a reload.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -92,33 +87,6 @@ impl ReloadService {
         })
         .await?
     }
-
-    fn watch(&self) -> anyhow::Result<(notify::RecommendedWatcher, mpsc::UnboundedReceiver<()>)> {
-        let (tx, rx) = mpsc::unbounded_channel();
-        let file_name = self.path.file_name().map(std::ffi::OsStr::to_os_string);
-        let mut watcher =
-            notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-                let Ok(event) = event else { return };
-                if event.kind.is_access() {
-                    return;
-                }
-                if event
-                    .paths
-                    .iter()
-                    .any(|p| p.file_name().map(std::ffi::OsStr::to_os_string) == file_name)
-                {
-                    // The receiver only goes away at shutdown.
-                    let _ = tx.send(());
-                }
-            })?;
-        let dir = self
-            .path
-            .parent()
-            .filter(|d| !d.as_os_str().is_empty())
-            .unwrap_or(std::path::Path::new("."));
-        watcher.watch(dir, RecursiveMode::NonRecursive)?;
-        Ok((watcher, rx))
-    }
 }
 
 #[async_trait]
@@ -131,43 +99,18 @@ impl BackgroundService for ReloadService {
                 return;
             }
         };
-        let (_watcher, mut changes) = match self.watch() {
-            Ok((w, rx)) => (Some(w), rx),
-            Err(e) => {
-                tracing::warn!(
-                    "cannot watch {} for changes (SIGHUP still reloads): {e}",
-                    self.path.display()
-                );
-                (None, mpsc::unbounded_channel().1)
-            }
-        };
-        // A file change is acted on once events have been quiet for SETTLE; a SIGHUP
-        // meanwhile is not held up by it.
-        let mut settle_until: Option<tokio::time::Instant> = None;
+        // Events only: SIGHUP is the fallback where the file system gives none.
+        let mut changes = rampart_watch::FileWatch::new(&self.path, None);
         let mut renewal =
             tokio::time::interval_at(tokio::time::Instant::now() + RENEWAL_CHECK, RENEWAL_CHECK);
         loop {
-            let settled = async {
-                match settle_until {
-                    Some(at) => tokio::time::sleep_until(at).await,
-                    None => std::future::pending().await,
-                }
-            };
             let trigger = tokio::select! {
                 _ = shutdown.changed() => break,
                 _ = hup.recv() => {
                     tracing::info!("SIGHUP: reloading {}", self.path.display());
                     Trigger::Signal
                 }
-                Some(()) = changes.recv() => {
-                    // Coalesce a burst of events (truncate + write + close, rename).
-                    settle_until = Some(tokio::time::Instant::now() + SETTLE);
-                    continue;
-                }
-                () = settled => {
-                    settle_until = None;
-                    Trigger::FileChange
-                }
+                _ = changes.changed() => Trigger::FileChange,
                 _ = renewal.tick() => Trigger::Renewal,
             };
             match self.reload(trigger).await {

@@ -9,14 +9,11 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use notify::{RecursiveMode, Watcher};
 use rampart_config::{Endpoint, EndpointFile};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 
 use super::{Found, Provider};
 
-/// Events are coalesced for this long (editors write in several steps).
-const SETTLE: Duration = Duration::from_millis(25);
 /// Full re-read interval, in case the file system dropped an event.
 const RESYNC: Duration = Duration::from_secs(30);
 
@@ -132,32 +129,7 @@ impl Provider for FileProvider {
     }
 
     async fn run(&self, out: watch::Sender<Found>, mut shutdown: watch::Receiver<bool>) {
-        let (tx, mut events) = mpsc::unbounded_channel();
-        let watch_dir = if self.path.is_dir() {
-            self.path.clone()
-        } else {
-            self.path
-                .parent()
-                .filter(|d| !d.as_os_str().is_empty())
-                .map_or_else(|| PathBuf::from("."), Path::to_path_buf)
-        };
-        let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-            if event.is_ok_and(|e| !e.kind.is_access()) {
-                // The receiver lives as long as this provider runs.
-                let _ = tx.send(());
-            }
-        })
-        .and_then(|mut w| w.watch(&watch_dir, RecursiveMode::NonRecursive).map(|()| w));
-        let _watcher = match watcher {
-            Ok(w) => Some(w),
-            Err(e) => {
-                tracing::warn!(
-                    "{}: cannot watch for changes, re-reading every {RESYNC:?}: {e}",
-                    self.name()
-                );
-                None
-            }
-        };
+        let mut changes = rampart_watch::FileWatch::new(&self.path, Some(RESYNC));
         let mut last_good = HashMap::new();
         loop {
             let found = self.read(&mut last_good);
@@ -171,12 +143,7 @@ impl Provider for FileProvider {
             });
             tokio::select! {
                 _ = shutdown.changed() => return,
-                () = tokio::time::sleep(RESYNC) => {}
-                Some(()) = events.recv() => {
-                    // Coalesce the burst.
-                    tokio::time::sleep(SETTLE).await;
-                    while events.try_recv().is_ok() {}
-                }
+                _ = changes.changed() => {}
             }
         }
     }
