@@ -21,8 +21,54 @@ const QUICKSTART: &str = include_str!("../examples/quickstart.toml");
 #[derive(Debug, Parser)]
 #[command(name = "rampart", version, about)]
 struct Cli {
+    /// Log format on stderr: plain text (coloured only on a terminal) or JSON, one
+    /// object per line, for log shippers.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Plain, env = "RAMPART_LOG_FORMAT")]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+/// How logs are written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    /// Human-readable lines; ANSI colours only when stderr is a terminal.
+    Plain,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Set when logs are JSON: the banner lines for people then go through the log too.
+static LOG_JSON: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// A line for the person who started Rampart (where to point a client, which CA to
+/// trust): on stderr as it is, or as a log event when logs are JSON.
+macro_rules! tell {
+    ($($arg:tt)*) => {
+        if LOG_JSON.load(std::sync::atomic::Ordering::Relaxed) {
+            tracing::info!("{}", format!($($arg)*));
+        } else {
+            eprintln!($($arg)*);
+        }
+    };
+}
+
+/// Logs to stderr in `format`, filtered by RUST_LOG (default: info, Pingora's own
+/// chatter at warn).
+fn init_logging(format: LogFormat) {
+    use std::io::IsTerminal as _;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| "info,pingora_core=warn,pingora_proxy=warn".into());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Plain => builder.with_ansi(std::io::stderr().is_terminal()).init(),
+        LogFormat::Json => {
+            LOG_JSON.store(true, std::sync::atomic::Ordering::Relaxed);
+            builder.json().with_current_span(false).init();
+        }
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -195,18 +241,16 @@ fn main() -> ExitCode {
         profile: env!("RAMPART_PROFILE"),
     });
     rampart_proxy::install_crypto_provider();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,pingora_core=warn,pingora_proxy=warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let cli = Cli::parse();
+    init_logging(cli.log_format);
     match run(cli.command) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            if LOG_JSON.load(std::sync::atomic::Ordering::Relaxed) {
+                tracing::error!("{e:#}");
+            } else {
+                eprintln!("error: {e:#}");
+            }
             ExitCode::FAILURE
         }
     }
@@ -331,9 +375,9 @@ fn controller(
         None => rt.block_on(async {
             let mut handle = rampart_controller::start(config, Some(path)).await?;
             if let Some(admin) = handle.admin_addr {
-                eprintln!("Controller admin API: http://{admin}/status  http://{admin}/metrics");
+                tell!("Controller admin API: http://{admin}/status  http://{admin}/metrics");
             }
-            eprintln!("Fleet API: https://{}", handle.fleet_addr);
+            tell!("Fleet API: https://{}", handle.fleet_addr);
             let mut term =
                 tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
             tokio::select! {
@@ -478,7 +522,7 @@ fn serve_up(config: Config, path: Option<PathBuf>, upgrade: bool) -> anyhow::Res
         Some(&config.server.data_dir.join("ca").join("ca.pem")),
     );
     if let Some(dns) = handle.dns_addr {
-        eprintln!("DNS: an embedded server answers on {dns} (udp and tcp)");
+        tell!("DNS: an embedded server answers on {dns} (udp and tcp)");
     }
     // The controller's dashboard beside the proxy's, on the same admin listener.
     let state = handle.state.clone();
@@ -495,7 +539,7 @@ fn serve_up(config: Config, path: Option<PathBuf>, upgrade: bool) -> anyhow::Res
         },
     ));
     if let Some(admin) = config.listeners.admin {
-        eprintln!("Controller dashboard (DNS, ACME, fleet): http://{admin}/controller");
+        tell!("Controller dashboard (DNS, ACME, fleet): http://{admin}/controller");
     }
     serve_snapshots(config, upgrade, None, Some(feed), Some(controller_pages))?;
     rt.block_on(handle.shutdown());
@@ -537,17 +581,17 @@ fn announce(listeners: &rampart_config::Listeners, ca: Option<&Path>) {
     if let Some(https) = listeners.https {
         let port = https.port();
         match ca {
-            Some(ca) => eprintln!(
+            Some(ca) => tell!(
                 "Rampart is serving HTTPS on {https}; the internal CA certificate is {}\n  try: curl --cacert {} https://localhost:{port}/",
                 ca.display(),
                 ca.display()
             ),
-            None => eprintln!("Rampart is serving HTTPS on {https}"),
+            None => tell!("Rampart is serving HTTPS on {https}"),
         }
     }
     if let Some(admin) = listeners.admin {
-        eprintln!("Dashboard: http://{admin}/   (JSON: http://{admin}/api/v1/dashboard)");
-        eprintln!("Admin API: http://{admin}/status  http://{admin}/metrics");
+        tell!("Dashboard: http://{admin}/   (JSON: http://{admin}/api/v1/dashboard)");
+        tell!("Admin API: http://{admin}/status  http://{admin}/metrics");
     }
 }
 

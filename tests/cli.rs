@@ -242,4 +242,61 @@ async fn up_serves_the_welcome_page_over_https_with_the_internal_ca() {
         stderr.contains(&format!("curl --cacert {}", ca.display())),
         "it says where the CA is: {stderr}"
     );
+    // Written to a file, the log has no colour codes.
+    assert!(
+        !stderr.contains('\u{1b}'),
+        "ANSI codes in a log file: {stderr:?}"
+    );
+}
+
+#[tokio::test]
+async fn log_format_json_writes_one_object_per_line() {
+    common::init();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("rampart.toml");
+    let config = format!(
+        "[server]\ndata_dir = {:?}\n\n[listeners]\nhttp = \"{}\"\nadmin = \"{}\"\n\n\
+         [[routes]]\nname = \"hello\"\naction = {{ respond = {{ status = 200, body = \"hi\" }} }}\n",
+        dir.path().join("data"),
+        common::free_addr(),
+        common::free_addr()
+    );
+    std::fs::write(&file, config).unwrap();
+    let log = dir.path().join("proxy.log");
+    let child = Command::new(env!("CARGO_BIN_EXE_rampart"))
+        .args([
+            "proxy",
+            "--log-format",
+            "json",
+            "--config",
+            file.to_str().unwrap(),
+        ])
+        .env("RUST_LOG", "info")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    // Killed when the test ends, also when an assertion fails first.
+    struct Running(std::process::Child);
+    impl Drop for Running {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let running = Running(child);
+    // The banner (where the dashboard is) is the last thing written at start.
+    let text = common::eventually("the proxy to log its banner", || async {
+        let text = std::fs::read_to_string(&log).ok()?;
+        text.lines()
+            .any(|l| l.contains("Admin API"))
+            .then_some(text)
+    })
+    .await;
+    drop(running);
+    for line in text.lines().filter(|l| !l.trim().is_empty()) {
+        let v: serde_json::Value = serde_json::from_str(line)
+            .unwrap_or_else(|e| panic!("not one JSON object per line ({e}): {line}"));
+        assert!(v["level"].is_string() && v["fields"].is_object(), "{line}");
+    }
 }
