@@ -92,9 +92,15 @@ fn check_reports_syntax_and_type_errors_with_position() {
     std::fs::write(&file, "[limits]\nheader_read_timeout = \"ten seconds\"\n").unwrap();
     let (code, out, _) = rampart(&["check", file.to_str().unwrap()]);
     assert_eq!(code, 1);
+    // The bad value where it is written, and the semantic problem of the same file
+    // (no listener) in the same pass.
     assert!(
-        out.starts_with(&format!(
-            "{}:2:23: invalid duration \"ten seconds\"",
+        out.contains(": listeners: neither an http nor an https listener"),
+        "{out}"
+    );
+    assert!(
+        out.contains(&format!(
+            "{}:2:23: limits.header_read_timeout: invalid duration \"ten seconds\"",
             file.display()
         )),
         "{out}"
@@ -102,7 +108,8 @@ fn check_reports_syntax_and_type_errors_with_position() {
     std::fs::write(&file, "[listeners]\nhtp = \"0.0.0.0:80\"\n").unwrap();
     let (_, out, _) = rampart(&["check", file.to_str().unwrap()]);
     assert!(
-        out.contains(":2:1: unknown field `htp`") && out.contains("hint:"),
+        out.contains(":2:1: listeners.htp: unknown field `htp`")
+            && out.contains("hint: did you mean `http`?"),
         "{out}"
     );
 }

@@ -15,6 +15,7 @@
 pub mod build;
 pub mod diagnostics;
 pub mod model;
+mod recover;
 pub mod snapshot;
 pub mod units;
 pub mod validate;
@@ -74,22 +75,31 @@ pub fn load(path: &Path) -> Result<Config, LoadError> {
 /// # Errors
 /// [`LoadError::Invalid`] with every issue found.
 pub fn parse(src: &str, origin: &str) -> Result<Config, LoadError> {
-    let config: Config = toml::from_str(src).map_err(|e| LoadError::Invalid {
+    let invalid = |issues| LoadError::Invalid {
         origin: origin.to_string(),
-        issues: vec![syntax_issue(src, &e)],
-    })?;
-    let mut issues = validate::validate(&config);
+        issues,
+    };
+    // Every deserialisation error (unknown fields, wrong types, invalid values), then
+    // the semantic checks on what deserialised, in one pass.
+    let (config, removed, mut issues) = recover::deserialize_all(src);
+    let Some(config) = config else {
+        if issues.is_empty() {
+            // Not TOML: the TOML parser's error, with its position.
+            let error = toml::from_str::<Config>(src).err();
+            issues.extend(error.map(|e| syntax_issue(src, &e)));
+        }
+        return Err(invalid(issues));
+    };
+    for mut issue in validate::validate(&config) {
+        issue.path = removed.original(&issue.path);
+        issue.position = diagnostics::locate(src, &issue.path);
+        issues.push(issue);
+    }
     if issues.is_empty() {
         return Ok(config);
     }
-    for issue in &mut issues {
-        issue.position = diagnostics::locate(src, &issue.path);
-    }
     issues.sort_by_key(|i| i.position.map(|p| (p.line, p.col)));
-    Err(LoadError::Invalid {
-        origin: origin.to_string(),
-        issues,
-    })
+    Err(invalid(issues))
 }
 
 fn syntax_issue(src: &str, e: &toml::de::Error) -> Issue {
