@@ -149,6 +149,15 @@ fn swap_under_load_scenario_runs() {
     let r = json(&out);
     assert_eq!(r["swaps"], 6);
     assert_eq!(r["failed_requests"], 0);
+    // Requests flowed during the swaps on both kinds of connection (zero requests
+    // would also have zero failures).
+    for kind in ["keepalive", "new_conn"] {
+        let ok = r[kind]["ok"].as_u64().unwrap();
+        assert!(
+            ok > 0,
+            "no {kind} request was answered during the swaps: {r}"
+        );
+    }
 }
 
 #[test]

@@ -40,7 +40,7 @@ pub fn of_request(req: &http::request::Parts, raw_target: &[u8]) -> Result<Autho
     match (target, host_field) {
         (Some(target), Some(field)) => {
             let from_target = parse(target)?;
-            let from_field = parse(field.as_bytes())?;
+            let from_field = of_field(field)?;
             // Same host and port, whatever the case (RFC 9113 §8.3.1 wants them equal).
             if !from_target
                 .value
@@ -52,13 +52,22 @@ pub fn of_request(req: &http::request::Parts, raw_target: &[u8]) -> Result<Autho
             Ok(from_target)
         }
         (Some(target), None) => parse(target),
-        (None, Some(field)) => parse(field.as_bytes()),
+        (None, Some(field)) => of_field(field),
         (None, None) if req.version == http::Version::HTTP_10 => Ok(Authority {
             host: String::new(),
             value: HeaderValue::from_static(""),
         }),
         (None, None) => Err(Rejection::MissingHost),
     }
+}
+
+/// The authority of a `Host` field: validated, and its value shared, not copied.
+fn of_field(field: &HeaderValue) -> Result<Authority, Rejection> {
+    let host = host_of(field.as_bytes())?;
+    Ok(Authority {
+        host,
+        value: field.clone(),
+    })
 }
 
 /// The authority of an absolute-form target (`http://a.test:8080/x` → `a.test:8080`).
@@ -83,6 +92,13 @@ pub fn absolute_form_authority(target: &[u8]) -> Option<&[u8]> {
 /// # Errors
 /// [`Rejection::BadHost`] for anything else (userinfo, quotes, spaces, commas, …).
 pub fn parse(raw: &[u8]) -> Result<Authority, Rejection> {
+    let host = host_of(raw)?;
+    let value = HeaderValue::from_bytes(raw).map_err(|_| Rejection::BadHost)?;
+    Ok(Authority { host, value })
+}
+
+/// The routing host of a valid `host[:port]`.
+fn host_of(raw: &[u8]) -> Result<String, Rejection> {
     let bad = Rejection::BadHost;
     let (host, port) = if let Some(rest) = raw.strip_prefix(b"[") {
         let end = rest.iter().position(|&b| b == b']').ok_or(bad)?;
@@ -121,8 +137,7 @@ pub fn parse(raw: &[u8]) -> Result<Authority, Rejection> {
             return Err(bad);
         }
     }
-    let value = HeaderValue::from_bytes(raw).map_err(|_| bad)?;
-    Ok(Authority { host, value })
+    Ok(host)
 }
 
 #[cfg(test)]
