@@ -20,6 +20,7 @@
 //! `server.http1_fast_path = false` sends every request to Pingora.
 
 use std::io::Write as _;
+use std::future::Future as _;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -360,6 +361,32 @@ pub(crate) fn downstream_head(
     }
     out.extend_from_slice(b"\r\n");
     out
+}
+
+/// What the fast path would send upstream for the request whose first bytes are
+/// `bytes` (its head, then the body bytes that came with it), from a client on
+/// 127.0.0.1: `None` when it declines the request (to Pingora) or the policy answers
+/// it. For the `http1` fuzz target; the policy must complete without waiting (no
+/// `basic_auth` in `generation`), or this answers `None`.
+#[doc(hidden)]
+#[must_use]
+pub fn upstream_request_for(bytes: &[u8], generation: &Generation) -> Option<Vec<u8>> {
+    let mut raw = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let head = Head::parse(bytes, &mut raw)?;
+    let client = crate::policy::Client {
+        scheme: crate::edge::Scheme::Http,
+        peer: Some(std::net::IpAddr::from([127, 0, 0, 1])),
+    };
+    let decide = std::pin::pin!(policy::decide(generation, head.policy_view(), client));
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    let std::task::Poll::Ready(decision) = decide.poll(&mut cx) else {
+        return None;
+    };
+    let Verdict::Forward(plan) = decision.verdict else {
+        return None;
+    };
+    let request = head.prepare(&plan, decision.request_id, generation, bytes);
+    Some(request.upstream_head)
 }
 
 #[cfg(test)]
