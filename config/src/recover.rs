@@ -40,7 +40,7 @@ pub(crate) fn deserialize_all(src: &str) -> (Option<Config>, Removed, Vec<Issue>
             .map(|(d, s)| path_at(d.as_item(), s.start, &FieldPath::root()))
             .unwrap_or_default();
         let original = removed.original(&here);
-        issues.push(issue(src, &error, original.clone()));
+        issues.push(issue(src, &error, &original));
         if here.segments().is_empty() || !remove(doc.as_item_mut(), here.segments()) {
             return (None, removed, issues);
         }
@@ -50,7 +50,7 @@ pub(crate) fn deserialize_all(src: &str) -> (Option<Config>, Removed, Vec<Issue>
 }
 
 /// The issue of one deserialisation error at `path` of the file.
-fn issue(src: &str, error: &toml::de::Error, path: FieldPath) -> Issue {
+fn issue(src: &str, error: &toml::de::Error, path: &FieldPath) -> Issue {
     let message = error.message().trim().to_string();
     let hint = if let Some(unknown) = backticked(&message).first() {
         match closest(unknown, &expected(&message)) {
@@ -68,9 +68,9 @@ fn issue(src: &str, error: &toml::de::Error, path: FieldPath) -> Issue {
     // A bad value is shown where the value is; an unknown or missing field at its key
     // or table.
     issue.position = if backticked(&issue.message).is_empty() || !issue.message.contains("field") {
-        locate_value(src, &path).or_else(|| locate(src, &path))
+        locate_value(src, path).or_else(|| locate(src, path))
     } else {
-        locate(src, &path)
+        locate(src, path)
     };
     issue
 }

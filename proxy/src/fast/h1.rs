@@ -19,8 +19,8 @@
 //!
 //! `server.http1_fast_path = false` sends every request to Pingora.
 
-use std::io::Write as _;
 use std::future::Future as _;
+use std::io::Write as _;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
