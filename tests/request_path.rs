@@ -462,6 +462,37 @@ fn http2_corpus() -> Vec<(&'static str, Vec<u8>, bool)> {
             .concat(),
             false,
         ),
+        // Defect 2: HTTP/2 has no connection-specific fields at all (RFC 9113 §8.2.2).
+        (
+            "connection field",
+            headers(false, "a.test", &[("connection", "host")], true),
+            false,
+        ),
+        // Defect 3: CONNECT (no :scheme, no :path) is refused, never tunnelled.
+        (
+            "CONNECT",
+            frame(HEADERS, END_HEADERS | END_STREAM, 1, &{
+                let mut b = vec![0x02, 7];
+                b.extend_from_slice(b"CONNECT");
+                b.extend_from_slice(&[0x01, 10]);
+                b.extend_from_slice(b"a.test:443");
+                b
+            }),
+            false,
+        ),
+        // Defect 4: a fragment in :path goes upstream as the path that was routed.
+        (
+            "fragment in :path",
+            frame(HEADERS, END_HEADERS | END_STREAM, 1, &{
+                let mut b = vec![0x82, 0x87, 0x04, 17];
+                b.extend_from_slice(b"/public#/../admin");
+                b.extend_from_slice(&[0x01, 6]);
+                b.extend_from_slice(b"a.test");
+                b.extend_from_slice(&literal("x-request-id", "t-2"));
+                b
+            }),
+            true,
+        ),
         (
             "body as declared",
             [
@@ -501,6 +532,12 @@ async fn http2_requests_are_refused_or_forwarded_alike_on_both_paths() {
         }
         if forwarded {
             assert_eq!(ends, [Some(StreamEnd::Answered(0x88)); 2], "{name}");
+            for head in seen.iter().flatten() {
+                assert!(
+                    !head.contains('#'),
+                    "{name}: a fragment went upstream: {head}"
+                );
+            }
             assert_eq!(
                 seen[0].iter().map(|s| canonical(s)).collect::<Vec<_>>(),
                 seen[1].iter().map(|s| canonical(s)).collect::<Vec<_>>(),
@@ -508,14 +545,13 @@ async fn http2_requests_are_refused_or_forwarded_alike_on_both_paths() {
             );
         } else {
             for (end, seen) in ends.iter().zip(&seen) {
-                // Refused (400), reset, or (a stream the client reset) left alone.
-                assert!(
-                    matches!(
-                        end,
-                        None | Some(StreamEnd::Reset | StreamEnd::Answered(0x8c))
-                    ),
-                    "{name}: {end:?}"
-                );
+                // Refused (any status but 200, whose first header byte is 0x88), reset,
+                // or (a stream the client reset) left alone.
+                let refused = match end {
+                    None | Some(StreamEnd::Reset | StreamEnd::ConnectionClosed) => true,
+                    Some(StreamEnd::Answered(first)) => *first != 0x88,
+                };
+                assert!(refused, "{name}: {end:?}");
                 assert!(seen.is_empty(), "{name}: the upstream got {seen:?}");
             }
         }
