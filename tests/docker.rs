@@ -394,8 +394,30 @@ async fn a_backend_service_scales_1_4_1_under_load_without_a_failed_request() {
     .await;
     let connections = 8;
     let load = Load::start("http://web.rampart.test/", proxy.http, connections, 400);
-    eventually("load to flow", || async {
-        who(client.clone()).await.map(|_| ())
+    // The victim must carry load-generator traffic before it dies, or a test without
+    // any failure would prove nothing: its endpoint's request count in /status.
+    let victim_ip = docker(&[
+        "inspect",
+        "-f",
+        "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}",
+        &victim,
+    ]);
+    let served = |status: &serde_json::Value| -> u64 {
+        status["pools"]["web"]["endpoints"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|e| {
+                e["resolved"]
+                    .as_str()
+                    .is_some_and(|r| r.starts_with(&format!("{victim_ip}:")))
+            })
+            .filter_map(|e| e["requests"].as_u64())
+            .sum()
+    };
+    let before_kill = eventually("the victim to serve load-generator traffic", || async {
+        let n = served(&proxy.status().await);
+        (n >= 50).then_some(n)
     })
     .await;
     docker(&["kill", &victim]);
@@ -409,7 +431,7 @@ async fn a_backend_service_scales_1_4_1_under_load_without_a_failed_request() {
     }
     let (requests, failed, errors) = load.stop();
     eprintln!(
-        "SIGKILL of 1 of 2 backends under load: {failed} of {requests} requests failed ({errors})"
+        "SIGKILL of 1 of 2 backends under load: {failed} of {requests} requests failed ({errors}); the victim had served {before_kill}"
     );
     assert!(
         failed <= connections as u64,
