@@ -11,6 +11,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::h2::{frame, DATA, END_HEADERS, END_STREAM, GOAWAY, HEADERS, RST_STREAM};
 use common::{Proxy, DEADLINE};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -285,23 +286,6 @@ struct RawH2 {
     tls: tokio_rustls::client::TlsStream<TcpStream>,
 }
 
-const DATA: u8 = 0;
-const HEADERS: u8 = 1;
-const RST_STREAM: u8 = 3;
-const SETTINGS: u8 = 4;
-const GOAWAY: u8 = 7;
-const END_STREAM: u8 = 1;
-const END_HEADERS: u8 = 4;
-
-fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
-    let len = u32::try_from(payload.len()).unwrap();
-    let mut f = len.to_be_bytes()[1..].to_vec();
-    f.extend_from_slice(&[kind, flags]);
-    f.extend_from_slice(&stream.to_be_bytes());
-    f.extend_from_slice(payload);
-    f
-}
-
 /// An HPACK literal field without indexing (new name, no Huffman coding).
 fn literal(name: &str, value: &str) -> Vec<u8> {
     let mut b = vec![0, u8::try_from(name.len()).unwrap()];
@@ -334,26 +318,9 @@ enum StreamEnd {
 
 impl RawH2 {
     async fn connect(proxy: &Proxy) -> Self {
-        let pem = std::fs::read(proxy.ca_path()).unwrap();
-        let mut store = rustls::RootCertStore::empty();
-        for cert in rustls_pemfile::certs(&mut &pem[..]) {
-            store.add(cert.unwrap()).unwrap();
+        Self {
+            tls: common::h2::connect(proxy).await,
         }
-        let mut config = rustls::ClientConfig::builder()
-            .with_root_certificates(store)
-            .with_no_client_auth();
-        config.alpn_protocols = vec![b"h2".to_vec()];
-        let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
-        let tcp = TcpStream::connect(proxy.https).await.unwrap();
-        let mut tls = connector
-            .connect("a.test".try_into().unwrap(), tcp)
-            .await
-            .unwrap();
-        tls.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
-            .await
-            .unwrap();
-        tls.write_all(&frame(SETTINGS, 0, 0, &[])).await.unwrap();
-        Self { tls }
     }
 
     /// Sends `frames` (stream 1) and reads until stream 1 is answered or reset. When the

@@ -14,6 +14,9 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use common::h2::{
+    frame, CONTINUATION, DATA, END_HEADERS, END_STREAM, GOAWAY, HEADERS, PING, RST_STREAM, SETTINGS,
+};
 use common::Proxy;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -839,27 +842,6 @@ struct RawH2 {
     tls: tokio_rustls::client::TlsStream<TcpStream>,
 }
 
-const DATA: u8 = 0;
-const HEADERS: u8 = 1;
-const RST_STREAM: u8 = 3;
-const SETTINGS: u8 = 4;
-const PING: u8 = 6;
-const GOAWAY: u8 = 7;
-const CONTINUATION: u8 = 9;
-const END_STREAM: u8 = 1;
-const END_HEADERS: u8 = 4;
-
-fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
-    let len = u32::try_from(payload.len()).unwrap();
-    let mut f = Vec::with_capacity(9 + payload.len());
-    f.extend_from_slice(&len.to_be_bytes()[1..]);
-    f.push(kind);
-    f.push(flags);
-    f.extend_from_slice(&stream.to_be_bytes());
-    f.extend_from_slice(payload);
-    f
-}
-
 /// An HPACK block for `GET https://a.test/` (static-table indices and one literal).
 fn get_block() -> Vec<u8> {
     let mut b = vec![0x82, 0x87, 0x84, 0x01, 6];
@@ -869,27 +851,9 @@ fn get_block() -> Vec<u8> {
 
 impl RawH2 {
     async fn connect(proxy: &Proxy) -> Self {
-        let pem = std::fs::read(proxy.ca_path()).unwrap();
-        let mut store = rustls::RootCertStore::empty();
-        for cert in rustls_pemfile::certs(&mut &pem[..]) {
-            store.add(cert.unwrap()).unwrap();
+        Self {
+            tls: common::h2::connect(proxy).await,
         }
-        let mut config = rustls::ClientConfig::builder()
-            .with_root_certificates(store)
-            .with_no_client_auth();
-        config.alpn_protocols = vec![b"h2".to_vec()];
-        let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
-        let tcp = TcpStream::connect(proxy.https).await.unwrap();
-        let mut tls = connector
-            .connect("a.test".try_into().unwrap(), tcp)
-            .await
-            .unwrap();
-        assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
-        tls.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
-            .await
-            .unwrap();
-        tls.write_all(&frame(SETTINGS, 0, 0, &[])).await.unwrap();
-        Self { tls }
     }
 
     /// Writes `frames`; `false` once the proxy closed the connection.

@@ -4,6 +4,7 @@
 
 pub mod engine;
 pub mod etcd;
+pub mod h2;
 pub mod pebble;
 
 use std::collections::HashMap;
