@@ -137,6 +137,14 @@ action = {{ respond = {{ body = "hi" }} }}
     })
     .await;
 
+    // Each proxy's record set is named by its instance id.
+    let instance =
+        |status: serde_json::Value| status["fleet"]["instance"].as_str().unwrap().to_string();
+    let (id1, id2) = (instance(p1.status().await), instance(p2.status().await));
+    let mut both = vec![id1.clone(), id2.clone()];
+    both.sort();
+    assert_eq!(www_sets(&aws, &zone_id).await, both);
+
     // Kill one proxy: no more heartbeats, no more answers to the probe.
     let killed = Instant::now();
     p2.kill();
@@ -155,6 +163,12 @@ action = {{ respond = {{ body = "hi" }} }}
     eprintln!(
         "killed proxy left DNS after {:.2}s (default probe: 2s x 3)",
         killed.elapsed().as_secs_f64()
+    );
+    // The set that remains is the surviving proxy's, not the killed one's.
+    assert_eq!(
+        www_sets(&aws, &zone_id).await,
+        vec![id1.clone()],
+        "killed: {id2}"
     );
 
     // Nothing left to do, and the plan says which instance is published.
