@@ -525,10 +525,38 @@ async fn http2_requests_are_refused_or_forwarded_alike_on_both_paths() {
     }
 }
 
+/// Ten requests that time out on one path, with 60 ordinary GETs meanwhile and 20
+/// after: the statuses of the ordinary ones and of the hanging ones.
+async fn hang_and_serve(client: &reqwest::Client, base: &str) -> (Vec<u16>, Vec<u16>) {
+    let hanging: Vec<_> = (0..10)
+        .map(|_| {
+            let c = client.clone();
+            let url = format!("{base}/slow/60000");
+            tokio::spawn(async move { c.get(url).send().await.map(|r| r.status().as_u16()) })
+        })
+        .collect();
+    let mut ordinary = Vec::new();
+    for _ in 0..60 {
+        let r = client.get(format!("{base}/")).send().await.unwrap();
+        ordinary.push(r.status().as_u16());
+    }
+    let mut timed_out = Vec::new();
+    for h in hanging {
+        timed_out.push(h.await.unwrap().unwrap());
+    }
+    // After all ten timed out (and the endpoint was ejected), the pool still serves.
+    for _ in 0..20 {
+        let r = client.get(format!("{base}/")).send().await.unwrap();
+        ordinary.push(r.status().as_u16());
+    }
+    (ordinary, timed_out)
+}
+
 /// Defect 7 of the black-box battery: requests that time out on one path of a
 /// single-endpoint pool must not take the pool offline for every other path, a
 /// timed-out GET is not retried on the endpoint that timed out, and a pool whose only
-/// endpoint was down serves again with the first request after it is back. Both paths.
+/// endpoint was down serves again with the first request after it is back. Both paths,
+/// HTTP/1 and HTTP/2.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn timeouts_on_one_path_never_take_the_pool_offline() {
     common::init();
@@ -536,51 +564,42 @@ async fn timeouts_on_one_path_never_take_the_pool_offline() {
     // Default passive health and retries; only the first-byte timeout is short, so
     // that the hanging requests end in a second rather than thirty.
     let body = format!(
-        "[[routes]]\nname = \"all\"\naction = {{ forward = \"p\" }}\n\n[pools.p]\nendpoints = [{{ address = \"{}\" }}]\ntimeouts = {{ first_byte = \"1s\" }}\n",
+        "[[tls]]\nhosts = [\"a.test\"]\nsource = \"internal\"\n\n\
+         [[routes]]\nname = \"all\"\naction = {{ forward = \"p\" }}\n\n[pools.p]\nendpoints = [{{ address = \"{}\" }}]\ntimeouts = {{ first_byte = \"1s\" }}\n",
         backend.addr
     );
     let fast = Proxy::start(&body).await;
-    let full = Proxy::start_with("http1_fast_path = false", &body).await;
+    let full = Proxy::start_with("http1_fast_path = false\nhttp2_fast_path = false", &body).await;
     for proxy in [&fast, &full] {
-        let hits = backend.hits();
-        let client = Proxy::http_client();
-        let hanging: Vec<_> = (0..10)
-            .map(|_| {
-                let c = client.clone();
-                let url = proxy.url("/slow/60000");
-                tokio::spawn(async move { c.get(url).send().await.map(|r| r.status().as_u16()) })
-            })
-            .collect();
-        // 60 ordinary GETs while the hanging ones time out (and after).
-        let mut ordinary = Vec::new();
-        for _ in 0..60 {
-            let r = client.get(proxy.url("/")).send().await.unwrap();
-            ordinary.push(r.status().as_u16());
+        let h2 = proxy.client(&["a.test"]);
+        let h2_base = format!("https://a.test:{}", proxy.https.port());
+        let transports = [
+            ("HTTP/1", Proxy::http_client(), proxy.url("")),
+            ("HTTP/2", h2, h2_base),
+        ];
+        for (name, client, base) in transports {
+            let hits = backend.hits();
+            let (ordinary, timed_out) = hang_and_serve(&client, &base).await;
+            assert!(
+                ordinary.iter().all(|&s| s == 200),
+                "{name}: ordinary GETs: {ordinary:?}"
+            );
+            assert_eq!(timed_out, vec![504; 10], "{name}");
+            // Each request reached the one endpoint once: no retry went back to it.
+            assert_eq!(
+                backend.hits() - hits,
+                10 + 80,
+                "{name}: requests the backend saw"
+            );
+            let status = proxy.status().await;
+            let endpoint = &status["pools"]["p"]["endpoints"][0];
+            assert!(
+                endpoint["ejected_for_ms"].is_u64(),
+                "{name}: ejected after ten timeouts: {endpoint}"
+            );
+            assert_eq!(status["pools"]["p"]["panic"], true, "{name}: {status}");
+            assert!(proxy.metric("rampart_pool_panic{pool=\"p\"}").await >= 1.0);
         }
-        let mut timed_out = Vec::new();
-        for h in hanging {
-            timed_out.push(h.await.unwrap().unwrap());
-        }
-        // After all ten timed out (and the endpoint was ejected), the pool still serves.
-        for _ in 0..20 {
-            let r = client.get(proxy.url("/")).send().await.unwrap();
-            ordinary.push(r.status().as_u16());
-        }
-        assert!(
-            ordinary.iter().all(|&s| s == 200),
-            "ordinary GETs: {ordinary:?}"
-        );
-        assert_eq!(timed_out, vec![504; 10]);
-        // Each request reached the one endpoint once: no retry went back to it.
-        assert_eq!(backend.hits() - hits, 10 + 80, "requests the backend saw");
-        let status = proxy.status().await;
-        let endpoint = &status["pools"]["p"]["endpoints"][0];
-        assert!(
-            endpoint["ejected_for_ms"].is_u64(),
-            "ejected after ten timeouts: {endpoint}"
-        );
-        assert_eq!(status["pools"]["p"]["panic"], true, "{status}");
-        assert!(proxy.metric("rampart_pool_panic{pool=\"p\"}").await >= 1.0);
     }
 }
 
@@ -715,40 +734,96 @@ async fn slow_reader(proxy: &Proxy) -> usize {
     got
 }
 
-/// Two trickled bodies, a stalled reader, a slow upload and a slow reader, at once.
+/// Over HTTP/2: a body of 1000 declared bytes sent one byte in a DATA frame every
+/// 2 s; how long until the proxy cut the stream (an answer, a reset, the connection
+/// closed), or `None` if it had not after 20 s.
+async fn trickle_h2(proxy: &Proxy) -> Option<Duration> {
+    let started = Instant::now();
+    let tls = common::h2::connect(proxy).await;
+    let (mut rx, mut tx) = tokio::io::split(tls);
+    let head = block(true, "up.test", &[("content-length", "1000")]);
+    tx.write_all(&frame(HEADERS, END_HEADERS, 1, &head))
+        .await
+        .unwrap();
+    let cut = async {
+        let mut buf = Vec::new();
+        let mut chunk = vec![0u8; 16384];
+        loop {
+            while buf.len() >= 9 {
+                let len =
+                    usize::from(buf[0]) << 16 | usize::from(buf[1]) << 8 | usize::from(buf[2]);
+                if buf.len() < 9 + len {
+                    break;
+                }
+                let (kind, stream) = (buf[3], u32::from_be_bytes(buf[5..9].try_into().unwrap()));
+                if stream == 1 && (kind == HEADERS || kind == RST_STREAM) || kind == GOAWAY {
+                    return;
+                }
+                buf.drain(..9 + len);
+            }
+            match rx.read(&mut chunk).await {
+                Ok(n) if n > 0 => buf.extend_from_slice(&chunk[..n]),
+                _ => return,
+            }
+        }
+    };
+    let send = async {
+        let mut tick = tokio::time::interval(Duration::from_secs(2));
+        while started.elapsed() < Duration::from_secs(20) {
+            tick.tick().await;
+            if tx.write_all(&frame(DATA, 0, 1, b"x")).await.is_err() {
+                return;
+            }
+        }
+        // Not cut: wait for nothing more.
+        std::future::pending::<()>().await;
+    };
+    tokio::select! {
+        () = cut => Some(started.elapsed()),
+        () = send => None,
+        () = tokio::time::sleep(Duration::from_secs(21)) => None,
+    }
+}
+
+/// Two trickled bodies (HTTP/1), one over HTTP/2, a stalled reader, a slow upload and
+/// a slow reader, at once.
 async fn slow_clients(proxy: &Proxy) -> (Vec<Option<Duration>>, usize, u16, usize) {
-    let (t1, t2, stalled, upload, read) = tokio::join!(
+    let (t1, t2, t3, stalled, upload, read) = tokio::join!(
         trickle(proxy),
         trickle(proxy),
+        trickle_h2(proxy),
         stalled_reader(proxy),
         slow_upload(proxy),
         slow_reader(proxy)
     );
-    (vec![t1, t2], stalled, upload, read)
+    (vec![t1, t2, t3], stalled, upload, read)
 }
 
 /// Defect 8: under the default limits a trickled request body and a reader that
 /// stopped reading are cut within 20 s, while a 50 KB/s upload and a reader on a
-/// 64 KB/s link complete. Both paths, at once.
+/// 64 KB/s link complete. Both paths, at once; the trickle over HTTP/1 and HTTP/2.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn default_limits_cut_slow_attacks_and_serve_slow_clients() {
     common::init();
     let backend = common::Backend::start("b").await;
     let upstream = Recorder::start().await;
     let body = format!(
-        "[[routes]]\nname = \"up\"\nhosts = [\"up.test\"]\naction = {{ forward = \"up\" }}\n\n\
+        "[[tls]]\nhosts = [\"a.test\", \"up.test\"]\nsource = \"internal\"\n\n\
+         [[routes]]\nname = \"up\"\nhosts = [\"up.test\"]\naction = {{ forward = \"up\" }}\n\n\
          [[routes]]\nname = \"all\"\naction = {{ forward = \"p\" }}\n\n\
          [pools.up]\nendpoints = [{{ address = \"{}\" }}]\n\n\
          [pools.p]\nendpoints = [{{ address = \"{}\" }}]\n",
         upstream.addr, backend.addr
     );
     let fast = Proxy::start(&body).await;
-    let full = Proxy::start_with("http1_fast_path = false", &body).await;
+    let full = Proxy::start_with("http1_fast_path = false\nhttp2_fast_path = false", &body).await;
     let (a, b) = tokio::join!(slow_clients(&fast), slow_clients(&full));
     for (name, (trickles, stalled, upload, read)) in [("fast", a), ("full", b)] {
         for t in trickles {
+            // Cut by the body-rate rule once its grace (body_read_timeout, 10 s) is
+            // over, not at once for some other reason, and within 20 s.
             assert!(
-                t.is_some_and(|t| t < Duration::from_secs(20)),
+                t.is_some_and(|t| t > Duration::from_secs(9) && t < Duration::from_secs(20)),
                 "{name}: a trickled body lasted {t:?}"
             );
         }
