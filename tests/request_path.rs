@@ -785,23 +785,86 @@ async fn trickle_h2(proxy: &Proxy) -> Option<Duration> {
     }
 }
 
+/// Over HTTP/2: asks for 16 MiB and never opens the flow-control window past the
+/// initial 64 KiB; how long until the proxy gave the stream up (a reset, the connection
+/// closed), or `None` if it had not after 25 s.
+async fn stalled_reader_h2(proxy: &Proxy) -> Option<Duration> {
+    let started = Instant::now();
+    let mut tls = common::h2::connect(proxy).await;
+    let mut head = vec![0x82, 0x87, 0x04, 15];
+    head.extend_from_slice(b"/bytes/16777216");
+    head.extend_from_slice(&[0x01, 6]);
+    head.extend_from_slice(b"a.test");
+    tls.write_all(&frame(HEADERS, END_HEADERS | END_STREAM, 1, &head))
+        .await
+        .unwrap();
+    let given_up = async {
+        let mut buf = Vec::new();
+        let mut chunk = vec![0u8; 16384];
+        loop {
+            while buf.len() >= 9 {
+                let len =
+                    usize::from(buf[0]) << 16 | usize::from(buf[1]) << 8 | usize::from(buf[2]);
+                if buf.len() < 9 + len {
+                    break;
+                }
+                let (kind, stream) = (buf[3], u32::from_be_bytes(buf[5..9].try_into().unwrap()));
+                if stream == 1 && kind == RST_STREAM || kind == GOAWAY {
+                    return;
+                }
+                buf.drain(..9 + len);
+            }
+            match tls.read(&mut chunk).await {
+                Ok(n) if n > 0 => buf.extend_from_slice(&chunk[..n]),
+                _ => return,
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(25), given_up)
+        .await
+        .ok()
+        .map(|()| started.elapsed())
+}
+
+/// What [`slow_clients`] saw.
+struct SlowClients {
+    /// How long each trickled body lasted (HTTP/1, HTTP/1, HTTP/2).
+    trickles: Vec<Option<Duration>>,
+    /// Bytes an HTTP/1 reader got after stalling 15 s.
+    stalled: usize,
+    /// When the proxy gave up on an HTTP/2 reader that opened no window.
+    stalled_h2: Option<Duration>,
+    /// The 50 KB/s upload's status.
+    upload: u16,
+    /// Bytes the 64 KB/s reader got.
+    read: usize,
+}
+
 /// Two trickled bodies (HTTP/1), one over HTTP/2, a stalled reader, a slow upload and
 /// a slow reader, at once.
-async fn slow_clients(proxy: &Proxy) -> (Vec<Option<Duration>>, usize, u16, usize) {
-    let (t1, t2, t3, stalled, upload, read) = tokio::join!(
+async fn slow_clients(proxy: &Proxy) -> SlowClients {
+    let (t1, t2, t3, stalled, stalled_h2, upload, read) = tokio::join!(
         trickle(proxy),
         trickle(proxy),
         trickle_h2(proxy),
         stalled_reader(proxy),
+        stalled_reader_h2(proxy),
         slow_upload(proxy),
         slow_reader(proxy)
     );
-    (vec![t1, t2, t3], stalled, upload, read)
+    SlowClients {
+        trickles: vec![t1, t2, t3],
+        stalled,
+        stalled_h2,
+        upload,
+        read,
+    }
 }
 
 /// Defect 8: under the default limits a trickled request body and a reader that
 /// stopped reading are cut within 20 s, while a 50 KB/s upload and a reader on a
-/// 64 KB/s link complete. Both paths, at once; the trickle over HTTP/1 and HTTP/2.
+/// 64 KB/s link complete. Both paths, at once; the trickle and the stalled reader over
+/// HTTP/1 and HTTP/2.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn default_limits_cut_slow_attacks_and_serve_slow_clients() {
     common::init();
@@ -818,7 +881,18 @@ async fn default_limits_cut_slow_attacks_and_serve_slow_clients() {
     let fast = Proxy::start(&body).await;
     let full = Proxy::start_with("http1_fast_path = false\nhttp2_fast_path = false", &body).await;
     let (a, b) = tokio::join!(slow_clients(&fast), slow_clients(&full));
-    for (name, (trickles, stalled, upload, read)) in [("fast", a), ("full", b)] {
+    for (name, seen) in [("fast", a), ("full", b)] {
+        let SlowClients {
+            trickles,
+            stalled,
+            stalled_h2,
+            upload,
+            read,
+        } = seen;
+        assert!(
+            stalled_h2.is_some_and(|t| t < Duration::from_secs(20)),
+            "{name}: an HTTP/2 reader that opened no window held its stream {stalled_h2:?}"
+        );
         for t in trickles {
             // Cut by the body-rate rule once its grace (body_read_timeout, 10 s) is
             // over, not at once for some other reason, and within 20 s.
