@@ -893,8 +893,12 @@ impl RawH2 {
 /// HTTP/2 attacks on one connection each — rapid reset (CVE-2023-44487), a
 /// CONTINUATION flood, an oversized header list, more concurrent streams than allowed,
 /// SETTINGS and PING floods — while h2load measures a normal HTTP/2 client: the proxy
-/// stays up, its memory stays bounded, the attack connection is refused or closed, and
-/// the normal client is served throughout.
+/// stays up, its memory stays bounded, and the normal client is served throughout. The
+/// rapid reset, CONTINUATION and oversized-header attacks get a GOAWAY and put no
+/// request upstream (at most the stream limit, 100, for rapid reset); streams over the
+/// limit are reset and only the allowed 100 reach the upstream; SETTINGS and PING
+/// floods are answered frame for frame (the attacker pays for reading the answers) with
+/// no request upstream.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http2_floods_are_contained_while_others_are_served() {
     let _heavy = HEAVY.lock().await;
@@ -1053,6 +1057,30 @@ async fn http2_floods_are_contained_while_others_are_served() {
             "{name}: {answer}; {upstream} upstream; normal client {ok}/1000 at {rate:.0} req/s"
         );
         assert_eq!(ok, 1000, "{name}: the normal client failed: {text}");
+        // Containment, per attack: how the attacking connection was answered, and how
+        // many of its requests reached the upstream.
+        let resets = kinds.get(&RST_STREAM).copied().unwrap_or(0);
+        if name.starts_with("rapid reset") {
+            assert!(goaway.is_some(), "{name}: no GOAWAY ({answer})");
+            assert!(
+                upstream <= 100,
+                "{name}: {upstream} requests reached the upstream"
+            );
+        } else if name.starts_with("CONTINUATION") || name.starts_with("oversized") {
+            assert!(
+                goaway.is_some() || !accepted,
+                "{name}: not refused ({answer})"
+            );
+            assert_eq!(upstream, 0, "{name}: requests reached the upstream");
+        } else if name.starts_with("1000 concurrent") {
+            assert!(resets >= 900, "{name}: {resets} streams reset ({answer})");
+            assert!(
+                upstream <= 100,
+                "{name}: {upstream} requests reached the upstream"
+            );
+        } else {
+            assert_eq!(upstream, 0, "{name}: requests reached the upstream");
+        }
         table.push_str(&format!(
             "| {name} | {answer} | {upstream} | {ok}/1000 ok, {rate:.0} req/s (alone: {baseline:.0}) |\n"
         ));
