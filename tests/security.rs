@@ -34,6 +34,9 @@ struct Seen {
 struct Recorder {
     addr: SocketAddr,
     seen: Arc<Mutex<Vec<Seen>>>,
+    /// The path of every request head, recorded as soon as the head is complete (a head
+    /// forwarded with a pending or cut body shows here, not in `seen`).
+    heads: Arc<Mutex<Vec<String>>>,
     garbage: Arc<Mutex<Vec<String>>>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -49,16 +52,17 @@ impl Recorder {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let seen = Arc::new(Mutex::new(Vec::new()));
+        let heads = Arc::new(Mutex::new(Vec::new()));
         let garbage = Arc::new(Mutex::new(Vec::new()));
-        let (s, g) = (seen.clone(), garbage.clone());
+        let (s, h, g) = (seen.clone(), heads.clone(), garbage.clone());
         let task = tokio::spawn(async move {
             loop {
                 let Ok((conn, _)) = listener.accept().await else {
                     return;
                 };
-                let (s, g) = (s.clone(), g.clone());
+                let (s, h, g) = (s.clone(), h.clone(), g.clone());
                 tokio::spawn(async move {
-                    if let Err(e) = serve(conn, &s).await {
+                    if let Err(e) = serve(conn, &s, &h).await {
                         g.lock().unwrap().push(e);
                     }
                 });
@@ -67,9 +71,20 @@ impl Recorder {
         Self {
             addr,
             seen,
+            heads,
             garbage,
             task,
         }
+    }
+
+    /// The heads whose path starts with `prefix`, complete bodies or not.
+    fn heads(&self, prefix: &str) -> usize {
+        self.heads
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|p| p.starts_with(prefix))
+            .count()
     }
 
     /// The requests whose path starts with `prefix`.
@@ -85,7 +100,11 @@ impl Recorder {
 }
 
 /// Serves one upstream connection; `Err` names what could not be parsed.
-async fn serve(mut conn: TcpStream, seen: &Mutex<Vec<Seen>>) -> Result<(), String> {
+async fn serve(
+    mut conn: TcpStream,
+    seen: &Mutex<Vec<Seen>>,
+    heads: &Mutex<Vec<String>>,
+) -> Result<(), String> {
     let mut buf = Vec::new();
     loop {
         // Headers.
@@ -114,6 +133,7 @@ async fn serve(mut conn: TcpStream, seen: &Mutex<Vec<Seen>>) -> Result<(), Strin
             }
         };
         buf.drain(..head_len);
+        heads.lock().unwrap().push(path.clone());
         let get = |name: &str| {
             headers
                 .iter()
@@ -201,22 +221,47 @@ enum Want {
     One,
     /// Either of the above.
     RefusedOrOne,
+    /// Refused to the client after the head went upstream with a body that is then cut
+    /// (the proxy streams a chunked body and finds it malformed part-way): the
+    /// upstream never gets a complete request, let alone a second one. Or refused.
+    RefusedOrCut,
 }
 
-/// Sends `request` on a fresh connection and returns the status codes of every response
-/// read before the proxy closed or went quiet for a second (`[]`: closed with none).
-async fn send(addr: SocketAddr, request: &[u8]) -> Vec<u16> {
+/// What a probe got: the status codes of every response read, and whether the proxy
+/// hung (no answer at all and the connection still open after 3 s of silence).
+struct Sent {
+    statuses: Vec<u16>,
+    hung: bool,
+}
+
+/// Sends `request` on a fresh connection and reads until the proxy closes or goes quiet
+/// for 3 s (`statuses` empty and not `hung`: closed with no answer).
+async fn send(addr: SocketAddr, request: &[u8]) -> Sent {
     let mut s = TcpStream::connect(addr).await.unwrap();
     let _ = s.write_all(request).await;
     let mut buf = Vec::new();
     let mut chunk = [0u8; 8192];
-    while let Ok(Ok(n)) = tokio::time::timeout(Duration::from_secs(1), s.read(&mut chunk)).await {
-        if n == 0 {
-            break;
+    let mut closed = false;
+    loop {
+        match tokio::time::timeout(Duration::from_secs(3), s.read(&mut chunk)).await {
+            Ok(Ok(n)) if n > 0 => buf.extend_from_slice(&chunk[..n]),
+            Ok(_) => {
+                closed = true;
+                break;
+            }
+            Err(_) => break,
         }
-        buf.extend_from_slice(&chunk[..n]);
     }
-    let text = String::from_utf8_lossy(&buf);
+    let statuses = statuses(&buf);
+    Sent {
+        hung: statuses.is_empty() && !closed,
+        statuses,
+    }
+}
+
+/// The status codes of the HTTP/1 responses in `buf`.
+fn statuses(buf: &[u8]) -> Vec<u16> {
+    let text = String::from_utf8_lossy(buf);
     text.match_indices("HTTP/1.")
         .filter_map(|(i, _)| {
             let rest = &text[i..];
@@ -233,7 +278,7 @@ async fn send(addr: SocketAddr, request: &[u8]) -> Vec<u16> {
 /// path prefix, so the recorder attributes what reaches it; a smuggled request asks for
 /// `{P}-smuggled`.
 fn probes() -> Vec<(&'static str, String, Want)> {
-    use Want::{One, Refused, RefusedOrOne};
+    use Want::{One, Refused, RefusedOrCut, RefusedOrOne};
     let big = "a".repeat(70_000);
     let many: String = (0..200).map(|i| format!("X-H{i}: v\r\n")).collect();
     vec![
@@ -257,11 +302,11 @@ fn probes() -> Vec<(&'static str, String, Want)> {
         ("Transfer-Encoding: CHUNKED (case)", "POST {P} HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: CHUNKED\r\nConnection: close\r\n\r\n0\r\n\r\n".into(), RefusedOrOne),
         ("Transfer-Encoding: \\x0bchunked (vertical tab)", "POST {P} HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: \x0bchunked\r\n\r\n0\r\n\r\n".into(), Refused),
         ("obsolete line folding of Transfer-Encoding", "POST {P} HTTP/1.1\r\nHost: a\r\nX-Fold: a\r\n Transfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n0\r\n\r\n".into(), Refused),
-        ("invalid chunk size", "POST {P} HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\nGET {P}-smuggled HTTP/1.1\r\nHost: a\r\n\r\n".into(), Refused),
-        ("chunk size overflow", "POST {P} HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\nffffffffffffffffff1\r\nhello\r\n0\r\n\r\n".into(), Refused),
-        ("chunk size with a NUL", "POST {P} HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n5\x00\r\nhello\r\n0\r\n\r\n".into(), Refused),
+        ("invalid chunk size", "POST {P} HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\nGET {P}-smuggled HTTP/1.1\r\nHost: a\r\n\r\n".into(), RefusedOrCut),
+        ("chunk size overflow", "POST {P} HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\nffffffffffffffffff1\r\nhello\r\n0\r\n\r\n".into(), RefusedOrCut),
+        ("chunk size with a NUL", "POST {P} HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n5\x00\r\nhello\r\n0\r\n\r\n".into(), RefusedOrCut),
         ("chunk extension (valid)", "POST {P} HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n5;name=value\r\nhello\r\n0\r\n\r\n".into(), RefusedOrOne),
-        ("chunk data longer than its size", "POST {P} HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nhelloGET {P}-smuggled HTTP/1.1\r\nHost: a\r\n\r\n0\r\n\r\n".into(), Refused),
+        ("chunk data longer than its size", "POST {P} HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nhelloGET {P}-smuggled HTTP/1.1\r\nHost: a\r\n\r\n0\r\n\r\n".into(), RefusedOrCut),
         ("bare LF line endings", "GET {P} HTTP/1.1\nHost: a\nConnection: close\n\n".into(), RefusedOrOne),
         ("bare CR in a header", "GET {P} HTTP/1.1\r\nHost: a\r\nX-A: b\rX-B: c\r\n\r\n".into(), Refused),
         ("NUL in a header value", "GET {P} HTTP/1.1\r\nHost: a\r\nX-A: b\x00c\r\n\r\n".into(), Refused),
@@ -286,72 +331,99 @@ fn probes() -> Vec<(&'static str, String, Want)> {
     ]
 }
 
+/// The body a probe's one forwarded request must carry: "hello" when the probe sends
+/// it, else nothing.
+fn expected_body(request: &str) -> &'static [u8] {
+    let body = request.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    if body.contains("hello") {
+        b"hello"
+    } else {
+        b""
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn smuggling_and_parsing_probes_are_refused_or_forwarded_as_one_clean_request() {
     common::init();
     let recorder = Recorder::start().await;
-    let proxy = Proxy::start(&format!(
+    let body = format!(
         "[[routes]]\nname = \"all\"\naction = {{ forward = \"p\" }}\n\n[pools.p]\nendpoints = [{{ address = \"{}\" }}]\n",
         recorder.addr
-    ))
-    .await;
+    );
+    // Every probe through the fast paths and through Pingora's path.
+    let fast = Proxy::start(&body).await;
+    let full = Proxy::start_with("http1_fast_path = false", &body).await;
     let probes = probes();
-    let results =
-        futures_util::future::join_all(probes.iter().enumerate().map(|(i, (_, request, _))| {
-            let request = request.replace("{P}", &format!("/p{i:02}"));
-            async move { send(proxy.http, request.as_bytes()).await }
-        }))
-        .await;
-    // Let anything the proxy forwarded late arrive before counting.
-    tokio::time::sleep(Duration::from_millis(200)).await;
-
     let mut table = String::from(
-        "| probe | Rampart answered | requests upstream | verdict |\n|---|---|---|---|\n",
+        "| probe | path | Rampart answered | requests upstream | verdict |\n|---|---|---|---|---|\n",
     );
     let mut failures = Vec::new();
     let mut verdicts: BTreeMap<&str, usize> = BTreeMap::new();
-    for (i, ((name, _, want), statuses)) in probes.iter().zip(&results).enumerate() {
-        let prefix = format!("/p{i:02}");
-        let upstream = recorder.requests(&prefix);
-        let smuggled = upstream.iter().any(|s| s.path.contains("-smuggled"));
-        let refused = statuses
-            .first()
-            .is_none_or(|s| matches!(s, 400 | 413 | 414 | 431 | 501 | 505));
-        let got = match (refused, upstream.len(), statuses.first()) {
-            (true, 0, _) => Some(Want::Refused),
-            (false, 1, Some(200)) if !smuggled => Some(Want::One),
-            _ => None,
-        };
-        let ok = match want {
-            Want::RefusedOrOne => got.is_some(),
-            w => got == Some(*w),
-        };
-        if !ok {
-            failures.push(format!(
-                "{name}: wanted {want:?}, answered {statuses:?}, upstream saw {:?}",
-                upstream
-                    .iter()
-                    .map(|s| (&s.path, &s.headers, String::from_utf8_lossy(&s.body)))
-                    .collect::<Vec<_>>()
+    for (path_name, proxy) in [("fast", &fast), ("full", &full)] {
+        let results = futures_util::future::join_all(probes.iter().enumerate().map(
+            |(i, (_, request, _))| {
+                let request = request.replace("{P}", &format!("/{path_name}{i:02}"));
+                async move { send(proxy.http, request.as_bytes()).await }
+            },
+        ))
+        .await;
+        for (i, ((name, request, want), sent)) in probes.iter().zip(&results).enumerate() {
+            let prefix = format!("/{path_name}{i:02}");
+            let upstream = recorder.requests(&prefix);
+            // Heads as they arrived: one forwarded with a pending or cut body counts.
+            let heads = recorder.heads(&prefix);
+            let smuggled = upstream.iter().any(|s| s.path.contains("-smuggled"));
+            let statuses = &sent.statuses;
+            let refused = !sent.hung
+                && statuses
+                    .first()
+                    .is_none_or(|s| matches!(s, 400 | 405 | 413 | 414 | 431 | 501 | 505));
+            let clean_body = upstream
+                .first()
+                .is_some_and(|s| s.body == expected_body(request));
+            let got = match (refused, heads, statuses.first()) {
+                (true, 0, _) => Some(Want::Refused),
+                (true, 1, _) if upstream.is_empty() => Some(Want::RefusedOrCut),
+                (false, 1, Some(200)) if !smuggled && upstream.len() == 1 && clean_body => {
+                    Some(Want::One)
+                }
+                _ => None,
+            };
+            let ok = match want {
+                Want::RefusedOrOne => matches!(got, Some(Want::Refused | Want::One)),
+                Want::RefusedOrCut => matches!(got, Some(Want::Refused | Want::RefusedOrCut)),
+                w => got == Some(*w),
+            };
+            if !ok {
+                failures.push(format!(
+                    "{name} ({path_name} path): wanted {want:?}, answered {statuses:?}{}, {heads} head(s) upstream, complete: {:?}",
+                    if sent.hung { " (hung)" } else { "" },
+                    upstream
+                        .iter()
+                        .map(|s| (&s.path, &s.headers, String::from_utf8_lossy(&s.body)))
+                        .collect::<Vec<_>>()
+                ));
+            }
+            let answer = match (statuses.as_slice(), sent.hung) {
+                (_, true) => "hung".to_string(),
+                ([], false) => "connection closed".to_string(),
+                (s, false) => s.iter().map(u16::to_string).collect::<Vec<_>>().join(", "),
+            };
+            let verdict = if !ok {
+                "**FAIL**"
+            } else if got == Some(Want::Refused) {
+                "refused"
+            } else if got == Some(Want::RefusedOrCut) {
+                "refused, upstream request cut"
+            } else {
+                "one clean request"
+            };
+            *verdicts.entry(verdict).or_default() += 1;
+            table.push_str(&format!(
+                "| {} | {path_name} | {answer} | {heads} |  {verdict} |\n",
+                name.replace('|', "\\|"),
             ));
         }
-        let answer = match statuses.as_slice() {
-            [] => "connection closed".to_string(),
-            s => s.iter().map(u16::to_string).collect::<Vec<_>>().join(", "),
-        };
-        let verdict = if !ok {
-            "**FAIL**"
-        } else if got == Some(Want::Refused) {
-            "refused"
-        } else {
-            "one clean request"
-        };
-        *verdicts.entry(verdict).or_default() += 1;
-        table.push_str(&format!(
-            "| {} | {answer} | {} | {verdict} |\n",
-            name.replace('|', "\\|"),
-            upstream.len()
-        ));
     }
     // A body the proxy streams and then finds malformed is cut short upstream: the
     // upstream sees an aborted request, never a second one. Anything else it could not
