@@ -153,7 +153,10 @@ async fn the_dashboard_shows_pools_health_certificates_and_traffic_behind_the_to
         .text()
         .await
         .unwrap();
-    assert!(body.starts_with("<section id=\"overview\">"), "{body}");
+    // A fragment (no page around it), numbered, starting with the overview.
+    assert!(!body.contains("<html"), "{body}");
+    assert!(body.starts_with("<span hidden data-rendering=\""), "{body}");
+    assert!(body.contains("<section id=\"overview\">"), "{body}");
     let status: serde_json::Value = client
         .get(admin("/api/v1/status"))
         .bearer_auth("s3cret")
@@ -291,8 +294,34 @@ async fn a_browser_renders_the_dashboard_of_rampart_up() {
             .output()
             .expect("chromium (scripts/setup installs it)")
     };
-    let dom = chromium(&["--dump-dom".into(), "--virtual-time-budget=2000".into()]);
+    // The page refreshes its body every 3 s (virtual time): 8 s of it let the script run
+    // at least twice. Each rendering is numbered, so the DOM the browser ends with must
+    // carry a later one than the page it loaded.
+    let rendering = |html: &str| -> u64 {
+        html.split("data-rendering=\"")
+            .nth(1)
+            .and_then(|s| s.split('"').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no rendering number in {html}"))
+    };
+    let before = rendering(
+        &client
+            .get(format!("http://{admin}/"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap(),
+    );
+    let dom = chromium(&["--dump-dom".into(), "--virtual-time-budget=8000".into()]);
     let dom = String::from_utf8_lossy(&dom.stdout).to_string();
+    // Loaded as before + 1; refreshed by the page's own script at least once after that.
+    assert!(
+        rendering(&dom) >= before + 2,
+        "the page's refresh never ran: rendering {} after {before}",
+        rendering(&dom)
+    );
     // The unhealthy endpoint, as the browser rendered it.
     let web2_item = dom
         .split("<li ")

@@ -276,11 +276,17 @@ fn chart(series: &[Point]) -> Markup {
     }
 }
 
+/// Renderings of the body since start: each carries its number (`data-rendering`), so
+/// a page that refreshed itself shows a higher one than it was loaded with.
+static RENDERINGS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 /// The page body (also served alone at `/?body` for the refresh).
 #[must_use]
 pub fn body(v: &View) -> Markup {
     let o = &v.overview;
+    let rendering = RENDERINGS.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
     html! {
+        span hidden data-rendering=(rendering) {}
         section id="overview" {
             h2 { "Overview" }
             p {
