@@ -494,14 +494,15 @@ pub struct Server {
     /// CPU-second here; turn it on when a few connections carry most of the load.
     #[serde(default)]
     pub work_stealing: bool,
-    /// Serve plain HTTP/1.1 requests without a body on Rampart's own forwarding path
-    /// (less CPU per request than the full Pingora path, which still serves everything
-    /// else). Off sends every request through the full path.
+    /// Carry plain HTTP/1.1 requests without a body or with one of up to 64 KiB on
+    /// Rampart's own transport (less CPU per request than Pingora's session, which
+    /// carries chunked and larger bodies, upgrades and HTTP/1.0). The same policy
+    /// decides for both; off sends every request through Pingora's path.
     #[serde(default = "default_true")]
     pub http1_fast_path: bool,
-    /// Serve HTTP/2 requests without a body that go to a `forward` route on Rampart's
-    /// own forwarding path (HTTP/2 framing stays Pingora's); off sends every HTTP/2
-    /// request through the full path.
+    /// Carry HTTP/2 requests without a body or with a declared one of up to 64 KiB on
+    /// Rampart's own transport (HTTP/2 framing stays Pingora's). The same policy
+    /// decides for both; off sends every HTTP/2 request through Pingora's path.
     #[serde(default = "default_true")]
     pub http2_fast_path: bool,
     /// After a stop signal, keep accepting for this long before draining (lets load
