@@ -611,45 +611,62 @@ async fn a_pool_recovers_with_the_first_request_after_its_endpoint_returns() {
     common::init();
     let addr = common::free_addr();
     let body = format!(
-        "[[routes]]\nname = \"all\"\naction = {{ forward = \"p\" }}\n\n[pools.p]\nendpoints = [{{ address = \"{addr}\" }}]\n"
+        "[[tls]]\nhosts = [\"a.test\"]\nsource = \"internal\"\n\n\
+         [[routes]]\nname = \"all\"\naction = {{ forward = \"p\" }}\n\n[pools.p]\nendpoints = [{{ address = \"{addr}\" }}]\n"
     );
     let fast = Proxy::start(&body).await;
-    let full = Proxy::start_with("http1_fast_path = false", &body).await;
-    let client = Proxy::http_client();
-    for proxy in [&fast, &full] {
-        for _ in 0..20 {
-            let r = client.get(proxy.url("/")).send().await.unwrap();
-            assert_eq!(r.status().as_u16(), 502, "nothing listens yet");
+    let full = Proxy::start_with("http1_fast_path = false\nhttp2_fast_path = false", &body).await;
+    let h1 = Proxy::http_client();
+    // One round per transport: the endpoint is down (502s eject it), comes back, and
+    // the first request over that transport gets 200, on both paths.
+    for transport in ["HTTP/1", "HTTP/2"] {
+        let get = |proxy: &Proxy| {
+            let (client, url) = if transport == "HTTP/1" {
+                (h1.clone(), proxy.url("/"))
+            } else {
+                let url = format!("https://a.test:{}/", proxy.https.port());
+                (proxy.client(&["a.test"]), url)
+            };
+            async move { client.get(url).send().await.unwrap().status().as_u16() }
+        };
+        for proxy in [&fast, &full] {
+            for _ in 0..20 {
+                assert_eq!(get(proxy).await, 502, "{transport}: nothing listens yet");
+            }
+            let status = proxy.status().await;
+            assert!(
+                status["pools"]["p"]["endpoints"][0]["ejected_for_ms"].is_u64(),
+                "{status}"
+            );
         }
-        assert!(proxy.status().await["pools"]["p"]["endpoints"][0]["ejected_for_ms"].is_u64());
-    }
-    // The endpoint comes back on its address.
-    let listener = TcpListener::bind(addr).await.unwrap();
-    let server = tokio::spawn(async move {
-        while let Ok((mut s, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let mut buf = [0u8; 4096];
-                while let Ok(n) = s.read(&mut buf).await {
-                    if n == 0
-                        || s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nback")
-                            .await
-                            .is_err()
-                    {
-                        return;
+        // The endpoint comes back on its address. Its connections live in a JoinSet
+        // owned by the accept task, so aborting that task closes them all.
+        let listener = TcpListener::bind(addr).await.unwrap();
+        let server = tokio::spawn(async move {
+            let mut connections = tokio::task::JoinSet::new();
+            while let Ok((mut s, _)) = listener.accept().await {
+                connections.spawn(async move {
+                    let mut buf = [0u8; 4096];
+                    while let Ok(n) = s.read(&mut buf).await {
+                        let ok = b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nback";
+                        if n == 0 || s.write_all(ok).await.is_err() {
+                            return;
+                        }
                     }
-                }
-            });
+                });
+            }
+        });
+        for proxy in [&fast, &full] {
+            assert_eq!(
+                get(proxy).await,
+                200,
+                "{transport}: the first request after the return"
+            );
         }
-    });
-    for proxy in [&fast, &full] {
-        let r = client.get(proxy.url("/")).send().await.unwrap();
-        assert_eq!(
-            r.status().as_u16(),
-            200,
-            "the first request after the return"
-        );
+        // Down again for the next round: the listener and its connections go.
+        server.abort();
+        let _ = server.await;
     }
-    server.abort();
 }
 
 /// Sends a body of `len` declared bytes one byte every 2 s; how long until the proxy
