@@ -11,7 +11,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::h2::{frame, DATA, END_HEADERS, END_STREAM, GOAWAY, HEADERS, RST_STREAM};
+use common::h2::{frame, next_frame, DATA, END_HEADERS, END_STREAM, GOAWAY, HEADERS, RST_STREAM};
 use common::{Proxy, DEADLINE};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -347,34 +347,22 @@ impl RawH2 {
             return Some(StreamEnd::ConnectionClosed);
         }
         let mut buf = Vec::new();
-        let mut chunk = vec![0u8; 65536];
         let mut first = None;
         let read = async {
-            loop {
-                while buf.len() >= 9 {
-                    let len =
-                        usize::from(buf[0]) << 16 | usize::from(buf[1]) << 8 | usize::from(buf[2]);
-                    if buf.len() < 9 + len {
-                        break;
-                    }
-                    let (kind, stream) =
-                        (buf[3], u32::from_be_bytes(buf[5..9].try_into().unwrap()));
-                    match (kind, stream) {
-                        (HEADERS, 1) if !resets => return Some(StreamEnd::Answered(buf[9])),
-                        (RST_STREAM, 1) if !resets => return Some(StreamEnd::Reset),
-                        (HEADERS, 1) => first = first.or(Some(StreamEnd::Answered(buf[9]))),
-                        (RST_STREAM, 1) => first = first.or(Some(StreamEnd::Reset)),
-                        (HEADERS, 3) => return first,
-                        (GOAWAY, _) => return first.or(Some(StreamEnd::ConnectionClosed)),
-                        _ => {}
-                    }
-                    buf.drain(..9 + len);
-                }
-                match self.tls.read(&mut chunk).await {
-                    Ok(n) if n > 0 => buf.extend_from_slice(&chunk[..n]),
-                    _ => return first.or(Some(StreamEnd::ConnectionClosed)),
+            while let Some(f) = next_frame(&mut self.tls, &mut buf).await {
+                // A response's first header byte (a HEADERS frame always has one).
+                let end = || StreamEnd::Answered(f.payload[0]);
+                match (f.kind, f.stream) {
+                    (HEADERS, 1) if !resets => return Some(end()),
+                    (RST_STREAM, 1) if !resets => return Some(StreamEnd::Reset),
+                    (HEADERS, 1) => first = first.or(Some(end())),
+                    (RST_STREAM, 1) => first = first.or(Some(StreamEnd::Reset)),
+                    (HEADERS, 3) => return first,
+                    (GOAWAY, _) => return first.or(Some(StreamEnd::ConnectionClosed)),
+                    _ => {}
                 }
             }
+            first.or(Some(StreamEnd::ConnectionClosed))
         };
         tokio::time::timeout(DEADLINE, read)
             .await
@@ -764,23 +752,9 @@ async fn trickle_h2(proxy: &Proxy) -> Option<Duration> {
         .unwrap();
     let cut = async {
         let mut buf = Vec::new();
-        let mut chunk = vec![0u8; 16384];
-        loop {
-            while buf.len() >= 9 {
-                let len =
-                    usize::from(buf[0]) << 16 | usize::from(buf[1]) << 8 | usize::from(buf[2]);
-                if buf.len() < 9 + len {
-                    break;
-                }
-                let (kind, stream) = (buf[3], u32::from_be_bytes(buf[5..9].try_into().unwrap()));
-                if stream == 1 && (kind == HEADERS || kind == RST_STREAM) || kind == GOAWAY {
-                    return;
-                }
-                buf.drain(..9 + len);
-            }
-            match rx.read(&mut chunk).await {
-                Ok(n) if n > 0 => buf.extend_from_slice(&chunk[..n]),
-                _ => return,
+        while let Some(f) = next_frame(&mut rx, &mut buf).await {
+            if f.stream == 1 && (f.kind == HEADERS || f.kind == RST_STREAM) || f.kind == GOAWAY {
+                return;
             }
         }
     };
@@ -817,23 +791,9 @@ async fn stalled_reader_h2(proxy: &Proxy) -> Option<Duration> {
         .unwrap();
     let given_up = async {
         let mut buf = Vec::new();
-        let mut chunk = vec![0u8; 16384];
-        loop {
-            while buf.len() >= 9 {
-                let len =
-                    usize::from(buf[0]) << 16 | usize::from(buf[1]) << 8 | usize::from(buf[2]);
-                if buf.len() < 9 + len {
-                    break;
-                }
-                let (kind, stream) = (buf[3], u32::from_be_bytes(buf[5..9].try_into().unwrap()));
-                if stream == 1 && kind == RST_STREAM || kind == GOAWAY {
-                    return;
-                }
-                buf.drain(..9 + len);
-            }
-            match tls.read(&mut chunk).await {
-                Ok(n) if n > 0 => buf.extend_from_slice(&chunk[..n]),
-                _ => return,
+        while let Some(f) = next_frame(&mut tls, &mut buf).await {
+            if f.stream == 1 && f.kind == RST_STREAM || f.kind == GOAWAY {
+                return;
             }
         }
     };

@@ -15,7 +15,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::h2::{
-    frame, CONTINUATION, DATA, END_HEADERS, END_STREAM, GOAWAY, HEADERS, PING, RST_STREAM, SETTINGS,
+    frame, next_frame, CONTINUATION, DATA, END_HEADERS, END_STREAM, GOAWAY, HEADERS, PING,
+    RST_STREAM, SETTINGS,
 };
 use common::Proxy;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -939,26 +940,15 @@ impl RawH2 {
         let mut kinds = BTreeMap::new();
         let mut goaway = None;
         let mut buf = Vec::new();
-        let mut chunk = vec![0u8; 65536];
-        loop {
-            while buf.len() >= 9 {
-                let len =
-                    usize::from(buf[0]) << 16 | usize::from(buf[1]) << 8 | usize::from(buf[2]);
-                if buf.len() < 9 + len {
-                    break;
-                }
-                let kind = buf[3];
-                *kinds.entry(kind).or_default() += 1;
-                if kind == GOAWAY && len >= 8 {
-                    goaway = Some(u32::from_be_bytes(buf[13..17].try_into().unwrap()));
-                }
-                buf.drain(..9 + len);
-            }
-            match tokio::time::timeout(quiet, self.tls.read(&mut chunk)).await {
-                Ok(Ok(n)) if n > 0 => buf.extend_from_slice(&chunk[..n]),
-                _ => return (kinds, goaway),
+        while let Ok(Some(f)) =
+            tokio::time::timeout(quiet, next_frame(&mut self.tls, &mut buf)).await
+        {
+            *kinds.entry(f.kind).or_default() += 1;
+            if f.kind == GOAWAY && f.payload.len() >= 8 {
+                goaway = Some(u32::from_be_bytes(f.payload[4..8].try_into().unwrap()));
             }
         }
+        (kinds, goaway)
     }
 }
 

@@ -56,3 +56,39 @@ pub async fn connect(proxy: &Proxy) -> tokio_rustls::client::TlsStream<TcpStream
     tls.write_all(&frame(SETTINGS, 0, 0, &[])).await.unwrap();
     tls
 }
+
+/// One frame read from the proxy.
+#[derive(Debug)]
+pub struct Frame {
+    pub kind: u8,
+    pub stream: u32,
+    pub payload: Vec<u8>,
+}
+
+/// Reads the next whole frame from `conn`, keeping what follows it in `buf` (which
+/// must be kept between calls); `None` once the connection ends or fails.
+pub async fn next_frame(
+    conn: &mut (impl tokio::io::AsyncRead + Unpin),
+    buf: &mut Vec<u8>,
+) -> Option<Frame> {
+    use tokio::io::AsyncReadExt;
+    loop {
+        if buf.len() >= 9 {
+            let len = usize::from(buf[0]) << 16 | usize::from(buf[1]) << 8 | usize::from(buf[2]);
+            if buf.len() >= 9 + len {
+                let frame = Frame {
+                    kind: buf[3],
+                    stream: u32::from_be_bytes(buf[5..9].try_into().unwrap()),
+                    payload: buf[9..9 + len].to_vec(),
+                };
+                buf.drain(..9 + len);
+                return Some(frame);
+            }
+        }
+        let mut chunk = [0u8; 16384];
+        match conn.read(&mut chunk).await {
+            Ok(n) if n > 0 => buf.extend_from_slice(&chunk[..n]),
+            _ => return None,
+        }
+    }
+}
