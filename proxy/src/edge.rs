@@ -252,7 +252,7 @@ impl ProxyHttp for Edge {
                 "timeouts.total exhausted before an upstream answered",
             );
         }
-        // Only consistent hashing reads the key; skip the hashing for other policies.
+        // The policy hashed the key when the pool's balancer uses one.
         let key_hash = ctx.plan.as_ref().and_then(|p| p.key_hash);
         let Some(idx) = pool.pick(key_hash, ctx.tried.as_slice(), now_ms()) else {
             return Error::e_explain(

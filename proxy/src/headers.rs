@@ -26,6 +26,19 @@ pub(crate) const HOP_BY_HOP: &[&str] = &[
 /// frames messages by Content-Length and Transfer-Encoding.
 pub(crate) const PROTECTED: &[&str] = &["host", "content-length", "transfer-encoding"];
 
+/// The forwarding fields the proxy sets, which a request's `Connection` may not name
+/// either (nor those of [`PROTECTED`]; Pingora refuses both).
+pub(crate) const FORWARDING: &[&str] =
+    &["x-forwarded-for", "x-forwarded-host", "x-forwarded-proto"];
+
+/// The comma-separated tokens of a header value, as bytes (a value need not be UTF-8).
+pub(crate) fn tokens(value: &[u8]) -> impl Iterator<Item = &[u8]> {
+    value
+        .split(|&b| b == b',')
+        .map(<[u8]>::trim_ascii)
+        .filter(|t| !t.is_empty())
+}
+
 /// A route's `request_headers` or `response_headers`, parsed once per generation.
 #[derive(Clone, Debug, Default)]
 pub struct HeaderEdits {

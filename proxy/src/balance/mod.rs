@@ -82,7 +82,8 @@ impl Balancer {
         let usable = |i: usize| {
             !input.tried.contains(&i)
                 && if panic {
-                    states[i].is_serving()
+                    // Passive ejection is ignored; active checks still count.
+                    states[i].active_healthy()
                 } else {
                     states[i].is_available(now)
                 }

@@ -34,12 +34,12 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use super::upstream::FinalHead;
 use super::{
     answer_request, body_failed, finish_upstream_head, forward_request, parse_length, push_header,
-    request_line, tokens, BodyError, ConnInfo, Downstream, HopByHop, Prepared, Served, MAX_BODY,
+    request_line, BodyError, ConnInfo, Downstream, HopByHop, Prepared, Served, MAX_BODY,
     MAX_HEADERS,
 };
 use crate::clock::within;
 use crate::generation::Generation;
-use crate::headers::HeaderEdits;
+use crate::headers::{tokens, HeaderEdits};
 use crate::metrics::Metrics;
 use crate::policy::{self, Answer, Forward, Verdict};
 

@@ -33,7 +33,7 @@ use rampart_config::Limits;
 use self::upstream::{forward, FinalHead};
 use crate::edge::Scheme;
 use crate::generation::Generation;
-use crate::headers::{HeaderEdits, HOP_BY_HOP};
+use crate::headers::{tokens, HeaderEdits, HOP_BY_HOP, PROTECTED};
 use crate::limits::body_too_slow;
 use crate::metrics::Metrics;
 use crate::policy::{Answer, Client, Forward};
@@ -85,8 +85,7 @@ impl ConnInfo<'_> {
 pub(crate) enum BodyError {
     /// The client closed the connection or reset the stream: nothing to answer.
     ClientGone,
-    /// A read took longer than `limits.body_read_timeout`, or the body did not match
-    /// its declared length: 400.
+    /// A read took longer than `limits.body_read_timeout`: 400.
     Stalled,
     /// The body came slower than `limits.min_body_rate`: 408.
     TooSlow,
@@ -163,7 +162,7 @@ fn count(
 }
 
 /// Where the fast path sends a response: an HTTP/1 connection (the upstream's bytes as
-/// framed) or an HTTP/2 stream (head and data frames, see [`crate::h2`]).
+/// framed) or an HTTP/2 stream (head and data frames, see [`h2`]).
 pub(crate) trait Downstream {
     /// Body bytes are passed decoded (the payload, without chunked framing) rather than
     /// as the upstream framed them.
@@ -243,14 +242,8 @@ impl Prepared {
         upstream_head: Vec<u8>,
     ) -> Self {
         Self {
-            route: Some(plan.route),
-            request_id,
             upstream_head,
-            head_request: parts.method == Method::HEAD,
-            idempotent: parts.method.is_idempotent(),
-            client_close: false,
-            body_len: 0,
-            body_missing: 0,
+            ..Self::answering(parts, Some(plan.route), request_id, false)
         }
     }
 
@@ -308,14 +301,6 @@ pub(crate) fn parse_length(value: &[u8]) -> Option<u64> {
     std::str::from_utf8(value).ok()?.parse().ok()
 }
 
-/// The comma-separated tokens of a header value.
-pub(crate) fn tokens(value: &[u8]) -> impl Iterator<Item = &[u8]> {
-    value
-        .split(|&b| b == b',')
-        .map(<[u8]>::trim_ascii)
-        .filter(|t| !t.is_empty())
-}
-
 /// The hop-by-hop headers of one message: the fixed list of `headers` plus every
 /// header its `Connection` fields name — except the fields the proxy relies on
 /// (Host, Content-Length, Transfer-Encoding), which `Connection` cannot remove.
@@ -339,9 +324,7 @@ impl<'a> HopByHop<'a> {
                 .named
                 .iter()
                 .any(|t| t.eq_ignore_ascii_case(name.as_bytes()))
-                && !crate::headers::PROTECTED
-                    .iter()
-                    .any(|p| name.eq_ignore_ascii_case(p)))
+                && !PROTECTED.iter().any(|p| name.eq_ignore_ascii_case(p)))
     }
 }
 

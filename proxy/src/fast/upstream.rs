@@ -10,10 +10,11 @@ use tokio::net::TcpStream;
 
 use super::chunked::{ChunkScanner, MalformedChunk};
 use super::pool::IdlePool;
-use super::{tokens, ConnInfo, Downstream, Prepared, MAX_HEADERS};
+use super::{ConnInfo, Downstream, Prepared, MAX_HEADERS};
 use crate::clock::{self};
 use crate::edge::{record_endpoint_failure, Tried};
 use crate::generation::{Generation, PoolRt};
+use crate::headers::tokens;
 use crate::health::ms_at;
 use crate::policy::{Answer, Forward};
 

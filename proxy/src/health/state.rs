@@ -94,13 +94,6 @@ impl EndpointState {
             && self.ejected_until_ms.load(Ordering::Relaxed) <= now_ms
     }
 
-    /// Whether the endpoint may receive requests when the pool is in panic: active
-    /// checks pass (passive ejection is ignored).
-    #[must_use]
-    pub fn is_serving(&self) -> bool {
-        self.active_healthy.load(Ordering::Relaxed)
-    }
-
     /// Whether active checks consider the endpoint healthy.
     #[must_use]
     pub fn active_healthy(&self) -> bool {

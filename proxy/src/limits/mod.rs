@@ -10,6 +10,8 @@ pub mod rate;
 
 use http::{HeaderMap, Method, Uri};
 
+use crate::headers::{tokens, FORWARDING, PROTECTED};
+
 /// Why a request is refused before routing.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Rejection {
@@ -106,11 +108,12 @@ pub struct RequestView<'a> {
     pub raw: Option<&'a [u8]>,
 }
 
-/// Checks a request header against the limits and framing rules.
+/// Checks a request header against the limits and framing rules; returns its declared
+/// Content-Length (parsed once here, for the caller's body checks).
 ///
 /// # Errors
 /// The [`Rejection`] to answer with.
-pub fn check_request(req: RequestView<'_>, limits: HeaderLimits) -> Result<(), Rejection> {
+pub fn check_request(req: RequestView<'_>, limits: HeaderLimits) -> Result<Option<u64>, Rejection> {
     if req.headers.len() > limits.max_count {
         return Err(Rejection::TooManyHeaders);
     }
@@ -134,12 +137,12 @@ pub fn check_request(req: RequestView<'_>, limits: HeaderLimits) -> Result<(), R
     if has_te && has_cl {
         return Err(Rejection::ContentLengthWithTransferEncoding);
     }
-    content_length(req.headers)?;
+    let declared = content_length(req.headers)?;
     check_connection(req.headers)?;
     if has_dot_segments(req.uri.path()) {
         return Err(Rejection::DotSegments);
     }
-    Ok(())
+    Ok(declared)
 }
 
 /// Most tokens a request's `Connection` fields may hold (as Pingora, after Envoy).
@@ -149,27 +152,17 @@ const MAX_CONNECTION_TOKENS: usize = 9;
 /// routes on or sets, a pseudo-header, a token that is not one, or too many tokens
 /// (Pingora's path refuses the same, so both paths agree).
 fn check_connection(headers: &HeaderMap) -> Result<(), Rejection> {
-    let mut count = 0;
-    for token in headers
+    let tchar = |b: &u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(b);
+    let named = headers
         .get_all(http::header::CONNECTION)
         .iter()
-        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
-        .map(<[u8]>::trim_ascii)
-        .filter(|t| !t.is_empty())
-    {
-        count += 1;
-        let tchar = |b: &u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(b);
-        let protected = [
-            &b"host"[..],
-            b"content-length",
-            b"transfer-encoding",
-            b"x-forwarded-for",
-            b"x-forwarded-host",
-            b"x-forwarded-proto",
-        ]
-        .iter()
-        .any(|p| token.eq_ignore_ascii_case(p));
-        if count > MAX_CONNECTION_TOKENS || !token.iter().all(tchar) || protected {
+        .flat_map(|v| tokens(v.as_bytes()));
+    for (count, token) in named.enumerate() {
+        let protected = PROTECTED
+            .iter()
+            .chain(FORWARDING)
+            .any(|p| token.eq_ignore_ascii_case(p.as_bytes()));
+        if count >= MAX_CONNECTION_TOKENS || !token.iter().all(tchar) || protected {
             return Err(Rejection::BadConnection);
         }
     }
@@ -269,6 +262,7 @@ mod tests {
             },
             LIMITS,
         )
+        .map(|_| ())
     }
 
     #[test]
@@ -349,6 +343,18 @@ mod tests {
             check_request(view, LIMITS),
             Err(Rejection::ContentLengthWithTransferEncoding)
         );
+    }
+
+    #[test]
+    fn a_body_is_too_slow_only_below_the_rate_after_the_grace_period() {
+        let s = std::time::Duration::from_secs;
+        // Within the grace period anything goes.
+        assert!(!body_too_slow(0, s(5), s(10), 256));
+        // After it, the average counts: 20 s at 256 B/s needs 5120 bytes.
+        assert!(body_too_slow(5000, s(20), s(10), 256));
+        assert!(!body_too_slow(6000, s(20), s(10), 256));
+        // 0 turns it off.
+        assert!(!body_too_slow(0, s(100), s(10), 0));
     }
 
     #[test]

@@ -26,7 +26,7 @@ pub use authority::Authority;
 use crate::edge::Scheme;
 use crate::generation::{Generation, RouteRt};
 use crate::headers::valid_request_id;
-use crate::limits::{check_request, content_length, Rejection, RequestView};
+use crate::limits::{check_request, Rejection, RequestView};
 use crate::routing::{stripped_target, RouteRequest};
 
 /// A request head as the policy sees it.
@@ -118,9 +118,10 @@ async fn route_and_verdict(generation: &Generation, req: Request<'_>, client: Cl
         headers: &parts.headers,
         raw: req.raw_head,
     };
-    if let Err(r) = check_request(view, generation.header_limits) {
-        return refuse(r);
-    }
+    let declared = match check_request(view, generation.header_limits) {
+        Ok(declared) => declared.unwrap_or(0),
+        Err(r) => return refuse(r),
+    };
     if parts.method == http::Method::CONNECT {
         return refuse(Rejection::Connect);
     }
@@ -149,7 +150,6 @@ async fn route_and_verdict(generation: &Generation, req: Request<'_>, client: Cl
     {
         return Err((Some(idx), answer));
     }
-    let declared = content_length(&parts.headers).ok().flatten().unwrap_or(0);
     if req.body_ended && declared > 0 {
         return Err((Some(idx), Answer::Refused(Rejection::BodyLengthMismatch)));
     }
