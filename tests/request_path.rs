@@ -106,6 +106,46 @@ name = "app"
 hosts = ["a.test"]
 action = {{ forward = "app" }}
 
+[[routes]]
+name = "static"
+hosts = ["static.test"]
+action = {{ respond = {{ status = 200, body = "static" }} }}
+
+[[routes]]
+name = "moved"
+hosts = ["moved.test"]
+action = {{ redirect = {{ location = "https://new.test", status = 301, keep_path = true }} }}
+
+[[routes]]
+name = "secure"
+hosts = ["secure.test"]
+https_redirect = true
+action = {{ forward = "app" }}
+
+[[routes]]
+name = "login"
+hosts = ["login.test"]
+basic_auth = {{ realm = "Back office", users = {{ alice = "$2b$04$tStMkjshOfe3K5/ioFaQs.3XQgfwfj.AEwfRSnqkLW2mRzVkYRBH6" }} }}
+action = {{ forward = "app" }}
+
+[[routes]]
+name = "limited"
+hosts = ["limited.test"]
+rate_limit = {{ requests = 1, per = "1m" }}
+action = {{ forward = "app" }}
+
+[[routes]]
+name = "small"
+hosts = ["small.test"]
+max_body_bytes = "4B"
+action = {{ forward = "app" }}
+
+[[routes]]
+name = "private"
+hosts = ["private.test"]
+allow_from = ["192.0.2.7"]
+action = {{ forward = "app" }}
+
 [pools.app]
 endpoints = [{{ address = "{upstream}" }}]
 "#
@@ -218,6 +258,18 @@ fn http1_corpus() -> Vec<(&'static str, String, u16, Option<&'static str>, Serve
         ("no route", req("GET / HTTP/1.1", "Host: nowhere.test\r\n"), 404, None, Fast),
         ("dot-segments", req("GET /a/../admin HTTP/1.1", "Host: a.test\r\n"), 400, None, Fast),
         ("body", req("POST /p HTTP/1.1", "Host: a.test\r\nContent-Length: 5\r\n") + "hello", 200, Some("BODY hello"), Fast),
+        // Every other rule of the policy, once each: the controller's probe, a static
+        // answer, a redirect, HTTPS only, a login, a rate limit (its second request), a
+        // body over the route's limit, an address not allowed.
+        ("controller probe", req("GET /.well-known/rampart/healthz HTTP/1.1", "Host: a.test\r\n"), 200, None, Fast),
+        ("static answer", req("GET / HTTP/1.1", "Host: static.test\r\n"), 200, None, Fast),
+        ("redirect", req("GET /a?b HTTP/1.1", "Host: moved.test\r\n"), 301, None, Fast),
+        ("HTTPS redirect", req("GET / HTTP/1.1", "Host: secure.test\r\n"), 308, None, Fast),
+        ("login required", req("GET / HTTP/1.1", "Host: login.test\r\n"), 401, None, Fast),
+        ("rate limit, first", req("GET / HTTP/1.1", "Host: limited.test\r\n"), 200, Some("Host: limited.test"), Fast),
+        ("rate limit, second", req("GET / HTTP/1.1", "Host: limited.test\r\n"), 429, None, Fast),
+        ("body over the route's limit", req("POST / HTTP/1.1", "Host: small.test\r\nContent-Length: 5\r\n") + "hello", 413, None, Fast),
+        ("address not allowed", req("GET / HTTP/1.1", "Host: private.test\r\n"), 403, None, Fast),
         // Smuggling probes: the fast path declines them, Pingora's path refuses them.
         ("CL and TE", req("POST / HTTP/1.1", "Host: a.test\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n") + "0\r\n\r\n", 400, None, Pingora),
         ("two lengths", req("POST / HTTP/1.1", "Host: a.test\r\nContent-Length: 4\r\nContent-Length: 5\r\n") + "hello", 400, None, Pingora),
