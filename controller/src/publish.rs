@@ -56,7 +56,7 @@ pub(crate) async fn compile_loop(
         if *leader.borrow_and_update() {
             if let Some(body) = publish(&state, &mut compiler, &cfg, &current).await {
                 if inputs.follow.is_some() {
-                    if let Err(e) = state.fleet.store.put(SNAPSHOT_KEY, &body).await {
+                    if let Err(e) = state.fleet.store.put_leading(SNAPSHOT_KEY, &body).await {
                         tracing::error!("storing the snapshot for followers: {e:#}");
                     }
                 }

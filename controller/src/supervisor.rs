@@ -146,11 +146,15 @@ pub async fn start(config: Config, path: Option<PathBuf>) -> anyhow::Result<Hand
                     .map_or_else(|_| "controller".into(), |h| h.trim().to_string()),
                 &uuid::Uuid::new_v4().simple().to_string()[..8]
             );
+            let candidate = leader::Candidate {
+                key: etcd.key(crate::store::etcd::LEADER_KEY),
+                id,
+                ttl: settings.lease_ttl.0,
+                fence: etcd.fence(),
+            };
             tasks.spawn(leader::campaign(
                 etcd.client(),
-                etcd.key("leader"),
-                id,
-                settings.lease_ttl.0,
+                candidate,
                 leader_tx,
                 shutdown_rx.clone(),
             ));

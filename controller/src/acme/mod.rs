@@ -370,7 +370,9 @@ impl Acme {
             not_before,
             not_after,
         };
-        // Written before it is pushed: a restart never orders it again.
+        // Written before it is pushed: a restart never orders it again. Not fenced
+        // (`put_leading`): a certificate the CA issued is kept even if this controller
+        // lost the lead meanwhile, as losing it would cost a rate-limit slot.
         self.store
             .put(
                 &format!("acme/certs/{}", cert_id(names)),
@@ -773,12 +775,12 @@ impl Acme {
                         serde_json::to_vec(&model.events)
                     };
                     if let Ok(b) = events {
-                        if let Err(e) = self.store.put(EVENTS_KEY, &b).await {
+                        if let Err(e) = self.store.put_leading(EVENTS_KEY, &b).await {
                             tracing::error!("storing the ACME rate-limit history: {e:#}");
                         }
                     }
                     if let Ok(b) = serde_json::to_vec(&state) {
-                        if let Err(e) = self.store.put(&state_key, &b).await {
+                        if let Err(e) = self.store.put_leading(&state_key, &b).await {
                             tracing::error!("storing ACME state: {e:#}");
                         }
                     }
@@ -823,7 +825,7 @@ impl Acme {
         state.ari_next = now + next.as_secs();
         if let Ok(b) = serde_json::to_vec(&state) {
             let key = format!("acme/state/{}", cert_id(names));
-            if let Err(e) = self.store.put(&key, &b).await {
+            if let Err(e) = self.store.put_leading(&key, &b).await {
                 tracing::error!("storing ACME state: {e:#}");
             }
         }

@@ -14,6 +14,10 @@ use etcd_client::{Client, Compare, CompareOp, ConnectOptions, GetOptions, Txn, T
 use tokio::sync::watch;
 
 use super::Store;
+use crate::leader::Fence;
+
+/// The leader's key under the prefix (see [`crate::leader`]).
+pub const LEADER_KEY: &str = "leader";
 
 /// Every call to etcd is bounded by this.
 const CALL_TIMEOUT: Duration = Duration::from_secs(5);
@@ -23,6 +27,8 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 pub struct EtcdStore {
     client: Client,
     prefix: String,
+    /// The term this controller leads in, if it does (set by the campaign).
+    fence: Fence,
 }
 
 impl std::fmt::Debug for EtcdStore {
@@ -49,6 +55,7 @@ impl EtcdStore {
         Ok(Self {
             client,
             prefix: prefix.trim_end_matches('/').to_string(),
+            fence: Fence::default(),
         })
     }
 
@@ -97,6 +104,12 @@ impl EtcdStore {
         Ok(rx)
     }
 
+    /// The term this controller leads in: the campaign sets it, `put_leading` checks it.
+    #[must_use]
+    pub fn fence(&self) -> Fence {
+        self.fence.clone()
+    }
+
     /// A client sharing this store's connection (for leases and elections).
     #[must_use]
     pub fn client(&self) -> Client {
@@ -122,6 +135,32 @@ impl Store for EtcdStore {
             .put(self.key(key), value, None)
             .await
             .with_context(|| format!("etcd put {key}"))?;
+        Ok(())
+    }
+
+    async fn put_leading(&self, key: &str, value: &[u8]) -> anyhow::Result<()> {
+        let Some(term) = self.fence.revision() else {
+            anyhow::bail!("not written: {key} is written by the leader, and this controller does not lead");
+        };
+        // Applied only if the leader key is still the one this controller created.
+        let leader = self.key(LEADER_KEY);
+        let txn = Txn::new()
+            .when([Compare::create_revision(leader, CompareOp::Equal, term)])
+            .and_then([TxnOp::put(self.key(key), value, None)]);
+        let resp = self
+            .client
+            .clone()
+            .txn(txn)
+            .await
+            .with_context(|| format!("etcd put {key}"))?;
+        if !resp.succeeded() {
+            // Stop at once; the campaign sees the key go and steps down too.
+            self.fence.release(term);
+            anyhow::bail!(
+                "not written: {key} is written by the leader, and this controller's term \
+                 ({term}) has ended (another controller leads now)"
+            );
+        }
         Ok(())
     }
 

@@ -78,6 +78,11 @@ impl Store for LocalStore {
         .await
     }
 
+    async fn put_leading(&self, key: &str, value: &[u8]) -> anyhow::Result<()> {
+        // A local store has one controller, which always leads.
+        self.put(key, value).await
+    }
+
     async fn create(&self, key: &str, value: &[u8]) -> anyhow::Result<bool> {
         let path = self.path(key)?;
         let value = value.to_vec();

@@ -17,6 +17,10 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     async fn get(&self, key: &str) -> anyhow::Result<Option<Vec<u8>>>;
     /// Sets `key` to `value`.
     async fn put(&self, key: &str, value: &[u8]) -> anyhow::Result<()>;
+    /// Sets `key` only while this controller leads: with several controllers, a write
+    /// from one whose term has ended (even if it does not know yet) is refused and
+    /// nothing is written (see [`crate::leader::Fence`]). With one controller, `put`.
+    async fn put_leading(&self, key: &str, value: &[u8]) -> anyhow::Result<()>;
     /// Sets `key` only if it does not exist; `false` when it did (nothing written).
     async fn create(&self, key: &str, value: &[u8]) -> anyhow::Result<bool>;
     /// Deletes `key`; `true` only for the one caller that actually removed it.
