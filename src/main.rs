@@ -530,7 +530,7 @@ fn serve_up(config: Config, path: Option<PathBuf>, upgrade: bool) -> anyhow::Res
         move |path: &str, query: Option<&str>| {
             let page = match path {
                 "/controller" if query == Some("body") => rampart_controller::admin::Page::Body,
-                "/controller" => rampart_controller::admin::Page::Html,
+                "/controller" => rampart_controller::admin::Page::HtmlBesideProxy,
                 "/controller/api/v1/dashboard" => rampart_controller::admin::Page::Json,
                 _ => return None,
             };

@@ -50,6 +50,95 @@ pub struct Config {
     /// DNS automation (controller): public names follow the ready proxy instances.
     #[serde(default)]
     pub dns: Option<DnsSettings>,
+    /// The proxy's access log: one line per request (absent: none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub access_log: Option<AccessLog>,
+}
+
+/// The access log: one line per finished request, whichever path served it, written by
+/// a background writer so that a request never waits on the disk.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AccessLog {
+    /// A file (appended to; reopened on SIGUSR1 for logrotate) or "stdout".
+    pub path: String,
+    /// `json` (one object per line), `logfmt`, or `combined` (nginx's and Apache's).
+    #[serde(default)]
+    pub format: AccessLogFormat,
+    /// Only these fields (json and logfmt; empty: every field). Names as documented.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub fields: Vec<String>,
+    /// Fields left out (json and logfmt).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub drop_fields: Vec<String>,
+    /// Share of successful (1xx–3xx) requests logged, 0.0–1.0; every other is logged.
+    #[serde(default = "default_sample")]
+    pub sample: f64,
+    /// Request headers logged by name (as `header_<name>`). Authorization, Cookie,
+    /// Set-Cookie and Proxy-Authorization are never logged.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub headers: Vec<String>,
+    /// Query string values replaced by `REDACTED` (names kept); false logs them.
+    #[serde(default = "default_true")]
+    pub redact_query: bool,
+    /// Lines waiting for the writer at most; beyond, lines are dropped and counted
+    /// (`rampart_access_log_dropped_total`) rather than making requests wait.
+    #[serde(default = "default_access_log_buffer")]
+    pub buffer: usize,
+}
+
+/// The access log's fields, by their JSON (and logfmt) names, in the order written.
+pub const ACCESS_LOG_FIELDS: &[&str] = &[
+    "time",
+    "request_id",
+    "trace_id",
+    "client",
+    "peer",
+    "method",
+    "scheme",
+    "host",
+    "path",
+    "query",
+    "protocol",
+    "status",
+    "bytes_received",
+    "bytes_sent",
+    "duration_ms",
+    "upstream",
+    "upstream_status",
+    "upstream_ttfb_ms",
+    "route",
+    "pool",
+    "attempts",
+    "fast_path",
+    "tls_version",
+    "tls_cipher",
+    "error",
+    "headers",
+];
+
+/// Request headers the access log never writes, whatever `headers` asks.
+pub const ACCESS_LOG_SECRET_HEADERS: &[&str] =
+    &["authorization", "proxy-authorization", "cookie", "set-cookie"];
+
+/// How access log lines are written.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum AccessLogFormat {
+    /// One JSON object per line.
+    #[default]
+    Json,
+    /// `key=value` pairs, quoted where needed.
+    Logfmt,
+    /// The combined log format of nginx and Apache.
+    Combined,
+}
+
+fn default_sample() -> f64 {
+    1.0
+}
+fn default_access_log_buffer() -> usize {
+    16_384
 }
 
 /// DNS automation: the controller keeps each public name pointing at the live, ready
@@ -828,6 +917,9 @@ pub struct Route {
     /// it: `{ set = { "Strict-Transport-Security" = "max-age=31536000" }, remove = ["Server"] }`.
     #[serde(default, skip_serializing_if = "HeaderRules::is_empty")]
     pub response_headers: HeaderRules,
+    /// Whether this route's requests go to the access log (when there is one).
+    #[serde(default = "default_true", skip_serializing_if = "is_true")]
+    pub access_log: bool,
     /// Maximum request body for this route (default: `limits.max_body_bytes`).
     #[serde(default)]
     pub max_body_bytes: Option<ByteSize>,
@@ -1103,6 +1195,10 @@ impl Default for HttpProbe {
 
 fn default_true() -> bool {
     true
+}
+#[allow(clippy::trivially_copy_pass_by_ref)] // serde's skip_serializing_if signature
+fn is_true(b: &bool) -> bool {
+    *b
 }
 fn default_probe_path() -> String {
     "/healthz".to_string()

@@ -106,7 +106,7 @@ fn expected(message: &str) -> Vec<&str> {
 
 /// The known name nearest to `unknown` by edit distance, when it is near enough to be
 /// a typo (a third of its length, at least 1, at most 3).
-fn closest<'a>(unknown: &str, known: &[&'a str]) -> Option<&'a str> {
+pub(crate) fn closest<'a>(unknown: &str, known: &[&'a str]) -> Option<&'a str> {
     let limit = (unknown.len() / 3).clamp(1, 3);
     known
         .iter()

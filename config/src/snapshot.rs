@@ -102,6 +102,8 @@ impl Snapshot {
             controller: None,
             discovery: crate::Discovery::default(),
             dns: None,
+            // Where this proxy writes its log is its own (like its listeners).
+            access_log: local.access_log.clone(),
         };
         let issues = crate::validate::validate_snapshot(&config);
         if issues.is_empty() {

@@ -47,6 +47,7 @@ fn validate_from(config: &Config, origin: Origin) -> Vec<Issue> {
     listeners(config, &mut out);
     limits(config, &mut out);
     forwarding(config, &mut out);
+    access_log(config, &mut out);
     let tls_hosts = tls(config, &mut out);
     if let (Some(sni), Origin::File) = (&config.server.default_sni, origin) {
         if !tls_hosts.iter().any(|p| p.matches(sni.as_str())) {
@@ -524,6 +525,66 @@ fn forwarding(config: &Config, out: &mut Vec<Issue>) {
             format!("{h:?} is not a valid header name"),
             "use letters, digits and hyphens, e.g. \"x-request-id\"",
         ));
+    }
+}
+
+fn access_log(config: &Config, out: &mut Vec<Issue>) {
+    use crate::model::{ACCESS_LOG_FIELDS, ACCESS_LOG_SECRET_HEADERS};
+    let Some(log) = &config.access_log else {
+        return;
+    };
+    let path = FieldPath::root().key("access_log");
+    if log.path.trim().is_empty() {
+        out.push(Issue::new(
+            path.key("path"),
+            "no path given",
+            "write to a file, e.g. path = \"/var/log/rampart/access.log\", or path = \"stdout\"",
+        ));
+    }
+    if !(0.0..=1.0).contains(&log.sample) {
+        out.push(Issue::new(
+            path.key("sample"),
+            format!("{} is not a share between 0.0 and 1.0", log.sample),
+            "use e.g. 0.1 to log one successful request in ten (errors are always logged)",
+        ));
+    }
+    if log.buffer == 0 || log.buffer > 1 << 20 {
+        out.push(Issue::new(
+            path.key("buffer"),
+            format!("{} lines is not between 1 and 1048576", log.buffer),
+            "keep the default (16384) unless lines are dropped under bursts",
+        ));
+    }
+    for (key, names) in [("fields", &log.fields), ("drop_fields", &log.drop_fields)] {
+        for (i, name) in names.iter().enumerate() {
+            if !ACCESS_LOG_FIELDS.contains(&name.as_str()) {
+                let hint = match crate::recover::closest(name, ACCESS_LOG_FIELDS) {
+                    Some(close) => format!("did you mean {close:?}? Known fields: {}", ACCESS_LOG_FIELDS.join(", ")),
+                    None => format!("known fields: {}", ACCESS_LOG_FIELDS.join(", ")),
+                };
+                out.push(Issue::new(
+                    path.key(key).index(i),
+                    format!("{name:?} is not an access log field"),
+                    hint,
+                ));
+            }
+        }
+    }
+    for (i, name) in log.headers.iter().enumerate() {
+        let lower = name.to_ascii_lowercase();
+        if !is_token(name) {
+            out.push(Issue::new(
+                path.key("headers").index(i),
+                format!("{name:?} is not a valid header name"),
+                "use letters, digits and hyphens, e.g. \"user-agent\"",
+            ));
+        } else if ACCESS_LOG_SECRET_HEADERS.contains(&lower.as_str()) {
+            out.push(Issue::new(
+                path.key("headers").index(i),
+                format!("{name} carries credentials and is never logged"),
+                "remove it from the list",
+            ));
+        }
     }
 }
 

@@ -172,6 +172,8 @@ fn refusal(
 pub enum Page {
     /// The whole HTML page.
     Html,
+    /// The whole HTML page beside the proxy's dashboard (`rampart up`), linking to it.
+    HtmlBesideProxy,
     /// The page's body alone (its refresh).
     Body,
     /// The data as JSON.
@@ -197,7 +199,11 @@ pub fn render_dashboard(state: &State, page: Page) -> (&'static str, String) {
         ),
         Page::Html => (
             "text/html; charset=utf-8",
-            crate::dashboard::page(&view).into_string(),
+            crate::dashboard::page(&view, &[]).into_string(),
+        ),
+        Page::HtmlBesideProxy => (
+            "text/html; charset=utf-8",
+            crate::dashboard::page(&view, &[("proxy dashboard", "/")]).into_string(),
         ),
     }
 }

@@ -207,7 +207,7 @@ pub fn body(v: &View) -> Markup {
             @if let Some(d) = &s.dns {
                 p {
                     (d.provider) ", zone " strong { (d.zone) } " · last sync "
-                    @if let Some(at) = d.last_sync_unix { (format!("{at} (Unix)")) } @else { "not yet" }
+                    @if let Some(at) = d.last_sync_unix { (rampart_admin::page::when(at * 1000)) } @else { "not yet" }
                     @if let Some(c) = d.last_convergence_secs { " · last convergence " (format!("{c:.1} s")) }
                     @if let Some(e) = &d.last_error { " · " span class="bad" { (e) } }
                 }
@@ -267,10 +267,11 @@ pub fn body(v: &View) -> Markup {
 
 /// The whole page.
 #[must_use]
-pub fn page(v: &View) -> Markup {
+pub fn page(v: &View, links: &[(&str, &str)]) -> Markup {
     rampart_admin::page::page(
         "Rampart controller",
         "fleet, DNS and certificates",
+        links,
         &body(v),
     )
 }
@@ -325,7 +326,7 @@ mod tests {
         assert!((v.traffic.error_ratio - 0.05).abs() < 1e-9);
         assert_eq!(v.traffic.p99_ms, 8.0);
         assert!(v.certificates.is_empty());
-        let html = page(&v).into_string();
+        let html = page(&v, &[]).into_string();
         assert!(html.contains("1 of 2 proxies serve it"));
         assert!(html.contains("6 (behind)"));
         assert!(html.contains("rampart.pool.web.port=&quot;x&quot;"));

@@ -2,7 +2,7 @@
 //! `/ready` (a configuration is serving and the process is not shutting down),
 //! `/status` (JSON: version, reload outcome, routes, pools with endpoint health,
 //! certificates), the dashboard (`/`) and its JSON (`/api/v1/status`,
-//! `/api/v1/dashboard`). Bind it to a private address; with
+//! `/api/v1/dashboard`, `/api/v1/errors`: the last failed requests, newest first). Bind it to a private address; with
 //! `listeners.admin_token_file`, all but the probes and `/metrics` need the token.
 
 use std::sync::Arc;
@@ -82,7 +82,13 @@ impl ServeHttp for AdminApp {
                 let html = if session.req_header().uri.query() == Some("body") {
                     crate::dashboard::body(&view)
                 } else {
-                    crate::dashboard::page(&view)
+                    // `rampart up`: the controller's dashboard is served beside this one.
+                    let links: &[(&str, &str)] = if self.extra.is_some() {
+                        &[("controller dashboard", "/controller")]
+                    } else {
+                        &[]
+                    };
+                    crate::dashboard::page(&view, links)
                 };
                 reply(200, "text/html; charset=utf-8", html.into_string().into_bytes())
             }
@@ -94,6 +100,11 @@ impl ServeHttp for AdminApp {
             "/api/v1/status" => {
                 let body = serde_json::to_vec_pretty(&status(&self.live, &generation))
                     .expect("JSON values always serialise");
+                reply(200, "application/json", body)
+            }
+            "/api/v1/errors" => {
+                let errors = self.live.metrics.recent_errors.newest_first();
+                let body = serde_json::to_vec_pretty(&errors).expect("errors always serialise");
                 reply(200, "application/json", body)
             }
             "/metrics" => reply(
@@ -112,7 +123,7 @@ impl ServeHttp for AdminApp {
             _ => reply(
                 404,
                 "text/plain",
-                b"not found: try /, /api/v1/dashboard, /api/v1/status, /metrics, /healthz, /ready or /status\n".to_vec(),
+                b"not found: try /, /api/v1/dashboard, /api/v1/status, /api/v1/errors, /metrics, /healthz, /ready or /status\n".to_vec(),
             ),
         }
     }

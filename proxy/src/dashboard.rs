@@ -126,7 +126,12 @@ pub struct View {
     pub routes: Vec<RouteView>,
     /// Certificates.
     pub certificates: Vec<CertificateView>,
+    /// The last failed requests, newest first (at most [`RECENT_SHOWN`]).
+    pub recent_errors: Vec<crate::access::RecentError>,
 }
+
+/// Failed requests the page lists (`/api/v1/errors` has more).
+pub const RECENT_SHOWN: usize = 20;
 
 /// The view of the live state.
 #[must_use]
@@ -197,10 +202,13 @@ pub fn view(live: &Live, generation: &Generation) -> View {
         .map(|(name, c)| certificate_view(&name, &c.issuer, c.not_after, unix_now))
         .collect();
     certificates.sort_by(|a, b| a.name.cmp(&b.name));
+    let mut recent_errors = live.metrics.recent_errors.newest_first();
+    recent_errors.truncate(RECENT_SHOWN);
     View {
         overview,
         routes,
         certificates,
+        recent_errors,
     }
 }
 
@@ -339,6 +347,27 @@ pub fn body(v: &View) -> Markup {
                 }
             }
         }
+        section id="recent-errors" {
+            h2 { "Recent errors" }
+            @if v.recent_errors.is_empty() {
+                p class="note" { "No failed request since the proxy started." }
+            } @else {
+                table {
+                    tr { th { "when" } th { "status" } th { "error" } th { "route" } th { "upstream" } th { "duration" } th { "request id" } }
+                    @for e in &v.recent_errors {
+                        tr class="bad" data-request-id=(e.request_id) {
+                            td { (rampart_admin::page::when(e.time_ms)) }
+                            td { (e.status) }
+                            td { (e.error.unwrap_or("-")) @if let Some(r) = &e.request { br; code { (r) } } }
+                            td { (e.route.as_deref().unwrap_or("-")) }
+                            td { (e.upstream.as_deref().unwrap_or("-")) }
+                            td { (format!("{:.1} ms", e.duration_ms)) }
+                            td { code { (e.request_id) } }
+                        }
+                    }
+                }
+            }
+        }
         section id="certificates" {
             h2 { "Certificates" }
             table {
@@ -379,10 +408,10 @@ fn endpoint_class(e: &EndpointView) -> &'static str {
     }
 }
 
-/// The whole page.
+/// The whole page, with `links` to the dashboards beside it.
 #[must_use]
-pub fn page(v: &View) -> Markup {
-    rampart_admin::page::page("Rampart", "proxy dashboard", &body(v))
+pub fn page(v: &View, links: &[(&str, &str)]) -> Markup {
+    rampart_admin::page::page("Rampart", "proxy dashboard", links, &body(v))
 }
 
 #[cfg(test)]
@@ -457,9 +486,22 @@ mod tests {
                 pool: None,
             }],
             certificates: vec![],
+            recent_errors: vec![crate::access::RecentError {
+                time_ms: 0,
+                request_id: "<id>".into(),
+                request: Some("GET /<x>".into()),
+                status: 502,
+                error: Some("upstream_error"),
+                route: Some("r".into()),
+                upstream: Some("127.0.0.1:1".into()),
+                duration_ms: 1.5,
+            }],
         };
-        let html = page(&v).into_string();
+        let html = page(&v, &[("controller dashboard", "/controller")]).into_string();
         assert!(html.contains("&lt;script&gt;"));
+        assert!(html.contains("<a href=\"/controller\">controller dashboard</a>"));
+        assert!(html.contains("GET /&lt;x&gt;"), "recent errors are escaped too");
+        assert!(html.contains("data-unix-ms=\"0\""), "times carry their instant for local display");
         assert!(html.contains("<span class=\"rule\">only from &lt;10.0.0.0/8&gt;</span>"));
         assert!(html.contains("Configuration version <strong>3</strong>"));
         assert!(html.contains("<svg"));

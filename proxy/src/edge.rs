@@ -18,6 +18,7 @@ use pingora::prelude::HttpPeer;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::{Error, ErrorSource, ErrorType, Result, RetryType};
 
+use crate::access::{self, Arrival, Outcome};
 use crate::generation::{remaining, Generation, PoolRt, RouteRt};
 use crate::headers::{hop_by_hop, is_upgrade, joined_cookies};
 use crate::health::{now_ms, InflightGuard};
@@ -101,6 +102,10 @@ pub struct RequestCtx {
     status_retry: bool,
     /// Set once the current attempt's outcome was recorded in passive health.
     outcome_recorded: bool,
+    /// Why the proxy answered itself (the access log's `error`).
+    error: Option<&'static str>,
+    /// The last upstream response's status and time to first byte.
+    upstream_status: Option<(u16, Duration)>,
 }
 
 impl RequestCtx {
@@ -144,6 +149,8 @@ impl ProxyHttp for Edge {
             body_bytes: 0,
             status_retry: false,
             outcome_recorded: false,
+            error: None,
+            upstream_status: None,
         }
     }
 
@@ -356,6 +363,7 @@ impl ProxyHttp for Edge {
             let ttfb = started.elapsed();
             pool.ttfb.observe(ttfb.as_secs_f64());
             pool.states[idx].observe_latency(ttfb, now_ms());
+            ctx.upstream_status = Some((status, ttfb));
         }
         if pool.retries.on_status.contains(&status) && status_retry_allowed(session, ctx, &pool) {
             self.record_failure(ctx, &pool, "status");
@@ -517,17 +525,38 @@ impl ProxyHttp for Edge {
             .response_written()
             .map_or_else(|| e.map_or(0, error_status), |r| r.status.as_u16());
         ctx.inflight = None;
-        let metrics = ctx
-            .route()
-            .map_or(&ctx.generation.unrouted_metrics, |r| &r.metrics);
-        let finished = Instant::now();
-        let seconds = finished.duration_since(ctx.started).as_secs_f64();
-        metrics.observe(status, seconds);
-        self.metrics.rolling.record(finished, status, seconds);
         if let Some(e) = e {
             let (route, pool) = ctx.labels();
             tracing::debug!(route, pool, status, "request failed: {e}");
         }
+        let generation = ctx.generation.clone();
+        let peer = client_peer(session);
+        let arrival = Arrival::of(&generation, session.req_header(), peer, ctx.route);
+        let downstream = session.as_downstream();
+        let outcome = Outcome {
+            status,
+            route: ctx.route,
+            request_id: ctx.request_id.as_ref().map(HeaderValue::as_bytes),
+            upstream: ctx.pool().map(AsRef::as_ref).zip(ctx.endpoint),
+            upstream_status: ctx.upstream_status.map(|(s, _)| s),
+            upstream_ttfb: ctx.upstream_status.map(|(_, t)| t),
+            attempts: ctx.attempts,
+            fast_path: false,
+            error: ctx.error.or_else(|| e.map(|e| error_kind(e, status))),
+            bytes_sent: Some(downstream.body_bytes_sent() as u64),
+            tls: downstream
+                .digest()
+                .and_then(|d| d.ssl_digest.as_deref()),
+        };
+        access::finish(
+            &generation,
+            &self.metrics,
+            self.scheme,
+            peer,
+            arrival.as_deref(),
+            &outcome,
+            ctx.started,
+        );
     }
 }
 
@@ -592,6 +621,21 @@ fn status_retry_allowed(session: &Session, ctx: &RequestCtx, pool: &PoolRt) -> b
     req.method.is_idempotent() && bodiless && !is_upgrade(&req.headers) && ctx.retry_left(pool)
 }
 
+/// The access log's error kind of a request that failed with `e` (answered `status`).
+fn error_kind(e: &Error, status: u16) -> &'static str {
+    let upstream = e.esource() == &ErrorSource::Upstream;
+    match e.etype() {
+        _ if e.esource() == &ErrorSource::Downstream => "client_closed",
+        ErrorType::ConnectTimedout | ErrorType::ConnectRefused | ErrorType::ConnectError
+            if upstream =>
+        {
+            "upstream_connect"
+        }
+        ErrorType::ReadTimedout | ErrorType::WriteTimedout if upstream => "upstream_timeout",
+        _ => access::failure_kind(status),
+    }
+}
+
 /// The status answered for a proxying error.
 fn error_status(e: &Error) -> u16 {
     match e.etype() {
@@ -640,7 +684,8 @@ async fn buffer_http2_body(
 }
 
 /// Writes the policy's answer (or a failure's) on Pingora's session.
-async fn send_answer(session: &mut Session, ctx: &RequestCtx, answer: &Answer) -> Result<()> {
+async fn send_answer(session: &mut Session, ctx: &mut RequestCtx, answer: &Answer) -> Result<()> {
+    ctx.error = access::error_kind(answer);
     if answer.closes() {
         session.set_keepalive(None);
     }

@@ -53,6 +53,8 @@ pub struct Generation {
     pub acme_challenges: Arc<BTreeMap<String, String>>,
     /// Metrics of requests that matched no route.
     pub unrouted_metrics: RequestMetrics,
+    /// The access log, when one is configured.
+    pub access_log: Option<crate::access::AccessLogRt>,
 }
 
 /// A route ready for serving.
@@ -83,6 +85,8 @@ pub struct RouteRt {
     pub metrics: RequestMetrics,
     /// Its rate limit, whose buckets outlive reloads that keep the same settings.
     pub limiter: Option<Arc<crate::limits::rate::RouteLimiter>>,
+    /// Whether its requests go to the access log.
+    pub access_log: bool,
 }
 
 impl RouteRt {
@@ -177,6 +181,8 @@ pub struct Builder {
     data_dir: PathBuf,
     ca: Mutex<Option<Arc<InternalCa>>>,
     metrics: Arc<Metrics>,
+    /// The access log's writer, kept across reloads while its path stays the same.
+    access_sink: Mutex<Option<Arc<crate::access::Sink>>>,
 }
 
 impl Builder {
@@ -188,7 +194,36 @@ impl Builder {
             data_dir,
             ca: Mutex::new(None),
             metrics,
+            access_sink: Mutex::new(None),
         }
+    }
+
+    /// The access log of `config`: the current writer when its path is unchanged, a
+    /// new one otherwise (the old one ends with the last generation using it).
+    fn access_log(&self, config: &Config) -> anyhow::Result<Option<crate::access::AccessLogRt>> {
+        use crate::access::{AccessLogRt, Sink, Target};
+        let Some(settings) = &config.access_log else {
+            return Ok(None);
+        };
+        let target = Target::parse(&settings.path);
+        let mut current = self
+            .access_sink
+            .lock()
+            .expect("sink lock is never poisoned: no panics while held");
+        let sink = match current.as_ref() {
+            Some(s) if s.serves(&target, settings.buffer) => s.clone(),
+            _ => {
+                let sink = Sink::open(
+                    target,
+                    settings.buffer,
+                    self.metrics.access_log_dropped.clone(),
+                    self.metrics.access_log_lines.clone(),
+                )?;
+                *current = Some(sink.clone());
+                sink
+            }
+        };
+        Ok(Some(AccessLogRt::new(settings, sink)))
     }
 
     /// Whether an internal-CA certificate in use is due for renewal.
@@ -273,6 +308,7 @@ impl Builder {
             })
             .collect();
         let certs = self.build_certs(&config, bundles)?;
+        let access_log = self.access_log(&config)?;
         let forwarding = ForwardingPolicy {
             trusted: config.forwarding.trusted_proxies.clone(),
             request_id: HeaderName::from_bytes(config.forwarding.request_id_header.as_bytes())
@@ -293,6 +329,7 @@ impl Builder {
             https_port: config.listeners.https.map(|a| a.port()),
             acme_challenges: Arc::default(),
             unrouted_metrics: RequestMetrics::new(&self.metrics, "", ""),
+            access_log,
             config: Arc::new(config),
         })
     }
@@ -443,6 +480,7 @@ fn build_route(
             .0,
         metrics,
         limiter,
+        access_log: route.access_log,
     }
 }
 

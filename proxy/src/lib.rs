@@ -7,8 +7,10 @@
 //! transport: [`fast`] (the HTTP/1 and HTTP/2 fast paths, for the common request) or [`edge`]
 //! (Pingora's `ProxyHttp` phases, for everything) → [`policy::decide`] (one decision
 //! for every transport: [`limits`], [`routing`], [`headers`]; an [`policy::Answer`] or a
-//! forward plan) → the upstream attempt ([`balance`], [`health`]).
+//! forward plan) → the upstream attempt ([`balance`], [`health`]) → [`access::finish`]
+//! (metrics, recent errors, the access log: once, for every transport).
 
+pub mod access;
 pub mod admin;
 pub mod auth;
 pub mod balance;

@@ -262,6 +262,7 @@ impl EdgeApp {
         shutdown: &ShutdownWatch,
     ) {
         let mut settings: Option<HttpPersistentSettings> = None;
+        let tls = stream.get_ssl_digest();
         loop {
             let Some(mut bytes) = self.next_request(&mut stream).await else {
                 return;
@@ -273,6 +274,7 @@ impl EdgeApp {
                     peer: client,
                     metrics: &self.metrics,
                     closing: *shutdown.borrow() || self.closing.load(Ordering::Acquire),
+                    tls: tls.as_deref(),
                 };
                 // Boxed: the request's state exists only while it is served.
                 match Box::pin(h1::serve(&mut stream, bytes, generation, conn)).await {
@@ -365,6 +367,7 @@ impl EdgeApp {
             let app = self.clone();
             let shutdown = shutdown.clone();
             let guard = active.start();
+            let digest = digest.clone();
             tokio::spawn(async move {
                 let _guard = guard;
                 let generation = app.current.load_full();
@@ -374,6 +377,7 @@ impl EdgeApp {
                         peer: client,
                         metrics: &app.metrics,
                         closing: false,
+                        tls: digest.ssl_digest.as_deref(),
                     };
                     h2::serve(session, generation, conn).await
                 } else {

@@ -50,6 +50,12 @@ pub struct Metrics {
     /// Requests served by the HTTP/2 fast path (`h2`); the rest went through Pingora.
     pub http2_fast_path_requests: IntCounter,
     pub swap_duration: Histogram,
+    /// Access log lines written.
+    pub access_log_lines: IntCounter,
+    /// Access log lines dropped because the writer fell behind (a full queue).
+    pub access_log_dropped: IntCounter,
+    /// The last failed requests, for the dashboard and `/api/v1/errors`.
+    pub recent_errors: crate::access::RecentErrors,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -101,6 +107,9 @@ impl Metrics {
             fast_path_requests: reg(&r, IntCounter::new("rampart_http1_fast_path_requests_total", "HTTP/1 requests served by the fast path; the others went through the full (Pingora) path").expect("valid")),
             http2_fast_path_requests: reg(&r, IntCounter::new("rampart_http2_fast_path_requests_total", "HTTP/2 requests served by the fast path; the others went through the full (Pingora) path").expect("valid")),
             swap_duration: reg(&r, Histogram::with_opts(hist("rampart_config_build_seconds", "Time to build a configuration generation")).expect("valid")),
+            access_log_lines: reg(&r, IntCounter::new("rampart_access_log_lines_total", "Access log lines written").expect("valid")),
+            access_log_dropped: reg(&r, IntCounter::new("rampart_access_log_dropped_total", "Access log lines dropped because the writer fell behind (the disk or pipe is slower than the requests); requests never wait for the log").expect("valid")),
+            recent_errors: crate::access::RecentErrors::default(),
             rolling: crate::rolling::Rolling::default(),
             registry: r,
         }

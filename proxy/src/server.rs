@@ -136,6 +136,7 @@ pub fn run(live: Arc<Live>, options: ProxyOptions) -> anyhow::Result<()> {
         HealthChecker::new(live.clone()),
     ));
     server.add_service(background_service("readiness", Readiness(live)));
+    server.add_service(background_service("log reopen", ReopenLogs));
     server.run(RunArgs::default());
     Ok(())
 }
@@ -173,6 +174,32 @@ const CLIENT_WRITE_BUFFER: usize = 1460;
 /// Whole seconds, rounded up (Pingora's shutdown settings are in seconds).
 fn ceil_secs(d: std::time::Duration) -> u64 {
     d.as_secs() + u64::from(d.subsec_nanos() > 0)
+}
+
+/// SIGUSR1 reopens the access log file (after logrotate moved it), as nginx does.
+struct ReopenLogs;
+
+#[async_trait]
+impl BackgroundService for ReopenLogs {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut usr1 = match signal(SignalKind::user_defined1()) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!("cannot listen for SIGUSR1, the access log cannot be reopened: {e}");
+                return;
+            }
+        };
+        loop {
+            tokio::select! {
+                _ = shutdown.changed() => return,
+                _ = usr1.recv() => {
+                    tracing::info!("SIGUSR1: reopening the access log");
+                    crate::access::request_reopen();
+                }
+            }
+        }
+    }
 }
 
 /// Ready once every client listener accepts connections and a configuration serves; not ready as soon as shutdown

@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::sync::atomic::{AtomicU16, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -542,8 +542,10 @@ fn write_config(dir: &Path, text: &str) {
     std::fs::rename(&tmp, dir.join("rampart.toml")).unwrap();
 }
 
-/// Starts `rampart proxy [extra] --config CONFIG` with its stderr in `log`.
+/// Starts `rampart proxy [extra] --config CONFIG` with its stderr in `log` and its
+/// stdout beside it (`.out`: an access log may go there).
 fn spawn_rampart(config: &Path, log: &Path, extra: &[&str]) -> Child {
+    let out = std::fs::File::create(log.with_extension("out")).unwrap();
     let log = std::fs::File::create(log).unwrap();
     Command::new(env!("CARGO_BIN_EXE_rampart"))
         .arg("proxy")
@@ -551,7 +553,7 @@ fn spawn_rampart(config: &Path, log: &Path, extra: &[&str]) -> Child {
         .arg("--config")
         .arg(config)
         .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
+        .stdout(out)
         .stderr(log)
         .spawn()
         .unwrap()

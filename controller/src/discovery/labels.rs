@@ -10,6 +10,7 @@
 //! rampart.route.site.pool=web           # optional when the container has one pool
 //! rampart.route.site.priority=10        # optional
 //! rampart.route.site.https_redirect=true
+//! rampart.route.site.access_log=false
 //! rampart.route.site.strip_prefix=true  # forward /app/x as /x (needs a path)
 //! rampart.route.site.allow_from=10.0.0.0/8,192.0.2.7  # others get 403
 //! ```
@@ -96,6 +97,7 @@ pub fn parse(
                         | "strip_prefix"
                         | "allow_from"
                         | "rate_limit"
+                        | "access_log"
                 ) {
                     routes
                         .entry((*name).to_string())
@@ -106,7 +108,7 @@ pub fn parse(
                         &mut errors,
                         key,
                         value,
-                        "known route labels: host, path, pool, priority, https_redirect, strip_prefix, allow_from, rate_limit",
+                        "known route labels: host, path, pool, priority, https_redirect, strip_prefix, allow_from, rate_limit, access_log",
                     );
                 }
             }
@@ -220,6 +222,10 @@ fn route(
         Some(kv) => kv.1.parse().map_err(|_| bad(kv, "use true or false"))?,
         None => false,
     };
+    let access_log = match fields.get("access_log") {
+        Some(kv) => kv.1.parse().map_err(|_| bad(kv, "use true or false"))?,
+        None => true,
+    };
     let allow_from = match fields.get("allow_from") {
         Some(kv) => {
             kv.1.split(',')
@@ -261,6 +267,7 @@ fn route(
         basic_auth: None,
         request_headers: rampart_config::HeaderRules::default(),
         response_headers: rampart_config::HeaderRules::default(),
+        access_log,
         max_body_bytes: None,
         rate_limit,
         action: Action::Forward(pool),

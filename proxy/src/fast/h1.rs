@@ -37,6 +37,7 @@ use super::{
     request_line, BodyError, ConnInfo, Downstream, HopByHop, Prepared, Served, MAX_BODY,
     MAX_HEADERS,
 };
+use crate::access::Arrival;
 use crate::clock::within;
 use crate::generation::Generation;
 use crate::headers::{tokens, HeaderEdits};
@@ -66,7 +67,9 @@ pub async fn serve(
         Verdict::Answer(answer) => {
             // An unread body cannot be skipped safely: the connection ends.
             let close = head.client_close || conn.closing || head.body_len > 0;
-            let request = Prepared::answering(&head.parts, decision.route, request_id, close);
+            let arrival = Arrival::of(&generation, &head.parts, conn.peer, decision.route);
+            let request =
+                Prepared::answering(&head.parts, decision.route, request_id, close, arrival);
             let keep =
                 answer_request(&mut client, &answer, &request, &generation, conn, started).await;
             return if keep {
@@ -76,7 +79,8 @@ pub async fn serve(
             };
         }
     };
-    let mut request = head.prepare(&plan, request_id, &generation, &bytes);
+    let arrival = Arrival::of(&generation, &head.parts, conn.peer, Some(plan.route));
+    let mut request = head.prepare(&plan, request_id, &generation, &bytes, arrival);
     drop(head);
     drop(bytes);
     if request.body_missing > 0 {
@@ -185,9 +189,10 @@ impl<'h, 'b> Head<'h, 'b> {
         request_id: HeaderValue,
         generation: &Generation,
         bytes: &[u8],
+        arrival: Option<Box<Arrival>>,
     ) -> Prepared {
         let head = upstream_head(&self.req, plan, generation, &request_id);
-        let mut request = Prepared::new(&self.parts, plan, request_id, head);
+        let mut request = Prepared::new(&self.parts, plan, request_id, head, arrival);
         request.client_close = self.client_close;
         request.with_body(self.body_len, &bytes[self.head_len..])
     }
@@ -385,7 +390,7 @@ pub fn upstream_request_for(bytes: &[u8], generation: &Generation) -> Option<Vec
     let Verdict::Forward(plan) = decision.verdict else {
         return None;
     };
-    let request = head.prepare(&plan, decision.request_id, generation, bytes);
+    let request = head.prepare(&plan, decision.request_id, generation, bytes, None);
     Some(request.upstream_head)
 }
 
@@ -447,7 +452,7 @@ mod tests {
         let Verdict::Forward(plan) = decision.verdict else {
             return None;
         };
-        Some(head.prepare(&plan, decision.request_id, generation, text.as_bytes()))
+        Some(head.prepare(&plan, decision.request_id, generation, text.as_bytes(), None))
     }
 
     /// Whatever a client sends, a request the fast path takes goes upstream as one

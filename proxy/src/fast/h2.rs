@@ -25,6 +25,7 @@ use super::{
     request_line, BodyError, ConnInfo, Downstream, FinalHead, HopByHop, Prepared, MAX_BODY,
     MAX_HEADERS,
 };
+use crate::access::Arrival;
 use crate::generation::Generation;
 use crate::headers::{hop_by_hop, joined_cookies};
 use crate::metrics::Metrics;
@@ -54,8 +55,9 @@ pub async fn serve(
         Verdict::Forward(plan) => plan,
         Verdict::Answer(answer) => {
             // Dropping the stream resets what the client still sends of a body.
-            let request =
-                Prepared::answering(session.req_header(), decision.route, request_id, false);
+            let req = session.req_header();
+            let arrival = Arrival::of(&generation, req, conn.peer, decision.route);
+            let request = Prepared::answering(req, decision.route, request_id, false, arrival);
             let mut client = Http2Client {
                 session: &mut session,
             };
@@ -64,8 +66,9 @@ pub async fn serve(
         }
     };
     let head = upstream_head(session.req_header(), &plan, &generation, &request_id);
-    let mut request =
-        Prepared::new(session.req_header(), &plan, request_id, head).with_body(body_len, &[]);
+    let req = session.req_header();
+    let arrival = Arrival::of(&generation, req, conn.peer, Some(plan.route));
+    let mut request = Prepared::new(req, &plan, request_id, head, arrival).with_body(body_len, &[]);
     if request.body_missing > 0 {
         if let Err(e) = read_body(&mut session, &mut request, &generation, started).await {
             let mut client = Http2Client {

@@ -31,6 +31,7 @@ use prometheus::IntCounter;
 use rampart_config::Limits;
 
 use self::upstream::{forward, FinalHead};
+use crate::access::{self, Arrival, Outcome};
 use crate::edge::Scheme;
 use crate::generation::Generation;
 use crate::headers::{tokens, HeaderEdits, HOP_BY_HOP, PROTECTED};
@@ -68,6 +69,8 @@ pub struct ConnInfo<'a> {
     pub metrics: &'a Metrics,
     /// The listener is shutting down: answer with `Connection: close`.
     pub closing: bool,
+    /// The connection's TLS parameters (HTTPS), for the access log.
+    pub tls: Option<&'a pingora::protocols::tls::SslDigest>,
 }
 
 impl ConnInfo<'_> {
@@ -117,9 +120,19 @@ pub(crate) async fn body_failed<D: Downstream>(
     conn: ConnInfo<'_>,
     started: Instant,
 ) {
-    let Some(answer) = error.answer() else { return };
-    client.answer(&answer, request, generation, true).await;
-    count(conn, generation, request.route, answer.status(), started);
+    let (status, error) = match error.answer() {
+        Some(answer) => {
+            client.answer(&answer, request, generation, true).await;
+            (answer.status(), access::error_kind(&answer))
+        }
+        None => (0, Some("client_closed")),
+    };
+    let outcome = Outcome {
+        status,
+        error,
+        ..request.outcome(conn)
+    };
+    finish(conn, generation, request, &outcome, started);
 }
 
 /// Writes the policy's answer to `request` and counts it. Returns whether the client
@@ -139,26 +152,37 @@ pub(crate) async fn answer_request<D: Downstream>(
         request.route.map(|r| generation.routes[r].name.as_str()),
     );
     D::counter(conn.metrics).inc();
-    count(conn, generation, request.route, answer.status(), started);
+    let outcome = Outcome {
+        status: answer.status(),
+        error: access::error_kind(answer),
+        // Rendered again only when the request is logged.
+        bytes_sent: request
+            .arrival
+            .as_ref()
+            .map(|_| answer.body_len(request.head_request)),
+        ..request.outcome(conn)
+    };
+    finish(conn, generation, request, &outcome, started);
     sent && !close
 }
 
-/// Records a finished request in its route's (or the unrouted) metrics and the
-/// dashboard's rolling window.
-fn count(
+/// Ends a request the fast path served (see [`access::finish`]).
+fn finish(
     conn: ConnInfo<'_>,
     generation: &Generation,
-    route: Option<usize>,
-    status: u16,
+    request: &Prepared,
+    outcome: &Outcome<'_>,
     started: Instant,
 ) {
-    let finished = Instant::now();
-    let seconds = finished.duration_since(started).as_secs_f64();
-    let metrics = route.map_or(&generation.unrouted_metrics, |r| {
-        &generation.routes[r].metrics
-    });
-    metrics.observe(status, seconds);
-    conn.metrics.rolling.record(finished, status, seconds);
+    access::finish(
+        generation,
+        conn.metrics,
+        conn.scheme,
+        conn.peer,
+        request.arrival.as_deref(),
+        outcome,
+        started,
+    );
 }
 
 /// Where the fast path sends a response: an HTTP/1 connection (the upstream's bytes as
@@ -208,10 +232,21 @@ pub(crate) async fn forward_request<D: Downstream>(
     conn: ConnInfo<'_>,
     started: Instant,
 ) -> bool {
-    let (status, keep_alive) = forward(client, request, plan, generation, conn, started).await;
+    let done = forward(client, request, plan, generation, conn, started).await;
     D::counter(conn.metrics).inc();
-    count(conn, generation, request.route, status, started);
-    keep_alive
+    let pool = generation.routes[plan.route].pool.as_deref();
+    let outcome = Outcome {
+        status: done.status,
+        upstream: pool.zip(done.endpoint),
+        upstream_status: done.relayed.map(|r| r.status),
+        upstream_ttfb: done.relayed.map(|r| r.ttfb),
+        attempts: done.attempts,
+        error: done.error,
+        bytes_sent: done.relayed.map(|r| r.body_bytes),
+        ..request.outcome(conn)
+    };
+    finish(conn, generation, request, &outcome, started);
+    done.keep_alive
 }
 
 /// A request the fast path serves, with everything it needs after the policy decided.
@@ -231,6 +266,8 @@ pub(crate) struct Prepared {
     /// Bytes of the body still to be read from the client (the rest follows the head in
     /// `upstream_head`).
     pub(crate) body_missing: usize,
+    /// What the access log takes of the request, when it is logged.
+    pub(crate) arrival: Option<Box<Arrival>>,
 }
 
 impl Prepared {
@@ -240,10 +277,11 @@ impl Prepared {
         plan: &Forward,
         request_id: HeaderValue,
         upstream_head: Vec<u8>,
+        arrival: Option<Box<Arrival>>,
     ) -> Self {
         Self {
             upstream_head,
-            ..Self::answering(parts, Some(plan.route), request_id, false)
+            ..Self::answering(parts, Some(plan.route), request_id, false, arrival)
         }
     }
 
@@ -253,6 +291,7 @@ impl Prepared {
         route: Option<usize>,
         request_id: HeaderValue,
         close: bool,
+        arrival: Option<Box<Arrival>>,
     ) -> Self {
         Self {
             route,
@@ -263,6 +302,18 @@ impl Prepared {
             client_close: close,
             body_len: 0,
             body_missing: 0,
+            arrival,
+        }
+    }
+
+    /// What every outcome of this request shares.
+    fn outcome<'a>(&'a self, conn: ConnInfo<'a>) -> Outcome<'a> {
+        Outcome {
+            route: self.route,
+            request_id: Some(self.request_id.as_bytes()),
+            fast_path: true,
+            tls: conn.tls,
+            ..Outcome::default()
         }
     }
 

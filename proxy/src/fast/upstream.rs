@@ -3,7 +3,7 @@
 //! (skipping interim 1xx), stream the body through as it is framed, and retry as the
 //! pool's policy allows; passive health and latency are recorded as on Pingora's path.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -50,6 +50,16 @@ impl FailureKind {
             FailureKind::Status => "status",
         }
     }
+
+    /// The access log's error kind of a request that failed this way.
+    pub(crate) fn error(self) -> &'static str {
+        match self {
+            FailureKind::Connect => "upstream_connect",
+            FailureKind::Timeout => "upstream_timeout",
+            FailureKind::Error => "upstream_error",
+            FailureKind::Status => "upstream_status",
+        }
+    }
 }
 
 /// An attempt that failed before the client got anything: `status` is answered
@@ -74,13 +84,39 @@ impl Failed {
 /// How one attempt on one endpoint ended.
 enum Attempt {
     /// The response (or part of it) went to the client.
-    Done { status: u16, keep_alive: bool },
+    Done(Relayed),
     /// Nothing reached the client.
     Failed(Failed),
 }
 
+/// A response the upstream started: its status, the body bytes that reached the
+/// client, the time to its first byte and whether the client connection goes on.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Relayed {
+    pub(crate) status: u16,
+    pub(crate) body_bytes: u64,
+    pub(crate) ttfb: Duration,
+    pub(crate) keep_alive: bool,
+}
+
+/// How a forwarded request ended, for [`crate::access::finish`].
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct Forwarded {
+    /// The status the client got.
+    pub(crate) status: u16,
+    /// The client connection can carry another request.
+    pub(crate) keep_alive: bool,
+    /// The endpoint of the last attempt.
+    pub(crate) endpoint: Option<usize>,
+    /// Attempts made.
+    pub(crate) attempts: u32,
+    /// The upstream's response, when one reached the client.
+    pub(crate) relayed: Option<Relayed>,
+    /// Why it failed, when the proxy answered.
+    pub(crate) error: Option<&'static str>,
+}
+
 /// Proxies a prepared request, trying endpoints as the pool's retry policy allows.
-/// Returns the status logged and whether the client connection goes on.
 pub(crate) async fn forward<D: Downstream>(
     client: &mut D,
     request: &Prepared,
@@ -88,17 +124,20 @@ pub(crate) async fn forward<D: Downstream>(
     generation: &Generation,
     conn: ConnInfo<'_>,
     started: Instant,
-) -> (u16, bool) {
+) -> Forwarded {
     let route = &generation.routes[plan.route];
     let Some(pool) = route.pool.as_deref() else {
-        return (500, false);
+        return Forwarded {
+            status: 500,
+            ..Forwarded::default()
+        };
     };
     let mut tried = Tried::default();
     let mut attempts = 0u32;
     let deadline = clock::after(started, pool.timeouts.total.0);
-    // What the last failed attempt would answer.
-    let mut failed = 503;
-    let status = loop {
+    // What the last failed attempt would answer, and why.
+    let (mut failed, mut why) = (503, "no_endpoint");
+    let (status, error) = loop {
         // The first try starts right after `started` was read.
         let now = if attempts == 0 {
             started
@@ -106,11 +145,11 @@ pub(crate) async fn forward<D: Downstream>(
             Instant::now()
         };
         if now >= deadline {
-            break 504;
+            break (504, "upstream_timeout");
         }
         // No endpoint at all (503), or none left to retry on (the last failure's).
         let Some(idx) = pool.pick(plan.key_hash, tried.as_slice(), ms_at(now)) else {
-            break failed;
+            break (failed, why);
         };
         tried.push(idx);
         attempts += 1;
@@ -125,7 +164,16 @@ pub(crate) async fn forward<D: Downstream>(
         .await;
         drop(inflight);
         match outcome {
-            Attempt::Done { status, keep_alive } => return (status, keep_alive),
+            Attempt::Done(relayed) => {
+                return Forwarded {
+                    status: relayed.status,
+                    keep_alive: relayed.keep_alive,
+                    endpoint: Some(idx),
+                    attempts,
+                    relayed: Some(relayed),
+                    error: None,
+                }
+            }
             Attempt::Failed(f) => {
                 let mut recorded = false;
                 record_endpoint_failure(
@@ -135,9 +183,9 @@ pub(crate) async fn forward<D: Downstream>(
                     f.kind.as_str(),
                     &mut recorded,
                 );
-                failed = f.status;
+                (failed, why) = (f.status, f.kind.error());
                 if !(f.retry && within_budget) {
-                    break f.status;
+                    break (f.status, why);
                 }
             }
         }
@@ -146,7 +194,14 @@ pub(crate) async fn forward<D: Downstream>(
     client
         .answer(&Answer::Failed(status), request, generation, true)
         .await;
-    (status, false)
+    Forwarded {
+        status,
+        keep_alive: false,
+        endpoint: tried.as_slice().last().copied(),
+        attempts,
+        relayed: None,
+        error: Some(error),
+    }
 }
 
 /// An upstream connection whose response head has arrived.
@@ -198,6 +253,7 @@ async fn attempt<D: Downstream>(
         idx,
         deadline,
         head_at,
+        ttfb,
         close: request.client_close || conn.closing,
     };
     relay.run(client, exchanged, buf).await
@@ -346,6 +402,8 @@ struct Relay<'a> {
     idx: usize,
     deadline: Instant,
     head_at: Instant,
+    /// From the request written to the response head.
+    ttfb: Duration,
     /// The client connection closes after this response.
     close: bool,
 }
@@ -368,6 +426,7 @@ impl Relay<'_> {
         let mut clean = used == first.len() && framing.valid;
         let raw_head = &buf[..head.len];
         let done = framing.done();
+        let mut sent = body.len() as u64;
         let mut client_ok = client
             .head(
                 raw_head,
@@ -396,6 +455,7 @@ impl Relay<'_> {
                 Ok(Ok(n)) if n > 0 => {
                     let (used, body) = framing.pass(&buf, &mut payload, D::PAYLOAD);
                     clean = used == buf.len() && framing.valid;
+                    sent += body.len() as u64;
                     client_ok = client.body(body, framing.done()).await;
                 }
                 _ => clean = false,
@@ -415,10 +475,12 @@ impl Relay<'_> {
                 idle_since,
             );
         }
-        Attempt::Done {
+        Attempt::Done(Relayed {
             status: head.status,
+            body_bytes: sent,
+            ttfb: self.ttfb,
             keep_alive: client_ok && complete && !close,
-        }
+        })
     }
 }
 

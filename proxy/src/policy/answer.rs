@@ -97,6 +97,16 @@ impl Answer {
         }
     }
 
+    /// The body bytes sent for this answer (none for HEAD), for the access log.
+    #[must_use]
+    pub fn body_len(&self, head: bool) -> u64 {
+        if head {
+            0
+        } else {
+            self.render().body.len() as u64
+        }
+    }
+
     /// Whether the client connection closes after this answer: a refused request's
     /// body (if any) is never read, so the connection cannot carry another request.
     #[must_use]

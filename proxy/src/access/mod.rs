@@ -1,0 +1,365 @@
+//! The end of every request, whichever transport carried it: counted in the route's
+//! metrics and the dashboard's window, kept among the recent errors when it failed,
+//! and written to the access log when one is configured. The transports call
+//! [`finish`] once per request with what they know ([`Arrival`], [`Outcome`]); nothing
+//! here is written twice.
+//!
+//! - [`sink`]: the queue and the writer thread.
+//! - [`format`]: json, logfmt and combined lines.
+
+pub mod format;
+pub mod sink;
+
+use std::collections::VecDeque;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use http::HeaderName;
+use rampart_config::{AccessLogFormat, ACCESS_LOG_FIELDS, ACCESS_LOG_SECRET_HEADERS};
+use serde::Serialize;
+
+use crate::edge::Scheme;
+use crate::generation::{Generation, PoolRt};
+use crate::metrics::Metrics;
+use crate::policy::Answer;
+
+pub use sink::{request_reopen, Sink, Target};
+
+/// The access log of a generation: its settings compiled, and the sink it writes to
+/// (shared with the generations before it while the path stays the same).
+#[derive(Debug)]
+pub struct AccessLogRt {
+    /// Where lines go.
+    pub sink: Arc<Sink>,
+    /// How lines look.
+    pub format: AccessLogFormat,
+    /// Which of [`ACCESS_LOG_FIELDS`] are written (bit i: field i).
+    pub fields: u32,
+    /// Share of 1xx–3xx responses logged.
+    pub sample: f64,
+    /// Request headers logged by name.
+    pub headers: Vec<HeaderName>,
+    /// Query values replaced by `REDACTED`.
+    pub redact_query: bool,
+}
+
+impl AccessLogRt {
+    /// Compiles `settings`, writing to `sink`.
+    #[must_use]
+    pub fn new(settings: &rampart_config::AccessLog, sink: Arc<Sink>) -> Self {
+        let bit = |name: &str| {
+            ACCESS_LOG_FIELDS
+                .iter()
+                .position(|f| *f == name)
+                .map_or(0, |i| 1u32 << i)
+        };
+        let mut fields = if settings.fields.is_empty() {
+            u32::MAX
+        } else {
+            settings.fields.iter().fold(0, |m, f| m | bit(f))
+        };
+        for f in &settings.drop_fields {
+            fields &= !bit(f);
+        }
+        let mut headers: Vec<HeaderName> = settings
+            .headers
+            .iter()
+            .filter(|h| !ACCESS_LOG_SECRET_HEADERS.contains(&h.to_ascii_lowercase().as_str()))
+            .filter_map(|h| HeaderName::try_from(h.as_str()).ok())
+            .collect();
+        // The combined format ends with the Referer and User-Agent.
+        if settings.format == AccessLogFormat::Combined {
+            for h in [http::header::REFERER, http::header::USER_AGENT] {
+                if !headers.contains(&h) {
+                    headers.push(h);
+                }
+            }
+        }
+        Self {
+            sink,
+            format: settings.format,
+            fields,
+            sample: settings.sample,
+            headers,
+            redact_query: settings.redact_query,
+        }
+    }
+
+    /// Whether field `name` is written.
+    #[must_use]
+    pub fn has(&self, name: &str) -> bool {
+        ACCESS_LOG_FIELDS
+            .iter()
+            .position(|f| *f == name)
+            .is_some_and(|i| self.fields & (1 << i) != 0)
+    }
+}
+
+/// What is known of a request when it arrives, taken only when it will be logged.
+#[derive(Debug)]
+pub struct Arrival {
+    /// When the request arrived (wall clock, for the log's time).
+    pub at: SystemTime,
+    /// The method.
+    pub method: http::Method,
+    /// The host (Host or `:authority`), as sent.
+    pub host: String,
+    /// The path, without the query.
+    pub path: String,
+    /// The query, without `?` (redacted when configured).
+    pub query: Option<String>,
+    /// `HTTP/1.1`, `HTTP/1.0` or `HTTP/2`.
+    pub protocol: &'static str,
+    /// The client's address after trusted proxies.
+    pub client: Option<IpAddr>,
+    /// The declared body length (Content-Length), if any.
+    pub body_len: Option<u64>,
+    /// The logged request headers' values, in the order of `AccessLogRt::headers`.
+    pub headers: Vec<Option<String>>,
+}
+
+impl Arrival {
+    /// What `generation`'s access log needs of `parts` from `peer`, or `None` when
+    /// the request is not logged (no access log, or its route turns it off).
+    #[must_use]
+    pub fn of(
+        generation: &Generation,
+        parts: &http::request::Parts,
+        peer: Option<IpAddr>,
+        route: Option<usize>,
+    ) -> Option<Box<Self>> {
+        let log = generation.access_log.as_ref()?;
+        if route.is_some_and(|r| !generation.routes[r].access_log) {
+            return None;
+        }
+        let host = parts
+            .uri
+            .authority()
+            .map(|a| a.as_str().to_string())
+            .or_else(|| {
+                parts
+                    .headers
+                    .get(http::header::HOST)
+                    .map(|h| String::from_utf8_lossy(h.as_bytes()).into_owned())
+            })
+            .unwrap_or_default();
+        let query = parts.uri.query().map(|q| {
+            if log.redact_query {
+                redact(q)
+            } else {
+                q.to_string()
+            }
+        });
+        let headers = log
+            .headers
+            .iter()
+            .map(|h| {
+                parts
+                    .headers
+                    .get(h)
+                    .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+            })
+            .collect();
+        Some(Box::new(Self {
+            at: SystemTime::now(),
+            method: parts.method.clone(),
+            host,
+            path: parts.uri.path().to_string(),
+            query,
+            protocol: match parts.version {
+                http::Version::HTTP_10 => "HTTP/1.0",
+                http::Version::HTTP_2 => "HTTP/2",
+                _ => "HTTP/1.1",
+            },
+            client: peer.map(|p| generation.forwarding.client_ip(p, &parts.headers)),
+            body_len: crate::limits::content_length(&parts.headers).ok().flatten(),
+            headers,
+        }))
+    }
+}
+
+/// `a=1&b=2` as `a=REDACTED&b=REDACTED`: the names stay, the values go.
+fn redact(query: &str) -> String {
+    query
+        .split('&')
+        .map(|pair| match pair.split_once('=') {
+            Some((name, _)) => format!("{name}=REDACTED"),
+            None => pair.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join("&")
+}
+
+/// How a request ended, as its transport saw it.
+#[derive(Debug, Default)]
+pub struct Outcome<'a> {
+    /// The status answered (0 when nothing was: the client left first).
+    pub status: u16,
+    /// The route that matched.
+    pub route: Option<usize>,
+    /// The request id sent upstream and answered.
+    pub request_id: Option<&'a [u8]>,
+    /// The pool and endpoint of the last attempt.
+    pub upstream: Option<(&'a PoolRt, usize)>,
+    /// The status the upstream answered.
+    pub upstream_status: Option<u16>,
+    /// The last attempt's time to first byte.
+    pub upstream_ttfb: Option<Duration>,
+    /// Upstream attempts made.
+    pub attempts: u32,
+    /// Served by a fast path (rather than Pingora's).
+    pub fast_path: bool,
+    /// Why the proxy answered itself or the request failed (see [`error_kind`]).
+    pub error: Option<&'static str>,
+    /// Response bytes sent, when the transport counts them.
+    pub bytes_sent: Option<u64>,
+    /// The connection's TLS parameters, on HTTPS.
+    pub tls: Option<&'a pingora::protocols::tls::SslDigest>,
+}
+
+/// Ends a request: metrics, the dashboard's window, the recent errors and the access
+/// log. `started` is when the request began; `scheme` and `peer` are its listener's
+/// and connection's.
+pub fn finish(
+    generation: &Generation,
+    metrics: &Metrics,
+    scheme: Scheme,
+    peer: Option<IpAddr>,
+    arrival: Option<&Arrival>,
+    outcome: &Outcome<'_>,
+    started: Instant,
+) {
+    let finished = Instant::now();
+    let elapsed = finished.duration_since(started);
+    let seconds = elapsed.as_secs_f64();
+    let route_metrics = outcome.route.map_or(&generation.unrouted_metrics, |r| {
+        &generation.routes[r].metrics
+    });
+    route_metrics.observe(outcome.status, seconds);
+    metrics.rolling.record(finished, outcome.status, seconds);
+    let failed = outcome.status >= 500 || outcome.error.is_some();
+    if failed {
+        metrics.recent_errors.push(RecentError::new(
+            generation, arrival, outcome, elapsed,
+        ));
+    }
+    let (Some(log), Some(arrival)) = (generation.access_log.as_ref(), arrival) else {
+        return;
+    };
+    let success = (100..400).contains(&outcome.status);
+    if success && log.sample < 1.0 && rand::random::<f64>() >= log.sample {
+        return;
+    }
+    let record = format::Record {
+        arrival,
+        outcome,
+        generation,
+        scheme,
+        peer,
+        duration: elapsed,
+    };
+    log.sink.send(format::line(log, &record));
+}
+
+/// The error kind of a request the proxy answered itself, for the log and the
+/// recent errors (`None` for answers that are not failures: redirects, static
+/// responses, challenges, probes).
+#[must_use]
+pub fn error_kind(answer: &Answer) -> Option<&'static str> {
+    match answer {
+        Answer::Refused(_) => Some("refused"),
+        Answer::NotFound => Some("no_route"),
+        Answer::Forbidden => Some("forbidden"),
+        Answer::RateLimited { .. } => Some("rate_limited"),
+        Answer::Unauthorized { .. } => Some("unauthorized"),
+        Answer::Failed(status) => Some(failure_kind(*status)),
+        Answer::Redirect { .. }
+        | Answer::Respond { .. }
+        | Answer::AcmeChallenge(_)
+        | Answer::Probe { .. } => None,
+    }
+}
+
+/// The error kind of a failed request by the status the proxy answered.
+#[must_use]
+pub fn failure_kind(status: u16) -> &'static str {
+    match status {
+        502 => "upstream_error",
+        503 => "no_endpoint",
+        504 => "upstream_timeout",
+        408 => "client_too_slow",
+        400 => "client_timeout",
+        _ => "failed",
+    }
+}
+
+/// Failed requests kept for the dashboard and `/api/v1/errors`.
+const RECENT_ERRORS: usize = 100;
+
+/// One failed request, as the dashboard's "recent errors" shows it.
+#[derive(Clone, Debug, Serialize)]
+pub struct RecentError {
+    /// When it ended (Unix milliseconds).
+    pub time_ms: u64,
+    /// Its request id.
+    pub request_id: String,
+    /// The method and path, when the access log took them.
+    pub request: Option<String>,
+    /// The status answered (0: none, the client left).
+    pub status: u16,
+    /// Why.
+    pub error: Option<&'static str>,
+    /// The route that matched.
+    pub route: Option<String>,
+    /// The pool's endpoint of the last attempt.
+    pub upstream: Option<String>,
+    /// How long it took, in milliseconds.
+    pub duration_ms: f64,
+}
+
+impl RecentError {
+    fn new(
+        generation: &Generation,
+        arrival: Option<&Arrival>,
+        outcome: &Outcome<'_>,
+        elapsed: Duration,
+    ) -> Self {
+        Self {
+            time_ms: SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+            request_id: outcome
+                .request_id
+                .map(|id| String::from_utf8_lossy(id).into_owned())
+                .unwrap_or_default(),
+            request: arrival.map(|a| format!("{} {}", a.method, a.path)),
+            status: outcome.status,
+            error: outcome.error,
+            route: outcome.route.map(|r| generation.routes[r].name.clone()),
+            upstream: outcome.upstream.map(|(p, i)| p.endpoints[i].id.clone()),
+            duration_ms: elapsed.as_secs_f64() * 1000.0,
+        }
+    }
+}
+
+/// The last [`RECENT_ERRORS`] failed requests, newest last.
+#[derive(Debug, Default)]
+pub struct RecentErrors(Mutex<VecDeque<RecentError>>);
+
+impl RecentErrors {
+    fn push(&self, e: RecentError) {
+        let mut q = self.0.lock().expect("recent errors lock is never poisoned");
+        if q.len() == RECENT_ERRORS {
+            q.pop_front();
+        }
+        q.push_back(e);
+    }
+
+    /// A copy, newest first.
+    #[must_use]
+    pub fn newest_first(&self) -> Vec<RecentError> {
+        let q = self.0.lock().expect("recent errors lock is never poisoned");
+        q.iter().rev().cloned().collect()
+    }
+}
