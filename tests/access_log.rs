@@ -37,11 +37,14 @@ fn closed_port() -> std::net::SocketAddr {
 
 /// The log's lines once there are at least `n`.
 async fn lines(path: &Path, n: usize) -> Vec<String> {
-    eventually(&format!("{n} access log lines in {}", path.display()), || async {
-        let text = std::fs::read_to_string(path).ok()?;
-        let lines: Vec<String> = text.lines().map(str::to_string).collect();
-        (lines.len() >= n).then_some(lines)
-    })
+    eventually(
+        &format!("{n} access log lines in {}", path.display()),
+        || async {
+            let text = std::fs::read_to_string(path).ok()?;
+            let lines: Vec<String> = text.lines().map(str::to_string).collect();
+            (lines.len() >= n).then_some(lines)
+        },
+    )
     .await
 }
 
@@ -94,8 +97,10 @@ async fn every_request_is_logged_once_whichever_transport_served_it() {
         assert!(!text.contains(secret), "{secret} reached the log:\n{text}");
     }
     let records = json_lines(&lines);
-    let by_path: BTreeMap<&str, &Value> =
-        records.iter().map(|r| (r["path"].as_str().unwrap(), r)).collect();
+    let by_path: BTreeMap<&str, &Value> = records
+        .iter()
+        .map(|r| (r["path"].as_str().unwrap(), r))
+        .collect();
     assert_eq!(records.len(), 6, "one line per logged request:\n{text}");
     assert!(!by_path.contains_key("/quiet/x"), "access_log = false");
 
@@ -120,7 +125,10 @@ async fn every_request_is_logged_once_whichever_transport_served_it() {
     assert!(a["time"].as_str().unwrap().ends_with('Z'), "{a}");
 
     let chunked = by_path["/app/chunked"];
-    assert_eq!(chunked["fast_path"], false, "chunked bodies go to Pingora: {chunked}");
+    assert_eq!(
+        chunked["fast_path"], false,
+        "chunked bodies go to Pingora: {chunked}"
+    );
     assert_eq!(chunked["status"], 200);
     assert_eq!(chunked["request_id"], ids[5].as_str());
 
@@ -180,7 +188,10 @@ async fn logfmt_and_combined_parse_back_and_sampling_keeps_every_error() {
     assert_eq!(fields["query"], "q=REDACTED");
     assert_eq!(fields["status"], "200");
     assert_eq!(fields["fast_path"], "true");
-    assert!(!fields.contains_key("time") && !fields.contains_key("peer"), "{line}");
+    assert!(
+        !fields.contains_key("time") && !fields.contains_key("peer"),
+        "{line}"
+    );
 
     // The same file in the combined format (the writer and its file are kept).
     let v = proxy
@@ -208,7 +219,11 @@ async fn logfmt_and_combined_parse_back_and_sampling_keeps_every_error() {
 
     // Sampling 0: successes are not logged, every error is.
     proxy
-        .reload(&routes(&backend, dead, &format!("path = {log:?}\nsample = 0.0")))
+        .reload(&routes(
+            &backend,
+            dead,
+            &format!("path = {log:?}\nsample = 0.0"),
+        ))
         .await;
     for _ in 0..20 {
         http.get(proxy.url("/app/s")).send().await.unwrap();
@@ -218,7 +233,10 @@ async fn logfmt_and_combined_parse_back_and_sampling_keeps_every_error() {
     }
     let all = lines(&log, 4).await;
     let sampled = json_lines(&all[2..]);
-    let statuses: Vec<u64> = sampled.iter().map(|r| r["status"].as_u64().unwrap()).collect();
+    let statuses: Vec<u64> = sampled
+        .iter()
+        .map(|r| r["status"].as_u64().unwrap())
+        .collect();
     assert_eq!(statuses, vec![404, 502], "{all:?}");
 }
 
@@ -291,7 +309,10 @@ fn combined(line: &str) -> Option<Combined> {
     let status = words.next()?.parse().ok()?;
     let bytes = words.next()?.to_string();
     let quoted = words.next()?;
-    let (referer, agent) = quoted.strip_prefix('"')?.strip_suffix('"')?.split_once("\" \"")?;
+    let (referer, agent) = quoted
+        .strip_prefix('"')?
+        .strip_suffix('"')?
+        .split_once("\" \"")?;
     Some(Combined {
         client: client.to_string(),
         request: request.to_string(),
@@ -342,7 +363,10 @@ async fn a_stalled_pipe_costs_log_lines_never_requests() {
     }
     let dropped = proxy.metric("rampart_access_log_dropped_total").await;
     let written = proxy.metric("rampart_access_log_lines_total").await;
-    assert!(dropped > 0.0 && written < f64::from(sent), "{dropped} dropped, {written} written of {sent}");
+    assert!(
+        dropped > 0.0 && written < f64::from(sent),
+        "{dropped} dropped, {written} written of {sent}"
+    );
     assert!(proxy.text("/app/y").await == "b", "still serving");
 }
 
@@ -393,11 +417,17 @@ async fn stdout_gets_one_json_object_per_request() {
     let proxy = Proxy::start(&routes(&backend, closed_port(), "path = \"stdout\"")).await;
     let http = Proxy::http_client();
     for i in 0..3 {
-        http.get(proxy.url(&format!("/app/{i}"))).send().await.unwrap();
+        http.get(proxy.url(&format!("/app/{i}")))
+            .send()
+            .await
+            .unwrap();
     }
     let out = proxy.dir.path().join("rampart.out");
     let records = json_lines(&lines(&out, 3).await);
-    let paths: Vec<&str> = records.iter().map(|r| r["path"].as_str().unwrap()).collect();
+    let paths: Vec<&str> = records
+        .iter()
+        .map(|r| r["path"].as_str().unwrap())
+        .collect();
     assert_eq!(paths, ["/app/0", "/app/1", "/app/2"]);
 }
 
@@ -418,7 +448,11 @@ async fn a_bad_access_log_keeps_the_last_good_configuration() {
     let why = proxy.status().await["last_reload"]["error"].to_string();
     assert!(why.contains("access_log.path"), "{why}");
     let after = proxy
-        .reload(&routes(&backend, dead, &format!("path = {log:?}\nfields = [\"stauts\"]")))
+        .reload(&routes(
+            &backend,
+            dead,
+            &format!("path = {log:?}\nfields = [\"stauts\"]"),
+        ))
         .await;
     assert_eq!(after, v);
     let why = proxy.status().await["last_reload"]["error"].to_string();

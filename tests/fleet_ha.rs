@@ -334,7 +334,10 @@ async fn a_controller_whose_term_ended_writes_nothing_only_the_leader_writes() {
     // its old term: etcd refuses, nothing is written.
     a.fence().hold(a_term);
     let stale = a.put_leading("snapshot/current", b"a-2").await;
-    let message = format!("{:#}", stale.expect_err("a stale leader wrote the snapshot"));
+    let message = format!(
+        "{:#}",
+        stale.expect_err("a stale leader wrote the snapshot")
+    );
     assert!(message.contains("term"), "{message}");
     assert_eq!(a.fence().revision(), None, "a refused write ends the term");
     assert_eq!(

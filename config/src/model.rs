@@ -118,8 +118,12 @@ pub const ACCESS_LOG_FIELDS: &[&str] = &[
 ];
 
 /// Request headers the access log never writes, whatever `headers` asks.
-pub const ACCESS_LOG_SECRET_HEADERS: &[&str] =
-    &["authorization", "proxy-authorization", "cookie", "set-cookie"];
+pub const ACCESS_LOG_SECRET_HEADERS: &[&str] = &[
+    "authorization",
+    "proxy-authorization",
+    "cookie",
+    "set-cookie",
+];
 
 /// How access log lines are written.
 #[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]

@@ -559,7 +559,10 @@ fn access_log(config: &Config, out: &mut Vec<Issue>) {
         for (i, name) in names.iter().enumerate() {
             if !ACCESS_LOG_FIELDS.contains(&name.as_str()) {
                 let hint = match crate::recover::closest(name, ACCESS_LOG_FIELDS) {
-                    Some(close) => format!("did you mean {close:?}? Known fields: {}", ACCESS_LOG_FIELDS.join(", ")),
+                    Some(close) => format!(
+                        "did you mean {close:?}? Known fields: {}",
+                        ACCESS_LOG_FIELDS.join(", ")
+                    ),
                     None => format!("known fields: {}", ACCESS_LOG_FIELDS.join(", ")),
                 };
                 out.push(Issue::new(

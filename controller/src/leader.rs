@@ -117,7 +117,9 @@ async fn term(
         let won = c.txn(txn).await?;
         if won.succeeded() {
             // The put in the transaction created the key at the response's revision.
-            let revision = won.header().map_or(0, etcd_client::ResponseHeader::revision);
+            let revision = won
+                .header()
+                .map_or(0, etcd_client::ResponseHeader::revision);
             tracing::info!("this controller ({id}) is the leader (term {revision})");
             candidate.fence.hold(revision);
             leader.send_replace(true);

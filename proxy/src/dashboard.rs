@@ -500,8 +500,14 @@ mod tests {
         let html = page(&v, &[("controller dashboard", "/controller")]).into_string();
         assert!(html.contains("&lt;script&gt;"));
         assert!(html.contains("<a href=\"/controller\">controller dashboard</a>"));
-        assert!(html.contains("GET /&lt;x&gt;"), "recent errors are escaped too");
-        assert!(html.contains("data-unix-ms=\"0\""), "times carry their instant for local display");
+        assert!(
+            html.contains("GET /&lt;x&gt;"),
+            "recent errors are escaped too"
+        );
+        assert!(
+            html.contains("data-unix-ms=\"0\""),
+            "times carry their instant for local display"
+        );
         assert!(html.contains("<span class=\"rule\">only from &lt;10.0.0.0/8&gt;</span>"));
         assert!(html.contains("Configuration version <strong>3</strong>"));
         assert!(html.contains("<svg"));

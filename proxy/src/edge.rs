@@ -544,9 +544,7 @@ impl ProxyHttp for Edge {
             fast_path: false,
             error: ctx.error.or_else(|| e.map(|e| error_kind(e, status))),
             bytes_sent: Some(downstream.body_bytes_sent() as u64),
-            tls: downstream
-                .digest()
-                .and_then(|d| d.ssl_digest.as_deref()),
+            tls: downstream.digest().and_then(|d| d.ssl_digest.as_deref()),
         };
         access::finish(
             &generation,

@@ -186,7 +186,9 @@ impl BackgroundService for ReopenLogs {
         let mut usr1 = match signal(SignalKind::user_defined1()) {
             Ok(s) => s,
             Err(e) => {
-                tracing::error!("cannot listen for SIGUSR1, the access log cannot be reopened: {e}");
+                tracing::error!(
+                    "cannot listen for SIGUSR1, the access log cannot be reopened: {e}"
+                );
                 return;
             }
         };

@@ -140,7 +140,9 @@ impl Store for EtcdStore {
 
     async fn put_leading(&self, key: &str, value: &[u8]) -> anyhow::Result<()> {
         let Some(term) = self.fence.revision() else {
-            anyhow::bail!("not written: {key} is written by the leader, and this controller does not lead");
+            anyhow::bail!(
+                "not written: {key} is written by the leader, and this controller does not lead"
+            );
         };
         // Applied only if the leader key is still the one this controller created.
         let leader = self.key(LEADER_KEY);

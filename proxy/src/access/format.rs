@@ -88,7 +88,10 @@ fn fields(log: &AccessLogRt, r: &Record<'_>, mut f: impl FnMut(&str, Value<'_>))
         "upstream_status",
         o.upstream_status.map(|s| Value::Num(u64::from(s))),
     );
-    put("upstream_ttfb_ms", o.upstream_ttfb.map(|d| Value::Ms(ms(d))));
+    put(
+        "upstream_ttfb_ms",
+        o.upstream_ttfb.map(|d| Value::Ms(ms(d))),
+    );
     put(
         "route",
         o.route
@@ -110,7 +113,10 @@ fn fields(log: &AccessLogRt, r: &Record<'_>, mut f: impl FnMut(&str, Value<'_>))
     if log.has("headers") {
         for (name, value) in log.headers.iter().zip(&a.headers) {
             if let Some(v) = value {
-                f(&format!("header_{}", name.as_str().replace('-', "_")), Value::Str(v));
+                f(
+                    &format!("header_{}", name.as_str().replace('-', "_")),
+                    Value::Str(v),
+                );
             }
         }
     }
@@ -260,10 +266,7 @@ fn clf_time(a: &Arrival) -> String {
     const MONTHS: [&str; 12] = [
         "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
     ];
-    let secs = a
-        .at
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
+    let secs = a.at.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
     let (y, m, d) = civil_from_days(secs / 86_400);
     let rem = secs % 86_400;
     format!(

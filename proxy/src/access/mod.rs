@@ -240,9 +240,9 @@ pub fn finish(
     metrics.rolling.record(finished, outcome.status, seconds);
     let failed = outcome.status >= 500 || outcome.error.is_some();
     if failed {
-        metrics.recent_errors.push(RecentError::new(
-            generation, arrival, outcome, elapsed,
-        ));
+        metrics
+            .recent_errors
+            .push(RecentError::new(generation, arrival, outcome, elapsed));
     }
     let (Some(log), Some(arrival)) = (generation.access_log.as_ref(), arrival) else {
         return;

@@ -452,7 +452,13 @@ mod tests {
         let Verdict::Forward(plan) = decision.verdict else {
             return None;
         };
-        Some(head.prepare(&plan, decision.request_id, generation, text.as_bytes(), None))
+        Some(head.prepare(
+            &plan,
+            decision.request_id,
+            generation,
+            text.as_bytes(),
+            None,
+        ))
     }
 
     /// Whatever a client sends, a request the fast path takes goes upstream as one
