@@ -1,8 +1,9 @@
-//! The access log, end to end: one line per request through every transport (HTTP/1
-//! on the fast path and on Pingora's, HTTP/2 over TLS), each format parsed back,
-//! redaction, per-route opt-out, sampling that keeps errors, a stalled pipe that
-//! drops lines (counted) without slowing requests, reopening on SIGUSR1 after a
-//! rotation, stdout, and the recent errors at `/api/v1/errors`.
+//! Request records end to end: the access log (one line per request through every
+//! transport — HTTP/1 on the fast path and on Pingora's, HTTP/2 over TLS —, each format
+//! parsed back, redaction, per-route opt-out, sampling that keeps errors, a stalled
+//! pipe that drops lines (counted) without slowing requests, reopening on SIGUSR1 after
+//! a rotation, stdout), the recent errors at `/api/v1/errors`, W3C trace context, and
+//! spans exported to an OTLP collector decoded with the official definitions.
 #![allow(missing_docs, clippy::unwrap_used)]
 
 mod common;
@@ -463,4 +464,368 @@ async fn a_bad_access_log_keeps_the_last_good_configuration() {
         .await
         .unwrap();
     lines(&log, 1).await;
+}
+
+/// W3C trace context through every transport and both paths: a trusted peer's
+/// `traceparent` is continued (same trace, the proxy's span as the upstream's parent),
+/// an untrusted one's replaced by a new trace, `always` continues anyone's, `off`
+/// passes it as sent; the access log's `trace_id` is the trace the upstream saw.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn traceparent_is_continued_from_trusted_peers_and_started_otherwise() {
+    const TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+    const PARENT: &str = "00f067aa0ba902b7";
+    common::init();
+    let backend = Backend::start("b").await;
+    let dir = tempfile::tempdir().unwrap();
+    let cases = [
+        (
+            "trusted",
+            "trusted_proxies = [\"127.0.0.1/32\"]",
+            "",
+            Some(true),
+        ),
+        (
+            "trusted, Pingora's path",
+            "trusted_proxies = [\"127.0.0.1/32\"]",
+            "http1_fast_path = false\nhttp2_fast_path = false",
+            Some(true),
+        ),
+        ("untrusted", "", "", Some(false)),
+        ("always", "trace_context = \"always\"", "", Some(true)),
+        ("off", "trace_context = \"off\"", "", None),
+    ];
+    for (i, (name, forwarding, server, continued)) in cases.into_iter().enumerate() {
+        let log = dir.path().join(format!("access-{i}.log"));
+        let body = format!(
+            "[forwarding]\n{forwarding}\n\n[access_log]\npath = {log:?}\n\n\
+             [[tls]]\nhosts = [\"a.test\"]\nsource = \"internal\"\n\n{}",
+            common::single_pool("round_robin", &[&backend], "")
+        );
+        let proxy = Proxy::start_with(server, &body).await;
+        let transports = [
+            ("HTTP/1", Proxy::http_client(), proxy.url("/headers")),
+            (
+                "HTTP/2",
+                proxy.client(&["a.test"]),
+                format!("https://a.test:{}/headers", proxy.https.port()),
+            ),
+        ];
+        let mut seen = Vec::new();
+        for (transport, client, url) in transports {
+            let sent = format!("00-{TRACE}-{PARENT}-01");
+            let headers: BTreeMap<String, String> = client
+                .get(url)
+                .header("traceparent", &sent)
+                .header("tracestate", "vendor=opaque")
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            let up = &headers["traceparent"];
+            let what = format!("{name}, {transport}: upstream got {up}");
+            assert_eq!(headers["tracestate"], "vendor=opaque", "{what}");
+            assert_eq!(up.len(), 55, "{what}");
+            let (trace, parent) = (&up[3..35], &up[36..52]);
+            match continued {
+                Some(true) => {
+                    assert_eq!(trace, TRACE, "{what}");
+                    assert_ne!(parent, PARENT, "the proxy's span is the parent: {what}");
+                    assert!(up.ends_with("-01"), "{what}");
+                }
+                Some(false) => assert_ne!(trace, TRACE, "{what}"),
+                None => assert_eq!(up, &sent, "{what}"),
+            }
+            seen.push(trace.to_string());
+        }
+        let records = json_lines(&lines(&log, 2).await);
+        for (record, trace) in records.iter().zip(&seen) {
+            match continued {
+                Some(_) => assert_eq!(record["trace_id"], trace.as_str(), "{name}: {record}"),
+                None => assert!(record.get("trace_id").is_none(), "{name}: {record}"),
+            }
+        }
+    }
+}
+
+/// An OTLP/HTTP collector on loopback: every export decoded with the official
+/// definitions; answers `status` (200: accepted).
+struct Collector {
+    addr: std::net::SocketAddr,
+    spans: std::sync::Arc<std::sync::Mutex<Vec<Span>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+use opentelemetry_proto::tonic::common::v1::any_value::Value as AnyValue;
+use opentelemetry_proto::tonic::trace::v1::Span;
+
+impl Drop for Collector {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Collector {
+    async fn start() -> Collector {
+        use http_body_util::BodyExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let spans = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let kept = spans.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
+                let kept = kept.clone();
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(
+                        move |req: hyper::Request<hyper::body::Incoming>| {
+                            let kept = kept.clone();
+                            async move {
+                                assert_eq!(req.uri().path(), "/v1/traces");
+                                assert_eq!(req.headers()["content-type"], "application/x-protobuf");
+                                let body = req.into_body().collect().await.unwrap().to_bytes();
+                                let export =
+                                    <ExportTraceServiceRequest as prost::Message>::decode(body)
+                                        .unwrap();
+                                for rs in export.resource_spans {
+                                    let service = rs.resource.unwrap().attributes;
+                                    assert!(service.iter().any(|a| a.key == "service.name"));
+                                    for ss in rs.scope_spans {
+                                        kept.lock().unwrap().extend(ss.spans);
+                                    }
+                                }
+                                Ok::<_, std::convert::Infallible>(hyper::Response::new(
+                                    http_body_util::Full::new(bytes::Bytes::new()),
+                                ))
+                            }
+                        },
+                    );
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        Collector { addr, spans, task }
+    }
+
+    /// The spans of trace `trace_id` once there are at least `n`.
+    async fn trace(&self, trace_id: &[u8], n: usize) -> Vec<Span> {
+        eventually(
+            &format!("{n} spans of a trace at the collector"),
+            || async {
+                let spans: Vec<Span> = self
+                    .spans
+                    .lock()
+                    .unwrap()
+                    .iter()
+                    .filter(|s| s.trace_id == trace_id)
+                    .cloned()
+                    .collect();
+                (spans.len() >= n).then_some(spans)
+            },
+        )
+        .await
+    }
+}
+
+fn attribute<'a>(span: &'a Span, key: &str) -> Option<&'a AnyValue> {
+    span.attributes
+        .iter()
+        .find(|a| a.key == key)
+        .and_then(|a| a.value.as_ref()?.value.as_ref())
+}
+
+fn hex_bytes(hex: &str) -> Vec<u8> {
+    (0..hex.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
+        .collect()
+}
+
+/// OTLP export through every transport and both paths: one server span per request
+/// (continuing the client's trace, its span the upstream's parent, HTTP semantic
+/// convention attributes) and a client span per upstream attempt — two when the first
+/// endpoint refuses the connection; an unreachable collector costs counted spans,
+/// never requests.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spans_reach_an_otlp_collector_with_their_parents_and_attempts() {
+    const TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+    const PARENT: &str = "00f067aa0ba902b7";
+    common::init();
+    let backend = Backend::start("b").await;
+    let collector = Collector::start().await;
+    let dead = closed_port();
+    let body = |endpoint: String| {
+        format!(
+            "[forwarding]\ntrusted_proxies = [\"127.0.0.1/32\"]\n\n\
+             [tracing]\notlp_endpoint = \"{endpoint}\"\nservice_name = \"edge-test\"\n\n\
+             [[tls]]\nhosts = [\"a.test\"]\nsource = \"internal\"\n\n\
+             [[routes]]\nname = \"app\"\naction = {{ forward = \"p\" }}\n\n\
+             [pools.p]\nbalance = \"round_robin\"\nendpoints = [{{ address = \"{dead}\" }}, {{ address = \"{}\" }}]\n\
+             passive_health = {{ consecutive_failures = 1000 }}\n",
+            backend.addr
+        )
+    };
+    let endpoint = format!("http://{}/v1/traces", collector.addr);
+    let fast = Proxy::start(&body(endpoint.clone())).await;
+    let full = Proxy::start_with(
+        "http1_fast_path = false\nhttp2_fast_path = false",
+        &body(endpoint),
+    )
+    .await;
+    let mut k = 0u128;
+    for (path_name, proxy) in [("fast", &fast), ("full", &full)] {
+        let transports = [
+            ("HTTP/1", Proxy::http_client(), proxy.url("/headers")),
+            (
+                "HTTP/2",
+                proxy.client(&["a.test"]),
+                format!("https://a.test:{}/headers", proxy.https.port()),
+            ),
+        ];
+        for (transport, client, url) in transports {
+            // Round robin over [dead, live]: two requests, so that one of them tries
+            // the dead endpoint first and retries on the live one.
+            for n in 0..2 {
+                k += 1;
+                let trace = format!("{:032x}", u128::from_str_radix(TRACE, 16).unwrap() + k);
+                let sent = format!("00-{trace}-{PARENT}-01");
+                let r = client
+                    .get(&url)
+                    .header("traceparent", &sent)
+                    .header("user-agent", "probe/2")
+                    .send()
+                    .await
+                    .unwrap();
+                let what = format!("{path_name} path, {transport}, request {n}");
+                assert_eq!(r.status(), 200, "{what}");
+                let seen: BTreeMap<String, String> = r.json().await.unwrap();
+                let upstream_parent = seen["traceparent"][36..52].to_string();
+                let spans_of = |spans: &[Span]| {
+                    let server: Vec<&Span> = spans.iter().filter(|s| s.kind == 2).collect();
+                    let clients: Vec<Span> =
+                        spans.iter().filter(|s| s.kind == 3).cloned().collect();
+                    (server.len() == 1).then(|| (server[0].clone(), clients))
+                };
+                let spans = collector.trace(&hex_bytes(&trace), 2).await;
+                let (server, clients) =
+                    spans_of(&spans).unwrap_or_else(|| panic!("{what}: {spans:?}"));
+                assert_eq!(server.parent_span_id, hex_bytes(PARENT), "{what}");
+                assert_eq!(
+                    server.span_id,
+                    hex_bytes(&upstream_parent),
+                    "{what}: the upstream's parent is the server span"
+                );
+                assert_eq!(server.name, "GET", "{what}");
+                assert_eq!(
+                    attribute(&server, "http.request.method"),
+                    Some(&AnyValue::StringValue("GET".into())),
+                    "{what}"
+                );
+                assert_eq!(
+                    attribute(&server, "url.path"),
+                    Some(&AnyValue::StringValue("/headers".into()))
+                );
+                assert_eq!(
+                    attribute(&server, "http.response.status_code"),
+                    Some(&AnyValue::IntValue(200))
+                );
+                assert_eq!(
+                    attribute(&server, "user_agent.original"),
+                    Some(&AnyValue::StringValue("probe/2".into()))
+                );
+                assert_eq!(
+                    attribute(&server, "rampart.route"),
+                    Some(&AnyValue::StringValue("app".into()))
+                );
+                assert_eq!(
+                    attribute(&server, "rampart.fast_path"),
+                    Some(&AnyValue::BoolValue(path_name == "fast")),
+                    "{what}"
+                );
+                assert!(server.end_time_unix_nano >= server.start_time_unix_nano);
+                // Every attempt is a child of the server span; the last one answered 200.
+                assert!(
+                    !clients.is_empty() && clients.len() <= 2,
+                    "{what}: {clients:?}"
+                );
+                for c in &clients {
+                    assert_eq!(c.parent_span_id, server.span_id, "{what}");
+                    assert!(
+                        c.start_time_unix_nano >= server.start_time_unix_nano,
+                        "{what}"
+                    );
+                }
+                let last = clients
+                    .iter()
+                    .max_by_key(|c| c.start_time_unix_nano)
+                    .unwrap();
+                assert_eq!(
+                    attribute(last, "http.response.status_code"),
+                    Some(&AnyValue::IntValue(200)),
+                    "{what}"
+                );
+                assert_eq!(
+                    attribute(last, "server.port"),
+                    Some(&AnyValue::IntValue(i64::from(backend.addr.port()))),
+                    "{what}"
+                );
+                if clients.len() == 2 {
+                    let first = clients
+                        .iter()
+                        .min_by_key(|c| c.start_time_unix_nano)
+                        .unwrap();
+                    assert_eq!(
+                        attribute(first, "error.type"),
+                        Some(&AnyValue::StringValue("upstream_connect".into())),
+                        "{what}"
+                    );
+                    assert_eq!(
+                        attribute(first, "server.port"),
+                        Some(&AnyValue::IntValue(i64::from(dead.port()))),
+                        "{what}"
+                    );
+                    assert_eq!(
+                        attribute(last, "http.request.resend_count"),
+                        Some(&AnyValue::IntValue(1)),
+                        "{what}"
+                    );
+                }
+            }
+        }
+        assert!(proxy.metric("rampart_otlp_spans_exported_total").await >= 8.0);
+    }
+    // Round robin sent one request of each pair to the dead endpoint first.
+    let retried = collector
+        .spans
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|s| attribute(s, "http.request.resend_count").is_some())
+        .count();
+    assert!(retried >= 4, "{retried} retried attempts among the spans");
+
+    // A collector that is gone: requests go on, the spans are counted as dropped.
+    let gone = Proxy::start(&body(format!("http://{}/v1/traces", closed_port()))).await;
+    for _ in 0..5 {
+        let r = Proxy::http_client()
+            .get(gone.url("/x"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    eventually("dropped spans to be counted", || async {
+        (gone
+            .metric("rampart_otlp_spans_dropped_total{reason=\"export_failed\"}")
+            .await
+            > 0.0)
+            .then_some(())
+    })
+    .await;
 }

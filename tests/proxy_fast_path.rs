@@ -223,7 +223,8 @@ async fn answer(
     assert!(resp.headers().contains_key("x-request-id"));
     let mut body = resp.text().await.unwrap();
     // /headers answers a JSON object in no particular order.
-    if let Ok(map) = serde_json::from_str::<BTreeMap<String, String>>(&body) {
+    if let Ok(mut map) = serde_json::from_str::<BTreeMap<String, String>>(&body) {
+        common::started_trace(&mut map);
         body = format!("{map:?}");
     }
     (status, kept, body)
@@ -553,7 +554,8 @@ async fn answer_h2(
     }
     assert!(resp.headers().contains_key("x-request-id"));
     let mut body = resp.text().await.unwrap();
-    if let Ok(map) = serde_json::from_str::<BTreeMap<String, String>>(&body) {
+    if let Ok(mut map) = serde_json::from_str::<BTreeMap<String, String>>(&body) {
+        common::started_trace(&mut map);
         // The two proxies listen on different ports, which the Host carries.
         body = format!("{map:?}").replace(&proxy.https.port().to_string(), "PORT");
     }

@@ -53,6 +53,36 @@ pub struct Config {
     /// The proxy's access log: one line per request (absent: none).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub access_log: Option<AccessLog>,
+    /// Request spans exported over OTLP/HTTP (absent: none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tracing: Option<Tracing>,
+}
+
+/// OpenTelemetry export of request spans: one server span per request and a client
+/// span per upstream attempt, batched to an OTLP/HTTP (protobuf) endpoint by a
+/// background task with a bounded queue (spans beyond it are dropped and counted).
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Tracing {
+    /// The OTLP/HTTP traces endpoint, e.g. "http://127.0.0.1:4318/v1/traces".
+    pub otlp_endpoint: String,
+    /// Share of the traces started here that are sampled (0.0–1.0, by trace id); a
+    /// continued trace follows its parent's sampled flag.
+    #[serde(default = "default_sample")]
+    pub sample: f64,
+    /// `service.name` of the exported resource.
+    #[serde(default = "default_service_name")]
+    pub service_name: String,
+    /// Spans waiting for export at most.
+    #[serde(default = "default_span_queue")]
+    pub queue: usize,
+}
+
+fn default_service_name() -> String {
+    "rampart".to_string()
+}
+fn default_span_queue() -> usize {
+    8192
 }
 
 /// The access log: one line per finished request, whichever path served it, written by
@@ -784,6 +814,11 @@ pub struct Forwarding {
     /// Header that carries the request id; generated (UUID v4) when the client sent none.
     #[serde(default = "default_request_id_header")]
     pub request_id_header: String,
+    /// W3C trace context: whose `traceparent` a request continues (`trusted`: from
+    /// `trusted_proxies` only; `always`; `off`: leave trace headers alone). Otherwise a
+    /// trace starts at the proxy; the upstream gets the proxy's span as parent.
+    #[serde(default)]
+    pub trace_context: TraceContext,
 }
 
 impl Default for Forwarding {
@@ -791,8 +826,22 @@ impl Default for Forwarding {
         Self {
             trusted_proxies: Vec::new(),
             request_id_header: default_request_id_header(),
+            trace_context: TraceContext::default(),
         }
     }
+}
+
+/// Whose `traceparent` a request continues.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum TraceContext {
+    /// A client in `forwarding.trusted_proxies` continues its trace; others start one.
+    #[default]
+    Trusted,
+    /// Every client's valid `traceparent` is continued.
+    Always,
+    /// The proxy neither starts nor continues traces: trace headers pass as sent.
+    Off,
 }
 
 fn default_request_id_header() -> String {

@@ -104,6 +104,7 @@ impl Snapshot {
             dns: None,
             // Where this proxy writes its log is its own (like its listeners).
             access_log: local.access_log.clone(),
+            tracing: local.tracing.clone(),
         };
         let issues = crate::validate::validate_snapshot(&config);
         if issues.is_empty() {

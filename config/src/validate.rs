@@ -48,6 +48,7 @@ fn validate_from(config: &Config, origin: Origin) -> Vec<Issue> {
     limits(config, &mut out);
     forwarding(config, &mut out);
     access_log(config, &mut out);
+    tracing(config, &mut out);
     let tls_hosts = tls(config, &mut out);
     if let (Some(sni), Origin::File) = (&config.server.default_sni, origin) {
         if !tls_hosts.iter().any(|p| p.matches(sni.as_str())) {
@@ -588,6 +589,40 @@ fn access_log(config: &Config, out: &mut Vec<Issue>) {
                 "remove it from the list",
             ));
         }
+    }
+}
+
+fn tracing(config: &Config, out: &mut Vec<Issue>) {
+    let Some(t) = &config.tracing else { return };
+    let path = FieldPath::root().key("tracing");
+    let rest = t
+        .otlp_endpoint
+        .strip_prefix("http://")
+        .or_else(|| t.otlp_endpoint.strip_prefix("https://"));
+    let usable = rest.is_some_and(|r| {
+        let host = r.split('/').next().unwrap_or("");
+        !host.is_empty() && !r.contains(char::is_whitespace)
+    });
+    if !usable {
+        out.push(Issue::new(
+            path.key("otlp_endpoint"),
+            format!("{:?} is not an http:// or https:// URL", t.otlp_endpoint),
+            "give the collector's OTLP/HTTP traces URL, e.g. \"http://127.0.0.1:4318/v1/traces\"",
+        ));
+    }
+    if !(0.0..=1.0).contains(&t.sample) {
+        out.push(Issue::new(
+            path.key("sample"),
+            format!("{} is not a share between 0.0 and 1.0", t.sample),
+            "use e.g. 0.05 to export one trace in twenty",
+        ));
+    }
+    if t.queue == 0 || t.queue > 1 << 20 {
+        out.push(Issue::new(
+            path.key("queue"),
+            format!("{} spans is not between 1 and 1048576", t.queue),
+            "keep the default (8192)",
+        ));
     }
 }
 

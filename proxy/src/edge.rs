@@ -18,7 +18,7 @@ use pingora::prelude::HttpPeer;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::{Error, ErrorSource, ErrorType, Result, RetryType};
 
-use crate::access::{self, Arrival, Outcome};
+use crate::access::{self, Arrival, AttemptSpan, Outcome};
 use crate::generation::{remaining, Generation, PoolRt, RouteRt};
 use crate::headers::{hop_by_hop, is_upgrade, joined_cookies};
 use crate::health::{now_ms, InflightGuard};
@@ -106,6 +106,10 @@ pub struct RequestCtx {
     error: Option<&'static str>,
     /// The last upstream response's status and time to first byte.
     upstream_status: Option<(u16, Duration)>,
+    /// The request's trace (the access log's `trace_id`).
+    trace: Option<policy::Trace>,
+    /// Every upstream attempt, when the request's span is exported.
+    attempt_spans: Option<Vec<AttemptSpan>>,
 }
 
 impl RequestCtx {
@@ -151,6 +155,8 @@ impl ProxyHttp for Edge {
             outcome_recorded: false,
             error: None,
             upstream_status: None,
+            trace: None,
+            attempt_spans: None,
         }
     }
 
@@ -192,6 +198,10 @@ impl ProxyHttp for Edge {
         };
         let decision = policy::decide(&generation, view, client).await;
         ctx.request_id = Some(decision.request_id);
+        ctx.trace = decision.trace;
+        if generation.tracing.is_some() && decision.trace.is_some_and(|t| t.sampled()) {
+            ctx.attempt_spans = Some(Vec::new());
+        }
         ctx.route = decision.route;
         match decision.verdict {
             Verdict::Forward(plan) => {
@@ -272,7 +282,18 @@ impl ProxyHttp for Edge {
         ctx.attempts += 1;
         ctx.endpoint = Some(idx);
         ctx.inflight = Some(endpoint.state.start_request());
-        ctx.upstream_started = Some(Instant::now());
+        let now = Instant::now();
+        ctx.upstream_started = Some(now);
+        if let Some(spans) = ctx.attempt_spans.as_mut() {
+            end_attempt(spans, None, Some("retried"));
+            spans.push(AttemptSpan {
+                endpoint: idx,
+                start: now,
+                end: now,
+                status: None,
+                error: None,
+            });
+        }
         ctx.status_retry = false;
         ctx.outcome_recorded = false;
         let mut peer = HttpPeer::new(endpoint.addr, false, String::new());
@@ -364,6 +385,9 @@ impl ProxyHttp for Edge {
             pool.ttfb.observe(ttfb.as_secs_f64());
             pool.states[idx].observe_latency(ttfb, now_ms());
             ctx.upstream_status = Some((status, ttfb));
+        }
+        if let Some(spans) = ctx.attempt_spans.as_mut() {
+            end_attempt(spans, Some(status), None);
         }
         if pool.retries.on_status.contains(&status) && status_retry_allowed(session, ctx, &pool) {
             self.record_failure(ctx, &pool, "status");
@@ -525,13 +549,22 @@ impl ProxyHttp for Edge {
             .response_written()
             .map_or_else(|| e.map_or(0, error_status), |r| r.status.as_u16());
         ctx.inflight = None;
+        if let Some(spans) = ctx.attempt_spans.as_mut() {
+            end_attempt(spans, None, None);
+        }
         if let Some(e) = e {
             let (route, pool) = ctx.labels();
             tracing::debug!(route, pool, status, "request failed: {e}");
         }
         let generation = ctx.generation.clone();
         let peer = client_peer(session);
-        let arrival = Arrival::of(&generation, session.req_header(), peer, ctx.route);
+        let arrival = Arrival::of(
+            &generation,
+            session.req_header(),
+            peer,
+            ctx.route,
+            ctx.trace,
+        );
         let downstream = session.as_downstream();
         let outcome = Outcome {
             status,
@@ -545,6 +578,8 @@ impl ProxyHttp for Edge {
             error: ctx.error.or_else(|| e.map(|e| error_kind(e, status))),
             bytes_sent: Some(downstream.body_bytes_sent() as u64),
             tls: downstream.digest().and_then(|d| d.ssl_digest.as_deref()),
+            trace: ctx.trace,
+            attempt_spans: ctx.attempt_spans.as_deref().unwrap_or_default(),
         };
         access::finish(
             &generation,
@@ -560,6 +595,15 @@ impl ProxyHttp for Edge {
 
 impl Edge {
     fn record_failure(&self, ctx: &mut RequestCtx, pool: &PoolRt, kind: &str) {
+        if let Some(spans) = ctx.attempt_spans.as_mut() {
+            let error = match kind {
+                "connect" => "upstream_connect",
+                "timeout" => "upstream_timeout",
+                "status" => "upstream_status",
+                _ => "upstream_error",
+            };
+            end_attempt(spans, None, Some(error));
+        }
         record_endpoint_failure(
             &self.metrics,
             pool,
@@ -617,6 +661,18 @@ fn status_retry_allowed(session: &Session, ctx: &RequestCtx, pool: &PoolRt) -> b
         && !req.headers.contains_key(http::header::TRANSFER_ENCODING)
         && content_length(&req.headers).ok().flatten().unwrap_or(0) == 0;
     req.method.is_idempotent() && bodiless && !is_upgrade(&req.headers) && ctx.retry_left(pool)
+}
+
+/// Ends the last attempt if it is still open (its end not set past its start), with
+/// the upstream's `status` or why it failed.
+fn end_attempt(spans: &mut [AttemptSpan], status: Option<u16>, error: Option<&'static str>) {
+    if let Some(last) = spans.last_mut() {
+        if last.end == last.start && last.status.is_none() && last.error.is_none() {
+            last.end = Instant::now();
+            last.status = status;
+            last.error = error;
+        }
+    }
 }
 
 /// The access log's error kind of a request that failed with `e` (answered `status`).

@@ -55,6 +55,18 @@ pub struct Generation {
     pub unrouted_metrics: RequestMetrics,
     /// The access log, when one is configured.
     pub access_log: Option<crate::access::AccessLogRt>,
+    /// Span export, when configured.
+    pub tracing: Option<TracingRt>,
+}
+
+/// Span export in force: the exporter (kept across reloads that keep its settings)
+/// and the share of new traces sampled.
+#[derive(Debug)]
+pub struct TracingRt {
+    /// Where spans go.
+    pub exporter: Arc<crate::access::otlp::Exporter>,
+    /// Share of the traces started here that are sampled.
+    pub sample: f64,
 }
 
 /// A route ready for serving.
@@ -183,6 +195,8 @@ pub struct Builder {
     metrics: Arc<Metrics>,
     /// The access log's writer, kept across reloads while its path stays the same.
     access_sink: Mutex<Option<Arc<crate::access::Sink>>>,
+    /// The span exporter, kept across reloads while its settings stay the same.
+    exporter: Mutex<Option<Arc<crate::access::otlp::Exporter>>>,
 }
 
 impl Builder {
@@ -195,7 +209,42 @@ impl Builder {
             ca: Mutex::new(None),
             metrics,
             access_sink: Mutex::new(None),
+            exporter: Mutex::new(None),
         }
+    }
+
+    /// The span export of `config`: the current exporter when its settings are
+    /// unchanged, a new one otherwise.
+    fn tracing(&self, config: &Config) -> anyhow::Result<Option<TracingRt>> {
+        use crate::access::otlp::{Exporter, SpanCounters};
+        let Some(settings) = &config.tracing else {
+            return Ok(None);
+        };
+        let mut current = self
+            .exporter
+            .lock()
+            .expect("exporter lock is never poisoned: no panics while held");
+        let exporter = match current.as_ref() {
+            Some(e) if e.serves(settings) => e.clone(),
+            _ => {
+                let counters = SpanCounters {
+                    exported: self.metrics.spans_exported.clone(),
+                    dropped: self.metrics.spans_dropped.clone(),
+                };
+                let e = Exporter::start(
+                    &settings.otlp_endpoint,
+                    &settings.service_name,
+                    settings.queue,
+                    counters,
+                )?;
+                *current = Some(e.clone());
+                e
+            }
+        };
+        Ok(Some(TracingRt {
+            exporter,
+            sample: settings.sample,
+        }))
     }
 
     /// The access log of `config`: the current writer when its path is unchanged, a
@@ -309,6 +358,7 @@ impl Builder {
             .collect();
         let certs = self.build_certs(&config, bundles)?;
         let access_log = self.access_log(&config)?;
+        let tracing = self.tracing(&config)?;
         let forwarding = ForwardingPolicy {
             trusted: config.forwarding.trusted_proxies.clone(),
             request_id: HeaderName::from_bytes(config.forwarding.request_id_header.as_bytes())
@@ -330,6 +380,7 @@ impl Builder {
             acme_challenges: Arc::default(),
             unrouted_metrics: RequestMetrics::new(&self.metrics, "", ""),
             access_log,
+            tracing,
             config: Arc::new(config),
         })
     }

@@ -56,6 +56,10 @@ pub struct Metrics {
     pub access_log_dropped: IntCounter,
     /// The last failed requests, for the dashboard and `/api/v1/errors`.
     pub recent_errors: crate::access::RecentErrors,
+    /// Spans the OTLP collector accepted.
+    pub spans_exported: IntCounter,
+    /// Spans dropped, by reason (`queue_full`, `export_failed`).
+    pub spans_dropped: IntCounterVec,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -110,6 +114,8 @@ impl Metrics {
             access_log_lines: reg(&r, IntCounter::new("rampart_access_log_lines_total", "Access log lines written").expect("valid")),
             access_log_dropped: reg(&r, IntCounter::new("rampart_access_log_dropped_total", "Access log lines dropped because the writer fell behind (the disk or pipe is slower than the requests); requests never wait for the log").expect("valid")),
             recent_errors: crate::access::RecentErrors::default(),
+            spans_exported: reg(&r, IntCounter::new("rampart_otlp_spans_exported_total", "Request spans the OTLP collector accepted").expect("valid")),
+            spans_dropped: reg(&r, IntCounterVec::new(Opts::new("rampart_otlp_spans_dropped_total", "Request spans dropped: the queue was full (queue_full) or the collector refused or could not be reached (export_failed)"), &["reason"]).expect("valid")),
             rolling: crate::rolling::Rolling::default(),
             registry: r,
         }

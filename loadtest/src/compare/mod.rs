@@ -50,6 +50,10 @@ pub struct CompareArgs {
     /// The rampart binary (default: next to this one, then PATH).
     #[arg(long)]
     pub rampart: Option<PathBuf>,
+    /// Every target writes an access log line per request to a file (Rampart: JSON,
+    /// nginx: combined); only Rampart and nginx are compared then.
+    #[arg(long)]
+    pub access_log: bool,
     /// Write the results as JSON.
     #[arg(long)]
     pub json: PathBuf,
@@ -187,11 +191,24 @@ async fn compare(args: &CompareArgs) -> anyhow::Result<Results> {
 
     let mut kinds = vec![Kind::Rampart];
     for p in args.peers.iter().filter(|p| !p.is_empty()) {
-        kinds.push(Kind::peer(p)?);
+        let kind = Kind::peer(p)?;
+        if args.access_log && kind != Kind::Nginx {
+            eprintln!("--access-log: {p} left out (its log is not configured to a file here)");
+            continue;
+        }
+        kinds.push(kind);
     }
     let mut targets = Vec::new();
     for kind in kinds {
-        let t = peers::start(kind, dir.path(), &up, &cert, args.workers, &rampart)?;
+        let t = peers::start(
+            kind,
+            dir.path(),
+            &up,
+            &cert,
+            args.workers,
+            &rampart,
+            args.access_log,
+        )?;
         wait_ready(&t).await.with_context(|| {
             format!(
                 "{} did not start; see {}",

@@ -1,6 +1,6 @@
 //! The proxies under comparison: how to configure and start each one the same way
-//! (same certificate, same routes, keep-alive upstreams, access logs off, the same
-//! number of workers), and where it listens.
+//! (same certificate, same routes, keep-alive upstreams, access logs off — or, with
+//! `--access-log`, to a file —, the same number of workers), and where it listens.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -161,7 +161,8 @@ pub fn free_port() -> anyhow::Result<SocketAddr> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?)
 }
 
-/// Writes the configuration of `kind` in `dir` and starts it with `workers` workers.
+/// Writes the configuration of `kind` in `dir` and starts it with `workers` workers;
+/// with `access_log`, it logs every request to `access.log` in its directory.
 ///
 /// # Errors
 /// When the binary is missing or the process cannot start.
@@ -172,6 +173,7 @@ pub fn start(
     cert: &Cert,
     workers: usize,
     rampart: &Path,
+    access_log: bool,
 ) -> anyhow::Result<Running> {
     let (http, https) = (free_port()?, free_port()?);
     let dir = dir.join(kind.name());
@@ -180,7 +182,14 @@ pub fn start(
         Kind::Direct => anyhow::bail!("the direct backend is started by the caller"),
         Kind::Rampart => {
             let cfg = dir.join("rampart.toml");
-            std::fs::write(&cfg, rampart_config(&dir, http, https, up, cert, workers))?;
+            let mut text = rampart_config(&dir, http, https, up, cert, workers);
+            if access_log {
+                text = format!(
+                    "[access_log]\npath = {:?}\n\n{text}",
+                    dir.join("access.log")
+                );
+            }
+            std::fs::write(&cfg, text)?;
             let mut c = Command::new(rampart);
             c.args(["proxy", "--config"])
                 .arg(&cfg)
@@ -189,7 +198,12 @@ pub fn start(
         }
         Kind::Nginx => {
             let cfg = dir.join("nginx.conf");
-            std::fs::write(&cfg, nginx_config(&dir, http, https, up, cert, workers))?;
+            let mut text = nginx_config(&dir, http, https, up, cert, workers);
+            if access_log {
+                let line = format!("access_log {}/access.log;", dir.display());
+                text = text.replace("access_log off;", &line);
+            }
+            std::fs::write(&cfg, text)?;
             let mut c = Command::new("nginx");
             c.arg("-p").arg(&dir).arg("-c").arg(&cfg);
             (c, version_of(Command::new("nginx").arg("-v")))

@@ -67,6 +67,7 @@ fn fields(log: &AccessLogRt, r: &Record<'_>, mut f: impl FnMut(&str, Value<'_>))
         o.request_id
             .map(|id| Value::Owned(String::from_utf8_lossy(id).into_owned())),
     );
+    put("trace_id", o.trace.map(|t| Value::Owned(t.trace_id_hex())));
     put("client", a.client.map(|c| Value::Owned(c.to_string())));
     put("peer", r.peer.map(|p| Value::Owned(p.to_string())));
     put("method", Some(Value::Str(a.method.as_str())));

@@ -6,8 +6,10 @@
 //!
 //! - [`sink`]: the queue and the writer thread.
 //! - [`format`]: json, logfmt and combined lines.
+//! - [`otlp`]: request spans exported over OTLP/HTTP.
 
 pub mod format;
+pub mod otlp;
 pub mod sink;
 
 use std::collections::VecDeque;
@@ -117,20 +119,32 @@ pub struct Arrival {
     pub body_len: Option<u64>,
     /// The logged request headers' values, in the order of `AccessLogRt::headers`.
     pub headers: Vec<Option<String>>,
+    /// The `User-Agent`, for a span.
+    pub user_agent: Option<String>,
+    /// The access log takes this request (else only a span does).
+    pub logged: bool,
+    /// A span of this request is exported.
+    pub traced: bool,
 }
 
 impl Arrival {
-    /// What `generation`'s access log needs of `parts` from `peer`, or `None` when
-    /// the request is not logged (no access log, or its route turns it off).
+    /// What the access log and the span export need of `parts` from `peer`, or
+    /// `None` when neither takes the request (no access log or its route turns it
+    /// off, and no span export or the trace is not sampled).
     #[must_use]
     pub fn of(
         generation: &Generation,
         parts: &http::request::Parts,
         peer: Option<IpAddr>,
         route: Option<usize>,
+        trace: Option<crate::policy::Trace>,
     ) -> Option<Box<Self>> {
-        let log = generation.access_log.as_ref()?;
-        if route.is_some_and(|r| !generation.routes[r].access_log) {
+        let log = generation
+            .access_log
+            .as_ref()
+            .filter(|_| route.is_none_or(|r| generation.routes[r].access_log));
+        let traced = generation.tracing.is_some() && trace.is_some_and(|t| t.sampled());
+        if log.is_none() && !traced {
             return None;
         }
         let host = parts
@@ -144,23 +158,21 @@ impl Arrival {
                     .map(|h| String::from_utf8_lossy(h.as_bytes()).into_owned())
             })
             .unwrap_or_default();
+        // Spans always get a redacted query.
         let query = parts.uri.query().map(|q| {
-            if log.redact_query {
+            if log.is_none_or(|l| l.redact_query) {
                 redact(q)
             } else {
                 q.to_string()
             }
         });
-        let headers = log
-            .headers
-            .iter()
-            .map(|h| {
-                parts
-                    .headers
-                    .get(h)
-                    .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
-            })
-            .collect();
+        let header = |h: &http::HeaderName| {
+            parts
+                .headers
+                .get(h)
+                .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+        };
+        let headers = log.map_or_else(Vec::new, |l| l.headers.iter().map(header).collect());
         Some(Box::new(Self {
             at: SystemTime::now(),
             method: parts.method.clone(),
@@ -175,6 +187,9 @@ impl Arrival {
             client: peer.map(|p| generation.forwarding.client_ip(p, &parts.headers)),
             body_len: crate::limits::content_length(&parts.headers).ok().flatten(),
             headers,
+            user_agent: traced.then(|| header(&http::header::USER_AGENT)).flatten(),
+            logged: log.is_some(),
+            traced,
         }))
     }
 }
@@ -216,6 +231,25 @@ pub struct Outcome<'a> {
     pub bytes_sent: Option<u64>,
     /// The connection's TLS parameters, on HTTPS.
     pub tls: Option<&'a pingora::protocols::tls::SslDigest>,
+    /// The request's trace.
+    pub trace: Option<crate::policy::Trace>,
+    /// The upstream attempts, when the request is traced.
+    pub attempt_spans: &'a [AttemptSpan],
+}
+
+/// One upstream attempt, for its span.
+#[derive(Clone, Copy, Debug)]
+pub struct AttemptSpan {
+    /// The endpoint (index in its pool).
+    pub endpoint: usize,
+    /// When it started.
+    pub start: Instant,
+    /// When it ended (the response head, or the failure).
+    pub end: Instant,
+    /// The status the upstream answered.
+    pub status: Option<u16>,
+    /// Why it failed.
+    pub error: Option<&'static str>,
 }
 
 /// Ends a request: metrics, the dashboard's window, the recent errors and the access
@@ -244,7 +278,23 @@ pub fn finish(
             .recent_errors
             .push(RecentError::new(generation, arrival, outcome, elapsed));
     }
-    let (Some(log), Some(arrival)) = (generation.access_log.as_ref(), arrival) else {
+    let Some(arrival) = arrival else { return };
+    if arrival.traced {
+        if let (Some(t), Some(trace)) = (&generation.tracing, outcome.trace) {
+            spans(
+                &t.exporter,
+                generation,
+                scheme,
+                peer,
+                arrival,
+                outcome,
+                started,
+                elapsed,
+                trace,
+            );
+        }
+    }
+    let Some(log) = generation.access_log.as_ref().filter(|_| arrival.logged) else {
         return;
     };
     let success = (100..400).contains(&outcome.status);
@@ -260,6 +310,126 @@ pub fn finish(
         duration: elapsed,
     };
     log.sink.send(format::line(log, &record));
+}
+
+/// The server span of a request and a client span per upstream attempt, in the
+/// OpenTelemetry HTTP semantic conventions, queued for export.
+#[allow(clippy::too_many_arguments)]
+fn spans(
+    exporter: &otlp::Exporter,
+    generation: &Generation,
+    scheme: Scheme,
+    peer: Option<IpAddr>,
+    a: &Arrival,
+    o: &Outcome<'_>,
+    started: Instant,
+    elapsed: Duration,
+    trace: crate::policy::Trace,
+) {
+    use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
+    use otlp::{boolean, int, string, SpanIds};
+    let at = |i: Instant| a.at + i.saturating_duration_since(started);
+    let method = a.method.as_str();
+    let (host, port) = split_host(&a.host);
+    let mut attrs = vec![
+        string("http.request.method", method),
+        string("url.scheme", scheme.as_str()),
+        string("url.path", &a.path),
+        string(
+            "network.protocol.version",
+            a.protocol.trim_start_matches("HTTP/"),
+        ),
+        int("http.response.status_code", i64::from(o.status)),
+        string("server.address", host),
+        boolean("rampart.fast_path", o.fast_path),
+    ];
+    if let Some(p) = port {
+        attrs.push(int("server.port", i64::from(p)));
+    }
+    if let Some(q) = &a.query {
+        attrs.push(string("url.query", q));
+    }
+    if let Some(c) = a.client {
+        attrs.push(string("client.address", &c.to_string()));
+    }
+    if let Some(p) = peer {
+        attrs.push(string("network.peer.address", &p.to_string()));
+    }
+    if let Some(ua) = &a.user_agent {
+        attrs.push(string("user_agent.original", ua));
+    }
+    if let Some(r) = o.route {
+        attrs.push(string("rampart.route", &generation.routes[r].name));
+    }
+    if let Some(id) = o.request_id {
+        attrs.push(string("rampart.request_id", &String::from_utf8_lossy(id)));
+    }
+    let server_error = o.status >= 500 || o.status == 0;
+    if let Some(e) = o.error {
+        attrs.push(string("error.type", e));
+    } else if server_error {
+        attrs.push(string("error.type", &o.status.to_string()));
+    }
+    exporter.send(otlp::span(
+        SpanIds {
+            trace_id: trace.trace_id,
+            span_id: trace.span_id,
+            parent: trace.parent_id,
+            flags: trace.flags,
+        },
+        method.to_string(),
+        SpanKind::Server,
+        (a.at, a.at + elapsed),
+        attrs,
+        server_error,
+    ));
+    let Some((pool, _)) = o.upstream else { return };
+    for (i, attempt) in o.attempt_spans.iter().enumerate() {
+        let ep = &pool.endpoints[attempt.endpoint];
+        let mut attrs = vec![
+            string("http.request.method", method),
+            string("server.address", &ep.addr.ip().to_string()),
+            int("server.port", i64::from(ep.addr.port())),
+            string("rampart.pool", &pool.name),
+        ];
+        if i > 0 {
+            attrs.push(int("http.request.resend_count", i as i64));
+        }
+        if let Some(s) = attempt.status {
+            attrs.push(int("http.response.status_code", i64::from(s)));
+        }
+        let failed = attempt.error.is_some() || attempt.status.is_some_and(|s| s >= 500);
+        if let Some(e) = attempt.error {
+            attrs.push(string("error.type", e));
+        }
+        exporter.send(otlp::span(
+            SpanIds {
+                trace_id: trace.trace_id,
+                span_id: rand::random::<u64>() | 1,
+                parent: Some(trace.span_id),
+                flags: trace.flags,
+            },
+            method.to_string(),
+            SpanKind::Client,
+            (at(attempt.start), at(attempt.end)),
+            attrs,
+            failed,
+        ));
+    }
+}
+
+/// `host:port` (or `[v6]:port`) as host and port.
+fn split_host(authority: &str) -> (&str, Option<u16>) {
+    match authority.rsplit_once(':') {
+        Some((h, p)) if !h.is_empty() && (!h.contains(':') || h.ends_with(']')) => (
+            h.trim_start_matches('[').trim_end_matches(']'),
+            p.parse().ok(),
+        ),
+        _ => (
+            authority.trim_start_matches('[').trim_end_matches(']'),
+            None,
+        ),
+    }
 }
 
 /// The error kind of a request the proxy answered itself, for the log and the

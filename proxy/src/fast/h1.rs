@@ -57,7 +57,7 @@ pub async fn serve(
         return Served::Pingora(bytes);
     };
     let decision = policy::decide(&generation, head.policy_view(), conn.client()).await;
-    let request_id = decision.request_id;
+    let (request_id, trace) = (decision.request_id, decision.trace);
     let mut client = Http1Client {
         stream,
         send_timeout: generation.config.limits.send_timeout.0,
@@ -67,9 +67,14 @@ pub async fn serve(
         Verdict::Answer(answer) => {
             // An unread body cannot be skipped safely: the connection ends.
             let close = head.client_close || conn.closing || head.body_len > 0;
-            let arrival = Arrival::of(&generation, &head.parts, conn.peer, decision.route);
-            let request =
-                Prepared::answering(&head.parts, decision.route, request_id, close, arrival);
+            let arrival = Arrival::of(&generation, &head.parts, conn.peer, decision.route, trace);
+            let request = Prepared::answering(
+                &head.parts,
+                decision.route,
+                request_id,
+                close,
+                (arrival, trace),
+            );
             let keep =
                 answer_request(&mut client, &answer, &request, &generation, conn, started).await;
             return if keep {
@@ -79,8 +84,8 @@ pub async fn serve(
             };
         }
     };
-    let arrival = Arrival::of(&generation, &head.parts, conn.peer, Some(plan.route));
-    let mut request = head.prepare(&plan, request_id, &generation, &bytes, arrival);
+    let arrival = Arrival::of(&generation, &head.parts, conn.peer, Some(plan.route), trace);
+    let mut request = head.prepare(&plan, request_id, &generation, &bytes, (arrival, trace));
     drop(head);
     drop(bytes);
     if request.body_missing > 0 {
@@ -189,10 +194,10 @@ impl<'h, 'b> Head<'h, 'b> {
         request_id: HeaderValue,
         generation: &Generation,
         bytes: &[u8],
-        arrival: Option<Box<Arrival>>,
+        logged: (Option<Box<Arrival>>, Option<crate::policy::Trace>),
     ) -> Prepared {
         let head = upstream_head(&self.req, plan, generation, &request_id);
-        let mut request = Prepared::new(&self.parts, plan, request_id, head, arrival);
+        let mut request = Prepared::new(&self.parts, plan, request_id, head, logged);
         request.client_close = self.client_close;
         request.with_body(self.body_len, &bytes[self.head_len..])
     }
@@ -390,7 +395,7 @@ pub fn upstream_request_for(bytes: &[u8], generation: &Generation) -> Option<Vec
     let Verdict::Forward(plan) = decision.verdict else {
         return None;
     };
-    let request = head.prepare(&plan, decision.request_id, generation, bytes, None);
+    let request = head.prepare(&plan, decision.request_id, generation, bytes, (None, None));
     Some(request.upstream_head)
 }
 
@@ -457,7 +462,7 @@ mod tests {
             decision.request_id,
             generation,
             text.as_bytes(),
-            None,
+            (None, None),
         ))
     }
 

@@ -50,14 +50,15 @@ pub async fn serve(
         body_ended: session.is_body_empty(),
     };
     let decision = policy::decide(&generation, view, conn.client()).await;
-    let request_id = decision.request_id;
+    let (request_id, trace) = (decision.request_id, decision.trace);
     let plan = match decision.verdict {
         Verdict::Forward(plan) => plan,
         Verdict::Answer(answer) => {
             // Dropping the stream resets what the client still sends of a body.
             let req = session.req_header();
-            let arrival = Arrival::of(&generation, req, conn.peer, decision.route);
-            let request = Prepared::answering(req, decision.route, request_id, false, arrival);
+            let arrival = Arrival::of(&generation, req, conn.peer, decision.route, trace);
+            let request =
+                Prepared::answering(req, decision.route, request_id, false, (arrival, trace));
             let mut client = Http2Client {
                 session: &mut session,
             };
@@ -67,8 +68,9 @@ pub async fn serve(
     };
     let head = upstream_head(session.req_header(), &plan, &generation, &request_id);
     let req = session.req_header();
-    let arrival = Arrival::of(&generation, req, conn.peer, Some(plan.route));
-    let mut request = Prepared::new(req, &plan, request_id, head, arrival).with_body(body_len, &[]);
+    let arrival = Arrival::of(&generation, req, conn.peer, Some(plan.route), trace);
+    let mut request =
+        Prepared::new(req, &plan, request_id, head, (arrival, trace)).with_body(body_len, &[]);
     if request.body_missing > 0 {
         if let Err(e) = read_body(&mut session, &mut request, &generation, started).await {
             let mut client = Http2Client {

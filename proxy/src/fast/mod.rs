@@ -243,6 +243,7 @@ pub(crate) async fn forward_request<D: Downstream>(
         attempts: done.attempts,
         error: done.error,
         bytes_sent: done.relayed.map(|r| r.body_bytes),
+        attempt_spans: &done.attempt_spans,
         ..request.outcome(conn)
     };
     finish(conn, generation, request, &outcome, started);
@@ -266,8 +267,10 @@ pub(crate) struct Prepared {
     /// Bytes of the body still to be read from the client (the rest follows the head in
     /// `upstream_head`).
     pub(crate) body_missing: usize,
-    /// What the access log takes of the request, when it is logged.
+    /// What the access log (or a span) takes of the request, when it does.
     pub(crate) arrival: Option<Box<Arrival>>,
+    /// The request's trace.
+    pub(crate) trace: Option<crate::policy::Trace>,
 }
 
 impl Prepared {
@@ -277,11 +280,11 @@ impl Prepared {
         plan: &Forward,
         request_id: HeaderValue,
         upstream_head: Vec<u8>,
-        arrival: Option<Box<Arrival>>,
+        (arrival, trace): (Option<Box<Arrival>>, Option<crate::policy::Trace>),
     ) -> Self {
         Self {
             upstream_head,
-            ..Self::answering(parts, Some(plan.route), request_id, false, arrival)
+            ..Self::answering(parts, Some(plan.route), request_id, false, (arrival, trace))
         }
     }
 
@@ -291,7 +294,7 @@ impl Prepared {
         route: Option<usize>,
         request_id: HeaderValue,
         close: bool,
-        arrival: Option<Box<Arrival>>,
+        (arrival, trace): (Option<Box<Arrival>>, Option<crate::policy::Trace>),
     ) -> Self {
         Self {
             route,
@@ -303,7 +306,13 @@ impl Prepared {
             body_len: 0,
             body_missing: 0,
             arrival,
+            trace,
         }
+    }
+
+    /// Whether a span of this request is exported (its attempts are then recorded).
+    pub(crate) fn traced(&self) -> bool {
+        self.arrival.as_ref().is_some_and(|a| a.traced)
     }
 
     /// What every outcome of this request shares.
@@ -313,6 +322,7 @@ impl Prepared {
             request_id: Some(self.request_id.as_bytes()),
             fast_path: true,
             tls: conn.tls,
+            trace: self.trace,
             ..Outcome::default()
         }
     }

@@ -11,6 +11,7 @@ use tokio::net::TcpStream;
 use super::chunked::{ChunkScanner, MalformedChunk};
 use super::pool::IdlePool;
 use super::{ConnInfo, Downstream, Prepared, MAX_HEADERS};
+use crate::access::AttemptSpan;
 use crate::clock::{self};
 use crate::edge::{record_endpoint_failure, Tried};
 use crate::generation::{Generation, PoolRt};
@@ -100,7 +101,7 @@ pub(crate) struct Relayed {
 }
 
 /// How a forwarded request ended, for [`crate::access::finish`].
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub(crate) struct Forwarded {
     /// The status the client got.
     pub(crate) status: u16,
@@ -114,6 +115,8 @@ pub(crate) struct Forwarded {
     pub(crate) relayed: Option<Relayed>,
     /// Why it failed, when the proxy answered.
     pub(crate) error: Option<&'static str>,
+    /// Every attempt, when the request is traced (else empty).
+    pub(crate) attempt_spans: Vec<AttemptSpan>,
 }
 
 /// Proxies a prepared request, trying endpoints as the pool's retry policy allows.
@@ -134,6 +137,8 @@ pub(crate) async fn forward<D: Downstream>(
     };
     let mut tried = Tried::default();
     let mut attempts = 0u32;
+    let mut attempt_spans = Vec::new();
+    let traced = request.traced();
     let deadline = clock::after(started, pool.timeouts.total.0);
     // What the last failed attempt would answer, and why.
     let (mut failed, mut why) = (503, "no_endpoint");
@@ -163,6 +168,22 @@ pub(crate) async fn forward<D: Downstream>(
         )
         .await;
         drop(inflight);
+        if traced {
+            let (status, error) = match &outcome {
+                Attempt::Done(r) => (Some(r.status), None),
+                Attempt::Failed(f) => (
+                    (f.kind == FailureKind::Status).then_some(f.status),
+                    Some(f.kind.error()),
+                ),
+            };
+            attempt_spans.push(AttemptSpan {
+                endpoint: idx,
+                start: now,
+                end: Instant::now(),
+                status,
+                error,
+            });
+        }
         match outcome {
             Attempt::Done(relayed) => {
                 return Forwarded {
@@ -172,6 +193,7 @@ pub(crate) async fn forward<D: Downstream>(
                     attempts,
                     relayed: Some(relayed),
                     error: None,
+                    attempt_spans,
                 }
             }
             Attempt::Failed(f) => {
@@ -201,6 +223,7 @@ pub(crate) async fn forward<D: Downstream>(
         attempts,
         relayed: None,
         error: Some(error),
+        attempt_spans,
     }
 }
 

@@ -12,6 +12,7 @@
 
 pub mod answer;
 pub mod authority;
+pub mod trace;
 
 use std::net::IpAddr;
 use std::time::Duration;
@@ -22,6 +23,7 @@ use rampart_config::{Action, HashKey};
 
 pub use answer::Answer;
 pub use authority::Authority;
+pub use trace::Trace;
 
 use crate::edge::Scheme;
 use crate::generation::{Generation, RouteRt};
@@ -58,6 +60,8 @@ pub struct Client {
 pub struct Decision {
     /// The request id sent upstream and in the response.
     pub request_id: HeaderValue,
+    /// The request's trace (`None` with `forwarding.trace_context = "off"`).
+    pub trace: Option<Trace>,
     /// The route that matched, when one did (for metrics).
     pub route: Option<usize>,
     /// Answer or forward.
@@ -87,7 +91,8 @@ pub struct Forward {
     /// The target sent upstream when it is not the client's own (a stripped prefix,
     /// an absolute-form target made origin-form).
     pub target: Option<String>,
-    /// Forwarding headers to set (X-Forwarded-*, Forwarded), replacing the client's.
+    /// Forwarding headers to set (X-Forwarded-*, Forwarded, traceparent), replacing
+    /// the client's.
     pub forwarded: Vec<(&'static str, String)>,
 }
 
@@ -96,12 +101,24 @@ pub struct Forward {
 /// may run bcrypt on the blocking pool.
 pub async fn decide(generation: &Generation, req: Request<'_>, client: Client) -> Decision {
     let request_id = request_id(req.parts, generation);
+    let trusted = client
+        .peer
+        .is_some_and(|p| generation.forwarding.is_trusted(p));
+    let sample = generation.tracing.as_ref().map(|t| t.sample);
+    let trace = trace::continues(generation.config.forwarding.trace_context, trusted)
+        .map(|continued| Trace::of(&req.parts.headers, continued, sample));
     let (route, verdict) = match route_and_verdict(generation, req, client).await {
-        Ok((route, forward)) => (Some(route), Verdict::Forward(forward)),
+        Ok((route, mut forward)) => {
+            if let Some(t) = &trace {
+                forward.forwarded.push(("traceparent", t.header()));
+            }
+            (Some(route), Verdict::Forward(forward))
+        }
         Err((route, answer)) => (route, Verdict::Answer(answer)),
     };
     Decision {
         request_id,
+        trace,
         route,
         verdict,
     }
