@@ -265,16 +265,23 @@ async fn a_browser_renders_the_dashboard_of_rampart_up() {
         .unwrap();
     let start = std::time::Instant::now();
     let mut sent = 0u32;
+    let mut last_failed = None;
     while start.elapsed() < std::time::Duration::from_secs(3) && sent < 3000 {
         let path = match sent % 10 {
             0 => "/status/503",
             1..=3 => "/api/items",
             _ => "/",
         };
-        let _ = shop
+        let r = shop
             .get(format!("https://shop.test:{}{path}", https.port()))
             .send()
             .await;
+        match &r {
+            Ok(r) if r.status() == 503 => {
+                last_failed = Some(r.headers()["x-request-id"].to_str().unwrap().to_string());
+            }
+            _ => {}
+        }
         sent += 1;
         tokio::time::sleep(std::time::Duration::from_millis(5)).await;
     }
@@ -321,6 +328,23 @@ async fn a_browser_renders_the_dashboard_of_rampart_up() {
         rendering(&dom) >= before + 2,
         "the page's refresh never ran: rendering {} after {before}",
         rendering(&dom)
+    );
+    // The newest failed request among the recent errors, its time shown as "N s ago"
+    // with the local time on hover (set by the page's script), and the link to the
+    // controller's dashboard beside this one.
+    let failed = last_failed.expect("a 503 among the requests");
+    let row = dom
+        .split("<tr ")
+        .find(|tr| tr.contains(&format!("data-request-id=\"{failed}\"")))
+        .unwrap_or_else(|| panic!("request {failed} is not among the recent errors:\n{dom}"));
+    assert!(
+        row.contains("<td>503</td>") && row.contains("<td>web</td>"),
+        "{row}"
+    );
+    assert!(row.contains(" s ago") && row.contains("title=\""), "{row}");
+    assert!(
+        dom.contains("href=\"/controller\""),
+        "no link to the controller's dashboard"
     );
     // The unhealthy endpoint, as the browser rendered it.
     let web2_item = dom
