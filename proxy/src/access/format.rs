@@ -31,24 +31,25 @@ pub struct Record<'a> {
 
 /// A field's value.
 enum Value<'a> {
+    /// Text that may need escaping.
     Str(&'a str),
-    Owned(String),
+    /// Text written as it formats (addresses, ids, times): nothing to escape, and no
+    /// string allocated for it.
+    Plain(&'a dyn std::fmt::Display),
     Num(u64),
     Ms(f64),
     Bool(bool),
 }
 
-/// The record's line in `log`'s format, ending in `\n`.
-#[must_use]
-pub fn line(log: &AccessLogRt, r: &Record<'_>) -> Vec<u8> {
-    let mut out = String::with_capacity(512);
+/// Writes the record's line in `log`'s format, ending in `\n`, to `out` (cleared first).
+pub fn line(log: &AccessLogRt, r: &Record<'_>, out: &mut String) {
+    out.clear();
     match log.format {
-        AccessLogFormat::Json => json(log, r, &mut out),
-        AccessLogFormat::Logfmt => logfmt(log, r, &mut out),
-        AccessLogFormat::Combined => combined(log, r, &mut out),
+        AccessLogFormat::Json => json(log, r, out),
+        AccessLogFormat::Logfmt => logfmt(log, r, out),
+        AccessLogFormat::Combined => combined(log, r, out),
     }
     out.push('\n');
-    out.into_bytes()
 }
 
 /// Calls `f` with every field that has a value and is kept, in the documented order.
@@ -61,15 +62,14 @@ fn fields(log: &AccessLogRt, r: &Record<'_>, mut f: impl FnMut(&str, Value<'_>))
             }
         }
     };
-    put("time", Some(Value::Owned(rfc3339(a))));
-    put(
-        "request_id",
-        o.request_id
-            .map(|id| Value::Owned(String::from_utf8_lossy(id).into_owned())),
-    );
-    put("trace_id", o.trace.map(|t| Value::Owned(t.trace_id_hex())));
-    put("client", a.client.map(|c| Value::Owned(c.to_string())));
-    put("peer", r.peer.map(|p| Value::Owned(p.to_string())));
+    let time = Rfc3339(a.at);
+    put("time", Some(Value::Plain(&time)));
+    let request_id = o.request_id.map(String::from_utf8_lossy);
+    put("request_id", request_id.as_deref().map(Value::Str));
+    let trace_id = o.trace.map(|t| TraceId(t.trace_id));
+    put("trace_id", trace_id.as_ref().map(|t| Value::Plain(t)));
+    put("client", a.client.as_ref().map(|c| Value::Plain(c)));
+    put("peer", r.peer.as_ref().map(|p| Value::Plain(p)));
     put("method", Some(Value::Str(a.method.as_str())));
     put("scheme", Some(Value::Str(r.scheme.as_str())));
     put("host", Some(Value::Str(&a.host)));
@@ -82,8 +82,7 @@ fn fields(log: &AccessLogRt, r: &Record<'_>, mut f: impl FnMut(&str, Value<'_>))
     put("duration_ms", Some(Value::Ms(ms(r.duration))));
     put(
         "upstream",
-        o.upstream
-            .map(|(p, i)| Value::Owned(p.endpoints[i].addr.to_string())),
+        o.upstream.map(|(p, i)| Value::Plain(&p.endpoints[i].addr)),
     );
     put(
         "upstream_status",
@@ -105,10 +104,8 @@ fn fields(log: &AccessLogRt, r: &Record<'_>, mut f: impl FnMut(&str, Value<'_>))
     );
     put("fast_path", Some(Value::Bool(o.fast_path)));
     // rustls names versions `TLSv1_3`; logs and nginx say `TLSv1.3`.
-    put(
-        "tls_version",
-        o.tls.map(|t| Value::Owned(t.version.replace('_', "."))),
-    );
+    let version = o.tls.map(|t| TlsVersion(&t.version));
+    put("tls_version", version.as_ref().map(|v| Value::Plain(v)));
     put("tls_cipher", o.tls.map(|t| Value::Str(&t.cipher)));
     put("error", o.error.map(Value::Str));
     if log.has("headers") {
@@ -127,9 +124,49 @@ fn ms(d: Duration) -> f64 {
     (d.as_secs_f64() * 1_000_000.0).round() / 1000.0
 }
 
-/// The arrival time as RFC 3339 with milliseconds, UTC.
-fn rfc3339(a: &Arrival) -> String {
-    humantime::format_rfc3339_millis(a.at).to_string()
+/// A time as RFC 3339 with milliseconds, UTC (`2026-12-06T22:23:00.123Z`), written
+/// without allocating.
+struct Rfc3339(std::time::SystemTime);
+
+impl std::fmt::Display for Rfc3339 {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let d = self.0.duration_since(UNIX_EPOCH).unwrap_or_default();
+        let secs = d.as_secs();
+        let (y, m, day) = civil_from_days(secs / 86_400);
+        let rem = secs % 86_400;
+        write!(
+            f,
+            "{y:04}-{m:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+            rem / 3600,
+            rem % 3600 / 60,
+            rem % 60,
+            d.subsec_millis()
+        )
+    }
+}
+
+/// A trace id as 32 lowercase hex digits.
+struct TraceId(u128);
+
+impl std::fmt::Display for TraceId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:032x}", self.0)
+    }
+}
+
+/// `TLSv1_3` as `TLSv1.3`.
+struct TlsVersion<'a>(&'a str);
+
+impl std::fmt::Display for TlsVersion<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for part in self.0.split_inclusive('_') {
+            match part.strip_suffix('_') {
+                Some(p) => write!(f, "{p}.")?,
+                None => f.write_str(part)?,
+            }
+        }
+        Ok(())
+    }
 }
 
 fn json(log: &AccessLogRt, r: &Record<'_>, out: &mut String) {
@@ -144,7 +181,9 @@ fn json(log: &AccessLogRt, r: &Record<'_>, out: &mut String) {
         out.push(':');
         match v {
             Value::Str(s) => json_str(out, s),
-            Value::Owned(s) => json_str(out, &s),
+            Value::Plain(d) => {
+                let _ = write!(out, "\"{d}\"");
+            }
             Value::Num(n) => {
                 let _ = write!(out, "{n}");
             }
@@ -160,6 +199,15 @@ fn json(log: &AccessLogRt, r: &Record<'_>, out: &mut String) {
 /// `s` as a JSON string (quotes, backslashes and control characters escaped).
 fn json_str(out: &mut String, s: &str) {
     out.push('"');
+    // Most values need no escaping: copied whole.
+    if !s
+        .bytes()
+        .any(|b| b == b'"' || b == b'\\' || b < 0x20 || b == 0x7f)
+    {
+        out.push_str(s);
+        out.push('"');
+        return;
+    }
     for c in s.chars() {
         match c {
             '"' => out.push_str("\\\""),
@@ -187,7 +235,9 @@ fn logfmt(log: &AccessLogRt, r: &Record<'_>, out: &mut String) {
         out.push('=');
         match v {
             Value::Str(s) => logfmt_str(out, s),
-            Value::Owned(s) => logfmt_str(out, &s),
+            Value::Plain(d) => {
+                let _ = write!(out, "{d}");
+            }
             Value::Num(n) => {
                 let _ = write!(out, "{n}");
             }
@@ -264,6 +314,7 @@ fn clf_escape(out: &mut String, s: &str) {
 
 /// `06/Dec/2026:22:23:00 +0000`.
 fn clf_time(a: &Arrival) -> String {
+    // (Combined only.)
     const MONTHS: [&str; 12] = [
         "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
     ];
@@ -302,6 +353,15 @@ mod tests {
         assert_eq!(civil_from_days(0), (1970, 1, 1));
         assert_eq!(civil_from_days(20_428), (2025, 12, 6));
         assert_eq!(civil_from_days(11_016), (2000, 2, 29));
+    }
+
+    #[test]
+    fn times_versions_and_ids_are_written_as_logs_expect() {
+        let at = UNIX_EPOCH + Duration::from_millis(1_796_600_000_123);
+        assert_eq!(Rfc3339(at).to_string(), "2026-12-06T23:33:20.123Z");
+        assert_eq!(TlsVersion("TLSv1_3").to_string(), "TLSv1.3");
+        assert_eq!(TlsVersion("TLSv1_2").to_string(), "TLSv1.2");
+        assert_eq!(TraceId(0xab).to_string(), format!("{:0>32}", "ab"));
     }
 
     #[test]

@@ -309,7 +309,14 @@ pub fn finish(
         peer,
         duration: elapsed,
     };
-    log.sink.send(format::line(log, &record));
+    // One buffer per thread, reused: formatting allocates nothing once warm.
+    thread_local! {
+        static LINE: std::cell::RefCell<String> = std::cell::RefCell::new(String::with_capacity(1024));
+    }
+    LINE.with_borrow_mut(|line| {
+        format::line(log, &record, line);
+        log.sink.send(line.as_bytes());
+    });
 }
 
 /// The server span of a request and a client span per upstream attempt, in the
