@@ -367,7 +367,11 @@ async fn a_backend_service_scales_1_4_1_under_load_without_a_failed_request() {
         delays[delays.len() - 1],
         delays.len()
     );
-    assert!(delays[delays.len() - 1] < 5.0, "{delays:?}");
+    assert!(
+        delays[delays.len() - 1] < 5.0,
+        "{delays:?}; proxy log:\n{}",
+        proxy.log()
+    );
 
     // 4 -> 1, as a scale-down does it: stop (SIGTERM, then SIGKILL after 2 s). The
     // stopping containers get no new requests from the moment the engine signals them.

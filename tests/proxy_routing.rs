@@ -277,7 +277,19 @@ async fn active_health_checks_eject_and_restore_endpoints() {
 async fn passive_health_ejects_an_endpoint_that_refuses_connections() {
     common::init();
     let a = Backend::start("a").await;
-    let dead = common::free_addr();
+    // The endpoint that dies answers one request first: an endpoint that never answered
+    // is ejected for a second only (a container still starting), this one for eject_for.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let dead = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (mut s, _) = listener.accept().await.unwrap();
+        drop(listener);
+        let mut buf = [0u8; 4096];
+        let _ = s.read(&mut buf).await;
+        let ok = b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\nConnection: close\r\n\r\ndead";
+        let _ = s.write_all(ok).await;
+    });
     let pool = format!(
         "[pools.p]\nendpoints = [{{ address = \"{}\" }}, {{ address = \"{dead}\" }}]\npassive_health = {{ consecutive_failures = 2, eject_for = \"1m\" }}\nretries = {{ attempts = 1 }}\n",
         a.addr
@@ -287,6 +299,12 @@ async fn passive_health_ejects_an_endpoint_that_refuses_connections() {
     ))
     .await;
     let client = Proxy::http_client();
+    eventually("the endpoint that dies to answer once", || async {
+        let (status, body) = get_body(&client, &proxy.url("/")).await;
+        assert_eq!(status, 200);
+        (body == "dead").then_some(())
+    })
+    .await;
     for _ in 0..20 {
         assert_eq!(
             get_body(&client, &proxy.url("/")).await,

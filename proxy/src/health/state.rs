@@ -28,6 +28,10 @@ const EWMA_TAU_MS: f64 = 10_000.0;
 /// Latency assumed for an endpoint that has not answered yet (1 ms): new endpoints are
 /// tried rather than starved.
 const EWMA_INITIAL_US: f64 = 1_000.0;
+/// Longest first ejection of an endpoint that has not answered a request yet: a container
+/// that discovery announced before its process listens is tried again within a second,
+/// not locked out for the pool's whole `eject_for`.
+const NEW_ENDPOINT_EJECT: Duration = Duration::from_secs(1);
 
 /// The live state of one endpoint.
 #[derive(Debug)]
@@ -41,6 +45,8 @@ pub struct EndpointState {
     ejected_until_ms: AtomicU64,
     /// Ejections in a row without a success in between (for the doubling back-off).
     ejections: AtomicU32,
+    /// Whether the endpoint has answered a request since it joined its pool.
+    answered: AtomicBool,
     inflight: AtomicU64,
     /// f64 bits of the latency EWMA in microseconds.
     ewma_us: AtomicU64,
@@ -61,6 +67,7 @@ impl Default for EndpointState {
             passive_fail_streak: AtomicU32::new(0),
             ejected_until_ms: AtomicU64::new(0),
             ejections: AtomicU32::new(0),
+            answered: AtomicBool::new(false),
             inflight: AtomicU64::new(0),
             ewma_us: AtomicU64::new(EWMA_INITIAL_US.to_bits()),
             ewma_stamp_ms: AtomicU64::new(0),
@@ -143,10 +150,15 @@ impl EndpointState {
         self.requests.fetch_add(1, Ordering::Relaxed);
         self.passive_fail_streak.store(0, Ordering::Relaxed);
         self.ejections.store(0, Ordering::Relaxed);
+        if !self.answered.load(Ordering::Relaxed) {
+            self.answered.store(true, Ordering::Relaxed);
+        }
     }
 
     /// Records a failed request; ejects the endpoint when the streak reaches the policy's
-    /// threshold. Returns the ejection period when it ejected.
+    /// threshold. Returns the ejection period when it ejected: the policy's, doubling per
+    /// ejection in a row, starting at no more than [`NEW_ENDPOINT_EJECT`] while the endpoint
+    /// has never answered (still starting, most likely).
     /// `may_eject` is false when the pool's cap of ejected endpoints is reached.
     pub fn record_failure(
         &self,
@@ -173,7 +185,12 @@ impl EndpointState {
         }
         self.passive_fail_streak.store(0, Ordering::Relaxed);
         let n = self.ejections.fetch_add(1, Ordering::Relaxed).min(16);
-        let period = policy.base.saturating_mul(1 << n).min(policy.max);
+        let base = if self.answered.load(Ordering::Relaxed) {
+            policy.base
+        } else {
+            policy.base.min(NEW_ENDPOINT_EJECT)
+        };
+        let period = base.saturating_mul(1 << n).min(policy.max);
         let until = now_ms.saturating_add(u64::try_from(period.as_millis()).unwrap_or(u64::MAX));
         self.ejected_until_ms.store(until, Ordering::Relaxed);
         Some(period)
@@ -279,9 +296,16 @@ mod tests {
         max_ejected_percent: 50,
     };
 
+    /// An endpoint that has answered once (the policy's periods apply in full).
+    fn answered() -> EndpointState {
+        let s = EndpointState::default();
+        s.record_success();
+        s
+    }
+
     #[test]
     fn consecutive_failures_eject_with_doubling_backoff_capped() {
-        let s = EndpointState::default();
+        let s = answered();
         assert_eq!(s.record_failure(POLICY, 0, true), None);
         assert_eq!(s.record_failure(POLICY, 0, true), None);
         assert_eq!(
@@ -308,7 +332,7 @@ mod tests {
 
     #[test]
     fn an_ejected_endpoint_is_not_ejected_again_and_the_cap_holds() {
-        let s = EndpointState::default();
+        let s = answered();
         for _ in 0..3 {
             s.record_failure(POLICY, 0, true);
         }
@@ -323,6 +347,26 @@ mod tests {
             assert_eq!(capped.record_failure(POLICY, 0, false), None);
         }
         assert!(capped.is_available(1));
+    }
+
+    #[test]
+    fn an_endpoint_that_never_answered_is_ejected_briefly_then_doubling() {
+        // A container announced before its process listens: refused connects eject it
+        // for a second, not for the pool's 10 s, and a dead one backs off by doubling.
+        let s = EndpointState::default();
+        let eject = |s: &EndpointState, at| {
+            (0..3)
+                .filter_map(|_| s.record_failure(POLICY, at, true))
+                .last()
+        };
+        assert_eq!(eject(&s, 0), Some(Duration::from_secs(1)));
+        assert!(!s.is_available(999));
+        assert!(s.is_available(1_000));
+        assert_eq!(eject(&s, 1_000), Some(Duration::from_secs(2)));
+        assert_eq!(eject(&s, 3_000), Some(Duration::from_secs(4)));
+        // Once it has answered, the next ejection is the policy's own.
+        s.record_success();
+        assert_eq!(eject(&s, 7_000), Some(Duration::from_secs(10)));
     }
 
     #[test]
