@@ -125,6 +125,9 @@ async fn every_request_is_logged_once_whichever_transport_served_it() {
     assert!(a["bytes_sent"].as_u64().unwrap() > 0, "{a}");
     assert!(a["time"].as_str().unwrap().ends_with('Z'), "{a}");
 
+    assert!(a["upstream_connect_ms"].as_f64().is_some(), "{a}");
+    assert!(a.get("tls_sni").is_none(), "plain HTTP: {a}");
+
     let chunked = by_path["/app/chunked"];
     assert_eq!(
         chunked["fast_path"], false,
@@ -140,6 +143,8 @@ async fn every_request_is_logged_once_whichever_transport_served_it() {
     assert_eq!(over_h2["host"], format!("a.test:{}", proxy.https.port()));
     assert_eq!(over_h2["tls_version"], "TLSv1.3", "{over_h2}");
     assert!(over_h2["tls_cipher"].as_str().is_some(), "{over_h2}");
+    assert_eq!(over_h2["tls_sni"], "a.test", "{over_h2}");
+    assert_eq!(over_h2["tls_resumed"], false, "{over_h2}");
 
     let missing = by_path["/nowhere"];
     assert_eq!(missing["status"], 404);
@@ -166,6 +171,68 @@ async fn every_request_is_logged_once_whichever_transport_served_it() {
     assert_eq!(errors[1]["error"], "no_route");
     assert_eq!(proxy.metric("rampart_access_log_lines_total").await, 6.0);
     assert_eq!(proxy.metric("rampart_access_log_dropped_total").await, 0.0);
+}
+
+/// The TLS and upstream timing fields, on both paths and over both protocols: the
+/// server name the client sent, whether its handshake resumed the session of its
+/// previous connection, and the upstream connect time (0 on a reused connection).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_name_the_sni_a_resumed_session_and_the_upstream_connect() {
+    common::init();
+    let backend = Backend::start("b").await;
+    // One worker thread: the fast paths keep idle upstream connections per thread, so
+    // with one every request after the first reuses the first's connection.
+    let both_paths = [
+        ("threads = 1", true),
+        (
+            "threads = 1\nhttp1_fast_path = false\nhttp2_fast_path = false",
+            false,
+        ),
+    ];
+    for (server, fast) in both_paths {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("access.log");
+        let settings = format!("path = {log:?}");
+        let body = routes(&backend, closed_port(), &settings);
+        let proxy = Proxy::start_with(server, &body).await;
+        let base = format!("https://a.test:{}", proxy.https.port());
+        let mut paths = Vec::new();
+        for protocol in ["h2", "h1"] {
+            // No idle connections kept: each request makes a new one, and the second
+            // handshake resumes the first's session.
+            let mut builder = proxy.client_builder(&["a.test"]).pool_max_idle_per_host(0);
+            if protocol == "h1" {
+                builder = builder.http1_only();
+            }
+            let client = builder.build().unwrap();
+            for i in 0..2 {
+                let path = format!("/app/{protocol}-{i}");
+                let r = client.get(format!("{base}{path}")).send().await.unwrap();
+                assert_eq!(r.status(), 200);
+                paths.push(path);
+            }
+        }
+        let records = json_lines(&lines(&log, paths.len()).await);
+        let got: Vec<&str> = records
+            .iter()
+            .map(|r| r["path"].as_str().unwrap())
+            .collect();
+        assert_eq!(got, paths, "one line per request, in order");
+        for (n, r) in records.iter().enumerate() {
+            let what = format!("fast paths {fast}: {r}");
+            assert_eq!(r["fast_path"], fast, "{what}");
+            assert_eq!(r["tls_sni"], "a.test", "{what}");
+            assert_eq!(r["tls_version"], "TLSv1.3", "{what}");
+            let resumed = r["path"].as_str().unwrap().ends_with("-1");
+            assert_eq!(r["tls_resumed"], resumed, "{what}");
+            let connect = r["upstream_connect_ms"].as_f64().unwrap();
+            if n == 0 {
+                assert!(connect > 0.0, "a new upstream connection: {what}");
+            } else {
+                assert!(connect == 0.0, "a reused upstream connection: {what}");
+            }
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

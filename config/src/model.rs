@@ -136,6 +136,7 @@ pub const ACCESS_LOG_FIELDS: &[&str] = &[
     "duration_ms",
     "upstream",
     "upstream_status",
+    "upstream_connect_ms",
     "upstream_ttfb_ms",
     "route",
     "pool",
@@ -143,6 +144,8 @@ pub const ACCESS_LOG_FIELDS: &[&str] = &[
     "fast_path",
     "tls_version",
     "tls_cipher",
+    "tls_sni",
+    "tls_resumed",
     "error",
     "headers",
 ];

@@ -97,6 +97,10 @@ pub struct RequestCtx {
     endpoint: Option<usize>,
     inflight: Option<InflightGuard>,
     upstream_started: Option<Instant>,
+    /// When the current attempt had its connection (new or reused).
+    upstream_connected: Option<Instant>,
+    /// The current attempt's connect time (zero on a reused connection).
+    upstream_connect: Option<Duration>,
     body_bytes: u64,
     /// Set when the current upstream error is a retryable status (502/503).
     status_retry: bool,
@@ -150,6 +154,8 @@ impl ProxyHttp for Edge {
             endpoint: None,
             inflight: None,
             upstream_started: None,
+            upstream_connected: None,
+            upstream_connect: None,
             body_bytes: 0,
             status_retry: false,
             outcome_recorded: false,
@@ -284,6 +290,8 @@ impl ProxyHttp for Edge {
         ctx.inflight = Some(endpoint.state.start_request());
         let now = Instant::now();
         ctx.upstream_started = Some(now);
+        ctx.upstream_connected = None;
+        ctx.upstream_connect = None;
         if let Some(spans) = ctx.attempt_spans.as_mut() {
             end_attempt(spans, None, Some("retried"));
             spans.push(AttemptSpan {
@@ -303,6 +311,24 @@ impl ProxyHttp for Edge {
         peer.options.write_timeout = Some(t.first_byte.0.min(left));
         peer.options.idle_timeout = Some(t.idle.0);
         Ok(Box::new(peer))
+    }
+
+    async fn connected_to_upstream(
+        &self,
+        _session: &mut Session,
+        reused: bool,
+        _peer: &HttpPeer,
+        _fd: std::os::unix::io::RawFd,
+        _digest: Option<&pingora::protocols::Digest>,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        let now = Instant::now();
+        ctx.upstream_connected = Some(now);
+        ctx.upstream_connect = Some(match (reused, ctx.upstream_started) {
+            (false, Some(started)) => now.duration_since(started),
+            _ => Duration::ZERO,
+        });
+        Ok(())
     }
 
     async fn upstream_request_filter(
@@ -380,7 +406,11 @@ impl ProxyHttp for Edge {
             return Ok(());
         };
         let status = resp.status.as_u16();
-        if let (Some(idx), Some(started)) = (ctx.endpoint, ctx.upstream_started) {
+        // From the connection, as the fast paths count it: the connect is its own figure.
+        if let (Some(idx), Some(started)) = (
+            ctx.endpoint,
+            ctx.upstream_connected.or(ctx.upstream_started),
+        ) {
             let ttfb = started.elapsed();
             pool.ttfb.observe(ttfb.as_secs_f64());
             pool.states[idx].observe_latency(ttfb, now_ms());
@@ -566,18 +596,23 @@ impl ProxyHttp for Edge {
             ctx.trace,
         );
         let downstream = session.as_downstream();
+        let tls = arrival
+            .is_some()
+            .then(|| crate::tls::conn::CONNECTION.try_with(Arc::clone).ok())
+            .flatten();
         let outcome = Outcome {
             status,
             route: ctx.route,
             request_id: ctx.request_id.as_ref().map(HeaderValue::as_bytes),
             upstream: ctx.pool().map(AsRef::as_ref).zip(ctx.endpoint),
             upstream_status: ctx.upstream_status.map(|(s, _)| s),
+            upstream_connect: ctx.upstream_connect,
             upstream_ttfb: ctx.upstream_status.map(|(_, t)| t),
             attempts: ctx.attempts,
             fast_path: false,
             error: ctx.error.or_else(|| e.map(|e| error_kind(e, status))),
             bytes_sent: Some(downstream.body_bytes_sent() as u64),
-            tls: downstream.digest().and_then(|d| d.ssl_digest.as_deref()),
+            tls: tls.as_deref(),
             trace: ctx.trace,
             attempt_spans: ctx.attempt_spans.as_deref().unwrap_or_default(),
         };

@@ -19,7 +19,6 @@ use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use bytes::BytesMut;
 use pingora::apps::{HttpPersistentSettings, HttpServerApp, ServerApp};
-use pingora::listeners::tls::Acceptor;
 use pingora::protocols::http::v2::{
     self,
     server::{H2Accept, HttpSession},
@@ -36,6 +35,7 @@ use crate::generation::Generation;
 use crate::limits::deadline::{Arrivals, GuardedStream};
 use crate::limits::rate::PerClient;
 use crate::metrics::Metrics;
+use crate::tls::conn::{TlsConn, TlsInfo, CONNECTION};
 
 /// Longest wait at shutdown for requests of just-accepted connections to arrive.
 const ARRIVAL_WAIT: Duration = Duration::from_secs(1);
@@ -54,7 +54,7 @@ pub struct EdgeApp {
     name: &'static str,
     scheme: Scheme,
     proxy: Arc<HttpProxy<Edge>>,
-    tls: Option<Acceptor>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     current: Arc<ArcSwap<Generation>>,
     metrics: Arc<Metrics>,
     open: AtomicUsize,
@@ -72,7 +72,7 @@ impl EdgeApp {
     pub fn new(
         name: &'static str,
         proxy: HttpProxy<Edge>,
-        tls: Option<Acceptor>,
+        tls: Option<tokio_rustls::TlsAcceptor>,
         current: Arc<ArcSwap<Generation>>,
         metrics: Arc<Metrics>,
     ) -> Self {
@@ -212,13 +212,16 @@ impl EdgeApp {
         let header_timeout = limits.header_read_timeout.0;
         drop(generation);
 
-        let stream: Stream = match &self.tls {
-            None => stream,
+        let (stream, tls): (Stream, _) = match &self.tls {
+            None => (stream, None),
             // Boxed: the handshake's state is large and needed only until it completes,
             // while this future lives as long as the connection.
             Some(acceptor) => {
                 match Box::pin(self.handshake(acceptor, stream, header_timeout)).await {
-                    Some(s) => s,
+                    Some(conn) => {
+                        let info = conn.info().clone();
+                        (Box::new(conn), Some(info))
+                    }
                     None => return,
                 }
             }
@@ -232,7 +235,7 @@ impl EdgeApp {
         if is_h2 {
             // Boxed: the HTTP/2 state would otherwise make every connection's future,
             // HTTP/1 ones included, as large as itself.
-            Box::pin(self.serve_http2(stream, client, shutdown)).await;
+            Box::pin(self.serve_http2(stream, client, tls, shutdown)).await;
             return;
         }
         let metrics = self.metrics.clone();
@@ -244,7 +247,7 @@ impl EdgeApp {
             )
             .counting(self.arrivals.ticket()),
         );
-        self.serve_http1(stream, client, shutdown).await;
+        self.serve_http1(stream, client, tls, shutdown).await;
     }
 
     /// Pingora's HTTP/1 keep-alive loop (as in its `ServerApp` for HTTP apps), except
@@ -259,10 +262,10 @@ impl EdgeApp {
         self: &Arc<Self>,
         mut stream: Stream,
         client: Option<IpAddr>,
+        tls: Option<Arc<TlsInfo>>,
         shutdown: &ShutdownWatch,
     ) {
         let mut settings: Option<HttpPersistentSettings> = None;
-        let tls = stream.get_ssl_digest();
         loop {
             let Some(mut bytes) = self.next_request(&mut stream).await else {
                 return;
@@ -296,7 +299,12 @@ impl EdgeApp {
                 self.http1_session(stream, settings.take(), Some(bytes), shutdown),
                 shutdown,
             );
-            let Some(reused) = request.await else {
+            // Pingora's path learns of the TLS connection from the task it runs in.
+            let reused = match &tls {
+                Some(info) => CONNECTION.scope(info.clone(), request).await,
+                None => request.await,
+            };
+            let Some(reused) = reused else {
                 return;
             };
             let (next, persistent) = reused.consume();
@@ -312,6 +320,7 @@ impl EdgeApp {
         self: &Arc<Self>,
         stream: Stream,
         client: Option<IpAddr>,
+        tls: Option<Arc<TlsInfo>>,
         shutdown: &ShutdownWatch,
     ) {
         let digest = Arc::new(Digest {
@@ -367,7 +376,7 @@ impl EdgeApp {
             let app = self.clone();
             let shutdown = shutdown.clone();
             let guard = active.start();
-            let digest = digest.clone();
+            let tls = tls.clone();
             tokio::spawn(async move {
                 let _guard = guard;
                 let generation = app.current.load_full();
@@ -377,15 +386,20 @@ impl EdgeApp {
                         peer: client,
                         metrics: &app.metrics,
                         closing: false,
-                        tls: digest.ssl_digest.as_deref(),
+                        tls: tls.as_deref(),
                     };
                     h2::serve(session, generation, conn).await
                 } else {
                     Some(session)
                 };
                 if let Some(session) = session {
-                    let request = ServerSession::new_http2(session);
-                    app.proxy.process_new_http(request, &shutdown).await;
+                    let request = app
+                        .proxy
+                        .process_new_http(ServerSession::new_http2(session), &shutdown);
+                    match tls {
+                        Some(info) => CONNECTION.scope(info, request).await,
+                        None => request.await,
+                    };
                 }
             });
         }
@@ -459,16 +473,14 @@ impl EdgeApp {
 impl EdgeApp {
     async fn handshake(
         &self,
-        acceptor: &Acceptor,
+        acceptor: &tokio_rustls::TlsAcceptor,
         stream: Stream,
         limit: Duration,
-    ) -> Option<Stream> {
-        match tokio::time::timeout(limit, acceptor.tls_handshake(GuardedStream::plain(stream)))
-            .await
-        {
+    ) -> Option<TlsConn> {
+        match tokio::time::timeout(limit, TlsConn::accept(acceptor, stream)).await {
             Ok(Ok(tls)) => {
                 self.metrics.tls_handshakes.inc();
-                Some(Box::new(tls))
+                Some(tls)
             }
             Ok(Err(e)) => {
                 let reason = handshake_failure_reason(&e);
@@ -494,29 +506,16 @@ impl EdgeApp {
 }
 
 /// A metric label for why a handshake failed, from the rustls error underneath.
-fn handshake_failure_reason(e: &pingora::Error) -> &'static str {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = e
-        .cause
-        .as_deref()
-        .map(|c| c as &(dyn std::error::Error + 'static));
-    while let Some(err) = source {
-        if let Some(io) = err.downcast_ref::<std::io::Error>() {
-            if let Some(tls) = io.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
-                return rustls_reason(tls);
-            }
-            return match io.kind() {
-                std::io::ErrorKind::UnexpectedEof
-                | std::io::ErrorKind::ConnectionReset
-                | std::io::ErrorKind::BrokenPipe => "client_closed",
-                _ => "io",
-            };
-        }
-        if let Some(tls) = err.downcast_ref::<rustls::Error>() {
-            return rustls_reason(tls);
-        }
-        source = err.source();
+fn handshake_failure_reason(e: &std::io::Error) -> &'static str {
+    if let Some(tls) = e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
+        return rustls_reason(tls);
     }
-    "other"
+    match e.kind() {
+        std::io::ErrorKind::UnexpectedEof
+        | std::io::ErrorKind::ConnectionReset
+        | std::io::ErrorKind::BrokenPipe => "client_closed",
+        _ => "io",
+    }
 }
 
 fn rustls_reason(e: &rustls::Error) -> &'static str {

@@ -8,7 +8,6 @@ use std::sync::Arc;
 use anyhow::Context;
 use async_trait::async_trait;
 use pingora::apps::http_app::HttpServer;
-use pingora::listeners::tls::Acceptor;
 use pingora::listeners::ListenerConfig;
 use pingora::protocols::l4::stream::L4BufferSettings;
 use pingora::server::configuration::{Opt, ServerConf};
@@ -93,7 +92,7 @@ pub fn run(live: Arc<Live>, options: ProxyOptions) -> anyhow::Result<()> {
     }
     if let Some(addr) = config.listeners.https {
         let resolver = Arc::new(SniResolver::new(live.current.clone(), live.metrics.clone()));
-        let acceptor = Acceptor::from_server_config(server_config(resolver)?);
+        let acceptor = tokio_rustls::TlsAcceptor::from(server_config(resolver)?);
         server.add_service(edge_service(
             &server_conf,
             &live,
@@ -147,7 +146,7 @@ fn edge_service(
     conf: &Arc<ServerConf>,
     live: &Live,
     scheme: Scheme,
-    tls: Option<Acceptor>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     addr: std::net::SocketAddr,
 ) -> Service<EdgeApp> {
     let name = scheme.as_str();

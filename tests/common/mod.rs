@@ -425,6 +425,11 @@ impl Proxy {
 
     /// An HTTPS client trusting the internal CA, resolving `hosts` to the HTTPS listener.
     pub fn client(&self, hosts: &[&str]) -> reqwest::Client {
+        self.client_builder(hosts).build().unwrap()
+    }
+
+    /// [`Proxy::client`] before it is built, for more settings.
+    pub fn client_builder(&self, hosts: &[&str]) -> reqwest::ClientBuilder {
         let mut b = reqwest::Client::builder()
             .timeout(Duration::from_secs(10))
             .redirect(reqwest::redirect::Policy::none());
@@ -434,7 +439,7 @@ impl Proxy {
         for h in hosts {
             b = b.resolve(h, self.https);
         }
-        b.build().unwrap()
+        b
     }
 
     /// A plain-HTTP client (no redirects followed).
@@ -529,8 +534,13 @@ fn config_text(
     } else {
         "grace_period = \"0s\"\n"
     };
+    let threads = if server_extra.contains("threads") {
+        ""
+    } else {
+        "threads = 2\n"
+    };
     format!(
-        "[server]\ndata_dir = {:?}\n{grace}shutdown_timeout = \"5s\"\nthreads = 2\n{server_extra}\n\n[listeners]\nhttp = \"{http}\"\nhttps = \"{https}\"\nadmin = \"{admin}\"\n\n{body}\n",
+        "[server]\ndata_dir = {:?}\n{grace}shutdown_timeout = \"5s\"\n{threads}{server_extra}\n\n[listeners]\nhttp = \"{http}\"\nhttps = \"{https}\"\nadmin = \"{admin}\"\n\n{body}\n",
         dir.join("data"),
     )
 }

@@ -93,6 +93,10 @@ fn fields(log: &AccessLogRt, r: &Record<'_>, mut f: impl FnMut(&str, Value<'_>))
         o.upstream_status.map(|s| Value::Num(u64::from(s))),
     );
     put(
+        "upstream_connect_ms",
+        o.upstream_connect.map(|d| Value::Ms(ms(d))),
+    );
+    put(
         "upstream_ttfb_ms",
         o.upstream_ttfb.map(|d| Value::Ms(ms(d))),
     );
@@ -107,10 +111,13 @@ fn fields(log: &AccessLogRt, r: &Record<'_>, mut f: impl FnMut(&str, Value<'_>))
         (o.attempts > 0).then_some(Value::Num(u64::from(o.attempts))),
     );
     put("fast_path", Some(Value::Bool(o.fast_path)));
-    // rustls names versions `TLSv1_3`; logs and nginx say `TLSv1.3`.
-    let version = o.tls.map(|t| TlsVersion(&t.version));
-    put("tls_version", version.as_ref().map(|v| Value::Plain(v)));
-    put("tls_cipher", o.tls.map(|t| Value::Str(&t.cipher)));
+    put("tls_version", o.tls.map(|t| Value::Str(t.version)));
+    put("tls_cipher", o.tls.map(|t| Value::Str(t.cipher)));
+    put(
+        "tls_sni",
+        o.tls.and_then(|t| t.sni.as_deref()).map(Value::Str),
+    );
+    put("tls_resumed", o.tls.map(|t| Value::Bool(t.resumed)));
     put("error", o.error.map(Value::Str));
     if log.has("headers") {
         for (name, value) in log.headers.iter().zip(&a.headers) {
@@ -155,21 +162,6 @@ struct TraceId(u128);
 impl std::fmt::Display for TraceId {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{:032x}", self.0)
-    }
-}
-
-/// `TLSv1_3` as `TLSv1.3`.
-struct TlsVersion<'a>(&'a str);
-
-impl std::fmt::Display for TlsVersion<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        for part in self.0.split_inclusive('_') {
-            match part.strip_suffix('_') {
-                Some(p) => write!(f, "{p}.")?,
-                None => f.write_str(part)?,
-            }
-        }
-        Ok(())
     }
 }
 
@@ -360,11 +352,9 @@ mod tests {
     }
 
     #[test]
-    fn times_versions_and_ids_are_written_as_logs_expect() {
+    fn times_and_ids_are_written_as_logs_expect() {
         let at = UNIX_EPOCH + Duration::from_millis(1_796_600_000_123);
         assert_eq!(Rfc3339(at).to_string(), "2026-12-06T23:33:20.123Z");
-        assert_eq!(TlsVersion("TLSv1_3").to_string(), "TLSv1.3");
-        assert_eq!(TlsVersion("TLSv1_2").to_string(), "TLSv1.2");
         assert_eq!(TraceId(0xab).to_string(), format!("{:0>32}", "ab"));
     }
 

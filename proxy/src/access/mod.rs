@@ -219,6 +219,8 @@ pub struct Outcome<'a> {
     pub upstream: Option<(&'a PoolRt, usize)>,
     /// The status the upstream answered.
     pub upstream_status: Option<u16>,
+    /// The last attempt's connect time (zero on a reused connection).
+    pub upstream_connect: Option<Duration>,
     /// The last attempt's time to first byte.
     pub upstream_ttfb: Option<Duration>,
     /// Upstream attempts made.
@@ -230,7 +232,7 @@ pub struct Outcome<'a> {
     /// Response bytes sent, when the transport counts them.
     pub bytes_sent: Option<u64>,
     /// The connection's TLS parameters, on HTTPS.
-    pub tls: Option<&'a pingora::protocols::tls::SslDigest>,
+    pub tls: Option<&'a crate::tls::conn::TlsInfo>,
     /// The request's trace.
     pub trace: Option<crate::policy::Trace>,
     /// The upstream attempts, when the request is traced.

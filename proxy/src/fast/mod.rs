@@ -70,7 +70,7 @@ pub struct ConnInfo<'a> {
     /// The listener is shutting down: answer with `Connection: close`.
     pub closing: bool,
     /// The connection's TLS parameters (HTTPS), for the access log.
-    pub tls: Option<&'a pingora::protocols::tls::SslDigest>,
+    pub tls: Option<&'a crate::tls::conn::TlsInfo>,
 }
 
 impl ConnInfo<'_> {
@@ -239,6 +239,7 @@ pub(crate) async fn forward_request<D: Downstream>(
         status: done.status,
         upstream: pool.zip(done.endpoint),
         upstream_status: done.relayed.map(|r| r.status),
+        upstream_connect: done.relayed.map(|r| r.connect),
         upstream_ttfb: done.relayed.map(|r| r.ttfb),
         attempts: done.attempts,
         error: done.error,

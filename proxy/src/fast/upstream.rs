@@ -97,6 +97,8 @@ pub(crate) struct Relayed {
     pub(crate) status: u16,
     pub(crate) body_bytes: u64,
     pub(crate) ttfb: Duration,
+    /// The connect (zero on a pooled connection).
+    pub(crate) connect: Duration,
     pub(crate) keep_alive: bool,
 }
 
@@ -233,6 +235,8 @@ struct Exchanged {
     head: FinalHead,
     /// When the request was written (for the time to first byte).
     sent_at: Instant,
+    /// How long the connect took (zero on a pooled connection).
+    connect: Duration,
 }
 
 /// One try on endpoint `idx`, starting `now`, to be over by `deadline` (the route's
@@ -277,6 +281,7 @@ async fn attempt<D: Downstream>(
         deadline,
         head_at,
         ttfb,
+        connect: exchanged.connect,
         close: request.client_close || conn.closing,
     };
     relay.run(client, exchanged, buf).await
@@ -311,6 +316,11 @@ async fn exchange_heads(
             None => connect(endpoint.addr, clock::after(now, t.connect.0).min(deadline)).await?,
         };
         let sent_at = Instant::now();
+        let connect = if reused {
+            Duration::ZERO
+        } else {
+            sent_at.duration_since(now)
+        };
         // The first read's limit counts from the write, every later one from its start.
         let read_limit = clock::after(sent_at, t.first_byte.0).min(deadline);
         let write = upstream.write_all(&request.upstream_head);
@@ -341,6 +351,7 @@ async fn exchange_heads(
                     upstream,
                     head,
                     sent_at,
+                    connect,
                 })
             }
             Err(HeadError::Closed) if reused => {
@@ -427,6 +438,8 @@ struct Relay<'a> {
     head_at: Instant,
     /// From the request written to the response head.
     ttfb: Duration,
+    /// The connect.
+    connect: Duration,
     /// The client connection closes after this response.
     close: bool,
 }
@@ -502,6 +515,7 @@ impl Relay<'_> {
             status: head.status,
             body_bytes: sent,
             ttfb: self.ttfb,
+            connect: self.connect,
             keep_alive: client_ok && complete && !close,
         })
     }

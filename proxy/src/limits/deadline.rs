@@ -8,9 +8,6 @@
 //! header is complete nothing is enforced until the response starts; the next request
 //! on the connection starts a new deadline at its first byte (idle keep-alive time is
 //! bounded separately by the keep-alive timeout).
-//!
-//! The same type without a deadline adapts a boxed stream to Pingora's `IO` traits, so
-//! it can be handed to the TLS acceptor.
 
 use std::fmt;
 use std::future::Future;
@@ -112,12 +109,6 @@ impl Drop for ArrivalTicket {
 }
 
 impl GuardedStream {
-    /// Wraps `inner` without any deadline.
-    #[must_use]
-    pub fn plain(inner: Stream) -> Self {
-        Self { inner, guard: None }
-    }
-
     /// Wraps `inner`; the first request header must be complete within `limit` from now.
     /// `on_timeout` is called once if the deadline closes the connection.
     #[must_use]

@@ -5,9 +5,11 @@
 //! certificates together; handshakes already under way finish with the set they
 //! started with, new handshakes see the new one.
 //!
+//! - [`conn`]: a client's TLS connection, adapted to Pingora's stream traits
 //! - [`files`]: PEM certificate and key files
 //! - [`internal_ca`]: Rampart's local CA (rcgen) for `source = "internal"`
 
+pub mod conn;
 pub mod files;
 pub mod internal_ca;
 
