@@ -51,6 +51,30 @@ pub fn unix_secs_at(at: Instant) -> u64 {
     (unix + since).as_secs()
 }
 
+/// The wall-clock time of `at`, an instant before `now` (both already read): from a
+/// wall-clock reading this thread takes at most once a second, so a request's log
+/// time costs no clock read of its own yet follows steps of the wall clock (NTP)
+/// within a second.
+#[must_use]
+pub fn wall_at(at: Instant, now: Instant) -> SystemTime {
+    thread_local! {
+        static ANCHOR: std::cell::Cell<Option<(Instant, SystemTime)>> = const { std::cell::Cell::new(None) };
+    }
+    let (instant, wall) = match ANCHOR.get() {
+        Some((i, w)) if now.saturating_duration_since(i) < Duration::from_secs(1) => (i, w),
+        _ => {
+            let anchor = (now, SystemTime::now());
+            ANCHOR.set(Some(anchor));
+            anchor
+        }
+    };
+    if at >= instant {
+        wall + at.duration_since(instant)
+    } else {
+        wall.checked_sub(instant.duration_since(at)).unwrap_or(wall)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -72,6 +96,25 @@ mod tests {
             }
         });
         assert_eq!(within(Duration::from_secs(5), once).await.ok(), Some(3));
+    }
+
+    #[test]
+    fn wall_times_of_instants_are_the_wall_clock_within_a_millisecond() {
+        let before = SystemTime::now();
+        let start = Instant::now();
+        let end = start + Duration::from_millis(250);
+        let (at_start, at_end) = (wall_at(start, start), wall_at(start, end));
+        let after = SystemTime::now();
+        let slack = Duration::from_millis(1);
+        assert!(at_start + slack >= before && at_start <= after + slack);
+        assert_eq!(at_start, at_end, "one anchor, read once");
+        assert_eq!(
+            wall_at(end, end).duration_since(at_start).unwrap(),
+            Duration::from_millis(250)
+        );
+        // An instant before the anchor.
+        let earlier = wall_at(start, start + Duration::from_millis(100));
+        assert!(earlier <= at_start + slack);
     }
 
     #[test]

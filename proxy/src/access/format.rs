@@ -4,8 +4,8 @@
 //! `-` in the combined format.
 
 use std::fmt::Write as _;
-use std::net::IpAddr;
-use std::time::{Duration, UNIX_EPOCH};
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rampart_config::AccessLogFormat;
 
@@ -25,25 +25,149 @@ pub struct Record<'a> {
     pub scheme: Scheme,
     /// The connection's peer.
     pub peer: Option<IpAddr>,
+    /// When the request arrived (wall clock).
+    pub at: SystemTime,
     /// From arrival to the end.
     pub duration: Duration,
 }
 
-/// A field's value.
+/// A field's value. Numbers, times, ids and addresses are written by hand rather than
+/// through `std::fmt` (a profile of the logging path had formatting machinery as its
+/// largest part), and need no escaping.
+#[derive(Clone, Copy)]
 enum Value<'a> {
     /// Text that may need escaping.
     Str(&'a str),
-    /// Text written as it formats (addresses, ids, times): nothing to escape, and no
-    /// string allocated for it.
-    Plain(&'a dyn std::fmt::Display),
     Num(u64),
-    Ms(f64),
+    /// A duration in milliseconds with three decimals (microseconds).
+    Ms(Duration),
     Bool(bool),
+    /// RFC 3339, UTC, milliseconds.
+    Time(SystemTime),
+    /// 32 lowercase hex digits.
+    TraceId(u128),
+    Ip(IpAddr),
+    Addr(SocketAddr),
 }
 
-/// Writes the record's line in `log`'s format, ending in `\n`, to `out` (cleared first).
+impl Value<'_> {
+    /// Whether the value is written as a JSON string (in quotes).
+    fn quoted(self) -> bool {
+        matches!(
+            self,
+            Value::Str(_) | Value::Time(_) | Value::TraceId(_) | Value::Ip(_) | Value::Addr(_)
+        )
+    }
+
+    /// Writes a value that needs no escaping (any but [`Value::Str`]).
+    fn write_plain(self, out: &mut String) {
+        match self {
+            Value::Str(s) => out.push_str(s),
+            Value::Num(n) => push_u64(out, n),
+            Value::Ms(d) => push_ms(out, d),
+            Value::Bool(b) => out.push_str(if b { "true" } else { "false" }),
+            Value::Time(t) => push_rfc3339(out, t),
+            Value::TraceId(id) => push_hex(out, id),
+            Value::Ip(ip) => push_ip(out, ip),
+            Value::Addr(addr) => {
+                if addr.is_ipv6() {
+                    out.push('[');
+                    push_ip(out, addr.ip());
+                    out.push(']');
+                } else {
+                    push_ip(out, addr.ip());
+                }
+                out.push(':');
+                push_u64(out, u64::from(addr.port()));
+            }
+        }
+    }
+}
+
+fn push_u64(out: &mut String, n: u64) {
+    out.push_str(itoa::Buffer::new().format(n));
+}
+
+/// `d` in milliseconds with three decimals: `0.230`, `12.005`.
+fn push_ms(out: &mut String, d: Duration) {
+    let us = u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+    push_u64(out, us / 1000);
+    out.push('.');
+    push_digits(out, us % 1000, 3);
+}
+
+/// `n` as exactly `width` decimal digits (zero-padded; `n` < 10^width).
+fn push_digits(out: &mut String, n: u64, width: u32) {
+    let mut div = 10u64.pow(width - 1);
+    while div > 0 {
+        // A digit: the cast cannot truncate.
+        #[allow(clippy::cast_possible_truncation)]
+        out.push(char::from(b'0' + (n / div % 10) as u8));
+        div /= 10;
+    }
+}
+
+fn push_ip(out: &mut String, ip: IpAddr) {
+    match ip {
+        IpAddr::V4(v4) => {
+            for (i, octet) in v4.octets().into_iter().enumerate() {
+                if i > 0 {
+                    out.push('.');
+                }
+                out.push_str(itoa::Buffer::new().format(octet));
+            }
+        }
+        IpAddr::V6(v6) => {
+            let _ = write!(out, "{v6}");
+        }
+    }
+}
+
+/// `id` as 32 lowercase hex digits.
+fn push_hex(out: &mut String, id: u128) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    for b in id.to_be_bytes() {
+        out.push(char::from(HEX[usize::from(b >> 4)]));
+        out.push(char::from(HEX[usize::from(b & 0xf)]));
+    }
+}
+
+/// `2026-12-06T22:23:00.123Z`. The date and time of day are formatted once per second
+/// and thread, the milliseconds per line.
+fn push_rfc3339(out: &mut String, at: SystemTime) {
+    thread_local! {
+        static SECOND: std::cell::RefCell<(u64, String)> = const { std::cell::RefCell::new((u64::MAX, String::new())) };
+    }
+    let d = at.duration_since(UNIX_EPOCH).unwrap_or_default();
+    let secs = d.as_secs();
+    SECOND.with_borrow_mut(|(cached, s)| {
+        if *cached == secs {
+            return out.push_str(s);
+        }
+        s.clear();
+        let (y, m, day) = civil_from_days(secs / 86_400);
+        let rem = secs % 86_400;
+        push_digits(s, y % 10_000, 4);
+        s.push('-');
+        push_digits(s, m, 2);
+        s.push('-');
+        push_digits(s, day, 2);
+        s.push('T');
+        push_digits(s, rem / 3600, 2);
+        s.push(':');
+        push_digits(s, rem % 3600 / 60, 2);
+        s.push(':');
+        push_digits(s, rem % 60, 2);
+        *cached = secs;
+        out.push_str(s);
+    });
+    out.push('.');
+    push_digits(out, u64::from(d.subsec_millis()), 3);
+    out.push('Z');
+}
+
+/// Appends the record's line in `log`'s format, ending in `\n`, to `out`.
 pub fn line(log: &AccessLogRt, r: &Record<'_>, out: &mut String) {
-    out.clear();
     match log.format {
         AccessLogFormat::Json => json(log, r, out),
         AccessLogFormat::Logfmt => logfmt(log, r, out),
@@ -66,40 +190,32 @@ fn fields(log: &AccessLogRt, r: &Record<'_>, mut f: impl FnMut(&str, Value<'_>))
             f(name, v);
         }
     };
-    let time = Rfc3339(a.at);
-    put("time", Some(Value::Plain(&time)));
+    put("time", Some(Value::Time(r.at)));
     let request_id = o.request_id.map(String::from_utf8_lossy);
     put("request_id", request_id.as_deref().map(Value::Str));
-    let trace_id = o.trace.map(|t| TraceId(t.trace_id));
-    put("trace_id", trace_id.as_ref().map(|t| Value::Plain(t)));
-    put("client", a.client.as_ref().map(|c| Value::Plain(c)));
-    put("peer", r.peer.as_ref().map(|p| Value::Plain(p)));
+    put("trace_id", o.trace.map(|t| Value::TraceId(t.trace_id)));
+    put("client", a.client.map(Value::Ip));
+    put("peer", r.peer.map(Value::Ip));
     put("method", Some(Value::Str(a.method.as_str())));
     put("scheme", Some(Value::Str(r.scheme.as_str())));
-    put("host", Some(Value::Str(&a.host)));
-    put("path", Some(Value::Str(&a.path)));
-    put("query", a.query.as_deref().map(Value::Str));
+    put("host", Some(Value::Str(a.host())));
+    put("path", Some(Value::Str(a.path())));
+    put("query", a.query().map(Value::Str));
     put("protocol", Some(Value::Str(a.protocol)));
     put("status", Some(Value::Num(u64::from(o.status))));
     put("bytes_received", a.body_len.map(Value::Num));
     put("bytes_sent", o.bytes_sent.map(Value::Num));
-    put("duration_ms", Some(Value::Ms(ms(r.duration))));
+    put("duration_ms", Some(Value::Ms(r.duration)));
     put(
         "upstream",
-        o.upstream.map(|(p, i)| Value::Plain(&p.endpoints[i].addr)),
+        o.upstream.map(|(p, i)| Value::Addr(p.endpoints[i].addr)),
     );
     put(
         "upstream_status",
         o.upstream_status.map(|s| Value::Num(u64::from(s))),
     );
-    put(
-        "upstream_connect_ms",
-        o.upstream_connect.map(|d| Value::Ms(ms(d))),
-    );
-    put(
-        "upstream_ttfb_ms",
-        o.upstream_ttfb.map(|d| Value::Ms(ms(d))),
-    );
+    put("upstream_connect_ms", o.upstream_connect.map(Value::Ms));
+    put("upstream_ttfb_ms", o.upstream_ttfb.map(Value::Ms));
     put(
         "route",
         o.route
@@ -131,40 +247,6 @@ fn fields(log: &AccessLogRt, r: &Record<'_>, mut f: impl FnMut(&str, Value<'_>))
     }
 }
 
-fn ms(d: Duration) -> f64 {
-    (d.as_secs_f64() * 1_000_000.0).round() / 1000.0
-}
-
-/// A time as RFC 3339 with milliseconds, UTC (`2026-12-06T22:23:00.123Z`), written
-/// without allocating.
-struct Rfc3339(std::time::SystemTime);
-
-impl std::fmt::Display for Rfc3339 {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let d = self.0.duration_since(UNIX_EPOCH).unwrap_or_default();
-        let secs = d.as_secs();
-        let (y, m, day) = civil_from_days(secs / 86_400);
-        let rem = secs % 86_400;
-        write!(
-            f,
-            "{y:04}-{m:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
-            rem / 3600,
-            rem % 3600 / 60,
-            rem % 60,
-            d.subsec_millis()
-        )
-    }
-}
-
-/// A trace id as 32 lowercase hex digits.
-struct TraceId(u128);
-
-impl std::fmt::Display for TraceId {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{:032x}", self.0)
-    }
-}
-
 fn json(log: &AccessLogRt, r: &Record<'_>, out: &mut String) {
     out.push('{');
     let mut first = true;
@@ -173,33 +255,42 @@ fn json(log: &AccessLogRt, r: &Record<'_>, out: &mut String) {
             out.push(',');
         }
         first = false;
-        json_str(out, name);
-        out.push(':');
+        // Field names are plain identifiers.
+        out.push('"');
+        out.push_str(name);
+        out.push_str("\":");
         match v {
             Value::Str(s) => json_str(out, s),
-            Value::Plain(d) => {
-                let _ = write!(out, "\"{d}\"");
+            v if v.quoted() => {
+                out.push('"');
+                v.write_plain(out);
+                out.push('"');
             }
-            Value::Num(n) => {
-                let _ = write!(out, "{n}");
-            }
-            Value::Ms(m) => {
-                let _ = write!(out, "{m}");
-            }
-            Value::Bool(b) => out.push_str(if b { "true" } else { "false" }),
+            v => v.write_plain(out),
         }
     });
     out.push('}');
 }
 
+/// Bytes a JSON string escapes: quote, backslash, control characters and DEL.
+const JSON_ESCAPED: [bool; 256] = {
+    let mut t = [false; 256];
+    let mut b = 0;
+    while b < 0x20 {
+        t[b] = true;
+        b += 1;
+    }
+    t[b'"' as usize] = true;
+    t[b'\\' as usize] = true;
+    t[0x7f] = true;
+    t
+};
+
 /// `s` as a JSON string (quotes, backslashes and control characters escaped).
 fn json_str(out: &mut String, s: &str) {
     out.push('"');
-    // Most values need no escaping: copied whole.
-    if !s
-        .bytes()
-        .any(|b| b == b'"' || b == b'\\' || b < 0x20 || b == 0x7f)
-    {
+    // Most values need no escaping: checked by table, copied whole.
+    if !s.bytes().any(|b| JSON_ESCAPED[usize::from(b)]) {
         out.push_str(s);
         out.push('"');
         return;
@@ -231,16 +322,7 @@ fn logfmt(log: &AccessLogRt, r: &Record<'_>, out: &mut String) {
         out.push('=');
         match v {
             Value::Str(s) => logfmt_str(out, s),
-            Value::Plain(d) => {
-                let _ = write!(out, "{d}");
-            }
-            Value::Num(n) => {
-                let _ = write!(out, "{n}");
-            }
-            Value::Ms(m) => {
-                let _ = write!(out, "{m}");
-            }
-            Value::Bool(b) => out.push_str(if b { "true" } else { "false" }),
+            v => v.write_plain(out),
         }
     });
 }
@@ -267,12 +349,12 @@ fn combined(log: &AccessLogRt, r: &Record<'_>, out: &mut String) {
         None => out.push('-'),
     }
     out.push_str(" - - [");
-    out.push_str(&clf_time(a));
+    out.push_str(&clf_time(r.at));
     out.push_str("] \"");
     out.push_str(a.method.as_str());
     out.push(' ');
-    clf_escape(out, &a.path);
-    if let Some(q) = &a.query {
+    clf_escape(out, a.path());
+    if let Some(q) = a.query() {
         out.push('?');
         clf_escape(out, q);
     }
@@ -309,12 +391,12 @@ fn clf_escape(out: &mut String, s: &str) {
 }
 
 /// `06/Dec/2026:22:23:00 +0000`.
-fn clf_time(a: &Arrival) -> String {
+fn clf_time(at: SystemTime) -> String {
     // (Combined only.)
     const MONTHS: [&str; 12] = [
         "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
     ];
-    let secs = a.at.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let secs = at.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
     let (y, m, d) = civil_from_days(secs / 86_400);
     let rem = secs % 86_400;
     format!(
@@ -352,10 +434,35 @@ mod tests {
     }
 
     #[test]
-    fn times_and_ids_are_written_as_logs_expect() {
+    fn times_ids_numbers_and_addresses_are_written_as_logs_expect() {
+        let plain = |v: Value<'_>| {
+            let mut s = String::new();
+            v.write_plain(&mut s);
+            s
+        };
         let at = UNIX_EPOCH + Duration::from_millis(1_796_600_000_123);
-        assert_eq!(Rfc3339(at).to_string(), "2026-12-06T23:33:20.123Z");
-        assert_eq!(TraceId(0xab).to_string(), format!("{:0>32}", "ab"));
+        assert_eq!(plain(Value::Time(at)), "2026-12-06T23:33:20.123Z");
+        // The same second again (cached), then the next day.
+        let later = at + Duration::from_millis(5);
+        assert_eq!(plain(Value::Time(later)), "2026-12-06T23:33:20.128Z");
+        let next = at + Duration::from_secs(86_400) - Duration::from_millis(123);
+        assert_eq!(plain(Value::Time(next)), "2026-12-07T23:33:20.000Z");
+        assert_eq!(plain(Value::TraceId(0xab)), format!("{:0>32}", "ab"));
+        assert_eq!(
+            plain(Value::TraceId(u128::MAX - 1)),
+            format!("{:032x}", u128::MAX - 1)
+        );
+        assert_eq!(plain(Value::Ms(Duration::from_micros(230))), "0.230");
+        assert_eq!(plain(Value::Ms(Duration::from_micros(12_005))), "12.005");
+        assert_eq!(plain(Value::Ms(Duration::from_nanos(999))), "0.000");
+        assert_eq!(plain(Value::Num(0)), "0");
+        assert_eq!(plain(Value::Num(1_234_567)), "1234567");
+        let v4: IpAddr = "203.0.113.7".parse().unwrap();
+        assert_eq!(plain(Value::Ip(v4)), "203.0.113.7");
+        let v6: SocketAddr = "[2001:db8::1]:8443".parse().unwrap();
+        assert_eq!(plain(Value::Addr(v6)), "[2001:db8::1]:8443");
+        let a: SocketAddr = "10.0.0.2:80".parse().unwrap();
+        assert_eq!(plain(Value::Addr(a)), "10.0.0.2:80");
     }
 
     #[test]

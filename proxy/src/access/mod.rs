@@ -101,16 +101,15 @@ impl AccessLogRt {
 /// What is known of a request when it arrives, taken only when it will be logged.
 #[derive(Debug)]
 pub struct Arrival {
-    /// When the request arrived (wall clock, for the log's time).
-    pub at: SystemTime,
     /// The method.
     pub method: http::Method,
-    /// The host (Host or `:authority`), as sent.
-    pub host: String,
-    /// The path, without the query.
-    pub path: String,
-    /// The query, without `?` (redacted when configured).
-    pub query: Option<String>,
+    /// The host, the path and the query, one after the other in one allocation (see
+    /// [`Arrival::host`], [`Arrival::path`], [`Arrival::query`]).
+    text: String,
+    host_end: usize,
+    /// Where the path ends and the query (if any) starts.
+    path_end: usize,
+    has_query: bool,
     /// `HTTP/1.1`, `HTTP/1.0` or `HTTP/2`.
     pub protocol: &'static str,
     /// The client's address after trusted proxies.
@@ -147,25 +146,32 @@ impl Arrival {
         if log.is_none() && !traced {
             return None;
         }
-        let host = parts
-            .uri
-            .authority()
-            .map(|a| a.as_str().to_string())
-            .or_else(|| {
+        let host = parts.uri.authority().map_or_else(
+            || {
                 parts
                     .headers
                     .get(http::header::HOST)
-                    .map(|h| String::from_utf8_lossy(h.as_bytes()).into_owned())
-            })
-            .unwrap_or_default();
-        // Spans always get a redacted query.
-        let query = parts.uri.query().map(|q| {
+                    .map(|h| String::from_utf8_lossy(h.as_bytes()))
+                    .unwrap_or_default()
+            },
+            |a| a.as_str().into(),
+        );
+        let path = parts.uri.path();
+        let query = parts.uri.query();
+        let mut text =
+            String::with_capacity(host.len() + path.len() + query.map_or(0, |q| q.len() + 16));
+        text.push_str(&host);
+        let host_end = text.len();
+        text.push_str(path);
+        let path_end = text.len();
+        if let Some(q) = query {
+            // Spans always get a redacted query.
             if log.is_none_or(|l| l.redact_query) {
-                redact(q)
+                redact(q, &mut text);
             } else {
-                q.to_string()
+                text.push_str(q);
             }
-        });
+        }
         let header = |h: &http::HeaderName| {
             parts
                 .headers
@@ -174,11 +180,11 @@ impl Arrival {
         };
         let headers = log.map_or_else(Vec::new, |l| l.headers.iter().map(header).collect());
         Some(Box::new(Self {
-            at: SystemTime::now(),
             method: parts.method.clone(),
-            host,
-            path: parts.uri.path().to_string(),
-            query,
+            text,
+            host_end,
+            path_end,
+            has_query: query.is_some(),
             protocol: match parts.version {
                 http::Version::HTTP_10 => "HTTP/1.0",
                 http::Version::HTTP_2 => "HTTP/2",
@@ -194,16 +200,40 @@ impl Arrival {
     }
 }
 
-/// `a=1&b=2` as `a=REDACTED&b=REDACTED`: the names stay, the values go.
-fn redact(query: &str) -> String {
-    query
-        .split('&')
-        .map(|pair| match pair.split_once('=') {
-            Some((name, _)) => format!("{name}=REDACTED"),
-            None => pair.to_string(),
-        })
-        .collect::<Vec<_>>()
-        .join("&")
+impl Arrival {
+    /// The host (Host or `:authority`), as sent.
+    #[must_use]
+    pub fn host(&self) -> &str {
+        &self.text[..self.host_end]
+    }
+
+    /// The path, without the query.
+    #[must_use]
+    pub fn path(&self) -> &str {
+        &self.text[self.host_end..self.path_end]
+    }
+
+    /// The query, without `?` (redacted when configured).
+    #[must_use]
+    pub fn query(&self) -> Option<&str> {
+        self.has_query.then(|| &self.text[self.path_end..])
+    }
+}
+
+/// Appends `a=1&b=2` to `out` as `a=REDACTED&b=REDACTED`: the names stay, the values go.
+fn redact(query: &str, out: &mut String) {
+    for (i, pair) in query.split('&').enumerate() {
+        if i > 0 {
+            out.push('&');
+        }
+        match pair.split_once('=') {
+            Some((name, _)) => {
+                out.push_str(name);
+                out.push_str("=REDACTED");
+            }
+            None => out.push_str(pair),
+        }
+    }
 }
 
 /// How a request ended, as its transport saw it.
@@ -268,6 +298,7 @@ pub fn finish(
 ) {
     let finished = Instant::now();
     let elapsed = finished.duration_since(started);
+    let at = crate::clock::wall_at(started, finished);
     let seconds = elapsed.as_secs_f64();
     let route_metrics = outcome.route.map_or(&generation.unrouted_metrics, |r| {
         &generation.routes[r].metrics
@@ -290,8 +321,7 @@ pub fn finish(
                 peer,
                 arrival,
                 outcome,
-                started,
-                elapsed,
+                (at, started, elapsed),
                 trace,
             );
         }
@@ -309,16 +339,11 @@ pub fn finish(
         generation,
         scheme,
         peer,
+        at,
         duration: elapsed,
     };
-    // One buffer per thread, reused: formatting allocates nothing once warm.
-    thread_local! {
-        static LINE: std::cell::RefCell<String> = std::cell::RefCell::new(String::with_capacity(1024));
-    }
-    LINE.with_borrow_mut(|line| {
-        format::line(log, &record, line);
-        log.sink.send(line.as_bytes());
-    });
+    // Formatted straight into this thread's buffer of the sink.
+    log.sink.append(|out| format::line(log, &record, out));
 }
 
 /// The server span of a request and a client span per upstream attempt, in the
@@ -331,19 +356,18 @@ fn spans(
     peer: Option<IpAddr>,
     a: &Arrival,
     o: &Outcome<'_>,
-    started: Instant,
-    elapsed: Duration,
+    (start, started, elapsed): (SystemTime, Instant, Duration),
     trace: crate::policy::Trace,
 ) {
     use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
     use otlp::{boolean, int, string, SpanIds};
-    let at = |i: Instant| a.at + i.saturating_duration_since(started);
+    let at = |i: Instant| start + i.saturating_duration_since(started);
     let method = a.method.as_str();
-    let (host, port) = split_host(&a.host);
+    let (host, port) = split_host(a.host());
     let mut attrs = vec![
         string("http.request.method", method),
         string("url.scheme", scheme.as_str()),
-        string("url.path", &a.path),
+        string("url.path", a.path()),
         string(
             "network.protocol.version",
             a.protocol.trim_start_matches("HTTP/"),
@@ -355,7 +379,7 @@ fn spans(
     if let Some(p) = port {
         attrs.push(int("server.port", i64::from(p)));
     }
-    if let Some(q) = &a.query {
+    if let Some(q) = a.query() {
         attrs.push(string("url.query", q));
     }
     if let Some(c) = a.client {
@@ -388,7 +412,7 @@ fn spans(
         },
         method.to_string(),
         SpanKind::Server,
-        (a.at, a.at + elapsed),
+        (start, start + elapsed),
         attrs,
         server_error,
     ));
@@ -512,7 +536,7 @@ impl RecentError {
                 .request_id
                 .map(|id| String::from_utf8_lossy(id).into_owned())
                 .unwrap_or_default(),
-            request: arrival.map(|a| format!("{} {}", a.method, a.path)),
+            request: arrival.map(|a| format!("{} {}", a.method, a.path())),
             status: outcome.status,
             error: outcome.error,
             route: outcome.route.map(|r| generation.routes[r].name.clone()),
