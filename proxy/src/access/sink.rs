@@ -167,9 +167,12 @@ impl Sink {
                 self.dropped.inc();
                 return false;
             }
+            let before = p.buf.len();
             write(&mut p.buf);
             p.lines += 1;
-            p.buf.len() >= FLUSH_BYTES
+            // Only the line that fills the buffer wakes the writer: while it writes,
+            // the lines after it add no lock and no wake-up each.
+            before < FLUSH_BYTES && p.buf.len() >= FLUSH_BYTES
         });
         if full {
             lock(&self.shared.flush).asked = true;
