@@ -50,16 +50,28 @@ pub struct CompareArgs {
     /// The rampart binary (default: next to this one, then PATH).
     #[arg(long)]
     pub rampart: Option<PathBuf>,
-    /// Every target writes an access log line per request to a file (Rampart: JSON,
-    /// nginx: combined); only Rampart and nginx are compared then.
-    #[arg(long)]
-    pub access_log: bool,
+    /// Every target writes an access log line per request to a file (nginx: its
+    /// combined format; Rampart: `json`, the default, or `combined` like nginx's); only
+    /// Rampart and nginx are compared then, and Rampart without its log
+    /// (`rampart-unlogged`) runs beside them, so that the report's "vs
+    /// rampart-unlogged" column is the log's cost measured in the same run.
+    #[arg(long, num_args = 0..=1, default_missing_value = "json")]
+    pub access_log: Option<LogFormat>,
     /// Write the results as JSON.
     #[arg(long)]
     pub json: PathBuf,
     /// Write the markdown table (and an SVG of latency curves beside it).
     #[arg(long)]
     pub markdown: PathBuf,
+}
+
+/// Rampart's access log format under `--access-log`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// One JSON object per line (Rampart's default).
+    Json,
+    /// nginx's combined format, the same lines nginx writes.
+    Combined,
 }
 
 /// One test of the suite.
@@ -190,9 +202,12 @@ async fn compare(args: &CompareArgs) -> anyhow::Result<Results> {
     let rampart = crate::scenario::rampart_binary(args.rampart.clone());
 
     let mut kinds = vec![Kind::Rampart];
+    if args.access_log.is_some() {
+        kinds.push(Kind::RampartUnlogged);
+    }
     for p in args.peers.iter().filter(|p| !p.is_empty()) {
         let kind = Kind::peer(p)?;
-        if args.access_log && kind != Kind::Nginx {
+        if args.access_log.is_some() && kind != Kind::Nginx {
             eprintln!("--access-log: {p} left out (its log is not configured to a file here)");
             continue;
         }

@@ -65,6 +65,9 @@ pub enum Kind {
     Direct,
     /// Rampart.
     Rampart,
+    /// Rampart without its access log, beside [`Kind::Rampart`] with it under
+    /// `--access-log`: the log's cost measured in the same run.
+    RampartUnlogged,
     /// nginx.
     Nginx,
     /// HAProxy.
@@ -93,6 +96,7 @@ impl Kind {
         match self {
             Kind::Direct => "direct",
             Kind::Rampart => "rampart",
+            Kind::RampartUnlogged => "rampart-unlogged",
             Kind::Nginx => "nginx",
             Kind::Haproxy => "haproxy",
             Kind::Caddy => "caddy",
@@ -162,7 +166,8 @@ pub fn free_port() -> anyhow::Result<SocketAddr> {
 }
 
 /// Writes the configuration of `kind` in `dir` and starts it with `workers` workers;
-/// with `access_log`, it logs every request to `access.log` in its directory.
+/// with `access_log`, it logs every request to `access.log` in its directory (Rampart
+/// in that format).
 ///
 /// # Errors
 /// When the binary is missing or the process cannot start.
@@ -173,19 +178,23 @@ pub fn start(
     cert: &Cert,
     workers: usize,
     rampart: &Path,
-    access_log: bool,
+    access_log: Option<super::LogFormat>,
 ) -> anyhow::Result<Running> {
     let (http, https) = (free_port()?, free_port()?);
     let dir = dir.join(kind.name());
     std::fs::create_dir_all(&dir)?;
     let (mut cmd, version) = match kind {
         Kind::Direct => anyhow::bail!("the direct backend is started by the caller"),
-        Kind::Rampart => {
+        Kind::Rampart | Kind::RampartUnlogged => {
             let cfg = dir.join("rampart.toml");
             let mut text = rampart_config(&dir, http, https, up, cert, workers);
-            if access_log {
+            if let (Some(format), Kind::Rampart) = (access_log, kind) {
+                let format = match format {
+                    super::LogFormat::Json => "json",
+                    super::LogFormat::Combined => "combined",
+                };
                 text = format!(
-                    "[access_log]\npath = {:?}\n\n{text}",
+                    "[access_log]\npath = {:?}\nformat = \"{format}\"\n\n{text}",
                     dir.join("access.log")
                 );
             }
@@ -199,7 +208,7 @@ pub fn start(
         Kind::Nginx => {
             let cfg = dir.join("nginx.conf");
             let mut text = nginx_config(&dir, http, https, up, cert, workers);
-            if access_log {
+            if access_log.is_some() {
                 let line = format!("access_log {}/access.log;", dir.display());
                 text = text.replace("access_log off;", &line);
             }
