@@ -19,6 +19,7 @@ use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::{Error, ErrorSource, ErrorType, Result, RetryType};
 
 use crate::access::{self, Arrival, AttemptSpan, Outcome};
+use crate::fast::upstream::FailureKind;
 use crate::generation::{remaining, Generation, PoolRt, RouteRt};
 use crate::headers::{hop_by_hop, is_upgrade, joined_cookies};
 use crate::health::{now_ms, InflightGuard};
@@ -420,7 +421,7 @@ impl ProxyHttp for Edge {
             end_attempt(spans, Some(status), None);
         }
         if pool.retries.on_status.contains(&status) && status_retry_allowed(session, ctx, &pool) {
-            self.record_failure(ctx, &pool, "status");
+            self.record_failure(ctx, &pool, FailureKind::Status);
             ctx.status_retry = true;
             let mut e = Error::explain(
                 ErrorType::HTTPStatus(status),
@@ -430,7 +431,7 @@ impl ProxyHttp for Edge {
             return Err(e);
         }
         if matches!(status, 502..=504) {
-            self.record_failure(ctx, &pool, "status");
+            self.record_failure(ctx, &pool, FailureKind::Status);
         } else {
             self.record_success(ctx, &pool);
         }
@@ -501,7 +502,7 @@ impl ProxyHttp for Edge {
         let Some(pool) = ctx.pool().cloned() else {
             return e;
         };
-        self.record_failure(ctx, &pool, "connect");
+        self.record_failure(ctx, &pool, FailureKind::Connect);
         // Nothing reached the upstream: a retry is safe for any method, but a body that
         // was already read from the client cannot be replayed.
         let body_pending = session.as_ref().retry_buffer_truncated();
@@ -529,9 +530,9 @@ impl ProxyHttp for Edge {
             e.etype(),
             ErrorType::ReadTimedout | ErrorType::WriteTimedout
         ) {
-            "timeout"
+            FailureKind::Timeout
         } else {
-            "error"
+            FailureKind::Error
         };
         // A pooled connection that the upstream had already closed is not the endpoint's
         // fault, and neither is the client's (a slow or vanished client, a body over the
@@ -629,15 +630,9 @@ impl ProxyHttp for Edge {
 }
 
 impl Edge {
-    fn record_failure(&self, ctx: &mut RequestCtx, pool: &PoolRt, kind: &str) {
+    fn record_failure(&self, ctx: &mut RequestCtx, pool: &PoolRt, kind: FailureKind) {
         if let Some(spans) = ctx.attempt_spans.as_mut() {
-            let error = match kind {
-                "connect" => "upstream_connect",
-                "timeout" => "upstream_timeout",
-                "status" => "upstream_status",
-                _ => "upstream_error",
-            };
-            end_attempt(spans, None, Some(error));
+            end_attempt(spans, None, Some(kind.error()));
         }
         record_endpoint_failure(
             &self.metrics,
@@ -663,12 +658,12 @@ pub(crate) fn record_endpoint_failure(
     metrics: &Metrics,
     pool: &PoolRt,
     idx: Option<usize>,
-    kind: &str,
+    kind: FailureKind,
     recorded: &mut bool,
 ) {
     metrics
         .upstream_failures
-        .with_label_values(&[pool.name.as_str(), kind])
+        .with_label_values(&[pool.name.as_str(), kind.as_str()])
         .inc();
     let Some(idx) = idx else { return };
     if std::mem::replace(recorded, true) {

@@ -28,7 +28,8 @@ const UPSTREAM_BUFFER: usize = 16 * 1024;
 /// when its bytes have already arrived.
 const COALESCE_LIMIT: usize = 64 * 1024;
 
-/// Why an attempt on an endpoint failed before anything reached the client.
+/// Why an attempt on an endpoint failed before anything reached the client (on either
+/// path: Pingora's counts its failures with the same kinds).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum FailureKind {
     /// The TCP connect failed or timed out.
@@ -200,13 +201,7 @@ pub(crate) async fn forward<D: Downstream>(
             }
             Attempt::Failed(f) => {
                 let mut recorded = false;
-                record_endpoint_failure(
-                    conn.metrics,
-                    pool,
-                    Some(idx),
-                    f.kind.as_str(),
-                    &mut recorded,
-                );
+                record_endpoint_failure(conn.metrics, pool, Some(idx), f.kind, &mut recorded);
                 (failed, why) = (f.status, f.kind.error());
                 if !(f.retry && within_budget) {
                     break (f.status, why);
@@ -268,7 +263,7 @@ async fn attempt<D: Downstream>(
     }
     if matches!(status, 502..=504) {
         let mut recorded = false;
-        let kind = FailureKind::Status.as_str();
+        let kind = FailureKind::Status;
         record_endpoint_failure(conn.metrics, pool, Some(idx), kind, &mut recorded);
     } else {
         pool.states[idx].record_success();

@@ -75,12 +75,6 @@ impl Trace {
         );
         s
     }
-
-    /// The trace id as 32 lowercase hex digits (the access log's `trace_id`).
-    #[must_use]
-    pub fn trace_id_hex(&self) -> String {
-        format!("{:032x}", self.trace_id)
-    }
 }
 
 /// Whether a request from a peer that is (or is not) a trusted proxy continues its
@@ -188,7 +182,7 @@ mod tests {
         let mut headers = HeaderMap::new();
         headers.insert("traceparent", VALID.parse().unwrap());
         let t = Trace::of(&headers, true, Some(0.0));
-        assert_eq!(t.trace_id_hex(), "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_eq!(t.trace_id, 0x4bf9_2f35_77b3_4da6_a3ce_929d_0e0e_4736);
         assert_eq!(t.parent_id, Some(0x00f0_67aa_0ba9_02b7));
         let h = t.header();
         assert!(h.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"), "{h}");
@@ -202,7 +196,7 @@ mod tests {
 
         // Not trusted: a new trace, the client's ignored.
         let t = Trace::of(&headers, false, None);
-        assert_ne!(t.trace_id_hex(), "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_ne!(t.trace_id, 0x4bf9_2f35_77b3_4da6_a3ce_929d_0e0e_4736);
         assert_eq!(t.parent_id, None);
         assert_eq!(t.header().len(), 55);
         assert!(t.sampled(), "started without an exporter: sampled");
