@@ -191,7 +191,7 @@ fn fields(log: &AccessLogRt, r: &Record<'_>, mut f: impl FnMut(&str, Value<'_>))
         }
     };
     put("time", Some(Value::Time(r.at)));
-    let request_id = o.request_id.map(String::from_utf8_lossy);
+    let request_id = o.request_id.map(super::lossy);
     put("request_id", request_id.as_deref().map(Value::Str));
     put("trace_id", o.trace.map(|t| Value::TraceId(t.trace_id)));
     put("client", a.client.map(Value::Ip));

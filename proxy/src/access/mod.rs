@@ -151,7 +151,7 @@ impl Arrival {
                 parts
                     .headers
                     .get(http::header::HOST)
-                    .map(|h| String::from_utf8_lossy(h.as_bytes()))
+                    .map(|h| lossy(h.as_bytes()))
                     .unwrap_or_default()
             },
             |a| a.as_str().into(),
@@ -176,7 +176,7 @@ impl Arrival {
             parts
                 .headers
                 .get(h)
-                .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+                .map(|v| lossy(v.as_bytes()).into_owned())
         };
         let headers = log.map_or_else(Vec::new, |l| l.headers.iter().map(header).collect());
         Some(Box::new(Self {
@@ -218,6 +218,15 @@ impl Arrival {
     pub fn query(&self) -> Option<&str> {
         self.has_query.then(|| &self.text[self.path_end..])
     }
+}
+
+/// `bytes` as text: borrowed when they are UTF-8 (the common case, checked on the ASCII
+/// fast path of `from_utf8`), with replacement characters when they are not.
+pub(crate) fn lossy(bytes: &[u8]) -> std::borrow::Cow<'_, str> {
+    std::str::from_utf8(bytes).map_or_else(
+        |_| String::from_utf8_lossy(bytes),
+        std::borrow::Cow::Borrowed,
+    )
 }
 
 /// Appends `a=1&b=2` to `out` as `a=REDACTED&b=REDACTED`: the names stay, the values go.
