@@ -67,7 +67,7 @@ impl Value<'_> {
             Value::Ms(d) => push_ms(out, d),
             Value::Bool(b) => out.push_str(if b { "true" } else { "false" }),
             Value::Time(t) => push_rfc3339(out, t),
-            Value::TraceId(id) => push_hex(out, id),
+            Value::TraceId(id) => crate::policy::trace::push_hex(out, &id.to_be_bytes()),
             Value::Ip(ip) => push_ip(out, ip),
             Value::Addr(addr) => {
                 if addr.is_ipv6() {
@@ -120,15 +120,6 @@ fn push_ip(out: &mut String, ip: IpAddr) {
         IpAddr::V6(v6) => {
             let _ = write!(out, "{v6}");
         }
-    }
-}
-
-/// `id` as 32 lowercase hex digits.
-fn push_hex(out: &mut String, id: u128) {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    for b in id.to_be_bytes() {
-        out.push(char::from(HEX[usize::from(b >> 4)]));
-        out.push(char::from(HEX[usize::from(b & 0xf)]));
     }
 }
 

@@ -4,8 +4,6 @@
 //! the trace: the upstream gets a `traceparent` naming the proxy's own span as parent,
 //! and the access log records the trace id. `tracestate` passes through unchanged.
 
-use std::fmt::Write as _;
-
 use http::HeaderMap;
 use rampart_config::TraceContext;
 
@@ -68,12 +66,23 @@ impl Trace {
     #[must_use]
     pub fn header(&self) -> String {
         let mut s = String::with_capacity(55);
-        let _ = write!(
-            s,
-            "00-{:032x}-{:016x}-{:02x}",
-            self.trace_id, self.span_id, self.flags
-        );
+        s.push_str("00-");
+        push_hex(&mut s, &self.trace_id.to_be_bytes());
+        s.push('-');
+        push_hex(&mut s, &self.span_id.to_be_bytes());
+        s.push('-');
+        push_hex(&mut s, &[self.flags]);
         s
+    }
+}
+
+/// Appends `bytes` as lowercase hex digits, two per byte (trace and span ids: built per
+/// request, so without `std::fmt`).
+pub(crate) fn push_hex(out: &mut String, bytes: &[u8]) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    for &b in bytes {
+        out.push(char::from(HEX[usize::from(b >> 4)]));
+        out.push(char::from(HEX[usize::from(b & 0xf)]));
     }
 }
 
