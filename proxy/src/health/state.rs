@@ -45,8 +45,6 @@ pub struct EndpointState {
     ejected_until_ms: AtomicU64,
     /// Ejections in a row without a success in between (for the doubling back-off).
     ejections: AtomicU32,
-    /// Whether the endpoint has answered a request since it joined its pool.
-    answered: AtomicBool,
     inflight: AtomicU64,
     /// f64 bits of the latency EWMA in microseconds.
     ewma_us: AtomicU64,
@@ -67,7 +65,6 @@ impl Default for EndpointState {
             passive_fail_streak: AtomicU32::new(0),
             ejected_until_ms: AtomicU64::new(0),
             ejections: AtomicU32::new(0),
-            answered: AtomicBool::new(false),
             inflight: AtomicU64::new(0),
             ewma_us: AtomicU64::new(EWMA_INITIAL_US.to_bits()),
             ewma_stamp_ms: AtomicU64::new(0),
@@ -150,9 +147,6 @@ impl EndpointState {
         self.requests.fetch_add(1, Ordering::Relaxed);
         self.passive_fail_streak.store(0, Ordering::Relaxed);
         self.ejections.store(0, Ordering::Relaxed);
-        if !self.answered.load(Ordering::Relaxed) {
-            self.answered.store(true, Ordering::Relaxed);
-        }
     }
 
     /// Records a failed request; ejects the endpoint when the streak reaches the policy's
@@ -185,7 +179,10 @@ impl EndpointState {
         }
         self.passive_fail_streak.store(0, Ordering::Relaxed);
         let n = self.ejections.fetch_add(1, Ordering::Relaxed).min(16);
-        let base = if self.answered.load(Ordering::Relaxed) {
+        // Every request is counted, failures also apart: more requests than failures
+        // means the endpoint has answered at least once since it joined its pool.
+        let (requests, failures) = self.counts();
+        let base = if requests > failures {
             policy.base
         } else {
             policy.base.min(NEW_ENDPOINT_EJECT)
