@@ -198,9 +198,7 @@ impl Arrival {
             traced,
         }))
     }
-}
 
-impl Arrival {
     /// The host (Host or `:authority`), as sent.
     #[must_use]
     pub fn host(&self) -> &str {
@@ -307,7 +305,6 @@ pub fn finish(
 ) {
     let finished = Instant::now();
     let elapsed = finished.duration_since(started);
-    let at = crate::clock::wall_at(started, finished);
     let seconds = elapsed.as_secs_f64();
     let route_metrics = outcome.route.map_or(&generation.unrouted_metrics, |r| {
         &generation.routes[r].metrics
@@ -321,6 +318,8 @@ pub fn finish(
             .push(RecentError::new(generation, arrival, outcome, elapsed));
     }
     let Some(arrival) = arrival else { return };
+    // Only what is logged or traced needs the wall-clock time.
+    let at = crate::clock::wall_at(started, finished);
     if arrival.traced {
         if let (Some(t), Some(trace)) = (&generation.tracing, outcome.trace) {
             spans(
@@ -351,7 +350,7 @@ pub fn finish(
         at,
         duration: elapsed,
     };
-    // Formatted straight into this thread's buffer of the sink.
+    // Formatted straight into the sink's buffer.
     log.sink.append(|out| format::line(log, &record, out));
 }
 
@@ -404,7 +403,7 @@ fn spans(
         attrs.push(string("rampart.route", &generation.routes[r].name));
     }
     if let Some(id) = o.request_id {
-        attrs.push(string("rampart.request_id", &String::from_utf8_lossy(id)));
+        attrs.push(string("rampart.request_id", &lossy(id)));
     }
     let server_error = o.status >= 500 || o.status == 0;
     if let Some(e) = o.error {
@@ -543,7 +542,7 @@ impl RecentError {
                 .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
             request_id: outcome
                 .request_id
-                .map(|id| String::from_utf8_lossy(id).into_owned())
+                .map(|id| lossy(id).into_owned())
                 .unwrap_or_default(),
             request: arrival.map(|a| format!("{} {}", a.method, a.path())),
             status: outcome.status,
