@@ -103,10 +103,11 @@ impl Kind {
         }
     }
 
-    /// The executable looked up on PATH.
+    /// The executable a target runs (named when it fails to start).
     #[must_use]
     pub fn binary(self) -> &'static str {
         match self {
+            Kind::Rampart | Kind::RampartUnlogged => "rampart",
             Kind::Haproxy => "haproxy",
             Kind::Caddy => "caddy",
             _ => "nginx",
