@@ -426,10 +426,12 @@ fn parse_head(buf: &[u8]) -> io::Result<Option<(u16, usize, Body, bool)>> {
     Ok(Some((status, head_len, body, closing)))
 }
 
-/// An HTTP/2 connection (one stream at a time per worker).
+/// An HTTP/2 connection; each clone sends its own streams on the same connection (one
+/// at a time per clone).
+#[derive(Clone)]
 pub struct H2 {
     send: hyper::client::conn::http2::SendRequest<Empty<Bytes>>,
-    request: http::Request<()>,
+    request: Arc<http::Request<()>>,
 }
 
 impl H2 {
@@ -452,8 +454,14 @@ impl H2 {
         for (k, v) in headers {
             builder = builder.header(k.as_str(), v.as_str());
         }
-        let request = builder.body(()).map_err(io::Error::other)?;
+        let request = Arc::new(builder.body(()).map_err(io::Error::other)?);
         Ok(Self { send, request })
+    }
+
+    /// Whether the connection is gone (new streams would fail).
+    #[must_use]
+    pub fn is_closed(&self) -> bool {
+        self.send.is_closed()
     }
 
     /// Sends the request and reads the whole response.

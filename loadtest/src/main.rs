@@ -78,6 +78,10 @@ pub struct RunArgs {
     /// Use HTTP/2 (negotiated by ALPN over TLS).
     #[arg(long)]
     h2: bool,
+    /// HTTP/2 streams in flight per connection (as h2load's -m): with --h2,
+    /// connections × streams requests are outstanding at once.
+    #[arg(long, short = 'm', default_value_t = 1)]
+    streams: usize,
     /// Open a new connection (full TLS handshake, no resumption) for every request.
     #[arg(long)]
     new_conn: bool,
@@ -142,6 +146,12 @@ impl RunArgs {
             })
             .collect::<anyhow::Result<_>>()?;
         anyhow::ensure!(self.connections > 0, "--connections must be at least 1");
+        anyhow::ensure!(self.streams > 0, "--streams must be at least 1");
+        anyhow::ensure!(
+            self.streams == 1 || self.h2,
+            "--streams {} needs --h2: HTTP/1.1 carries one request at a time per connection",
+            self.streams
+        );
         anyhow::ensure!(self.rate.is_none_or(|r| r > 0.0), "--rate must be positive");
         let target = client::Target::parse(&self.url, self.connect_to)?;
         let trust = match &self.cacert {
@@ -159,6 +169,7 @@ impl RunArgs {
             rate: self.rate,
             duration: self.duration,
             h2: self.h2,
+            streams: self.streams,
             new_conn: self.new_conn,
             trust,
             headers,

@@ -34,6 +34,26 @@ pub fn peak_rss_kb(pid: u32) -> u64 {
         .sum()
 }
 
+/// TCP connections this machine has opened so far (`ActiveOpens` of /proc/net/snmp):
+/// the difference over a run counts the client's connections and the upstream
+/// connections a proxy opened, so a proxy that churns upstream connections shows.
+#[must_use]
+pub fn tcp_active_opens() -> u64 {
+    let Ok(text) = std::fs::read_to_string("/proc/net/snmp") else {
+        return 0;
+    };
+    let mut tcp = text.lines().filter(|l| l.starts_with("Tcp:"));
+    let (Some(names), Some(values)) = (tcp.next(), tcp.next()) else {
+        return 0;
+    };
+    names
+        .split_whitespace()
+        .zip(values.split_whitespace())
+        .find(|(name, _)| *name == "ActiveOpens")
+        .and_then(|(_, value)| value.parse().ok())
+        .unwrap_or(0)
+}
+
 /// (cpu seconds, parent pid) from /proc/PID/stat.
 fn stat_fields(pid: u32) -> Option<(f64, u32)> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;

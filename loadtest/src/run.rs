@@ -27,6 +27,9 @@ pub struct RunConfig {
     pub duration: Duration,
     /// Negotiate HTTP/2 (TLS only).
     pub h2: bool,
+    /// HTTP/2 streams in flight per connection (h2load's `-m`): `connections × streams`
+    /// requests are outstanding at once. 1 for HTTP/1.1.
+    pub streams: usize,
     /// A new connection (and TLS handshake, without resumption) per request.
     pub new_conn: bool,
     /// How to verify TLS servers.
@@ -54,6 +57,8 @@ pub struct RunReport {
     pub new_conn: bool,
     /// Connections.
     pub connections: usize,
+    /// HTTP/2 streams in flight per connection.
+    pub streams: usize,
     /// Target rate (open loop).
     pub rate: Option<f64>,
     /// Measured time, seconds.
@@ -86,6 +91,7 @@ impl RunReport {
             protocol: if cfg.h2 { "h2" } else { "http/1.1" },
             new_conn: cfg.new_conn,
             connections: cfg.connections,
+            streams: cfg.streams,
             rate: cfg.rate,
             elapsed_s: elapsed.as_secs_f64(),
             requests: stats.requests(),
@@ -113,8 +119,13 @@ impl RunReport {
             .map_or(String::new(), |r| format!(", {r:.0} req/s target"));
         #[allow(clippy::cast_precision_loss)]
         let mb = self.bytes as f64 / 1e6;
+        let streams = if self.streams > 1 {
+            format!(" x {} streams", self.streams)
+        } else {
+            String::new()
+        };
         format!(
-            "{}  {} loop, {}{nc}, {} connections{rate}\n  {} ok in {:.1}s = {:.0} req/s, {mb:.1} MB received\n  latency ms: p50 {:.3}  p90 {:.3}  p99 {:.3}  p99.9 {:.3}  max {:.3}\n  errors: connect {}  timeout {}  reset {}  5xx {}  4xx {}",
+            "{}  {} loop, {}{nc}, {} connections{streams}{rate}\n  {} ok in {:.1}s = {:.0} req/s, {mb:.1} MB received\n  latency ms: p50 {:.3}  p90 {:.3}  p99 {:.3}  p99.9 {:.3}  max {:.3}\n  errors: connect {}  timeout {}  reset {}  5xx {}  4xx {}",
             self.url, self.mode, self.protocol, self.connections, self.ok, self.elapsed_s, self.rps,
             l.p50, l.p90, l.p99, l.p999, l.max, e.connect, e.timeout, e.reset, e.status_5xx, e.status_4xx,
         )
@@ -132,10 +143,30 @@ struct Worker {
     tls: Option<Arc<rustls::ClientConfig>>,
     request: Bytes,
     done: Arc<AtomicU64>,
+    /// The HTTP/2 connection this worker shares with the other streams of its
+    /// connection (`streams > 1`).
+    shared: Option<Arc<tokio::sync::Mutex<Option<H2>>>>,
 }
 
 impl Worker {
     async fn connect(&self) -> Result<Conn, ErrorClass> {
+        let Some(shared) = &self.shared else {
+            return self.open().await;
+        };
+        // The first stream to find the connection gone opens the next one; the others
+        // wait for it and share it.
+        let mut slot = shared.lock().await;
+        if let Some(h2) = slot.as_ref().filter(|h2| !h2.is_closed()) {
+            return Ok(Conn::H2(h2.clone()));
+        }
+        let conn = self.open().await?;
+        if let Conn::H2(h2) = &conn {
+            *slot = Some(h2.clone());
+        }
+        Ok(conn)
+    }
+
+    async fn open(&self) -> Result<Conn, ErrorClass> {
         let io = tokio::time::timeout(
             self.cfg.timeout,
             Transport::connect(&self.cfg.target, self.tls.as_ref()),
@@ -253,18 +284,24 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<(Stats, Duration)> {
     let request = h1_request(&cfg.target, &cfg.headers, cfg.new_conn);
     let start = Instant::now();
     let end = start + cfg.duration;
-    let mut tasks = Vec::with_capacity(cfg.connections);
+    let streams = if cfg.h2 { cfg.streams.max(1) } else { 1 };
+    let workers = cfg.connections * streams;
+    let mut tasks = Vec::with_capacity(workers);
     for i in 0..cfg.connections {
-        let worker = Worker {
-            cfg: cfg.clone(),
-            tls: tls.clone(),
-            request: request.clone(),
-            done: done.clone(),
-        };
-        let schedule = cfg
-            .rate
-            .map(|r| Schedule::new(start, r, cfg.connections, i));
-        tasks.push(tokio::spawn(worker.run(end, schedule)));
+        let shared = (streams > 1).then(|| Arc::new(tokio::sync::Mutex::new(None)));
+        for s in 0..streams {
+            let worker = Worker {
+                cfg: cfg.clone(),
+                tls: tls.clone(),
+                request: request.clone(),
+                done: done.clone(),
+                shared: shared.clone(),
+            };
+            let schedule = cfg
+                .rate
+                .map(|r| Schedule::new(start, r, workers, i * streams + s));
+            tasks.push(tokio::spawn(worker.run(end, schedule)));
+        }
     }
     let finished = Arc::new(AtomicBool::new(false));
     let progress = cfg.progress.then(|| {

@@ -337,6 +337,7 @@ fn load_config(
         rate: None,
         duration: Duration::from_secs(600),
         h2: false,
+        streams: 1,
         new_conn,
         trust: ca.map_or(Trust::Insecure, |ca| Trust::CaFile(ca.to_path_buf())),
         headers: Vec::new(),

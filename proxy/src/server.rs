@@ -77,6 +77,10 @@ pub fn run(live: Arc<Live>, options: ProxyOptions) -> anyhow::Result<()> {
         // Our own retry policy decides; this is only Pingora's upper bound.
         max_retries: 11,
         work_stealing: config.server.work_stealing,
+        // Idle upstream connections Pingora's path keeps (all endpoints together; 128
+        // by default): as for the fast paths' pool (`fast::pool`), fewer than the
+        // requests in flight makes most requests open a new connection.
+        upstream_keepalive_pool_size: 1024,
         ..ServerConf::default()
     };
     let opt = Opt {

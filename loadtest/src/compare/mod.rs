@@ -84,8 +84,15 @@ pub enum Test {
     HttpsKeepalive,
     /// HTTPS, a new connection (full handshake) per request.
     HttpsNewConn,
-    /// HTTP/2 over TLS.
+    /// HTTP/2 over TLS, one stream at a time per connection.
     H2,
+    /// HTTP/2 over TLS, 10 streams in flight per connection (h2load -m10: what a
+    /// browser loading a page does).
+    #[value(name = "h2-m10")]
+    H2M10,
+    /// HTTP/2 over TLS, 100 connections × 100 streams in flight (h2load -c100 -m100).
+    #[value(name = "h2-c100-m100")]
+    H2C100M100,
     /// 16 KiB response body over HTTP/1.1.
     #[value(name = "body-16k")]
     Body16k,
@@ -95,11 +102,13 @@ pub enum Test {
 
 impl Test {
     /// Every test, in the order a round runs them.
-    pub const ALL: [Test; 6] = [
+    pub const ALL: [Test; 8] = [
         Test::Http,
         Test::HttpsKeepalive,
         Test::HttpsNewConn,
         Test::H2,
+        Test::H2M10,
+        Test::H2C100M100,
         Test::Body16k,
         Test::OpenLoop,
     ];
@@ -112,6 +121,8 @@ impl Test {
             Test::HttpsKeepalive => "https-keepalive",
             Test::HttpsNewConn => "https-new-conn",
             Test::H2 => "h2",
+            Test::H2M10 => "h2-m10",
+            Test::H2C100M100 => "h2-c100-m100",
             Test::Body16k => "body-16k",
             Test::OpenLoop => "open-loop",
         }
@@ -120,8 +131,26 @@ impl Test {
     fn needs_tls(self) -> bool {
         matches!(
             self,
-            Test::HttpsKeepalive | Test::HttpsNewConn | Test::H2 | Test::OpenLoop
+            Test::HttpsKeepalive
+                | Test::HttpsNewConn
+                | Test::H2
+                | Test::H2M10
+                | Test::H2C100M100
+                | Test::OpenLoop
         )
+    }
+
+    fn is_h2(self) -> bool {
+        matches!(self, Test::H2 | Test::H2M10 | Test::H2C100M100)
+    }
+
+    /// HTTP/2 streams in flight per connection.
+    fn streams(self) -> usize {
+        match self {
+            Test::H2M10 => 10,
+            Test::H2C100M100 => 100,
+            _ => 1,
+        }
     }
 }
 
@@ -146,6 +175,12 @@ pub struct Sample {
     pub cpu_s: f64,
     /// CPU seconds per 100k successful requests.
     pub cpu_per_100k: f64,
+    /// The backend's CPU seconds per 100k successful requests (what the target costs
+    /// the service behind it: connections, header volume, write sizes).
+    pub backend_cpu_per_100k: f64,
+    /// TCP connections opened on the machine during the measurement (the client's and
+    /// the target's to the backend).
+    pub tcp_opens: u64,
 }
 
 /// Everything `compare` measured.
@@ -250,18 +285,26 @@ async fn compare(args: &CompareArgs) -> anyhow::Result<Results> {
             let n = order.len();
             order.rotate_left(round % n);
             for target in order {
+                let backend = if test == Test::Body16k {
+                    big_backend.child.id()
+                } else {
+                    small_backend.child.id()
+                };
                 let (kind, pid) = match target {
                     // The direct backend speaks plain HTTP only.
                     None if test.needs_tls() => continue,
-                    None if test == Test::Body16k => (Kind::Direct, big_backend.child.id()),
-                    None => (Kind::Direct, small_backend.child.id()),
+                    None => (Kind::Direct, backend),
                     Some(t) => (t.kind, t.child.id()),
                 };
                 let cfg = run_config(args, test, target, &up, &trust)?;
                 let cpu_before = procstat::cpu_seconds(pid);
+                let backend_before = procstat::cpu_seconds(backend);
+                let opens_before = procstat::tcp_active_opens();
                 let started = Instant::now();
                 let (stats, elapsed) = run(cfg.clone()).await?;
                 let cpu_s = procstat::cpu_seconds(pid) - cpu_before;
+                let backend_cpu_s = procstat::cpu_seconds(backend) - backend_before;
+                let tcp_opens = procstat::tcp_active_opens().saturating_sub(opens_before);
                 let report = RunReport::new(
                     &cfg,
                     &format!("{} {}", kind.name(), test.name()),
@@ -269,12 +312,16 @@ async fn compare(args: &CompareArgs) -> anyhow::Result<Results> {
                     elapsed,
                 );
                 #[allow(clippy::cast_precision_loss)]
-                let cpu_per_100k = if stats.ok > 0 {
-                    cpu_s / stats.ok as f64 * 100_000.0
-                } else {
-                    f64::NAN
+                let per_100k = |cpu: f64| {
+                    if stats.ok > 0 {
+                        cpu / stats.ok as f64 * 100_000.0
+                    } else {
+                        f64::NAN
+                    }
                 };
-                eprintln!("round {} {:>16} {:>8}: {:>9.0} req/s  p99 {:>8.3} ms  cpu/100k {:>6.2}s  errors {}  ({:.1}s)", round + 1, test.name(), kind.name(), report.rps, report.latency_ms.p99, cpu_per_100k, report.errors.total(), started.elapsed().as_secs_f64());
+                let (cpu_per_100k, backend_cpu_per_100k) =
+                    (per_100k(cpu_s), per_100k(backend_cpu_s));
+                eprintln!("round {} {:>16} {:>8}: {:>9.0} req/s  p99 {:>8.3} ms  cpu/100k {:>6.2}s  backend {:>5.2}s  tcp opens {tcp_opens}  errors {}  ({:.1}s)", round + 1, test.name(), kind.name(), report.rps, report.latency_ms.p99, cpu_per_100k, backend_cpu_per_100k, report.errors.total(), started.elapsed().as_secs_f64());
                 samples.push(Sample {
                     round,
                     target: kind,
@@ -282,6 +329,8 @@ async fn compare(args: &CompareArgs) -> anyhow::Result<Results> {
                     report,
                     cpu_s,
                     cpu_per_100k,
+                    backend_cpu_per_100k,
+                    tcp_opens,
                 });
             }
         }
@@ -380,14 +429,15 @@ fn run_config(
             path: path.into(),
             tls,
         },
-        connections: if test == Test::HttpsNewConn {
-            args.connections.min(16)
-        } else {
-            args.connections
+        connections: match test {
+            Test::HttpsNewConn => args.connections.min(16),
+            Test::H2C100M100 => 100,
+            _ => args.connections,
         },
         rate: (test == Test::OpenLoop).then_some(args.rate),
         duration: args.duration,
-        h2: test == Test::H2,
+        h2: test.is_h2(),
+        streams: test.streams(),
         new_conn: test == Test::HttpsNewConn,
         // A verifying client spends more per handshake than the server (checking a
         // P-256 signature costs more than making one) and would be the bottleneck of

@@ -21,6 +21,10 @@ pub struct Medians {
     pub p99: f64,
     /// Target CPU seconds per 100k requests.
     pub cpu_per_100k: f64,
+    /// The backend's CPU seconds per 100k requests.
+    pub backend_cpu_per_100k: f64,
+    /// TCP connections opened during a measurement.
+    pub tcp_opens: f64,
     /// Failed requests summed over rounds.
     pub errors: u64,
 }
@@ -56,6 +60,9 @@ pub fn medians(results: &Results) -> BTreeMap<(Test, Kind), Medians> {
                 p50: median(v.iter().map(|s| s.report.latency_ms.p50).collect()),
                 p99: median(v.iter().map(|s| s.report.latency_ms.p99).collect()),
                 cpu_per_100k: median(v.iter().map(|s| s.cpu_per_100k).collect()),
+                backend_cpu_per_100k: median(v.iter().map(|s| s.backend_cpu_per_100k).collect()),
+                #[allow(clippy::cast_precision_loss)]
+                tcp_opens: median(v.iter().map(|s| s.tcp_opens as f64).collect()),
                 errors: v.iter().map(|s| s.report.errors.total()).sum(),
             };
             (k, m)
@@ -85,9 +92,9 @@ pub fn markdown(results: &Results, svg_name: &str) -> String {
     );
     let _ = writeln!(
         out,
-        "| test | target | req/s | vs direct | p50 ms | p99 ms | CPU s / 100k req | errors |"
+        "| test | target | req/s | vs direct | p50 ms | p99 ms | CPU s / 100k req | backend CPU s / 100k | TCP connects | errors |"
     );
-    let _ = writeln!(out, "|---|---|---:|---:|---:|---:|---:|---:|");
+    let _ = writeln!(out, "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|");
     let tests: Vec<Test> = {
         let mut t: Vec<Test> = med.keys().map(|(t, _)| *t).collect();
         t.dedup();
@@ -99,13 +106,15 @@ pub fn markdown(results: &Results, svg_name: &str) -> String {
             let vs = direct.map_or_else(|| "–".to_string(), |d| format!("{:.2}×", m.rps / d));
             let _ = writeln!(
                 out,
-                "| {} | {} | {:.0} | {vs} | {:.3} | {:.3} | {:.2} | {} |",
+                "| {} | {} | {:.0} | {vs} | {:.3} | {:.3} | {:.2} | {:.2} | {:.0} | {} |",
                 t.name(),
                 kind.name(),
                 m.rps,
                 m.p50,
                 m.p99,
                 m.cpu_per_100k,
+                m.backend_cpu_per_100k,
+                m.tcp_opens,
                 m.errors
             );
         }

@@ -1,7 +1,7 @@
 //! Idle upstream connections of the fast paths, per worker thread.
 
 use std::cell::RefCell;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -9,15 +9,21 @@ use tokio::net::TcpStream;
 
 use crate::clock::{self};
 
-/// Idle upstream connections kept per endpoint and worker thread.
-const IDLE_PER_ENDPOINT: usize = 64;
+/// Idle upstream connections kept per endpoint and worker thread. As many as a busy
+/// worker has requests in flight to one endpoint: HTTP/2 clients keep ten to a hundred
+/// streams open per connection, and a pool smaller than the streams in flight closes
+/// a connection after most responses and opens a new one for the next request (with
+/// 32 connections × 10 streams and a cap of 64, 55,000 new upstream connections in
+/// five seconds, each a handshake and a TIME_WAIT; HAProxy keeps every one by
+/// default). Idle ones cost a socket each and go after the pool's `timeouts.idle`.
+const IDLE_PER_ENDPOINT: usize = 1024;
 
 /// Idle upstream connections of this worker thread, by endpoint address: taken
 /// last-in first-out (the warmest), dropped after the pool's idle timeout or when the
 /// upstream closed them.
 #[derive(Default)]
 pub struct IdlePool {
-    by_addr: HashMap<SocketAddr, Vec<Idle>>,
+    by_addr: HashMap<SocketAddr, VecDeque<Idle>>,
     last_sweep: Option<Instant>,
 }
 
@@ -37,7 +43,7 @@ impl IdlePool {
         IDLE.with(|pool| {
             let mut pool = pool.borrow_mut();
             let list = pool.by_addr.get_mut(&addr)?;
-            while let Some(idle) = list.pop() {
+            while let Some(idle) = list.pop_back() {
                 if idle.expires > now && is_open(&idle.stream) {
                     return Some(idle.stream);
                 }
@@ -64,9 +70,9 @@ impl IdlePool {
             }
             let list = pool.by_addr.entry(addr).or_default();
             if list.len() >= IDLE_PER_ENDPOINT {
-                list.remove(0);
+                list.pop_front();
             }
-            list.push(Idle {
+            list.push_back(Idle {
                 stream,
                 expires: clock::after(now, idle),
             });
