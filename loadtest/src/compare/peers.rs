@@ -329,7 +329,7 @@ fn nginx_config(
 ) -> String {
     let d = dir.display();
     format!(
-        r"daemon off;
+        r#"daemon off;
 master_process on;
 worker_processes {workers};
 pid {d}/nginx.pid;
@@ -344,8 +344,8 @@ http {{
   uwsgi_temp_path {d}/uwsgi;
   scgi_temp_path {d}/scgi;
   keepalive_requests 1000000;
-  upstream small {{ server {small}; keepalive 128; }}
-  upstream big {{ server {big}; keepalive 128; }}
+  upstream small {{ server {small}; keepalive 1024; }}
+  upstream big {{ server {big}; keepalive 1024; }}
   server {{
     listen {http};
     listen {https} ssl http2;
@@ -355,12 +355,21 @@ http {{
     ssl_protocols TLSv1.2 TLSv1.3;
     proxy_http_version 1.1;
     proxy_set_header Connection '';
+    # What Rampart sends every upstream by default (forwarding headers, a request id
+    # and W3C trace context), so that the backend parses the same fields behind every
+    # target.
+    proxy_set_header X-Forwarded-For $remote_addr;
+    proxy_set_header X-Forwarded-Proto $scheme;
+    proxy_set_header X-Forwarded-Host $host;
+    proxy_set_header Forwarded "for=$remote_addr;proto=$scheme;host=$host";
+    proxy_set_header X-Request-ID $request_id;
+    proxy_set_header traceparent "00-$request_id-b7ad6b7169203331-01";
     proxy_buffering on;
     location / {{ proxy_pass http://small; }}
     location /big {{ proxy_pass http://big; }}
   }}
 }}
-",
+"#,
         small = up.small,
         big = up.big,
         cert = cert.cert.display(),
@@ -376,7 +385,7 @@ fn haproxy_config(
     workers: usize,
 ) -> String {
     format!(
-        r"global
+        r#"global
   nbthread {workers}
   # 2 descriptors per connection must fit the usual 20k open-files limit.
   maxconn 9500
@@ -391,6 +400,15 @@ defaults
 frontend fe
   bind {http}
   bind {https} ssl crt {combined} alpn h2,http/1.1
+  # What Rampart sends every upstream by default (see the nginx configuration).
+  option forwardfor
+  http-request set-header X-Forwarded-Proto https if {{ ssl_fc }}
+  http-request set-header X-Forwarded-Proto http unless {{ ssl_fc }}
+  http-request set-header X-Forwarded-Host %[req.hdr(host)]
+  http-request set-header Forwarded "for=%[src];proto=%[req.hdr(x-forwarded-proto)];host=%[req.hdr(host)]"
+  unique-id-format %[uuid()]
+  unique-id-header X-Request-ID
+  http-request set-header traceparent "00-%[unique-id,regsub(-,,g)]-b7ad6b7169203331-01"
   acl big path_beg /big
   use_backend big if big
   default_backend small
@@ -400,7 +418,7 @@ backend small
 backend big
   http-reuse always
   server s1 {big}
-",
+"#,
         combined = cert.combined.display(),
         small = up.small,
         big = up.big,
