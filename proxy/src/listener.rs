@@ -377,7 +377,10 @@ impl EdgeApp {
             let shutdown = shutdown.clone();
             let guard = active.start();
             let tls = tls.clone();
-            tokio::spawn(async move {
+            // The stream's future (~5 KB) is boxed once; spawned unboxed, tokio would
+            // copy it by value through its spawn path and again into the task's stage
+            // when it completes (memmove was 7 % of the CPU with HTTP/2 clients).
+            tokio::spawn(Box::pin(async move {
                 let _guard = guard;
                 let generation = app.current.load_full();
                 let session = if generation.config.server.http2_fast_path {
@@ -393,15 +396,19 @@ impl EdgeApp {
                     Some(session)
                 };
                 if let Some(session) = session {
-                    let request = app
-                        .proxy
-                        .process_new_http(ServerSession::new_http2(session), &shutdown);
+                    // Boxed: Pingora's request future is ~5 KB and would otherwise make
+                    // every stream's task that large, copied at spawn and at completion
+                    // (7 % of the CPU with HTTP/2 clients, in memmove).
+                    let request = Box::pin(
+                        app.proxy
+                            .process_new_http(ServerSession::new_http2(session), &shutdown),
+                    );
                     match tls {
                         Some(info) => CONNECTION.scope(info, request).await,
                         None => request.await,
                     };
                 }
-            });
+            }));
         }
     }
 
