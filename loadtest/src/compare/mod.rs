@@ -47,6 +47,9 @@ pub struct CompareArgs {
     /// Idle keep-alive TLS connections held open to measure memory (0 skips).
     #[arg(long, default_value_t = 10_000)]
     pub idle_conns: usize,
+    /// The idle connections speak HTTP/2 (each after one request) instead of HTTP/1.1.
+    #[arg(long)]
+    pub idle_h2: bool,
     /// The rampart binary (default: next to this one, then PATH).
     #[arg(long)]
     pub rampart: Option<PathBuf>,
@@ -200,6 +203,8 @@ pub struct Results {
     pub peak_rss_kb: BTreeMap<String, u64>,
     /// RSS (kB) per target while holding the idle connections, and how many were open.
     pub idle_rss_kb: BTreeMap<String, (u64, usize)>,
+    /// Whether the idle connections spoke HTTP/2.
+    pub idle_h2: bool,
 }
 
 /// Runs `compare`.
@@ -351,10 +356,11 @@ async fn compare(args: &CompareArgs) -> anyhow::Result<Results> {
     let mut idle_rss_kb = BTreeMap::new();
     if args.idle_conns > 0 {
         for t in &targets {
-            let (rss, open) = idle_rss(t, args.idle_conns, &cert).await;
+            let (rss, open) = idle_rss(t, args.idle_conns, args.idle_h2, &cert).await;
             eprintln!(
-                "{:>8}: {open} idle TLS connections, RSS {:.1} MB",
+                "{:>8}: {open} idle TLS connections ({}), RSS {:.1} MB",
                 t.kind.name(),
+                if args.idle_h2 { "h2" } else { "HTTP/1.1" },
                 rss as f64 / 1024.0
             );
             idle_rss_kb.insert(t.kind.name().to_string(), (rss, open));
@@ -368,6 +374,7 @@ async fn compare(args: &CompareArgs) -> anyhow::Result<Results> {
         samples,
         peak_rss_kb,
         idle_rss_kb,
+        idle_h2: args.idle_h2,
     })
 }
 
@@ -454,11 +461,12 @@ fn run_config(
     })
 }
 
-/// Opens up to `n` idle keep-alive TLS connections (each after one request) to `t` and
-/// reads its RSS while they are open. Returns (RSS kB, connections opened).
-async fn idle_rss(t: &Running, n: usize, cert: &Cert) -> (u64, usize) {
+/// Opens up to `n` idle keep-alive TLS connections (each after one request, over
+/// HTTP/2 when `h2`) to `t` and reads its RSS while they are open. Returns (RSS kB,
+/// connections opened).
+async fn idle_rss(t: &Running, n: usize, h2: bool, cert: &Cert) -> (u64, usize) {
     let Some(https) = t.https else { return (0, 0) };
-    let Ok(tls) = crate::client::tls_config(&Trust::CaFile(cert.ca.clone()), false, true) else {
+    let Ok(tls) = crate::client::tls_config(&Trust::CaFile(cert.ca.clone()), h2, true) else {
         return (0, 0);
     };
     let target = Target {
@@ -477,9 +485,14 @@ async fn idle_rss(t: &Running, n: usize, cert: &Cert) -> (u64, usize) {
             let io = crate::client::Transport::connect(&target, Some(&tls))
                 .await
                 .ok()?;
+            if h2 {
+                let mut conn = crate::client::H2::handshake(io, &target, &[]).await.ok()?;
+                conn.exchange().await.ok()?;
+                return Some(Idle::H2(conn));
+            }
             let mut h1 = crate::client::H1::new(io);
             h1.exchange(&req).await.ok()?;
-            Some(h1)
+            Some(Idle::H1(h1))
         });
         // Bounded concurrency: at most 256 handshakes in flight.
         if batch.len() >= 256 {
@@ -495,6 +508,12 @@ async fn idle_rss(t: &Running, n: usize, cert: &Cert) -> (u64, usize) {
     }
     let rss = procstat::rss_kb(t.child.id());
     (rss, open.len())
+}
+
+/// An idle connection held open while the target's memory is read.
+enum Idle {
+    H1(#[allow(dead_code)] crate::client::H1),
+    H2(#[allow(dead_code)] crate::client::H2),
 }
 
 /// The current UTC time as "YYYY-MM-DD HH:MM:SS UTC".

@@ -177,7 +177,8 @@ pub fn markdown(results: &Results, svg_name: &str) -> String {
     if !results.idle_rss_kb.is_empty() {
         let _ = writeln!(
             out,
-            "\nRSS while holding idle keep-alive TLS connections (MB): {}.",
+            "\nRSS while holding idle keep-alive TLS connections ({}) (MB): {}.",
+            if results.idle_h2 { "HTTP/2" } else { "HTTP/1.1" },
             results
                 .idle_rss_kb
                 .iter()
