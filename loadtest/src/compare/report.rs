@@ -178,7 +178,11 @@ pub fn markdown(results: &Results, svg_name: &str) -> String {
         let _ = writeln!(
             out,
             "\nRSS while holding idle keep-alive TLS connections ({}) (MB): {}.",
-            if results.idle_h2 { "HTTP/2" } else { "HTTP/1.1" },
+            if results.idle_h2 {
+                "HTTP/2"
+            } else {
+                "HTTP/1.1"
+            },
             results
                 .idle_rss_kb
                 .iter()
