@@ -161,7 +161,8 @@ enum Served {
     Pingora,
 }
 
-/// A response's status and body (without the headers that differ per run).
+/// A response's status and body (without the headers that differ per run; the request
+/// id the proxy names in its own answers is replaced by `<id>`).
 async fn read_response(stream: &mut TcpStream) -> (u16, String) {
     let mut got = Vec::new();
     let read = async {
@@ -194,9 +195,16 @@ async fn read_response(stream: &mut TcpStream) -> (u16, String) {
         .nth(1)
         .and_then(|s| s.parse().ok())
         .unwrap_or(0);
-    let body = text
-        .split_once("\r\n\r\n")
-        .map_or(String::new(), |(_, b)| b.to_string());
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let id = head
+        .lines()
+        .filter_map(|l| l.split_once(':'))
+        .find(|(n, _)| n.trim().eq_ignore_ascii_case("x-request-id"))
+        .map(|(_, v)| v.trim());
+    let body = match id {
+        Some(id) if !id.is_empty() => body.replace(id, "<id>"),
+        _ => body.to_string(),
+    };
     (status, body)
 }
 

@@ -25,7 +25,7 @@ use crate::headers::{hop_by_hop, is_upgrade, joined_cookies};
 use crate::health::{now_ms, InflightGuard};
 use crate::limits::{body_too_slow, content_length};
 use crate::metrics::Metrics;
-use crate::policy::{self, Answer, Client, Forward, Verdict};
+use crate::policy::{self, Answer, Client, Forward, Style, Verdict};
 
 /// Which listener a request came in on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -777,7 +777,8 @@ async fn send_answer(session: &mut Session, ctx: &mut RequestCtx, answer: &Answe
         .request_id
         .as_ref()
         .map(|v| (&ctx.generation.forwarding.request_id, v));
-    let (head, body) = answer.response_header(id)?;
+    let style = Style::of(session.req_header().headers.get(http::header::ACCEPT));
+    let (head, body) = answer.response_header(id, style)?;
     let head_only = session.req_header().method == http::Method::HEAD;
     session
         .write_response_header(Box::new(head), head_only || body.is_empty())

@@ -276,7 +276,7 @@ impl Downstream for Http1Client<'_> {
         close: bool,
     ) -> bool {
         let id = policy::id_header(generation, &request.request_id);
-        let bytes = answer.h1_bytes(id, request.head_request, close);
+        let bytes = answer.h1_bytes(id, request.style, request.head_request, close);
         self.body(&bytes, true).await
     }
 }

@@ -37,7 +37,7 @@ use crate::generation::Generation;
 use crate::headers::{tokens, HeaderEdits, HOP_BY_HOP, PROTECTED};
 use crate::limits::body_too_slow;
 use crate::metrics::Metrics;
-use crate::policy::{Answer, Client, Forward};
+use crate::policy::{Answer, Client, Forward, Style};
 
 /// Most headers parsed in a request or response head; more go to Pingora (requests)
 /// or count as a bad upstream response.
@@ -156,10 +156,13 @@ pub(crate) async fn answer_request<D: Downstream>(
         status: answer.status(),
         error: access::error_kind(answer),
         // Rendered again only when the request is logged.
-        bytes_sent: request
-            .arrival
-            .as_ref()
-            .map(|_| answer.body_len(request.head_request)),
+        bytes_sent: request.arrival.as_ref().map(|_| {
+            answer.body_len(
+                request.head_request,
+                request.style,
+                Some(&request.request_id),
+            )
+        }),
         ..request.outcome(conn)
     };
     finish(conn, generation, request, &outcome, started);
@@ -272,6 +275,8 @@ pub(crate) struct Prepared {
     pub(crate) arrival: Option<Box<Arrival>>,
     /// The request's trace.
     pub(crate) trace: Option<crate::policy::Trace>,
+    /// The form of an error answer's body (from `Accept`).
+    pub(crate) style: Style,
 }
 
 impl Prepared {
@@ -308,6 +313,7 @@ impl Prepared {
             body_missing: 0,
             arrival,
             trace,
+            style: Style::of(parts.headers.get(http::header::ACCEPT)),
         }
     }
 

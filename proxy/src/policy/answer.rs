@@ -3,6 +3,12 @@
 //! [`Answer::h1_bytes`]; the HTTP/2 fast path and Pingora's path send
 //! [`Answer::response_header`] and [`Rendered::body`]. No transport writes a status
 //! line or an error text of its own.
+//!
+//! An error the proxy answers (a refusal, no route, forbidden, rate limited, login
+//! required, an upstream failure) is written in the form the client's `Accept` asks
+//! for ([`Style`]): plain text, an HTML page for browsers, or an RFC 9457 problem
+//! document for API clients — each with the request id, so that a user's screenshot or
+//! an API client's log leads to the access log line.
 
 use std::io::Write as _;
 
@@ -13,6 +19,73 @@ use pingora::http::ResponseHeader;
 use crate::limits::Rejection;
 
 const TEXT: &str = "text/plain; charset=utf-8";
+const HTML: &str = "text/html; charset=utf-8";
+const PROBLEM: &str = "application/problem+json";
+
+/// The form of the body of an error the proxy answers, chosen by the request's
+/// `Accept` (highest q-value wins; ties and `*/*` go to plain text).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Style {
+    /// `text/plain`: what curl and scripts get (no `Accept`, or `*/*`).
+    #[default]
+    Text,
+    /// `text/html`: what browsers ask for first.
+    Html,
+    /// `application/problem+json` (RFC 9457), for `application/json` or
+    /// `application/problem+json`.
+    Json,
+}
+
+impl Style {
+    /// The style `accept` asks for.
+    #[must_use]
+    pub fn of(accept: Option<&HeaderValue>) -> Style {
+        let Some(accept) = accept.and_then(|v| v.to_str().ok()) else {
+            return Style::Text;
+        };
+        // Most requests name neither: no parse.
+        if !accept.contains("html") && !accept.contains("json") {
+            return Style::Text;
+        }
+        let mut best = (Style::Text, 0u16);
+        for range in accept.split(',') {
+            let mut parts = range.split(';');
+            let media = parts.next().unwrap_or("").trim();
+            let q = parts
+                .filter_map(|p| p.trim().strip_prefix("q="))
+                .find_map(parse_q)
+                .unwrap_or(1000);
+            let style = if media.eq_ignore_ascii_case("text/html") {
+                Style::Html
+            } else if media.eq_ignore_ascii_case("application/json")
+                || media.eq_ignore_ascii_case("application/problem+json")
+            {
+                Style::Json
+            } else if media.eq_ignore_ascii_case("text/plain") || media == "*/*" {
+                Style::Text
+            } else {
+                continue;
+            };
+            // Strictly higher: on a tie the earlier (or plain text) stays.
+            if q > best.1 {
+                best = (style, q);
+            }
+        }
+        best.0
+    }
+}
+
+/// A q-value ("0.8") in thousandths.
+fn parse_q(q: &str) -> Option<u16> {
+    let q = q.trim();
+    let (whole, frac) = q.split_once('.').unwrap_or((q, ""));
+    let whole: u16 = whole.parse().ok()?;
+    if whole > 1 || frac.len() > 3 || !frac.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let frac: u16 = format!("{frac:0<3}").parse().ok()?;
+    Some((whole * 1000 + frac).min(1000))
+}
 
 /// A response the proxy writes itself instead of forwarding.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -99,11 +172,11 @@ impl Answer {
 
     /// The body bytes sent for this answer (none for HEAD), for the access log.
     #[must_use]
-    pub fn body_len(&self, head: bool) -> u64 {
+    pub fn body_len(&self, head: bool, style: Style, id: Option<&HeaderValue>) -> u64 {
         if head {
             0
         } else {
-            self.render().body.len() as u64
+            self.render(style, id).body.len() as u64
         }
     }
 
@@ -114,19 +187,36 @@ impl Answer {
         matches!(self, Answer::Refused(_) | Answer::Failed(_))
     }
 
-    /// The status, headers and body of this answer.
+    /// What an error answer says, in one line (`None` for answers that are not errors:
+    /// redirects, static responses, challenges, the probe).
+    fn detail(&self) -> Option<String> {
+        Some(match self {
+            Answer::Refused(r) => r.reason().to_string(),
+            Answer::NotFound => "no route matches this request".into(),
+            Answer::Forbidden => "forbidden: this route does not serve your address".into(),
+            Answer::RateLimited { .. } => {
+                "too many requests; retry after the time in Retry-After".into()
+            }
+            Answer::Unauthorized { .. } => "authentication required".into(),
+            Answer::Failed(status) => error_text(*status).trim_end().to_string(),
+            Answer::Redirect { .. }
+            | Answer::Respond { .. }
+            | Answer::AcmeChallenge(_)
+            | Answer::Probe { .. } => return None,
+        })
+    }
+
+    /// The status, headers and body of this answer; an error's body in `style`, with
+    /// the request id `id`.
     #[must_use]
-    pub fn render(&self) -> Rendered {
+    pub fn render(&self, style: Style, id: Option<&HeaderValue>) -> Rendered {
         let text = HeaderValue::from_static(TEXT);
         let fixed = |body: &'static str| Bytes::from_static(body.as_bytes());
+        let status = self.status();
+        let error = self
+            .detail()
+            .map(|detail| error_body(status, &detail, style, id));
         let (content_type, header, body) = match self {
-            Answer::Refused(r) => (text, None, Bytes::from(format!("{}\n", r.reason()))),
-            Answer::NotFound => (text, None, fixed("no route matches this request\n")),
-            Answer::Forbidden => (
-                text,
-                None,
-                fixed("forbidden: this route does not serve your address\n"),
-            ),
             Answer::Redirect { location, .. } => (
                 text,
                 value(location).map(|v| (http::header::LOCATION, v)),
@@ -135,12 +225,12 @@ impl Answer {
             Answer::RateLimited { retry_after } => (
                 text,
                 Some((http::header::RETRY_AFTER, HeaderValue::from(*retry_after))),
-                fixed("too many requests; retry after the time in Retry-After\n"),
+                Bytes::new(),
             ),
             Answer::Unauthorized { challenge } => (
                 text,
                 value(challenge).map(|v| (http::header::WWW_AUTHENTICATE, v)),
-                fixed("authentication required\n"),
+                Bytes::new(),
             ),
             Answer::Respond {
                 content_type, body, ..
@@ -152,9 +242,14 @@ impl Answer {
             ),
             Answer::Probe { ready: true } => (text, None, fixed("ok\n")),
             Answer::Probe { ready: false } => (text, None, fixed("no configuration yet\n")),
-            Answer::Failed(status) => (text, None, Bytes::from(error_text(*status))),
+            Answer::Refused(_) | Answer::NotFound | Answer::Forbidden | Answer::Failed(_) => {
+                (text, None, Bytes::new())
+            }
         };
-        let status = self.status();
+        let (content_type, body) = match error {
+            Some((content_type, body)) => (HeaderValue::from_static(content_type), body),
+            None => (content_type, body),
+        };
         // Every 503 says when to come back (a static one too).
         let header = header.or_else(|| {
             (status == 503).then(|| (http::header::RETRY_AFTER, HeaderValue::from_static("1")))
@@ -168,10 +263,16 @@ impl Answer {
     }
 
     /// The answer as an HTTP/1.1 response: the request id (`id`), `Connection: close`
-    /// when `close`, and no body bytes for a HEAD request.
+    /// when `close`, an error's body in `style`, and no body bytes for a HEAD request.
     #[must_use]
-    pub fn h1_bytes(&self, id: (&HeaderName, &HeaderValue), head: bool, close: bool) -> Vec<u8> {
-        let r = self.render();
+    pub fn h1_bytes(
+        &self,
+        id: (&HeaderName, &HeaderValue),
+        style: Style,
+        head: bool,
+        close: bool,
+    ) -> Vec<u8> {
+        let r = self.render(style, Some(id.1));
         let mut out = Vec::with_capacity(192 + r.body.len());
         let reason = reason(r.status);
         // Writes into a Vec cannot fail.
@@ -199,15 +300,16 @@ impl Answer {
     }
 
     /// The answer's head for HTTP/2 and Pingora's session, with the request id, and
-    /// its body.
+    /// its body (an error's in `style`).
     ///
     /// # Errors
     /// When Pingora refuses a header (it validated nothing new: the values are ours).
     pub fn response_header(
         &self,
         id: Option<(&HeaderName, &HeaderValue)>,
+        style: Style,
     ) -> pingora::Result<(ResponseHeader, Bytes)> {
-        let r = self.render();
+        let r = self.render(style, id.map(|(_, v)| v));
         let mut head = ResponseHeader::build(r.status, Some(5))?;
         head.insert_header(CONTENT_TYPE, r.content_type)?;
         head.insert_header(CONTENT_LENGTH, r.body.len())?;
@@ -232,7 +334,83 @@ fn reason(status: u16) -> &'static str {
         .unwrap_or("")
 }
 
-/// The body of an error the proxy answers: `502 Bad Gateway\n`.
+/// An error's body in `style`, with its content type: the detail line (and the request
+/// id on a line of its own), an HTML page, or an RFC 9457 problem document. Both the
+/// detail and the id are escaped (a client may choose its request id).
+fn error_body(
+    status: u16,
+    detail: &str,
+    style: Style,
+    id: Option<&HeaderValue>,
+) -> (&'static str, Bytes) {
+    let id = id.map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+    let title = match reason(status) {
+        "" => "Error",
+        r => r,
+    };
+    let body = match style {
+        Style::Text => match &id {
+            Some(id) => format!("{detail}\nrequest id: {id}\n"),
+            None => format!("{detail}\n"),
+        },
+        Style::Html => {
+            let id = id.as_deref().map_or(String::new(), |id| {
+                format!("<p>Request id: <code>{}</code></p>", html(id))
+            });
+            format!(
+                "<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>{status} {title}</title></head>\n<body><h1>{status} {title}</h1><p>{}</p>{id}</body></html>\n",
+                html(detail)
+            )
+        }
+        Style::Json => {
+            let id = id.as_deref().map_or(String::new(), |id| {
+                format!(",\"request_id\":\"{}\"", json(id))
+            });
+            format!(
+                "{{\"type\":\"about:blank\",\"title\":\"{title}\",\"status\":{status},\"detail\":\"{}\"{id}}}\n",
+                json(detail)
+            )
+        }
+    };
+    let content_type = match style {
+        Style::Text => TEXT,
+        Style::Html => HTML,
+        Style::Json => PROBLEM,
+    };
+    (content_type, Bytes::from(body))
+}
+
+/// `s` with HTML's special characters escaped.
+fn html(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '&' => out.push_str("&amp;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// `s` as the inside of a JSON string.
+fn json(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// The detail of an error the proxy answers: `502 Bad Gateway\n`.
 #[must_use]
 pub fn error_text(status: u16) -> String {
     let reason = match reason(status) {
@@ -252,7 +430,12 @@ mod tests {
             HeaderName::from_static("x-request-id"),
             HeaderValue::from_static("r1"),
         );
-        let bytes = Answer::RateLimited { retry_after: 3 }.h1_bytes((&id.0, &id.1), false, true);
+        let bytes = Answer::RateLimited { retry_after: 3 }.h1_bytes(
+            (&id.0, &id.1),
+            Style::Text,
+            false,
+            true,
+        );
         let text = String::from_utf8(bytes).unwrap();
         assert!(
             text.starts_with("HTTP/1.1 429 Too Many Requests\r\n"),
@@ -261,20 +444,78 @@ mod tests {
         assert!(text.contains("retry-after: 3\r\n"));
         assert!(text.contains("x-request-id: r1\r\n"));
         assert!(text.contains("connection: close\r\n"));
-        assert!(text.ends_with("\r\n\r\ntoo many requests; retry after the time in Retry-After\n"));
+        assert!(text.ends_with(
+            "\r\n\r\ntoo many requests; retry after the time in Retry-After\nrequest id: r1\n"
+        ));
 
-        let head = Answer::Failed(503).h1_bytes((&id.0, &id.1), true, false);
+        let head = Answer::Failed(503).h1_bytes((&id.0, &id.1), Style::Text, true, false);
         let head = String::from_utf8(head).unwrap();
-        assert!(head.contains("content-length: 24\r\n"), "{head}");
+        // "503 Service Unavailable\nrequest id: r1\n"
+        assert!(head.contains("content-length: 39\r\n"), "{head}");
         assert!(head.contains("retry-after: 1\r\n"));
         assert!(head.ends_with("\r\n\r\n"), "HEAD gets no body: {head}");
 
         let (h2, body) = Answer::Refused(Rejection::Connect)
-            .response_header(Some((&id.0, &id.1)))
+            .response_header(Some((&id.0, &id.1)), Style::Text)
             .unwrap();
         assert_eq!(h2.status.as_u16(), 405);
-        assert_eq!(&body[..], b"CONNECT is not supported\n");
-        assert_eq!(h2.headers["content-length"], "25");
+        assert_eq!(&body[..], b"CONNECT is not supported\nrequest id: r1\n");
+        assert_eq!(h2.headers["content-length"], "40");
+    }
+
+    #[test]
+    fn the_accept_header_chooses_the_form_of_an_error() {
+        let of = |v: &'static str| Style::of(Some(&HeaderValue::from_static(v)));
+        assert_eq!(Style::of(None), Style::Text);
+        assert_eq!(of("*/*"), Style::Text);
+        // Firefox and Chrome.
+        assert_eq!(
+            of("text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8"),
+            Style::Html
+        );
+        assert_eq!(of("application/json"), Style::Json);
+        assert_eq!(of("application/problem+json"), Style::Json);
+        assert_eq!(of("application/json;q=0.5, text/html;q=0.9"), Style::Html);
+        assert_eq!(of("text/html;q=0.2, application/json"), Style::Json);
+        assert_eq!(of("text/plain, text/html;q=0.5"), Style::Text);
+        // A tie keeps plain text; q=0 refuses a form.
+        assert_eq!(of("*/*, application/json"), Style::Text);
+        assert_eq!(of("application/json;q=0, */*;q=0.1"), Style::Text);
+        // Nonsense q-values are taken as 1, as if absent.
+        assert_eq!(of("application/json;q=2.5"), Style::Json);
+        assert_eq!(of("image/png"), Style::Text);
+    }
+
+    #[test]
+    fn an_error_page_and_problem_document_carry_the_request_id_escaped() {
+        let id = HeaderValue::from_static("<id\">");
+        let r = Answer::Failed(502).render(Style::Html, Some(&id));
+        assert_eq!(r.content_type, "text/html; charset=utf-8");
+        let html = std::str::from_utf8(&r.body).unwrap();
+        assert!(html.contains("<title>502 Bad Gateway</title>"), "{html}");
+        assert!(html.contains("<code>&lt;id&quot;&gt;</code>"), "{html}");
+        assert!(!html.contains("<id"), "{html}");
+
+        let r = Answer::NotFound.render(Style::Json, Some(&id));
+        assert_eq!(r.content_type, "application/problem+json");
+        let doc: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+        assert_eq!(doc["status"], 404);
+        assert_eq!(doc["title"], "Not Found");
+        assert_eq!(doc["detail"], "no route matches this request");
+        assert_eq!(doc["request_id"], "<id\">");
+
+        // Answers that are not errors keep their own bodies in every form.
+        let ok = Answer::Probe { ready: true }.render(Style::Html, Some(&id));
+        assert_eq!(&ok.body[..], b"ok\n");
+        let moved = Answer::Redirect {
+            status: 308,
+            location: "https://a.test/".into(),
+        }
+        .render(Style::Json, Some(&id));
+        assert!(moved.body.is_empty());
+        // A 429 keeps its Retry-After whatever the form.
+        let limited = Answer::RateLimited { retry_after: 2 }.render(Style::Json, None);
+        assert_eq!(limited.header.unwrap().1, "2");
     }
 
     #[test]

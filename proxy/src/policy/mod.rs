@@ -21,7 +21,7 @@ use bytes::Bytes;
 use http::header::{HeaderName, HeaderValue};
 use rampart_config::{Action, HashKey};
 
-pub use answer::Answer;
+pub use answer::{Answer, Style};
 pub use authority::Authority;
 pub use trace::Trace;
 
