@@ -278,7 +278,7 @@ const JSON_ESCAPED: [bool; 256] = {
 };
 
 /// `s` as a JSON string (quotes, backslashes and control characters escaped).
-fn json_str(out: &mut String, s: &str) {
+pub(crate) fn json_str(out: &mut String, s: &str) {
     out.push('"');
     // Most values need no escaping: checked by table, copied whole.
     if !s.bytes().any(|b| JSON_ESCAPED[usize::from(b)]) {

@@ -16,6 +16,7 @@ use bytes::Bytes;
 use http::header::{HeaderName, HeaderValue, CONTENT_LENGTH, CONTENT_TYPE};
 use pingora::http::ResponseHeader;
 
+use crate::access::format::json_str;
 use crate::limits::Rejection;
 
 const TEXT: &str = "text/plain; charset=utf-8";
@@ -348,66 +349,42 @@ fn error_body(
         "" => "Error",
         r => r,
     };
-    let body = match style {
-        Style::Text => match &id {
-            Some(id) => format!("{detail}\nrequest id: {id}\n"),
-            None => format!("{detail}\n"),
-        },
+    let (content_type, body) = match style {
+        Style::Text => (
+            TEXT,
+            match &id {
+                Some(id) => format!("{detail}\nrequest id: {id}\n"),
+                None => format!("{detail}\n"),
+            },
+        ),
         Style::Html => {
-            let id = id.as_deref().map_or(String::new(), |id| {
-                format!("<p>Request id: <code>{}</code></p>", html(id))
-            });
-            format!(
-                "<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>{status} {title}</title></head>\n<body><h1>{status} {title}</h1><p>{}</p>{id}</body></html>\n",
-                html(detail)
-            )
+            let page = maud::html! {
+                (maud::DOCTYPE)
+                html {
+                    head { meta charset="utf-8"; title { (status) " " (title) } }
+                    body {
+                        h1 { (status) " " (title) }
+                        p { (detail) }
+                        @if let Some(id) = &id { p { "Request id: " code { (id) } } }
+                    }
+                }
+            };
+            (HTML, page.into_string() + "\n")
         }
         Style::Json => {
-            let id = id.as_deref().map_or(String::new(), |id| {
-                format!(",\"request_id\":\"{}\"", json(id))
-            });
-            format!(
-                "{{\"type\":\"about:blank\",\"title\":\"{title}\",\"status\":{status},\"detail\":\"{}\"{id}}}\n",
-                json(detail)
-            )
+            let mut doc = format!(
+                "{{\"type\":\"about:blank\",\"title\":\"{title}\",\"status\":{status},\"detail\":"
+            );
+            json_str(&mut doc, detail);
+            if let Some(id) = &id {
+                doc.push_str(",\"request_id\":");
+                json_str(&mut doc, id);
+            }
+            doc.push_str("}\n");
+            (PROBLEM, doc)
         }
-    };
-    let content_type = match style {
-        Style::Text => TEXT,
-        Style::Html => HTML,
-        Style::Json => PROBLEM,
     };
     (content_type, Bytes::from(body))
-}
-
-/// `s` with HTML's special characters escaped.
-fn html(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for c in s.chars() {
-        match c {
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '&' => out.push_str("&amp;"),
-            '"' => out.push_str("&quot;"),
-            '\'' => out.push_str("&#39;"),
-            c => out.push(c),
-        }
-    }
-    out
-}
-
-/// `s` as the inside of a JSON string.
-fn json(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
-            c => out.push(c),
-        }
-    }
-    out
 }
 
 /// The detail of an error the proxy answers: `502 Bad Gateway\n`.
