@@ -55,9 +55,9 @@ pub struct CompareArgs {
     pub rampart: Option<PathBuf>,
     /// Every target writes an access log line per request to a file (nginx: its
     /// combined format; Rampart: `json`, the default, or `combined` like nginx's); only
-    /// Rampart and nginx are compared then, and Rampart without its log
-    /// (`rampart-unlogged`) runs beside them, so that the report's "vs
-    /// rampart-unlogged" column is the log's cost measured in the same run.
+    /// Rampart and nginx are compared then, and each runs beside itself without its
+    /// log (`rampart-unlogged`, `nginx-unlogged`), so that the report gives each log's
+    /// cost measured in the same run.
     #[arg(long, num_args = 0..=1, default_missing_value = "json")]
     pub access_log: Option<LogFormat>,
     /// Write the results as JSON.
@@ -252,6 +252,10 @@ async fn compare(args: &CompareArgs) -> anyhow::Result<Results> {
             continue;
         }
         kinds.push(kind);
+        if args.access_log.is_some() {
+            // nginx's own log cost, measured the same way, for scale.
+            kinds.push(Kind::NginxUnlogged);
+        }
     }
     let mut targets = Vec::new();
     for kind in kinds {

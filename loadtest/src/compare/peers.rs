@@ -70,6 +70,9 @@ pub enum Kind {
     RampartUnlogged,
     /// nginx.
     Nginx,
+    /// nginx without its access log, beside [`Kind::Nginx`] with it under
+    /// `--access-log`: what a log costs the peer, for scale.
+    NginxUnlogged,
     /// HAProxy.
     Haproxy,
     /// Caddy.
@@ -98,6 +101,7 @@ impl Kind {
             Kind::Rampart => "rampart",
             Kind::RampartUnlogged => "rampart-unlogged",
             Kind::Nginx => "nginx",
+            Kind::NginxUnlogged => "nginx-unlogged",
             Kind::Haproxy => "haproxy",
             Kind::Caddy => "caddy",
         }
@@ -206,10 +210,10 @@ pub fn start(
                 .env("RUST_LOG", "error");
             (c, version_of(Command::new(rampart).arg("--version")))
         }
-        Kind::Nginx => {
+        Kind::Nginx | Kind::NginxUnlogged => {
             let cfg = dir.join("nginx.conf");
             let mut text = nginx_config(&dir, http, https, up, cert, workers);
-            if access_log.is_some() {
+            if access_log.is_some() && kind == Kind::Nginx {
                 let line = format!("access_log {}/access.log;", dir.display());
                 text = text.replace("access_log off;", &line);
             }

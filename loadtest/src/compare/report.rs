@@ -164,6 +164,47 @@ pub fn markdown(results: &Results, svg_name: &str) -> String {
             let _ = writeln!(out, "| {} | {} |", test.name(), cells.join(" | "));
         }
     }
+    // Under --access-log: each log's cost against the same server without it.
+    let pairs = [
+        (Kind::Rampart, Kind::RampartUnlogged),
+        (Kind::Nginx, Kind::NginxUnlogged),
+    ];
+    let logged: Vec<_> = pairs
+        .iter()
+        .filter(|(_, off)| med.keys().any(|(_, k)| k == off))
+        .collect();
+    if !logged.is_empty() {
+        let _ = writeln!(
+            out,
+            "\nWhat each access log costs its server (logged / unlogged, same run: CPU per request, req/s):\n"
+        );
+        let _ = writeln!(
+            out,
+            "| test | {} |",
+            logged
+                .iter()
+                .map(|(on, _)| on.name())
+                .collect::<Vec<_>>()
+                .join(" | ")
+        );
+        let _ = writeln!(out, "|---|{}", "---|".repeat(logged.len()));
+        for test in &tests {
+            let cells: Vec<String> = logged
+                .iter()
+                .map(
+                    |(on, off)| match (med.get(&(*test, *on)), med.get(&(*test, *off))) {
+                        (Some(a), Some(b)) => format!(
+                            "{:.2}× / {:.2}×",
+                            a.cpu_per_100k / b.cpu_per_100k,
+                            a.rps / b.rps
+                        ),
+                        _ => "–".into(),
+                    },
+                )
+                .collect();
+            let _ = writeln!(out, "| {} | {} |", test.name(), cells.join(" | "));
+        }
+    }
     let _ = writeln!(
         out,
         "\nPeak RSS over the run (MB): {}.",
