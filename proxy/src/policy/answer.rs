@@ -188,68 +188,45 @@ impl Answer {
         matches!(self, Answer::Refused(_) | Answer::Failed(_))
     }
 
-    /// What an error answer says, in one line (`None` for answers that are not errors:
-    /// redirects, static responses, challenges, the probe).
-    fn detail(&self) -> Option<String> {
-        Some(match self {
-            Answer::Refused(r) => r.reason().to_string(),
-            Answer::NotFound => "no route matches this request".into(),
-            Answer::Forbidden => "forbidden: this route does not serve your address".into(),
-            Answer::RateLimited { .. } => {
-                "too many requests; retry after the time in Retry-After".into()
-            }
-            Answer::Unauthorized { .. } => "authentication required".into(),
-            Answer::Failed(status) => error_text(*status).trim_end().to_string(),
-            Answer::Redirect { .. }
-            | Answer::Respond { .. }
-            | Answer::AcmeChallenge(_)
-            | Answer::Probe { .. } => return None,
-        })
-    }
-
     /// The status, headers and body of this answer; an error's body in `style`, with
     /// the request id `id`.
     #[must_use]
     pub fn render(&self, style: Style, id: Option<&HeaderValue>) -> Rendered {
-        let text = HeaderValue::from_static(TEXT);
+        let text = || HeaderValue::from_static(TEXT);
         let fixed = |body: &'static str| Bytes::from_static(body.as_bytes());
         let status = self.status();
-        let error = self
-            .detail()
-            .map(|detail| error_body(status, &detail, style, id));
-        let (content_type, header, body) = match self {
-            Answer::Redirect { location, .. } => (
-                text,
-                value(location).map(|v| (http::header::LOCATION, v)),
-                Bytes::new(),
-            ),
-            Answer::RateLimited { retry_after } => (
-                text,
-                Some((http::header::RETRY_AFTER, HeaderValue::from(*retry_after))),
-                Bytes::new(),
-            ),
-            Answer::Unauthorized { challenge } => (
-                text,
-                value(challenge).map(|v| (http::header::WWW_AUTHENTICATE, v)),
-                Bytes::new(),
-            ),
+        let error = |detail: &str| error_body(status, detail, style, id);
+        let header = match self {
+            Answer::Redirect { location, .. } => {
+                value(location).map(|v| (http::header::LOCATION, v))
+            }
+            Answer::RateLimited { retry_after } => {
+                Some((http::header::RETRY_AFTER, HeaderValue::from(*retry_after)))
+            }
+            Answer::Unauthorized { challenge } => {
+                value(challenge).map(|v| (http::header::WWW_AUTHENTICATE, v))
+            }
+            _ => None,
+        };
+        let (content_type, body) = match self {
+            Answer::Refused(r) => error(r.reason()),
+            Answer::NotFound => error("no route matches this request"),
+            Answer::Forbidden => error("forbidden: this route does not serve your address"),
+            Answer::RateLimited { .. } => {
+                error("too many requests; retry after the time in Retry-After")
+            }
+            Answer::Unauthorized { .. } => error("authentication required"),
+            Answer::Failed(_) => error(&format!("{status} {}", title(status))),
+            Answer::Redirect { .. } => (text(), Bytes::new()),
             Answer::Respond {
                 content_type, body, ..
-            } => (value(content_type).unwrap_or(text), None, body.clone()),
+            } => (value(content_type).unwrap_or_else(text), body.clone()),
             Answer::AcmeChallenge(key_auth) => (
                 HeaderValue::from_static("application/octet-stream"),
-                None,
                 key_auth.clone(),
             ),
-            Answer::Probe { ready: true } => (text, None, fixed("ok\n")),
-            Answer::Probe { ready: false } => (text, None, fixed("no configuration yet\n")),
-            Answer::Refused(_) | Answer::NotFound | Answer::Forbidden | Answer::Failed(_) => {
-                (text, None, Bytes::new())
-            }
-        };
-        let (content_type, body) = match error {
-            Some((content_type, body)) => (HeaderValue::from_static(content_type), body),
-            None => (content_type, body),
+            Answer::Probe { ready: true } => (text(), fixed("ok\n")),
+            Answer::Probe { ready: false } => (text(), fixed("no configuration yet\n")),
         };
         // Every 503 says when to come back (a static one too).
         let header = header.or_else(|| {
@@ -343,12 +320,9 @@ fn error_body(
     detail: &str,
     style: Style,
     id: Option<&HeaderValue>,
-) -> (&'static str, Bytes) {
+) -> (HeaderValue, Bytes) {
     let id = id.map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
-    let title = match reason(status) {
-        "" => "Error",
-        r => r,
-    };
+    let title = title(status);
     let (content_type, body) = match style {
         Style::Text => (
             TEXT,
@@ -384,17 +358,15 @@ fn error_body(
             (PROBLEM, doc)
         }
     };
-    (content_type, Bytes::from(body))
+    (HeaderValue::from_static(content_type), Bytes::from(body))
 }
 
-/// The detail of an error the proxy answers: `502 Bad Gateway\n`.
-#[must_use]
-pub fn error_text(status: u16) -> String {
-    let reason = match reason(status) {
-        "" => "error",
+/// The reason phrase of `status`, or "Error" for a code without one.
+fn title(status: u16) -> &'static str {
+    match reason(status) {
+        "" => "Error",
         r => r,
-    };
-    format!("{status} {reason}\n")
+    }
 }
 
 #[cfg(test)]
