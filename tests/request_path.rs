@@ -273,6 +273,9 @@ fn http1_corpus() -> Vec<(&'static str, String, u16, Option<&'static str>, Serve
         ("absolute-form, same Host", req("GET http://a.test/x HTTP/1.1", "Host: a.test\r\n"), 200, Some("GET /x HTTP/1.1"), Fast),
         ("absolute-form, no Host", req("GET http://a.test/x HTTP/1.1", ""), 200, Some("Host: a.test"), Fast),
         ("no route", req("GET / HTTP/1.1", "Host: nowhere.test\r\n"), 404, None, Fast),
+        // The form of an error follows Accept, byte for byte alike on both paths.
+        ("no route, a browser", req("GET / HTTP/1.1", "Host: nowhere.test\r\nAccept: text/html,*/*;q=0.8\r\n"), 404, None, Fast),
+        ("no route, an API client", req("GET / HTTP/1.1", "Host: nowhere.test\r\nAccept: application/json\r\n"), 404, None, Fast),
         ("dot-segments", req("GET /a/../admin HTTP/1.1", "Host: a.test\r\n"), 400, None, Fast),
         ("body", req("POST /p HTTP/1.1", "Host: a.test\r\nContent-Length: 5\r\n") + "hello", 200, Some("BODY hello"), Fast),
         // Every other rule of the policy, once each: the controller's probe, a static
