@@ -693,6 +693,13 @@ pub struct Listeners {
     /// name); /healthz, /ready and /metrics stay open for probes and scrapers.
     #[serde(default)]
     pub admin_token_file: Option<PathBuf>,
+    /// Sources (a TCP load balancer in front, as CIDR ranges or addresses) whose
+    /// connections to the http and https listeners must start with a PROXY protocol
+    /// header, v1 or v2 (HAProxy's `accept-proxy`): the client address is taken from
+    /// it. Connections from elsewhere are served as they come; a PROXY header from them
+    /// is not valid HTTP or TLS and is refused.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub proxy_protocol_from: Vec<IpRange>,
 }
 
 impl Default for Listeners {
@@ -702,6 +709,7 @@ impl Default for Listeners {
             https: None,
             admin: default_admin(),
             admin_token_file: None,
+            proxy_protocol_from: Vec::new(),
         }
     }
 }
@@ -1135,6 +1143,121 @@ pub struct Pool {
     /// are cut. New requests never go to it.
     #[serde(default = "default_drain_timeout")]
     pub drain_timeout: Dur,
+    /// The HTTP version spoken to the endpoints: `"http1"` (default), `"h2"` (HTTP/2
+    /// over TLS), `"h2c"` (HTTP/2 in cleartext, prior knowledge) or `"auto"` (HTTP/2
+    /// or HTTP/1.1 as the endpoint's TLS ALPN chooses).
+    #[serde(default, skip_serializing_if = "UpstreamProtocol::is_default")]
+    pub protocol: UpstreamProtocol,
+    /// TLS to the endpoints (absent: cleartext): `tls = {}` verifies them against the
+    /// system's roots under the endpoint's host name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<UpstreamTls>,
+    /// Most concurrent requests on one HTTP/2 connection to an endpoint (`h2`, `h2c`,
+    /// `auto`); more open further connections.
+    #[serde(default = "default_max_streams")]
+    pub max_streams: u32,
+    /// Sends a PROXY protocol header (`"v1"` text or `"v2"` binary) with the client's
+    /// address at the start of every connection to the endpoints (HAProxy's
+    /// `send-proxy`). Such connections are reused only for requests of the same client
+    /// connection address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proxy_protocol: Option<ProxyProtocol>,
+}
+
+fn default_max_streams() -> u32 {
+    100
+}
+
+/// The HTTP version a pool speaks to its endpoints.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum UpstreamProtocol {
+    /// HTTP/1.1, keep-alive connections reused.
+    #[default]
+    Http1,
+    /// HTTP/2 over TLS (needs `tls`): many requests share a connection; gRPC needs it.
+    H2,
+    /// HTTP/2 over cleartext TCP with prior knowledge (gRPC services in a private network).
+    H2c,
+    /// HTTP/2 when the endpoint's TLS ALPN offers it, else HTTP/1.1 (needs `tls`).
+    Auto,
+}
+
+impl UpstreamProtocol {
+    #[allow(clippy::trivially_copy_pass_by_ref)] // serde's skip_serializing_if signature
+    fn is_default(&self) -> bool {
+        *self == UpstreamProtocol::Http1
+    }
+    /// The name used in the configuration.
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UpstreamProtocol::Http1 => "http1",
+            UpstreamProtocol::H2 => "h2",
+            UpstreamProtocol::H2c => "h2c",
+            UpstreamProtocol::Auto => "auto",
+        }
+    }
+}
+
+/// TLS from the proxy to a pool's endpoints.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamTls {
+    /// The name sent as SNI and that the endpoint's certificate must carry (default:
+    /// the endpoint's host, a name or an IP address).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server_name: Option<String>,
+    /// PEM file of the CA certificates the endpoints' certificates must chain to
+    /// (default: the system's roots).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
+    /// PEM certificate chain presented to endpoints that ask for a client certificate
+    /// (mutual TLS); needs `client_key`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_cert: Option<PathBuf>,
+    /// PEM private key of `client_cert`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_key: Option<PathBuf>,
+    /// Oldest TLS version accepted from an endpoint: `"1.2"` (default) or `"1.3"`.
+    #[serde(default, skip_serializing_if = "TlsVersion::is_default")]
+    pub min_version: TlsVersion,
+    /// Accepts any certificate from the endpoints, so anyone on the path can read and
+    /// change the traffic. Refused unless `i_understand_this_is_insecure = true` too.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub insecure_skip_verify: bool,
+    /// The acknowledgement `insecure_skip_verify` needs.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub i_understand_this_is_insecure: bool,
+}
+
+/// A TLS protocol version floor.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
+pub enum TlsVersion {
+    /// TLS 1.2 and 1.3.
+    #[default]
+    #[serde(rename = "1.2")]
+    Tls12,
+    /// TLS 1.3 only.
+    #[serde(rename = "1.3")]
+    Tls13,
+}
+
+impl TlsVersion {
+    #[allow(clippy::trivially_copy_pass_by_ref)] // serde's skip_serializing_if signature
+    fn is_default(&self) -> bool {
+        *self == TlsVersion::Tls12
+    }
+}
+
+/// A PROXY protocol version (haproxy.org/download/2.9/doc/proxy-protocol.txt).
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, JsonSchema, PartialEq, Eq, Hash)]
+#[serde(rename_all = "snake_case")]
+pub enum ProxyProtocol {
+    /// The human-readable header (`PROXY TCP4 ...\r\n`).
+    V1,
+    /// The binary header.
+    V2,
 }
 
 fn default_drain_timeout() -> Dur {

@@ -7,7 +7,9 @@
 use std::collections::{BTreeSet, HashMap};
 
 use crate::diagnostics::{FieldPath, Issue};
-use crate::model::{AcmeChallenge, Action, Config, HealthCheck, Pool, Route, TlsEntry, TlsSource};
+use crate::model::{
+    AcmeChallenge, Action, Config, HealthCheck, Pool, Route, TlsEntry, TlsSource, UpstreamProtocol,
+};
 use crate::units::{is_token, HostPattern};
 use crate::Balance;
 
@@ -937,6 +939,7 @@ fn pool(name: &str, pool: &Pool, discovered: bool, path: &FieldPath, out: &mut V
             ));
         }
     }
+    upstream_protocol(pool, path, out);
     if pool.retries.attempts > 10 {
         out.push(Issue::new(
             path.key("retries").key("attempts"),
@@ -946,6 +949,80 @@ fn pool(name: &str, pool: &Pool, discovered: bool, path: &FieldPath, out: &mut V
             ),
             "use at most 10 (1-2 is typical)",
         ));
+    }
+}
+
+/// The pool's protocol, TLS and PROXY protocol settings agree with each other.
+fn upstream_protocol(pool: &Pool, path: &FieldPath, out: &mut Vec<Issue>) {
+    let needs_tls = matches!(pool.protocol, UpstreamProtocol::H2 | UpstreamProtocol::Auto);
+    match (&pool.tls, pool.protocol) {
+        (None, p) if needs_tls => out.push(Issue::new(
+            path.key("protocol"),
+            format!("protocol = \"{}\" negotiates HTTP/2 in the TLS handshake, but the pool has no tls", p.as_str()),
+            "add tls = {} (system roots; or tls = { ca_file = \"ca.pem\" }), or use protocol = \"h2c\" for HTTP/2 in cleartext",
+        )),
+        (Some(_), UpstreamProtocol::H2c) => out.push(Issue::new(
+            path.key("protocol"),
+            "h2c is HTTP/2 in cleartext, but the pool has tls",
+            "use protocol = \"h2\" for HTTP/2 over TLS, or remove tls",
+        )),
+        _ => {}
+    }
+    if pool.max_streams == 0 || pool.max_streams > 10_000 {
+        out.push(Issue::new(
+            path.key("max_streams"),
+            format!("{} is outside 1..=10000", pool.max_streams),
+            "use the endpoints' own limit (HTTP/2 servers commonly allow 100 to 250)",
+        ));
+    }
+    let Some(tls) = &pool.tls else {
+        return;
+    };
+    let tls_path = path.key("tls");
+    match (&tls.client_cert, &tls.client_key) {
+        (Some(_), None) => out.push(Issue::new(
+            tls_path.key("client_key"),
+            "client_cert is set but client_key is not",
+            "add client_key = \"client.key\" (the PEM private key of client_cert)",
+        )),
+        (None, Some(_)) => out.push(Issue::new(
+            tls_path.key("client_cert"),
+            "client_key is set but client_cert is not",
+            "add client_cert = \"client.pem\" (the PEM certificate chain of client_key)",
+        )),
+        _ => {}
+    }
+    if tls.insecure_skip_verify && !tls.i_understand_this_is_insecure {
+        out.push(Issue::new(
+            tls_path.key("insecure_skip_verify"),
+            "skipping verification lets anyone on the network path read and change this pool's traffic",
+            "give the endpoints' CA with ca_file = \"ca.pem\"; if you must, also set i_understand_this_is_insecure = true",
+        ));
+    }
+    if tls.insecure_skip_verify && tls.ca_file.is_some() {
+        out.push(Issue::new(
+            tls_path.key("ca_file"),
+            "ca_file is not used when insecure_skip_verify = true",
+            "remove insecure_skip_verify so that ca_file is checked, or remove ca_file",
+        ));
+    }
+    if let Some(name) = &tls.server_name {
+        let valid = name.parse::<std::net::IpAddr>().is_ok()
+            || (!name.is_empty()
+                && name.len() <= 253
+                && name.split('.').all(|l| {
+                    !l.is_empty()
+                        && l.len() <= 63
+                        && l.bytes()
+                            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+                }));
+        if !valid {
+            out.push(Issue::new(
+                tls_path.key("server_name"),
+                format!("{name:?} is not a host name or IP address"),
+                "use the name in the endpoints' certificates, e.g. server_name = \"api.internal\"",
+            ));
+        }
     }
 }
 
@@ -1013,6 +1090,44 @@ mod tests {
     }
 
     const BASE: &str = "[listeners]\nhttps = \"127.0.0.1:8443\"\n";
+
+    #[test]
+    fn upstream_protocol_tls_and_proxy_protocol_settings_must_agree() {
+        let pool = |name: &str, fields: &str| {
+            format!("[pools.{name}]\nendpoints = [{{ address = \"127.0.0.1:1\" }}]\n{fields}\n")
+        };
+        let src = format!(
+            "{BASE}{}{}{}{}{}{}{}",
+            pool("a", "protocol = \"h2\""),
+            pool("b", "protocol = \"h2c\"\ntls = {}"),
+            pool("c", "tls = { client_cert = \"c.pem\" }"),
+            pool("d", "tls = { insecure_skip_verify = true, ca_file = \"ca.pem\" }"),
+            pool("e", "tls = { server_name = \"bad name\" }\nmax_streams = 0"),
+            pool("f", "protocol = \"auto\"\ntls = { server_name = \"api.internal\", min_version = \"1.3\" }\nproxy_protocol = \"v2\""),
+            pool("g", "protocol = \"h2c\"\ntls = { insecure_skip_verify = true, i_understand_this_is_insecure = true }"),
+        );
+        let got = issues(&src);
+        let want = [
+            "pools.a.protocol: protocol = \"h2\" negotiates HTTP/2 in the TLS handshake, but the pool has no tls",
+            "pools.b.protocol: h2c is HTTP/2 in cleartext, but the pool has tls",
+            "pools.c.tls.client_key: client_cert is set but client_key is not",
+            "pools.d.tls.insecure_skip_verify: skipping verification lets anyone on the network path read and change this pool's traffic",
+            "pools.d.tls.ca_file: ca_file is not used when insecure_skip_verify = true",
+            "pools.e.tls.server_name: \"bad name\" is not a host name or IP address",
+            "pools.e.max_streams: 0 is outside 1..=10000",
+            "pools.g.protocol: h2c is HTTP/2 in cleartext, but the pool has tls",
+        ];
+        for w in want {
+            assert!(got.contains(&w.to_string()), "missing {w:?} in {got:#?}");
+        }
+        assert_eq!(got.len(), want.len(), "{got:#?}");
+        let bad = format!("{BASE}{}", pool("a", "protocol = \"h3\""));
+        let got = issues(&bad);
+        assert!(
+            got.iter().any(|g| g.contains("h3") && g.contains("h2c")),
+            "{got:#?}"
+        );
+    }
 
     #[test]
     fn dns_names_must_be_in_the_zone_unique_and_weighted_only_on_route53() {

@@ -203,7 +203,12 @@ impl ProxyHttp for Edge {
                 .unwrap_or_else(|| req.raw_path()),
             body_ended,
         };
-        let decision = policy::decide(&generation, view, client).await;
+        // A fast path that decided and then handed the request over (its pool speaks
+        // what the fast paths do not) passes its decision on.
+        let decision = match policy::handed() {
+            Some(decision) => *decision,
+            None => policy::decide(&generation, view, client).await,
+        };
         ctx.request_id = Some(decision.request_id);
         ctx.trace = decision.trace;
         if generation.tracing.is_some() && decision.trace.is_some_and(|t| t.sampled()) {
@@ -263,7 +268,7 @@ impl ProxyHttp for Edge {
 
     async fn upstream_peer(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         ctx: &mut RequestCtx,
     ) -> Result<Box<HttpPeer>> {
         let pool = ctx.pool().cloned().ok_or_else(|| {
@@ -305,8 +310,12 @@ impl ProxyHttp for Edge {
         }
         ctx.status_retry = false;
         ctx.outcome_recorded = false;
-        let mut peer = HttpPeer::new(endpoint.addr, false, String::new());
         let t = &pool.timeouts;
+        let client = pool
+            .peer
+            .proxy_protocol
+            .and_then(|_| Some((inet(session.client_addr())?, inet(session.server_addr())?)));
+        let mut peer = pool.peer.peer(endpoint, client, t.connect.0.min(left));
         peer.options.connection_timeout = Some(t.connect.0.min(left));
         peer.options.read_timeout = Some(t.first_byte.0.min(left));
         peer.options.write_timeout = Some(t.first_byte.0.min(left));
@@ -320,9 +329,25 @@ impl ProxyHttp for Edge {
         reused: bool,
         _peer: &HttpPeer,
         _fd: std::os::unix::io::RawFd,
-        _digest: Option<&pingora::protocols::Digest>,
+        digest: Option<&pingora::protocols::Digest>,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
+        // Pingora's connector offers TLS 1.2 and 1.3: a pool that wants 1.3 only refuses
+        // a connection that settled for less before any request byte is sent on it.
+        if let Some(tls) = ctx.pool().and_then(|p| p.peer.tls.as_ref()) {
+            let version = digest
+                .and_then(|d| d.ssl_digest.as_ref())
+                .map(|d| d.version.as_ref());
+            if !tls.accepts(version) {
+                return Error::e_explain(
+                    ErrorType::HTTPStatus(502),
+                    format!(
+                        "the endpoint negotiated {}, below the pool's tls.min_version",
+                        version.unwrap_or("no TLS")
+                    ),
+                );
+            }
+        }
         let now = Instant::now();
         ctx.upstream_connected = Some(now);
         ctx.upstream_connect = Some(match (reused, ctx.upstream_started) {
@@ -787,6 +812,11 @@ async fn send_answer(session: &mut Session, ctx: &mut RequestCtx, answer: &Answe
         session.write_response_body(Some(body), true).await?;
     }
     Ok(())
+}
+
+fn inet(addr: Option<&pingora::protocols::l4::socket::SocketAddr>) -> Option<std::net::SocketAddr> {
+    addr.and_then(pingora::protocols::l4::socket::SocketAddr::as_inet)
+        .copied()
 }
 
 fn client_peer(session: &Session) -> Option<IpAddr> {

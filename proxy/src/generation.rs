@@ -172,6 +172,8 @@ pub struct PoolRt {
     pub drain_timeout: Duration,
     /// Upstream time-to-first-byte histogram of this pool.
     pub ttfb: prometheus::Histogram,
+    /// How its endpoints are reached: protocol, TLS, PROXY protocol.
+    pub peer: Arc<crate::peer::PeerSettings>,
 }
 
 /// An endpoint ready for serving.
@@ -464,6 +466,7 @@ fn build_pool(
             state,
         });
     }
+    let peer = Arc::new(crate::peer::PeerSettings::build(name, pool)?);
     let weights: Vec<u32> = endpoints.iter().map(|e| e.weight).collect();
     let ids: Vec<String> = endpoints.iter().map(|e| e.id.clone()).collect();
     Ok(PoolRt {
@@ -484,6 +487,7 @@ fn build_pool(
         retries: pool.retries.clone(),
         health_check: pool.health_check.clone(),
         ttfb: metrics.upstream_ttfb.with_label_values(&[name]),
+        peer,
     })
 }
 

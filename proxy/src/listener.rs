@@ -24,7 +24,7 @@ use pingora::protocols::http::v2::{
     server::{H2Accept, HttpSession},
 };
 use pingora::protocols::http::ServerSession;
-use pingora::protocols::{Digest, Stream};
+use pingora::protocols::{Digest, SocketDigest, Stream};
 use pingora::proxy::HttpProxy;
 use pingora::server::ShutdownWatch;
 use tokio::io::{AsyncWriteExt, ReadBuf};
@@ -35,6 +35,8 @@ use crate::generation::Generation;
 use crate::limits::deadline::{Arrivals, GuardedStream};
 use crate::limits::rate::PerClient;
 use crate::metrics::Metrics;
+use crate::policy::{self, Decision};
+use crate::proxy_protocol;
 use crate::tls::conn::{TlsConn, TlsInfo, CONNECTION};
 
 /// Longest wait at shutdown for requests of just-accepted connections to arrive.
@@ -191,9 +193,33 @@ impl EdgeApp {
                 .inc();
             return;
         }
-        let client = stream
+        let mut stream = stream;
+        let mut client = stream
             .get_socket_digest()
             .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).map(|a| a.ip()));
+        // A load balancer in front speaks first: the client is the one it names (and
+        // the per-client limit counts that client, not the balancer).
+        if client.is_some_and(|ip| {
+            let from = &generation.config.listeners.proxy_protocol_from;
+            from.iter().any(|range| range.contains(&ip))
+        }) {
+            match self
+                .proxy_header(&mut stream, limits.header_read_timeout.0)
+                .await
+            {
+                Ok(Some(addr)) => client = Some(addr.ip()),
+                Ok(None) => {}
+                Err(e) => {
+                    self.open.fetch_sub(1, Ordering::Relaxed);
+                    self.metrics
+                        .proxy_protocol_refused
+                        .with_label_values(&[self.name])
+                        .inc();
+                    tracing::debug!(listener = self.name, source = ?client, "connection refused: {e}");
+                    return;
+                }
+            }
+        }
         if let Some(ip) = client {
             if !self.per_client.admit(ip, limits.max_connections_per_ip) {
                 self.open.fetch_sub(1, Ordering::Relaxed);
@@ -250,6 +276,26 @@ impl EdgeApp {
         self.serve_http1(stream, client, tls, shutdown).await;
     }
 
+    /// Reads the PROXY header a trusted load balancer opens `stream` with, within
+    /// `limit`; the client address it names becomes the connection's peer address for
+    /// Pingora's path too.
+    async fn proxy_header(
+        &self,
+        stream: &mut Stream,
+        limit: Duration,
+    ) -> Result<Option<std::net::SocketAddr>, proxy_protocol::HeaderError> {
+        let read = tokio::time::timeout(limit, proxy_protocol::read(stream)).await;
+        let addr = read.map_err(|_| {
+            proxy_protocol::HeaderError::Io(format!("no complete header within {limit:?}"))
+        })??;
+        if let Some(addr) = addr {
+            let digest = SocketDigest::from_raw_fd(stream.id());
+            let _ = digest.peer_addr.set(Some(addr.into()));
+            stream.set_socket_digest(digest);
+        }
+        Ok(addr)
+    }
+
     /// Pingora's HTTP/1 keep-alive loop (as in its `ServerApp` for HTTP apps), except
     /// that between requests the connection waits in [`EdgeApp::next_request`] instead
     /// of inside Pingora's request reader. Pingora's per-request future and header
@@ -270,6 +316,7 @@ impl EdgeApp {
             let Some(mut bytes) = self.next_request(&mut stream).await else {
                 return;
             };
+            let mut handed = None;
             let generation = self.current.load_full();
             if generation.config.server.http1_fast_path {
                 let conn = ConnInfo {
@@ -287,7 +334,10 @@ impl EdgeApp {
                         let _ = tokio::time::timeout(limit, stream.shutdown()).await;
                         return;
                     }
-                    Served::Pingora(back) => bytes = back,
+                    Served::Pingora(back, decided) => {
+                        bytes = back;
+                        handed = decided;
+                    }
                 }
             } else {
                 drop(generation);
@@ -299,11 +349,9 @@ impl EdgeApp {
                 self.http1_session(stream, settings.take(), Some(bytes), shutdown),
                 shutdown,
             );
-            // Pingora's path learns of the TLS connection from the task it runs in.
-            let reused = match &tls {
-                Some(info) => CONNECTION.scope(info.clone(), request).await,
-                None => request.await,
-            };
+            // Pingora's path learns of the TLS connection, and of a decision already
+            // made, from the task it runs in.
+            let reused = in_context(tls.clone(), handed, request).await;
             let Some(reused) = reused else {
                 return;
             };
@@ -383,7 +431,7 @@ impl EdgeApp {
             tokio::spawn(Box::pin(async move {
                 let _guard = guard;
                 let generation = app.current.load_full();
-                let session = if generation.config.server.http2_fast_path {
+                let handed = if generation.config.server.http2_fast_path {
                     let conn = ConnInfo {
                         scheme: app.scheme,
                         peer: client,
@@ -393,9 +441,9 @@ impl EdgeApp {
                     };
                     h2::serve(session, generation, conn).await
                 } else {
-                    Some(session)
+                    Some((session, None))
                 };
-                if let Some(session) = session {
+                if let Some((session, decided)) = handed {
                     // Boxed: Pingora's request future is ~5 KB and would otherwise make
                     // every stream's task that large, copied at spawn and at completion
                     // (7 % of the CPU with HTTP/2 clients, in memmove).
@@ -403,10 +451,7 @@ impl EdgeApp {
                         app.proxy
                             .process_new_http(ServerSession::new_http2(session), &shutdown),
                     );
-                    match tls {
-                        Some(info) => CONNECTION.scope(info, request).await,
-                        None => request.await,
-                    };
+                    in_context(tls, decided, request).await;
                 }
             }));
         }
@@ -513,6 +558,21 @@ impl EdgeApp {
 }
 
 /// A metric label for why a handshake failed, from the rustls error underneath.
+/// Runs Pingora's request future with what its path reads from the task: the TLS
+/// connection, and a decision a fast path already made.
+async fn in_context<F: std::future::Future>(
+    tls: Option<Arc<TlsInfo>>,
+    decided: Option<Box<Decision>>,
+    request: F,
+) -> F::Output {
+    match (tls, decided) {
+        (Some(info), None) => CONNECTION.scope(info, request).await,
+        (Some(info), Some(d)) => CONNECTION.scope(info, policy::handoff(d, request)).await,
+        (None, None) => request.await,
+        (None, Some(d)) => policy::handoff(d, request).await,
+    }
+}
+
 fn handshake_failure_reason(e: &std::io::Error) -> &'static str {
     if let Some(tls) = e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
         return rustls_reason(tls);

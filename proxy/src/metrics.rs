@@ -30,6 +30,8 @@ pub struct Metrics {
     /// Connections closed at once because their client address had
     /// `limits.max_connections_per_ip` open.
     pub rejected_client_connections: IntCounterVec,
+    /// Connections from `listeners.proxy_protocol_from` closed for a missing or bad PROXY header.
+    pub proxy_protocol_refused: IntCounterVec,
     /// Requests answered 429 by a route's rate limit.
     pub rate_limited: IntCounterVec,
     /// 1 while a pool is below its panic threshold (ejections ignored).
@@ -97,6 +99,7 @@ impl Metrics {
             active_connections: reg(&r, IntGaugeVec::new(Opts::new("rampart_active_connections", "Open client connections, by listener"), &["listener"]).expect("valid")),
             rejected_connections: reg(&r, IntCounterVec::new(Opts::new("rampart_rejected_connections_total", "Client connections closed at once because limits.max_connections was reached"), &["listener"]).expect("valid")),
             rejected_client_connections: reg(&r, IntCounterVec::new(Opts::new("rampart_rejected_client_connections_total", "Client connections closed at once because their address had limits.max_connections_per_ip open"), &["listener"]).expect("valid")),
+            proxy_protocol_refused: reg(&r, IntCounterVec::new(Opts::new("rampart_proxy_protocol_refused_total", "Connections from listeners.proxy_protocol_from closed because they did not start with a valid PROXY protocol header"), &["listener"]).expect("valid")),
             rate_limited: reg(&r, IntCounterVec::new(Opts::new("rampart_rate_limited_requests_total", "Requests answered 429 by the route's rate limit"), &["route"]).expect("valid")),
             pool_panic: reg(&r, IntGaugeVec::new(Opts::new("rampart_pool_panic", "1 while fewer than passive_health.panic_threshold percent of a pool's endpoints are free of ejection: ejections are then ignored"), &["pool"]).expect("valid")),
             tls_handshakes: reg(&r, IntCounter::new("rampart_tls_handshakes_total", "Completed TLS handshakes").expect("valid")),

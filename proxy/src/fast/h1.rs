@@ -7,7 +7,9 @@
 //! retries, timeouts, passive health, body streaming). A request it cannot carry
 //! (chunked or large bodies, `Expect`, upgrades, HTTP/1.0, an incomplete first read) is
 //! declined before the policy runs and goes to Pingora with the bytes read so far
-//! ([`Served::Pingora`]), so no decision is ever made twice.
+//! ([`Served::Pingora`]), so no decision is ever made twice; a request forwarded to a
+//! pool this path does not reach (TLS, HTTP/2, PROXY protocol) goes there with its
+//! decision.
 //!
 //! Why: Pingora's HTTP/1 request cycle cost ~3× the CPU of a minimal forwarder per
 //! request (loadtest/README.md, "the data-path question"). Here a request is parsed
@@ -54,9 +56,12 @@ pub async fn serve(
     let started = Instant::now();
     let mut raw_headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let Some(head) = Head::parse(&bytes, &mut raw_headers) else {
-        return Served::Pingora(bytes);
+        return Served::Pingora(bytes, None);
     };
     let decision = policy::decide(&generation, head.policy_view(), conn.client()).await;
+    if !super::reaches(&generation, &decision) {
+        return Served::Pingora(bytes, Some(Box::new(decision)));
+    }
     let (request_id, trace) = (decision.request_id, decision.trace);
     let mut client = Http1Client {
         stream,

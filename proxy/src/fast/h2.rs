@@ -31,15 +31,16 @@ use crate::headers::{hop_by_hop, joined_cookies};
 use crate::metrics::Metrics;
 use crate::policy::{self, Answer, Forward, Verdict};
 
-/// Serves the request of an HTTP/2 stream, or hands the stream back for Pingora.
+/// Serves the request of an HTTP/2 stream, or hands the stream back for Pingora (with
+/// the decision, when one was made for a pool this path does not reach).
 pub async fn serve(
     mut session: HttpSession,
     generation: Arc<Generation>,
     conn: ConnInfo<'_>,
-) -> Option<HttpSession> {
+) -> Option<(HttpSession, Option<Box<policy::Decision>>)> {
     let started = Instant::now();
     let Some(body_len) = carried_body(&session) else {
-        return Some(session);
+        return Some((session, None));
     };
     session.set_write_timeout(Some(generation.config.limits.send_timeout.0));
     let req = session.req_header();
@@ -50,6 +51,9 @@ pub async fn serve(
         body_ended: session.is_body_empty(),
     };
     let decision = policy::decide(&generation, view, conn.client()).await;
+    if !super::reaches(&generation, &decision) {
+        return Some((session, Some(Box::new(decision))));
+    }
     let (request_id, trace) = (decision.request_id, decision.trace);
     let plan = match decision.verdict {
         Verdict::Forward(plan) => plan,

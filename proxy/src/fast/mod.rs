@@ -54,8 +54,9 @@ pub enum Served {
     KeepAlive,
     /// Answered or failed; the connection closes.
     Close,
-    /// Not for this path: Pingora serves it, starting from these bytes.
-    Pingora(BytesMut),
+    /// Not for this path: Pingora serves it, starting from these bytes, with the
+    /// decision when one was made (a pool the fast path does not reach).
+    Pingora(BytesMut, Option<Box<crate::policy::Decision>>),
 }
 
 /// What a request needs to know about its connection.
@@ -80,6 +81,18 @@ impl ConnInfo<'_> {
             scheme: self.scheme,
             peer: self.peer,
         }
+    }
+}
+
+/// Whether the fast paths carry out `decision`: an answer, or a forward to a pool they
+/// reach (cleartext HTTP/1.1 without a PROXY header); the rest is Pingora's.
+pub(crate) fn reaches(generation: &Generation, decision: &crate::policy::Decision) -> bool {
+    match &decision.verdict {
+        crate::policy::Verdict::Forward(plan) => generation.routes[plan.route]
+            .pool
+            .as_ref()
+            .is_none_or(|pool| pool.peer.fast_path_carries()),
+        crate::policy::Verdict::Answer(_) => true,
     }
 }
 

@@ -4,7 +4,8 @@
 //! [`answer`]) or a [`Forward`] plan (route, balancing key, the upstream's `Host`,
 //! target and forwarding headers). The HTTP/1 and HTTP/2 fast paths (`h1`, `h2`) and
 //! Pingora's `ProxyHttp` phases (`edge`) call it and carry out what it says; a
-//! transport may decline a request it cannot carry before calling it, never after.
+//! transport may decline a request it cannot carry before calling it; one whose plan
+//! names a pool it cannot reach hands the decision to Pingora's path with [`handoff`].
 //!
 //! Neighbours: [`crate::limits`] (the checks of a head), [`crate::routing`] (route
 //! matching), [`crate::headers`] (forwarding headers), [`crate::balance`] (the pick,
@@ -94,6 +95,27 @@ pub struct Forward {
     /// Forwarding headers to set (X-Forwarded-*, Forwarded, traceparent), replacing
     /// the client's.
     pub forwarded: Vec<(&'static str, String)>,
+}
+
+tokio::task_local! {
+    /// A decision a fast path made and then handed, with the request, to Pingora's path
+    /// (its pool speaks what the fast paths do not carry): Pingora's path takes it
+    /// ([`handed`]) instead of deciding again, so that a rate limit is charged once and
+    /// the request id stays the same.
+    static HANDED: std::cell::RefCell<Option<Box<Decision>>>;
+}
+
+/// Runs `request` (Pingora's path serving one request) with `decision` already made.
+pub async fn handoff<F: std::future::Future>(decision: Box<Decision>, request: F) -> F::Output {
+    HANDED
+        .scope(std::cell::RefCell::new(Some(decision)), request)
+        .await
+}
+
+/// The decision handed over for the request being served, once ([`handoff`]).
+#[must_use]
+pub fn handed() -> Option<Box<Decision>> {
+    HANDED.try_with(|d| d.borrow_mut().take()).ok().flatten()
 }
 
 /// Decides what to do with `req` from `client` under `generation`. Side effects: the

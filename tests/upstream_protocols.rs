@@ -1,0 +1,808 @@
+//! Upstream protocols (issue 25): TLS and mutual TLS to backends, HTTP/2 over TLS and
+//! h2c to backends, health checks over the pool's TLS, and the PROXY protocol in (from
+//! a trusted load balancer) and out (to a backend that reads it: HAProxy).
+//!
+//! Every request goes through each transport — HTTP/1 and HTTP/2 fast paths on, and
+//! Pingora's path alone — since the fast paths hand requests for these pools, with
+//! their decision, to Pingora's path.
+
+#![allow(missing_docs, clippy::unwrap_used)]
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU16, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::{eventually, forward_all, Proxy};
+use http_body_util::Full;
+use hyper::{Request, Response};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const FAST: &str = "";
+const PINGORA: &str = "http1_fast_path = false\nhttp2_fast_path = false";
+/// The HTTPS listener's certificate for `a.test`, from the internal CA.
+const TLS_A: &str = "[[tls]]\nhosts = [\"a.test\"]\nsource = \"internal\"\n";
+
+/// A test CA that signs server and client certificates, written as PEM files.
+struct Pki {
+    dir: tempfile::TempDir,
+    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
+    ca_der: CertificateDer<'static>,
+}
+
+impl Pki {
+    fn new(name: &str) -> Pki {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, format!("{name} CA"));
+        let ca = params.self_signed(&key).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("ca.pem"), ca.pem()).unwrap();
+        Pki {
+            dir,
+            ca_der: ca.der().clone(),
+            issuer: rcgen::Issuer::new(params, key),
+        }
+    }
+
+    fn ca_file(&self) -> PathBuf {
+        self.dir.path().join("ca.pem")
+    }
+
+    /// A leaf for `names` (serial `serial`), written as `<file>.pem` and `<file>.key`.
+    fn leaf(&self, file: &str, names: &[&str], serial: u64) -> (PathBuf, PathBuf) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(
+            names.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        )
+        .unwrap();
+        params.serial_number = Some(rcgen::SerialNumber::from(serial));
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, names[0]);
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        let (pem, key_path) = (
+            self.dir.path().join(format!("{file}.pem")),
+            self.dir.path().join(format!("{file}.key")),
+        );
+        std::fs::write(&pem, cert.pem()).unwrap();
+        std::fs::write(&key_path, key.serialize_pem()).unwrap();
+        (pem, key_path)
+    }
+}
+
+fn read_chain(path: &Path) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
+    let pem = std::fs::read(path).unwrap();
+    let chain = rustls_pemfile::certs(&mut &pem[..])
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap();
+    let key_pem = std::fs::read(path.with_extension("key")).unwrap();
+    let key = rustls_pemfile::private_key(&mut &key_pem[..])
+        .unwrap()
+        .unwrap();
+    (chain, key)
+}
+
+/// What a backend saw of one request.
+fn seen(
+    sni: Option<&str>,
+    client_cert: Option<&str>,
+    serial: u64,
+    req: &Request<hyper::body::Incoming>,
+) -> String {
+    let mut out = BTreeMap::new();
+    out.insert("sni", sni.unwrap_or("").to_string());
+    out.insert("client", client_cert.unwrap_or("").to_string());
+    out.insert("serial", serial.to_string());
+    out.insert("version", format!("{:?}", req.version()));
+    for name in ["x-forwarded-for", "x-request-id"] {
+        if let Some(v) = req.headers().get(name) {
+            out.insert(name, v.to_str().unwrap().to_string());
+        }
+    }
+    serde_json::to_string(&out).unwrap()
+}
+
+/// A backend over TLS (HTTP/1.1 and HTTP/2 by ALPN) that can require a client
+/// certificate from `client_ca` and swap its own certificate; each answer says what it
+/// saw (SNI, client certificate's CN, its certificate's serial, HTTP version).
+struct TlsBackend {
+    addr: SocketAddr,
+    config: Mutex<(Arc<rustls::ServerConfig>, u64)>,
+    client_ca: Option<CertificateDer<'static>>,
+    alpn: Vec<Vec<u8>>,
+    health: AtomicU16,
+    connections: AtomicUsize,
+    /// Answer with `Connection: close`, so that every request is a new connection.
+    close: bool,
+    task: Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+impl Drop for TlsBackend {
+    fn drop(&mut self) {
+        if let Some(t) = self.task.lock().unwrap().take() {
+            t.abort();
+        }
+    }
+}
+
+impl TlsBackend {
+    async fn start(
+        pki: &Pki,
+        client_ca: Option<&Pki>,
+        alpn: &[&[u8]],
+        close: bool,
+    ) -> Arc<TlsBackend> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client_ca = client_ca.map(|p| p.ca_der.clone());
+        let alpn: Vec<Vec<u8>> = alpn.iter().map(|a| a.to_vec()).collect();
+        let (cert, _) = pki.leaf("backend1", &["backend.internal"], 1);
+        let config = server_config(&cert, client_ca.as_ref(), &alpn);
+        let backend = Arc::new(TlsBackend {
+            addr: listener.local_addr().unwrap(),
+            config: Mutex::new((config, 1)),
+            client_ca,
+            alpn,
+            health: AtomicU16::new(200),
+            connections: AtomicUsize::new(0),
+            close,
+            task: Mutex::new(None),
+        });
+        let weak = Arc::downgrade(&backend);
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else {
+                    return;
+                };
+                let Some(b) = weak.upgrade() else { return };
+                tokio::spawn(async move { b.serve(tcp).await });
+            }
+        });
+        *backend.task.lock().unwrap() = Some(task);
+        backend
+    }
+
+    /// Serves with a new certificate (same CA, serial `serial`) from now on.
+    fn swap(&self, pki: &Pki, serial: u64) {
+        let (cert, _) = pki.leaf(&format!("backend{serial}"), &["backend.internal"], serial);
+        let config = server_config(&cert, self.client_ca.as_ref(), &self.alpn);
+        *self.config.lock().unwrap() = (config, serial);
+    }
+
+    async fn serve(self: Arc<Self>, tcp: tokio::net::TcpStream) {
+        let (config, serial) = self.config.lock().unwrap().clone();
+        let Ok(tls) = tokio_rustls::TlsAcceptor::from(config).accept(tcp).await else {
+            return;
+        };
+        self.connections.fetch_add(1, Ordering::SeqCst);
+        let conn = tls.get_ref().1;
+        let sni = conn.server_name().map(ToString::to_string);
+        let client = conn.peer_certificates().and_then(|c| c.first()).map(|der| {
+            let (_, cert) = x509_parser::parse_x509_certificate(der).unwrap();
+            let cn = cert.subject().iter_common_name().next().unwrap();
+            cn.as_str().unwrap().to_string()
+        });
+        let b = self.clone();
+        let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+            let body = seen(sni.as_deref(), client.as_deref(), serial, &req);
+            let status = if req.uri().path() == "/healthz" {
+                b.health.load(Ordering::SeqCst)
+            } else {
+                200
+            };
+            let mut resp = Response::builder().status(status);
+            if b.close && req.version() == hyper::Version::HTTP_11 {
+                resp = resp.header("connection", "close");
+            }
+            let resp = resp.body(Full::new(Bytes::from(body))).unwrap();
+            async move { Ok::<_, Infallible>(resp) }
+        });
+        let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+            .serve_connection(TokioIo::new(tls), svc)
+            .await;
+    }
+}
+
+fn server_config(
+    cert: &Path,
+    client_ca: Option<&CertificateDer<'static>>,
+    alpn: &[Vec<u8>],
+) -> Arc<rustls::ServerConfig> {
+    let (chain, key) = read_chain(cert);
+    let builder = rustls::ServerConfig::builder();
+    let builder = match client_ca {
+        Some(ca) => {
+            let mut roots = rustls::RootCertStore::empty();
+            roots.add(ca.clone()).unwrap();
+            let verifier = rustls::server::WebPkiClientVerifier::builder(Arc::new(roots))
+                .build()
+                .unwrap();
+            builder.with_client_cert_verifier(verifier)
+        }
+        None => builder.with_no_client_auth(),
+    };
+    let mut config = builder.with_single_cert(chain, key).unwrap();
+    config.alpn_protocols = alpn.to_vec();
+    Arc::new(config)
+}
+
+/// An h2c (HTTP/2 prior knowledge) backend counting its connections and the streams
+/// in flight at once.
+struct H2cBackend {
+    addr: SocketAddr,
+    connections: AtomicUsize,
+    in_flight: AtomicUsize,
+    peak: AtomicUsize,
+    requests: AtomicU64,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for H2cBackend {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl H2cBackend {
+    async fn start() -> Arc<H2cBackend> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = tokio::sync::oneshot::channel::<Arc<H2cBackend>>();
+        let task = tokio::spawn(async move {
+            let weak = Arc::downgrade(&rx.await.unwrap());
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else {
+                    return;
+                };
+                let Some(b) = weak.upgrade() else { return };
+                b.connections.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let svc =
+                        hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                            let b = b.clone();
+                            async move {
+                                let now = b.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+                                b.peak.fetch_max(now, Ordering::SeqCst);
+                                b.requests.fetch_add(1, Ordering::SeqCst);
+                                // Long enough for the requests sent together to overlap.
+                                tokio::time::sleep(Duration::from_millis(200)).await;
+                                b.in_flight.fetch_sub(1, Ordering::SeqCst);
+                                let body = seen(None, None, 0, &req);
+                                Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(body))))
+                            }
+                        });
+                    let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(tcp), svc)
+                        .await;
+                });
+            }
+        });
+        let backend = Arc::new(H2cBackend {
+            addr,
+            connections: AtomicUsize::new(0),
+            in_flight: AtomicUsize::new(0),
+            peak: AtomicUsize::new(0),
+            requests: AtomicU64::new(0),
+            task,
+        });
+        tx.send(backend.clone()).ok().unwrap();
+        backend
+    }
+}
+
+fn pool(addr: SocketAddr, extra: &str) -> String {
+    format!(
+        "{TLS_A}{}[pools.p]\nendpoints = [{{ address = \"{addr}\" }}]\n{extra}\n",
+        forward_all("p")
+    )
+}
+
+fn tls_table(pki: &Pki, client: Option<(&Path, &Path)>, extra: &str) -> String {
+    let mut t = format!(
+        "tls = {{ server_name = \"backend.internal\", ca_file = {:?}",
+        pki.ca_file()
+    );
+    if let Some((cert, key)) = client {
+        t.push_str(&format!(", client_cert = {cert:?}, client_key = {key:?}"));
+    }
+    t.push_str(extra);
+    t.push_str(" }");
+    t
+}
+
+/// The start of a test's configuration body is still in `[listeners]` (the harness
+/// writes the listeners' addresses just before it).
+///
+/// GETs `path` through the proxy over plain HTTP/1.1 and over HTTPS with HTTP/2.
+async fn both_ways(proxy: &Proxy, path: &str) -> Vec<(u16, String)> {
+    let h2 = proxy
+        .client_builder(&["a.test"])
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    let mut out = Vec::new();
+    for (client, url) in [
+        (Proxy::http_client(), proxy.url(path)),
+        (h2, format!("https://a.test:{}{path}", proxy.https.port())),
+    ] {
+        let resp = client.get(&url).send().await.unwrap();
+        let status = resp.status().as_u16();
+        let id = resp
+            .headers()
+            .get("x-request-id")
+            .map(|v| v.to_str().unwrap().to_string());
+        let body = resp.text().await.unwrap();
+        if status == 200 {
+            // One decision per request: the id the client got is the one sent upstream.
+            let seen: BTreeMap<String, String> = serde_json::from_str(&body).unwrap();
+            assert_eq!(seen.get("x-request-id"), id.as_ref(), "{body}");
+        }
+        out.push((status, body));
+    }
+    out
+}
+
+fn field(body: &str, name: &str) -> String {
+    let seen: BTreeMap<String, String> = serde_json::from_str(body).unwrap();
+    seen.get(name).cloned().unwrap_or_default()
+}
+
+#[tokio::test]
+async fn mutual_tls_backends_get_the_server_name_and_the_client_certificate() {
+    common::init();
+    let server_pki = Pki::new("servers");
+    let client_pki = Pki::new("clients");
+    let (cert, key) = client_pki.leaf("proxy-client", &["rampart-proxy"], 7);
+    let backend = TlsBackend::start(&server_pki, Some(&client_pki), &[b"http/1.1"], false).await;
+    for server in [FAST, PINGORA] {
+        let tls = tls_table(&server_pki, Some((&cert, &key)), "");
+        let proxy = Proxy::start_with(server, &pool(backend.addr, &tls)).await;
+        for (status, body) in both_ways(&proxy, "/").await {
+            assert_eq!(status, 200, "{server:?}: {body}\n{}", proxy.log());
+            assert_eq!(field(&body, "sni"), "backend.internal");
+            assert_eq!(field(&body, "client"), "rampart-proxy");
+            assert_eq!(field(&body, "version"), "HTTP/1.1");
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_request_handed_to_pingoras_path_is_decided_once() {
+    common::init();
+    let pki = Pki::new("servers");
+    let backend = TlsBackend::start(&pki, None, &[b"http/1.1"], false).await;
+    // One request a minute: a second decision of the same request would find the
+    // bucket empty and answer 429 to the first request.
+    let body = format!(
+        "{TLS_A}[[routes]]\nname = \"all\"\naction = {{ forward = \"p\" }}\nrate_limit = {{ requests = 1, per = \"60s\", burst = 1 }}\n[pools.p]\nendpoints = [{{ address = \"{}\" }}]\n{}\n",
+        backend.addr,
+        tls_table(&pki, None, "")
+    );
+    let proxy = Proxy::start(&body).await;
+    let client = Proxy::http_client();
+    let first = client.get(proxy.url("/")).send().await.unwrap();
+    assert_eq!(first.status(), 200, "{}", proxy.log());
+    let second = client.get(proxy.url("/")).send().await.unwrap();
+    assert_eq!(second.status(), 429);
+}
+
+#[tokio::test]
+async fn an_endpoint_whose_certificate_the_pool_does_not_trust_is_refused_with_a_reason() {
+    common::init();
+    let server_pki = Pki::new("servers");
+    let other = Pki::new("other");
+    let client_pki = Pki::new("clients");
+    let (cert, key) = client_pki.leaf("proxy-client", &["rampart-proxy"], 7);
+    let backend = TlsBackend::start(&server_pki, Some(&client_pki), &[b"http/1.1"], false).await;
+    // The wrong CA: the backend's certificate is refused.
+    let tls = tls_table(&other, Some((&cert, &key)), "");
+    let proxy = Proxy::start(&pool(backend.addr, &tls)).await;
+    for (status, _) in both_ways(&proxy, "/").await {
+        assert_eq!(status, 502);
+    }
+    let log = proxy.log();
+    assert!(
+        log.contains("UnknownIssuer"),
+        "no reason in the log:\n{log}"
+    );
+    // No client certificate: the backend refuses the handshake.
+    let tls = tls_table(&server_pki, None, "");
+    proxy.reload(&pool(backend.addr, &tls)).await;
+    for (status, _) in both_ways(&proxy, "/").await {
+        assert_eq!(status, 502);
+    }
+    // A server name the certificate does not carry.
+    let tls = format!(
+        "tls = {{ server_name = \"elsewhere.internal\", ca_file = {:?}, client_cert = {cert:?}, client_key = {key:?} }}",
+        server_pki.ca_file()
+    );
+    proxy.reload(&pool(backend.addr, &tls)).await;
+    for (status, _) in both_ways(&proxy, "/").await {
+        assert_eq!(status, 502);
+    }
+    assert!(
+        proxy
+            .log()
+            .contains("certificate not valid for name \"elsewhere.internal\""),
+        "{}",
+        proxy.log()
+    );
+}
+
+#[tokio::test]
+async fn a_bad_tls_file_fails_the_reload_and_the_last_good_pool_keeps_serving() {
+    common::init();
+    let pki = Pki::new("servers");
+    let backend = TlsBackend::start(&pki, None, &[b"http/1.1"], false).await;
+    let good = pool(backend.addr, &tls_table(&pki, None, ""));
+    let proxy = Proxy::start(&good).await;
+    let garbage = pki.dir.path().join("garbage.pem");
+    std::fs::write(&garbage, "not a certificate").unwrap();
+    for tls in [
+        format!(
+            "tls = {{ ca_file = {:?} }}",
+            pki.dir.path().join("missing.pem")
+        ),
+        format!("tls = {{ ca_file = {garbage:?} }}"),
+        format!("tls = {{ client_cert = {garbage:?}, client_key = {garbage:?} }}"),
+    ] {
+        let failures = reload_failures(&proxy).await;
+        proxy.write_config(&pool(backend.addr, &tls));
+        eventually("the reload fails", || async {
+            (reload_failures(&proxy).await > failures).then_some(())
+        })
+        .await;
+        let resp = Proxy::http_client()
+            .get(proxy.url("/"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200, "the last good generation serves");
+    }
+    assert!(proxy.log().contains("pools.p.tls"), "{}", proxy.log());
+}
+
+async fn reload_failures(proxy: &Proxy) -> f64 {
+    let metrics = common::fetch(&format!("http://{}/metrics", proxy.admin)).await;
+    common::metric_value(&metrics, "rampart_config_reload_failures_total").unwrap_or(0.0)
+}
+
+#[tokio::test]
+async fn a_certificate_swapped_on_the_backend_is_picked_up_by_new_connections() {
+    common::init();
+    let pki = Pki::new("servers");
+    let backend = TlsBackend::start(&pki, None, &[b"http/1.1"], true).await;
+    let proxy = Proxy::start(&pool(backend.addr, &tls_table(&pki, None, ""))).await;
+    let get = || async {
+        let resp = Proxy::http_client()
+            .get(proxy.url("/"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        field(&resp.text().await.unwrap(), "serial")
+    };
+    assert_eq!(get().await, "1");
+    backend.swap(&pki, 2);
+    assert_eq!(get().await, "2");
+    assert!(backend.connections.load(Ordering::SeqCst) >= 2);
+}
+
+#[tokio::test]
+async fn tls_min_version_refuses_an_endpoint_that_offers_less() {
+    common::init();
+    let pki = Pki::new("servers");
+    let backend = TlsBackend::start(&pki, None, &[b"http/1.1"], false).await;
+    // The backend speaks TLS 1.2 only.
+    {
+        let (cert, _) = pki.leaf("tls12", &["backend.internal"], 3);
+        let (chain, key) = read_chain(&cert);
+        let config =
+            rustls::ServerConfig::builder_with_protocol_versions(&[&rustls::version::TLS12])
+                .with_no_client_auth()
+                .with_single_cert(chain, key)
+                .unwrap();
+        *backend.config.lock().unwrap() = (Arc::new(config), 3);
+    }
+    let proxy = Proxy::start(&pool(backend.addr, &tls_table(&pki, None, ""))).await;
+    let resp = Proxy::http_client()
+        .get(proxy.url("/"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200, "TLS 1.2 is accepted by default");
+    proxy
+        .reload(&pool(
+            backend.addr,
+            &tls_table(&pki, None, ", min_version = \"1.3\""),
+        ))
+        .await;
+    for (status, _) in both_ways(&proxy, "/").await {
+        assert_eq!(status, 502);
+    }
+    assert!(
+        proxy.log().contains("below the pool's tls.min_version"),
+        "{}",
+        proxy.log()
+    );
+}
+
+#[tokio::test]
+async fn http2_to_backends_over_tls_and_h2c_multiplexes_requests_on_few_connections() {
+    common::init();
+    // h2 over TLS, and auto choosing by ALPN.
+    let pki = Pki::new("servers");
+    let h2_backend = TlsBackend::start(&pki, None, &[b"h2", b"http/1.1"], false).await;
+    let h1_backend = TlsBackend::start(&pki, None, &[b"http/1.1"], false).await;
+    for server in [FAST, PINGORA] {
+        for (backend, protocol, version) in [
+            (&h2_backend, "h2", "HTTP/2.0"),
+            (&h2_backend, "auto", "HTTP/2.0"),
+            (&h1_backend, "auto", "HTTP/1.1"),
+        ] {
+            let extra = format!("protocol = \"{protocol}\"\n{}", tls_table(&pki, None, ""));
+            let proxy = Proxy::start_with(server, &pool(backend.addr, &extra)).await;
+            for (status, body) in both_ways(&proxy, "/").await {
+                assert_eq!(status, 200, "{protocol}: {body}\n{}", proxy.log());
+                assert_eq!(field(&body, "version"), version, "{protocol}");
+            }
+        }
+    }
+    // h2c: 64 requests at once from 64 client connections share a few upstream ones.
+    let backend = H2cBackend::start().await;
+    let proxy = Proxy::start(&pool(backend.addr, "protocol = \"h2c\"\nmax_streams = 100")).await;
+    let requests = (0..64).map(|_| {
+        let url = proxy.url("/");
+        async move {
+            // A client per request: 64 downstream connections.
+            let resp = Proxy::http_client().get(url).send().await.unwrap();
+            (resp.status().as_u16(), resp.text().await.unwrap())
+        }
+    });
+    let answers = futures_util::future::join_all(requests).await;
+    for (status, body) in &answers {
+        assert_eq!(*status, 200, "{body}");
+        assert_eq!(field(body, "version"), "HTTP/2.0");
+    }
+    let connections = backend.connections.load(Ordering::SeqCst);
+    let peak = backend.peak.load(Ordering::SeqCst);
+    eprintln!("h2c: 64 requests over {connections} upstream connections, {peak} at once");
+    assert_eq!(backend.requests.load(Ordering::SeqCst), 64);
+    assert!(peak > 8, "the requests did not overlap ({peak} at once)");
+    assert!(
+        connections * 4 <= peak,
+        "{connections} upstream connections for {peak} concurrent requests"
+    );
+}
+
+#[tokio::test]
+async fn health_checks_probe_over_the_pool_tls_and_protocol() {
+    common::init();
+    let server_pki = Pki::new("servers");
+    let client_pki = Pki::new("clients");
+    let (cert, key) = client_pki.leaf("proxy-client", &["rampart-proxy"], 7);
+    for (alpn, protocol) in [
+        (&[&b"http/1.1"[..]][..], "http1"),
+        (&[&b"h2"[..]][..], "h2"),
+    ] {
+        let backend = TlsBackend::start(&server_pki, Some(&client_pki), alpn, false).await;
+        let extra = format!(
+            "protocol = \"{protocol}\"\n{}\nhealth_check = {{ interval = \"100ms\", timeout = \"100ms\", healthy_threshold = 1, unhealthy_threshold = 1 }}",
+            tls_table(&server_pki, Some((&cert, &key)), "")
+        );
+        let proxy = Proxy::start(&pool(backend.addr, &extra)).await;
+        let status = || async {
+            let resp = Proxy::http_client()
+                .get(proxy.url("/"))
+                .send()
+                .await
+                .unwrap();
+            resp.status().as_u16()
+        };
+        backend.health.store(503, Ordering::SeqCst);
+        eventually("the failing endpoint is taken out", || async {
+            (status().await == 503).then_some(())
+        })
+        .await;
+        // Back only if the probes reach it over mutual TLS.
+        backend.health.store(200, Ordering::SeqCst);
+        eventually("the endpoint is back", || async {
+            (status().await == 200).then_some(())
+        })
+        .await;
+    }
+}
+
+/// A raw HTTP/1.1 exchange on `stream` after `prefix`: the response's head and body.
+async fn raw_get<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+    mut stream: S,
+    prefix: &[u8],
+    path: &str,
+) -> String {
+    stream.write_all(prefix).await.unwrap();
+    let req = format!("GET {path} HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n");
+    stream.write_all(req.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn json_body(response: &str) -> BTreeMap<String, String> {
+    let body = response.split("\r\n\r\n").nth(1).unwrap_or("");
+    serde_json::from_str(body).unwrap_or_else(|_| panic!("not JSON: {response}"))
+}
+
+const V1_HEADER: &[u8] = b"PROXY TCP4 192.0.2.7 127.0.0.1 40000 80\r\n";
+
+#[tokio::test]
+async fn the_proxy_protocol_from_a_trusted_balancer_names_the_client() {
+    common::init();
+    let backend = common::Backend::start("b").await;
+    let mut v2 = b"\r\n\r\n\0\r\nQUIT\n\x21\x21\x00\x24".to_vec();
+    v2.extend_from_slice(
+        &"2001:db8::7"
+            .parse::<std::net::Ipv6Addr>()
+            .unwrap()
+            .octets(),
+    );
+    v2.extend_from_slice(&std::net::Ipv6Addr::LOCALHOST.octets());
+    v2.extend_from_slice(&[0x9c, 0x40, 0x01, 0xbb]);
+    for server in [FAST, PINGORA] {
+        let body = format!(
+            "proxy_protocol_from = [\"127.0.0.0/8\"]\n{TLS_A}{}{}",
+            forward_all("p"),
+            common::pool_toml("p", "round_robin", &[&backend], "")
+        );
+        let proxy = Proxy::start_with(server, &body).await;
+        // v1 on the plain listener.
+        let tcp = tokio::net::TcpStream::connect(proxy.http).await.unwrap();
+        let got = json_body(&raw_get(tcp, V1_HEADER, "/headers").await);
+        assert_eq!(got["x-forwarded-for"], "192.0.2.7", "{server:?}");
+        // v2 before the TLS handshake on the HTTPS listener.
+        let mut tcp = tokio::net::TcpStream::connect(proxy.https).await.unwrap();
+        tcp.write_all(&v2).await.unwrap();
+        let tls = tls_to(&proxy, tcp).await;
+        let got = json_body(&raw_get(tls, b"", "/headers").await);
+        assert_eq!(got["x-forwarded-for"], "2001:db8::7", "{server:?}");
+        // Without the header, a trusted source gets nothing.
+        let tcp = tokio::net::TcpStream::connect(proxy.http).await.unwrap();
+        let got = raw_get(tcp, b"", "/headers").await;
+        assert_eq!(got, "", "{server:?}");
+        let metrics = common::fetch(&format!("http://{}/metrics", proxy.admin)).await;
+        assert!(
+            common::metric_value(&metrics, "rampart_proxy_protocol_refused_total")
+                .is_some_and(|v| v >= 1.0),
+            "{metrics}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_proxy_protocol_header_from_an_untrusted_source_is_refused() {
+    common::init();
+    let backend = common::Backend::start("b").await;
+    for server in [FAST, PINGORA] {
+        let body = format!(
+            "proxy_protocol_from = [\"10.0.0.0/8\"]\n{}{}",
+            forward_all("p"),
+            common::pool_toml("p", "round_robin", &[&backend], "")
+        );
+        let proxy = Proxy::start_with(server, &body).await;
+        let hits = backend.hits();
+        let tcp = tokio::net::TcpStream::connect(proxy.http).await.unwrap();
+        let got = raw_get(tcp, V1_HEADER, "/headers").await;
+        assert!(got.starts_with("HTTP/1.1 400"), "{server:?}: {got}");
+        assert_eq!(backend.hits(), hits, "{server:?}: {got}");
+        // And its own requests are served as they come.
+        let tcp = tokio::net::TcpStream::connect(proxy.http).await.unwrap();
+        let got = json_body(&raw_get(tcp, b"", "/headers").await);
+        assert_eq!(got["x-forwarded-for"], "127.0.0.1");
+    }
+}
+
+async fn tls_to(
+    proxy: &Proxy,
+    tcp: tokio::net::TcpStream,
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    let pem = std::fs::read(proxy.ca_path()).unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_pemfile::certs(&mut &pem[..]) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let config = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect("a.test".try_into().unwrap(), tcp)
+        .await
+        .unwrap()
+}
+
+/// HAProxy (Debian's) with `accept-proxy`, answering each request with the client
+/// address it read from the PROXY header.
+struct Haproxy {
+    child: std::process::Child,
+    addr: SocketAddr,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Haproxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Haproxy {
+    async fn start() -> Haproxy {
+        let dir = tempfile::tempdir().unwrap();
+        let addr = common::free_addr();
+        let config = format!(
+            "defaults\n  mode http\n  timeout connect 5s\n  timeout client 10s\n  timeout server 10s\nfrontend fe\n  bind {addr} accept-proxy\n  http-request return status 200 content-type text/plain lf-string \"%[src] %[src_port]\"\n"
+        );
+        let path = dir.path().join("haproxy.cfg");
+        std::fs::write(&path, config).unwrap();
+        let child = std::process::Command::new("haproxy")
+            .arg("-db")
+            .arg("-f")
+            .arg(&path)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("haproxy (Debian package haproxy; scripts/setup installs it)");
+        eventually("haproxy listens", || async {
+            tokio::net::TcpStream::connect(addr).await.ok().map(|_| ())
+        })
+        .await;
+        Haproxy {
+            child,
+            addr,
+            _dir: dir,
+        }
+    }
+}
+
+#[tokio::test]
+async fn pools_send_the_proxy_protocol_header_that_haproxy_reads() {
+    common::init();
+    let haproxy = Haproxy::start().await;
+    for server in [FAST, PINGORA] {
+        for version in ["v1", "v2"] {
+            let body = format!(
+                "proxy_protocol_from = [\"127.0.0.2\"]\n{}",
+                pool(haproxy.addr, &format!("proxy_protocol = \"{version}\""))
+            );
+            let proxy = Proxy::start_with(server, &body).await;
+            // A client from 127.0.0.3: HAProxy sees it, not the proxy's own address.
+            let socket = tokio::net::TcpSocket::new_v4().unwrap();
+            socket.bind("127.0.0.3:0".parse().unwrap()).unwrap();
+            let tcp = socket.connect(proxy.http).await.unwrap();
+            let port = tcp.local_addr().unwrap().port();
+            let got = raw_get(tcp, b"", "/").await;
+            assert!(
+                got.ends_with(&format!("\r\n\r\n127.0.0.3 {port}")),
+                "{server:?} {version}: {got}\n{}",
+                proxy.log()
+            );
+            // Through a trusted balancer, the client it named travels on.
+            let socket = tokio::net::TcpSocket::new_v4().unwrap();
+            socket.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+            let tcp = socket.connect(proxy.http).await.unwrap();
+            let got = raw_get(tcp, V1_HEADER, "/").await;
+            assert!(
+                got.ends_with("\r\n\r\n192.0.2.7 40000"),
+                "{server:?} {version}: {got}"
+            );
+        }
+    }
+}
