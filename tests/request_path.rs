@@ -276,6 +276,8 @@ fn http1_corpus() -> Vec<(&'static str, String, u16, Option<&'static str>, Serve
         // The form of an error follows Accept, byte for byte alike on both paths.
         ("no route, a browser", req("GET / HTTP/1.1", "Host: nowhere.test\r\nAccept: text/html,*/*;q=0.8\r\n"), 404, None, Fast),
         ("no route, an API client", req("GET / HTTP/1.1", "Host: nowhere.test\r\nAccept: application/json\r\n"), 404, None, Fast),
+        // A gRPC call gets a trailers-only gRPC status (UNIMPLEMENTED), on an HTTP 200.
+        ("no route, a gRPC client", req("POST /pkg.Svc/Call HTTP/1.1", "Host: nowhere.test\r\nContent-Type: application/grpc\r\nContent-Length: 0\r\n"), 200, None, Fast),
         ("dot-segments", req("GET /a/../admin HTTP/1.1", "Host: a.test\r\n"), 400, None, Fast),
         ("body", req("POST /p HTTP/1.1", "Host: a.test\r\nContent-Length: 5\r\n") + "hello", 200, Some("BODY hello"), Fast),
         // Every other rule of the policy, once each: the controller's probe, a static

@@ -1339,6 +1339,18 @@ pub enum Probe {
     Tcp,
     /// An HTTP GET returns the expected status.
     Http(HttpProbe),
+    /// A gRPC health check (`grpc.health.v1.Health/Check`) answers SERVING; needs an
+    /// HTTP/2 pool (`protocol = "h2"`, `"h2c"` or `"auto"`).
+    Grpc(GrpcProbe),
+}
+
+/// A gRPC health probe.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct GrpcProbe {
+    /// The service asked about (`""`: the server as a whole).
+    #[serde(default)]
+    pub service: String,
 }
 
 impl Default for Probe {

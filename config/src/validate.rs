@@ -890,6 +890,13 @@ fn pool(name: &str, pool: &Pool, discovered: bool, path: &FieldPath, out: &mut V
     }
     if let Some(hc) = &pool.health_check {
         health_check(hc, &path.key("health_check"), out);
+        if matches!(hc.probe, crate::Probe::Grpc(_)) && pool.protocol == UpstreamProtocol::Http1 {
+            out.push(Issue::new(
+                path.key("health_check").key("probe"),
+                "a gRPC health check needs HTTP/2, but the pool speaks HTTP/1.1",
+                "set protocol = \"h2c\" (cleartext) or \"h2\" (with tls) on the pool",
+            ));
+        }
     }
     let ph = &pool.passive_health;
     if ph.consecutive_failures > 0 && (ph.eject_for.0.is_zero() || ph.max_eject_for < ph.eject_for)
@@ -1105,7 +1112,8 @@ mod tests {
             pool("e", "tls = { server_name = \"bad name\" }\nmax_streams = 0"),
             pool("f", "protocol = \"auto\"\ntls = { server_name = \"api.internal\", min_version = \"1.3\" }\nproxy_protocol = \"v2\""),
             pool("g", "protocol = \"h2c\"\ntls = { insecure_skip_verify = true, i_understand_this_is_insecure = true }"),
-        );
+        ) + &pool("h", "health_check = { probe = { grpc = { service = \"\" } } }")
+            + &pool("i", "protocol = \"h2c\"\nhealth_check = { probe = { grpc = {} } }");
         let got = issues(&src);
         let want = [
             "pools.a.protocol: protocol = \"h2\" negotiates HTTP/2 in the TLS handshake, but the pool has no tls",
@@ -1116,6 +1124,7 @@ mod tests {
             "pools.e.tls.server_name: \"bad name\" is not a host name or IP address",
             "pools.e.max_streams: 0 is outside 1..=10000",
             "pools.g.protocol: h2c is HTTP/2 in cleartext, but the pool has tls",
+            "pools.h.health_check.probe: a gRPC health check needs HTTP/2, but the pool speaks HTTP/1.1",
         ];
         for w in want {
             assert!(got.contains(&w.to_string()), "missing {w:?} in {got:#?}");

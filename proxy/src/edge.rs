@@ -274,7 +274,8 @@ impl ProxyHttp for Edge {
         let pool = ctx.pool().cloned().ok_or_else(|| {
             Error::explain(ErrorType::InternalError, "forward route without a pool")
         })?;
-        let left = remaining(ctx.started, pool.timeouts.total.0);
+        let total = ctx.plan.as_ref().map_or(pool.timeouts.total.0, |p| p.total);
+        let left = remaining(ctx.started, total);
         if left.is_zero() {
             return Error::e_explain(
                 ErrorType::HTTPStatus(504),
@@ -484,7 +485,8 @@ impl ProxyHttp for Edge {
         ctx: &mut RequestCtx,
     ) -> Result<Option<Duration>> {
         if let Some(pool) = ctx.pool() {
-            if remaining(ctx.started, pool.timeouts.total.0).is_zero() {
+            let total = ctx.plan.as_ref().map_or(pool.timeouts.total.0, |p| p.total);
+            if remaining(ctx.started, total).is_zero() {
                 return Error::e_explain(
                     ErrorType::ReadTimedout,
                     "timeouts.total exceeded while streaming the response",
@@ -802,7 +804,7 @@ async fn send_answer(session: &mut Session, ctx: &mut RequestCtx, answer: &Answe
         .request_id
         .as_ref()
         .map(|v| (&ctx.generation.forwarding.request_id, v));
-    let style = Style::of(session.req_header().headers.get(http::header::ACCEPT));
+    let style = Style::of(&session.req_header().headers);
     let (head, body) = answer.response_header(id, style)?;
     let head_only = session.req_header().method == http::Method::HEAD;
     session

@@ -288,7 +288,7 @@ pub(crate) struct Prepared {
     pub(crate) arrival: Option<Box<Arrival>>,
     /// The request's trace.
     pub(crate) trace: Option<crate::policy::Trace>,
-    /// The form of an error answer's body (from `Accept`).
+    /// The form of an error answer (gRPC by `Content-Type`, else by `Accept`).
     pub(crate) style: Style,
 }
 
@@ -326,7 +326,7 @@ impl Prepared {
             body_missing: 0,
             arrival,
             trace,
-            style: Style::of(parts.headers.get(http::header::ACCEPT)),
+            style: Style::of(&parts.headers),
         }
     }
 

@@ -142,7 +142,7 @@ pub(crate) async fn forward<D: Downstream>(
     let mut attempts = 0u32;
     let mut attempt_spans = Vec::new();
     let traced = request.traced();
-    let deadline = clock::after(started, pool.timeouts.total.0);
+    let deadline = clock::after(started, plan.total);
     // What the last failed attempt would answer, and why.
     let (mut failed, mut why) = (503, "no_endpoint");
     let (status, error) = loop {

@@ -152,8 +152,17 @@ pub async fn probe(
     peer: &PeerSettings,
 ) -> anyhow::Result<()> {
     let conn = peer.connect_probe(addr, id).await?;
-    let Probe::Http(http) = probe else {
-        return Ok(());
+    let http = match probe {
+        Probe::Tcp => return Ok(()),
+        Probe::Grpc(grpc) => {
+            anyhow::ensure!(
+                conn.h2,
+                "the endpoint did not negotiate HTTP/2 for a gRPC check"
+            );
+            let scheme = if peer.tls.is_some() { "https" } else { "http" };
+            return grpc_serving(conn.io, &format!("{scheme}://{addr}"), &grpc.service).await;
+        }
+        Probe::Http(http) => http,
     };
     let host = http
         .host
@@ -192,6 +201,124 @@ async fn h2_status(io: Box<dyn ProbeIo>, uri: &str) -> anyhow::Result<u16> {
     }
 }
 
+/// A `grpc.health.v1.Health/Check` call for `service` answers SERVING.
+async fn grpc_serving(io: Box<dyn ProbeIo>, base: &str, service: &str) -> anyhow::Result<()> {
+    let (mut client, connection) = h2::client::handshake(io).await?;
+    let request = http::Request::post(format!("{base}/grpc.health.v1.Health/Check"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .header("user-agent", "rampart-health-check")
+        .body(())?;
+    let exchange = async {
+        let (response, mut body) = client.send_request(request, false)?;
+        body.send_data(grpc_frame(&health_request(service)), true)?;
+        let response = response.await?;
+        anyhow::ensure!(
+            response.status() == 200,
+            "HTTP status {}",
+            response.status()
+        );
+        let trailers_only = response.headers().get("grpc-status").cloned();
+        let mut body = response.into_body();
+        let mut message = bytes::BytesMut::new();
+        while let Some(chunk) = body.data().await {
+            let chunk = chunk?;
+            let _ = body.flow_control().release_capacity(chunk.len());
+            message.extend_from_slice(&chunk);
+        }
+        let status = match trailers_only {
+            Some(s) => Some(s),
+            None => body
+                .trailers()
+                .await?
+                .and_then(|t| t.get("grpc-status").cloned()),
+        };
+        let status = status
+            .as_ref()
+            .and_then(|s| s.to_str().ok())
+            .unwrap_or("none");
+        anyhow::ensure!(status == "0", "grpc-status {status}");
+        match health_status(&message) {
+            Some(1) => Ok(()),
+            Some(2) => anyhow::bail!("NOT_SERVING"),
+            Some(3) => anyhow::bail!("SERVICE_UNKNOWN"),
+            other => anyhow::bail!("health status {other:?}, not SERVING"),
+        }
+    };
+    tokio::select! {
+        served = exchange => served,
+        ended = connection => Err(match ended {
+            Ok(()) => anyhow::anyhow!("the endpoint closed the HTTP/2 connection"),
+            Err(e) => e.into(),
+        }),
+    }
+}
+
+/// `HealthCheckRequest { service = 1 }` in protobuf's wire form.
+fn health_request(service: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(service.len() + 3);
+    if !service.is_empty() {
+        out.push(0x0a); // field 1, length-delimited
+        let mut len = service.len();
+        while len >= 0x80 {
+            out.push(u8::try_from(len & 0x7f).unwrap_or(0) | 0x80);
+            len >>= 7;
+        }
+        out.push(u8::try_from(len).unwrap_or(0));
+        out.extend_from_slice(service.as_bytes());
+    }
+    out
+}
+
+/// A gRPC length-prefixed message, uncompressed.
+fn grpc_frame(message: &[u8]) -> bytes::Bytes {
+    let mut out = Vec::with_capacity(5 + message.len());
+    out.push(0);
+    out.extend_from_slice(&u32::try_from(message.len()).unwrap_or(0).to_be_bytes());
+    out.extend_from_slice(message);
+    out.into()
+}
+
+/// `HealthCheckResponse.status` (field 1, an enum) from a gRPC frame; absent means 0
+/// (UNKNOWN).
+fn health_status(frame: &[u8]) -> Option<u64> {
+    let message = frame.get(5..)?;
+    let mut i = 0;
+    let mut status = 0;
+    while i < message.len() {
+        let (key, n) = varint(message.get(i..)?)?;
+        i += n;
+        match key & 7 {
+            0 => {
+                let (value, n) = varint(message.get(i..)?)?;
+                i += n;
+                if key >> 3 == 1 {
+                    status = value;
+                }
+            }
+            2 => {
+                let (len, n) = varint(message.get(i..)?)?;
+                i += n + usize::try_from(len).ok()?;
+            }
+            1 => i += 8,
+            5 => i += 4,
+            _ => return None,
+        }
+    }
+    Some(status)
+}
+
+fn varint(bytes: &[u8]) -> Option<(u64, usize)> {
+    let mut value = 0u64;
+    for (i, b) in bytes.iter().enumerate().take(10) {
+        value |= u64::from(b & 0x7f) << (7 * i);
+        if b & 0x80 == 0 {
+            return Some((value, i + 1));
+        }
+    }
+    None
+}
+
 /// The status of a GET over HTTP/1.1.
 async fn h1_status(mut conn: Box<dyn ProbeIo>, host: &str, path: &str) -> anyhow::Result<u16> {
     let request = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: rampart-health-check\r\nConnection: close\r\n\r\n");
@@ -215,4 +342,23 @@ async fn h1_status(mut conn: Box<dyn ProbeIo>, host: &str, path: &str) -> anyhow
             )
         })?;
     Ok(status)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn health_messages_follow_protobufs_wire_form() {
+        assert_eq!(health_request(""), b"");
+        assert_eq!(health_request("api"), b"\x0a\x03api");
+        assert_eq!(health_request(&"s".repeat(200))[..3], [0x0a, 0xc8, 0x01]);
+        let frame = |m: &[u8]| grpc_frame(m).to_vec();
+        assert_eq!(health_status(&frame(b"\x08\x01")), Some(1));
+        assert_eq!(health_status(&frame(b"")), Some(0));
+        // Unknown fields are skipped.
+        assert_eq!(health_status(&frame(b"\x12\x02hi\x08\x02")), Some(2));
+        assert_eq!(health_status(&frame(b"\x08")), None);
+        assert_eq!(health_status(b"\x00"), None);
+    }
 }

@@ -8,7 +8,10 @@
 //! required, an upstream failure) is written in the form the client's `Accept` asks
 //! for ([`Style`]): plain text, an HTML page for browsers, or an RFC 9457 problem
 //! document for API clients — each with the request id, so that a user's screenshot or
-//! an API client's log leads to the access log line.
+//! an API client's log leads to the access log line. A gRPC client (`Content-Type:
+//! application/grpc*`) gets a trailers-only gRPC response instead: HTTP 200 with the
+//! `grpc-status` that matches the failure (no endpoint → UNAVAILABLE, timeout →
+//! DEADLINE_EXCEEDED, rate limit → RESOURCE_EXHAUSTED, no route → UNIMPLEMENTED…).
 
 use std::io::Write as _;
 
@@ -22,6 +25,7 @@ use crate::limits::Rejection;
 const TEXT: &str = "text/plain; charset=utf-8";
 const HTML: &str = "text/html; charset=utf-8";
 const PROBLEM: &str = "application/problem+json";
+const GRPC: &str = "application/grpc";
 
 /// The form of the body of an error the proxy answers, chosen by the request's
 /// `Accept` (highest q-value wins; ties and `*/*` go to plain text).
@@ -35,12 +39,28 @@ pub enum Style {
     /// `application/problem+json` (RFC 9457), for `application/json` or
     /// `application/problem+json`.
     Json,
+    /// A gRPC call (`Content-Type: application/grpc*`): a trailers-only response whose
+    /// `grpc-status` and `grpc-message` say what failed.
+    Grpc,
 }
 
 impl Style {
+    /// The style a request with `headers` gets: gRPC for a gRPC call, else what its
+    /// `Accept` asks for.
+    #[must_use]
+    pub fn of(headers: &http::HeaderMap) -> Style {
+        let grpc = headers
+            .get(CONTENT_TYPE)
+            .is_some_and(|v| v.as_bytes().starts_with(GRPC.as_bytes()));
+        if grpc {
+            return Style::Grpc;
+        }
+        Style::of_accept(headers.get(http::header::ACCEPT))
+    }
+
     /// The style `accept` asks for.
     #[must_use]
-    pub fn of(accept: Option<&HeaderValue>) -> Style {
+    pub fn of_accept(accept: Option<&HeaderValue>) -> Style {
         let Some(accept) = accept.and_then(|v| v.to_str().ok()) else {
             return Style::Text;
         };
@@ -146,6 +166,8 @@ pub struct Rendered {
     pub header: Option<(HeaderName, HeaderValue)>,
     /// Body (not sent for HEAD).
     pub body: Bytes,
+    /// For a gRPC call: `grpc-status` and `grpc-message` (percent-encoded).
+    pub grpc: Option<(u8, HeaderValue)>,
 }
 
 impl Answer {
@@ -195,7 +217,13 @@ impl Answer {
         let text = || HeaderValue::from_static(TEXT);
         let fixed = |body: &'static str| Bytes::from_static(body.as_bytes());
         let status = self.status();
-        let error = |detail: &str| error_body(status, detail, style, id);
+        let mut grpc = None;
+        let mut error = |detail: &str| {
+            if style == Style::Grpc {
+                grpc = Some((grpc_code(status), grpc_message(detail)));
+            }
+            error_body(status, detail, style, id)
+        };
         let header = match self {
             Answer::Redirect { location, .. } => {
                 value(location).map(|v| (http::header::LOCATION, v))
@@ -233,10 +261,12 @@ impl Answer {
             (status == 503).then(|| (http::header::RETRY_AFTER, HeaderValue::from_static("1")))
         });
         Rendered {
-            status,
+            // A gRPC failure travels in grpc-status, on an HTTP 200 (the gRPC spec).
+            status: if grpc.is_some() { 200 } else { status },
             content_type,
             header,
             body,
+            grpc,
         }
     }
 
@@ -266,6 +296,10 @@ impl Answer {
         if let Some((name, v)) = &r.header {
             put(name.as_str().as_bytes(), v.as_bytes());
         }
+        if let Some((code, message)) = &r.grpc {
+            put(b"grpc-status", code.to_string().as_bytes());
+            put(b"grpc-message", message.as_bytes());
+        }
         put(id.0.as_str().as_bytes(), id.1.as_bytes());
         if close {
             put(b"connection", b"close");
@@ -293,6 +327,10 @@ impl Answer {
         head.insert_header(CONTENT_LENGTH, r.body.len())?;
         if let Some((name, v)) = r.header {
             head.insert_header(name, v)?;
+        }
+        if let Some((code, message)) = r.grpc {
+            head.insert_header("grpc-status", u16::from(code))?;
+            head.insert_header("grpc-message", message)?;
         }
         if let Some((name, v)) = id {
             head.insert_header(name.clone(), v.clone())?;
@@ -324,6 +362,7 @@ fn error_body(
     let id = id.map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
     let title = title(status);
     let (content_type, body) = match style {
+        Style::Grpc => return (HeaderValue::from_static(GRPC), Bytes::new()),
         Style::Text => (
             TEXT,
             match &id {
@@ -359,6 +398,36 @@ fn error_body(
         }
     };
     (HeaderValue::from_static(content_type), Bytes::from(body))
+}
+
+/// The gRPC status code of a failure the proxy answers with HTTP `status` (the gRPC
+/// HTTP mapping, with the proxy's own meanings: 429 is its rate limit, 504 and 408
+/// its timeouts).
+fn grpc_code(status: u16) -> u8 {
+    match status {
+        400 => 13,            // INTERNAL: a malformed request
+        401 => 16,            // UNAUTHENTICATED
+        403 => 7,             // PERMISSION_DENIED
+        404 => 12,            // UNIMPLEMENTED: no route for this method
+        408 | 504 => 4,       // DEADLINE_EXCEEDED
+        413 | 429 | 431 => 8, // RESOURCE_EXHAUSTED
+        502 | 503 => 14,      // UNAVAILABLE: retry may help
+        _ => 2,               // UNKNOWN
+    }
+}
+
+/// `grpc-message`: the detail percent-encoded as the gRPC spec asks (bytes outside
+/// printable ASCII, and `%`).
+fn grpc_message(detail: &str) -> HeaderValue {
+    let mut out = String::with_capacity(detail.len());
+    for b in detail.bytes() {
+        if (0x20..0x7f).contains(&b) && b != b'%' {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    HeaderValue::from_str(&out).unwrap_or_else(|_| HeaderValue::from_static(""))
 }
 
 /// The reason phrase of `status`, or "Error" for a code without one.
@@ -414,8 +483,8 @@ mod tests {
 
     #[test]
     fn the_accept_header_chooses_the_form_of_an_error() {
-        let of = |v: &'static str| Style::of(Some(&HeaderValue::from_static(v)));
-        assert_eq!(Style::of(None), Style::Text);
+        let of = |v: &'static str| Style::of_accept(Some(&HeaderValue::from_static(v)));
+        assert_eq!(Style::of_accept(None), Style::Text);
         assert_eq!(of("*/*"), Style::Text);
         // Firefox and Chrome.
         assert_eq!(

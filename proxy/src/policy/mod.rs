@@ -95,6 +95,9 @@ pub struct Forward {
     /// Forwarding headers to set (X-Forwarded-*, Forwarded, traceparent), replacing
     /// the client's.
     pub forwarded: Vec<(&'static str, String)>,
+    /// The request's whole time budget: the pool's `timeouts.total`, or less when a
+    /// gRPC client set a deadline (`grpc-timeout`).
+    pub total: Duration,
 }
 
 tokio::task_local! {
@@ -312,6 +315,11 @@ fn forward_plan(
             stripped,
         )
     });
+    let total = route
+        .pool
+        .as_ref()
+        .map_or(Duration::MAX, |pool| pool.timeouts.total.0);
+    let total = grpc_timeout(&parts.headers).map_or(total, |t| t.min(total));
     Forward {
         route: idx,
         client_ip,
@@ -319,7 +327,28 @@ fn forward_plan(
         host: authority.value,
         target,
         forwarded,
+        total,
     }
+}
+
+/// A gRPC client's deadline (`grpc-timeout`: up to 8 digits and a unit, H M S m u n).
+/// An invalid value is ignored, as gRPC servers do.
+fn grpc_timeout(headers: &http::HeaderMap) -> Option<Duration> {
+    let v = headers.get("grpc-timeout")?.to_str().ok()?;
+    let (digits, unit) = v.split_at(v.len().checked_sub(1)?);
+    if digits.is_empty() || digits.len() > 8 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n * 3600),
+        "M" => Duration::from_secs(n * 60),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
 }
 
 /// Whole seconds of `wait`, rounded up, at least 1 (for Retry-After).
@@ -394,4 +423,25 @@ pub fn raw_target(head: &[u8]) -> Option<&[u8]> {
     let mut parts = line.split(|&b| b == b' ').filter(|p| !p.is_empty());
     parts.next()?;
     parts.next()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_timeouts_parse_as_the_grpc_spec_writes_them() {
+        let of = |v: &'static str| {
+            let mut h = http::HeaderMap::new();
+            h.insert("grpc-timeout", HeaderValue::from_static(v));
+            grpc_timeout(&h)
+        };
+        assert_eq!(of("300m"), Some(Duration::from_millis(300)));
+        assert_eq!(of("2S"), Some(Duration::from_secs(2)));
+        assert_eq!(of("1H"), Some(Duration::from_secs(3600)));
+        assert_eq!(of("99999999n"), Some(Duration::from_nanos(99_999_999)));
+        for bad in ["", "m", "123456789m", "10x", "-1S", "1.5S"] {
+            assert_eq!(of(bad), None, "{bad}");
+        }
+    }
 }
