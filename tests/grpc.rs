@@ -487,3 +487,55 @@ async fn a_grpc_health_check_takes_a_not_serving_endpoint_out() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn h2c_clients_reach_grpc_services_on_the_plain_listener_when_it_is_enabled() {
+    common::init();
+    let (service, _task) = start_service(Echo::default()).await;
+    let h2c_client = |proxy: &Proxy| {
+        tonic::transport::Channel::from_shared(format!("http://{}", proxy.http))
+            .unwrap()
+            .connect_timeout(Duration::from_secs(5))
+            .timeout(Duration::from_secs(5))
+            .connect_lazy()
+    };
+    // The start of the body is still in [listeners].
+    let on = format!("h2c = true\n{}", config(service, "", ""));
+    for server in ["", "http1_fast_path = false\nhttp2_fast_path = false"] {
+        let proxy = Proxy::start_with(server, &on).await;
+        let mut grpc = tonic::client::Grpc::new(h2c_client(&proxy));
+        let got = say(&mut grpc, Request::new(msg("over h2c", 1)))
+            .await
+            .unwrap();
+        assert_eq!(got, msg("said over h2c", 1));
+        // HTTP/1 beside it, a request shorter than the preface included.
+        for request in [
+            "GET / HTTP/1.0\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n",
+        ] {
+            let mut tcp = tokio::net::TcpStream::connect(proxy.http).await.unwrap();
+            tokio::io::AsyncWriteExt::write_all(&mut tcp, request.as_bytes())
+                .await
+                .unwrap();
+            let mut out = Vec::new();
+            let read = tokio::time::timeout(
+                Duration::from_secs(5),
+                tokio::io::AsyncReadExt::read_to_end(&mut tcp, &mut out),
+            )
+            .await;
+            let out = String::from_utf8_lossy(&out);
+            assert!(
+                read.is_ok(),
+                "{server:?} {request:?}: a stall after {out:?}"
+            );
+            assert!(
+                out.starts_with("HTTP/1.1 404"),
+                "{server:?} {request:?}: {out}"
+            );
+        }
+    }
+    // Off by default: the preface is not HTTP/1.
+    let proxy = Proxy::start(&config(service, "", "")).await;
+    let mut grpc = tonic::client::Grpc::new(h2c_client(&proxy));
+    assert!(say(&mut grpc, Request::new(msg("x", 0))).await.is_err());
+}

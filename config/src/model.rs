@@ -700,6 +700,10 @@ pub struct Listeners {
     /// is not valid HTTP or TLS and is refused.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub proxy_protocol_from: Vec<IpRange>,
+    /// Also serve HTTP/2 in cleartext with prior knowledge (h2c) on the `http`
+    /// listener, for gRPC clients on a private network; HTTP/1.1 is served beside it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub h2c: bool,
 }
 
 impl Default for Listeners {
@@ -710,6 +714,7 @@ impl Default for Listeners {
             admin: default_admin(),
             admin_token_file: None,
             proxy_protocol_from: Vec::new(),
+            h2c: false,
         }
     }
 }

@@ -232,6 +232,10 @@ pub fn status(live: &Live, generation: &Generation) -> Value {
                         "latency_ewma_ms": e.state.ewma_us() / 1000.0,
                         "requests": requests,
                         "failures": failures,
+                        "last_error": e.state.last_error().map(|last| json!({
+                            "ago_ms": now.saturating_sub(last.0),
+                            "reason": &*last.1,
+                        })),
                     })
                 })
                 .collect();

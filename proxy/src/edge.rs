@@ -115,6 +115,12 @@ pub struct RequestCtx {
     trace: Option<policy::Trace>,
     /// Every upstream attempt, when the request's span is exported.
     attempt_spans: Option<Vec<AttemptSpan>>,
+    /// The endpoint's connect gate, held while Pingora finds or opens the HTTP/2
+    /// connection of this attempt. Pingora's pool takes a connection out while it opens
+    /// a stream on it, and opens a new connection for every request that finds none:
+    /// a burst of 64 requests opened up to 51 connections to one h2c endpoint, one at a
+    /// time through the gate it opens one (tests/upstream_protocols.rs).
+    connecting: Option<tokio::sync::OwnedMutexGuard<()>>,
 }
 
 impl RequestCtx {
@@ -164,6 +170,7 @@ impl ProxyHttp for Edge {
             upstream_status: None,
             trace: None,
             attempt_spans: None,
+            connecting: None,
         }
     }
 
@@ -174,7 +181,16 @@ impl ProxyHttp for Edge {
     ) -> Result<()> {
         let limits = &ctx.generation.config.limits;
         let keepalive = limits.keepalive_timeout.0.as_secs().max(1);
-        session.set_keepalive(Some(keepalive));
+        // The keep-alive timeout applies to a connection that stays open: an HTTP/1.0
+        // request without `Connection: keep-alive` (or one with `close`) ends its
+        // connection after the answer, as RFC 9112 §9.3 has it.
+        let persistent = session
+            .as_downstream()
+            .as_http1()
+            .is_none_or(pingora::protocols::http::v1::server::HttpSession::will_keepalive);
+        if persistent {
+            session.set_keepalive(Some(keepalive));
+        }
         let downstream = session.as_downstream_mut();
         downstream.set_read_timeout(Some(limits.body_read_timeout.0));
         downstream.set_write_timeout(Some(limits.send_timeout.0));
@@ -317,6 +333,11 @@ impl ProxyHttp for Edge {
             .proxy_protocol
             .and_then(|_| Some((inet(session.client_addr())?, inet(session.server_addr())?)));
         let mut peer = pool.peer.peer(endpoint, client, t.connect.0.min(left));
+        if pool.peer.multiplexed() {
+            // Bounded: past the connect timeout, go on without the gate.
+            let gate = endpoint.state.connect_gate().lock_owned();
+            ctx.connecting = tokio::time::timeout(t.connect.0.min(left), gate).await.ok();
+        }
         peer.options.connection_timeout = Some(t.connect.0.min(left));
         peer.options.read_timeout = Some(t.first_byte.0.min(left));
         peer.options.write_timeout = Some(t.first_byte.0.min(left));
@@ -333,6 +354,7 @@ impl ProxyHttp for Edge {
         digest: Option<&pingora::protocols::Digest>,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
+        ctx.connecting = None;
         // Pingora's connector offers TLS 1.2 and 1.3: a pool that wants 1.3 only refuses
         // a connection that settled for less before any request byte is sent on it.
         if let Some(tls) = ctx.pool().and_then(|p| p.peer.tls.as_ref()) {
@@ -526,9 +548,14 @@ impl ProxyHttp for Edge {
         ctx: &mut RequestCtx,
         mut e: Box<Error>,
     ) -> Box<Error> {
+        ctx.connecting = None;
         let Some(pool) = ctx.pool().cloned() else {
             return e;
         };
+        if let Some(idx) = ctx.endpoint {
+            // Why, for /status (a TLS failure names the certificate problem).
+            pool.states[idx].note_error(now_ms(), format!("connecting: {e}"));
+        }
         self.record_failure(ctx, &pool, FailureKind::Connect);
         // Nothing reached the upstream: a retry is safe for any method, but a body that
         // was already read from the client cannot be replayed.

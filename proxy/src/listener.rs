@@ -238,7 +238,16 @@ impl EdgeApp {
         let header_timeout = limits.header_read_timeout.0;
         drop(generation);
 
+        let h2c = self.tls.is_none() && self.current.load().config.listeners.h2c;
         let (stream, tls): (Stream, _) = match &self.tls {
+            None if h2c => match sniff_h2c(stream, header_timeout).await {
+                Some((stream, true)) => {
+                    Box::pin(self.serve_http2(stream, client, None, shutdown)).await;
+                    return;
+                }
+                Some((stream, false)) => (stream, None),
+                None => return,
+            },
             None => (stream, None),
             // Boxed: the handshake's state is large and needed only until it completes,
             // while this future lives as long as the connection.
@@ -558,6 +567,42 @@ impl EdgeApp {
 }
 
 /// A metric label for why a handshake failed, from the rustls error underneath.
+/// The HTTP/2 connection preface (RFC 9113 §3.4).
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Whether a cleartext connection opens with the HTTP/2 preface (h2c with prior
+/// knowledge): reads until the bytes differ from it or it is complete, then puts them
+/// back, so that either protocol reads the connection from its start. `None`: the
+/// connection closed or stalled first.
+async fn sniff_h2c(stream: Stream, limit: Duration) -> Option<(Stream, bool)> {
+    let Ok(mut l4) = stream
+        .into_any()
+        .downcast::<pingora::protocols::l4::stream::Stream>()
+    else {
+        // Pingora's TCP listener hands out only l4 streams; anything else is closed.
+        return None;
+    };
+    let mut seen = Vec::with_capacity(H2_PREFACE.len());
+    let read = async {
+        let mut buf = [0u8; 24];
+        while seen.len() < H2_PREFACE.len() && H2_PREFACE.starts_with(&seen) {
+            let want = H2_PREFACE.len() - seen.len();
+            let n = tokio::io::AsyncReadExt::read(&mut *l4, &mut buf[..want])
+                .await
+                .ok()?;
+            if n == 0 {
+                return None;
+            }
+            seen.extend_from_slice(&buf[..n]);
+        }
+        Some(())
+    };
+    tokio::time::timeout(limit, read).await.ok()??;
+    let h2 = seen == H2_PREFACE;
+    l4.rewind(&seen);
+    Some((l4, h2))
+}
+
 /// Runs Pingora's request future with what its path reads from the task: the TLS
 /// connection, and a decision a fast path already made.
 async fn in_context<F: std::future::Future>(

@@ -93,6 +93,13 @@ impl PeerSettings {
             && self.proxy_protocol.is_none()
     }
 
+    /// Whether requests share connections as HTTP/2 streams (`h2`, `h2c`; `auto` learns
+    /// it per connection).
+    #[must_use]
+    pub fn multiplexed(&self) -> bool {
+        matches!(self.protocol, UpstreamProtocol::H2 | UpstreamProtocol::H2c)
+    }
+
     /// Pingora's peer for one attempt at `endpoint`. `client` is the client
     /// connection's (source, destination), for a pool that sends the PROXY header.
     #[must_use]

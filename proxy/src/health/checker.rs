@@ -17,7 +17,7 @@ use rampart_config::{HealthCheck, Probe};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::task::JoinHandle;
 
-use super::EndpointState;
+use super::{now_ms, EndpointState};
 use crate::live::Live;
 use crate::peer::{PeerSettings, ProbeIo};
 
@@ -121,6 +121,14 @@ async fn probe_loop(target: Target) {
         let result =
             tokio::time::timeout(check.timeout.0, probe(addr, &id, &check.probe, &peer)).await;
         let ok = matches!(result, Ok(Ok(())));
+        match &result {
+            Ok(Err(e)) => state.note_error(now_ms(), format!("health check: {e:#}")),
+            Err(_) => state.note_error(
+                now_ms(),
+                format!("health check: no answer within {:?}", check.timeout.0),
+            ),
+            Ok(Ok(())) => {}
+        }
         if let Some(now_healthy) =
             state.record_probe(ok, check.healthy_threshold, check.unhealthy_threshold)
         {

@@ -54,6 +54,13 @@ pub struct EndpointState {
     /// `now_ms()` when the endpoint left its pool (0: it serves). Requests still in
     /// flight on it are cut once the pool's drain timeout has passed since.
     removed_at_ms: AtomicU64,
+    /// The last failure to reach it (a connect or TLS error, a failed probe) and when,
+    /// for /status: written only when something fails.
+    last_error: arc_swap::ArcSwapOption<(u64, Box<str>)>,
+    /// Held by a request of an HTTP/2 pool while Pingora finds or opens its connection
+    /// to this endpoint, so that a burst of requests shares one new connection instead
+    /// of each opening its own (see `edge::RequestCtx::connecting`).
+    connect_gate: std::sync::Arc<tokio::sync::Mutex<()>>,
 }
 
 impl Default for EndpointState {
@@ -71,6 +78,8 @@ impl Default for EndpointState {
             requests: AtomicU64::new(0),
             failures: AtomicU64::new(0),
             removed_at_ms: AtomicU64::new(0),
+            last_error: arc_swap::ArcSwapOption::empty(),
+            connect_gate: std::sync::Arc::default(),
         }
     }
 }
@@ -96,6 +105,24 @@ impl EndpointState {
     pub fn is_available(&self, now_ms: u64) -> bool {
         self.active_healthy.load(Ordering::Relaxed)
             && self.ejected_until_ms.load(Ordering::Relaxed) <= now_ms
+    }
+
+    /// The gate a request of an HTTP/2 pool holds while it gets its connection.
+    #[must_use]
+    pub fn connect_gate(&self) -> std::sync::Arc<tokio::sync::Mutex<()>> {
+        self.connect_gate.clone()
+    }
+
+    /// Notes why the endpoint could not be reached at `now_ms` (shown in /status).
+    pub fn note_error(&self, now_ms: u64, reason: impl Into<Box<str>>) {
+        self.last_error
+            .store(Some(std::sync::Arc::new((now_ms, reason.into()))));
+    }
+
+    /// The last failure noted, with its `now_ms()` time.
+    #[must_use]
+    pub fn last_error(&self) -> Option<std::sync::Arc<(u64, Box<str>)>> {
+        self.last_error.load_full()
     }
 
     /// Whether active checks consider the endpoint healthy.
