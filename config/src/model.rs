@@ -1173,6 +1173,60 @@ fn default_max_streams() -> u32 {
     100
 }
 
+impl Default for Pool {
+    /// A pool with no endpoints and every default (what a pool only discovery names
+    /// gets).
+    fn default() -> Self {
+        Self {
+            endpoints: Vec::new(),
+            balance: Balance::default(),
+            hash_key: None,
+            health_check: None,
+            passive_health: PassiveHealth::default(),
+            timeouts: Timeouts::default(),
+            retries: Retries::default(),
+            drain_timeout: default_drain_timeout(),
+            protocol: UpstreamProtocol::default(),
+            tls: None,
+            max_streams: default_max_streams(),
+            proxy_protocol: None,
+        }
+    }
+}
+
+/// How a pool's endpoints are reached, as a provider's labels set it for a pool the
+/// configuration file does not define (`rampart.pool.<name>.protocol`, `.tls.*`,
+/// `.max_streams`, `.proxy_protocol`). Absent fields keep the defaults.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct PoolSettings {
+    /// `protocol`.
+    pub protocol: Option<UpstreamProtocol>,
+    /// `tls`.
+    pub tls: Option<UpstreamTls>,
+    /// `max_streams`.
+    pub max_streams: Option<u32>,
+    /// `proxy_protocol`.
+    pub proxy_protocol: Option<ProxyProtocol>,
+}
+
+impl PoolSettings {
+    /// Sets what these settings name on `pool`.
+    pub fn apply(&self, pool: &mut Pool) {
+        if let Some(p) = self.protocol {
+            pool.protocol = p;
+        }
+        if let Some(tls) = &self.tls {
+            pool.tls = Some(tls.clone());
+        }
+        if let Some(n) = self.max_streams {
+            pool.max_streams = n;
+        }
+        if let Some(v) = self.proxy_protocol {
+            pool.proxy_protocol = Some(v);
+        }
+    }
+}
+
 /// The HTTP version a pool speaks to its endpoints.
 #[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]

@@ -844,6 +844,21 @@ fn route(config: &Config, origin: Origin, route: &Route, path: &FieldPath, out: 
     }
 }
 
+/// Every problem of one pool as `pools.<name>` (for pools a provider builds from
+/// labels); a pool without endpoints is not one.
+#[must_use]
+pub fn pool_issues(name: &str, p: &Pool) -> Vec<Issue> {
+    let mut out = Vec::new();
+    pool(
+        name,
+        p,
+        true,
+        &FieldPath::root().key("pools").key(name),
+        &mut out,
+    );
+    out
+}
+
 fn pool(name: &str, pool: &Pool, discovered: bool, path: &FieldPath, out: &mut Vec<Issue>) {
     if name.is_empty()
         || !name

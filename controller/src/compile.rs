@@ -143,7 +143,8 @@ pub fn merge_routes(config: &Config, found: &[Found]) -> Vec<rampart_config::Rou
 
 /// The configured pools with every provider's endpoints appended (each address once;
 /// the static entry wins). A pool only a provider's routes name is created with the
-/// defaults (round robin, passive health checks).
+/// defaults (round robin, passive health checks) and the provider's pool labels
+/// (protocol, TLS, PROXY protocol).
 #[must_use]
 pub fn merge_pools(config: &Config, found: &[Found]) -> BTreeMap<String, rampart_config::Pool> {
     let mut pools = config.pools.clone();
@@ -154,9 +155,11 @@ pub fn merge_pools(config: &Config, found: &[Found]) -> BTreeMap<String, rampart
                     .iter()
                     .any(|r| r.action == rampart_config::Action::Forward(name.clone()))
             {
-                if let Ok(pool) = toml::from_str::<rampart_config::Pool>("") {
-                    pools.insert(name.clone(), pool);
+                let mut pool = rampart_config::Pool::default();
+                if let Some(settings) = f.pool_settings.get(name) {
+                    settings.apply(&mut pool);
                 }
+                pools.insert(name.clone(), pool);
             }
             let Some(pool) = pools.get_mut(name) else {
                 continue;
@@ -209,6 +212,54 @@ mod tests {
             .collect();
         assert_eq!(addrs, ["127.0.0.1:10", "127.0.0.1:11"]);
         assert!(!pools.contains_key("gone"));
+    }
+
+    #[test]
+    fn a_pool_only_labels_define_takes_their_settings_and_the_files_pool_wins() {
+        let config = rampart_config::parse(
+            "[listeners]\nhttp = \"127.0.0.1:1\"\n[pools.web]\nendpoints = [{ address = \"127.0.0.1:10\" }]\n",
+            "t",
+        )
+        .unwrap();
+        let ep = Endpoint {
+            address: "127.0.0.1:20".parse().unwrap(),
+            weight: 1,
+        };
+        let h2c = rampart_config::PoolSettings {
+            protocol: Some(rampart_config::UpstreamProtocol::H2c),
+            ..Default::default()
+        };
+        let route = |pool: &str| {
+            let mut r = rampart_config::parse(
+                "[listeners]\nhttp = \"127.0.0.1:1\"\n[[routes]]\nname = \"r\"\naction = { respond = { status = 200 } }\n",
+                "t",
+            )
+            .unwrap()
+            .routes
+            .remove(0);
+            r.name = pool.to_string();
+            r.action = rampart_config::Action::Forward(pool.to_string());
+            r
+        };
+        let found = Found {
+            pools: [
+                ("grpc".to_string(), vec![ep.clone()]),
+                ("web".to_string(), vec![ep]),
+            ]
+            .into(),
+            pool_settings: [("grpc".to_string(), h2c.clone()), ("web".to_string(), h2c)].into(),
+            routes: vec![route("grpc"), route("web")],
+            ..Found::default()
+        };
+        let pools = merge_pools(&config, &[found]);
+        assert_eq!(
+            pools["grpc"].protocol,
+            rampart_config::UpstreamProtocol::H2c
+        );
+        assert_eq!(
+            pools["web"].protocol,
+            rampart_config::UpstreamProtocol::Http1
+        );
     }
 
     #[test]

@@ -315,6 +315,9 @@ impl DockerProvider {
     /// Routes, endpoints and proxies from `units`.
     fn assemble(&self, units: Vec<Unit>, mut found: Found) -> Found {
         let mut routes: BTreeMap<String, (String, Route)> = BTreeMap::new();
+        // pool -> (the container whose settings were taken first, them)
+        let mut settings: BTreeMap<String, (String, rampart_config::PoolSettings)> =
+            BTreeMap::new();
         for Unit {
             name,
             id,
@@ -332,6 +335,19 @@ impl DockerProvider {
             match labels::parse(&name, &labels, ip) {
                 Ok(Some(l)) => {
                     for (pool, ep) in l.endpoints {
+                        // A container that names no settings for its pool takes the
+                        // others' (it disagrees only by saying something else).
+                        match (settings.get(&pool), l.settings.get(&pool)) {
+                            (Some((first, existing)), Some(mine)) if existing != mine => {
+                                found.errors.push(format!(
+                                    "{name}: the labels of pool {pool} differ from those on {first}; give every container of a pool the same pool labels"
+                                ));
+                            }
+                            (None, Some(mine)) => {
+                                settings.insert(pool.clone(), (name.clone(), mine.clone()));
+                            }
+                            _ => {}
+                        }
                         found.pools.entry(pool).or_default().push(ep);
                     }
                     for r in l.routes {
@@ -352,6 +368,7 @@ impl DockerProvider {
             }
         }
         found.routes = routes.into_values().map(|(_, r)| r).collect();
+        found.pool_settings = settings.into_iter().map(|(p, (_, s))| (p, s)).collect();
         // A service whose containers are all gone (a redeploy, a crash loop) keeps its
         // route for a while, with an empty pool: clients get 503 and Retry-After.
         let now = std::time::Instant::now();

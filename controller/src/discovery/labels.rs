@@ -13,7 +13,16 @@
 //! rampart.route.site.access_log=false
 //! rampart.route.site.strip_prefix=true  # forward /app/x as /x (needs a path)
 //! rampart.route.site.allow_from=10.0.0.0/8,192.0.2.7  # others get 403
+//! rampart.pool.api.protocol=h2c          # http1 (default), h2, h2c, auto
+//! rampart.pool.api.tls=true              # TLS to the endpoints (system roots)
+//! rampart.pool.api.tls.server_name=api.internal   # also tls.ca_file, tls.client_cert,
+//!                                                 # tls.client_key, tls.min_version
+//! rampart.pool.api.max_streams=100       # HTTP/2 streams per connection
+//! rampart.pool.api.proxy_protocol=v2     # v1 or v2
 //! ```
+//!
+//! Pool settings apply to a pool the configuration file does not define (the file's
+//! pool wins), and every container of a pool must give the same ones.
 //!
 //! A bad label is reported with the container and the fix, and only that container is
 //! left out: it never breaks other routes.
@@ -23,7 +32,10 @@
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 
-use rampart_config::{Action, Endpoint, HostPattern, Route};
+use rampart_config::{
+    Action, Endpoint, HostPattern, Pool, PoolSettings, ProxyProtocol, Route, TlsVersion,
+    UpstreamProtocol, UpstreamTls,
+};
 
 /// Label prefix.
 const PREFIX: &str = "rampart.";
@@ -35,6 +47,8 @@ pub struct Labelled {
     pub routes: Vec<Route>,
     /// This container as an endpoint of each pool it joins.
     pub endpoints: BTreeMap<String, Endpoint>,
+    /// How each pool's endpoints are reached, where labels say so.
+    pub settings: BTreeMap<String, PoolSettings>,
 }
 
 /// Reads `labels` of the container `source` reachable at `ip`. `Ok(None)`: not enabled.
@@ -61,6 +75,7 @@ pub fn parse(
     };
     // pool name -> (port, weight)
     let mut pools: BTreeMap<String, (Option<u16>, u32)> = BTreeMap::new();
+    let mut settings: BTreeMap<String, PoolSettings> = BTreeMap::new();
     // route name -> fields
     let mut routes: BTreeMap<String, BTreeMap<String, (String, String)>> = BTreeMap::new();
     for (key, value) in labels {
@@ -83,7 +98,12 @@ pub fn parse(
                         Ok(w) if (1..=1000).contains(&w) => entry.1 = w,
                         _ => err(&mut errors, key, value, "use a weight from 1 to 1000"),
                     },
-                    _ => err(&mut errors, key, value, "known pool labels: port, weight"),
+                    field => {
+                        let set = settings.entry((*name).to_string()).or_default();
+                        if let Err(fix) = pool_setting(set, field, value) {
+                            err(&mut errors, key, value, &fix);
+                        }
+                    }
                 }
             }
             ["route", name, field] if valid_name(name) => {
@@ -146,6 +166,17 @@ pub fn parse(
             )),
         }
     }
+    for (name, set) in settings {
+        let mut pool = Pool::default();
+        set.apply(&mut pool);
+        for issue in rampart_config::validate::pool_issues(&name, &pool) {
+            errors.push(format!(
+                "{source}: labels of pool {name}: {}: {} (fix: {})",
+                issue.path, issue.message, issue.hint
+            ));
+        }
+        out.settings.insert(name, set);
+    }
     for (name, fields) in routes {
         match route(source, &name, &fields, &pools) {
             Ok(r) => out.routes.push(r),
@@ -162,6 +193,60 @@ pub fn parse(
     } else {
         Err(errors)
     }
+}
+
+/// Reads one pool setting label (`protocol`, `tls`, `tls.<field>`, `max_streams`,
+/// `proxy_protocol`) into `set`; the error is the fix.
+fn pool_setting(set: &mut PoolSettings, field: &str, value: &str) -> Result<(), String> {
+    let path = || Some(std::path::PathBuf::from(value));
+    match field {
+        "protocol" => {
+            set.protocol = Some(match value {
+                "http1" => UpstreamProtocol::Http1,
+                "h2" => UpstreamProtocol::H2,
+                "h2c" => UpstreamProtocol::H2c,
+                "auto" => UpstreamProtocol::Auto,
+                _ => return Err("use http1, h2 (over TLS), h2c (cleartext) or auto".into()),
+            });
+        }
+        "proxy_protocol" => {
+            set.proxy_protocol = Some(match value {
+                "v1" => ProxyProtocol::V1,
+                "v2" => ProxyProtocol::V2,
+                _ => return Err("use v1 or v2".into()),
+            });
+        }
+        "max_streams" => match value.parse::<u32>() {
+            Ok(n) => set.max_streams = Some(n),
+            Err(_) => return Err("use a number of streams, e.g. 100".into()),
+        },
+        "tls" => match value {
+            "true" => {
+                tls(set);
+            }
+            "false" => set.tls = None,
+            _ => return Err("use true or false".into()),
+        },
+        "tls.server_name" => tls(set).server_name = Some(value.to_string()),
+        "tls.ca_file" => tls(set).ca_file = path(),
+        "tls.client_cert" => tls(set).client_cert = path(),
+        "tls.client_key" => tls(set).client_key = path(),
+        "tls.min_version" => {
+            tls(set).min_version = match value {
+                "1.2" => TlsVersion::Tls12,
+                "1.3" => TlsVersion::Tls13,
+                _ => return Err("use 1.2 or 1.3".into()),
+            };
+        }
+        _ => {
+            return Err("known pool labels: port, weight, protocol, tls, tls.server_name, tls.ca_file, tls.client_cert, tls.client_key, tls.min_version, max_streams, proxy_protocol".into())
+        }
+    }
+    Ok(())
+}
+
+fn tls(set: &mut PoolSettings) -> &mut UpstreamTls {
+    set.tls.get_or_insert_with(UpstreamTls::default)
 }
 
 fn valid_name(name: &str) -> bool {
@@ -296,6 +381,64 @@ fn parse_rate(s: &str) -> Option<rampart_config::RateLimit> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pool_labels_set_protocol_tls_and_proxy_protocol_or_say_what_is_wrong() {
+        let l = parse(
+            "c",
+            &labels(&[
+                ("rampart.enable", "true"),
+                ("rampart.pool.api.port", "50051"),
+                ("rampart.pool.api.protocol", "h2"),
+                ("rampart.pool.api.tls.server_name", "api.internal"),
+                ("rampart.pool.api.tls.ca_file", "/etc/ca.pem"),
+                ("rampart.pool.api.max_streams", "50"),
+                ("rampart.pool.api.proxy_protocol", "v2"),
+            ]),
+            IP,
+        )
+        .unwrap()
+        .unwrap();
+        let set = &l.settings["api"];
+        assert_eq!(set.protocol, Some(UpstreamProtocol::H2));
+        let tls = set.tls.as_ref().unwrap();
+        assert_eq!(tls.server_name.as_deref(), Some("api.internal"));
+        assert_eq!(
+            tls.ca_file.as_deref(),
+            Some(std::path::Path::new("/etc/ca.pem"))
+        );
+        assert_eq!(
+            (set.max_streams, set.proxy_protocol),
+            (Some(50), Some(ProxyProtocol::V2))
+        );
+
+        let e = parse(
+            "c",
+            &labels(&[
+                ("rampart.enable", "true"),
+                ("rampart.pool.api.port", "50051"),
+                ("rampart.pool.api.protocol", "h3"),
+                ("rampart.pool.web.port", "80"),
+                ("rampart.pool.web.protocol", "h2"),
+                ("rampart.pool.web.tlss", "true"),
+            ]),
+            IP,
+        )
+        .unwrap_err();
+        let text = e.join("\n");
+        assert!(
+            text.contains("rampart.pool.api.protocol=\"h3\": use http1, h2"),
+            "{text}"
+        );
+        assert!(
+            text.contains("rampart.pool.web.tlss=\"true\": known pool labels"),
+            "{text}"
+        );
+        assert!(
+            text.contains("labels of pool web: pools.web.protocol"),
+            "{text}"
+        );
+    }
 
     #[test]
     fn rate_limit_labels_parse_or_say_what_is_wrong() {

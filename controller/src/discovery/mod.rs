@@ -21,6 +21,9 @@ use tokio::sync::watch;
 pub struct Found {
     /// Endpoints by pool name.
     pub pools: BTreeMap<String, Vec<Endpoint>>,
+    /// How the endpoints of a pool are reached, where labels say so (for pools the
+    /// configuration file does not define).
+    pub pool_settings: BTreeMap<String, rampart_config::PoolSettings>,
     /// Routes the provider defines (container labels), forwarding to its pools.
     pub routes: Vec<rampart_config::Route>,
     /// Problems of the last read, each naming its source and the fix.
