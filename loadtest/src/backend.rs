@@ -1,5 +1,6 @@
 //! `rampart-loadtest backend`: a fast upstream for benchmarks and scenarios (hyper,
-//! HTTP/1.1 with keep-alive). Every response carries a fixed body; optional delay and
+//! HTTP/1.1 with keep-alive, or with `--h2c` HTTP/2 in cleartext, where a gRPC call
+//! gets a gRPC answer: one message and `grpc-status: 0` in trailers). Every response carries a fixed body; optional delay and
 //! a random failure rate (answered 500) simulate slow and flaky services. `/healthz`
 //! always answers 200 so health checks see the process, not the failure rate.
 
@@ -27,6 +28,8 @@ pub struct BackendConfig {
     pub fail_rate: f64,
     /// Name sent in `x-backend` (tells scenarios which endpoint answered).
     pub name: String,
+    /// Serve HTTP/2 with prior knowledge instead of HTTP/1.1.
+    pub h2c: bool,
 }
 
 /// Binds `listen` and serves until the task is dropped; returns the bound address.
@@ -48,6 +51,10 @@ pub async fn spawn(
             // Benchmarks measure latency; Nagle would add up to 40 ms to small responses.
             let _ = stream.set_nodelay(true);
             let shared = shared.clone();
+            if shared.0.h2c {
+                tokio::spawn(serve_h2c(stream, shared));
+                continue;
+            }
             tokio::spawn(async move {
                 let svc = hyper::service::service_fn(move |req| {
                     let shared = shared.clone();
@@ -62,6 +69,48 @@ pub async fn spawn(
         }
     });
     Ok((addr, task))
+}
+
+/// One HTTP/2 (prior knowledge) connection: plain requests get [`answer`]'s response,
+/// gRPC calls (`Content-Type: application/grpc`) a gRPC one.
+async fn serve_h2c(stream: tokio::net::TcpStream, shared: Arc<(BackendConfig, Bytes)>) {
+    use http_body_util::BodyExt;
+    let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+        let shared = shared.clone();
+        async move {
+            let grpc = req
+                .headers()
+                .get("content-type")
+                .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+            if !grpc {
+                let resp = answer(&req, &shared.0, &shared.1).await;
+                return Ok::<_, Infallible>(resp.map(|b| b.map_err(|e| match e {}).boxed()));
+            }
+            // Read the call's message, then answer one of the configured size.
+            let _ = req.into_body().collect().await;
+            let mut message = Vec::with_capacity(5 + shared.1.len());
+            message.push(0);
+            message.extend_from_slice(&u32::try_from(shared.1.len()).unwrap_or(0).to_be_bytes());
+            message.extend_from_slice(&shared.1);
+            let mut trailers = http::HeaderMap::new();
+            trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+            let frames = [
+                Ok::<_, Infallible>(hyper::body::Frame::data(Bytes::from(message))),
+                Ok(hyper::body::Frame::trailers(trailers)),
+            ];
+            let body = http_body_util::StreamBody::new(futures_util::stream::iter(frames));
+            let resp = Response::builder()
+                .header("content-type", "application/grpc")
+                .body(body.boxed())
+                .expect("static status and headers are valid");
+            Ok(resp)
+        }
+    });
+    // A client that goes away mid-request is normal under load.
+    let _ = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+        .max_concurrent_streams(1000)
+        .serve_connection(TokioIo::new(stream), svc)
+        .await;
 }
 
 async fn answer(
@@ -108,18 +157,31 @@ impl BackendProcess {
     /// # Errors
     /// When the process cannot start or does not say where it listens.
     pub fn spawn(body_bytes: usize) -> anyhow::Result<Self> {
+        Self::spawn_with(body_bytes, false)
+    }
+
+    /// [`BackendProcess::spawn`], serving HTTP/2 in cleartext when `h2c`.
+    ///
+    /// # Errors
+    /// When the process cannot start or does not say where it listens.
+    pub fn spawn_with(body_bytes: usize, h2c: bool) -> anyhow::Result<Self> {
         use anyhow::Context;
         use std::io::BufRead;
+        let body_bytes = body_bytes.to_string();
+        let mut args = vec![
+            "backend",
+            "--listen",
+            "127.0.0.1:0",
+            "--threads",
+            "1",
+            "--body-bytes",
+            &body_bytes,
+        ];
+        if h2c {
+            args.push("--h2c");
+        }
         let mut child = std::process::Command::new(std::env::current_exe()?)
-            .args([
-                "backend",
-                "--listen",
-                "127.0.0.1:0",
-                "--threads",
-                "1",
-                "--body-bytes",
-                &body_bytes.to_string(),
-            ])
+            .args(args)
             .stdout(std::process::Stdio::piped())
             .spawn()?;
         let stdout = child.stdout.take().context("backend stdout")?;

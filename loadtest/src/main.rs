@@ -51,6 +51,10 @@ enum Command {
         /// name, which in a container is its id), so that a client can tell who answered.
         #[arg(long)]
         name: Option<String>,
+        /// Serve HTTP/2 in cleartext (prior knowledge), and gRPC calls with a gRPC
+        /// answer.
+        #[arg(long)]
+        h2c: bool,
     },
     /// Scenarios that start Rampart (and peers) themselves.
     #[command(subcommand)]
@@ -221,6 +225,7 @@ fn main() -> anyhow::Result<()> {
             fail_rate,
             threads,
             name,
+            h2c,
         } => runtime(Some(threads))?.block_on(async {
             let name = name.unwrap_or_else(|| {
                 std::fs::read_to_string("/etc/hostname")
@@ -234,6 +239,7 @@ fn main() -> anyhow::Result<()> {
                 delay: Duration::from_millis(delay),
                 fail_rate,
                 name,
+                h2c,
             };
             let (addr, task) = backend::spawn(listen, config).await?;
             println!("listening on {addr}");

@@ -378,6 +378,7 @@ async fn swap_under_load(
                 delay: Duration::ZERO,
                 fail_rate: 0.0,
                 name: format!("b{i}"),
+                h2c: false,
             },
         )
         .await?;

@@ -96,6 +96,13 @@ pub enum Test {
     /// HTTP/2 over TLS, 100 connections × 100 streams in flight (h2load -c100 -m100).
     #[value(name = "h2-c100-m100")]
     H2C100M100,
+    /// HTTP/2 over TLS (-m10) to a backend that speaks HTTP/2 too (h2c): Rampart's
+    /// `protocol = "h2c"` pool, nginx's `grpc_pass`, HAProxy's `proto h2`.
+    #[value(name = "h2-upstream")]
+    H2Upstream,
+    /// gRPC unary calls over TLS (-m10, as ghz loads a service) to an h2c backend.
+    #[value(name = "grpc-unary")]
+    GrpcUnary,
     /// 16 KiB response body over HTTP/1.1.
     #[value(name = "body-16k")]
     Body16k,
@@ -105,13 +112,15 @@ pub enum Test {
 
 impl Test {
     /// Every test, in the order a round runs them.
-    pub const ALL: [Test; 8] = [
+    pub const ALL: [Test; 10] = [
         Test::Http,
         Test::HttpsKeepalive,
         Test::HttpsNewConn,
         Test::H2,
         Test::H2M10,
         Test::H2C100M100,
+        Test::H2Upstream,
+        Test::GrpcUnary,
         Test::Body16k,
         Test::OpenLoop,
     ];
@@ -126,6 +135,8 @@ impl Test {
             Test::H2 => "h2",
             Test::H2M10 => "h2-m10",
             Test::H2C100M100 => "h2-c100-m100",
+            Test::H2Upstream => "h2-upstream",
+            Test::GrpcUnary => "grpc-unary",
             Test::Body16k => "body-16k",
             Test::OpenLoop => "open-loop",
         }
@@ -139,18 +150,28 @@ impl Test {
                 | Test::H2
                 | Test::H2M10
                 | Test::H2C100M100
+                | Test::H2Upstream
+                | Test::GrpcUnary
                 | Test::OpenLoop
         )
     }
 
     fn is_h2(self) -> bool {
-        matches!(self, Test::H2 | Test::H2M10 | Test::H2C100M100)
+        matches!(
+            self,
+            Test::H2 | Test::H2M10 | Test::H2C100M100 | Test::H2Upstream | Test::GrpcUnary
+        )
+    }
+
+    /// Whether the target forwards it to the HTTP/2 (h2c) backend.
+    fn h2_upstream(self) -> bool {
+        matches!(self, Test::H2Upstream | Test::GrpcUnary)
     }
 
     /// HTTP/2 streams in flight per connection.
     fn streams(self) -> usize {
         match self {
-            Test::H2M10 => 10,
+            Test::H2M10 | Test::H2Upstream | Test::GrpcUnary => 10,
             Test::H2C100M100 => 100,
             _ => 1,
         }
@@ -237,8 +258,9 @@ async fn compare(args: &CompareArgs) -> anyhow::Result<Results> {
     let cert = Cert::generate(dir.path())?;
     let small_backend = BackendProcess::spawn(13)?;
     let big_backend = BackendProcess::spawn(16 * 1024)?;
-    let (small, big) = (small_backend.addr, big_backend.addr);
-    let up = Upstreams { small, big };
+    let h2c_backend = BackendProcess::spawn_with(13, true)?;
+    let (small, big, h2c) = (small_backend.addr, big_backend.addr, h2c_backend.addr);
+    let up = Upstreams { small, big, h2c };
     let rampart = crate::scenario::rampart_binary(args.rampart.clone());
 
     let mut kinds = vec![Kind::Rampart];
@@ -296,6 +318,8 @@ async fn compare(args: &CompareArgs) -> anyhow::Result<Results> {
             for target in order {
                 let backend = if test == Test::Body16k {
                     big_backend.child.id()
+                } else if test.h2_upstream() {
+                    h2c_backend.child.id()
                 } else {
                     small_backend.child.id()
                 };
@@ -427,10 +451,11 @@ fn run_config(
         Some(t) if test.needs_tls() => (t.https.context("no HTTPS listener")?, true),
         Some(t) => (t.http, false),
     };
-    let path = if test == Test::Body16k && target.is_some() {
-        "/big"
-    } else {
-        "/"
+    let path = match test {
+        Test::Body16k if target.is_some() => "/big",
+        Test::H2Upstream => "/h2up",
+        Test::GrpcUnary => "/bench.Echo/Say",
+        _ => "/",
     };
     Ok(RunConfig {
         target: Target {
@@ -458,7 +483,11 @@ fn run_config(
         } else {
             trust.clone()
         },
-        headers: Vec::new(),
+        headers: if test == Test::GrpcUnary {
+            vec![("content-type".into(), "application/grpc".into())]
+        } else {
+            Vec::new()
+        },
         timeout: Duration::from_secs(10),
         progress: false,
         stop: None,

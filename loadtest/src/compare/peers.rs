@@ -8,13 +8,16 @@ use std::process::{Child, Command, Stdio};
 
 use anyhow::Context;
 
-/// What every target serves: `/` from the small backend, `/big` from the 16 KiB one.
+/// What every target serves: `/` from the small backend, `/big` from the 16 KiB one,
+/// `/h2up` and gRPC calls (`/bench.Echo/...`) from the HTTP/2 (h2c) one.
 #[derive(Clone, Debug)]
 pub struct Upstreams {
     /// Backend with the small body.
     pub small: SocketAddr,
     /// Backend with the 16 KiB body.
     pub big: SocketAddr,
+    /// Backend speaking HTTP/2 in cleartext (and gRPC).
+    pub h2c: SocketAddr,
 }
 
 /// The certificate every TLS listener serves (ECDSA P-256, for `bench.test`).
@@ -305,6 +308,16 @@ path_prefix = "/big"
 action = {{ forward = "big" }}
 
 [[routes]]
+name = "h2up"
+path_prefix = "/h2up"
+action = {{ forward = "h2c" }}
+
+[[routes]]
+name = "grpc"
+path_prefix = "/bench.Echo"
+action = {{ forward = "h2c" }}
+
+[[routes]]
 name = "small"
 action = {{ forward = "small" }}
 
@@ -313,6 +326,10 @@ endpoints = [{{ address = "{small}" }}]
 
 [pools.big]
 endpoints = [{{ address = "{big}" }}]
+
+[pools.h2c]
+protocol = "h2c"
+endpoints = [{{ address = "{h2c}" }}]
 "#,
         data = dir.join("data"),
         admin = free_port().map_or_else(|_| "127.0.0.1:0".to_string(), |a| a.to_string()),
@@ -320,6 +337,7 @@ endpoints = [{{ address = "{big}" }}]
         key = cert.key,
         small = up.small,
         big = up.big,
+        h2c = up.h2c,
     )
 }
 
@@ -350,6 +368,7 @@ http {{
   keepalive_requests 1000000;
   upstream small {{ server {small}; keepalive 1024; }}
   upstream big {{ server {big}; keepalive 1024; }}
+  upstream h2c {{ server {h2c}; keepalive 1024; }}
   server {{
     listen {http};
     listen {https} ssl http2;
@@ -371,11 +390,21 @@ http {{
     proxy_buffering on;
     location / {{ proxy_pass http://small; }}
     location /big {{ proxy_pass http://big; }}
+    # nginx forwards HTTP/2 upstream only with grpc_pass (proxy_pass is HTTP/1.x).
+    grpc_set_header X-Forwarded-For $remote_addr;
+    grpc_set_header X-Forwarded-Proto $scheme;
+    grpc_set_header X-Forwarded-Host $host;
+    grpc_set_header Forwarded "for=$remote_addr;proto=$scheme;host=$host";
+    grpc_set_header X-Request-ID $request_id;
+    grpc_set_header traceparent "00-$request_id-b7ad6b7169203331-01";
+    location /h2up {{ grpc_pass grpc://h2c; }}
+    location /bench.Echo {{ grpc_pass grpc://h2c; }}
   }}
 }}
 "#,
         small = up.small,
         big = up.big,
+        h2c = up.h2c,
         cert = cert.cert.display(),
         key = cert.key.display(),
     )
@@ -414,7 +443,9 @@ frontend fe
   unique-id-header X-Request-ID
   http-request set-header traceparent "00-%[unique-id,regsub(-,,g)]-b7ad6b7169203331-01"
   acl big path_beg /big
+  acl h2up path_beg /h2up /bench.Echo
   use_backend big if big
+  use_backend h2c if h2up
   default_backend small
 backend small
   http-reuse always
@@ -422,10 +453,14 @@ backend small
 backend big
   http-reuse always
   server s1 {big}
+backend h2c
+  http-reuse always
+  server s1 {h2c} proto h2
 "#,
         combined = cert.combined.display(),
         small = up.small,
         big = up.big,
+        h2c = up.h2c,
     )
 }
 
@@ -450,6 +485,12 @@ https://{HOST}:{sport} {{
   handle /big* {{
     reverse_proxy {big}
   }}
+  handle /h2up* {{
+    reverse_proxy h2c://{h2c}
+  }}
+  handle /bench.Echo* {{
+    reverse_proxy h2c://{h2c}
+  }}
   handle {{
     reverse_proxy {small}
   }}
@@ -463,5 +504,6 @@ https://{HOST}:{sport} {{
         key = cert.key.display(),
         small = up.small,
         big = up.big,
+        h2c = up.h2c,
     )
 }
