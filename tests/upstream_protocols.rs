@@ -674,7 +674,7 @@ async fn the_proxy_protocol_from_a_trusted_balancer_names_the_client() {
     v2.extend_from_slice(&[0x9c, 0x40, 0x01, 0xbb]);
     for server in [FAST, PINGORA] {
         let body = format!(
-            "proxy_protocol_from = [\"127.0.0.0/8\"]\n{TLS_A}{}{}",
+            "proxy_protocol_from = [\"127.0.0.0/8\"]\n{TLS_A}[access_log]\npath = \"stdout\"\n{}{}",
             forward_all("p"),
             common::pool_toml("p", "round_robin", &[&backend], "")
         );
@@ -689,6 +689,19 @@ async fn the_proxy_protocol_from_a_trusted_balancer_names_the_client() {
         let tls = tls_to(&proxy, tcp).await;
         let got = json_body(&raw_get(tls, b"", "/headers").await);
         assert_eq!(got["x-forwarded-for"], "2001:db8::7", "{server:?}");
+        // The access log names the clients the balancer named.
+        let out = proxy.dir.path().join("rampart.out");
+        let clients = eventually("two access log lines", || async {
+            let text = std::fs::read_to_string(&out).unwrap_or_default();
+            let clients: Vec<String> = text
+                .lines()
+                .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+                .map(|v| v["client"].as_str().unwrap_or("").to_string())
+                .collect();
+            (clients.len() >= 2).then_some(clients)
+        })
+        .await;
+        assert_eq!(clients, ["192.0.2.7", "2001:db8::7"], "{server:?}");
         // Without the header, a trusted source gets nothing.
         let tcp = tokio::net::TcpStream::connect(proxy.http).await.unwrap();
         let got = raw_get(tcp, b"", "/headers").await;
