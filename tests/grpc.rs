@@ -539,3 +539,34 @@ async fn h2c_clients_reach_grpc_services_on_the_plain_listener_when_it_is_enable
     let mut grpc = tonic::client::Grpc::new(h2c_client(&proxy));
     assert!(say(&mut grpc, Request::new(msg("x", 0))).await.is_err());
 }
+
+#[tokio::test]
+async fn a_client_stream_that_pauses_is_not_cut_as_a_slow_body() {
+    common::init();
+    let (service, _task) = start_service(Echo::default()).await;
+    // Pauses longer than body_read_timeout, at far below min_body_rate: an upload
+    // this slow is cut, a gRPC stream is not (its pauses are bounded by first_byte).
+    let body = format!(
+        "[limits]\nbody_read_timeout = \"300ms\"\nmin_body_rate = \"100KB\"\n{}",
+        config(service, "", "timeouts = { first_byte = \"5s\" }")
+    );
+    for server in ["", "http1_fast_path = false\nhttp2_fast_path = false"] {
+        let proxy = Proxy::start_with(server, &body).await;
+        let mut grpc = client(&proxy).await;
+        grpc.ready().await.unwrap();
+        let parts = futures_util::stream::iter([msg("a", 1), msg("b", 2), msg("c", 3)]).then(
+            |m| async move {
+                tokio::time::sleep(Duration::from_millis(700)).await;
+                m
+            },
+        );
+        let sum = grpc
+            .client_streaming(
+                Request::new(parts),
+                path("Sum"),
+                ProstCodec::<Msg, Msg>::default(),
+            )
+            .await;
+        assert_eq!(sum.unwrap().into_inner(), msg("a+b+c", 6), "{server:?}");
+    }
+}

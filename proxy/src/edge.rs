@@ -115,6 +115,10 @@ pub struct RequestCtx {
     trace: Option<policy::Trace>,
     /// Every upstream attempt, when the request's span is exported.
     attempt_spans: Option<Vec<AttemptSpan>>,
+    /// A gRPC call to an HTTP/2 pool: its request body is a stream of messages that
+    /// may pause (client and bidirectional streaming), so the slow-body rate does not
+    /// apply and a pause may last the pool's `timeouts.first_byte`.
+    grpc_stream: bool,
     /// The endpoint's connect gate, held while Pingora finds or opens the HTTP/2
     /// connection of this attempt. Pingora's pool takes a connection out while it opens
     /// a stream on it, and opens a new connection for every request that finds none:
@@ -170,6 +174,7 @@ impl ProxyHttp for Edge {
             upstream_status: None,
             trace: None,
             attempt_spans: None,
+            grpc_stream: false,
             connecting: None,
         }
     }
@@ -233,6 +238,14 @@ impl ProxyHttp for Edge {
         ctx.route = decision.route;
         match decision.verdict {
             Verdict::Forward(plan) => {
+                let pool = generation.routes[plan.route].pool.as_ref();
+                if let Some(pool) = pool.filter(|p| p.peer.multiplexed()) {
+                    if Style::of(&session.req_header().headers) == Style::Grpc {
+                        ctx.grpc_stream = true;
+                        let pause = pool.timeouts.first_byte.0;
+                        session.as_downstream_mut().set_read_timeout(Some(pause));
+                    }
+                }
                 ctx.plan = Some(plan);
                 if let Err(e) = buffer_http2_body(session, ctx).await {
                     if let Some(answer) = e.answer() {
@@ -267,12 +280,14 @@ impl ProxyHttp for Edge {
                 );
             }
             let limits = &ctx.generation.config.limits;
-            if body_too_slow(
-                ctx.body_bytes,
-                ctx.started.elapsed(),
-                limits.body_read_timeout.0,
-                limits.min_body_rate.0,
-            ) {
+            if !ctx.grpc_stream
+                && body_too_slow(
+                    ctx.body_bytes,
+                    ctx.started.elapsed(),
+                    limits.body_read_timeout.0,
+                    limits.min_body_rate.0,
+                )
+            {
                 return Error::e_explain(
                     ErrorType::HTTPStatus(408),
                     "request body arrives slower than limits.min_body_rate",
