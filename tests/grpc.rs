@@ -297,75 +297,81 @@ fn config(service: SocketAddr, route_extra: &str, pool_extra: &str) -> String {
     )
 }
 
+/// Unary and the three streaming kinds through `grpc`, with their statuses.
+async fn every_kind_of_call(
+    mut grpc: tonic::client::Grpc<tonic::transport::Channel>,
+    server: &str,
+) {
+    let got = say(&mut grpc, Request::new(msg("hello", 7))).await.unwrap();
+    assert_eq!(got, msg("said hello", 7), "{server:?}");
+    // A status in the service's trailers reaches the client as it is.
+    let err = say(&mut grpc, Request::new(msg("fail:5", 0)))
+        .await
+        .unwrap_err();
+    assert_eq!((err.code(), err.message()), (Code::NotFound, "as asked"));
+    // The client's address as the proxy forwards it.
+    let got = say(&mut grpc, Request::new(msg("whoami", 0)))
+        .await
+        .unwrap();
+    assert_eq!(got.text, "127.0.0.1");
+
+    grpc.ready().await.unwrap();
+    let mut ticks = grpc
+        .server_streaming(
+            Request::new(msg("", 5)),
+            path("Count"),
+            ProstCodec::<Msg, Msg>::default(),
+        )
+        .await
+        .unwrap()
+        .into_inner();
+    let mut seen = Vec::new();
+    while let Some(m) = ticks.message().await.unwrap() {
+        seen.push(m.n);
+    }
+    assert_eq!(seen, [0, 1, 2, 3, 4]);
+
+    grpc.ready().await.unwrap();
+    let parts = futures_util::stream::iter([msg("a", 1), msg("b", 2), msg("c", 3)]);
+    let sum = grpc
+        .client_streaming(
+            Request::new(parts),
+            path("Sum"),
+            ProstCodec::<Msg, Msg>::default(),
+        )
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(sum, msg("a+b+c", 6));
+
+    // Bidirectional: each answer arrives before the next message is sent.
+    grpc.ready().await.unwrap();
+    let (tx, rx) = tokio::sync::mpsc::channel::<Msg>(1);
+    let mut replies = grpc
+        .streaming(
+            Request::new(tokio_stream::wrappers::ReceiverStream::new(rx)),
+            path("Chat"),
+            ProstCodec::<Msg, Msg>::default(),
+        )
+        .await
+        .unwrap()
+        .into_inner();
+    for i in 0..3 {
+        tx.send(msg(&format!("m{i}"), i)).await.unwrap();
+        let reply = replies.message().await.unwrap().unwrap();
+        assert_eq!(reply, msg(&format!("echo m{i}"), i));
+    }
+    drop(tx);
+    assert!(replies.message().await.unwrap().is_none());
+}
+
 #[tokio::test]
 async fn unary_and_streaming_calls_pass_through_with_their_trailers() {
     common::init();
     let (service, _task) = start_service(Echo::default()).await;
     for server in ["", "http1_fast_path = false\nhttp2_fast_path = false"] {
         let proxy = Proxy::start_with(server, &config(service, "", "")).await;
-        let mut grpc = client(&proxy).await;
-
-        let got = say(&mut grpc, Request::new(msg("hello", 7))).await.unwrap();
-        assert_eq!(got, msg("said hello", 7), "{server:?}");
-        // A status in the service's trailers reaches the client as it is.
-        let err = say(&mut grpc, Request::new(msg("fail:5", 0)))
-            .await
-            .unwrap_err();
-        assert_eq!((err.code(), err.message()), (Code::NotFound, "as asked"));
-        // The client's address as the proxy forwards it.
-        let got = say(&mut grpc, Request::new(msg("whoami", 0)))
-            .await
-            .unwrap();
-        assert_eq!(got.text, "127.0.0.1");
-
-        grpc.ready().await.unwrap();
-        let mut ticks = grpc
-            .server_streaming(
-                Request::new(msg("", 5)),
-                path("Count"),
-                ProstCodec::<Msg, Msg>::default(),
-            )
-            .await
-            .unwrap()
-            .into_inner();
-        let mut seen = Vec::new();
-        while let Some(m) = ticks.message().await.unwrap() {
-            seen.push(m.n);
-        }
-        assert_eq!(seen, [0, 1, 2, 3, 4]);
-
-        grpc.ready().await.unwrap();
-        let parts = futures_util::stream::iter([msg("a", 1), msg("b", 2), msg("c", 3)]);
-        let sum = grpc
-            .client_streaming(
-                Request::new(parts),
-                path("Sum"),
-                ProstCodec::<Msg, Msg>::default(),
-            )
-            .await
-            .unwrap()
-            .into_inner();
-        assert_eq!(sum, msg("a+b+c", 6));
-
-        // Bidirectional: each answer arrives before the next message is sent.
-        grpc.ready().await.unwrap();
-        let (tx, rx) = tokio::sync::mpsc::channel::<Msg>(1);
-        let mut replies = grpc
-            .streaming(
-                Request::new(tokio_stream::wrappers::ReceiverStream::new(rx)),
-                path("Chat"),
-                ProstCodec::<Msg, Msg>::default(),
-            )
-            .await
-            .unwrap()
-            .into_inner();
-        for i in 0..3 {
-            tx.send(msg(&format!("m{i}"), i)).await.unwrap();
-            let reply = replies.message().await.unwrap().unwrap();
-            assert_eq!(reply, msg(&format!("echo m{i}"), i));
-        }
-        drop(tx);
-        assert!(replies.message().await.unwrap().is_none());
+        every_kind_of_call(client(&proxy).await, server).await;
     }
 }
 
@@ -508,6 +514,7 @@ async fn h2c_clients_reach_grpc_services_on_the_plain_listener_when_it_is_enable
             .await
             .unwrap();
         assert_eq!(got, msg("said over h2c", 1));
+        every_kind_of_call(grpc, server).await;
         // HTTP/1 beside it, a request shorter than the preface included.
         for request in [
             "GET / HTTP/1.0\r\n\r\n",
