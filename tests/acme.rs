@@ -656,3 +656,52 @@ async fn a_fallback_ca_issues_when_the_first_one_is_down() {
     let log = std::fs::read_to_string(dir.path().join("controller.log")).unwrap();
     assert!(log.contains("issued by the fallback CA"), "{log}");
 }
+
+/// The HMAC key pebble is given for the EAB tests (base64url, as CAs show it).
+const EAB_KEY: &str = "zWNDZM6eQGHWpSRTPal5eIUYFTu7EajVIoguysqZ9wG44nMEtx3MUAsUDkMTQ12W-_w";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ca_that_requires_external_account_binding_issues_with_it_and_refuses_without() {
+    common::init();
+    let dir = tempfile::tempdir().unwrap();
+    let proxy_http = free_addr();
+    let opts = common::pebble::Options {
+        eab: Some(("kid-1".into(), EAB_KEY.into())),
+        ..Default::default()
+    };
+    let pebble = Pebble::start_with(dir.path(), proxy_http.port(), opts).await;
+    let key_file = dir.path().join("eab.key");
+    std::fs::write(&key_file, format!("{EAB_KEY}\n")).unwrap();
+    let tls = |eab: &str| {
+        format!(
+            "hosts = [\"a.rampart.test\"]\nsource = {{ acme = {{ email = \"ops@rampart.test\", directory = \"{}\", directory_ca = {:?}{eab} }} }}\n",
+            pebble.directory, pebble.api_ca
+        )
+    };
+    // Without the binding, the CA refuses to create the account: one failed order.
+    let without = tempfile::tempdir().unwrap();
+    let s = setup_with(
+        without.path(),
+        proxy_http,
+        &tls(""),
+        &["a.rampart.test"],
+        "",
+    )
+    .await;
+    one_failed_order_then_backoff(s.admin, Duration::from_secs(1)).await;
+    let log = std::fs::read_to_string(without.path().join("controller.log")).unwrap();
+    assert!(log.contains("externalAccountRequired"), "{log}");
+    drop(s);
+    // With it, the certificate is issued and served.
+    let eab = format!(", eab = {{ kid = \"kid-1\", hmac_key_file = {key_file:?} }}");
+    let s = setup_with(dir.path(), proxy_http, &tls(&eab), &["a.rampart.test"], "").await;
+    let root = pebble.root().await;
+    wait_served(
+        &root,
+        "a.rampart.test",
+        s.proxy.https,
+        "hello over acme",
+        dir.path(),
+    )
+    .await;
+}

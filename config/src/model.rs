@@ -912,6 +912,10 @@ pub struct AcmeSource {
     /// Google Trust Services behind Let's Encrypt); same e-mail and challenge.
     #[serde(default)]
     pub fallback: Vec<AcmeFallback>,
+    /// External Account Binding, which ZeroSSL, Google Trust Services and Sectigo
+    /// require to create an account: `eab = { kid = "...", hmac_key_file = "..." }`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eab: Option<Eab>,
 }
 
 /// Another ACME CA for the same certificate.
@@ -923,6 +927,21 @@ pub struct AcmeFallback {
     /// A CA certificate (PEM) to trust for this directory's HTTPS.
     #[serde(default)]
     pub directory_ca: Option<PathBuf>,
+    /// This CA's External Account Binding, when it requires one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eab: Option<Eab>,
+}
+
+/// External Account Binding (RFC 8555 §7.3.4): the key id and HMAC key a CA hands out
+/// with an account in its dashboard.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Eab {
+    /// The key id (`EAB KID`).
+    pub kid: String,
+    /// A file holding the HMAC key as the CA shows it (base64url, `EAB HMAC Key`); read
+    /// when an account is created, kept out of the configuration file.
+    pub hmac_key_file: PathBuf,
 }
 
 fn default_acme_directory() -> String {

@@ -682,6 +682,29 @@ fn tls_source(entry: &TlsEntry, path: &FieldPath, out: &mut Vec<Issue>) {
             ));
         }
     }
+    let eabs = std::iter::once((path.key("eab"), &acme.eab)).chain(
+        acme.fallback
+            .iter()
+            .enumerate()
+            .map(|(i, f)| (path.key("fallback").index(i).key("eab"), &f.eab)),
+    );
+    for (eab_path, eab) in eabs {
+        let Some(eab) = eab else { continue };
+        if eab.kid.trim().is_empty() {
+            out.push(Issue::new(
+                eab_path.key("kid"),
+                "the EAB key id is empty",
+                "copy the \"EAB KID\" the CA shows with your account",
+            ));
+        }
+        if eab.hmac_key_file.as_os_str().is_empty() {
+            out.push(Issue::new(
+                eab_path.key("hmac_key_file"),
+                "no file named",
+                "write the CA's \"EAB HMAC Key\" to a file readable by the controller and name it here",
+            ));
+        }
+    }
     let wildcard = entry
         .hosts
         .iter()

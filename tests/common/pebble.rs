@@ -20,6 +20,8 @@ pub struct Options {
     pub validity: Option<u64>,
     /// Validations sleep up to this many seconds (PEBBLE_VA_SLEEPTIME).
     pub va_sleep: Option<u64>,
+    /// External Account Binding required, with this (key id, base64url HMAC key).
+    pub eab: Option<(String, String)>,
 }
 
 /// A child process killed on drop.
@@ -85,6 +87,7 @@ impl Pebble {
             nonce_reject,
             validity,
             va_sleep,
+            eab,
         } = opts;
         let ca =
             rampart_pki::Ca::load_or_create(&dir.join("pebble-ca"), "pebble API test CA").unwrap();
@@ -102,10 +105,14 @@ impl Pebble {
             format!(
                 r#"{{"pebble": {{"listenAddress": "{api}", "managementListenAddress": "{management}",
  "certificate": "{}", "privateKey": "{}", "httpPort": {http_port}, "tlsPort": {},
- "ocspResponderURL": "", "externalAccountBindingRequired": false{}}}}}"#,
+ "ocspResponderURL": "", "externalAccountBindingRequired": {}{}{}}}}}"#,
                 dir.join("pebble-cert.pem").display(),
                 dir.join("pebble-key.pem").display(),
                 free_addr().port(),
+                eab.is_some(),
+                eab.as_ref().map_or(String::new(), |(kid, key)| format!(
+                    ", \"externalAccountMACKeys\": {{\"{kid}\": \"{key}\"}}"
+                )),
                 validity.map_or(String::new(), |v| format!(", \"certificateValidityPeriod\": {v}"))
             ),
         )

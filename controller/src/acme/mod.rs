@@ -269,6 +269,7 @@ impl Acme {
             }
             None => {
                 let contact = format!("mailto:{}", source.email);
+                let eab = source.eab.as_ref().map(external_account_key).transpose()?;
                 let (account, credentials) = builder
                     .create(
                         &NewAccount {
@@ -277,7 +278,7 @@ impl Acme {
                             only_return_existing: false,
                         },
                         source.directory.clone(),
-                        None,
+                        eab.as_ref(),
                     )
                     .await
                     .with_context(|| format!("creating an ACME account at {}", source.directory))?;
@@ -420,6 +421,7 @@ impl Acme {
             let other = AcmeSource {
                 directory: f.directory.clone(),
                 directory_ca: f.directory_ca.clone(),
+                eab: f.eab.clone(),
                 fallback: Vec::new(),
                 ..source.clone()
             };
@@ -941,5 +943,59 @@ pub async fn run(
         }
         let cfg = config.borrow().clone();
         soon = acme.pass(&cfg).await;
+    }
+}
+
+/// The External Account Binding key of `eab`: its HMAC key file holds the key as CAs
+/// show it, base64url (padding and surrounding whitespace tolerated).
+fn external_account_key(
+    eab: &rampart_config::Eab,
+) -> anyhow::Result<instant_acme::ExternalAccountKey> {
+    use base64::Engine as _;
+    let path = &eab.hmac_key_file;
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading the EAB HMAC key {}", path.display()))?;
+    let text = text.trim().trim_end_matches('=');
+    let key = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(text)
+        .with_context(|| {
+            format!(
+                "{}: the EAB HMAC key is not base64url (copy it as the CA shows it)",
+                path.display()
+            )
+        })?;
+    anyhow::ensure!(
+        !key.is_empty(),
+        "{}: the EAB HMAC key is empty",
+        path.display()
+    );
+    Ok(instant_acme::ExternalAccountKey::new(eab.kid.clone(), &key))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::external_account_key;
+
+    #[test]
+    fn eab_keys_are_read_as_cas_show_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("hmac");
+        let eab = rampart_config::Eab {
+            kid: "kid-1".into(),
+            hmac_key_file: file.clone(),
+        };
+        // base64url with '-' and '_', a trailing newline and padding.
+        std::fs::write(
+            &file,
+            "zWNDZM6eQGHWpSRTPal5eIUYFTu7EajVIoguysqZ9wG44nMEtx3MUAsUDkMTQ12W-_w=\n",
+        )
+        .unwrap();
+        assert!(external_account_key(&eab).is_ok());
+        std::fs::write(&file, "not base64!").unwrap();
+        let e = format!("{:#}", external_account_key(&eab).err().unwrap());
+        assert!(e.contains("not base64url"), "{e}");
+        std::fs::remove_file(&file).unwrap();
+        let e = format!("{:#}", external_account_key(&eab).err().unwrap());
+        assert!(e.contains("reading the EAB HMAC key"), "{e}");
     }
 }
