@@ -120,6 +120,18 @@ async fn setup_with(
     hosts: &[&str],
     extra: &str,
 ) -> Setup {
+    setup_with_listeners(dir, proxy_http, None, tls, hosts, extra).await
+}
+
+/// [`setup_with`], with the proxy's HTTPS listener at `proxy_https` when given.
+async fn setup_with_listeners(
+    dir: &Path,
+    proxy_http: SocketAddr,
+    proxy_https: Option<SocketAddr>,
+    tls: &str,
+    hosts: &[&str],
+    extra: &str,
+) -> Setup {
     let (admin, fleet) = (free_addr(), free_addr());
     let config = dir.join("controller.toml");
     std::fs::write(
@@ -151,12 +163,12 @@ action = {{ respond = {{ body = "hello over acme" }} }}
     common::wait_controller(admin).await;
     let token = common::join_token(&config);
     let started = Instant::now();
-    let proxy = Proxy::start_fleet_with(
-        &format!("https://{fleet}"),
-        Some(&token),
-        &["--http", &proxy_http.to_string()],
-    )
-    .await;
+    let (http, https) = (proxy_http.to_string(), proxy_https.map(|a| a.to_string()));
+    let mut args = vec!["--http", http.as_str()];
+    if let Some(https) = &https {
+        args.extend(["--https", https.as_str()]);
+    }
+    let proxy = Proxy::start_fleet_with(&format!("https://{fleet}"), Some(&token), &args).await;
     Setup {
         controller: Some(controller),
         proxy,
@@ -704,4 +716,43 @@ async fn a_ca_that_requires_external_account_binding_issues_with_it_and_refuses_
         dir.path(),
     )
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_alpn_01_is_answered_by_the_proxies_https_listener() {
+    common::init();
+    let dir = tempfile::tempdir().unwrap();
+    let (proxy_http, proxy_https) = (free_addr(), free_addr());
+    let opts = common::pebble::Options {
+        tls_port: Some(proxy_https.port()),
+        ..Default::default()
+    };
+    let pebble = Pebble::start_with(dir.path(), proxy_http.port(), opts).await;
+    let tls = format!(
+        "hosts = [\"a.rampart.test\"]\nsource = {{ acme = {{ email = \"ops@rampart.test\", directory = \"{}\", directory_ca = {:?}, challenge = \"tls-alpn-01\" }} }}\n",
+        pebble.directory, pebble.api_ca
+    );
+    let s = setup_with_listeners(
+        dir.path(),
+        proxy_http,
+        Some(proxy_https),
+        &tls,
+        &["a.rampart.test"],
+        "",
+    )
+    .await;
+    let root = pebble.root().await;
+    wait_served(
+        &root,
+        "a.rampart.test",
+        proxy_https,
+        "hello over acme",
+        dir.path(),
+    )
+    .await;
+    let m = metrics(s.admin).await;
+    assert!(
+        m.contains("rampart_acme_orders_total{result=\"ok\"} 1"),
+        "{m}"
+    );
 }

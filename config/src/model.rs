@@ -958,6 +958,11 @@ pub enum AcmeChallenge {
     /// Answered with a TXT record through the DNS provider.
     #[serde(rename = "dns-01")]
     Dns01,
+    /// Answered by the proxies' HTTPS listeners (port 443) with a self-signed
+    /// certificate to `acme-tls/1` handshakes (RFC 8737): for an edge whose port 80 is
+    /// closed.
+    #[serde(rename = "tls-alpn-01")]
+    TlsAlpn01,
 }
 
 /// A route: which requests it matches and what it does with them.

@@ -48,6 +48,11 @@ pub struct Snapshot {
     /// `/.well-known/acme-challenge/<token>` while an order is pending.
     #[serde(default)]
     pub acme_challenges: BTreeMap<String, String>,
+    /// ACME TLS-ALPN-01 answers: name → SHA-256 of the key authorization (base64url),
+    /// which every proxy puts in the certificate it shows `acme-tls/1` handshakes for
+    /// that name while an order is pending.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub acme_tls_alpn: BTreeMap<String, String>,
 }
 
 /// A certificate chain and key for some hosts, as PEM.
@@ -406,6 +411,7 @@ mod tests {
             certificates: vec![],
             default_sni: None,
             acme_challenges: BTreeMap::new(),
+            acme_tls_alpn: BTreeMap::new(),
         }
     }
 

@@ -76,6 +76,7 @@ impl Compiler {
             certificates: self.certificates(config)?,
             default_sni: config.server.default_sni.clone(),
             acme_challenges: self.acme.challenges.clone(),
+            acme_tls_alpn: self.acme.tls_alpn.clone(),
         })
     }
 

@@ -454,3 +454,23 @@ impl rustls::client::danger::ServerCertVerifier for AcceptAnyServerCert {
         self.0.signature_verification_algorithms.supported_schemes()
     }
 }
+
+/// The certificate that answers an ACME TLS-ALPN-01 challenge for `name` (RFC 8737):
+/// self-signed, for `name` only, with the critical `acmeIdentifier` extension holding
+/// `digest` (SHA-256 of the key authorization). Returns the certificate and its
+/// private key (PKCS#8), DER.
+///
+/// # Errors
+/// When `digest` is not 32 bytes or the certificate cannot be made.
+pub fn acme_tls_alpn_cert(name: &str, digest: &[u8]) -> anyhow::Result<(Vec<u8>, Vec<u8>)> {
+    anyhow::ensure!(
+        digest.len() == 32,
+        "a TLS-ALPN-01 digest is 32 bytes, got {}",
+        digest.len()
+    );
+    let key = rcgen::KeyPair::generate()?;
+    let mut params = rcgen::CertificateParams::new(vec![name.to_string()])?;
+    params.custom_extensions = vec![rcgen::CustomExtension::new_acme_identifier(digest)];
+    let cert = params.self_signed(&key)?;
+    Ok((cert.der().to_vec(), key.serialize_der()))
+}

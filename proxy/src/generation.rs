@@ -51,6 +51,9 @@ pub struct Generation {
     pub https_port: Option<u16>,
     /// ACME HTTP-01 answers pushed by the controller (token → key authorization).
     pub acme_challenges: Arc<BTreeMap<String, String>>,
+    /// ACME TLS-ALPN-01 answers pushed by the controller: the certificate shown to an
+    /// `acme-tls/1` handshake for each name (RFC 8737).
+    pub acme_tls_alpn: Arc<std::collections::HashMap<String, Arc<rustls::sign::CertifiedKey>>>,
     /// Metrics of requests that matched no route.
     pub unrouted_metrics: RequestMetrics,
     /// The access log, when one is configured.
@@ -380,6 +383,7 @@ impl Builder {
             header_limits,
             https_port: config.listeners.https.map(|a| a.port()),
             acme_challenges: Arc::default(),
+            acme_tls_alpn: Arc::default(),
             unrouted_metrics: RequestMetrics::new(&self.metrics, "", ""),
             access_log,
             tracing,

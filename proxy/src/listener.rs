@@ -253,6 +253,8 @@ impl EdgeApp {
             // while this future lives as long as the connection.
             Some(acceptor) => {
                 match Box::pin(self.handshake(acceptor, stream, header_timeout)).await {
+                    // RFC 8737 §3: the validation is the handshake; then the connection ends.
+                    Some(conn) if conn.is_acme_validation() => return,
                     Some(conn) => {
                         let info = conn.info().clone();
                         (Box::new(conn), Some(info))
@@ -566,7 +568,6 @@ impl EdgeApp {
     }
 }
 
-/// A metric label for why a handshake failed, from the rustls error underneath.
 /// The HTTP/2 connection preface (RFC 9113 §3.4).
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
@@ -618,6 +619,7 @@ async fn in_context<F: std::future::Future>(
     }
 }
 
+/// A metric label for why a handshake failed, from the rustls error underneath.
 fn handshake_failure_reason(e: &std::io::Error) -> &'static str {
     if let Some(tls) = e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
         return rustls_reason(tls);

@@ -122,7 +122,7 @@ impl Live {
     /// Why the new configuration could not be built.
     pub fn apply(&self, config: Config) -> anyhow::Result<u64> {
         let version = self.current.load().version + 1;
-        self.swap_in(config, &[], version, Arc::default())
+        self.swap_in(config, &[], version, Answers::default())
     }
 
     /// Applies a snapshot from the controller: this proxy's own `server` and
@@ -134,7 +134,10 @@ impl Live {
     /// Every rule the snapshot breaks, or why it could not be built.
     pub fn apply_snapshot(&self, mut snapshot: Snapshot) -> anyhow::Result<u64> {
         let version = snapshot.version;
-        let challenges = Arc::new(std::mem::take(&mut snapshot.acme_challenges));
+        let answers = Answers {
+            http01: Arc::new(std::mem::take(&mut snapshot.acme_challenges)),
+            tls_alpn01: Arc::new(crate::tls::acme_alpn::certificates(&snapshot.acme_tls_alpn)),
+        };
         let local = self.current.load().config.clone();
         let (config, bundles) = snapshot.into_config(&local).map_err(|issues| {
             let text: Vec<String> = issues.iter().map(|i| i.render("snapshot")).collect();
@@ -143,7 +146,7 @@ impl Live {
                 text.join("\n")
             ))
         })?;
-        self.swap_in(config, &bundles, version, challenges)
+        self.swap_in(config, &bundles, version, answers)
     }
 
     fn swap_in(
@@ -151,7 +154,7 @@ impl Live {
         config: Config,
         bundles: &[CertificateBundle],
         version: u64,
-        acme_challenges: Arc<std::collections::BTreeMap<String, String>>,
+        answers: Answers,
     ) -> anyhow::Result<u64> {
         let started = Instant::now();
         let prev = self.current.load_full();
@@ -163,7 +166,8 @@ impl Live {
             .observe(started.elapsed().as_secs_f64());
         match result {
             Ok(mut generation) => {
-                generation.acme_challenges = acme_challenges;
+                generation.acme_challenges = answers.http01;
+                generation.acme_tls_alpn = answers.tls_alpn01;
                 if generation.config.listeners != prev.config.listeners {
                     tracing::warn!("listener addresses changed; they take effect at the next restart or upgrade");
                 }
@@ -250,4 +254,13 @@ impl Live {
             })
             .flatten()
     }
+}
+
+/// The ACME challenge answers a snapshot carries, set on the generation it becomes.
+#[derive(Default)]
+struct Answers {
+    /// HTTP-01: token → key authorization.
+    http01: Arc<std::collections::BTreeMap<String, String>>,
+    /// TLS-ALPN-01: name → the certificate for `acme-tls/1` handshakes.
+    tls_alpn01: Arc<std::collections::HashMap<String, Arc<rustls::sign::CertifiedKey>>>,
 }

@@ -22,6 +22,8 @@ pub struct Options {
     pub va_sleep: Option<u64>,
     /// External Account Binding required, with this (key id, base64url HMAC key).
     pub eab: Option<(String, String)>,
+    /// The port TLS-ALPN-01 validations connect to (a proxy's HTTPS listener).
+    pub tls_port: Option<u16>,
 }
 
 /// A child process killed on drop.
@@ -88,6 +90,7 @@ impl Pebble {
             validity,
             va_sleep,
             eab,
+            tls_port,
         } = opts;
         let ca =
             rampart_pki::Ca::load_or_create(&dir.join("pebble-ca"), "pebble API test CA").unwrap();
@@ -108,7 +111,7 @@ impl Pebble {
  "ocspResponderURL": "", "externalAccountBindingRequired": {}{}{}}}}}"#,
                 dir.join("pebble-cert.pem").display(),
                 dir.join("pebble-key.pem").display(),
-                free_addr().port(),
+                tls_port.unwrap_or_else(|| free_addr().port()),
                 eab.is_some(),
                 eab.as_ref().map_or(String::new(), |(kid, key)| format!(
                     ", \"externalAccountMACKeys\": {{\"{kid}\": \"{key}\"}}"

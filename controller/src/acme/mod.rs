@@ -46,6 +46,9 @@ pub struct Output {
     pub certificates: BTreeMap<Vec<String>, CertificateBundle>,
     /// HTTP-01 answers of pending orders: token → key authorisation.
     pub challenges: BTreeMap<String, String>,
+    /// TLS-ALPN-01 answers of pending orders: name → SHA-256 of the key authorisation
+    /// (base64url).
+    pub tls_alpn: BTreeMap<String, String>,
 }
 
 /// A certificate as kept in the store (`acme/certs/<id>`).
@@ -335,7 +338,10 @@ impl Acme {
         // The answers are not needed any more, whatever happened.
         self.out.send_modify(|o| {
             for t in &tokens {
-                o.challenges.remove(t);
+                match t.strip_prefix(TLS_ALPN_MARK) {
+                    Some(name) => o.tls_alpn.remove(name),
+                    None => o.challenges.remove(t),
+                };
             }
         });
         self.remove_txt(txt).await;
@@ -473,10 +479,7 @@ impl Acme {
         tokens: &mut Vec<String>,
         txt: &mut Vec<RecordSet>,
     ) -> anyhow::Result<()> {
-        let ctype = match kind {
-            AcmeChallenge::Http01 => ChallengeType::Http01,
-            AcmeChallenge::Dns01 => ChallengeType::Dns01,
-        };
+        let ctype = challenge_type(kind);
         let mut records: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
         // The snapshot version before the answers: the one that serves them comes after.
         let published_before = self.fleet.published.borrow().version;
@@ -513,13 +516,28 @@ impl Acme {
                             .or_default()
                             .insert(quote_txt(&[key_auth.dns_value()]));
                     }
+                    AcmeChallenge::TlsAlpn01 => {
+                        let Identifier::Dns(name) = challenge.identifier().identifier else {
+                            anyhow::bail!("tls-alpn-01 validates DNS names only here");
+                        };
+                        let name = name.clone();
+                        // The certificate carries SHA-256(key authorization): the same
+                        // digest as DNS-01's TXT value, base64url.
+                        let digest = key_auth.dns_value();
+                        self.out.send_modify(|o| {
+                            o.tls_alpn.insert(name.clone(), digest);
+                        });
+                        tokens.push(format!("{TLS_ALPN_MARK}{name}"));
+                    }
                 }
             }
         }
         match kind {
             // Nothing new to serve when every authorization was still valid.
-            AcmeChallenge::Http01 if tokens.is_empty() => {}
-            AcmeChallenge::Http01 => self.wait_for_fleet(published_before).await,
+            AcmeChallenge::Http01 | AcmeChallenge::TlsAlpn01 if tokens.is_empty() => {}
+            AcmeChallenge::Http01 | AcmeChallenge::TlsAlpn01 => {
+                self.wait_for_fleet(published_before).await;
+            }
             AcmeChallenge::Dns01 => {
                 let dns = self.dns.as_ref().context("dns-01 needs a [dns] section")?;
                 let sets: Vec<RecordSet> = records
@@ -607,8 +625,8 @@ impl Acme {
     async fn problems(&self, order: &mut instant_acme::Order) -> String {
         let mut out = Vec::new();
         let mut authorizations = order.authorizations();
-        while let Some(Ok(mut authz)) = authorizations.next().await {
-            if let Some(ch) = authz.challenge(ChallengeType::Http01) {
+        while let Some(Ok(authz)) = authorizations.next().await {
+            for ch in &authz.challenges {
                 if let Some(p) = &ch.error {
                     out.push(format!(
                         "{}: {}",
@@ -634,7 +652,11 @@ impl Acme {
                 continue;
             };
             let names = names_of(&entry.hosts);
-            if source.challenge == AcmeChallenge::Http01 && !self.any_proxy_ready() {
+            let answered_by_proxies = matches!(
+                source.challenge,
+                AcmeChallenge::Http01 | AcmeChallenge::TlsAlpn01
+            );
+            if answered_by_proxies && !self.any_proxy_ready() {
                 // Nobody could answer the challenge: do not spend a failed validation.
                 waiting = true;
                 tracing::debug!(
@@ -943,6 +965,18 @@ pub async fn run(
         }
         let cfg = config.borrow().clone();
         soon = acme.pass(&cfg).await;
+    }
+}
+
+/// Pending answers are remembered by their key in [`Output`]; a TLS-ALPN-01 one is its
+/// name behind this mark (HTTP-01 tokens are base64url and never contain it).
+const TLS_ALPN_MARK: &str = "tls-alpn-01:";
+
+fn challenge_type(kind: AcmeChallenge) -> ChallengeType {
+    match kind {
+        AcmeChallenge::Http01 => ChallengeType::Http01,
+        AcmeChallenge::Dns01 => ChallengeType::Dns01,
+        AcmeChallenge::TlsAlpn01 => ChallengeType::TlsAlpn01,
     }
 }
 

@@ -91,6 +91,13 @@ impl TlsConn {
     pub fn info(&self) -> &Arc<TlsInfo> {
         &self.info
     }
+
+    /// Whether the handshake was an ACME TLS-ALPN-01 validation (`acme-tls/1`): the
+    /// connection carries nothing after it.
+    #[must_use]
+    pub fn is_acme_validation(&self) -> bool {
+        self.inner.get_ref().1.alpn_protocol() == Some(super::acme_alpn::ACME_TLS_1)
+    }
 }
 
 impl AsyncRead for TlsConn {

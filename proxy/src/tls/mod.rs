@@ -5,10 +5,12 @@
 //! certificates together; handshakes already under way finish with the set they
 //! started with, new handshakes see the new one.
 //!
+//! - [`acme_alpn`]: ACME TLS-ALPN-01 answers on this listener
 //! - [`conn`]: a client's TLS connection, adapted to Pingora's stream traits
 //! - [`files`]: PEM certificate and key files
 //! - [`internal_ca`]: Rampart's local CA (rcgen) for `source = "internal"`
 
+pub mod acme_alpn;
 pub mod conn;
 pub mod files;
 pub mod internal_ca;
@@ -116,6 +118,11 @@ impl fmt::Debug for SniResolver {
 impl ResolvesServerCert for SniResolver {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
         let generation = self.current.load();
+        if !generation.acme_tls_alpn.is_empty() && acme_alpn::is_challenge(hello.alpn()) {
+            // A validation is answered with the challenge certificate, or refused.
+            let name = hello.server_name()?.to_ascii_lowercase();
+            return generation.acme_tls_alpn.get(&name).cloned();
+        }
         let found = generation
             .certs
             .resolve(hello.server_name())
@@ -143,7 +150,12 @@ pub fn server_config(resolver: Arc<SniResolver>) -> anyhow::Result<Arc<rustls::S
     ])
     .with_no_client_auth()
     .with_cert_resolver(resolver);
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    // acme-tls/1 last: only an ACME validation offers it, and offers nothing else.
+    config.alpn_protocols = vec![
+        b"h2".to_vec(),
+        b"http/1.1".to_vec(),
+        acme_alpn::ACME_TLS_1.to_vec(),
+    ];
     // The server's suite order (the provider's: AES-GCM, then ChaCha20-Poly1305) wins
     // over the client's, so no client can talk it down to its weakest offer.
     config.ignore_client_order = true;
