@@ -84,13 +84,18 @@ impl PeerSettings {
         })
     }
 
-    /// Whether the fast paths carry requests to this pool: cleartext HTTP/1.1 without
-    /// a PROXY header (what their connection pool speaks).
+    /// Whether the fast paths carry requests to this pool: HTTP/1.1, in cleartext or
+    /// over TLS, without a PROXY header (what their connection pool speaks).
     #[must_use]
     pub fn fast_path_carries(&self) -> bool {
-        self.protocol == UpstreamProtocol::Http1
-            && self.tls.is_none()
-            && self.proxy_protocol.is_none()
+        self.protocol == UpstreamProtocol::Http1 && self.proxy_protocol.is_none()
+    }
+
+    /// What keeps this pool's idle connections apart from another pool's to the same
+    /// address: 0 in cleartext, else a hash of the TLS settings.
+    #[must_use]
+    pub fn reuse_key(&self) -> u64 {
+        self.tls.as_ref().map_or(0, |tls| tls.group)
     }
 
     /// Whether requests share connections as HTTP/2 streams (`h2`, `h2c`; `auto` learns
@@ -223,12 +228,19 @@ impl PeerTls {
         };
         let verify = !tls.insecure_skip_verify;
         let probe = probe_config(tls, ca_ders.as_deref(), client.as_ref(), protocol)?;
+        // Everything that makes a connection fit for this pool and not another one.
         let mut hasher = std::hash::DefaultHasher::new();
-        (verify, tls.min_version == TlsVersion::Tls13).hash(&mut hasher);
-        if let Some(ders) = &ca_ders {
-            for der in ders {
-                der.as_ref().hash(&mut hasher);
-            }
+        (
+            verify,
+            tls.min_version == TlsVersion::Tls13,
+            &tls.server_name,
+        )
+            .hash(&mut hasher);
+        for der in ca_ders.iter().flatten() {
+            der.as_ref().hash(&mut hasher);
+        }
+        for der in client.iter().flat_map(|(chain, _)| chain) {
+            der.as_ref().hash(&mut hasher);
         }
         let ca = ca_ders.map(|ders| {
             ders.into_iter()

@@ -16,6 +16,7 @@
 //! where a response goes ([`Downstream`]), answering and counting.
 
 pub mod chunked;
+pub(crate) mod conn;
 pub mod h1;
 pub mod h2;
 pub mod pool;
@@ -85,7 +86,8 @@ impl ConnInfo<'_> {
 }
 
 /// Whether the fast paths carry out `decision`: an answer, or a forward to a pool they
-/// reach (cleartext HTTP/1.1 without a PROXY header); the rest is Pingora's.
+/// reach (HTTP/1.1, in cleartext or over TLS, without a PROXY header); the rest is
+/// Pingora's.
 pub(crate) fn reaches(generation: &Generation, decision: &crate::policy::Decision) -> bool {
     match &decision.verdict {
         crate::policy::Verdict::Forward(plan) => generation.routes[plan.route]

@@ -5,7 +5,7 @@ use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use tokio::net::TcpStream;
+use super::conn::Upstream;
 
 use crate::clock::{self};
 
@@ -23,12 +23,13 @@ const IDLE_PER_ENDPOINT: usize = 1024;
 /// upstream closed them.
 #[derive(Default)]
 pub struct IdlePool {
-    by_addr: HashMap<SocketAddr, VecDeque<Idle>>,
+    /// By endpoint address and the pool's TLS settings (`PeerSettings::reuse_key`).
+    by_addr: HashMap<(SocketAddr, u64), VecDeque<Idle>>,
     last_sweep: Option<Instant>,
 }
 
 struct Idle {
-    stream: TcpStream,
+    stream: Upstream,
     expires: Instant,
 }
 
@@ -39,12 +40,12 @@ thread_local! {
 impl IdlePool {
     /// A live idle connection to `addr`, if this thread has one that has not expired
     /// by `now`.
-    pub(crate) fn take(addr: SocketAddr, now: Instant) -> Option<TcpStream> {
+    pub(crate) fn take(addr: SocketAddr, key: u64, now: Instant) -> Option<Upstream> {
         IDLE.with(|pool| {
             let mut pool = pool.borrow_mut();
-            let list = pool.by_addr.get_mut(&addr)?;
+            let list = pool.by_addr.get_mut(&(addr, key))?;
             while let Some(idle) = list.pop_back() {
-                if idle.expires > now && is_open(&idle.stream) {
+                if idle.expires > now && idle.stream.is_open() {
                     return Some(idle.stream);
                 }
             }
@@ -53,7 +54,7 @@ impl IdlePool {
     }
 
     /// Keeps `stream`, idle since `now`, for reuse for up to `idle`.
-    pub(crate) fn put(addr: SocketAddr, stream: TcpStream, idle: Duration, now: Instant) {
+    pub(crate) fn put(addr: SocketAddr, key: u64, stream: Upstream, idle: Duration, now: Instant) {
         IDLE.with(|pool| {
             let mut pool = pool.borrow_mut();
             // Now and then, drop what expired everywhere (endpoints that left the
@@ -68,7 +69,7 @@ impl IdlePool {
                     !list.is_empty()
                 });
             }
-            let list = pool.by_addr.entry(addr).or_default();
+            let list = pool.by_addr.entry((addr, key)).or_default();
             if list.len() >= IDLE_PER_ENDPOINT {
                 list.pop_front();
             }
@@ -78,11 +79,4 @@ impl IdlePool {
             });
         });
     }
-}
-
-/// Whether an idle upstream connection is still open and quiet: a read would block.
-/// (Closed, or bytes the upstream sent unasked: not reusable.)
-fn is_open(stream: &TcpStream) -> bool {
-    let mut probe = [0u8; 1];
-    matches!(stream.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
 }

@@ -8,6 +8,8 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use super::conn::Upstream;
+
 use super::chunked::{ChunkScanner, MalformedChunk};
 use super::pool::IdlePool;
 use super::{ConnInfo, Downstream, Prepared, MAX_HEADERS};
@@ -226,7 +228,7 @@ pub(crate) async fn forward<D: Downstream>(
 
 /// An upstream connection whose response head has arrived.
 struct Exchanged {
-    upstream: TcpStream,
+    upstream: Upstream,
     head: FinalHead,
     /// When the request was written (for the time to first byte).
     sent_at: Instant,
@@ -303,12 +305,15 @@ async fn exchange_heads(
         let pooled = if stale_seen {
             None
         } else {
-            IdlePool::take(endpoint.addr, now)
+            IdlePool::take(endpoint.addr, pool.peer.reuse_key(), now)
         };
         let reused = pooled.is_some();
         let mut upstream = match pooled {
             Some(s) => s,
-            None => connect(endpoint.addr, clock::after(now, t.connect.0).min(deadline)).await?,
+            None => {
+                let limit = clock::after(now, t.connect.0).min(deadline);
+                connect(pool, idx, limit).await?
+            }
         };
         let sent_at = Instant::now();
         let connect = if reused {
@@ -318,7 +323,11 @@ async fn exchange_heads(
         };
         // The first read's limit counts from the write, every later one from its start.
         let read_limit = clock::after(sent_at, t.first_byte.0).min(deadline);
-        let write = upstream.write_all(&request.upstream_head);
+        // Flushed: over TLS a write may leave records in the session until then.
+        let write = async {
+            upstream.write_all(&request.upstream_head).await?;
+            upstream.flush().await
+        };
         match tokio::time::timeout_at(read_limit.into(), write).await {
             Ok(Ok(())) => {}
             // A pooled connection the upstream had closed: not the endpoint's fault.
@@ -360,15 +369,42 @@ async fn exchange_heads(
     }
 }
 
-/// Connects to `addr` by `limit`.
-async fn connect(addr: std::net::SocketAddr, limit: Instant) -> Result<TcpStream, Failed> {
-    match tokio::time::timeout_at(limit.into(), TcpStream::connect(addr)).await {
+/// Connects to endpoint `idx` of `pool` by `limit`: TCP, then TLS when the pool has it
+/// (a handshake that fails is a connect failure, its reason noted for /status).
+async fn connect(pool: &PoolRt, idx: usize, limit: Instant) -> Result<Upstream, Failed> {
+    let endpoint = &pool.endpoints[idx];
+    let tcp = match tokio::time::timeout_at(limit.into(), TcpStream::connect(endpoint.addr)).await {
         Ok(Ok(s)) => {
             // Best effort: a socket without it still works, only slower.
             let _ = s.set_nodelay(true);
-            Ok(s)
+            s
         }
-        Ok(Err(_)) => Err(Failed::new(FailureKind::Connect, 502, true)),
+        Ok(Err(_)) => return Err(Failed::new(FailureKind::Connect, 502, true)),
+        Err(_) => return Err(Failed::new(FailureKind::Connect, 504, true)),
+    };
+    let Some(tls) = &pool.peer.tls else {
+        return Ok(Upstream::Tcp(tcp));
+    };
+    let failed = |reason: String| {
+        tracing::warn!(pool = %pool.name, endpoint = %endpoint.id, "TLS to the endpoint failed: {reason}");
+        endpoint
+            .state
+            .note_error(crate::health::now_ms(), format!("connecting: {reason}"));
+        Failed::new(FailureKind::Connect, 502, true)
+    };
+    let name = rustls::pki_types::ServerName::try_from(tls.server_name(&endpoint.id).to_string())
+        .map_err(|e| failed(format!("tls.server_name: {e}")))?;
+    let handshake = tokio_rustls::TlsConnector::from(tls.probe_config()).connect(name, tcp);
+    match tokio::time::timeout_at(limit.into(), handshake).await {
+        Ok(Ok(s)) => Ok(Upstream::Tls(Box::new(s))),
+        Ok(Err(e)) => {
+            let floor = if tls.min_version == rampart_config::TlsVersion::Tls13 {
+                " (the pool accepts TLS 1.3 only: tls.min_version)"
+            } else {
+                ""
+            };
+            Err(failed(format!("TLS handshake: {e}{floor}")))
+        }
         Err(_) => Err(Failed::new(FailureKind::Connect, 504, true)),
     }
 }
@@ -387,7 +423,7 @@ enum HeadError {
 /// Reads a final response head into `buf`: the first read by `first_limit`, each
 /// later one within `pause` (and all by `deadline`).
 async fn read_head(
-    upstream: &mut TcpStream,
+    upstream: &mut Upstream,
     request: &Prepared,
     pause: std::time::Duration,
     first_limit: Instant,
@@ -501,6 +537,7 @@ impl Relay<'_> {
             };
             IdlePool::put(
                 endpoint.addr,
+                self.pool.peer.reuse_key(),
                 upstream,
                 self.pool.timeouts.idle.0,
                 idle_since,
@@ -519,7 +556,7 @@ impl Relay<'_> {
 /// Reads what has already arrived of a response body that fits in [`COALESCE_LIMIT`],
 /// without waiting, so that the client gets the head and the body in one write (one
 /// system call and one packet instead of one per upstream read).
-fn take_ready_body(upstream: &mut TcpStream, buf: &mut Vec<u8>, head: &FinalHead) {
+fn take_ready_body(upstream: &mut Upstream, buf: &mut Vec<u8>, head: &FinalHead) {
     let Body::Length(n) = head.body else { return };
     let total = (head.len as u64).saturating_add(n);
     if total > COALESCE_LIMIT as u64 {
