@@ -20,7 +20,7 @@ use pingora::prelude::HttpPeer;
 use pingora::protocols::ALPN;
 use pingora::utils::tls::{CertKey, WrappedX509};
 use rampart_config::{Pool, ProxyProtocol, TlsVersion, UpstreamProtocol, UpstreamTls};
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 
 use crate::generation::EndpointRt;
 
@@ -339,12 +339,13 @@ fn probe_config(
         None => pingora::tls::load_platform_certs_incl_env_into_store(&mut roots)
             .map_err(|e| anyhow::anyhow!("loading the system's root certificates: {e}"))?,
     }
-    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
-        .with_protocol_versions(versions)?;
+    let builder =
+        rustls::ClientConfig::builder_with_provider(provider).with_protocol_versions(versions)?;
     let builder = if tls.insecure_skip_verify {
         builder
             .dangerous()
-            .with_custom_certificate_verifier(Arc::new(AnyCertificate(provider)))
+            // Any certificate; the handshake's signatures are still checked.
+            .with_custom_certificate_verifier(Arc::new(rampart_pki::AcceptAnyServerCert::new()))
     } else {
         builder.with_root_certificates(roots)
     };
@@ -360,53 +361,6 @@ fn probe_config(
         UpstreamProtocol::Auto => vec![b"h2".to_vec(), b"http/1.1".to_vec()],
     };
     Ok(config)
-}
-
-/// `insecure_skip_verify`: any certificate is accepted (the handshake's signatures are
-/// still checked, so the key exchange is not trivially broken).
-#[derive(Debug)]
-struct AnyCertificate(Arc<rustls::crypto::CryptoProvider>);
-
-impl rustls::client::danger::ServerCertVerifier for AnyCertificate {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp: &[u8],
-        _now: UnixTime,
-    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
-        Ok(rustls::client::danger::ServerCertVerified::assertion())
-    }
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
-    }
 }
 
 #[cfg(test)]
