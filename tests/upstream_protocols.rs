@@ -830,3 +830,17 @@ async fn pools_send_the_proxy_protocol_header_that_haproxy_reads() {
         }
     }
 }
+
+#[tokio::test]
+async fn insecure_skip_verify_accepts_any_certificate_when_acknowledged() {
+    common::init();
+    let pki = Pki::new("unknown");
+    let backend = TlsBackend::start(&pki, None, &[b"http/1.1"], false).await;
+    let tls = "tls = { insecure_skip_verify = true, i_understand_this_is_insecure = true }";
+    for server in [FAST, PINGORA] {
+        let proxy = Proxy::start_with(server, &pool(backend.addr, tls)).await;
+        for (status, body) in both_ways(&proxy, "/").await {
+            assert_eq!(status, 200, "{server:?}: {body}\n{}", proxy.log());
+        }
+    }
+}
