@@ -538,12 +538,26 @@ action = {{ respond = {{ body = "hello from the fleet" }} }}
         common::wait_controller(admin).await;
     }
     let token = common::join_token(&config_a);
-    let proxy = Proxy::start_fleet_with(
-        &format!("https://{fleet_a}"),
-        Some(&token),
-        &["--http", &proxy_http.to_string()],
-    )
+    // Once (in CI, beside the Docker lane) the proxy found nothing listening on
+    // controller a's fleet API; when that happens, show what the controllers said.
+    let started = futures_util::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(
+        Proxy::start_fleet_with(
+            &format!("https://{fleet_a}"),
+            Some(&token),
+            &["--http", &proxy_http.to_string()],
+        ),
+    ))
     .await;
+    let proxy = match started {
+        Ok(proxy) => proxy,
+        Err(panic) => {
+            for name in ["a.log", "b.log"] {
+                let log = std::fs::read_to_string(dir.path().join(name)).unwrap_or_default();
+                eprintln!("--- controller {name} ---\n{log}");
+            }
+            std::panic::resume_unwind(panic);
+        }
+    };
     let root = pebble.root().await;
     wait_served(
         &root,
