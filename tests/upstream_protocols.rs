@@ -844,3 +844,34 @@ async fn insecure_skip_verify_accepts_any_certificate_when_acknowledged() {
         }
     }
 }
+
+#[tokio::test]
+async fn a_connection_verified_for_one_pool_is_never_reused_by_a_pool_with_other_trust() {
+    common::init();
+    let pki = Pki::new("servers");
+    let other = Pki::new("other");
+    let backend = TlsBackend::start(&pki, None, &[b"http/1.1"], false).await;
+    // Two pools, one endpoint: "good" trusts its CA, "bad" does not.
+    let body = format!(
+        "{TLS_A}[[routes]]\nname = \"bad\"\npath_prefix = \"/bad\"\naction = {{ forward = \"bad\" }}\n\
+         [[routes]]\nname = \"good\"\naction = {{ forward = \"good\" }}\n\
+         [pools.good]\nendpoints = [{{ address = \"{a}\" }}]\n{}\n\
+         [pools.bad]\nendpoints = [{{ address = \"{a}\" }}]\nretries = {{ attempts = 0 }}\n{}\n",
+        tls_table(&pki, None, ""),
+        tls_table(&other, None, ""),
+        a = backend.addr,
+    );
+    for server in [FAST, PINGORA] {
+        let proxy = Proxy::start_with(server, &body).await;
+        let client = Proxy::http_client();
+        // A verified keep-alive connection to the endpoint is now idle in the pool.
+        let good = client.get(proxy.url("/")).send().await.unwrap();
+        assert_eq!(good.status(), 200, "{server:?}");
+        let bad = client.get(proxy.url("/bad")).send().await.unwrap();
+        assert_eq!(
+            bad.status(),
+            502,
+            "{server:?}: reused the other pool's connection"
+        );
+    }
+}
