@@ -323,10 +323,10 @@ impl Acme {
             .new_order(&NewOrder::new(&ids))
             .await
             .context("creating the order")?;
-        let mut tokens = Vec::new();
+        let mut published = Vec::new();
         let mut txt = Vec::new();
         let result = self
-            .validate(&mut order, source.challenge, &mut tokens, &mut txt)
+            .validate(&mut order, source.challenge, &mut published, &mut txt)
             .await;
         let result = match result {
             Ok(()) => order
@@ -337,10 +337,10 @@ impl Acme {
         };
         // The answers are not needed any more, whatever happened.
         self.out.send_modify(|o| {
-            for t in &tokens {
-                match t.strip_prefix(TLS_ALPN_MARK) {
-                    Some(name) => o.tls_alpn.remove(name),
-                    None => o.challenges.remove(t),
+            for answer in &published {
+                match answer {
+                    Published::Http01(token) => o.challenges.remove(token),
+                    Published::TlsAlpn01(name) => o.tls_alpn.remove(name),
                 };
             }
         });
@@ -469,14 +469,15 @@ impl Acme {
         }
     }
 
-    /// Publishes each pending authorisation's answer — HTTP-01 in the snapshot for every
-    /// proxy, or DNS-01 as TXT records through the DNS provider — waits until it is
-    /// served, and tells the CA to validate. `tokens` and `txt` collect what to remove.
+    /// Publishes each pending authorisation's answer — HTTP-01 or TLS-ALPN-01 in the
+    /// snapshot for every proxy, or DNS-01 as TXT records through the DNS provider —
+    /// waits until it is served, and tells the CA to validate. `published` and `txt`
+    /// collect what to remove.
     async fn validate(
         &self,
         order: &mut instant_acme::Order,
         kind: AcmeChallenge,
-        tokens: &mut Vec<String>,
+        published: &mut Vec<Published>,
         txt: &mut Vec<RecordSet>,
     ) -> anyhow::Result<()> {
         let ctype = challenge_type(kind);
@@ -505,7 +506,7 @@ impl Acme {
                         self.out.send_modify(|o| {
                             o.challenges.insert(token.clone(), value);
                         });
-                        tokens.push(token);
+                        published.push(Published::Http01(token));
                     }
                     AcmeChallenge::Dns01 => {
                         let Identifier::Dns(base) = challenge.identifier().identifier else {
@@ -527,14 +528,14 @@ impl Acme {
                         self.out.send_modify(|o| {
                             o.tls_alpn.insert(name.clone(), digest);
                         });
-                        tokens.push(format!("{TLS_ALPN_MARK}{name}"));
+                        published.push(Published::TlsAlpn01(name));
                     }
                 }
             }
         }
         match kind {
             // Nothing new to serve when every authorization was still valid.
-            AcmeChallenge::Http01 | AcmeChallenge::TlsAlpn01 if tokens.is_empty() => {}
+            AcmeChallenge::Http01 | AcmeChallenge::TlsAlpn01 if published.is_empty() => {}
             AcmeChallenge::Http01 | AcmeChallenge::TlsAlpn01 => {
                 self.wait_for_fleet(published_before).await;
             }
@@ -968,9 +969,13 @@ pub async fn run(
     }
 }
 
-/// Pending answers are remembered by their key in [`Output`]; a TLS-ALPN-01 one is its
-/// name behind this mark (HTTP-01 tokens are base64url and never contain it).
-const TLS_ALPN_MARK: &str = "tls-alpn-01:";
+/// An answer an order published in [`Output`] for the proxies, removed when it ends.
+enum Published {
+    /// An HTTP-01 token (key of `Output::challenges`).
+    Http01(String),
+    /// A TLS-ALPN-01 name (key of `Output::tls_alpn`).
+    TlsAlpn01(String),
+}
 
 fn challenge_type(kind: AcmeChallenge) -> ChallengeType {
     match kind {
