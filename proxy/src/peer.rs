@@ -3,7 +3,7 @@
 //! settings, loaded and checked when a generation is built (a missing or bad file fails
 //! the reload, and the old generation keeps serving), then turned into Pingora's
 //! [`HttpPeer`] for each upstream attempt ([`PeerSettings::peer`]) and into a rustls
-//! client for the active health checks ([`PeerTls::probe_config`]).
+//! client for the fast paths and the active health checks ([`PeerTls::handshake`]).
 //!
 //! The fast paths carry only cleartext HTTP/1.1 pools ([`PeerSettings::fast_path_carries`]);
 //! requests to other pools go to Pingora's path with the decision already made
@@ -48,7 +48,8 @@ pub struct PeerTls {
     /// Keeps pooled connections of pools with different trust apart (Pingora's reuse
     /// key has the address, SNI and client certificate, not the CA).
     group: u64,
-    probe: Arc<rustls::ClientConfig>,
+    /// The same settings as a rustls client, for [`PeerTls::handshake`].
+    rustls: Arc<rustls::ClientConfig>,
 }
 
 impl std::fmt::Debug for PeerTls {
@@ -188,10 +189,8 @@ impl PeerSettings {
                 h2: self.protocol == UpstreamProtocol::H2c,
             });
         };
-        let name = ServerName::try_from(tls.server_name(endpoint_id).to_string())
-            .context("tls.server_name is not a valid server name")?;
-        let conn = tokio_rustls::TlsConnector::from(tls.probe_config())
-            .connect(name, tcp)
+        let conn = tls
+            .handshake(tcp, endpoint_id)
             .await
             .context("TLS handshake")?;
         let h2 = conn.get_ref().1.alpn_protocol() == Some(b"h2");
@@ -227,7 +226,7 @@ impl PeerTls {
             _ => None,
         };
         let verify = !tls.insecure_skip_verify;
-        let probe = probe_config(tls, ca_ders.as_deref(), client.as_ref(), protocol)?;
+        let client_config = client_config(tls, ca_ders.as_deref(), client.as_ref(), protocol)?;
         // Everything that makes a connection fit for this pool and not another one.
         let mut hasher = std::hash::DefaultHasher::new();
         (
@@ -261,20 +260,36 @@ impl PeerTls {
             verify,
             min_version: tls.min_version,
             group: hasher.finish(),
-            probe: Arc::new(probe),
+            rustls: Arc::new(client_config),
         })
     }
 
-    /// The same trust, client certificate and version floor as a rustls client (for
-    /// the active health checks), offering the pool's protocol by ALPN.
-    #[must_use]
-    pub fn probe_config(&self) -> Arc<rustls::ClientConfig> {
-        self.probe.clone()
+    /// The TLS handshake on `tcp` to the endpoint `endpoint_id`, as the fast paths and
+    /// the health checks make it (Pingora's connector makes its own from the same
+    /// settings, see [`PeerSettings::peer`]): this pool's trust, client certificate,
+    /// version floor and server name, offering its protocol by ALPN.
+    ///
+    /// # Errors
+    /// A server name that is not one, or what rustls says of the handshake.
+    pub async fn handshake(
+        &self,
+        tcp: tokio::net::TcpStream,
+        endpoint_id: &str,
+    ) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+        let name =
+            ServerName::try_from(self.server_name(endpoint_id).to_string()).map_err(|e| {
+                std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    format!("tls.server_name: {e}"),
+                )
+            })?;
+        tokio_rustls::TlsConnector::from(self.rustls.clone())
+            .connect(name, tcp)
+            .await
     }
 
     /// The name the endpoint's certificate is checked against.
-    #[must_use]
-    pub fn server_name<'a>(&'a self, endpoint_id: &'a str) -> &'a str {
+    fn server_name<'a>(&'a self, endpoint_id: &'a str) -> &'a str {
         self.server_name
             .as_deref()
             .unwrap_or_else(|| endpoint_host(endpoint_id))
@@ -314,7 +329,7 @@ fn read_key(path: &Path) -> anyhow::Result<PrivateKeyDer<'static>> {
         .with_context(|| format!("no PRIVATE KEY block found in {}", path.display()))
 }
 
-fn probe_config(
+fn client_config(
     tls: &UpstreamTls,
     ca: Option<&[CertificateDer<'static>]>,
     client: Option<&(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,

@@ -1,6 +1,6 @@
 //! A fast-path connection to an endpoint: cleartext TCP, or TLS over it for a pool
 //! with `tls` (the same trust, client certificate, server name and version floor as
-//! the health checks use: [`crate::peer::PeerTls::probe_config`]). Reads and writes
+//! the health checks use: [`crate::peer::PeerTls::handshake`]). Reads and writes
 //! go through one enum, so the upstream attempt and the idle pool do not care which.
 
 use std::io;

@@ -392,10 +392,7 @@ async fn connect(pool: &PoolRt, idx: usize, limit: Instant) -> Result<Upstream, 
             .note_error(crate::health::now_ms(), format!("connecting: {reason}"));
         Failed::new(FailureKind::Connect, 502, true)
     };
-    let name = rustls::pki_types::ServerName::try_from(tls.server_name(&endpoint.id).to_string())
-        .map_err(|e| failed(format!("tls.server_name: {e}")))?;
-    let handshake = tokio_rustls::TlsConnector::from(tls.probe_config()).connect(name, tcp);
-    match tokio::time::timeout_at(limit.into(), handshake).await {
+    match tokio::time::timeout_at(limit.into(), tls.handshake(tcp, &endpoint.id)).await {
         Ok(Ok(s)) => Ok(Upstream::Tls(Box::new(s))),
         Ok(Err(e)) => {
             let floor = if tls.min_version == rampart_config::TlsVersion::Tls13 {
