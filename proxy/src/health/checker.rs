@@ -160,6 +160,7 @@ pub async fn probe(
     peer: &PeerSettings,
 ) -> anyhow::Result<()> {
     let conn = peer.connect_probe(addr, id).await?;
+    let scheme = if peer.tls.is_some() { "https" } else { "http" };
     let http = match probe {
         Probe::Tcp => return Ok(()),
         Probe::Grpc(grpc) => {
@@ -167,7 +168,6 @@ pub async fn probe(
                 conn.h2,
                 "the endpoint did not negotiate HTTP/2 for a gRPC check"
             );
-            let scheme = if peer.tls.is_some() { "https" } else { "http" };
             return grpc_serving(conn.io, &format!("{scheme}://{addr}"), &grpc.service).await;
         }
         Probe::Http(http) => http,
@@ -177,7 +177,6 @@ pub async fn probe(
         .as_ref()
         .map_or_else(|| addr.to_string(), ToString::to_string);
     let status = if conn.h2 {
-        let scheme = if peer.tls.is_some() { "https" } else { "http" };
         h2_status(conn.io, &format!("{scheme}://{host}{}", http.path)).await?
     } else {
         h1_status(conn.io, &host, &http.path).await?
@@ -190,18 +189,16 @@ pub async fn probe(
     Ok(())
 }
 
-/// The status of a GET over HTTP/2 (prior knowledge or ALPN).
-async fn h2_status(io: Box<dyn ProbeIo>, uri: &str) -> anyhow::Result<u16> {
-    let (mut client, connection) = h2::client::handshake(io).await?;
-    let request = http::Request::get(uri)
-        .header("user-agent", "rampart-health-check")
-        .body(())?;
-    let exchange = async {
-        let (response, _) = client.send_request(request, true)?;
-        Ok::<_, anyhow::Error>(response.await?.status().as_u16())
-    };
+/// Runs `exchange` on an HTTP/2 client connection over `io` (prior knowledge or ALPN),
+/// driving the connection beside it.
+async fn over_h2<T, F, Fut>(io: Box<dyn ProbeIo>, exchange: F) -> anyhow::Result<T>
+where
+    F: FnOnce(h2::client::SendRequest<bytes::Bytes>) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<T>>,
+{
+    let (client, connection) = h2::client::handshake(io).await?;
     tokio::select! {
-        status = exchange => status,
+        done = exchange(client) => done,
         ended = connection => Err(match ended {
             Ok(()) => anyhow::anyhow!("the endpoint closed the HTTP/2 connection"),
             Err(e) => e.into(),
@@ -209,15 +206,26 @@ async fn h2_status(io: Box<dyn ProbeIo>, uri: &str) -> anyhow::Result<u16> {
     }
 }
 
+/// The status of a GET over HTTP/2.
+async fn h2_status(io: Box<dyn ProbeIo>, uri: &str) -> anyhow::Result<u16> {
+    let request = http::Request::get(uri)
+        .header("user-agent", "rampart-health-check")
+        .body(())?;
+    over_h2(io, |mut client| async move {
+        let (response, _) = client.send_request(request, true)?;
+        Ok(response.await?.status().as_u16())
+    })
+    .await
+}
+
 /// A `grpc.health.v1.Health/Check` call for `service` answers SERVING.
 async fn grpc_serving(io: Box<dyn ProbeIo>, base: &str, service: &str) -> anyhow::Result<()> {
-    let (mut client, connection) = h2::client::handshake(io).await?;
     let request = http::Request::post(format!("{base}/grpc.health.v1.Health/Check"))
         .header("content-type", "application/grpc")
         .header("te", "trailers")
         .header("user-agent", "rampart-health-check")
         .body(())?;
-    let exchange = async {
+    over_h2(io, |mut client| async move {
         let (response, mut body) = client.send_request(request, false)?;
         body.send_data(grpc_frame(&health_request(service)), true)?;
         let response = response.await?;
@@ -252,14 +260,8 @@ async fn grpc_serving(io: Box<dyn ProbeIo>, base: &str, service: &str) -> anyhow
             Some(3) => anyhow::bail!("SERVICE_UNKNOWN"),
             other => anyhow::bail!("health status {other:?}, not SERVING"),
         }
-    };
-    tokio::select! {
-        served = exchange => served,
-        ended = connection => Err(match ended {
-            Ok(()) => anyhow::anyhow!("the endpoint closed the HTTP/2 connection"),
-            Err(e) => e.into(),
-        }),
-    }
+    })
+    .await
 }
 
 /// `HealthCheckRequest { service = 1 }` in protobuf's wire form.
