@@ -115,10 +115,6 @@ pub struct RequestCtx {
     trace: Option<policy::Trace>,
     /// Every upstream attempt, when the request's span is exported.
     attempt_spans: Option<Vec<AttemptSpan>>,
-    /// A gRPC call to an HTTP/2 pool: its request body is a stream of messages that
-    /// may pause (client and bidirectional streaming), so the slow-body rate does not
-    /// apply and a pause may last the pool's `timeouts.first_byte`.
-    grpc_stream: bool,
     /// The endpoint's connect gate, held while Pingora finds or opens the HTTP/2
     /// connection of this attempt. Pingora's pool takes a connection out while it opens
     /// a stream on it, and opens a new connection for every request that finds none:
@@ -140,6 +136,14 @@ impl RequestCtx {
         let key = self.plan.as_ref().and_then(|p| p.key_hash);
         self.attempts <= pool.retries.attempts
             && pool.can_retry(key, self.tried.as_slice(), now_ms())
+    }
+
+    /// The request's whole time budget: the plan's (the pool's `timeouts.total`, or
+    /// less when a gRPC client set a deadline).
+    fn total(&self, pool: &PoolRt) -> Duration {
+        self.plan
+            .as_ref()
+            .map_or(pool.timeouts.total.0, |p| p.total)
     }
 
     fn labels(&self) -> (&str, &str) {
@@ -174,7 +178,6 @@ impl ProxyHttp for Edge {
             upstream_status: None,
             trace: None,
             attempt_spans: None,
-            grpc_stream: false,
             connecting: None,
         }
     }
@@ -238,13 +241,8 @@ impl ProxyHttp for Edge {
         ctx.route = decision.route;
         match decision.verdict {
             Verdict::Forward(plan) => {
-                let pool = generation.routes[plan.route].pool.as_ref();
-                if let Some(pool) = pool.filter(|p| p.peer.multiplexed()) {
-                    if Style::of(&session.req_header().headers) == Style::Grpc {
-                        ctx.grpc_stream = true;
-                        let pause = pool.timeouts.first_byte.0;
-                        session.as_downstream_mut().set_read_timeout(Some(pause));
-                    }
+                if let Some(pause) = plan.stream_pause {
+                    session.as_downstream_mut().set_read_timeout(Some(pause));
                 }
                 ctx.plan = Some(plan);
                 if let Err(e) = buffer_http2_body(session, ctx).await {
@@ -280,7 +278,8 @@ impl ProxyHttp for Edge {
                 );
             }
             let limits = &ctx.generation.config.limits;
-            if !ctx.grpc_stream
+            let streaming = ctx.plan.as_ref().is_some_and(|p| p.stream_pause.is_some());
+            if !streaming
                 && body_too_slow(
                     ctx.body_bytes,
                     ctx.started.elapsed(),
@@ -305,8 +304,7 @@ impl ProxyHttp for Edge {
         let pool = ctx.pool().cloned().ok_or_else(|| {
             Error::explain(ErrorType::InternalError, "forward route without a pool")
         })?;
-        let total = ctx.plan.as_ref().map_or(pool.timeouts.total.0, |p| p.total);
-        let left = remaining(ctx.started, total);
+        let left = remaining(ctx.started, ctx.total(&pool));
         if left.is_zero() {
             return Error::e_explain(
                 ErrorType::HTTPStatus(504),
@@ -522,8 +520,7 @@ impl ProxyHttp for Edge {
         ctx: &mut RequestCtx,
     ) -> Result<Option<Duration>> {
         if let Some(pool) = ctx.pool() {
-            let total = ctx.plan.as_ref().map_or(pool.timeouts.total.0, |p| p.total);
-            if remaining(ctx.started, total).is_zero() {
+            if remaining(ctx.started, ctx.total(pool)).is_zero() {
                 return Error::e_explain(
                     ErrorType::ReadTimedout,
                     "timeouts.total exceeded while streaming the response",
@@ -864,8 +861,5 @@ fn inet(addr: Option<&pingora::protocols::l4::socket::SocketAddr>) -> Option<std
 }
 
 fn client_peer(session: &Session) -> Option<IpAddr> {
-    session
-        .client_addr()
-        .and_then(|a| a.as_inet())
-        .map(std::net::SocketAddr::ip)
+    inet(session.client_addr()).map(|a| a.ip())
 }

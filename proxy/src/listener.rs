@@ -236,9 +236,9 @@ impl EdgeApp {
             .inc();
         let _open = OpenGuard(self, client);
         let header_timeout = limits.header_read_timeout.0;
+        let h2c = self.tls.is_none() && generation.config.listeners.h2c;
         drop(generation);
 
-        let h2c = self.tls.is_none() && self.current.load().config.listeners.h2c;
         let (stream, tls): (Stream, _) = match &self.tls {
             None if h2c => match sniff_h2c(stream, header_timeout).await {
                 Some((stream, true)) => {

@@ -98,6 +98,11 @@ pub struct Forward {
     /// The request's whole time budget: the pool's `timeouts.total`, or less when a
     /// gRPC client set a deadline (`grpc-timeout`).
     pub total: Duration,
+    /// For a gRPC call to an HTTP/2 pool, the longest pause in its request stream (the
+    /// pool's `timeouts.first_byte`): a client or bidirectional stream sends a message
+    /// now and then, so the slow-upload limits (`body_read_timeout`, `min_body_rate`)
+    /// do not apply to it.
+    pub stream_pause: Option<Duration>,
 }
 
 tokio::task_local! {
@@ -320,6 +325,11 @@ fn forward_plan(
         .as_ref()
         .map_or(Duration::MAX, |pool| pool.timeouts.total.0);
     let total = grpc_timeout(&parts.headers).map_or(total, |t| t.min(total));
+    let stream_pause = route
+        .pool
+        .as_ref()
+        .filter(|pool| pool.peer.multiplexed() && Style::of(&parts.headers) == Style::Grpc)
+        .map(|pool| pool.timeouts.first_byte.0);
     Forward {
         route: idx,
         client_ip,
@@ -328,6 +338,7 @@ fn forward_plan(
         target,
         forwarded,
         total,
+        stream_pause,
     }
 }
 
