@@ -447,13 +447,19 @@ async fn a_certificate_is_renewed_when_a_third_of_its_lifetime_is_left() {
 async fn rampart_up_with_an_acme_name_serves_its_certificate() {
     common::init();
     let dir = tempfile::tempdir().unwrap();
-    let (http, https, admin) = (free_addr(), free_addr(), free_addr());
-    let pebble = Pebble::start(dir.path(), http.port()).await;
-    let config = dir.path().join("up.toml");
-    std::fs::write(
-        &config,
-        format!(
-            r#"[server]
+    let started = Instant::now();
+    let mut attempt = 0;
+    // Fresh ports (and a pebble validating on the new HTTP port) when one was taken.
+    let (pebble, https, _up) = loop {
+        attempt += 1;
+        assert!(attempt <= 3, "rampart up failed to start three times");
+        let (http, https, admin) = (free_addr(), free_addr(), free_addr());
+        let pebble = Pebble::start(dir.path(), http.port()).await;
+        let config = dir.path().join("up.toml");
+        std::fs::write(
+            &config,
+            format!(
+                r#"[server]
 data_dir = {:?}
 
 [listeners]
@@ -469,21 +475,16 @@ source = {{ acme = {{ email = "ops@rampart.test", directory = "{}", directory_ca
 name = "hello"
 action = {{ respond = {{ body = "hello from up" }} }}
 "#,
-            dir.path().join("data"),
-            pebble.directory,
-            pebble.api_ca
-        ),
-    )
-    .unwrap();
-    let started = Instant::now();
-    let _up = Killed(
-        Command::new(env!("CARGO_BIN_EXE_rampart"))
-            .args(["up", "--config"])
-            .arg(&config)
-            .stderr(std::fs::File::create(dir.path().join("up.log")).unwrap())
-            .spawn()
-            .unwrap(),
-    );
+                dir.path().join(format!("data{attempt}")),
+                pebble.directory,
+                pebble.api_ca
+            ),
+        )
+        .unwrap();
+        if let Some(up) = common::spawn_up(&config, &dir.path().join("up.log"), admin).await {
+            break (pebble, https, up);
+        }
+    };
     let root = pebble.root().await;
     wait_served(&root, "up.rampart.test", https, "hello from up", dir.path()).await;
     eprintln!(

@@ -140,40 +140,35 @@ fn schema_describes_the_config() {
 async fn up_serves_the_welcome_page_over_https_with_the_internal_ca() {
     common::init();
     let dir = tempfile::tempdir().unwrap();
-    let (http, https, admin, dns) = (
-        common::free_addr(),
-        common::free_addr(),
-        common::free_addr(),
-        common::free_addr(),
-    );
-    // The quickstart as shipped, with free ports instead of 8080/8443/9900.
-    let quickstart = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/examples/quickstart.toml"
-    ))
-    .unwrap()
-    .replace("0.0.0.0:8080", &http.to_string())
-    .replace("0.0.0.0:8443", &https.to_string())
-    .replace("127.0.0.1:9900", &admin.to_string())
-    .replace("127.0.0.1:8053", &dns.to_string())
-    .replace("./rampart-data", dir.path().join("data").to_str().unwrap());
     let file = dir.path().join("quickstart.toml");
-    std::fs::write(&file, quickstart).unwrap();
     let log = dir.path().join("up.log");
-    let child = Command::new(env!("CARGO_BIN_EXE_rampart"))
-        .args(["up", "--config", file.to_str().unwrap()])
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    // Killed when the test ends, also when an assertion fails first.
-    struct Up(std::process::Child);
-    impl Drop for Up {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
+    // Fresh ports when one was taken before `rampart up` bound it.
+    let (http, https, admin, dns, up) = 'up: {
+        for _ in 0..3 {
+            let (http, https, admin, dns) = (
+                common::free_addr(),
+                common::free_addr(),
+                common::free_addr(),
+                common::free_addr(),
+            );
+            // The quickstart as shipped, with free ports instead of 8080/8443/9900.
+            let quickstart = std::fs::read_to_string(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/examples/quickstart.toml"
+            ))
+            .unwrap()
+            .replace("0.0.0.0:8080", &http.to_string())
+            .replace("0.0.0.0:8443", &https.to_string())
+            .replace("127.0.0.1:9900", &admin.to_string())
+            .replace("127.0.0.1:8053", &dns.to_string())
+            .replace("./rampart-data", dir.path().join("data").to_str().unwrap());
+            std::fs::write(&file, quickstart).unwrap();
+            if let Some(up) = common::spawn_up(&file, &log, admin).await {
+                break 'up (http, https, admin, dns, up);
+            }
         }
-    }
-    let up = Up(child);
+        panic!("rampart up failed to start three times");
+    };
     let ca = dir.path().join("data/ca/ca.pem");
     let body = common::eventually("the quickstart to answer over HTTPS", || async {
         let pem = std::fs::read(&ca).ok()?;

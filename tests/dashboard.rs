@@ -207,32 +207,32 @@ async fn a_browser_renders_the_dashboard_of_rampart_up() {
     web2.health_status
         .store(503, std::sync::atomic::Ordering::SeqCst);
     let dir = tempfile::tempdir().unwrap();
-    let (https, admin) = (common::free_addr(), common::free_addr());
     let check =
         "health_check = { interval = \"100ms\", timeout = \"100ms\", unhealthy_threshold = 1 }";
     let config = dir.path().join("rampart.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[server]\ndata_dir = {:?}\n\n[listeners]\nhttps = \"{https}\"\nadmin = \"{admin}\"\n\n\
-             [[tls]]\nhosts = [\"shop.test\"]\nsource = \"internal\"\n\n\
-             [[routes]]\nname = \"api\"\nhosts = [\"shop.test\"]\npath_prefix = \"/api\"\naction = {{ forward = \"api\" }}\n\n\
-             [[routes]]\nname = \"web\"\nhosts = [\"shop.test\"]\naction = {{ forward = \"web\" }}\n\n{}\n{}",
-            dir.path().join("data"),
-            common::pool_toml("web", "least_conn", &[&web1, &web2], check),
-            common::pool_toml("api", "round_robin", &[&api], "")
-        ),
-    )
-    .unwrap();
-    let log = std::fs::File::create(dir.path().join("up.log")).unwrap();
-    let up = std::process::Command::new(env!("CARGO_BIN_EXE_rampart"))
-        .args(["up", "--config"])
-        .arg(&config)
-        .stdout(std::process::Stdio::null())
-        .stderr(log)
-        .spawn()
-        .unwrap();
-    let _up = common::pebble::Killed(up);
+    // Fresh ports when one was taken before `rampart up` bound it.
+    let (https, admin, _up) = 'up: {
+        for _ in 0..3 {
+            let (https, admin) = (common::free_addr(), common::free_addr());
+            std::fs::write(
+                &config,
+                format!(
+                    "[server]\ndata_dir = {:?}\n\n[listeners]\nhttps = \"{https}\"\nadmin = \"{admin}\"\n\n\
+                     [[tls]]\nhosts = [\"shop.test\"]\nsource = \"internal\"\n\n\
+                     [[routes]]\nname = \"api\"\nhosts = [\"shop.test\"]\npath_prefix = \"/api\"\naction = {{ forward = \"api\" }}\n\n\
+                     [[routes]]\nname = \"web\"\nhosts = [\"shop.test\"]\naction = {{ forward = \"web\" }}\n\n{}\n{}",
+                    dir.path().join("data"),
+                    common::pool_toml("web", "least_conn", &[&web1, &web2], check),
+                    common::pool_toml("api", "round_robin", &[&api], "")
+                ),
+            )
+            .unwrap();
+            if let Some(up) = common::spawn_up(&config, &dir.path().join("up.log"), admin).await {
+                break 'up (https, admin, up);
+            }
+        }
+        panic!("rampart up failed to start three times");
+    };
     let client = reqwest::Client::new();
     // Serving, and web2 already out.
     common::eventually("rampart up to serve with web2 unhealthy", || async {

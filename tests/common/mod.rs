@@ -247,6 +247,50 @@ fn websocket_echo(req: &mut Request<Incoming>) -> Response<Full<Bytes>> {
         .unwrap()
 }
 
+/// Whether the log at `log` says a listening port was taken (Pingora then retries the
+/// bind for half a minute before it gives up).
+fn port_taken(log: &Path) -> bool {
+    std::fs::read_to_string(log).is_ok_and(|l| l.contains(" is in use, will try again"))
+}
+
+/// Spawns `rampart up --config <config>` (stderr to `log`) and waits until the admin
+/// API at `admin` says ready. `None` when the process exits first: a port that
+/// [`free_addr`] picked was taken by another process before `rampart up` bound it, and
+/// the caller starts again on fresh ports (as [`Proxy::start`] does).
+pub async fn spawn_up(config: &Path, log: &Path, admin: SocketAddr) -> Option<pebble::Killed> {
+    let mut child = pebble::Killed(
+        Command::new(env!("CARGO_BIN_EXE_rampart"))
+            .args(["up", "--config"])
+            .arg(config)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let start = Instant::now();
+    let client = reqwest::Client::new();
+    while start.elapsed() < DEADLINE {
+        let exited = child.0.try_wait().ok().flatten();
+        if exited.is_some() || port_taken(log) {
+            eprintln!(
+                "rampart up did not start ({exited:?}; port taken?), log:\n{}",
+                std::fs::read_to_string(log).unwrap_or_default()
+            );
+            return None;
+        }
+        if let Ok(r) = client.get(format!("http://{admin}/ready")).send().await {
+            if r.status() == 200 {
+                return Some(child);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!(
+        "rampart up did not become ready in {DEADLINE:?}, log:\n{}",
+        std::fs::read_to_string(log).unwrap_or_default()
+    );
+}
+
 /// A `rampart proxy` process with its own data directory and loopback ports.
 pub struct Proxy {
     pub child: Child,
@@ -403,6 +447,9 @@ impl Proxy {
         let client = reqwest::Client::new();
         while start.elapsed() < DEADLINE {
             if let Ok(Some(_)) = self.child.try_wait() {
+                return false;
+            }
+            if port_taken(&self.dir.path().join("rampart.log")) {
                 return false;
             }
             if let Ok(r) = client
