@@ -708,3 +708,44 @@ fn walkdir(dir: &Path) -> Vec<PathBuf> {
     }
     out
 }
+
+#[tokio::test]
+async fn a_hosts_client_auth_reaches_fleet_proxies_in_the_snapshot() {
+    common::init();
+    let clients = common::pki::Pki::new("clients");
+    clients.leaf("alice", &["alice.clients.test"], 1);
+    let tls = format!(
+        "[[tls]]\nhosts = [\"mtls.test\"]\nsource = \"internal\"\nclient_auth = {{ ca_file = {:?} }}\n",
+        clients.ca_file()
+    );
+    let c = Controller::start(&format!("{tls}\n{WEB}")).await;
+    let a = Backend::start("a").await;
+    c.endpoints("web", "web", &[&a]);
+    let proxy = Proxy::start_fleet(&c.url(), Some(&c.token().await)).await;
+    let ca = std::fs::read(c.dir.path().join("data/ca/ca.pem")).unwrap();
+    let client = |identity: bool| {
+        let mut b = reqwest::Client::builder()
+            .tls_certs_only([reqwest::Certificate::from_pem(&ca).unwrap()])
+            .resolve("mtls.test", proxy.https);
+        if identity {
+            let dir = clients.dir.path();
+            let mut pem = std::fs::read(dir.join("alice.pem")).unwrap();
+            pem.extend(std::fs::read(dir.join("alice.key")).unwrap());
+            b = b.identity(reqwest::Identity::from_pem(&pem).unwrap());
+        }
+        b.build().unwrap()
+    };
+    let url = format!("https://mtls.test:{}/headers", proxy.https.port());
+    let alice = client(true);
+    let headers: std::collections::HashMap<String, String> =
+        eventually("the proxy to serve mtls.test", || async {
+            alice.get(&url).send().await.ok()?.json().await.ok()
+        })
+        .await;
+    assert_eq!(headers["x-client-cert-subject"], "CN=alice.clients.test");
+    // The CA came in the snapshot: the proxy holds no such file of its own.
+    assert!(
+        client(false).get(&url).send().await.is_err(),
+        "a client without a certificate was served"
+    );
+}

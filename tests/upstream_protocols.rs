@@ -13,86 +13,24 @@ mod common;
 use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicU16, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
+use common::pki::{read_chain, Pki};
 use common::{eventually, forward_all, Proxy};
 use http_body_util::Full;
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::pki_types::CertificateDer;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const FAST: &str = "";
 const PINGORA: &str = "http1_fast_path = false\nhttp2_fast_path = false";
 /// The HTTPS listener's certificate for `a.test`, from the internal CA.
 const TLS_A: &str = "[[tls]]\nhosts = [\"a.test\"]\nsource = \"internal\"\n";
-
-/// A test CA that signs server and client certificates, written as PEM files.
-struct Pki {
-    dir: tempfile::TempDir,
-    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
-    ca_der: CertificateDer<'static>,
-}
-
-impl Pki {
-    fn new(name: &str) -> Pki {
-        let key = rcgen::KeyPair::generate().unwrap();
-        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, format!("{name} CA"));
-        let ca = params.self_signed(&key).unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("ca.pem"), ca.pem()).unwrap();
-        Pki {
-            dir,
-            ca_der: ca.der().clone(),
-            issuer: rcgen::Issuer::new(params, key),
-        }
-    }
-
-    fn ca_file(&self) -> PathBuf {
-        self.dir.path().join("ca.pem")
-    }
-
-    /// A leaf for `names` (serial `serial`), written as `<file>.pem` and `<file>.key`.
-    fn leaf(&self, file: &str, names: &[&str], serial: u64) -> (PathBuf, PathBuf) {
-        let key = rcgen::KeyPair::generate().unwrap();
-        let mut params = rcgen::CertificateParams::new(
-            names.iter().map(ToString::to_string).collect::<Vec<_>>(),
-        )
-        .unwrap();
-        params.serial_number = Some(rcgen::SerialNumber::from(serial));
-        params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, names[0]);
-        let cert = params.signed_by(&key, &self.issuer).unwrap();
-        let (pem, key_path) = (
-            self.dir.path().join(format!("{file}.pem")),
-            self.dir.path().join(format!("{file}.key")),
-        );
-        std::fs::write(&pem, cert.pem()).unwrap();
-        std::fs::write(&key_path, key.serialize_pem()).unwrap();
-        (pem, key_path)
-    }
-}
-
-fn read_chain(path: &Path) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
-    let pem = std::fs::read(path).unwrap();
-    let chain = rustls_pemfile::certs(&mut &pem[..])
-        .collect::<Result<Vec<_>, _>>()
-        .unwrap();
-    let key_pem = std::fs::read(path.with_extension("key")).unwrap();
-    let key = rustls_pemfile::private_key(&mut &key_pem[..])
-        .unwrap()
-        .unwrap();
-    (chain, key)
-}
 
 /// What a backend saw of one request.
 fn seen(

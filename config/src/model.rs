@@ -872,6 +872,106 @@ pub struct TlsEntry {
     pub hosts: Vec<HostPattern>,
     /// Where the certificate comes from.
     pub source: TlsSource,
+    /// Client certificate authentication (mutual TLS) for these hosts:
+    /// `client_auth = { ca_file = "clients-ca.pem", mode = "require" }`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_auth: Option<ClientAuth>,
+}
+
+/// Client certificate authentication of a `[[tls]]` entry's hosts.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ClientAuth {
+    /// CA certificates (PEM) that a client certificate must chain to.
+    pub ca_file: PathBuf,
+    /// `require`: a handshake without a valid client certificate fails; `optional`: a
+    /// client may send none (routes with `require_client_cert` then answer 403), but a
+    /// certificate it sends must be valid.
+    #[serde(default)]
+    pub mode: ClientAuthMode,
+    /// Headers that carry the verified certificate's details upstream. They are removed
+    /// from every client request, so a client cannot send its own.
+    #[serde(default)]
+    pub headers: ClientCertHeaders,
+}
+
+/// Whether a client certificate is required at the handshake.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq, Eq, Hash)]
+#[serde(rename_all = "snake_case")]
+pub enum ClientAuthMode {
+    /// Every handshake for these hosts must present a valid certificate.
+    #[default]
+    Require,
+    /// A certificate is asked for but may be left out.
+    Optional,
+}
+
+/// The names of the headers that carry a verified client certificate upstream; an
+/// empty name sends no such header.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq, Eq, Hash)]
+#[serde(deny_unknown_fields)]
+pub struct ClientCertHeaders {
+    /// The subject's distinguished name (RFC 4514 form, e.g. `CN=alice,O=Example`).
+    #[serde(default = "default_cert_subject_header")]
+    pub subject: String,
+    /// The subject alternative names, comma-separated (`DNS:a.example`,
+    /// `email:alice@example.com`, `URI:spiffe://...`, `IP:10.0.0.1`).
+    #[serde(default = "default_cert_sans_header")]
+    pub sans: String,
+    /// SHA-256 of the certificate (DER), lowercase hex.
+    #[serde(default = "default_cert_fingerprint_header")]
+    pub fingerprint: String,
+    /// The certificate as PEM, URL-encoded (off unless named, e.g. `"x-client-cert"`).
+    #[serde(default)]
+    pub pem: String,
+}
+
+impl Default for ClientCertHeaders {
+    fn default() -> Self {
+        Self {
+            subject: default_cert_subject_header(),
+            sans: default_cert_sans_header(),
+            fingerprint: default_cert_fingerprint_header(),
+            pem: String::new(),
+        }
+    }
+}
+
+impl ClientCertHeaders {
+    /// The configured (non-empty) names with what each carries.
+    pub fn named(&self) -> impl Iterator<Item = (CertField, &str)> {
+        [
+            (CertField::Subject, self.subject.as_str()),
+            (CertField::Sans, self.sans.as_str()),
+            (CertField::Fingerprint, self.fingerprint.as_str()),
+            (CertField::Pem, self.pem.as_str()),
+        ]
+        .into_iter()
+        .filter(|(_, name)| !name.is_empty())
+    }
+}
+
+/// A detail of a client certificate that a header carries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CertField {
+    /// The subject DN.
+    Subject,
+    /// The subject alternative names.
+    Sans,
+    /// The SHA-256 fingerprint.
+    Fingerprint,
+    /// The URL-encoded PEM.
+    Pem,
+}
+
+fn default_cert_subject_header() -> String {
+    "x-client-cert-subject".to_string()
+}
+fn default_cert_sans_header() -> String {
+    "x-client-cert-sans".to_string()
+}
+fn default_cert_fingerprint_header() -> String {
+    "x-client-cert-fingerprint".to_string()
 }
 
 /// Where a certificate comes from.
@@ -992,6 +1092,11 @@ pub struct Route {
     /// HTTP Basic authentication in front of the route: others get 401.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub basic_auth: Option<BasicAuth>,
+    /// Requests need a client certificate verified by the `client_auth` of the
+    /// host's `[[tls]]` entry (for routes under a host whose mode is `optional`);
+    /// without one the answer is 403.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub require_client_cert: bool,
     /// Answer plain-HTTP requests for this route with a 308 redirect to HTTPS.
     #[serde(default)]
     pub https_redirect: bool,

@@ -65,6 +65,35 @@ pub struct CertificateBundle {
     pub chain_pem: String,
     /// Private key.
     pub key_pem: String,
+    /// Client certificate authentication of these hosts, with its CA as PEM.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_auth: Option<ClientAuthBundle>,
+}
+
+/// A `client_auth` as a snapshot carries it: the CA certificates as PEM, not a path.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ClientAuthBundle {
+    /// CA certificates a client certificate must chain to, PEM.
+    pub ca_pem: String,
+    /// Whether a certificate is required at the handshake.
+    pub mode: crate::ClientAuthMode,
+    /// Headers that carry the verified certificate upstream.
+    pub headers: crate::ClientCertHeaders,
+}
+
+impl ClientAuthBundle {
+    /// The bundle of `auth`, reading its CA file.
+    ///
+    /// # Errors
+    /// When the CA file cannot be read.
+    pub fn read(auth: &crate::ClientAuth) -> std::io::Result<Self> {
+        Ok(Self {
+            ca_pem: std::fs::read_to_string(&auth.ca_file)?,
+            mode: auth.mode,
+            headers: auth.headers.clone(),
+        })
+    }
 }
 
 impl std::fmt::Debug for CertificateBundle {

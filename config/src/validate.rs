@@ -650,8 +650,59 @@ fn tls(config: &Config, out: &mut Vec<Issue>) -> Vec<HostPattern> {
             }
         }
         tls_source(entry, &path, out);
+        if let Some(auth) = &entry.client_auth {
+            client_auth(auth, &path.key("client_auth"), out);
+        }
     }
     all.into_keys().cloned().collect()
+}
+
+fn client_auth(auth: &crate::ClientAuth, path: &FieldPath, out: &mut Vec<Issue>) {
+    if auth.ca_file.as_os_str().is_empty() {
+        out.push(Issue::new(
+            path.key("ca_file"),
+            "no CA file given",
+            "name the PEM file of the CA(s) that issue your clients' certificates",
+        ));
+    }
+    let mut seen = HashMap::new();
+    for (field, name) in auth.headers.named() {
+        let at = path.key("headers").key(match field {
+            crate::CertField::Subject => "subject",
+            crate::CertField::Sans => "sans",
+            crate::CertField::Fingerprint => "fingerprint",
+            crate::CertField::Pem => "pem",
+        });
+        let lower = name.to_ascii_lowercase();
+        if !valid_header_name(name) {
+            out.push(Issue::new(
+                at,
+                format!("{name:?} is not a valid header name"),
+                "use letters, digits and hyphens, or \"\" to send no such header",
+            ));
+        } else if FRAMING_HEADERS.contains(&lower.as_str())
+            || [
+                "host",
+                "x-forwarded-for",
+                "x-forwarded-proto",
+                "x-forwarded-host",
+                "forwarded",
+            ]
+            .contains(&lower.as_str())
+        {
+            out.push(Issue::new(
+                at,
+                format!("{name} is a header the proxy sets itself"),
+                "choose a name of your own, e.g. x-client-cert-subject",
+            ));
+        } else if let Some(first) = seen.insert(lower, field) {
+            out.push(Issue::new(
+                at,
+                format!("{name} also carries the {first:?} field"),
+                "give each field a header of its own",
+            ));
+        }
+    }
 }
 
 fn tls_source(entry: &TlsEntry, path: &FieldPath, out: &mut Vec<Issue>) {
@@ -745,6 +796,30 @@ fn route(config: &Config, origin: Origin, route: &Route, path: &FieldPath, out: 
                 format!("{name:?} is not a valid header name"),
                 "use letters, digits and hyphens",
             ));
+        }
+    }
+    if route.require_client_cert && origin == Origin::File {
+        if route.hosts.is_empty() {
+            out.push(Issue::new(
+                path.key("require_client_cert"),
+                "requires a client certificate but lists no hosts",
+                "list the route's hosts; each must be in a [[tls]] entry with client_auth",
+            ));
+        }
+        for host in &route.hosts {
+            let authenticated = config.tls.iter().any(|t| {
+                t.client_auth.is_some()
+                    && t.hosts.iter().any(|p| {
+                        p == host || matches!(host, HostPattern::Exact(h) if p.matches(h.as_str()))
+                    })
+            });
+            if !authenticated {
+                out.push(Issue::new(
+                    path.key("require_client_cert"),
+                    format!("{host} has no client_auth, so no request to it carries a verified client certificate"),
+                    "add client_auth = { ca_file = \"...\", mode = \"optional\" } to the [[tls]] entry of this host",
+                ));
+            }
         }
     }
     // A controller's file has no listeners, and a snapshot meets each proxy's own: a
@@ -1135,6 +1210,28 @@ mod tests {
     }
 
     const BASE: &str = "[listeners]\nhttps = \"127.0.0.1:8443\"\n";
+
+    #[test]
+    fn client_auth_headers_and_routes_that_require_a_certificate_are_checked() {
+        let src = format!(
+            "{BASE}[[tls]]\nhosts = [\"a.test\"]\nsource = \"internal\"\n\
+             client_auth = {{ ca_file = \"ca.pem\", mode = \"optional\", headers = {{ subject = \"X-Forwarded-For\", sans = \"x-c\", fingerprint = \"x-c\", pem = \"bad name\" }} }}\n\
+             [[tls]]\nhosts = [\"b.test\"]\nsource = \"internal\"\n\
+             [[routes]]\nname = \"ok\"\nhosts = [\"a.test\"]\nrequire_client_cert = true\naction = {{ respond = {{ body = \"x\" }} }}\n\
+             [[routes]]\nname = \"b\"\nhosts = [\"b.test\"]\nrequire_client_cert = true\naction = {{ respond = {{ body = \"x\" }} }}\n\
+             [[routes]]\nname = \"any\"\nrequire_client_cert = true\naction = {{ respond = {{ body = \"x\" }} }}\n"
+        );
+        assert_eq!(
+            issues(&src),
+            vec![
+                "tls[0].client_auth.headers.subject: X-Forwarded-For is a header the proxy sets itself",
+                "tls[0].client_auth.headers.fingerprint: x-c also carries the Sans field",
+                "tls[0].client_auth.headers.pem: \"bad name\" is not a valid header name",
+                "routes[1].require_client_cert: b.test has no client_auth, so no request to it carries a verified client certificate",
+                "routes[2].require_client_cert: requires a client certificate but lists no hosts",
+            ]
+        );
+    }
 
     #[test]
     fn upstream_protocol_tls_and_proxy_protocol_settings_must_agree() {

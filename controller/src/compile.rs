@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use anyhow::Context;
-use rampart_config::snapshot::{CertificateBundle, Snapshot, SCHEMA};
+use rampart_config::snapshot::{CertificateBundle, ClientAuthBundle, Snapshot, SCHEMA};
 use rampart_config::{Config, Endpoint, TlsSource};
 use rampart_pki::Ca;
 
@@ -91,6 +91,7 @@ impl Compiler {
                         .with_context(|| format!("tls[{i}]: reading {}", cert.display()))?,
                     key_pem: std::fs::read_to_string(key)
                         .with_context(|| format!("tls[{i}]: reading {}", key.display()))?,
+                    client_auth: None,
                 },
                 TlsSource::Acme(_)
                     if self
@@ -115,13 +116,23 @@ impl Compiler {
                             hosts: entry.hosts.clone(),
                             chain_pem: issued.chain_pem,
                             key_pem: issued.key_pem,
+                            client_auth: None,
                         };
                         self.issued.insert(hosts, b.clone());
                         b
                     }
                 }
             };
-            out.push(bundle);
+            let client_auth = match &entry.client_auth {
+                Some(auth) => Some(ClientAuthBundle::read(auth).with_context(|| {
+                    format!("tls[{i}].client_auth: reading {}", auth.ca_file.display())
+                })?),
+                None => None,
+            };
+            out.push(CertificateBundle {
+                client_auth,
+                ..bundle
+            });
         }
         Ok(out)
     }
@@ -273,6 +284,7 @@ mod tests {
                 hosts: vec!["a.test".parse().unwrap()],
                 chain_pem: issued.chain_pem,
                 key_pem: issued.key_pem,
+                client_auth: None,
             }
         };
         assert!(!renewal_due(&bundle(INTERNAL_LIFETIME)));

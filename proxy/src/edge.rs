@@ -211,9 +211,15 @@ impl ProxyHttp for Edge {
             .as_downstream()
             .as_http1()
             .map(pingora::protocols::http::v1::server::HttpSession::get_headers_raw_bytes);
+        // The connection's handshake (its SNI and client certificate), which the
+        // policy reads only where some host authenticates clients.
+        let tls = (self.scheme == Scheme::Https && generation.client_auth_in_use)
+            .then(|| crate::tls::conn::CONNECTION.try_with(Arc::clone).ok())
+            .flatten();
         let client = Client {
             scheme: self.scheme,
             peer: client_peer(session),
+            tls: tls.as_deref(),
         };
         let body_ended = session.as_downstream().is_http2() && session.is_body_empty();
         let req = session.req_header();
@@ -436,11 +442,15 @@ impl ProxyHttp for Edge {
         }
         let route = &ctx.generation.routes[plan.route];
         let edits = &route.request_headers;
+        // Only the proxy sets the client certificate headers (from the plan).
+        for name in &ctx.generation.client_cert_headers {
+            upstream.remove_header(name);
+        }
         // Removed and appended (not replaced in place), as the fast paths write them.
         for (name, value) in &plan.forwarded {
-            upstream.remove_header(*name);
-            if !edits.drops(name) {
-                upstream.append_header(*name, value.as_str())?;
+            upstream.remove_header(name);
+            if !edits.drops(name.as_str()) {
+                upstream.append_header(name.clone(), value.as_str())?;
             }
         }
         for name in &edits.remove {

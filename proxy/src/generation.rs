@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use anyhow::{anyhow, Context};
 use http::HeaderName;
-use rampart_config::snapshot::CertificateBundle;
+use rampart_config::snapshot::{CertificateBundle, ClientAuthBundle};
 use rampart_config::{
     Action, Config, HashKey, HealthCheck, HostPattern, Retries, Route, Timeouts, TlsSource,
 };
@@ -25,6 +25,7 @@ use crate::health::{EjectPolicy, EndpointState};
 use crate::limits::HeaderLimits;
 use crate::metrics::{Metrics, RequestMetrics};
 use crate::routing::Router;
+use crate::tls::client_auth::ClientAuthRt;
 use crate::tls::internal_ca::InternalCa;
 use crate::tls::{files, CertSet};
 
@@ -43,6 +44,12 @@ pub struct Generation {
     pub pools: BTreeMap<String, Arc<PoolRt>>,
     /// Certificates by SNI.
     pub certs: CertSet,
+    /// Some host authenticates clients by certificate (`client_auth`): handshakes read
+    /// the ClientHello before choosing their configuration.
+    pub client_auth_in_use: bool,
+    /// The headers that carry verified client certificates upstream, under any
+    /// `client_auth`: removed from every client request.
+    pub client_cert_headers: Vec<HeaderName>,
     /// Forwarding headers policy.
     pub forwarding: ForwardingPolicy,
     /// Request header limits.
@@ -83,6 +90,8 @@ pub struct RouteRt {
     pub pool: Option<Arc<PoolRt>>,
     /// Redirect plain HTTP to HTTPS.
     pub https_redirect: bool,
+    /// Requests need a verified client certificate (`require_client_cert`).
+    pub require_client_cert: bool,
     /// The path prefix removed before forwarding (`strip_prefix`), without a trailing
     /// slash; `None` when the path goes upstream as it came.
     pub strip_prefix: Option<String>,
@@ -361,7 +370,16 @@ impl Builder {
                 )
             })
             .collect();
-        let certs = self.build_certs(&config, bundles)?;
+        let certs = self.build_certs(&config, bundles, prev)?;
+        let mut client_cert_headers: Vec<HeaderName> = Vec::new();
+        for (_, cert) in certs.entries() {
+            for (_, name) in cert.client_auth.iter().flat_map(|a| &a.headers) {
+                if !client_cert_headers.contains(name) {
+                    client_cert_headers.push(name.clone());
+                }
+            }
+        }
+        let client_auth_in_use = certs.entries().any(|(_, c)| c.client_auth.is_some());
         let access_log = self.access_log(&config)?;
         let tracing = self.tracing(&config)?;
         let forwarding = ForwardingPolicy {
@@ -379,6 +397,8 @@ impl Builder {
             routes,
             pools,
             certs,
+            client_auth_in_use,
+            client_cert_headers,
             forwarding,
             header_limits,
             https_port: config.listeners.https.map(|a| a.port()),
@@ -395,12 +415,35 @@ impl Builder {
         &self,
         config: &Config,
         bundles: &[CertificateBundle],
+        prev: Option<&Generation>,
     ) -> anyhow::Result<CertSet> {
+        // A policy that stays keeps its handshake configuration (and session cache).
+        let kept: std::collections::HashMap<u64, &Arc<ClientAuthRt>> = prev
+            .map(|g| {
+                g.certs
+                    .entries()
+                    .filter_map(|(_, c)| c.client_auth.as_ref())
+                    .map(|a| (a.id, a))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let client_auth = |bundle: &ClientAuthBundle| -> anyhow::Result<Arc<ClientAuthRt>> {
+            let fresh = ClientAuthRt::new(bundle)?;
+            Ok(match kept.get(&fresh.id) {
+                Some(old) if old.headers == fresh.headers => Arc::clone(old),
+                _ => Arc::new(fresh),
+            })
+        };
         let mut set = CertSet::default();
         for (i, b) in bundles.iter().enumerate() {
             let hosts: Vec<String> = b.hosts.iter().map(ToString::to_string).collect();
-            let cert = files::from_pem(b.chain_pem.as_bytes(), b.key_pem.as_bytes())
+            let mut cert = files::from_pem(b.chain_pem.as_bytes(), b.key_pem.as_bytes())
                 .with_context(|| format!("certificates[{i}] ({})", hosts.join(", ")))?;
+            if let Some(auth) = &b.client_auth {
+                cert.client_auth = Some(client_auth(auth).with_context(|| {
+                    format!("certificates[{i}] ({}): client_auth", hosts.join(", "))
+                })?);
+            }
             for host in &b.hosts {
                 match host {
                     HostPattern::Exact(h) => set.insert_exact(h.as_str(), cert.clone()),
@@ -410,7 +453,7 @@ impl Builder {
         }
         for (i, entry) in config.tls.iter().enumerate() {
             let hosts: Vec<String> = entry.hosts.iter().map(ToString::to_string).collect();
-            let cert = match &entry.source {
+            let mut cert = match &entry.source {
                 TlsSource::Files { cert, key } => files::load(cert, key)
                     .with_context(|| format!("tls[{i}] ({})", hosts.join(", ")))?,
                 TlsSource::Internal => self
@@ -423,6 +466,14 @@ impl Builder {
                     format!("tls[{i}]: issuing a placeholder until ACME delivers")
                 })?,
             };
+            if let Some(auth) = &entry.client_auth {
+                let bundle = ClientAuthBundle::read(auth).with_context(|| {
+                    format!("tls[{i}].client_auth: reading {}", auth.ca_file.display())
+                })?;
+                cert.client_auth = Some(client_auth(&bundle).with_context(|| {
+                    format!("tls[{i}].client_auth ({})", auth.ca_file.display())
+                })?);
+            }
             for host in &entry.hosts {
                 match host {
                     HostPattern::Exact(h) => set.insert_exact(h.as_str(), cert.clone()),
@@ -523,6 +574,7 @@ fn build_route(
         action: route.action.clone(),
         pool,
         https_redirect: route.https_redirect,
+        require_client_cert: route.require_client_cert,
         strip_prefix: (route.strip_prefix && matches!(route.action, Action::Forward(_)))
             .then(|| route.path_prefix.trim_end_matches('/').to_string())
             .filter(|p| !p.is_empty()),

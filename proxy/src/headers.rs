@@ -141,7 +141,7 @@ impl ForwardingPolicy {
         host: &str,
         headers: &HeaderMap,
         stripped: Option<&str>,
-    ) -> Vec<(&'static str, String)> {
+    ) -> Vec<(HeaderName, String)> {
         let trusted = self.is_trusted(peer);
         let mut out = Vec::with_capacity(5);
         if let Some(prefix) = stripped {
@@ -152,18 +152,24 @@ impl ForwardingPolicy {
                 Some(prev) if trusted => format!("{}{prefix}", prev.trim_end_matches('/')),
                 _ => prefix.to_string(),
             };
-            out.push(("x-forwarded-prefix", value));
+            out.push((HeaderName::from_static("x-forwarded-prefix"), value));
         }
         let xff = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
             Some(prev) if trusted => format!("{prev}, {peer}"),
             _ => peer.to_string(),
         };
-        out.push(("x-forwarded-for", xff));
+        out.push((HeaderName::from_static("x-forwarded-for"), xff));
         if !(trusted && headers.contains_key("x-forwarded-proto")) {
-            out.push(("x-forwarded-proto", scheme.to_string()));
+            out.push((
+                HeaderName::from_static("x-forwarded-proto"),
+                scheme.to_string(),
+            ));
         }
         if !(trusted && headers.contains_key("x-forwarded-host")) {
-            out.push(("x-forwarded-host", host.to_string()));
+            out.push((
+                HeaderName::from_static("x-forwarded-host"),
+                host.to_string(),
+            ));
         }
         let node = match peer {
             IpAddr::V4(v4) => v4.to_string(),
@@ -174,7 +180,7 @@ impl ForwardingPolicy {
             Some(prev) if trusted => format!("{prev}, {element}"),
             _ => element,
         };
-        out.push(("forwarded", forwarded));
+        out.push((http::header::FORWARDED, forwarded));
         out
     }
 }

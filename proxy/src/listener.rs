@@ -56,7 +56,7 @@ pub struct EdgeApp {
     name: &'static str,
     scheme: Scheme,
     proxy: Arc<HttpProxy<Edge>>,
-    tls: Option<tokio_rustls::TlsAcceptor>,
+    tls: Option<crate::tls::Acceptor>,
     current: Arc<ArcSwap<Generation>>,
     metrics: Arc<Metrics>,
     open: AtomicUsize,
@@ -74,7 +74,7 @@ impl EdgeApp {
     pub fn new(
         name: &'static str,
         proxy: HttpProxy<Edge>,
-        tls: Option<tokio_rustls::TlsAcceptor>,
+        tls: Option<crate::tls::Acceptor>,
         current: Arc<ArcSwap<Generation>>,
         metrics: Arc<Metrics>,
     ) -> Self {
@@ -536,7 +536,7 @@ impl EdgeApp {
 impl EdgeApp {
     async fn handshake(
         &self,
-        acceptor: &tokio_rustls::TlsAcceptor,
+        acceptor: &crate::tls::Acceptor,
         stream: Stream,
         limit: Duration,
     ) -> Option<TlsConn> {
@@ -641,6 +641,10 @@ fn rustls_reason(e: &rustls::Error) -> &'static str {
         | rustls::Error::InappropriateHandshakeMessage { .. } => "bad_message",
         rustls::Error::AlertReceived(_) => "client_alert",
         rustls::Error::NoApplicationProtocol => "no_alpn",
+        // A host's client_auth refused the client's certificate, or it sent none.
+        rustls::Error::InvalidCertificate(_) | rustls::Error::NoCertificatesPresented => {
+            "client_cert"
+        }
         _ => "other",
     }
 }

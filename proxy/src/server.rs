@@ -23,7 +23,7 @@ use crate::health::checker::HealthChecker;
 use crate::listener::EdgeApp;
 use crate::live::Live;
 use crate::reload::ReloadService;
-use crate::tls::{server_config, SniResolver};
+use crate::tls::Acceptor;
 
 /// How to run a proxy.
 #[derive(Debug)]
@@ -95,8 +95,7 @@ pub fn run(live: Arc<Live>, options: ProxyOptions) -> anyhow::Result<()> {
         server.add_service(edge_service(&server_conf, &live, Scheme::Http, None, addr));
     }
     if let Some(addr) = config.listeners.https {
-        let resolver = Arc::new(SniResolver::new(live.current.clone(), live.metrics.clone()));
-        let acceptor = tokio_rustls::TlsAcceptor::from(server_config(resolver)?);
+        let acceptor = Acceptor::new(live.current.clone(), live.metrics.clone())?;
         server.add_service(edge_service(
             &server_conf,
             &live,
@@ -150,7 +149,7 @@ fn edge_service(
     conf: &Arc<ServerConf>,
     live: &Live,
     scheme: Scheme,
-    tls: Option<tokio_rustls::TlsAcceptor>,
+    tls: Option<crate::tls::Acceptor>,
     addr: std::net::SocketAddr,
 ) -> Service<EdgeApp> {
     let name = scheme.as_str();

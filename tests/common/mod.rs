@@ -6,6 +6,7 @@ pub mod engine;
 pub mod etcd;
 pub mod h2;
 pub mod pebble;
+pub mod pki;
 
 use std::collections::HashMap;
 use std::convert::Infallible;

@@ -924,6 +924,7 @@ fn bundle(s: &Stored) -> anyhow::Result<CertificateBundle> {
         hosts,
         chain_pem: s.chain_pem.clone(),
         key_pem: s.key_pem.clone(),
+        client_auth: None,
     })
 }
 

@@ -11,6 +11,7 @@
 //! rampart.route.site.priority=10        # optional
 //! rampart.route.site.https_redirect=true
 //! rampart.route.site.access_log=false
+//! rampart.route.site.require_client_cert=true  # 403 without a verified client cert
 //! rampart.route.site.strip_prefix=true  # forward /app/x as /x (needs a path)
 //! rampart.route.site.allow_from=10.0.0.0/8,192.0.2.7  # others get 403
 //! rampart.pool.api.protocol=h2c          # http1 (default), h2, h2c, auto
@@ -114,6 +115,7 @@ pub fn parse(
                         | "pool"
                         | "priority"
                         | "https_redirect"
+                        | "require_client_cert"
                         | "strip_prefix"
                         | "allow_from"
                         | "rate_limit"
@@ -128,7 +130,7 @@ pub fn parse(
                         &mut errors,
                         key,
                         value,
-                        "known route labels: host, path, pool, priority, https_redirect, strip_prefix, allow_from, rate_limit, access_log",
+                        "known route labels: host, path, pool, priority, https_redirect, require_client_cert, strip_prefix, allow_from, rate_limit, access_log",
                     );
                 }
             }
@@ -307,6 +309,10 @@ fn route(
         Some(kv) => kv.1.parse().map_err(|_| bad(kv, "use true or false"))?,
         None => false,
     };
+    let require_client_cert = match fields.get("require_client_cert") {
+        Some(kv) => kv.1.parse().map_err(|_| bad(kv, "use true or false"))?,
+        None => false,
+    };
     let access_log = match fields.get("access_log") {
         Some(kv) => kv.1.parse().map_err(|_| bad(kv, "use true or false"))?,
         None => true,
@@ -347,6 +353,7 @@ fn route(
         headers: BTreeMap::new(),
         priority,
         https_redirect,
+        require_client_cert,
         strip_prefix,
         allow_from,
         basic_auth: None,
@@ -477,6 +484,7 @@ mod tests {
             ("rampart.route.site.host", "www.example.com, example.com"),
             ("rampart.route.site.path", "/app"),
             ("rampart.route.site.https_redirect", "true"),
+            ("rampart.route.site.require_client_cert", "true"),
             ("rampart.route.site.strip_prefix", "true"),
             ("rampart.route.site.allow_from", "10.0.0.0/8, 192.0.2.7"),
             ("com.docker.compose.service", "web"),
@@ -489,6 +497,7 @@ mod tests {
         assert_eq!(r.hosts.len(), 2);
         assert_eq!(r.path_prefix, "/app");
         assert!(r.https_redirect);
+        assert!(r.require_client_cert);
         assert!(r.strip_prefix);
         assert_eq!(r.allow_from.len(), 2);
         assert_eq!(r.allow_from[1].to_string(), "192.0.2.7");

@@ -482,6 +482,7 @@ pub fn error_kind(answer: &Answer) -> Option<&'static str> {
         Answer::Refused(_) => Some("refused"),
         Answer::NotFound => Some("no_route"),
         Answer::Forbidden => Some("forbidden"),
+        Answer::ClientCertRequired { .. } => Some("client_cert_required"),
         Answer::RateLimited { .. } => Some("rate_limited"),
         Answer::Unauthorized { .. } => Some("unauthorized"),
         Answer::Failed(status) => Some(failure_kind(*status)),

@@ -314,7 +314,11 @@ fn upstream_head(
             || plan
                 .forwarded
                 .iter()
-                .any(|(n, _)| n.eq_ignore_ascii_case(h.name))
+                .any(|(n, _)| n.as_str().eq_ignore_ascii_case(h.name))
+            || generation
+                .client_cert_headers
+                .iter()
+                .any(|n| n.as_str().eq_ignore_ascii_case(h.name))
             || edits.drops(h.name)
         {
             continue;
@@ -391,6 +395,7 @@ pub fn upstream_request_for(bytes: &[u8], generation: &Generation) -> Option<Vec
     let client = crate::policy::Client {
         scheme: crate::edge::Scheme::Http,
         peer: Some(std::net::IpAddr::from([127, 0, 0, 1])),
+        tls: None,
     };
     let decide = std::pin::pin!(policy::decide(generation, head.policy_view(), client));
     let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
@@ -454,6 +459,7 @@ mod tests {
         let client = Client {
             scheme: Scheme::Http,
             peer: Some("127.0.0.1".parse().unwrap()),
+            tls: None,
         };
         let runtime = tokio::runtime::Builder::new_current_thread()
             .build()

@@ -210,7 +210,8 @@ fn upstream_head(
             || name == COOKIE
             || hop.contains(name)
             || name == id_name
-            || plan.forwarded.iter().any(|(n, _)| name.as_str() == *n)
+            || plan.forwarded.iter().any(|(n, _)| name == n)
+            || generation.client_cert_headers.contains(name)
             || edits.drops(name.as_str())
         {
             continue;

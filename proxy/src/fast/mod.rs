@@ -75,12 +75,13 @@ pub struct ConnInfo<'a> {
     pub tls: Option<&'a crate::tls::conn::TlsInfo>,
 }
 
-impl ConnInfo<'_> {
+impl<'a> ConnInfo<'a> {
     /// The client as the policy sees it.
-    pub(crate) fn client(&self) -> Client {
+    pub(crate) fn client(&self) -> Client<'a> {
         Client {
             scheme: self.scheme,
             peer: self.peer,
+            tls: self.tls,
         }
     }
 }
@@ -435,8 +436,8 @@ pub(crate) fn finish_upstream_head(
     request_id: &HeaderValue,
 ) {
     for (name, value) in &plan.forwarded {
-        if !edits.drops(name) {
-            push_header(out, name.as_bytes(), value.as_bytes());
+        if !edits.drops(name.as_str()) {
+            push_header(out, name.as_str().as_bytes(), value.as_bytes());
         }
     }
     for (name, value) in &edits.set {

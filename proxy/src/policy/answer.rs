@@ -117,6 +117,14 @@ pub enum Answer {
     NotFound,
     /// 403: the route's `allow_from` does not list the client.
     Forbidden,
+    /// The host or route needs a client certificate the connection did not verify
+    /// for it: 403 when the handshake was for this host (no certificate sent), 421
+    /// Misdirected Request when it was for another host's policy (a browser then
+    /// retries on a connection of its own for this host, sending its certificate).
+    ClientCertRequired {
+        /// The handshake was for a host under another client-auth policy.
+        misdirected: bool,
+    },
     /// A redirect: the route's own, or plain HTTP to HTTPS (308).
     Redirect {
         /// 301, 302, 303, 307 or 308.
@@ -178,6 +186,13 @@ impl Answer {
             Answer::Refused(r) => r.status(),
             Answer::NotFound => 404,
             Answer::Forbidden => 403,
+            Answer::ClientCertRequired { misdirected } => {
+                if *misdirected {
+                    421
+                } else {
+                    403
+                }
+            }
             Answer::Redirect { status, .. } | Answer::Respond { status, .. } => *status,
             Answer::RateLimited { .. } => 429,
             Answer::Unauthorized { .. } => 401,
@@ -240,6 +255,12 @@ impl Answer {
             Answer::Refused(r) => error(r.reason()),
             Answer::NotFound => error("no route matches this request"),
             Answer::Forbidden => error("forbidden: this route does not serve your address"),
+            Answer::ClientCertRequired { misdirected: false } => {
+                error("a client certificate is required: send one signed by a CA this host trusts")
+            }
+            Answer::ClientCertRequired { misdirected: true } => error(
+                "this connection was not authenticated for this host: open a new connection to it",
+            ),
             Answer::RateLimited { .. } => {
                 error("too many requests; retry after the time in Retry-After")
             }

@@ -31,6 +31,8 @@ use crate::generation::{Generation, RouteRt};
 use crate::headers::valid_request_id;
 use crate::limits::{check_request, Rejection, RequestView};
 use crate::routing::{stripped_target, RouteRequest};
+use crate::tls::client_auth::{ClientAuthRt, ClientCert};
+use crate::tls::conn::TlsInfo;
 
 /// A request head as the policy sees it.
 #[derive(Clone, Copy, Debug)]
@@ -49,11 +51,13 @@ pub struct Request<'a> {
 
 /// Where the request came from.
 #[derive(Clone, Copy, Debug)]
-pub struct Client {
+pub struct Client<'a> {
     /// The listener's scheme.
     pub scheme: Scheme,
     /// The peer's address.
     pub peer: Option<IpAddr>,
+    /// The TLS connection's handshake (HTTPS): its SNI and client certificate.
+    pub tls: Option<&'a TlsInfo>,
 }
 
 /// What the policy decided for one request.
@@ -94,7 +98,7 @@ pub struct Forward {
     pub target: Option<String>,
     /// Forwarding headers to set (X-Forwarded-*, Forwarded, traceparent), replacing
     /// the client's.
-    pub forwarded: Vec<(&'static str, String)>,
+    pub forwarded: Vec<(HeaderName, String)>,
     /// The request's whole time budget: the pool's `timeouts.total`, or less when a
     /// gRPC client set a deadline (`grpc-timeout`).
     pub total: Duration,
@@ -129,7 +133,7 @@ pub fn handed() -> Option<Box<Decision>> {
 /// Decides what to do with `req` from `client` under `generation`. Side effects: the
 /// route's rate limit takes a token when the request reaches it, and a password check
 /// may run bcrypt on the blocking pool.
-pub async fn decide(generation: &Generation, req: Request<'_>, client: Client) -> Decision {
+pub async fn decide(generation: &Generation, req: Request<'_>, client: Client<'_>) -> Decision {
     let request_id = request_id(req.parts, generation);
     let trusted = client
         .peer
@@ -140,7 +144,9 @@ pub async fn decide(generation: &Generation, req: Request<'_>, client: Client) -
     let (route, verdict) = match route_and_verdict(generation, req, client).await {
         Ok((route, mut forward)) => {
             if let Some(t) = &trace {
-                forward.forwarded.push(("traceparent", t.header()));
+                forward
+                    .forwarded
+                    .push((HeaderName::from_static("traceparent"), t.header()));
             }
             (Some(route), Verdict::Forward(forward))
         }
@@ -156,7 +162,11 @@ pub async fn decide(generation: &Generation, req: Request<'_>, client: Client) -
 
 type Outcome = Result<(usize, Forward), (Option<usize>, Answer)>;
 
-async fn route_and_verdict(generation: &Generation, req: Request<'_>, client: Client) -> Outcome {
+async fn route_and_verdict(
+    generation: &Generation,
+    req: Request<'_>,
+    client: Client<'_>,
+) -> Outcome {
     let refuse = |r: Rejection| Err((None, Answer::Refused(r)));
     let parts = req.parts;
     let view = RequestView {
@@ -230,7 +240,7 @@ async fn route_answer(
     generation: &Generation,
     route: &RouteRt,
     req: Request<'_>,
-    client: Client,
+    client: Client<'_>,
     client_ip: Option<IpAddr>,
     authority: &Authority,
 ) -> Option<Answer> {
@@ -244,6 +254,25 @@ async fn route_answer(
             status: 308,
             location,
         });
+    }
+    if generation.client_auth_in_use || route.require_client_cert {
+        let (host_auth, verified) = client_cert(generation, client, &authority.host);
+        let required = route.require_client_cert
+            || host_auth.is_some_and(|a| a.mode == rampart_config::ClientAuthMode::Require);
+        if required && verified.is_none() {
+            // Was the handshake for this host's policy (then no certificate was sent)?
+            let sni_auth = client
+                .tls
+                .and_then(|t| t.sni.as_deref())
+                .and_then(|sni| generation.certs.lookup(sni))
+                .and_then(|c| c.client_auth.as_ref());
+            let same = match (sni_auth, host_auth) {
+                (Some(a), Some(b)) => a.id == b.id,
+                (None, None) => true,
+                _ => false,
+            };
+            return Some(Answer::ClientCertRequired { misdirected: !same });
+        }
     }
     if let Some(limiter) = &route.limiter {
         if let Err(wait) = limiter.check(hash_key(&limiter.config.key, parts, client_ip)) {
@@ -286,7 +315,7 @@ fn forward_plan(
     generation: &Generation,
     idx: usize,
     req: Request<'_>,
-    client: Client,
+    client: Client<'_>,
     client_ip: Option<IpAddr>,
     authority: Authority,
 ) -> Forward {
@@ -311,7 +340,7 @@ fn forward_plan(
         None => None,
     };
     let host = authority.value.to_str().unwrap_or("");
-    let forwarded = client.peer.map_or_else(Vec::new, |peer| {
+    let mut forwarded = client.peer.map_or_else(Vec::new, |peer| {
         generation.forwarding.forwarded_headers(
             peer,
             client.scheme.as_str(),
@@ -320,6 +349,15 @@ fn forward_plan(
             stripped,
         )
     });
+    if generation.client_auth_in_use {
+        if let (Some(auth), Some(cert)) = client_cert(generation, client, &authority.host) {
+            for (field, name) in &auth.headers {
+                if let Some(value) = cert.value(*field) {
+                    forwarded.push((name.clone(), value.to_string()));
+                }
+            }
+        }
+    }
     let total = route
         .pool
         .as_ref()
@@ -340,6 +378,24 @@ fn forward_plan(
         total,
         stream_pause,
     }
+}
+
+/// The client-auth policy of `host` and the connection's client certificate if that
+/// policy verified it (a certificate verified for another host's policy does not count).
+fn client_cert<'a>(
+    generation: &'a Generation,
+    client: Client<'a>,
+    host: &str,
+) -> (Option<&'a ClientAuthRt>, Option<&'a ClientCert>) {
+    let auth = generation
+        .certs
+        .lookup(host)
+        .and_then(|c| c.client_auth.as_deref());
+    let verified = client
+        .tls
+        .and_then(|t| t.client_cert.as_deref())
+        .filter(|cert| auth.is_some_and(|a| a.id == cert.policy));
+    (auth, verified)
 }
 
 /// A gRPC client's deadline (`grpc-timeout`: up to 8 digits and a unit, H M S m u n).

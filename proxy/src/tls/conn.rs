@@ -38,6 +38,8 @@ pub struct TlsInfo {
     pub sni: Option<Box<str>>,
     /// The session was resumed (a ticket or session id), not a full handshake.
     pub resumed: bool,
+    /// The client certificate that the host's `client_auth` verified, if any.
+    pub client_cert: Option<Box<super::client_auth::ClientCert>>,
 }
 
 /// A client's TLS connection after its handshake.
@@ -54,12 +56,12 @@ impl TlsConn {
     ///
     /// # Errors
     /// The handshake's error; a rustls error is inside the `io::Error`.
-    pub async fn accept(
-        acceptor: &tokio_rustls::TlsAcceptor,
-        stream: Stream,
-    ) -> io::Result<TlsConn> {
+    pub async fn accept(acceptor: &super::Acceptor, stream: Stream) -> io::Result<TlsConn> {
         let started = Instant::now();
-        let inner = acceptor.accept(stream).await?;
+        let (inner, auth) = match acceptor.start(stream).await? {
+            super::Started::Plain(accept) => (accept.await?, None),
+            super::Started::Chosen(start, config, auth) => (start.into_stream(config).await?, auth),
+        };
         let handshake = started.elapsed();
         let session = inner.get_ref().1;
         let version = match session.protocol_version() {
@@ -76,6 +78,10 @@ impl TlsConn {
             cipher,
             sni: session.server_name().map(Into::into),
             resumed: session.handshake_kind() == Some(HandshakeKind::Resumed),
+            client_cert: auth.and_then(|auth| {
+                let leaf = session.peer_certificates()?.first()?;
+                super::client_auth::ClientCert::of(leaf, &auth).map(Box::new)
+            }),
         };
         Ok(TlsConn {
             digest: Arc::new(SslDigest::new(cipher, version, None, None, Vec::new())),

@@ -36,6 +36,7 @@ pub fn from_pem(cert_pem: &[u8], key_pem: &[u8]) -> anyhow::Result<LoadedCert> {
         .context("no PRIVATE KEY block found in the key file")?;
     let ck = certified_key(chain, &key)?;
     Ok(LoadedCert {
+        client_auth: None,
         key: std::sync::Arc::new(ck),
         not_after,
         issuer,

@@ -6,11 +6,13 @@
 //! started with, new handshakes see the new one.
 //!
 //! - [`acme_alpn`]: ACME TLS-ALPN-01 answers on this listener
+//! - [`client_auth`]: client certificates (mutual TLS) per `[[tls]]` entry
 //! - [`conn`]: a client's TLS connection, adapted to Pingora's stream traits
 //! - [`files`]: PEM certificate and key files
 //! - [`internal_ca`]: Rampart's local CA (rcgen) for `source = "internal"`
 
 pub mod acme_alpn;
+pub mod client_auth;
 pub mod conn;
 pub mod files;
 pub mod internal_ca;
@@ -25,6 +27,7 @@ use rustls::sign::CertifiedKey;
 
 use crate::generation::Generation;
 use crate::metrics::Metrics;
+use client_auth::ClientAuthRt;
 
 /// A loaded certificate with what the admin API and metrics show about it.
 #[derive(Clone)]
@@ -35,6 +38,8 @@ pub struct LoadedCert {
     pub not_after: i64,
     /// Issuer of the leaf, as a distinguished name string.
     pub issuer: String,
+    /// Client certificate authentication of the hosts served with this certificate.
+    pub client_auth: Option<Arc<ClientAuthRt>>,
 }
 
 impl fmt::Debug for LoadedCert {
@@ -42,6 +47,7 @@ impl fmt::Debug for LoadedCert {
         f.debug_struct("LoadedCert")
             .field("not_after", &self.not_after)
             .field("issuer", &self.issuer)
+            .field("client_auth", &self.client_auth)
             .finish_non_exhaustive()
     }
 }
@@ -139,16 +145,22 @@ impl ResolvesServerCert for SniResolver {
 
 /// The rustls server configuration of the HTTPS listener: TLS 1.2 and 1.3 with the
 /// provider's default (forward-secret) suites in the server's order, ALPN h2 then
-/// http/1.1, SNI resolver.
+/// http/1.1, SNI resolver; client certificates checked by `verifier` when given.
 ///
 /// # Errors
 /// When the process-wide crypto provider does not support TLS 1.2/1.3.
-pub fn server_config(resolver: Arc<SniResolver>) -> anyhow::Result<Arc<rustls::ServerConfig>> {
-    let mut config = rustls::ServerConfig::builder_with_protocol_versions(&[
+pub fn server_config(
+    resolver: Arc<SniResolver>,
+    verifier: Option<Arc<dyn rustls::server::danger::ClientCertVerifier>>,
+) -> anyhow::Result<Arc<rustls::ServerConfig>> {
+    let builder = rustls::ServerConfig::builder_with_protocol_versions(&[
         &rustls::version::TLS13,
         &rustls::version::TLS12,
-    ])
-    .with_no_client_auth()
+    ]);
+    let mut config = match verifier {
+        Some(v) => builder.with_client_cert_verifier(v),
+        None => builder.with_no_client_auth(),
+    }
     .with_cert_resolver(resolver);
     // acme-tls/1 last: only an ACME validation offers it, and offers nothing else.
     config.alpn_protocols = vec![
@@ -160,6 +172,84 @@ pub fn server_config(resolver: Arc<SniResolver>) -> anyhow::Result<Arc<rustls::S
     // over the client's, so no client can talk it down to its weakest offer.
     config.ignore_client_order = true;
     Ok(Arc::new(config))
+}
+
+/// The HTTPS listener's handshakes: one configuration for every host, and, while the
+/// live generation has `client_auth` somewhere, one per client-auth policy, chosen by
+/// the SNI of the ClientHello.
+pub struct Acceptor {
+    plain: tokio_rustls::TlsAcceptor,
+    resolver: Arc<SniResolver>,
+    current: Arc<ArcSwap<Generation>>,
+}
+
+impl fmt::Debug for Acceptor {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Acceptor")
+    }
+}
+
+/// A handshake begun: with the shared configuration, or with the one chosen after
+/// reading the ClientHello (and the client-auth policy it applies, if any).
+pub enum Started {
+    /// The shared configuration; no client certificate is asked for.
+    Plain(tokio_rustls::Accept<pingora::protocols::Stream>),
+    /// The configuration the SNI chose.
+    Chosen(
+        tokio_rustls::StartHandshake<pingora::protocols::Stream>,
+        Arc<rustls::ServerConfig>,
+        Option<Arc<ClientAuthRt>>,
+    ),
+}
+
+impl Acceptor {
+    /// The acceptor of the live generation's certificates.
+    ///
+    /// # Errors
+    /// As [`server_config`].
+    pub fn new(current: Arc<ArcSwap<Generation>>, metrics: Arc<Metrics>) -> anyhow::Result<Self> {
+        let resolver = Arc::new(SniResolver::new(current.clone(), metrics));
+        Ok(Self {
+            plain: tokio_rustls::TlsAcceptor::from(server_config(resolver.clone(), None)?),
+            resolver,
+            current,
+        })
+    }
+
+    /// Starts the handshake on `stream`: when the live generation authenticates
+    /// clients anywhere, reads the ClientHello first to pick the configuration.
+    ///
+    /// # Errors
+    /// Reading or parsing the ClientHello.
+    pub async fn start(&self, stream: pingora::protocols::Stream) -> std::io::Result<Started> {
+        if !self.current.load().client_auth_in_use {
+            return Ok(Started::Plain(self.plain.accept(stream)));
+        }
+        let start =
+            tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), stream)
+                .await?;
+        let auth = {
+            let hello = start.client_hello();
+            let generation = self.current.load();
+            // An ACME validation (acme-tls/1) is not asked for a client certificate.
+            if acme_alpn::is_challenge(hello.alpn()) {
+                None
+            } else {
+                generation
+                    .certs
+                    .resolve(hello.server_name())
+                    .and_then(|c| c.client_auth.clone())
+            }
+        };
+        let config = match &auth {
+            Some(auth) => auth.server_config(|verifier| {
+                server_config(self.resolver.clone(), Some(verifier))
+                    .expect("the provider was checked when the listener started")
+            }),
+            None => self.plain.config().clone(),
+        };
+        Ok(Started::Chosen(start, config, auth))
+    }
 }
 
 /// Builds a rustls signing key from a DER private key with the installed provider.
