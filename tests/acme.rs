@@ -771,3 +771,75 @@ async fn tls_alpn_01_is_answered_by_the_proxies_https_listener() {
         "{m}"
     );
 }
+
+/// The leaf certificate (DER) the proxy at `https` shows for `name`, verified
+/// against `root_pem`; `None` until it is one `root_pem` issued.
+async fn served_leaf(root_pem: &[u8], name: &str, https: SocketAddr) -> Option<Vec<u8>> {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls_pemfile::certs(&mut &root_pem[..]) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let config = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(https).await.ok()?;
+    let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+        .connect(name.to_string().try_into().unwrap(), tcp)
+        .await
+        .ok()?;
+    Some(tls.get_ref().1.peer_certificates()?.first()?.to_vec())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_renewal_names_the_certificate_it_replaces() {
+    common::init();
+    let (orders, id) = renew_through_ari(false).await;
+    assert_eq!(orders.len(), 2, "{orders:?}");
+    assert!(orders[0].get("replaces").is_none(), "{orders:?}");
+    assert_eq!(orders[1]["replaces"], id, "{orders:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_replacement_is_ordered_again_without_replaces() {
+    common::init();
+    let (orders, id) = renew_through_ari(true).await;
+    assert_eq!(orders.len(), 3, "{orders:?}");
+    assert_eq!(orders[1]["replaces"], id, "{orders:?}");
+    assert!(orders[2].get("replaces").is_none(), "{orders:?}");
+}
+
+/// A certificate ordered through a CA with ARI, then renewed when ARI says it is due
+/// (the CA refusing orders that name a replaced certificate when `refuse`): the
+/// new-order payloads and the ARI id of the first certificate.
+async fn renew_through_ari(refuse: bool) -> (Vec<serde_json::Value>, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let proxy_http = free_addr();
+    let pebble = Pebble::start(dir.path(), proxy_http.port()).await;
+    // pebble 2.4 has no ARI: the front adds it, due at once for the first certificate.
+    let front = common::ari::AriFront::start(dir.path(), &pebble).await;
+    front
+        .refuse_replacing
+        .store(refuse, std::sync::atomic::Ordering::SeqCst);
+    let tls = format!(
+        "hosts = [\"a.rampart.test\"]\nsource = {{ acme = {{ email = \"ops@rampart.test\", directory = \"{}\", directory_ca = {:?} }} }}\n",
+        front.directory, pebble.api_ca
+    );
+    let s = setup_with(dir.path(), proxy_http, &tls, &["a.rampart.test"], "").await;
+    let root = pebble.root_pem().await;
+    let https = s.proxy.https;
+    let first = eventually("the first certificate to be served", || {
+        served_leaf(&root, "a.rampart.test", https)
+    })
+    .await;
+    let id = common::ari::identifier(&first);
+    let second = eventually("the renewal to be served", || async {
+        served_leaf(&root, "a.rampart.test", https)
+            .await
+            .filter(|leaf| *leaf != first)
+    })
+    .await;
+    assert_eq!(front.asked.lock().unwrap()[0], id);
+    assert_ne!(common::ari::identifier(&second), id);
+    let orders = front.orders.lock().unwrap().clone();
+    (orders, id)
+}

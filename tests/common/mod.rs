@@ -2,6 +2,7 @@
 //! with readiness polled on the admin API (never sleeps as synchronisation).
 #![allow(dead_code, missing_docs, clippy::unwrap_used)]
 
+pub mod ari;
 pub mod engine;
 pub mod etcd;
 pub mod h2;

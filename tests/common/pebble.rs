@@ -172,19 +172,24 @@ impl Pebble {
 
     /// The root pebble issues certificates under (a new one at every start).
     pub async fn root(&self) -> reqwest::Certificate {
+        reqwest::Certificate::from_pem(&self.root_pem().await).unwrap()
+    }
+
+    /// [`Pebble::root`] as PEM.
+    pub async fn root_pem(&self) -> Vec<u8> {
         let pem = std::fs::read(&self.api_ca).unwrap();
         let client = reqwest::Client::builder()
             .tls_certs_only([reqwest::Certificate::from_pem(&pem).unwrap()])
             .build()
             .unwrap();
-        let body = client
+        client
             .get(format!("https://{}/roots/0", self.management))
             .send()
             .await
             .unwrap()
             .bytes()
             .await
-            .unwrap();
-        reqwest::Certificate::from_pem(&body).unwrap()
+            .unwrap()
+            .to_vec()
     }
 }

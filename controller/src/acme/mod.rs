@@ -319,10 +319,37 @@ impl Acme {
             .expect("model lock")
             .events
             .push(Event::Order { at: now_unix() });
-        let mut order = account
-            .new_order(&NewOrder::new(&ids))
-            .await
-            .context("creating the order")?;
+        let mut order = match self.held_identifier(names) {
+            // A renewal names the certificate it replaces (ARI, RFC 9773 §5), which CAs
+            // may reward with rate-limit exemptions; a CA without ARI, or one that
+            // refuses the replacement (already replaced), gets a plain order.
+            Some(id) => match account
+                .new_order(&NewOrder::new(&ids).replaces(id.clone()))
+                .await
+            {
+                Ok(order) => {
+                    tracing::info!("ACME {}: ordering a replacement of {id}", names.join(","));
+                    order
+                }
+                Err(e) => {
+                    match &e {
+                        instant_acme::Error::Unsupported(_) => {}
+                        e => tracing::info!(
+                            "ACME {}: the order replacing {id} was refused ({e}); ordering without `replaces`",
+                            names.join(",")
+                        ),
+                    }
+                    account
+                        .new_order(&NewOrder::new(&ids))
+                        .await
+                        .context("creating the order")?
+                }
+            },
+            None => account
+                .new_order(&NewOrder::new(&ids))
+                .await
+                .context("creating the order")?,
+        };
         let mut published = Vec::new();
         let mut txt = Vec::new();
         let result = self
@@ -823,14 +850,10 @@ impl Acme {
         if now < state.ari_next {
             return;
         }
-        let chain = {
-            let out = self.out.borrow();
-            match out.certificates.get(names) {
-                Some(b) => b.chain_pem.clone(),
-                None => return,
-            }
+        let Some(id) = self.held_identifier(names) else {
+            return;
         };
-        let next = match self.renewal_info(&chain, source).await {
+        let next = match self.renewal_info(&id, source).await {
             Ok((window, retry)) => {
                 state.ari = Some(window);
                 retry.clamp(Duration::from_secs(60), ARI_MAX)
@@ -858,15 +881,11 @@ impl Acme {
 
     async fn renewal_info(
         &self,
-        chain_pem: &str,
+        id: &instant_acme::CertificateIdentifier<'_>,
         source: &AcmeSource,
     ) -> anyhow::Result<((u64, u64), Duration)> {
         let account = self.account(source).await?;
-        let (_, block) = x509_parser::pem::parse_x509_pem(chain_pem.as_bytes())
-            .map_err(|e| anyhow::anyhow!("the stored certificate is not PEM: {e}"))?;
-        let der = rustls::pki_types::CertificateDer::from(block.contents);
-        let id = instant_acme::CertificateIdentifier::try_from(&der).map_err(anyhow::Error::msg)?;
-        let (info, retry) = account.renewal_info(&id).await.map_err(|e| match e {
+        let (info, retry) = account.renewal_info(id).await.map_err(|e| match e {
             instant_acme::Error::Unsupported(what) => anyhow::anyhow!("Unsupported: {what}"),
             other => anyhow::Error::new(other),
         })?;
@@ -878,6 +897,20 @@ impl Acme {
             ),
             retry,
         ))
+    }
+
+    /// The ARI identifier of the certificate held for `names`, which a renewal
+    /// replaces; `None` for a first order (or a certificate without an AKI).
+    fn held_identifier(
+        &self,
+        names: &[String],
+    ) -> Option<instant_acme::CertificateIdentifier<'static>> {
+        let chain = self.out.borrow().certificates.get(names)?.chain_pem.clone();
+        let (_, block) = x509_parser::pem::parse_x509_pem(chain.as_bytes()).ok()?;
+        let der = rustls::pki_types::CertificateDer::from(block.contents);
+        instant_acme::CertificateIdentifier::try_from(&der)
+            .ok()
+            .map(instant_acme::CertificateIdentifier::into_owned)
     }
 
     fn any_proxy_ready(&self) -> bool {
