@@ -749,3 +749,83 @@ async fn a_hosts_client_auth_reaches_fleet_proxies_in_the_snapshot() {
         "a client without a certificate was served"
     );
 }
+
+#[tokio::test]
+async fn a_client_resumes_its_tls_session_on_another_proxy_of_the_fleet() {
+    common::init();
+    let c = Controller::start(&format!(
+        "[[tls]]\nhosts = [\"a.test\"]\nsource = \"internal\"\n\n{WEB}"
+    ))
+    .await;
+    let a = Backend::start("a").await;
+    c.endpoints("web", "web", &[&a]);
+    let token = || async {
+        rampart_controller::create_token(&c.config(), Duration::from_secs(600), false)
+            .await
+            .unwrap()
+    };
+    let one = Proxy::start_fleet(&c.url(), Some(&token().await)).await;
+    let two = Proxy::start_fleet(&c.url(), Some(&token().await)).await;
+    let ca = std::fs::read(c.dir.path().join("data/ca/ca.pem")).unwrap();
+    // Both proxies serve the snapshot with the keys.
+    for p in [&one, &two] {
+        eventually("the proxy to serve a.test over TLS", || async {
+            let client = reqwest::Client::builder()
+                .tls_certs_only([reqwest::Certificate::from_pem(&ca).unwrap()])
+                .resolve("a.test", p.https)
+                .build()
+                .unwrap();
+            client
+                .get(format!("https://a.test:{}/", p.https.port()))
+                .send()
+                .await
+                .ok()
+                .filter(|r| r.status() == 200)
+                .map(drop)
+        })
+        .await;
+    }
+    // 100 clients, each with its own session store: a full handshake on one proxy,
+    // then a resumed one on the other, and back.
+    let mut resumed = 0;
+    for i in 0..100 {
+        let client = common::resuming_client(&ca);
+        let (first, second) = if i % 2 == 0 {
+            (&one, &two)
+        } else {
+            (&two, &one)
+        };
+        assert!(!common::handshake_resumed(&client, first.https, "a.test").await);
+        resumed += usize::from(common::handshake_resumed(&client, second.https, "a.test").await);
+        resumed += usize::from(common::handshake_resumed(&client, first.https, "a.test").await);
+    }
+    assert_eq!(resumed, 200, "handshakes resumed across the fleet, of 200");
+
+    // The keys are never shown: not in either /status, not in any log.
+    let snapshot = rampart_proxy::fleet::load_cached(&one.dir.path().join("data")).unwrap();
+    let keys = snapshot
+        .session_tickets
+        .expect("the snapshot carries ticket keys")
+        .keys;
+    assert_eq!(keys.len(), 3);
+    let controller_status = reqwest::get(format!(
+        "http://{}/status",
+        c.handle.as_ref().unwrap().admin_addr.unwrap()
+    ))
+    .await
+    .unwrap()
+    .text()
+    .await
+    .unwrap();
+    let shown = [
+        controller_status,
+        one.status().await.to_string(),
+        one.log(),
+        two.log(),
+    ];
+    for key in &keys {
+        for text in &shown {
+            assert!(!text.contains(key.as_str()), "a ticket key is shown");
+        }
+    }
+}

@@ -379,3 +379,43 @@ async fn idle_http2_connections_are_closed_at_the_keepalive_timeout() {
         "the idle HTTP/2 connection was not closed cleanly: {closed:?}"
     );
 }
+
+#[tokio::test]
+async fn a_proxy_resumes_more_sessions_than_a_cache_holds_and_only_its_own() {
+    common::init();
+    let tls = "[[tls]]\nhosts = [\"a.test\"]\nsource = \"internal\"\n";
+    let one = Proxy::start(&format!("{tls}{RESPOND}")).await;
+    let ca = std::fs::read(one.ca_path()).unwrap();
+    // 300 clients (more than the 256 sessions rustls' cache holds), each back once:
+    // every one resumes, from its ticket.
+    let clients: Vec<_> = (0..300).map(|_| common::resuming_client(&ca)).collect();
+    for c in &clients {
+        assert!(!common::handshake_resumed(c, one.https, "a.test").await);
+    }
+    let mut resumed = 0;
+    for c in &clients {
+        resumed += usize::from(common::handshake_resumed(c, one.https, "a.test").await);
+    }
+    assert_eq!(resumed, 300, "clients resumed, of 300");
+
+    // Another standalone proxy, with keys of its own, resumes none of them.
+    let two = Proxy::start(&format!("{tls}{RESPOND}")).await;
+    let mut both = ca.clone();
+    both.extend(std::fs::read(two.ca_path()).unwrap());
+    let c = common::resuming_client(&both);
+    assert!(!common::handshake_resumed(&c, one.https, "a.test").await);
+    assert!(!common::handshake_resumed(&c, two.https, "a.test").await);
+
+    // With tickets off, only the session cache resumes: the first of 300 clients no
+    // longer does.
+    let off = Proxy::start(&format!(
+        "{tls}{RESPOND}\n[session_tickets]\nenabled = false\n"
+    ))
+    .await;
+    let ca_off = std::fs::read(off.ca_path()).unwrap();
+    let clients: Vec<_> = (0..300).map(|_| common::resuming_client(&ca_off)).collect();
+    for c in &clients {
+        common::handshake_resumed(c, off.https, "a.test").await;
+    }
+    assert!(!common::handshake_resumed(&clients[0], off.https, "a.test").await);
+}

@@ -56,6 +56,39 @@ pub struct Config {
     /// Request spans exported over OTLP/HTTP (absent: none).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tracing: Option<Tracing>,
+    /// TLS session tickets: resumption without a per-process cache, across the fleet
+    /// when a controller hands out the keys.
+    #[serde(default)]
+    pub session_tickets: SessionTickets,
+}
+
+/// TLS session tickets (RFC 8446 §4.6.1, RFC 5077): a returning client resumes its
+/// session without a full handshake. A standalone proxy makes and rotates its own
+/// keys; a controller makes them for its fleet (carried in the snapshot), so that a
+/// client resumes on any proxy.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SessionTickets {
+    /// Issue tickets (`false`: resumption only from each process's session cache).
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// How long a key encrypts new tickets; it decrypts for as long again, so a ticket
+    /// resumes for between one and two of these (and the lifetime hint is one).
+    #[serde(default = "default_ticket_rotation")]
+    pub rotate: Dur,
+}
+
+impl Default for SessionTickets {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            rotate: default_ticket_rotation(),
+        }
+    }
+}
+
+fn default_ticket_rotation() -> Dur {
+    Dur::secs(3600)
 }
 
 /// OpenTelemetry export of request spans: one server span per request and a client

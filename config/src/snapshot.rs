@@ -53,6 +53,32 @@ pub struct Snapshot {
     /// that name while an order is pending.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub acme_tls_alpn: BTreeMap<String, String>,
+    /// The fleet's TLS session ticket keys (absent: tickets off, or a controller that
+    /// does not make them; a proxy then makes its own).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session_tickets: Option<TicketKeys>,
+}
+
+/// The session ticket keys every proxy of a fleet shares, so that a ticket issued by
+/// one resumes on another. Never logged (its `Debug` shows no key).
+#[derive(Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct TicketKeys {
+    /// The ticket lifetime a client is told, in seconds (the rotation period).
+    pub lifetime: u32,
+    /// 32-byte keys, base64url: the first encrypts new tickets, each decrypts (the next
+    /// key is sent a period before it encrypts, so that every proxy can read its
+    /// tickets by then; the previous one stays a period after).
+    pub keys: Vec<String>,
+}
+
+impl std::fmt::Debug for TicketKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TicketKeys")
+            .field("lifetime", &self.lifetime)
+            .field("keys", &self.keys.len())
+            .finish()
+    }
 }
 
 /// A certificate chain and key for some hosts, as PEM.
@@ -139,6 +165,12 @@ impl Snapshot {
             // Where this proxy writes its log is its own (like its listeners).
             access_log: local.access_log.clone(),
             tracing: local.tracing.clone(),
+            // In a fleet the controller decides: its keys come in the snapshot, and
+            // without them no proxy issues tickets of its own.
+            session_tickets: crate::SessionTickets {
+                enabled: self.session_tickets.is_some(),
+                ..local.session_tickets.clone()
+            },
         };
         let issues = crate::validate::validate_snapshot(&config);
         if issues.is_empty() {
@@ -438,6 +470,7 @@ mod tests {
             routes: cfg.routes,
             pools: cfg.pools,
             certificates: vec![],
+            session_tickets: None,
             default_sni: None,
             acme_challenges: BTreeMap::new(),
             acme_tls_alpn: BTreeMap::new(),

@@ -51,6 +51,19 @@ fn validate_from(config: &Config, origin: Origin) -> Vec<Issue> {
     forwarding(config, &mut out);
     access_log(config, &mut out);
     tracing(config, &mut out);
+    let rotate = config.session_tickets.rotate.0;
+    if rotate < std::time::Duration::from_secs(1)
+        || rotate > std::time::Duration::from_secs(7 * 86_400)
+    {
+        out.push(Issue::new(
+            FieldPath::root().key("session_tickets").key("rotate"),
+            format!(
+                "{} is not between 1s and 7d",
+                humantime::format_duration(rotate)
+            ),
+            "keep the default (1h); TLS 1.3 allows tickets of at most 7 days",
+        ));
+    }
     let tls_hosts = tls(config, &mut out);
     if let (Some(sni), Origin::File) = (&config.server.default_sni, origin) {
         if !tls_hosts.iter().any(|p| p.matches(sni.as_str())) {

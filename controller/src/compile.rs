@@ -33,6 +33,8 @@ pub struct Compiler {
     issued: HashMap<Vec<String>, CertificateBundle>,
     /// Certificates and HTTP-01 answers from the ACME orderer.
     pub acme: crate::acme::Output,
+    /// The fleet's session ticket keys (the leader's, rotated by `tickets::run`).
+    pub tickets: Option<rampart_config::snapshot::TicketKeys>,
     /// The last snapshot this compiler published: an identical one is not published
     /// again (a discovery error repeating, a provider re-reading the same containers).
     pub last: Option<rampart_config::snapshot::Snapshot>,
@@ -52,6 +54,7 @@ impl Compiler {
             serving_ca,
             issued: HashMap::new(),
             acme: crate::acme::Output::default(),
+            tickets: None,
             last: None,
         }
     }
@@ -77,6 +80,7 @@ impl Compiler {
             default_sni: config.server.default_sni.clone(),
             acme_challenges: self.acme.challenges.clone(),
             acme_tls_alpn: self.acme.tls_alpn.clone(),
+            session_tickets: self.tickets.clone(),
         })
     }
 

@@ -30,6 +30,7 @@ pub mod metrics;
 pub mod publish;
 pub mod store;
 pub mod supervisor;
+mod tickets;
 
 pub use admin_client::{fetch_dns_plan, fetch_status, render_dns_plan, render_status};
 pub use bootstrap::{create_token, open_store, revoke, settings};

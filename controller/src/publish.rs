@@ -28,6 +28,8 @@ pub(crate) struct Inputs {
     pub(crate) follow: Option<watch::Receiver<Option<Vec<u8>>>>,
     /// ACME certificates and challenge answers.
     pub(crate) acme: watch::Receiver<acme::Output>,
+    /// The fleet's session ticket keys.
+    pub(crate) tickets: watch::Receiver<Option<rampart_config::snapshot::TicketKeys>>,
 }
 
 /// As leader: recompiles on every configuration or discovery change and publishes the
@@ -39,7 +41,8 @@ pub(crate) async fn compile_loop(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut leader = state.leader.clone();
-    let (mut config_open, mut leader_open, mut acme_open) = (true, true, true);
+    let (mut config_open, mut leader_open, mut acme_open, mut tickets_open) =
+        (true, true, true, true);
     // Give each provider a moment for its first read, so that the first snapshot
     // already holds the discovered endpoints.
     for (_, rx) in &mut inputs.found {
@@ -53,6 +56,7 @@ pub(crate) async fn compile_loop(
             .collect();
         let cfg = inputs.config.borrow_and_update().clone();
         compiler.acme = inputs.acme.borrow_and_update().clone();
+        compiler.tickets = inputs.tickets.borrow_and_update().clone();
         if *leader.borrow_and_update() {
             if let Some(body) = publish(&state, &mut compiler, &cfg, &current).await {
                 if inputs.follow.is_some() {
@@ -103,6 +107,10 @@ pub(crate) async fn compile_loop(
                 r = inputs.acme.changed(), if acme_open => match r {
                     Ok(()) => break,
                     Err(_) => acme_open = false,
+                },
+                r = inputs.tickets.changed(), if tickets_open => match r {
+                    Ok(()) => break,
+                    Err(_) => tickets_open = false,
                 },
                 () = any_found => break,
                 // A long quiet spell must not let internal certificates expire.

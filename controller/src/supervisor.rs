@@ -245,6 +245,14 @@ pub async fn start(config: Config, path: Option<PathBuf>) -> anyhow::Result<Hand
         state.leader.clone(),
         shutdown_rx.clone(),
     ));
+    let (tickets_tx, tickets_rx) = watch::channel(None);
+    tasks.spawn(crate::tickets::run(
+        store.clone(),
+        config_rx.clone(),
+        state.leader.clone(),
+        tickets_tx,
+        shutdown_rx.clone(),
+    ));
     let compiler = Compiler::new(serving_ca);
     tasks.spawn(compile_loop(
         state.clone(),
@@ -254,6 +262,7 @@ pub async fn start(config: Config, path: Option<PathBuf>) -> anyhow::Result<Hand
             found,
             follow,
             acme: acme_rx,
+            tickets: tickets_rx,
         },
         shutdown_rx.clone(),
     ));

@@ -44,6 +44,9 @@ pub struct Generation {
     pub pools: BTreeMap<String, Arc<PoolRt>>,
     /// Certificates by SNI.
     pub certs: CertSet,
+    /// The fleet's session ticket keys, from the controller's snapshot (`None`: this
+    /// process makes its own when `session_tickets.enabled`).
+    pub fleet_tickets: Option<Arc<crate::tls::tickets::TicketRing>>,
     /// Some host authenticates clients by certificate (`client_auth`): handshakes read
     /// the ClientHello before choosing their configuration.
     pub client_auth_in_use: bool,
@@ -397,6 +400,7 @@ impl Builder {
             routes,
             pools,
             certs,
+            fleet_tickets: None,
             client_auth_in_use,
             client_cert_headers,
             forwarding,

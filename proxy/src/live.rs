@@ -134,9 +134,17 @@ impl Live {
     /// Every rule the snapshot breaks, or why it could not be built.
     pub fn apply_snapshot(&self, mut snapshot: Snapshot) -> anyhow::Result<u64> {
         let version = snapshot.version;
+        let tickets = match &snapshot.session_tickets {
+            Some(keys) => Some(Arc::new(
+                crate::tls::tickets::TicketRing::from_snapshot(keys)
+                    .map_err(|e| self.reload_failed(&e.context(format!("snapshot {version}"))))?,
+            )),
+            None => None,
+        };
         let answers = Answers {
             http01: Arc::new(std::mem::take(&mut snapshot.acme_challenges)),
             tls_alpn01: Arc::new(crate::tls::acme_alpn::certificates(&snapshot.acme_tls_alpn)),
+            tickets,
         };
         let local = self.current.load().config.clone();
         let (config, bundles) = snapshot.into_config(&local).map_err(|issues| {
@@ -168,6 +176,7 @@ impl Live {
             Ok(mut generation) => {
                 generation.acme_challenges = answers.http01;
                 generation.acme_tls_alpn = answers.tls_alpn01;
+                generation.fleet_tickets = answers.tickets;
                 if generation.config.listeners != prev.config.listeners {
                     tracing::warn!("listener addresses changed; they take effect at the next restart or upgrade");
                 }
@@ -263,4 +272,6 @@ struct Answers {
     http01: Arc<std::collections::BTreeMap<String, String>>,
     /// TLS-ALPN-01: name → the certificate for `acme-tls/1` handshakes.
     tls_alpn01: Arc<std::collections::HashMap<String, Arc<rustls::sign::CertifiedKey>>>,
+    /// The fleet's session ticket keys.
+    tickets: Option<Arc<crate::tls::tickets::TicketRing>>,
 }

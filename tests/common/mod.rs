@@ -663,3 +663,45 @@ pub fn started_trace(headers: &mut std::collections::BTreeMap<String, String>) {
 pub fn write_file(path: &Path, contents: &str) {
     std::fs::write(path, contents).unwrap();
 }
+
+/// A TLS client whose sessions (and tickets) are kept for resumption, trusting the
+/// PEM CA `ca`: one per simulated client.
+pub fn resuming_client(ca: &[u8]) -> Arc<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls_pemfile::certs(&mut &ca[..]) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    Arc::new(
+        rustls::ClientConfig::builder()
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+    )
+}
+
+/// Connects to `addr` for `sni` with `config`, sends one HTTP/1.1 request and reads
+/// the answer (so that the session tickets that follow the handshake arrive), and
+/// says whether the handshake resumed a session.
+pub async fn handshake_resumed(
+    config: &Arc<rustls::ClientConfig>,
+    addr: SocketAddr,
+    sni: &str,
+) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(config.clone())
+        .connect(sni.to_string().try_into().unwrap(), tcp)
+        .await
+        .unwrap();
+    let resumed = tls.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
+    tls.write_all(format!("GET / HTTP/1.1\r\nhost: {sni}\r\nconnection: close\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    let _ = tls.read_to_end(&mut out).await;
+    assert!(
+        out.starts_with(b"HTTP/1.1 "),
+        "{}",
+        String::from_utf8_lossy(&out)
+    );
+    resumed
+}

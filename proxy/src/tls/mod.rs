@@ -10,12 +10,14 @@
 //! - [`conn`]: a client's TLS connection, adapted to Pingora's stream traits
 //! - [`files`]: PEM certificate and key files
 //! - [`internal_ca`]: Rampart's local CA (rcgen) for `source = "internal"`
+//! - [`tickets`]: session ticket keys, the fleet's or this process's
 
 pub mod acme_alpn;
 pub mod client_auth;
 pub mod conn;
 pub mod files;
 pub mod internal_ca;
+pub mod tickets;
 
 use std::collections::HashMap;
 use std::fmt;
@@ -145,12 +147,14 @@ impl ResolvesServerCert for SniResolver {
 
 /// The rustls server configuration of the HTTPS listener: TLS 1.2 and 1.3 with the
 /// provider's default (forward-secret) suites in the server's order, ALPN h2 then
-/// http/1.1, SNI resolver; client certificates checked by `verifier` when given.
+/// http/1.1, SNI resolver, session tickets from `ticketer`; client certificates
+/// checked by `verifier` when given.
 ///
 /// # Errors
 /// When the process-wide crypto provider does not support TLS 1.2/1.3.
 pub fn server_config(
     resolver: Arc<SniResolver>,
+    ticketer: Arc<tickets::Ticketer>,
     verifier: Option<Arc<dyn rustls::server::danger::ClientCertVerifier>>,
 ) -> anyhow::Result<Arc<rustls::ServerConfig>> {
     let builder = rustls::ServerConfig::builder_with_protocol_versions(&[
@@ -171,6 +175,8 @@ pub fn server_config(
     // The server's suite order (the provider's: AES-GCM, then ChaCha20-Poly1305) wins
     // over the client's, so no client can talk it down to its weakest offer.
     config.ignore_client_order = true;
+    // Resumption by ticket, with keys shared by the fleet (or this process's own).
+    config.ticketer = ticketer;
     Ok(Arc::new(config))
 }
 
@@ -180,6 +186,7 @@ pub fn server_config(
 pub struct Acceptor {
     plain: tokio_rustls::TlsAcceptor,
     resolver: Arc<SniResolver>,
+    ticketer: Arc<tickets::Ticketer>,
     current: Arc<ArcSwap<Generation>>,
 }
 
@@ -209,9 +216,15 @@ impl Acceptor {
     /// As [`server_config`].
     pub fn new(current: Arc<ArcSwap<Generation>>, metrics: Arc<Metrics>) -> anyhow::Result<Self> {
         let resolver = Arc::new(SniResolver::new(current.clone(), metrics));
+        let ticketer = Arc::new(tickets::Ticketer::new(current.clone()));
         Ok(Self {
-            plain: tokio_rustls::TlsAcceptor::from(server_config(resolver.clone(), None)?),
+            plain: tokio_rustls::TlsAcceptor::from(server_config(
+                resolver.clone(),
+                ticketer.clone(),
+                None,
+            )?),
             resolver,
+            ticketer,
             current,
         })
     }
@@ -243,7 +256,7 @@ impl Acceptor {
         };
         let config = match &auth {
             Some(auth) => auth.server_config(|verifier| {
-                server_config(self.resolver.clone(), Some(verifier))
+                server_config(self.resolver.clone(), self.ticketer.clone(), Some(verifier))
                     .expect("the provider was checked when the listener started")
             }),
             None => self.plain.config().clone(),
