@@ -291,6 +291,7 @@ async fn status_over(proxy: &Proxy, sni: &str, host: &str, identity: Option<(&Pk
     )
     .await
     .unwrap();
+    tls.flush().await.unwrap();
     let mut out = Vec::new();
     let _ = tls.read_to_end(&mut out).await;
     let text = String::from_utf8_lossy(&out);

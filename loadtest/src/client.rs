@@ -203,6 +203,17 @@ impl Transport {
         Ok(Transport::Tls(Box::new(stream)))
     }
 
+    /// Whether the TLS handshake resumed a session.
+    #[must_use]
+    pub fn resumed(&self) -> bool {
+        match self {
+            Transport::Plain(_) => false,
+            Transport::Tls(s) => {
+                s.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed)
+            }
+        }
+    }
+
     /// Whether HTTP/2 was negotiated.
     #[must_use]
     pub fn is_h2(&self) -> bool {

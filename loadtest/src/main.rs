@@ -89,6 +89,9 @@ pub struct RunArgs {
     /// Open a new connection (full TLS handshake, no resumption) for every request.
     #[arg(long)]
     new_conn: bool,
+    /// With --new-conn: resume the TLS session (by ticket) on every new connection.
+    #[arg(long, requires = "new_conn")]
+    resume: bool,
     /// Trust this CA bundle (PEM) for https:// URLs.
     #[arg(long, conflicts_with = "insecure")]
     cacert: Option<PathBuf>,
@@ -175,6 +178,7 @@ impl RunArgs {
             h2: self.h2,
             streams: self.streams,
             new_conn: self.new_conn,
+            resume: self.resume,
             trust,
             headers,
             timeout: self.timeout,

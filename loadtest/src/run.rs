@@ -32,6 +32,8 @@ pub struct RunConfig {
     pub streams: usize,
     /// A new connection (and TLS handshake, without resumption) per request.
     pub new_conn: bool,
+    /// With `new_conn`: resume the TLS session (by ticket) on each new connection.
+    pub resume: bool,
     /// How to verify TLS servers.
     pub trust: Trust,
     /// Extra request headers.
@@ -75,6 +77,8 @@ pub struct RunReport {
     pub errors: ErrorCounts,
     /// Response bytes received.
     pub bytes: u64,
+    /// TLS handshakes that resumed a session.
+    pub resumed: u64,
     /// (percentile, ms) points of the latency distribution.
     pub curve: Vec<(f64, f64)>,
 }
@@ -100,6 +104,7 @@ impl RunReport {
             latency_ms: stats.percentiles(),
             errors: stats.errors,
             bytes: stats.bytes,
+            resumed: stats.resumed,
             curve: stats.curve(),
         }
     }
@@ -143,6 +148,8 @@ struct Worker {
     tls: Option<Arc<rustls::ClientConfig>>,
     request: Bytes,
     done: Arc<AtomicU64>,
+    /// TLS handshakes that resumed a session, all workers.
+    resumed: Arc<AtomicU64>,
     /// The HTTP/2 connection this worker shares with the other streams of its
     /// connection (`streams > 1`).
     shared: Option<Arc<tokio::sync::Mutex<Option<H2>>>>,
@@ -174,6 +181,9 @@ impl Worker {
         .await
         .map_err(|_| ErrorClass::Connect)?
         .map_err(|_| ErrorClass::Connect)?;
+        if io.resumed() {
+            self.resumed.fetch_add(1, Ordering::Relaxed);
+        }
         if io.is_h2() {
             H2::handshake(io, &self.cfg.target, &self.cfg.headers)
                 .await
@@ -275,12 +285,13 @@ impl Worker {
 /// When the TLS configuration cannot be built.
 pub async fn run(cfg: RunConfig) -> anyhow::Result<(Stats, Duration)> {
     let tls = if cfg.target.tls {
-        Some(tls_config(&cfg.trust, cfg.h2, !cfg.new_conn)?)
+        Some(tls_config(&cfg.trust, cfg.h2, !cfg.new_conn || cfg.resume)?)
     } else {
         None
     };
     let cfg = Arc::new(cfg);
     let done = Arc::new(AtomicU64::new(0));
+    let resumed = Arc::new(AtomicU64::new(0));
     let request = h1_request(&cfg.target, &cfg.headers, cfg.new_conn);
     let start = Instant::now();
     let end = start + cfg.duration;
@@ -295,6 +306,7 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<(Stats, Duration)> {
                 tls: tls.clone(),
                 request: request.clone(),
                 done: done.clone(),
+                resumed: resumed.clone(),
                 shared: shared.clone(),
             };
             let schedule = cfg
@@ -316,6 +328,7 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<(Stats, Duration)> {
     for t in tasks {
         total.merge(&t.await?);
     }
+    total.resumed = resumed.load(Ordering::Relaxed);
     let elapsed = start.elapsed();
     finished.store(true, Ordering::Relaxed);
     if let Some(p) = progress {

@@ -6,7 +6,10 @@
 //!   alternating routes, pools, endpoint sets and certificates;
 //! - `backend-churn`: backend processes are killed and new ones started (and the
 //!   configuration updated) under load; reports failures and how long a new endpoint
-//!   takes to receive traffic.
+//!   takes to receive traffic;
+//! - `fleet-resumption`: distinct TLS clients each visiting one proxy, then another:
+//!   how many resume, in a fleet that shares ticket keys and between standalone
+//!   proxies.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -19,6 +22,7 @@ use anyhow::Context;
 use serde::Serialize;
 
 mod peer_reload;
+mod resumption;
 
 use crate::backend::{self, BackendConfig, BackendProcess};
 use crate::client::{Target, Trust};
@@ -39,6 +43,19 @@ pub enum ScenarioCommand {
         /// Also run the same reload loop against these peers (nginx, haproxy), found on PATH.
         #[arg(long, value_delimiter = ',')]
         peers: Vec<String>,
+        /// The rampart binary (default: next to this one, then PATH).
+        #[arg(long)]
+        rampart: Option<PathBuf>,
+        /// Write the report as JSON.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
+    /// Distinct TLS clients visit one proxy and then another; the share that resumes,
+    /// in a fleet (shared ticket keys) and between two standalone proxies.
+    FleetResumption {
+        /// Distinct clients.
+        #[arg(long, default_value_t = 10_000)]
+        clients: usize,
         /// The rampart binary (default: next to this one, then PATH).
         #[arg(long)]
         rampart: Option<PathBuf>,
@@ -87,6 +104,17 @@ pub fn main(cmd: ScenarioCommand) -> anyhow::Result<()> {
                 swaps,
                 &peers,
                 connections,
+                &rampart_binary(rampart),
+            ))?)?,
+            json,
+        ),
+        ScenarioCommand::FleetResumption {
+            clients,
+            rampart,
+            json,
+        } => (
+            serde_json::to_value(rt.block_on(resumption::fleet_resumption(
+                clients,
                 &rampart_binary(rampart),
             ))?)?,
             json,
@@ -339,6 +367,7 @@ fn load_config(
         h2: false,
         streams: 1,
         new_conn,
+        resume: false,
         trust: ca.map_or(Trust::Insecure, |ca| Trust::CaFile(ca.to_path_buf())),
         headers: Vec::new(),
         timeout: Duration::from_secs(10),

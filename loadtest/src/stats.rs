@@ -78,6 +78,8 @@ pub struct Stats {
     pub errors: ErrorCounts,
     /// Response bytes received (headers and bodies).
     pub bytes: u64,
+    /// TLS handshakes that resumed a session.
+    pub resumed: u64,
 }
 
 impl Default for Stats {
@@ -88,6 +90,7 @@ impl Default for Stats {
             ok: 0,
             errors: ErrorCounts::default(),
             bytes: 0,
+            resumed: 0,
         }
     }
 }
@@ -118,6 +121,7 @@ impl Stats {
         self.ok += other.ok;
         self.errors.merge(&other.errors);
         self.bytes += other.bytes;
+        self.resumed += other.resumed;
     }
 
     /// Requests completed, successful or not.

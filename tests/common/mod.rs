@@ -696,6 +696,7 @@ pub async fn handshake_resumed(
     tls.write_all(format!("GET / HTTP/1.1\r\nhost: {sni}\r\nconnection: close\r\n\r\n").as_bytes())
         .await
         .unwrap();
+    tls.flush().await.unwrap();
     let mut out = Vec::new();
     let _ = tls.read_to_end(&mut out).await;
     assert!(

@@ -87,6 +87,9 @@ pub enum Test {
     HttpsKeepalive,
     /// HTTPS, a new connection (full handshake) per request.
     HttpsNewConn,
+    /// HTTPS, a new connection per request that resumes its TLS session by ticket
+    /// (a returning browser).
+    HttpsResumed,
     /// HTTP/2 over TLS, one stream at a time per connection.
     H2,
     /// HTTP/2 over TLS, 10 streams in flight per connection (h2load -m10: what a
@@ -112,10 +115,11 @@ pub enum Test {
 
 impl Test {
     /// Every test, in the order a round runs them.
-    pub const ALL: [Test; 10] = [
+    pub const ALL: [Test; 11] = [
         Test::Http,
         Test::HttpsKeepalive,
         Test::HttpsNewConn,
+        Test::HttpsResumed,
         Test::H2,
         Test::H2M10,
         Test::H2C100M100,
@@ -132,6 +136,7 @@ impl Test {
             Test::Http => "http",
             Test::HttpsKeepalive => "https-keepalive",
             Test::HttpsNewConn => "https-new-conn",
+            Test::HttpsResumed => "https-resumed",
             Test::H2 => "h2",
             Test::H2M10 => "h2-m10",
             Test::H2C100M100 => "h2-c100-m100",
@@ -147,6 +152,7 @@ impl Test {
             self,
             Test::HttpsKeepalive
                 | Test::HttpsNewConn
+                | Test::HttpsResumed
                 | Test::H2
                 | Test::H2M10
                 | Test::H2C100M100
@@ -466,7 +472,7 @@ fn run_config(
             tls,
         },
         connections: match test {
-            Test::HttpsNewConn => args.connections.min(16),
+            Test::HttpsNewConn | Test::HttpsResumed => args.connections.min(16),
             Test::H2C100M100 => 100,
             _ => args.connections,
         },
@@ -474,11 +480,12 @@ fn run_config(
         duration: args.duration,
         h2: test.is_h2(),
         streams: test.streams(),
-        new_conn: test == Test::HttpsNewConn,
+        new_conn: matches!(test, Test::HttpsNewConn | Test::HttpsResumed),
+        resume: test == Test::HttpsResumed,
         // A verifying client spends more per handshake than the server (checking a
         // P-256 signature costs more than making one) and would be the bottleneck of
         // every target alike; the handshake test measures the servers.
-        trust: if test == Test::HttpsNewConn {
+        trust: if matches!(test, Test::HttpsNewConn | Test::HttpsResumed) {
             Trust::Unverified
         } else {
             trust.clone()
