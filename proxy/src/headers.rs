@@ -31,6 +31,13 @@ pub(crate) const PROTECTED: &[&str] = &["host", "content-length", "transfer-enco
 pub(crate) const FORWARDING: &[&str] =
     &["x-forwarded-for", "x-forwarded-host", "x-forwarded-proto"];
 
+/// `text` with every byte outside printable ASCII, and `%`, written `%XX`: safe in a
+/// header value whatever it held (gRPC's `grpc-message` encoding, RFC 3986 escapes).
+pub(crate) fn printable(text: &str) -> String {
+    const ESCAPED: &percent_encoding::AsciiSet = &percent_encoding::CONTROLS.add(b'%');
+    percent_encoding::utf8_percent_encode(text, ESCAPED).to_string()
+}
+
 /// The comma-separated tokens of a header value, as bytes (a value need not be UTF-8).
 pub(crate) fn tokens(value: &[u8]) -> impl Iterator<Item = &[u8]> {
     value
@@ -239,6 +246,12 @@ pub fn valid_request_id(v: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn printable_escapes_controls_percent_and_non_ascii_only() {
+        assert_eq!(printable("CN=a b, O=x"), "CN=a b, O=x");
+        assert_eq!(printable("a\r\nb%\u{e9}\u{7f}"), "a%0D%0Ab%25%C3%A9%7F");
+    }
 
     fn policy(trusted: &[&str]) -> ForwardingPolicy {
         ForwardingPolicy {

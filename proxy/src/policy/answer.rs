@@ -440,15 +440,8 @@ fn grpc_code(status: u16) -> u8 {
 /// `grpc-message`: the detail percent-encoded as the gRPC spec asks (bytes outside
 /// printable ASCII, and `%`).
 fn grpc_message(detail: &str) -> HeaderValue {
-    let mut out = String::with_capacity(detail.len());
-    for b in detail.bytes() {
-        if (0x20..0x7f).contains(&b) && b != b'%' {
-            out.push(char::from(b));
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    HeaderValue::from_str(&out).unwrap_or_else(|_| HeaderValue::from_static(""))
+    HeaderValue::from_str(&crate::headers::printable(detail))
+        .unwrap_or_else(|_| HeaderValue::from_static(""))
 }
 
 /// The reason phrase of `status`, or "Error" for a code without one.

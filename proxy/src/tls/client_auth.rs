@@ -120,20 +120,6 @@ pub struct ClientCert {
     pub pem: Option<String>,
 }
 
-/// Bytes kept as they are in the subject and SAN headers: printable ASCII but `%`
-/// (which escapes the rest, so a header never carries a control character).
-fn header_safe(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if (0x20..0x7f).contains(&b) && b != b'%' {
-            out.push(char::from(b));
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
-}
-
 /// What URL-encoding leaves of a PEM: letters, digits and `-_.~` (RFC 3986 unreserved).
 const PEM_ESCAPED: &AsciiSet = &NON_ALPHANUMERIC
     .remove(b'-')
@@ -188,8 +174,8 @@ impl ClientCert {
             .then(|| utf8_percent_encode(&certificate_pem(der), PEM_ESCAPED).to_string());
         Some(Self {
             policy: auth.id,
-            subject: header_safe(&cert.subject().to_string()),
-            sans: header_safe(&sans.join(",")),
+            subject: crate::headers::printable(&cert.subject().to_string()),
+            sans: crate::headers::printable(&sans.join(",")),
             fingerprint,
             pem,
         })
