@@ -1133,6 +1133,15 @@ pub struct Route {
     /// Answer plain-HTTP requests for this route with a 308 redirect to HTTPS.
     #[serde(default)]
     pub https_redirect: bool,
+    /// Redirect the requests whose URL (`scheme://host[:port]/path?query`) matches a
+    /// regular expression; the others go on to the action:
+    /// `redirect = { pattern = "^https://www\\.(.+)$", location = "https://$1", status = 301 }`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redirect: Option<RegexRedirect>,
+    /// Rewrite the path sent upstream with a regular expression (the first match is
+    /// replaced; the query is kept): `rewrite = { pattern = "^/v1/(.*)$", replacement = "/api/$1" }`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rewrite: Option<Rewrite>,
     /// Forward without `path_prefix`: `/api/users?x=1` reaches the pool as
     /// `/users?x=1` (and `/api` as `/`), with `X-Forwarded-Prefix: /api` so that the
     /// application can build its links.
@@ -1256,6 +1265,29 @@ pub struct Redirect {
 
 fn default_redirect_status() -> u16 {
     308
+}
+
+/// A route's regular-expression redirect.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RegexRedirect {
+    /// Matched against `scheme://host[:port]/path?query` (Rust `regex` syntax).
+    pub pattern: String,
+    /// The `Location`, with `$1`, `${name}` for the pattern's groups.
+    pub location: String,
+    /// 301, 302, 303, 307 or 308.
+    #[serde(default = "default_redirect_status")]
+    pub status: u16,
+}
+
+/// A route's regular-expression path rewrite.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Rewrite {
+    /// Matched against the request's path (Rust `regex` syntax).
+    pub pattern: String,
+    /// What the first match becomes, with `$1`, `${name}` for the pattern's groups.
+    pub replacement: String,
 }
 
 /// A static answer (maintenance pages, health endpoints, the quickstart).

@@ -859,6 +859,7 @@ fn route(config: &Config, origin: Origin, route: &Route, path: &FieldPath, out: 
     if let Some(auth) = &route.basic_auth {
         basic_auth(&path.key("basic_auth"), auth, out);
     }
+    regex_rules(route, path, out);
     if route.strip_prefix {
         if !matches!(route.action, crate::Action::Forward(_)) {
             out.push(Issue::new(
@@ -951,6 +952,68 @@ fn route(config: &Config, origin: Origin, route: &Route, path: &FieldPath, out: 
                     "use a media type such as \"text/html; charset=utf-8\"",
                 ));
             }
+        }
+    }
+}
+
+/// A route's `redirect` and `rewrite`: patterns that compile, a redirect status and a
+/// location, and a rewrite only where a path goes upstream (not beside `strip_prefix`,
+/// which a rewrite does itself).
+fn regex_rules(route: &Route, path: &FieldPath, out: &mut Vec<Issue>) {
+    let compile = |at: FieldPath, pattern: &str, out: &mut Vec<Issue>| {
+        if let Err(e) = regex::Regex::new(pattern) {
+            let detail = e.to_string();
+            let last = detail.lines().last().unwrap_or("").trim().to_string();
+            out.push(Issue::new(
+                at,
+                format!("{pattern:?} is not a regular expression: {last}"),
+                "use Rust regex syntax (https://docs.rs/regex): escape '.' as \\. and group with (...)",
+            ));
+        }
+    };
+    if let Some(r) = &route.redirect {
+        let at = path.key("redirect");
+        compile(at.key("pattern"), &r.pattern, out);
+        if ![301, 302, 303, 307, 308].contains(&r.status) {
+            out.push(Issue::new(
+                at.key("status"),
+                format!("{} is not a redirect status", r.status),
+                "use 301, 302, 303, 307 or 308",
+            ));
+        }
+        if r.location.is_empty() || r.location.contains(['\r', '\n']) {
+            out.push(Issue::new(
+                at.key("location"),
+                format!("{:?} is not a location", r.location),
+                "use a URL such as \"https://$1\" (groups of the pattern as $1, ${name})",
+            ));
+        }
+    }
+    if let Some(r) = &route.rewrite {
+        let at = path.key("rewrite");
+        compile(at.key("pattern"), &r.pattern, out);
+        if !matches!(route.action, crate::Action::Forward(_)) {
+            out.push(Issue::new(
+                at.clone(),
+                "only a forward action sends a path upstream",
+                "remove rewrite, or make the action { forward = \"<pool>\" }",
+            ));
+        }
+        if route.strip_prefix {
+            out.push(Issue::new(
+                at.clone(),
+                "rewrite and strip_prefix both change the path",
+                "drop strip_prefix and let the rewrite remove the prefix: pattern = \"^/api(/.*)?$\", replacement = \"$1\"",
+            ));
+        }
+        if r.replacement
+            .contains(|c: char| c.is_whitespace() || c.is_control() || c == '#' || c == '?')
+        {
+            out.push(Issue::new(
+                at.key("replacement"),
+                format!("{:?} cannot be part of a path", r.replacement),
+                "leave out spaces, control characters, '?' and '#' (the query is kept as it came)",
+            ));
         }
     }
 }
@@ -1223,6 +1286,48 @@ mod tests {
     }
 
     const BASE: &str = "[listeners]\nhttps = \"127.0.0.1:8443\"\n";
+
+    #[test]
+    fn redirect_and_rewrite_patterns_compile_and_fit_their_route() {
+        let src = format!(
+            "{BASE}[[routes]]\nname = \"a\"\nredirect = {{ pattern = \"^(www\", location = \"https://x\", status = 200 }}\naction = {{ forward = \"p\" }}\n\
+             [[routes]]\nname = \"b\"\npath_prefix = \"/b\"\nstrip_prefix = true\nrewrite = {{ pattern = \"^/b(.*)\", replacement = \"/c d$1\" }}\naction = {{ forward = \"p\" }}\n\
+             [[routes]]\nname = \"c\"\nrewrite = {{ pattern = \"^/x\", replacement = \"/y\" }}\naction = {{ respond = {{ body = \"x\" }} }}\n\
+             [[routes]]\nname = \"ok\"\nredirect = {{ pattern = \"^https://www\\\\.(.+)$\", location = \"https://$1\" }}\nrewrite = {{ pattern = \"^/v1/(?P<rest>.*)$\", replacement = \"/${{rest}}\" }}\naction = {{ forward = \"p\" }}\n\
+             [pools.p]\nendpoints = [{{ address = \"127.0.0.1:1\" }}]\n"
+        );
+        let got = issues(&src);
+        assert!(
+            got.iter().any(|i| i.starts_with(
+                "routes[0].redirect.pattern: \"^(www\" is not a regular expression: "
+            )),
+            "{got:?}"
+        );
+        assert!(
+            got.contains(&"routes[0].redirect.status: 200 is not a redirect status".to_string()),
+            "{got:?}"
+        );
+        assert!(
+            got.contains(
+                &"routes[1].rewrite: rewrite and strip_prefix both change the path".to_string()
+            ),
+            "{got:?}"
+        );
+        assert!(
+            got.contains(
+                &"routes[1].rewrite.replacement: \"/c d$1\" cannot be part of a path".to_string()
+            ),
+            "{got:?}"
+        );
+        assert!(
+            got.contains(
+                &"routes[2].rewrite: only a forward action sends a path upstream".to_string()
+            ),
+            "{got:?}"
+        );
+        assert!(!got.iter().any(|i| i.starts_with("routes[3]")), "{got:?}");
+        assert_eq!(got.len(), 5, "{got:?}");
+    }
 
     #[test]
     fn client_auth_headers_and_routes_that_require_a_certificate_are_checked() {

@@ -95,6 +95,10 @@ pub struct RouteRt {
     pub https_redirect: bool,
     /// Requests need a verified client certificate (`require_client_cert`).
     pub require_client_cert: bool,
+    /// The route's regular-expression redirect: pattern, location template, status.
+    pub redirect: Option<(regex::Regex, String, u16)>,
+    /// The route's path rewrite: pattern, replacement.
+    pub rewrite: Option<(regex::Regex, String)>,
     /// The path prefix removed before forwarding (`strip_prefix`), without a trailing
     /// slash; `None` when the path goes upstream as it came.
     pub strip_prefix: Option<String>,
@@ -579,6 +583,18 @@ fn build_route(
         pool,
         https_redirect: route.https_redirect,
         require_client_cert: route.require_client_cert,
+        // Validation compiled these patterns already.
+        redirect: route.redirect.as_ref().and_then(|r| {
+            Some((
+                regex::Regex::new(&r.pattern).ok()?,
+                r.location.clone(),
+                r.status,
+            ))
+        }),
+        rewrite: route
+            .rewrite
+            .as_ref()
+            .and_then(|r| Some((regex::Regex::new(&r.pattern).ok()?, r.replacement.clone()))),
         strip_prefix: (route.strip_prefix && matches!(route.action, Action::Forward(_)))
             .then(|| route.path_prefix.trim_end_matches('/').to_string())
             .filter(|p| !p.is_empty()),

@@ -353,6 +353,8 @@ fn route(
         headers: BTreeMap::new(),
         priority,
         https_redirect,
+        redirect: None,
+        rewrite: None,
         require_client_cert,
         strip_prefix,
         allow_from,

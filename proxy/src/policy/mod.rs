@@ -274,6 +274,21 @@ async fn route_answer(
             return Some(Answer::ClientCertRequired { misdirected: !same });
         }
     }
+    if let Some((pattern, location, status)) = &route.redirect {
+        let pq = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
+        let url = format!(
+            "{}://{}{pq}",
+            client.scheme.as_str(),
+            authority.value.to_str().unwrap_or("")
+        );
+        if pattern.is_match(&url) {
+            let location = pattern.replace(&url, location.as_str());
+            return Some(Answer::Redirect {
+                status: *status,
+                location: crate::headers::printable(&location),
+            });
+        }
+    }
     if let Some(limiter) = &route.limiter {
         if let Err(wait) = limiter.check(hash_key(&limiter.config.key, parts, client_ip)) {
             return Some(Answer::RateLimited {
@@ -329,6 +344,10 @@ fn forward_plan(
     });
     let target = match stripped {
         Some(prefix) => Some(stripped_target(prefix, &parts.uri)),
+        None if route.rewrite.is_some() => route
+            .rewrite
+            .as_ref()
+            .map(|(pattern, replacement)| rewritten_target(pattern, replacement, &parts.uri)),
         // Absolute-form (HTTP/1) goes upstream in origin-form.
         None if authority::absolute_form_authority(req.raw_target).is_some() => Some(
             parts
@@ -396,6 +415,23 @@ fn client_cert<'a>(
         .and_then(|t| t.client_cert.as_deref())
         .filter(|cert| auth.is_some_and(|a| a.id == cert.policy));
     (auth, verified)
+}
+
+/// The target of `uri` with its path's first match of `pattern` replaced (an empty or
+/// relative result gets its leading `/`), the query as it came; bytes that cannot be
+/// in a path escaped.
+fn rewritten_target(pattern: &regex::Regex, replacement: &str, uri: &http::Uri) -> String {
+    let path = pattern.replace(uri.path(), replacement);
+    let mut target = String::with_capacity(path.len() + 16);
+    if !path.starts_with('/') {
+        target.push('/');
+    }
+    target.push_str(&crate::headers::printable(&path).replace(' ', "%20"));
+    if let Some(q) = uri.query() {
+        target.push('?');
+        target.push_str(q);
+    }
+    target
 }
 
 /// A gRPC client's deadline (`grpc-timeout`: up to 8 digits and a unit, H M S m u n).
@@ -495,6 +531,33 @@ pub fn raw_target(head: &[u8]) -> Option<&[u8]> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_rewrite_replaces_the_first_match_of_the_path_and_keeps_the_query() {
+        let re = |p: &str| regex::Regex::new(p).unwrap();
+        let uri = |u: &str| u.parse::<http::Uri>().unwrap();
+        assert_eq!(
+            rewritten_target(&re("^/v1/(.*)$"), "/api/$1", &uri("/v1/users/7?x=1&y")),
+            "/api/users/7?x=1&y"
+        );
+        // No match: the path as it came.
+        assert_eq!(
+            rewritten_target(&re("^/v1/"), "/api/", &uri("/v2/a")),
+            "/v2/a"
+        );
+        // A prefix removed entirely still leaves a path.
+        assert_eq!(rewritten_target(&re("^/api"), "", &uri("/api")), "/");
+        assert_eq!(rewritten_target(&re("^/api/"), "", &uri("/api/x")), "/x");
+        // Named groups.
+        assert_eq!(
+            rewritten_target(
+                &re("^/u/(?P<id>[0-9]+)$"),
+                "/users/${id}/profile",
+                &uri("/u/42")
+            ),
+            "/users/42/profile"
+        );
+    }
 
     #[test]
     fn grpc_timeouts_parse_as_the_grpc_spec_writes_them() {
