@@ -288,10 +288,12 @@ async fn certificates_renew_and_those_of_another_ca_or_revoked_instances_are_ref
     let mut c = Controller::start(WEB).await;
     let mut other = Controller::start(WEB).await;
     let good = enrolled(&c).await;
-    assert!(matches!(
-        good.watch(0).await,
-        Ok(WatchResult::Snapshot { .. })
-    ));
+    let first = good.watch(0).await;
+    assert!(
+        matches!(first, Ok(WatchResult::Snapshot { .. })),
+        "{:?}",
+        first.map(|_| ()).map_err(|e| e.to_string())
+    );
 
     // A proxy of the other controller presents a certificate of the other CA (while
     // trusting this controller's CA, to isolate the client-side check).

@@ -260,6 +260,7 @@ pub fn status(live: &Live, generation: &Generation) -> Value {
     certificates.sort_by(|a, b| a["name"].as_str().cmp(&b["name"].as_str()));
     json!({
         "version": generation.version,
+        "pid": std::process::id(),
         "ready": live.is_ready(),
         "last_reload": last_reload,
         "fleet": *live.fleet.load_full(),

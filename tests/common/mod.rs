@@ -249,6 +249,22 @@ fn websocket_echo(req: &mut Request<Incoming>) -> Response<Full<Bytes>> {
         .unwrap()
 }
 
+/// Whether the admin API at `admin` is process `pid`'s (`/status` names its pid; behind
+/// an admin token it cannot tell, and says yes).
+async fn answered_by(client: &reqwest::Client, admin: SocketAddr, pid: u32) -> bool {
+    let status: Option<serde_json::Value> =
+        match client.get(format!("http://{admin}/status")).send().await {
+            Ok(r) if r.status() == 401 => return true,
+            Ok(r) => r.json().await.ok(),
+            Err(_) => None,
+        };
+    let ours = status.is_some_and(|s| s["pid"] == pid);
+    if !ours {
+        eprintln!("the admin API at {admin} is another process's: starting again on fresh ports");
+    }
+    ours
+}
+
 /// Whether the log at `log` says a listening port was taken (Pingora then retries the
 /// bind for half a minute before it gives up).
 fn port_taken(log: &Path) -> bool {
@@ -282,7 +298,9 @@ pub async fn spawn_up(config: &Path, log: &Path, admin: SocketAddr) -> Option<pe
         }
         if let Ok(r) = client.get(format!("http://{admin}/ready")).send().await {
             if r.status() == 200 {
-                return Some(child);
+                return answered_by(&client, admin, child.0.id())
+                    .await
+                    .then_some(child);
             }
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -460,7 +478,9 @@ impl Proxy {
                 .await
             {
                 if r.status() == 200 {
-                    return true;
+                    // Ready, and this process: another one may hold the admin port
+                    // that free_addr picked while Pingora retries binding it.
+                    return answered_by(&client, self.admin, self.child.id()).await;
                 }
             }
             tokio::time::sleep(Duration::from_millis(20)).await;

@@ -131,16 +131,21 @@ impl Provider for FileProvider {
     async fn run(&self, out: watch::Sender<Found>, mut shutdown: watch::Receiver<bool>) {
         let mut changes = rampart_watch::FileWatch::new(&self.path, Some(RESYNC));
         let mut last_good = HashMap::new();
+        let mut first = true;
         loop {
             let found = self.read(&mut last_good);
             for e in &found.errors {
                 tracing::warn!("discovery {}: {e}", self.name());
             }
+            // The first read is announced even when it found nothing: the compile loop
+            // waits (up to 2 s) for every provider's first read before the first
+            // snapshot.
             out.send_if_modified(|cur| {
-                let changed = *cur != found;
+                let changed = first || *cur != found;
                 *cur = found;
                 changed
             });
+            first = false;
             tokio::select! {
                 _ = shutdown.changed() => return,
                 _ = changes.changed() => {}
