@@ -141,21 +141,11 @@ async fn http2_is_negotiated_by_alpn() {
 
 /// A test CA and a leaf for `host` signed by it, written as PEM files; returns the CA.
 fn write_leaf(dir: &Path, host: &str, serial: u64) -> CertificateDer<'static> {
-    let ca_key = rcgen::KeyPair::generate().unwrap();
-    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    ca_params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, format!("test CA {serial}"));
-    let ca = ca_params.self_signed(&ca_key).unwrap();
-    let issuer = rcgen::Issuer::new(ca_params, ca_key);
-    let key = rcgen::KeyPair::generate().unwrap();
-    let mut params = rcgen::CertificateParams::new(vec![host.to_string()]).unwrap();
-    params.serial_number = Some(rcgen::SerialNumber::from(serial));
-    let leaf = params.signed_by(&key, &issuer).unwrap();
-    std::fs::write(dir.join("cert.pem"), leaf.pem()).unwrap();
-    std::fs::write(dir.join("key.pem"), key.serialize_pem()).unwrap();
-    ca.der().clone()
+    let pki = common::pki::Pki::new(&format!("test {serial}"));
+    let (cert, key) = pki.leaf("leaf", &[host], serial);
+    std::fs::copy(cert, dir.join("cert.pem")).unwrap();
+    std::fs::copy(key, dir.join("key.pem")).unwrap();
+    pki.ca_der.clone()
 }
 
 #[tokio::test]
