@@ -145,7 +145,7 @@ fn write_leaf(dir: &Path, host: &str, serial: u64) -> CertificateDer<'static> {
     let (cert, key) = pki.leaf("leaf", &[host], serial);
     std::fs::copy(cert, dir.join("cert.pem")).unwrap();
     std::fs::copy(key, dir.join("key.pem")).unwrap();
-    pki.ca_der.clone()
+    pki.ca_der
 }
 
 #[tokio::test]
