@@ -146,6 +146,18 @@ hosts = ["private.test"]
 allow_from = ["192.0.2.7"]
 action = {{ forward = "app" }}
 
+[[routes]]
+name = "old"
+hosts = ["old.test"]
+redirect = {{ pattern = '^http://old\.test/blog/(.*)$', location = "https://new.test/$1", status = 301 }}
+action = {{ forward = "app" }}
+
+[[routes]]
+name = "v1"
+hosts = ["v1.test"]
+rewrite = {{ pattern = '^/v1/(.*)$', replacement = "/$1" }}
+action = {{ forward = "app" }}
+
 [pools.app]
 endpoints = [{{ address = "{upstream}" }}]
 "#
@@ -292,6 +304,9 @@ fn http1_corpus() -> Vec<(&'static str, String, u16, Option<&'static str>, Serve
         ("rate limit, second", req("GET / HTTP/1.1", "Host: limited.test\r\n"), 429, None, Fast),
         ("body over the route's limit", req("POST / HTTP/1.1", "Host: small.test\r\nContent-Length: 5\r\n") + "hello", 413, None, Fast),
         ("address not allowed", req("GET / HTTP/1.1", "Host: private.test\r\n"), 403, None, Fast),
+        ("regex redirect", req("GET /blog/a%20b?c HTTP/1.1", "Host: old.test\r\n"), 301, None, Fast),
+        ("regex redirect, no match", req("GET /about HTTP/1.1", "Host: old.test\r\n"), 200, Some("GET /about HTTP/1.1"), Fast),
+        ("path rewrite", req("GET /v1/a%20b?c=1 HTTP/1.1", "Host: v1.test\r\n"), 200, Some("GET /a%20b?c=1 HTTP/1.1"), Fast),
         // Smuggling probes: the fast path declines them, Pingora's path refuses them.
         ("CL and TE", req("POST / HTTP/1.1", "Host: a.test\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n") + "0\r\n\r\n", 400, None, Pingora),
         ("two lengths", req("POST / HTTP/1.1", "Host: a.test\r\nContent-Length: 4\r\nContent-Length: 5\r\n") + "hello", 400, None, Pingora),

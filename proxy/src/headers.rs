@@ -38,6 +38,24 @@ pub(crate) fn printable(text: &str) -> String {
     percent_encoding::utf8_percent_encode(text, ESCAPED).to_string()
 }
 
+/// `text` with the bytes a URI cannot hold (controls, space, `"<>\\^`{|}`, non-ASCII)
+/// written `%XX`. `%` and the reserved characters stay: the escapes a URL already has
+/// are kept as they are, never escaped twice.
+pub(crate) fn uri_escaped(text: &str) -> String {
+    const ESCAPED: &percent_encoding::AsciiSet = &percent_encoding::CONTROLS
+        .add(b' ')
+        .add(b'"')
+        .add(b'<')
+        .add(b'>')
+        .add(b'\\')
+        .add(b'^')
+        .add(b'`')
+        .add(b'{')
+        .add(b'|')
+        .add(b'}');
+    percent_encoding::utf8_percent_encode(text, ESCAPED).to_string()
+}
+
 /// The comma-separated tokens of a header value, as bytes (a value need not be UTF-8).
 pub(crate) fn tokens(value: &[u8]) -> impl Iterator<Item = &[u8]> {
     value
@@ -251,6 +269,12 @@ mod tests {
     fn printable_escapes_controls_percent_and_non_ascii_only() {
         assert_eq!(printable("CN=a b, O=x"), "CN=a b, O=x");
         assert_eq!(printable("a\r\nb%\u{e9}\u{7f}"), "a%0D%0Ab%25%C3%A9%7F");
+    }
+
+    #[test]
+    fn uri_escaped_keeps_existing_escapes_and_reserved_characters() {
+        assert_eq!(uri_escaped("/a%20b/c;d?e=f&g#h"), "/a%20b/c;d?e=f&g#h");
+        assert_eq!(uri_escaped("/a b\"{}\u{e9}\r"), "/a%20b%22%7B%7D%C3%A9%0D");
     }
 
     fn policy(trusted: &[&str]) -> ForwardingPolicy {

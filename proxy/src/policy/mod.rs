@@ -285,7 +285,7 @@ async fn route_answer(
             let location = pattern.replace(&url, location.as_str());
             return Some(Answer::Redirect {
                 status: *status,
-                location: crate::headers::printable(&location),
+                location: crate::headers::uri_escaped(&location),
             });
         }
     }
@@ -419,14 +419,14 @@ fn client_cert<'a>(
 
 /// The target of `uri` with its path's first match of `pattern` replaced (an empty or
 /// relative result gets its leading `/`), the query as it came; bytes that cannot be
-/// in a path escaped.
+/// in a URI escaped (the path's own escapes kept).
 fn rewritten_target(pattern: &regex::Regex, replacement: &str, uri: &http::Uri) -> String {
     let path = pattern.replace(uri.path(), replacement);
     let mut target = String::with_capacity(path.len() + 16);
     if !path.starts_with('/') {
         target.push('/');
     }
-    target.push_str(&crate::headers::printable(&path).replace(' ', "%20"));
+    target.push_str(&crate::headers::uri_escaped(&path));
     if let Some(q) = uri.query() {
         target.push('?');
         target.push_str(q);
@@ -548,6 +548,11 @@ mod tests {
         // A prefix removed entirely still leaves a path.
         assert_eq!(rewritten_target(&re("^/api"), "", &uri("/api")), "/");
         assert_eq!(rewritten_target(&re("^/api/"), "", &uri("/api/x")), "/x");
+        // The path's escapes go on as they came, not escaped again.
+        assert_eq!(
+            rewritten_target(&re("^/v1/(.*)$"), "/$1", &uri("/v1/a%20b%2Fc")),
+            "/a%20b%2Fc"
+        );
         // Named groups.
         assert_eq!(
             rewritten_target(
