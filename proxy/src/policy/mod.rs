@@ -203,7 +203,9 @@ async fn route_and_verdict(
         return Err((None, Answer::NotFound));
     };
     let route = &generation.routes[idx];
-    if let Some(answer) = route_answer(generation, route, req, client, client_ip, &authority).await
+    let cert = CertView::of(generation, route, client, &authority.host);
+    if let Some(answer) =
+        route_answer(generation, route, req, client, client_ip, &authority, &cert).await
     {
         return Err((Some(idx), answer));
     }
@@ -215,7 +217,7 @@ async fn route_and_verdict(
     }
     Ok((
         idx,
-        forward_plan(generation, idx, req, client, client_ip, authority),
+        forward_plan(generation, idx, req, client, client_ip, authority, &cert),
     ))
 }
 
@@ -243,6 +245,7 @@ async fn route_answer(
     client: Client<'_>,
     client_ip: Option<IpAddr>,
     authority: &Authority,
+    cert: &CertView<'_>,
 ) -> Option<Answer> {
     let parts = req.parts;
     if !route.admits(client_ip) {
@@ -255,24 +258,23 @@ async fn route_answer(
             location,
         });
     }
-    if generation.client_auth_in_use || route.require_client_cert {
-        let (host_auth, verified) = client_cert(generation, client, &authority.host);
-        let required = route.require_client_cert
-            || host_auth.is_some_and(|a| a.mode == rampart_config::ClientAuthMode::Require);
-        if required && verified.is_none() {
-            // Was the handshake for this host's policy (then no certificate was sent)?
-            let sni_auth = client
-                .tls
-                .and_then(|t| t.sni.as_deref())
-                .and_then(|sni| generation.certs.lookup(sni))
-                .and_then(|c| c.client_auth.as_ref());
-            let same = match (sni_auth, host_auth) {
-                (Some(a), Some(b)) => a.id == b.id,
-                (None, None) => true,
-                _ => false,
-            };
-            return Some(Answer::ClientCertRequired { misdirected: !same });
-        }
+    let required = route.require_client_cert
+        || cert
+            .auth
+            .is_some_and(|a| a.mode == rampart_config::ClientAuthMode::Require);
+    if required && cert.verified.is_none() {
+        // Was the handshake for this host's policy (then no certificate was sent)?
+        let sni_auth = client
+            .tls
+            .and_then(|t| t.sni.as_deref())
+            .and_then(|sni| generation.certs.lookup(sni))
+            .and_then(|c| c.client_auth.as_ref());
+        let same = match (sni_auth, cert.auth) {
+            (Some(a), Some(b)) => a.id == b.id,
+            (None, None) => true,
+            _ => false,
+        };
+        return Some(Answer::ClientCertRequired { misdirected: !same });
     }
     if let Some((pattern, location, status)) = &route.redirect {
         let pq = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
@@ -333,6 +335,7 @@ fn forward_plan(
     client: Client<'_>,
     client_ip: Option<IpAddr>,
     authority: Authority,
+    cert: &CertView<'_>,
 ) -> Forward {
     let parts = req.parts;
     let route = &generation.routes[idx];
@@ -368,12 +371,10 @@ fn forward_plan(
             stripped,
         )
     });
-    if generation.client_auth_in_use {
-        if let (Some(auth), Some(cert)) = client_cert(generation, client, &authority.host) {
-            for (field, name) in &auth.headers {
-                if let Some(value) = cert.value(*field) {
-                    forwarded.push((name.clone(), value.to_string()));
-                }
+    if let (Some(auth), Some(verified)) = (cert.auth, cert.verified) {
+        for (field, name) in &auth.headers {
+            if let Some(value) = verified.value(*field) {
+                forwarded.push((name.clone(), value.to_string()));
             }
         }
     }
@@ -399,22 +400,33 @@ fn forward_plan(
     }
 }
 
-/// The client-auth policy of `host` and the connection's client certificate if that
-/// policy verified it (a certificate verified for another host's policy does not count).
-fn client_cert<'a>(
-    generation: &'a Generation,
-    client: Client<'a>,
-    host: &str,
-) -> (Option<&'a ClientAuthRt>, Option<&'a ClientCert>) {
-    let auth = generation
-        .certs
-        .lookup(host)
-        .and_then(|c| c.client_auth.as_deref());
-    let verified = client
-        .tls
-        .and_then(|t| t.client_cert.as_deref())
-        .filter(|cert| auth.is_some_and(|a| a.id == cert.policy));
-    (auth, verified)
+/// A request's client certificate as its host sees it, worked out once per request.
+#[derive(Default)]
+struct CertView<'a> {
+    /// The client-auth policy of the request's host.
+    auth: Option<&'a ClientAuthRt>,
+    /// The connection's certificate, if that policy verified it (a certificate
+    /// verified for another host's policy does not count).
+    verified: Option<&'a ClientCert>,
+}
+
+impl<'a> CertView<'a> {
+    /// Nothing to look up unless some host authenticates clients (or the route asks
+    /// for a certificate, which then no connection can have).
+    fn of(generation: &'a Generation, route: &RouteRt, client: Client<'a>, host: &str) -> Self {
+        if !(generation.client_auth_in_use || route.require_client_cert) {
+            return Self::default();
+        }
+        let auth = generation
+            .certs
+            .lookup(host)
+            .and_then(|c| c.client_auth.as_deref());
+        let verified = client
+            .tls
+            .and_then(|t| t.client_cert.as_deref())
+            .filter(|cert| auth.is_some_and(|a| a.id == cert.policy));
+        Self { auth, verified }
+    }
 }
 
 /// The target of `uri` with its path's first match of `pattern` replaced (an empty or
