@@ -330,6 +330,14 @@ async fn a_connection_verified_for_one_host_does_not_authenticate_another() {
             status_over(&proxy, "opt.test", "mtls.test", alice).await,
             421
         );
+        // Plain HTTP carries no certificate and no other connection would: 403.
+        let r = Proxy::http_client()
+            .get(proxy.url("/headers"))
+            .header("host", "mtls.test")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 403);
     }
 }
 

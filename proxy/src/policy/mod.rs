@@ -263,7 +263,8 @@ async fn route_answer(
             .auth
             .is_some_and(|a| a.mode == rampart_config::ClientAuthMode::Require);
     if required && cert.verified.is_none() {
-        // Was the handshake for this host's policy (then no certificate was sent)?
+        // Was the handshake for this host's policy (then no certificate was sent)? A
+        // plain-HTTP request had none: no other connection would do better (403).
         let sni_auth = client
             .tls
             .and_then(|t| t.sni.as_deref())
@@ -274,7 +275,9 @@ async fn route_answer(
             (None, None) => true,
             _ => false,
         };
-        return Some(Answer::ClientCertRequired { misdirected: !same });
+        return Some(Answer::ClientCertRequired {
+            misdirected: client.tls.is_some() && !same,
+        });
     }
     if let Some((pattern, location, status)) = &route.redirect {
         let pq = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
