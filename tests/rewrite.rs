@@ -39,6 +39,11 @@ action = {{ forward = "app" }}
     )
 }
 
+/// What the backend's `/headers` saw of `GET url` (its `:path` among them).
+async fn headers_seen(client: &reqwest::Client, url: String) -> HashMap<String, String> {
+    client.get(url).send().await.unwrap().json().await.unwrap()
+}
+
 /// Clients for the three transports of a proxy: HTTP/1.1 and HTTP/2 over TLS.
 fn clients(proxy: &Proxy) -> Vec<(&'static str, reqwest::Client)> {
     let b = || proxy.client_builder(&["new.test", "old.test"]);
@@ -79,24 +84,11 @@ async fn a_matching_url_is_redirected_and_a_path_rewritten_on_every_transport() 
             assert_eq!(r.status(), 200, "{what}");
 
             // The rewrite: /v1/headers?x=1 reaches the backend as /headers?x=1.
-            let seen: HashMap<String, String> = client
-                .get(format!("https://new.test:{port}/v1/headers?x=1"))
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
+            let seen =
+                headers_seen(&client, format!("https://new.test:{port}/v1/headers?x=1")).await;
             assert_eq!(seen[":path"], "/headers?x=1", "{what}");
             // Other routes' paths go as they came.
-            let seen: HashMap<String, String> = client
-                .get(format!("https://new.test:{port}/headers?y=2"))
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
+            let seen = headers_seen(&client, format!("https://new.test:{port}/headers?y=2")).await;
             assert_eq!(seen[":path"], "/headers?y=2", "{what}");
         }
     }
@@ -116,16 +108,7 @@ async fn a_pattern_that_does_not_compile_is_refused_with_its_place_and_the_old_o
         "{log}"
     );
     let client = &clients(&proxy)[0].1;
-    let seen: HashMap<String, String> = client
-        .get(format!(
-            "https://new.test:{}/v1/headers",
-            proxy.https.port()
-        ))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let url = format!("https://new.test:{}/v1/headers", proxy.https.port());
+    let seen = headers_seen(client, url).await;
     assert_eq!(seen[":path"], "/headers");
 }

@@ -97,11 +97,10 @@ pub(crate) async fn run(
         if leading && settings.enabled {
             match pass(store.as_ref(), period).await {
                 Ok(keys) => {
+                    let now = Some(keys.snapshot(period));
                     out.send_if_modified(|held| {
-                        let changed = held.as_ref() != Some(&keys.snapshot(period));
-                        if changed {
-                            *held = Some(keys.snapshot(period));
-                        }
+                        let changed = *held != now;
+                        *held = now;
                         changed
                     });
                     let due = keys.rotated_at.saturating_add(period);
