@@ -94,12 +94,32 @@ async fn record(mut stream: TcpStream, seen: Arc<Mutex<Vec<Vec<u8>>>>) {
     }
 }
 
+/// A CA file for the client_auth of `cert.test` (no client here sends a certificate).
+fn client_ca() -> &'static std::path::Path {
+    static CA: std::sync::OnceLock<common::pki::Pki> = std::sync::OnceLock::new();
+    CA.get_or_init(|| common::pki::Pki::new("clients"))
+        .dir
+        .path()
+}
+
 fn config(upstream: SocketAddr) -> String {
+    let ca = client_ca().join("ca.pem");
     format!(
         r#"
 [[tls]]
 hosts = ["a.test"]
 source = "internal"
+
+[[tls]]
+hosts = ["cert.test"]
+source = "internal"
+client_auth = {{ ca_file = {ca:?}, mode = "optional" }}
+
+[[routes]]
+name = "cert"
+hosts = ["cert.test"]
+require_client_cert = true
+action = {{ forward = "app" }}
 
 [[routes]]
 name = "app"
@@ -306,6 +326,9 @@ fn http1_corpus() -> Vec<(&'static str, String, u16, Option<&'static str>, Serve
         ("address not allowed", req("GET / HTTP/1.1", "Host: private.test\r\n"), 403, None, Fast),
         ("regex redirect", req("GET /blog/a%20b?c HTTP/1.1", "Host: old.test\r\n"), 301, None, Fast),
         ("regex redirect, no match", req("GET /about HTTP/1.1", "Host: old.test\r\n"), 200, Some("GET /about HTTP/1.1"), Fast),
+        ("client certificate required, plain HTTP", req("GET / HTTP/1.1", "Host: cert.test\r\n"), 403, None, Fast),
+        // The certificate headers are the proxy's alone: both paths drop a client's.
+        ("forged client certificate header", req("GET / HTTP/1.1", "Host: a.test\r\nX-Client-Cert-Subject: CN=admin\r\n"), 200, Some("GET / HTTP/1.1"), Fast),
         ("path rewrite", req("GET /v1/a%20b?c=1 HTTP/1.1", "Host: v1.test\r\n"), 200, Some("GET /a%20b?c=1 HTTP/1.1"), Fast),
         // Smuggling probes: the fast path declines them, Pingora's path refuses them.
         ("CL and TE", req("POST / HTTP/1.1", "Host: a.test\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n") + "0\r\n\r\n", 400, None, Pingora),
