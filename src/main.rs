@@ -461,6 +461,7 @@ fn serve_fleet(config: Option<&Path>, args: FleetArgs, upgrade: bool) -> anyhow:
         }),
         None,
         None,
+        None,
     )?;
     Ok(ExitCode::SUCCESS)
 }
@@ -473,6 +474,7 @@ fn serve_snapshots(
     fleet: Option<rampart_proxy::fleet::FleetOptions>,
     local_feed: Option<rampart_proxy::fleet::LocalFeed>,
     admin_extra: Option<rampart_proxy::admin::AdminExtra>,
+    on_demand: Option<rampart_proxy::AskController>,
 ) -> anyhow::Result<()> {
     let cached = rampart_proxy::fleet::load_cached(&local.server.data_dir);
     let live = rampart_proxy::live::Live::start_fleet(local, cached)?;
@@ -484,6 +486,7 @@ fn serve_snapshots(
             fleet,
             local_feed,
             admin_extra,
+            on_demand,
         },
     )
 }
@@ -541,7 +544,20 @@ fn serve_up(config: Config, path: Option<PathBuf>, upgrade: bool) -> anyhow::Res
     if let Some(admin) = config.listeners.admin {
         tell!("Controller dashboard (DNS, ACME, fleet): http://{admin}/controller");
     }
-    serve_snapshots(config, upgrade, None, Some(feed), Some(controller_pages))?;
+    // On-demand TLS: the proxy's handshakes ask the controller beside it.
+    let on_demand = handle.state.on_demand.clone();
+    let ask = rampart_proxy::AskController(std::sync::Arc::new(move |name: String| {
+        let on_demand = on_demand.clone();
+        Box::pin(async move { on_demand.request(&name).await })
+    }));
+    serve_snapshots(
+        config,
+        upgrade,
+        None,
+        Some(feed),
+        Some(controller_pages),
+        Some(ask),
+    )?;
     rt.block_on(handle.shutdown());
     Ok(ExitCode::SUCCESS)
 }
@@ -601,6 +617,11 @@ fn serve(config: Config, path: Option<PathBuf>, upgrade: bool) -> anyhow::Result
             "[dns] runs in the controller, which a standalone proxy does not start: use `rampart up --config FILE` (controller and proxy in one process) or `rampart controller`"
         );
     }
+    if config.tls_on_demand.is_some() {
+        anyhow::bail!(
+            "[tls_on_demand] needs the controller, which orders the certificates: use `rampart up --config FILE` (controller and proxy in one process) or `rampart controller` with fleet proxies"
+        );
+    }
     let listeners = config.listeners.clone();
     let live = rampart_proxy::prepare(config)?;
     announce(&listeners, live.internal_ca_cert().as_deref());
@@ -612,6 +633,7 @@ fn serve(config: Config, path: Option<PathBuf>, upgrade: bool) -> anyhow::Result
             fleet: None,
             local_feed: None,
             admin_extra: None,
+            on_demand: None,
         },
     )?;
     Ok(ExitCode::SUCCESS)

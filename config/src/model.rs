@@ -60,6 +60,61 @@ pub struct Config {
     /// when a controller hands out the keys.
     #[serde(default)]
     pub session_tickets: SessionTickets,
+    /// On-demand certificates (controller): a handshake for a name no `[[tls]]` entry
+    /// covers asks the SaaS application whether to get one (absent: never).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_on_demand: Option<TlsOnDemand>,
+}
+
+/// On-demand TLS: certificates for names learnt from handshakes (a customer's
+/// `shop.customer.com` pointed at the service), ordered once for the whole fleet by the
+/// controller after the application's `ask` endpoint approves the name.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TlsOnDemand {
+    /// The application's approval endpoint: `GET <ask>?domain=<name>` answers 200 for
+    /// a name it serves; anything else (or no answer within 5 s) denies it.
+    pub ask: String,
+    /// Names that may be asked about at all (exact or `*.suffix`); empty: any name
+    /// (the ask decides). Others are refused without asking.
+    #[serde(default)]
+    pub allow: Vec<HostPattern>,
+    /// How long a denied name is refused without asking again.
+    #[serde(default = "default_on_demand_deny_for")]
+    pub deny_for: Dur,
+    /// Ask calls per second at most, for all names together (a scanner sending random
+    /// SNI is refused beyond it without asking).
+    #[serde(default = "default_on_demand_asks_per_second")]
+    pub asks_per_second: u32,
+    /// New names approved per hour at most.
+    #[serde(default = "default_on_demand_max_per_hour")]
+    pub max_per_hour: u32,
+    /// Names held at most (approved and not yet dropped).
+    #[serde(default = "default_on_demand_max_total")]
+    pub max_total: u32,
+    /// How long the handshake that asked for a new name waits for its certificate
+    /// before it fails (`0s`: fail at once; the next handshake gets the certificate).
+    #[serde(default = "default_on_demand_hold")]
+    pub hold: Dur,
+    /// The CA and challenge to order with (`http-01` or `tls-alpn-01`: a customer's
+    /// DNS zone is not ours to write TXT records in).
+    pub acme: AcmeSource,
+}
+
+fn default_on_demand_deny_for() -> Dur {
+    Dur::secs(600)
+}
+fn default_on_demand_asks_per_second() -> u32 {
+    10
+}
+fn default_on_demand_max_per_hour() -> u32 {
+    100
+}
+fn default_on_demand_max_total() -> u32 {
+    10_000
+}
+fn default_on_demand_hold() -> Dur {
+    Dur::secs(10)
 }
 
 /// TLS session tickets (RFC 8446 §4.6.1, RFC 5077): a returning client resumes its

@@ -57,6 +57,49 @@ pub struct Snapshot {
     /// does not make them; a proxy then makes its own).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub session_tickets: Option<TicketKeys>,
+    /// On-demand TLS (absent: off): which names a proxy asks the controller about when
+    /// a handshake names one that no certificate covers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_demand: Option<OnDemandPolicy>,
+}
+
+/// What a proxy needs of `[tls_on_demand]`.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct OnDemandPolicy {
+    /// Names that may be asked about (empty: any).
+    pub allow: Vec<HostPattern>,
+    /// How long the handshake that asked waits for the certificate, in milliseconds.
+    pub hold_ms: u64,
+}
+
+impl OnDemandPolicy {
+    /// Whether a handshake for `name` (lowercase) may ask for a certificate.
+    #[must_use]
+    pub fn allows(&self, name: &str) -> bool {
+        self.allow.is_empty() || self.allow.iter().any(|p| p.matches(name))
+    }
+}
+
+/// `POST /v1/on-demand`: a proxy saw a handshake for a name without a certificate.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct OnDemandRequest {
+    /// The server name of the handshake.
+    pub name: String,
+}
+
+/// The controller's answer to an [`OnDemandRequest`].
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct OnDemandAnswer {
+    /// The name is approved: its certificate is held or being ordered.
+    pub approved: bool,
+    /// Why, in words for the proxy's log.
+    pub detail: String,
+    /// A denied name: ask again no sooner than this (seconds).
+    #[serde(default)]
+    pub retry_after_secs: u64,
 }
 
 /// The session ticket keys every proxy of a fleet shares, so that a ticket issued by
@@ -171,6 +214,8 @@ impl Snapshot {
                 enabled: self.session_tickets.is_some(),
                 ..local.session_tickets.clone()
             },
+            // The controller's: what proxies need of it travels as `on_demand`.
+            tls_on_demand: None,
         };
         let issues = crate::validate::validate_snapshot(&config);
         if issues.is_empty() {
@@ -471,6 +516,7 @@ mod tests {
             pools: cfg.pools,
             certificates: vec![],
             session_tickets: None,
+            on_demand: None,
             default_sni: None,
             acme_challenges: BTreeMap::new(),
             acme_tls_alpn: BTreeMap::new(),

@@ -65,6 +65,7 @@ fn validate_from(config: &Config, origin: Origin) -> Vec<Issue> {
         ));
     }
     let tls_hosts = tls(config, &mut out);
+    tls_on_demand(config, &mut out);
     if let (Some(sni), Origin::File) = (&config.server.default_sni, origin) {
         if !tls_hosts.iter().any(|p| p.matches(sni.as_str())) {
             out.push(Issue::new(
@@ -723,6 +724,98 @@ fn tls_source(entry: &TlsEntry, path: &FieldPath, out: &mut Vec<Issue>) {
         return;
     };
     let path = path.key("source").key("acme");
+    acme_source(acme, &path, out);
+    let wildcard = entry
+        .hosts
+        .iter()
+        .any(|h| matches!(h, HostPattern::Wildcard(_)));
+    if wildcard && acme.challenge != AcmeChallenge::Dns01 {
+        out.push(Issue::new(
+            path.key("challenge"),
+            "wildcard certificates cannot be validated with http-01",
+            "set challenge = \"dns-01\"",
+        ));
+    }
+}
+
+/// `[tls_on_demand]`: the ask URL, the caps and the ACME settings.
+fn tls_on_demand(config: &Config, out: &mut Vec<Issue>) {
+    let Some(od) = &config.tls_on_demand else {
+        return;
+    };
+    let path = FieldPath::root().key("tls_on_demand");
+    let rest = od
+        .ask
+        .strip_prefix("http://")
+        .or_else(|| od.ask.strip_prefix("https://"));
+    if !rest.is_some_and(|r| {
+        !r.split('/').next().unwrap_or("").is_empty() && !r.contains(char::is_whitespace)
+    }) {
+        out.push(Issue::new(
+            path.key("ask"),
+            format!("{:?} is not an http:// or https:// URL", od.ask),
+            "give the application's approval endpoint, e.g. \"http://app.internal:8080/tls-ask\" (it gets ?domain=<name>)",
+        ));
+    }
+    let counts = [
+        (
+            "asks_per_second",
+            od.asks_per_second,
+            1000,
+            "keep the default (10)",
+        ),
+        (
+            "max_per_hour",
+            od.max_per_hour,
+            1_000_000,
+            "keep the default (100)",
+        ),
+        (
+            "max_total",
+            od.max_total,
+            1_000_000,
+            "keep the default (10000)",
+        ),
+    ];
+    for (key, value, max, hint) in counts {
+        if value == 0 || value > max {
+            out.push(Issue::new(
+                path.key(key),
+                format!("{value} is not between 1 and {max}"),
+                hint,
+            ));
+        }
+    }
+    if od.hold.0 > std::time::Duration::from_secs(60) {
+        out.push(Issue::new(
+            path.key("hold"),
+            format!(
+                "{} is longer than a client waits for a handshake",
+                humantime::format_duration(od.hold.0)
+            ),
+            "keep the default (10s), or 0s to fail the first handshake at once",
+        ));
+    }
+    if od.deny_for.0 < std::time::Duration::from_secs(1) {
+        out.push(Issue::new(
+            path.key("deny_for"),
+            "a denial must be remembered for at least 1s",
+            "keep the default (10m): a scanner then costs one ask per name per period",
+        ));
+    }
+    let acme_path = path.key("acme");
+    acme_source(&od.acme, &acme_path, out);
+    if od.acme.challenge == AcmeChallenge::Dns01 {
+        out.push(Issue::new(
+            acme_path.key("challenge"),
+            "on-demand names cannot be validated with dns-01: their zones are the customers'",
+            "use challenge = \"http-01\" (port 80 reaches the proxies) or \"tls-alpn-01\"",
+        ));
+    }
+}
+
+/// The account, directories and EAB of ACME settings.
+fn acme_source(acme: &crate::AcmeSource, path: &FieldPath, out: &mut Vec<Issue>) {
     if !acme.email.contains('@') {
         out.push(Issue::new(
             path.key("email"),
@@ -768,17 +861,6 @@ fn tls_source(entry: &TlsEntry, path: &FieldPath, out: &mut Vec<Issue>) {
                 "write the CA's \"EAB HMAC Key\" to a file readable by the controller and name it here",
             ));
         }
-    }
-    let wildcard = entry
-        .hosts
-        .iter()
-        .any(|h| matches!(h, HostPattern::Wildcard(_)));
-    if wildcard && acme.challenge != AcmeChallenge::Dns01 {
-        out.push(Issue::new(
-            path.key("challenge"),
-            "wildcard certificates cannot be validated with http-01",
-            "set challenge = \"dns-01\"",
-        ));
     }
 }
 
@@ -1349,6 +1431,30 @@ mod tests {
                 "routes[2].require_client_cert: requires a client certificate but lists no hosts",
             ]
         );
+    }
+
+    #[test]
+    fn on_demand_tls_needs_a_usable_ask_url_caps_and_no_dns01() {
+        let src = format!(
+            "{BASE}[tls_on_demand]\nask = \"app.internal/ask\"\nasks_per_second = 0\nmax_total = 0\nhold = \"2m\"\ndeny_for = \"0s\"\n\
+             acme = {{ email = \"ops\", challenge = \"dns-01\" }}\n"
+        );
+        assert_eq!(
+            issues(&src),
+            vec![
+                "tls_on_demand.ask: \"app.internal/ask\" is not an http:// or https:// URL",
+                "tls_on_demand.asks_per_second: 0 is not between 1 and 1000",
+                "tls_on_demand.max_total: 0 is not between 1 and 1000000",
+                "tls_on_demand.hold: 2m is longer than a client waits for a handshake",
+                "tls_on_demand.deny_for: a denial must be remembered for at least 1s",
+                "tls_on_demand.acme.email: \"ops\" is not an e-mail address",
+                "tls_on_demand.acme.challenge: on-demand names cannot be validated with dns-01: their zones are the customers'",
+            ]
+        );
+        let ok = format!(
+            "{BASE}[tls_on_demand]\nask = \"http://app.internal:8080/ask\"\nallow = [\"*.customers.example.com\"]\nacme = {{ email = \"ops@example.com\" }}\n"
+        );
+        assert!(issues(&ok).is_empty(), "{:?}", issues(&ok));
     }
 
     #[test]

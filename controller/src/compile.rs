@@ -6,7 +6,9 @@ use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use anyhow::Context;
-use rampart_config::snapshot::{CertificateBundle, ClientAuthBundle, Snapshot, SCHEMA};
+use rampart_config::snapshot::{
+    CertificateBundle, ClientAuthBundle, OnDemandPolicy, Snapshot, SCHEMA,
+};
 use rampart_config::{Config, Endpoint, TlsSource};
 use rampart_pki::Ca;
 
@@ -81,6 +83,10 @@ impl Compiler {
             acme_challenges: self.acme.challenges.clone(),
             acme_tls_alpn: self.acme.tls_alpn.clone(),
             session_tickets: self.tickets.clone(),
+            on_demand: config.tls_on_demand.as_ref().map(|o| OnDemandPolicy {
+                allow: o.allow.clone(),
+                hold_ms: u64::try_from(o.hold.0.as_millis()).unwrap_or(u64::MAX),
+            }),
         })
     }
 
@@ -137,6 +143,21 @@ impl Compiler {
                 client_auth,
                 ..bundle
             });
+        }
+        if config.tls_on_demand.is_some() {
+            // Names approved on demand that no entry covers (an entry added for one
+            // later wins), once their certificate is there.
+            for name in &self.acme.on_demand {
+                let covered = config
+                    .tls
+                    .iter()
+                    .any(|e| e.hosts.iter().any(|h| h.matches(name)));
+                if let Some(b) = self.acme.certificates.get(std::slice::from_ref(name)) {
+                    if !covered {
+                        out.push(b.clone());
+                    }
+                }
+            }
         }
         Ok(out)
     }

@@ -8,6 +8,7 @@
 //! - [`dns`]: the DNS planner (desired vs actual records → changes)
 //! - [`compile`]: configuration + discovery → snapshot
 //! - [`fleet`]: enrolment, tokens, watch/ack/heartbeat, instance registry
+//! - [`on_demand`]: on-demand TLS, names approved by the application's ask endpoint
 //! - [`leader`]: leader election over etcd (several controllers)
 //! - [`admin`]: /metrics, /status, /healthz
 //! - [`supervisor`]: starts and stops the named tasks; [`publish`]: the compile loop;
@@ -27,6 +28,7 @@ pub mod dns;
 pub mod fleet;
 pub mod leader;
 pub mod metrics;
+pub mod on_demand;
 pub mod publish;
 pub mod store;
 pub mod supervisor;

@@ -39,6 +39,8 @@ pub struct State {
     pub dns: Option<Arc<dns::Dns>>,
     /// ACME state of each certificate, for the dashboard.
     pub acme: acme::Reports,
+    /// On-demand TLS: the proxies' requests for names seen in handshakes.
+    pub on_demand: Arc<crate::on_demand::OnDemand>,
     pub(crate) providers: Mutex<Vec<(String, Found)>>,
 }
 
@@ -177,13 +179,6 @@ pub async fn start(config: Config, path: Option<PathBuf>) -> anyhow::Result<Hand
         }
         None => None,
     };
-    let state = Arc::new(State {
-        fleet: fleet.clone(),
-        leader,
-        dns: dns.clone(),
-        acme: acme::Reports::default(),
-        providers: Mutex::new(Vec::new()),
-    });
 
     let fleet_listener = TcpListener::bind(settings.listen).await.with_context(|| {
         format!(
@@ -210,6 +205,16 @@ pub async fn start(config: Config, path: Option<PathBuf>) -> anyhow::Result<Hand
         Some(p) => spawn_config_watch(p, config.clone(), &fleet.metrics, &mut tasks, &shutdown_rx),
         None => watch::channel(config).1,
     };
+    let on_demand =
+        crate::on_demand::OnDemand::new(store.clone(), config_rx.clone(), &fleet.metrics.registry)?;
+    let state = Arc::new(State {
+        fleet: fleet.clone(),
+        leader,
+        dns: dns.clone(),
+        acme: acme::Reports::default(),
+        on_demand: on_demand.clone(),
+        providers: Mutex::new(Vec::new()),
+    });
     let dns_addr = dns.as_ref().and_then(|d| d.provider().addr());
     if let (Some(dns), Some(settings)) = (dns, &config_rx.borrow().dns) {
         let (seen_tx, seen_rx) = watch::channel(Vec::new());
@@ -238,6 +243,7 @@ pub async fn start(config: Config, path: Option<PathBuf>) -> anyhow::Result<Hand
         fleet.clone(),
         state.dns.clone(),
         state.acme.clone(),
+        Some(on_demand.clone()),
     );
     tasks.spawn(acme::run(
         acme,
@@ -268,6 +274,7 @@ pub async fn start(config: Config, path: Option<PathBuf>) -> anyhow::Result<Hand
     ));
     tasks.spawn(fleet::api::serve(
         fleet.clone(),
+        on_demand,
         fleet_listener,
         tls,
         shutdown_rx.clone(),

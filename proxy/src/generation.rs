@@ -50,6 +50,9 @@ pub struct Generation {
     /// Some host authenticates clients by certificate (`client_auth`): handshakes read
     /// the ClientHello before choosing their configuration.
     pub client_auth_in_use: bool,
+    /// On-demand TLS from the controller: a handshake for a name without a
+    /// certificate asks for one (and reads the ClientHello first to know the name).
+    pub on_demand: Option<Arc<rampart_config::snapshot::OnDemandPolicy>>,
     /// The headers that carry verified client certificates upstream, under any
     /// `client_auth`: removed from every client request.
     pub client_cert_headers: Vec<HeaderName>,
@@ -406,6 +409,7 @@ impl Builder {
             certs,
             fleet_tickets: None,
             client_auth_in_use,
+            on_demand: None,
             client_cert_headers,
             forwarding,
             header_limits,

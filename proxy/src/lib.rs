@@ -35,7 +35,7 @@ pub mod routing;
 pub mod server;
 pub mod tls;
 
-pub use server::{prepare, run, ProxyOptions};
+pub use server::{prepare, run, AskController, ProxyOptions};
 
 /// Installs the one rustls crypto provider of the process (aws-lc-rs). Call it first
 /// thing in `main` and in tests: with two providers compiled in, rustls cannot choose.

@@ -237,6 +237,11 @@ impl EdgeApp {
         let _open = OpenGuard(self, client);
         let header_timeout = limits.header_read_timeout.0;
         let h2c = self.tls.is_none() && generation.config.listeners.h2c;
+        // Under on-demand TLS a handshake may also wait for its certificate.
+        let hold = generation
+            .on_demand
+            .as_ref()
+            .map_or(Duration::ZERO, |p| Duration::from_millis(p.hold_ms));
         drop(generation);
 
         let (stream, tls): (Stream, _) = match &self.tls {
@@ -252,7 +257,7 @@ impl EdgeApp {
             // Boxed: the handshake's state is large and needed only until it completes,
             // while this future lives as long as the connection.
             Some(acceptor) => {
-                match Box::pin(self.handshake(acceptor, stream, header_timeout)).await {
+                match Box::pin(self.handshake(acceptor, stream, header_timeout + hold)).await {
                     // RFC 8737 §3: the validation is the handshake; then the connection ends.
                     Some(conn) if conn.is_acme_validation() => return,
                     Some(conn) => {

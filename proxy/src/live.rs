@@ -145,6 +145,7 @@ impl Live {
             http01: Arc::new(std::mem::take(&mut snapshot.acme_challenges)),
             tls_alpn01: Arc::new(crate::tls::acme_alpn::certificates(&snapshot.acme_tls_alpn)),
             tickets,
+            on_demand: snapshot.on_demand.take().map(Arc::new),
         };
         let local = self.current.load().config.clone();
         let (config, bundles) = snapshot.into_config(&local).map_err(|issues| {
@@ -177,6 +178,7 @@ impl Live {
                 generation.acme_challenges = answers.http01;
                 generation.acme_tls_alpn = answers.tls_alpn01;
                 generation.fleet_tickets = answers.tickets;
+                generation.on_demand = answers.on_demand;
                 if generation.config.listeners != prev.config.listeners {
                     tracing::warn!("listener addresses changed; they take effect at the next restart or upgrade");
                 }
@@ -274,4 +276,6 @@ struct Answers {
     tls_alpn01: Arc<std::collections::HashMap<String, Arc<rustls::sign::CertifiedKey>>>,
     /// The fleet's session ticket keys.
     tickets: Option<Arc<crate::tls::tickets::TicketRing>>,
+    /// On-demand TLS: which names to ask the controller about.
+    on_demand: Option<Arc<rampart_config::snapshot::OnDemandPolicy>>,
 }

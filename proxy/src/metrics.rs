@@ -40,6 +40,8 @@ pub struct Metrics {
     pub rolling: crate::rolling::Rolling,
     pub tls_handshakes: IntCounter,
     pub tls_handshake_failures: IntCounterVec,
+    /// Handshakes for names without a certificate under on-demand TLS, by outcome.
+    pub tls_on_demand: IntCounterVec,
     pub endpoint_healthy: IntGaugeVec,
     pub endpoint_ejections: IntCounterVec,
     pub config_version: IntGauge,
@@ -104,6 +106,7 @@ impl Metrics {
             pool_panic: reg(&r, IntGaugeVec::new(Opts::new("rampart_pool_panic", "1 while fewer than passive_health.panic_threshold percent of a pool's endpoints are free of ejection: ejections are then ignored"), &["pool"]).expect("valid")),
             tls_handshakes: reg(&r, IntCounter::new("rampart_tls_handshakes_total", "Completed TLS handshakes").expect("valid")),
             tls_handshake_failures: reg(&r, IntCounterVec::new(Opts::new("rampart_tls_handshake_failures_total", "Failed TLS handshakes, by reason"), &["reason"]).expect("valid")),
+            tls_on_demand: reg(&r, IntCounterVec::new(Opts::new("rampart_tls_on_demand_handshakes_total", "Handshakes for a name without a certificate under on-demand TLS, by outcome (served: its certificate came while the handshake waited; denied; cached_denial; not_allowed; late: approved but not served within tls_on_demand.hold; unavailable: no controller to ask)"), &["outcome"]).expect("valid")),
             endpoint_healthy: reg(&r, IntGaugeVec::new(Opts::new("rampart_endpoint_healthy", "1 when an endpoint may receive traffic (active check passing and not ejected)"), &["pool", "endpoint"]).expect("valid")),
             endpoint_ejections: reg(&r, IntCounterVec::new(Opts::new("rampart_endpoint_ejections_total", "Passive-health ejections, by pool and endpoint"), &["pool", "endpoint"]).expect("valid")),
             config_version: reg(&r, IntGauge::new("rampart_config_version", "Version of the configuration generation being served").expect("valid")),

@@ -38,6 +38,49 @@ pub struct ProxyOptions {
     pub local_feed: Option<LocalFeed>,
     /// More pages on the admin listener (`rampart up`: the controller's dashboard).
     pub admin_extra: Option<crate::admin::AdminExtra>,
+    /// The controller in this process, asked for on-demand certificates (`rampart up`).
+    pub on_demand: Option<AskController>,
+}
+
+/// The answer to an on-demand request, when it comes.
+pub type OnDemandReply = std::pin::Pin<
+    Box<dyn std::future::Future<Output = rampart_config::snapshot::OnDemandAnswer> + Send>,
+>;
+
+/// Asks a controller in this process for a name's certificate (on-demand TLS).
+#[derive(Clone)]
+pub struct AskController(pub Arc<dyn Fn(String) -> OnDemandReply + Send + Sync>);
+
+impl std::fmt::Debug for AskController {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AskController")
+    }
+}
+
+/// Hands the handshakes' on-demand requests to the controller in this process.
+struct LocalOnDemand(std::sync::Mutex<Option<(AskController, crate::tls::on_demand::Requests)>>);
+
+#[async_trait]
+impl BackgroundService for LocalOnDemand {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let Some((ask, mut requests)) = self.0.lock().expect("taken once").take() else {
+            return;
+        };
+        loop {
+            tokio::select! {
+                wanted = requests.recv() => {
+                    let Some(wanted) = wanted else { return };
+                    let ask = ask.clone();
+                    tokio::spawn(async move {
+                        let answer = (ask.0)(wanted.name).await;
+                        // The handshake may have stopped waiting.
+                        let _ = wanted.reply.send(answer);
+                    });
+                }
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
 }
 
 /// Builds the first generation (so that a bad config fails before anything listens).
@@ -94,8 +137,17 @@ pub fn run(live: Arc<Live>, options: ProxyOptions) -> anyhow::Result<()> {
     if let Some(addr) = config.listeners.http {
         server.add_service(edge_service(&server_conf, &live, Scheme::Http, None, addr));
     }
+    // On-demand TLS: the handshakes' requests go to the controller (fleet mode or
+    // `rampart up`); a proxy without one has nobody to ask.
+    let (on_demand, requests) = if options.fleet.is_some() || options.on_demand.is_some() {
+        let (od, requests) =
+            crate::tls::on_demand::OnDemand::new(live.subscribe(), live.metrics.clone());
+        (Some(Arc::new(od)), Some(requests))
+    } else {
+        (None, None)
+    };
     if let Some(addr) = config.listeners.https {
-        let acceptor = Acceptor::new(live.current.clone(), live.metrics.clone())?;
+        let acceptor = Acceptor::new(live.current.clone(), live.metrics.clone(), on_demand)?;
         server.add_service(edge_service(
             &server_conf,
             &live,
@@ -130,7 +182,12 @@ pub fn run(live: Arc<Live>, options: ProxyOptions) -> anyhow::Result<()> {
     if let Some(fleet) = options.fleet {
         server.add_service(background_service(
             "fleet",
-            FleetService::new(live.clone(), fleet, data_dir.clone()),
+            FleetService::new(live.clone(), fleet, data_dir.clone(), requests),
+        ));
+    } else if let (Some(ask), Some(requests)) = (options.on_demand, requests) {
+        server.add_service(background_service(
+            "on-demand TLS",
+            LocalOnDemand(std::sync::Mutex::new(Some((ask, requests)))),
         ));
     }
     server.add_service(background_service(

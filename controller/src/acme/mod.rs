@@ -27,6 +27,7 @@ use self::plan::{Decision, Event, Failures, Held, RateModel};
 use crate::dns::plan::{Change, Kind, RecordSet};
 use crate::dns::provider::quote_txt;
 use crate::fleet::Fleet;
+use crate::on_demand::OnDemand;
 use crate::store::Store;
 
 /// How often every certificate is looked at (also after each configuration change);
@@ -49,6 +50,9 @@ pub struct Output {
     /// TLS-ALPN-01 answers of pending orders: name → SHA-256 of the key authorisation
     /// (base64url).
     pub tls_alpn: BTreeMap<String, String>,
+    /// Names approved on demand whose certificates (in `certificates`, keyed by the
+    /// one name) are served.
+    pub on_demand: BTreeSet<String>,
 }
 
 /// A certificate as kept in the store (`acme/certs/<id>`).
@@ -144,6 +148,8 @@ pub struct Acme {
     dns: Option<Arc<crate::dns::Dns>>,
     /// What the dashboard shows of each certificate.
     reports: Reports,
+    /// Names approved on demand (`[tls_on_demand]`).
+    on_demand: Option<Arc<OnDemand>>,
 }
 
 impl std::fmt::Debug for Acme {
@@ -205,6 +211,7 @@ impl Acme {
         fleet: Arc<Fleet>,
         dns: Option<Arc<crate::dns::Dns>>,
         reports: Reports,
+        on_demand: Option<Arc<OnDemand>>,
     ) -> (Arc<Self>, watch::Receiver<Output>) {
         let (out, rx) = watch::channel(Output::default());
         let metrics = AcmeMetrics::new(&fleet.metrics.registry);
@@ -218,6 +225,7 @@ impl Acme {
                 metrics,
                 dns,
                 reports,
+                on_demand,
             }),
             rx,
         )
@@ -679,167 +687,266 @@ impl Acme {
             let TlsSource::Acme(source) = &entry.source else {
                 continue;
             };
-            let names = names_of(&entry.hosts);
-            let answered_by_proxies = matches!(
-                source.challenge,
-                AcmeChallenge::Http01 | AcmeChallenge::TlsAlpn01
-            );
-            if answered_by_proxies && !self.any_proxy_ready() {
-                // Nobody could answer the challenge: do not spend a failed validation.
-                waiting = true;
-                tracing::debug!(
-                    "ACME {}: waiting for a ready proxy to answer http-01",
-                    names.join(",")
-                );
+            waiting |= self.one(&names_of(&entry.hosts), source, None).await;
+        }
+        waiting |= self.on_demand_pass(config).await;
+        waiting
+    }
+
+    /// The names approved on demand: ordered and renewed like configured ones (the
+    /// application asked again before each renewal), dropped once the application no
+    /// longer approves them and their certificate has expired.
+    async fn on_demand_pass(&self, config: &Config) -> bool {
+        let (Some(od), Some(settings)) = (&self.on_demand, &config.tls_on_demand) else {
+            self.out.send_if_modified(|o| {
+                let changed = !o.on_demand.is_empty();
+                o.on_demand.clear();
+                changed
+            });
+            return false;
+        };
+        let records = match od.records().await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!("listing on-demand names: {e:#}");
+                return false;
+            }
+        };
+        let mut waiting = false;
+        let mut serving = BTreeSet::new();
+        for record in records {
+            let names = vec![record.name.clone()];
+            if record.denied_at.is_some() {
+                match self.held(&names) {
+                    Some(h) if h.not_after > now_unix() => {
+                        serving.insert(record.name);
+                    }
+                    _ => self.drop_on_demand(od, &record.name).await,
+                }
                 continue;
             }
-            let id = cert_id(&names);
-            let held = self.held(&names);
-            let state_key = format!("acme/state/{id}");
-            let mut state: State = match self.store.get(&state_key).await {
-                Ok(Some(b)) => serde_json::from_slice(&b).unwrap_or_default(),
-                _ => State::default(),
-            };
-            let mut held = held;
-            if let Some(h) = held.as_mut() {
-                self.refresh_ari(&names, source, &mut state).await;
-                h.ari = state.ari;
+            waiting |= self
+                .one(&names, &settings.acme, Some((od, &record, &settings.ask)))
+                .await;
+            serving.insert(record.name);
+        }
+        self.out.send_if_modified(|o| {
+            let changed = o.on_demand != serving;
+            o.on_demand = serving;
+            changed
+        });
+        waiting
+    }
+
+    /// Forgets an on-demand name and its certificate.
+    async fn drop_on_demand(&self, od: &OnDemand, name: &str) {
+        let names = vec![name.to_string()];
+        let id = cert_id(&names);
+        for key in [format!("acme/certs/{id}"), format!("acme/state/{id}")] {
+            if let Err(e) = self.store.delete(&key).await {
+                tracing::error!("deleting {key}: {e:#}");
+                return;
             }
-            let failures = Failures {
-                count: state.failures,
-                last_at: state.last_failure_at,
-                retry_after: state.retry_after,
-            };
-            let wanted: BTreeSet<String> = names.iter().cloned().collect();
-            let now = now_unix();
-            let decision = {
-                let mut model = self.model.lock().expect("model lock");
-                model.prune(now);
-                self.metrics
-                    .headroom
-                    .with_label_values(&[&names.join(",")])
-                    .set(i64::try_from(model.headroom(now, &wanted)).unwrap_or(i64::MAX));
-                plan::decide(
-                    now,
-                    &wanted,
-                    held.as_ref(),
-                    &failures,
-                    &model,
-                    spread(&names, "ari"),
-                    0.5 + spread(&names, "jitter") / 2.0,
-                )
-            };
-            let label = names.join(",");
-            if let Some(h) = &held {
-                let at = plan::renew_at(h, spread(&names, "ari"));
-                self.metrics
-                    .not_after
-                    .with_label_values(&[&label])
-                    .set(as_i64(h.not_after));
-                self.metrics
-                    .renew_at
-                    .with_label_values(&[&label])
-                    .set(as_i64(at));
+        }
+        if let Err(e) = od.forget(name).await {
+            tracing::error!("forgetting the on-demand name {name}: {e:#}");
+            return;
+        }
+        self.out.send_modify(|o| {
+            o.certificates.remove(&names);
+            o.on_demand.remove(name);
+        });
+        tracing::info!("on-demand TLS: {name} dropped (no longer approved, certificate expired)");
+    }
+
+    /// One certificate: keep, wait or order. `on_demand`: the name's record and the
+    /// ask endpoint, asked again before a renewal. Returns whether the order waits
+    /// for a proxy to become ready.
+    async fn one(
+        &self,
+        names: &[String],
+        source: &AcmeSource,
+        on_demand: Option<(&OnDemand, &crate::on_demand::Approved, &str)>,
+    ) -> bool {
+        let answered_by_proxies = matches!(
+            source.challenge,
+            AcmeChallenge::Http01 | AcmeChallenge::TlsAlpn01
+        );
+        if answered_by_proxies && !self.any_proxy_ready() {
+            // Nobody could answer the challenge: do not spend a failed validation.
+            tracing::debug!(
+                "ACME {}: waiting for a ready proxy to answer http-01",
+                names.join(",")
+            );
+            return true;
+        }
+        let id = cert_id(names);
+        let held = self.held(names);
+        let state_key = format!("acme/state/{id}");
+        let mut state: State = match self.store.get(&state_key).await {
+            Ok(Some(b)) => serde_json::from_slice(&b).unwrap_or_default(),
+            _ => State::default(),
+        };
+        let mut held = held;
+        if let Some(h) = held.as_mut() {
+            self.refresh_ari(names, source, &mut state).await;
+            h.ari = state.ari;
+        }
+        let failures = Failures {
+            count: state.failures,
+            last_at: state.last_failure_at,
+            retry_after: state.retry_after,
+        };
+        let wanted: BTreeSet<String> = names.iter().cloned().collect();
+        let now = now_unix();
+        let decision = {
+            let mut model = self.model.lock().expect("model lock");
+            model.prune(now);
+            self.metrics
+                .headroom
+                .with_label_values(&[names.join(",")])
+                .set(i64::try_from(model.headroom(now, &wanted)).unwrap_or(i64::MAX));
+            plan::decide(
+                now,
+                &wanted,
+                held.as_ref(),
+                &failures,
+                &model,
+                spread(names, "ari"),
+                0.5 + spread(names, "jitter") / 2.0,
+            )
+        };
+        let label = names.join(",");
+        if let Some(h) = &held {
+            let at = plan::renew_at(h, spread(names, "ari"));
+            self.metrics
+                .not_after
+                .with_label_values(&[&label])
+                .set(as_i64(h.not_after));
+            self.metrics
+                .renew_at
+                .with_label_values(&[&label])
+                .set(as_i64(at));
+        }
+        self.metrics
+            .failures
+            .with_label_values(&[&label])
+            .set(i64::from(state.failures));
+        let (next, limited) = match &decision {
+            Decision::Wait { blocked, until, .. } => {
+                (*until, matches!(blocked, plan::Blocked::RateLimit(_)))
             }
-            self.metrics
-                .failures
-                .with_label_values(&[&label])
-                .set(i64::from(state.failures));
-            let (next, limited) = match &decision {
-                Decision::Wait { blocked, until, .. } => {
-                    (*until, matches!(blocked, plan::Blocked::RateLimit(_)))
-                }
-                _ => (0, false),
-            };
-            self.metrics
-                .next_try
-                .with_label_values(&[&label])
-                .set(as_i64(next));
-            self.metrics
-                .rate_limited
-                .with_label_values(&[&label])
-                .set(i64::from(limited));
-            {
-                let mut reports = self.reports.lock().expect("reports lock");
-                let r = reports.entry(label.clone()).or_default();
-                r.not_after = held.as_ref().map(|h| h.not_after);
-                r.renew_at = held
-                    .as_ref()
-                    .map(|h| plan::renew_at(h, spread(&names, "ari")));
-                r.failures = state.failures;
-                r.last_error.clone_from(&state.last_error);
-                r.waiting_until = (next > 0).then_some(next);
-                r.rate_limited = limited;
+            _ => (0, false),
+        };
+        self.metrics
+            .next_try
+            .with_label_values(&[&label])
+            .set(as_i64(next));
+        self.metrics
+            .rate_limited
+            .with_label_values(&[&label])
+            .set(i64::from(limited));
+        {
+            let mut reports = self.reports.lock().expect("reports lock");
+            let r = reports.entry(label.clone()).or_default();
+            r.not_after = held.as_ref().map(|h| h.not_after);
+            r.renew_at = held
+                .as_ref()
+                .map(|h| plan::renew_at(h, spread(names, "ari")));
+            r.failures = state.failures;
+            r.last_error.clone_from(&state.last_error);
+            r.waiting_until = (next > 0).then_some(next);
+            r.rate_limited = limited;
+        }
+        match decision {
+            Decision::Keep { .. } => {}
+            Decision::Wait {
+                reason,
+                blocked,
+                until,
+            } => {
+                tracing::debug!(
+                    "ACME {}: {reason:?} wanted, waiting ({blocked:?}) until {until}",
+                    names.join(",")
+                );
             }
-            match decision {
-                Decision::Keep { .. } => {}
-                Decision::Wait {
-                    reason,
-                    blocked,
-                    until,
-                } => {
-                    tracing::debug!(
-                        "ACME {}: {reason:?} wanted, waiting ({blocked:?}) until {until}",
-                        names.join(",")
-                    );
-                }
-                Decision::Order(reason) => {
-                    tracing::info!("ACME {}: ordering ({reason:?})", names.join(", "));
-                    let result = self.order_with_fallbacks(&names, source).await;
-                    let outcome = if result.is_ok() { "ok" } else { "error" };
-                    self.metrics.orders.with_label_values(&[outcome]).inc();
-                    match result {
-                        Ok(()) => {
-                            // A new certificate: its renewal window is asked for anew.
-                            state = State::default();
-                            if let Some(h) = self.held(&names) {
-                                let at = plan::renew_at(&h, spread(&names, "ari"));
-                                let m = &self.metrics;
-                                m.not_after
-                                    .with_label_values(&[&label])
-                                    .set(as_i64(h.not_after));
-                                m.renew_at.with_label_values(&[&label]).set(as_i64(at));
-                                m.failures.with_label_values(&[&label]).set(0);
+            Decision::Order(reason) => {
+                if let (Some((od, record, ask)), Some(_)) = (on_demand, &held) {
+                    // A renewal of a name learnt on demand: still the application's?
+                    match od.ask(&record.name, ask).await {
+                        Ok(true) => {}
+                        Ok(false) => {
+                            tracing::info!(
+                                "on-demand TLS: the ask endpoint no longer approves {}; not renewed, dropped when its certificate expires",
+                                record.name
+                            );
+                            if let Err(e) = od.mark_denied(record).await {
+                                tracing::error!("storing the on-demand record: {e:#}");
                             }
+                            return false;
                         }
-                        Err(e) => {
-                            tracing::warn!("ACME {}: {e:#}", names.join(", "));
-                            state.failures += 1;
-                            state.last_failure_at = now_unix();
-                            state.last_error = Some(format!("{e:#}"));
+                        // The application's outage is not a customer leaving.
+                        Err(e) => tracing::warn!(
+                            "on-demand TLS: asking about {} before renewal: {e:#}; renewing",
+                            record.name
+                        ),
+                    }
+                }
+                tracing::info!("ACME {}: ordering ({reason:?})", names.join(", "));
+                let result = self.order_with_fallbacks(names, source).await;
+                let outcome = if result.is_ok() { "ok" } else { "error" };
+                self.metrics.orders.with_label_values(&[outcome]).inc();
+                match result {
+                    Ok(()) => {
+                        // A new certificate: its renewal window is asked for anew.
+                        state = State::default();
+                        if let Some(h) = self.held(names) {
+                            let at = plan::renew_at(&h, spread(names, "ari"));
+                            let m = &self.metrics;
+                            m.not_after
+                                .with_label_values(&[&label])
+                                .set(as_i64(h.not_after));
+                            m.renew_at.with_label_values(&[&label]).set(as_i64(at));
+                            m.failures.with_label_values(&[&label]).set(0);
                         }
                     }
-                    {
-                        let held = self.held(&names);
-                        let mut reports = self.reports.lock().expect("reports lock");
-                        let r = reports.entry(label.clone()).or_default();
-                        r.last_result = Some(outcome.to_string());
-                        r.failures = state.failures;
-                        r.last_error.clone_from(&state.last_error);
-                        if let Some(h) = held {
-                            r.not_after = Some(h.not_after);
-                            r.renew_at = Some(plan::renew_at(&h, spread(&names, "ari")));
-                        }
+                    Err(e) => {
+                        tracing::warn!("ACME {}: {e:#}", names.join(", "));
+                        state.failures += 1;
+                        state.last_failure_at = now_unix();
+                        state.last_error = Some(format!("{e:#}"));
                     }
-                    let events = {
-                        let mut model = self.model.lock().expect("model lock");
-                        model.prune(now_unix());
-                        serde_json::to_vec(&model.events)
-                    };
-                    if let Ok(b) = events {
-                        if let Err(e) = self.store.put_leading(EVENTS_KEY, &b).await {
-                            tracing::error!("storing the ACME rate-limit history: {e:#}");
-                        }
+                }
+                {
+                    let held = self.held(names);
+                    let mut reports = self.reports.lock().expect("reports lock");
+                    let r = reports.entry(label.clone()).or_default();
+                    r.last_result = Some(outcome.to_string());
+                    r.failures = state.failures;
+                    r.last_error.clone_from(&state.last_error);
+                    if let Some(h) = held {
+                        r.not_after = Some(h.not_after);
+                        r.renew_at = Some(plan::renew_at(&h, spread(names, "ari")));
                     }
-                    if let Ok(b) = serde_json::to_vec(&state) {
-                        if let Err(e) = self.store.put_leading(&state_key, &b).await {
-                            tracing::error!("storing ACME state: {e:#}");
-                        }
+                }
+                let events = {
+                    let mut model = self.model.lock().expect("model lock");
+                    model.prune(now_unix());
+                    serde_json::to_vec(&model.events)
+                };
+                if let Ok(b) = events {
+                    if let Err(e) = self.store.put_leading(EVENTS_KEY, &b).await {
+                        tracing::error!("storing the ACME rate-limit history: {e:#}");
+                    }
+                }
+                if let Ok(b) = serde_json::to_vec(&state) {
+                    if let Err(e) = self.store.put_leading(&state_key, &b).await {
+                        tracing::error!("storing ACME state: {e:#}");
                     }
                 }
             }
         }
-        waiting
+        false
     }
 
     /// Asks the CA for the held certificate's renewal window (ARI, RFC 9773) when the
@@ -983,6 +1090,7 @@ pub async fn run(
             () = tokio::time::sleep(Duration::from_millis(500)), if soon => {}
             r = config.changed(), if config_open => config_open = r.is_ok(),
             r = leader.changed(), if leader_open => leader_open = r.is_ok(),
+            () = approved(&acme) => {}
             _ = shutdown.wait_for(|s| *s) => return,
         }
         let leading = *leader.borrow();
@@ -1000,6 +1108,14 @@ pub async fn run(
         }
         let cfg = config.borrow().clone();
         soon = acme.pass(&cfg).await;
+    }
+}
+
+/// Returns when a name was approved on demand (never without on-demand TLS).
+async fn approved(acme: &Acme) {
+    match &acme.on_demand {
+        Some(od) => od.approved.notified().await,
+        None => std::future::pending().await,
     }
 }
 

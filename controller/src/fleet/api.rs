@@ -3,7 +3,9 @@
 //! - `GET /v1/watch?after=V`: the current snapshot as soon as its version is not `V`,
 //!   or `204 No Content` after the watch timeout;
 //! - `POST /v1/ack`, `POST /v1/heartbeat`: what a proxy serves and that it is alive;
-//! - `POST /v1/renew`: a new client certificate (same identity) for a new key.
+//! - `POST /v1/renew`: a new client certificate (same identity) for a new key;
+//! - `POST /v1/on-demand`: a name seen in a handshake → whether its certificate is
+//!   (being) obtained ([`crate::on_demand`]).
 //!
 //! Every route but enrolment needs a client certificate from the fleet CA whose
 //! instance is enrolled and not revoked. Errors are JSON `{"error": "..."}` that say
@@ -18,7 +20,7 @@ use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use rampart_config::snapshot::{
-    Ack, AckResult, EnrollRequest, EnrollResponse, Heartbeat, RenewRequest,
+    Ack, AckResult, EnrollRequest, EnrollResponse, Heartbeat, OnDemandRequest, RenewRequest,
 };
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -26,6 +28,7 @@ use tokio::sync::watch;
 use super::registry::InstanceRecord;
 use super::tokens::{self, TokenError};
 use super::{Fleet, CLIENT_CERT_LIFETIME, MAX_BODY};
+use crate::on_demand::OnDemand;
 use crate::store::{get_json, put_json};
 
 type Resp = Response<Full<Bytes>>;
@@ -33,6 +36,7 @@ type Resp = Response<Full<Bytes>>;
 /// Serves the fleet API on `listener` until `shutdown` turns true.
 pub async fn serve(
     fleet: Arc<Fleet>,
+    on_demand: Arc<OnDemand>,
     listener: TcpListener,
     tls: Arc<rustls::ServerConfig>,
     mut shutdown: watch::Receiver<bool>,
@@ -44,6 +48,7 @@ pub async fn serve(
             return;
         };
         let fleet = fleet.clone();
+        let on_demand = on_demand.clone();
         let acceptor = acceptor.clone();
         let mut shutdown = shutdown.clone();
         tokio::spawn(async move {
@@ -64,9 +69,12 @@ pub async fn serve(
                 .and_then(|c| rampart_pki::common_name(c));
             let service = hyper::service::service_fn(move |req| {
                 let fleet = fleet.clone();
+                let on_demand = on_demand.clone();
                 let identity = identity.clone();
                 async move {
-                    Ok::<_, std::convert::Infallible>(route(&fleet, req, peer, identity).await)
+                    Ok::<_, std::convert::Infallible>(
+                        route(&fleet, &on_demand, req, peer, identity).await,
+                    )
                 }
             });
             let builder =
@@ -83,6 +91,7 @@ pub async fn serve(
 
 async fn route(
     fleet: &Fleet,
+    on_demand: &OnDemand,
     req: Request<Incoming>,
     peer: SocketAddr,
     identity: Option<String>,
@@ -90,7 +99,7 @@ async fn route(
     let path = req.uri().path().to_string();
     match (req.method(), path.as_str()) {
         (&Method::POST, "/v1/enroll") => enroll(fleet, req).await,
-        (_, "/v1/watch" | "/v1/ack" | "/v1/heartbeat" | "/v1/renew") => {
+        (_, "/v1/watch" | "/v1/ack" | "/v1/heartbeat" | "/v1/renew" | "/v1/on-demand") => {
             let id = match authorize(fleet, identity.as_deref()).await {
                 Ok(id) => id,
                 Err(resp) => return resp,
@@ -100,6 +109,10 @@ async fn route(
                 (&Method::POST, "/v1/ack") => ack(fleet, &id, req).await,
                 (&Method::POST, "/v1/heartbeat") => heartbeat(fleet, &id, peer, req).await,
                 (&Method::POST, "/v1/renew") => renew(fleet, &id, req).await,
+                (&Method::POST, "/v1/on-demand") => match read_json::<OnDemandRequest>(req).await {
+                    Ok(r) => json(StatusCode::OK, &on_demand.request(&r.name).await),
+                    Err(resp) => resp,
+                },
                 _ => error(StatusCode::METHOD_NOT_ALLOWED, "wrong method for this path"),
             }
         }

@@ -9,7 +9,8 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context};
 use rampart_config::snapshot::{
-    Ack, EnrollRequest, EnrollResponse, Heartbeat, JoinToken, RenewRequest,
+    Ack, EnrollRequest, EnrollResponse, Heartbeat, JoinToken, OnDemandAnswer, OnDemandRequest,
+    RenewRequest,
 };
 use rampart_pki::{write_atomic, Mode};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
@@ -316,6 +317,22 @@ impl FleetClient {
         let url = format!("{}/v1/renew", self.base);
         let resp = post_json(&self.client, url, &RenewRequest { csr_pem }).await?;
         identity_from(resp, key_pem).await
+    }
+
+    /// Asks for the certificate of `name`, seen in a handshake (on-demand TLS).
+    ///
+    /// # Errors
+    /// See [`CallError`].
+    pub async fn on_demand(&self, name: &str) -> Result<OnDemandAnswer, CallError> {
+        let url = format!("{}/v1/on-demand", self.base);
+        let request = OnDemandRequest {
+            name: name.to_string(),
+        };
+        post_json(&self.client, url, &request)
+            .await?
+            .json()
+            .await
+            .map_err(|e| CallError::Unreachable(e.into()))
     }
 
     /// Says this proxy is alive.

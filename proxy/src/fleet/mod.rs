@@ -183,16 +183,50 @@ pub struct FleetService {
     live: Arc<Live>,
     options: FleetOptions,
     data_dir: PathBuf,
+    /// The handshakes' on-demand requests, taken when the service starts.
+    requests: std::sync::Mutex<Option<crate::tls::on_demand::Requests>>,
+    /// The client of the enrolled identity, for the on-demand requests.
+    client: Arc<arc_swap::ArcSwapOption<FleetClient>>,
 }
 
 impl FleetService {
-    /// A fleet service applying snapshots into `live`.
+    /// A fleet service applying snapshots into `live` and passing the handshakes'
+    /// on-demand `requests` to the controller.
     #[must_use]
-    pub fn new(live: Arc<Live>, options: FleetOptions, data_dir: PathBuf) -> Self {
+    pub fn new(
+        live: Arc<Live>,
+        options: FleetOptions,
+        data_dir: PathBuf,
+        requests: Option<crate::tls::on_demand::Requests>,
+    ) -> Self {
         Self {
             live,
             options,
             data_dir,
+            requests: std::sync::Mutex::new(requests),
+            client: Arc::default(),
+        }
+    }
+
+    /// Passes each on-demand request to the controller, with the current client; a
+    /// request while there is none (not enrolled yet) fails its handshake.
+    async fn on_demand(
+        mut requests: crate::tls::on_demand::Requests,
+        client: Arc<arc_swap::ArcSwapOption<FleetClient>>,
+    ) {
+        while let Some(wanted) = requests.recv().await {
+            let Some(client) = client.load_full() else {
+                continue;
+            };
+            tokio::spawn(async move {
+                match client.on_demand(&wanted.name).await {
+                    Ok(answer) => {
+                        // The handshake may have stopped waiting.
+                        let _ = wanted.reply.send(answer);
+                    }
+                    Err(e) => tracing::warn!("on-demand TLS: asking for {}: {e}", wanted.name),
+                }
+            });
         }
     }
 
@@ -307,9 +341,14 @@ impl FleetService {
 #[async_trait]
 impl BackgroundService for FleetService {
     async fn start(&self, mut shutdown: ShutdownWatch) {
+        let requests = self.requests.lock().expect("taken once").take();
+        let on_demand = requests.map(|r| tokio::spawn(Self::on_demand(r, self.client.clone())));
         let mut backoff = Backoff::new();
         // Again after the controller forgot this instance, when a token can enrol it.
         while self.run_enrolled(&mut shutdown, &mut backoff).await {}
+        if let Some(task) = on_demand {
+            task.abort();
+        }
     }
 }
 
@@ -346,6 +385,7 @@ impl FleetService {
         if client.identity.renewal_due() {
             client = self.renewed(client).await;
         }
+        self.client.store(Some(Arc::new(client.clone())));
         let mut beats = self.spawn_heartbeats(&client);
         // The last version seen, applied or not: a refused snapshot is not fetched again.
         let mut seen = self.live.current.load().version;
@@ -357,6 +397,7 @@ impl FleetService {
                 renewal_checked = tokio::time::Instant::now();
                 if client.identity.renewal_due() {
                     client = self.renewed(client).await;
+                    self.client.store(Some(Arc::new(client.clone())));
                     beats.abort();
                     beats = self.spawn_heartbeats(&client);
                 }

@@ -10,6 +10,7 @@
 //! - [`conn`]: a client's TLS connection, adapted to Pingora's stream traits
 //! - [`files`]: PEM certificate and key files
 //! - [`internal_ca`]: Rampart's local CA (rcgen) for `source = "internal"`
+//! - [`on_demand`]: certificates asked for at the handshake (`[tls_on_demand]`)
 //! - [`tickets`]: session ticket keys, the fleet's or this process's
 
 pub mod acme_alpn;
@@ -17,6 +18,7 @@ pub mod client_auth;
 pub mod conn;
 pub mod files;
 pub mod internal_ca;
+pub mod on_demand;
 pub mod tickets;
 
 use std::collections::HashMap;
@@ -182,12 +184,14 @@ pub fn server_config(
 
 /// The HTTPS listener's handshakes: one configuration for every host, and, while the
 /// live generation has `client_auth` somewhere, one per client-auth policy, chosen by
-/// the SNI of the ClientHello.
+/// the SNI of the ClientHello; under on-demand TLS, a ClientHello for a name without a
+/// certificate first waits for one.
 pub struct Acceptor {
     plain: tokio_rustls::TlsAcceptor,
     resolver: Arc<SniResolver>,
     ticketer: Arc<tickets::Ticketer>,
     current: Arc<ArcSwap<Generation>>,
+    on_demand: Option<Arc<on_demand::OnDemand>>,
 }
 
 impl fmt::Debug for Acceptor {
@@ -214,7 +218,11 @@ impl Acceptor {
     ///
     /// # Errors
     /// As [`server_config`].
-    pub fn new(current: Arc<ArcSwap<Generation>>, metrics: Arc<Metrics>) -> anyhow::Result<Self> {
+    pub fn new(
+        current: Arc<ArcSwap<Generation>>,
+        metrics: Arc<Metrics>,
+        on_demand: Option<Arc<on_demand::OnDemand>>,
+    ) -> anyhow::Result<Self> {
         let resolver = Arc::new(SniResolver::new(current.clone(), metrics));
         let ticketer = Arc::new(tickets::Ticketer::new(current.clone()));
         Ok(Self {
@@ -226,6 +234,7 @@ impl Acceptor {
             resolver,
             ticketer,
             current,
+            on_demand,
         })
     }
 
@@ -235,12 +244,27 @@ impl Acceptor {
     /// # Errors
     /// Reading or parsing the ClientHello.
     pub async fn start(&self, stream: pingora::protocols::Stream) -> std::io::Result<Started> {
-        if !self.current.load().client_auth_in_use {
-            return Ok(Started::Plain(self.plain.accept(stream)));
+        {
+            let generation = self.current.load();
+            if !generation.client_auth_in_use
+                && (generation.on_demand.is_none() || self.on_demand.is_none())
+            {
+                return Ok(Started::Plain(self.plain.accept(stream)));
+            }
         }
         let start =
             tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), stream)
                 .await?;
+        if let Some(od) = &self.on_demand {
+            let hello = start.client_hello();
+            let unknown = hello.server_name().filter(|sni| {
+                !acme_alpn::is_challenge(hello.alpn())
+                    && self.current.load().certs.lookup(sni).is_none()
+            });
+            if let Some(sni) = unknown.map(str::to_string) {
+                od.obtain(&self.current, &sni).await;
+            }
+        }
         let auth = {
             let hello = start.client_hello();
             let generation = self.current.load();
