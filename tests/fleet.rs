@@ -403,8 +403,11 @@ async fn a_proxy_restarted_while_the_controller_is_down_serves_its_cached_snapsh
     .await;
 
     c.stop().await;
-    proxy.spawn_fleet(&c.url(), None);
-    assert!(proxy.wait_until_ready().await, "log:\n{}", proxy.log());
+    assert!(
+        proxy.restart_fleet(&c.url(), None).await,
+        "log:\n{}",
+        proxy.log()
+    );
     let fleet = eventually("/status to say the controller is unreachable", || async {
         let s = proxy.status().await;
         (s["fleet"]["connected"] == false).then(|| s["fleet"].clone())
@@ -671,8 +674,11 @@ async fn a_silent_proxy_is_forgotten_and_enrols_again_when_it_comes_back() {
 
     // It comes back with its old identity, is told it is not enrolled, and enrols
     // again with the (reusable) token it was started with.
-    proxy.spawn_fleet(&c.url(), Some(&token));
-    assert!(proxy.wait_until_ready().await, "log:\n{}", proxy.log());
+    assert!(
+        proxy.restart_fleet(&c.url(), Some(&token)).await,
+        "log:\n{}",
+        proxy.log()
+    );
     let second = eventually("the proxy to enrol again", || async {
         let s = proxy.status().await;
         let id = s["fleet"]["instance"].as_str()?.to_string();

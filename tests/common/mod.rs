@@ -417,6 +417,25 @@ impl Proxy {
         self.child = spawn_rampart(&self.config_path, &log, &args);
     }
 
+    /// Restarts this proxy in fleet mode (same data directory, so the same identity)
+    /// and waits until ready. While it was down another process may have bound one of
+    /// its ports (a `free_addr` elsewhere): it then starts again on fresh ones.
+    pub async fn restart_fleet(&mut self, controller: &str, token: Option<&str>) -> bool {
+        for _ in 0..3 {
+            self.spawn_fleet(controller, token);
+            if self.wait_ready().await {
+                return true;
+            }
+            if !port_taken(&self.dir.path().join("rampart.log")) {
+                return false;
+            }
+            eprintln!("a port of the restarted proxy was taken meanwhile; moving to fresh ones");
+            (self.http, self.https, self.admin) = (free_addr(), free_addr(), free_addr());
+            write_config(self.dir.path(), &self.config_text(""));
+        }
+        false
+    }
+
     /// Kills the process at once (no graceful shutdown), as a crash or power loss would.
     pub fn kill(&mut self) {
         let _ = self.child.kill();
