@@ -1180,6 +1180,13 @@ pub struct Route {
     /// HTTP Basic authentication in front of the route: others get 401.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub basic_auth: Option<BasicAuth>,
+    /// Forward authentication (oauth2-proxy, Authelia, any auth service): each
+    /// request is first sent, without its body, to `url`; a 2xx answer lets it through
+    /// with `copy_headers` taken from that answer, any other answer goes back to the
+    /// client as it came: `forward_auth = { url = "http://auth:4180/oauth2/auth",
+    /// copy_headers = ["X-Auth-Request-User"] }`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub forward_auth: Option<ForwardAuth>,
     /// Requests need a client certificate verified by the `client_auth` of the
     /// host's `[[tls]]` entry (for routes under a host whose mode is `optional`);
     /// without one the answer is 403.
@@ -1235,6 +1242,29 @@ pub struct BasicAuth {
     pub realm: String,
     /// User name → bcrypt hash of the password (`rampart hash-password` makes one).
     pub users: BTreeMap<String, String>,
+}
+
+/// A route's forward authentication.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ForwardAuth {
+    /// The auth service's check URL (http:// or https://). It gets a GET with the
+    /// client's headers (not its body) and `X-Forwarded-Method`, `-Proto`, `-Host`,
+    /// `-Uri` and `-For` saying what the request is.
+    pub url: String,
+    /// Headers of the auth service's 2xx answer that go upstream with the request (its
+    /// user, e-mail, groups). The client's own headers of these names are always
+    /// removed, so a client cannot claim an identity the service did not give.
+    #[serde(default)]
+    pub copy_headers: Vec<String>,
+    /// How long the auth service may take; slower (or unreachable) fails closed: 504
+    /// (502).
+    #[serde(default = "default_forward_auth_timeout")]
+    pub timeout: Dur,
+}
+
+fn default_forward_auth_timeout() -> Dur {
+    Dur::secs(5)
 }
 
 fn default_realm() -> String {

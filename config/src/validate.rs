@@ -166,6 +166,65 @@ fn bcrypt_hash(hash: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || *c == b'.' || *c == b'/')
 }
 
+fn forward_auth(
+    path: &FieldPath,
+    auth: &crate::ForwardAuth,
+    action: &crate::Action,
+    out: &mut Vec<Issue>,
+) {
+    let rest = auth
+        .url
+        .strip_prefix("http://")
+        .or_else(|| auth.url.strip_prefix("https://"));
+    let usable = rest.is_some_and(|r| {
+        !r.split('/').next().unwrap_or("").is_empty() && !r.contains(char::is_whitespace)
+    });
+    if !usable {
+        out.push(Issue::new(
+            path.key("url"),
+            format!("{:?} is not an http:// or https:// URL", auth.url),
+            "give the auth service's check URL, e.g. \"http://oauth2-proxy:4180/oauth2/auth\"",
+        ));
+    }
+    for (i, name) in auth.copy_headers.iter().enumerate() {
+        let lower = name.to_ascii_lowercase();
+        if !valid_header_name(name) {
+            out.push(Issue::new(
+                path.key("copy_headers").index(i),
+                format!("{name:?} is not a valid header name"),
+                "use letters, digits and hyphens, e.g. \"X-Auth-Request-User\"",
+            ));
+        } else if matches!(
+            lower.as_str(),
+            "host" | "connection" | "content-length" | "transfer-encoding" | "upgrade" | "te"
+        ) {
+            out.push(Issue::new(
+                path.key("copy_headers").index(i),
+                format!("{name} describes the message, not the user"),
+                "copy only identity headers (user, e-mail, groups)",
+            ));
+        }
+    }
+    let t = auth.timeout.0;
+    if t < std::time::Duration::from_millis(10) || t > std::time::Duration::from_secs(60) {
+        out.push(Issue::new(
+            path.key("timeout"),
+            format!(
+                "{} is not between 10ms and 60s",
+                humantime::format_duration(t)
+            ),
+            "keep the default (5s)",
+        ));
+    }
+    if !matches!(action, crate::Action::Forward(_)) {
+        out.push(Issue::new(
+            path.key("url"),
+            "forward_auth guards requests that are forwarded; this route answers itself",
+            "use it on a route whose action is forward",
+        ));
+    }
+}
+
 fn basic_auth(path: &FieldPath, auth: &crate::BasicAuth, out: &mut Vec<Issue>) {
     if auth.users.is_empty() {
         out.push(Issue::new(
@@ -941,6 +1000,9 @@ fn route(config: &Config, origin: Origin, route: &Route, path: &FieldPath, out: 
     if let Some(auth) = &route.basic_auth {
         basic_auth(&path.key("basic_auth"), auth, out);
     }
+    if let Some(auth) = &route.forward_auth {
+        forward_auth(&path.key("forward_auth"), auth, &route.action, out);
+    }
     regex_rules(route, path, out);
     if route.strip_prefix {
         if !matches!(route.action, crate::Action::Forward(_)) {
@@ -1429,6 +1491,23 @@ mod tests {
                 "tls[0].client_auth.headers.pem: \"bad name\" is not a valid header name",
                 "routes[1].require_client_cert: b.test has no client_auth, so no request to it carries a verified client certificate",
                 "routes[2].require_client_cert: requires a client certificate but lists no hosts",
+            ]
+        );
+    }
+
+    #[test]
+    fn forward_auth_needs_a_url_identity_headers_and_a_forwarding_route() {
+        let src = format!(
+            "{BASE}[[routes]]\nname = \"a\"\nforward_auth = {{ url = \"auth:4180/check\", copy_headers = [\"X-User\", \"bad name\", \"Content-Length\"], timeout = \"2m\" }}\naction = {{ respond = {{ body = \"x\" }} }}\n"
+        );
+        assert_eq!(
+            issues(&src),
+            vec![
+                "routes[0].forward_auth.url: \"auth:4180/check\" is not an http:// or https:// URL",
+                "routes[0].forward_auth.url: forward_auth guards requests that are forwarded; this route answers itself",
+                "routes[0].forward_auth.copy_headers[1]: \"bad name\" is not a valid header name",
+                "routes[0].forward_auth.copy_headers[2]: Content-Length describes the message, not the user",
+                "routes[0].forward_auth.timeout: 2m is not between 10ms and 60s",
             ]
         );
     }

@@ -442,8 +442,12 @@ impl ProxyHttp for Edge {
         }
         let route = &ctx.generation.routes[plan.route];
         let edits = &route.request_headers;
-        // Only the proxy sets the client certificate headers (from the plan).
+        // Only the proxy sets the client certificate headers (from the plan), and only
+        // the route's auth service its identity headers.
         for name in &ctx.generation.client_cert_headers {
+            upstream.remove_header(name);
+        }
+        for name in route.forward_auth.iter().flat_map(|a| &a.copy) {
             upstream.remove_header(name);
         }
         // Removed and appended (not replaced in place), as the fast paths write them.

@@ -109,6 +109,8 @@ pub struct RouteRt {
     pub allow_from: Vec<rampart_config::IpRange>,
     /// HTTP Basic authentication in front of the route.
     pub basic_auth: Option<Arc<crate::auth::BasicAuthRt>>,
+    /// Forward authentication in front of the route.
+    pub forward_auth: Option<Arc<crate::forward_auth::ForwardAuthRt>>,
     /// Headers set on or removed from the upstream request.
     pub request_headers: crate::headers::HeaderEdits,
     /// Headers set on or removed from the upstream's response.
@@ -121,6 +123,17 @@ pub struct RouteRt {
     pub limiter: Option<Arc<crate::limits::rate::RouteLimiter>>,
     /// Whether its requests go to the access log.
     pub access_log: bool,
+}
+
+impl RouteRt {
+    /// Whether the client's header `name` is withheld from upstream because the
+    /// route's `forward_auth` service alone may set it.
+    #[must_use]
+    pub fn auth_sets(&self, name: &str) -> bool {
+        self.forward_auth
+            .as_ref()
+            .is_some_and(|a| a.copy.iter().any(|n| n.as_str().eq_ignore_ascii_case(name)))
+    }
 }
 
 impl RouteRt {
@@ -607,6 +620,10 @@ fn build_route(
             .basic_auth
             .as_ref()
             .map(|a| Arc::new(crate::auth::BasicAuthRt::new(a))),
+        forward_auth: route
+            .forward_auth
+            .as_ref()
+            .map(|a| Arc::new(crate::forward_auth::ForwardAuthRt::new(a))),
         request_headers: crate::headers::HeaderEdits::new(&route.request_headers),
         response_headers: crate::headers::HeaderEdits::new(&route.response_headers),
         max_body: route

@@ -19,6 +19,7 @@ pub mod dashboard;
 pub mod edge;
 pub mod fast;
 pub mod fleet;
+pub mod forward_auth;
 pub mod generation;
 pub mod headers;
 pub mod health;

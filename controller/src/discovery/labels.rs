@@ -14,6 +14,8 @@
 //! rampart.route.site.require_client_cert=true  # 403 without a verified client cert
 //! rampart.route.site.strip_prefix=true  # forward /app/x as /x (needs a path)
 //! rampart.route.site.allow_from=10.0.0.0/8,192.0.2.7  # others get 403
+//! rampart.route.site.forward_auth=http://oauth2-proxy:4180/oauth2/auth  # 2xx lets a request through
+//! rampart.route.site.forward_auth_headers=X-Auth-Request-User,X-Auth-Request-Email
 //! rampart.pool.api.protocol=h2c          # http1 (default), h2, h2c, auto
 //! rampart.pool.api.tls=true              # TLS to the endpoints (system roots)
 //! rampart.pool.api.tls.server_name=api.internal   # also tls.ca_file, tls.client_cert,
@@ -120,6 +122,8 @@ pub fn parse(
                         | "allow_from"
                         | "rate_limit"
                         | "access_log"
+                        | "forward_auth"
+                        | "forward_auth_headers"
                 ) {
                     routes
                         .entry((*name).to_string())
@@ -130,7 +134,7 @@ pub fn parse(
                         &mut errors,
                         key,
                         value,
-                        "known route labels: host, path, pool, priority, https_redirect, require_client_cert, strip_prefix, allow_from, rate_limit, access_log",
+                        "known route labels: host, path, pool, priority, https_redirect, require_client_cert, strip_prefix, allow_from, rate_limit, access_log, forward_auth, forward_auth_headers",
                     );
                 }
             }
@@ -317,6 +321,27 @@ fn route(
         Some(kv) => kv.1.parse().map_err(|_| bad(kv, "use true or false"))?,
         None => true,
     };
+    let forward_auth = match (fields.get("forward_auth"), fields.get("forward_auth_headers")) {
+        (Some(kv), headers) => Some(rampart_config::ForwardAuth {
+            url: kv.1.clone(),
+            copy_headers: headers
+                .map(|h| {
+                    h.1.split(',')
+                        .map(|n| n.trim().to_string())
+                        .filter(|n| !n.is_empty())
+                        .collect()
+                })
+                .unwrap_or_default(),
+            timeout: rampart_config::Dur::secs(5),
+        }),
+        (None, Some(kv)) => {
+            return Err(bad(
+                kv,
+                &format!("headers to copy need the auth service: add rampart.route.{name}.forward_auth=http://auth:4180/check"),
+            ))
+        }
+        (None, None) => None,
+    };
     let allow_from = match fields.get("allow_from") {
         Some(kv) => {
             kv.1.split(',')
@@ -359,6 +384,7 @@ fn route(
         strip_prefix,
         allow_from,
         basic_auth: None,
+        forward_auth,
         request_headers: rampart_config::HeaderRules::default(),
         response_headers: rampart_config::HeaderRules::default(),
         access_log,
@@ -489,6 +515,8 @@ mod tests {
             ("rampart.route.site.require_client_cert", "true"),
             ("rampart.route.site.strip_prefix", "true"),
             ("rampart.route.site.allow_from", "10.0.0.0/8, 192.0.2.7"),
+            ("rampart.route.site.forward_auth", "http://auth:4180/check"),
+            ("rampart.route.site.forward_auth_headers", "X-User, X-Email"),
             ("com.docker.compose.service", "web"),
         ]);
         let got = parse("web-1", &l, IP).unwrap().unwrap();
@@ -503,6 +531,9 @@ mod tests {
         assert!(r.strip_prefix);
         assert_eq!(r.allow_from.len(), 2);
         assert_eq!(r.allow_from[1].to_string(), "192.0.2.7");
+        let auth = r.forward_auth.as_ref().unwrap();
+        assert_eq!(auth.url, "http://auth:4180/check");
+        assert_eq!(auth.copy_headers, ["X-User", "X-Email"]);
         assert_eq!(r.action, Action::Forward("web".into()));
     }
 

@@ -485,6 +485,7 @@ pub fn error_kind(answer: &Answer) -> Option<&'static str> {
         Answer::ClientCertRequired { .. } => Some("client_cert_required"),
         Answer::RateLimited { .. } => Some("rate_limited"),
         Answer::Unauthorized { .. } => Some("unauthorized"),
+        Answer::AuthDenied { .. } => Some("auth_denied"),
         Answer::Failed(status) => Some(failure_kind(*status)),
         Answer::Redirect { .. }
         | Answer::Respond { .. }

@@ -320,6 +320,7 @@ fn upstream_head(
                 .iter()
                 .any(|n| n.as_str().eq_ignore_ascii_case(h.name))
             || edits.drops(h.name)
+            || generation.routes[plan.route].auth_sets(h.name)
         {
             continue;
         }

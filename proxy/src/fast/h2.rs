@@ -213,6 +213,7 @@ fn upstream_head(
             || plan.forwarded.iter().any(|(n, _)| name == n)
             || generation.client_cert_headers.contains(name)
             || edits.drops(name.as_str())
+            || generation.routes[plan.route].auth_sets(name.as_str())
         {
             continue;
         }

@@ -161,6 +161,19 @@ pub enum Answer {
     /// The request could not be proxied (502, 503, 504, 408, …): no endpoint, an
     /// upstream failure or timeout, a body too slow.
     Failed(u16),
+    /// The route's `forward_auth` service refused the request: its answer, passed on
+    /// (a 401 with its challenge, a 302 to the login page, a 403).
+    AuthDenied {
+        /// The service's status.
+        status: u16,
+        /// Its Content-Type, if any.
+        content_type: Option<HeaderValue>,
+        /// Its other headers (Location, WWW-Authenticate, Set-Cookie, …), framing and
+        /// hop-by-hop ones left out.
+        headers: Vec<(HeaderName, HeaderValue)>,
+        /// Its body (at most 64 KiB).
+        body: Bytes,
+    },
 }
 
 /// An answer as status, headers and body.
@@ -176,6 +189,8 @@ pub struct Rendered {
     pub body: Bytes,
     /// For a gRPC call: `grpc-status` and `grpc-message` (percent-encoded).
     pub grpc: Option<(u8, HeaderValue)>,
+    /// More headers, each appended (an auth service's refusal: Set-Cookie, Location…).
+    pub extra: Vec<(HeaderName, HeaderValue)>,
 }
 
 impl Answer {
@@ -193,7 +208,9 @@ impl Answer {
                     403
                 }
             }
-            Answer::Redirect { status, .. } | Answer::Respond { status, .. } => *status,
+            Answer::Redirect { status, .. }
+            | Answer::Respond { status, .. }
+            | Answer::AuthDenied { status, .. } => *status,
             Answer::RateLimited { .. } => 429,
             Answer::Unauthorized { .. } => 401,
             Answer::AcmeChallenge(_) => 200,
@@ -274,6 +291,9 @@ impl Answer {
                 HeaderValue::from_static("application/octet-stream"),
                 key_auth.clone(),
             ),
+            Answer::AuthDenied {
+                content_type, body, ..
+            } => (content_type.clone().unwrap_or_else(text), body.clone()),
             Answer::Probe { ready: true } => (text(), fixed("ok\n")),
             Answer::Probe { ready: false } => (text(), fixed("no configuration yet\n")),
         };
@@ -281,6 +301,10 @@ impl Answer {
         let header = header.or_else(|| {
             (status == 503).then(|| (http::header::RETRY_AFTER, HeaderValue::from_static("1")))
         });
+        let extra = match self {
+            Answer::AuthDenied { headers, .. } => headers.clone(),
+            _ => Vec::new(),
+        };
         Rendered {
             // A gRPC failure travels in grpc-status, on an HTTP 200 (the gRPC spec).
             status: if grpc.is_some() { 200 } else { status },
@@ -288,6 +312,7 @@ impl Answer {
             header,
             body,
             grpc,
+            extra,
         }
     }
 
@@ -321,6 +346,11 @@ impl Answer {
             put(b"grpc-status", code.to_string().as_bytes());
             put(b"grpc-message", message.as_bytes());
         }
+        for (name, v) in &r.extra {
+            if name != id.0 {
+                put(name.as_str().as_bytes(), v.as_bytes());
+            }
+        }
         put(id.0.as_str().as_bytes(), id.1.as_bytes());
         if close {
             put(b"connection", b"close");
@@ -352,6 +382,11 @@ impl Answer {
         if let Some((code, message)) = r.grpc {
             head.insert_header("grpc-status", u16::from(code))?;
             head.insert_header("grpc-message", message)?;
+        }
+        for (name, v) in r.extra {
+            if id.is_none_or(|(id, _)| *id != name) {
+                head.append_header(name, v)?;
+            }
         }
         if let Some((name, v)) = id {
             head.insert_header(name.clone(), v.clone())?;

@@ -131,8 +131,8 @@ pub fn handed() -> Option<Box<Decision>> {
 }
 
 /// Decides what to do with `req` from `client` under `generation`. Side effects: the
-/// route's rate limit takes a token when the request reaches it, and a password check
-/// may run bcrypt on the blocking pool.
+/// route's rate limit takes a token when the request reaches it, a password check
+/// may run bcrypt on the blocking pool, and a route's `forward_auth` service is asked.
 pub async fn decide(generation: &Generation, req: Request<'_>, client: Client<'_>) -> Decision {
     let request_id = request_id(req.parts, generation);
     let trusted = client
@@ -215,10 +215,20 @@ async fn route_and_verdict(
     if declared > route.max_body {
         return Err((Some(idx), Answer::Refused(Rejection::BodyTooLarge)));
     }
-    Ok((
-        idx,
-        forward_plan(generation, idx, req, client, client_ip, authority, &cert),
-    ))
+    // Last: the auth service is asked only about a request the proxy would forward.
+    let copied = match &route.forward_auth {
+        Some(auth) => match auth
+            .check(req.parts, client.scheme, &authority, client_ip)
+            .await
+        {
+            crate::forward_auth::Verdict::Allow(copied) => copied,
+            crate::forward_auth::Verdict::Deny(answer) => return Err((Some(idx), answer)),
+        },
+        None => Vec::new(),
+    };
+    let mut plan = forward_plan(generation, idx, req, client, client_ip, authority, &cert);
+    plan.forwarded.extend(copied);
+    Ok((idx, plan))
 }
 
 /// The answers of the well-known paths, before any route: an ACME HTTP-01 validation
