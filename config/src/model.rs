@@ -1446,6 +1446,12 @@ pub struct Pool {
     /// connection address.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub proxy_protocol: Option<ProxyProtocol>,
+    /// Slow start (HAProxy's `slowstart`): an endpoint that joins the pool, or comes
+    /// back from a failed health check or an ejection, gets a share of the requests
+    /// that grows from nothing to its full share over this time, with every balancing
+    /// policy: `slow_start = "30s"`. Absent: full share at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slow_start: Option<Dur>,
 }
 
 fn default_max_streams() -> u32 {
@@ -1469,6 +1475,7 @@ impl Default for Pool {
             tls: None,
             max_streams: default_max_streams(),
             proxy_protocol: None,
+            slow_start: None,
         }
     }
 }

@@ -1178,6 +1178,20 @@ pub fn pool_issues(name: &str, p: &Pool) -> Vec<Issue> {
 }
 
 fn pool(name: &str, pool: &Pool, discovered: bool, path: &FieldPath, out: &mut Vec<Issue>) {
+    if let Some(window) = pool.slow_start {
+        if window.0 < std::time::Duration::from_secs(1)
+            || window.0 > std::time::Duration::from_secs(3600)
+        {
+            out.push(Issue::new(
+                path.key("slow_start"),
+                format!(
+                    "{} is not between 1s and 1h",
+                    humantime::format_duration(window.0)
+                ),
+                "use the time a new endpoint needs to warm up (caches, JIT, connection pools), e.g. \"30s\"",
+            ));
+        }
+    }
     if name.is_empty()
         || !name
             .bytes()
@@ -1510,6 +1524,18 @@ mod tests {
                 "routes[0].forward_auth.timeout: 2m is not between 10ms and 60s",
             ]
         );
+    }
+
+    #[test]
+    fn slow_start_is_between_a_second_and_an_hour() {
+        let pool = |v: &str| {
+            format!("{BASE}[pools.a]\nslow_start = \"{v}\"\nendpoints = [{{ address = \"127.0.0.1:1\" }}]\n")
+        };
+        assert_eq!(
+            issues(&pool("2h")),
+            vec!["pools.a.slow_start: 2h is not between 1s and 1h"]
+        );
+        assert!(issues(&pool("30s")).is_empty());
     }
 
     #[test]

@@ -158,6 +158,7 @@ impl PoolRt {
                 tried,
                 now_ms,
                 panic_threshold: self.eject.panic_threshold,
+                slow_start_ms: self.slow_start_ms,
             },
         )
     }
@@ -205,6 +206,8 @@ pub struct PoolRt {
     pub health_check: Option<HealthCheck>,
     /// How long in-flight requests on a removed endpoint may go on.
     pub drain_timeout: Duration,
+    /// Slow start in milliseconds (0: none).
+    pub slow_start_ms: u64,
     /// Upstream time-to-first-byte histogram of this pool.
     pub ttfb: prometheus::Histogram,
     /// How its endpoints are reached: protocol, TLS, PROXY protocol.
@@ -556,6 +559,9 @@ fn build_pool(
         endpoints,
         hash_key: pool.hash_key.clone().unwrap_or(HashKey::ClientIp),
         drain_timeout: pool.drain_timeout.0,
+        slow_start_ms: pool
+            .slow_start
+            .map_or(0, |d| u64::try_from(d.0.as_millis()).unwrap_or(u64::MAX)),
         eject: EjectPolicy {
             consecutive_failures: pool.passive_health.consecutive_failures,
             base: pool.passive_health.eject_for.0,

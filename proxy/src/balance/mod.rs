@@ -44,6 +44,8 @@ pub struct PickInput<'a> {
     pub now_ms: u64,
     /// The pool's panic threshold in percent (`passive_health.panic_threshold`).
     pub panic_threshold: u8,
+    /// The pool's slow start in milliseconds (0: none).
+    pub slow_start_ms: u64,
 }
 
 impl Balancer {
@@ -88,7 +90,31 @@ impl Balancer {
                     states[i].is_available(now)
                 }
         };
-        self.pick_filtered(states, input, usable)
+        let first = self.pick_filtered(states, input, usable)?;
+        // Slow start, the same for every policy: an endpoint still warming up keeps the
+        // pick in proportion to its warmth; otherwise the request goes to another
+        // endpoint the policy picks (which keeps it even if warming too: the requests
+        // are served, only their spread changes).
+        if input.slow_start_ms > 0 {
+            let warmth = states[first].warmth(now, input.slow_start_ms);
+            if warmth < 1.0 && rand::rng().random::<f64>() >= warmth {
+                // As a retry would: the turn is not taken again.
+                let skipped = [first];
+                let again = PickInput {
+                    tried: if input.tried.is_empty() {
+                        &skipped
+                    } else {
+                        input.tried
+                    },
+                    ..input
+                };
+                if let Some(other) = self.pick_filtered(states, again, |i| i != first && usable(i))
+                {
+                    return Some(other);
+                }
+            }
+        }
+        Some(first)
     }
 
     fn pick_filtered(
@@ -239,6 +265,76 @@ mod tests {
             c[b.pick(s, PickInput::default()).unwrap()] += 1;
         }
         c
+    }
+
+    /// The share of endpoint 1 of 4,000 picks among two, at `warmth` of its slow start
+    /// (endpoint 0 warm), under `policy`; consistent hash with a key per request.
+    fn warming_share(policy: Balance, warmth: f64) -> f64 {
+        let s = states(2);
+        let window = 10_000;
+        // Both joined at 0 (warm by `window`), endpoint 1 joins again at `window`.
+        s[0].warm_from(0);
+        s[1].warm_from(window);
+        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+        let now = window + (warmth * window as f64) as u64;
+        let b = Balancer::new(policy, &[1, 1], &ids(2));
+        let mut on_1 = 0;
+        for k in 0..4000u64 {
+            let input = PickInput {
+                key_hash: Some(k.wrapping_mul(0x9E37_79B9_7F4A_7C15)),
+                now_ms: now,
+                slow_start_ms: window,
+                ..PickInput::default()
+            };
+            on_1 += usize::from(b.pick(&s, input).unwrap() == 1);
+        }
+        #[allow(clippy::cast_precision_loss)]
+        let share = on_1 as f64 / 4000.0;
+        share
+    }
+
+    #[test]
+    fn slow_start_ramps_a_new_endpoints_share_up_under_every_policy() {
+        for policy in ALL {
+            let shares: Vec<f64> = [0.0, 0.2, 0.6, 1.0]
+                .iter()
+                .map(|&w| warming_share(policy, w))
+                .collect();
+            // Nothing at first, then about half the full share times the warmth
+            // (a pick it loses goes to the warm endpoint), then the full half.
+            assert!(shares[0] < 0.01, "{policy:?}: {shares:?}");
+            assert!((0.05..0.17).contains(&shares[1]), "{policy:?}: {shares:?}");
+            assert!((0.22..0.40).contains(&shares[2]), "{policy:?}: {shares:?}");
+            assert!((0.42..0.58).contains(&shares[3]), "{policy:?}: {shares:?}");
+        }
+    }
+
+    #[test]
+    fn slow_start_begins_again_when_an_endpoint_recovers() {
+        let s = EndpointState::default();
+        s.warm_from(0);
+        assert!((s.warmth(30_000, 30_000) - 1.0).abs() < f64::EPSILON);
+        s.record_probe(false, 1, 1);
+        s.record_probe(true, 1, 1);
+        let now = crate::health::now_ms();
+        assert!(s.warmth(now, 30_000) < 0.01);
+        // Without slow start, always full.
+        assert!((s.warmth(now, 0) - 1.0).abs() < f64::EPSILON);
+        // An ejection that ended: warming from its end.
+        let e = EndpointState::default();
+        e.warm_from(0);
+        let policy = EjectPolicy {
+            consecutive_failures: 1,
+            base: Duration::from_secs(10),
+            max: Duration::from_secs(10),
+            panic_threshold: 0,
+            max_ejected_percent: 100,
+        };
+        // Answered once: the full ejection period applies.
+        e.record_success();
+        e.record_failure(policy, 100_000, true).unwrap();
+        let until = e.ejected_until(100_000).unwrap();
+        assert!(e.warmth(until + 3_000, 30_000) < 0.11);
     }
 
     #[test]

@@ -54,6 +54,9 @@ pub struct EndpointState {
     /// `now_ms()` when the endpoint left its pool (0: it serves). Requests still in
     /// flight on it are cut once the pool's drain timeout has passed since.
     removed_at_ms: AtomicU64,
+    /// When the endpoint last joined its pool or came back from a failed active check
+    /// (`now_ms()`), for slow start.
+    warm_from_ms: AtomicU64,
     /// The last failure to reach it (a connect or TLS error, a failed probe) and when,
     /// for /status: written only when something fails.
     last_error: arc_swap::ArcSwapOption<(u64, Box<str>)>,
@@ -78,6 +81,7 @@ impl Default for EndpointState {
             requests: AtomicU64::new(0),
             failures: AtomicU64::new(0),
             removed_at_ms: AtomicU64::new(0),
+            warm_from_ms: AtomicU64::new(now_ms()),
             last_error: arc_swap::ArcSwapOption::empty(),
             connect_gate: std::sync::Arc::default(),
         }
@@ -125,6 +129,33 @@ impl EndpointState {
         self.last_error.load_full()
     }
 
+    /// How far the endpoint is into its slow start at `now_ms`: from 0.0 when it
+    /// joined its pool, passed its active check again or its ejection ended, to 1.0
+    /// (full share) `window_ms` later. Always 1.0 without slow start (`window_ms` 0).
+    #[must_use]
+    pub fn warmth(&self, now_ms: u64, window_ms: u64) -> f64 {
+        if window_ms == 0 {
+            return 1.0;
+        }
+        let ejected_until = self.ejected_until_ms.load(Ordering::Relaxed);
+        let since = self
+            .warm_from_ms
+            .load(Ordering::Relaxed)
+            .max(if ejected_until <= now_ms {
+                ejected_until
+            } else {
+                0
+            });
+        #[allow(clippy::cast_precision_loss)] // milliseconds: far below 2^52
+        let warmth = now_ms.saturating_sub(since) as f64 / window_ms as f64;
+        warmth.min(1.0)
+    }
+
+    /// Restarts the slow start at `now_ms` (as if the endpoint had just joined).
+    pub fn warm_from(&self, now_ms: u64) {
+        self.warm_from_ms.store(now_ms, Ordering::Relaxed);
+    }
+
     /// Whether active checks consider the endpoint healthy.
     #[must_use]
     pub fn active_healthy(&self) -> bool {
@@ -153,6 +184,7 @@ impl EndpointState {
                 .saturating_add(1);
             if !self.active_healthy() && streak >= healthy_threshold {
                 self.active_healthy.store(true, Ordering::Relaxed);
+                self.warm_from_ms.store(now_ms(), Ordering::Relaxed);
                 return Some(true);
             }
         } else {
