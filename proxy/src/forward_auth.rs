@@ -14,36 +14,27 @@ use bytes::Bytes;
 use http::header::{HeaderName, HeaderValue};
 
 use crate::edge::Scheme;
+use crate::headers::{HOP_BY_HOP, PROTECTED};
 use crate::policy::{Answer, Authority};
 
 /// Bytes of an auth service's refusal body passed to the client at most.
 const MAX_BODY: usize = 64 * 1024;
 
-/// Request headers never sent to the auth service: hop-by-hop and framing ones (the
-/// sub-request has no body), and the host it is sent to.
-const NOT_SENT: [&str; 9] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-    "content-length",
-    "host",
-];
+/// Request headers never sent to the auth service: hop-by-hop ones, and those that
+/// frame a message or name its host (the sub-request has no body and its own host).
+fn not_sent(name: &str) -> bool {
+    HOP_BY_HOP.contains(&name) || PROTECTED.contains(&name) || name.starts_with("x-forwarded-")
+}
 
-/// Response headers of a refusal not passed to the client (framing and hop-by-hop:
-/// the proxy frames the answer itself).
-const NOT_PASSED: [&str; 7] = [
-    "connection",
-    "keep-alive",
-    "transfer-encoding",
-    "content-length",
-    "content-type",
-    "trailer",
-    "upgrade",
-];
+/// Response headers of a refusal not passed to the client: hop-by-hop and framing
+/// ones (the proxy frames the answer itself), and the type it sets apart.
+fn not_passed(name: &str) -> bool {
+    HOP_BY_HOP.contains(&name)
+        || matches!(
+            name,
+            "content-length" | "transfer-encoding" | "content-type"
+        )
+}
 
 /// A route's `forward_auth`, ready for requests.
 #[derive(Debug)]
@@ -112,7 +103,7 @@ impl ForwardAuthRt {
         };
         let mut req = client.get(&self.url);
         for (name, value) in &parts.headers {
-            if NOT_SENT.contains(&name.as_str()) || name.as_str().starts_with("x-forwarded-") {
+            if not_sent(name.as_str()) {
                 continue;
             }
             req = req.header(name, value);
@@ -150,7 +141,7 @@ impl ForwardAuthRt {
         let headers: Vec<(HeaderName, HeaderValue)> = resp
             .headers()
             .iter()
-            .filter(|(n, _)| !NOT_PASSED.contains(&n.as_str()))
+            .filter(|(n, _)| !not_passed(n.as_str()))
             .map(|(n, v)| (n.clone(), v.clone()))
             .collect();
         let body = match read_capped(resp).await {
