@@ -166,20 +166,22 @@ fn bcrypt_hash(hash: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || *c == b'.' || *c == b'/')
 }
 
+/// Whether `url` is an http:// or https:// URL with a host and no whitespace.
+fn http_url(url: &str) -> bool {
+    url.strip_prefix("http://")
+        .or_else(|| url.strip_prefix("https://"))
+        .is_some_and(|r| {
+            !r.split('/').next().unwrap_or("").is_empty() && !r.contains(char::is_whitespace)
+        })
+}
+
 fn forward_auth(
     path: &FieldPath,
     auth: &crate::ForwardAuth,
     action: &crate::Action,
     out: &mut Vec<Issue>,
 ) {
-    let rest = auth
-        .url
-        .strip_prefix("http://")
-        .or_else(|| auth.url.strip_prefix("https://"));
-    let usable = rest.is_some_and(|r| {
-        !r.split('/').next().unwrap_or("").is_empty() && !r.contains(char::is_whitespace)
-    });
-    if !usable {
+    if !http_url(&auth.url) {
         out.push(Issue::new(
             path.key("url"),
             format!("{:?} is not an http:// or https:// URL", auth.url),
@@ -670,15 +672,7 @@ fn access_log(config: &Config, out: &mut Vec<Issue>) {
 fn tracing(config: &Config, out: &mut Vec<Issue>) {
     let Some(t) = &config.tracing else { return };
     let path = FieldPath::root().key("tracing");
-    let rest = t
-        .otlp_endpoint
-        .strip_prefix("http://")
-        .or_else(|| t.otlp_endpoint.strip_prefix("https://"));
-    let usable = rest.is_some_and(|r| {
-        let host = r.split('/').next().unwrap_or("");
-        !host.is_empty() && !r.contains(char::is_whitespace)
-    });
-    if !usable {
+    if !http_url(&t.otlp_endpoint) {
         out.push(Issue::new(
             path.key("otlp_endpoint"),
             format!("{:?} is not an http:// or https:// URL", t.otlp_endpoint),
@@ -803,13 +797,7 @@ fn tls_on_demand(config: &Config, out: &mut Vec<Issue>) {
         return;
     };
     let path = FieldPath::root().key("tls_on_demand");
-    let rest = od
-        .ask
-        .strip_prefix("http://")
-        .or_else(|| od.ask.strip_prefix("https://"));
-    if !rest.is_some_and(|r| {
-        !r.split('/').next().unwrap_or("").is_empty() && !r.contains(char::is_whitespace)
-    }) {
+    if !http_url(&od.ask) {
         out.push(Issue::new(
             path.key("ask"),
             format!("{:?} is not an http:// or https:// URL", od.ask),
