@@ -256,12 +256,13 @@ impl Acceptor {
             tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), stream)
                 .await?;
         if let Some(od) = &self.on_demand {
+            // `obtain` returns at once for a name with a certificate.
             let hello = start.client_hello();
-            let unknown = hello.server_name().filter(|sni| {
-                !acme_alpn::is_challenge(hello.alpn())
-                    && self.current.load().certs.lookup(sni).is_none()
-            });
-            if let Some(sni) = unknown.map(str::to_string) {
+            let sni = hello
+                .server_name()
+                .filter(|_| !acme_alpn::is_challenge(hello.alpn()))
+                .map(str::to_string);
+            if let Some(sni) = sni {
                 od.obtain(&self.current, &sni).await;
             }
         }
