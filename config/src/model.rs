@@ -1229,6 +1229,11 @@ pub struct Route {
     /// `rate_limit = { requests = 100, per = "1s", burst = 200 }`.
     #[serde(default)]
     pub rate_limit: Option<RateLimit>,
+    /// Stickiness and overrides of a weighted split (`action = { forward = [...] }`):
+    /// `split = { cookie = "rp_split", ttl = "1d", override_header = "X-Canary" }`.
+    /// A split without it keeps clients on their pool with the `rp_split` cookie.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub split: Option<Split>,
     /// What to do with a matching request.
     pub action: Action,
 }
@@ -1326,12 +1331,124 @@ fn default_path_prefix() -> String {
 #[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq)]
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
 pub enum Action {
-    /// Proxy to the named pool: `action = { forward = "web" }`.
-    Forward(String),
+    /// Proxy to the named pool, `action = { forward = "web" }`, or split the requests
+    /// between pools by weight, `action = { forward = [{ pool = "v1", weight = 95 },
+    /// { pool = "v2", weight = 5 }] }` (see the route's `split` for stickiness and
+    /// overrides).
+    Forward(ForwardTo),
     /// Redirect: `action = { redirect = { location = "https://example.com", status = 301 } }`.
     Redirect(Redirect),
     /// Answer directly: `action = { respond = { status = 503, body = "maintenance" } }`.
     Respond(Respond),
+}
+
+/// Where a forward action sends requests: one pool, or several by weight.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
+#[serde(
+    untagged,
+    expecting = "a pool name (forward = \"web\") or a split (forward = [{ pool = \"v1\", weight = 95 }, { pool = \"v2\", weight = 5 }])"
+)]
+pub enum ForwardTo {
+    /// Every request to this pool.
+    Pool(String),
+    /// Each client to one of these pools, chosen by weight.
+    Split(Vec<WeightedPool>),
+}
+
+impl ForwardTo {
+    /// The pools named, in order.
+    pub fn pools(&self) -> impl Iterator<Item = &str> {
+        let (one, many) = match self {
+            ForwardTo::Pool(p) => (Some(p.as_str()), &[][..]),
+            ForwardTo::Split(s) => (None, &s[..]),
+        };
+        one.into_iter().chain(many.iter().map(|w| w.pool.as_str()))
+    }
+
+    /// Whether `pool` is one of the pools named.
+    #[must_use]
+    pub fn names(&self, pool: &str) -> bool {
+        self.pools().any(|p| p == pool)
+    }
+
+    /// The first pool named (the only one of a plain forward).
+    #[must_use]
+    pub fn first(&self) -> &str {
+        self.pools().next().unwrap_or("")
+    }
+}
+
+impl From<&str> for ForwardTo {
+    fn from(pool: &str) -> Self {
+        ForwardTo::Pool(pool.to_string())
+    }
+}
+
+impl From<String> for ForwardTo {
+    fn from(pool: String) -> Self {
+        ForwardTo::Pool(pool)
+    }
+}
+
+impl std::fmt::Display for ForwardTo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ForwardTo::Pool(p) => f.write_str(p),
+            ForwardTo::Split(s) => {
+                for (i, w) in s.iter().enumerate() {
+                    let sep = if i == 0 { "" } else { ", " };
+                    write!(f, "{sep}{} {}", w.pool, w.weight)?;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+/// One pool of a weighted split and its share.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct WeightedPool {
+    /// The pool.
+    pub pool: String,
+    /// Its share relative to the others' (0: only clients an override sends there).
+    pub weight: u32,
+}
+
+/// How a route's weighted split (`forward = [...]`) keeps each client on its pool and
+/// lets testers choose one.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Split {
+    /// The cookie the proxy sets to keep a client on the pool it was given, so that a
+    /// user does not flap between versions; `""` chooses afresh for every request.
+    #[serde(default = "default_split_cookie")]
+    pub cookie: String,
+    /// How long that cookie lasts (absent: until the browser closes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl: Option<Dur>,
+    /// A request header whose value names the pool to use, whatever the weights (for
+    /// testers): `override_header = "X-Canary"` and `X-Canary: v2`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub override_header: Option<String>,
+    /// A cookie whose value names the pool to use, whatever the weights.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub override_cookie: Option<String>,
+}
+
+impl Default for Split {
+    fn default() -> Self {
+        Self {
+            cookie: default_split_cookie(),
+            ttl: None,
+            override_header: None,
+            override_cookie: None,
+        }
+    }
+}
+
+fn default_split_cookie() -> String {
+    "rp_split".to_string()
 }
 
 /// A redirect answer.
@@ -1452,6 +1569,75 @@ pub struct Pool {
     /// policy: `slow_start = "30s"`. Absent: full share at once.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub slow_start: Option<Dur>,
+    /// Sticky sessions with a cookie the proxy issues: the cookie names the endpoint a
+    /// client was sent to (opaquely), and the client stays there while it is
+    /// available; adding endpoints moves no session. `sticky = { cookie = "rp_s",
+    /// ttl = "1h" }` (`sticky = {}`: every default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sticky: Option<Sticky>,
+}
+
+/// A pool's sticky-session cookie.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Sticky {
+    /// The cookie's name.
+    #[serde(default = "default_sticky_cookie")]
+    pub cookie: String,
+    /// How long it lasts (absent: until the browser closes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl: Option<Dur>,
+    /// Sent only over HTTPS (`Secure`); absent: set on responses to HTTPS requests.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secure: Option<bool>,
+    /// Hidden from scripts (`HttpOnly`).
+    #[serde(default = "default_true")]
+    pub http_only: bool,
+    /// `SameSite`: `"lax"` (default), `"strict"` or `"none"` (which browsers accept
+    /// only with `Secure`).
+    #[serde(default)]
+    pub same_site: SameSite,
+}
+
+impl Default for Sticky {
+    fn default() -> Self {
+        Self {
+            cookie: default_sticky_cookie(),
+            ttl: None,
+            secure: None,
+            http_only: true,
+            same_site: SameSite::default(),
+        }
+    }
+}
+
+fn default_sticky_cookie() -> String {
+    "rp_s".to_string()
+}
+
+/// A cookie's `SameSite` attribute.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum SameSite {
+    /// `SameSite=Lax`.
+    #[default]
+    Lax,
+    /// `SameSite=Strict`.
+    Strict,
+    /// `SameSite=None`.
+    None,
+}
+
+impl SameSite {
+    /// The attribute's value.
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SameSite::Lax => "Lax",
+            SameSite::Strict => "Strict",
+            SameSite::None => "None",
+        }
+    }
 }
 
 fn default_max_streams() -> u32 {
@@ -1476,6 +1662,7 @@ impl Default for Pool {
             max_streams: default_max_streams(),
             proxy_protocol: None,
             slow_start: None,
+            sticky: None,
         }
     }
 }

@@ -175,6 +175,146 @@ fn http_url(url: &str) -> bool {
         })
 }
 
+/// The pools a forward action names: each defined; a split's weights with a share to
+/// give, each pool once.
+fn forward_to(config: &Config, at: &FieldPath, to: &crate::ForwardTo, out: &mut Vec<Issue>) {
+    let undefined = |at: FieldPath, pool: &str, out: &mut Vec<Issue>| {
+        let known: BTreeSet<_> = config.pools.keys().map(String::as_str).collect();
+        out.push(Issue::new(
+            at,
+            format!("pool {pool:?} is not defined"),
+            if known.is_empty() {
+                "define it under [pools.<name>]".to_string()
+            } else {
+                format!(
+                    "use one of {} or define [pools.{pool}]",
+                    known
+                        .iter()
+                        .map(|k| format!("{k:?}"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
+            },
+        ));
+    };
+    let split = match to {
+        crate::ForwardTo::Pool(pool) => {
+            if !config.pools.contains_key(pool) {
+                undefined(at.clone(), pool, out);
+            }
+            return;
+        }
+        crate::ForwardTo::Split(split) => split,
+    };
+    if split.is_empty() {
+        out.push(Issue::new(
+            at.clone(),
+            "a split needs at least one pool",
+            "use forward = [{ pool = \"v1\", weight = 95 }, { pool = \"v2\", weight = 5 }], or forward = \"<pool>\"",
+        ));
+        return;
+    }
+    let mut seen = BTreeSet::new();
+    for (i, w) in split.iter().enumerate() {
+        let here = at.index(i);
+        if !config.pools.contains_key(&w.pool) {
+            undefined(here.key("pool"), &w.pool, out);
+        }
+        if !seen.insert(w.pool.as_str()) {
+            out.push(Issue::new(
+                here.key("pool"),
+                format!("pool {:?} is in the split twice", w.pool),
+                "list each pool once, with its whole weight",
+            ));
+        }
+        if w.weight > 1_000_000 {
+            out.push(Issue::new(
+                here.key("weight"),
+                format!("{} is more than 1000000", w.weight),
+                "weights are relative: use e.g. 95 and 5",
+            ));
+        }
+    }
+    if split.iter().all(|w| w.weight == 0) {
+        out.push(Issue::new(
+            at.clone(),
+            "every weight is 0: no request would be forwarded",
+            "give at least one pool a weight above 0",
+        ));
+    }
+}
+
+/// A route's `split` settings: only beside a split, with valid cookie and header names.
+fn split(path: &FieldPath, route: &crate::Route, out: &mut Vec<Issue>) {
+    let Some(split) = &route.split else { return };
+    let at = path.key("split");
+    if !matches!(route.action, Action::Forward(crate::ForwardTo::Split(_))) {
+        out.push(Issue::new(
+            at.clone(),
+            "split settings need a split between pools",
+            "make the action { forward = [{ pool = \"v1\", weight = 95 }, { pool = \"v2\", weight = 5 }] }, or remove split",
+        ));
+    }
+    if !split.cookie.is_empty() {
+        cookie_name(&at.key("cookie"), &split.cookie, out);
+    }
+    if let Some(c) = &split.override_cookie {
+        cookie_name(&at.key("override_cookie"), c, out);
+    }
+    if let Some(h) = &split.override_header {
+        if !valid_header_name(h) {
+            out.push(Issue::new(
+                at.key("override_header"),
+                format!("{h:?} is not a header name"),
+                "use letters, digits and '-', e.g. \"X-Canary\"",
+            ));
+        }
+    }
+    if split
+        .ttl
+        .is_some_and(|t| t.0 < std::time::Duration::from_secs(1))
+    {
+        out.push(Issue::new(
+            at.key("ttl"),
+            "a cookie that lasts under a second keeps nobody on a pool",
+            "use e.g. ttl = \"1d\", or leave it out for a browser-session cookie",
+        ));
+    }
+}
+
+/// A cookie name (an HTTP token, RFC 6265 §4.1.1).
+fn cookie_name(at: &FieldPath, name: &str, out: &mut Vec<Issue>) {
+    if !is_token(name) {
+        out.push(Issue::new(
+            at.clone(),
+            format!("{name:?} is not a cookie name"),
+            "use letters, digits, '-' and '_', e.g. \"rp_s\"",
+        ));
+    }
+}
+
+/// A pool's `sticky` cookie.
+fn sticky(at: &FieldPath, sticky: &crate::Sticky, out: &mut Vec<Issue>) {
+    cookie_name(&at.key("cookie"), &sticky.cookie, out);
+    if sticky
+        .ttl
+        .is_some_and(|t| t.0 < std::time::Duration::from_secs(1))
+    {
+        out.push(Issue::new(
+            at.key("ttl"),
+            "a cookie that lasts under a second keeps nobody on an endpoint",
+            "use e.g. ttl = \"1h\", or leave it out for a browser-session cookie",
+        ));
+    }
+    if sticky.same_site == crate::SameSite::None && sticky.secure == Some(false) {
+        out.push(Issue::new(
+            at.key("same_site"),
+            "browsers drop a SameSite=None cookie that is not Secure",
+            "remove secure = false, or use same_site = \"lax\"",
+        ));
+    }
+}
+
 fn forward_auth(
     path: &FieldPath,
     auth: &crate::ForwardAuth,
@@ -1031,28 +1171,10 @@ fn route(config: &Config, origin: Origin, route: &Route, path: &FieldPath, out: 
             ));
         }
     }
+    split(path, route, out);
     let action = path.key("action");
     match &route.action {
-        Action::Forward(pool) if !config.pools.contains_key(pool) => {
-            let known: BTreeSet<_> = config.pools.keys().map(String::as_str).collect();
-            out.push(Issue::new(
-                action.key("forward"),
-                format!("pool {pool:?} is not defined"),
-                if known.is_empty() {
-                    "define it under [pools.<name>]".to_string()
-                } else {
-                    format!(
-                        "use one of {} or define [pools.{pool}]",
-                        known
-                            .iter()
-                            .map(|k| format!("{k:?}"))
-                            .collect::<Vec<_>>()
-                            .join(", ")
-                    )
-                },
-            ));
-        }
-        Action::Forward(_) => {}
+        Action::Forward(to) => forward_to(config, &action.key("forward"), to, out),
         Action::Redirect(r) => {
             if ![301, 302, 303, 307, 308].contains(&r.status) {
                 out.push(Issue::new(
@@ -1166,6 +1288,9 @@ pub fn pool_issues(name: &str, p: &Pool) -> Vec<Issue> {
 }
 
 fn pool(name: &str, pool: &Pool, discovered: bool, path: &FieldPath, out: &mut Vec<Issue>) {
+    if let Some(s) = &pool.sticky {
+        sticky(&path.key("sticky"), s, out);
+    }
     if let Some(window) = pool.slow_start {
         if window.0 < std::time::Duration::from_secs(1)
             || window.0 > std::time::Duration::from_secs(3600)

@@ -188,9 +188,9 @@ pub fn merge_pools(config: &Config, found: &[Found]) -> BTreeMap<String, rampart
     for f in found {
         for (name, eps) in &f.pools {
             if !pools.contains_key(name)
-                && f.routes
-                    .iter()
-                    .any(|r| r.action == rampart_config::Action::Forward(name.clone()))
+                && f.routes.iter().any(
+                    |r| matches!(&r.action, rampart_config::Action::Forward(to) if to.names(name)),
+                )
             {
                 let mut pool = rampart_config::Pool::default();
                 if let Some(settings) = f.pool_settings.get(name) {
@@ -275,7 +275,7 @@ mod tests {
             .routes
             .remove(0);
             r.name = pool.to_string();
-            r.action = rampart_config::Action::Forward(pool.to_string());
+            r.action = rampart_config::Action::Forward(pool.into());
             r
         };
         let found = Found {

@@ -179,7 +179,9 @@ pub fn view(live: &Live, generation: &Generation) -> View {
         .iter()
         .map(|r| {
             let (action, pool) = match &r.action {
-                rampart_config::Action::Forward(p) => (format!("forward → {p}"), pool_view(p)),
+                rampart_config::Action::Forward(p) => {
+                    (format!("forward → {p}"), pool_view(p.first()))
+                }
                 rampart_config::Action::Redirect(x) => {
                     (format!("redirect {} → {}", x.status, x.location), None)
                 }

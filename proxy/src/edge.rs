@@ -127,13 +127,18 @@ impl RequestCtx {
     fn route(&self) -> Option<&RouteRt> {
         self.route.map(|i| &self.generation.routes[i])
     }
+    /// The pool the plan chose (of a split, one of its pools), else the route's.
     fn pool(&self) -> Option<&Arc<PoolRt>> {
-        self.route().and_then(|r| r.pool.as_ref())
+        let route = self.route()?;
+        match &self.plan {
+            Some(plan) => route.pool_at(plan.pool),
+            None => route.pool.as_ref(),
+        }
     }
     /// Whether the pool's retry budget allows another attempt and an endpoint this
     /// request has not tried can take it.
     fn retry_left(&self, pool: &PoolRt) -> bool {
-        let key = self.plan.as_ref().and_then(|p| p.key_hash);
+        let key = self.plan.as_ref().map(|p| p.key).unwrap_or_default();
         self.attempts <= pool.retries.attempts
             && pool.can_retry(key, self.tried.as_slice(), now_ms())
     }
@@ -317,9 +322,10 @@ impl ProxyHttp for Edge {
                 "timeouts.total exhausted before an upstream answered",
             );
         }
-        // The policy hashed the key when the pool's balancer uses one.
-        let key_hash = ctx.plan.as_ref().and_then(|p| p.key_hash);
-        let Some(idx) = pool.pick(key_hash, ctx.tried.as_slice(), now_ms()) else {
+        // The policy hashed the key when the pool's balancer uses one, and read the
+        // sticky cookie when the pool has one.
+        let key = ctx.plan.as_ref().map(|p| p.key).unwrap_or_default();
+        let Some(idx) = pool.pick(key, ctx.tried.as_slice(), now_ms()) else {
             return Error::e_explain(
                 ErrorType::HTTPStatus(503),
                 format!("pool {} has no available endpoint", pool.name),
@@ -521,6 +527,15 @@ impl ProxyHttp for Edge {
             }
             for (name, value) in &route.response_headers.set {
                 resp.insert_header(name.clone(), value.clone())?;
+            }
+        }
+        if let Some(plan) = &ctx.plan {
+            let https = self.scheme == Scheme::Https;
+            let sticky = ctx
+                .endpoint
+                .and_then(|idx| pool.sticky_cookie(plan.key, idx, https));
+            for cookie in [plan.split_cookie.clone(), sticky].into_iter().flatten() {
+                resp.append_header(http::header::SET_COOKIE, cookie)?;
             }
         }
         Ok(())

@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{anyhow, Context};
-use http::HeaderName;
+use http::{HeaderName, HeaderValue};
 use rampart_config::snapshot::{CertificateBundle, ClientAuthBundle};
 use rampart_config::{
     Action, Config, HashKey, HealthCheck, HostPattern, Retries, Route, Timeouts, TlsSource,
@@ -92,8 +92,10 @@ pub struct RouteRt {
     pub name: String,
     /// What the route does.
     pub action: Action,
-    /// The pool of a forward action.
+    /// The pool of a forward action (of a split: the first).
     pub pool: Option<Arc<PoolRt>>,
+    /// The pools of a weighted split, when the action is one.
+    pub split: Option<crate::policy::split::SplitRt>,
     /// Redirect plain HTTP to HTTPS.
     pub https_redirect: bool,
     /// Requests need a verified client certificate (`require_client_cert`).
@@ -126,6 +128,26 @@ pub struct RouteRt {
 }
 
 impl RouteRt {
+    /// The pool a plan chose: `choice` into a split's pools, else the route's pool.
+    #[must_use]
+    pub fn pool_at(&self, choice: usize) -> Option<&Arc<PoolRt>> {
+        match &self.split {
+            Some(s) => s.pools.get(choice).map(|p| &p.pool),
+            None => self.pool.as_ref(),
+        }
+    }
+
+    /// The request metrics of a request that went to `pool` (a split counts each of
+    /// its pools under its own label).
+    #[must_use]
+    pub fn metrics_for(&self, pool: Option<&PoolRt>) -> &RequestMetrics {
+        self.split
+            .as_ref()
+            .zip(pool)
+            .and_then(|(s, pool)| s.pools.iter().find(|p| std::ptr::eq(&*p.pool, pool)))
+            .map_or(&self.metrics, |p| &p.metrics)
+    }
+
     /// Whether the client's header `name` is withheld from upstream because the
     /// route's `forward_auth` service alone may set it.
     #[must_use]
@@ -146,15 +168,27 @@ impl RouteRt {
     }
 }
 
+/// What a request brings to the pick of an endpoint in its pool.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PickKey {
+    /// The consistent-hash key's hash, when the pool's balancer uses one.
+    pub hash: Option<u64>,
+    /// The endpoint value of the request's sticky cookie, when the pool is sticky.
+    pub sticky: Option<u64>,
+}
+
 impl PoolRt {
     /// Picks an endpoint for a request with this consistent-hash key that has not
     /// tried it yet (see [`crate::balance::Balancer::pick`]).
     #[must_use]
-    pub fn pick(&self, key_hash: Option<u64>, tried: &[usize], now_ms: u64) -> Option<usize> {
+    pub fn pick(&self, key: PickKey, tried: &[usize], now_ms: u64) -> Option<usize> {
         self.balancer.pick(
             &self.states,
             crate::balance::PickInput {
-                key_hash,
+                key_hash: key.hash,
+                sticky: key
+                    .sticky
+                    .and_then(|v| self.sticky.as_ref().and_then(|s| s.endpoint(v))),
                 tried,
                 now_ms,
                 panic_threshold: self.eject.panic_threshold,
@@ -165,8 +199,15 @@ impl PoolRt {
 
     /// Whether a retry has an endpoint to go to: one this request has not tried.
     #[must_use]
-    pub fn can_retry(&self, key_hash: Option<u64>, tried: &[usize], now_ms: u64) -> bool {
-        self.pick(key_hash, tried, now_ms).is_some()
+    pub fn can_retry(&self, key: PickKey, tried: &[usize], now_ms: u64) -> bool {
+        self.pick(key, tried, now_ms).is_some()
+    }
+
+    /// The `Set-Cookie` of a sticky pool whose request went to endpoint `idx`, unless
+    /// the request's cookie named it already.
+    #[must_use]
+    pub fn sticky_cookie(&self, key: PickKey, idx: usize, https: bool) -> Option<HeaderValue> {
+        self.sticky.as_ref()?.set_cookie(idx, key.sticky, https)
     }
 
     /// Whether one more endpoint may be ejected now without passing the pool's cap
@@ -212,6 +253,8 @@ pub struct PoolRt {
     pub ttfb: prometheus::Histogram,
     /// How its endpoints are reached: protocol, TLS, PROXY protocol.
     pub peer: Arc<crate::peer::PeerSettings>,
+    /// Its sticky-session cookie, when it has one.
+    pub sticky: Option<crate::balance::sticky::StickyRt>,
 }
 
 /// An endpoint ready for serving.
@@ -556,6 +599,10 @@ fn build_pool(
         name: name.to_string(),
         states: endpoints.iter().map(|e| e.state.clone()).collect(),
         balancer: Balancer::new(pool.balance, &weights, &ids),
+        sticky: pool
+            .sticky
+            .as_ref()
+            .map(|s| crate::balance::sticky::StickyRt::new(s, &ids)),
         endpoints,
         hash_key: pool.hash_key.clone().unwrap_or(HashKey::ClientIp),
         drain_timeout: pool.drain_timeout.0,
@@ -585,7 +632,26 @@ fn build_route(
     prev: Option<&RouteRt>,
 ) -> RouteRt {
     let pool = match &route.action {
-        Action::Forward(p) => pools.get(p).cloned(),
+        Action::Forward(to) => pools.get(to.first()).cloned(),
+        _ => None,
+    };
+    let split = match &route.action {
+        Action::Forward(rampart_config::ForwardTo::Split(split)) => {
+            let entries = split
+                .iter()
+                .filter_map(|w| {
+                    Some(crate::policy::split::SplitPool {
+                        pool: pools.get(&w.pool)?.clone(),
+                        weight: w.weight,
+                        metrics: RequestMetrics::new(metrics, &route.name, &w.pool),
+                    })
+                })
+                .collect();
+            Some(crate::policy::split::SplitRt::new(
+                entries,
+                &route.split.clone().unwrap_or_default(),
+            ))
+        }
         _ => None,
     };
     let pool_name = pool.as_ref().map_or("", |p| p.name.as_str());
@@ -604,6 +670,7 @@ fn build_route(
         name: route.name.clone(),
         action: route.action.clone(),
         pool,
+        split,
         https_redirect: route.https_redirect,
         require_client_cert: route.require_client_cert,
         // Validation compiled these patterns already.

@@ -384,8 +384,10 @@ impl DockerProvider {
             if found.routes.iter().any(|r| &r.name == name) {
                 continue;
             }
-            if let rampart_config::Action::Forward(pool) = &route.action {
-                found.pools.entry(pool.clone()).or_default();
+            if let rampart_config::Action::Forward(to) = &route.action {
+                for pool in to.pools() {
+                    found.pools.entry(pool.to_string()).or_default();
+                }
             }
             found.routes.push(route.clone());
         }

@@ -390,7 +390,8 @@ fn route(
         access_log,
         max_body_bytes: None,
         rate_limit,
-        action: Action::Forward(pool),
+        split: None,
+        action: Action::Forward(pool.into()),
     })
 }
 

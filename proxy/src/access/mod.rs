@@ -307,7 +307,7 @@ pub fn finish(
     let elapsed = finished.duration_since(started);
     let seconds = elapsed.as_secs_f64();
     let route_metrics = outcome.route.map_or(&generation.unrouted_metrics, |r| {
-        &generation.routes[r].metrics
+        generation.routes[r].metrics_for(outcome.upstream.map(|(p, _)| p))
     });
     route_metrics.observe(outcome.status, seconds);
     metrics.rolling.record(finished, outcome.status, seconds);

@@ -6,6 +6,7 @@
 //! another one is available (retries go elsewhere).
 
 mod ring;
+pub mod sticky;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -38,6 +39,9 @@ enum Compiled {
 pub struct PickInput<'a> {
     /// Hash of the request's key (consistent hash only).
     pub key_hash: Option<u64>,
+    /// The endpoint the request's sticky cookie names: taken while it is available
+    /// and not tried.
+    pub sticky: Option<usize>,
     /// Endpoints already tried by this request.
     pub tried: &'a [usize],
     /// The current time in `now_ms()` units.
@@ -90,6 +94,9 @@ impl Balancer {
                     states[i].is_available(now)
                 }
         };
+        if let Some(i) = input.sticky.filter(|&i| i < states.len() && usable(i)) {
+            return Some(i);
+        }
         let first = self.pick_filtered(states, input, usable)?;
         // Slow start, the same for every policy: an endpoint still warming up keeps the
         // pick in proportion to its warmth; otherwise the request goes to another

@@ -371,6 +371,9 @@ pub(crate) fn downstream_head(
     for (name, value) in &edits.set {
         push_header(&mut out, name.as_str().as_bytes(), value.as_bytes());
     }
+    for cookie in head.cookies.iter().flatten() {
+        push_header(&mut out, b"set-cookie", cookie.as_bytes());
+    }
     push_header(
         &mut out,
         id_name.as_str().as_bytes(),

@@ -263,7 +263,7 @@ impl Downstream for Http2Client<'_> {
         body: &[u8],
         end: bool,
     ) -> bool {
-        let Some(header) = response_header(raw, head.status, request, generation) else {
+        let Some(header) = response_header(raw, head, request, generation) else {
             return false;
         };
         self.send(header, body, end).await
@@ -304,7 +304,7 @@ impl Downstream for Http2Client<'_> {
 /// `None` when the upstream sent a header that cannot be represented.
 fn response_header(
     raw: &[u8],
-    status: u16,
+    head: &FinalHead,
     request: &Prepared,
     generation: &Generation,
 ) -> Option<ResponseHeader> {
@@ -317,7 +317,7 @@ fn response_header(
     let none = crate::headers::HeaderEdits::default();
     let edits = request.response_edits(generation).unwrap_or(&none);
     let mut header =
-        ResponseHeader::build(status, Some(resp.headers.len() + edits.set.len() + 2)).ok()?;
+        ResponseHeader::build(head.status, Some(resp.headers.len() + edits.set.len() + 4)).ok()?;
     for h in resp.headers.iter() {
         if hop.contains(h.name)
             || id_name.as_str().eq_ignore_ascii_case(h.name)
@@ -331,6 +331,11 @@ fn response_header(
     }
     for (name, value) in &edits.set {
         header.append_header(name.clone(), value.clone()).ok()?;
+    }
+    for cookie in head.cookies.iter().flatten() {
+        header
+            .append_header(http::header::SET_COOKIE, cookie.clone())
+            .ok()?;
     }
     header
         .insert_header(id_name.clone(), request.request_id.clone())

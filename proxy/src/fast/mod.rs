@@ -91,9 +91,8 @@ impl<'a> ConnInfo<'a> {
 /// Pingora's.
 pub(crate) fn reaches(generation: &Generation, decision: &crate::policy::Decision) -> bool {
     match &decision.verdict {
-        crate::policy::Verdict::Forward(plan) => generation.routes[plan.route]
-            .pool
-            .as_ref()
+        crate::policy::Verdict::Forward(plan) => plan
+            .pool(generation)
             .is_none_or(|pool| pool.peer.fast_path_carries()),
         crate::policy::Verdict::Answer(_) => true,
     }
@@ -253,7 +252,7 @@ pub(crate) async fn forward_request<D: Downstream>(
 ) -> bool {
     let done = forward(client, request, plan, generation, conn, started).await;
     D::counter(conn.metrics).inc();
-    let pool = generation.routes[plan.route].pool.as_deref();
+    let pool = plan.pool(generation).map(AsRef::as_ref);
     let outcome = Outcome {
         status: done.status,
         upstream: pool.zip(done.endpoint),

@@ -20,6 +20,7 @@ use crate::generation::{Generation, PoolRt};
 use crate::headers::tokens;
 use crate::health::ms_at;
 use crate::policy::{Answer, Forward};
+use http::HeaderValue;
 
 /// Largest upstream response head accepted (Pingora's limit too).
 const MAX_RESPONSE_HEAD: usize = 64 * 1024;
@@ -133,8 +134,7 @@ pub(crate) async fn forward<D: Downstream>(
     conn: ConnInfo<'_>,
     started: Instant,
 ) -> Forwarded {
-    let route = &generation.routes[plan.route];
-    let Some(pool) = route.pool.as_deref() else {
+    let Some(pool) = plan.pool(generation).map(AsRef::as_ref) else {
         return Forwarded {
             status: 500,
             ..Forwarded::default()
@@ -158,18 +158,17 @@ pub(crate) async fn forward<D: Downstream>(
             break (504, "upstream_timeout");
         }
         // No endpoint at all (503), or none left to retry on (the last failure's).
-        let Some(idx) = pool.pick(plan.key_hash, tried.as_slice(), ms_at(now)) else {
+        let Some(idx) = pool.pick(plan.key, tried.as_slice(), ms_at(now)) else {
             break (failed, why);
         };
         tried.push(idx);
         attempts += 1;
         let within_budget = attempts <= pool.retries.attempts;
         // Whether a retry has somewhere to go; asked only when an attempt fails.
-        let may_retry =
-            || within_budget && pool.can_retry(plan.key_hash, tried.as_slice(), ms_at(now));
+        let may_retry = || within_budget && pool.can_retry(plan.key, tried.as_slice(), ms_at(now));
         let inflight = pool.endpoints[idx].state.start_request();
         let outcome = attempt(
-            client, request, generation, pool, idx, now, deadline, &may_retry, conn,
+            client, request, plan, generation, pool, idx, now, deadline, &may_retry, conn,
         )
         .await;
         drop(inflight);
@@ -242,6 +241,7 @@ struct Exchanged {
 async fn attempt<D: Downstream>(
     client: &mut D,
     request: &Prepared,
+    plan: &Forward,
     generation: &Generation,
     pool: &PoolRt,
     idx: usize,
@@ -270,7 +270,12 @@ async fn attempt<D: Downstream>(
     } else {
         pool.states[idx].record_success();
     }
+    let cookies = [
+        plan.split_cookie.clone(),
+        pool.sticky_cookie(plan.key, idx, conn.scheme == crate::edge::Scheme::Https),
+    ];
     let relay = Relay {
+        cookies,
         request,
         generation,
         pool,
@@ -458,6 +463,8 @@ async fn read_head(
 
 /// The response body's way from the upstream to the client.
 struct Relay<'a> {
+    /// The `Set-Cookie` values the proxy adds to the response.
+    cookies: [Option<HeaderValue>; 2],
     request: &'a Prepared,
     generation: &'a Generation,
     pool: &'a PoolRt,
@@ -478,8 +485,11 @@ impl Relay<'_> {
     /// cleanly.
     async fn run<D: Downstream>(self, client: &mut D, ex: Exchanged, mut buf: Vec<u8>) -> Attempt {
         let Exchanged {
-            mut upstream, head, ..
+            mut upstream,
+            mut head,
+            ..
         } = ex;
+        head.cookies = self.cookies;
         let endpoint = &self.pool.endpoints[self.idx];
         let close = self.close || head.body == Body::UntilClose;
         take_ready_body(&mut upstream, &mut buf, &head);
@@ -595,6 +605,9 @@ pub(crate) struct FinalHead {
     body: Body,
     /// The upstream connection can carry another request once the body is read.
     upstream_reusable: bool,
+    /// `Set-Cookie` values the proxy adds: a split's choice of pool, a sticky
+    /// pool's endpoint.
+    pub(crate) cookies: [Option<HeaderValue>; 2],
 }
 
 /// A response head that is malformed or ambiguous (an upgrade not asked for,
@@ -670,6 +683,7 @@ pub(crate) fn parse_response(
         }
     };
     Ok(Some(ResponseHead::Final(FinalHead {
+        cookies: [None, None],
         status,
         len,
         body,

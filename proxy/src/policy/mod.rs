@@ -13,9 +13,11 @@
 
 pub mod answer;
 pub mod authority;
+pub mod split;
 pub mod trace;
 
 use std::net::IpAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -27,7 +29,7 @@ pub use authority::Authority;
 pub use trace::Trace;
 
 use crate::edge::Scheme;
-use crate::generation::{Generation, RouteRt};
+use crate::generation::{Generation, PickKey, PoolRt, RouteRt};
 use crate::headers::valid_request_id;
 use crate::limits::{check_request, Rejection, RequestView};
 use crate::routing::{stripped_target, RouteRequest};
@@ -89,8 +91,15 @@ pub struct Forward {
     pub route: usize,
     /// The client's address (after trusted proxies).
     pub client_ip: Option<IpAddr>,
-    /// Consistent-hash key when the pool's balancer uses one.
-    pub key_hash: Option<u64>,
+    /// The pool chosen: an index into the route's split, 0 without one (see
+    /// [`Forward::pool`]).
+    pub pool: usize,
+    /// What the pick of an endpoint takes from the request: its consistent-hash key
+    /// and its sticky cookie.
+    pub key: PickKey,
+    /// A `Set-Cookie` for the response that keeps the client on the pool a split
+    /// chose for it.
+    pub split_cookie: Option<HeaderValue>,
     /// The `Host` sent upstream: the authority the request was routed on.
     pub host: HeaderValue,
     /// The target sent upstream when it is not the client's own (a stripped prefix,
@@ -107,6 +116,14 @@ pub struct Forward {
     /// now and then, so the slow-upload limits (`body_read_timeout`, `min_body_rate`)
     /// do not apply to it.
     pub stream_pause: Option<Duration>,
+}
+
+impl Forward {
+    /// The pool the plan forwards to, in `generation`.
+    #[must_use]
+    pub fn pool<'g>(&self, generation: &'g Generation) -> Option<&'g Arc<PoolRt>> {
+        generation.routes[self.route].pool_at(self.pool)
+    }
 }
 
 tokio::task_local! {
@@ -353,11 +370,18 @@ fn forward_plan(
     let parts = req.parts;
     let route = &generation.routes[idx];
     let stripped = route.strip_prefix.as_deref();
-    let key_hash = route.pool.as_ref().and_then(|pool| {
-        pool.balancer
-            .uses_key()
-            .then(|| hash_key(&pool.hash_key, parts, client_ip))
+    let (choice, split_cookie) = route.split.as_ref().map_or((0, None), |s| {
+        s.choose(&parts.headers, client.scheme == Scheme::Https)
     });
+    let pool = route.pool_at(choice);
+    let key = PickKey {
+        hash: pool
+            .filter(|p| p.balancer.uses_key())
+            .map(|p| hash_key(&p.hash_key, parts, client_ip)),
+        sticky: pool
+            .and_then(|p| p.sticky.as_ref())
+            .and_then(|s| s.requested(&parts.headers)),
+    };
     let target = match stripped {
         Some(prefix) => Some(stripped_target(prefix, &parts.uri)),
         None if route.rewrite.is_some() => route
@@ -391,20 +415,17 @@ fn forward_plan(
             }
         }
     }
-    let total = route
-        .pool
-        .as_ref()
-        .map_or(Duration::MAX, |pool| pool.timeouts.total.0);
+    let total = pool.map_or(Duration::MAX, |pool| pool.timeouts.total.0);
     let total = grpc_timeout(&parts.headers).map_or(total, |t| t.min(total));
-    let stream_pause = route
-        .pool
-        .as_ref()
+    let stream_pause = pool
         .filter(|pool| pool.peer.multiplexed() && Style::of(&parts.headers) == Style::Grpc)
         .map(|pool| pool.timeouts.first_byte.0);
     Forward {
         route: idx,
         client_ip,
-        key_hash,
+        pool: choice,
+        key,
+        split_cookie,
         host: authority.value,
         target,
         forwarded,

@@ -1,0 +1,150 @@
+//! Weighted splits between pools on one route (`forward = [{ pool, weight }, ...]`),
+//! decided in the policy: an override header or cookie that names a pool wins (for
+//! testers, whatever the weights), then the pool the client's split cookie names (so
+//! that a user does not flap between versions), then a weighted random choice, which
+//! the response then records in that cookie.
+
+use std::sync::Arc;
+
+use http::header::{HeaderName, HeaderValue};
+use http::HeaderMap;
+use rand::Rng;
+
+use crate::balance::sticky::cookie;
+use crate::generation::PoolRt;
+use crate::metrics::RequestMetrics;
+
+/// A route's split, ready for serving.
+#[derive(Debug)]
+pub struct SplitRt {
+    /// The pools in configuration order, with their weights and request metrics.
+    pub pools: Vec<SplitPool>,
+    /// The sum of the weights (more than 0: validation saw to it).
+    total: u64,
+    /// The cookie that keeps a client on its pool (`None`: choose every time).
+    cookie: Option<String>,
+    /// The cookie's attributes for HTTP and for HTTPS responses.
+    attributes: [String; 2],
+    /// The header that names a pool to use.
+    override_header: Option<HeaderName>,
+    /// The cookie that names a pool to use.
+    override_cookie: Option<String>,
+}
+
+/// One pool of a split.
+#[derive(Debug)]
+pub struct SplitPool {
+    /// The pool.
+    pub pool: Arc<PoolRt>,
+    /// Its weight.
+    pub weight: u32,
+    /// The route's request metrics with this pool's label.
+    pub metrics: RequestMetrics,
+}
+
+impl SplitRt {
+    /// A split over `pools` (weight and metrics each) with `settings`.
+    #[must_use]
+    pub fn new(pools: Vec<SplitPool>, settings: &rampart_config::Split) -> Self {
+        let attributes = [false, true].map(|https| {
+            let mut a = String::from("; Path=/");
+            if let Some(ttl) = settings.ttl {
+                a.push_str(&format!("; Max-Age={}", ttl.0.as_secs()));
+            }
+            if https {
+                a.push_str("; Secure");
+            }
+            a.push_str("; HttpOnly; SameSite=Lax");
+            a
+        });
+        Self {
+            total: pools.iter().map(|p| u64::from(p.weight)).sum(),
+            pools,
+            cookie: Some(settings.cookie.clone()).filter(|c| !c.is_empty()),
+            attributes,
+            override_header: settings
+                .override_header
+                .as_deref()
+                .and_then(|h| HeaderName::try_from(h).ok()),
+            override_cookie: settings.override_cookie.clone(),
+        }
+    }
+
+    /// The pool (index into `pools`) for a request with `headers`, and the
+    /// `Set-Cookie` that keeps the client there when the choice was new.
+    #[must_use]
+    pub fn choose(&self, headers: &HeaderMap, https: bool) -> (usize, Option<HeaderValue>) {
+        let named = |name: &str| self.pools.iter().position(|p| p.pool.name == name);
+        let forced = self
+            .override_header
+            .as_ref()
+            .and_then(|h| headers.get(h))
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| named(v.trim()))
+            .or_else(|| {
+                self.override_cookie
+                    .as_deref()
+                    .and_then(|c| cookie(headers, c))
+                    .and_then(named)
+            });
+        if let Some(i) = forced {
+            return (i, None);
+        }
+        let Some(name) = &self.cookie else {
+            return (self.weighted(), None);
+        };
+        // A pool whose weight went to 0 keeps nobody: its clients move.
+        if let Some(i) = cookie(headers, name)
+            .and_then(named)
+            .filter(|&i| self.pools[i].weight > 0)
+        {
+            return (i, None);
+        }
+        let i = self.weighted();
+        let attributes = &self.attributes[usize::from(https)];
+        let set =
+            HeaderValue::try_from(format!("{name}={}{attributes}", self.pools[i].pool.name)).ok();
+        (i, set)
+    }
+
+    /// A pool drawn in proportion to the weights.
+    fn weighted(&self) -> usize {
+        let draw = rand::rng().random_range(0..self.total.max(1));
+        slot(draw, self.pools.iter().map(|p| p.weight))
+    }
+}
+
+/// The index whose share of `0..sum(weights)` holds `draw` (each index owns as many
+/// consecutive numbers as its weight).
+fn slot(mut draw: u64, weights: impl Iterator<Item = u32>) -> usize {
+    for (i, w) in weights.enumerate() {
+        let w = u64::from(w);
+        if draw < w {
+            return i;
+        }
+        draw -= w;
+    }
+    0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Every pool gets exactly its weight's share of the draws, and a pool of
+        /// weight 0 none.
+        #[test]
+        fn each_pool_owns_its_weight_of_the_draws(weights in prop::collection::vec(0u32..50, 1..6)) {
+            let total: u64 = weights.iter().map(|&w| u64::from(w)).sum();
+            prop_assume!(total > 0);
+            let mut got = vec![0u64; weights.len()];
+            for draw in 0..total {
+                got[slot(draw, weights.iter().copied())] += 1;
+            }
+            let want: Vec<u64> = weights.iter().map(|&w| u64::from(w)).collect();
+            prop_assert_eq!(got, want);
+        }
+    }
+}

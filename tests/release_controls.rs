@@ -1,0 +1,285 @@
+//! Release controls (issue 27): sticky sessions with a cookie the proxy issues, and
+//! weighted splits between pools with overrides and a sticky choice per client — each
+//! through every transport: the HTTP/1 and HTTP/2 fast paths and Pingora's path, over
+//! HTTP/1.1 and HTTP/2 with TLS.
+#![allow(missing_docs, clippy::unwrap_used)]
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use common::{eventually, pool_toml, Backend, Proxy};
+
+const PINGORA: &str = "http1_fast_path = false\nhttp2_fast_path = false";
+const TLS: &str = "[[tls]]\nhosts = [\"app.test\"]\nsource = \"internal\"\n\n";
+
+fn clients(proxy: &Proxy) -> Vec<(&'static str, reqwest::Client)> {
+    let b = || proxy.client_builder(&["app.test"]);
+    vec![
+        ("HTTP/1.1", b().http1_only().build().unwrap()),
+        ("HTTP/2", b().http2_prior_knowledge().build().unwrap()),
+    ]
+}
+
+/// The answer's body (the backend's name) and its `Set-Cookie` values.
+async fn get(
+    client: &reqwest::Client,
+    url: &str,
+    headers: &[(&str, &str)],
+) -> (String, Vec<String>) {
+    let mut req = client.get(url);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let r = req.send().await.unwrap();
+    assert_eq!(r.status(), 200, "{url} {headers:?}");
+    let cookies = r
+        .headers()
+        .get_all("set-cookie")
+        .iter()
+        .map(|v| v.to_str().unwrap().to_string())
+        .collect();
+    (r.text().await.unwrap(), cookies)
+}
+
+/// `name=value` of a `Set-Cookie`.
+fn pair(set_cookie: &str) -> String {
+    set_cookie.split(';').next().unwrap().to_string()
+}
+
+fn sticky_config(backends: &[&Arc<Backend>]) -> String {
+    let check = "health_check = { interval = \"100ms\", timeout = \"100ms\", healthy_threshold = 1, unhealthy_threshold = 1 }";
+    format!(
+        "{TLS}{}{}",
+        common::forward_all("p"),
+        pool_toml(
+            "p",
+            "round_robin",
+            backends,
+            &format!("sticky = {{ ttl = \"1h\" }}\n{check}")
+        )
+    )
+}
+
+#[tokio::test]
+async fn a_sticky_client_stays_on_its_endpoint_until_it_leaves() {
+    common::init();
+    for (server, name) in [("", "fast paths"), (PINGORA, "Pingora's path")] {
+        for version in ["HTTP/1.1", "HTTP/2"] {
+            let what = format!("{name}, {version}");
+            let [a, b, c, d] = [
+                Backend::start("a").await,
+                Backend::start("b").await,
+                Backend::start("c").await,
+                Backend::start("d").await,
+            ];
+            let proxy = Proxy::start_with(server, &sticky_config(&[&a, &b, &c])).await;
+            let client = clients(&proxy)
+                .into_iter()
+                .find(|(v, _)| *v == version)
+                .unwrap()
+                .1;
+            let url = format!("https://app.test:{}/", proxy.https.port());
+
+            // Twelve new sessions, spread by the balancer, each given its cookie.
+            let mut sessions = Vec::new();
+            for _ in 0..12 {
+                let (backend, cookies) = get(&client, &url, &[]).await;
+                assert_eq!(cookies.len(), 1, "{what}: {cookies:?}");
+                let set = &cookies[0];
+                assert!(set.starts_with("rp_s="), "{what}: {set}");
+                assert!(
+                    set.ends_with("; Path=/; Max-Age=3600; Secure; HttpOnly; SameSite=Lax"),
+                    "{what}: {set}"
+                );
+                assert!(
+                    !set.contains("127.0.0.1"),
+                    "{what}: the address shows: {set}"
+                );
+                sessions.push((pair(set), backend));
+            }
+            let spread: std::collections::BTreeSet<_> =
+                sessions.iter().map(|(_, b)| b.clone()).collect();
+            assert_eq!(spread.len(), 3, "{what}: {sessions:?}");
+
+            // Each stays where it is, and is not given a cookie again.
+            let stays = |sessions: Vec<(String, String)>, when: &'static str| {
+                let client = client.clone();
+                let url = url.clone();
+                let what = what.clone();
+                async move {
+                    for (cookie, backend) in &sessions {
+                        for _ in 0..3 {
+                            let (got, set) = get(&client, &url, &[("cookie", cookie)]).await;
+                            assert_eq!(&got, backend, "{what} {when}: {cookie} moved");
+                            assert!(set.is_empty(), "{what} {when}: {set:?}");
+                        }
+                    }
+                }
+            };
+            stays(sessions.clone(), "before a new endpoint").await;
+
+            // A new endpoint moves no session; new sessions reach it.
+            proxy.reload(&sticky_config(&[&a, &b, &c, &d])).await;
+            stays(sessions.clone(), "after a new endpoint").await;
+            let hits = d.hits();
+            for _ in 0..8 {
+                get(&client, &url, &[]).await;
+            }
+            assert!(d.hits() > hits, "{what}: new sessions never reach d");
+
+            // b leaves (its health check fails): its sessions move, once, and stay.
+            b.health_status.store(500, Ordering::SeqCst);
+            eventually("b to be marked unhealthy", || async {
+                let s = proxy.status().await;
+                let eps = s["pools"]["p"]["endpoints"].as_array().unwrap().clone();
+                eps.iter()
+                    .any(|e| e["address"] == b.addr.to_string() && e["active_healthy"] == false)
+                    .then_some(())
+            })
+            .await;
+            let mut after = Vec::new();
+            for (cookie, backend) in &sessions {
+                let (got, set) = get(&client, &url, &[("cookie", cookie)]).await;
+                if backend == "b" {
+                    assert_ne!(got, "b", "{what}");
+                    assert_eq!(set.len(), 1, "{what}: a moved session gets its new cookie");
+                    after.push((pair(&set[0]), got));
+                } else {
+                    assert_eq!(&got, backend, "{what}: {cookie} moved with b");
+                    assert!(set.is_empty(), "{what}: {set:?}");
+                    after.push((cookie.clone(), got));
+                }
+            }
+            stays(after, "after b left").await;
+        }
+    }
+}
+
+/// Pools v1, v2 and a dark v3 (weight 0) with one backend each, named after its pool.
+fn split_config(backends: &BTreeMap<&str, Arc<Backend>>, weights: [u32; 3]) -> String {
+    let mut out = format!(
+        "{TLS}[[routes]]\nname = \"app\"\n\
+         split = {{ ttl = \"1d\", override_header = \"X-Canary\", override_cookie = \"canary\" }}\n\
+         action = {{ forward = [{{ pool = \"v1\", weight = {} }}, {{ pool = \"v2\", weight = {} }}, {{ pool = \"v3\", weight = {} }}] }}\n\n",
+        weights[0], weights[1], weights[2]
+    );
+    for (name, b) in backends {
+        out.push_str(&pool_toml(name, "round_robin", &[b], ""));
+    }
+    out
+}
+
+#[tokio::test]
+async fn a_split_shares_clients_by_weight_keeps_them_and_obeys_overrides() {
+    common::init();
+    let mut backends = BTreeMap::new();
+    for name in ["v1", "v2", "v3"] {
+        backends.insert(name, Backend::start(name).await);
+    }
+    for (server, name) in [("", "fast paths"), (PINGORA, "Pingora's path")] {
+        let proxy = Proxy::start_with(server, &split_config(&backends, [80, 20, 0])).await;
+        let url = format!("https://app.test:{}/", proxy.https.port());
+        for (version, client) in clients(&proxy) {
+            let what = format!("{name}, {version}");
+            // New clients: shared 80/20, each told where it went; v3 (weight 0) never.
+            let n = 600;
+            let mut counts = BTreeMap::<String, u32>::new();
+            for _ in 0..n {
+                let (pool, cookies) = get(&client, &url, &[]).await;
+                assert_eq!(cookies.len(), 1, "{what}: {cookies:?}");
+                assert_eq!(pair(&cookies[0]), format!("rp_split={pool}"), "{what}");
+                assert!(
+                    cookies[0].ends_with("; Path=/; Max-Age=86400; Secure; HttpOnly; SameSite=Lax"),
+                    "{what}: {}",
+                    cookies[0]
+                );
+                *counts.entry(pool).or_default() += 1;
+            }
+            // 20% of 600 is 120, with a standard deviation of 9.8: six of them either
+            // side is a false alarm once in 500 million runs.
+            let v2 = counts.get("v2").copied().unwrap_or(0);
+            assert!((61..=179).contains(&v2), "{what}: {counts:?}");
+            assert_eq!(counts.get("v3"), None, "{what}: {counts:?}");
+
+            // A client keeps its pool, and is not told again.
+            for pool in ["v1", "v2"] {
+                for _ in 0..10 {
+                    let cookie = format!("rp_split={pool}");
+                    let (got, set) = get(&client, &url, &[("cookie", &cookie)]).await;
+                    assert_eq!(got, pool, "{what}");
+                    assert!(set.is_empty(), "{what}: {set:?}");
+                }
+            }
+            // Testers reach the dark pool by header or cookie; the choice is not kept.
+            for header in [("x-canary", "v3"), ("cookie", "a=1; canary=v3")] {
+                for _ in 0..5 {
+                    let (got, set) = get(&client, &url, &[header]).await;
+                    assert_eq!(got, "v3", "{what}: {header:?}");
+                    assert!(set.is_empty(), "{what}: {set:?}");
+                }
+            }
+            // A cookie for a pool of weight 0, or for no pool, is chosen afresh.
+            for cookie in ["rp_split=v3", "rp_split=nope"] {
+                let (got, set) = get(&client, &url, &[("cookie", cookie)]).await;
+                assert_ne!(got, "v3", "{what}");
+                assert_eq!(set.len(), 1, "{what}: {cookie}: {set:?}");
+            }
+        }
+        // Each pool's requests are counted under its own label.
+        let metrics = proxy.metrics().await;
+        for pool in ["v1", "v2", "v3"] {
+            let line =
+                format!("rampart_requests_total{{class=\"2xx\",pool=\"{pool}\",route=\"app\"}}");
+            assert!(
+                common::metric_value(&metrics, &line).is_some_and(|v| v > 0.0),
+                "{name}: no {line} in\n{metrics}"
+            );
+        }
+
+        // The canary is rolled back: its clients move to v1, once.
+        proxy.reload(&split_config(&backends, [100, 0, 0])).await;
+        let client = &clients(&proxy)[0].1;
+        let (got, set) = get(client, &url, &[("cookie", "rp_split=v2")]).await;
+        assert_eq!(got, "v1", "{name}");
+        assert_eq!(
+            set.iter().map(|s| pair(s)).collect::<Vec<_>>(),
+            ["rp_split=v1"]
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_split_is_checked_with_located_errors() {
+    common::init();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("rampart.toml");
+    common::write_file(
+        &path,
+        "[listeners]\nhttp = \"127.0.0.1:0\"\n\n[[routes]]\nname = \"app\"\n\
+         split = { cookie = \"bad cookie\" }\n\
+         action = { forward = [{ pool = \"v1\", weight = 0 }, { pool = \"v9\", weight = 0 }] }\n\n\
+         [pools.v1]\nendpoints = [{ address = \"127.0.0.1:1\" }]\n\n\
+         [pools.v2]\nsticky = { cookie = \"\" }\nendpoints = [{ address = \"127.0.0.1:1\" }]\n",
+    );
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_rampart"))
+        .arg("check")
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let text =
+        String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout);
+    for want in [
+        "routes[0].action.forward[1].pool",
+        "pool \"v9\" is not defined",
+        "every weight is 0",
+        "routes[0].split.cookie",
+        "\"bad cookie\" is not a cookie name",
+        "pools.v2.sticky.cookie",
+    ] {
+        assert!(text.contains(want), "{want:?} not in\n{text}");
+    }
+}
