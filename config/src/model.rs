@@ -1680,6 +1680,10 @@ pub struct PoolSettings {
     pub max_streams: Option<u32>,
     /// `proxy_protocol`.
     pub proxy_protocol: Option<ProxyProtocol>,
+    /// `sticky`, `sticky.cookie`, `sticky.ttl`.
+    pub sticky: Option<Sticky>,
+    /// `slow_start`.
+    pub slow_start: Option<Dur>,
 }
 
 impl PoolSettings {
@@ -1696,6 +1700,12 @@ impl PoolSettings {
         }
         if let Some(v) = self.proxy_protocol {
             pool.proxy_protocol = Some(v);
+        }
+        if let Some(s) = &self.sticky {
+            pool.sticky = Some(s.clone());
+        }
+        if let Some(d) = self.slow_start {
+            pool.slow_start = Some(d);
         }
     }
 }

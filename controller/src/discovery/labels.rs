@@ -22,6 +22,9 @@
 //!                                                 # tls.client_key, tls.min_version
 //! rampart.pool.api.max_streams=100       # HTTP/2 streams per connection
 //! rampart.pool.api.proxy_protocol=v2     # v1 or v2
+//! rampart.pool.web.sticky=true           # sticky sessions (cookie rp_s); also
+//!                                        # sticky.cookie=NAME, sticky.ttl=1h
+//! rampart.pool.web.slow_start=30s        # ramp a new endpoint's share up over 30s
 //! ```
 //!
 //! Pool settings apply to a pool the configuration file does not define (the file's
@@ -202,7 +205,8 @@ pub fn parse(
 }
 
 /// Reads one pool setting label (`protocol`, `tls`, `tls.<field>`, `max_streams`,
-/// `proxy_protocol`) into `set`; the error is the fix.
+/// `proxy_protocol`, `sticky`, `sticky.<field>`, `slow_start`) into `set`; the error is
+/// the fix.
 fn pool_setting(set: &mut PoolSettings, field: &str, value: &str) -> Result<(), String> {
     let path = || Some(std::path::PathBuf::from(value));
     match field {
@@ -233,6 +237,29 @@ fn pool_setting(set: &mut PoolSettings, field: &str, value: &str) -> Result<(), 
             "false" => set.tls = None,
             _ => return Err("use true or false".into()),
         },
+        "sticky" => match value {
+            "true" => {
+                sticky(set);
+            }
+            "false" => set.sticky = None,
+            _ => return Err("use true or false".into()),
+        },
+        "sticky.cookie" => {
+            if value.is_empty()
+                || !value
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+            {
+                return Err("use a cookie name of letters, digits, '-' and '_', e.g. rp_s".into());
+            }
+            sticky(set).cookie = value.to_string();
+        }
+        "sticky.ttl" => {
+            sticky(set).ttl = Some(value.parse().map_err(|_| "use a duration, e.g. 1h or 30m")?);
+        }
+        "slow_start" => {
+            set.slow_start = Some(value.parse().map_err(|_| "use a duration, e.g. 30s")?);
+        }
         "tls.server_name" => tls(set).server_name = Some(value.to_string()),
         "tls.ca_file" => tls(set).ca_file = path(),
         "tls.client_cert" => tls(set).client_cert = path(),
@@ -245,10 +272,15 @@ fn pool_setting(set: &mut PoolSettings, field: &str, value: &str) -> Result<(), 
             };
         }
         _ => {
-            return Err("known pool labels: port, weight, protocol, tls, tls.server_name, tls.ca_file, tls.client_cert, tls.client_key, tls.min_version, max_streams, proxy_protocol".into())
+            return Err("known pool labels: port, weight, protocol, tls, tls.server_name, tls.ca_file, tls.client_cert, tls.client_key, tls.min_version, max_streams, proxy_protocol, sticky, sticky.cookie, sticky.ttl, slow_start".into())
         }
     }
     Ok(())
+}
+
+fn sticky(set: &mut PoolSettings) -> &mut rampart_config::Sticky {
+    set.sticky
+        .get_or_insert_with(rampart_config::Sticky::default)
 }
 
 fn tls(set: &mut PoolSettings) -> &mut UpstreamTls {
@@ -430,6 +462,8 @@ mod tests {
                 ("rampart.pool.api.tls.ca_file", "/etc/ca.pem"),
                 ("rampart.pool.api.max_streams", "50"),
                 ("rampart.pool.api.proxy_protocol", "v2"),
+                ("rampart.pool.api.sticky.ttl", "1h"),
+                ("rampart.pool.api.slow_start", "30s"),
             ]),
             IP,
         )
@@ -447,6 +481,12 @@ mod tests {
             (set.max_streams, set.proxy_protocol),
             (Some(50), Some(ProxyProtocol::V2))
         );
+        let sticky = set.sticky.as_ref().unwrap();
+        assert_eq!(
+            (sticky.cookie.as_str(), sticky.ttl),
+            ("rp_s", Some(rampart_config::Dur::secs(3600)))
+        );
+        assert_eq!(set.slow_start, Some(rampart_config::Dur::secs(30)));
 
         let e = parse(
             "c",
@@ -457,6 +497,7 @@ mod tests {
                 ("rampart.pool.web.port", "80"),
                 ("rampart.pool.web.protocol", "h2"),
                 ("rampart.pool.web.tlss", "true"),
+                ("rampart.pool.web.slow_start", "soon"),
             ]),
             IP,
         )
@@ -468,6 +509,10 @@ mod tests {
         );
         assert!(
             text.contains("rampart.pool.web.tlss=\"true\": known pool labels"),
+            "{text}"
+        );
+        assert!(
+            text.contains("rampart.pool.web.slow_start=\"soon\": use a duration"),
             "{text}"
         );
         assert!(
