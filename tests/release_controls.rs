@@ -283,3 +283,152 @@ async fn a_split_is_checked_with_located_errors() {
         assert!(text.contains(want), "{want:?} not in\n{text}");
     }
 }
+
+/// The status, `Retry-After` and body of `GET url`.
+async fn answer(client: &reqwest::Client, url: &str) -> (u16, Option<String>, String) {
+    let r = client.get(url).send().await.unwrap();
+    let retry_after = r
+        .headers()
+        .get("retry-after")
+        .map(|v| v.to_str().unwrap().to_string());
+    (r.status().as_u16(), retry_after, r.text().await.unwrap())
+}
+
+#[tokio::test]
+async fn a_circuit_breaker_refuses_over_max_in_flight_and_while_its_pool_fails() {
+    common::init();
+    for (server, name) in [("", "fast paths"), (PINGORA, "Pingora's path")] {
+        for version in ["HTTP/1.1", "HTTP/2"] {
+            let what = format!("{name}, {version}");
+            let backend = Backend::start("a").await;
+            let config = format!(
+                "{TLS}{}{}",
+                common::forward_all("p"),
+                pool_toml(
+                    "p",
+                    "round_robin",
+                    &[&backend],
+                    "circuit_breaker = { max_in_flight = 2, error_ratio = 0.5, min_requests = 4, open_for = \"1s\" }\n\
+                     passive_health = { consecutive_failures = 0 }"
+                )
+            );
+            let proxy = Proxy::start_with(server, &config).await;
+            let client = clients(&proxy)
+                .into_iter()
+                .find(|(v, _)| *v == version)
+                .unwrap()
+                .1;
+            let base = format!("https://app.test:{}", proxy.https.port());
+
+            // Two slow requests fill the pool; the third is refused at once.
+            let slow: Vec<_> = (0..2)
+                .map(|_| {
+                    let (client, url) = (client.clone(), format!("{base}/slow/1500"));
+                    tokio::spawn(async move { answer(&client, &url).await.0 })
+                })
+                .collect();
+            eventually("two requests in flight to the pool", || async {
+                let m = proxy.metrics().await;
+                (common::metric_value(&m, "rampart_pool_requests_in_flight{pool=\"p\"}")
+                    == Some(2.0))
+                .then_some(())
+            })
+            .await;
+            let hits = backend.hits();
+            let (status, retry_after, body) = answer(&client, &format!("{base}/")).await;
+            assert_eq!(status, 503, "{what}: {body}");
+            assert_eq!(retry_after.as_deref(), Some("1"), "{what}");
+            assert!(body.contains("overloaded"), "{what}: {body}");
+            assert_eq!(
+                backend.hits(),
+                hits,
+                "{what}: the refused request went upstream"
+            );
+            for s in slow {
+                assert_eq!(s.await.unwrap(), 200, "{what}");
+            }
+            assert_eq!(answer(&client, &format!("{base}/")).await.0, 200, "{what}");
+
+            // With the three good attempts above, three failed ones make half of six
+            // (>= 0.5, >= min_requests) and open it: requests are answered 503
+            // without reaching the pool.
+            for _ in 0..3 {
+                assert_eq!(answer(&client, &format!("{base}/status/502")).await.0, 502);
+            }
+            let hits = backend.hits();
+            let (status, retry_after, _) = answer(&client, &format!("{base}/")).await;
+            assert_eq!(status, 503, "{what}");
+            assert_eq!(retry_after.as_deref(), Some("1"), "{what}");
+            assert_eq!(
+                backend.hits(),
+                hits,
+                "{what}: an open breaker let a request through"
+            );
+            let m = proxy.metrics().await;
+            assert_eq!(
+                common::metric_value(&m, "rampart_circuit_breaker_open{pool=\"p\"}"),
+                Some(1.0),
+                "{what}"
+            );
+            // After open_for, a trial request goes through and closes it.
+            eventually("the breaker to close after a good trial", || async {
+                (answer(&client, &format!("{base}/")).await.0 == 200).then_some(())
+            })
+            .await;
+            for _ in 0..5 {
+                assert_eq!(answer(&client, &format!("{base}/")).await.0, 200, "{what}");
+            }
+            let m = proxy.metrics().await;
+            for reason in ["max_in_flight", "circuit_open"] {
+                let line = format!("rampart_pool_refused_total{{pool=\"p\",reason=\"{reason}\"}}");
+                assert!(
+                    common::metric_value(&m, &line).is_some_and(|v| v >= 1.0),
+                    "{what}: {line}"
+                );
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_spent_retry_budget_stops_retries() {
+    common::init();
+    for (server, name) in [("", "fast paths"), (PINGORA, "Pingora's path")] {
+        let (bad, good) = (Backend::start("bad").await, Backend::start("good").await);
+        bad.fail_status.store(503, Ordering::SeqCst);
+        let config = |budget: &str| {
+            format!(
+                "{TLS}{}{}",
+                common::forward_all("p"),
+                pool_toml(
+                    "p",
+                    "round_robin",
+                    &[&bad, &good],
+                    &format!("retries = {{ attempts = 1{budget} }}\npassive_health = {{ consecutive_failures = 0 }}")
+                )
+            )
+        };
+        // The default budget (20%, at least 3 at once): a 503 is retried on the other.
+        let proxy = Proxy::start_with(server, &config("")).await;
+        let client = &clients(&proxy)[0].1;
+        let url = format!("https://app.test:{}/", proxy.https.port());
+        for _ in 0..6 {
+            assert_eq!(get(client, &url, &[]).await.0, "good", "{name}");
+        }
+        // No budget: the 503 goes back to the client, and the refusal is counted.
+        proxy
+            .reload(&config(", budget_percent = 0, min_retries = 0"))
+            .await;
+        let mut codes = Vec::new();
+        for _ in 0..6 {
+            codes.push(answer(client, &url).await.0);
+        }
+        assert!(codes.contains(&503), "{name}: {codes:?}");
+        let m = proxy.metrics().await;
+        assert!(
+            common::metric_value(&m, "rampart_retry_budget_exhausted_total{pool=\"p\"}")
+                .is_some_and(|v| v >= 1.0),
+            "{name}"
+        );
+    }
+}

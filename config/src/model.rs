@@ -1575,6 +1575,9 @@ pub struct Pool {
     /// ttl = "1h" }` (`sticky = {}`: every default).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sticky: Option<Sticky>,
+    /// A circuit breaker: `circuit_breaker = { max_in_flight = 500, error_ratio = 0.5 }`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub circuit_breaker: Option<CircuitBreaker>,
 }
 
 /// A pool's sticky-session cookie.
@@ -1663,6 +1666,7 @@ impl Default for Pool {
             proxy_protocol: None,
             slow_start: None,
             sticky: None,
+            circuit_breaker: None,
         }
     }
 }
@@ -2053,6 +2057,20 @@ pub struct Retries {
     /// Upstream statuses retried for idempotent, bodiless requests (502 and/or 503).
     #[serde(default = "default_retry_statuses")]
     pub on_status: Vec<u16>,
+    /// The retry budget (as Envoy's and linkerd's): retries in flight to the pool are
+    /// at most this percentage of its requests in flight, so that a failing pool is not
+    /// sent a storm of retries on top of its load.
+    #[serde(
+        default = "default_retry_budget",
+        skip_serializing_if = "is_default_retry_budget"
+    )]
+    pub budget_percent: u32,
+    /// Retries in flight the budget always allows, however few requests there are.
+    #[serde(
+        default = "default_min_retries",
+        skip_serializing_if = "is_default_min_retries"
+    )]
+    pub min_retries: u32,
 }
 
 impl Default for Retries {
@@ -2060,8 +2078,58 @@ impl Default for Retries {
         Self {
             attempts: default_retry_attempts(),
             on_status: default_retry_statuses(),
+            budget_percent: default_retry_budget(),
+            min_retries: default_min_retries(),
         }
     }
+}
+
+fn default_retry_budget() -> u32 {
+    20
+}
+fn is_default_retry_budget(v: &u32) -> bool {
+    *v == default_retry_budget()
+}
+fn default_min_retries() -> u32 {
+    3
+}
+fn is_default_min_retries(v: &u32) -> bool {
+    *v == default_min_retries()
+}
+
+/// A pool's circuit breaker: requests beyond `max_in_flight`, and every request while
+/// the pool's upstream attempts fail at `error_ratio` or more, are answered 503 with
+/// `Retry-After` at once instead of adding load to a pool that cannot take it.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct CircuitBreaker {
+    /// Most requests in flight to the pool (all its endpoints); more are refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_in_flight: Option<u32>,
+    /// The share of failed upstream attempts (connect errors, timeouts, 502–504) in
+    /// `window` that opens the breaker, between 0 and 1 (absent: never opens).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error_ratio: Option<f64>,
+    /// Attempts in the window before the ratio counts.
+    #[serde(default = "default_breaker_min_requests")]
+    pub min_requests: u32,
+    /// The window the ratio is measured over.
+    #[serde(default = "default_breaker_window")]
+    pub window: Dur,
+    /// How long the breaker stays open; then one trial request is let through, and
+    /// its success closes it (its failure opens it again).
+    #[serde(default = "default_breaker_open_for")]
+    pub open_for: Dur,
+}
+
+fn default_breaker_min_requests() -> u32 {
+    20
+}
+fn default_breaker_window() -> Dur {
+    Dur::secs(10)
+}
+fn default_breaker_open_for() -> Dur {
+    Dur::secs(5)
 }
 
 fn default_retry_attempts() -> u32 {

@@ -1417,6 +1417,63 @@ fn pool(name: &str, pool: &Pool, discovered: bool, path: &FieldPath, out: &mut V
             "use at most 10 (1-2 is typical)",
         ));
     }
+    if pool.retries.budget_percent > 100 {
+        out.push(Issue::new(
+            path.key("retries").key("budget_percent"),
+            format!(
+                "{}% is more than every request in flight",
+                pool.retries.budget_percent
+            ),
+            "use 0-100 (20 is Envoy's and Rampart's default)",
+        ));
+    }
+    if let Some(cb) = &pool.circuit_breaker {
+        circuit_breaker(&path.key("circuit_breaker"), cb, out);
+    }
+}
+
+/// A pool's circuit breaker: a limit above 0, a ratio in (0, 1], sensible times.
+fn circuit_breaker(at: &FieldPath, cb: &crate::CircuitBreaker, out: &mut Vec<Issue>) {
+    if cb.max_in_flight == Some(0) {
+        out.push(Issue::new(
+            at.key("max_in_flight"),
+            "0 requests in flight refuses every request",
+            "allow at least 1, or leave it out for no limit",
+        ));
+    }
+    if let Some(r) = cb.error_ratio {
+        if !(r > 0.0 && r <= 1.0) {
+            out.push(Issue::new(
+                at.key("error_ratio"),
+                format!("{r} is not a share between 0 and 1"),
+                "use e.g. 0.5 (half the attempts failed)",
+            ));
+        }
+    }
+    if cb.min_requests == 0 {
+        out.push(Issue::new(
+            at.key("min_requests"),
+            "with 0 attempts one failure would open the breaker",
+            "use e.g. 20",
+        ));
+    }
+    for (key, d) in [("window", cb.window), ("open_for", cb.open_for)] {
+        if d.0 < std::time::Duration::from_millis(100) || d.0 > std::time::Duration::from_secs(3600)
+        {
+            out.push(Issue::new(
+                at.key(key),
+                format!("{d} is not between 100ms and 1h"),
+                "use seconds: window = \"10s\", open_for = \"5s\"",
+            ));
+        }
+    }
+    if cb.max_in_flight.is_none() && cb.error_ratio.is_none() {
+        out.push(Issue::new(
+            at.clone(),
+            "this breaker never refuses anything",
+            "set max_in_flight, error_ratio or both",
+        ));
+    }
 }
 
 /// The pool's protocol, TLS and PROXY protocol settings agree with each other.

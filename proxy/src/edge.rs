@@ -23,6 +23,7 @@ use crate::fast::upstream::FailureKind;
 use crate::generation::{remaining, Generation, PoolRt, RouteRt};
 use crate::headers::{hop_by_hop, is_upgrade, joined_cookies};
 use crate::health::{now_ms, InflightGuard};
+use crate::limits::breaker::{BreakerState, Ticket};
 use crate::limits::{body_too_slow, content_length};
 use crate::metrics::Metrics;
 use crate::policy::{self, Answer, Client, Forward, Style, Verdict};
@@ -121,6 +122,11 @@ pub struct RequestCtx {
     /// a burst of 64 requests opened up to 51 connections to one h2c endpoint, one at a
     /// time through the gate it opens one (tests/upstream_protocols.rs).
     connecting: Option<tokio::sync::OwnedMutexGuard<()>>,
+    /// The request's admission to its pool (circuit breaker, retry budget), from the
+    /// first attempt to the end of the request.
+    ticket: Option<Ticket<Arc<BreakerState>>>,
+    /// The answer to give instead of the failure's own (the breaker's 503).
+    refusal: Option<Answer>,
 }
 
 impl RequestCtx {
@@ -137,10 +143,14 @@ impl RequestCtx {
     }
     /// Whether the pool's retry budget allows another attempt and an endpoint this
     /// request has not tried can take it.
-    fn retry_left(&self, pool: &PoolRt) -> bool {
+    fn retry_left(&self, pool: &PoolRt, metrics: &Metrics) -> bool {
         let key = self.plan.as_ref().map(|p| p.key).unwrap_or_default();
         self.attempts <= pool.retries.attempts
             && pool.can_retry(key, self.tried.as_slice(), now_ms())
+            && self
+                .ticket
+                .as_ref()
+                .is_none_or(|t| pool.retry_allowed(t, metrics))
     }
 
     /// The request's whole time budget: the plan's (the pool's `timeouts.total`, or
@@ -184,6 +194,8 @@ impl ProxyHttp for Edge {
             trace: None,
             attempt_spans: None,
             connecting: None,
+            ticket: None,
+            refusal: None,
         }
     }
 
@@ -325,6 +337,20 @@ impl ProxyHttp for Edge {
         // The policy hashed the key when the pool's balancer uses one, and read the
         // sticky cookie when the pool has one.
         let key = ctx.plan.as_ref().map(|p| p.key).unwrap_or_default();
+        match ctx.ticket.as_mut() {
+            Some(ticket) => ticket.retrying(),
+            None => match pool.admit(pool.breaker.clone(), &self.metrics, now_ms()) {
+                Ok(ticket) => ctx.ticket = Some(ticket),
+                Err(refusal) => {
+                    ctx.error = Some(refusal.as_str());
+                    ctx.refusal = Some(refusal.answer());
+                    return Error::e_explain(
+                        ErrorType::HTTPStatus(503),
+                        format!("pool {}: {}", pool.name, refusal.as_str()),
+                    );
+                }
+            },
+        }
         let Some(idx) = pool.pick(key, ctx.tried.as_slice(), now_ms()) else {
             return Error::e_explain(
                 ErrorType::HTTPStatus(503),
@@ -501,7 +527,9 @@ impl ProxyHttp for Edge {
         if let Some(spans) = ctx.attempt_spans.as_mut() {
             end_attempt(spans, Some(status), None);
         }
-        if pool.retries.on_status.contains(&status) && status_retry_allowed(session, ctx, &pool) {
+        if pool.retries.on_status.contains(&status)
+            && status_retry_allowed(session, ctx, &pool, &self.metrics)
+        {
             self.record_failure(ctx, &pool, FailureKind::Status);
             ctx.status_retry = true;
             let mut e = Error::explain(
@@ -601,7 +629,7 @@ impl ProxyHttp for Edge {
         // Nothing reached the upstream: a retry is safe for any method, but a body that
         // was already read from the client cannot be replayed.
         let body_pending = session.as_ref().retry_buffer_truncated();
-        e.set_retry(ctx.retry_left(&pool) && !body_pending);
+        e.set_retry(ctx.retry_left(&pool, &self.metrics) && !body_pending);
         e
     }
 
@@ -618,7 +646,7 @@ impl ProxyHttp for Edge {
             return e;
         };
         if ctx.status_retry {
-            e.set_retry(ctx.retry_left(&pool));
+            e.set_retry(ctx.retry_left(&pool, &self.metrics));
             return e;
         }
         let kind = if matches!(
@@ -645,7 +673,7 @@ impl ProxyHttp for Edge {
             && !session.as_ref().retry_buffer_truncated()
             && session.response_written().is_none()
             && !is_upgrade(&session.req_header().headers);
-        e.set_retry(safe && ctx.retry_left(&pool));
+        e.set_retry(safe && ctx.retry_left(&pool, &self.metrics));
         e
     }
 
@@ -660,7 +688,8 @@ impl ProxyHttp for Edge {
         // that keep-alive clients do not send their next request into a closing socket.
         session.set_keepalive(None);
         if code > 0 && session.response_written().is_none() {
-            if let Err(err) = send_answer(session, ctx, &Answer::Failed(code)).await {
+            let answer = ctx.refusal.take().unwrap_or(Answer::Failed(code));
+            if let Err(err) = send_answer(session, ctx, &answer).await {
                 tracing::debug!("could not send the error response: {err}");
             }
         }
@@ -675,6 +704,7 @@ impl ProxyHttp for Edge {
             .response_written()
             .map_or_else(|| e.map_or(0, error_status), |r| r.status.as_u16());
         ctx.inflight = None;
+        ctx.ticket = None;
         if let Some(spans) = ctx.attempt_spans.as_mut() {
             end_attempt(spans, None, None);
         }
@@ -729,6 +759,11 @@ impl Edge {
         if let Some(spans) = ctx.attempt_spans.as_mut() {
             end_attempt(spans, None, Some(kind.error()));
         }
+        if !ctx.outcome_recorded {
+            if let Some(t) = ctx.ticket.as_mut() {
+                t.record(false, pool.circuit_breaker.as_ref(), now_ms());
+            }
+        }
         record_endpoint_failure(
             &self.metrics,
             pool,
@@ -742,6 +777,9 @@ impl Edge {
         let Some(idx) = ctx.endpoint else { return };
         if !std::mem::replace(&mut ctx.outcome_recorded, true) {
             pool.states[idx].record_success();
+            if let Some(t) = ctx.ticket.as_mut() {
+                t.record(true, pool.circuit_breaker.as_ref(), now_ms());
+            }
         }
     }
 }
@@ -780,12 +818,20 @@ pub(crate) fn record_endpoint_failure(
 
 /// Whether a 502/503 may be retried: idempotent method, no request body at all, and
 /// attempts left.
-fn status_retry_allowed(session: &Session, ctx: &RequestCtx, pool: &PoolRt) -> bool {
+fn status_retry_allowed(
+    session: &Session,
+    ctx: &RequestCtx,
+    pool: &PoolRt,
+    metrics: &Metrics,
+) -> bool {
     let req = session.req_header();
     let bodiless = ctx.body_bytes == 0
         && !req.headers.contains_key(http::header::TRANSFER_ENCODING)
         && content_length(&req.headers).ok().flatten().unwrap_or(0) == 0;
-    req.method.is_idempotent() && bodiless && !is_upgrade(&req.headers) && ctx.retry_left(pool)
+    req.method.is_idempotent()
+        && bodiless
+        && !is_upgrade(&req.headers)
+        && ctx.retry_left(pool, metrics)
 }
 
 /// Ends the last attempt if it is still open (its end not set past its start), with

@@ -255,6 +255,48 @@ pub struct PoolRt {
     pub peer: Arc<crate::peer::PeerSettings>,
     /// Its sticky-session cookie, when it has one.
     pub sticky: Option<crate::balance::sticky::StickyRt>,
+    /// Its circuit breaker's settings.
+    pub circuit_breaker: Option<rampart_config::CircuitBreaker>,
+    /// Its admission counters (in flight, retries, the breaker's window), kept across
+    /// reloads that keep the pool.
+    pub breaker: Arc<crate::limits::breaker::BreakerState>,
+}
+
+impl PoolRt {
+    /// Admits a request (see [`crate::limits::breaker::admit`]); a refusal is
+    /// counted.
+    pub fn admit<S: std::ops::Deref<Target = crate::limits::breaker::BreakerState>>(
+        &self,
+        state: S,
+        metrics: &crate::metrics::Metrics,
+        now_ms: u64,
+    ) -> Result<crate::limits::breaker::Ticket<S>, crate::limits::breaker::Refusal> {
+        crate::limits::breaker::admit(state, self.circuit_breaker.as_ref(), now_ms).inspect_err(
+            |r| {
+                metrics
+                    .pool_refused
+                    .with_label_values(&[self.name.as_str(), r.as_str()])
+                    .inc();
+            },
+        )
+    }
+
+    /// Whether the retry budget lets the request holding `ticket` retry; a refusal
+    /// is counted.
+    pub fn retry_allowed<S: std::ops::Deref<Target = crate::limits::breaker::BreakerState>>(
+        &self,
+        ticket: &crate::limits::breaker::Ticket<S>,
+        metrics: &crate::metrics::Metrics,
+    ) -> bool {
+        let allowed = ticket.retry_allowed(&self.retries);
+        if !allowed {
+            metrics
+                .retry_budget_exhausted
+                .with_label_values(&[self.name.as_str()])
+                .inc();
+        }
+        allowed
+    }
 }
 
 /// An endpoint ready for serving.
@@ -599,6 +641,10 @@ fn build_pool(
         name: name.to_string(),
         states: endpoints.iter().map(|e| e.state.clone()).collect(),
         balancer: Balancer::new(pool.balance, &weights, &ids),
+        circuit_breaker: pool.circuit_breaker.clone(),
+        breaker: prev
+            .and_then(|g| g.pools.get(name))
+            .map_or_else(Arc::default, |p| p.breaker.clone()),
         sticky: pool
             .sticky
             .as_ref()

@@ -36,6 +36,14 @@ pub struct Metrics {
     pub rate_limited: IntCounterVec,
     /// 1 while a pool is below its panic threshold (ejections ignored).
     pub pool_panic: IntGaugeVec,
+    /// 1 while a pool's circuit breaker is open.
+    pub breaker_open: IntGaugeVec,
+    /// Requests in flight to each pool.
+    pub pool_inflight: IntGaugeVec,
+    /// Requests a pool's circuit breaker refused, by reason.
+    pub pool_refused: IntCounterVec,
+    /// Retries not made because the pool's retry budget was spent.
+    pub retry_budget_exhausted: IntCounterVec,
     /// The last minutes of traffic, for the dashboard.
     pub rolling: crate::rolling::Rolling,
     pub tls_handshakes: IntCounter,
@@ -103,6 +111,10 @@ impl Metrics {
             rejected_client_connections: reg(&r, IntCounterVec::new(Opts::new("rampart_rejected_client_connections_total", "Client connections closed at once because their address had limits.max_connections_per_ip open"), &["listener"]).expect("valid")),
             proxy_protocol_refused: reg(&r, IntCounterVec::new(Opts::new("rampart_proxy_protocol_refused_total", "Connections from listeners.proxy_protocol_from closed because they did not start with a valid PROXY protocol header"), &["listener"]).expect("valid")),
             rate_limited: reg(&r, IntCounterVec::new(Opts::new("rampart_rate_limited_requests_total", "Requests answered 429 by the route's rate limit"), &["route"]).expect("valid")),
+            breaker_open: reg(&r, IntGaugeVec::new(Opts::new("rampart_circuit_breaker_open", "1 while a pool's circuit breaker is open (its requests are answered 503)"), &["pool"]).expect("valid")),
+            pool_inflight: reg(&r, IntGaugeVec::new(Opts::new("rampart_pool_requests_in_flight", "Requests in flight to each pool"), &["pool"]).expect("valid")),
+            pool_refused: reg(&r, IntCounterVec::new(Opts::new("rampart_pool_refused_total", "Requests refused by a pool's circuit breaker, by reason (max_in_flight, circuit_open)"), &["pool", "reason"]).expect("valid")),
+            retry_budget_exhausted: reg(&r, IntCounterVec::new(Opts::new("rampart_retry_budget_exhausted_total", "Retries not made because the pool's retry budget was spent"), &["pool"]).expect("valid")),
             pool_panic: reg(&r, IntGaugeVec::new(Opts::new("rampart_pool_panic", "1 while fewer than passive_health.panic_threshold percent of a pool's endpoints are free of ejection: ejections are then ignored"), &["pool"]).expect("valid")),
             tls_handshakes: reg(&r, IntCounter::new("rampart_tls_handshakes_total", "Completed TLS handshakes").expect("valid")),
             tls_handshake_failures: reg(&r, IntCounterVec::new(Opts::new("rampart_tls_handshake_failures_total", "Failed TLS handshakes, by reason"), &["reason"]).expect("valid")),
@@ -150,7 +162,15 @@ impl Metrics {
         let now = now_ms();
         self.endpoint_healthy.reset();
         self.pool_panic.reset();
+        self.breaker_open.reset();
+        self.pool_inflight.reset();
         for pool in generation.pools.values() {
+            self.breaker_open
+                .with_label_values(&[pool.name.as_str()])
+                .set(i64::from(pool.breaker.is_open(now)));
+            self.pool_inflight
+                .with_label_values(&[pool.name.as_str()])
+                .set(i64::from(pool.breaker.inflight()));
             let panic = crate::balance::in_panic(&pool.states, now, pool.eject.panic_threshold);
             self.pool_panic
                 .with_label_values(&[pool.name.as_str()])

@@ -487,6 +487,7 @@ pub fn error_kind(answer: &Answer) -> Option<&'static str> {
         Answer::Unauthorized { .. } => Some("unauthorized"),
         Answer::AuthDenied { .. } => Some("auth_denied"),
         Answer::Failed(status) => Some(failure_kind(*status)),
+        Answer::Unavailable { .. } => Some("circuit_open"),
         Answer::Redirect { .. }
         | Answer::Respond { .. }
         | Answer::AcmeChallenge(_)

@@ -140,6 +140,19 @@ pub(crate) async fn forward<D: Downstream>(
             ..Forwarded::default()
         };
     };
+    let mut ticket = match pool.admit(&*pool.breaker, conn.metrics, ms_at(started)) {
+        Ok(t) => t,
+        Err(refusal) => {
+            client
+                .answer(&refusal.answer(), request, generation, true)
+                .await;
+            return Forwarded {
+                status: 503,
+                error: Some(refusal.as_str()),
+                ..Forwarded::default()
+            };
+        }
+    };
     let mut tried = Tried::default();
     let mut attempts = 0u32;
     let mut attempt_spans = Vec::new();
@@ -162,16 +175,26 @@ pub(crate) async fn forward<D: Downstream>(
             break (failed, why);
         };
         tried.push(idx);
+        if attempts > 0 {
+            ticket.retrying();
+        }
         attempts += 1;
         let within_budget = attempts <= pool.retries.attempts;
-        // Whether a retry has somewhere to go; asked only when an attempt fails.
-        let may_retry = || within_budget && pool.can_retry(plan.key, tried.as_slice(), ms_at(now));
+        // Whether a retry has somewhere to go and the pool's retry budget allows it;
+        // asked only when an attempt fails.
+        let may_retry = || {
+            within_budget
+                && pool.can_retry(plan.key, tried.as_slice(), ms_at(now))
+                && pool.retry_allowed(&ticket, conn.metrics)
+        };
         let inflight = pool.endpoints[idx].state.start_request();
         let outcome = attempt(
             client, request, plan, generation, pool, idx, now, deadline, &may_retry, conn,
         )
         .await;
         drop(inflight);
+        let ok = matches!(&outcome, Attempt::Done(r) if !matches!(r.status, 502..=504));
+        ticket.record(ok, pool.circuit_breaker.as_ref(), ms_at(Instant::now()));
         if traced {
             let (status, error) = match &outcome {
                 Attempt::Done(r) => (Some(r.status), None),
@@ -204,7 +227,7 @@ pub(crate) async fn forward<D: Downstream>(
                 let mut recorded = false;
                 record_endpoint_failure(conn.metrics, pool, Some(idx), f.kind, &mut recorded);
                 (failed, why) = (f.status, f.kind.error());
-                if !(f.retry && within_budget) {
+                if !(f.retry && within_budget && pool.retry_allowed(&ticket, conn.metrics)) {
                     break (f.status, why);
                 }
             }

@@ -5,6 +5,7 @@
 //! [`check_request`] is pure: it sees the parsed request header and says which status
 //! to answer with, if any.
 
+pub mod breaker;
 pub mod deadline;
 pub mod rate;
 

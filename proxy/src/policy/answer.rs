@@ -158,6 +158,12 @@ pub enum Answer {
         /// A configuration (version > 0) is served.
         ready: bool,
     },
+    /// 503 from the pool's circuit breaker (open, or `max_in_flight` reached), with
+    /// the seconds until a retry may pass.
+    Unavailable {
+        /// Whole seconds, at least 1.
+        retry_after: u64,
+    },
     /// The request could not be proxied (502, 503, 504, 408, …): no endpoint, an
     /// upstream failure or timeout, a body too slow.
     Failed(u16),
@@ -212,6 +218,7 @@ impl Answer {
             | Answer::Respond { status, .. }
             | Answer::AuthDenied { status, .. } => *status,
             Answer::RateLimited { .. } => 429,
+            Answer::Unavailable { .. } => 503,
             Answer::Unauthorized { .. } => 401,
             Answer::AcmeChallenge(_) => 200,
             Answer::Probe { ready } => {
@@ -239,7 +246,10 @@ impl Answer {
     /// body (if any) is never read, so the connection cannot carry another request.
     #[must_use]
     pub fn closes(&self) -> bool {
-        matches!(self, Answer::Refused(_) | Answer::Failed(_))
+        matches!(
+            self,
+            Answer::Refused(_) | Answer::Failed(_) | Answer::Unavailable { .. }
+        )
     }
 
     /// The status, headers and body of this answer; an error's body in `style`, with
@@ -260,7 +270,7 @@ impl Answer {
             Answer::Redirect { location, .. } => {
                 value(location).map(|v| (http::header::LOCATION, v))
             }
-            Answer::RateLimited { retry_after } => {
+            Answer::RateLimited { retry_after } | Answer::Unavailable { retry_after } => {
                 Some((http::header::RETRY_AFTER, HeaderValue::from(*retry_after)))
             }
             Answer::Unauthorized { challenge } => {
@@ -282,6 +292,9 @@ impl Answer {
                 error("too many requests; retry after the time in Retry-After")
             }
             Answer::Unauthorized { .. } => error("authentication required"),
+            Answer::Unavailable { .. } => {
+                error("the service is overloaded or failing; retry after the time in Retry-After")
+            }
             Answer::Failed(_) => error(&format!("{status} {}", title(status))),
             Answer::Redirect { .. } => (text(), Bytes::new()),
             Answer::Respond {
