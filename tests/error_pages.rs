@@ -133,3 +133,149 @@ async fn errors_come_as_text_html_or_problem_json_with_the_request_id_on_every_t
         }
     }
 }
+
+/// Global pages for HTML and JSON; the `app` route adds its own plain-text page from a
+/// file and replaces its upstream's 502 and 503.
+fn pages_config(dir: &std::path::Path, backend: std::net::SocketAddr, text_page: &str) -> String {
+    format!(
+        "[[tls]]\nhosts = [\"a.test\"]\nsource = \"internal\"\n\n\
+         [error_pages]\n\
+         html = {{ inline = \"<html><h1>Oops {{status}}</h1><p>{{title}}: {{detail}}</p><p>id {{request_id}}</p></html>\" }}\n\
+         json = {{ inline = '{{\"oops\": {{status}}, \"id\": \"{{request_id}}\", \"detail\": \"{{detail}}\"}}' }}\n\n\
+         [[routes]]\nname = \"app\"\npath_prefix = \"/status\"\n\
+         error_pages = {{ text = {{ file = \"{}\" }}, intercept = [502, 503] }}\n\
+         action = {{ forward = \"app\" }}\n\n\
+         [pools.app]\nendpoints = [{{ address = \"{backend}\" }}]\nretries = {{ attempts = 0 }}\n\
+         passive_health = {{ consecutive_failures = 0 }}\n",
+        dir.join(text_page).display()
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_operators_pages_replace_the_proxys_own_and_intercept_upstream_errors() {
+    common::init();
+    let dir = tempfile::tempdir().unwrap();
+    common::write_file(
+        &dir.path().join("text.txt"),
+        "sorry {status} ({request_id})\n",
+    );
+    let backend = common::Backend::start("app").await;
+    for server in ["", "http1_fast_path = false\nhttp2_fast_path = false"] {
+        let proxy =
+            Proxy::start_with(server, &pages_config(dir.path(), backend.addr, "text.txt")).await;
+        let https = format!("https://a.test:{}", proxy.https.port());
+        let b = || proxy.client_builder(&["a.test"]);
+        let clients = [
+            (
+                "h2",
+                b().http2_prior_knowledge().build().unwrap(),
+                https.clone(),
+            ),
+            (
+                "h1 over TLS",
+                b().http1_only().build().unwrap(),
+                https.clone(),
+            ),
+        ];
+        for (transport, client, base) in &clients {
+            let what = |s: &str| format!("{server:?}, {transport}: {s}");
+            let get = |path: &str, accept: Option<&'static str>| {
+                let mut req = client.get(format!("{base}{path}"));
+                if let Some(a) = accept {
+                    req = req.header("accept", a);
+                }
+                async move {
+                    let r = req.send().await.unwrap();
+                    let status = r.status().as_u16();
+                    let id = r.headers()["x-request-id"].to_str().unwrap().to_string();
+                    let ct = r
+                        .headers()
+                        .get("content-type")
+                        .map(|v| v.to_str().unwrap().to_string())
+                        .unwrap_or_default();
+                    (status, id, ct, r.text().await.unwrap())
+                }
+            };
+            // No route: the global pages, per Accept; no text page → the built-in one.
+            let (status, id, ct, body) = get("/nowhere", Some(BROWSER)).await;
+            assert_eq!(
+                (status, ct.as_str()),
+                (404, "text/html; charset=utf-8"),
+                "{}",
+                what("404 html")
+            );
+            assert_eq!(
+                body,
+                format!("<html><h1>Oops 404</h1><p>Not Found: no route matches this request</p><p>id {id}</p></html>"),
+                "{}",
+                what("404 html")
+            );
+            let (status, id, ct, body) = get("/nowhere", Some("application/json")).await;
+            assert_eq!((status, ct.as_str()), (404, "application/problem+json"));
+            let doc: Value = serde_json::from_str(&body).unwrap();
+            assert_eq!(
+                (doc["oops"].as_u64(), doc["id"].as_str()),
+                (Some(404), Some(id.as_str())),
+                "{}",
+                what("404 json")
+            );
+            let (_, id, _, body) = get("/nowhere", None).await;
+            assert!(
+                body.ends_with(&format!("request id: {id}\n")),
+                "{}",
+                what(&body)
+            );
+
+            // The upstream's 503 is replaced, status kept; the route's text page from
+            // its file, the global HTML page.
+            let (status, id, ct, body) = get("/status/503", None).await;
+            assert_eq!(
+                (status, ct.as_str()),
+                (503, "text/plain; charset=utf-8"),
+                "{}",
+                what("503 text")
+            );
+            assert_eq!(body, format!("sorry 503 ({id})\n"), "{}", what("503 text"));
+            let (status, _, _, body) = get("/status/502", Some(BROWSER)).await;
+            assert_eq!(status, 502);
+            assert!(
+                body.starts_with("<html><h1>Oops 502</h1><p>Bad Gateway: "),
+                "{}",
+                what(&body)
+            );
+            assert!(
+                !body.contains("app"),
+                "{}: the upstream's body leaked: {body}",
+                what("502")
+            );
+            // Statuses not listed pass as the upstream wrote them, on the same
+            // connection.
+            let (status, _, _, body) = get("/status/500", None).await;
+            assert_eq!((status, body.as_str()), (500, "app"), "{}", what("500"));
+            let (status, _, _, body) = get("/status/503", None).await;
+            assert_eq!(status, 503);
+            assert!(body.starts_with("sorry 503"), "{}", what(&body));
+        }
+        // A page that cannot be read fails the reload; the last good pages stay.
+        let failures = proxy.metric("rampart_config_reload_failures_total").await;
+        proxy
+            .reload(&pages_config(dir.path(), backend.addr, "missing.txt"))
+            .await;
+        assert_eq!(
+            proxy.metric("rampart_config_reload_failures_total").await,
+            failures + 1.0
+        );
+        let client = &clients[1].1;
+        let r = client
+            .get(format!("{https}/status/503"))
+            .send()
+            .await
+            .unwrap();
+        assert!(r.text().await.unwrap().starts_with("sorry 503"));
+        let status = proxy.status().await.to_string();
+        assert!(
+            status.contains("missing.txt"),
+            "the reason is not in /status: {status}"
+        );
+    }
+}

@@ -64,6 +64,43 @@ pub struct Config {
     /// covers asks the SaaS application whether to get one (absent: never).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls_on_demand: Option<TlsOnDemand>,
+    /// The proxy's own error answers in the operator's words, for every route (a
+    /// route's `error_pages` takes precedence, form by form).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error_pages: Option<ErrorPages>,
+}
+
+/// Pages for the proxy's own error answers (404, 403, 429, 502, 503, 504, …), one per
+/// form the client's `Accept` chooses, and the upstream statuses replaced by them:
+/// `error_pages = { html = { file = "/etc/rampart/error.html" }, intercept = [502, 503] }`.
+/// A page may hold `{status}`, `{title}`, `{detail}` and `{request_id}`, each written
+/// escaped for the page's form.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ErrorPages {
+    /// For browsers (`Accept: text/html`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub html: Option<PageSource>,
+    /// For API clients (`Accept: application/json`): an RFC 9457 problem document.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub json: Option<PageSource>,
+    /// For everything else (curl, scripts).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub text: Option<PageSource>,
+    /// Upstream responses with these statuses (400–599) are replaced by the page, so
+    /// that an application's stack trace or a bare "Bad Gateway" never reaches users.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub intercept: Vec<u16>,
+}
+
+/// Where a page comes from.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum PageSource {
+    /// A file, read when the configuration is loaded (on a fleet proxy: its own path).
+    File(std::path::PathBuf),
+    /// The page itself.
+    Inline(String),
 }
 
 /// On-demand TLS: certificates for names learnt from handshakes (a customer's
@@ -1234,6 +1271,11 @@ pub struct Route {
     /// A split without it keeps clients on their pool with the `rp_split` cookie.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub split: Option<Split>,
+    /// This route's error pages (each form it leaves out is the global
+    /// `[error_pages]`'s): `error_pages = { html = { file = "/etc/rampart/shop.html" },
+    /// intercept = [502, 503, 504] }`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error_pages: Option<ErrorPages>,
     /// What to do with a matching request.
     pub action: Action,
 }

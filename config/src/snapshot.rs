@@ -61,6 +61,9 @@ pub struct Snapshot {
     /// a handshake names one that no certificate covers.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub on_demand: Option<OnDemandPolicy>,
+    /// The controller's `[error_pages]` (absent: none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error_pages: Option<crate::ErrorPages>,
 }
 
 /// What a proxy needs of `[tls_on_demand]`.
@@ -216,6 +219,7 @@ impl Snapshot {
             },
             // The controller's: what proxies need of it travels as `on_demand`.
             tls_on_demand: None,
+            error_pages: self.error_pages,
         };
         let issues = crate::validate::validate_snapshot(&config);
         if issues.is_empty() {
@@ -517,6 +521,7 @@ mod tests {
             certificates: vec![],
             session_tickets: None,
             on_demand: None,
+            error_pages: None,
             default_sni: None,
             acme_challenges: BTreeMap::new(),
             acme_tls_alpn: BTreeMap::new(),

@@ -66,6 +66,9 @@ fn validate_from(config: &Config, origin: Origin) -> Vec<Issue> {
     }
     let tls_hosts = tls(config, &mut out);
     tls_on_demand(config, &mut out);
+    if let Some(pages) = &config.error_pages {
+        error_pages(&FieldPath::root().key("error_pages"), pages, &mut out);
+    }
     if let (Some(sni), Origin::File) = (&config.server.default_sni, origin) {
         if !tls_hosts.iter().any(|p| p.matches(sni.as_str())) {
             out.push(Issue::new(
@@ -279,6 +282,50 @@ fn split(path: &FieldPath, route: &crate::Route, out: &mut Vec<Issue>) {
             "a cookie that lasts under a second keeps nobody on a pool",
             "use e.g. ttl = \"1d\", or leave it out for a browser-session cookie",
         ));
+    }
+}
+
+/// Error pages: intercepted statuses that are errors, each once; inline pages under
+/// 1 MiB (a file's size is checked when it is read).
+fn error_pages(at: &FieldPath, pages: &crate::ErrorPages, out: &mut Vec<Issue>) {
+    let mut seen = BTreeSet::new();
+    for (i, status) in pages.intercept.iter().enumerate() {
+        if !(400..=599).contains(status) {
+            out.push(Issue::new(
+                at.key("intercept").index(i),
+                format!("{status} is not an error status"),
+                "list 4xx and 5xx statuses, e.g. intercept = [502, 503, 504]",
+            ));
+        } else if !seen.insert(status) {
+            out.push(Issue::new(
+                at.key("intercept").index(i),
+                format!("{status} is listed twice"),
+                "list each status once",
+            ));
+        }
+    }
+    for (form, page) in [
+        ("html", &pages.html),
+        ("json", &pages.json),
+        ("text", &pages.text),
+    ] {
+        match page {
+            Some(crate::PageSource::Inline(text)) if text.len() > 1024 * 1024 => {
+                out.push(Issue::new(
+                    at.key(form).key("inline"),
+                    format!("the page is {} bytes", text.len()),
+                    "keep it under 1 MiB: link images and styles instead of inlining them",
+                ));
+            }
+            Some(crate::PageSource::File(path)) if path.as_os_str().is_empty() => {
+                out.push(Issue::new(
+                    at.key(form).key("file"),
+                    "the path is empty",
+                    "name the page's file, e.g. file = \"/etc/rampart/error.html\"",
+                ));
+            }
+            _ => {}
+        }
     }
 }
 
@@ -1172,6 +1219,9 @@ fn route(config: &Config, origin: Origin, route: &Route, path: &FieldPath, out: 
         }
     }
     split(path, route, out);
+    if let Some(pages) = &route.error_pages {
+        error_pages(&path.key("error_pages"), pages, out);
+    }
     let action = path.key("action");
     match &route.action {
         Action::Forward(to) => forward_to(config, &action.key("forward"), to, out),

@@ -71,12 +71,23 @@ impl Compiler {
         found: &[Found],
         version: u64,
     ) -> anyhow::Result<Snapshot> {
+        let mut routes = merge_routes(config, found);
+        for r in &mut routes {
+            if let Some(pages) = &mut r.error_pages {
+                inline_pages(pages).with_context(|| format!("routes {}: error_pages", r.name))?;
+            }
+        }
+        let mut error_pages = config.error_pages.clone();
+        if let Some(pages) = &mut error_pages {
+            inline_pages(pages).context("error_pages")?;
+        }
         Ok(Snapshot {
             schema: SCHEMA,
             version,
             limits: config.limits.clone(),
             forwarding: config.forwarding.clone(),
-            routes: merge_routes(config, found),
+            error_pages,
+            routes,
             pools: merge_pools(config, found),
             certificates: self.certificates(config)?,
             default_sni: config.server.default_sni.clone(),
@@ -215,6 +226,22 @@ pub fn merge_pools(config: &Config, found: &[Found]) -> BTreeMap<String, rampart
     pools
 }
 
+/// Error pages as the proxies get them: a page from a file is read here and sent
+/// inline, as certificate files are, so that proxies need no copy of it.
+fn inline_pages(pages: &mut rampart_config::ErrorPages) -> anyhow::Result<()> {
+    for page in [&mut pages.html, &mut pages.json, &mut pages.text]
+        .into_iter()
+        .flatten()
+    {
+        if let rampart_config::PageSource::File(path) = page {
+            let text = std::fs::read_to_string(&*path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            *page = rampart_config::PageSource::Inline(text);
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -297,6 +324,35 @@ mod tests {
             pools["web"].protocol,
             rampart_config::UpstreamProtocol::Http1
         );
+    }
+
+    #[test]
+    fn error_page_files_travel_inline_and_an_unreadable_one_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let page = dir.path().join("e.html");
+        std::fs::write(&page, "<h1>{status}</h1>").unwrap();
+        let mut pages = rampart_config::ErrorPages {
+            html: Some(rampart_config::PageSource::File(page)),
+            text: Some(rampart_config::PageSource::Inline("x".into())),
+            ..Default::default()
+        };
+        inline_pages(&mut pages).unwrap();
+        assert_eq!(
+            pages.html,
+            Some(rampart_config::PageSource::Inline(
+                "<h1>{status}</h1>".into()
+            ))
+        );
+        assert_eq!(
+            pages.text,
+            Some(rampart_config::PageSource::Inline("x".into()))
+        );
+        let mut missing = rampart_config::ErrorPages {
+            json: Some(rampart_config::PageSource::File(dir.path().join("no.json"))),
+            ..Default::default()
+        };
+        let e = format!("{:#}", inline_pages(&mut missing).unwrap_err());
+        assert!(e.contains("no.json"), "{e}");
     }
 
     #[test]

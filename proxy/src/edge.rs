@@ -127,6 +127,9 @@ pub struct RequestCtx {
     ticket: Option<Ticket<Arc<BreakerState>>>,
     /// The answer to give instead of the failure's own (the breaker's 503).
     refusal: Option<Answer>,
+    /// The body of an upstream response replaced by an error page (`intercept`),
+    /// until it is sent in place of the upstream's.
+    intercepted: Option<Bytes>,
 }
 
 impl RequestCtx {
@@ -196,6 +199,7 @@ impl ProxyHttp for Edge {
             connecting: None,
             ticket: None,
             refusal: None,
+            intercepted: None,
         }
     }
 
@@ -566,6 +570,20 @@ impl ProxyHttp for Edge {
                 resp.append_header(http::header::SET_COOKIE, cookie)?;
             }
         }
+        let pages = ctx.generation.pages(ctx.route);
+        if pages.is_some_and(|p| p.intercept.contains(&status)) {
+            // The upstream's body is dropped as it comes (response_body_filter) and
+            // the page sent in its place.
+            let id = ctx
+                .request_id
+                .as_ref()
+                .map(|v| (&ctx.generation.forwarding.request_id, v));
+            let style = Style::of(&session.req_header().headers);
+            let (head, body) = Answer::Intercepted(status).response_header(id, style, pages)?;
+            *resp = head;
+            ctx.error = Some("upstream_status");
+            ctx.intercepted = Some(body);
+        }
         Ok(())
     }
 
@@ -594,6 +612,21 @@ impl ProxyHttp for Edge {
                     "the endpoint left the pool and drain_timeout passed while streaming the response",
                 );
             }
+        }
+        Ok(None)
+    }
+
+    fn response_body_filter(
+        &self,
+        session: &mut Session,
+        body: &mut Option<Bytes>,
+        _end_of_stream: bool,
+        ctx: &mut RequestCtx,
+    ) -> Result<Option<Duration>> {
+        if let Some(page) = ctx.intercepted.as_mut() {
+            let head = session.req_header().method == http::Method::HEAD;
+            // The page once (it may be empty: then nothing), then nothing more.
+            *body = (!head && !page.is_empty()).then(|| std::mem::take(page));
         }
         Ok(None)
     }
@@ -919,7 +952,8 @@ async fn send_answer(session: &mut Session, ctx: &mut RequestCtx, answer: &Answe
         .as_ref()
         .map(|v| (&ctx.generation.forwarding.request_id, v));
     let style = Style::of(&session.req_header().headers);
-    let (head, body) = answer.response_header(id, style)?;
+    let pages = ctx.generation.pages(ctx.route);
+    let (head, body) = answer.response_header(id, style, pages)?;
     let head_only = session.req_header().method == http::Method::HEAD;
     session
         .write_response_header(Box::new(head), head_only || body.is_empty())

@@ -73,6 +73,19 @@ pub struct Generation {
     pub access_log: Option<crate::access::AccessLogRt>,
     /// Span export, when configured.
     pub tracing: Option<TracingRt>,
+    /// The global error pages (`[error_pages]`), for answers outside any route.
+    pub error_pages: Option<Arc<crate::policy::pages::ErrorPagesRt>>,
+}
+
+impl Generation {
+    /// The error pages of an answer on route `route` (or on none).
+    #[must_use]
+    pub fn pages(&self, route: Option<usize>) -> Option<&crate::policy::pages::ErrorPagesRt> {
+        match route {
+            Some(r) => self.routes[r].error_pages.as_deref(),
+            None => self.error_pages.as_deref(),
+        }
+    }
 }
 
 /// Span export in force: the exporter (kept across reloads that keep its settings)
@@ -125,6 +138,8 @@ pub struct RouteRt {
     pub limiter: Option<Arc<crate::limits::rate::RouteLimiter>>,
     /// Whether its requests go to the access log.
     pub access_log: bool,
+    /// Its error pages (its own over the global ones).
+    pub error_pages: Option<Arc<crate::policy::pages::ErrorPagesRt>>,
 }
 
 impl RouteRt {
@@ -468,19 +483,31 @@ impl Builder {
         let prev_routes: std::collections::HashMap<&str, &RouteRt> = prev
             .map(|g| g.routes.iter().map(|r| (r.name.as_str(), r)).collect())
             .unwrap_or_default();
+        let error_pages =
+            crate::policy::pages::ErrorPagesRt::build(None, config.error_pages.as_ref())?;
         let routes = config
             .routes
             .iter()
             .map(|r| {
-                build_route(
+                let pages = match &r.error_pages {
+                    Some(own) => crate::policy::pages::ErrorPagesRt::build(
+                        Some(own),
+                        config.error_pages.as_ref(),
+                    )
+                    .with_context(|| format!("routes {}", r.name))?,
+                    None => error_pages.clone(),
+                };
+                let mut route = build_route(
                     r,
                     &config,
                     &pools,
                     &self.metrics,
                     prev_routes.get(r.name.as_str()).copied(),
-                )
+                );
+                route.error_pages = pages;
+                Ok(route)
             })
-            .collect();
+            .collect::<anyhow::Result<Vec<_>>>()?;
         let certs = self.build_certs(&config, bundles, prev)?;
         let mut client_cert_headers: Vec<HeaderName> = Vec::new();
         for (_, cert) in certs.entries() {
@@ -520,6 +547,7 @@ impl Builder {
             unrouted_metrics: RequestMetrics::new(&self.metrics, "", ""),
             access_log,
             tracing,
+            error_pages,
             config: Arc::new(config),
         })
     }
@@ -752,6 +780,7 @@ fn build_route(
         metrics,
         limiter,
         access_log: route.access_log,
+        error_pages: None,
     }
 }
 

@@ -423,6 +423,7 @@ fn route(
         max_body_bytes: None,
         rate_limit,
         split: None,
+        error_pages: None,
         action: Action::Forward(pool.into()),
     })
 }

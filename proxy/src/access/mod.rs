@@ -488,6 +488,7 @@ pub fn error_kind(answer: &Answer) -> Option<&'static str> {
         Answer::AuthDenied { .. } => Some("auth_denied"),
         Answer::Failed(status) => Some(failure_kind(*status)),
         Answer::Unavailable { .. } => Some("circuit_open"),
+        Answer::Intercepted(_) => Some("upstream_status"),
         Answer::Redirect { .. }
         | Answer::Respond { .. }
         | Answer::AcmeChallenge(_)

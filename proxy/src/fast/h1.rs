@@ -281,7 +281,8 @@ impl Downstream for Http1Client<'_> {
         close: bool,
     ) -> bool {
         let id = policy::id_header(generation, &request.request_id);
-        let bytes = answer.h1_bytes(id, request.style, request.head_request, close);
+        let pages = generation.pages(request.route);
+        let bytes = answer.h1_bytes(id, request.style, request.head_request, close, pages);
         self.body(&bytes, true).await
     }
 }

@@ -287,7 +287,8 @@ impl Downstream for Http2Client<'_> {
         _close: bool,
     ) -> bool {
         let id = policy::id_header(generation, &request.request_id);
-        let Ok((header, body)) = answer.response_header(Some(id), request.style) else {
+        let pages = generation.pages(request.route);
+        let Ok((header, body)) = answer.response_header(Some(id), request.style, pages) else {
             return false;
         };
         let body = if request.head_request {

@@ -176,6 +176,7 @@ pub(crate) async fn answer_request<D: Downstream>(
                 request.head_request,
                 request.style,
                 Some(&request.request_id),
+                generation.pages(request.route),
             )
         }),
         ..request.outcome(conn)

@@ -293,6 +293,25 @@ async fn attempt<D: Downstream>(
     } else {
         pool.states[idx].record_success();
     }
+    let intercepted = request
+        .route
+        .and_then(|r| generation.routes[r].error_pages.as_deref())
+        .is_some_and(|p| p.intercept.contains(&status));
+    if intercepted {
+        // The upstream's body is never read: its connection is dropped, not pooled.
+        let close = request.client_close || conn.closing;
+        let answer = Answer::Intercepted(status);
+        let written = client.answer(&answer, request, generation, close).await;
+        let pages = generation.pages(request.route);
+        let id = Some(&request.request_id);
+        return Attempt::Done(Relayed {
+            status,
+            body_bytes: answer.body_len(request.head_request, request.style, id, pages),
+            ttfb,
+            connect: exchanged.connect,
+            keep_alive: written && !close,
+        });
+    }
     let cookies = [
         plan.split_cookie.clone(),
         pool.sticky_cookie(plan.key, idx, conn.scheme == crate::edge::Scheme::Https),

@@ -21,6 +21,7 @@ use pingora::http::ResponseHeader;
 
 use crate::access::format::json_str;
 use crate::limits::Rejection;
+use crate::policy::pages::ErrorPagesRt;
 
 const TEXT: &str = "text/plain; charset=utf-8";
 const HTML: &str = "text/html; charset=utf-8";
@@ -45,6 +46,17 @@ pub enum Style {
 }
 
 impl Style {
+    /// The Content-Type of an error body in this style.
+    #[must_use]
+    pub fn content_type(self) -> &'static str {
+        match self {
+            Style::Text => TEXT,
+            Style::Html => HTML,
+            Style::Json => PROBLEM,
+            Style::Grpc => GRPC,
+        }
+    }
+
     /// The style a request with `headers` gets: gRPC for a gRPC call, else what its
     /// `Accept` asks for.
     #[must_use]
@@ -164,6 +176,9 @@ pub enum Answer {
         /// Whole seconds, at least 1.
         retry_after: u64,
     },
+    /// An upstream error response replaced by the route's error page
+    /// (`error_pages.intercept`): the upstream's status, the proxy's body.
+    Intercepted(u16),
     /// The request could not be proxied (502, 503, 504, 408, …): no endpoint, an
     /// upstream failure or timeout, a body too slow.
     Failed(u16),
@@ -228,17 +243,23 @@ impl Answer {
                     503
                 }
             }
-            Answer::Failed(status) => *status,
+            Answer::Failed(status) | Answer::Intercepted(status) => *status,
         }
     }
 
     /// The body bytes sent for this answer (none for HEAD), for the access log.
     #[must_use]
-    pub fn body_len(&self, head: bool, style: Style, id: Option<&HeaderValue>) -> u64 {
+    pub fn body_len(
+        &self,
+        head: bool,
+        style: Style,
+        id: Option<&HeaderValue>,
+        pages: Option<&ErrorPagesRt>,
+    ) -> u64 {
         if head {
             0
         } else {
-            self.render(style, id).body.len() as u64
+            self.render(style, id, pages).body.len() as u64
         }
     }
 
@@ -253,9 +274,14 @@ impl Answer {
     }
 
     /// The status, headers and body of this answer; an error's body in `style`, with
-    /// the request id `id`.
+    /// the request id `id`: the operator's page for that form when `pages` has one.
     #[must_use]
-    pub fn render(&self, style: Style, id: Option<&HeaderValue>) -> Rendered {
+    pub fn render(
+        &self,
+        style: Style,
+        id: Option<&HeaderValue>,
+        pages: Option<&ErrorPagesRt>,
+    ) -> Rendered {
         let text = || HeaderValue::from_static(TEXT);
         let fixed = |body: &'static str| Bytes::from_static(body.as_bytes());
         let status = self.status();
@@ -264,7 +290,14 @@ impl Answer {
             if style == Style::Grpc {
                 grpc = Some((grpc_code(status), grpc_message(detail)));
             }
-            error_body(status, detail, style, id)
+            let own = pages.and_then(|p| {
+                let id = id.and_then(|v| v.to_str().ok());
+                p.render(style, status, title(status), detail, id)
+            });
+            match own {
+                Some(body) => (HeaderValue::from_static(style.content_type()), body),
+                None => error_body(status, detail, style, id),
+            }
         };
         let header = match self {
             Answer::Redirect { location, .. } => {
@@ -295,7 +328,9 @@ impl Answer {
             Answer::Unavailable { .. } => {
                 error("the service is overloaded or failing; retry after the time in Retry-After")
             }
-            Answer::Failed(_) => error(&format!("{status} {}", title(status))),
+            Answer::Failed(_) | Answer::Intercepted(_) => {
+                error(&format!("{status} {}", title(status)))
+            }
             Answer::Redirect { .. } => (text(), Bytes::new()),
             Answer::Respond {
                 content_type, body, ..
@@ -338,8 +373,9 @@ impl Answer {
         style: Style,
         head: bool,
         close: bool,
+        pages: Option<&ErrorPagesRt>,
     ) -> Vec<u8> {
-        let r = self.render(style, Some(id.1));
+        let r = self.render(style, Some(id.1), pages);
         let mut out = Vec::with_capacity(192 + r.body.len());
         let reason = reason(r.status);
         // Writes into a Vec cannot fail.
@@ -384,8 +420,9 @@ impl Answer {
         &self,
         id: Option<(&HeaderName, &HeaderValue)>,
         style: Style,
+        pages: Option<&ErrorPagesRt>,
     ) -> pingora::Result<(ResponseHeader, Bytes)> {
-        let r = self.render(style, id.map(|(_, v)| v));
+        let r = self.render(style, id.map(|(_, v)| v), pages);
         let mut head = ResponseHeader::build(r.status, Some(5))?;
         head.insert_header(CONTENT_TYPE, r.content_type)?;
         head.insert_header(CONTENT_LENGTH, r.body.len())?;
@@ -515,6 +552,7 @@ mod tests {
             Style::Text,
             false,
             true,
+            None,
         );
         let text = String::from_utf8(bytes).unwrap();
         assert!(
@@ -528,7 +566,7 @@ mod tests {
             "\r\n\r\ntoo many requests; retry after the time in Retry-After\nrequest id: r1\n"
         ));
 
-        let head = Answer::Failed(503).h1_bytes((&id.0, &id.1), Style::Text, true, false);
+        let head = Answer::Failed(503).h1_bytes((&id.0, &id.1), Style::Text, true, false, None);
         let head = String::from_utf8(head).unwrap();
         // "503 Service Unavailable\nrequest id: r1\n"
         assert!(head.contains("content-length: 39\r\n"), "{head}");
@@ -536,7 +574,7 @@ mod tests {
         assert!(head.ends_with("\r\n\r\n"), "HEAD gets no body: {head}");
 
         let (h2, body) = Answer::Refused(Rejection::Connect)
-            .response_header(Some((&id.0, &id.1)), Style::Text)
+            .response_header(Some((&id.0, &id.1)), Style::Text, None)
             .unwrap();
         assert_eq!(h2.status.as_u16(), 405);
         assert_eq!(&body[..], b"CONNECT is not supported\nrequest id: r1\n");
@@ -569,14 +607,14 @@ mod tests {
     #[test]
     fn an_error_page_and_problem_document_carry_the_request_id_escaped() {
         let id = HeaderValue::from_static("<id\">");
-        let r = Answer::Failed(502).render(Style::Html, Some(&id));
+        let r = Answer::Failed(502).render(Style::Html, Some(&id), None);
         assert_eq!(r.content_type, "text/html; charset=utf-8");
         let html = std::str::from_utf8(&r.body).unwrap();
         assert!(html.contains("<title>502 Bad Gateway</title>"), "{html}");
         assert!(html.contains("<code>&lt;id&quot;&gt;</code>"), "{html}");
         assert!(!html.contains("<id"), "{html}");
 
-        let r = Answer::NotFound.render(Style::Json, Some(&id));
+        let r = Answer::NotFound.render(Style::Json, Some(&id), None);
         assert_eq!(r.content_type, "application/problem+json");
         let doc: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
         assert_eq!(doc["status"], 404);
@@ -585,16 +623,16 @@ mod tests {
         assert_eq!(doc["request_id"], "<id\">");
 
         // Answers that are not errors keep their own bodies in every form.
-        let ok = Answer::Probe { ready: true }.render(Style::Html, Some(&id));
+        let ok = Answer::Probe { ready: true }.render(Style::Html, Some(&id), None);
         assert_eq!(&ok.body[..], b"ok\n");
         let moved = Answer::Redirect {
             status: 308,
             location: "https://a.test/".into(),
         }
-        .render(Style::Json, Some(&id));
+        .render(Style::Json, Some(&id), None);
         assert!(moved.body.is_empty());
         // A 429 keeps its Retry-After whatever the form.
-        let limited = Answer::RateLimited { retry_after: 2 }.render(Style::Json, None);
+        let limited = Answer::RateLimited { retry_after: 2 }.render(Style::Json, None, None);
         assert_eq!(limited.header.unwrap().1, "2");
     }
 

@@ -13,6 +13,7 @@
 
 pub mod answer;
 pub mod authority;
+pub mod pages;
 pub mod split;
 pub mod trace;
 
