@@ -93,6 +93,105 @@ pub struct ErrorPages {
     pub intercept: Vec<u16>,
 }
 
+/// Response compression of a route.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Compress {
+    /// The codings offered, in the proxy's order of preference where the client's
+    /// `Accept-Encoding` q-values tie: `"zstd"`, `"br"`, `"gzip"`.
+    #[serde(default = "default_compress_algorithms")]
+    pub algorithms: Vec<String>,
+    /// Content types compressed (the media type before any `;`; a `type/*` entry
+    /// matches the whole type).
+    #[serde(default = "default_compress_types")]
+    pub types: Vec<String>,
+    /// Responses whose Content-Length is below this are sent as they are (a response
+    /// without one is compressed).
+    #[serde(default = "default_compress_min_size")]
+    pub min_size: ByteSize,
+    /// Levels per coding (gzip 1–9, br 1–11, zstd 1–19).
+    #[serde(default)]
+    pub levels: CompressLevels,
+}
+
+impl Default for Compress {
+    fn default() -> Self {
+        Self {
+            algorithms: default_compress_algorithms(),
+            types: default_compress_types(),
+            min_size: default_compress_min_size(),
+            levels: CompressLevels::default(),
+        }
+    }
+}
+
+/// Compression levels per coding.
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct CompressLevels {
+    /// gzip (1–9; nginx's default is 1).
+    #[serde(default = "default_gzip_level")]
+    pub gzip: u32,
+    /// Brotli (1–11).
+    #[serde(default = "default_br_level")]
+    pub br: u32,
+    /// zstd (1–19).
+    #[serde(default = "default_zstd_level")]
+    pub zstd: u32,
+}
+
+impl Default for CompressLevels {
+    fn default() -> Self {
+        Self {
+            gzip: default_gzip_level(),
+            br: default_br_level(),
+            zstd: default_zstd_level(),
+        }
+    }
+}
+
+fn default_compress_algorithms() -> Vec<String> {
+    ["zstd", "br", "gzip"].map(String::from).to_vec()
+}
+fn default_compress_types() -> Vec<String> {
+    [
+        "text/html",
+        "text/css",
+        "text/plain",
+        "text/xml",
+        "text/javascript",
+        "text/csv",
+        "text/markdown",
+        "application/javascript",
+        "application/json",
+        "application/problem+json",
+        "application/ld+json",
+        "application/manifest+json",
+        "application/xml",
+        "application/rss+xml",
+        "application/atom+xml",
+        "application/wasm",
+        "image/svg+xml",
+        "image/x-icon",
+        "font/ttf",
+        "font/otf",
+    ]
+    .map(String::from)
+    .to_vec()
+}
+fn default_compress_min_size() -> ByteSize {
+    ByteSize(1024)
+}
+fn default_gzip_level() -> u32 {
+    5
+}
+fn default_br_level() -> u32 {
+    4
+}
+fn default_zstd_level() -> u32 {
+    3
+}
+
 /// Where a page comes from.
 #[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
@@ -1276,6 +1375,11 @@ pub struct Route {
     /// intercept = [502, 503, 504] }`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error_pages: Option<ErrorPages>,
+    /// Compress the upstream's responses for clients that accept it:
+    /// `compress = {}` (gzip, brotli and zstd for text, JSON, JavaScript, SVG… of
+    /// 1 KiB and more) or `compress = { algorithms = ["gzip"], levels = { gzip = 1 } }`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compress: Option<Compress>,
     /// What to do with a matching request.
     pub action: Action,
 }

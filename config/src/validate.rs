@@ -329,6 +329,67 @@ fn error_pages(at: &FieldPath, pages: &crate::ErrorPages, out: &mut Vec<Issue>) 
     }
 }
 
+/// A route's compression: known codings, each once; levels in range; types that are
+/// media types; a forward action.
+fn compress(at: &FieldPath, c: &crate::Compress, action: &Action, out: &mut Vec<Issue>) {
+    if !matches!(action, Action::Forward(_)) {
+        out.push(Issue::new(
+            at.clone(),
+            "only a forward action has upstream responses to compress",
+            "remove compress, or make the action { forward = \"<pool>\" }",
+        ));
+    }
+    if c.algorithms.is_empty() {
+        out.push(Issue::new(
+            at.key("algorithms"),
+            "no coding is offered",
+            "list some of \"zstd\", \"br\", \"gzip\", or remove compress",
+        ));
+    }
+    let mut seen = BTreeSet::new();
+    for (i, a) in c.algorithms.iter().enumerate() {
+        if !["zstd", "br", "gzip"].contains(&a.as_str()) {
+            out.push(Issue::new(
+                at.key("algorithms").index(i),
+                format!("{a:?} is not a coding Rampart compresses with"),
+                "use \"zstd\", \"br\" or \"gzip\"",
+            ));
+        } else if !seen.insert(a.as_str()) {
+            out.push(Issue::new(
+                at.key("algorithms").index(i),
+                format!("{a:?} is listed twice"),
+                "list each coding once",
+            ));
+        }
+    }
+    for (i, t) in c.types.iter().enumerate() {
+        let ok = t
+            .split_once('/')
+            .is_some_and(|(a, b)| is_token(a) && (b == "*" || is_token(b)) && !t.contains(';'));
+        if !ok {
+            out.push(Issue::new(
+                at.key("types").index(i),
+                format!("{t:?} is not a media type"),
+                "write it like \"text/html\" or \"text/*\", without parameters",
+            ));
+        }
+    }
+    let l = c.levels;
+    for (key, level, range) in [
+        ("gzip", l.gzip, 1..=9),
+        ("br", l.br, 1..=11),
+        ("zstd", l.zstd, 1..=19),
+    ] {
+        if !range.contains(&level) {
+            out.push(Issue::new(
+                at.key("levels").key(key),
+                format!("{level} is not a {key} level"),
+                format!("use {}–{}", range.start(), range.end()),
+            ));
+        }
+    }
+}
+
 /// A cookie name (an HTTP token, RFC 6265 §4.1.1).
 fn cookie_name(at: &FieldPath, name: &str, out: &mut Vec<Issue>) {
     if !is_token(name) {
@@ -1221,6 +1282,9 @@ fn route(config: &Config, origin: Origin, route: &Route, path: &FieldPath, out: 
     split(path, route, out);
     if let Some(pages) = &route.error_pages {
         error_pages(&path.key("error_pages"), pages, out);
+    }
+    if let Some(c) = &route.compress {
+        compress(&path.key("compress"), c, &route.action, out);
     }
     let action = path.key("action");
     match &route.action {

@@ -27,6 +27,7 @@ use crate::limits::breaker::{BreakerState, Ticket};
 use crate::limits::{body_too_slow, content_length};
 use crate::metrics::Metrics;
 use crate::policy::{self, Answer, Client, Forward, Style, Verdict};
+use pingora::protocols::http::compression::Encode;
 
 /// Which listener a request came in on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -130,6 +131,8 @@ pub struct RequestCtx {
     /// The body of an upstream response replaced by an error page (`intercept`),
     /// until it is sent in place of the upstream's.
     intercepted: Option<Bytes>,
+    /// The encoder of a response being compressed, and its coding.
+    encoder: Option<(crate::compress::Coding, Box<dyn Encode + Send + Sync>)>,
 }
 
 impl RequestCtx {
@@ -200,6 +203,7 @@ impl ProxyHttp for Edge {
             ticket: None,
             refusal: None,
             intercepted: None,
+            encoder: None,
         }
     }
 
@@ -583,6 +587,13 @@ impl ProxyHttp for Edge {
             *resp = head;
             ctx.error = Some("upstream_status");
             ctx.intercepted = Some(body);
+        } else if let Some(c) = ctx.route().and_then(|r| r.compress.as_ref()) {
+            if c.eligible(resp) {
+                crate::compress::add_vary(resp);
+                let coding = ctx.plan.as_ref().and_then(|p| p.compress);
+                let encoder = coding.and_then(|coding| Some((coding, c.apply(resp, coding)?)));
+                ctx.encoder = encoder;
+            }
         }
         Ok(())
     }
@@ -620,13 +631,17 @@ impl ProxyHttp for Edge {
         &self,
         session: &mut Session,
         body: &mut Option<Bytes>,
-        _end_of_stream: bool,
+        end_of_stream: bool,
         ctx: &mut RequestCtx,
     ) -> Result<Option<Duration>> {
         if let Some(page) = ctx.intercepted.as_mut() {
             let head = session.req_header().method == http::Method::HEAD;
             // The page once (it may be empty: then nothing), then nothing more.
             *body = (!head && !page.is_empty()).then(|| std::mem::take(page));
+        } else if let Some((_, encoder)) = ctx.encoder.as_mut() {
+            let input = body.as_deref().unwrap_or(&[]);
+            let out = encoder.encode(input, end_of_stream)?;
+            *body = (!out.is_empty()).then_some(out);
         }
         Ok(None)
     }
@@ -738,6 +753,19 @@ impl ProxyHttp for Edge {
             .map_or_else(|| e.map_or(0, error_status), |r| r.status.as_u16());
         ctx.inflight = None;
         ctx.ticket = None;
+        if let Some((coding, encoder)) = ctx.encoder.take() {
+            let (_, bytes_in, bytes_out, took) = encoder.stat();
+            let m = &self.metrics;
+            m.compression_bytes
+                .with_label_values(&[coding.token(), "in"])
+                .inc_by(bytes_in as u64);
+            m.compression_bytes
+                .with_label_values(&[coding.token(), "out"])
+                .inc_by(bytes_out as u64);
+            m.compression_seconds
+                .with_label_values(&[coding.token()])
+                .inc_by(took.as_secs_f64());
+        }
         if let Some(spans) = ctx.attempt_spans.as_mut() {
             end_attempt(spans, None, None);
         }

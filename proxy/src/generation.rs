@@ -140,6 +140,8 @@ pub struct RouteRt {
     pub access_log: bool,
     /// Its error pages (its own over the global ones).
     pub error_pages: Option<Arc<crate::policy::pages::ErrorPagesRt>>,
+    /// Its response compression.
+    pub compress: Option<crate::compress::CompressRt>,
 }
 
 impl RouteRt {
@@ -781,6 +783,10 @@ fn build_route(
         limiter,
         access_log: route.access_log,
         error_pages: None,
+        compress: route
+            .compress
+            .as_ref()
+            .map(crate::compress::CompressRt::new),
     }
 }
 

@@ -15,6 +15,7 @@ pub mod admin;
 pub mod auth;
 pub mod balance;
 pub mod clock;
+pub mod compress;
 pub mod dashboard;
 pub mod edge;
 pub mod fast;

@@ -44,6 +44,10 @@ pub struct Metrics {
     pub pool_refused: IntCounterVec,
     /// Retries not made because the pool's retry budget was spent.
     pub retry_budget_exhausted: IntCounterVec,
+    /// Bytes into and out of response compression, by coding.
+    pub compression_bytes: IntCounterVec,
+    /// CPU time spent compressing responses, by coding.
+    pub compression_seconds: prometheus::CounterVec,
     /// The last minutes of traffic, for the dashboard.
     pub rolling: crate::rolling::Rolling,
     pub tls_handshakes: IntCounter,
@@ -114,6 +118,8 @@ impl Metrics {
             breaker_open: reg(&r, IntGaugeVec::new(Opts::new("rampart_circuit_breaker_open", "1 while a pool's circuit breaker is open (its requests are answered 503)"), &["pool"]).expect("valid")),
             pool_inflight: reg(&r, IntGaugeVec::new(Opts::new("rampart_pool_requests_in_flight", "Requests in flight to each pool"), &["pool"]).expect("valid")),
             pool_refused: reg(&r, IntCounterVec::new(Opts::new("rampart_pool_refused_total", "Requests refused by a pool's circuit breaker, by reason (max_in_flight, circuit_open)"), &["pool", "reason"]).expect("valid")),
+            compression_bytes: reg(&r, IntCounterVec::new(Opts::new("rampart_compression_bytes_total", "Response bytes into (side=in) and out of (side=out) compression, by algorithm"), &["algorithm", "side"]).expect("valid")),
+            compression_seconds: reg(&r, prometheus::CounterVec::new(Opts::new("rampart_compression_seconds_total", "Time spent compressing responses, by algorithm"), &["algorithm"]).expect("valid")),
             retry_budget_exhausted: reg(&r, IntCounterVec::new(Opts::new("rampart_retry_budget_exhausted_total", "Retries not made because the pool's retry budget was spent"), &["pool"]).expect("valid")),
             pool_panic: reg(&r, IntGaugeVec::new(Opts::new("rampart_pool_panic", "1 while fewer than passive_health.panic_threshold percent of a pool's endpoints are free of ejection: ejections are then ignored"), &["pool"]).expect("valid")),
             tls_handshakes: reg(&r, IntCounter::new("rampart_tls_handshakes_total", "Completed TLS handshakes").expect("valid")),

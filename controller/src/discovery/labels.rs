@@ -424,6 +424,7 @@ fn route(
         rate_limit,
         split: None,
         error_pages: None,
+        compress: None,
         action: Action::Forward(pool.into()),
     })
 }

@@ -87,13 +87,16 @@ impl<'a> ConnInfo<'a> {
 }
 
 /// Whether the fast paths carry out `decision`: an answer, or a forward to a pool they
-/// reach (HTTP/1.1, in cleartext or over TLS, without a PROXY header); the rest is
-/// Pingora's.
+/// reach (HTTP/1.1, in cleartext or over TLS, without a PROXY header) on a route whose
+/// responses they pass as they come (no `compress`); the rest is Pingora's.
 pub(crate) fn reaches(generation: &Generation, decision: &crate::policy::Decision) -> bool {
     match &decision.verdict {
-        crate::policy::Verdict::Forward(plan) => plan
-            .pool(generation)
-            .is_none_or(|pool| pool.peer.fast_path_carries()),
+        crate::policy::Verdict::Forward(plan) => {
+            generation.routes[plan.route].compress.is_none()
+                && plan
+                    .pool(generation)
+                    .is_none_or(|pool| pool.peer.fast_path_carries())
+        }
         crate::policy::Verdict::Answer(_) => true,
     }
 }

@@ -101,6 +101,9 @@ pub struct Forward {
     /// A `Set-Cookie` for the response that keeps the client on the pool a split
     /// chose for it.
     pub split_cookie: Option<HeaderValue>,
+    /// The coding a compressible response gets (the route compresses and the client
+    /// accepts it).
+    pub compress: Option<crate::compress::Coding>,
     /// The `Host` sent upstream: the authority the request was routed on.
     pub host: HeaderValue,
     /// The target sent upstream when it is not the client's own (a stripped prefix,
@@ -427,6 +430,7 @@ fn forward_plan(
         pool: choice,
         key,
         split_cookie,
+        compress: route.compress.as_ref().and_then(|c| c.choose(parts)),
         host: authority.value,
         target,
         forwarded,
