@@ -432,3 +432,194 @@ async fn a_spent_retry_budget_stops_retries() {
         );
     }
 }
+
+/// A shadow upstream: remembers the headers and targets of what it gets; while
+/// `hang` is set it never answers (a stuck shadow).
+struct Shadow {
+    addr: std::net::SocketAddr,
+    seen: std::sync::Mutex<Vec<(String, BTreeMap<String, String>)>>,
+    hang: std::sync::atomic::AtomicBool,
+    open: std::sync::atomic::AtomicUsize,
+}
+
+impl Shadow {
+    async fn start() -> Arc<Shadow> {
+        use hyper_util::rt::{TokioExecutor, TokioIo};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let shadow = Arc::new(Shadow {
+            addr: listener.local_addr().unwrap(),
+            seen: std::sync::Mutex::default(),
+            hang: std::sync::atomic::AtomicBool::new(false),
+            open: std::sync::atomic::AtomicUsize::new(0),
+        });
+        let weak = Arc::downgrade(&shadow);
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let Some(s) = weak.upgrade() else { return };
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(
+                        move |req: hyper::Request<hyper::body::Incoming>| {
+                            let s = s.clone();
+                            async move {
+                                let headers = req
+                                    .headers()
+                                    .iter()
+                                    .map(|(k, v)| {
+                                        (k.to_string(), v.to_str().unwrap_or("").to_string())
+                                    })
+                                    .collect();
+                                s.seen
+                                    .lock()
+                                    .unwrap()
+                                    .push((req.uri().to_string(), headers));
+                                if s.hang.load(Ordering::SeqCst) {
+                                    s.open.fetch_add(1, Ordering::SeqCst);
+                                    std::future::pending::<()>().await;
+                                }
+                                Ok::<_, std::convert::Infallible>(hyper::Response::new(
+                                    http_body_util::Full::new(bytes::Bytes::from_static(b"shadow")),
+                                ))
+                            }
+                        },
+                    );
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(tcp), svc)
+                        .await;
+                });
+            }
+        });
+        shadow
+    }
+
+    fn count(&self) -> usize {
+        self.seen.lock().unwrap().len()
+    }
+}
+
+fn mirror_config(app: &Arc<Backend>, shadow: std::net::SocketAddr, mirror: &str) -> String {
+    format!(
+        "{TLS}[[routes]]\nname = \"app\"\nmirror = {{ pool = \"shadow\", {mirror} }}\naction = {{ forward = \"app\" }}\n\n{}\
+         [pools.shadow]\nendpoints = [{{ address = \"{shadow}\" }}]\npassive_health = {{ consecutive_failures = 0 }}\n",
+        pool_toml("app", "round_robin", &[app], "")
+    )
+}
+
+#[tokio::test]
+async fn a_mirror_copies_requests_and_never_holds_them_up() {
+    common::init();
+    for (server, name) in [("", "fast paths"), (PINGORA, "Pingora's path")] {
+        let app = Backend::start("app").await;
+        let shadow = Shadow::start().await;
+        let proxy =
+            Proxy::start_with(server, &mirror_config(&app, shadow.addr, "percent = 100")).await;
+        let base = format!("https://app.test:{}", proxy.https.port());
+        for (version, client) in clients(&proxy) {
+            let what = format!("{name}, {version}");
+            // Every request is copied, marked, with the forwarding headers.
+            let before = shadow.count();
+            let (body, _) = get(
+                &client,
+                &format!("{base}/orders?id=7"),
+                &[("x-user", "alice")],
+            )
+            .await;
+            assert_eq!(body, "app", "{what}");
+            eventually("the copy to reach the shadow", || async {
+                (shadow.count() > before).then_some(())
+            })
+            .await;
+            let (target, headers) = shadow.seen.lock().unwrap().last().cloned().unwrap();
+            assert_eq!(target, "/orders?id=7", "{what}");
+            assert_eq!(headers["x-rampart-mirror"], "1", "{what}");
+            assert_eq!(headers["x-user"], "alice", "{what}");
+            assert!(
+                headers["host"].starts_with("app.test"),
+                "{what}: {headers:?}"
+            );
+            assert_eq!(headers["x-forwarded-for"], "127.0.0.1", "{what}");
+            assert!(headers.contains_key("x-request-id"), "{what}");
+            // A request with a body is not copied, and still served.
+            let before = shadow.count();
+            let r = client
+                .post(format!("{base}/upload"))
+                .body("data")
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200, "{what}");
+            let m = proxy.metrics().await;
+            assert!(
+                common::metric_value(
+                    &m,
+                    "rampart_mirrored_requests_total{outcome=\"body\",route=\"app\"}"
+                )
+                .is_some_and(|v| v >= 1.0),
+                "{what}: {}",
+                m.lines()
+                    .filter(|l| l.contains("mirror"))
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            );
+            assert_eq!(shadow.count(), before, "{what}: a body was copied");
+        }
+
+        // A shadow that never answers: every request is still served, the copies in
+        // flight stay within max_in_flight, and the rest are skipped.
+        proxy
+            .reload(&mirror_config(
+                &app,
+                shadow.addr,
+                "percent = 100, max_in_flight = 4, timeout = \"30s\"",
+            ))
+            .await;
+        shadow.hang.store(true, Ordering::SeqCst);
+        let client = &clients(&proxy)[1].1;
+        for _ in 0..200 {
+            assert_eq!(
+                get(client, &format!("{base}/"), &[]).await.0,
+                "app",
+                "{name}"
+            );
+        }
+        eventually("four copies to hang at the shadow", || async {
+            (shadow.open.load(Ordering::SeqCst) >= 4).then_some(())
+        })
+        .await;
+        let m = proxy.metrics().await;
+        let busy = common::metric_value(
+            &m,
+            "rampart_mirrored_requests_total{outcome=\"busy\",route=\"app\"}",
+        );
+        assert!(busy.is_some_and(|v| v >= 190.0), "{name}: busy {busy:?}");
+        assert_eq!(
+            shadow.open.load(Ordering::SeqCst),
+            4,
+            "{name}: more copies than max_in_flight"
+        );
+        shadow.hang.store(false, Ordering::SeqCst);
+
+        // A shadow that is down changes nothing for the client.
+        drop(shadow);
+        let dead = common::free_addr();
+        proxy
+            .reload(&mirror_config(&app, dead, "percent = 50"))
+            .await;
+        for _ in 0..100 {
+            assert_eq!(
+                get(client, &format!("{base}/"), &[]).await.0,
+                "app",
+                "{name}"
+            );
+        }
+        // The copies that found nobody are counted as failed.
+        eventually("failed copies to be counted", || async {
+            let m = proxy.metrics().await;
+            common::metric_value(
+                &m,
+                "rampart_mirrored_requests_total{outcome=\"failed\",route=\"app\"}",
+            )
+            .filter(|v| *v > 0.0)
+        })
+        .await;
+    }
+}

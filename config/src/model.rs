@@ -93,6 +93,34 @@ pub struct ErrorPages {
     pub intercept: Vec<u16>,
 }
 
+/// A route's traffic mirror: copies of its requests, sent to a shadow pool whose
+/// answers are thrown away, never slowing or failing the request itself.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Mirror {
+    /// The shadow pool (HTTP/1.1 in cleartext).
+    pub pool: String,
+    /// Share of the route's requests copied, 0–100.
+    #[serde(default = "default_mirror_percent")]
+    pub percent: f64,
+    /// Most copies in flight at once; more are skipped (counted), never queued.
+    #[serde(default = "default_mirror_in_flight")]
+    pub max_in_flight: u32,
+    /// How long a copy may take before it is abandoned.
+    #[serde(default = "default_mirror_timeout")]
+    pub timeout: Dur,
+}
+
+fn default_mirror_percent() -> f64 {
+    100.0
+}
+fn default_mirror_in_flight() -> u32 {
+    100
+}
+fn default_mirror_timeout() -> Dur {
+    Dur::secs(5)
+}
+
 /// Response compression of a route.
 #[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
@@ -1380,6 +1408,10 @@ pub struct Route {
     /// 1 KiB and more) or `compress = { algorithms = ["gzip"], levels = { gzip = 1 } }`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub compress: Option<Compress>,
+    /// Copy a share of this route's requests to a shadow pool, fire-and-forget:
+    /// `mirror = { pool = "shadow", percent = 10 }`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mirror: Option<Mirror>,
     /// What to do with a matching request.
     pub action: Action,
 }

@@ -390,6 +390,65 @@ fn compress(at: &FieldPath, c: &crate::Compress, action: &Action, out: &mut Vec<
     }
 }
 
+/// A route's mirror: a defined cleartext HTTP/1.1 pool, a share, bounds.
+fn mirror(
+    config: &Config,
+    at: &FieldPath,
+    m: &crate::Mirror,
+    action: &Action,
+    out: &mut Vec<Issue>,
+) {
+    if !matches!(action, Action::Forward(_)) {
+        out.push(Issue::new(
+            at.clone(),
+            "only a forwarded request is mirrored",
+            "remove mirror, or make the action { forward = \"<pool>\" }",
+        ));
+    }
+    match config.pools.get(&m.pool) {
+        None => out.push(Issue::new(
+            at.key("pool"),
+            format!("pool {:?} is not defined", m.pool),
+            format!("define [pools.{}] with the shadow endpoints", m.pool),
+        )),
+        Some(p)
+            if p.tls.is_some()
+                || p.protocol != UpstreamProtocol::Http1
+                || p.proxy_protocol.is_some() =>
+        {
+            out.push(Issue::new(
+                at.key("pool"),
+                format!("pool {:?} is not plain HTTP/1.1", m.pool),
+                "mirror to a pool with protocol = \"http1\", no tls and no proxy_protocol",
+            ));
+        }
+        Some(_) => {}
+    }
+    if !(m.percent > 0.0 && m.percent <= 100.0) {
+        out.push(Issue::new(
+            at.key("percent"),
+            format!("{} is not a share between 0 and 100", m.percent),
+            "use e.g. percent = 10",
+        ));
+    }
+    if m.max_in_flight == 0 || m.max_in_flight > 100_000 {
+        out.push(Issue::new(
+            at.key("max_in_flight"),
+            format!("{} is not between 1 and 100000", m.max_in_flight),
+            "keep the default (100)",
+        ));
+    }
+    if m.timeout.0 < std::time::Duration::from_millis(10)
+        || m.timeout.0 > std::time::Duration::from_secs(300)
+    {
+        out.push(Issue::new(
+            at.key("timeout"),
+            format!("{} is not between 10ms and 5m", m.timeout),
+            "keep the default (5s)",
+        ));
+    }
+}
+
 /// A cookie name (an HTTP token, RFC 6265 §4.1.1).
 fn cookie_name(at: &FieldPath, name: &str, out: &mut Vec<Issue>) {
     if !is_token(name) {
@@ -1285,6 +1344,9 @@ fn route(config: &Config, origin: Origin, route: &Route, path: &FieldPath, out: 
     }
     if let Some(c) = &route.compress {
         compress(&path.key("compress"), c, &route.action, out);
+    }
+    if let Some(m) = &route.mirror {
+        mirror(config, &path.key("mirror"), m, &route.action, out);
     }
     let action = path.key("action");
     match &route.action {

@@ -142,6 +142,8 @@ pub struct RouteRt {
     pub error_pages: Option<Arc<crate::policy::pages::ErrorPagesRt>>,
     /// Its response compression.
     pub compress: Option<crate::compress::CompressRt>,
+    /// Its traffic mirror.
+    pub mirror: Option<crate::mirror::MirrorRt>,
 }
 
 impl RouteRt {
@@ -704,7 +706,7 @@ fn build_route(
     route: &Route,
     config: &Config,
     pools: &BTreeMap<String, Arc<PoolRt>>,
-    metrics: &Metrics,
+    metrics: &Arc<Metrics>,
     prev: Option<&RouteRt>,
 ) -> RouteRt {
     let pool = match &route.action {
@@ -731,6 +733,7 @@ fn build_route(
         _ => None,
     };
     let pool_name = pool.as_ref().map_or("", |p| p.name.as_str());
+    let shared_metrics = metrics.clone();
     let metrics = match prev {
         Some(r) if r.pool.as_ref().map_or("", |p| p.name.as_str()) == pool_name => {
             r.metrics.clone()
@@ -787,6 +790,14 @@ fn build_route(
             .compress
             .as_ref()
             .map(crate::compress::CompressRt::new),
+        mirror: route.mirror.as_ref().and_then(|m| {
+            Some(crate::mirror::MirrorRt::new(
+                m,
+                pools.get(&m.pool)?.clone(),
+                prev.and_then(|r| r.mirror.as_ref()),
+                shared_metrics,
+            ))
+        }),
     }
 }
 

@@ -28,6 +28,7 @@ pub mod limits;
 pub mod listener;
 pub mod live;
 pub mod metrics;
+pub mod mirror;
 pub mod peer;
 pub mod policy;
 pub mod proxy_protocol;

@@ -44,6 +44,8 @@ pub struct Metrics {
     pub pool_refused: IntCounterVec,
     /// Retries not made because the pool's retry budget was spent.
     pub retry_budget_exhausted: IntCounterVec,
+    /// Requests copied to a route's shadow pool, by outcome.
+    pub mirrored: IntCounterVec,
     /// Bytes into and out of response compression, by coding.
     pub compression_bytes: IntCounterVec,
     /// CPU time spent compressing responses, by coding.
@@ -118,6 +120,7 @@ impl Metrics {
             breaker_open: reg(&r, IntGaugeVec::new(Opts::new("rampart_circuit_breaker_open", "1 while a pool's circuit breaker is open (its requests are answered 503)"), &["pool"]).expect("valid")),
             pool_inflight: reg(&r, IntGaugeVec::new(Opts::new("rampart_pool_requests_in_flight", "Requests in flight to each pool"), &["pool"]).expect("valid")),
             pool_refused: reg(&r, IntCounterVec::new(Opts::new("rampart_pool_refused_total", "Requests refused by a pool's circuit breaker, by reason (max_in_flight, circuit_open)"), &["pool", "reason"]).expect("valid")),
+            mirrored: reg(&r, IntCounterVec::new(Opts::new("rampart_mirrored_requests_total", "Requests copied to a route's shadow pool, by outcome (sent, failed, busy: over max_in_flight, body: not copied, no_endpoint)"), &["route", "outcome"]).expect("valid")),
             compression_bytes: reg(&r, IntCounterVec::new(Opts::new("rampart_compression_bytes_total", "Response bytes into (side=in) and out of (side=out) compression, by algorithm"), &["algorithm", "side"]).expect("valid")),
             compression_seconds: reg(&r, prometheus::CounterVec::new(Opts::new("rampart_compression_seconds_total", "Time spent compressing responses, by algorithm"), &["algorithm"]).expect("valid")),
             retry_budget_exhausted: reg(&r, IntCounterVec::new(Opts::new("rampart_retry_budget_exhausted_total", "Retries not made because the pool's retry budget was spent"), &["pool"]).expect("valid")),

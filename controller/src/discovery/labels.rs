@@ -425,6 +425,7 @@ fn route(
         split: None,
         error_pages: None,
         compress: None,
+        mirror: None,
         action: Action::Forward(pool.into()),
     })
 }

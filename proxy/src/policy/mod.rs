@@ -104,6 +104,9 @@ pub struct Forward {
     /// The coding a compressible response gets (the route compresses and the client
     /// accepts it).
     pub compress: Option<crate::compress::Coding>,
+    /// The request has a body (a declared length, chunked, or an HTTP/2 stream still
+    /// open).
+    pub has_body: bool,
     /// The `Host` sent upstream: the authority the request was routed on.
     pub host: HeaderValue,
     /// The target sent upstream when it is not the client's own (a stripped prefix,
@@ -153,7 +156,8 @@ pub fn handed() -> Option<Box<Decision>> {
 
 /// Decides what to do with `req` from `client` under `generation`. Side effects: the
 /// route's rate limit takes a token when the request reaches it, a password check
-/// may run bcrypt on the blocking pool, and a route's `forward_auth` service is asked.
+/// may run bcrypt on the blocking pool, a route's `forward_auth` service is asked, and
+/// a route's `mirror` starts its copy of a forwarded request (on a task of its own).
 pub async fn decide(generation: &Generation, req: Request<'_>, client: Client<'_>) -> Decision {
     let request_id = request_id(req.parts, generation);
     let trusted = client
@@ -168,6 +172,14 @@ pub async fn decide(generation: &Generation, req: Request<'_>, client: Client<'_
                 forward
                     .forwarded
                     .push((HeaderName::from_static("traceparent"), t.header()));
+            }
+            if let Some(mirror) = &generation.routes[route].mirror {
+                mirror.copy(
+                    &generation.routes[route].name,
+                    req.parts,
+                    &forward,
+                    (&generation.forwarding.request_id, &request_id),
+                );
             }
             (Some(route), Verdict::Forward(forward))
         }
@@ -249,6 +261,9 @@ async fn route_and_verdict(
     };
     let mut plan = forward_plan(generation, idx, req, client, client_ip, authority, &cert);
     plan.forwarded.extend(copied);
+    plan.has_body = declared > 0
+        || parts.headers.contains_key(http::header::TRANSFER_ENCODING)
+        || (parts.version == http::Version::HTTP_2 && !req.body_ended);
     Ok((idx, plan))
 }
 
@@ -430,6 +445,7 @@ fn forward_plan(
         pool: choice,
         key,
         split_cookie,
+        has_body: false,
         compress: route.compress.as_ref().and_then(|c| c.choose(parts)),
         host: authority.value,
         target,

@@ -1,0 +1,181 @@
+//! Traffic mirroring (a route's `mirror`): the policy copies a share of the route's
+//! forwarded requests to a shadow pool — the same method, target, `Host` and
+//! forwarding headers, marked `X-Rampart-Mirror: 1` — on a task of its own, bounded in
+//! number, whose answer is read and thrown away. The request itself never waits for
+//! its copy; a copy that cannot start at once (the bound is reached) is skipped.
+//! Requests with a body are not copied (counted as `body`).
+
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use http::header::{HeaderName, HeaderValue};
+use rand::Rng;
+use tokio::sync::Semaphore;
+
+use crate::generation::{PickKey, PoolRt};
+use crate::health::now_ms;
+use crate::metrics::Metrics;
+
+/// The header that marks a copy.
+pub const MIRROR_HEADER: &str = "x-rampart-mirror";
+
+/// A route's mirror, ready for serving.
+#[derive(Debug)]
+pub struct MirrorRt {
+    /// The shadow pool.
+    pub pool: Arc<PoolRt>,
+    /// Share of the requests copied, 0–1.
+    share: f64,
+    /// Copies in flight (kept across reloads that keep the route's bound).
+    slots: Arc<Semaphore>,
+    /// The bound `slots` was made with.
+    pub max_in_flight: u32,
+    timeout: Duration,
+    client: OnceLock<reqwest::Client>,
+    metrics: Arc<Metrics>,
+}
+
+/// What became of a request the mirror could copy.
+#[derive(Clone, Copy, Debug)]
+enum Outcome {
+    Sent,
+    Failed,
+    Busy,
+    Body,
+    NoEndpoint,
+}
+
+impl Outcome {
+    fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Sent => "sent",
+            Outcome::Failed => "failed",
+            Outcome::Busy => "busy",
+            Outcome::Body => "body",
+            Outcome::NoEndpoint => "no_endpoint",
+        }
+    }
+}
+
+impl MirrorRt {
+    /// The mirror of `config` to `pool`; `prev` keeps its in-flight bound when the
+    /// bound is the same.
+    #[must_use]
+    pub fn new(
+        config: &rampart_config::Mirror,
+        pool: Arc<PoolRt>,
+        prev: Option<&MirrorRt>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        let slots = prev
+            .filter(|p| p.max_in_flight == config.max_in_flight)
+            .map_or_else(
+                || Arc::new(Semaphore::new(config.max_in_flight as usize)),
+                |p| p.slots.clone(),
+            );
+        Self {
+            pool,
+            share: config.percent / 100.0,
+            slots,
+            max_in_flight: config.max_in_flight,
+            timeout: config.timeout.0,
+            client: OnceLock::new(),
+            metrics,
+        }
+    }
+
+    /// Copies the request `parts` as `plan` forwards it (its `Host`, target and
+    /// forwarding headers) with its request id to the shadow pool — or not, by the
+    /// share; a request with a body is counted and skipped.
+    pub fn copy(
+        &self,
+        route: &str,
+        parts: &http::request::Parts,
+        plan: &crate::policy::Forward,
+        (id_name, id): (&HeaderName, &HeaderValue),
+    ) {
+        let (has_body, host, forwarded) = (plan.has_body, &plan.host, &plan.forwarded);
+        let target = plan.target.as_deref();
+        let metrics = &self.metrics;
+        if self.share < 1.0 && rand::rng().random::<f64>() >= self.share {
+            return;
+        }
+        let count = |o: Outcome| {
+            metrics
+                .mirrored
+                .with_label_values(&[route, o.as_str()])
+                .inc();
+        };
+        if has_body {
+            return count(Outcome::Body);
+        }
+        let Ok(permit) = self.slots.clone().try_acquire_owned() else {
+            return count(Outcome::Busy);
+        };
+        let Some(idx) = self.pool.pick(PickKey::default(), &[], now_ms()) else {
+            return count(Outcome::NoEndpoint);
+        };
+        let client = match self.client() {
+            Ok(c) => c.clone(),
+            Err(e) => {
+                tracing::warn!("mirror: building the HTTP client: {e}");
+                return count(Outcome::Failed);
+            }
+        };
+        let target =
+            target.unwrap_or_else(|| parts.uri.path_and_query().map_or("/", |pq| pq.as_str()));
+        let url = format!("http://{}{target}", self.pool.endpoints[idx].addr);
+        let mut req = client.request(parts.method.clone(), url);
+        for (name, value) in &parts.headers {
+            let n = name.as_str();
+            if crate::headers::HOP_BY_HOP
+                .iter()
+                .any(|h| n.eq_ignore_ascii_case(h))
+                || n == "host"
+                || name == id_name
+                || forwarded.iter().any(|(f, _)| f == name)
+            {
+                continue;
+            }
+            req = req.header(name, value);
+        }
+        for (name, value) in forwarded {
+            req = req.header(name, value.as_str());
+        }
+        req = req
+            .header(http::header::HOST, host)
+            .header(id_name, id)
+            .header(MIRROR_HEADER, "1");
+        let (metrics, route) = (metrics.clone(), route.to_string());
+        tokio::spawn(async move {
+            let sent = async {
+                let mut resp = req.send().await?;
+                // Read to the end, a chunk at a time (the connection can then be
+                // reused), and dropped.
+                while resp.chunk().await?.is_some() {}
+                Ok::<(), reqwest::Error>(())
+            };
+            let outcome = match sent.await {
+                Ok(()) => Outcome::Sent,
+                Err(_) => Outcome::Failed,
+            };
+            metrics
+                .mirrored
+                .with_label_values(&[&route, outcome.as_str()])
+                .inc();
+            drop(permit);
+        });
+    }
+
+    fn client(&self) -> Result<&reqwest::Client, reqwest::Error> {
+        if let Some(c) = self.client.get() {
+            return Ok(c);
+        }
+        let c = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .timeout(self.timeout)
+            .pool_idle_timeout(Duration::from_secs(60))
+            .build()?;
+        Ok(self.client.get_or_init(|| c))
+    }
+}
