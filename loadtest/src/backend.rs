@@ -30,6 +30,32 @@ pub struct BackendConfig {
     pub name: String,
     /// Serve HTTP/2 with prior knowledge instead of HTTP/1.1.
     pub h2c: bool,
+    /// Serve an HTML page of `body_bytes` (varied, compressible text) as
+    /// `text/html` instead of `x` bytes as `application/octet-stream`.
+    pub html: bool,
+}
+
+/// An HTML page of `n` bytes: table rows of order data, as compressible as a real
+/// page (about 5–6× with gzip at level 1), not a run of one byte.
+#[must_use]
+pub fn html_page(n: usize) -> Vec<u8> {
+    let mut s =
+        String::from("<!DOCTYPE html><html><head><title>Orders</title></head><body><table>\n");
+    let mut i = 0u64;
+    while s.len() < n {
+        s.push_str(&format!(
+            "<tr class=\"row-{}\"><td>{}</td><td>customer {}</td><td>{}.{:02} EUR</td><td>day {}</td></tr>\n",
+            i % 5,
+            100_000 + i,
+            (i * 7919) % 10_007,
+            (i * 37) % 1000,
+            i % 100,
+            i % 365
+        ));
+        i += 1;
+    }
+    s.truncate(n);
+    s.into_bytes()
 }
 
 /// Binds `listen` and serves until the task is dropped; returns the bound address.
@@ -42,7 +68,12 @@ pub async fn spawn(
 ) -> anyhow::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
     let listener = TcpListener::bind(listen).await?;
     let addr = listener.local_addr()?;
-    let shared = Arc::new((config.clone(), Bytes::from(vec![b'x'; config.body_bytes])));
+    let body = if config.html {
+        html_page(config.body_bytes)
+    } else {
+        vec![b'x'; config.body_bytes]
+    };
+    let shared = Arc::new((config.clone(), Bytes::from(body)));
     let task = tokio::spawn(async move {
         loop {
             let Ok((stream, _)) = listener.accept().await else {
@@ -127,7 +158,14 @@ async fn answer(
     let fail = config.fail_rate > 0.0 && rand::rng().random_bool(config.fail_rate.min(1.0));
     Response::builder()
         .status(if fail { 500 } else { 200 })
-        .header("content-type", "application/octet-stream")
+        .header(
+            "content-type",
+            if config.html {
+                "text/html; charset=utf-8"
+            } else {
+                "application/octet-stream"
+            },
+        )
         .header("x-backend", config.name.as_str())
         .body(Full::new(body.clone()))
         .expect("static status and headers are valid")
@@ -165,6 +203,18 @@ impl BackendProcess {
     /// # Errors
     /// When the process cannot start or does not say where it listens.
     pub fn spawn_with(body_bytes: usize, h2c: bool) -> anyhow::Result<Self> {
+        Self::spawn_args(body_bytes, if h2c { &["--h2c"] } else { &[] })
+    }
+
+    /// [`BackendProcess::spawn`] of an HTML page (`--html`).
+    ///
+    /// # Errors
+    /// When the process cannot start or does not say where it listens.
+    pub fn spawn_html(body_bytes: usize) -> anyhow::Result<Self> {
+        Self::spawn_args(body_bytes, &["--html"])
+    }
+
+    fn spawn_args(body_bytes: usize, extra: &[&str]) -> anyhow::Result<Self> {
         use anyhow::Context;
         use std::io::BufRead;
         let body_bytes = body_bytes.to_string();
@@ -177,9 +227,7 @@ impl BackendProcess {
             "--body-bytes",
             &body_bytes,
         ];
-        if h2c {
-            args.push("--h2c");
-        }
+        args.extend_from_slice(extra);
         let mut child = std::process::Command::new(std::env::current_exe()?)
             .args(args)
             .stdout(std::process::Stdio::piped())

@@ -55,6 +55,9 @@ enum Command {
         /// answer.
         #[arg(long)]
         h2c: bool,
+        /// Serve an HTML page of --body-bytes (compressible text, `text/html`).
+        #[arg(long)]
+        html: bool,
     },
     /// Scenarios that start Rampart (and peers) themselves.
     #[command(subcommand)]
@@ -230,6 +233,7 @@ fn main() -> anyhow::Result<()> {
             threads,
             name,
             h2c,
+            html,
         } => runtime(Some(threads))?.block_on(async {
             let name = name.unwrap_or_else(|| {
                 std::fs::read_to_string("/etc/hostname")
@@ -244,6 +248,7 @@ fn main() -> anyhow::Result<()> {
                 fail_rate,
                 name,
                 h2c,
+                html,
             };
             let (addr, task) = backend::spawn(listen, config).await?;
             println!("listening on {addr}");

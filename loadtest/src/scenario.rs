@@ -408,6 +408,7 @@ async fn swap_under_load(
                 fail_rate: 0.0,
                 name: format!("b{i}"),
                 h2c: false,
+                html: false,
             },
         )
         .await?;

@@ -109,13 +109,17 @@ pub enum Test {
     /// 16 KiB response body over HTTP/1.1.
     #[value(name = "body-16k")]
     Body16k,
+    /// A 100 KiB HTML page over HTTP/1.1 to a client that accepts gzip, br and zstd:
+    /// compressed with gzip at nginx's default level (1) by every target.
+    #[value(name = "gzip-100k")]
+    Gzip100k,
     /// Open loop at a fixed rate over HTTPS keep-alive: tail latency.
     OpenLoop,
 }
 
 impl Test {
     /// Every test, in the order a round runs them.
-    pub const ALL: [Test; 11] = [
+    pub const ALL: [Test; 12] = [
         Test::Http,
         Test::HttpsKeepalive,
         Test::HttpsNewConn,
@@ -126,6 +130,7 @@ impl Test {
         Test::H2Upstream,
         Test::GrpcUnary,
         Test::Body16k,
+        Test::Gzip100k,
         Test::OpenLoop,
     ];
 
@@ -143,6 +148,7 @@ impl Test {
             Test::H2Upstream => "h2-upstream",
             Test::GrpcUnary => "grpc-unary",
             Test::Body16k => "body-16k",
+            Test::Gzip100k => "gzip-100k",
             Test::OpenLoop => "open-loop",
         }
     }
@@ -265,8 +271,14 @@ async fn compare(args: &CompareArgs) -> anyhow::Result<Results> {
     let small_backend = BackendProcess::spawn(13)?;
     let big_backend = BackendProcess::spawn(16 * 1024)?;
     let h2c_backend = BackendProcess::spawn_with(13, true)?;
+    let html_backend = BackendProcess::spawn_html(100 * 1024)?;
     let (small, big, h2c) = (small_backend.addr, big_backend.addr, h2c_backend.addr);
-    let up = Upstreams { small, big, h2c };
+    let up = Upstreams {
+        small,
+        big,
+        h2c,
+        html: html_backend.addr,
+    };
     let rampart = crate::scenario::rampart_binary(args.rampart.clone());
 
     let mut kinds = vec![Kind::Rampart];
@@ -324,6 +336,8 @@ async fn compare(args: &CompareArgs) -> anyhow::Result<Results> {
             for target in order {
                 let backend = if test == Test::Body16k {
                     big_backend.child.id()
+                } else if test == Test::Gzip100k {
+                    html_backend.child.id()
                 } else if test.h2_upstream() {
                     h2c_backend.child.id()
                 } else {
@@ -453,12 +467,14 @@ fn run_config(
 ) -> anyhow::Result<RunConfig> {
     let (addr, tls) = match target {
         None if test == Test::Body16k => (up.big, false),
+        None if test == Test::Gzip100k => (up.html, false),
         None => (up.small, false),
         Some(t) if test.needs_tls() => (t.https.context("no HTTPS listener")?, true),
         Some(t) => (t.http, false),
     };
     let path = match test {
         Test::Body16k if target.is_some() => "/big",
+        Test::Gzip100k => "/html",
         Test::H2Upstream => "/h2up",
         Test::GrpcUnary => "/bench.Echo/Say",
         _ => "/",
@@ -490,10 +506,11 @@ fn run_config(
         } else {
             trust.clone()
         },
-        headers: if test == Test::GrpcUnary {
-            vec![("content-type".into(), "application/grpc".into())]
-        } else {
-            Vec::new()
+        headers: match test {
+            Test::GrpcUnary => vec![("content-type".into(), "application/grpc".into())],
+            // What browsers send (the direct backend ignores it: the uncompressed size).
+            Test::Gzip100k => vec![("accept-encoding".into(), "gzip, deflate, br, zstd".into())],
+            _ => Vec::new(),
         },
         timeout: Duration::from_secs(10),
         progress: false,

@@ -9,7 +9,8 @@ use std::process::{Child, Command, Stdio};
 use anyhow::Context;
 
 /// What every target serves: `/` from the small backend, `/big` from the 16 KiB one,
-/// `/h2up` and gRPC calls (`/bench.Echo/...`) from the HTTP/2 (h2c) one.
+/// `/h2up` and gRPC calls (`/bench.Echo/...`) from the HTTP/2 (h2c) one, `/html` from
+/// the 100 KiB HTML one, compressed with gzip at nginx's default level (1).
 #[derive(Clone, Debug)]
 pub struct Upstreams {
     /// Backend with the small body.
@@ -18,6 +19,8 @@ pub struct Upstreams {
     pub big: SocketAddr,
     /// Backend speaking HTTP/2 in cleartext (and gRPC).
     pub h2c: SocketAddr,
+    /// Backend with the 100 KiB HTML page.
+    pub html: SocketAddr,
 }
 
 /// The certificate every TLS listener serves (ECDSA P-256, for `bench.test`).
@@ -307,6 +310,13 @@ name = "big"
 path_prefix = "/big"
 action = {{ forward = "big" }}
 
+# gzip at nginx's default level, for what nginx compresses by default (text/html).
+[[routes]]
+name = "html"
+path_prefix = "/html"
+compress = {{ algorithms = ["gzip"], types = ["text/html"], levels = {{ gzip = 1 }} }}
+action = {{ forward = "html" }}
+
 [[routes]]
 name = "h2up"
 path_prefix = "/h2up"
@@ -327,6 +337,9 @@ endpoints = [{{ address = "{small}" }}]
 [pools.big]
 endpoints = [{{ address = "{big}" }}]
 
+[pools.html]
+endpoints = [{{ address = "{html}" }}]
+
 [pools.h2c]
 protocol = "h2c"
 endpoints = [{{ address = "{h2c}" }}]
@@ -338,6 +351,7 @@ endpoints = [{{ address = "{h2c}" }}]
         small = up.small,
         big = up.big,
         h2c = up.h2c,
+        html = up.html,
     )
 }
 
@@ -369,6 +383,7 @@ http {{
   upstream small {{ server {small}; keepalive 1024; }}
   upstream big {{ server {big}; keepalive 1024; }}
   upstream h2c {{ server {h2c}; keepalive 1024; }}
+  upstream html {{ server {html}; keepalive 1024; }}
   server {{
     listen {http};
     listen {https} ssl http2;
@@ -390,6 +405,8 @@ http {{
     proxy_buffering on;
     location / {{ proxy_pass http://small; }}
     location /big {{ proxy_pass http://big; }}
+    # gzip with nginx's defaults (level 1, text/html); compressed from 1 KiB up.
+    location /html {{ gzip on; gzip_min_length 1024; proxy_pass http://html; }}
     # nginx forwards HTTP/2 upstream only with grpc_pass (proxy_pass is HTTP/1.x).
     grpc_set_header X-Forwarded-For $remote_addr;
     grpc_set_header X-Forwarded-Proto $scheme;
@@ -405,6 +422,7 @@ http {{
         small = up.small,
         big = up.big,
         h2c = up.h2c,
+        html = up.html,
         cert = cert.cert.display(),
         key = cert.key.display(),
     )
@@ -443,8 +461,10 @@ frontend fe
   unique-id-header X-Request-ID
   http-request set-header traceparent "00-%[unique-id,regsub(-,,g)]-b7ad6b7169203331-01"
   acl big path_beg /big
+  acl html path_beg /html
   acl h2up path_beg /h2up /bench.Echo
   use_backend big if big
+  use_backend html if html
   use_backend h2c if h2up
   default_backend small
 backend small
@@ -456,11 +476,18 @@ backend big
 backend h2c
   http-reuse always
   server s1 {h2c} proto h2
+backend html
+  http-reuse always
+  # HAProxy's gzip runs at tune.comp.maxlevel, 1 by default.
+  compression algo gzip
+  compression type text/html
+  server s1 {html}
 "#,
         combined = cert.combined.display(),
         small = up.small,
         big = up.big,
         h2c = up.h2c,
+        html = up.html,
     )
 }
 
@@ -475,6 +502,12 @@ http://:{hport} {{
   handle /big* {{
     reverse_proxy {big}
   }}
+  handle /html* {{
+    encode {{
+      gzip 1
+    }}
+    reverse_proxy {html}
+  }}
   handle {{
     reverse_proxy {small}
   }}
@@ -484,6 +517,12 @@ https://{HOST}:{sport} {{
   tls {cert} {key}
   handle /big* {{
     reverse_proxy {big}
+  }}
+  handle /html* {{
+    encode {{
+      gzip 1
+    }}
+    reverse_proxy {html}
   }}
   handle /h2up* {{
     reverse_proxy h2c://{h2c}
@@ -505,5 +544,6 @@ https://{HOST}:{sport} {{
         small = up.small,
         big = up.big,
         h2c = up.h2c,
+        html = up.html,
     )
 }

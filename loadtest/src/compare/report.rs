@@ -27,6 +27,8 @@ pub struct Medians {
     pub tcp_opens: f64,
     /// Failed requests summed over rounds.
     pub errors: u64,
+    /// Response bytes (head and body) per request.
+    pub bytes_per_response: f64,
 }
 
 /// The median of `values` (NaN for none).
@@ -64,6 +66,13 @@ pub fn medians(results: &Results) -> BTreeMap<(Test, Kind), Medians> {
                 #[allow(clippy::cast_precision_loss)]
                 tcp_opens: median(v.iter().map(|s| s.tcp_opens as f64).collect()),
                 errors: v.iter().map(|s| s.report.errors.total()).sum(),
+                #[allow(clippy::cast_precision_loss)]
+                bytes_per_response: median(
+                    v.iter()
+                        .filter(|s| s.report.requests > 0)
+                        .map(|s| s.report.bytes as f64 / s.report.requests as f64)
+                        .collect(),
+                ),
             };
             (k, m)
         })
@@ -116,6 +125,29 @@ pub fn markdown(results: &Results, svg_name: &str) -> String {
                 m.backend_cpu_per_100k,
                 m.tcp_opens,
                 m.errors
+            );
+        }
+    }
+    if let Some(direct) = med.get(&(Test::Gzip100k, Kind::Direct)) {
+        let _ = writeln!(
+            out,
+            "\nCompression of the 100 KiB page (gzip, level 1 everywhere): bytes per response, saved against the uncompressed page, and CPU per MiB of page compressed (the target's whole CPU, proxying included):\n"
+        );
+        let _ = writeln!(out, "| target | bytes / response | saved | CPU ms / MiB |");
+        let _ = writeln!(out, "|---|---:|---:|---:|");
+        for ((_, kind), m) in med.iter().filter(|((t, _), _)| *t == Test::Gzip100k) {
+            if *kind == Kind::Direct {
+                continue;
+            }
+            // 100k responses of 100 KiB are 9765.625 MiB.
+            let per_mib = m.cpu_per_100k / 9765.625 * 1000.0;
+            let _ = writeln!(
+                out,
+                "| {} | {:.0} | {:.1}% | {:.2} |",
+                kind.name(),
+                m.bytes_per_response,
+                (1.0 - m.bytes_per_response / direct.bytes_per_response) * 100.0,
+                per_mib
             );
         }
     }
