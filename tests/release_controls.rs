@@ -433,11 +433,14 @@ async fn a_spent_retry_budget_stops_retries() {
     }
 }
 
+/// What the shadow got: target, headers, body.
+type Seen = (String, BTreeMap<String, String>, Vec<u8>);
+
 /// A shadow upstream: remembers the headers and targets of what it gets; while
 /// `hang` is set it never answers (a stuck shadow).
 struct Shadow {
     addr: std::net::SocketAddr,
-    seen: std::sync::Mutex<Vec<(String, BTreeMap<String, String>)>>,
+    seen: std::sync::Mutex<Vec<Seen>>,
     hang: std::sync::atomic::AtomicBool,
     open: std::sync::atomic::AtomicUsize,
 }
@@ -468,11 +471,17 @@ impl Shadow {
                                         (k.to_string(), v.to_str().unwrap_or("").to_string())
                                     })
                                     .collect();
-                                s.seen
-                                    .lock()
-                                    .unwrap()
-                                    .push((req.uri().to_string(), headers));
-                                if s.hang.load(Ordering::SeqCst) {
+                                let target = req.uri().to_string();
+                                let hang = s.hang.load(Ordering::SeqCst);
+                                let body = if hang {
+                                    Vec::new()
+                                } else {
+                                    use http_body_util::BodyExt as _;
+                                    let b = req.into_body().collect().await;
+                                    b.map(|b| b.to_bytes().to_vec()).unwrap_or_default()
+                                };
+                                s.seen.lock().unwrap().push((target, headers, body));
+                                if hang {
                                     s.open.fetch_add(1, Ordering::SeqCst);
                                     std::future::pending::<()>().await;
                                 }
@@ -510,8 +519,11 @@ async fn a_mirror_copies_requests_and_never_holds_them_up() {
     for (server, name) in [("", "fast paths"), (PINGORA, "Pingora's path")] {
         let app = Backend::start("app").await;
         let shadow = Shadow::start().await;
-        let proxy =
-            Proxy::start_with(server, &mirror_config(&app, shadow.addr, "percent = 100")).await;
+        let proxy = Proxy::start_with(
+            server,
+            &mirror_config(&app, shadow.addr, "percent = 100, max_body = \"1KiB\""),
+        )
+        .await;
         let base = format!("https://app.test:{}", proxy.https.port());
         for (version, client) in clients(&proxy) {
             let what = format!("{name}, {version}");
@@ -528,7 +540,7 @@ async fn a_mirror_copies_requests_and_never_holds_them_up() {
                 (shadow.count() > before).then_some(())
             })
             .await;
-            let (target, headers) = shadow.seen.lock().unwrap().last().cloned().unwrap();
+            let (target, headers, _) = shadow.seen.lock().unwrap().last().cloned().unwrap();
             assert_eq!(target, "/orders?id=7", "{what}");
             assert_eq!(headers["x-rampart-mirror"], "1", "{what}");
             assert_eq!(headers["x-user"], "alice", "{what}");
@@ -538,7 +550,7 @@ async fn a_mirror_copies_requests_and_never_holds_them_up() {
             );
             assert_eq!(headers["x-forwarded-for"], "127.0.0.1", "{what}");
             assert!(headers.contains_key("x-request-id"), "{what}");
-            // A request with a body is not copied, and still served.
+            // A request with a body is copied with it once the body has been read.
             let before = shadow.count();
             let r = client
                 .post(format!("{base}/upload"))
@@ -547,20 +559,40 @@ async fn a_mirror_copies_requests_and_never_holds_them_up() {
                 .await
                 .unwrap();
             assert_eq!(r.status(), 200, "{what}");
-            let m = proxy.metrics().await;
-            assert!(
+            eventually(&format!("{what}: the copy with its body"), || async {
+                (shadow.count() > before).then_some(())
+            })
+            .await;
+            let (target, headers, body) = shadow.seen.lock().unwrap().last().cloned().unwrap();
+            assert_eq!(
+                (target.as_str(), body.as_slice()),
+                ("/upload", &b"data"[..]),
+                "{what}"
+            );
+            assert_eq!(headers["x-rampart-mirror"], "1", "{what}");
+            // One over max_body is not copied (counted), and still served in full.
+            let before = shadow.count();
+            let big = vec![b'b'; 2048];
+            let r = client
+                .post(format!("{base}/upload"))
+                .body(big)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200, "{what}");
+            eventually("the long body to be counted", || async {
+                let m = proxy.metrics().await;
                 common::metric_value(
                     &m,
-                    "rampart_mirrored_requests_total{outcome=\"body\",route=\"app\"}"
+                    "rampart_mirrored_requests_total{outcome=\"too_large\",route=\"app\"}",
                 )
-                .is_some_and(|v| v >= 1.0),
-                "{what}: {}",
-                m.lines()
-                    .filter(|l| l.contains("mirror"))
-                    .collect::<Vec<_>>()
-                    .join("\n")
+            })
+            .await;
+            assert_eq!(
+                shadow.count(),
+                before,
+                "{what}: a body over max_body was copied"
             );
-            assert_eq!(shadow.count(), before, "{what}: a body was copied");
         }
 
         // A shadow that never answers: every request is still served, the copies in

@@ -109,6 +109,13 @@ pub struct Mirror {
     /// How long a copy may take before it is abandoned.
     #[serde(default = "default_mirror_timeout")]
     pub timeout: Dur,
+    /// Longest request body copied (a longer request is not copied, and counted).
+    #[serde(default = "default_mirror_max_body")]
+    pub max_body: ByteSize,
+}
+
+fn default_mirror_max_body() -> ByteSize {
+    ByteSize(64 << 10)
 }
 
 fn default_mirror_percent() -> f64 {

@@ -131,6 +131,8 @@ pub struct RequestCtx {
     /// The body of an upstream response replaced by an error page (`intercept`),
     /// until it is sent in place of the upstream's.
     intercepted: Option<Bytes>,
+    /// The route mirror's copy of this request and its body so far.
+    mirror: Option<(crate::mirror::PendingCopy, bytes::BytesMut)>,
     /// The encoder of a response being compressed, and its coding.
     encoder: Option<(crate::compress::Coding, Box<dyn Encode + Send + Sync>)>,
 }
@@ -203,6 +205,7 @@ impl ProxyHttp for Edge {
             ticket: None,
             refusal: None,
             intercepted: None,
+            mirror: None,
             encoder: None,
         }
     }
@@ -297,9 +300,10 @@ impl ProxyHttp for Edge {
         &self,
         _session: &mut Session,
         body: &mut Option<Bytes>,
-        _eos: bool,
+        eos: bool,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
+        mirror_body(ctx, body.as_ref(), eos);
         if let Some(b) = body {
             ctx.body_bytes += b.len() as u64;
             if ctx.route().is_some_and(|r| ctx.body_bytes > r.max_body) {
@@ -967,6 +971,39 @@ async fn buffer_http2_body(
         .await;
     ctx.body_bytes = read;
     result
+}
+
+/// Gathers the body of a request the route mirrors, and sends the copy at its end
+/// (or gives it up once the body passes the mirror's `max_body`).
+fn mirror_body(ctx: &mut RequestCtx, chunk: Option<&Bytes>, eos: bool) {
+    if ctx.mirror.is_none() {
+        let Some(copy) = ctx
+            .plan
+            .as_ref()
+            .and_then(|p| p.mirror.as_ref())
+            .and_then(|m| m.take())
+        else {
+            return;
+        };
+        ctx.mirror = Some((copy, bytes::BytesMut::new()));
+    }
+    let Some((copy, buf)) = ctx.mirror.as_mut() else {
+        return;
+    };
+    if let Some(chunk) = chunk {
+        if (buf.len() + chunk.len()) as u64 > copy.max_body() {
+            if let Some((copy, _)) = ctx.mirror.take() {
+                copy.too_large();
+            }
+            return;
+        }
+        buf.extend_from_slice(chunk);
+    }
+    if eos {
+        if let Some((copy, buf)) = ctx.mirror.take() {
+            copy.send(buf.freeze());
+        }
+    }
 }
 
 /// Writes the policy's answer (or a failure's) on Pingora's session.

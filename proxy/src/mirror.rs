@@ -3,7 +3,9 @@
 //! forwarding headers, marked `X-Rampart-Mirror: 1` — on a task of its own, bounded in
 //! number, whose answer is read and thrown away. The request itself never waits for
 //! its copy; a copy that cannot start at once (the bound is reached) is skipped.
-//! Requests with a body are not copied (counted as `body`).
+//! A request with a body is copied once its body has been read, by the transport that
+//! reads it (the fast paths before forwarding, Pingora's path as the body passes), up
+//! to `max_body`: a longer one is not copied (counted as `too_large`).
 
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -15,6 +17,83 @@ use tokio::sync::Semaphore;
 use crate::generation::{PickKey, PoolRt};
 use crate::health::now_ms;
 use crate::metrics::Metrics;
+
+fn count(metrics: &Metrics, route: &str, o: Outcome) {
+    metrics
+        .mirrored
+        .with_label_values(&[route, o.as_str()])
+        .inc();
+}
+
+/// A copy that waits for its request's body (a place in `max_in_flight` is held).
+pub struct PendingCopy {
+    req: reqwest::RequestBuilder,
+    permit: tokio::sync::OwnedSemaphorePermit,
+    metrics: Arc<Metrics>,
+    route: String,
+    max_body: u64,
+}
+
+impl PendingCopy {
+    /// Sends the copy with `body` (a body over `max_body` is counted, not sent).
+    pub fn send(self, body: bytes::Bytes) {
+        if body.len() as u64 > self.max_body {
+            return self.too_large();
+        }
+        let PendingCopy {
+            req,
+            permit,
+            metrics,
+            route,
+            ..
+        } = self;
+        let req = if body.is_empty() { req } else { req.body(body) };
+        tokio::spawn(async move {
+            let sent = async {
+                let mut resp = req.send().await?;
+                // Read to the end, a chunk at a time (the connection can then be
+                // reused), and dropped.
+                while resp.chunk().await?.is_some() {}
+                Ok::<(), reqwest::Error>(())
+            };
+            let outcome = match sent.await {
+                Ok(()) => Outcome::Sent,
+                Err(_) => Outcome::Failed,
+            };
+            count(&metrics, &route, outcome);
+            drop(permit);
+        });
+    }
+
+    /// The body turned out longer than `max_body`: counted, not sent.
+    pub fn too_large(self) {
+        count(&self.metrics, &self.route, Outcome::TooLarge);
+    }
+
+    /// The longest body this copy takes.
+    #[must_use]
+    pub fn max_body(&self) -> u64 {
+        self.max_body
+    }
+}
+
+/// Where a request's copy waits for the body, in its plan (taken once by the
+/// transport that reads the body).
+pub struct MirrorSlot(std::sync::Mutex<Option<PendingCopy>>);
+
+impl MirrorSlot {
+    /// The waiting copy, once.
+    #[must_use]
+    pub fn take(&self) -> Option<PendingCopy> {
+        self.0.lock().ok()?.take()
+    }
+}
+
+impl std::fmt::Debug for MirrorSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("MirrorSlot")
+    }
+}
 
 /// The header that marks a copy.
 pub const MIRROR_HEADER: &str = "x-rampart-mirror";
@@ -31,6 +110,8 @@ pub struct MirrorRt {
     /// The bound `slots` was made with.
     pub max_in_flight: u32,
     timeout: Duration,
+    /// Longest body copied.
+    max_body: u64,
     client: OnceLock<reqwest::Client>,
     metrics: Arc<Metrics>,
 }
@@ -41,7 +122,7 @@ enum Outcome {
     Sent,
     Failed,
     Busy,
-    Body,
+    TooLarge,
     NoEndpoint,
 }
 
@@ -51,7 +132,7 @@ impl Outcome {
             Outcome::Sent => "sent",
             Outcome::Failed => "failed",
             Outcome::Busy => "busy",
-            Outcome::Body => "body",
+            Outcome::TooLarge => "too_large",
             Outcome::NoEndpoint => "no_endpoint",
         }
     }
@@ -79,6 +160,7 @@ impl MirrorRt {
             slots,
             max_in_flight: config.max_in_flight,
             timeout: config.timeout.0,
+            max_body: config.max_body.0,
             client: OnceLock::new(),
             metrics,
         }
@@ -86,28 +168,33 @@ impl MirrorRt {
 
     /// Copies the request `parts` as `plan` forwards it (its `Host`, target and
     /// forwarding headers) with its request id to the shadow pool — or not, by the
-    /// share; a request with a body is counted and skipped.
+    /// share. A request without a body is sent at once; for one with a body (or one
+    /// declared longer than `max_body`, counted and skipped) the copy waits in the
+    /// slot returned for its body.
     pub fn copy(
         &self,
         route: &str,
         parts: &http::request::Parts,
         plan: &crate::policy::Forward,
         (id_name, id): (&HeaderName, &HeaderValue),
-    ) {
+    ) -> Option<Box<MirrorSlot>> {
         let (has_body, host, forwarded) = (plan.has_body, &plan.host, &plan.forwarded);
         let target = plan.target.as_deref();
         let metrics = &self.metrics;
         if self.share < 1.0 && rand::rng().random::<f64>() >= self.share {
-            return;
+            return None;
         }
         let count = |o: Outcome| {
-            metrics
-                .mirrored
-                .with_label_values(&[route, o.as_str()])
-                .inc();
+            count(metrics, route, o);
+            None
         };
-        if has_body {
-            return count(Outcome::Body);
+        let declared = parts
+            .headers
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|n| n > self.max_body) {
+            return count(Outcome::TooLarge);
         }
         let Ok(permit) = self.slots.clone().try_acquire_owned() else {
             return count(Outcome::Busy);
@@ -132,6 +219,7 @@ impl MirrorRt {
                 .iter()
                 .any(|h| n.eq_ignore_ascii_case(h))
                 || n == "host"
+                || n == "content-length"
                 || name == id_name
                 || forwarded.iter().any(|(f, _)| f == name)
             {
@@ -146,25 +234,18 @@ impl MirrorRt {
             .header(http::header::HOST, host)
             .header(id_name, id)
             .header(MIRROR_HEADER, "1");
-        let (metrics, route) = (metrics.clone(), route.to_string());
-        tokio::spawn(async move {
-            let sent = async {
-                let mut resp = req.send().await?;
-                // Read to the end, a chunk at a time (the connection can then be
-                // reused), and dropped.
-                while resp.chunk().await?.is_some() {}
-                Ok::<(), reqwest::Error>(())
-            };
-            let outcome = match sent.await {
-                Ok(()) => Outcome::Sent,
-                Err(_) => Outcome::Failed,
-            };
-            metrics
-                .mirrored
-                .with_label_values(&[&route, outcome.as_str()])
-                .inc();
-            drop(permit);
-        });
+        let pending = PendingCopy {
+            req,
+            permit,
+            metrics: metrics.clone(),
+            route: route.to_string(),
+            max_body: self.max_body,
+        };
+        if !has_body {
+            pending.send(bytes::Bytes::new());
+            return None;
+        }
+        Some(Box::new(MirrorSlot(std::sync::Mutex::new(Some(pending)))))
     }
 
     fn client(&self) -> Result<&reqwest::Client, reqwest::Error> {

@@ -140,6 +140,18 @@ pub(crate) async fn forward<D: Downstream>(
             ..Forwarded::default()
         };
     };
+    // The body is whole by now (the fast paths read it before forwarding).
+    if let Some(copy) = plan
+        .mirror
+        .as_ref()
+        .and_then(|m| m.take())
+    {
+        let len = usize::try_from(request.body_len).unwrap_or(usize::MAX);
+        let head = &request.upstream_head;
+        if len <= head.len() {
+            copy.send(bytes::Bytes::copy_from_slice(&head[head.len() - len..]));
+        }
+    }
     let mut ticket = match pool.admit(&*pool.breaker, conn.metrics, ms_at(started)) {
         Ok(t) => t,
         Err(refusal) => {

@@ -107,6 +107,8 @@ pub struct Forward {
     /// The request has a body (a declared length, chunked, or an HTTP/2 stream still
     /// open).
     pub has_body: bool,
+    /// The route mirror's copy of a request with a body, waiting for the body.
+    pub mirror: Option<Box<crate::mirror::MirrorSlot>>,
     /// The `Host` sent upstream: the authority the request was routed on.
     pub host: HeaderValue,
     /// The target sent upstream when it is not the client's own (a stripped prefix,
@@ -174,7 +176,7 @@ pub async fn decide(generation: &Generation, req: Request<'_>, client: Client<'_
                     .push((HeaderName::from_static("traceparent"), t.header()));
             }
             if let Some(mirror) = &generation.routes[route].mirror {
-                mirror.copy(
+                forward.mirror = mirror.copy(
                     &generation.routes[route].name,
                     req.parts,
                     &forward,
@@ -446,6 +448,7 @@ fn forward_plan(
         key,
         split_cookie,
         has_body: false,
+        mirror: None,
         compress: route.compress.as_ref().and_then(|c| c.choose(parts)),
         host: authority.value,
         target,
