@@ -146,8 +146,12 @@ fn pages_config(dir: &std::path::Path, backend: std::net::SocketAddr, text_page:
          error_pages = {{ text = {{ file = \"{}\" }}, intercept = [502, 503] }}\n\
          action = {{ forward = \"app\" }}\n\n\
          [pools.app]\nendpoints = [{{ address = \"{backend}\" }}]\nretries = {{ attempts = 0 }}\n\
-         passive_health = {{ consecutive_failures = 0 }}\n",
-        dir.join(text_page).display()
+         passive_health = {{ consecutive_failures = 0 }}\n\n\
+         [[routes]]\nname = \"dead\"\npath_prefix = \"/dead\"\naction = {{ forward = \"dead\" }}\n\n\
+         [pools.dead]\nendpoints = [{{ address = \"{}\" }}]\nretries = {{ attempts = 0 }}\n\
+         error_pages = {{ text = {{ inline = \"pool page {{status}}\\n\" }} }}\n",
+        dir.join(text_page).display(),
+        closed_port()
     )
 }
 
@@ -222,6 +226,21 @@ async fn the_operators_pages_replace_the_proxys_own_and_intercept_upstream_error
             let (_, id, _, body) = get("/nowhere", None).await;
             assert!(
                 body.ends_with(&format!("request id: {id}\n")),
+                "{}",
+                what(&body)
+            );
+            // A route without pages of its own: its pool's (text), else the global
+            // ones (HTML).
+            let (status, _, _, body) = get("/dead/x", None).await;
+            assert_eq!(
+                body,
+                format!("pool page {status}\n"),
+                "{}",
+                what("pool page")
+            );
+            let (status, _, _, body) = get("/dead/x", Some(BROWSER)).await;
+            assert!(
+                body.starts_with(&format!("<html><h1>Oops {status}</h1>")),
                 "{}",
                 what(&body)
             );

@@ -1763,6 +1763,10 @@ pub struct Pool {
     /// A circuit breaker: `circuit_breaker = { max_in_flight = 500, error_ratio = 0.5 }`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub circuit_breaker: Option<CircuitBreaker>,
+    /// Error pages of the requests forwarded to this pool (a route's own win; each
+    /// form left out is the global `[error_pages]`'s).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error_pages: Option<ErrorPages>,
 }
 
 /// A pool's sticky-session cookie.
@@ -1852,6 +1856,7 @@ impl Default for Pool {
             slow_start: None,
             sticky: None,
             circuit_breaker: None,
+            error_pages: None,
         }
     }
 }

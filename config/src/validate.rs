@@ -1606,6 +1606,9 @@ fn pool(name: &str, pool: &Pool, discovered: bool, path: &FieldPath, out: &mut V
     if let Some(cb) = &pool.circuit_breaker {
         circuit_breaker(&path.key("circuit_breaker"), cb, out);
     }
+    if let Some(pages) = &pool.error_pages {
+        error_pages(&path.key("error_pages"), pages, out);
+    }
 }
 
 /// A pool's circuit breaker: a limit above 0, a ratio in (0, 1], sensible times.

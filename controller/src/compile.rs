@@ -77,6 +77,12 @@ impl Compiler {
                 inline_pages(pages).with_context(|| format!("routes {}: error_pages", r.name))?;
             }
         }
+        let mut pools = merge_pools(config, found);
+        for (name, pool) in &mut pools {
+            if let Some(pages) = &mut pool.error_pages {
+                inline_pages(pages).with_context(|| format!("pools.{name}.error_pages"))?;
+            }
+        }
         let mut error_pages = config.error_pages.clone();
         if let Some(pages) = &mut error_pages {
             inline_pages(pages).context("error_pages")?;
@@ -88,7 +94,7 @@ impl Compiler {
             forwarding: config.forwarding.clone(),
             error_pages,
             routes,
-            pools: merge_pools(config, found),
+            pools,
             certificates: self.certificates(config)?,
             default_sni: config.server.default_sni.clone(),
             acme_challenges: self.acme.challenges.clone(),

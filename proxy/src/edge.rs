@@ -578,7 +578,13 @@ impl ProxyHttp for Edge {
                 resp.append_header(http::header::SET_COOKIE, cookie)?;
             }
         }
-        let pages = ctx.generation.pages(ctx.route);
+        let pages = ctx.generation.pages(
+            ctx.route,
+            ctx.plan
+                .as_ref()
+                .and(ctx.pool())
+                .and_then(|p| p.error_pages.as_deref()),
+        );
         if pages.is_some_and(|p| p.intercept.contains(&status)) {
             // The upstream's body is dropped as it comes (response_body_filter) and
             // the page sent in its place.
@@ -1017,7 +1023,13 @@ async fn send_answer(session: &mut Session, ctx: &mut RequestCtx, answer: &Answe
         .as_ref()
         .map(|v| (&ctx.generation.forwarding.request_id, v));
     let style = Style::of(&session.req_header().headers);
-    let pages = ctx.generation.pages(ctx.route);
+    let pages = ctx.generation.pages(
+        ctx.route,
+        ctx.plan
+            .as_ref()
+            .and(ctx.pool())
+            .and_then(|p| p.error_pages.as_deref()),
+    );
     let (head, body) = answer.response_header(id, style, pages)?;
     let head_only = session.req_header().method == http::Method::HEAD;
     session

@@ -78,13 +78,18 @@ pub struct Generation {
 }
 
 impl Generation {
-    /// The error pages of an answer on route `route` (or on none).
+    /// The error pages of an answer on route `route` (or on none) for a request to a
+    /// pool with `pool_pages`: the route's own, else the pool's, else the global ones.
     #[must_use]
-    pub fn pages(&self, route: Option<usize>) -> Option<&crate::policy::pages::ErrorPagesRt> {
-        match route {
-            Some(r) => self.routes[r].error_pages.as_deref(),
-            None => self.error_pages.as_deref(),
-        }
+    pub fn pages<'a>(
+        &'a self,
+        route: Option<usize>,
+        pool_pages: Option<&'a crate::policy::pages::ErrorPagesRt>,
+    ) -> Option<&'a crate::policy::pages::ErrorPagesRt> {
+        route
+            .and_then(|r| self.routes[r].error_pages.as_deref())
+            .or(pool_pages)
+            .or(self.error_pages.as_deref())
     }
 }
 
@@ -138,7 +143,7 @@ pub struct RouteRt {
     pub limiter: Option<Arc<crate::limits::rate::RouteLimiter>>,
     /// Whether its requests go to the access log.
     pub access_log: bool,
-    /// Its error pages (its own over the global ones).
+    /// Its own error pages (merged with the global ones), when it has some.
     pub error_pages: Option<Arc<crate::policy::pages::ErrorPagesRt>>,
     /// Its response compression.
     pub compress: Option<crate::compress::CompressRt>,
@@ -276,6 +281,8 @@ pub struct PoolRt {
     pub sticky: Option<crate::balance::sticky::StickyRt>,
     /// Its circuit breaker's settings.
     pub circuit_breaker: Option<rampart_config::CircuitBreaker>,
+    /// Its own error pages (merged with the global ones), when it has some.
+    pub error_pages: Option<Arc<crate::policy::pages::ErrorPagesRt>>,
     /// Its admission counters (in flight, retries, the breaker's window), kept across
     /// reloads that keep the pool.
     pub breaker: Arc<crate::limits::breaker::BreakerState>,
@@ -479,7 +486,7 @@ impl Builder {
         for (name, pool) in &config.pools {
             pools.insert(
                 name.clone(),
-                Arc::new(build_pool(name, pool, prev, &self.metrics)?),
+                Arc::new(build_pool(name, pool, prev, &self.metrics, &config)?),
             );
         }
         // Metric handles of routes that remain are reused: looking up label values for
@@ -499,7 +506,7 @@ impl Builder {
                         config.error_pages.as_ref(),
                     )
                     .with_context(|| format!("routes {}", r.name))?,
-                    None => error_pages.clone(),
+                    None => None,
                 };
                 let mut route = build_route(
                     r,
@@ -641,7 +648,15 @@ fn build_pool(
     pool: &rampart_config::Pool,
     prev: Option<&Generation>,
     metrics: &Metrics,
+    config: &Config,
 ) -> anyhow::Result<PoolRt> {
+    let error_pages = match &pool.error_pages {
+        Some(own) => {
+            crate::policy::pages::ErrorPagesRt::build(Some(own), config.error_pages.as_ref())
+                .with_context(|| format!("pools.{name}"))?
+        }
+        None => None,
+    };
     let previous: std::collections::HashMap<&str, &Arc<EndpointState>> = prev
         .and_then(|g| g.pools.get(name))
         .map(|p| {
@@ -674,6 +689,7 @@ fn build_pool(
         states: endpoints.iter().map(|e| e.state.clone()).collect(),
         balancer: Balancer::new(pool.balance, &weights, &ids),
         circuit_breaker: pool.circuit_breaker.clone(),
+        error_pages,
         breaker: prev
             .and_then(|g| g.pools.get(name))
             .map_or_else(Arc::default, |p| p.breaker.clone()),

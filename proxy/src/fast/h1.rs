@@ -202,7 +202,7 @@ impl<'h, 'b> Head<'h, 'b> {
         logged: (Option<Box<Arrival>>, Option<crate::policy::Trace>),
     ) -> Prepared {
         let head = upstream_head(&self.req, plan, generation, &request_id);
-        let mut request = Prepared::new(&self.parts, plan, request_id, head, logged);
+        let mut request = Prepared::new(&self.parts, (plan, generation), request_id, head, logged);
         request.client_close = self.client_close;
         request.with_body(self.body_len, &bytes[self.head_len..])
     }
@@ -281,7 +281,7 @@ impl Downstream for Http1Client<'_> {
         close: bool,
     ) -> bool {
         let id = policy::id_header(generation, &request.request_id);
-        let pages = generation.pages(request.route);
+        let pages = request.pages(generation);
         let bytes = answer.h1_bytes(id, request.style, request.head_request, close, pages);
         self.body(&bytes, true).await
     }

@@ -73,8 +73,14 @@ pub async fn serve(
     let head = upstream_head(session.req_header(), &plan, &generation, &request_id);
     let req = session.req_header();
     let arrival = Arrival::of(&generation, req, conn.peer, Some(plan.route), trace);
-    let mut request =
-        Prepared::new(req, &plan, request_id, head, (arrival, trace)).with_body(body_len, &[]);
+    let mut request = Prepared::new(
+        req,
+        (&plan, &generation),
+        request_id,
+        head,
+        (arrival, trace),
+    )
+    .with_body(body_len, &[]);
     if request.body_missing > 0 {
         if let Err(e) = read_body(&mut session, &mut request, &generation, started).await {
             let mut client = Http2Client {
@@ -287,7 +293,7 @@ impl Downstream for Http2Client<'_> {
         _close: bool,
     ) -> bool {
         let id = policy::id_header(generation, &request.request_id);
-        let pages = generation.pages(request.route);
+        let pages = request.pages(generation);
         let Ok((header, body)) = answer.response_header(Some(id), request.style, pages) else {
             return false;
         };

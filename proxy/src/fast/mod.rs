@@ -179,7 +179,7 @@ pub(crate) async fn answer_request<D: Downstream>(
                 request.head_request,
                 request.style,
                 Some(&request.request_id),
-                generation.pages(request.route),
+                request.pages(generation),
             )
         }),
         ..request.outcome(conn)
@@ -296,19 +296,22 @@ pub(crate) struct Prepared {
     pub(crate) trace: Option<crate::policy::Trace>,
     /// The form of an error answer (gRPC by `Content-Type`, else by `Accept`).
     pub(crate) style: Style,
+    /// The error pages of the plan's pool, when it has its own.
+    pub(crate) pool_pages: Option<std::sync::Arc<crate::policy::pages::ErrorPagesRt>>,
 }
 
 impl Prepared {
     /// A request forwarded under `plan`, with its upstream head.
     pub(crate) fn new(
         parts: &http::request::Parts,
-        plan: &Forward,
+        (plan, generation): (&Forward, &Generation),
         request_id: HeaderValue,
         upstream_head: Vec<u8>,
         (arrival, trace): (Option<Box<Arrival>>, Option<crate::policy::Trace>),
     ) -> Self {
         Self {
             upstream_head,
+            pool_pages: plan.pool(generation).and_then(|p| p.error_pages.clone()),
             ..Self::answering(parts, Some(plan.route), request_id, false, (arrival, trace))
         }
     }
@@ -333,6 +336,7 @@ impl Prepared {
             arrival,
             trace,
             style: Style::of(&parts.headers),
+            pool_pages: None,
         }
     }
 
@@ -371,6 +375,15 @@ impl Prepared {
             limits.body_read_timeout.0,
             limits.min_body_rate.0,
         )
+    }
+
+    /// The error pages of this request's answers: the route's, the pool's or the
+    /// global ones.
+    pub(crate) fn pages<'g>(
+        &'g self,
+        generation: &'g Generation,
+    ) -> Option<&'g crate::policy::pages::ErrorPagesRt> {
+        generation.pages(self.route, self.pool_pages.as_deref())
     }
 
     /// The route's response header rules.

@@ -141,11 +141,7 @@ pub(crate) async fn forward<D: Downstream>(
         };
     };
     // The body is whole by now (the fast paths read it before forwarding).
-    if let Some(copy) = plan
-        .mirror
-        .as_ref()
-        .and_then(|m| m.take())
-    {
+    if let Some(copy) = plan.mirror.as_ref().and_then(|m| m.take()) {
         let len = usize::try_from(request.body_len).unwrap_or(usize::MAX);
         let head = &request.upstream_head;
         if len <= head.len() {
@@ -306,15 +302,14 @@ async fn attempt<D: Downstream>(
         pool.states[idx].record_success();
     }
     let intercepted = request
-        .route
-        .and_then(|r| generation.routes[r].error_pages.as_deref())
+        .pages(generation)
         .is_some_and(|p| p.intercept.contains(&status));
     if intercepted {
         // The upstream's body is never read: its connection is dropped, not pooled.
         let close = request.client_close || conn.closing;
         let answer = Answer::Intercepted(status);
         let written = client.answer(&answer, request, generation, close).await;
-        let pages = generation.pages(request.route);
+        let pages = request.pages(generation);
         let id = Some(&request.request_id);
         return Attempt::Done(Relayed {
             status,
