@@ -250,14 +250,7 @@ async fn active_health_checks_eject_and_restore_endpoints() {
     ))
     .await;
     b.health_status.store(500, Ordering::SeqCst);
-    eventually("b to be marked unhealthy", || async {
-        let s = proxy.status().await;
-        let eps = s["pools"]["p"]["endpoints"].as_array().unwrap().clone();
-        eps.iter()
-            .any(|e| e["address"] == b.addr.to_string() && e["active_healthy"] == false)
-            .then_some(())
-    })
-    .await;
+    proxy.wait_actively_unhealthy("p", b.addr).await;
     assert!(proxy.metrics().await.contains(&format!(
         "rampart_endpoint_healthy{{endpoint=\"{}\",pool=\"p\"}} 0",
         b.addr

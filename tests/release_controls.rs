@@ -132,14 +132,7 @@ async fn a_sticky_client_stays_on_its_endpoint_until_it_leaves() {
 
             // b leaves (its health check fails): its sessions move, once, and stay.
             b.health_status.store(500, Ordering::SeqCst);
-            eventually("b to be marked unhealthy", || async {
-                let s = proxy.status().await;
-                let eps = s["pools"]["p"]["endpoints"].as_array().unwrap().clone();
-                eps.iter()
-                    .any(|e| e["address"] == b.addr.to_string() && e["active_healthy"] == false)
-                    .then_some(())
-            })
-            .await;
+            proxy.wait_actively_unhealthy("p", b.addr).await;
             let mut after = Vec::new();
             for (cookie, backend) in &sessions {
                 let (got, set) = get(&client, &url, &[("cookie", cookie)]).await;

@@ -141,6 +141,14 @@ impl RequestCtx {
     fn route(&self) -> Option<&RouteRt> {
         self.route.map(|i| &self.generation.routes[i])
     }
+    /// The error pages of this request's answers: the route's, the plan's pool's or
+    /// the global ones.
+    fn pages(&self) -> Option<&crate::policy::pages::ErrorPagesRt> {
+        let pool = self.plan.as_ref().and(self.pool());
+        self.generation
+            .pages(self.route, pool.and_then(|p| p.error_pages.as_deref()))
+    }
+
     /// The pool the plan chose (of a split, one of its pools), else the route's.
     fn pool(&self) -> Option<&Arc<PoolRt>> {
         let route = self.route()?;
@@ -578,13 +586,7 @@ impl ProxyHttp for Edge {
                 resp.append_header(http::header::SET_COOKIE, cookie)?;
             }
         }
-        let pages = ctx.generation.pages(
-            ctx.route,
-            ctx.plan
-                .as_ref()
-                .and(ctx.pool())
-                .and_then(|p| p.error_pages.as_deref()),
-        );
+        let pages = ctx.pages();
         if pages.is_some_and(|p| p.intercept.contains(&status)) {
             // The upstream's body is dropped as it comes (response_body_filter) and
             // the page sent in its place.
@@ -1023,13 +1025,7 @@ async fn send_answer(session: &mut Session, ctx: &mut RequestCtx, answer: &Answe
         .as_ref()
         .map(|v| (&ctx.generation.forwarding.request_id, v));
     let style = Style::of(&session.req_header().headers);
-    let pages = ctx.generation.pages(
-        ctx.route,
-        ctx.plan
-            .as_ref()
-            .and(ctx.pool())
-            .and_then(|p| p.error_pages.as_deref()),
-    );
+    let pages = ctx.pages();
     let (head, body) = answer.response_header(id, style, pages)?;
     let head_only = session.req_header().method == http::Method::HEAD;
     session

@@ -48,6 +48,24 @@ pub struct ForwardAuthRt {
     client: OnceLock<reqwest::Client>,
 }
 
+/// The client in `cell`, built on first use: no redirects followed, `timeout` per
+/// request, idle connections kept a minute (for the sub-requests of forward_auth and
+/// the mirror's copies).
+pub(crate) fn lazy_client(
+    cell: &OnceLock<reqwest::Client>,
+    timeout: Duration,
+) -> Result<&reqwest::Client, reqwest::Error> {
+    if let Some(c) = cell.get() {
+        return Ok(c);
+    }
+    let c = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .timeout(timeout)
+        .pool_idle_timeout(Duration::from_secs(60))
+        .build()?;
+    Ok(cell.get_or_init(|| c))
+}
+
 /// What the auth service said.
 #[derive(Debug)]
 pub enum Verdict {
@@ -74,15 +92,7 @@ impl ForwardAuthRt {
     }
 
     fn client(&self) -> Result<&reqwest::Client, reqwest::Error> {
-        if let Some(c) = self.client.get() {
-            return Ok(c);
-        }
-        let c = reqwest::Client::builder()
-            .redirect(reqwest::redirect::Policy::none())
-            .timeout(self.timeout)
-            .pool_idle_timeout(Duration::from_secs(60))
-            .build()?;
-        Ok(self.client.get_or_init(|| c))
+        lazy_client(&self.client, self.timeout)
     }
 
     /// Asks the auth service about the request `parts` from `client_ip` over `scheme`

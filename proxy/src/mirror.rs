@@ -249,14 +249,6 @@ impl MirrorRt {
     }
 
     fn client(&self) -> Result<&reqwest::Client, reqwest::Error> {
-        if let Some(c) = self.client.get() {
-            return Ok(c);
-        }
-        let c = reqwest::Client::builder()
-            .redirect(reqwest::redirect::Policy::none())
-            .timeout(self.timeout)
-            .pool_idle_timeout(Duration::from_secs(60))
-            .build()?;
-        Ok(self.client.get_or_init(|| c))
+        crate::forward_auth::lazy_client(&self.client, self.timeout)
     }
 }

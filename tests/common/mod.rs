@@ -593,6 +593,22 @@ impl Proxy {
 
     /// Rewrites the config, sends SIGHUP, waits until the version moved past `before`
     /// or a reload failure was recorded. Returns the new version.
+    /// Waits until /status shows the endpoint `addr` of `pool` failing its active
+    /// health check.
+    pub async fn wait_actively_unhealthy(&self, pool: &str, addr: SocketAddr) {
+        eventually(
+            &format!("{addr} in {pool} to be marked unhealthy"),
+            || async {
+                let s = self.status().await;
+                let eps = s["pools"][pool]["endpoints"].as_array()?.clone();
+                eps.iter()
+                    .any(|e| e["address"] == addr.to_string() && e["active_healthy"] == false)
+                    .then_some(())
+            },
+        )
+        .await;
+    }
+
     pub async fn reload(&self, body: &str) -> u64 {
         let before = self.version().await;
         let failures_before = self.metric("rampart_config_reload_failures_total").await;

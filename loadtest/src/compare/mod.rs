@@ -278,6 +278,7 @@ async fn compare(args: &CompareArgs) -> anyhow::Result<Results> {
         big,
         h2c,
         html: html_backend.addr,
+        compress: args.tests.contains(&Test::Gzip100k),
     };
     let rampart = crate::scenario::rampart_binary(args.rampart.clone());
 
