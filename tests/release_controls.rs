@@ -626,9 +626,10 @@ async fn a_mirror_copies_requests_and_never_holds_them_up() {
         // A shadow that is down changes nothing for the client.
         drop(shadow);
         let dead = common::free_addr();
-        proxy
-            .reload(&mirror_config(&app, dead, "percent = 50"))
-            .await;
+        // (The shadow's passive health as by default: five failures eject it.)
+        let config = mirror_config(&app, dead, "percent = 50")
+            .replace("passive_health = { consecutive_failures = 0 }\n", "");
+        proxy.reload(&config).await;
         for _ in 0..100 {
             assert_eq!(
                 get(client, &format!("{base}/"), &[]).await.0,
@@ -646,5 +647,24 @@ async fn a_mirror_copies_requests_and_never_holds_them_up() {
             .filter(|v| *v > 0.0)
         })
         .await;
+        // Then the dead shadow is ejected, and copies skip it without trying: a dead
+        // shadow costs nothing per request (no connect attempt each time).
+        for _ in 0..50 {
+            get(client, &format!("{base}/"), &[]).await;
+        }
+        let m = proxy.metrics().await;
+        let skipped = common::metric_value(
+            &m,
+            "rampart_mirrored_requests_total{outcome=\"no_endpoint\",route=\"app\"}",
+        );
+        assert!(skipped.is_some_and(|v| v > 0.0), "{name}: {skipped:?}");
+        let failed = common::metric_value(
+            &m,
+            "rampart_mirrored_requests_total{outcome=\"failed\",route=\"app\"}",
+        );
+        assert!(
+            failed.is_some_and(|v| v <= 10.0),
+            "{name}: {failed:?} copies tried a dead shadow"
+        );
     }
 }

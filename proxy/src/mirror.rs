@@ -28,6 +28,10 @@ fn count(metrics: &Metrics, route: &str, o: Outcome) {
 /// A copy that waits for its request's body (a place in `max_in_flight` is held).
 pub struct PendingCopy {
     req: reqwest::RequestBuilder,
+    /// The shadow pool and the endpoint the copy goes to (its passive health counts
+    /// the copies' failures).
+    pool: Arc<PoolRt>,
+    idx: usize,
     permit: tokio::sync::OwnedSemaphorePermit,
     metrics: Arc<Metrics>,
     route: String,
@@ -42,6 +46,8 @@ impl PendingCopy {
         }
         let PendingCopy {
             req,
+            pool,
+            idx,
             permit,
             metrics,
             route,
@@ -57,8 +63,29 @@ impl PendingCopy {
                 Ok::<(), reqwest::Error>(())
             };
             let outcome = match sent.await {
-                Ok(()) => Outcome::Sent,
-                Err(_) => Outcome::Failed,
+                Ok(()) => {
+                    pool.states[idx].record_success();
+                    Outcome::Sent
+                }
+                Err(e) => {
+                    use crate::fast::upstream::FailureKind;
+                    let kind = if e.is_connect() {
+                        FailureKind::Connect
+                    } else if e.is_timeout() {
+                        FailureKind::Timeout
+                    } else {
+                        FailureKind::Error
+                    };
+                    let mut recorded = false;
+                    crate::edge::record_endpoint_failure(
+                        &metrics,
+                        &pool,
+                        Some(idx),
+                        kind,
+                        &mut recorded,
+                    );
+                    Outcome::Failed
+                }
             };
             count(&metrics, &route, outcome);
             drop(permit);
@@ -199,7 +226,14 @@ impl MirrorRt {
         let Ok(permit) = self.slots.clone().try_acquire_owned() else {
             return count(Outcome::Busy);
         };
-        let Some(idx) = self.pool.pick(PickKey::default(), &[], now_ms()) else {
+        // Unlike a pool's own requests, copies skip an ejected shadow even when none
+        // is left (no panic mode): a dead shadow then costs nothing per request.
+        let now = now_ms();
+        let Some(idx) = self
+            .pool
+            .pick(PickKey::default(), &[], now)
+            .filter(|&i| self.pool.states[i].is_available(now))
+        else {
             return count(Outcome::NoEndpoint);
         };
         let client = match self.client() {
@@ -236,6 +270,8 @@ impl MirrorRt {
             .header(MIRROR_HEADER, "1");
         let pending = PendingCopy {
             req,
+            pool: self.pool.clone(),
+            idx,
             permit,
             metrics: metrics.clone(),
             route: route.to_string(),
