@@ -152,16 +152,25 @@ async fn a_sticky_client_stays_on_its_endpoint_until_it_leaves() {
 }
 
 /// Pools v1, v2 and a dark v3 (weight 0) with one backend each, named after its pool.
-fn split_config(backends: &BTreeMap<&str, Arc<Backend>>, weights: [u32; 3]) -> String {
+fn split_config(
+    backends: &BTreeMap<&str, Arc<Backend>>,
+    weights: [u32; 3],
+    down: std::net::SocketAddr,
+) -> String {
     let mut out = format!(
         "{TLS}[[routes]]\nname = \"app\"\n\
          split = {{ ttl = \"1d\", override_header = \"X-Canary\", override_cookie = \"canary\" }}\n\
-         action = {{ forward = [{{ pool = \"v1\", weight = {} }}, {{ pool = \"v2\", weight = {} }}, {{ pool = \"v3\", weight = {} }}] }}\n\n",
+         action = {{ forward = [{{ pool = \"v1\", weight = {} }}, {{ pool = \"v2\", weight = {} }}, {{ pool = \"v3\", weight = {} }}, {{ pool = \"down\", weight = 0 }}] }}\n\n",
         weights[0], weights[1], weights[2]
     );
     for (name, b) in backends {
         out.push_str(&pool_toml(name, "round_robin", &[b], ""));
     }
+    // A pool whose one endpoint fails its health check: no endpoint to try at all.
+    out.push_str(&format!(
+        "[pools.down]\nendpoints = [{{ address = \"{down}\" }}]\n\
+         health_check = {{ interval = \"100ms\", timeout = \"100ms\", unhealthy_threshold = 1 }}\n"
+    ));
     out
 }
 
@@ -172,8 +181,10 @@ async fn a_split_shares_clients_by_weight_keeps_them_and_obeys_overrides() {
     for name in ["v1", "v2", "v3"] {
         backends.insert(name, Backend::start(name).await);
     }
+    // Nothing listens there: the "down" pool's health check fails.
+    let down = common::free_addr();
     for (server, name) in [("", "fast paths"), (PINGORA, "Pingora's path")] {
-        let proxy = Proxy::start_with(server, &split_config(&backends, [80, 20, 0])).await;
+        let proxy = Proxy::start_with(server, &split_config(&backends, [80, 20, 0], down)).await;
         let url = format!("https://app.test:{}/", proxy.https.port());
         for (version, client) in clients(&proxy) {
             let what = format!("{name}, {version}");
@@ -221,8 +232,22 @@ async fn a_split_shares_clients_by_weight_keeps_them_and_obeys_overrides() {
                 assert_eq!(set.len(), 1, "{what}: {cookie}: {set:?}");
             }
         }
-        // Each pool's requests are counted under its own label.
+        // Each pool's requests are counted under its own label, failures too.
+        proxy.wait_actively_unhealthy("down", down).await;
+        let r = clients(&proxy)[0]
+            .1
+            .get(&url)
+            .header("x-canary", "down")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 503, "{name}");
         let metrics = proxy.metrics().await;
+        let line = "rampart_requests_total{class=\"5xx\",pool=\"down\",route=\"app\"}";
+        assert!(
+            common::metric_value(&metrics, line).is_some_and(|v| v > 0.0),
+            "{name}: no {line} in\n{metrics}"
+        );
         for pool in ["v1", "v2", "v3"] {
             let line =
                 format!("rampart_requests_total{{class=\"2xx\",pool=\"{pool}\",route=\"app\"}}");
@@ -233,7 +258,9 @@ async fn a_split_shares_clients_by_weight_keeps_them_and_obeys_overrides() {
         }
 
         // The canary is rolled back: its clients move to v1, once.
-        proxy.reload(&split_config(&backends, [100, 0, 0])).await;
+        proxy
+            .reload(&split_config(&backends, [100, 0, 0], down))
+            .await;
         let client = &clients(&proxy)[0].1;
         let (got, set) = get(client, &url, &[("cookie", "rp_split=v2")]).await;
         assert_eq!(got, "v1", "{name}");

@@ -1878,6 +1878,8 @@ pub struct PoolSettings {
     pub sticky: Option<Sticky>,
     /// `slow_start`.
     pub slow_start: Option<Dur>,
+    /// `max_in_flight` (the circuit breaker's concurrency limit).
+    pub max_in_flight: Option<u32>,
 }
 
 impl PoolSettings {
@@ -1900,6 +1902,16 @@ impl PoolSettings {
         }
         if let Some(d) = self.slow_start {
             pool.slow_start = Some(d);
+        }
+        if let Some(n) = self.max_in_flight {
+            let cb = pool.circuit_breaker.get_or_insert_with(|| CircuitBreaker {
+                max_in_flight: None,
+                error_ratio: None,
+                min_requests: default_breaker_min_requests(),
+                window: default_breaker_window(),
+                open_for: default_breaker_open_for(),
+            });
+            cb.max_in_flight = Some(n);
         }
     }
 }

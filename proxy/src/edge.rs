@@ -804,6 +804,7 @@ impl ProxyHttp for Edge {
             route: ctx.route,
             request_id: ctx.request_id.as_ref().map(HeaderValue::as_bytes),
             upstream: ctx.pool().map(AsRef::as_ref).zip(ctx.endpoint),
+            pool: ctx.plan.as_ref().and(ctx.pool()).map(AsRef::as_ref),
             upstream_status: ctx.upstream_status.map(|(s, _)| s),
             upstream_connect: ctx.upstream_connect,
             upstream_ttfb: ctx.upstream_status.map(|(_, t)| t),

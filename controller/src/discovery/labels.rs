@@ -16,6 +16,7 @@
 //! rampart.route.site.allow_from=10.0.0.0/8,192.0.2.7  # others get 403
 //! rampart.route.site.forward_auth=http://oauth2-proxy:4180/oauth2/auth  # 2xx lets a request through
 //! rampart.route.site.forward_auth_headers=X-Auth-Request-User,X-Auth-Request-Email
+//! rampart.route.site.compress=true      # gzip, brotli, zstd for text, JSON, JS, SVG…
 //! rampart.pool.api.protocol=h2c          # http1 (default), h2, h2c, auto
 //! rampart.pool.api.tls=true              # TLS to the endpoints (system roots)
 //! rampart.pool.api.tls.server_name=api.internal   # also tls.ca_file, tls.client_cert,
@@ -25,6 +26,7 @@
 //! rampart.pool.web.sticky=true           # sticky sessions (cookie rp_s); also
 //!                                        # sticky.cookie=NAME, sticky.ttl=1h
 //! rampart.pool.web.slow_start=30s        # ramp a new endpoint's share up over 30s
+//! rampart.pool.web.max_in_flight=1000    # circuit breaker: more at once get 503
 //! ```
 //!
 //! Pool settings apply to a pool the configuration file does not define (the file's
@@ -127,6 +129,7 @@ pub fn parse(
                         | "access_log"
                         | "forward_auth"
                         | "forward_auth_headers"
+                        | "compress"
                 ) {
                     routes
                         .entry((*name).to_string())
@@ -137,7 +140,7 @@ pub fn parse(
                         &mut errors,
                         key,
                         value,
-                        "known route labels: host, path, pool, priority, https_redirect, require_client_cert, strip_prefix, allow_from, rate_limit, access_log, forward_auth, forward_auth_headers",
+                        "known route labels: host, path, pool, priority, https_redirect, require_client_cert, strip_prefix, allow_from, rate_limit, access_log, forward_auth, forward_auth_headers, compress",
                     );
                 }
             }
@@ -260,6 +263,12 @@ fn pool_setting(set: &mut PoolSettings, field: &str, value: &str) -> Result<(), 
         "slow_start" => {
             set.slow_start = Some(value.parse().map_err(|_| "use a duration, e.g. 30s")?);
         }
+        "max_in_flight" => match value.parse::<u32>() {
+            Ok(n) if n > 0 => {
+                set.max_in_flight = Some(n);
+            }
+            _ => return Err("use a number of requests above 0, e.g. 1000".into()),
+        },
         "tls.server_name" => tls(set).server_name = Some(value.to_string()),
         "tls.ca_file" => tls(set).ca_file = path(),
         "tls.client_cert" => tls(set).client_cert = path(),
@@ -272,7 +281,7 @@ fn pool_setting(set: &mut PoolSettings, field: &str, value: &str) -> Result<(), 
             };
         }
         _ => {
-            return Err("known pool labels: port, weight, protocol, tls, tls.server_name, tls.ca_file, tls.client_cert, tls.client_key, tls.min_version, max_streams, proxy_protocol, sticky, sticky.cookie, sticky.ttl, slow_start".into())
+            return Err("known pool labels: port, weight, protocol, tls, tls.server_name, tls.ca_file, tls.client_cert, tls.client_key, tls.min_version, max_streams, proxy_protocol, sticky, sticky.cookie, sticky.ttl, slow_start, max_in_flight".into())
         }
     }
     Ok(())
@@ -353,6 +362,15 @@ fn route(
         Some(kv) => kv.1.parse().map_err(|_| bad(kv, "use true or false"))?,
         None => true,
     };
+    // `compress=true`: gzip, brotli and zstd with every default.
+    let compress = match fields.get("compress") {
+        Some(kv) => {
+            kv.1.parse::<bool>()
+                .map_err(|_| bad(kv, "use true or false"))?
+                .then(rampart_config::Compress::default)
+        }
+        None => None,
+    };
     let forward_auth = match (fields.get("forward_auth"), fields.get("forward_auth_headers")) {
         (Some(kv), headers) => Some(rampart_config::ForwardAuth {
             url: kv.1.clone(),
@@ -424,7 +442,7 @@ fn route(
         rate_limit,
         split: None,
         error_pages: None,
-        compress: None,
+        compress,
         mirror: None,
         action: Action::Forward(pool.into()),
     })
@@ -467,6 +485,7 @@ mod tests {
                 ("rampart.pool.api.proxy_protocol", "v2"),
                 ("rampart.pool.api.sticky.ttl", "1h"),
                 ("rampart.pool.api.slow_start", "30s"),
+                ("rampart.pool.api.max_in_flight", "500"),
             ]),
             IP,
         )
@@ -490,6 +509,13 @@ mod tests {
             ("rp_s", Some(rampart_config::Dur::secs(3600)))
         );
         assert_eq!(set.slow_start, Some(rampart_config::Dur::secs(30)));
+        assert_eq!(set.max_in_flight, Some(500));
+        let mut pool = rampart_config::Pool::default();
+        set.apply(&mut pool);
+        assert_eq!(
+            pool.circuit_breaker.and_then(|c| c.max_in_flight),
+            Some(500)
+        );
 
         let e = parse(
             "c",
@@ -566,6 +592,7 @@ mod tests {
             ("rampart.route.site.allow_from", "10.0.0.0/8, 192.0.2.7"),
             ("rampart.route.site.forward_auth", "http://auth:4180/check"),
             ("rampart.route.site.forward_auth_headers", "X-User, X-Email"),
+            ("rampart.route.site.compress", "true"),
             ("com.docker.compose.service", "web"),
         ]);
         let got = parse("web-1", &l, IP).unwrap().unwrap();
@@ -577,6 +604,7 @@ mod tests {
         assert_eq!(r.path_prefix, "/app");
         assert!(r.https_redirect);
         assert!(r.require_client_cert);
+        assert_eq!(r.compress, Some(rampart_config::Compress::default()));
         assert!(r.strip_prefix);
         assert_eq!(r.allow_from.len(), 2);
         assert_eq!(r.allow_from[1].to_string(), "192.0.2.7");

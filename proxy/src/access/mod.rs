@@ -254,6 +254,9 @@ pub struct Outcome<'a> {
     pub request_id: Option<&'a [u8]>,
     /// The pool and endpoint of the last attempt.
     pub upstream: Option<(&'a PoolRt, usize)>,
+    /// The pool the request was forwarded to (known also when no endpoint was
+    /// available): a split's requests are counted under it.
+    pub pool: Option<&'a PoolRt>,
     /// The status the upstream answered.
     pub upstream_status: Option<u16>,
     /// The last attempt's connect time (zero on a reused connection).
@@ -307,7 +310,7 @@ pub fn finish(
     let elapsed = finished.duration_since(started);
     let seconds = elapsed.as_secs_f64();
     let route_metrics = outcome.route.map_or(&generation.unrouted_metrics, |r| {
-        generation.routes[r].metrics_for(outcome.upstream.map(|(p, _)| p))
+        generation.routes[r].metrics_for(outcome.pool)
     });
     route_metrics.observe(outcome.status, seconds);
     metrics.rolling.record(finished, outcome.status, seconds);

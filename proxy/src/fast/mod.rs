@@ -260,6 +260,7 @@ pub(crate) async fn forward_request<D: Downstream>(
     let outcome = Outcome {
         status: done.status,
         upstream: pool.zip(done.endpoint),
+        pool,
         upstream_status: done.relayed.map(|r| r.status),
         upstream_connect: done.relayed.map(|r| r.connect),
         upstream_ttfb: done.relayed.map(|r| r.ttfb),
