@@ -178,8 +178,24 @@ hosts = ["v1.test"]
 rewrite = {{ pattern = '^/v1/(.*)$', replacement = "/$1" }}
 action = {{ forward = "app" }}
 
+[[routes]]
+name = "canary"
+hosts = ["split.test"]
+split = {{ override_header = "X-Canary" }}
+action = {{ forward = [{{ pool = "app", weight = 1 }}, {{ pool = "sticky", weight = 0 }}] }}
+
+[[routes]]
+name = "gz"
+hosts = ["gz.test"]
+compress = {{}}
+action = {{ forward = "app" }}
+
 [pools.app]
 endpoints = [{{ address = "{upstream}" }}]
+
+[pools.sticky]
+endpoints = [{{ address = "{upstream}" }}]
+sticky = {{}}
 "#
     )
 }
@@ -326,6 +342,11 @@ fn http1_corpus() -> Vec<(&'static str, String, u16, Option<&'static str>, Serve
         ("address not allowed", req("GET / HTTP/1.1", "Host: private.test\r\n"), 403, None, Fast),
         ("regex redirect", req("GET /blog/a%20b?c HTTP/1.1", "Host: old.test\r\n"), 301, None, Fast),
         ("regex redirect, no match", req("GET /about HTTP/1.1", "Host: old.test\r\n"), 200, Some("GET /about HTTP/1.1"), Fast),
+        // A split (the override into a weight-0 sticky pool; the cookies go on as they
+        // came), and a route that compresses, which the fast paths hand to Pingora's.
+        ("split, overridden", req("GET /s HTTP/1.1", "Host: split.test\r\nX-Canary: sticky\r\nCookie: rp_s=0123456789abcdef; rp_split=app\r\n"), 200, Some("Cookie: rp_s=0123456789abcdef; rp_split=app"), Fast),
+        ("split, by weight", req("GET /s HTTP/1.1", "Host: split.test\r\n"), 200, Some("GET /s HTTP/1.1"), Fast),
+        ("compressing route", req("GET /c HTTP/1.1", "Host: gz.test\r\nAccept-Encoding: gzip\r\n"), 200, Some("Accept-Encoding: gzip"), Pingora),
         ("client certificate required, plain HTTP", req("GET / HTTP/1.1", "Host: cert.test\r\n"), 403, None, Fast),
         // The certificate headers are the proxy's alone: both paths drop a client's.
         ("forged client certificate header", req("GET / HTTP/1.1", "Host: a.test\r\nX-Client-Cert-Subject: CN=admin\r\n"), 200, Some("GET / HTTP/1.1"), Fast),
