@@ -343,7 +343,7 @@ async fn a_circuit_breaker_refuses_over_max_in_flight_and_while_its_pool_fails()
             // Two slow requests fill the pool; the third is refused at once.
             let slow: Vec<_> = (0..2)
                 .map(|_| {
-                    let (client, url) = (client.clone(), format!("{base}/slow/1500"));
+                    let (client, url) = (client.clone(), format!("{base}/slow/3000"));
                     tokio::spawn(async move { answer(&client, &url).await.0 })
                 })
                 .collect();
@@ -674,24 +674,30 @@ async fn a_mirror_copies_requests_and_never_holds_them_up() {
             .filter(|v| *v > 0.0)
         })
         .await;
-        // Then the dead shadow is ejected, and copies skip it without trying: a dead
-        // shadow costs nothing per request (no connect attempt each time).
+        // Then the dead shadow is ejected (five failures), and copies skip it without a
+        // connection attempt: a dead shadow costs nothing per request.
+        let count = |m: &str, outcome: &str| {
+            let line =
+                format!("rampart_mirrored_requests_total{{outcome=\"{outcome}\",route=\"app\"}}");
+            common::metric_value(m, &line).unwrap_or(0.0)
+        };
+        eventually("copies to skip the ejected shadow", || async {
+            get(client, &format!("{base}/"), &[]).await;
+            (count(&proxy.metrics().await, "no_endpoint") > 0.0).then_some(())
+        })
+        .await;
+        let m = proxy.metrics().await;
+        let (skipped, failed) = (count(&m, "no_endpoint"), count(&m, "failed"));
         for _ in 0..50 {
             get(client, &format!("{base}/"), &[]).await;
         }
         let m = proxy.metrics().await;
-        let skipped = common::metric_value(
-            &m,
-            "rampart_mirrored_requests_total{outcome=\"no_endpoint\",route=\"app\"}",
-        );
-        assert!(skipped.is_some_and(|v| v > 0.0), "{name}: {skipped:?}");
-        let failed = common::metric_value(
-            &m,
-            "rampart_mirrored_requests_total{outcome=\"failed\",route=\"app\"}",
-        );
+        // Half of 50 sampled (sd 3.5): at least 10 skipped; at most the few copies
+        // already started when the ejection came may still fail.
+        assert!(count(&m, "no_endpoint") - skipped >= 10.0, "{name}");
         assert!(
-            failed.is_some_and(|v| v <= 10.0),
-            "{name}: {failed:?} copies tried a dead shadow"
+            count(&m, "failed") - failed <= 5.0,
+            "{name}: copies kept trying a dead shadow"
         );
     }
 }
