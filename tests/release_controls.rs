@@ -525,6 +525,12 @@ impl Shadow {
     }
 }
 
+/// `rampart_mirrored_requests_total` of route `app` for `outcome` in `metrics`.
+fn mirrored(metrics: &str, outcome: &str) -> Option<f64> {
+    let line = format!("rampart_mirrored_requests_total{{outcome=\"{outcome}\",route=\"app\"}}");
+    common::metric_value(metrics, &line)
+}
+
 fn mirror_config(app: &Arc<Backend>, shadow: std::net::SocketAddr, mirror: &str) -> String {
     format!(
         "{TLS}[[routes]]\nname = \"app\"\nmirror = {{ pool = \"shadow\", {mirror} }}\naction = {{ forward = \"app\" }}\n\n{}\
@@ -601,11 +607,7 @@ async fn a_mirror_copies_requests_and_never_holds_them_up() {
                 .unwrap();
             assert_eq!(r.status(), 200, "{what}");
             eventually("the long body to be counted", || async {
-                let m = proxy.metrics().await;
-                common::metric_value(
-                    &m,
-                    "rampart_mirrored_requests_total{outcome=\"too_large\",route=\"app\"}",
-                )
+                mirrored(&proxy.metrics().await, "too_large")
             })
             .await;
             assert_eq!(
@@ -637,11 +639,7 @@ async fn a_mirror_copies_requests_and_never_holds_them_up() {
             (shadow.open.load(Ordering::SeqCst) >= 4).then_some(())
         })
         .await;
-        let m = proxy.metrics().await;
-        let busy = common::metric_value(
-            &m,
-            "rampart_mirrored_requests_total{outcome=\"busy\",route=\"app\"}",
-        );
+        let busy = mirrored(&proxy.metrics().await, "busy");
         assert!(busy.is_some_and(|v| v >= 190.0), "{name}: busy {busy:?}");
         assert_eq!(
             shadow.open.load(Ordering::SeqCst),
@@ -666,21 +664,12 @@ async fn a_mirror_copies_requests_and_never_holds_them_up() {
         }
         // The copies that found nobody are counted as failed.
         eventually("failed copies to be counted", || async {
-            let m = proxy.metrics().await;
-            common::metric_value(
-                &m,
-                "rampart_mirrored_requests_total{outcome=\"failed\",route=\"app\"}",
-            )
-            .filter(|v| *v > 0.0)
+            mirrored(&proxy.metrics().await, "failed").filter(|v| *v > 0.0)
         })
         .await;
         // Then the dead shadow is ejected (five failures), and copies skip it without a
         // connection attempt: a dead shadow costs nothing per request.
-        let count = |m: &str, outcome: &str| {
-            let line =
-                format!("rampart_mirrored_requests_total{{outcome=\"{outcome}\",route=\"app\"}}");
-            common::metric_value(m, &line).unwrap_or(0.0)
-        };
+        let count = |m: &str, outcome: &str| mirrored(m, outcome).unwrap_or(0.0);
         eventually("copies to skip the ejected shadow", || async {
             get(client, &format!("{base}/"), &[]).await;
             (count(&proxy.metrics().await, "no_endpoint") > 0.0).then_some(())

@@ -577,25 +577,16 @@ impl ProxyHttp for Edge {
                 resp.insert_header(name.clone(), value.clone())?;
             }
         }
-        if let Some(plan) = &ctx.plan {
+        if let (Some(plan), Some(idx)) = (&ctx.plan, ctx.endpoint) {
             let https = self.scheme == Scheme::Https;
-            let sticky = ctx
-                .endpoint
-                .and_then(|idx| pool.sticky_cookie(plan.key, idx, https));
-            for cookie in [plan.split_cookie.clone(), sticky].into_iter().flatten() {
+            for cookie in plan.set_cookies(&pool, idx, https).into_iter().flatten() {
                 resp.append_header(http::header::SET_COOKIE, cookie)?;
             }
         }
-        let pages = ctx.pages();
-        if pages.is_some_and(|p| p.intercept.contains(&status)) {
+        if ctx.pages().is_some_and(|p| p.intercept.contains(&status)) {
             // The upstream's body is dropped as it comes (response_body_filter) and
             // the page sent in its place.
-            let id = ctx
-                .request_id
-                .as_ref()
-                .map(|v| (&ctx.generation.forwarding.request_id, v));
-            let style = Style::of(&session.req_header().headers);
-            let (head, body) = Answer::Intercepted(status).response_header(id, style, pages)?;
+            let (head, body) = answer_head(session, ctx, &Answer::Intercepted(status))?;
             *resp = head;
             ctx.error = Some("upstream_status");
             ctx.intercepted = Some(body);
@@ -1015,19 +1006,28 @@ fn mirror_body(ctx: &mut RequestCtx, chunk: Option<&Bytes>, eos: bool) {
     }
 }
 
+/// The head and body of `answer` to the request of `session`: its request id, the form
+/// its `Accept` asks for, the error pages of its route or pool.
+fn answer_head(
+    session: &Session,
+    ctx: &RequestCtx,
+    answer: &Answer,
+) -> Result<(ResponseHeader, Bytes)> {
+    let id = ctx
+        .request_id
+        .as_ref()
+        .map(|v| (&ctx.generation.forwarding.request_id, v));
+    let style = Style::of(&session.req_header().headers);
+    answer.response_header(id, style, ctx.pages())
+}
+
 /// Writes the policy's answer (or a failure's) on Pingora's session.
 async fn send_answer(session: &mut Session, ctx: &mut RequestCtx, answer: &Answer) -> Result<()> {
     ctx.error = access::error_kind(answer);
     if answer.closes() {
         session.set_keepalive(None);
     }
-    let id = ctx
-        .request_id
-        .as_ref()
-        .map(|v| (&ctx.generation.forwarding.request_id, v));
-    let style = Style::of(&session.req_header().headers);
-    let pages = ctx.pages();
-    let (head, body) = answer.response_header(id, style, pages)?;
+    let (head, body) = answer_head(session, ctx, answer)?;
     let head_only = session.req_header().method == http::Method::HEAD;
     session
         .write_response_header(Box::new(head), head_only || body.is_empty())

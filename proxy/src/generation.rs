@@ -500,14 +500,11 @@ impl Builder {
             .routes
             .iter()
             .map(|r| {
-                let pages = match &r.error_pages {
-                    Some(own) => crate::policy::pages::ErrorPagesRt::build(
-                        Some(own),
-                        config.error_pages.as_ref(),
-                    )
-                    .with_context(|| format!("routes {}", r.name))?,
-                    None => None,
-                };
+                let pages = crate::policy::pages::ErrorPagesRt::own(
+                    r.error_pages.as_ref(),
+                    config.error_pages.as_ref(),
+                )
+                .with_context(|| format!("routes {}", r.name))?;
                 let mut route = build_route(
                     r,
                     &config,
@@ -650,13 +647,11 @@ fn build_pool(
     metrics: &Metrics,
     config: &Config,
 ) -> anyhow::Result<PoolRt> {
-    let error_pages = match &pool.error_pages {
-        Some(own) => {
-            crate::policy::pages::ErrorPagesRt::build(Some(own), config.error_pages.as_ref())
-                .with_context(|| format!("pools.{name}"))?
-        }
-        None => None,
-    };
+    let error_pages = crate::policy::pages::ErrorPagesRt::own(
+        pool.error_pages.as_ref(),
+        config.error_pages.as_ref(),
+    )
+    .with_context(|| format!("pools.{name}"))?;
     let previous: std::collections::HashMap<&str, &Arc<EndpointState>> = prev
         .and_then(|g| g.pools.get(name))
         .map(|p| {

@@ -243,6 +243,48 @@ pub fn hop_by_hop(headers: &HeaderMap, keep_upgrade: bool) -> Vec<HeaderName> {
     names
 }
 
+/// The value of the request's cookie `name` as sent (the first one, in any `Cookie`
+/// field).
+#[must_use]
+pub fn cookie<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
+    headers
+        .get_all(http::header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|c| c.trim().split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v)
+}
+
+/// The attributes after `name=value` of a cookie the proxy sets, for a response to an
+/// HTTP request and to an HTTPS one: `Path=/`, `Max-Age` from `ttl` (absent: a
+/// browser-session cookie), `Secure` as `secure` says (absent: over HTTPS only),
+/// `HttpOnly` when `http_only`, and `SameSite`.
+#[must_use]
+pub fn cookie_attributes(
+    ttl: Option<std::time::Duration>,
+    secure: Option<bool>,
+    http_only: bool,
+    same_site: rampart_config::SameSite,
+) -> [String; 2] {
+    [false, true].map(|https| {
+        let mut a = String::from("; Path=/");
+        if let Some(ttl) = ttl {
+            a.push_str(&format!("; Max-Age={}", ttl.as_secs()));
+        }
+        if secure.unwrap_or(https) {
+            a.push_str("; Secure");
+        }
+        if http_only {
+            a.push_str("; HttpOnly");
+        }
+        a.push_str("; SameSite=");
+        a.push_str(same_site.as_str());
+        a
+    })
+}
+
 /// The request's `Cookie` fields as the one field an HTTP/1.1 upstream gets (RFC 9113
 /// §8.2.3: HTTP/2 clients may split cookies into several); `None` without cookies.
 #[must_use]

@@ -28,24 +28,14 @@ impl StickyRt {
     /// across reloads).
     #[must_use]
     pub fn new(config: &Sticky, ids: &[String]) -> Self {
-        let attributes = [false, true].map(|https| {
-            let mut a = String::from("; Path=/");
-            if let Some(ttl) = config.ttl {
-                a.push_str(&format!("; Max-Age={}", ttl.0.as_secs()));
-            }
-            if config.secure.unwrap_or(https) {
-                a.push_str("; Secure");
-            }
-            if config.http_only {
-                a.push_str("; HttpOnly");
-            }
-            a.push_str("; SameSite=");
-            a.push_str(config.same_site.as_str());
-            a
-        });
         Self {
             cookie: config.cookie.clone(),
-            attributes,
+            attributes: crate::headers::cookie_attributes(
+                config.ttl.map(|t| t.0),
+                config.secure,
+                config.http_only,
+                config.same_site,
+            ),
             values: ids.iter().map(|id| value_of(id)).collect(),
         }
     }
@@ -53,7 +43,7 @@ impl StickyRt {
     /// The endpoint value the request's cookie names, if it sent one that parses.
     #[must_use]
     pub fn requested(&self, headers: &HeaderMap) -> Option<u64> {
-        let v = cookie(headers, &self.cookie)?;
+        let v = crate::headers::cookie(headers, &self.cookie)?.trim_matches('"');
         if v.len() != 16 {
             return None;
         }
@@ -87,19 +77,6 @@ impl StickyRt {
 /// An endpoint identity's cookie value.
 fn value_of(id: &str) -> u64 {
     xxhash_rust::xxh3::xxh3_64_with_seed(id.as_bytes(), SEED)
-}
-
-/// The value of the request's cookie `name` (the first one, in any `Cookie` header).
-#[must_use]
-pub fn cookie<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
-    headers
-        .get_all(http::header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .filter_map(|c| c.trim().split_once('='))
-        .find(|(k, _)| *k == name)
-        .map(|(_, v)| v.trim_matches('"'))
 }
 
 #[cfg(test)]

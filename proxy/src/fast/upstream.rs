@@ -301,15 +301,12 @@ async fn attempt<D: Downstream>(
     } else {
         pool.states[idx].record_success();
     }
-    let intercepted = request
-        .pages(generation)
-        .is_some_and(|p| p.intercept.contains(&status));
-    if intercepted {
+    let pages = request.pages(generation);
+    if pages.is_some_and(|p| p.intercept.contains(&status)) {
         // The upstream's body is never read: its connection is dropped, not pooled.
         let close = request.client_close || conn.closing;
         let answer = Answer::Intercepted(status);
         let written = client.answer(&answer, request, generation, close).await;
-        let pages = request.pages(generation);
         let id = Some(&request.request_id);
         return Attempt::Done(Relayed {
             status,
@@ -319,10 +316,7 @@ async fn attempt<D: Downstream>(
             keep_alive: written && !close,
         });
     }
-    let cookies = [
-        plan.split_cookie.clone(),
-        pool.sticky_cookie(plan.key, idx, conn.scheme == crate::edge::Scheme::Https),
-    ];
+    let cookies = plan.set_cookies(pool, idx, conn.scheme == crate::edge::Scheme::Https);
     let relay = Relay {
         cookies,
         request,

@@ -133,6 +133,17 @@ impl Forward {
     pub fn pool<'g>(&self, generation: &'g Generation) -> Option<&'g Arc<PoolRt>> {
         generation.routes[self.route].pool_at(self.pool)
     }
+
+    /// The `Set-Cookie` values the proxy adds to the response of endpoint `idx` of
+    /// `pool`: the split's choice of pool and the sticky pool's endpoint, each when
+    /// the request did not carry it already.
+    #[must_use]
+    pub fn set_cookies(&self, pool: &PoolRt, idx: usize, https: bool) -> [Option<HeaderValue>; 2] {
+        [
+            self.split_cookie.clone(),
+            pool.sticky_cookie(self.key, idx, https),
+        ]
+    }
 }
 
 tokio::task_local! {
@@ -568,15 +579,9 @@ pub(crate) fn hash_key(key: &HashKey, req: &http::request::Parts, client: Option
             .headers
             .get(name.as_str())
             .map_or_else(by_ip, |v| xxh3_64(v.as_bytes())),
-        HashKey::Cookie(name) => req
-            .headers
-            .get_all(http::header::COOKIE)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(';'))
-            .filter_map(|c| c.trim().split_once('='))
-            .find(|(k, _)| k == name)
-            .map_or_else(by_ip, |(_, v)| xxh3_64(v.as_bytes())),
+        HashKey::Cookie(name) => {
+            crate::headers::cookie(&req.headers, name).map_or_else(by_ip, |v| xxh3_64(v.as_bytes()))
+        }
     }
 }
 

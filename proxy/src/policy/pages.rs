@@ -25,6 +25,21 @@ pub struct ErrorPagesRt {
 }
 
 impl ErrorPagesRt {
+    /// The pages of a route or pool that has `own` ones, merged with the global
+    /// `global` ([`ErrorPagesRt::build`]); `None` when it has none of its own.
+    ///
+    /// # Errors
+    /// A page file that cannot be read, is not UTF-8 or is over 1 MiB.
+    pub fn own(
+        own: Option<&ErrorPages>,
+        global: Option<&ErrorPages>,
+    ) -> anyhow::Result<Option<Arc<Self>>> {
+        match own {
+            Some(own) => Self::build(Some(own), global),
+            None => Ok(None),
+        }
+    }
+
     /// The pages of a route with `own` over the global `global`, form by form (the
     /// route's `intercept` when it has pages, else the global one). `None` when
     /// neither has any.

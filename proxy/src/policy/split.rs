@@ -10,7 +10,6 @@ use http::header::{HeaderName, HeaderValue};
 use http::HeaderMap;
 use rand::Rng;
 
-use crate::balance::sticky::cookie;
 use crate::generation::PoolRt;
 use crate::metrics::RequestMetrics;
 
@@ -46,17 +45,13 @@ impl SplitRt {
     /// A split over `pools` (weight and metrics each) with `settings`.
     #[must_use]
     pub fn new(pools: Vec<SplitPool>, settings: &rampart_config::Split) -> Self {
-        let attributes = [false, true].map(|https| {
-            let mut a = String::from("; Path=/");
-            if let Some(ttl) = settings.ttl {
-                a.push_str(&format!("; Max-Age={}", ttl.0.as_secs()));
-            }
-            if https {
-                a.push_str("; Secure");
-            }
-            a.push_str("; HttpOnly; SameSite=Lax");
-            a
-        });
+        // Secure over HTTPS, HttpOnly, SameSite=Lax.
+        let attributes = crate::headers::cookie_attributes(
+            settings.ttl.map(|t| t.0),
+            None,
+            true,
+            rampart_config::SameSite::Lax,
+        );
         Self {
             total: pools.iter().map(|p| u64::from(p.weight)).sum(),
             pools,
@@ -75,6 +70,8 @@ impl SplitRt {
     #[must_use]
     pub fn choose(&self, headers: &HeaderMap, https: bool) -> (usize, Option<HeaderValue>) {
         let named = |name: &str| self.pools.iter().position(|p| p.pool.name == name);
+        let cookie =
+            |name: &str| crate::headers::cookie(headers, name).map(|v| v.trim_matches('"'));
         let forced = self
             .override_header
             .as_ref()
@@ -84,7 +81,7 @@ impl SplitRt {
             .or_else(|| {
                 self.override_cookie
                     .as_deref()
-                    .and_then(|c| cookie(headers, c))
+                    .and_then(cookie)
                     .and_then(named)
             });
         if let Some(i) = forced {
@@ -94,7 +91,7 @@ impl SplitRt {
             return (self.weighted(), None);
         };
         // A pool whose weight went to 0 keeps nobody: its clients move.
-        if let Some(i) = cookie(headers, name)
+        if let Some(i) = cookie(name)
             .and_then(named)
             .filter(|&i| self.pools[i].weight > 0)
         {
