@@ -596,6 +596,32 @@ async fn a_mirror_copies_requests_and_never_holds_them_up() {
                 "{what}"
             );
             assert_eq!(headers["x-rampart-mirror"], "1", "{what}");
+            // A chunked body (HTTP/1.1, plain) is copied whole, framed by the copy's
+            // own length.
+            if version == "HTTP/1.1" {
+                use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+                let before = shadow.count();
+                let mut tcp = tokio::net::TcpStream::connect(proxy.http).await.unwrap();
+                tcp.write_all(
+                    b"POST /chunked HTTP/1.1\r\nHost: app.test\r\nTransfer-Encoding: chunked\r\n\r\n\
+                      8\r\nchunked \r\n4\r\ndata\r\n0\r\n\r\n",
+                )
+                .await
+                .unwrap();
+                let mut head = [0u8; 12];
+                tcp.read_exact(&mut head).await.unwrap();
+                assert_eq!(&head, b"HTTP/1.1 200", "{what}");
+                eventually(&format!("{what}: the copy of a chunked body"), || async {
+                    (shadow.count() > before).then_some(())
+                })
+                .await;
+                let (target, headers, body) = shadow.seen.lock().unwrap().last().cloned().unwrap();
+                assert_eq!(
+                    (target.as_str(), body.as_slice()),
+                    ("/chunked", &b"chunked data"[..]),
+                    "{what}: {headers:?}"
+                );
+            }
             // One over max_body is not copied (counted), and still served in full.
             let before = shadow.count();
             let big = vec![b'b'; 2048];

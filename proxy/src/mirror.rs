@@ -215,11 +215,7 @@ impl MirrorRt {
             count(metrics, route, o);
             None
         };
-        let declared = parts
-            .headers
-            .get(http::header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok());
+        let declared = crate::limits::content_length(&parts.headers).ok().flatten();
         if declared.is_some_and(|n| n > self.max_body) {
             return count(Outcome::TooLarge);
         }
