@@ -185,6 +185,13 @@ split = {{ override_header = "X-Canary" }}
 action = {{ forward = [{{ pool = "app", weight = 1 }}, {{ pool = "sticky", weight = 0 }}] }}
 
 [[routes]]
+name = "paged"
+hosts = ["paged.test"]
+allow_from = ["192.0.2.7"]
+error_pages = {{ text = {{ inline = "custom {{status}} {{request_id}}\n" }} }}
+action = {{ forward = "app" }}
+
+[[routes]]
 name = "gz"
 hosts = ["gz.test"]
 compress = {{}}
@@ -346,6 +353,7 @@ fn http1_corpus() -> Vec<(&'static str, String, u16, Option<&'static str>, Serve
         // came), and a route that compresses, which the fast paths hand to Pingora's.
         ("split, overridden", req("GET /s HTTP/1.1", "Host: split.test\r\nX-Canary: sticky\r\nCookie: rp_s=0123456789abcdef; rp_split=app\r\n"), 200, Some("Cookie: rp_s=0123456789abcdef; rp_split=app"), Fast),
         ("split, by weight", req("GET /s HTTP/1.1", "Host: split.test\r\n"), 200, Some("GET /s HTTP/1.1"), Fast),
+        ("an error page of the operator's", req("GET / HTTP/1.1", "Host: paged.test\r\n"), 403, None, Fast),
         ("compressing route", req("GET /c HTTP/1.1", "Host: gz.test\r\nAccept-Encoding: gzip\r\n"), 200, Some("Accept-Encoding: gzip"), Pingora),
         ("client certificate required, plain HTTP", req("GET / HTTP/1.1", "Host: cert.test\r\n"), 403, None, Fast),
         // The certificate headers are the proxy's alone: both paths drop a client's.

@@ -73,20 +73,16 @@ impl Compiler {
     ) -> anyhow::Result<Snapshot> {
         let mut routes = merge_routes(config, found);
         for r in &mut routes {
-            if let Some(pages) = &mut r.error_pages {
-                inline_pages(pages).with_context(|| format!("routes {}: error_pages", r.name))?;
-            }
+            inline_pages(&mut r.error_pages)
+                .with_context(|| format!("routes {}: error_pages", r.name))?;
         }
         let mut pools = merge_pools(config, found);
         for (name, pool) in &mut pools {
-            if let Some(pages) = &mut pool.error_pages {
-                inline_pages(pages).with_context(|| format!("pools.{name}.error_pages"))?;
-            }
+            inline_pages(&mut pool.error_pages)
+                .with_context(|| format!("pools.{name}.error_pages"))?;
         }
         let mut error_pages = config.error_pages.clone();
-        if let Some(pages) = &mut error_pages {
-            inline_pages(pages).context("error_pages")?;
-        }
+        inline_pages(&mut error_pages).context("error_pages")?;
         Ok(Snapshot {
             schema: SCHEMA,
             version,
@@ -234,7 +230,8 @@ pub fn merge_pools(config: &Config, found: &[Found]) -> BTreeMap<String, rampart
 
 /// Error pages as the proxies get them: a page from a file is read here and sent
 /// inline, as certificate files are, so that proxies need no copy of it.
-fn inline_pages(pages: &mut rampart_config::ErrorPages) -> anyhow::Result<()> {
+fn inline_pages(pages: &mut Option<rampart_config::ErrorPages>) -> anyhow::Result<()> {
+    let Some(pages) = pages else { return Ok(()) };
     for page in [&mut pages.html, &mut pages.json, &mut pages.text]
         .into_iter()
         .flatten()
@@ -337,12 +334,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let page = dir.path().join("e.html");
         std::fs::write(&page, "<h1>{status}</h1>").unwrap();
-        let mut pages = rampart_config::ErrorPages {
+        let mut pages = Some(rampart_config::ErrorPages {
             html: Some(rampart_config::PageSource::File(page)),
             text: Some(rampart_config::PageSource::Inline("x".into())),
             ..Default::default()
-        };
+        });
         inline_pages(&mut pages).unwrap();
+        let pages = pages.unwrap();
         assert_eq!(
             pages.html,
             Some(rampart_config::PageSource::Inline(
@@ -353,10 +351,10 @@ mod tests {
             pages.text,
             Some(rampart_config::PageSource::Inline("x".into()))
         );
-        let mut missing = rampart_config::ErrorPages {
+        let mut missing = Some(rampart_config::ErrorPages {
             json: Some(rampart_config::PageSource::File(dir.path().join("no.json"))),
             ..Default::default()
-        };
+        });
         let e = format!("{:#}", inline_pages(&mut missing).unwrap_err());
         assert!(e.contains("no.json"), "{e}");
     }

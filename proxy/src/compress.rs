@@ -38,12 +38,17 @@ impl Coding {
     }
 
     fn of(token: &str) -> Option<Coding> {
-        match token.to_ascii_lowercase().as_str() {
-            "zstd" => Some(Coding::Zstd),
-            "br" => Some(Coding::Br),
-            "gzip" | "x-gzip" => Some(Coding::Gzip),
-            _ => None,
-        }
+        // Read once per Accept-Encoding item of every request on the route: compared
+        // in place, not lower-cased into a new string.
+        [
+            ("zstd", Coding::Zstd),
+            ("br", Coding::Br),
+            ("gzip", Coding::Gzip),
+            ("x-gzip", Coding::Gzip),
+        ]
+        .into_iter()
+        .find(|(t, _)| token.eq_ignore_ascii_case(t))
+        .map(|(_, c)| c)
     }
 }
 

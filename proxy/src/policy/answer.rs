@@ -467,15 +467,12 @@ fn error_body(
 ) -> (HeaderValue, Bytes) {
     let id = id.map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
     let title = title(status);
-    let (content_type, body) = match style {
-        Style::Grpc => return (HeaderValue::from_static(GRPC), Bytes::new()),
-        Style::Text => (
-            TEXT,
-            match &id {
-                Some(id) => format!("{detail}\nrequest id: {id}\n"),
-                None => format!("{detail}\n"),
-            },
-        ),
+    let body = match style {
+        Style::Grpc => String::new(),
+        Style::Text => match &id {
+            Some(id) => format!("{detail}\nrequest id: {id}\n"),
+            None => format!("{detail}\n"),
+        },
         Style::Html => {
             let page = maud::html! {
                 (maud::DOCTYPE)
@@ -488,7 +485,7 @@ fn error_body(
                     }
                 }
             };
-            (HTML, page.into_string() + "\n")
+            page.into_string() + "\n"
         }
         Style::Json => {
             let mut doc = format!(
@@ -500,10 +497,13 @@ fn error_body(
                 json_str(&mut doc, id);
             }
             doc.push_str("}\n");
-            (PROBLEM, doc)
+            doc
         }
     };
-    (HeaderValue::from_static(content_type), Bytes::from(body))
+    (
+        HeaderValue::from_static(style.content_type()),
+        Bytes::from(body),
+    )
 }
 
 /// The gRPC status code of a failure the proxy answers with HTTP `status` (the gRPC
