@@ -193,7 +193,8 @@ async fn a_frozen_leader_is_replaced_within_two_ttls_and_never_writes_again() {
     .await;
     assert!(v_b > v_a, "versions keep increasing: {v_a} then {v_b}");
     match via_b.watch(v_a).await.unwrap() {
-        WatchResult::Snapshot { version, .. } => assert_eq!(version, v_b),
+        // The newest snapshot: b may have published again since its version was read.
+        WatchResult::Snapshot { version, .. } => assert!(version >= v_b, "{version} < {v_b}"),
         WatchResult::NoChange => panic!("the new leader's snapshot did not reach the proxy"),
     }
 
