@@ -93,3 +93,56 @@ async fn upgrade_hands_the_sockets_over_without_refusing_a_request() {
     new.kill().unwrap();
     new.wait().unwrap();
 }
+
+/// At shutdown (and at a hand-over, which shuts the old process down the same way), a
+/// connection waiting between requests is closed, but one accepted while the listener
+/// was open gets its first request answered even when it arrives after that: the
+/// client is already sending it, and closing the socket then resets its connection.
+#[tokio::test]
+async fn a_connection_accepted_before_shutdown_gets_its_first_request_answered() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    common::init();
+    let b = Backend::start("b").await;
+    let proxy = Proxy::start_with(
+        "grace_period = \"5s\"",
+        &single_pool("round_robin", &[&b], ""),
+    )
+    .await;
+    let open = |m: &str| common::metric_value(m, "rampart_active_connections{listener=\"http\"}");
+
+    // One kept-alive connection after a request, one that has sent nothing yet.
+    let mut kept = tokio::net::TcpStream::connect(proxy.http).await.unwrap();
+    kept.write_all(b"GET / HTTP/1.1\r\nHost: app.test\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = kept.read(&mut buf).await.unwrap();
+    assert!(buf[..n].starts_with(b"HTTP/1.1 200"), "{:?}", &buf[..n]);
+    let mut fresh = tokio::net::TcpStream::connect(proxy.http).await.unwrap();
+    eventually("both connections to be open at the proxy", || async {
+        (open(&proxy.metrics().await) == Some(2.0)).then_some(())
+    })
+    .await;
+
+    proxy.signal("TERM");
+    // The kept-alive connection is closed once the listener has shut down...
+    let n = tokio::time::timeout(common::DEADLINE, kept.read(&mut buf))
+        .await
+        .expect("the kept-alive connection to be closed at shutdown")
+        .unwrap_or(0);
+    assert_eq!(n, 0, "{:?}", &buf[..n]);
+    // ...and the fresh one's request, sent after that, is answered, with the
+    // connection closed after it.
+    fresh
+        .write_all(b"GET / HTTP/1.1\r\nHost: app.test\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(common::DEADLINE, fresh.read_to_end(&mut answer))
+        .await
+        .expect("an answer within the deadline")
+        .expect("an answer, not a reset connection");
+    let answer = String::from_utf8_lossy(&answer).to_ascii_lowercase();
+    assert!(answer.starts_with("http/1.1 200"), "{answer}");
+    assert!(answer.contains("connection: close"), "{answer}");
+}

@@ -32,7 +32,7 @@ use tokio::io::{AsyncWriteExt, ReadBuf};
 use crate::edge::{Edge, Scheme};
 use crate::fast::{h1, h2, ConnInfo, Served};
 use crate::generation::Generation;
-use crate::limits::deadline::{Arrivals, GuardedStream};
+use crate::limits::deadline::{ArrivalTicket, Arrivals, GuardedStream};
 use crate::limits::rate::PerClient;
 use crate::metrics::Metrics;
 use crate::policy::{self, Decision};
@@ -162,9 +162,12 @@ impl ServerApp for EdgeApp {
         // own TLS handshake (unused: Rampart does TLS here), ~9 KB that would live as
         // long as the connection. The connection gets a task of its own instead, sized
         // for what it needs, and Pingora's task ends now.
+        // Counted as awaiting its first request from now, not from when its task runs:
+        // the shutdown's wait for arrivals must not miss it.
+        let arrival = self.arrivals.ticket();
         let app = self.clone();
         let shutdown = shutdown.clone();
-        tokio::spawn(async move { app.serve_connection(stream, &shutdown).await });
+        tokio::spawn(async move { app.serve_connection(stream, arrival, &shutdown).await });
         None
     }
 
@@ -182,7 +185,12 @@ impl ServerApp for EdgeApp {
 impl EdgeApp {
     /// One client connection: the connection limits, TLS, then HTTP/2 through Pingora
     /// or HTTP/1 request by request (see [`EdgeApp::serve_http1`]).
-    async fn serve_connection(self: &Arc<Self>, stream: Stream, shutdown: &ShutdownWatch) {
+    async fn serve_connection(
+        self: &Arc<Self>,
+        stream: Stream,
+        arrival: ArrivalTicket,
+        shutdown: &ShutdownWatch,
+    ) {
         let generation = self.current.load_full();
         let limits = &generation.config.limits;
         if self.open.fetch_add(1, Ordering::Relaxed) >= limits.max_connections {
@@ -247,6 +255,8 @@ impl EdgeApp {
         let (stream, tls): (Stream, _) = match &self.tls {
             None if h2c => match sniff_h2c(stream, header_timeout).await {
                 Some((stream, true)) => {
+                    // HTTP/2 ends with a GOAWAY at shutdown, not by a refusal.
+                    drop(arrival);
                     Box::pin(self.serve_http2(stream, client, None, shutdown)).await;
                     return;
                 }
@@ -277,6 +287,7 @@ impl EdgeApp {
         if is_h2 {
             // Boxed: the HTTP/2 state would otherwise make every connection's future,
             // HTTP/1 ones included, as large as itself.
+            drop(arrival);
             Box::pin(self.serve_http2(stream, client, tls, shutdown)).await;
             return;
         }
@@ -287,7 +298,7 @@ impl EdgeApp {
                 header_timeout,
                 Arc::new(move || metrics.header_timeouts.inc()),
             )
-            .counting(self.arrivals.ticket()),
+            .counting(arrival),
         );
         self.serve_http1(stream, client, tls, shutdown).await;
     }
@@ -328,10 +339,12 @@ impl EdgeApp {
         shutdown: &ShutdownWatch,
     ) {
         let mut settings: Option<HttpPersistentSettings> = None;
+        let mut first = true;
         loop {
-            let Some(mut bytes) = self.next_request(&mut stream).await else {
+            let Some(mut bytes) = self.next_request(&mut stream, first).await else {
                 return;
             };
+            first = false;
             let mut handed = None;
             let generation = self.current.load_full();
             if generation.config.server.http1_fast_path {
@@ -509,10 +522,14 @@ impl EdgeApp {
     /// deadline of [`GuardedStream`] bounds the wait). The wait
     /// holds no buffer: bytes are read into the stack when the socket is readable and
     /// copied into a header buffer only then. `None` when the client closes the
-    /// connection, the keep-alive timeout passes or the listener shuts down.
-    async fn next_request(&self, stream: &mut Stream) -> Option<BytesMut> {
+    /// connection, the keep-alive timeout passes or, between requests, the listener
+    /// shuts down. A connection's `first` request is awaited even then: the client
+    /// connected to a listener that was open and is already sending it, and closing the
+    /// socket with its bytes unread would reset the connection (the request is then
+    /// answered with `Connection: close`).
+    async fn next_request(&self, stream: &mut Stream, first: bool) -> Option<BytesMut> {
         let closed = self.closed.notified();
-        if self.closing.load(Ordering::Acquire) {
+        if !first && self.closing.load(Ordering::Acquire) {
             return None;
         }
         let keepalive = self.current.load().config.limits.keepalive_timeout.0;
@@ -530,6 +547,13 @@ impl EdgeApp {
                 Poll::Ready(_) => Poll::Ready(None),
             }
         });
+        let closed = async {
+            if first {
+                std::future::pending().await
+            } else {
+                closed.await;
+            }
+        };
         tokio::select! {
             biased;
             bytes = crate::clock::within(keepalive, wake) => bytes.ok().flatten(),
