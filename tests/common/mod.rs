@@ -102,6 +102,8 @@ pub async fn fetch(url: &str) -> String {
 /// - `/status/NNN` answers NNN
 /// - `/bytes/N` answers N bytes (N ≤ 16 MiB)
 /// - `/slow/MS` answers after MS milliseconds
+/// - `/held` answers once `release()` is called (requests held in flight for as long as
+///   a test needs, however slow the machine)
 /// - `/headers` answers the request headers as JSON, and under `:path` the request
 ///   target it was sent
 /// - `/ws` is a WebSocket echo
@@ -115,6 +117,8 @@ pub struct Backend {
     pub health_status: AtomicU16,
     pub fail_status: AtomicU16,
     pub methods: Mutex<Vec<String>>,
+    /// `true` while `/held` requests wait.
+    held: tokio::sync::watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -158,6 +162,7 @@ impl Backend {
             health_status: AtomicU16::new(200),
             fail_status: AtomicU16::new(0),
             methods: Mutex::new(Vec::new()),
+            held: tokio::sync::watch::Sender::new(true),
             task,
         });
         tx.send(backend.clone()).ok().unwrap();
@@ -166,6 +171,11 @@ impl Backend {
 
     pub fn hits(&self) -> usize {
         self.hits.load(Ordering::SeqCst)
+    }
+
+    /// Answers the `/held` requests waiting and those to come.
+    pub fn release(&self) {
+        self.held.send_replace(false);
     }
 
     async fn handle(&self, mut req: Request<Incoming>) -> Response<Full<Bytes>> {
@@ -202,6 +212,9 @@ impl Backend {
         }
         if let Some(ms) = path.strip_prefix("/slow/") {
             tokio::time::sleep(Duration::from_millis(ms.parse().unwrap())).await;
+        }
+        if path == "/held" {
+            let _ = self.held.subscribe().wait_for(|held| !held).await;
         }
         let _ = req.into_body().collect().await;
         match self.fail_status.load(Ordering::SeqCst) {
