@@ -538,7 +538,8 @@ fn mirrored(metrics: &str, outcome: &str) -> Option<f64> {
 
 fn mirror_config(app: &Arc<Backend>, shadow: std::net::SocketAddr, mirror: &str) -> String {
     format!(
-        "{TLS}[[routes]]\nname = \"app\"\nmirror = {{ pool = \"shadow\", {mirror} }}\naction = {{ forward = \"app\" }}\n\n{}\
+        "{TLS}[[routes]]\nname = \"app\"\nmirror = {{ pool = \"shadow\", {mirror} }}\n\
+         request_headers = {{ set = {{ \"X-Env\" = \"prod\" }}, remove = [\"X-Debug\", \"X-Forwarded-Host\"] }}\naction = {{ forward = \"app\" }}\n\n{}\
          [pools.shadow]\nendpoints = [{{ address = \"{shadow}\" }}]\npassive_health = {{ consecutive_failures = 0 }}\n",
         pool_toml("app", "round_robin", &[app], "")
     )
@@ -563,7 +564,7 @@ async fn a_mirror_copies_requests_and_never_holds_them_up() {
             let (body, _) = get(
                 &client,
                 &format!("{base}/orders?id=7"),
-                &[("x-user", "alice")],
+                &[("x-user", "alice"), ("x-debug", "1"), ("x-env", "dev")],
             )
             .await;
             assert_eq!(body, "app", "{what}");
@@ -575,6 +576,11 @@ async fn a_mirror_copies_requests_and_never_holds_them_up() {
             assert_eq!(target, "/orders?id=7", "{what}");
             assert_eq!(headers["x-rampart-mirror"], "1", "{what}");
             assert_eq!(headers["x-user"], "alice", "{what}");
+            // The route's request_headers edits, as the primary request gets them.
+            assert_eq!(headers["x-env"], "prod", "{what}: {headers:?}");
+            for gone in ["x-debug", "x-forwarded-host"] {
+                assert!(!headers.contains_key(gone), "{what}: {gone} in {headers:?}");
+            }
             assert!(
                 headers["host"].starts_with("app.test"),
                 "{what}: {headers:?}"

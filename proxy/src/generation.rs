@@ -78,6 +78,31 @@ pub struct Generation {
 }
 
 impl Generation {
+    /// Whether a client's request header `name` goes upstream as the client sent it
+    /// when `plan` forwards the request: not the request id, a forwarding header the
+    /// proxy writes, a client certificate header, one the route's `request_headers`
+    /// remove or set, or one its auth service alone sets. Every transport and the
+    /// mirror's copy ask this; hop-by-hop fields and Host are each transport's own.
+    #[must_use]
+    pub fn passes_header(&self, plan: &crate::policy::Forward, name: &str) -> bool {
+        let route = &self.routes[plan.route];
+        !(self
+            .forwarding
+            .request_id
+            .as_str()
+            .eq_ignore_ascii_case(name)
+            || plan
+                .forwarded
+                .iter()
+                .any(|(n, _)| n.as_str().eq_ignore_ascii_case(name))
+            || self
+                .client_cert_headers
+                .iter()
+                .any(|n| n.as_str().eq_ignore_ascii_case(name))
+            || route.request_headers.drops(name)
+            || route.auth_sets(name))
+    }
+
     /// The error pages of an answer on route `route` (or on none) for a request to a
     /// pool with `pool_pages`: the route's own, else the pool's, else the global ones.
     #[must_use]

@@ -10,7 +10,7 @@
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use http::header::{HeaderName, HeaderValue};
+use http::header::HeaderValue;
 use rand::Rng;
 use tokio::sync::Semaphore;
 
@@ -200,11 +200,14 @@ impl MirrorRt {
     /// slot returned for its body.
     pub fn copy(
         &self,
-        route: &str,
+        generation: &crate::generation::Generation,
         parts: &http::request::Parts,
         plan: &crate::policy::Forward,
-        (id_name, id): (&HeaderName, &HeaderValue),
+        id: &HeaderValue,
     ) -> Option<Box<MirrorSlot>> {
+        let route = &generation.routes[plan.route];
+        let edits = &route.request_headers;
+        let (route, id_name) = (route.name.as_str(), &generation.forwarding.request_id);
         let (has_body, host, forwarded) = (plan.has_body, &plan.host, &plan.forwarded);
         let target = plan.target.as_deref();
         let metrics = &self.metrics;
@@ -243,6 +246,8 @@ impl MirrorRt {
             target.unwrap_or_else(|| parts.uri.path_and_query().map_or("/", |pq| pq.as_str()));
         let url = format!("http://{}{target}", self.pool.endpoints[idx].addr);
         let mut req = client.request(parts.method.clone(), url);
+        // The headers the primary request is forwarded with: the client's as every
+        // transport passes them, the forwarding ones, the route's edits.
         for (name, value) in &parts.headers {
             let n = name.as_str();
             if crate::headers::HOP_BY_HOP
@@ -250,20 +255,24 @@ impl MirrorRt {
                 .any(|h| n.eq_ignore_ascii_case(h))
                 || n == "host"
                 || n == "content-length"
-                || name == id_name
-                || forwarded.iter().any(|(f, _)| f == name)
+                || !generation.passes_header(plan, n)
             {
                 continue;
             }
             req = req.header(name, value);
         }
         for (name, value) in forwarded {
-            req = req.header(name, value.as_str());
+            if !edits.drops(name.as_str()) {
+                req = req.header(name, value.as_str());
+            }
         }
-        req = req
-            .header(http::header::HOST, host)
-            .header(id_name, id)
-            .header(MIRROR_HEADER, "1");
+        for (name, value) in &edits.set {
+            req = req.header(name, value);
+        }
+        if !edits.drops("host") {
+            req = req.header(http::header::HOST, host);
+        }
+        req = req.header(id_name, id).header(MIRROR_HEADER, "1");
         let pending = PendingCopy {
             req,
             pool: self.pool.clone(),

@@ -310,19 +310,7 @@ fn upstream_head(
             host_sent = true;
             continue;
         }
-        if hop_by_hop.contains(h.name)
-            || id_name.as_str().eq_ignore_ascii_case(h.name)
-            || plan
-                .forwarded
-                .iter()
-                .any(|(n, _)| n.as_str().eq_ignore_ascii_case(h.name))
-            || generation
-                .client_cert_headers
-                .iter()
-                .any(|n| n.as_str().eq_ignore_ascii_case(h.name))
-            || edits.drops(h.name)
-            || generation.routes[plan.route].auth_sets(h.name)
-        {
+        if hop_by_hop.contains(h.name) || !generation.passes_header(plan, h.name) {
             continue;
         }
         push_header(&mut out, h.name.as_bytes(), h.value);

@@ -215,11 +215,7 @@ fn upstream_head(
         if name == HOST
             || name == COOKIE
             || hop.contains(name)
-            || name == id_name
-            || plan.forwarded.iter().any(|(n, _)| name == n)
-            || generation.client_cert_headers.contains(name)
-            || edits.drops(name.as_str())
-            || generation.routes[plan.route].auth_sets(name.as_str())
+            || !generation.passes_header(plan, name.as_str())
         {
             continue;
         }

@@ -187,12 +187,7 @@ pub async fn decide(generation: &Generation, req: Request<'_>, client: Client<'_
                     .push((HeaderName::from_static("traceparent"), t.header()));
             }
             if let Some(mirror) = &generation.routes[route].mirror {
-                forward.mirror = mirror.copy(
-                    &generation.routes[route].name,
-                    req.parts,
-                    &forward,
-                    (&generation.forwarding.request_id, &request_id),
-                );
+                forward.mirror = mirror.copy(generation, req.parts, &forward, &request_id);
             }
             (Some(route), Verdict::Forward(forward))
         }
