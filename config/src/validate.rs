@@ -209,6 +209,16 @@ fn forward_to(config: &Config, at: &FieldPath, to: &crate::ForwardTo, out: &mut 
         }
         crate::ForwardTo::Split(split) => split,
     };
+    for (i, w) in split.iter().enumerate() {
+        if !config.pools.contains_key(&w.pool) {
+            undefined(at.index(i).key("pool"), &w.pool, out);
+        }
+    }
+    split_weights(at, split, out);
+}
+
+/// A split's weights: a share to give, each pool once.
+fn split_weights(at: &FieldPath, split: &[crate::WeightedPool], out: &mut Vec<Issue>) {
     if split.is_empty() {
         out.push(Issue::new(
             at.clone(),
@@ -220,9 +230,6 @@ fn forward_to(config: &Config, at: &FieldPath, to: &crate::ForwardTo, out: &mut 
     let mut seen = BTreeSet::new();
     for (i, w) in split.iter().enumerate() {
         let here = at.index(i);
-        if !config.pools.contains_key(&w.pool) {
-            undefined(here.key("pool"), &w.pool, out);
-        }
         if !seen.insert(w.pool.as_str()) {
             out.push(Issue::new(
                 here.key("pool"),
@@ -1446,6 +1453,20 @@ fn regex_rules(route: &Route, path: &FieldPath, out: &mut Vec<Issue>) {
             ));
         }
     }
+}
+
+/// The problems of a route's split (its weights and `split` settings) as
+/// `routes.<name>`, for routes a provider builds from labels, whose pools other
+/// containers may define.
+#[must_use]
+pub fn route_split_issues(name: &str, route: &crate::Route) -> Vec<Issue> {
+    let mut out = Vec::new();
+    let at = FieldPath::root().key("routes").key(name);
+    if let Action::Forward(crate::ForwardTo::Split(s)) = &route.action {
+        split_weights(&at.key("action").key("forward"), s, &mut out);
+    }
+    split(&at, route, &mut out);
+    out
 }
 
 /// Every problem of one pool as `pools.<name>` (for pools a provider builds from

@@ -368,6 +368,15 @@ impl DockerProvider {
             }
         }
         found.routes = routes.into_values().map(|(_, r)| r).collect();
+        // A split may name a pool no container joins (yet): it exists, empty, and its
+        // share of clients gets 503 until one does, as a pool whose containers are gone.
+        for r in &found.routes {
+            if let rampart_config::Action::Forward(to) = &r.action {
+                for pool in to.pools() {
+                    found.pools.entry(pool.to_string()).or_default();
+                }
+            }
+        }
         found.pool_settings = settings.into_iter().map(|(p, (_, s))| (p, s)).collect();
         // A service whose containers are all gone (a redeploy, a crash loop) keeps its
         // route for a while, with an empty pool: clients get 503 and Retry-After.
@@ -738,6 +747,47 @@ mod tests {
             task("t4", 4, "running", "running", "10.0.1.8"),
         ]);
         (services, tasks)
+    }
+
+    #[test]
+    fn a_split_between_services_gives_every_pool_it_names_even_one_not_running_yet() {
+        let unit = |name: &str, pool: &str, ip: &str| Unit {
+            name: name.into(),
+            id: name.into(),
+            labels: [
+                ("rampart.enable", "true"),
+                (&*format!("rampart.pool.{pool}.port"), "8080"),
+                ("rampart.route.site.host", "www.example.com"),
+                ("rampart.route.site.split", "v1:90,v2:10,v3:0"),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+            ip: ip.parse().unwrap(),
+        };
+        let docker = DockerProvider::new(DockerDiscovery {
+            socket: "unix:///var/run/docker.sock".into(),
+            network: None,
+        });
+        let found = docker.assemble(
+            vec![
+                unit("web-v1", "v1", "10.0.0.2"),
+                unit("web-v2", "v2", "10.0.0.3"),
+            ],
+            Found::default(),
+        );
+        assert!(found.errors.is_empty(), "{:?}", found.errors);
+        assert_eq!(found.routes.len(), 1);
+        let sizes: Vec<_> = found
+            .pools
+            .iter()
+            .map(|(p, e)| (p.as_str(), e.len()))
+            .collect();
+        assert_eq!(sizes, [("v1", 1), ("v2", 1), ("v3", 0)]);
+        // And the pools are made for the route, as the configuration's would be.
+        let config = rampart_config::parse("[listeners]\nhttp = \"127.0.0.1:1\"\n", "t").unwrap();
+        let pools = crate::compile::merge_pools(&config, &[found]);
+        assert_eq!(pools.keys().collect::<Vec<_>>(), ["v1", "v2", "v3"]);
     }
 
     #[test]

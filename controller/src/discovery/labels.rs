@@ -17,6 +17,10 @@
 //! rampart.route.site.forward_auth=http://oauth2-proxy:4180/oauth2/auth  # 2xx lets a request through
 //! rampart.route.site.forward_auth_headers=X-Auth-Request-User,X-Auth-Request-Email
 //! rampart.route.site.compress=true      # gzip, brotli, zstd for text, JSON, JS, SVG…
+//! rampart.route.site.split=v1:95,v2:5   # a canary: clients shared between pools by weight
+//!                                       # (instead of pool; other containers may join
+//!                                       # them); also split.cookie, split.ttl,
+//!                                       # split.override_header, split.override_cookie
 //! rampart.pool.api.protocol=h2c          # http1 (default), h2, h2c, auto
 //! rampart.pool.api.tls=true              # TLS to the endpoints (system roots)
 //! rampart.pool.api.tls.server_name=api.internal   # also tls.ca_file, tls.client_cert,
@@ -130,6 +134,11 @@ pub fn parse(
                         | "forward_auth"
                         | "forward_auth_headers"
                         | "compress"
+                        | "split"
+                        | "split.cookie"
+                        | "split.ttl"
+                        | "split.override_header"
+                        | "split.override_cookie"
                 ) {
                     routes
                         .entry((*name).to_string())
@@ -140,7 +149,7 @@ pub fn parse(
                         &mut errors,
                         key,
                         value,
-                        "known route labels: host, path, pool, priority, https_redirect, require_client_cert, strip_prefix, allow_from, rate_limit, access_log, forward_auth, forward_auth_headers, compress",
+                        "known route labels: host, path, pool, split, split.cookie, split.ttl, split.override_header, split.override_cookie, priority, https_redirect, require_client_cert, strip_prefix, allow_from, rate_limit, access_log, forward_auth, forward_auth_headers, compress",
                     );
                 }
             }
@@ -330,16 +339,25 @@ fn route(
         Some(kv) => return Err(bad(kv, "a path prefix starts with '/'")),
         None => "/".to_string(),
     };
-    let pool = match fields.get("pool") {
-        Some(kv) if pools.contains_key(&kv.1) => kv.1.clone(),
-        Some(kv) => {
+    let pool = match (fields.get("pool"), fields.get("split")) {
+        (Some(kv), Some(_)) => {
+            return Err(bad(
+                kv,
+                &format!("a route forwards to one pool or splits between several: remove rampart.route.{name}.pool or rampart.route.{name}.split"),
+            ))
+        }
+        (None, Some(kv)) => split_pools(kv, &bad)?,
+        (Some(kv), None) if pools.contains_key(&kv.1) => kv.1.clone().into(),
+        (Some(kv), None) => {
             return Err(bad(
                 kv,
                 "name a pool this container joins with rampart.pool.<name>.port",
             ))
         }
-        None if pools.len() == 1 => pools.keys().next().cloned().unwrap_or_default(),
-        None => {
+        (None, None) if pools.len() == 1 => {
+            pools.keys().next().cloned().unwrap_or_default().into()
+        }
+        (None, None) => {
             return Err(format!(
                 "{source}: route {name} does not say which pool: add rampart.route.{name}.pool=<one of {}>",
                 pools.keys().cloned().collect::<Vec<_>>().join(", ")
@@ -421,7 +439,8 @@ fn route(
         })?),
         None => None,
     };
-    Ok(Route {
+    let split = split_settings(fields, &bad)?;
+    let route = Route {
         name: name.to_string(),
         hosts,
         path_prefix,
@@ -440,12 +459,79 @@ fn route(
         access_log,
         max_body_bytes: None,
         rate_limit,
-        split: None,
+        split,
         error_pages: None,
         compress,
         mirror: None,
-        action: Action::Forward(pool.into()),
-    })
+        action: Action::Forward(pool),
+    };
+    // The split's own checks (its pools may be other containers').
+    if let Some(issue) = rampart_config::validate::route_split_issues(name, &route)
+        .into_iter()
+        .next()
+    {
+        return Err(format!(
+            "{source}: labels of route {name}: {}: {} (fix: {})",
+            issue.path, issue.message, issue.hint
+        ));
+    }
+    Ok(route)
+}
+
+/// The `split.*` labels, if any: the split's cookie and overrides.
+fn split_settings(
+    fields: &BTreeMap<String, (String, String)>,
+    bad: &impl Fn(&(String, String), &str) -> String,
+) -> Result<Option<rampart_config::Split>, String> {
+    let mut out: Option<rampart_config::Split> = None;
+    for (field, kv) in fields {
+        let Some(field) = field.strip_prefix("split.") else {
+            continue;
+        };
+        let s = out.get_or_insert_with(rampart_config::Split::default);
+        match field {
+            "cookie" => s.cookie.clone_from(&kv.1),
+            "ttl" => {
+                s.ttl = Some(
+                    kv.1.parse()
+                        .map_err(|_| bad(kv, "use a duration such as 1d or 12h"))?,
+                );
+            }
+            "override_header" => s.override_header = Some(kv.1.clone()),
+            _ => s.override_cookie = Some(kv.1.clone()),
+        }
+    }
+    Ok(out)
+}
+
+/// `v1:95,v2:5` as a weighted split between pools.
+fn split_pools(
+    kv: &(String, String),
+    bad: &impl Fn(&(String, String), &str) -> String,
+) -> Result<rampart_config::ForwardTo, String> {
+    let fix = "list pools and weights separated by commas: v1:95,v2:5";
+    kv.1.split(',')
+        .map(|item| {
+            let (pool, weight) = item.trim().split_once(':').ok_or_else(|| bad(kv, fix))?;
+            if !valid_name(pool) {
+                return Err(bad(
+                    kv,
+                    &format!("{pool:?} is not a pool name: use letters, digits, '-' and '_'"),
+                ));
+            }
+            let weight = weight.trim().parse().map_err(|_| {
+                bad(
+                    kv,
+                    &format!("{weight:?} is not a weight: use an integer from 0"),
+                )
+            })?;
+            Ok(rampart_config::WeightedPool {
+                pool: pool.to_string(),
+                weight,
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map(rampart_config::ForwardTo::Split)
 }
 
 /// `"100/1s"` or `"100/1m burst 20"` as a client-IP rate limit.
@@ -548,6 +634,106 @@ mod tests {
             text.contains("labels of pool web: pools.web.protocol"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn a_split_label_shares_a_route_between_pools_or_says_what_is_wrong() {
+        let canary = |extra: &[(&str, &str)]| {
+            let mut l = labels(&[
+                ("rampart.enable", "true"),
+                ("rampart.pool.v2.port", "8080"),
+                ("rampart.route.site.host", "www.example.com"),
+            ]);
+            l.extend(labels(extra));
+            parse("web-v2-1", &l, IP)
+        };
+        // The split may name pools other containers join (v1 here).
+        let got = canary(&[
+            ("rampart.route.site.split", "v1:95, v2:5"),
+            ("rampart.route.site.split.cookie", "rp_canary"),
+            ("rampart.route.site.split.ttl", "1d"),
+            ("rampart.route.site.split.override_header", "X-Canary"),
+        ])
+        .unwrap()
+        .unwrap();
+        let r = &got.routes[0];
+        let want: rampart_config::ForwardTo = rampart_config::ForwardTo::Split(vec![
+            rampart_config::WeightedPool {
+                pool: "v1".into(),
+                weight: 95,
+            },
+            rampart_config::WeightedPool {
+                pool: "v2".into(),
+                weight: 5,
+            },
+        ]);
+        assert_eq!(r.action, Action::Forward(want));
+        let split = r.split.as_ref().unwrap();
+        assert_eq!(
+            (
+                split.cookie.as_str(),
+                split.ttl,
+                split.override_header.as_deref()
+            ),
+            (
+                "rp_canary",
+                Some(rampart_config::Dur::secs(86_400)),
+                Some("X-Canary")
+            )
+        );
+        // Without split.* labels, the split's defaults.
+        let got = canary(&[("rampart.route.site.split", "v1:1,v2:1")])
+            .unwrap()
+            .unwrap();
+        assert_eq!(got.routes[0].split, None);
+
+        for (extra, want) in [
+            (
+                &[
+                    ("rampart.route.site.split", "v1:95,v2:5"),
+                    ("rampart.route.site.pool", "v2"),
+                ][..],
+                "one pool or splits between several",
+            ),
+            (&[("rampart.route.site.split", "v1=95")][..], "v1:95,v2:5"),
+            (
+                &[("rampart.route.site.split", "v1:x,v2:5")][..],
+                "\"x\" is not a weight",
+            ),
+            (
+                &[("rampart.route.site.split", "v 1:1,v2:5")][..],
+                "is not a pool name",
+            ),
+            (
+                &[("rampart.route.site.split", "v1:0,v2:0")][..],
+                "every weight is 0",
+            ),
+            (
+                &[("rampart.route.site.split", "v2:1,v2:5")][..],
+                "in the split twice",
+            ),
+            (
+                &[
+                    ("rampart.route.site.split", "v1:1,v2:5"),
+                    ("rampart.route.site.split.cookie", "bad cookie"),
+                ][..],
+                "is not a cookie name",
+            ),
+            (
+                &[("rampart.route.site.split.override_header", "X-Canary")][..],
+                "split settings need a split",
+            ),
+            (
+                &[
+                    ("rampart.route.site.split", "v1:1,v2:5"),
+                    ("rampart.route.site.split.ttl", "soon"),
+                ][..],
+                "use a duration",
+            ),
+        ] {
+            let text = canary(extra).unwrap_err().join("\n");
+            assert!(text.contains(want), "{extra:?}: {want:?} not in {text}");
+        }
     }
 
     #[test]
