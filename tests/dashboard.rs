@@ -581,3 +581,53 @@ async fn an_endpoint_removed_under_a_request_shows_as_draining() {
     })
     .await;
 }
+
+/// A route split between pools shows every pool, with its weight and endpoints.
+#[tokio::test]
+async fn a_split_route_shows_each_pool_with_its_weight() {
+    common::init();
+    let (v1, v2) = (Backend::start("v1").await, Backend::start("v2").await);
+    let proxy = Proxy::start(&format!(
+        "[[routes]]\nname = \"all\"\naction = {{ forward = [{{ pool = \"v1\", weight = 90 }}, {{ pool = \"v2\", weight = 10 }}] }}\n{}{}",
+        common::pool_toml("v1", "round_robin", &[&v1], ""),
+        common::pool_toml("v2", "least_conn", &[&v2], "")
+    ))
+    .await;
+    let view: serde_json::Value = reqwest::get(format!("http://{}/api/v1/dashboard", proxy.admin))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let pools = view["routes"][0]["pools"].as_array().unwrap().clone();
+    let got: Vec<_> = pools
+        .iter()
+        .map(|p| {
+            (
+                p["name"].as_str().unwrap().to_string(),
+                p["weight"].as_u64().unwrap(),
+                p["endpoints"][0]["address"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        got,
+        [
+            ("v1".to_string(), 90, v1.addr.to_string()),
+            ("v2".to_string(), 10, v2.addr.to_string())
+        ]
+    );
+    let html = reqwest::get(format!("http://{}/", proxy.admin))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for want in [
+        "pool v1 · weight 90 (round_robin)",
+        "pool v2 · weight 10 (least_conn)",
+        &format!("data-endpoint=\"{}\"", v2.addr),
+    ] {
+        assert!(html.contains(want), "{want:?} not in the page");
+    }
+}

@@ -52,6 +52,8 @@ pub struct PoolView {
     pub name: String,
     /// Balancing policy.
     pub balance: String,
+    /// Its weight in the route's split (none: the route forwards to it alone).
+    pub weight: Option<u32>,
     /// Its endpoints.
     pub endpoints: Vec<EndpointView>,
 }
@@ -70,8 +72,10 @@ pub struct RouteView {
     /// Its other rules, one phrase each: `strips /api`, `only from 10.0.0.0/8`,
     /// `login: 2 users`, `request: sets X-Env`, `response: removes Server`.
     pub rules: Vec<String>,
-    /// The pool of a forward route.
+    /// The pool of a forward route (of a split: the first; all are in `pools`).
     pub pool: Option<PoolView>,
+    /// Every pool of a forward route, with its weight when the route splits.
+    pub pools: Vec<PoolView>,
 }
 
 /// The phrases of [`RouteView::rules`] for `r`.
@@ -145,7 +149,7 @@ pub fn view(live: &Live, generation: &Generation) -> View {
         last_5_minutes: rolling.summary(crate::rolling::WINDOW),
         series: rolling.series(120),
     };
-    let pool_view = |name: &str| {
+    let pool_view = |name: &str, weight: Option<u32>| {
         let p = generation.pools.get(name)?;
         let balance = generation
             .config
@@ -157,6 +161,7 @@ pub fn view(live: &Live, generation: &Generation) -> View {
         Some(PoolView {
             name: p.name.clone(),
             balance,
+            weight,
             endpoints: p
                 .endpoints
                 .iter()
@@ -178,14 +183,24 @@ pub fn view(live: &Live, generation: &Generation) -> View {
         .routes
         .iter()
         .map(|r| {
-            let (action, pool) = match &r.action {
-                rampart_config::Action::Forward(p) => {
-                    (format!("forward → {p}"), pool_view(p.first()))
+            let (action, pools) = match &r.action {
+                rampart_config::Action::Forward(to) => {
+                    let pools = match to {
+                        rampart_config::ForwardTo::Pool(p) => {
+                            pool_view(p, None).into_iter().collect()
+                        }
+                        rampart_config::ForwardTo::Split(s) => s
+                            .iter()
+                            .filter_map(|w| pool_view(&w.pool, Some(w.weight)))
+                            .collect(),
+                    };
+                    (format!("forward → {to}"), pools)
                 }
-                rampart_config::Action::Redirect(x) => {
-                    (format!("redirect {} → {}", x.status, x.location), None)
-                }
-                rampart_config::Action::Respond(x) => (format!("respond {}", x.status), None),
+                rampart_config::Action::Redirect(x) => (
+                    format!("redirect {} → {}", x.status, x.location),
+                    Vec::new(),
+                ),
+                rampart_config::Action::Respond(x) => (format!("respond {}", x.status), Vec::new()),
             };
             RouteView {
                 name: r.name.clone(),
@@ -193,7 +208,8 @@ pub fn view(live: &Live, generation: &Generation) -> View {
                 path_prefix: r.path_prefix.clone(),
                 action,
                 rules: route_rules(r),
-                pool,
+                pool: pools.first().cloned(),
+                pools,
             }
         })
         .collect();
@@ -330,9 +346,12 @@ pub fn body(v: &View) -> Markup {
                             code { (r.path_prefix) }
                             @for rule in &r.rules { br; span class="rule" { (rule) } }
                         }
-                        td { (r.action) @if let Some(p) = &r.pool { " (" (p.balance) ")" } }
+                        td { (r.action) @if let [p] = &r.pools[..] { " (" (p.balance) ")" } }
                         td {
-                            @if let Some(p) = &r.pool {
+                            @for p in &r.pools {
+                                @if let Some(w) = p.weight {
+                                    div class="split" { "pool " (p.name) " · weight " (w) " (" (p.balance) ")" }
+                                }
                                 @if p.endpoints.is_empty() { span class="bad" { "no endpoints" } }
                                 ul {
                                     @for e in &p.endpoints {
@@ -486,6 +505,7 @@ mod tests {
                 action: "respond 200".into(),
                 rules: vec!["only from <10.0.0.0/8>".into()],
                 pool: None,
+                pools: vec![],
             }],
             certificates: vec![],
             recent_errors: vec![crate::access::RecentError {
