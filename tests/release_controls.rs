@@ -153,17 +153,18 @@ async fn a_sticky_client_stays_on_its_endpoint_until_it_leaves() {
     }
 }
 
-/// Pools v1, v2 and a dark v3 (weight 0) with one backend each, named after its pool.
+/// Pools v1, v2 and v3 with one backend each, named after its pool, and a pool
+/// "down" whose one endpoint never answers, with `weights` in that order.
 fn split_config(
     backends: &BTreeMap<&str, Arc<Backend>>,
-    weights: [u32; 3],
+    weights: [u32; 4],
     down: std::net::SocketAddr,
 ) -> String {
     let mut out = format!(
         "{TLS}[[routes]]\nname = \"app\"\n\
          split = {{ ttl = \"1d\", override_header = \"X-Canary\", override_cookie = \"canary\" }}\n\
-         action = {{ forward = [{{ pool = \"v1\", weight = {} }}, {{ pool = \"v2\", weight = {} }}, {{ pool = \"v3\", weight = {} }}, {{ pool = \"down\", weight = 0 }}] }}\n\n",
-        weights[0], weights[1], weights[2]
+         action = {{ forward = [{{ pool = \"v1\", weight = {} }}, {{ pool = \"v2\", weight = {} }}, {{ pool = \"v3\", weight = {} }}, {{ pool = \"down\", weight = {} }}] }}\n\n",
+        weights[0], weights[1], weights[2], weights[3]
     );
     for (name, b) in backends {
         out.push_str(&pool_toml(name, "round_robin", &[b], ""));
@@ -186,7 +187,7 @@ async fn a_split_shares_clients_by_weight_keeps_them_and_obeys_overrides() {
     // Nothing listens there: the "down" pool's health check fails.
     let down = common::free_addr();
     for (server, name) in [("", "fast paths"), (PINGORA, "Pingora's path")] {
-        let proxy = Proxy::start_with(server, &split_config(&backends, [80, 20, 0], down)).await;
+        let proxy = Proxy::start_with(server, &split_config(&backends, [80, 20, 0, 0], down)).await;
         let url = format!("https://app.test:{}/", proxy.https.port());
         for (version, client) in clients(&proxy) {
             let what = format!("{name}, {version}");
@@ -259,11 +260,29 @@ async fn a_split_shares_clients_by_weight_keeps_them_and_obeys_overrides() {
             );
         }
 
+        // A pool that cannot serve gets no new clients and keeps none while another
+        // can: its share goes to the others (as a canary whose containers are not up).
+        proxy
+            .reload(&split_config(&backends, [50, 0, 0, 50], down))
+            .await;
+        proxy.wait_actively_unhealthy("down", down).await;
+        let client = &clients(&proxy)[0].1;
+        for _ in 0..20 {
+            let (got, set) = get(client, &url, &[]).await;
+            assert_eq!(got, "v1", "{name}");
+            assert_eq!(set.len(), 1, "{name}: {set:?}");
+        }
+        let (got, set) = get(client, &url, &[("cookie", "rp_split=down")]).await;
+        assert_eq!(got, "v1", "{name}");
+        assert_eq!(
+            set.iter().map(|s| pair(s)).collect::<Vec<_>>(),
+            ["rp_split=v1"]
+        );
+
         // The canary is rolled back: its clients move to v1, once.
         proxy
-            .reload(&split_config(&backends, [100, 0, 0], down))
+            .reload(&split_config(&backends, [100, 0, 0, 0], down))
             .await;
-        let client = &clients(&proxy)[0].1;
         let (got, set) = get(client, &url, &[("cookie", "rp_split=v2")]).await;
         assert_eq!(got, "v1", "{name}");
         assert_eq!(

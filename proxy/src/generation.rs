@@ -246,6 +246,13 @@ impl PoolRt {
         )
     }
 
+    /// Whether an endpoint is available now (healthy, not ejected): a split gives a
+    /// pool without one no clients while another can serve.
+    #[must_use]
+    pub fn serving(&self, now_ms: u64) -> bool {
+        self.states.iter().any(|s| s.is_available(now_ms))
+    }
+
     /// Whether a retry has an endpoint to go to: one this request has not tried.
     #[must_use]
     pub fn can_retry(&self, key: PickKey, tried: &[usize], now_ms: u64) -> bool {

@@ -368,8 +368,8 @@ impl DockerProvider {
             }
         }
         found.routes = routes.into_values().map(|(_, r)| r).collect();
-        // A split may name a pool no container joins (yet): it exists, empty, and its
-        // share of clients gets 503 until one does, as a pool whose containers are gone.
+        // A split may name a pool no container joins (yet): it exists, empty, and gets
+        // no clients until one does (a split skips a pool that cannot serve).
         for r in &found.routes {
             if let rampart_config::Action::Forward(to) = &r.action {
                 for pool in to.pools() {

@@ -398,7 +398,11 @@ fn forward_plan(
     let route = &generation.routes[idx];
     let stripped = route.strip_prefix.as_deref();
     let (choice, split_cookie) = route.split.as_ref().map_or((0, None), |s| {
-        s.choose(&parts.headers, client.scheme == Scheme::Https)
+        s.choose(
+            &parts.headers,
+            client.scheme == Scheme::Https,
+            crate::health::now_ms(),
+        )
     });
     let pool = route.pool_at(choice);
     let key = PickKey {

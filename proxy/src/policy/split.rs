@@ -2,7 +2,10 @@
 //! decided in the policy: an override header or cookie that names a pool wins (for
 //! testers, whatever the weights), then the pool the client's split cookie names (so
 //! that a user does not flap between versions), then a weighted random choice, which
-//! the response then records in that cookie.
+//! the response then records in that cookie. A pool with no endpoint available (none
+//! yet, all down or ejected) keeps no client and draws none while another pool can
+//! serve: its share goes to the others, as a pool's share goes to its healthy
+//! endpoints.
 
 use std::sync::Arc;
 
@@ -18,8 +21,9 @@ use crate::metrics::RequestMetrics;
 pub struct SplitRt {
     /// The pools in configuration order, with their weights and request metrics.
     pub pools: Vec<SplitPool>,
-    /// The sum of the weights (more than 0: validation saw to it).
-    total: u64,
+    /// The configured weights, one per pool (their sum is more than 0: validation saw
+    /// to it).
+    weights: Vec<u32>,
     /// The cookie that keeps a client on its pool (`None`: choose every time).
     cookie: Option<String>,
     /// The cookie's attributes for HTTP and for HTTPS responses.
@@ -53,7 +57,7 @@ impl SplitRt {
             rampart_config::SameSite::Lax,
         );
         Self {
-            total: pools.iter().map(|p| u64::from(p.weight)).sum(),
+            weights: pools.iter().map(|p| p.weight).collect(),
             pools,
             cookie: Some(settings.cookie.clone()).filter(|c| !c.is_empty()),
             attributes,
@@ -65,10 +69,15 @@ impl SplitRt {
         }
     }
 
-    /// The pool (index into `pools`) for a request with `headers`, and the
-    /// `Set-Cookie` that keeps the client there when the choice was new.
+    /// The pool (index into `pools`) for a request with `headers` at `now_ms`, and
+    /// the `Set-Cookie` that keeps the client there when the choice was new.
     #[must_use]
-    pub fn choose(&self, headers: &HeaderMap, https: bool) -> (usize, Option<HeaderValue>) {
+    pub fn choose(
+        &self,
+        headers: &HeaderMap,
+        https: bool,
+        now_ms: u64,
+    ) -> (usize, Option<HeaderValue>) {
         let named = |name: &str| self.pools.iter().position(|p| p.pool.name == name);
         let cookie =
             |name: &str| crate::headers::cookie(headers, name).map(|v| v.trim_matches('"'));
@@ -87,27 +96,38 @@ impl SplitRt {
         if let Some(i) = forced {
             return (i, None);
         }
-        let Some(name) = &self.cookie else {
-            return (self.weighted(), None);
+        // The weights of the pools that can serve now; all of them when none can (the
+        // request is then answered 503 by whichever pool it draws).
+        let serving: Vec<u32> = self
+            .pools
+            .iter()
+            .map(|p| if p.pool.serving(now_ms) { p.weight } else { 0 })
+            .collect();
+        let weights = if serving.iter().any(|&w| w > 0) {
+            &serving[..]
+        } else {
+            &self.weights[..]
         };
-        // A pool whose weight went to 0 keeps nobody: its clients move.
-        if let Some(i) = cookie(name)
-            .and_then(named)
-            .filter(|&i| self.pools[i].weight > 0)
-        {
+        let Some(name) = &self.cookie else {
+            return (self.weighted(weights), None);
+        };
+        // A pool whose weight went to 0, or that cannot serve while another can, keeps
+        // nobody: its clients move.
+        if let Some(i) = cookie(name).and_then(named).filter(|&i| weights[i] > 0) {
             return (i, None);
         }
-        let i = self.weighted();
+        let i = self.weighted(weights);
         let attributes = &self.attributes[usize::from(https)];
         let set =
             HeaderValue::try_from(format!("{name}={}{attributes}", self.pools[i].pool.name)).ok();
         (i, set)
     }
 
-    /// A pool drawn in proportion to the weights.
-    fn weighted(&self) -> usize {
-        let draw = rand::rng().random_range(0..self.total.max(1));
-        slot(draw, self.pools.iter().map(|p| p.weight))
+    /// A pool drawn in proportion to `weights` (one per pool).
+    fn weighted(&self, weights: &[u32]) -> usize {
+        let total: u64 = weights.iter().map(|&w| u64::from(w)).sum();
+        let draw = rand::rng().random_range(0..total.max(1));
+        slot(draw, weights.iter().copied())
     }
 }
 
