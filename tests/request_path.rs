@@ -192,6 +192,12 @@ error_pages = {{ text = {{ inline = "custom {{status}} {{request_id}}\n" }} }}
 action = {{ forward = "app" }}
 
 [[routes]]
+name = "edited"
+hosts = ["edited.test"]
+request_headers = {{ set = {{ "X-Env" = "prod" }}, remove = ["X-Debug", "X-Forwarded-Host"] }}
+action = {{ forward = "app" }}
+
+[[routes]]
 name = "gz"
 hosts = ["gz.test"]
 compress = {{}}
@@ -359,6 +365,9 @@ fn http1_corpus() -> Vec<(&'static str, String, u16, Option<&'static str>, Serve
         // The certificate headers are the proxy's alone: both paths drop a client's.
         ("forged client certificate header", req("GET / HTTP/1.1", "Host: a.test\r\nX-Client-Cert-Subject: CN=admin\r\n"), 200, Some("GET / HTTP/1.1"), Fast),
         ("path rewrite", req("GET /v1/a%20b?c=1 HTTP/1.1", "Host: v1.test\r\n"), 200, Some("GET /a%20b?c=1 HTTP/1.1"), Fast),
+        // The route's request_headers: a client's X-Env replaced, X-Debug and a
+        // forwarding header removed, alike on both paths.
+        ("request header edits", req("GET /e HTTP/1.1", "Host: edited.test\r\nX-Env: dev\r\nX-Debug: 1\r\nX-Keep: 1\r\n"), 200, Some("x-env: prod"), Fast),
         // Smuggling probes: the fast path declines them, Pingora's path refuses them.
         ("CL and TE", req("POST / HTTP/1.1", "Host: a.test\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n") + "0\r\n\r\n", 400, None, Pingora),
         ("two lengths", req("POST / HTTP/1.1", "Host: a.test\r\nContent-Length: 4\r\nContent-Length: 5\r\n") + "hello", 400, None, Pingora),
@@ -522,6 +531,16 @@ fn http2_corpus() -> Vec<(&'static str, Vec<u8>, bool)> {
     };
     vec![
         ("plain GET", headers(false, "a.test", &[], true), true),
+        (
+            "request header edits",
+            headers(
+                false,
+                "edited.test",
+                &[("x-env", "dev"), ("x-debug", "1"), ("x-keep", "1")],
+                true,
+            ),
+            true,
+        ),
         // Defect 5: :authority and host must agree.
         (
             "host differs from :authority",
