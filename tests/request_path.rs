@@ -87,7 +87,12 @@ async fn record(mut stream: TcpStream, seen: Arc<Mutex<Vec<Vec<u8>>>>) {
             entry.extend_from_slice(&body);
             seen.lock().unwrap().push(entry);
         }
-        let ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+        // `/status/502` answers 502 (for intercepted upstream errors).
+        let ok: &[u8] = if text.starts_with("get /status/502 ") {
+            b"HTTP/1.1 502 Bad Gateway\r\nContent-Length: 8\r\n\r\nupstream"
+        } else {
+            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+        };
         if stream.write_all(ok).await.is_err() {
             return;
         }
@@ -189,6 +194,12 @@ name = "paged"
 hosts = ["paged.test"]
 allow_from = ["192.0.2.7"]
 error_pages = {{ text = {{ inline = "custom {{status}} {{request_id}}\n" }} }}
+action = {{ forward = "app" }}
+
+[[routes]]
+name = "intercepting"
+hosts = ["intercept.test"]
+error_pages = {{ text = {{ inline = "replaced {{status}} {{request_id}}\n" }}, intercept = [502] }}
 action = {{ forward = "app" }}
 
 [[routes]]
@@ -360,6 +371,9 @@ fn http1_corpus() -> Vec<(&'static str, String, u16, Option<&'static str>, Serve
         ("split, overridden", req("GET /s HTTP/1.1", "Host: split.test\r\nX-Canary: sticky\r\nCookie: rp_s=0123456789abcdef; rp_split=app\r\n"), 200, Some("Cookie: rp_s=0123456789abcdef; rp_split=app"), Fast),
         ("split, by weight", req("GET /s HTTP/1.1", "Host: split.test\r\n"), 200, Some("GET /s HTTP/1.1"), Fast),
         ("an error page of the operator's", req("GET / HTTP/1.1", "Host: paged.test\r\n"), 403, None, Fast),
+        // An upstream 502 replaced by the route's page (`intercept`), and a 200 not.
+        ("an intercepted upstream error", req("GET /status/502 HTTP/1.1", "Host: intercept.test\r\n"), 502, Some("GET /status/502 HTTP/1.1"), Fast),
+        ("not intercepted", req("GET /ok HTTP/1.1", "Host: intercept.test\r\n"), 200, Some("GET /ok HTTP/1.1"), Fast),
         ("compressing route", req("GET /c HTTP/1.1", "Host: gz.test\r\nAccept-Encoding: gzip\r\n"), 200, Some("Accept-Encoding: gzip"), Pingora),
         ("client certificate required, plain HTTP", req("GET / HTTP/1.1", "Host: cert.test\r\n"), 403, None, Fast),
         // The certificate headers are the proxy's alone: both paths drop a client's.
@@ -401,6 +415,9 @@ async fn every_transport_answers_and_forwards_the_same_bytes() {
             b.2.iter().map(|s| canonical(s)).collect::<Vec<_>>(),
             "{name}: upstream bytes, fast (left) vs Pingora's"
         );
+        if name == "an intercepted upstream error" {
+            assert!(a.1.starts_with("replaced 502 "), "{name}: {:?}", a.1);
+        }
         let heads = |seen: &[String]| seen.iter().filter(|s| !s.starts_with("BODY")).count();
         match must_see {
             None => assert!(a.2.is_empty(), "{name}: forwarded {:?}", a.2),
