@@ -551,12 +551,7 @@ async fn an_endpoint_removed_under_a_request_shows_as_draining() {
     .await;
     proxy.reload(&config(&new)).await;
     let endpoints = |v: serde_json::Value| v["routes"][0]["pool"]["endpoints"].clone();
-    let view: serde_json::Value = reqwest::get(format!("http://{}/api/v1/dashboard", proxy.admin))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let view = proxy.dashboard().await;
     let eps = endpoints(view);
     let draining: Vec<_> = eps
         .as_array()
@@ -593,12 +588,7 @@ async fn a_split_route_shows_each_pool_with_its_weight() {
         common::pool_toml("v2", "least_conn", &[&v2], "")
     ))
     .await;
-    let view: serde_json::Value = reqwest::get(format!("http://{}/api/v1/dashboard", proxy.admin))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let view = proxy.dashboard().await;
     let pools = view["routes"][0]["pools"].as_array().unwrap().clone();
     let got: Vec<_> = pools
         .iter()

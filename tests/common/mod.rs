@@ -577,6 +577,16 @@ impl Proxy {
             .unwrap()
     }
 
+    /// The dashboard's view (`/api/v1/dashboard`), on an admin listener without a token.
+    pub async fn dashboard(&self) -> serde_json::Value {
+        reqwest::get(format!("http://{}/api/v1/dashboard", self.admin))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
     pub async fn metrics(&self) -> String {
         reqwest::get(format!("http://{}/metrics", self.admin))
             .await
