@@ -375,6 +375,36 @@ async fn unary_and_streaming_calls_pass_through_with_their_trailers() {
     }
 }
 
+/// A unary call whose request declares its length (`content-length`, as some gRPC
+/// clients and every buffering HTTP/2 client send it).
+fn sized(m: Msg) -> Request<Msg> {
+    let len = prost::Message::encoded_len(&m) + 5;
+    let mut r = Request::new(m);
+    r.metadata_mut()
+        .insert("content-length", len.to_string().parse().unwrap());
+    r
+}
+
+#[tokio::test]
+async fn unary_calls_of_a_declared_length_take_the_http2_fast_path_with_their_trailers() {
+    common::init();
+    let (service, _task) = start_service(Echo::default()).await;
+    let proxy = Proxy::start(&config(service, "", "")).await;
+    let mut grpc = client(&proxy).await;
+    let fast = "rampart_http2_fast_path_requests_total";
+    let before = proxy.metric(fast).await;
+    for i in 0..3 {
+        let got = say(&mut grpc, sized(msg("hello", i))).await.unwrap();
+        assert_eq!(got, msg("said hello", i));
+    }
+    // The service's status travels in its trailers, and arrives as it was sent.
+    let err = say(&mut grpc, sized(msg("fail:5", 0))).await.unwrap_err();
+    assert_eq!((err.code(), err.message()), (Code::NotFound, "as asked"));
+    let got = say(&mut grpc, sized(msg("whoami", 0))).await.unwrap();
+    assert_eq!(got.text, "127.0.0.1");
+    assert_eq!(proxy.metric(fast).await - before, 5.0, "{}", proxy.log());
+}
+
 #[tokio::test]
 async fn the_proxys_own_answers_are_grpc_statuses() {
     common::init();

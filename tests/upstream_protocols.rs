@@ -193,7 +193,16 @@ impl Drop for H2cBackend {
 }
 
 impl H2cBackend {
+    /// A backend that answers each request after 200 ms (long enough for the requests
+    /// sent together to overlap).
     async fn start() -> Arc<H2cBackend> {
+        Self::start_with(Duration::from_millis(200), false).await
+    }
+
+    /// A backend that answers each request after `delay`; with `one_per_connection`
+    /// it closes each connection (GOAWAY) as its first request arrives (answering the
+    /// requests it took), as a server that recycles connections or restarts does.
+    async fn start_with(delay: Duration, one_per_connection: bool) -> Arc<H2cBackend> {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (tx, rx) = tokio::sync::oneshot::channel::<Arc<H2cBackend>>();
@@ -205,24 +214,33 @@ impl H2cBackend {
                 };
                 let Some(b) = weak.upgrade() else { return };
                 b.connections.fetch_add(1, Ordering::SeqCst);
+                let arrived = Arc::new(tokio::sync::Notify::new());
+                let arrived_one = arrived.clone();
                 tokio::spawn(async move {
                     let svc =
                         hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-                            let b = b.clone();
+                            let (b, answered) = (b.clone(), arrived_one.clone());
                             async move {
+                                answered.notify_one();
                                 let now = b.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
                                 b.peak.fetch_max(now, Ordering::SeqCst);
                                 b.requests.fetch_add(1, Ordering::SeqCst);
-                                // Long enough for the requests sent together to overlap.
-                                tokio::time::sleep(Duration::from_millis(200)).await;
+                                tokio::time::sleep(delay).await;
                                 b.in_flight.fetch_sub(1, Ordering::SeqCst);
                                 let body = seen(None, None, 0, &req);
                                 Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(body))))
                             }
                         });
-                    let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                        .serve_connection(TokioIo::new(tcp), svc)
-                        .await;
+                    let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(tcp), svc);
+                    tokio::pin!(conn);
+                    if one_per_connection {
+                        tokio::select! {
+                            _ = conn.as_mut() => return,
+                            () = arrived.notified() => conn.as_mut().graceful_shutdown(),
+                        }
+                    }
+                    let _ = conn.await;
                 });
             }
         });
@@ -531,6 +549,98 @@ async fn http2_to_backends_over_tls_and_h2c_multiplexes_requests_on_few_connecti
         assert!(
             (fewest..=most).contains(&connections),
             "max_streams {max_streams}: {connections} upstream connections for {requests} requests, {peak} at once"
+        );
+    }
+}
+
+/// `n` GETs of `/` at once over one HTTP/2 connection to the HTTPS listener; each
+/// answer's status and body.
+async fn h2_wave(client: &reqwest::Client, proxy: &Proxy, n: usize) -> Vec<(u16, String)> {
+    let url = format!("https://a.test:{}/", proxy.https.port());
+    let requests = (0..n).map(|_| async {
+        let resp = client.get(&url).send().await.unwrap();
+        (resp.status().as_u16(), resp.text().await.unwrap())
+    });
+    futures_util::future::join_all(requests).await
+}
+
+#[tokio::test]
+async fn the_http2_fast_path_sends_its_requests_as_streams_of_few_upstream_connections() {
+    common::init();
+    // Waves of 64 streams at once on one client connection, carried by the HTTP/2
+    // fast path itself (counted by its metric), share one upstream connection of the
+    // worker that serves them (max_streams 100); with max_streams 16 a wave needs 4.
+    for (max_streams, fewest, most) in [(100, 1, 2), (16, 4, 8)] {
+        let backend = H2cBackend::start().await;
+        let extra = format!("protocol = \"h2c\"\nmax_streams = {max_streams}");
+        let proxy = Proxy::start(&pool(backend.addr, &extra)).await;
+        let client = proxy
+            .client_builder(&["a.test"])
+            .http2_prior_knowledge()
+            .build()
+            .unwrap();
+        let before = proxy.metric("rampart_http2_fast_path_requests_total").await;
+        let (waves, per_wave) = (3, 64);
+        for _ in 0..waves {
+            for (status, body) in h2_wave(&client, &proxy, per_wave).await {
+                assert_eq!(status, 200, "{body}\n{}", proxy.log());
+                assert_eq!(field(&body, "version"), "HTTP/2.0");
+                assert!(!field(&body, "x-request-id").is_empty(), "{body}");
+            }
+        }
+        let requests = waves * per_wave;
+        let fast = proxy.metric("rampart_http2_fast_path_requests_total").await - before;
+        assert_eq!(fast, requests as f64, "not all served by the fast path");
+        let connections = backend.connections.load(Ordering::SeqCst);
+        let peak = backend.peak.load(Ordering::SeqCst);
+        eprintln!("h2 → h2c, max_streams {max_streams}: {requests} requests over {connections} upstream connections, {peak} at once");
+        assert_eq!(backend.requests.load(Ordering::SeqCst), requests as u64);
+        assert!(peak > 8, "the requests did not overlap ({peak} at once)");
+        assert!(
+            (fewest..=most).contains(&connections),
+            "max_streams {max_streams}: {connections} upstream connections for {requests} requests, {peak} at once"
+        );
+    }
+}
+
+#[tokio::test]
+async fn an_http2_backend_that_closes_its_connections_costs_no_request() {
+    common::init();
+    // Every upstream connection gets a GOAWAY as its first request arrives; a second
+    // request sent while the first is in flight finds the connection closing: it is
+    // sent again on a new one (a POST too: the endpoint refused it unprocessed). On
+    // both paths.
+    for server in [FAST, PINGORA] {
+        let backend = H2cBackend::start_with(Duration::from_millis(300), true).await;
+        let proxy = Proxy::start_with(server, &pool(backend.addr, "protocol = \"h2c\"")).await;
+        let client = proxy
+            .client_builder(&["a.test"])
+            .http2_prior_knowledge()
+            .build()
+            .unwrap();
+        let url = format!("https://a.test:{}/", proxy.https.port());
+        for i in 0..6 {
+            let first = tokio::spawn(client.get(&url).send());
+            eventually("the first request in flight", || async {
+                (backend.in_flight.load(Ordering::SeqCst) > 0).then_some(())
+            })
+            .await;
+            let second = if i % 2 == 0 {
+                client.get(&url)
+            } else {
+                client.post(&url).body("x")
+            };
+            for resp in [second.send().await, first.await.unwrap()] {
+                let resp = resp.unwrap();
+                let status = resp.status().as_u16();
+                let body = resp.text().await.unwrap();
+                assert_eq!(status, 200, "round {i}: {body}\n{}", proxy.log());
+            }
+        }
+        let connections = backend.connections.load(Ordering::SeqCst);
+        assert!(
+            connections >= 6,
+            "the backend kept its connections ({connections})"
         );
     }
 }

@@ -5,9 +5,10 @@
 //! [`HttpPeer`] for each upstream attempt ([`PeerSettings::peer`]) and into a rustls
 //! client for the fast paths and the active health checks ([`PeerTls::handshake`]).
 //!
-//! The fast paths carry only cleartext HTTP/1.1 pools ([`PeerSettings::fast_path_carries`]);
-//! requests to other pools go to Pingora's path with the decision already made
-//! ([`crate::policy::handoff`]).
+//! The fast paths carry HTTP/1.1 pools ([`PeerSettings::fast_path_carries`]), and the
+//! HTTP/2 one `h2` and `h2c` pools too ([`PeerSettings::fast_path_multiplexes`]);
+//! requests to other pools (a PROXY header, `auto`) go to Pingora's path with the
+//! decision already made ([`crate::policy::handoff`]).
 
 use std::hash::{Hash, Hasher};
 use std::net::SocketAddr;
@@ -90,6 +91,13 @@ impl PeerSettings {
     #[must_use]
     pub fn fast_path_carries(&self) -> bool {
         self.protocol == UpstreamProtocol::Http1 && self.proxy_protocol.is_none()
+    }
+
+    /// Whether the HTTP/2 fast path carries requests to this pool as streams of its own
+    /// HTTP/2 connections (`h2` over TLS, `h2c`; without a PROXY header).
+    #[must_use]
+    pub fn fast_path_multiplexes(&self) -> bool {
+        self.multiplexed() && self.proxy_protocol.is_none()
     }
 
     /// What keeps this pool's idle connections apart from another pool's to the same

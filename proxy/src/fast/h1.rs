@@ -59,7 +59,7 @@ pub async fn serve(
         return Served::Pingora(bytes, None);
     };
     let decision = policy::decide(&generation, head.policy_view(), conn.client()).await;
-    if !super::reaches(&generation, &decision) {
+    if !super::reaches(&generation, &decision, false) {
         return Served::Pingora(bytes, Some(Box::new(decision)));
     }
     let (request_id, trace) = (decision.request_id, decision.trace);
@@ -99,7 +99,16 @@ pub async fn serve(
             return Served::Close;
         }
     }
-    if forward_request(&mut client, &request, &plan, &generation, conn, started).await {
+    if forward_request(
+        &mut client,
+        (&request, &plan),
+        &generation,
+        conn,
+        started,
+        &super::upstream::Http1,
+    )
+    .await
+    {
         Served::KeepAlive
     } else {
         Served::Close
@@ -319,7 +328,7 @@ fn upstream_head(
         // Spelt as Pingora spells a Host it adds.
         push_header(&mut out, b"Host", plan.host.as_bytes());
     }
-    finish_upstream_head(&mut out, plan, edits, id_name, request_id);
+    finish_upstream_head(&mut out, plan, edits, (id_name, request_id));
     out
 }
 

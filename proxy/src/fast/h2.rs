@@ -20,6 +20,7 @@ use pingora::http::ResponseHeader;
 use pingora::protocols::http::v2::server::HttpSession;
 use prometheus::IntCounter;
 
+use super::mux::MuxRequest;
 use super::{
     answer_request, body_failed, finish_upstream_head, forward_request, parse_length, push_header,
     request_line, BodyError, ConnInfo, Downstream, FinalHead, HopByHop, Prepared, MAX_BODY,
@@ -51,7 +52,7 @@ pub async fn serve(
         body_ended: session.is_body_empty(),
     };
     let decision = policy::decide(&generation, view, conn.client()).await;
-    if !super::reaches(&generation, &decision) {
+    if !super::reaches(&generation, &decision, true) {
         return Some((session, Some(Box::new(decision))));
     }
     let (request_id, trace) = (decision.request_id, decision.trace);
@@ -70,7 +71,19 @@ pub async fn serve(
             return None;
         }
     };
-    let head = upstream_head(session.req_header(), &plan, &generation, &request_id);
+    // An HTTP/2 pool's request goes as a stream of its own (`mux`); the prepared
+    // request then holds only the body.
+    let mux = plan.pool(&generation).and_then(|pool| {
+        let tls = pool.peer.tls.is_some();
+        pool.peer.fast_path_multiplexes().then(|| {
+            MuxRequest::new(&session, &plan, &generation, &request_id, tls)
+                .ok_or(Answer::Failed(502))
+        })
+    });
+    let head = match mux {
+        Some(_) => Vec::new(),
+        None => upstream_head(session.req_header(), &plan, &generation, &request_id),
+    };
     let req = session.req_header();
     let arrival = Arrival::of(&generation, req, conn.peer, Some(plan.route), trace);
     let mut request = Prepared::new(
@@ -93,7 +106,19 @@ pub async fn serve(
     let mut client = Http2Client {
         session: &mut session,
     };
-    forward_request(&mut client, &request, &plan, &generation, conn, started).await;
+    let forwarded = (&request, &plan);
+    match mux {
+        None => {
+            let way = &super::upstream::Http1;
+            forward_request(&mut client, forwarded, &generation, conn, started, way).await;
+        }
+        Some(Ok(way)) => {
+            forward_request(&mut client, forwarded, &generation, conn, started, &way).await;
+        }
+        Some(Err(answer)) => {
+            answer_request(&mut client, &answer, &request, &generation, conn, started).await;
+        }
+    }
     // A response that did not end (the upstream failed mid-body) is reset when the
     // session is dropped: the client sees the stream fail, never a truncated success.
     None
@@ -224,18 +249,29 @@ fn upstream_head(
     if let Some(cookies) = joined_cookies(headers).filter(|_| !edits.drops("cookie")) {
         push_header(&mut out, b"cookie", &cookies);
     }
-    finish_upstream_head(&mut out, plan, edits, id_name, request_id);
+    finish_upstream_head(&mut out, plan, edits, (id_name, request_id));
     out
 }
 
 /// An HTTP/2 stream: the response goes out as a HEADERS frame and DATA frames.
-struct Http2Client<'a> {
+pub(crate) struct Http2Client<'a> {
     session: &'a mut HttpSession,
 }
 
 impl Http2Client<'_> {
+    /// Sends DATA (taken as it is: the bytes of an HTTP/2 upstream's frame); `end`
+    /// ends the stream. False when the client's stream is gone.
+    pub(crate) async fn data(&mut self, data: Bytes, end: bool) -> bool {
+        self.session.write_body(data, end).await.is_ok()
+    }
+
+    /// Sends the trailers, which end the stream.
+    pub(crate) fn trailers(&mut self, trailers: http::HeaderMap) -> bool {
+        self.session.write_trailers(trailers).is_ok()
+    }
+
     /// Sends `header` and then `body`, ending the stream with the last frame when `end`.
-    async fn send(&mut self, header: ResponseHeader, body: &[u8], end: bool) -> bool {
+    pub(crate) async fn send(&mut self, header: ResponseHeader, body: &[u8], end: bool) -> bool {
         let header_ends = end && body.is_empty();
         if self
             .session
@@ -302,8 +338,8 @@ impl Downstream for Http2Client<'_> {
     }
 }
 
-/// The response head for an HTTP/2 client: the upstream's status and headers without
-/// hop-by-hop ones (HTTP/2 has no connection-specific fields), with the request id.
+/// The response head for an HTTP/2 client from an HTTP/1 upstream's: its status and
+/// headers without hop-by-hop ones (HTTP/2 has no connection-specific fields).
 /// `None` when the upstream sent a header that cannot be represented.
 fn response_header(
     raw: &[u8],
@@ -315,27 +351,43 @@ fn response_header(
     let mut resp = httparse::Response::new(&mut raw_headers);
     // Parsed before: cannot fail.
     let _ = resp.parse(raw);
-    let id_name = &generation.forwarding.request_id;
     let hop = HopByHop::of(resp.headers);
+    let headers = resp
+        .headers
+        .iter()
+        .filter(|h| !hop.contains(h.name))
+        .map(|h| (h.name, h.value));
+    response_header_from(head.status, headers, &head.cookies, request, generation)
+}
+
+/// The response head for an HTTP/2 client: `status` and the upstream's `headers`
+/// (connection-specific ones already left out) without those the route's
+/// `response_headers` remove, with the ones it sets, the proxy's `cookies` and the
+/// request id. `None` when a header cannot be represented.
+pub(crate) fn response_header_from<'h>(
+    status: u16,
+    headers: impl Iterator<Item = (&'h str, &'h [u8])>,
+    cookies: &[Option<HeaderValue>; 2],
+    request: &Prepared,
+    generation: &Generation,
+) -> Option<ResponseHeader> {
+    let id_name = &generation.forwarding.request_id;
     let none = crate::headers::HeaderEdits::default();
     let edits = request.response_edits(generation).unwrap_or(&none);
-    let mut header =
-        ResponseHeader::build(head.status, Some(resp.headers.len() + edits.set.len() + 4)).ok()?;
-    for h in resp.headers.iter() {
-        if hop.contains(h.name)
-            || id_name.as_str().eq_ignore_ascii_case(h.name)
-            || edits.drops(h.name)
-        {
+    let len = headers.size_hint().0;
+    let mut header = ResponseHeader::build(status, Some(len + edits.set.len() + 4)).ok()?;
+    for (name, value) in headers {
+        if id_name.as_str().eq_ignore_ascii_case(name) || edits.drops(name) {
             continue;
         }
-        let name = HeaderName::from_bytes(h.name.as_bytes()).ok()?;
-        let value = HeaderValue::from_bytes(h.value).ok()?;
+        let name = HeaderName::from_bytes(name.as_bytes()).ok()?;
+        let value = HeaderValue::from_bytes(value).ok()?;
         header.append_header(name, value).ok()?;
     }
     for (name, value) in &edits.set {
         header.append_header(name.clone(), value.clone()).ok()?;
     }
-    for cookie in head.cookies.iter().flatten() {
+    for cookie in cookies.iter().flatten() {
         header
             .append_header(http::header::SET_COOKIE, cookie.clone())
             .ok()?;

@@ -10,6 +10,8 @@
 //! - [`h2`]: the HTTP/2 transport over Pingora's HTTP/2 session.
 //! - [`upstream`]: the upstream attempt shared by both: balancer pick, pooled
 //!   connection, send, response head, body streamed through, retries, passive health.
+//! - [`mux`]: the HTTP/2 transport's attempt on an HTTP/2 pool (a stream of a shared
+//!   upstream connection), in the same retry loop.
 //! - [`chunked`]: where a chunked body ends. [`pool`]: idle upstream connections.
 //!
 //! This module: what the transports share — the request once decided ([`Prepared`]),
@@ -19,6 +21,7 @@ pub mod chunked;
 pub(crate) mod conn;
 pub mod h1;
 pub mod h2;
+pub(crate) mod mux;
 pub mod pool;
 pub mod upstream;
 
@@ -86,16 +89,22 @@ impl<'a> ConnInfo<'a> {
     }
 }
 
-/// Whether the fast paths carry out `decision`: an answer, or a forward to a pool they
-/// reach (HTTP/1.1, in cleartext or over TLS, without a PROXY header) on a route whose
-/// responses they pass as they come (no `compress`); the rest is Pingora's.
-pub(crate) fn reaches(generation: &Generation, decision: &crate::policy::Decision) -> bool {
+/// Whether a fast path carries out `decision`: an answer, or a forward to a pool it
+/// reaches on a route whose responses it passes as they come (no `compress`); the rest
+/// is Pingora's. Both reach HTTP/1.1 pools, in cleartext or over TLS, without a PROXY
+/// header; the HTTP/2 one (`multiplexing`) reaches `h2` and `h2c` pools too.
+pub(crate) fn reaches(
+    generation: &Generation,
+    decision: &crate::policy::Decision,
+    multiplexing: bool,
+) -> bool {
     match &decision.verdict {
         crate::policy::Verdict::Forward(plan) => {
             generation.routes[plan.route].compress.is_none()
-                && plan
-                    .pool(generation)
-                    .is_none_or(|pool| pool.peer.fast_path_carries())
+                && plan.pool(generation).is_none_or(|pool| {
+                    pool.peer.fast_path_carries()
+                        || (multiplexing && pool.peer.fast_path_multiplexes())
+                })
         }
         crate::policy::Verdict::Answer(_) => true,
     }
@@ -248,13 +257,13 @@ pub(crate) trait Downstream {
 /// the client connection can carry another request.
 pub(crate) async fn forward_request<D: Downstream>(
     client: &mut D,
-    request: &Prepared,
-    plan: &Forward,
+    (request, plan): (&Prepared, &Forward),
     generation: &Generation,
     conn: ConnInfo<'_>,
     started: Instant,
+    way: &impl upstream::Attempter<D>,
 ) -> bool {
-    let done = forward(client, request, plan, generation, conn, started).await;
+    let done = forward(client, request, plan, generation, conn, started, way).await;
     D::counter(conn.metrics).inc();
     let pool = plan.pool(generation).map(AsRef::as_ref);
     let outcome = Outcome {
@@ -444,24 +453,39 @@ pub(crate) fn request_line(method: &str, raw: &[u8], plan: &Forward) -> Vec<u8> 
 }
 
 /// The end of an upstream request head, after the client's own headers: the
-/// forwarding headers the route's rules keep, the rules' own headers, the request id.
+/// [`added_headers`] and the blank line.
 pub(crate) fn finish_upstream_head(
     out: &mut Vec<u8>,
     plan: &Forward,
     edits: &HeaderEdits,
-    id_name: &HeaderName,
-    request_id: &HeaderValue,
+    id: (&HeaderName, &HeaderValue),
 ) {
-    for (name, value) in &plan.forwarded {
-        if !edits.drops(name.as_str()) {
-            push_header(out, name.as_str().as_bytes(), value.as_bytes());
-        }
+    for (name, value) in added_headers(plan, edits, id) {
+        push_header(out, name.as_str().as_bytes(), value);
     }
-    for (name, value) in &edits.set {
-        push_header(out, name.as_str().as_bytes(), value.as_bytes());
-    }
-    push_header(out, id_name.as_str().as_bytes(), request_id.as_bytes());
     out.extend_from_slice(b"\r\n");
+}
+
+/// The headers the proxy adds to an upstream request under `plan`, after the client's
+/// own, on every transport: the forwarding headers the route's rules keep, the rules'
+/// own headers, and the request id (`id`: its header's name and value).
+pub(crate) fn added_headers<'a>(
+    plan: &'a Forward,
+    edits: &'a HeaderEdits,
+    id: (&'a HeaderName, &'a HeaderValue),
+) -> impl Iterator<Item = (&'a HeaderName, &'a [u8])> {
+    let forwarded = plan
+        .forwarded
+        .iter()
+        .filter(|(name, _)| !edits.drops(name.as_str()))
+        .map(|(name, value)| (name, value.as_bytes()));
+    let set = edits
+        .set
+        .iter()
+        .map(|(name, value)| (name, value.as_bytes()));
+    forwarded
+        .chain(set)
+        .chain(std::iter::once((id.0, id.1.as_bytes())))
 }
 
 pub(crate) fn push_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {

@@ -70,14 +70,14 @@ impl FailureKind {
 /// An attempt that failed before the client got anything: `status` is answered
 /// unless another attempt is made (`retry`: safe to make).
 #[derive(Clone, Copy, Debug)]
-struct Failed {
+pub(crate) struct Failed {
     kind: FailureKind,
     status: u16,
     retry: bool,
 }
 
 impl Failed {
-    fn new(kind: FailureKind, status: u16, retry: bool) -> Self {
+    pub(crate) fn new(kind: FailureKind, status: u16, retry: bool) -> Self {
         Self {
             kind,
             status,
@@ -87,7 +87,7 @@ impl Failed {
 }
 
 /// How one attempt on one endpoint ended.
-enum Attempt {
+pub(crate) enum Attempt {
     /// The response (or part of it) went to the client.
     Done(Relayed),
     /// Nothing reached the client.
@@ -125,7 +125,42 @@ pub(crate) struct Forwarded {
     pub(crate) attempt_spans: Vec<AttemptSpan>,
 }
 
-/// Proxies a prepared request, trying endpoints as the pool's retry policy allows.
+/// One try of a request on one endpoint of its pool (see [`forward`]).
+pub(crate) struct Try<'a> {
+    pub(crate) request: &'a Prepared,
+    pub(crate) plan: &'a Forward,
+    pub(crate) generation: &'a Generation,
+    pub(crate) pool: &'a PoolRt,
+    /// The endpoint (an index into the pool's endpoints).
+    pub(crate) idx: usize,
+    /// When the try starts.
+    pub(crate) now: Instant,
+    /// When the request's whole time budget (the route's total timeout) runs out.
+    pub(crate) deadline: Instant,
+    /// Whether a retry has somewhere to go and the pool's budget allows it.
+    pub(crate) may_retry: &'a (dyn Fn() -> bool + Sync),
+    pub(crate) conn: ConnInfo<'a>,
+}
+
+/// How an attempt reaches an endpoint and relays its response to a `D`: over a pooled
+/// HTTP/1.1 connection ([`Http1`]) or as a stream of a shared HTTP/2 connection
+/// ([`super::mux`]). The retry loop around it ([`forward`]) is the same for both.
+pub(crate) trait Attempter<D> {
+    /// Makes the try `t` and relays what the endpoint answers to `client`.
+    async fn attempt(&self, client: &mut D, t: Try<'_>) -> Attempt;
+}
+
+/// Attempts over HTTP/1.1 connections of the per-worker idle pool.
+pub(crate) struct Http1;
+
+impl<D: Downstream> Attempter<D> for Http1 {
+    async fn attempt(&self, client: &mut D, t: Try<'_>) -> Attempt {
+        attempt(client, &t).await
+    }
+}
+
+/// Proxies a prepared request, trying endpoints as the pool's retry policy allows,
+/// each try made by `way`.
 pub(crate) async fn forward<D: Downstream>(
     client: &mut D,
     request: &Prepared,
@@ -133,6 +168,7 @@ pub(crate) async fn forward<D: Downstream>(
     generation: &Generation,
     conn: ConnInfo<'_>,
     started: Instant,
+    way: &impl Attempter<D>,
 ) -> Forwarded {
     let Some(pool) = plan.pool(generation).map(AsRef::as_ref) else {
         return Forwarded {
@@ -196,10 +232,18 @@ pub(crate) async fn forward<D: Downstream>(
                 && pool.retry_allowed(&ticket, conn.metrics)
         };
         let inflight = pool.endpoints[idx].state.start_request();
-        let outcome = attempt(
-            client, request, plan, generation, pool, idx, now, deadline, &may_retry, conn,
-        )
-        .await;
+        let t = Try {
+            request,
+            plan,
+            generation,
+            pool,
+            idx,
+            now,
+            deadline,
+            may_retry: &may_retry,
+            conn,
+        };
+        let outcome = way.attempt(client, t).await;
         drop(inflight);
         let ok = matches!(&outcome, Attempt::Done(r) if !matches!(r.status, 502..=504));
         ticket.record(ok, pool.circuit_breaker.as_ref(), ms_at(Instant::now()));
@@ -266,55 +310,29 @@ struct Exchanged {
     connect: Duration,
 }
 
-/// One try on endpoint `idx`, starting `now`, to be over by `deadline` (the route's
-/// total timeout): the exchange of heads, then the body streamed through.
-#[allow(clippy::too_many_arguments)]
-async fn attempt<D: Downstream>(
-    client: &mut D,
-    request: &Prepared,
-    plan: &Forward,
-    generation: &Generation,
-    pool: &PoolRt,
-    idx: usize,
-    now: Instant,
-    deadline: Instant,
-    may_retry: &(dyn Fn() -> bool + Sync),
-    conn: ConnInfo<'_>,
-) -> Attempt {
+/// One try over HTTP/1.1: the exchange of heads, then the body streamed through.
+async fn attempt<D: Downstream>(client: &mut D, t: &Try<'_>) -> Attempt {
+    let Try {
+        request,
+        plan,
+        generation,
+        pool,
+        idx,
+        now,
+        deadline,
+        conn,
+        ..
+    } = *t;
     let mut buf: Vec<u8> = Vec::with_capacity(UPSTREAM_BUFFER);
     let exchanged = match exchange_heads(request, pool, idx, now, deadline, &mut buf).await {
         Ok(e) => e,
         Err(f) => return Attempt::Failed(f),
     };
-    let status = exchanged.head.status;
     let head_at = Instant::now();
     let ttfb = head_at.duration_since(exchanged.sent_at);
-    pool.ttfb.observe(ttfb.as_secs_f64());
-    pool.states[idx].observe_latency(ttfb, ms_at(head_at));
-    if pool.retries.on_status.contains(&status) && request.idempotent && may_retry() {
-        return Attempt::Failed(Failed::new(FailureKind::Status, status, true));
-    }
-    if matches!(status, 502..=504) {
-        let mut recorded = false;
-        let kind = FailureKind::Status;
-        record_endpoint_failure(conn.metrics, pool, Some(idx), kind, &mut recorded);
-    } else {
-        pool.states[idx].record_success();
-    }
-    let pages = request.pages(generation);
-    if pages.is_some_and(|p| p.intercept.contains(&status)) {
-        // The upstream's body is never read: its connection is dropped, not pooled.
-        let close = request.client_close || conn.closing;
-        let answer = Answer::Intercepted(status);
-        let written = client.answer(&answer, request, generation, close).await;
-        let id = Some(&request.request_id);
-        return Attempt::Done(Relayed {
-            status,
-            body_bytes: answer.body_len(request.head_request, request.style, id, pages),
-            ttfb,
-            connect: exchanged.connect,
-            keep_alive: written && !close,
-        });
+    let status = exchanged.head.status;
+    if let Some(ended) = judge_head(client, t, status, ttfb, exchanged.connect).await {
+        return ended;
     }
     let cookies = plan.set_cookies(pool, idx, conn.scheme == crate::edge::Scheme::Https);
     let relay = Relay {
@@ -330,6 +348,59 @@ async fn attempt<D: Downstream>(
         close: request.client_close || conn.closing,
     };
     relay.run(client, exchanged, buf).await
+}
+
+/// What a response head's `status`, arrived `ttfb` after the request was sent, means
+/// for try `t` before any of its body is relayed, on either kind of upstream: latency
+/// and passive health recorded; `Some` when the try ends here — a status the pool
+/// retries on (nothing reached the client), or one the route's error pages intercept
+/// (the proxy's page answered; the upstream's body is never read).
+pub(crate) async fn judge_head<D: Downstream>(
+    client: &mut D,
+    t: &Try<'_>,
+    status: u16,
+    ttfb: Duration,
+    connect: Duration,
+) -> Option<Attempt> {
+    let Try {
+        request,
+        generation,
+        pool,
+        idx,
+        conn,
+        ..
+    } = *t;
+    pool.ttfb.observe(ttfb.as_secs_f64());
+    pool.states[idx].observe_latency(ttfb, ms_at(Instant::now()));
+    if pool.retries.on_status.contains(&status) && request.idempotent && (t.may_retry)() {
+        return Some(Attempt::Failed(Failed::new(
+            FailureKind::Status,
+            status,
+            true,
+        )));
+    }
+    if matches!(status, 502..=504) {
+        let mut recorded = false;
+        let kind = FailureKind::Status;
+        record_endpoint_failure(conn.metrics, pool, Some(idx), kind, &mut recorded);
+    } else {
+        pool.states[idx].record_success();
+    }
+    let pages = request.pages(generation);
+    if !pages.is_some_and(|p| p.intercept.contains(&status)) {
+        return None;
+    }
+    let close = request.client_close || conn.closing;
+    let answer = Answer::Intercepted(status);
+    let written = client.answer(&answer, request, generation, close).await;
+    let id = Some(&request.request_id);
+    Some(Attempt::Done(Relayed {
+        status,
+        body_bytes: answer.body_len(request.head_request, request.style, id, pages),
+        ttfb,
+        connect,
+        keep_alive: written && !close,
+    }))
 }
 
 /// A pooled connection (or, when it turns out stale, one fresh connection), the
@@ -419,7 +490,7 @@ async fn exchange_heads(
 
 /// Connects to endpoint `idx` of `pool` by `limit`: TCP, then TLS when the pool has it
 /// (a handshake that fails is a connect failure, its reason noted for /status).
-async fn connect(pool: &PoolRt, idx: usize, limit: Instant) -> Result<Upstream, Failed> {
+pub(crate) async fn connect(pool: &PoolRt, idx: usize, limit: Instant) -> Result<Upstream, Failed> {
     let endpoint = &pool.endpoints[idx];
     let tcp = match tokio::time::timeout_at(limit.into(), TcpStream::connect(endpoint.addr)).await {
         Ok(Ok(s)) => {

@@ -1,0 +1,422 @@
+//! HTTP/2 upstreams of the HTTP/2 fast path: a request for an `h2` or `h2c` pool
+//! (without a PROXY header) goes out as a stream of one of this worker's HTTP/2
+//! connections to the endpoint, and its response — head, DATA as it arrives, trailers
+//! (gRPC's status) — goes back on the client's stream. The retry loop, the balancer's
+//! pick, passive health, the error pages and the answers are the HTTP/1 attempt's
+//! ([`upstream::forward`], [`upstream::judge_head`]); only the exchange differs.
+//!
+//! Why: through Pingora's path an HTTP/2 upstream cost 2.8× HAProxy's CPU per request
+//! (loadtest/README.md, "Upstream protocols"), most of it Pingora's proxy session
+//! around the `h2` client, which this path does without.
+//!
+//! Connections: per worker thread and endpoint (and TLS settings), as many as the
+//! streams in flight need at the pool's `max_streams` each; a new one is opened under
+//! the endpoint's connect gate, so a burst opens one connection, not one per request.
+//! One with no stream for the pool's idle timeout is let go (dropping the last
+//! handle ends it with a GOAWAY).
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use h2::client::SendRequest;
+use http::header::{HeaderValue, HOST};
+use http::{HeaderMap, Method, Request, Uri};
+use pingora::protocols::http::v2::server::HttpSession;
+
+use super::h2::Http2Client;
+use super::upstream::{self, judge_head, Attempt, Attempter, Failed, FailureKind, Relayed, Try};
+use crate::clock;
+use crate::generation::{Generation, PoolRt};
+use crate::headers::hop_by_hop;
+use crate::policy::Forward;
+
+/// A stream's receive window: what an upstream may send ahead of the client reading
+/// it (h2's default, 64 KiB, makes a fast backend wait for a round trip per 64 KiB).
+const STREAM_WINDOW: u32 = 256 * 1024;
+/// The connection's receive window, shared by its streams.
+const CONNECTION_WINDOW: u32 = 1024 * 1024;
+
+/// A request as it goes to an HTTP/2 upstream, built once and sent by every attempt
+/// (its body is the prepared request's, read whole before the first attempt).
+pub(crate) struct MuxRequest {
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+}
+
+impl MuxRequest {
+    /// The upstream request for the HTTP/2 request `session` holds under `plan`: its
+    /// method and target (or the plan's), `:authority` the plan's host, the headers
+    /// every transport passes (no connection-specific ones), and the forwarding
+    /// headers, the route's own and the request id. `None` when the target is not a
+    /// valid URI (Pingora's path answers it).
+    pub(crate) fn new(
+        session: &HttpSession,
+        plan: &Forward,
+        generation: &Generation,
+        request_id: &HeaderValue,
+        tls: bool,
+    ) -> Option<Self> {
+        let req = session.req_header();
+        let target = plan
+            .target
+            .as_deref()
+            .unwrap_or_else(|| req.uri.path_and_query().map_or("/", |pq| pq.as_str()));
+        let scheme = if tls { "https" } else { "http" };
+        let authority = plan.host.to_str().ok()?;
+        let uri = Uri::builder()
+            .scheme(scheme)
+            .authority(authority)
+            .path_and_query(target)
+            .build()
+            .ok()?;
+        let edits = &generation.routes[plan.route].request_headers;
+        let hop = hop_by_hop(&req.headers, false);
+        let mut headers = HeaderMap::with_capacity(req.headers.len() + plan.forwarded.len() + 4);
+        for (name, value) in &req.headers {
+            // `te: trailers` is the one connection header HTTP/2 keeps (gRPC needs it).
+            let te_trailers = name == http::header::TE && value.as_bytes() == b"trailers";
+            if name == HOST
+                || (hop.contains(name) && !te_trailers)
+                || !generation.passes_header(plan, name.as_str())
+            {
+                continue;
+            }
+            headers.append(name.clone(), value.clone());
+        }
+        let id = (&generation.forwarding.request_id, request_id);
+        for (name, value) in super::added_headers(plan, edits, id) {
+            // Made of valid header values by the policy and the configuration.
+            if let Ok(value) = HeaderValue::from_bytes(value) {
+                headers.append(name.clone(), value);
+            }
+        }
+        Some(Self {
+            method: req.method.clone(),
+            uri,
+            headers,
+        })
+    }
+
+    fn request(&self) -> Request<()> {
+        let mut req = Request::new(());
+        *req.method_mut() = self.method.clone();
+        *req.uri_mut() = self.uri.clone();
+        *req.headers_mut() = self.headers.clone();
+        req
+    }
+}
+
+impl Attempter<Http2Client<'_>> for MuxRequest {
+    async fn attempt(&self, client: &mut Http2Client<'_>, t: Try<'_>) -> Attempt {
+        let Try {
+            request,
+            plan,
+            generation,
+            pool,
+            idx,
+            deadline,
+            conn,
+            ..
+        } = t;
+        let Exchanged {
+            response,
+            slot,
+            sent_at,
+            connect,
+        } = match self.exchange(&t).await {
+            Ok(e) => e,
+            Err(f) => return Attempt::Failed(f),
+        };
+        let ttfb = sent_at.elapsed();
+        let (parts, mut body) = response.into_parts();
+        let status = parts.status.as_u16();
+        // Dropping `body` resets the upstream stream when the try ends here.
+        if let Some(ended) = judge_head(client, &t, status, ttfb, connect).await {
+            return ended;
+        }
+        let cookies = plan.set_cookies(pool, idx, conn.scheme == crate::edge::Scheme::Https);
+        let Some(header) = super::h2::response_header_from(
+            status,
+            parts
+                .headers
+                .iter()
+                .map(|(n, v)| (n.as_str(), v.as_bytes())),
+            &cookies,
+            request,
+            generation,
+        ) else {
+            // A header the client's stream cannot carry: the stream is reset.
+            return Attempt::Done(Relayed {
+                status: 502,
+                body_bytes: 0,
+                ttfb,
+                connect,
+                keep_alive: false,
+            });
+        };
+        let mut ended = body.is_end_stream() || request.head_request;
+        let mut client_ok = client.send(header, &[], ended).await;
+        let endpoint = &pool.endpoints[idx];
+        let pause = pool.timeouts.first_byte.0;
+        let mut sent = 0u64;
+        while client_ok && !ended {
+            if Instant::now() >= deadline || endpoint.state.drained(pool.drain_timeout) {
+                break;
+            }
+            match tokio::time::timeout(pause, body.data()).await {
+                Ok(Some(Ok(data))) => {
+                    // The window opens again as the client's stream takes the data.
+                    let _ = body.flow_control().release_capacity(data.len());
+                    sent += data.len() as u64;
+                    client_ok = client.data(data, false).await;
+                }
+                Ok(None) => {
+                    ended = true;
+                    client_ok = match tokio::time::timeout(pause, body.trailers()).await {
+                        Ok(Ok(Some(trailers))) => client.trailers(trailers),
+                        Ok(Ok(None)) => client.data(Bytes::new(), true).await,
+                        _ => {
+                            ended = false;
+                            false
+                        }
+                    };
+                }
+                // A reset, the connection gone, or a pause longer than first_byte: the
+                // client's stream is reset when the session is dropped.
+                Ok(Some(Err(_))) | Err(_) => break,
+            }
+        }
+        drop((body, slot));
+        Attempt::Done(Relayed {
+            status,
+            body_bytes: sent,
+            ttfb,
+            connect,
+            keep_alive: client_ok && ended,
+        })
+    }
+}
+
+/// A request sent on a stream and its response head received.
+struct Exchanged {
+    response: http::Response<h2::RecvStream>,
+    /// The stream's place on its connection, held while the body is read.
+    slot: Slot,
+    /// When the request was sent (for the time to first byte).
+    sent_at: Instant,
+    /// The connect, when this try opened the connection (else zero).
+    connect: Duration,
+}
+
+impl MuxRequest {
+    /// Sends the request on a stream of a pooled connection to the try's endpoint, or
+    /// of a new one, and waits for the response head (interim 1xx skipped by `h2`). A
+    /// stream the upstream refused unprocessed (a GOAWAY, `REFUSED_STREAM`) on a pooled
+    /// connection is sent once more on a fresh one, as a stale HTTP/1 connection is.
+    async fn exchange(&self, t: &Try<'_>) -> Result<Exchanged, Failed> {
+        let (pool, idx, deadline, request) = (t.pool, t.idx, t.deadline, t.request);
+        let retry = request.idempotent;
+        let mut now = t.now;
+        let mut fresh_only = false;
+        loop {
+            if now >= deadline {
+                return Err(Failed::new(FailureKind::Timeout, 504, false));
+            }
+            let (send, slot, connect) = stream_to(pool, idx, now, deadline, fresh_only).await?;
+            let reused = connect.is_none();
+            let sent_at = Instant::now();
+            let read_limit = clock::after(sent_at, pool.timeouts.first_byte.0).min(deadline);
+            let body = &request.upstream_head;
+            let exchange = async {
+                let mut send = send.ready().await?;
+                let (response, mut stream) = send.send_request(self.request(), body.is_empty())?;
+                if !body.is_empty() {
+                    stream.send_data(Bytes::copy_from_slice(body), true)?;
+                }
+                response.await
+            };
+            match tokio::time::timeout_at(read_limit.into(), exchange).await {
+                Ok(Ok(response)) => {
+                    return Ok(Exchanged {
+                        response,
+                        slot,
+                        sent_at,
+                        connect: connect.unwrap_or_default(),
+                    });
+                }
+                // A pooled connection that ended under the request (as a stale HTTP/1
+                // one) or refused the stream: once more on a fresh one.
+                Ok(Err(e)) if reused && (unprocessed(&e) || e.is_io()) => {
+                    slot.close();
+                    fresh_only = true;
+                    now = Instant::now();
+                }
+                Ok(Err(e)) => {
+                    slot.close();
+                    let safe = retry || unprocessed(&e);
+                    return Err(Failed::new(FailureKind::Error, 502, safe));
+                }
+                Err(_) => return Err(Failed::new(FailureKind::Timeout, 504, retry)),
+            }
+        }
+    }
+}
+
+/// The upstream did not process the stream: it may be sent again, whatever its method.
+fn unprocessed(e: &h2::Error) -> bool {
+    e.is_go_away() || e.reason() == Some(h2::Reason::REFUSED_STREAM)
+}
+
+/// One HTTP/2 connection of this worker to an endpoint.
+struct MuxConn {
+    send: SendRequest<Bytes>,
+    state: Arc<ConnState>,
+    /// How long it is kept without a stream (the pool's idle timeout), in ms.
+    idle_ms: u64,
+}
+
+impl MuxConn {
+    /// Still worth keeping at `now_ms`: open, and busy or idle for less than its limit.
+    fn keep(&self, now_ms: u64) -> bool {
+        let s = &self.state;
+        !s.closed.load(Ordering::Acquire)
+            && (s.streams.load(Ordering::Acquire) > 0
+                || now_ms.saturating_sub(s.idle_since_ms.load(Ordering::Relaxed)) < self.idle_ms)
+    }
+}
+
+/// This worker's HTTP/2 upstream connections.
+#[derive(Default)]
+struct Conns {
+    /// By endpoint address and the pool's TLS settings (`PeerSettings::reuse_key`).
+    by_key: HashMap<(SocketAddr, u64), Vec<MuxConn>>,
+    /// When every list was last swept (endpoints that left the configuration are never
+    /// asked for again; their connections go at the next sweep).
+    last_sweep_ms: u64,
+}
+
+/// What the streams of a connection and its driver task share.
+#[derive(Default)]
+struct ConnState {
+    /// Streams in flight.
+    streams: AtomicUsize,
+    /// The connection ended (or failed a stream in a way that condemns it).
+    closed: AtomicBool,
+    /// When its last stream ended (milliseconds on [`crate::health::now_ms`]'s clock).
+    idle_since_ms: std::sync::atomic::AtomicU64,
+}
+
+/// A stream's place on a connection, given back when the try is over.
+struct Slot(Arc<ConnState>);
+
+impl Slot {
+    /// The connection failed a stream: no new stream goes to it.
+    fn close(&self) {
+        self.0.closed.store(true, Ordering::Release);
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0
+            .idle_since_ms
+            .store(crate::health::now_ms(), Ordering::Relaxed);
+        self.0.streams.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+thread_local! {
+    /// This worker's HTTP/2 upstream connections, by endpoint address and TLS settings.
+    static CONNS: RefCell<Conns> = RefCell::default();
+}
+
+/// A stream on a connection to endpoint `idx`: a pooled connection with room for one
+/// more (unless `fresh_only`), else a new one. The connect time is `Some` for a new one.
+async fn stream_to(
+    pool: &PoolRt,
+    idx: usize,
+    now: Instant,
+    deadline: Instant,
+    fresh_only: bool,
+) -> Result<(SendRequest<Bytes>, Slot, Option<Duration>), Failed> {
+    let endpoint = &pool.endpoints[idx];
+    let key = (endpoint.addr, pool.peer.reuse_key());
+    let max = pool.peer.max_streams.max(1);
+    let idle = pool.timeouts.idle.0;
+    if !fresh_only {
+        if let Some((send, slot)) = take(key, max) {
+            return Ok((send, slot, None));
+        }
+    }
+    let limit = clock::after(now, pool.timeouts.connect.0).min(deadline);
+    // One connect at a time per endpoint: the requests of a burst wait for it and
+    // share it rather than each opening a connection.
+    let gate = endpoint.state.connect_gate();
+    let Ok(_held) = tokio::time::timeout_at(limit.into(), gate.lock_owned()).await else {
+        return Err(Failed::new(FailureKind::Connect, 504, true));
+    };
+    if !fresh_only {
+        if let Some((send, slot)) = take(key, max) {
+            return Ok((send, slot, None));
+        }
+    }
+    let io = upstream::connect(pool, idx, limit).await?;
+    let mut builder = h2::client::Builder::new();
+    builder
+        .initial_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW);
+    let handshake = builder.handshake::<_, Bytes>(io);
+    let (send, connection) = match tokio::time::timeout_at(limit.into(), handshake).await {
+        Ok(Ok(pair)) => pair,
+        Ok(Err(_)) => return Err(Failed::new(FailureKind::Connect, 502, true)),
+        Err(_) => return Err(Failed::new(FailureKind::Connect, 504, true)),
+    };
+    let state = Arc::new(ConnState::default());
+    let driver = state.clone();
+    tokio::spawn(async move {
+        // Ends when the upstream closes it, or once every handle and stream is gone.
+        let _ = connection.await;
+        driver.closed.store(true, Ordering::Release);
+    });
+    state.streams.store(1, Ordering::Release);
+    let slot = Slot(state.clone());
+    let connected = Instant::now().saturating_duration_since(now);
+    let idle_ms = u64::try_from(idle.as_millis()).unwrap_or(u64::MAX);
+    CONNS.with(|c| {
+        c.borrow_mut().by_key.entry(key).or_default().push(MuxConn {
+            send: send.clone(),
+            state,
+            idle_ms,
+        });
+    });
+    Ok((send, slot, Some(connected)))
+}
+
+/// A stream slot on a live pooled connection to `key` with fewer than `max` streams;
+/// connections that ended, or were idle too long, are let go on the way.
+fn take(key: (SocketAddr, u64), max: usize) -> Option<(SendRequest<Bytes>, Slot)> {
+    CONNS.with(|c| {
+        let mut conns = c.borrow_mut();
+        let now_ms = crate::health::now_ms();
+        if now_ms.saturating_sub(conns.last_sweep_ms) > 5_000 {
+            conns.last_sweep_ms = now_ms;
+            conns.by_key.retain(|_, list| {
+                list.retain(|c| c.keep(now_ms));
+                !list.is_empty()
+            });
+        }
+        let list = conns.by_key.get_mut(&key)?;
+        list.retain(|c| c.keep(now_ms));
+        let conn = list
+            .iter()
+            .find(|c| c.state.streams.load(Ordering::Acquire) < max)?;
+        conn.state.streams.fetch_add(1, Ordering::AcqRel);
+        Some((conn.send.clone(), Slot(conn.state.clone())))
+    })
+}
