@@ -177,6 +177,9 @@ fn server_config(
 
 /// An h2c (HTTP/2 prior knowledge) backend counting its connections and the streams
 /// in flight at once.
+/// The size of an [`H2cBackend`]'s answer to `/big`: several HTTP/2 windows.
+const BIG: usize = 1024 * 1024;
+
 struct H2cBackend {
     addr: SocketAddr,
     connections: AtomicUsize,
@@ -227,8 +230,12 @@ impl H2cBackend {
                                 b.requests.fetch_add(1, Ordering::SeqCst);
                                 tokio::time::sleep(delay).await;
                                 b.in_flight.fetch_sub(1, Ordering::SeqCst);
-                                let body = seen(None, None, 0, &req);
-                                Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(body))))
+                                let body = if req.uri().path() == "/big" {
+                                    Bytes::from(vec![b'x'; BIG])
+                                } else {
+                                    Bytes::from(seen(None, None, 0, &req))
+                                };
+                                Ok::<_, Infallible>(Response::new(Full::new(body)))
                             }
                         });
                     let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
@@ -643,6 +650,74 @@ async fn an_http2_backend_that_closes_its_connections_costs_no_request() {
             "the backend kept its connections ({connections})"
         );
     }
+}
+
+#[tokio::test]
+async fn clients_that_stop_reading_never_stall_the_streams_sharing_their_upstream_connection() {
+    common::init();
+    // One worker, max_streams 4: every stream below shares one upstream connection.
+    // Three clients ask for 1 MiB and read none of it (HTTP/2's default window of
+    // 64 KiB); the fourth stream's answer must still come. With a connection window
+    // of one stream's size, the unread data of the first would stall the rest.
+    for server in [FAST, PINGORA] {
+        let server = format!("threads = 1\n{server}");
+        stalled_streams_leave_the_others_alone(&server).await;
+    }
+}
+
+async fn stalled_streams_leave_the_others_alone(server: &str) {
+    let backend = H2cBackend::start_with(Duration::ZERO, false).await;
+    let extra = "protocol = \"h2c\"\nmax_streams = 4";
+    let proxy = Proxy::start_with(server, &pool(backend.addr, extra)).await;
+    let mut tls = (*common::resuming_client(&std::fs::read(proxy.ca_path()).unwrap())).clone();
+    tls.alpn_protocols = vec![b"h2".to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(tls));
+    let mut stalled = Vec::new();
+    for _ in 0..3 {
+        let tcp = tokio::net::TcpStream::connect(proxy.https).await.unwrap();
+        let name = rustls::pki_types::ServerName::try_from("a.test").unwrap();
+        let io = connector.connect(name, tcp).await.unwrap();
+        let (mut send, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+            .initial_stream_window_size(65_535)
+            .initial_connection_window_size(65_535)
+            .adaptive_window(false)
+            .handshake::<_, http_body_util::Empty<Bytes>>(TokioIo::new(io))
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        let req = Request::get("https://a.test/big")
+            .body(http_body_util::Empty::new())
+            .unwrap();
+        let resp = send.send_request(req).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        // Held, never read.
+        stalled.push((send, resp));
+    }
+    let client = proxy
+        .client_builder(&["a.test"])
+        .http2_prior_knowledge()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .unwrap();
+    let resp = client
+        .get(format!("https://a.test:{}/", proxy.https.port()))
+        .send()
+        .await
+        .unwrap_or_else(|e| {
+            panic!(
+                "{server:?}: the fourth stream stalled: {e}\n{}",
+                proxy.log()
+            )
+        });
+    assert_eq!(resp.status(), 200);
+    assert_eq!(field(&resp.text().await.unwrap(), "version"), "HTTP/2.0");
+    let connections = backend.connections.load(Ordering::SeqCst);
+    // One for the streams, and perhaps the health check's.
+    assert!(
+        connections <= 2,
+        "the streams did not share a connection ({connections})"
+    );
+    drop(stalled);
 }
 
 #[tokio::test]

@@ -36,10 +36,10 @@ use crate::headers::hop_by_hop;
 use crate::policy::Forward;
 
 /// A stream's receive window: what an upstream may send ahead of the client reading
-/// it (h2's default, 64 KiB, makes a fast backend wait for a round trip per 64 KiB).
-const STREAM_WINDOW: u32 = 256 * 1024;
-/// The connection's receive window, shared by its streams.
-const CONNECTION_WINDOW: u32 = 1024 * 1024;
+/// it, and so what a stream's slow client can keep buffered here (HTTP/2's default).
+const STREAM_WINDOW: u32 = 65_535;
+/// The largest window HTTP/2 allows (RFC 9113 §6.9.1).
+const MAX_WINDOW: u32 = 0x7fff_ffff;
 
 /// A request as it goes to an HTTP/2 upstream, built once and sent by every attempt
 /// (its body is the prepared request's, read whole before the first attempt).
@@ -367,10 +367,16 @@ async fn stream_to(
         }
     }
     let io = upstream::connect(pool, idx, limit).await?;
+    // The connection's window holds every stream's full window: streams whose clients
+    // read slowly (or not at all) can never stall the others sharing the connection.
+    let connection_window = u32::try_from(max)
+        .unwrap_or(u32::MAX)
+        .saturating_mul(STREAM_WINDOW)
+        .min(MAX_WINDOW);
     let mut builder = h2::client::Builder::new();
     builder
         .initial_window_size(STREAM_WINDOW)
-        .initial_connection_window_size(CONNECTION_WINDOW);
+        .initial_connection_window_size(connection_window);
     let handshake = builder.handshake::<_, Bytes>(io);
     let (send, connection) = match tokio::time::timeout_at(limit.into(), handshake).await {
         Ok(Ok(pair)) => pair,
