@@ -225,6 +225,7 @@ fn compare_against_the_direct_backend_writes_markdown_json_and_svg() {
         "h2",
         "body-16k",
         "open-loop",
+        "open-loop-http",
     ] {
         assert!(
             text.contains(&format!("| {test} | rampart |")),

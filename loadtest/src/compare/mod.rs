@@ -35,7 +35,7 @@ pub struct CompareArgs {
     /// Connections of the closed-loop tests.
     #[arg(long, default_value_t = 32)]
     pub connections: usize,
-    /// Rate of the open-loop tail-latency test (requests/s).
+    /// Rate of the open-loop tests (requests/s).
     #[arg(long, default_value_t = 2000.0)]
     pub rate: f64,
     /// Worker processes/threads of every proxy.
@@ -115,11 +115,16 @@ pub enum Test {
     Gzip100k,
     /// Open loop at a fixed rate over HTTPS keep-alive: tail latency.
     OpenLoop,
+    /// Open loop at the same fixed rate over plain HTTP/1.1 keep-alive: CPU per
+    /// request at equal throughput (what a feature costs, without a closed loop's
+    /// effect of a slower server finding its peers asleep more often).
+    #[value(name = "open-loop-http")]
+    OpenLoopHttp,
 }
 
 impl Test {
     /// Every test, in the order a round runs them.
-    pub const ALL: [Test; 12] = [
+    pub const ALL: [Test; 13] = [
         Test::Http,
         Test::HttpsKeepalive,
         Test::HttpsNewConn,
@@ -132,6 +137,7 @@ impl Test {
         Test::Body16k,
         Test::Gzip100k,
         Test::OpenLoop,
+        Test::OpenLoopHttp,
     ];
 
     /// Name in reports.
@@ -150,6 +156,7 @@ impl Test {
             Test::Body16k => "body-16k",
             Test::Gzip100k => "gzip-100k",
             Test::OpenLoop => "open-loop",
+            Test::OpenLoopHttp => "open-loop-http",
         }
     }
 
@@ -493,7 +500,7 @@ fn run_config(
             Test::H2C100M100 => 100,
             _ => args.connections,
         },
-        rate: (test == Test::OpenLoop).then_some(args.rate),
+        rate: matches!(test, Test::OpenLoop | Test::OpenLoopHttp).then_some(args.rate),
         duration: args.duration,
         h2: test.is_h2(),
         streams: test.streams(),
