@@ -338,6 +338,40 @@ impl Downstream for Http2Client<'_> {
     }
 }
 
+/// The response head for an HTTP/2 client from an HTTP/2 upstream's `parts`, kept
+/// as they are (names parsed once, by `h2`) but for the fields
+/// [`response_header_from`] changes: the route's `response_headers` edits, the proxy's
+/// `cookies` and the request id.
+pub(crate) fn response_header_of(
+    parts: http::response::Parts,
+    cookies: &[Option<HeaderValue>; 2],
+    request: &Prepared,
+    generation: &Generation,
+) -> Option<ResponseHeader> {
+    let id_name = &generation.forwarding.request_id;
+    let mut header = ResponseHeader::from(parts);
+    if let Some(edits) = request.response_edits(generation) {
+        for name in &edits.remove {
+            header.remove_header(name);
+        }
+        for (name, _) in &edits.set {
+            header.remove_header(name);
+        }
+        for (name, value) in &edits.set {
+            header.append_header(name.clone(), value.clone()).ok()?;
+        }
+    }
+    for cookie in cookies.iter().flatten() {
+        header
+            .append_header(http::header::SET_COOKIE, cookie.clone())
+            .ok()?;
+    }
+    header
+        .insert_header(id_name.clone(), request.request_id.clone())
+        .ok()?;
+    Some(header)
+}
+
 /// The response head for an HTTP/2 client from an HTTP/1 upstream's: its status and
 /// headers without hop-by-hop ones (HTTP/2 has no connection-specific fields).
 /// `None` when the upstream sent a header that cannot be represented.
@@ -364,7 +398,7 @@ fn response_header(
 /// (connection-specific ones already left out) without those the route's
 /// `response_headers` remove, with the ones it sets, the proxy's `cookies` and the
 /// request id. `None` when a header cannot be represented.
-pub(crate) fn response_header_from<'h>(
+fn response_header_from<'h>(
     status: u16,
     headers: impl Iterator<Item = (&'h str, &'h [u8])>,
     cookies: &[Option<HeaderValue>; 2],

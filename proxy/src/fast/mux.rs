@@ -141,16 +141,8 @@ impl Attempter<Http2Client<'_>> for MuxRequest {
             return ended;
         }
         let cookies = plan.set_cookies(pool, idx, conn.scheme == crate::edge::Scheme::Https);
-        let Some(header) = super::h2::response_header_from(
-            status,
-            parts
-                .headers
-                .iter()
-                .map(|(n, v)| (n.as_str(), v.as_bytes())),
-            &cookies,
-            request,
-            generation,
-        ) else {
+        let Some(header) = super::h2::response_header_of(parts, &cookies, request, generation)
+        else {
             // A header the client's stream cannot carry: the stream is reset.
             return Attempt::Done(Relayed {
                 status: 502,
