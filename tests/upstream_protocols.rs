@@ -44,7 +44,14 @@ fn seen(
     out.insert("client", client_cert.unwrap_or("").to_string());
     out.insert("serial", serial.to_string());
     out.insert("version", format!("{:?}", req.version()));
-    for name in ["x-forwarded-for", "x-request-id"] {
+    for name in [
+        "x-forwarded-for",
+        "x-request-id",
+        "x-env",
+        "x-drop",
+        "te",
+        "cookie",
+    ] {
         if let Some(v) = req.headers().get(name) {
             out.insert(name, v.to_str().unwrap().to_string());
         }
@@ -235,7 +242,11 @@ impl H2cBackend {
                                 } else {
                                     Bytes::from(seen(None, None, 0, &req))
                                 };
-                                Ok::<_, Infallible>(Response::new(Full::new(body)))
+                                let mut resp = Response::new(Full::new(body));
+                                let h = resp.headers_mut();
+                                h.insert("server", "backend".parse().unwrap());
+                                h.insert("x-internal", "1".parse().unwrap());
+                                Ok::<_, Infallible>(resp)
                             }
                         });
                     let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
@@ -718,6 +729,66 @@ async fn stalled_streams_leave_the_others_alone(server: &str) {
         "the streams did not share a connection ({connections})"
     );
     drop(stalled);
+}
+
+#[tokio::test]
+async fn header_rules_apply_alike_to_http2_backends_on_both_paths() {
+    common::init();
+    // The route's request and response header rules, the sticky cookie, the request
+    // id and the connection-specific fields, for HTTP/2 clients of an h2c pool: the
+    // fast path's streams and Pingora's path give the backend and the client the same.
+    let backend = H2cBackend::start_with(Duration::ZERO, false).await;
+    let rules = "request_headers = { set = { \"x-env\" = \"prod\" }, remove = [\"x-drop\"] }\n\
+                 response_headers = { set = { \"server\" = \"rampart\" }, remove = [\"x-internal\"] }\n";
+    let body = format!(
+        "{TLS_A}[[routes]]\nname = \"all\"\naction = {{ forward = \"p\" }}\n{rules}\
+         [pools.p]\nendpoints = [{{ address = \"{}\" }}]\nprotocol = \"h2c\"\nsticky = {{ cookie = \"rp_s\" }}\n",
+        backend.addr
+    );
+    let mut seen_by = Vec::new();
+    for server in [FAST, PINGORA] {
+        let proxy = Proxy::start_with(server, &body).await;
+        let client = proxy
+            .client_builder(&["a.test"])
+            .http2_prior_knowledge()
+            .build()
+            .unwrap();
+        let resp = client
+            .get(format!("https://a.test:{}/", proxy.https.port()))
+            .header("x-env", "dev")
+            .header("x-drop", "1")
+            .header("te", "trailers")
+            .header("cookie", "a=1")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200, "{server:?}");
+        let h = resp.headers();
+        let id = h["x-request-id"].to_str().unwrap().to_string();
+        assert_eq!(h["server"], "rampart", "{server:?}: {h:?}");
+        assert!(h.get("x-internal").is_none(), "{server:?}: {h:?}");
+        let cookie = h["set-cookie"].to_str().unwrap();
+        assert!(cookie.starts_with("rp_s="), "{server:?}: {cookie}");
+        let mut seen: BTreeMap<String, String> =
+            serde_json::from_str(&resp.text().await.unwrap()).unwrap();
+        assert_eq!(seen.remove("x-request-id"), Some(id), "{server:?}");
+        seen_by.push(seen);
+    }
+    let expected: BTreeMap<String, String> = [
+        ("client", ""),
+        ("cookie", "a=1"),
+        ("serial", "0"),
+        ("sni", ""),
+        ("te", "trailers"),
+        ("version", "HTTP/2.0"),
+        ("x-env", "prod"),
+        ("x-forwarded-for", "127.0.0.1"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    assert_eq!(seen_by[0], expected, "the fast path");
+    assert_eq!(seen_by[1], expected, "Pingora's path");
 }
 
 #[tokio::test]

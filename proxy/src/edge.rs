@@ -461,8 +461,12 @@ impl ProxyHttp for Edge {
             return Error::e_explain(ErrorType::InternalError, "forwarding without a plan");
         };
         let upgrade = is_upgrade(&upstream.headers);
+        let te_trailers = crate::headers::te_trailers(&upstream.headers);
         for name in hop_by_hop(&upstream.headers, upgrade) {
             upstream.remove_header(&name);
+        }
+        if te_trailers && ctx.pool().is_some_and(|p| p.peer.multiplexed()) {
+            upstream.insert_header(http::header::TE, "trailers")?;
         }
         // Repeated identical Content-Length values (accepted by check_request, as a list
         // or as several fields) go on as one: a strict upstream would refuse them.

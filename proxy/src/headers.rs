@@ -227,6 +227,16 @@ fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &str> {
         .filter(|t| !t.is_empty())
 }
 
+/// Whether the client sent `TE: trailers`: it takes trailers. The one hop-by-hop
+/// field an HTTP/2 upstream request carries on (RFC 9113 §8.2.2; gRPC servers ask
+/// for it), on every transport.
+#[must_use]
+pub fn te_trailers(headers: &HeaderMap) -> bool {
+    headers
+        .get(http::header::TE)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"))
+}
+
 /// Names of the hop-by-hop headers in `headers`: the fixed list plus every header
 /// named in `Connection`. For an upgrade, `Connection: upgrade` and `Upgrade` stay.
 #[must_use]

@@ -77,17 +77,17 @@ impl MuxRequest {
             .ok()?;
         let edits = &generation.routes[plan.route].request_headers;
         let hop = hop_by_hop(&req.headers, false);
+        let te_trailers = crate::headers::te_trailers(&req.headers);
         let mut headers = HeaderMap::with_capacity(req.headers.len() + plan.forwarded.len() + 4);
         for (name, value) in &req.headers {
-            // `te: trailers` is the one connection header HTTP/2 keeps (gRPC needs it).
-            let te_trailers = name == http::header::TE && value.as_bytes() == b"trailers";
-            if name == HOST
-                || (hop.contains(name) && !te_trailers)
-                || !generation.passes_header(plan, name.as_str())
+            if name == HOST || hop.contains(name) || !generation.passes_header(plan, name.as_str())
             {
                 continue;
             }
             headers.append(name.clone(), value.clone());
+        }
+        if te_trailers {
+            headers.insert(http::header::TE, HeaderValue::from_static("trailers"));
         }
         let id = (&generation.forwarding.request_id, request_id);
         for (name, value) in super::added_headers(plan, edits, id) {
