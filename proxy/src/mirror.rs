@@ -205,17 +205,17 @@ impl MirrorRt {
         plan: &crate::policy::Forward,
         id: &HeaderValue,
     ) -> Option<Box<MirrorSlot>> {
-        let route = &generation.routes[plan.route];
-        let edits = &route.request_headers;
-        let (route, id_name) = (route.name.as_str(), &generation.forwarding.request_id);
-        let (has_body, host, forwarded) = (plan.has_body, &plan.host, &plan.forwarded);
+        let edits = &generation.routes[plan.route].request_headers;
+        let route_name = generation.routes[plan.route].name.as_str();
+        let id_name = &generation.forwarding.request_id;
+        let (has_body, host) = (plan.has_body, &plan.host);
         let target = plan.target.as_deref();
         let metrics = &self.metrics;
         if self.share < 1.0 && rand::rng().random::<f64>() >= self.share {
             return None;
         }
         let count = |o: Outcome| {
-            count(metrics, route, o);
+            count(metrics, route_name, o);
             None
         };
         let declared = crate::limits::content_length(&parts.headers).ok().flatten();
@@ -261,25 +261,20 @@ impl MirrorRt {
             }
             req = req.header(name, value);
         }
-        for (name, value) in forwarded {
-            if !edits.drops(name.as_str()) {
-                req = req.header(name, value.as_str());
-            }
-        }
-        for (name, value) in &edits.set {
+        for (name, value) in crate::fast::added_headers(plan, edits, (id_name, id)) {
             req = req.header(name, value);
         }
         if !edits.drops("host") {
             req = req.header(http::header::HOST, host);
         }
-        req = req.header(id_name, id).header(MIRROR_HEADER, "1");
+        req = req.header(MIRROR_HEADER, "1");
         let pending = PendingCopy {
             req,
             pool: self.pool.clone(),
             idx,
             permit,
             metrics: metrics.clone(),
-            route: route.to_string(),
+            route: route_name.to_string(),
             max_body: self.max_body,
         };
         if !has_body {
