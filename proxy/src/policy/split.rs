@@ -19,11 +19,9 @@ use crate::metrics::RequestMetrics;
 /// A route's split, ready for serving.
 #[derive(Debug)]
 pub struct SplitRt {
-    /// The pools in configuration order, with their weights and request metrics.
+    /// The pools in configuration order, with their weights (their sum is more than
+    /// 0: validation saw to it) and request metrics.
     pub pools: Vec<SplitPool>,
-    /// The configured weights, one per pool (their sum is more than 0: validation saw
-    /// to it).
-    weights: Vec<u32>,
     /// The cookie that keeps a client on its pool (`None`: choose every time).
     cookie: Option<String>,
     /// The cookie's attributes for HTTP and for HTTPS responses.
@@ -57,7 +55,6 @@ impl SplitRt {
             rampart_config::SameSite::Lax,
         );
         Self {
-            weights: pools.iter().map(|p| p.weight).collect(),
             pools,
             cookie: Some(settings.cookie.clone()).filter(|c| !c.is_empty()),
             attributes,
@@ -96,38 +93,41 @@ impl SplitRt {
         if let Some(i) = forced {
             return (i, None);
         }
-        // The weights of the pools that can serve now; all of them when none can (the
-        // request is then answered 503 by whichever pool it draws).
-        let serving: Vec<u32> = self
-            .pools
-            .iter()
-            .map(|p| if p.pool.serving(now_ms) { p.weight } else { 0 })
-            .collect();
-        let weights = if serving.iter().any(|&w| w > 0) {
-            &serving[..]
+        // The weights of the pools that can serve now; the configured ones when all or
+        // none can (in the latter case the request is answered 503 by whichever pool
+        // it draws). Worked out only when some pool cannot serve.
+        let serving: Option<Vec<u32>> = if self.pools.iter().all(|p| p.pool.serving(now_ms)) {
+            None
         } else {
-            &self.weights[..]
+            let w: Vec<u32> = self
+                .pools
+                .iter()
+                .map(|p| if p.pool.serving(now_ms) { p.weight } else { 0 })
+                .collect();
+            w.iter().any(|&w| w > 0).then_some(w)
         };
+        let weight = |i: usize| serving.as_ref().map_or(self.pools[i].weight, |w| w[i]);
         let Some(name) = &self.cookie else {
-            return (self.weighted(weights), None);
+            return (self.weighted(weight), None);
         };
         // A pool whose weight went to 0, or that cannot serve while another can, keeps
         // nobody: its clients move.
-        if let Some(i) = cookie(name).and_then(named).filter(|&i| weights[i] > 0) {
+        if let Some(i) = cookie(name).and_then(named).filter(|&i| weight(i) > 0) {
             return (i, None);
         }
-        let i = self.weighted(weights);
+        let i = self.weighted(weight);
         let attributes = &self.attributes[usize::from(https)];
         let set =
             HeaderValue::try_from(format!("{name}={}{attributes}", self.pools[i].pool.name)).ok();
         (i, set)
     }
 
-    /// A pool drawn in proportion to `weights` (one per pool).
-    fn weighted(&self, weights: &[u32]) -> usize {
-        let total: u64 = weights.iter().map(|&w| u64::from(w)).sum();
+    /// A pool drawn in proportion to `weight` (of each pool's index).
+    fn weighted(&self, weight: impl Fn(usize) -> u32) -> usize {
+        let n = self.pools.len();
+        let total: u64 = (0..n).map(|i| u64::from(weight(i))).sum();
         let draw = rand::rng().random_range(0..total.max(1));
-        slot(draw, weights.iter().copied())
+        slot(draw, (0..n).map(weight))
     }
 }
 
