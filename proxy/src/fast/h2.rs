@@ -259,6 +259,11 @@ pub(crate) struct Http2Client<'a> {
 }
 
 impl Http2Client<'_> {
+    /// The client's stream (its request head).
+    pub(crate) fn session(&self) -> &HttpSession {
+        self.session
+    }
+
     /// Sends DATA (taken as it is: the bytes of an HTTP/2 upstream's frame); `end`
     /// ends the stream. False when the client's stream is gone.
     pub(crate) async fn data(&mut self, data: Bytes, end: bool) -> bool {

@@ -24,15 +24,14 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use h2::client::SendRequest;
-use http::header::{HeaderValue, HOST};
-use http::{HeaderMap, Method, Request, Uri};
+use http::header::{HeaderValue, HOST, TE};
+use http::{Request, Uri};
 use pingora::protocols::http::v2::server::HttpSession;
 
 use super::h2::Http2Client;
 use super::upstream::{self, judge_head, Attempt, Attempter, Failed, FailureKind, Relayed, Try};
 use crate::clock;
 use crate::generation::{Generation, PoolRt};
-use crate::headers::hop_by_hop;
 use crate::policy::Forward;
 
 /// A stream's receive window: what an upstream may send ahead of the client reading
@@ -41,20 +40,18 @@ const STREAM_WINDOW: u32 = 65_535;
 /// The largest window HTTP/2 allows (RFC 9113 §6.9.1).
 const MAX_WINDOW: u32 = 0x7fff_ffff;
 
-/// A request as it goes to an HTTP/2 upstream, built once and sent by every attempt
-/// (its body is the prepared request's, read whole before the first attempt).
+/// How a request goes to an HTTP/2 upstream: the first attempt's request, built
+/// before the body is read, and what a retry needs to build its own (its body is the
+/// prepared request's, read whole before the first attempt).
 pub(crate) struct MuxRequest {
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
+    /// Taken by the first attempt (moved into `h2`, not copied).
+    first: std::sync::Mutex<Option<Request<()>>>,
+    tls: bool,
 }
 
 impl MuxRequest {
-    /// The upstream request for the HTTP/2 request `session` holds under `plan`: its
-    /// method and target (or the plan's), `:authority` the plan's host, the headers
-    /// every transport passes (no connection-specific ones), and the forwarding
-    /// headers, the route's own and the request id. `None` when the target is not a
-    /// valid URI (Pingora's path answers it).
+    /// The upstream request for the HTTP/2 request `session` holds under `plan`
+    /// ([`upstream_request`]); `None` when the target is not a valid URI.
     pub(crate) fn new(
         session: &HttpSession,
         plan: &Forward,
@@ -62,54 +59,75 @@ impl MuxRequest {
         request_id: &HeaderValue,
         tls: bool,
     ) -> Option<Self> {
-        let req = session.req_header();
-        let target = plan
-            .target
-            .as_deref()
-            .unwrap_or_else(|| req.uri.path_and_query().map_or("/", |pq| pq.as_str()));
-        let scheme = if tls { "https" } else { "http" };
-        let authority = plan.host.to_str().ok()?;
-        let uri = Uri::builder()
-            .scheme(scheme)
-            .authority(authority)
-            .path_and_query(target)
-            .build()
-            .ok()?;
-        let edits = &generation.routes[plan.route].request_headers;
-        let hop = hop_by_hop(&req.headers, false);
-        let te_trailers = crate::headers::te_trailers(&req.headers);
-        let mut headers = HeaderMap::with_capacity(req.headers.len() + plan.forwarded.len() + 4);
-        for (name, value) in &req.headers {
-            if name == HOST || hop.contains(name) || !generation.passes_header(plan, name.as_str())
-            {
-                continue;
-            }
-            headers.append(name.clone(), value.clone());
-        }
-        if te_trailers {
-            headers.insert(http::header::TE, HeaderValue::from_static("trailers"));
-        }
-        let id = (&generation.forwarding.request_id, request_id);
-        for (name, value) in super::added_headers(plan, edits, id) {
-            // Made of valid header values by the policy and the configuration.
-            if let Ok(value) = HeaderValue::from_bytes(value) {
-                headers.append(name.clone(), value);
-            }
-        }
+        let first = upstream_request(session, plan, generation, request_id, tls)?;
         Some(Self {
-            method: req.method.clone(),
-            uri,
-            headers,
+            first: std::sync::Mutex::new(Some(first)),
+            tls,
         })
     }
 
-    fn request(&self) -> Request<()> {
-        let mut req = Request::new(());
-        *req.method_mut() = self.method.clone();
-        *req.uri_mut() = self.uri.clone();
-        *req.headers_mut() = self.headers.clone();
-        req
+    /// The request for a try: the first one, or one built again for a retry.
+    fn take(&self, client: &Http2Client<'_>, t: &Try<'_>) -> Option<Request<()>> {
+        let first = self
+            .first
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        first.or_else(|| {
+            let id = &t.request.request_id;
+            upstream_request(client.session(), t.plan, t.generation, id, self.tls)
+        })
     }
+}
+
+/// The upstream request for the HTTP/2 request `session` holds under `plan`: its
+/// method and target (or the plan's), `:authority` the plan's host, the headers every
+/// transport passes (an HTTP/2 request has no connection-specific fields but
+/// `TE: trailers`, which goes on), and the forwarding headers, the route's own and the
+/// request id. `None` when the target is not a valid URI.
+fn upstream_request(
+    session: &HttpSession,
+    plan: &Forward,
+    generation: &Generation,
+    request_id: &HeaderValue,
+    tls: bool,
+) -> Option<Request<()>> {
+    let req = session.req_header();
+    let target = plan
+        .target
+        .as_deref()
+        .unwrap_or_else(|| req.uri.path_and_query().map_or("/", |pq| pq.as_str()));
+    let scheme = if tls { "https" } else { "http" };
+    let authority = plan.host.to_str().ok()?;
+    let uri = Uri::builder()
+        .scheme(scheme)
+        .authority(authority)
+        .path_and_query(target)
+        .build()
+        .ok()?;
+    let edits = &generation.routes[plan.route].request_headers;
+    let mut out = Request::new(());
+    *out.method_mut() = req.method.clone();
+    *out.uri_mut() = uri;
+    let headers = out.headers_mut();
+    headers.reserve(req.headers.len() + plan.forwarded.len() + 4);
+    for (name, value) in &req.headers {
+        if name == HOST || name == TE || !generation.passes_header(plan, name.as_str()) {
+            continue;
+        }
+        headers.append(name.clone(), value.clone());
+    }
+    if crate::headers::te_trailers(&req.headers) {
+        headers.insert(TE, HeaderValue::from_static("trailers"));
+    }
+    let id = (&generation.forwarding.request_id, request_id);
+    for (name, value) in super::added_headers(plan, edits, id) {
+        // Made of valid header values by the policy and the configuration.
+        if let Ok(value) = HeaderValue::from_bytes(value) {
+            headers.append(name.clone(), value);
+        }
+    }
+    Some(out)
 }
 
 impl Attempter<Http2Client<'_>> for MuxRequest {
@@ -129,7 +147,7 @@ impl Attempter<Http2Client<'_>> for MuxRequest {
             slot,
             sent_at,
             connect,
-        } = match self.exchange(&t).await {
+        } = match self.exchange(&t, || self.take(client, &t)).await {
             Ok(e) => e,
             Err(f) => return Attempt::Failed(f),
         };
@@ -211,7 +229,11 @@ impl MuxRequest {
     /// of a new one, and waits for the response head (interim 1xx skipped by `h2`). A
     /// stream the upstream refused unprocessed (a GOAWAY, `REFUSED_STREAM`) on a pooled
     /// connection is sent once more on a fresh one, as a stale HTTP/1 connection is.
-    async fn exchange(&self, t: &Try<'_>) -> Result<Exchanged, Failed> {
+    async fn exchange(
+        &self,
+        t: &Try<'_>,
+        mut request_for: impl FnMut() -> Option<Request<()>>,
+    ) -> Result<Exchanged, Failed> {
         let (pool, idx, deadline, request) = (t.pool, t.idx, t.deadline, t.request);
         let retry = request.idempotent;
         let mut now = t.now;
@@ -225,9 +247,14 @@ impl MuxRequest {
             let sent_at = Instant::now();
             let read_limit = clock::after(sent_at, pool.timeouts.first_byte.0).min(deadline);
             let body = &request.upstream_head;
+            // Built for the first try; a retry's can only fail as the first did.
+            let Some(upstream_request) = request_for() else {
+                return Err(Failed::new(FailureKind::Error, 502, false));
+            };
             let exchange = async {
                 let mut send = send.ready().await?;
-                let (response, mut stream) = send.send_request(self.request(), body.is_empty())?;
+                let (response, mut stream) =
+                    send.send_request(upstream_request, body.is_empty())?;
                 if !body.is_empty() {
                     stream.send_data(Bytes::copy_from_slice(body), true)?;
                 }
