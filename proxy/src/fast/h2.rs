@@ -353,7 +353,7 @@ pub(crate) fn response_header_of(
     request: &Prepared,
     generation: &Generation,
 ) -> Option<ResponseHeader> {
-    let id_name = &generation.forwarding.request_id;
+    // The upstream's own request id is replaced by the proxy's (inserted last).
     let mut header = ResponseHeader::from(parts);
     if let Some(edits) = request.response_edits(generation) {
         for name in &edits.remove {
@@ -362,19 +362,8 @@ pub(crate) fn response_header_of(
         for (name, _) in &edits.set {
             header.remove_header(name);
         }
-        for (name, value) in &edits.set {
-            header.append_header(name.clone(), value.clone()).ok()?;
-        }
     }
-    for cookie in cookies.iter().flatten() {
-        header
-            .append_header(http::header::SET_COOKIE, cookie.clone())
-            .ok()?;
-    }
-    header
-        .insert_header(id_name.clone(), request.request_id.clone())
-        .ok()?;
-    Some(header)
+    finish_response_header(header, cookies, request, generation)
 }
 
 /// The response head for an HTTP/2 client from an HTTP/1 upstream's: its status and
@@ -423,14 +412,29 @@ fn response_header_from<'h>(
         let value = HeaderValue::from_bytes(value).ok()?;
         header.append_header(name, value).ok()?;
     }
-    for (name, value) in &edits.set {
-        header.append_header(name.clone(), value.clone()).ok()?;
+    finish_response_header(header, cookies, request, generation)
+}
+
+/// What every response head for an HTTP/2 client ends with, after the upstream's own
+/// fields: the route's `response_headers` set ones, the proxy's `cookies`, the request
+/// id.
+fn finish_response_header(
+    mut header: ResponseHeader,
+    cookies: &[Option<HeaderValue>; 2],
+    request: &Prepared,
+    generation: &Generation,
+) -> Option<ResponseHeader> {
+    if let Some(edits) = request.response_edits(generation) {
+        for (name, value) in &edits.set {
+            header.append_header(name.clone(), value.clone()).ok()?;
+        }
     }
     for cookie in cookies.iter().flatten() {
         header
             .append_header(http::header::SET_COOKIE, cookie.clone())
             .ok()?;
     }
+    let id_name = &generation.forwarding.request_id;
     header
         .insert_header(id_name.clone(), request.request_id.clone())
         .ok()?;
