@@ -792,6 +792,57 @@ async fn header_rules_apply_alike_to_http2_backends_on_both_paths() {
 }
 
 #[tokio::test]
+async fn http2_pools_that_fail_get_the_same_answers_on_both_paths() {
+    common::init();
+    // An endpoint that refuses connections, and one that accepts and never answers
+    // (not even HTTP/2's SETTINGS), behind h2c pools without retries: the same status
+    // for an HTTP/2 client on the fast path's streams and on Pingora's path.
+    let refused = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let silent_addr = silent.local_addr().unwrap();
+    let held = tokio::spawn(async move {
+        let mut conns = Vec::new();
+        while let Ok((c, _)) = silent.accept().await {
+            conns.push(c);
+        }
+    });
+    let body = format!(
+        "{TLS_A}[[routes]]\nname = \"refused\"\npath_prefix = \"/refused\"\naction = {{ forward = \"refused\" }}\n\
+         [[routes]]\nname = \"silent\"\npath_prefix = \"/silent\"\naction = {{ forward = \"silent\" }}\n\
+         [pools.refused]\nprotocol = \"h2c\"\nendpoints = [{{ address = \"{refused}\" }}]\nretries = {{ attempts = 0 }}\n\
+         [pools.silent]\nprotocol = \"h2c\"\nendpoints = [{{ address = \"{silent_addr}\" }}]\nretries = {{ attempts = 0 }}\n\
+         timeouts = {{ connect = \"1s\", first_byte = \"500ms\" }}\n"
+    );
+    let mut answers = Vec::new();
+    for server in [FAST, PINGORA] {
+        let proxy = Proxy::start_with(server, &body).await;
+        let client = proxy
+            .client_builder(&["a.test"])
+            .http2_prior_knowledge()
+            .build()
+            .unwrap();
+        let mut got = Vec::new();
+        for path in ["/refused", "/silent"] {
+            let url = format!("https://a.test:{}{path}", proxy.https.port());
+            let resp = client.get(url).send().await.unwrap();
+            got.push((path, resp.status().as_u16()));
+        }
+        eprintln!("{server:?}: {got:?}");
+        answers.push(got);
+    }
+    held.abort();
+    assert_eq!(
+        answers[0],
+        [("/refused", 502), ("/silent", 504)],
+        "the fast path"
+    );
+    assert_eq!(answers[1], answers[0], "Pingora's path");
+}
+
+#[tokio::test]
 async fn health_checks_probe_over_the_pool_tls_and_protocol() {
     common::init();
     let server_pki = Pki::new("servers");
