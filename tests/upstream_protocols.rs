@@ -190,6 +190,8 @@ const BIG: usize = 1024 * 1024;
 struct H2cBackend {
     addr: SocketAddr,
     connections: AtomicUsize,
+    /// Connections open now.
+    open: AtomicUsize,
     in_flight: AtomicUsize,
     peak: AtomicUsize,
     requests: AtomicU64,
@@ -224,6 +226,8 @@ impl H2cBackend {
                 };
                 let Some(b) = weak.upgrade() else { return };
                 b.connections.fetch_add(1, Ordering::SeqCst);
+                b.open.fetch_add(1, Ordering::SeqCst);
+                let open = b.clone();
                 let arrived = Arc::new(tokio::sync::Notify::new());
                 let arrived_one = arrived.clone();
                 tokio::spawn(async move {
@@ -252,19 +256,24 @@ impl H2cBackend {
                     let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
                         .serve_connection(TokioIo::new(tcp), svc);
                     tokio::pin!(conn);
+                    let mut ended = false;
                     if one_per_connection {
                         tokio::select! {
-                            _ = conn.as_mut() => return,
+                            _ = conn.as_mut() => ended = true,
                             () = arrived.notified() => conn.as_mut().graceful_shutdown(),
                         }
                     }
-                    let _ = conn.await;
+                    if !ended {
+                        let _ = conn.await;
+                    }
+                    open.open.fetch_sub(1, Ordering::SeqCst);
                 });
             }
         });
         let backend = Arc::new(H2cBackend {
             addr,
             connections: AtomicUsize::new(0),
+            open: AtomicUsize::new(0),
             in_flight: AtomicUsize::new(0),
             peak: AtomicUsize::new(0),
             requests: AtomicU64::new(0),
@@ -840,6 +849,38 @@ async fn http2_pools_that_fail_get_the_same_answers_on_both_paths() {
         "the fast path"
     );
     assert_eq!(answers[1], answers[0], "Pingora's path");
+}
+
+#[tokio::test]
+async fn an_upstream_http2_connection_is_closed_once_idle_for_the_pools_idle_timeout() {
+    common::init();
+    // After a burst, nothing: the connections the fast path opened for it close after
+    // `timeouts.idle` (no later request would sweep them; the backend would be held
+    // open for ever). Health checks probe over TCP, which opens and closes its own.
+    let backend = H2cBackend::start_with(Duration::from_millis(50), false).await;
+    let extra = "protocol = \"h2c\"\nmax_streams = 4\ntimeouts = { idle = \"300ms\" }\n\
+                 health_check = { probe = \"tcp\" }";
+    let proxy = Proxy::start(&pool(backend.addr, extra)).await;
+    let client = proxy
+        .client_builder(&["a.test"])
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    for (status, body) in h2_wave(&client, &proxy, 16).await {
+        assert_eq!(status, 200, "{body}");
+    }
+    let used = backend.connections.load(Ordering::SeqCst);
+    assert!(
+        used >= 4,
+        "16 streams at 4 per connection used {used} connections"
+    );
+    eventually("the idle upstream connections closed", || async {
+        (backend.open.load(Ordering::SeqCst) == 0).then_some(())
+    })
+    .await;
+    // And the next request opens a new one and is served.
+    let (status, body) = h2_wave(&client, &proxy, 1).await.remove(0);
+    assert_eq!(status, 200, "{body}\n{}", proxy.log());
 }
 
 #[tokio::test]

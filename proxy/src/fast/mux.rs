@@ -404,15 +404,11 @@ async fn stream_to(
     };
     let state = Arc::new(ConnState::default());
     let driver = state.clone();
-    tokio::spawn(async move {
-        // Ends when the upstream closes it, or once every handle and stream is gone.
-        let _ = connection.await;
-        driver.closed.store(true, Ordering::Release);
-    });
+    let idle_ms = u64::try_from(idle.as_millis()).unwrap_or(u64::MAX);
+    tokio::spawn(drive(connection, driver, idle));
     state.streams.store(1, Ordering::Release);
     let slot = Slot(state.clone());
     let connected = Instant::now().saturating_duration_since(now);
-    let idle_ms = u64::try_from(idle.as_millis()).unwrap_or(u64::MAX);
     CONNS.with(|c| {
         c.borrow_mut().by_key.entry(key).or_default().push(MuxConn {
             send: send.clone(),
@@ -421,6 +417,38 @@ async fn stream_to(
         });
     });
     Ok((send, slot, Some(connected)))
+}
+
+/// Runs an upstream connection until the upstream closes it, or until it has had no
+/// stream for `idle` (then it is closed here: the pool's handle alone would keep it
+/// open for as long as the worker sees no other request to that endpoint).
+async fn drive(
+    connection: h2::client::Connection<super::conn::Upstream, Bytes>,
+    state: Arc<ConnState>,
+    idle: Duration,
+) {
+    let idle_ms = u64::try_from(idle.as_millis()).unwrap_or(u64::MAX);
+    tokio::pin!(connection);
+    loop {
+        tokio::select! {
+            _ = connection.as_mut() => break,
+            () = tokio::time::sleep(idle) => {
+                let now_ms = crate::health::now_ms();
+                let since = state.idle_since_ms.load(Ordering::Relaxed);
+                if state.streams.load(Ordering::Acquire) == 0
+                    && now_ms.saturating_sub(since) >= idle_ms
+                {
+                    // No new stream is given this connection from now on; one handed
+                    // out just before fails as on a stale connection and is retried.
+                    state.closed.store(true, Ordering::Release);
+                    if state.streams.load(Ordering::Acquire) == 0 {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+    state.closed.store(true, Ordering::Release);
 }
 
 /// A stream slot on a live pooled connection to `key` with fewer than `max` streams;
