@@ -208,13 +208,18 @@ impl H2cBackend {
     /// A backend that answers each request after 200 ms (long enough for the requests
     /// sent together to overlap).
     async fn start() -> Arc<H2cBackend> {
-        Self::start_with(Duration::from_millis(200), false).await
+        Self::start_with(Duration::from_millis(200), false, None).await
     }
 
     /// A backend that answers each request after `delay`; with `one_per_connection`
     /// it closes each connection (GOAWAY) as its first request arrives (answering the
-    /// requests it took), as a server that recycles connections or restarts does.
-    async fn start_with(delay: Duration, one_per_connection: bool) -> Arc<H2cBackend> {
+    /// requests it took), as a server that recycles connections or restarts does;
+    /// `max_streams` is its SETTINGS_MAX_CONCURRENT_STREAMS (hyper's default without).
+    async fn start_with(
+        delay: Duration,
+        one_per_connection: bool,
+        max_streams: Option<u32>,
+    ) -> Arc<H2cBackend> {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (tx, rx) = tokio::sync::oneshot::channel::<Arc<H2cBackend>>();
@@ -253,8 +258,12 @@ impl H2cBackend {
                                 Ok::<_, Infallible>(resp)
                             }
                         });
-                    let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                        .serve_connection(TokioIo::new(tcp), svc);
+                    let mut builder =
+                        hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+                    if let Some(n) = max_streams {
+                        builder.max_concurrent_streams(n);
+                    }
+                    let conn = builder.serve_connection(TokioIo::new(tcp), svc);
                     tokio::pin!(conn);
                     let mut ended = false;
                     if one_per_connection {
@@ -638,7 +647,7 @@ async fn an_http2_backend_that_closes_its_connections_costs_no_request() {
     // sent again on a new one (a POST too: the endpoint refused it unprocessed). On
     // both paths.
     for server in [FAST, PINGORA] {
-        let backend = H2cBackend::start_with(Duration::from_millis(300), true).await;
+        let backend = H2cBackend::start_with(Duration::from_millis(300), true, None).await;
         let proxy = Proxy::start_with(server, &pool(backend.addr, "protocol = \"h2c\"")).await;
         let client = proxy
             .client_builder(&["a.test"])
@@ -686,7 +695,7 @@ async fn clients_that_stop_reading_never_stall_the_streams_sharing_their_upstrea
 }
 
 async fn stalled_streams_leave_the_others_alone(server: &str) {
-    let backend = H2cBackend::start_with(Duration::ZERO, false).await;
+    let backend = H2cBackend::start_with(Duration::ZERO, false, None).await;
     let extra = "protocol = \"h2c\"\nmax_streams = 4";
     let proxy = Proxy::start_with(server, &pool(backend.addr, extra)).await;
     let mut tls = (*common::resuming_client(&std::fs::read(proxy.ca_path()).unwrap())).clone();
@@ -746,7 +755,7 @@ async fn header_rules_apply_alike_to_http2_backends_on_both_paths() {
     // The route's request and response header rules, the sticky cookie, the request
     // id and the connection-specific fields, for HTTP/2 clients of an h2c pool: the
     // fast path's streams and Pingora's path give the backend and the client the same.
-    let backend = H2cBackend::start_with(Duration::ZERO, false).await;
+    let backend = H2cBackend::start_with(Duration::ZERO, false, None).await;
     let rules = "request_headers = { set = { \"x-env\" = \"prod\" }, remove = [\"x-drop\"] }\n\
                  response_headers = { set = { \"server\" = \"rampart\" }, remove = [\"x-internal\"] }\n";
     let body = format!(
@@ -857,7 +866,7 @@ async fn an_upstream_http2_connection_is_closed_once_idle_for_the_pools_idle_tim
     // After a burst, nothing: the connections the fast path opened for it close after
     // `timeouts.idle` (no later request would sweep them; the backend would be held
     // open for ever). Health checks probe over TCP, which opens and closes its own.
-    let backend = H2cBackend::start_with(Duration::from_millis(50), false).await;
+    let backend = H2cBackend::start_with(Duration::from_millis(50), false, None).await;
     let extra = "protocol = \"h2c\"\nmax_streams = 4\ntimeouts = { idle = \"300ms\" }\n\
                  health_check = { probe = \"tcp\" }";
     let proxy = Proxy::start(&pool(backend.addr, extra)).await;
@@ -881,6 +890,28 @@ async fn an_upstream_http2_connection_is_closed_once_idle_for_the_pools_idle_tim
     // And the next request opens a new one and is served.
     let (status, body) = h2_wave(&client, &proxy, 1).await.remove(0);
     assert_eq!(status, 200, "{body}\n{}", proxy.log());
+}
+
+#[tokio::test]
+async fn streams_beyond_what_an_http2_endpoint_allows_go_out_on_another_connection() {
+    common::init();
+    // The endpoint takes 4 streams per connection, the pool allows 100: a wave of 16
+    // goes out on 4 connections at once rather than queueing 4 at a time on one.
+    let backend = H2cBackend::start_with(Duration::from_millis(300), false, Some(4)).await;
+    let extra = "protocol = \"h2c\"\nhealth_check = { probe = \"tcp\" }";
+    let proxy = Proxy::start_with("threads = 1", &pool(backend.addr, extra)).await;
+    let client = proxy
+        .client_builder(&["a.test"])
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    // One request first, so that the endpoint's SETTINGS have arrived.
+    assert_eq!(h2_wave(&client, &proxy, 1).await[0].0, 200);
+    for (status, body) in h2_wave(&client, &proxy, 16).await {
+        assert_eq!(status, 200, "{body}");
+    }
+    let peak = backend.peak.load(Ordering::SeqCst);
+    assert!(peak > 4, "the 16 streams were served {peak} at a time");
 }
 
 #[tokio::test]

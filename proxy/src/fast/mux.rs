@@ -466,9 +466,13 @@ fn take(key: (SocketAddr, u64), max: usize) -> Option<(SendRequest<Bytes>, Slot)
         }
         let list = conns.by_key.get_mut(&key)?;
         list.retain(|c| c.keep(now_ms));
-        let conn = list
-            .iter()
-            .find(|c| c.state.streams.load(Ordering::Acquire) < max)?;
+        // At most the pool's `max_streams`, and at most what the endpoint allows
+        // (SETTINGS_MAX_CONCURRENT_STREAMS): a stream over its limit would wait on this
+        // connection rather than go out on another.
+        let conn = list.iter().find(|c| {
+            let limit = max.min(c.send.current_max_send_streams());
+            c.state.streams.load(Ordering::Acquire) < limit
+        })?;
         conn.state.streams.fetch_add(1, Ordering::AcqRel);
         Some((conn.send.clone(), Slot(conn.state.clone())))
     })
