@@ -318,11 +318,7 @@ fn tls_table(pki: &Pki, client: Option<(&Path, &Path)>, extra: &str) -> String {
 ///
 /// GETs `path` through the proxy over plain HTTP/1.1 and over HTTPS with HTTP/2.
 async fn both_ways(proxy: &Proxy, path: &str) -> Vec<(u16, String)> {
-    let h2 = proxy
-        .client_builder(&["a.test"])
-        .http2_prior_knowledge()
-        .build()
-        .unwrap();
+    let h2 = h2_client(proxy);
     let mut out = Vec::new();
     for (client, url) in [
         (Proxy::http_client(), proxy.url(path)),
@@ -589,6 +585,15 @@ async fn http2_to_backends_over_tls_and_h2c_multiplexes_requests_on_few_connecti
     }
 }
 
+/// An HTTP/2 client of the proxy's HTTPS listener for `a.test`.
+fn h2_client(proxy: &Proxy) -> reqwest::Client {
+    proxy
+        .client_builder(&["a.test"])
+        .http2_prior_knowledge()
+        .build()
+        .unwrap()
+}
+
 /// `n` GETs of `/` at once over one HTTP/2 connection to the HTTPS listener; each
 /// answer's status and body.
 async fn h2_wave(client: &reqwest::Client, proxy: &Proxy, n: usize) -> Vec<(u16, String)> {
@@ -610,11 +615,7 @@ async fn the_http2_fast_path_sends_its_requests_as_streams_of_few_upstream_conne
         let backend = H2cBackend::start().await;
         let extra = format!("protocol = \"h2c\"\nmax_streams = {max_streams}");
         let proxy = Proxy::start(&pool(backend.addr, &extra)).await;
-        let client = proxy
-            .client_builder(&["a.test"])
-            .http2_prior_knowledge()
-            .build()
-            .unwrap();
+        let client = h2_client(&proxy);
         let before = proxy.metric("rampart_http2_fast_path_requests_total").await;
         let (waves, per_wave) = (3, 64);
         for _ in 0..waves {
@@ -649,11 +650,7 @@ async fn an_http2_backend_that_closes_its_connections_costs_no_request() {
     for server in [FAST, PINGORA] {
         let backend = H2cBackend::start_with(Duration::from_millis(300), true, None).await;
         let proxy = Proxy::start_with(server, &pool(backend.addr, "protocol = \"h2c\"")).await;
-        let client = proxy
-            .client_builder(&["a.test"])
-            .http2_prior_knowledge()
-            .build()
-            .unwrap();
+        let client = h2_client(&proxy);
         let url = format!("https://a.test:{}/", proxy.https.port());
         for i in 0..6 {
             let first = tokio::spawn(client.get(&url).send());
@@ -766,11 +763,7 @@ async fn header_rules_apply_alike_to_http2_backends_on_both_paths() {
     let mut seen_by = Vec::new();
     for server in [FAST, PINGORA] {
         let proxy = Proxy::start_with(server, &body).await;
-        let client = proxy
-            .client_builder(&["a.test"])
-            .http2_prior_knowledge()
-            .build()
-            .unwrap();
+        let client = h2_client(&proxy);
         let resp = client
             .get(format!("https://a.test:{}/", proxy.https.port()))
             .header("x-env", "dev")
@@ -837,11 +830,7 @@ async fn http2_pools_that_fail_get_the_same_answers_on_both_paths() {
     let mut answers = Vec::new();
     for server in [FAST, PINGORA] {
         let proxy = Proxy::start_with(server, &body).await;
-        let client = proxy
-            .client_builder(&["a.test"])
-            .http2_prior_knowledge()
-            .build()
-            .unwrap();
+        let client = h2_client(&proxy);
         let mut got = Vec::new();
         for path in ["/refused", "/silent"] {
             let url = format!("https://a.test:{}{path}", proxy.https.port());
@@ -870,11 +859,7 @@ async fn an_upstream_http2_connection_is_closed_once_idle_for_the_pools_idle_tim
     let extra = "protocol = \"h2c\"\nmax_streams = 4\ntimeouts = { idle = \"300ms\" }\n\
                  health_check = { probe = \"tcp\" }";
     let proxy = Proxy::start(&pool(backend.addr, extra)).await;
-    let client = proxy
-        .client_builder(&["a.test"])
-        .http2_prior_knowledge()
-        .build()
-        .unwrap();
+    let client = h2_client(&proxy);
     for (status, body) in h2_wave(&client, &proxy, 16).await {
         assert_eq!(status, 200, "{body}");
     }
@@ -900,11 +885,7 @@ async fn streams_beyond_what_an_http2_endpoint_allows_go_out_on_another_connecti
     let backend = H2cBackend::start_with(Duration::from_millis(300), false, Some(4)).await;
     let extra = "protocol = \"h2c\"\nhealth_check = { probe = \"tcp\" }";
     let proxy = Proxy::start_with("threads = 1", &pool(backend.addr, extra)).await;
-    let client = proxy
-        .client_builder(&["a.test"])
-        .http2_prior_knowledge()
-        .build()
-        .unwrap();
+    let client = h2_client(&proxy);
     // One request first, so that the endpoint's SETTINGS have arrived.
     assert_eq!(h2_wave(&client, &proxy, 1).await[0].0, 200);
     for (status, body) in h2_wave(&client, &proxy, 16).await {

@@ -74,9 +74,8 @@ pub async fn serve(
     // An HTTP/2 pool's request goes as a stream of its own (`mux`); the prepared
     // request then holds only the body.
     let mux = plan.pool(&generation).and_then(|pool| {
-        let tls = pool.peer.tls.is_some();
         pool.peer.fast_path_multiplexes().then(|| {
-            MuxRequest::new(&session, &plan, &generation, &request_id, tls)
+            MuxRequest::new(&session, (&plan, pool), &generation, &request_id)
                 .ok_or(Answer::Failed(502))
         })
     });

@@ -12,8 +12,7 @@
 //! Connections: per worker thread and endpoint (and TLS settings), as many as the
 //! streams in flight need at the pool's `max_streams` each; a new one is opened under
 //! the endpoint's connect gate, so a burst opens one connection, not one per request.
-//! One with no stream for the pool's idle timeout is let go (dropping the last
-//! handle ends it with a GOAWAY).
+//! One with no stream for the pool's idle timeout is closed by its own task.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -46,7 +45,6 @@ const MAX_WINDOW: u32 = 0x7fff_ffff;
 pub(crate) struct MuxRequest {
     /// Taken by the first attempt (moved into `h2`, not copied).
     first: std::sync::Mutex<Option<Request<()>>>,
-    tls: bool,
 }
 
 impl MuxRequest {
@@ -54,15 +52,13 @@ impl MuxRequest {
     /// ([`upstream_request`]); `None` when the target is not a valid URI.
     pub(crate) fn new(
         session: &HttpSession,
-        plan: &Forward,
+        (plan, pool): (&Forward, &PoolRt),
         generation: &Generation,
         request_id: &HeaderValue,
-        tls: bool,
     ) -> Option<Self> {
-        let first = upstream_request(session, plan, generation, request_id, tls)?;
+        let first = upstream_request(session, (plan, pool), generation, request_id)?;
         Some(Self {
             first: std::sync::Mutex::new(Some(first)),
-            tls,
         })
     }
 
@@ -75,7 +71,7 @@ impl MuxRequest {
             .take();
         first.or_else(|| {
             let id = &t.request.request_id;
-            upstream_request(client.session(), t.plan, t.generation, id, self.tls)
+            upstream_request(client.session(), (t.plan, t.pool), t.generation, id)
         })
     }
 }
@@ -87,17 +83,20 @@ impl MuxRequest {
 /// request id. `None` when the target is not a valid URI.
 fn upstream_request(
     session: &HttpSession,
-    plan: &Forward,
+    (plan, pool): (&Forward, &PoolRt),
     generation: &Generation,
     request_id: &HeaderValue,
-    tls: bool,
 ) -> Option<Request<()>> {
     let req = session.req_header();
     let target = plan
         .target
         .as_deref()
         .unwrap_or_else(|| req.uri.path_and_query().map_or("/", |pq| pq.as_str()));
-    let scheme = if tls { "https" } else { "http" };
+    let scheme = if pool.peer.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
     let authority = plan.host.to_str().ok()?;
     let uri = Uri::builder()
         .scheme(scheme)
@@ -151,11 +150,12 @@ impl Attempter<Http2Client<'_>> for MuxRequest {
             Ok(e) => e,
             Err(f) => return Attempt::Failed(f),
         };
-        let ttfb = sent_at.elapsed();
+        let head_at = Instant::now();
+        let ttfb = head_at.duration_since(sent_at);
         let (parts, mut body) = response.into_parts();
         let status = parts.status.as_u16();
         // Dropping `body` resets the upstream stream when the try ends here.
-        if let Some(ended) = judge_head(client, &t, status, ttfb, connect).await {
+        if let Some(ended) = judge_head(client, &t, status, (head_at, ttfb), connect).await {
             return ended;
         }
         let cookies = plan.set_cookies(pool, idx, conn.scheme == crate::edge::Scheme::Https);
@@ -296,17 +296,12 @@ fn unprocessed(e: &h2::Error) -> bool {
 struct MuxConn {
     send: SendRequest<Bytes>,
     state: Arc<ConnState>,
-    /// How long it is kept without a stream (the pool's idle timeout), in ms.
-    idle_ms: u64,
 }
 
 impl MuxConn {
     /// Still worth keeping at `now_ms`: open, and busy or idle for less than its limit.
     fn keep(&self, now_ms: u64) -> bool {
-        let s = &self.state;
-        !s.closed.load(Ordering::Acquire)
-            && (s.streams.load(Ordering::Acquire) > 0
-                || now_ms.saturating_sub(s.idle_since_ms.load(Ordering::Relaxed)) < self.idle_ms)
+        !self.state.closed.load(Ordering::Acquire) && !self.state.idle_expired(now_ms)
     }
 }
 
@@ -321,7 +316,6 @@ struct Conns {
 }
 
 /// What the streams of a connection and its driver task share.
-#[derive(Default)]
 struct ConnState {
     /// Streams in flight.
     streams: AtomicUsize,
@@ -329,6 +323,26 @@ struct ConnState {
     closed: AtomicBool,
     /// When its last stream ended (milliseconds on [`crate::health::now_ms`]'s clock).
     idle_since_ms: std::sync::atomic::AtomicU64,
+    /// How long it is kept without a stream (the pool's `timeouts.idle`), in ms.
+    idle_ms: u64,
+}
+
+impl ConnState {
+    /// A connection opened for its first stream, kept `idle` without one.
+    fn new(idle: Duration) -> Self {
+        Self {
+            streams: AtomicUsize::new(1),
+            closed: AtomicBool::new(false),
+            idle_since_ms: std::sync::atomic::AtomicU64::new(0),
+            idle_ms: u64::try_from(idle.as_millis()).unwrap_or(u64::MAX),
+        }
+    }
+
+    /// It has had no stream for its idle limit at `now_ms`.
+    fn idle_expired(&self, now_ms: u64) -> bool {
+        self.streams.load(Ordering::Acquire) == 0
+            && now_ms.saturating_sub(self.idle_since_ms.load(Ordering::Relaxed)) >= self.idle_ms
+    }
 }
 
 /// A stream's place on a connection, given back when the try is over.
@@ -402,42 +416,33 @@ async fn stream_to(
         Ok(Err(_)) => return Err(Failed::new(FailureKind::Connect, 502, true)),
         Err(_) => return Err(Failed::new(FailureKind::Connect, 504, true)),
     };
-    let state = Arc::new(ConnState::default());
-    let driver = state.clone();
-    let idle_ms = u64::try_from(idle.as_millis()).unwrap_or(u64::MAX);
-    tokio::spawn(drive(connection, driver, idle));
-    state.streams.store(1, Ordering::Release);
+    let state = Arc::new(ConnState::new(idle));
+    tokio::spawn(drive(connection, state.clone()));
     let slot = Slot(state.clone());
     let connected = Instant::now().saturating_duration_since(now);
     CONNS.with(|c| {
         c.borrow_mut().by_key.entry(key).or_default().push(MuxConn {
             send: send.clone(),
             state,
-            idle_ms,
         });
     });
     Ok((send, slot, Some(connected)))
 }
 
 /// Runs an upstream connection until the upstream closes it, or until it has had no
-/// stream for `idle` (then it is closed here: the pool's handle alone would keep it
-/// open for as long as the worker sees no other request to that endpoint).
+/// stream for its idle limit (then it is closed here: the pool's handle alone would
+/// keep it open for as long as the worker sees no other request to that endpoint).
 async fn drive(
     connection: h2::client::Connection<super::conn::Upstream, Bytes>,
     state: Arc<ConnState>,
-    idle: Duration,
 ) {
-    let idle_ms = u64::try_from(idle.as_millis()).unwrap_or(u64::MAX);
+    let idle = Duration::from_millis(state.idle_ms);
     tokio::pin!(connection);
     loop {
         tokio::select! {
             _ = connection.as_mut() => break,
             () = tokio::time::sleep(idle) => {
-                let now_ms = crate::health::now_ms();
-                let since = state.idle_since_ms.load(Ordering::Relaxed);
-                if state.streams.load(Ordering::Acquire) == 0
-                    && now_ms.saturating_sub(since) >= idle_ms
-                {
+                if state.idle_expired(crate::health::now_ms()) {
                     // No new stream is given this connection from now on; one handed
                     // out just before fails as on a stale connection and is retried.
                     state.closed.store(true, Ordering::Release);

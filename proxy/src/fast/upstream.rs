@@ -331,7 +331,8 @@ async fn attempt<D: Downstream>(client: &mut D, t: &Try<'_>) -> Attempt {
     let head_at = Instant::now();
     let ttfb = head_at.duration_since(exchanged.sent_at);
     let status = exchanged.head.status;
-    if let Some(ended) = judge_head(client, t, status, ttfb, exchanged.connect).await {
+    let arrived = (head_at, ttfb);
+    if let Some(ended) = judge_head(client, t, status, arrived, exchanged.connect).await {
         return ended;
     }
     let cookies = plan.set_cookies(pool, idx, conn.scheme == crate::edge::Scheme::Https);
@@ -350,8 +351,8 @@ async fn attempt<D: Downstream>(client: &mut D, t: &Try<'_>) -> Attempt {
     relay.run(client, exchanged, buf).await
 }
 
-/// What a response head's `status`, arrived `ttfb` after the request was sent, means
-/// for try `t` before any of its body is relayed, on either kind of upstream: latency
+/// What a response head's `status`, arrived at `head_at`, `ttfb` after the request was
+/// sent, means for try `t` before any of its body is relayed, on either kind of upstream: latency
 /// and passive health recorded; `Some` when the try ends here — a status the pool
 /// retries on (nothing reached the client), or one the route's error pages intercept
 /// (the proxy's page answered; the upstream's body is never read).
@@ -359,7 +360,7 @@ pub(crate) async fn judge_head<D: Downstream>(
     client: &mut D,
     t: &Try<'_>,
     status: u16,
-    ttfb: Duration,
+    (head_at, ttfb): (Instant, Duration),
     connect: Duration,
 ) -> Option<Attempt> {
     let Try {
@@ -371,7 +372,7 @@ pub(crate) async fn judge_head<D: Downstream>(
         ..
     } = *t;
     pool.ttfb.observe(ttfb.as_secs_f64());
-    pool.states[idx].observe_latency(ttfb, ms_at(Instant::now()));
+    pool.states[idx].observe_latency(ttfb, ms_at(head_at));
     if pool.retries.on_status.contains(&status) && request.idempotent && (t.may_retry)() {
         return Some(Attempt::Failed(Failed::new(
             FailureKind::Status,
