@@ -314,11 +314,14 @@ impl ProxyHttp for Edge {
         mirror_body(ctx, body.as_ref(), eos);
         if let Some(b) = body {
             ctx.body_bytes += b.len() as u64;
+            // The client's errors (Downstream): Pingora's HTTP/2 upstream path answers
+            // them; as upstream errors it would only stop reading the body.
             if ctx.route().is_some_and(|r| ctx.body_bytes > r.max_body) {
-                return Error::e_explain(
+                return Err(Error::explain(
                     ErrorType::HTTPStatus(413),
                     "request body exceeds the route's max_body_bytes",
-                );
+                )
+                .into_down());
             }
             let limits = &ctx.generation.config.limits;
             let streaming = ctx.plan.as_ref().is_some_and(|p| p.stream_pause.is_some());
@@ -330,10 +333,11 @@ impl ProxyHttp for Edge {
                     limits.min_body_rate.0,
                 )
             {
-                return Error::e_explain(
+                return Err(Error::explain(
                     ErrorType::HTTPStatus(408),
                     "request body arrives slower than limits.min_body_rate",
-                );
+                )
+                .into_down());
             }
         }
         Ok(())
