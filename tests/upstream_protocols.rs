@@ -1173,3 +1173,110 @@ async fn a_connection_verified_for_one_pool_is_never_reused_by_a_pool_with_other
         );
     }
 }
+
+/// An h2c backend that reads each request's body to its end and answers its length
+/// (`len=N`), or, for `/early`, answers at once without reading it.
+async fn upload_backend() -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    use http_body_util::BodyExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let svc =
+                    hyper::service::service_fn(|req: Request<hyper::body::Incoming>| async move {
+                        let text = if req.uri().path() == "/early" {
+                            "early".to_string()
+                        } else {
+                            match req.into_body().collect().await {
+                                Ok(body) => format!("len={}", body.to_bytes().len()),
+                                Err(e) => format!("broken: {e}"),
+                            }
+                        };
+                        Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(text))))
+                    });
+                let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(tcp), svc)
+                    .await;
+            });
+        }
+    });
+    (addr, task)
+}
+
+/// A request body of `len` bytes sent in 8 KiB pieces, its length not declared.
+fn pieces(len: usize) -> reqwest::Body {
+    let pieces = (0..len.div_ceil(8192)).map(move |i| {
+        let n = 8192.min(len - i * 8192);
+        Ok::<_, Infallible>(Bytes::from(vec![b'u'; n]))
+    });
+    reqwest::Body::wrap_stream(futures_util::stream::iter(pieces))
+}
+
+#[tokio::test]
+async fn uploads_of_unknown_length_reach_http2_backends_alike_on_both_paths() {
+    common::init();
+    // Bodies the fast path cannot read whole first (no length, as gRPC clients send
+    // them, or a length over 64 KiB) go up as they arrive: on the HTTP/2 fast path
+    // itself (counted by its metric) as on Pingora's, with the same answers — and the
+    // route's max_body_bytes holds for them both.
+    let (backend, _task) = upload_backend().await;
+    let config = format!(
+        "[limits]\nmax_body_bytes = \"256KiB\"\n{}",
+        pool(backend, "protocol = \"h2c\"")
+    );
+    for (server, counted) in [(FAST, 4.0), (PINGORA, 0.0)] {
+        let proxy = Proxy::start_with(server, &config).await;
+        let client = h2_client(&proxy);
+        let url = |path: &str| format!("https://a.test:{}{path}", proxy.https.port());
+        let fast = "rampart_http2_fast_path_requests_total";
+        let before = proxy.metric(fast).await;
+        let answer = |resp: reqwest::Response| async move {
+            (resp.status().as_u16(), resp.text().await.unwrap())
+        };
+        let streamed = client.post(url("/")).body(pieces(200 * 1024)).send();
+        let got = answer(streamed.await.unwrap()).await;
+        assert_eq!(got, (200, "len=204800".to_string()), "{server:?}");
+        let declared = client.post(url("/")).body(vec![b'd'; 100 * 1024]).send();
+        let got = answer(declared.await.unwrap()).await;
+        assert_eq!(got, (200, "len=102400".to_string()), "{server:?}");
+        // A backend that answers before reading the body: its answer stands.
+        let early = client.post(url("/early")).body(pieces(64 * 1024)).send();
+        assert_eq!(answer(early.await.unwrap()).await.1, "early", "{server:?}");
+        // Over max_body_bytes: 413 while the backend still waits for the end.
+        let large = client.post(url("/")).body(pieces(300 * 1024)).send().await;
+        let status = large.map(|r| r.status().as_u16());
+        assert_eq!(status.ok(), Some(413), "{server:?}: {}", proxy.log());
+        let n = proxy.metric(fast).await - before;
+        assert_eq!(n, counted, "{server:?}: requests on the HTTP/2 fast path");
+    }
+}
+
+#[tokio::test]
+async fn an_upload_of_unknown_length_that_stalls_is_answered_on_the_http2_fast_path() {
+    common::init();
+    // The fast path times out a body passed on as it arrives as it does a body read
+    // whole (400 after body_read_timeout without a piece). Pingora's path is not
+    // asked: its HTTP/2 session reads request bodies without a timeout (the backend's
+    // first_byte timeout ends such a request there).
+    let (backend, _task) = upload_backend().await;
+    let config = format!(
+        "[limits]\nbody_read_timeout = \"300ms\"\n{}",
+        pool(backend, "protocol = \"h2c\"")
+    );
+    let proxy = Proxy::start(&config).await;
+    let client = h2_client(&proxy);
+    // One piece, then nothing until the proxy has answered.
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, Infallible>>(1);
+    tx.send(Ok(Bytes::from_static(b"first piece")))
+        .await
+        .unwrap();
+    let body = reqwest::Body::wrap_stream(tokio_stream::wrappers::ReceiverStream::new(rx));
+    let url = format!("https://a.test:{}/", proxy.https.port());
+    let resp = client.post(url).body(body).send().await;
+    let status = resp.map(|r| r.status().as_u16()).ok();
+    drop(tx);
+    assert_eq!(status, Some(400), "{}", proxy.log());
+    let fast = proxy.metric("rampart_http2_fast_path_requests_total").await;
+    assert_eq!(fast, 1.0);
+}

@@ -5,8 +5,9 @@
 //! pool, one upstream head written at once. HTTP/2 framing (the codec, flow control,
 //! stream acceptance and its checks) stays Pingora's and the `h2` crate's; only what
 //! Pingora's proxy would do between the request head and the response is replaced.
-//! A body of unknown length or over 64 KiB is declined before the policy runs, and
-//! Pingora's proxy serves the stream untouched.
+//! A body of unknown length or over 64 KiB (gRPC calls, uploads) is passed on as it
+//! arrives when the policy sends it to an HTTP/2 pool ([`mux`](super::mux)); to any
+//! other pool Pingora's proxy carries it, with the decision.
 //!
 //! Why: with HTTP/2 clients, Pingora's request cycle spent 2.5× nginx's user-space CPU
 //! per request (loadtest/README.md). `server.http2_fast_path = false` turns this off.
@@ -40,7 +41,7 @@ pub async fn serve(
     conn: ConnInfo<'_>,
 ) -> Option<(HttpSession, Option<Box<policy::Decision>>)> {
     let started = Instant::now();
-    let Some(body_len) = carried_body(&session) else {
+    let Some(carried) = carried_body(&session) else {
         return Some((session, None));
     };
     session.set_write_timeout(Some(generation.config.limits.send_timeout.0));
@@ -52,7 +53,7 @@ pub async fn serve(
         body_ended: session.is_body_empty(),
     };
     let decision = policy::decide(&generation, view, conn.client()).await;
-    if !super::reaches(&generation, &decision, true) {
+    if !super::reaches(&generation, &decision, true) || !carried.reaches(&decision, &generation) {
         return Some((session, Some(Box::new(decision))));
     }
     let (request_id, trace) = (decision.request_id, decision.trace);
@@ -75,8 +76,12 @@ pub async fn serve(
     // request then holds only the body.
     let mux = plan.pool(&generation).and_then(|pool| {
         pool.peer.fast_path_multiplexes().then(|| {
-            MuxRequest::new(&session, (&plan, pool), &generation, &request_id)
-                .ok_or(Answer::Failed(502))
+            let request = MuxRequest::new(&session, (&plan, pool), &generation, &request_id);
+            match carried {
+                Carried::Whole(_) => request,
+                Carried::Streamed => request.map(MuxRequest::streaming_body),
+            }
+            .ok_or(Answer::Failed(502))
         })
     });
     let head = match mux {
@@ -92,7 +97,12 @@ pub async fn serve(
         head,
         (arrival, trace),
     )
-    .with_body(body_len, &[]);
+    .with_body(carried.whole_len(), &[]);
+    if carried == Carried::Streamed {
+        // A body passed on as it arrives cannot be sent again: one try only, but
+        // for a stream the upstream refused before any of it went.
+        request.idempotent = false;
+    }
     if request.body_missing > 0 {
         if let Err(e) = read_body(&mut session, &mut request, &generation, started).await {
             let mut client = Http2Client {
@@ -123,10 +133,44 @@ pub async fn serve(
     None
 }
 
-/// The length of the request body this path carries, or `None` to leave the stream to
-/// Pingora: a body is taken when its length is declared and this path buffers it; one
-/// of unknown length, or a larger one, Pingora streams.
-fn carried_body(session: &HttpSession) -> Option<u64> {
+/// How this path carries a stream's request body.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Carried {
+    /// Read whole before the upstream request (a declared length of up to
+    /// [`MAX_BODY`], or no body): any pool, and a retry sends it again.
+    Whole(u64),
+    /// Passed on as it arrives (a length unknown, as gRPC clients send, or over
+    /// [`MAX_BODY`]): only to an HTTP/2 pool, as a stream of its own; the rest
+    /// (HTTP/1 pools, a route that mirrors) is Pingora's, with the decision.
+    Streamed,
+}
+
+impl Carried {
+    /// The length of a body read whole (0 for one passed on as it arrives).
+    fn whole_len(self) -> u64 {
+        match self {
+            Carried::Whole(len) => len,
+            Carried::Streamed => 0,
+        }
+    }
+
+    /// Whether this path carries the body to where `decision` sends it.
+    fn reaches(self, decision: &policy::Decision, generation: &Generation) -> bool {
+        match (&decision.verdict, self) {
+            (Verdict::Forward(plan), Carried::Streamed) => {
+                plan.mirror.is_none()
+                    && plan
+                        .pool(generation)
+                        .is_some_and(|pool| pool.peer.fast_path_multiplexes())
+            }
+            _ => true,
+        }
+    }
+}
+
+/// How this path carries the request body, or `None` to leave the stream to Pingora
+/// untouched (two `Content-Length` fields, or one that is not a number).
+fn carried_body(session: &HttpSession) -> Option<Carried> {
     let req = session.req_header();
     let mut lengths = req.headers.get_all(CONTENT_LENGTH).iter();
     let declared = match (lengths.next(), lengths.next()) {
@@ -136,9 +180,12 @@ fn carried_body(session: &HttpSession) -> Option<u64> {
     };
     if session.is_body_empty() {
         // A declared length with no DATA to come is the policy's to refuse.
-        return Some(0);
+        return Some(Carried::Whole(0));
     }
-    declared.filter(|&n| n <= MAX_BODY)
+    Some(match declared {
+        Some(n) if n <= MAX_BODY => Carried::Whole(n),
+        _ => Carried::Streamed,
+    })
 }
 
 /// Reads the request body from the stream into the upstream request, under
@@ -263,15 +310,9 @@ impl Http2Client<'_> {
         self.session
     }
 
-    /// Sends DATA (taken as it is: the bytes of an HTTP/2 upstream's frame); `end`
-    /// ends the stream. False when the client's stream is gone.
-    pub(crate) async fn data(&mut self, data: Bytes, end: bool) -> bool {
-        self.session.write_body(data, end).await.is_ok()
-    }
-
-    /// Sends the trailers, which end the stream.
-    pub(crate) fn trailers(&mut self, trailers: http::HeaderMap) -> bool {
-        self.session.write_trailers(trailers).is_ok()
+    /// The client's stream, to read its body from (and take its response's writer).
+    pub(crate) fn session_mut(&mut self) -> &mut HttpSession {
+        self.session
     }
 
     /// Sends `header` and then `body`, ending the stream with the last frame when `end`.

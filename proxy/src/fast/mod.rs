@@ -121,6 +121,8 @@ pub(crate) enum BodyError {
     TooSlow,
     /// An HTTP/2 body longer or shorter than its Content-Length (RFC 9113 §8.1.1): 400.
     LengthMismatch,
+    /// A body of unknown length passed the route's `max_body_bytes`: 413.
+    TooLarge,
 }
 
 impl BodyError {
@@ -133,7 +135,16 @@ impl BodyError {
             BodyError::LengthMismatch => Some(Answer::Refused(
                 crate::limits::Rejection::BodyLengthMismatch,
             )),
+            BodyError::TooLarge => Some(Answer::Refused(crate::limits::Rejection::BodyTooLarge)),
         }
+    }
+
+    /// The access log's error kind of a request that failed this way.
+    pub(crate) fn kind(self) -> &'static str {
+        self.answer()
+            .as_ref()
+            .and_then(access::error_kind)
+            .unwrap_or("client_closed")
     }
 }
 
@@ -147,19 +158,31 @@ pub(crate) async fn body_failed<D: Downstream>(
     conn: ConnInfo<'_>,
     started: Instant,
 ) {
-    let (status, error) = match error.answer() {
-        Some(answer) => {
-            client.answer(&answer, request, generation, true).await;
-            (answer.status(), access::error_kind(&answer))
-        }
-        None => (0, Some("client_closed")),
-    };
+    let (status, error) = answer_body_failure(client, error, request, generation).await;
     let outcome = Outcome {
         status,
         error,
         ..request.outcome(conn)
     };
     finish(conn, generation, request, &outcome, started);
+}
+
+/// Answers a request whose body could not be read (nothing when the client went
+/// away): the status and error kind the request ends with.
+pub(crate) async fn answer_body_failure<D: Downstream>(
+    client: &mut D,
+    error: BodyError,
+    request: &Prepared,
+    generation: &Generation,
+) -> (u16, Option<&'static str>) {
+    let status = match error.answer() {
+        Some(answer) => {
+            client.answer(&answer, request, generation, true).await;
+            answer.status()
+        }
+        None => 0,
+    };
+    (status, Some(error.kind()))
 }
 
 /// Writes the policy's answer to `request` and counts it. Returns whether the client

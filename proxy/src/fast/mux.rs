@@ -1,7 +1,9 @@
 //! HTTP/2 upstreams of the HTTP/2 fast path: a request for an `h2` or `h2c` pool
 //! (without a PROXY header) goes out as a stream of one of this worker's HTTP/2
 //! connections to the endpoint, and its response — head, DATA as it arrives, trailers
-//! (gRPC's status) — goes back on the client's stream. The retry loop, the balancer's
+//! (gRPC's status) — goes back on the client's stream. A body of unknown length (a
+//! gRPC call, an upload) goes up as the client sends it while the response comes down,
+//! both directions at once, as streaming gRPC calls need ([`Relay`]). The retry loop, the balancer's
 //! pick, passive health, the error pages and the answers are the HTTP/1 attempt's
 //! ([`upstream::forward`], [`upstream::judge_head`]); only the exchange differs.
 //!
@@ -21,14 +23,19 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use std::future::poll_fn;
+use std::task::{ready, Context, Poll};
+
 use bytes::Bytes;
 use h2::client::SendRequest;
+use h2::SendStream;
 use http::header::{HeaderValue, HOST, TE};
 use http::{Request, Uri};
 use pingora::protocols::http::v2::server::HttpSession;
 
 use super::h2::Http2Client;
 use super::upstream::{self, judge_head, Attempt, Attempter, Failed, FailureKind, Relayed, Try};
+use super::BodyError;
 use crate::clock;
 use crate::generation::{Generation, PoolRt};
 use crate::policy::Forward;
@@ -40,11 +47,14 @@ const STREAM_WINDOW: u32 = 65_535;
 const MAX_WINDOW: u32 = 0x7fff_ffff;
 
 /// How a request goes to an HTTP/2 upstream: the first attempt's request, built
-/// before the body is read, and what a retry needs to build its own (its body is the
-/// prepared request's, read whole before the first attempt).
+/// before the body is read, and what a retry needs to build its own. Its body is the
+/// prepared request's (read whole before the first attempt, sent again by a retry) or
+/// the client's, passed on as it arrives ([`Upload`]).
 pub(crate) struct MuxRequest {
     /// Taken by the first attempt (moved into `h2`, not copied).
     first: std::sync::Mutex<Option<Request<()>>>,
+    /// The body is passed on as the client sends it (see [`Upload`]).
+    streamed: bool,
 }
 
 impl MuxRequest {
@@ -59,7 +69,17 @@ impl MuxRequest {
         let first = upstream_request(session, (plan, pool), generation, request_id)?;
         Some(Self {
             first: std::sync::Mutex::new(Some(first)),
+            streamed: false,
         })
+    }
+
+    /// The request's body is passed on as the client sends it, rather than read whole
+    /// first (only the first try can send it).
+    pub(crate) fn streaming_body(self) -> Self {
+        Self {
+            streamed: true,
+            ..self
+        }
     }
 
     /// The request for a try: the first one, or one built again for a retry.
@@ -141,14 +161,16 @@ impl Attempter<Http2Client<'_>> for MuxRequest {
             conn,
             ..
         } = t;
+        let mut upload = self.upload(&t);
         let Exchanged {
             response,
+            mut stream,
             slot,
             sent_at,
             connect,
-        } = match self.exchange(&t, || self.take(client, &t)).await {
+        } = match self.exchange(client, &t, &mut upload).await {
             Ok(e) => e,
-            Err(f) => return Attempt::Failed(f),
+            Err(ended) => return ended,
         };
         let head_at = Instant::now();
         let ttfb = head_at.duration_since(sent_at);
@@ -170,45 +192,39 @@ impl Attempter<Http2Client<'_>> for MuxRequest {
                 keep_alive: false,
             });
         };
-        let mut ended = body.is_end_stream() || request.head_request;
-        let mut client_ok = client.send(header, &[], ended).await;
-        let endpoint = &pool.endpoints[idx];
-        let pause = pool.timeouts.first_byte.0;
-        let mut sent = 0u64;
-        while client_ok && !ended {
-            if Instant::now() >= deadline || endpoint.state.drained(pool.drain_timeout) {
-                break;
-            }
-            match tokio::time::timeout(pause, body.data()).await {
-                Ok(Some(Ok(data))) => {
-                    // The window opens again as the client's stream takes the data.
-                    let _ = body.flow_control().release_capacity(data.len());
-                    sent += data.len() as u64;
-                    client_ok = client.data(data, false).await;
-                }
-                Ok(None) => {
-                    ended = true;
-                    client_ok = match tokio::time::timeout(pause, body.trailers()).await {
-                        Ok(Ok(Some(trailers))) => client.trailers(trailers),
-                        Ok(Ok(None)) => client.data(Bytes::new(), true).await,
-                        _ => {
-                            ended = false;
-                            false
-                        }
-                    };
-                }
-                // A reset, the connection gone, or a pause longer than first_byte: the
-                // client's stream is reset when the session is dropped.
-                Ok(Some(Err(_))) | Err(_) => break,
-            }
+        let ended = body.is_end_stream() || request.head_request;
+        let mut relay = Relay {
+            ended,
+            client_ok: client.send(header, &[], ended).await,
+            sent: 0,
+        };
+        let writer = (relay.client_ok && !ended)
+            .then(|| client.session_mut().take_response_body_writer())
+            .flatten();
+        if let Some(mut writer) = writer {
+            let ends = Ends {
+                deadline,
+                pause: pool.timeouts.first_byte.0,
+                send: generation.config.limits.send_timeout.0,
+            };
+            let endpoint = &pool.endpoints[idx];
+            let drained = || endpoint.state.drained(pool.drain_timeout);
+            let streams = Streams {
+                session: client.session_mut(),
+                upload: &mut upload,
+                upstream: &mut stream,
+                body: &mut body,
+                client: &mut writer,
+            };
+            relay.run(streams, ends, drained).await;
         }
-        drop((body, slot));
+        drop((body, stream, slot));
         Attempt::Done(Relayed {
             status,
-            body_bytes: sent,
+            body_bytes: relay.sent,
             ttfb,
             connect,
-            keep_alive: client_ok && ended,
+            keep_alive: relay.client_ok && relay.ended,
         })
     }
 }
@@ -216,6 +232,9 @@ impl Attempter<Http2Client<'_>> for MuxRequest {
 /// A request sent on a stream and its response head received.
 struct Exchanged {
     response: http::Response<h2::RecvStream>,
+    /// The request's side of the stream (what is left of a body passed on as it
+    /// arrives goes on it).
+    stream: SendStream<Bytes>,
     /// The stream's place on its connection, held while the body is read.
     slot: Slot,
     /// When the request was sent (for the time to first byte).
@@ -225,64 +244,472 @@ struct Exchanged {
 }
 
 impl MuxRequest {
+    /// The body of try `t`: the prepared one, whole, or the client's as it arrives.
+    fn upload(&self, t: &Try<'_>) -> Upload {
+        let limits = &t.generation.config.limits;
+        let min_rate = (limits.min_body_rate.0 > 0 && t.plan.stream_pause.is_none())
+            .then_some((limits.min_body_rate.0, limits.body_read_timeout.0));
+        let mut upload = Upload {
+            out: None,
+            from_client: self.streamed,
+            done: false,
+            received: 0,
+            moved: t.now,
+            limits: UploadLimits {
+                max_body: t.generation.routes[t.plan.route].max_body,
+                read_pause: t.plan.stream_pause.unwrap_or(limits.body_read_timeout.0),
+                min_rate,
+                started: t.now,
+            },
+        };
+        upload.rewind(&t.request.upstream_head);
+        upload
+    }
+
     /// Sends the request on a stream of a pooled connection to the try's endpoint, or
-    /// of a new one, and waits for the response head (interim 1xx skipped by `h2`). A
-    /// stream the upstream refused unprocessed (a GOAWAY, `REFUSED_STREAM`) on a pooled
-    /// connection is sent once more on a fresh one, as a stale HTTP/1 connection is.
+    /// of a new one, and waits for the response head (interim 1xx skipped by `h2`)
+    /// while its body goes upstream. A stream the upstream refused unprocessed (a
+    /// GOAWAY, `REFUSED_STREAM`) on a pooled connection is sent once more on a fresh
+    /// one, as a stale HTTP/1 connection is — unless part of a body that cannot be
+    /// sent again went on it.
     async fn exchange(
         &self,
+        client: &mut Http2Client<'_>,
         t: &Try<'_>,
-        mut request_for: impl FnMut() -> Option<Request<()>>,
-    ) -> Result<Exchanged, Failed> {
+        upload: &mut Upload,
+    ) -> Result<Exchanged, Attempt> {
         let (pool, idx, deadline, request) = (t.pool, t.idx, t.deadline, t.request);
+        let first_byte = pool.timeouts.first_byte.0;
         let retry = request.idempotent;
+        let failed = |kind, status, retry| Attempt::Failed(Failed::new(kind, status, retry));
         let mut now = t.now;
         let mut fresh_only = false;
         loop {
             if now >= deadline {
-                return Err(Failed::new(FailureKind::Timeout, 504, false));
+                return Err(failed(FailureKind::Timeout, 504, false));
             }
-            let (send, slot, connect) = stream_to(pool, idx, now, deadline, fresh_only).await?;
+            let (send, slot, connect) = stream_to(pool, idx, now, deadline, fresh_only)
+                .await
+                .map_err(Attempt::Failed)?;
             let reused = connect.is_none();
             let sent_at = Instant::now();
-            let read_limit = clock::after(sent_at, pool.timeouts.first_byte.0).min(deadline);
-            let body = &request.upstream_head;
+            let read_limit = clock::after(sent_at, first_byte).min(deadline);
             // Built for the first try; a retry's can only fail as the first did.
-            let Some(upstream_request) = request_for() else {
-                return Err(Failed::new(FailureKind::Error, 502, false));
+            let Some(upstream_request) = self.take(client, t) else {
+                return Err(failed(FailureKind::Error, 502, false));
             };
-            let exchange = async {
+            let bodiless = upload.done;
+            let open = async {
                 let mut send = send.ready().await?;
-                let (response, mut stream) =
-                    send.send_request(upstream_request, body.is_empty())?;
-                if !body.is_empty() {
-                    stream.send_data(Bytes::copy_from_slice(body), true)?;
-                }
-                response.await
+                send.send_request(upstream_request, bodiless)
             };
-            match tokio::time::timeout_at(read_limit.into(), exchange).await {
-                Ok(Ok(response)) => {
-                    return Ok(Exchanged {
-                        response,
-                        slot,
-                        sent_at,
-                        connect: connect.unwrap_or_default(),
-                    });
+            let result = match tokio::time::timeout_at(read_limit.into(), open).await {
+                Ok(Ok((response, mut stream))) => {
+                    upload.moved = sent_at;
+                    let session = client.session_mut();
+                    let head =
+                        await_head(response, session, upload, &mut stream, first_byte, deadline);
+                    match head.await {
+                        Ok(response) => {
+                            return Ok(Exchanged {
+                                response,
+                                stream,
+                                slot,
+                                sent_at,
+                                connect: connect.unwrap_or_default(),
+                            });
+                        }
+                        Err(e) => e,
+                    }
                 }
+                Ok(Err(e)) => HeadError::H2(e),
+                Err(_) => HeadError::Timeout,
+            };
+            let again = upload.resendable();
+            match result {
                 // A pooled connection that ended under the request (as a stale HTTP/1
                 // one) or refused the stream: once more on a fresh one.
-                Ok(Err(e)) if reused && (unprocessed(&e) || e.is_io()) => {
+                HeadError::H2(e) if again && reused && (unprocessed(&e) || e.is_io()) => {
                     slot.close();
                     fresh_only = true;
+                    upload.rewind(&request.upstream_head);
                     now = Instant::now();
                 }
-                Ok(Err(e)) => {
+                HeadError::H2(e) => {
                     slot.close();
-                    let safe = retry || unprocessed(&e);
-                    return Err(Failed::new(FailureKind::Error, 502, safe));
+                    let safe = again && (retry || unprocessed(&e));
+                    return Err(failed(FailureKind::Error, 502, safe));
                 }
-                Err(_) => return Err(Failed::new(FailureKind::Timeout, 504, retry)),
+                HeadError::Timeout => {
+                    return Err(failed(FailureKind::Timeout, 504, again && retry))
+                }
+                HeadError::Client(e) => return Err(Attempt::Client(e)),
             }
+        }
+    }
+}
+
+/// Why no response head came.
+enum HeadError {
+    /// The stream or its connection failed.
+    H2(h2::Error),
+    /// Not within the first-byte timeout (or the request's whole budget).
+    Timeout,
+    /// The client's body, passed on as it arrived, failed.
+    Client(BodyError),
+}
+
+/// The response head, the body sent upstream meanwhile: within `first_byte` of the
+/// body's last progress (a client streaming messages is never cut by it), while the
+/// client keeps within its read limits, and by `deadline`.
+async fn await_head(
+    response: h2::client::ResponseFuture,
+    session: &mut HttpSession,
+    upload: &mut Upload,
+    stream: &mut SendStream<Bytes>,
+    first_byte: Duration,
+    deadline: Instant,
+) -> Result<http::Response<h2::RecvStream>, HeadError> {
+    tokio::pin!(response);
+    loop {
+        let head_by = upload
+            .head_by(first_byte)
+            .map_or(deadline, |at| at.min(deadline));
+        let stall_by = upload.stall_by();
+        let wake = stall_by.map_or(head_by, |at| at.min(head_by));
+        tokio::select! {
+            biased;
+            r = &mut response => return r.map_err(HeadError::H2),
+            r = poll_fn(|cx| upload.poll(cx, session, stream)), if !upload.done => match r {
+                Ok(()) => {}
+                Err(UploadError::Client(e)) => return Err(HeadError::Client(e)),
+                // The upstream stopped taking the body: its answer (or its
+                // stream's error) tells why.
+                Err(UploadError::Upstream) => upload.done = true,
+            },
+            () = tokio::time::sleep_until(wake.into()) => {
+                let now = Instant::now();
+                if upload.stall_by().is_some_and(|at| now >= at) {
+                    return Err(HeadError::Client(BodyError::Stalled));
+                }
+                let head_by = upload.head_by(first_byte).map_or(deadline, |at| at.min(deadline));
+                if now >= head_by {
+                    return Err(HeadError::Timeout);
+                }
+            }
+        }
+    }
+}
+
+/// The streams of a response being relayed, and the request body still going up.
+struct Streams<'a> {
+    /// The client's stream (its request body is read from it).
+    session: &'a mut HttpSession,
+    upload: &'a mut Upload,
+    /// The request's side of the upstream stream.
+    upstream: &'a mut SendStream<Bytes>,
+    /// The response's side of the upstream stream.
+    body: &'a mut h2::RecvStream,
+    /// The response's side of the client's stream.
+    client: &'a mut SendStream<Bytes>,
+}
+
+/// The time limits of a relay.
+#[derive(Clone, Copy)]
+struct Ends {
+    /// The request's whole budget.
+    deadline: Instant,
+    /// The longest pause of both directions together (the pool's first-byte timeout).
+    pause: Duration,
+    /// The longest wait for the client to take a piece (`limits.send_timeout`).
+    send: Duration,
+}
+
+/// How a response relay went.
+struct Relay {
+    /// The response ended on the client's stream.
+    ended: bool,
+    /// The client's stream took everything sent so far.
+    client_ok: bool,
+    /// Body bytes the client's stream was given.
+    sent: u64,
+}
+
+impl Relay {
+    /// Relays the response's DATA (as the client's stream window allows, the
+    /// upstream's window opened again as it goes) and its trailers (gRPC's status),
+    /// while what is left of the request body goes up: both directions at once, as a
+    /// bidirectional gRPC call needs. Ends at the response's end, at a pause of both
+    /// directions longer than `ends.pause`, a client that takes nothing for
+    /// `ends.send`, the request's deadline, or the endpoint drained.
+    async fn run(&mut self, s: Streams<'_>, ends: Ends, drained: impl Fn() -> bool) {
+        let Streams {
+            session,
+            upload,
+            upstream,
+            body,
+            client,
+        } = s;
+        let mut down: Option<Outgoing> = None;
+        let mut moved = Instant::now();
+        loop {
+            if moved >= ends.deadline || drained() {
+                return;
+            }
+            let wait_by = match &down {
+                Some(out) => clock::after(out.since, ends.send),
+                None => clock::after(moved.max(upload.moved), ends.pause),
+            };
+            let wake = upload
+                .stall_by()
+                .map_or(wait_by, |at| at.min(wait_by))
+                .min(ends.deadline);
+            tokio::select! {
+                biased;
+                r = poll_fn(|cx| poll_out(client, &mut down, cx)), if down.is_some() => {
+                    moved = Instant::now();
+                    match r {
+                        Ok(true) => {
+                            self.ended = true;
+                            return;
+                        }
+                        Ok(false) => {}
+                        Err(_) => {
+                            self.client_ok = false;
+                            return;
+                        }
+                    }
+                }
+                d = poll_fn(|cx| body.poll_data(cx)), if down.is_none() => {
+                    moved = Instant::now();
+                    match d {
+                        Some(Ok(data)) => {
+                            let _ = body.flow_control().release_capacity(data.len());
+                            self.sent += data.len() as u64;
+                            let end = body.is_end_stream();
+                            down = Some(Outgoing { data, end, since: moved });
+                        }
+                        None => match tokio::time::timeout(ends.pause, body.trailers()).await {
+                            Ok(Ok(Some(trailers))) => {
+                                self.client_ok = client.send_trailers(trailers).is_ok();
+                                self.ended = self.client_ok;
+                                return;
+                            }
+                            Ok(Ok(None)) => {
+                                down = Some(Outgoing { data: Bytes::new(), end: true, since: moved });
+                            }
+                            _ => return,
+                        },
+                        // A reset or the connection gone: the client's stream is reset
+                        // when the session is dropped.
+                        Some(Err(_)) => return,
+                    }
+                }
+                r = poll_fn(|cx| upload.poll(cx, session, upstream)), if !upload.done => match r {
+                    Ok(()) => {}
+                    // Part of the response went: the client's stream is reset.
+                    Err(UploadError::Client(_)) => {
+                        self.client_ok = false;
+                        return;
+                    }
+                    Err(UploadError::Upstream) => upload.done = true,
+                },
+                () = tokio::time::sleep_until(wake.into()) => {
+                    let now = Instant::now();
+                    let stalled = upload.stall_by().is_some_and(|at| now >= at);
+                    let slow = down.as_ref().is_some_and(|out| now >= clock::after(out.since, ends.send));
+                    if stalled || slow {
+                        self.client_ok = false;
+                        return;
+                    }
+                    if now >= ends.deadline || down.is_none() && now >= clock::after(moved.max(upload.moved), ends.pause) {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A piece of a body on its way to one side, waiting for that stream's window.
+struct Outgoing {
+    data: Bytes,
+    /// It ends the stream.
+    end: bool,
+    /// When it started waiting.
+    since: Instant,
+}
+
+/// Sends what `out` holds on `stream` as the stream's window allows; `Ready(Ok)` once
+/// all of it (and the stream's end, when it carries it) is sent.
+fn poll_send(
+    stream: &mut SendStream<Bytes>,
+    out: &mut Outgoing,
+    cx: &mut Context<'_>,
+) -> Poll<Result<(), h2::Error>> {
+    if out.data.is_empty() {
+        if out.end {
+            stream.send_data(Bytes::new(), true)?;
+        }
+        return Poll::Ready(Ok(()));
+    }
+    loop {
+        stream.reserve_capacity(out.data.len());
+        match ready!(stream.poll_capacity(cx)) {
+            Some(Ok(n)) if n > 0 => {
+                let piece = out.data.split_to(n.min(out.data.len()));
+                let last = out.data.is_empty();
+                stream.send_data(piece, out.end && last)?;
+                if last {
+                    return Poll::Ready(Ok(()));
+                }
+            }
+            Some(Ok(_)) => {}
+            Some(Err(e)) => return Poll::Ready(Err(e)),
+            // The stream was reset or closed.
+            None => return Poll::Ready(Err(h2::Reason::CANCEL.into())),
+        }
+    }
+}
+
+/// [`poll_send`] of the piece `down` holds, taken when sent: `Ok(true)` when it ended
+/// the stream.
+fn poll_out(
+    stream: &mut SendStream<Bytes>,
+    down: &mut Option<Outgoing>,
+    cx: &mut Context<'_>,
+) -> Poll<Result<bool, h2::Error>> {
+    let Some(out) = down.as_mut() else {
+        return Poll::Ready(Ok(false));
+    };
+    ready!(poll_send(stream, out, cx))?;
+    Poll::Ready(Ok(down.take().is_some_and(|out| out.end)))
+}
+
+/// A request body on its way upstream: the prepared one (read whole before the first
+/// try; a retry sends it again), or one passed on as the client sends it (its length
+/// unknown or over what the fast path reads whole), which only the first try can send.
+struct Upload {
+    /// What waits for the upstream stream's window.
+    out: Option<Outgoing>,
+    /// Read from the client's stream as it comes.
+    from_client: bool,
+    /// The whole body and its end went upstream.
+    done: bool,
+    /// Bytes read from the client so far.
+    received: u64,
+    /// When a piece last went upstream (or the try started).
+    moved: Instant,
+    limits: UploadLimits,
+}
+
+/// What a body passed on as it arrives must keep to (as on Pingora's path).
+#[derive(Clone, Copy)]
+struct UploadLimits {
+    /// The route's `max_body_bytes`: more is refused (413).
+    max_body: u64,
+    /// The longest wait for the client's next piece (`limits.body_read_timeout`, or a
+    /// gRPC stream's pause).
+    read_pause: Duration,
+    /// `limits.min_body_rate` and its grace, but for gRPC streams.
+    min_rate: Option<(u64, Duration)>,
+    started: Instant,
+}
+
+/// Why a body stopped going upstream.
+enum UploadError {
+    /// The client's side failed.
+    Client(BodyError),
+    /// The upstream's stream no longer takes it.
+    Upstream,
+}
+
+impl Upload {
+    /// Back to the start of the body, `whole` (the prepared one) for a try that sends
+    /// it again.
+    fn rewind(&mut self, whole: &[u8]) {
+        self.out = (!self.from_client && !whole.is_empty()).then(|| Outgoing {
+            data: Bytes::copy_from_slice(whole),
+            end: true,
+            since: self.moved,
+        });
+        self.done = !self.from_client && whole.is_empty();
+    }
+
+    /// Another try can send the body from its start.
+    fn resendable(&self) -> bool {
+        !self.from_client || (self.received == 0 && !self.done)
+    }
+
+    /// It waits for the client's next piece.
+    fn waits_for_client(&self) -> bool {
+        self.from_client && !self.done && self.out.is_none()
+    }
+
+    /// When the client has waited too long to send its next piece.
+    fn stall_by(&self) -> Option<Instant> {
+        self.waits_for_client()
+            .then(|| clock::after(self.moved, self.limits.read_pause))
+    }
+
+    /// When the response head is due, `first_byte` after the body's last progress;
+    /// `None` while the client is the one to send (its own limits apply).
+    fn head_by(&self, first_byte: Duration) -> Option<Instant> {
+        (!self.waits_for_client()).then(|| clock::after(self.moved, first_byte))
+    }
+
+    /// Sends the body upstream as the client sends it and the upstream's window
+    /// allows; `Ready(Ok)` once it has all gone, with its end.
+    fn poll(
+        &mut self,
+        cx: &mut Context<'_>,
+        session: &mut HttpSession,
+        upstream: &mut SendStream<Bytes>,
+    ) -> Poll<Result<(), UploadError>> {
+        loop {
+            if let Some(out) = self.out.as_mut() {
+                ready!(poll_send(upstream, out, cx)).map_err(|_| UploadError::Upstream)?;
+                let end = out.end;
+                self.out = None;
+                self.moved = Instant::now();
+                if end {
+                    self.done = true;
+                    return Poll::Ready(Ok(()));
+                }
+            }
+            if !self.from_client {
+                self.done = true;
+                return Poll::Ready(Ok(()));
+            }
+            let (data, end) = match ready!(session.poll_read_body_bytes(cx)) {
+                Some(Ok(data)) => {
+                    let end = session.is_body_done();
+                    (data, end)
+                }
+                None => (Bytes::new(), true),
+                Some(Err(_)) => {
+                    return Poll::Ready(Err(UploadError::Client(BodyError::ClientGone)))
+                }
+            };
+            self.received += data.len() as u64;
+            let l = &self.limits;
+            if self.received > l.max_body {
+                return Poll::Ready(Err(UploadError::Client(BodyError::TooLarge)));
+            }
+            let slow = l.min_rate.is_some_and(|(rate, grace)| {
+                crate::limits::body_too_slow(self.received, l.started.elapsed(), grace, rate)
+            });
+            if slow {
+                return Poll::Ready(Err(UploadError::Client(BodyError::TooSlow)));
+            }
+            if data.is_empty() && !end {
+                continue;
+            }
+            self.out = Some(Outgoing {
+                data,
+                end,
+                since: self.moved,
+            });
         }
     }
 }

@@ -92,6 +92,9 @@ pub(crate) enum Attempt {
     Done(Relayed),
     /// Nothing reached the client.
     Failed(Failed),
+    /// The client's side failed before any of the response reached it: its request
+    /// body, passed on as it arrived, stopped, came too slowly or grew too large.
+    Client(super::BodyError),
 }
 
 /// A response the upstream started: its status, the body bytes that reached the
@@ -245,7 +248,12 @@ pub(crate) async fn forward<D: Downstream>(
         };
         let outcome = way.attempt(client, t).await;
         drop(inflight);
-        let ok = matches!(&outcome, Attempt::Done(r) if !matches!(r.status, 502..=504));
+        // A client's failure says nothing about the endpoint.
+        let ok = match &outcome {
+            Attempt::Done(r) => !matches!(r.status, 502..=504),
+            Attempt::Failed(_) => false,
+            Attempt::Client(_) => true,
+        };
         ticket.record(ok, pool.circuit_breaker.as_ref(), ms_at(Instant::now()));
         if traced {
             let (status, error) = match &outcome {
@@ -254,6 +262,7 @@ pub(crate) async fn forward<D: Downstream>(
                     (f.kind == FailureKind::Status).then_some(f.status),
                     Some(f.kind.error()),
                 ),
+                Attempt::Client(e) => (None, Some(e.kind())),
             };
             attempt_spans.push(AttemptSpan {
                 endpoint: idx,
@@ -274,6 +283,19 @@ pub(crate) async fn forward<D: Downstream>(
                     error: None,
                     attempt_spans,
                 }
+            }
+            Attempt::Client(e) => {
+                let (status, error) =
+                    super::answer_body_failure(client, e, request, generation).await;
+                return Forwarded {
+                    status,
+                    keep_alive: false,
+                    endpoint: Some(idx),
+                    attempts,
+                    relayed: None,
+                    error,
+                    attempt_spans,
+                };
             }
             Attempt::Failed(f) => {
                 let mut recorded = false;
