@@ -13,7 +13,7 @@ use std::task::{Context, Poll};
 
 use anyhow::{bail, Context as _};
 use bytes::{Buf, Bytes, BytesMut};
-use http_body_util::{BodyExt, Full};
+use http_body_util::BodyExt;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
@@ -439,11 +439,11 @@ fn parse_head(buf: &[u8]) -> io::Result<Option<(u16, usize, Body, bool)>> {
 
 /// An HTTP/2 connection; each clone sends its own streams on the same connection (one
 /// at a time per clone). With `Content-Type: application/grpc` among the headers, each
-/// request is a gRPC unary call (POST, one small message) and succeeds only with
-/// `grpc-status: 0`, as ghz counts it.
+/// request is a gRPC unary call (POST, one small message, its length not declared, as
+/// ghz sends it) and succeeds only with `grpc-status: 0`, as ghz counts it.
 #[derive(Clone)]
 pub struct H2 {
-    send: hyper::client::conn::http2::SendRequest<Full<Bytes>>,
+    send: hyper::client::conn::http2::SendRequest<OneFrame>,
     request: Arc<http::Request<()>>,
     /// The framed message of a gRPC call.
     grpc: Option<Bytes>,
@@ -452,6 +452,39 @@ pub struct H2 {
 /// The message every gRPC call of the load sends: a length-prefixed 10-byte protobuf
 /// (field 1, an 8-byte string).
 const GRPC_MESSAGE: &[u8] = b"\0\0\0\0\x0a\x0a\x08loadtest";
+
+/// A request body of at most one DATA frame, sent without declaring its length — as
+/// gRPC clients (ghz, grpc-go, tonic) send a call: no `content-length`. An empty one
+/// ends the stream with the request's HEADERS.
+pub struct OneFrame(Option<Bytes>);
+
+impl hyper::body::Body for OneFrame {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
+        std::task::Poll::Ready(
+            self.get_mut()
+                .0
+                .take()
+                .map(|d| Ok(hyper::body::Frame::data(d))),
+        )
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.0.is_none()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        match self.0 {
+            None => hyper::body::SizeHint::with_exact(0),
+            Some(_) => hyper::body::SizeHint::default(),
+        }
+    }
+}
 
 impl H2 {
     /// Performs the HTTP/2 handshake on `io`.
@@ -500,8 +533,7 @@ impl H2 {
     /// # Errors
     /// The stream or connection error.
     pub async fn exchange(&mut self) -> io::Result<Exchange> {
-        let body = self.grpc.clone().unwrap_or_default();
-        let mut req = http::Request::new(Full::new(body));
+        let mut req = http::Request::new(OneFrame(self.grpc.clone()));
         *req.method_mut() = self.request.method().clone();
         *req.uri_mut() = self.request.uri().clone();
         *req.headers_mut() = self.request.headers().clone();
