@@ -181,8 +181,9 @@ pub fn free_port() -> anyhow::Result<SocketAddr> {
 }
 
 /// Writes the configuration of `kind` in `dir` and starts it with `workers` workers;
-/// with `access_log`, it logs every request to `access.log` in its directory (Rampart
-/// in that format).
+/// with `access_log`, it logs every request to `log/access.log` in its directory
+/// (Rampart in that format; a directory of its own, as in production, for Rampart's
+/// configuration watcher would wake at each write to its configuration's directory).
 ///
 /// # Errors
 /// When the binary is missing or the process cannot start.
@@ -197,7 +198,7 @@ pub fn start(
 ) -> anyhow::Result<Running> {
     let (http, https) = (free_port()?, free_port()?);
     let dir = dir.join(kind.name());
-    std::fs::create_dir_all(&dir)?;
+    std::fs::create_dir_all(dir.join("log"))?;
     let (mut cmd, version) = match kind {
         Kind::Direct => anyhow::bail!("the direct backend is started by the caller"),
         Kind::Rampart | Kind::RampartUnlogged => {
@@ -210,7 +211,7 @@ pub fn start(
                 };
                 text = format!(
                     "[access_log]\npath = {:?}\nformat = \"{format}\"\n\n{text}",
-                    dir.join("access.log")
+                    dir.join("log/access.log")
                 );
             }
             std::fs::write(&cfg, text)?;
@@ -224,7 +225,7 @@ pub fn start(
             let cfg = dir.join("nginx.conf");
             let mut text = nginx_config(&dir, http, https, up, cert, workers);
             if access_log.is_some() && kind == Kind::Nginx {
-                let line = format!("access_log {}/access.log;", dir.display());
+                let line = format!("access_log {}/log/access.log;", dir.display());
                 text = text.replace("access_log off;", &line);
             }
             std::fs::write(&cfg, text)?;
