@@ -142,7 +142,10 @@ fn upstream_request(
     let id = (&generation.forwarding.request_id, request_id);
     for (name, value) in super::added_headers(plan, edits, id) {
         // Made of valid header values by the policy and the configuration.
-        if let Ok(value) = HeaderValue::from_bytes(value) {
+        if let Ok(mut value) = HeaderValue::from_bytes(value) {
+            // Values that never repeat stay out of the HPACK table (as the request id,
+            // see `policy::request_id`).
+            value.set_sensitive(name == id.0 || name == "traceparent");
             headers.append(name.clone(), value);
         }
     }

@@ -540,8 +540,14 @@ fn whole_seconds(wait: Duration) -> u64 {
 }
 
 /// The request id: the client's when valid, else a new UUID.
+///
+/// Marked never to be indexed by HTTP/2's header compression (RFC 7541 §7.1.3): a value
+/// that never repeats only takes room in an HPACK table. Indexed, every request's id
+/// was entered into the connection's table, evicting the fields that do repeat, and
+/// lengthened the chain of same-named entries that the next lookup compared one by one.
 pub(crate) fn request_id(req: &http::request::Parts, generation: &Generation) -> HeaderValue {
-    req.headers
+    let mut id = req
+        .headers
         .get(&generation.forwarding.request_id)
         .filter(|v| valid_request_id(v.as_bytes()))
         .cloned()
@@ -550,7 +556,9 @@ pub(crate) fn request_id(req: &http::request::Parts, generation: &Generation) ->
             let mut text = [0u8; uuid::fmt::Hyphenated::LENGTH];
             let id = uuid::Uuid::new_v4().hyphenated().encode_lower(&mut text);
             HeaderValue::from_str(id).expect("a UUID is a valid header value")
-        })
+        });
+    id.set_sensitive(true);
+    id
 }
 
 /// `https://host[:port]/path?query` for an HTTP→HTTPS redirect.
