@@ -1257,8 +1257,7 @@ async fn an_upload_of_unknown_length_that_stalls_is_answered_on_the_http2_fast_p
     common::init();
     // The fast path times out a body passed on as it arrives as it does a body read
     // whole (400 after body_read_timeout without a piece). Pingora's path is not
-    // asked: its HTTP/2 session reads request bodies without a timeout (the backend's
-    // first_byte timeout ends such a request there).
+    // asked: its HTTP/2 session reads request bodies without a timeout of its own.
     let (backend, _task) = upload_backend().await;
     let config = format!(
         "[limits]\nbody_read_timeout = \"300ms\"\n{}",
