@@ -865,7 +865,7 @@ async fn slow_clients_are_cut_at_the_deadlines_while_others_are_served() {
         ),
     ];
     let mut report = String::from(
-        "| attack (slowhttptest, 200 connections) | open at the peak (first 1.5 s) | open after the 2 s deadline | normal client p99 before → during | normal client errors |\n|---|---|---|---|---|\n",
+        "| attack (slowhttptest, 200 connections) | open at the peak (first 3 s at most) | open after the 2 s deadline | normal client p99 before → during | normal client errors |\n|---|---|---|---|---|\n",
     );
     for (name, args, target) in attacks {
         let url = if target.starts_with("http") {
@@ -886,9 +886,12 @@ async fn slow_clients_are_cut_at_the_deadlines_while_others_are_served() {
             .expect("slowhttptest (scripts/setup installs it)");
         let during = tokio::spawn(normal(400));
         // The attack's connections open (the first are cut 2 s after they open)...
+        // On a loaded machine slowhttptest opens them at a third of the rate it is
+        // asked (86 of 200 in the first 1.5 s once in CI), so the peak is watched for
+        // up to 3 s, and no longer once most of them are open.
         let start = std::time::Instant::now();
         let mut peak = 0.0f64;
-        while start.elapsed() < Duration::from_millis(1500) {
+        while start.elapsed() < Duration::from_secs(3) && peak < 150.0 {
             peak = peak.max(active(&proxy).await);
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
