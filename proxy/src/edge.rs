@@ -24,7 +24,7 @@ use crate::generation::{remaining, Generation, PoolRt, RouteRt};
 use crate::headers::{hop_by_hop, is_upgrade, joined_cookies};
 use crate::health::{now_ms, InflightGuard};
 use crate::limits::breaker::{BreakerState, Ticket};
-use crate::limits::{body_too_slow, content_length};
+use crate::limits::{content_length, BodyBreach, StreamedBody};
 use crate::metrics::Metrics;
 use crate::policy::{self, Answer, Client, Forward, Style, Verdict};
 use pingora::protocols::http::compression::Encode;
@@ -314,31 +314,21 @@ impl ProxyHttp for Edge {
         mirror_body(ctx, body.as_ref(), eos);
         if let Some(b) = body {
             ctx.body_bytes += b.len() as u64;
+            let max_body = ctx.route().map_or(u64::MAX, |r| r.max_body);
+            let grpc_stream = ctx.plan.as_ref().is_some_and(|p| p.stream_pause.is_some());
+            let limits = StreamedBody::new(&ctx.generation.config.limits, max_body, grpc_stream);
             // The client's errors (Downstream): Pingora's HTTP/2 upstream path answers
             // them; as upstream errors it would only stop reading the body.
-            if ctx.route().is_some_and(|r| ctx.body_bytes > r.max_body) {
-                return Err(Error::explain(
-                    ErrorType::HTTPStatus(413),
-                    "request body exceeds the route's max_body_bytes",
-                )
-                .into_down());
-            }
-            let limits = &ctx.generation.config.limits;
-            let streaming = ctx.plan.as_ref().is_some_and(|p| p.stream_pause.is_some());
-            if !streaming
-                && body_too_slow(
-                    ctx.body_bytes,
-                    ctx.started.elapsed(),
-                    limits.body_read_timeout.0,
-                    limits.min_body_rate.0,
-                )
-            {
-                return Err(Error::explain(
-                    ErrorType::HTTPStatus(408),
-                    "request body arrives slower than limits.min_body_rate",
-                )
-                .into_down());
-            }
+            let (status, why) = match limits.check(ctx.body_bytes, ctx.started) {
+                Ok(()) => return Ok(()),
+                Err(BodyBreach::TooLarge) => {
+                    (413, "request body exceeds the route's max_body_bytes")
+                }
+                Err(BodyBreach::TooSlow) => {
+                    (408, "request body arrives slower than limits.min_body_rate")
+                }
+            };
+            return Err(Error::explain(ErrorType::HTTPStatus(status), why).into_down());
         }
         Ok(())
     }

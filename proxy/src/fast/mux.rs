@@ -38,6 +38,7 @@ use super::upstream::{self, judge_head, Attempt, Attempter, Failed, FailureKind,
 use super::BodyError;
 use crate::clock;
 use crate::generation::{Generation, PoolRt};
+use crate::limits::{BodyBreach, StreamedBody};
 use crate::policy::Forward;
 
 /// A stream's receive window: what an upstream may send ahead of the client reading
@@ -250,20 +251,17 @@ impl MuxRequest {
     /// The body of try `t`: the prepared one, whole, or the client's as it arrives.
     fn upload(&self, t: &Try<'_>) -> Upload {
         let limits = &t.generation.config.limits;
-        let min_rate = (limits.min_body_rate.0 > 0 && t.plan.stream_pause.is_none())
-            .then_some((limits.min_body_rate.0, limits.body_read_timeout.0));
+        let max_body = t.generation.routes[t.plan.route].max_body;
+        let grpc_stream = t.plan.stream_pause.is_some();
         let mut upload = Upload {
             out: None,
             from_client: self.streamed,
             done: false,
             received: 0,
             moved: t.now,
-            limits: UploadLimits {
-                max_body: t.generation.routes[t.plan.route].max_body,
-                read_pause: t.plan.stream_pause.unwrap_or(limits.body_read_timeout.0),
-                min_rate,
-                started: t.now,
-            },
+            limits: StreamedBody::new(limits, max_body, grpc_stream),
+            read_pause: t.plan.stream_pause.unwrap_or(limits.body_read_timeout.0),
+            started: t.now,
         };
         upload.rewind(&t.request.upstream_head);
         upload
@@ -374,12 +372,15 @@ async fn await_head(
     deadline: Instant,
 ) -> Result<http::Response<h2::RecvStream>, HeadError> {
     tokio::pin!(response);
-    loop {
-        let head_by = upload
+    let head_by = |upload: &Upload| {
+        upload
             .head_by(first_byte)
-            .map_or(deadline, |at| at.min(deadline));
+            .map_or(deadline, |at| at.min(deadline))
+    };
+    loop {
+        let head_by_now = head_by(upload);
         let stall_by = upload.stall_by();
-        let wake = stall_by.map_or(head_by, |at| at.min(head_by));
+        let wake = stall_by.map_or(head_by_now, |at| at.min(head_by_now));
         tokio::select! {
             biased;
             r = &mut response => return r.map_err(HeadError::H2),
@@ -391,12 +392,12 @@ async fn await_head(
                 Err(UploadError::Upstream) => upload.done = true,
             },
             () = tokio::time::sleep_until(wake.into()) => {
+                // Polling the upload may have moved it on: the limits are taken again.
                 let now = Instant::now();
                 if upload.stall_by().is_some_and(|at| now >= at) {
                     return Err(HeadError::Client(BodyError::Stalled));
                 }
-                let head_by = upload.head_by(first_byte).map_or(deadline, |at| at.min(deadline));
-                if now >= head_by {
+                if now >= head_by(upload) {
                     return Err(HeadError::Timeout);
                 }
             }
@@ -426,6 +427,18 @@ struct Ends {
     pause: Duration,
     /// The longest wait for the client to take a piece (`limits.send_timeout`).
     send: Duration,
+}
+
+impl Ends {
+    /// When the relay's wait runs out: the client's stream taking the piece `down`
+    /// waits for, else the next move of either direction (the last at `moved`
+    /// downwards, the upload's upwards).
+    fn wait_by(&self, down: Option<&Outgoing>, moved: Instant, upload: &Upload) -> Instant {
+        match down {
+            Some(out) => clock::after(out.since, self.send),
+            None => clock::after(moved.max(upload.moved), self.pause),
+        }
+    }
 }
 
 /// How a response relay went.
@@ -459,10 +472,7 @@ impl Relay {
             if moved >= ends.deadline || drained() {
                 return;
             }
-            let wait_by = match &down {
-                Some(out) => clock::after(out.since, ends.send),
-                None => clock::after(moved.max(upload.moved), ends.pause),
-            };
+            let wait_by = ends.wait_by(down.as_ref(), moved, upload);
             let wake = upload
                 .stall_by()
                 .map_or(wait_by, |at| at.min(wait_by))
@@ -518,14 +528,16 @@ impl Relay {
                     Err(UploadError::Upstream) => upload.done = true,
                 },
                 () = tokio::time::sleep_until(wake.into()) => {
+                    // Polling the upload may have moved it on: the limits are taken again.
                     let now = Instant::now();
                     let stalled = upload.stall_by().is_some_and(|at| now >= at);
-                    let slow = down.as_ref().is_some_and(|out| now >= clock::after(out.since, ends.send));
-                    if stalled || slow {
+                    let waited = now >= ends.wait_by(down.as_ref(), moved, upload);
+                    if stalled || waited && down.is_some() {
+                        // The client sent nothing, or took nothing, for too long.
                         self.client_ok = false;
                         return;
                     }
-                    if now >= ends.deadline || down.is_none() && now >= clock::after(moved.max(upload.moved), ends.pause) {
+                    if waited || now >= ends.deadline {
                         return;
                     }
                 }
@@ -603,19 +615,12 @@ struct Upload {
     received: u64,
     /// When a piece last went upstream (or the try started).
     moved: Instant,
-    limits: UploadLimits,
-}
-
-/// What a body passed on as it arrives must keep to (as on Pingora's path).
-#[derive(Clone, Copy)]
-struct UploadLimits {
-    /// The route's `max_body_bytes`: more is refused (413).
-    max_body: u64,
+    /// What the body keeps to as it arrives (as on Pingora's path).
+    limits: StreamedBody,
     /// The longest wait for the client's next piece (`limits.body_read_timeout`, or a
     /// gRPC stream's pause).
     read_pause: Duration,
-    /// `limits.min_body_rate` and its grace, but for gRPC streams.
-    min_rate: Option<(u64, Duration)>,
+    /// When the try started (for `min_body_rate`).
     started: Instant,
 }
 
@@ -652,7 +657,7 @@ impl Upload {
     /// When the client has waited too long to send its next piece.
     fn stall_by(&self) -> Option<Instant> {
         self.waits_for_client()
-            .then(|| clock::after(self.moved, self.limits.read_pause))
+            .then(|| clock::after(self.moved, self.read_pause))
     }
 
     /// When the response head is due, `first_byte` after the body's last progress;
@@ -695,15 +700,12 @@ impl Upload {
                 }
             };
             self.received += data.len() as u64;
-            let l = &self.limits;
-            if self.received > l.max_body {
-                return Poll::Ready(Err(UploadError::Client(BodyError::TooLarge)));
-            }
-            let slow = l.min_rate.is_some_and(|(rate, grace)| {
-                crate::limits::body_too_slow(self.received, l.started.elapsed(), grace, rate)
-            });
-            if slow {
-                return Poll::Ready(Err(UploadError::Client(BodyError::TooSlow)));
+            if let Err(breach) = self.limits.check(self.received, self.started) {
+                let e = match breach {
+                    BodyBreach::TooLarge => BodyError::TooLarge,
+                    BodyBreach::TooSlow => BodyError::TooSlow,
+                };
+                return Poll::Ready(Err(UploadError::Client(e)));
             }
             if data.is_empty() && !end {
                 continue;

@@ -205,6 +205,55 @@ pub fn body_too_slow(
     min_rate > 0 && elapsed > grace && (bytes as f64) < min_rate as f64 * elapsed.as_secs_f64()
 }
 
+/// The limits a request body passed on as it arrives is held to, on every transport
+/// that streams one (Pingora's path, the HTTP/2 fast path's HTTP/2 upstreams): the
+/// route's `max_body_bytes`, and `limits.min_body_rate` once `body_read_timeout` is
+/// over — but for a gRPC stream, whose messages come with pauses between them.
+#[derive(Clone, Copy, Debug)]
+pub struct StreamedBody {
+    /// The most bytes the body may have.
+    pub max_body: u64,
+    /// The slowest average rate (bytes per second) and its grace, when checked.
+    pub min_rate: Option<(u64, std::time::Duration)>,
+}
+
+/// What a body passed on as it arrives broke.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BodyBreach {
+    /// Over `max_body_bytes`: 413.
+    TooLarge,
+    /// Slower than `min_body_rate`: 408.
+    TooSlow,
+}
+
+impl StreamedBody {
+    /// The limits of `limits` with the route's `max_body`; `grpc_stream` skips the rate.
+    #[must_use]
+    pub fn new(limits: &rampart_config::Limits, max_body: u64, grpc_stream: bool) -> Self {
+        let min_rate = (limits.min_body_rate.0 > 0 && !grpc_stream)
+            .then_some((limits.min_body_rate.0, limits.body_read_timeout.0));
+        Self { max_body, min_rate }
+    }
+
+    /// Whether `received` bytes, the request having started at `started`, keep to the
+    /// limits (the clock is read only when the rate is checked).
+    ///
+    /// # Errors
+    /// The limit broken.
+    pub fn check(&self, received: u64, started: std::time::Instant) -> Result<(), BodyBreach> {
+        if received > self.max_body {
+            return Err(BodyBreach::TooLarge);
+        }
+        let slow = self
+            .min_rate
+            .is_some_and(|(rate, grace)| body_too_slow(received, started.elapsed(), grace, rate));
+        if slow {
+            return Err(BodyBreach::TooSlow);
+        }
+        Ok(())
+    }
+}
+
 /// Whether a raw HTTP/1 header block has a Content-Length field.
 #[must_use]
 pub fn raw_has_content_length(raw: &[u8]) -> bool {
@@ -356,6 +405,26 @@ mod tests {
         assert!(!body_too_slow(6000, s(20), s(10), 256));
         // 0 turns it off.
         assert!(!body_too_slow(0, s(100), s(10), 0));
+    }
+
+    #[test]
+    fn a_streamed_body_keeps_to_the_route_size_and_to_the_rate_but_for_grpc_streams() {
+        let limits = rampart_config::Limits::default();
+        let long_ago = std::time::Instant::now()
+            .checked_sub(std::time::Duration::from_secs(60))
+            .unwrap();
+        let upload = StreamedBody::new(&limits, 1000, false);
+        assert_eq!(
+            upload.check(1001, std::time::Instant::now()),
+            Err(BodyBreach::TooLarge)
+        );
+        assert_eq!(upload.check(1000, std::time::Instant::now()), Ok(()));
+        // 60 s for 10 bytes is below the default 256 B/s, past its 10 s grace.
+        assert_eq!(upload.check(10, long_ago), Err(BodyBreach::TooSlow));
+        // A gRPC stream pauses between messages: only its size counts.
+        let stream = StreamedBody::new(&limits, 1000, true);
+        assert_eq!(stream.check(10, long_ago), Ok(()));
+        assert_eq!(stream.check(1001, long_ago), Err(BodyBreach::TooLarge));
     }
 
     #[test]
